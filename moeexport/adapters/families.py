@@ -1,0 +1,97 @@
+"""The supported families: one declaration each, registered by HF model_type.
+
+This is the only file that knows a family's config keys and quirks; module
+names that differ from the transformers 5 defaults in `MoEAdapter` would be
+spelled out here too.
+"""
+
+from __future__ import annotations
+
+from moeexport.adapters.base import MoEAdapter, Routing
+from moeexport.adapters.registry import register
+
+
+def _renormalize_if_configured(config) -> Routing:
+    return Routing(renormalize=bool(getattr(config, "norm_topk_prob", False)))
+
+
+def _renumber_mlp_only_layers(config, kept: list[int]) -> None:
+    """Qwen MoE names dense layers by index (mlp_only_layers) and by a stride
+    (decoder_sparse_step); after Block Drop the survivors keep their own kind,
+    so both become one explicit list over the new indices."""
+    step = getattr(config, "decoder_sparse_step", 1)
+    dense = set(getattr(config, "mlp_only_layers", []) or [])
+    old_dense = [old for old in kept if old in dense or (old + 1) % step != 0]
+    config.mlp_only_layers = [kept.index(old) for old in old_dense]
+    config.decoder_sparse_step = 1
+
+
+def _renumber_leading_dense(config, kept: list[int]) -> None:
+    """DeepSeek's dense layers are the first `first_k_dense_replace`; dropping one shrinks the prefix."""
+    config.first_k_dense_replace = sum(1 for old in kept if old < config.first_k_dense_replace)
+
+
+def _deepseek_routing(config) -> Routing:
+    return Routing(renormalize=False, scale=float(config.routed_scaling_factor))
+
+
+def _deepseek_group_routing_blocks_resize(config) -> str | None:
+    if config.topk_method != "greedy":
+        return (
+            f"this DeepSeek model routes with topk_method={config.topk_method!r} over expert groups, "
+            "which a change of expert count would break; use Block Drop or Layer Drop instead of "
+            "Expert Drop for it"
+        )
+    return None
+
+
+MIXTRAL = register(
+    MoEAdapter(
+        model_type="mixtral",
+        family="Mixtral",
+        num_experts_key="num_local_experts",
+        routing=lambda config: Routing(renormalize=True),
+    )
+)
+
+QWEN2_MOE = register(
+    MoEAdapter(
+        model_type="qwen2_moe",
+        family="Qwen2-MoE / Qwen1.5-MoE",
+        num_experts_key="num_experts",
+        routing=_renormalize_if_configured,
+        shared_experts=("shared_expert",),  # gated by sigmoid(shared_expert_gate(x))
+        renumber_dense_layers=_renumber_mlp_only_layers,
+    )
+)
+
+QWEN3_MOE = register(
+    MoEAdapter(
+        model_type="qwen3_moe",
+        family="Qwen3-MoE",
+        num_experts_key="num_experts",
+        routing=_renormalize_if_configured,
+        renumber_dense_layers=_renumber_mlp_only_layers,
+    )
+)
+
+OLMOE = register(
+    MoEAdapter(
+        model_type="olmoe",
+        family="OLMoE",
+        num_experts_key="num_experts",
+        routing=_renormalize_if_configured,
+    )
+)
+
+DEEPSEEK_V2 = register(
+    MoEAdapter(
+        model_type="deepseek_v2",
+        family="DeepSeek-MoE (V2 / V2-Lite: leading dense layers, shared experts)",
+        num_experts_key="n_routed_experts",
+        routing=_deepseek_routing,
+        shared_experts=("shared_experts",),
+        renumber_dense_layers=_renumber_leading_dense,
+        expert_count_change_blocker=_deepseek_group_routing_blocks_resize,
+    )
+)
