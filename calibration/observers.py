@@ -1,0 +1,224 @@
+"""One pass over the calibration set, layer by layer, collecting what the passes score with.
+
+The calibration activations are captured at the input of the first decoder
+layer, then carried forward through one decoder layer at a time; each layer's
+statistics are gathered with hooks while it runs. Only one layer runs at a time,
+so a later streaming loader can bring layers in from disk without a redesign.
+
+Per MoE layer (He et al.; MC-SMoE; REAP):
+- expert_tokens: top-k selections per expert (tokens seen per expert);
+- routing_mass: mean softmax probability per expert, over all experts;
+- reap: mean over an expert's routed tokens of gate weight x ||expert output||;
+- router_logit_similarity: cosine between experts' router-logit columns;
+- moe_similarity: mean token cosine of x and x + MoE(norm(x)) (Layer Drop).
+Per block: block_similarity = cos(h_in, h_out), and cos(h_i, h_j) for every pair
+within `max_block_window` blocks (consecutive Block Drop).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moeexport.adapters import adapter_for
+from moeexport.adapters.base import decoder_layers, layer_kind
+from moeexport.errors import MoeExportError
+
+STATISTICS_VERSION = 1
+
+
+@dataclass
+class LayerStatistics:
+    kind: str  # moe | dense | dropped
+    tokens: int
+    block_similarity: float
+    moe_similarity: float | None = None
+    top_k: int | None = None
+    expert_tokens: list[int] | None = None
+    routing_mass: list[float] | None = None
+    reap: list[float] | None = None
+    router_logit_similarity: list[list[float]] | None = None
+
+    def expert_frequency(self) -> list[float]:
+        """Share of the layer's routing decisions each expert received."""
+        total = sum(self.expert_tokens) or 1
+        return [count / total for count in self.expert_tokens]
+
+
+@dataclass
+class Statistics:
+    key: str  # which model (and compression history) on which calibration set
+    calibration: dict
+    layers: list[LayerStatistics]
+    # block_pair_similarity[i][w-1] = cos(input of block i, input of block i+w), w = 1..max window
+    block_pair_similarity: list[list[float]] = field(default_factory=list)
+    version: int = STATISTICS_VERSION
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self)) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Statistics":
+        raw = json.loads(Path(path).read_text())
+        if raw.get("version") != STATISTICS_VERSION:
+            raise MoeExportError(f"{path} was written by another moeexport version; delete it to recompute")
+        raw["layers"] = [LayerStatistics(**layer) for layer in raw["layers"]]
+        return cls(**raw)
+
+    def window_similarity(self, start: int, width: int) -> float:
+        """cos(input of block `start`, output of block `start + width - 1`)."""
+        row = self.block_pair_similarity[start]
+        if width > len(row):
+            raise MoeExportError(
+                f"block similarities were collected for windows up to {len(self.block_pair_similarity[0])} "
+                f"blocks; {width} needs --max-block-window {width} or more"
+            )
+        return row[width - 1]
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _capture_first_layer_inputs(model, layers, input_ids: torch.Tensor):
+    """Run the model up to its first decoder layer: (hidden states, keyword arguments of the call)."""
+    captured = {}
+
+    def catch(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured["hidden"], captured["kwargs"]
+
+
+def _token_cosine_sum(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Sum over tokens of cos(a_t, b_t): per-token in float32, the sum in float64."""
+    return F.cosine_similarity(a.flatten(0, -2).float(), b.flatten(0, -2).float(), dim=-1).double().sum().item()
+
+
+class _MoEAccumulator:
+    """Hooks on one MoE layer's norm, router and block that add up its statistics."""
+
+    def __init__(self, adapter, layer_module):
+        block = getattr(layer_module, adapter.moe)
+        self.router = getattr(block, adapter.router)
+        self.experts = getattr(block, adapter.experts)
+        self.norm = getattr(layer_module, adapter.moe_norm)
+        self.block = block
+        experts = self.router.weight.shape[0]
+        self.expert_tokens = torch.zeros(experts, dtype=torch.long)
+        self.routing_mass = torch.zeros(experts, dtype=torch.float64)
+        self.reap_sum = torch.zeros(experts, dtype=torch.float64)
+        self.logit_gram = torch.zeros(experts, experts, dtype=torch.float64)
+        self.moe_cosine_sum = 0.0
+        self._residual = None
+
+    def hooks(self, stack: ExitStack) -> None:
+        for module, hook in ((self.norm, self._on_norm), (self.router, self._on_router), (self.block, self._on_block)):
+            stack.callback(module.register_forward_hook(hook).remove)
+
+    def _on_norm(self, module, args, output):
+        self._residual = args[0]
+
+    def _on_router(self, module, args, output):
+        logits, weights, index = output
+        tokens = args[0].reshape(-1, args[0].shape[-1])
+        logits = logits.reshape(-1, logits.shape[-1]).double()
+        self.expert_tokens += torch.bincount(index.flatten(), minlength=len(self.expert_tokens))
+        self.routing_mass += logits.softmax(dim=-1).sum(0)
+        self.logit_gram += logits.T @ logits
+        self.reap_sum += self._reap(tokens, weights.reshape(index.shape), index)
+
+    def _reap(self, tokens, weights, index) -> torch.Tensor:
+        """Sum over routed tokens of gate weight x ||expert output|| (REAP saliency numerator)."""
+        sums = torch.zeros(len(self.expert_tokens), dtype=torch.float64)
+        for expert in range(len(sums)):
+            token_rows, slot = torch.where(index == expert)
+            if len(token_rows) == 0:
+                continue
+            gate, up = F.linear(tokens[token_rows], self.experts.gate_up_proj[expert]).chunk(2, dim=-1)
+            output = F.linear(self.experts.act_fn(gate) * up, self.experts.down_proj[expert])
+            sums[expert] = (weights[token_rows, slot].double() * output.double().norm(dim=-1)).sum()
+        return sums
+
+    def _on_block(self, module, args, output):
+        self.moe_cosine_sum += _token_cosine_sum(self._residual, self._residual + output)
+
+    def result(self, tokens: int, top_k: int, block_similarity: float) -> LayerStatistics:
+        counts = self.expert_tokens.double()
+        norms = self.logit_gram.diagonal().sqrt().clamp_min(1e-12)
+        similarity = self.logit_gram / norms[:, None] / norms[None, :]
+        return LayerStatistics(
+            kind="moe",
+            tokens=tokens,
+            block_similarity=block_similarity,
+            moe_similarity=self.moe_cosine_sum / tokens,
+            top_k=top_k,
+            expert_tokens=self.expert_tokens.tolist(),
+            routing_mass=(self.routing_mass / tokens).tolist(),
+            # an expert that saw no tokens has no saliency evidence: 0, and its token count says why
+            reap=torch.where(counts > 0, self.reap_sum / counts.clamp_min(1), 0.0).tolist(),
+            router_logit_similarity=similarity.tolist(),
+        )
+
+
+@torch.no_grad()
+def observe(
+    model,
+    input_ids: torch.Tensor,
+    key: str,
+    calibration: dict,
+    batch_size: int = 8,
+    max_block_window: int = 8,
+    progress=None,
+) -> Statistics:
+    """Collect every statistic in one layer-by-layer pass over `input_ids` [N, L]."""
+    adapter = adapter_for(model.config)
+    layers = decoder_layers(adapter, model)
+    batches = list(input_ids.split(batch_size))
+    hidden, call_kwargs = zip(*(_capture_first_layer_inputs(model, layers, batch) for batch in batches))
+    hidden = list(hidden)
+    tokens = input_ids.numel()
+    window = min(max_block_window, len(layers))
+    recent_inputs: list[list[torch.Tensor]] = []  # inputs of the last `window` blocks
+    pair_similarity: list[list[float]] = [[] for _ in layers]
+    layer_statistics = []
+    task = progress.add_task("observing layers", total=len(layers)) if progress else None
+
+    for index, layer_module in enumerate(layers):
+        kind = layer_kind(adapter, layer_module)
+        accumulator = _MoEAccumulator(adapter, layer_module) if kind == "moe" else None
+        recent_inputs = (recent_inputs + [hidden])[-window:]
+        with ExitStack() as stack:
+            if accumulator:
+                accumulator.hooks(stack)
+            hidden = [layer_module(h, **kwargs) for h, kwargs in zip(hidden, call_kwargs)]
+            hidden = [h[0] if isinstance(h, tuple) else h for h in hidden]
+        # the output of block `index` is the input of block index+1: close every window ending here
+        for offset, earlier in enumerate(recent_inputs):
+            start = index - len(recent_inputs) + 1 + offset
+            cosine = sum(_token_cosine_sum(a, b) for a, b in zip(earlier, hidden)) / tokens
+            pair_similarity[start].append(cosine)
+        block_similarity = pair_similarity[index][0]
+        if accumulator:
+            top_k = getattr(accumulator.router, "top_k", None)
+            layer_statistics.append(accumulator.result(tokens, top_k, block_similarity))
+        else:
+            layer_statistics.append(LayerStatistics(kind=kind, tokens=tokens, block_similarity=block_similarity))
+        if progress:
+            progress.advance(task)
+
+    return Statistics(key=key, calibration=calibration, layers=layer_statistics, block_pair_similarity=pair_similarity)
