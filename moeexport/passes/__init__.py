@@ -1,0 +1,8 @@
+"""Compression passes, registered by the name a recipe uses."""
+
+from moeexport.passes.base import CompressionPass, PassOptions
+from moeexport.passes.trim import BlockDrop, ExpertDrop, LayerDrop
+
+PASSES: dict[str, CompressionPass] = {p.name: p for p in (BlockDrop(), LayerDrop(), ExpertDrop())}
+
+__all__ = ["PASSES", "CompressionPass", "PassOptions"]

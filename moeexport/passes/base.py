@@ -1,0 +1,40 @@
+"""What a compression pass is.
+
+A pass has strict options (a pydantic model), a pure `plan` from statistics and
+the model's structure to a plan (plain data: printable, diffable, saved in the
+manifest), and `apply`, which performs a plan on the torch model. The pipeline
+drives each recipe entry through `check` (before any calibration, and again
+right before planning) -> `plan` -> `apply`, once.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from moeexport.adapters import LayerSpec
+from moeexport.calibration.observers import Statistics
+
+
+class PassOptions(BaseModel):
+    """Options of one pass: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CompressionPass:
+    name: ClassVar[str]
+    Options: ClassVar[type[PassOptions]]
+
+    def needs_statistics(self, options: PassOptions) -> bool:
+        return True
+
+    def check(self, options: PassOptions, layers: list[LayerSpec]) -> None:
+        """Raise MoeExportError when the options cannot apply to a model of this structure."""
+
+    def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: PassOptions):
+        raise NotImplementedError
+
+    def apply(self, model, plan) -> None:
+        raise NotImplementedError

@@ -1,0 +1,236 @@
+"""Trimming passes of He et al. (Block Drop, Layer Drop, Expert Drop), without the paper code's bugs.
+
+- Block Drop removes whole decoder layers: `discrete` drops the n blocks whose
+  input and output are most alike; `consecutive` drops the window of n blocks
+  whose input and output are most alike, exactly the window it scored.
+- Layer Drop removes the norm + MoE sublayer of the n MoE layers where
+  cos(x, x + MoE(norm(x))) is highest; attention stays.
+- Expert Drop keeps `keep` experts per layer (scope layer) or drops the globally
+  lowest-scoring experts (scope global: the same total, per-layer counts vary, a
+  layer may keep none and then passes its input through). Scores: selection
+  frequency, routing mass (He et al.), REAP saliency, or random.
+Every selection also has `score: random` as the control baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from moeexport.adapters import LayerSpec, adapter_for
+from moeexport.adapters.base import check_expert_count_change, drop_blocks, drop_moe_sublayer, keep_experts
+from moeexport.calibration.observers import Statistics
+from moeexport.errors import MoeExportError
+from moeexport.passes.base import CompressionPass, PassOptions
+
+
+def _top_n(scores: list[float], n: int) -> list[int]:
+    """Indices of the n highest scores (ties go to the lower index)."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return sorted(order[:n])
+
+
+def _score(similarity: float | None) -> str:
+    return "random pick" if similarity is None else f"{similarity:.4f}"
+
+
+def _random_scores(count: int, seed: int) -> list[float]:
+    return np.random.default_rng(seed).random(count).tolist()
+
+
+# --- Block Drop -------------------------------------------------------------------------
+
+
+class BlockDropOptions(PassOptions):
+    n: int = Field(ge=1, description="number of decoder blocks to drop")
+    mode: Literal["discrete", "consecutive"] = "discrete"
+    score: Literal["similarity", "random"] = "similarity"
+    seed: int = 0
+
+
+@dataclass
+class BlockDropPlan:
+    drop: list[int]
+    similarity: list[float | None]  # cos(block input, block output) of each dropped block (window for consecutive)
+
+    def describe(self) -> list[str]:
+        pairs = ", ".join(f"{b} ({_score(s)})" for b, s in zip(self.drop, self.similarity))
+        return [f"drop blocks {pairs}  [block: cos(input, output)]"]
+
+
+class BlockDrop(CompressionPass):
+    name = "block_drop"
+    Options = BlockDropOptions
+
+    def needs_statistics(self, options: BlockDropOptions) -> bool:
+        return options.score == "similarity"
+
+    def check(self, options: BlockDropOptions, layers: list[LayerSpec]) -> None:
+        if options.n >= len(layers):
+            raise MoeExportError(f"block_drop n={options.n} but the model has {len(layers)} blocks (at least one must stay)")
+
+    def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: BlockDropOptions) -> BlockDropPlan:
+        count, n = len(layers), options.n
+        if options.mode == "discrete":
+            scores = (
+                [s.block_similarity for s in statistics.layers]
+                if options.score == "similarity"
+                else _random_scores(count, options.seed)
+            )
+            drop = _top_n(scores, n)
+            similarity = [statistics.layers[b].block_similarity if statistics else None for b in drop]
+            return BlockDropPlan(drop, similarity)
+        starts = range(count - n + 1)
+        if options.score == "similarity":
+            window_scores = [statistics.window_similarity(start, n) for start in starts]
+        else:
+            window_scores = _random_scores(len(starts), options.seed)
+        start = _top_n(window_scores, 1)[0]
+        window = statistics.window_similarity(start, n) if statistics else None
+        return BlockDropPlan(list(range(start, start + n)), [window] * n)
+
+    def apply(self, model, plan: BlockDropPlan) -> None:
+        drop_blocks(adapter_for(model.config), model, plan.drop)
+
+
+# --- Layer Drop -------------------------------------------------------------------------
+
+
+class LayerDropOptions(PassOptions):
+    n: int = Field(ge=1, description="number of MoE sublayers to drop")
+    score: Literal["similarity", "random"] = "similarity"
+    seed: int = 0
+
+
+@dataclass
+class LayerDropPlan:
+    drop: list[int]
+    similarity: list[float | None]  # cos(x, x + MoE(norm(x))) of each dropped layer
+
+    def describe(self) -> list[str]:
+        pairs = ", ".join(f"{b} ({_score(s)})" for b, s in zip(self.drop, self.similarity))
+        return [f"drop the MoE sublayer of layers {pairs}  [layer: cos(x, x + MoE(norm(x)))]"]
+
+
+class LayerDrop(CompressionPass):
+    name = "layer_drop"
+    Options = LayerDropOptions
+
+    def needs_statistics(self, options: LayerDropOptions) -> bool:
+        return options.score == "similarity"
+
+    def check(self, options: LayerDropOptions, layers: list[LayerSpec]) -> None:
+        moe_layers = sum(spec.kind == "moe" for spec in layers)
+        if options.n > moe_layers:
+            raise MoeExportError(f"layer_drop n={options.n} but the model has {moe_layers} MoE layers left")
+
+    def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: LayerDropOptions) -> LayerDropPlan:
+        candidates = [i for i, spec in enumerate(layers) if spec.kind == "moe"]
+        if options.score == "similarity":
+            scores = [statistics.layers[i].moe_similarity for i in candidates]
+        else:
+            scores = _random_scores(len(candidates), options.seed)
+        drop = [candidates[i] for i in _top_n(scores, options.n)]
+        similarity = [statistics.layers[i].moe_similarity if statistics else None for i in drop]
+        return LayerDropPlan(drop, similarity)
+
+    def apply(self, model, plan: LayerDropPlan) -> None:
+        adapter = adapter_for(model.config)
+        for layer in plan.drop:
+            drop_moe_sublayer(adapter, model, layer)
+
+
+# --- Expert Drop ------------------------------------------------------------------------
+
+
+class ExpertDropOptions(PassOptions):
+    keep: int = Field(ge=0, description="experts kept per MoE layer (the average, for scope global)")
+    scope: Literal["layer", "global"] = "layer"
+    score: Literal["frequency", "routing_mass", "reap", "random"] = "routing_mass"
+    seed: int = 0
+
+
+@dataclass
+class ExpertDropPlan:
+    keep: dict[int, list[int]]  # MoE layer -> experts kept, in their original order
+    drop: dict[int, list[int]]  # MoE layer -> experts dropped
+    dropped_expert_tokens: dict[int, list[int]]  # tokens each dropped expert saw in calibration
+    layer_tokens: dict[int, int]  # routing decisions per layer in calibration
+
+    def describe(self) -> list[str]:
+        lines = []
+        for layer in sorted(self.keep):
+            kept, dropped = self.keep[layer], self.drop[layer]
+            line = f"layer {layer}: keep {len(kept)} {kept}, drop {len(dropped)} {dropped}"
+            if self.dropped_expert_tokens and dropped:
+                seen = self.dropped_expert_tokens[layer]
+                share = sum(seen) / max(self.layer_tokens[layer], 1)
+                line += f"  (dropped experts saw {seen} tokens = {share:.1%} of routing)"
+            lines.append(line)
+        return lines
+
+
+class ExpertDrop(CompressionPass):
+    name = "expert_drop"
+    Options = ExpertDropOptions
+
+    def needs_statistics(self, options: ExpertDropOptions) -> bool:
+        return options.score != "random"
+
+    def check(self, options: ExpertDropOptions, layers: list[LayerSpec]) -> None:
+        counts = [spec.num_experts for spec in layers if spec.kind == "moe"]
+        if not counts:
+            raise MoeExportError("expert_drop: the model has no MoE layers left")
+        limit = max(counts) if options.scope == "layer" else sum(counts) / len(counts)
+        if options.keep > limit:
+            what = "the largest layer has" if options.scope == "layer" else "layers have on average"
+            raise MoeExportError(f"expert_drop keep={options.keep} but {what} {limit:g} experts")
+
+    def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: ExpertDropOptions) -> ExpertDropPlan:
+        moe_layers = [i for i, spec in enumerate(layers) if spec.kind == "moe"]
+        scores = {layer: self._layer_scores(statistics, layers[layer], layer, options) for layer in moe_layers}
+        if options.scope == "layer":
+            keep = {layer: _top_n(scores[layer], min(options.keep, len(scores[layer]))) for layer in moe_layers}
+        else:
+            keep = self._global_keep(scores, options.keep)
+        drop = {layer: [e for e in range(layers[layer].num_experts) if e not in keep[layer]] for layer in moe_layers}
+        if statistics is None:
+            return ExpertDropPlan(keep, drop, {}, {})
+        return ExpertDropPlan(
+            keep,
+            drop,
+            {layer: [statistics.layers[layer].expert_tokens[e] for e in drop[layer]] for layer in moe_layers},
+            {layer: sum(statistics.layers[layer].expert_tokens) for layer in moe_layers},
+        )
+
+    @staticmethod
+    def _layer_scores(statistics, spec: LayerSpec, layer: int, options: ExpertDropOptions) -> list[float]:
+        if options.score == "random":
+            return _random_scores(spec.num_experts, options.seed + layer)
+        layer_statistics = statistics.layers[layer]
+        if options.score == "frequency":
+            return layer_statistics.expert_frequency()
+        return list(getattr(layer_statistics, options.score))
+
+    @staticmethod
+    def _global_keep(scores: dict[int, list[float]], keep_average: int) -> dict[int, list[int]]:
+        """Drop the globally lowest experts; scores are normalized per layer to be comparable."""
+        ranked = []
+        for layer, layer_scores in scores.items():
+            total = sum(layer_scores) or 1.0
+            ranked += [(score / total, layer, expert) for expert, score in enumerate(layer_scores)]
+        to_drop = round(len(ranked) - keep_average * len(scores))
+        dropped = {(layer, expert) for _, layer, expert in sorted(ranked)[:to_drop]}
+        return {
+            layer: [e for e in range(len(layer_scores)) if (layer, e) not in dropped]
+            for layer, layer_scores in scores.items()
+        }
+
+    def apply(self, model, plan: ExpertDropPlan) -> None:
+        adapter = adapter_for(model.config)
+        check_expert_count_change(adapter, model.config)
+        for layer, kept in plan.keep.items():
+            keep_experts(adapter, model, layer, kept)
