@@ -1,0 +1,378 @@
+"""The `moeexport` command line: analyze, compress, eval, build.
+
+Every user error ends as one line on stderr and exit status 2, with nothing
+written. Progress goes to stderr; tables and --json output go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+from moeexport.errors import MoeExportError
+
+EXAMPLES = """\
+examples:
+  moeexport analyze demo --out out/analysis
+  moeexport compress demo --recipe recipes/trim.yaml --out out/demo-trimmed
+  moeexport compress path/to/Mixtral --recipe r.yaml --calib calib.txt --dry-run
+  moeexport eval out/demo-trimmed --text held_out.txt --reference demo
+  moeexport build demo --recipe recipes/trim.yaml --target gguf --out out/demo-gguf
+
+MODEL is a Hugging Face checkpoint directory (safetensors), a directory written
+by `moeexport compress`, or `demo` for the small model bundled with moeexport.
+"""
+
+RECIPE_HELP = """\
+a YAML recipe: an ordered list of passes, e.g.
+  passes:
+    - block_drop: {n: 1}       # mode: discrete|consecutive; score: similarity|random
+    - layer_drop: {n: 1}       # score: similarity|random
+    - expert_drop: {keep: 6, scope: global, score: frequency}
+                               # scope: layer|global; score: frequency|routing_mass|reap|random
+"""
+
+
+def _calibration_arguments() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("calibration")
+    group.add_argument(
+        "--calib",
+        default="model",
+        metavar="SOURCE",
+        help="calibration text: a .txt or .jsonl (field 'text') file, hf:NAME[:CONFIG][@SPLIT] from the local "
+        "datasets cache, or 'model' to sample text from the model itself (default: model)",
+    )
+    group.add_argument("--calib-samples", type=int, default=32, metavar="N", help="sequences (default 32; papers: 128)")
+    group.add_argument("--calib-length", type=int, default=256, metavar="L", help="tokens each (default 256; papers: 2048)")
+    group.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    group.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    group.add_argument(
+        "--max-block-window", type=int, default=8, metavar="W",
+        help="longest block window scored for consecutive Block Drop (default 8)",
+    )
+    group.add_argument("--no-cache", action="store_true", help="recompute statistics instead of reusing cached ones")
+    return parent
+
+
+def _model_arguments() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("model", metavar="MODEL", help="checkpoint directory, or 'demo'")
+    parent.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parent.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moeexport",
+        description="Compress Mixture-of-Experts LLMs (Block / Layer / Expert Drop) and deploy them.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"moeexport {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model, calibration = _model_arguments(), _calibration_arguments()
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    analyze = commands.add_parser(
+        "analyze", parents=[model, calibration], formatter_class=formatter,
+        help="collect routing and redundancy statistics, print a summary, write plots",
+        description="Run the calibration set through MODEL layer by layer and report, per layer, expert usage "
+        "(tokens per expert), routing mass, REAP saliency, MoE-sublayer and block similarity. Writes "
+        "statistics.json, PNG plots and report.html to --out; later recipes on the same model and calibration "
+        "set reuse the statistics.",
+    )
+    analyze.add_argument("--out", default="moeexport-analysis", help="output directory (default moeexport-analysis)")
+    analyze.add_argument("--json", action="store_true", help="print the per-layer summary as JSON")
+    analyze.set_defaults(run=run_analyze)
+
+    compress = commands.add_parser(
+        "compress", parents=[model, calibration], formatter_class=formatter,
+        help="apply a recipe and save the compressed checkpoint",
+        description="Apply a recipe to MODEL and save the result, which is itself a valid MODEL everywhere.\n\n"
+        + RECIPE_HELP,
+    )
+    _recipe_and_output(compress)
+    compress.add_argument("--dry-run", action="store_true", help="print the plan and sizes, write nothing")
+    compress.add_argument("--eval-text", metavar="FILE", help="held-out text for the after-compression check")
+    compress.add_argument("--no-eval", action="store_true", help="skip the after-compression quality check")
+    compress.set_defaults(run=run_compress)
+
+    evaluate = commands.add_parser(
+        "eval", parents=[model], formatter_class=formatter,
+        help="perplexity, and KL / top-1 agreement against a reference",
+        description="Perplexity of MODEL on a text; with --reference, also KL(reference || MODEL) and top-1 "
+        "agreement per predicted token.",
+    )
+    evaluate.add_argument("--text", required=True, metavar="FILE", help="a .txt or .jsonl file, or hf:NAME")
+    evaluate.add_argument("--reference", metavar="MODEL", help="the model to compare against (e.g. the original)")
+    evaluate.add_argument("--length", type=int, default=256, help="tokens per window (default 256)")
+    evaluate.add_argument("--max-sequences", type=int, default=32, help="windows scored (default 32)")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluate.set_defaults(run=run_eval)
+
+    build = commands.add_parser(
+        "build", parents=[model, calibration], formatter_class=formatter,
+        help="compress, then export to a deployment target",
+        description="Compress MODEL with a recipe, then export, validate and profile the artifact for a target.\n\n"
+        + RECIPE_HELP,
+    )
+    _recipe_and_output(build)
+    build.add_argument("--target", required=True, choices=["gguf", "onnx", "tensorrt"], help="deployment target")
+    build.set_defaults(run=run_build)
+    return parser
+
+
+def _recipe_and_output(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--recipe", required=True, metavar="FILE", help="YAML recipe (see above)")
+    command.add_argument("--out", metavar="DIR", help="output directory (required unless --dry-run)")
+    command.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def _version() -> str:
+    from moeexport import __version__
+
+    return __version__
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=_console(stderr=True), transient=True,
+    )
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load(args):
+    from moeexport.modelio import load, load_tokenizer
+
+    return load(args.model, args.dtype, args.trust_remote_code), load_tokenizer(args.model, args.trust_remote_code)
+
+
+def _statistics_provider(args, tokenizer, progress):
+    from moeexport.calibration.sources import CalibrationConfig
+    from moeexport.compress import DEFAULT_CACHE, StatisticsProvider
+    from moeexport.modelio import fingerprint, resolve_model_dir
+
+    for name in ("calib_samples", "calib_length", "batch_size", "max_block_window"):
+        if getattr(args, name) < 1:
+            raise MoeExportError(f"--{name.replace('_', '-')} must be at least 1")
+    calibration = CalibrationConfig(args.calib, args.calib_samples, args.calib_length, args.seed)
+    if args.calib != "model":
+        from moeexport.calibration.sources import read_documents
+
+        read_documents(args.calib)  # a missing or malformed source fails now, before the model runs
+    return StatisticsProvider(
+        tokenizer,
+        calibration,
+        fingerprint(resolve_model_dir(args.model)),
+        cache_dir=None if args.no_cache else DEFAULT_CACHE,
+        batch_size=args.batch_size,
+        max_block_window=args.max_block_window,
+        progress=progress,
+    )
+
+
+# --- analyze ----------------------------------------------------------------------------
+
+
+def run_analyze(args) -> int:
+    from rich.table import Table
+
+    from moeexport.analysis import layer_rows, write_html, write_plots
+
+    out_dir = Path(args.out)
+    model, tokenizer = _load(args)
+    with _progress() as progress:
+        provider = _statistics_provider(args, tokenizer, progress)
+        statistics = provider.statistics(model, history=[])
+    rows = layer_rows(statistics)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    statistics.save(out_dir / "statistics.json")
+    plots = write_plots(statistics, out_dir)
+    report = write_html(statistics, rows, plots, out_dir / "report.html", f"moeexport analyze {args.model}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    console = _console()
+    table = Table(title=f"{args.model}: per-layer statistics on {statistics.layers[0].tokens} calibration tokens")
+    for header in ("layer", "kind", "experts", "least / most used expert", "unused", "cos(h_in,h_out)", "cos(x,x+MoE)"):
+        table.add_column(header, justify="right")
+    for row in rows:
+        spread = f"{row['least_used']:.1%} / {row['most_used']:.1%}" if row.get("experts") else ""
+        moe = f"{row['moe_similarity']:.4f}" if row["moe_similarity"] is not None else ""
+        table.add_row(
+            str(row["layer"]), row["kind"], str(row.get("experts", "")), spread,
+            str(row.get("unused_experts", "")), f"{row['block_similarity']:.4f}", moe,
+        )
+    console.print(table)
+    ranked_blocks = sorted(rows, key=lambda row: -row["block_similarity"])[:3]
+    console.print("most redundant blocks (Block Drop first):", ", ".join(str(r["layer"]) for r in ranked_blocks))
+    moe_rows = [row for row in rows if row["moe_similarity"] is not None]
+    ranked_moe = sorted(moe_rows, key=lambda row: -row["moe_similarity"])[:3]
+    console.print("most redundant MoE sublayers (Layer Drop first):", ", ".join(str(r["layer"]) for r in ranked_moe))
+    console.print(f"wrote {out_dir / 'statistics.json'}, {len(plots)} plots and {report}")
+    return 0
+
+
+# --- compress / build -------------------------------------------------------------------
+
+
+def _compress(args):
+    """Load, calibrate, apply. Returns (model, tokenizer, original or None, statistics provider, result)."""
+    from rich.markup import escape
+
+    from moeexport.compress import compress
+    from moeexport.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if not args.dry_run and not args.out:
+        raise MoeExportError("--out is required (or use --dry-run to only print the plan)")
+    if args.out and Path(args.out).exists() and not args.overwrite and not args.dry_run:
+        raise MoeExportError(f"output {args.out} already exists; pass --overwrite or choose another --out")
+    model, tokenizer = _load(args)
+    keep_original = not (args.no_eval or args.dry_run)
+    original = copy.deepcopy(model) if keep_original else None
+    console = _console()
+    with _progress() as progress:
+        provider = _statistics_provider(args, tokenizer, progress)
+
+        def report_step(step):
+            console.print(f"[bold]{step.name}[/bold] {escape(str(step.options))}")
+            for line in step.plan.describe():
+                console.print(f"  {escape(line)}")
+
+        result = compress(model, recipe, provider, on_step=report_step)
+    _print_sizes(console, result)
+    return model, tokenizer, original, provider, result
+
+
+def _print_sizes(console, result) -> None:
+    from rich.table import Table
+
+    table = Table(title="structure before -> after")
+    for header in ("layer", "before", "after"):
+        table.add_column(header, justify="right")
+    after = result.layers_after
+    for index, before in enumerate(result.layers_before):
+        table.add_row(str(index), _describe_layer(before), _describe_layer(after[index]) if index < len(after) else "")
+    console.print(table)
+    console.print(
+        f"parameters {result.parameters_before:,} -> {result.parameters_after:,} "
+        f"({result.parameters_after / result.parameters_before:.1%}); "
+        f"size {result.bytes_before / 2**20:.1f} MiB -> {result.bytes_after / 2**20:.1f} MiB"
+    )
+
+
+def _describe_layer(spec) -> str:
+    if spec.kind == "moe":
+        return f"MoE {spec.num_experts} experts, top-{spec.top_k}" + (" + shared" if spec.shared_experts else "")
+    return {"dense": "dense MLP", "dropped": "attention only"}[spec.kind]
+
+
+def run_compress(args) -> int:
+    from moeexport.calibration.sources import sample_from_model
+    from moeexport.evaluate import eval_windows, evaluate
+    from moeexport.modelio import save
+
+    started = time.perf_counter()
+    model, tokenizer, original, provider, result = _compress(args)
+    console = _console()
+    if args.dry_run:
+        console.print("dry run: nothing written")
+        return 0
+    quality = None
+    if original is not None:
+        if args.eval_text:
+            windows, where = eval_windows(tokenizer, args.eval_text), args.eval_text
+        else:
+            seed = provider.calibration.seed + 1  # held out from a model-sampled calibration set
+            windows, where = sample_from_model(original, tokenizer, 16, 128, seed), "16 x 128 tokens sampled from the original"
+        with _progress() as progress:
+            quality = evaluate(model, windows, reference=original, progress=progress)
+        console.print(
+            f"quality vs original on {where}: perplexity {quality.reference_perplexity:.2f} -> "
+            f"{quality.perplexity:.2f}, KL {quality.kl:.4f}, top-1 agreement {quality.top1_agreement:.1%}"
+        )
+    manifest = {
+        "source": {"model": str(args.model), "fingerprint": provider.source_key},
+        "calibration": provider.calibration.to_dict(),
+        **result.manifest(),
+        "quality_vs_source": quality.to_dict() if quality else None,
+    }
+    out = save(model, args.out, manifest, overwrite=args.overwrite)
+    console.print(f"wrote {out} in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def run_build(args) -> int:
+    from moeexport.backends import require_target
+
+    require_target(args.target)  # before any work: nothing is compressed for a target we cannot export
+    return 0
+
+
+# --- eval -------------------------------------------------------------------------------
+
+
+def run_eval(args) -> int:
+    from moeexport.evaluate import eval_windows, evaluate
+    from moeexport.modelio import load, load_tokenizer
+
+    if args.length < 2 or args.max_sequences < 1:
+        raise MoeExportError("--length must be at least 2 and --max-sequences at least 1")
+    model, tokenizer = _load(args)
+    reference = load(args.reference, args.dtype, args.trust_remote_code) if args.reference else None
+    if reference is not None and reference.config.vocab_size != model.config.vocab_size:
+        raise MoeExportError("--reference has a different vocabulary than MODEL; compare models that share a tokenizer")
+    windows = eval_windows(tokenizer, args.text, args.length, args.max_sequences)
+    with _progress() as progress:
+        result = evaluate(model, windows, reference=reference, progress=progress)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    line = f"{args.model} on {args.text} ({result.tokens} tokens): perplexity {result.perplexity:.3f}"
+    if reference is not None:
+        line += (
+            f"; reference perplexity {result.reference_perplexity:.3f}, KL(reference || model) {result.kl:.5f}, "
+            f"top-1 agreement {result.top1_agreement:.2%}"
+        )
+    _console().print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _quiet_transformers()
+        return args.run(args)
+    except MoeExportError as error:
+        print(f"moeexport {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
