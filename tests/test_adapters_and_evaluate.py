@@ -1,0 +1,70 @@
+"""The adapter registry is complete and owns family names; evaluation numbers are right."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from moeexport.adapters import adapter_for, supported_families
+from moeexport.errors import MoeExportError
+from moeexport.evaluate import evaluate
+from tests.tiny_models import TINY_CONFIGS, random_tokens, tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_registered_family_has_a_tiny_model_in_the_tests_and_vice_versa():
+    assert set(supported_families()) == set(TINY_CONFIGS)
+
+
+def test_only_the_adapters_name_model_families():
+    """Passes, calibration, backends and the pipeline talk to adapters, never to a family."""
+    pattern = re.compile(r"mixtral|qwen|olmoe|deepseek|block_sparse_moe", re.IGNORECASE)
+    rooms = [REPO / "moeexport" / "passes", REPO / "calibration", REPO / "backends"]
+    files = [p for room in rooms for p in room.rglob("*.py")] + [REPO / "moeexport" / "compress.py"]
+    offenders = [str(p.relative_to(REPO)) for p in files if pattern.search(p.read_text())]
+    assert offenders == []
+
+
+def test_dense_and_unknown_models_are_refused_with_the_supported_list():
+    dense = AutoConfig.for_model("llama", vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    with pytest.raises(MoeExportError, match="dense \\(non-MoE\\).*Mixtral \\(mixtral\\)"):
+        adapter_for(dense)
+    unsupported_moe = AutoConfig.for_model("jetmoe")
+    with pytest.raises(MoeExportError, match="unsupported model_type 'jetmoe'"):
+        adapter_for(unsupported_moe)
+
+
+def test_group_limited_deepseek_routing_refuses_expert_drop():
+    from moeexport.compress import compress
+    from moeexport.recipe import parse_recipe
+
+    model = tiny_model("deepseek_v2")
+    model.config.topk_method = "group_limited_greedy"
+    recipe = parse_recipe({"passes": [{"expert_drop": {"keep": 2, "score": "random"}}]})
+    with pytest.raises(MoeExportError, match="use Block Drop or Layer Drop"):
+        compress(model, recipe, None)
+
+
+def test_evaluating_a_model_against_itself():
+    model = tiny_model("qwen3_moe")
+    tokens = random_tokens(3, 10)
+    result = evaluate(model, tokens, reference=model, batch_size=2)
+    assert result.tokens == 3 * 9
+    assert result.kl == pytest.approx(0.0, abs=1e-6)
+    assert result.top1_agreement == 1.0
+    with torch.no_grad():
+        loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss.item()
+    assert result.perplexity == pytest.approx(math.exp(loss), rel=1e-5)
+    assert result.reference_perplexity == pytest.approx(result.perplexity)
+
+
+def test_kl_is_positive_for_a_different_model():
+    tokens = random_tokens(2, 10)
+    result = evaluate(tiny_model("mixtral", seed=1), tokens, reference=tiny_model("mixtral", seed=2))
+    assert result.kl > 0 and result.top1_agreement < 1

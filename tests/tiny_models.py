@@ -1,0 +1,57 @@
+"""Tiny random-weight models of every supported family, built in the tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moeexport.modelio import EXPERTS_IMPLEMENTATION
+
+VOCAB = 128
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+# One entry per registered family; test_adapters checks that the two lists agree.
+TINY_CONFIGS = {
+    "mixtral": dict(num_local_experts=4),
+    "qwen2_moe": dict(
+        num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=40, mlp_only_layers=[1],
+        norm_topk_prob=False,
+    ),
+    "qwen3_moe": dict(num_experts=4, moe_intermediate_size=24, norm_topk_prob=True),
+    "olmoe": dict(num_experts=4, norm_topk_prob=False),
+    "deepseek_v2": dict(
+        n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=24, first_k_dense_replace=1,
+        num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=8, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
+    ),
+}
+FAMILIES = sorted(TINY_CONFIGS)
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    """A small random model whose routers are sharp enough that every expert is used."""
+    config = AutoConfig.for_model(model_type, **(COMMON | TINY_CONFIGS[model_type]))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, experts_implementation=EXPERTS_IMPLEMENTATION)
+    for name, parameter in model.named_parameters():
+        if "norm" not in name:
+            torch.nn.init.normal_(parameter, std=0.2 if name.endswith("gate.weight") else 0.05)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def random_tokens(count: int = 4, length: int = 24, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (count, length), generator=generator)
