@@ -1,0 +1,33 @@
+"""The trained fixture model (../shared): the whole CLI path on real weights and real text."""
+
+from __future__ import annotations
+
+import json
+
+from moeexport.cli import main
+from tests.conftest import CORPUS, FIXTURE, needs_shared
+
+RECIPE = "passes:\n  - block_drop: {n: 1}\n  - layer_drop: {n: 1}\n  - expert_drop: {keep: 6, scope: global, score: frequency}\n"
+
+
+@needs_shared
+def test_analyze_compress_eval_on_the_fixture(tmp_path, capsys):
+    recipe = tmp_path / "trim.yaml"
+    recipe.write_text(RECIPE)
+    calib = ["--calib", str(CORPUS / "calib.txt"), "--calib-samples", "16"]
+    assert main(["analyze", str(FIXTURE), "--out", str(tmp_path / "analysis"), "--json", *calib]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 6 and all(row["unused_experts"] == [] for row in rows)
+
+    out = tmp_path / "trimmed"
+    assert main(["compress", str(FIXTURE), "--recipe", str(recipe), "--out", str(out), "--no-eval", *calib]) == 0
+    manifest = json.loads((out / "moeexport.json").read_text())
+    kept = [layer["num_experts"] for layer in manifest["layers"] if layer["kind"] == "moe"]
+    assert len(manifest["layers"]) == 5 and len(kept) == 4 and sum(kept) == 6 * 4
+
+    assert main(["eval", str(out), "--text", str(CORPUS / "dev.txt"), "--reference", str(FIXTURE), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    # the original's dev perplexity is ~52-58; trimming a third of the model costs quality but keeps it a model
+    assert 40 < result["reference_perplexity"] < 70
+    assert result["reference_perplexity"] < result["perplexity"] < 4 * result["reference_perplexity"]
+    assert 0.3 < result["top1_agreement"] < 1
