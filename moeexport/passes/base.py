@@ -28,7 +28,8 @@ class CompressionPass:
     Options: ClassVar[type[PassOptions]]
 
     def needs_statistics(self, options: PassOptions) -> bool:
-        return True
+        """Every selection is calibration-driven except the `score: random` control."""
+        return getattr(options, "score", None) != "random"
 
     def check(self, options: PassOptions, layers: list[LayerSpec]) -> None:
         """Raise MoeExportError when the options cannot apply to a model of this structure."""

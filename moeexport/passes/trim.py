@@ -15,7 +15,7 @@ Every selection also has `score: random` as the control baseline.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
@@ -52,21 +52,27 @@ class BlockDropOptions(PassOptions):
 
 
 @dataclass
-class BlockDropPlan:
+class _SimilarityDropPlan:
     drop: list[int]
-    similarity: list[float | None]  # cos(block input, block output) of each dropped block (window for consecutive)
+    similarity: list[float | None]  # the redundancy score of each dropped index (None: picked at random)
+
+    what: ClassVar[str]
+    legend: ClassVar[str]
 
     def describe(self) -> list[str]:
-        pairs = ", ".join(f"{b} ({_score(s)})" for b, s in zip(self.drop, self.similarity))
-        return [f"drop blocks {pairs}  [block: cos(input, output)]"]
+        pairs = ", ".join(f"{index} ({_score(s)})" for index, s in zip(self.drop, self.similarity))
+        return [f"drop {self.what} {pairs}  [{self.legend}]"]
+
+
+@dataclass
+class BlockDropPlan(_SimilarityDropPlan):
+    what = "blocks"
+    legend = "block: cos(input, output); consecutive: of the whole window"
 
 
 class BlockDrop(CompressionPass):
     name = "block_drop"
     Options = BlockDropOptions
-
-    def needs_statistics(self, options: BlockDropOptions) -> bool:
-        return options.score == "similarity"
 
     def check(self, options: BlockDropOptions, layers: list[LayerSpec]) -> None:
         if options.n >= len(layers):
@@ -106,21 +112,14 @@ class LayerDropOptions(PassOptions):
 
 
 @dataclass
-class LayerDropPlan:
-    drop: list[int]
-    similarity: list[float | None]  # cos(x, x + MoE(norm(x))) of each dropped layer
-
-    def describe(self) -> list[str]:
-        pairs = ", ".join(f"{b} ({_score(s)})" for b, s in zip(self.drop, self.similarity))
-        return [f"drop the MoE sublayer of layers {pairs}  [layer: cos(x, x + MoE(norm(x)))]"]
+class LayerDropPlan(_SimilarityDropPlan):
+    what = "the MoE sublayer of layers"
+    legend = "layer: cos(x, x + MoE(norm(x)))"
 
 
 class LayerDrop(CompressionPass):
     name = "layer_drop"
     Options = LayerDropOptions
-
-    def needs_statistics(self, options: LayerDropOptions) -> bool:
-        return options.score == "similarity"
 
     def check(self, options: LayerDropOptions, layers: list[LayerSpec]) -> None:
         moe_layers = sum(spec.kind == "moe" for spec in layers)
@@ -176,9 +175,6 @@ class ExpertDropPlan:
 class ExpertDrop(CompressionPass):
     name = "expert_drop"
     Options = ExpertDropOptions
-
-    def needs_statistics(self, options: ExpertDropOptions) -> bool:
-        return options.score != "random"
 
     def check(self, options: ExpertDropOptions, layers: list[LayerSpec]) -> None:
         counts = [spec.num_experts for spec in layers if spec.kind == "moe"]
