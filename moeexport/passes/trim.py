@@ -160,7 +160,9 @@ class ExpertDropPlan:
     layer_tokens: dict[int, int]  # routing decisions per layer in calibration
 
     def describe(self) -> list[str]:
-        lines = []
+        changed = [layer for layer in self.keep if self.drop[layer]]
+        dropped_total = sum(len(d) for d in self.drop.values())
+        lines = [f"targeted {len(self.keep)} MoE layers; dropped {dropped_total} experts in {len(changed)} of them"]
         for layer in sorted(self.keep):
             kept, dropped = self.keep[layer], self.drop[layer]
             line = f"layer {layer}: keep {len(kept)} {kept}, drop {len(dropped)} {dropped}"
@@ -168,6 +170,8 @@ class ExpertDropPlan:
                 seen = self.dropped_expert_tokens[layer]
                 share = sum(seen) / max(self.layer_tokens[layer], 1)
                 line += f"  (dropped experts saw {seen} tokens = {share:.1%} of routing)"
+            if not kept:
+                line += "  -> no experts left: the routed part of this layer now adds nothing"
             lines.append(line)
         return lines
 
