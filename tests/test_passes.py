@@ -135,7 +135,7 @@ def test_global_expert_drop_can_empty_a_layer_and_the_model_still_runs(family, t
     moe_layers = [i for i, s in enumerate(layers) if s.kind == "moe"]
     statistics = _provider(model).statistics(model, [])
     starved = moe_layers[0]
-    # shares are compared across layers: the starved layer's best expert (25%) ranks below
+    # frequencies are per-layer shares: the starved layer's best expert (25%) ranks below
     # the other layers' two busy experts (50% each), so keeping 1 on average empties it
     for index in moe_layers:
         statistics.layers[index].expert_tokens = [1, 1, 1, 1] if index == starved else [0, 0, 500, 500]
@@ -159,6 +159,18 @@ def test_expert_drop_keeps_the_highest_scores_and_clamps_top_k():
     ExpertDrop().apply(model, plan)
     assert structure(adapter, model)[0].top_k == 1
     assert torch.isfinite(_logits(model, random_tokens(1, 8))).all()
+
+
+def test_global_reap_compares_absolute_saliency_across_layers():
+    model = tiny_model("mixtral")
+    adapter = adapter_for(model.config)
+    layers = structure(adapter, model)
+    statistics = _provider(model).statistics(model, [])
+    for index in range(4):  # layer 0's experts write 10x more than the others'
+        statistics.layers[index].reap = [10.0, 11.0, 12.0, 13.0] if index == 0 else [1.0, 2.0, 3.0, 4.0]
+    plan = ExpertDrop().plan(statistics, layers, ExpertDropOptions(keep=3, scope="global", score="reap"))
+    assert plan.keep[0] == [0, 1, 2, 3]
+    assert sum(len(kept) for kept in plan.keep.values()) == 12
 
 
 def test_consecutive_block_drop_drops_exactly_the_window_it_scored():

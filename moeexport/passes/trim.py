@@ -8,7 +8,8 @@
 - Expert Drop keeps `keep` experts per layer (scope layer) or drops the globally
   lowest-scoring experts (scope global: the same total, per-layer counts vary, a
   layer may keep none and then passes its input through). Scores: selection
-  frequency, routing mass (He et al.), REAP saliency, or random.
+  frequency, routing mass (He et al.), REAP saliency (Lasby et al. 2025: mean
+  gate weight x expert output norm over the expert's routed tokens), or random.
 Every selection also has `score: random` as the control baseline.
 """
 
@@ -217,11 +218,15 @@ class ExpertDrop(CompressionPass):
 
     @staticmethod
     def _global_keep(scores: dict[int, list[float]], keep_average: int) -> dict[int, list[int]]:
-        """Drop the globally lowest experts; scores are normalized per layer to be comparable."""
-        ranked = []
-        for layer, layer_scores in scores.items():
-            total = sum(layer_scores) or 1.0
-            ranked += [(score / total, layer, expert) for expert, score in enumerate(layer_scores)]
+        """Drop the globally lowest-scoring experts.
+
+        Scores are compared as they are: frequency and routing mass are shares of
+        their layer's routing, while REAP is an absolute output magnitude, so
+        global REAP also spares the layers whose experts write the most.
+        """
+        ranked = [
+            (score, layer, expert) for layer, layer_scores in scores.items() for expert, score in enumerate(layer_scores)
+        ]
         to_drop = round(len(ranked) - keep_average * len(scores))
         dropped = {(layer, expert) for _, layer, expert in sorted(ranked)[:to_drop]}
         return {
