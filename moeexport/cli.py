@@ -270,11 +270,11 @@ def _print_sizes(console, result) -> None:
     from rich.table import Table
 
     table = Table(title="structure before -> after")
-    for header in ("layer", "before", "after"):
+    for header in ("layer", "before", "after", "new index"):
         table.add_column(header, justify="right")
-    after = result.layers_after
-    for index, before in enumerate(result.layers_before):
-        table.add_row(str(index), _describe_layer(before), _describe_layer(after[index]) if index < len(after) else "")
+    for index, (before, new_index) in enumerate(zip(result.layers_before, result.new_block_index)):
+        after = "block dropped" if new_index is None else _describe_layer(result.layers_after[new_index])
+        table.add_row(str(index), _describe_layer(before), after, "" if new_index is None else str(new_index))
     console.print(table)
     console.print(
         f"parameters {result.parameters_before:,} -> {result.parameters_after:,} "

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from moeexport.adapters import LayerSpec, adapter_for
-from moeexport.adapters.base import structure
+from moeexport.adapters.base import decoder_layers, structure
 from moeexport.calibration.observers import Statistics, observe
 from moeexport.calibration.sources import CalibrationConfig, calibration_tokens
 from moeexport.modelio import parameter_bytes, parameter_count
@@ -105,10 +105,12 @@ class CompressionResult:
     bytes_before: int
     bytes_after: int
     steps: list[AppliedStep] = field(default_factory=list)
+    new_block_index: list[int | None] = field(default_factory=list)  # per original block; None = dropped
 
     def manifest(self) -> dict:
         return {
             "passes": [step.to_dict() for step in self.steps],
+            "new_block_index": self.new_block_index,
             "parameters": {"before": self.parameters_before, "after": self.parameters_after},
         }
 
@@ -131,6 +133,7 @@ def compress(model, recipe: Recipe, statistics: StatisticsProvider | None, on_st
         bytes_before=parameter_bytes(model),
         bytes_after=0,
     )
+    original_blocks = list(decoder_layers(adapter, model))
     if statistics and any(PASSES[s.name].needs_statistics(s.options) for s in recipe.steps):
         statistics.tokens(model)  # draw the calibration set from the model as given
     history: list[dict] = []
@@ -150,6 +153,9 @@ def compress(model, recipe: Recipe, statistics: StatisticsProvider | None, on_st
         if on_step:
             on_step(applied)
     result.layers_after = structure(adapter, model)
+    # surviving blocks are the same module objects, renumbered
+    position = {id(block): index for index, block in enumerate(decoder_layers(adapter, model))}
+    result.new_block_index = [position.get(id(block)) for block in original_blocks]
     result.parameters_after = parameter_count(model)
     result.bytes_after = parameter_bytes(model)
     return result

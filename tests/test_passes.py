@@ -53,6 +53,7 @@ def test_pass_runs_counts_and_round_trips(family, recipe_name, tmp_path):
 
     expected_blocks = len(before) - sum(len(s.plan.drop) for s in result.steps if s.name == "block_drop")
     assert len(after) == expected_blocks == model.config.num_hidden_layers
+    assert sorted(i for i in result.new_block_index if i is not None) == list(range(expected_blocks))
     for step in result.steps:
         if step.name == "expert_drop":
             for layer, kept in step.plan.keep.items():
