@@ -55,7 +55,12 @@ class StatisticsProvider:
     def tokens(self, model) -> torch.Tensor:
         """The calibration set, drawn once (a model-sampled set comes from the model as first given)."""
         if self._tokens is None:
-            self._tokens = calibration_tokens(model, self.tokenizer, self.calibration)
+            c = self.calibration
+            task = self.progress.add_task(f"drawing {c.num_sequences} x {c.sequence_length} calibration tokens "
+                                          f"from {c.source}", total=None) if self.progress else None
+            self._tokens = calibration_tokens(model, self.tokenizer, c)
+            if self.progress:
+                self.progress.remove_task(task)
         return self._tokens
 
     def key(self, history: list[dict]) -> str:
