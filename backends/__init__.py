@@ -1,21 +1,27 @@
 """Deployment targets, one package per format; installed as moeexport.backends.
 
-Each target will provide `export(model, out_dir, options) -> artifact` and a
-runner with `logits(token_ids)` / `generate(...)` behind one interface. The
-targets are named here so that `moeexport build --target` has its final shape;
-their exporters are not part of this release yet.
+A target package provides `check(model, quant)` (raises before anything is
+written), `export(model, out_path, quant=..., overwrite=...)`,
+a runner class with `logits(token_ids)` (so validation is written once, in
+moeexport.validate), its weight types (`QUANT_TYPES`) and the fidelity each
+type must reach (`TOLERANCES`).
 """
+
+import importlib
 
 from moeexport.errors import MoeExportError
 
 TARGETS = ("gguf", "onnx", "tensorrt")
+IMPLEMENTED = {"gguf": "moeexport.backends.gguf"}
 
 
-def require_target(target: str) -> None:
-    """Raise a clear error for a target this release cannot export to."""
+def backend_for(target: str):
+    """The backend module for a target, or a clear error for one this release cannot export to."""
     if target not in TARGETS:
         raise MoeExportError(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
-    raise MoeExportError(
-        f"the {target} exporter is not in this release yet; run `moeexport compress` to write the "
-        "compressed checkpoint, which the exporters will take as MODEL"
-    )
+    if target not in IMPLEMENTED:
+        raise MoeExportError(
+            f"the {target} exporter is not in this release yet (available: {', '.join(IMPLEMENTED)}); "
+            "`moeexport compress` writes the compressed checkpoint it will take as MODEL"
+        )
+    return importlib.import_module(IMPLEMENTED[target])

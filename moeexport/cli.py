@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from rich.markup import escape
+
 from moeexport.errors import MoeExportError
 
 EXAMPLES = """\
@@ -99,8 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _recipe_and_output(compress)
     compress.add_argument("--dry-run", action="store_true", help="print the plan and sizes, write nothing")
-    compress.add_argument("--eval-text", metavar="FILE", help="held-out text for the after-compression check")
-    compress.add_argument("--no-eval", action="store_true", help="skip the after-compression quality check")
     compress.set_defaults(run=run_compress)
 
     evaluate = commands.add_parser(
@@ -119,12 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     build = commands.add_parser(
         "build", parents=[model, calibration], formatter_class=formatter,
         help="compress, then export to a deployment target",
-        description="Compress MODEL with a recipe, then export, validate and profile the artifact for a target.\n\n"
-        + RECIPE_HELP,
+        description="Compress MODEL with a recipe, then export the result for a target, validate it against the "
+        "compressed torch model and profile it on this machine. DIR receives the artifact, the compressed "
+        "checkpoint (compressed/) and report.json. A build whose validation misses its tolerance exits 1 and "
+        "its artifact is renamed *.failed.\n\n" + RECIPE_HELP,
     )
     _recipe_and_output(build)
     build.add_argument("--target", required=True, choices=["gguf", "onnx", "tensorrt"], help="deployment target")
-    build.set_defaults(run=run_build)
+    build.add_argument("--quant", default="f32", help="weight type (gguf: f32, f16, bf16, q8_0, q4_0; default f32)")
+    build.set_defaults(run=run_build, dry_run=False)
     return parser
 
 
@@ -132,6 +135,11 @@ def _recipe_and_output(command: argparse.ArgumentParser) -> None:
     command.add_argument("--recipe", required=True, metavar="FILE", help="YAML recipe (see above)")
     command.add_argument("--out", metavar="DIR", help="output directory (required unless --dry-run)")
     command.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    command.add_argument(
+        "--eval-text", metavar="FILE",
+        help="held-out text for the quality and validation checks (default: text sampled from the model)",
+    )
+    command.add_argument("--no-eval", action="store_true", help="skip the quality check against the original")
 
 
 def _version() -> str:
@@ -239,8 +247,6 @@ def run_analyze(args) -> int:
 
 def _compress(args):
     """Load, calibrate, apply. Returns (model, tokenizer, original or None, statistics provider, result)."""
-    from rich.markup import escape
-
     from moeexport.compress import compress
     from moeexport.recipe import load_recipe
 
@@ -289,45 +295,125 @@ def _describe_layer(spec) -> str:
     return {"dense": "dense MLP", "dropped": "attention only"}[spec.kind]
 
 
-def run_compress(args) -> int:
+def _held_out_windows(args, tokenizer, model, count: int, length: int):
+    """(windows, description): --eval-text, or sequences sampled from `model` apart from calibration."""
     from moeexport.calibration.sources import sample_from_model
-    from moeexport.evaluate import eval_windows, evaluate
-    from moeexport.modelio import save
+    from moeexport.evaluate import eval_windows
 
-    started = time.perf_counter()
-    model, tokenizer, original, provider, result = _compress(args)
-    console = _console()
-    if args.dry_run:
-        console.print("dry run: nothing written")
-        return 0
-    quality = None
-    if original is not None:
-        if args.eval_text:
-            windows, where = eval_windows(tokenizer, args.eval_text), args.eval_text
-        else:
-            seed = provider.calibration.seed + 1  # held out from a model-sampled calibration set
-            windows, where = sample_from_model(original, tokenizer, 16, 128, seed), "16 x 128 tokens sampled from the original"
-        with _progress() as progress:
-            quality = evaluate(model, windows, reference=original, progress=progress)
-        console.print(
-            f"quality vs original on {where}: perplexity {quality.reference_perplexity:.2f} -> "
-            f"{quality.perplexity:.2f}, KL {quality.kl:.4f}, top-1 agreement {quality.top1_agreement:.1%}"
-        )
-    manifest = {
+    if args.eval_text:
+        return eval_windows(tokenizer, args.eval_text, length, count), args.eval_text
+    windows = sample_from_model(model, tokenizer, count, length, args.seed + 1)
+    return windows, f"{count} x {length} tokens sampled from the model"
+
+
+def _quality_vs_original(args, model, tokenizer, original):
+    from moeexport.evaluate import evaluate
+
+    if original is None:
+        return None
+    windows, where = _held_out_windows(args, tokenizer, original, 16, 128)
+    with _progress() as progress:
+        quality = evaluate(model, windows, reference=original, progress=progress)
+    _console().print(
+        f"quality vs original on {where}: perplexity {quality.reference_perplexity:.2f} -> "
+        f"{quality.perplexity:.2f}, KL {quality.kl:.4f}, top-1 agreement {quality.top1_agreement:.1%}"
+    )
+    return quality
+
+
+def _manifest(args, provider, result, quality) -> dict:
+    return {
         "source": {"model": str(args.model), "fingerprint": provider.source_key},
         "calibration": provider.calibration.to_dict(),
         **result.manifest(),
         "quality_vs_source": quality.to_dict() if quality else None,
     }
-    out = save(model, args.out, manifest, overwrite=args.overwrite)
-    console.print(f"wrote {out} in {time.perf_counter() - started:.1f}s")
+
+
+def run_compress(args) -> int:
+    from moeexport.modelio import save
+
+    started = time.perf_counter()
+    model, tokenizer, original, provider, result = _compress(args)
+    if args.dry_run:
+        _console().print("dry run: nothing written")
+        return 0
+    quality = _quality_vs_original(args, model, tokenizer, original)
+    out = save(model, args.out, _manifest(args, provider, result, quality), overwrite=args.overwrite)
+    _console().print(f"wrote {out} in {time.perf_counter() - started:.1f}s")
     return 0
 
 
 def run_build(args) -> int:
-    from moeexport.backends import require_target
+    import shutil
 
-    require_target(args.target)  # before any work: nothing is compressed for a target we cannot export
+    from moeexport.backends import backend_for
+
+    backend = backend_for(args.target)  # before any work: nothing is compressed for a target we cannot export
+    if args.quant not in backend.QUANT_TYPES:
+        raise MoeExportError(f"--quant {args.quant} is not a {args.target} type; choose one of {', '.join(backend.QUANT_TYPES)}")
+    model, tokenizer, original, provider, result = _compress(args)
+    backend.check(model, args.quant)
+    quality = _quality_vs_original(args, model, tokenizer, original)
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)  # _compress already refused an existing --out without --overwrite
+    out.mkdir(parents=True)
+    try:
+        return _export_validate_profile(args, backend, model, tokenizer, out, _manifest(args, provider, result, quality))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # an error leaves nothing that looks like a build
+        raise
+
+
+def _export_validate_profile(args, backend, model, tokenizer, out: Path, manifest: dict) -> int:
+    from moeexport.modelio import save
+    from moeexport.validate import TorchRunner, compare
+
+    started = time.perf_counter()
+    save(model, out / "compressed", manifest)
+    artifact = backend.export(model, out / f"model-{args.quant}.{backend.EXTENSION}", quant=args.quant)
+    console = _console()
+    console.print(f"exported {artifact.path} ({artifact.path.stat().st_size / 2**20:.1f} MiB, {artifact.representation})")
+    for fallback in artifact.fallbacks:
+        console.print(f"  kept wider: {escape(fallback)}")
+
+    windows, where = _held_out_windows(args, tokenizer, model, 2, 256)  # >= 512 predicted-token positions
+    with _progress() as progress:
+        fidelity = compare(TorchRunner(model), backend.Runner(artifact.path, context=windows.shape[1]), windows, progress)
+    tolerance = backend.TOLERANCES[args.quant]
+    failures = fidelity.failures(tolerance)
+    speed = backend.Runner(artifact.path, context=512, exact=False).profile(windows[0, :128].tolist(), new_tokens=64)
+    report = {
+        "target": args.target,
+        "artifact": str(artifact.path),
+        "file_bytes": artifact.path.stat().st_size,
+        "quant": args.quant,
+        "representation": artifact.representation,
+        "fallbacks": artifact.fallbacks,
+        "validation": {"text": where, **fidelity.to_dict(), "tolerance": tolerance.__dict__, "failures": failures},
+        "profile": speed,
+        "quality_vs_source": manifest["quality_vs_source"],
+        "seconds": time.perf_counter() - started,
+    }
+    console.print(
+        f"fidelity vs compressed torch model on {where} ({fidelity.tokens} tokens): max |delta logit| "
+        f"{fidelity.max_abs_logit:.2e}, KL {fidelity.kl:.2e}, top-1 {fidelity.top1_agreement:.2%}, "
+        f"perplexity {fidelity.reference_perplexity:.2f} -> {fidelity.perplexity:.2f}"
+    )
+    console.print(
+        f"profile: prefill {speed['prefill_tokens_per_s']:.0f} tok/s, decode {speed['decode_tokens_per_s']:.0f} tok/s, "
+        f"time to first token {speed['time_to_first_token_s'] * 1000:.0f} ms"
+    )
+    if failures:
+        failed = artifact.path.with_name(artifact.path.name + ".failed")
+        artifact.path.rename(failed)
+        report["artifact"] = str(failed)
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"moeexport build: validation failed ({'; '.join(failures)}); artifact moved to {failed}", file=sys.stderr)
+        return 1
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {out} in {report['seconds']:.1f}s")
     return 0
 
 

@@ -107,7 +107,8 @@ BAD_INPUTS = {
     "malformed yaml": (["compress", "demo"], "passes: [block_drop: {n: 1}\n", "not valid YAML"),
     "unknown pass": (["compress", "demo"], "passes:\n  - merge_all: {}\n", "unknown pass 'merge_all'"),
     "unknown option": (["compress", "demo"], "passes:\n  - layer_drop: {n: 1, how: fast}\n", "how: unknown option"),
-    "unknown target": (["build", "demo", "--target", "gguf"], TRIM, "gguf exporter is not in this release"),
+    "target not in this release": (["build", "demo", "--target", "onnx"], TRIM, "onnx exporter is not in this release"),
+    "quant the target cannot write": (["build", "demo", "--target", "gguf", "--quant", "q4_k_m"], TRIM, "not a gguf type"),
 }
 
 

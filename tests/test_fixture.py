@@ -21,6 +21,7 @@ def test_analyze_compress_eval_on_the_fixture(tmp_path, capsys):
 
     out = tmp_path / "trimmed"
     assert main(["compress", str(FIXTURE), "--recipe", str(recipe), "--out", str(out), "--no-eval", *calib]) == 0
+    assert "structure before -> after" in capsys.readouterr().out
     manifest = json.loads((out / "moeexport.json").read_text())
     kept = [layer["num_experts"] for layer in manifest["layers"] if layer["kind"] == "moe"]
     assert len(manifest["layers"]) == 5 and len(kept) == 4 and sum(kept) == 6 * 4

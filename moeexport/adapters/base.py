@@ -57,6 +57,10 @@ class MoEAdapter:
     routing: Callable[[object], Routing]  # config -> routing rule
     top_k_key: str = "num_experts_per_tok"
     layers: str = "model.layers"  # path from the causal LM to its decoder layers
+    embeddings: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    attention: str = "self_attn"  # with q_proj, k_proj, v_proj, o_proj
+    attention_norm: str = "input_layernorm"
     moe: str = "mlp"  # the MoE (or dense MLP) sublayer of a decoder layer
     moe_norm: str = "post_attention_layernorm"  # the norm feeding that sublayer
     router: str = "gate"
@@ -87,14 +91,14 @@ class NoRoutedExperts(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-def _get_path(root: nn.Module, dotted: str) -> nn.Module:
+def get_path(root: nn.Module, dotted: str) -> nn.Module:
     for name in dotted.split("."):
         root = getattr(root, name)
     return root
 
 
 def decoder_layers(adapter: MoEAdapter, model: nn.Module) -> nn.ModuleList:
-    return _get_path(model, adapter.layers)
+    return get_path(model, adapter.layers)
 
 
 def moe_block(adapter: MoEAdapter, model: nn.Module, layer: int) -> nn.Module:
@@ -172,7 +176,7 @@ def drop_blocks(adapter: MoEAdapter, model: nn.Module, drop: list[int]) -> None:
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
     parent_path, _, attr = adapter.layers.rpartition(".")
-    setattr(_get_path(model, parent_path) if parent_path else model, attr, survivors)
+    setattr(get_path(model, parent_path) if parent_path else model, attr, survivors)
 
     config = model.config
     old_count = config.num_hidden_layers

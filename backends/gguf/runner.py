@@ -1,0 +1,73 @@
+"""Run a GGUF in llama.cpp (through llama-cpp-python) behind moeexport's runner interface."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from moeexport.errors import MoeExportError
+
+GGML_TYPE_F32 = 0  # KV-cache type for exactness checks
+
+
+class GGUFRunner:
+    """`logits(token_ids) -> [T, vocab]` from llama.cpp.
+
+    exact=True keeps the KV cache in F32 and flash attention off, so that an F32
+    GGUF can be compared with the torch reference to ~1e-5.
+    """
+
+    def __init__(self, path: str | Path, context: int = 512, exact: bool = True, threads: int | None = None):
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise MoeExportError("running GGUF files needs llama-cpp-python: pip install 'moeexport[gguf]'") from None
+        options = {"flash_attn": False, "type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if exact else {}
+        try:
+            self.llm = Llama(
+                model_path=str(path),
+                n_ctx=context,
+                n_batch=context,
+                n_ubatch=context,
+                logits_all=True,
+                n_threads=threads or os.cpu_count(),
+                verbose=False,
+                **options,
+            )
+        except ValueError as error:
+            raise MoeExportError(f"llama.cpp cannot load {path}: {error}") from None
+        self.context = context
+
+    def logits(self, token_ids) -> np.ndarray:
+        token_ids = [int(t) for t in token_ids]
+        if len(token_ids) > self.context:
+            raise MoeExportError(f"{len(token_ids)} tokens do not fit the runner's context of {self.context}")
+        self.llm.reset()
+        self.llm.eval(token_ids)
+        return np.array(self.llm.scores[: len(token_ids)], dtype=np.float32)
+
+    def profile(self, prompt: list[int], new_tokens: int = 64) -> dict:
+        """Prefill and greedy-decode speed on this machine, as llama.cpp serves them."""
+        self.llm.reset()
+        started = time.perf_counter()
+        self.llm.eval([int(t) for t in prompt])
+        prefill = time.perf_counter() - started
+        token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        started = time.perf_counter()
+        for _ in range(new_tokens):
+            self.llm.eval([token])
+            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        decode = time.perf_counter() - started
+        return {
+            "prompt_tokens": len(prompt),
+            "time_to_first_token_s": prefill,
+            "prefill_tokens_per_s": len(prompt) / prefill,
+            "decode_tokens": new_tokens,
+            "decode_tokens_per_s": new_tokens / decode,
+        }
+
+    def close(self) -> None:
+        self.llm.close()

@@ -1,0 +1,87 @@
+"""Fidelity of an artifact against the torch model it was exported from.
+
+Every runner (torch, llama.cpp, ONNX Runtime, TensorRT) has `logits(token_ids)
+-> [T, vocab]`, so the comparison is written once: per predicted token, max
+|delta logit|, KL(reference || artifact), top-1 agreement and both perplexities.
+A backend declares its tolerance per weight type next to its exporter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+
+class TorchRunner:
+    """The compressed torch model: the reference every artifact is checked against."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def logits(self, token_ids) -> np.ndarray:
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long)[None]
+        return self.model(input_ids=ids, use_cache=False).logits[0].float().numpy()
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_abs_logit: float | None = None
+    kl: float | None = None
+    top1_agreement: float | None = None
+
+
+@dataclass
+class Fidelity:
+    tokens: int
+    max_abs_logit: float
+    kl: float  # mean KL(reference || artifact), nats per token
+    top1_agreement: float
+    reference_perplexity: float
+    perplexity: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def failures(self, tolerance: Tolerance) -> list[str]:
+        """Human-readable reasons this fidelity misses the tolerance (empty when it passes)."""
+        failed = []
+        if tolerance.max_abs_logit is not None and self.max_abs_logit > tolerance.max_abs_logit:
+            failed.append(f"max |delta logit| {self.max_abs_logit:.3g} > {tolerance.max_abs_logit:g}")
+        if tolerance.kl is not None and self.kl > tolerance.kl:
+            failed.append(f"KL {self.kl:.3g} > {tolerance.kl:g}")
+        if tolerance.top1_agreement is not None and self.top1_agreement < tolerance.top1_agreement:
+            failed.append(f"top-1 agreement {self.top1_agreement:.2%} < {tolerance.top1_agreement:.2%}")
+        return failed
+
+
+def compare(reference, artifact, windows: torch.Tensor, progress=None) -> Fidelity:
+    """Run both runners on every window [N, L] and compare their next-token distributions."""
+    max_abs = kl = 0.0
+    agree = count = 0
+    reference_nll = artifact_nll = 0.0
+    task = progress.add_task("validating", total=len(windows)) if progress else None
+    for window in windows.tolist():
+        expected = torch.from_numpy(reference.logits(window))[:-1].double()
+        actual = torch.from_numpy(artifact.logits(window))[:-1].double()
+        targets = torch.tensor(window[1:])
+        max_abs = max(max_abs, (expected - actual).abs().max().item())
+        expected_log, actual_log = expected.log_softmax(-1), actual.log_softmax(-1)
+        kl += (expected_log.exp() * (expected_log - actual_log)).sum().item()
+        agree += (expected.argmax(-1) == actual.argmax(-1)).sum().item()
+        reference_nll -= expected_log.gather(1, targets[:, None]).sum().item()
+        artifact_nll -= actual_log.gather(1, targets[:, None]).sum().item()
+        count += len(targets)
+        if progress:
+            progress.advance(task)
+    return Fidelity(
+        tokens=count,
+        max_abs_logit=max_abs,
+        kl=kl / count,
+        top1_agreement=agree / count,
+        reference_perplexity=math.exp(reference_nll / count),
+        perplexity=math.exp(artifact_nll / count),
+    )

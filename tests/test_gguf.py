@@ -1,0 +1,139 @@
+"""GGUF target: files written here load in llama.cpp and compute what the torch model computes."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import moeexport
+from moeexport.backends import gguf as gguf_backend
+from moeexport.calibration.sources import sample_from_model
+from moeexport.cli import main
+from moeexport.compress import compress
+from moeexport.errors import MoeExportError
+from moeexport.recipe import parse_recipe
+from moeexport.validate import TorchRunner, compare
+from tests.conftest import CORPUS, FIXTURE, needs_shared
+
+STRUCTURES = {
+    "uncompressed": [],
+    "block_drop_2": [{"block_drop": {"n": 2, "score": "random"}}],
+    "layer_drop_1": [{"layer_drop": {"n": 1, "score": "random"}}],
+    "expert_drop_uniform": [{"expert_drop": {"keep": 5, "scope": "layer", "score": "random"}}],
+    "all_three": [
+        {"block_drop": {"n": 1, "score": "random"}},
+        {"layer_drop": {"n": 1, "score": "random"}},
+        {"expert_drop": {"keep": 6, "score": "random"}},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def demo():
+    model, tokenizer = moeexport.load("demo"), moeexport.load_tokenizer("demo")
+    windows = sample_from_model(model, tokenizer, 2, 128, seed=11)
+    return model, tokenizer, windows
+
+
+def _compressed(model, passes):
+    model = copy.deepcopy(model)
+    compress(model, parse_recipe({"passes": passes}), None)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURES))
+def test_f32_gguf_matches_the_torch_model(name, demo, tmp_path):
+    model, _, windows = demo
+    model = _compressed(model, STRUCTURES[name])
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf", quant="f32")
+    fidelity = compare(TorchRunner(model), gguf_backend.Runner(artifact.path, context=128), windows)
+    assert fidelity.failures(gguf_backend.TOLERANCES["f32"]) == []
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.mark.parametrize("quant", ["f16", "bf16", "q8_0", "q4_0"])
+def test_quantized_gguf_stays_within_its_tolerance(quant, demo, tmp_path):
+    model, _, windows = demo
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf", quant=quant)
+    fidelity = compare(TorchRunner(model), gguf_backend.Runner(artifact.path, context=128), windows)
+    assert fidelity.failures(gguf_backend.TOLERANCES[quant]) == [], fidelity
+    f32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert artifact.path.stat().st_size < f32_bytes
+
+
+def test_dropped_layers_store_their_zero_experts_small(demo, tmp_path):
+    model, _, _ = demo
+    full = gguf_backend.export(model, tmp_path / "full.gguf")
+    dropped = gguf_backend.export(_compressed(model, STRUCTURES["layer_drop_1"]), tmp_path / "dropped.gguf")
+    assert "zero ffn_norm" in dropped.representation
+    assert dropped.path.stat().st_size < full.path.stat().st_size
+
+
+def test_non_uniform_expert_counts_are_refused_before_writing(demo, tmp_path):
+    model, _, _ = demo
+    model = _compressed(model, [{"expert_drop": {"keep": 6, "scope": "global", "score": "random"}}])
+    with pytest.raises(MoeExportError, match="scope: layer"):
+        gguf_backend.export(model, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_and_unknown_type_are_refused(demo, tmp_path):
+    model, _, _ = demo
+    (tmp_path / "m.gguf").write_bytes(b"x")
+    with pytest.raises(MoeExportError, match="already exists"):
+        gguf_backend.export(model, tmp_path / "m.gguf")
+    with pytest.raises(MoeExportError, match="unknown GGUF type 'q4_k_m'"):
+        gguf_backend.export(model, tmp_path / "n.gguf", quant="q4_k_m")
+
+
+def test_a_file_llama_cpp_cannot_load_is_a_clear_error(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(MoeExportError, match="llama.cpp cannot load"):
+        gguf_backend.Runner(broken)
+
+
+def test_build_demo_gguf_validates_and_profiles(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - block_drop: {n: 1, score: random}\n  - expert_drop: {keep: 6, score: random}\n")
+    out = tmp_path / "build"
+    assert main(["build", "demo", "--recipe", str(recipe), "--target", "gguf", "--out", str(out), "--no-eval"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["validation"]["failures"] == [] and report["validation"]["tokens"] >= 510
+    assert report["profile"]["decode_tokens_per_s"] > 0 and report["profile"]["prefill_tokens_per_s"] > 0
+    assert (out / "model-f32.gguf").is_file() and (out / "compressed" / "moeexport.json").is_file()
+
+
+def test_a_build_that_fails_validation_exits_1_and_moves_the_artifact_aside(tmp_path, monkeypatch, capsys):
+    from moeexport.validate import Tolerance
+
+    monkeypatch.setitem(gguf_backend.TOLERANCES, "q4_0", Tolerance(max_abs_logit=1e-9))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes: []\n")
+    out = tmp_path / "build"
+    argv = ["build", "demo", "--recipe", str(recipe), "--target", "gguf", "--quant", "q4_0", "--out", str(out)]
+    assert main(argv + ["--no-eval"]) == 1
+    assert "validation failed" in capsys.readouterr().err
+    assert not (out / "model-q4_0.gguf").exists() and (out / "model-q4_0.gguf.failed").is_file()
+    assert json.loads((out / "report.json").read_text())["validation"]["failures"]
+
+
+@needs_shared
+@pytest.mark.parametrize("passes", [[], [{"block_drop": {"n": 2}}], [{"layer_drop": {"n": 2}}]])
+def test_fixture_f32_fidelity_over_512_dev_tokens(passes, tmp_path):
+    from moeexport.calibration.sources import CalibrationConfig
+    from moeexport.compress import StatisticsProvider
+    from moeexport.evaluate import eval_windows
+
+    model, tokenizer = moeexport.load(FIXTURE), moeexport.load_tokenizer(FIXTURE)
+    provider = StatisticsProvider(tokenizer, CalibrationConfig(str(CORPUS / "calib.txt"), 8, 256), "fixture", None)
+    compress(model, parse_recipe({"passes": passes}), provider)
+    windows = eval_windows(tokenizer, str(CORPUS / "dev.txt"), 257, 2)  # 2 x 256 predicted tokens
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf")
+    fidelity = compare(TorchRunner(model), gguf_backend.Runner(artifact.path, context=257), windows)
+    assert fidelity.tokens >= 512
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0
