@@ -99,6 +99,11 @@ def main() -> None:
 
     wins = sum(beats for _, _, beats in verdicts)
     print(f"\nscored methods beat random on KL in {wins} of {len(verdicts)} cases")
+    scored_kl = [row["kl"] for row in rows if not row["method"].startswith("random")]
+    control_kl = [stats.mean(r["kl"] for r in rows if r["budget"] == row["budget"] and r["method"].startswith("random"))
+                  for row in rows if not row["method"].startswith("random")]
+    print(f"mean KL over all scored methods {stats.mean(scored_kl):.4f} vs random at the same budgets "
+          f"{stats.mean(control_kl):.4f}")
     for budget, method, beats in verdicts:
         if not beats:
             print(f"  does NOT beat random: {budget}: {method}")
