@@ -23,7 +23,8 @@ examples:
   moeexport compress demo --recipe recipes/trim.yaml --out out/demo-trimmed
   moeexport compress path/to/Mixtral --recipe r.yaml --calib calib.txt --dry-run
   moeexport eval out/demo-trimmed --text held_out.txt --reference demo
-  moeexport build demo --recipe recipes/trim.yaml --target gguf --out out/demo-gguf
+  moeexport build demo --recipe recipes/demo-gguf.yaml --target gguf --out out/demo-gguf
+  moeexport chat out/demo-gguf/model-f32.gguf --prompt "Once upon a time"
 
 MODEL is a Hugging Face checkpoint directory (safetensors), a directory written
 by `moeexport compress`, or `demo` for the small model bundled with moeexport.
@@ -128,6 +129,35 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--target", required=True, choices=["gguf", "onnx", "tensorrt"], help="deployment target")
     build.add_argument("--quant", default="f32", help="weight type (gguf: f32, f16, bf16, q8_0, q4_0; default f32)")
     build.set_defaults(run=run_build, dry_run=False)
+
+    validate = commands.add_parser(
+        "validate", formatter_class=formatter,
+        help="compare an artifact's logits with a torch model",
+        description="Run ARTIFACT (a .gguf file) and the torch REFERENCE on the same held-out windows and report "
+        "max |delta logit|, KL(reference || artifact), top-1 agreement and both perplexities. Exact settings "
+        "(F32 KV cache, flash attention off) are used, so an F32 artifact should agree to ~1e-5.",
+    )
+    validate.add_argument("artifact", metavar="ARTIFACT", help="the exported file (.gguf)")
+    validate.add_argument("--reference", required=True, metavar="MODEL", help="the torch model it was exported from")
+    validate.add_argument("--text", required=True, metavar="FILE", help="held-out text (.txt / .jsonl)")
+    validate.add_argument("--length", type=int, default=256, help="tokens per window (default 256)")
+    validate.add_argument("--windows", type=int, default=2, help="windows compared (default 2)")
+    validate.add_argument("--json", action="store_true", help="print the result as JSON")
+    validate.set_defaults(run=run_validate, trust_remote_code=False, dtype="float32")
+
+    chat = commands.add_parser(
+        "chat", formatter_class=formatter,
+        help="chat with a GGUF model in llama.cpp",
+        description="Interactive local chat with a GGUF file: tokens stream as they are generated, turns use the "
+        "file's chat template (Llama-2 [INST] format when it has none). Ctrl-D or Ctrl-C ends the session.",
+    )
+    chat.add_argument("model_file", metavar="FILE.gguf")
+    chat.add_argument("--prompt", help="answer one prompt and exit")
+    chat.add_argument("--system", help="a system message for the conversation")
+    chat.add_argument("--max-tokens", type=int, default=256, help="longest reply (default 256)")
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--context", type=int, default=2048, help="context length in tokens (default 2048)")
+    chat.set_defaults(run=run_chat)
     return parser
 
 
@@ -414,6 +444,70 @@ def _export_validate_profile(args, backend, model, tokenizer, out: Path, manifes
         return 1
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {out} in {report['seconds']:.1f}s")
+    return 0
+
+
+# --- validate / chat --------------------------------------------------------------------
+
+
+def _gguf_file(path: str) -> Path:
+    artifact = Path(path)
+    if not artifact.is_file():
+        raise MoeExportError(f"{path} is not a file")
+    if artifact.suffix != ".gguf":
+        raise MoeExportError(f"{path}: only .gguf artifacts can be run in this release")
+    return artifact
+
+
+def run_validate(args) -> int:
+    from moeexport.backends import backend_for
+    from moeexport.evaluate import eval_windows
+    from moeexport.modelio import load, load_tokenizer
+    from moeexport.validate import TorchRunner, compare
+
+    artifact = _gguf_file(args.artifact)
+    backend = backend_for("gguf")
+    reference, tokenizer = load(args.reference), load_tokenizer(args.reference)
+    windows = eval_windows(tokenizer, args.text, args.length, args.windows)
+    with _progress() as progress:
+        fidelity = compare(TorchRunner(reference), backend.Runner(artifact, context=args.length), windows, progress)
+    if args.json:
+        print(json.dumps(fidelity.to_dict(), indent=2))
+        return 0
+    _console().print(
+        f"{artifact} vs {args.reference} on {fidelity.tokens} tokens of {args.text}: max |delta logit| "
+        f"{fidelity.max_abs_logit:.2e}, KL {fidelity.kl:.2e}, top-1 agreement {fidelity.top1_agreement:.2%}, "
+        f"perplexity {fidelity.reference_perplexity:.3f} (reference) vs {fidelity.perplexity:.3f}"
+    )
+    return 0
+
+
+def run_chat(args) -> int:
+    from moeexport.backends import backend_for
+
+    runner = backend_for("gguf").Runner(_gguf_file(args.model_file), context=args.context, exact=False, logits=False)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+
+    def reply(prompt: str) -> None:
+        messages.append({"role": "user", "content": prompt})
+        pieces = []
+        for piece in runner.chat(messages, max_tokens=args.max_tokens, temperature=args.temperature):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+
+    if args.prompt is not None:
+        reply(args.prompt)
+        return 0
+    print(f"chatting with {args.model_file}; Ctrl-D or Ctrl-C to leave", file=sys.stderr)
+    try:
+        while True:
+            prompt = input("> ")
+            if prompt.strip():
+                reply(prompt)
+    except (EOFError, KeyboardInterrupt):
+        print(file=sys.stderr)
     return 0
 
 

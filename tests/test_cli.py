@@ -33,7 +33,7 @@ def text_file(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("command", [[], ["analyze"], ["compress"], ["eval"], ["build"]])
+@pytest.mark.parametrize("command", [[], ["analyze"], ["compress"], ["eval"], ["build"], ["validate"], ["chat"]])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_status:
         main(command + ["--help"])

@@ -137,3 +137,44 @@ def test_fixture_f32_fidelity_over_512_dev_tokens(passes, tmp_path):
     fidelity = compare(TorchRunner(model), gguf_backend.Runner(artifact.path, context=257), windows)
     assert fidelity.tokens >= 512
     assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0
+
+
+@pytest.fixture(scope="module")
+def demo_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "demo-f32.gguf"
+    gguf_backend.export(moeexport.load("demo"), path)
+    return path
+
+
+def test_chat_answers_a_prompt_on_the_demo_model(demo_gguf, capsys):
+    assert main(["chat", str(demo_gguf), "--prompt", "Tell me a story.", "--max-tokens", "12"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_chat_session_ends_cleanly_on_end_of_input(demo_gguf, monkeypatch, capsys):
+    answers = iter(["Hello", ""])
+
+    def fake_input(prompt):
+        try:
+            return next(answers)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", str(demo_gguf), "--max-tokens", "6", "--system", "Be brief."]) == 0
+
+
+def test_validate_command_compares_an_artifact_with_its_reference(demo_gguf, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The river rose in the night and the bridge was gone by morning. " * 80)
+    argv = ["validate", str(demo_gguf), "--reference", "demo", "--text", str(text), "--length", "64", "--json"]
+    assert main(argv) == 0
+    fidelity = json.loads(capsys.readouterr().out)
+    assert fidelity["tokens"] == 2 * 63 and fidelity["max_abs_logit"] < 1e-3 and fidelity["top1_agreement"] == 1.0
+
+
+def test_validate_refuses_what_it_cannot_run(tmp_path, capsys):
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"x")
+    assert main(["validate", str(onnx), "--reference", "demo", "--text", str(onnx)]) == 2
+    assert "only .gguf" in capsys.readouterr().err

@@ -20,7 +20,9 @@ class GGUFRunner:
     GGUF can be compared with the torch reference to ~1e-5.
     """
 
-    def __init__(self, path: str | Path, context: int = 512, exact: bool = True, threads: int | None = None):
+    def __init__(
+        self, path: str | Path, context: int = 512, exact: bool = True, threads: int | None = None, logits: bool = True
+    ):
         try:
             from llama_cpp import Llama
         except ImportError:
@@ -32,7 +34,7 @@ class GGUFRunner:
                 n_ctx=context,
                 n_batch=context,
                 n_ubatch=context,
-                logits_all=True,
+                logits_all=logits,
                 n_threads=threads or os.cpu_count(),
                 verbose=False,
                 **options,
@@ -68,6 +70,20 @@ class GGUFRunner:
             "decode_tokens": new_tokens,
             "decode_tokens_per_s": new_tokens / decode,
         }
+
+    def chat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.7):
+        """Stream the assistant's reply as text pieces, formatted by the file's chat template.
+
+        A GGUF without tokenizer.chat_template is formatted as Llama-2 [INST] turns
+        (llama-cpp-python's default).
+        """
+        stream = self.llm.create_chat_completion(
+            messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True
+        )
+        for chunk in stream:
+            piece = chunk["choices"][0]["delta"].get("content")
+            if piece:
+                yield piece
 
     def close(self) -> None:
         self.llm.close()
