@@ -148,6 +148,7 @@ def _write_hparams(writer, gguf, model, adapter, num_experts: int, block_count: 
         "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     }
     writer.add_file_type(file_types[quant])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def _write_vocab(writer, gguf, model) -> None:
