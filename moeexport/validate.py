@@ -68,7 +68,8 @@ def compare(reference, artifact, windows: torch.Tensor, progress=None) -> Fideli
         expected = torch.from_numpy(reference.logits(window))[:-1].double()
         actual = torch.from_numpy(artifact.logits(window))[:-1].double()
         targets = torch.tensor(window[1:])
-        max_abs = max(max_abs, (expected - actual).abs().max().item())
+        difference = (expected - actual).abs().max().item()
+        max_abs = max(max_abs, difference if math.isfinite(difference) else math.inf)  # NaN must fail
         expected_log, actual_log = expected.log_softmax(-1), actual.log_softmax(-1)
         kl += (expected_log.exp() * (expected_log - actual_log)).sum().item()
         agree += (expected.argmax(-1) == actual.argmax(-1)).sum().item()

@@ -72,3 +72,19 @@ def test_kl_is_positive_for_a_different_model():
     tokens = random_tokens(2, 10)
     result = evaluate(tiny_model("mixtral", seed=1), tokens, reference=tiny_model("mixtral", seed=2))
     assert result.kl > 0 and result.top1_agreement < 1
+
+
+def test_non_finite_artifact_logits_fail_validation():
+    import numpy as np
+
+    from moeexport.validate import Tolerance, compare
+
+    class Fixed:
+        def __init__(self, value):
+            self.value = value
+
+        def logits(self, window):
+            return np.full((len(window), 8), self.value, dtype=np.float32)
+
+    fidelity = compare(Fixed(0.0), Fixed(np.nan), torch.zeros(1, 4, dtype=torch.long))
+    assert fidelity.failures(Tolerance(max_abs_logit=1e-3)) != []

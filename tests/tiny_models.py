@@ -30,7 +30,7 @@ TINY_CONFIGS = {
         norm_topk_prob=False,
     ),
     "qwen3_moe": dict(num_experts=4, moe_intermediate_size=24, norm_topk_prob=True),
-    "olmoe": dict(num_experts=4, norm_topk_prob=False),
+    "olmoe": dict(num_experts=4, norm_topk_prob=False, num_key_value_heads=4),  # OLMoE has no GQA
     "deepseek_v2": dict(
         n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=24, first_k_dense_replace=1,
         num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
@@ -40,9 +40,9 @@ TINY_CONFIGS = {
 FAMILIES = sorted(TINY_CONFIGS)
 
 
-def tiny_model(model_type: str, seed: int = 0):
+def tiny_model(model_type: str, seed: int = 0, **overrides):
     """A small random model whose routers are sharp enough that every expert is used."""
-    config = AutoConfig.for_model(model_type, **(COMMON | TINY_CONFIGS[model_type]))
+    config = AutoConfig.for_model(model_type, **(COMMON | TINY_CONFIGS[model_type] | overrides))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, experts_implementation=EXPERTS_IMPLEMENTATION)
     for name, parameter in model.named_parameters():

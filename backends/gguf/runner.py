@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,6 +13,14 @@ import numpy as np
 from moeexport.errors import MoeExportError
 
 GGML_TYPE_F32 = 0  # KV-cache type for exactness checks
+
+
+def _load_error(path: str | Path) -> str:
+    """llama.cpp's own reason for refusing a file (it only logs it): load again, verbosely, in a subprocess."""
+    probe = f"from llama_cpp import Llama\nLlama(model_path={str(path)!r}, n_ctx=8, verbose=True)"
+    log = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stderr
+    reasons = [line.split("error loading model:", 1)[1].strip() for line in log.splitlines() if "error loading model:" in line]
+    return reasons[-1] if reasons else "not a GGUF file llama.cpp can read"
 
 
 class GGUFRunner:
@@ -39,8 +49,8 @@ class GGUFRunner:
                 verbose=False,
                 **options,
             )
-        except ValueError as error:
-            raise MoeExportError(f"llama.cpp cannot load {path}: {error}") from None
+        except ValueError:
+            raise MoeExportError(f"llama.cpp cannot load {path}: {_load_error(path)}") from None
         self.context = context
 
     def logits(self, token_ids) -> np.ndarray:

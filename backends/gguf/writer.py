@@ -1,23 +1,28 @@
 """Write a (compressed) torch MoE model as a GGUF file that stock llama.cpp loads.
 
-Built on gguf-py's GGUFWriter and numpy quantizers. Layout (llama.cpp's loader
-checks every shape exactly): per layer the experts are three stacked 3-D
-tensors, `ffn_gate_exps`/`ffn_up_exps` numpy (E, ffn, hidden) and
+Built on gguf-py (GGUFWriter, numpy quantizers, vocabulary readers). Layout
+(llama.cpp's loader checks every shape exactly): per layer the experts are three
+stacked 3-D tensors, `ffn_gate_exps`/`ffn_up_exps` numpy (E, ffn, hidden) and
 `ffn_down_exps` (E, hidden, ffn); the router `ffn_gate_inp` (E, hidden) and all
-norms stay F32.
+norms stay F32. Hosts per family are in architectures.py.
 
 Structure:
 - Block Drop: blocks are already renumbered in the torch model; written as is.
-- A layer without routed experts (Layer Drop, or an expert drop that emptied
-  it) keeps zero expert tensors and a zero `ffn_norm`: the MoE input is then 0
-  and so is its output, exactly. This saves no expert bytes beyond storing the
-  zeros in a 4-bit type; the representation is recorded in the file's metadata.
-- Different expert counts per layer cannot be expressed in the `llama` host and
-  are refused with the recipe change that makes the model exportable.
-Weight types: f32, f16, bf16, q8_0, q4_0 through gguf-py. In f16/bf16 files the
-token embedding stays F32: it is a row lookup (no compute), and its rounding is
-what moved logits most (fixture: max |delta logit| 0.46 with it in F16, 4.4e-3
-with it in F32). The file is written under a temporary name, renamed when complete.
+- A layer without a MoE sublayer (Layer Drop, or an expert drop that emptied a
+  layer without shared experts) keeps MoE tensors whose expert weights are all
+  zero, so its output is exactly 0 whatever the input. The zeros are stored in
+  4 bits, which saves most but not all of the dropped bytes; the file records
+  the representation under `moeexport.representation`. (Its norm and any shared
+  gate are ones, not zeros: llama.cpp forms the shared-expert gate sigmoid(g) as silu(g)/g,
+  which is NaN at g = 0.)
+- Different expert counts per layer, dense layers inside a MoE stack, and a
+  router whose top-k rule differs from the host's cannot be expressed by these
+  hosts; they are refused with the change that makes the model exportable.
+
+Weight types: f32, f16, bf16, q8_0, q4_0. In f16/bf16 files the token embedding
+stays F32: it is a row lookup (no compute), and its rounding is what moved logits
+most (fixture: max |delta logit| 0.46 with it in F16, 4.4e-3 with it in F32).
+The file is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -32,9 +37,8 @@ import torch
 
 from moeexport.adapters import adapter_for
 from moeexport.adapters.base import decoder_layers, get_path, structure
-from moeexport.backends.gguf.architectures import ARCHITECTURES
+from moeexport.backends.gguf.architectures import ARCHITECTURES, GGUFArchitecture
 from moeexport.errors import MoeExportError
-
 from moeexport.validate import Tolerance
 
 # gguf-py quantizes these in numpy; K-quants need llama.cpp's own quantizer
@@ -55,8 +59,18 @@ class GGUFExport:
     path: Path
     architecture: str
     quant: str
-    representation: str  # how dropped MoE sublayers are written
+    representation: str  # how MoE-less layers are written
     fallbacks: list[str] = field(default_factory=list)  # tensors kept at a wider type than asked, and why
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What check() established: the host, the layers, and the shared sizes of the file."""
+
+    architecture: GGUFArchitecture
+    layers: list
+    num_experts: int
+    silent_layers: list[int]  # layers written as MoE sublayers with all-zero experts
 
 
 def _gguf():
@@ -67,11 +81,8 @@ def _gguf():
     return gguf
 
 
-def check(model, quant: str = "f32") -> tuple:
-    """Raise before anything is written when the model or type cannot be exported.
-
-    Returns (architecture, per-layer structure, the one routed expert count).
-    """
+def check(model, quant: str = "f32") -> _Plan:
+    """Raise before anything is written when the model or type cannot be exported."""
     _gguf()
     if quant not in QUANT_TYPES:
         raise MoeExportError(f"unknown GGUF type {quant!r}; this release writes {', '.join(QUANT_TYPES)}")
@@ -80,37 +91,44 @@ def check(model, quant: str = "f32") -> tuple:
     if architecture is None:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise MoeExportError(f"the GGUF exporter does not write {adapter.family} yet (it writes: {supported})")
+    if adapter.routing(model.config).renormalize != architecture.renormalizes:
+        raise MoeExportError(
+            f"llama.cpp's {architecture.name} always {'renormalizes' if architecture.renormalizes else 'keeps'} the "
+            "top-k weights but this model's router does not; its GGUF would compute something else"
+        )
     layers = structure(adapter, model)
-    routed = {spec.num_experts for spec in layers if spec.kind == "moe" and spec.num_experts > 0}
+    if any(spec.kind == "dense" for spec in layers):
+        raise MoeExportError(f"llama.cpp's {architecture.name} needs a MoE sublayer in every layer; this model has dense ones")
+    if any(spec.kind == "moe" and spec.num_experts == 0 and spec.shared_experts for spec in layers):
+        raise MoeExportError("a layer kept its shared experts but no routed ones; GGUF hosts cannot express that")
+    silent = [i for i, spec in enumerate(layers) if spec.kind == "dropped" or spec.num_experts == 0]
+    routed = {spec.num_experts for i, spec in enumerate(layers) if i not in silent}
     if len(routed) != 1:
         counts = [spec.num_experts if spec.kind == "moe" else 0 for spec in layers]
         raise MoeExportError(
             f"per-layer expert counts {counts} differ; the GGUF `{architecture.name}` host needs one count for every "
             "layer: use expert_drop with scope: layer (the same keep everywhere)"
         )
-    return architecture, layers, routed.pop()
+    return _Plan(architecture, layers, routed.pop(), silent)
 
 
 def export(model, out_path: str | Path, quant: str = "f32", overwrite: bool = False) -> GGUFExport:
     gguf = _gguf()
-    architecture, layers, num_experts = check(model, quant)
-    adapter = adapter_for(model.config)
+    plan = check(model, quant)
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
         raise MoeExportError(f"output {out_path} already exists; pass --overwrite or choose another --out")
-    emptied = [i for i, spec in enumerate(layers) if spec.kind == "dropped" or spec.num_experts == 0]
-    representation = "uniform" if not emptied else f"zero ffn_norm for MoE-less layers {emptied}"
+    representation = f"zero experts for MoE-less layers {plan.silent_layers}" if plan.silent_layers else "uniform"
+    result = GGUFExport(out_path, plan.architecture.name, quant, representation)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.partial")
-    writer = gguf.GGUFWriter(str(partial), architecture.name)
-    result = GGUFExport(out_path, architecture.name, quant, representation)
+    writer = gguf.GGUFWriter(str(partial), plan.architecture.name)
     try:
-        _write_hparams(writer, gguf, model, adapter, num_experts, len(layers), quant)
+        _write_hparams(writer, gguf, model, plan, quant)
         writer.add_string(REPRESENTATION_KEY, representation)
-        _write_vocab(writer, gguf, model)
-        tensors = _TensorSink(writer, gguf, quant, result.fallbacks)
-        _write_tensors(tensors, model, adapter, architecture, layers, num_experts)
+        _write_vocab(writer, gguf, model, plan.architecture)
+        _write_tensors(_TensorSink(writer, gguf, quant, result.fallbacks), model, plan)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
@@ -123,22 +141,49 @@ def export(model, out_path: str | Path, quant: str = "f32", overwrite: bool = Fa
     return result
 
 
-def _write_hparams(writer, gguf, model, adapter, num_experts: int, block_count: int, quant: str) -> None:
-    config = model.config
+def _experts_of(model, adapter):
+    """The first layer's routed experts module (all carry the same width)."""
+    for layer in decoder_layers(adapter, model):
+        experts = getattr(get_path(layer, adapter.moe), adapter.experts, None)
+        if experts is not None and hasattr(experts, "down_proj"):
+            return experts
+    raise MoeExportError("the model has no MoE layer with experts left; there is nothing to host in a MoE GGUF")
+
+
+def _shared_width(model, adapter) -> int:
+    for layer in decoder_layers(adapter, model):
+        block = get_path(layer, adapter.moe)
+        for name in adapter.shared_experts:
+            if hasattr(block, name):
+                return getattr(block, name).down_proj.weight.shape[-1]
+    return 0
+
+
+def _write_hparams(writer, gguf, model, plan: _Plan, quant: str) -> None:
+    config, adapter = model.config, adapter_for(model.config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
+    expert_width = _experts_of(model, adapter).down_proj.shape[-1]
     writer.add_name(Path(str(config.name_or_path or "moeexport-model")).name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(block_count)
-    writer.add_feed_forward_length(_expert_width(model, adapter))
+    writer.add_block_count(len(plan.layers))
+    if plan.architecture.expert_width_key == "feed_forward_length":
+        writer.add_feed_forward_length(expert_width)
+    else:
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_expert_feed_forward_length(expert_width)
+    if shared_width := _shared_width(model, adapter):
+        writer.add_expert_shared_feed_forward_length(shared_width)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_expert_count(num_experts)
-    writer.add_expert_used_count(min(getattr(config, adapter.top_k_key), num_experts))
+    writer.add_expert_count(plan.num_experts)
+    writer.add_expert_used_count(min(getattr(config, adapter.top_k_key), plan.num_experts))
     writer.add_vocab_size(config.vocab_size)
     file_types = {
         "f32": gguf.LlamaFileType.ALL_F32,
@@ -151,39 +196,36 @@ def _write_hparams(writer, gguf, model, adapter, num_experts: int, block_count: 
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _write_vocab(writer, gguf, model) -> None:
-    """SentencePiece vocabulary, special tokens and chat template from the checkpoint directory."""
-    from sentencepiece import SentencePieceProcessor
-
+def _write_vocab(writer, gguf, model, architecture: GGUFArchitecture) -> None:
+    """Vocabulary (SentencePiece or BPE), special tokens and chat template from the checkpoint directory."""
     source = Path(model.config.name_or_path or "")
-    if not (source / "tokenizer.model").is_file():
-        raise MoeExportError(f"no SentencePiece tokenizer.model in {source}: the GGUF needs the model's vocabulary")
-    processor = SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
     logging.getLogger("gguf.vocab").setLevel(logging.ERROR)  # it warns about post-processors it ignores
+    if (source / "tokenizer.model").is_file():
+        vocab, pre = gguf.vocab.SentencePieceVocab(source), "default"
+    else:
+        try:
+            vocab, pre = gguf.vocab.BpeVocab(source), architecture.bpe_pre
+        except FileNotFoundError:
+            raise MoeExportError(
+                f"no SentencePiece tokenizer.model or byte-level BPE tokenizer.json in {source}: "
+                "the GGUF needs the model's vocabulary"
+            ) from None
     tokens, scores, types = [], [], []
-    for token_id in range(processor.vocab_size()):
-        tokens.append(processor.id_to_piece(token_id).encode("utf-8"))
-        scores.append(processor.get_score(token_id))
-        if processor.is_unknown(token_id):
-            types.append(gguf.TokenType.UNKNOWN)
-        elif processor.is_control(token_id):
-            types.append(gguf.TokenType.CONTROL)
-        elif processor.is_unused(token_id):
-            types.append(gguf.TokenType.UNUSED)
-        elif processor.is_byte(token_id):
-            types.append(gguf.TokenType.BYTE)
-        else:
-            types.append(gguf.TokenType.NORMAL)
+    for text, score, token_type in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(token_type)
     for padding in range(len(tokens), model.config.vocab_size):  # embedding rows past the tokenizer
         tokens.append(f"[PAD{padding}]".encode())
         scores.append(-1000.0)
         types.append(gguf.TokenType.UNUSED)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_model(vocab.tokenizer_model)
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    gguf.SpecialVocab(source, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    special = gguf.SpecialVocab(source, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens))
+    special.add_to_gguf(writer, quiet=True)
 
 
 class _TensorSink:
@@ -215,50 +257,69 @@ def _permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _write_tensors(tensors: _TensorSink, model, adapter, architecture, layers, num_experts: int) -> None:
-    config = model.config
+def _write_tensors(tensors: _TensorSink, model, plan: _Plan) -> None:
+    config, adapter = model.config, adapter_for(model.config)
     embedding = get_path(model, adapter.embeddings).weight
     tensors.add("token_embd.weight", embedding, keep_f32=tensors.quant in ("f16", "bf16"))
-    for index, (layer, spec) in enumerate(zip(decoder_layers(adapter, model), layers)):
+    for index, layer in enumerate(decoder_layers(adapter, model)):
         prefix = f"blk.{index}"
-        attention = get_path(layer, adapter.attention)
-        q, k = attention.q_proj.weight, attention.k_proj.weight
-        if architecture.permute_qk:
-            q = _permute_rows(q, config.num_attention_heads)
-            k = _permute_rows(k, config.num_key_value_heads)
         tensors.add(f"{prefix}.attn_norm.weight", get_path(layer, adapter.attention_norm).weight)
-        tensors.add(f"{prefix}.attn_q.weight", q)
-        tensors.add(f"{prefix}.attn_k.weight", k)
-        tensors.add(f"{prefix}.attn_v.weight", attention.v_proj.weight)
-        tensors.add(f"{prefix}.attn_output.weight", attention.o_proj.weight)
-        if spec.kind == "moe" and spec.num_experts > 0:
-            block = get_path(layer, adapter.moe)
-            experts = getattr(block, adapter.experts)
-            gate, up = experts.gate_up_proj.chunk(2, dim=1)
-            tensors.add(f"{prefix}.ffn_norm.weight", get_path(layer, adapter.moe_norm).weight)
-            tensors.add(f"{prefix}.ffn_gate_inp.weight", getattr(block, adapter.router).weight, keep_f32=True)
-            tensors.add(f"{prefix}.ffn_gate_exps.weight", gate)
-            tensors.add(f"{prefix}.ffn_up_exps.weight", up)
-            tensors.add(f"{prefix}.ffn_down_exps.weight", experts.down_proj)
-        else:
-            _add_silent_moe(tensors, prefix, config.hidden_size, num_experts, _expert_width(model, adapter))
+        _write_attention(tensors, prefix, get_path(layer, adapter.attention), config, plan.architecture)
+        if index in plan.silent_layers:
+            width = _experts_of(model, adapter).down_proj.shape[-1]
+            _write_silent_moe(tensors, prefix, config.hidden_size, plan.num_experts, width, _shared_width(model, adapter))
+            continue
+        block = get_path(layer, adapter.moe)
+        experts = getattr(block, adapter.experts)
+        gate, up = experts.gate_up_proj.chunk(2, dim=1)
+        tensors.add(f"{prefix}.ffn_norm.weight", get_path(layer, adapter.moe_norm).weight)
+        tensors.add(f"{prefix}.ffn_gate_inp.weight", getattr(block, adapter.router).weight, keep_f32=True)
+        tensors.add(f"{prefix}.ffn_gate_exps.weight", gate)
+        tensors.add(f"{prefix}.ffn_up_exps.weight", up)
+        tensors.add(f"{prefix}.ffn_down_exps.weight", experts.down_proj)
+        for name in adapter.shared_experts:
+            if hasattr(block, name):
+                shared = getattr(block, name)
+                tensors.add(f"{prefix}.ffn_gate_shexp.weight", shared.gate_proj.weight)
+                tensors.add(f"{prefix}.ffn_up_shexp.weight", shared.up_proj.weight)
+                tensors.add(f"{prefix}.ffn_down_shexp.weight", shared.down_proj.weight)
+        if adapter.shared_expert_gate and hasattr(block, adapter.shared_expert_gate):
+            shared_gate = getattr(block, adapter.shared_expert_gate).weight  # [1, hidden]
+            tensors.add(f"{prefix}.ffn_gate_inp_shexp.weight", shared_gate[0], keep_f32=True)
     tensors.add("output_norm.weight", get_path(model, adapter.final_norm).weight)
     tensors.add("output.weight", model.get_output_embeddings().weight)
 
 
-def _expert_width(model, adapter) -> int:
-    for layer in decoder_layers(adapter, model):
-        experts = getattr(get_path(layer, adapter.moe), adapter.experts, None)
-        if experts is not None and hasattr(experts, "down_proj"):
-            return experts.down_proj.shape[-1]
-    raise MoeExportError("the model has no MoE layer with experts left; there is nothing to host in a MoE GGUF")
+def _write_attention(tensors: _TensorSink, prefix: str, attention, config, architecture: GGUFArchitecture) -> None:
+    q, k = attention.q_proj.weight, attention.k_proj.weight
+    if architecture.permute_qk:
+        q = _permute_rows(q, config.num_attention_heads)
+        k = _permute_rows(k, config.num_key_value_heads)
+    tensors.add(f"{prefix}.attn_q.weight", q)
+    tensors.add(f"{prefix}.attn_k.weight", k)
+    tensors.add(f"{prefix}.attn_v.weight", attention.v_proj.weight)
+    tensors.add(f"{prefix}.attn_output.weight", attention.o_proj.weight)
+    for name, projection in (("q", attention.q_proj), ("k", attention.k_proj), ("v", attention.v_proj)):
+        if projection.bias is not None:
+            tensors.add(f"{prefix}.attn_{name}.bias", projection.bias)
+    for name in ("q", "k"):
+        norm = getattr(attention, f"{name}_norm", None)
+        if norm is not None:
+            tensors.add(f"{prefix}.attn_{name}_norm.weight", norm.weight)
 
 
-def _add_silent_moe(tensors: _TensorSink, prefix: str, hidden: int, num_experts: int, width: int) -> None:
-    """A MoE sublayer that adds exactly nothing: zero norm -> zero input -> zero expert output."""
-    tensors.add(f"{prefix}.ffn_norm.weight", np.zeros(hidden, np.float32))
-    tensors.add(f"{prefix}.ffn_gate_inp.weight", np.zeros((num_experts, hidden), np.float32), keep_f32=True)
+def _write_silent_moe(
+    tensors: _TensorSink, prefix: str, hidden: int, num_experts: int, width: int, shared_width: int
+) -> None:
+    """A MoE sublayer that adds exactly nothing: every projection is zero, so is every expert's output."""
     zeros_type = "q4_0"  # zeros are exact in any type: store them small
+    tensors.add(f"{prefix}.ffn_norm.weight", np.ones(hidden, np.float32))
+    tensors.add(f"{prefix}.ffn_gate_inp.weight", np.zeros((num_experts, hidden), np.float32), keep_f32=True)
     tensors.add(f"{prefix}.ffn_gate_exps.weight", np.zeros((num_experts, width, hidden), np.float32), quant=zeros_type)
     tensors.add(f"{prefix}.ffn_up_exps.weight", np.zeros((num_experts, width, hidden), np.float32), quant=zeros_type)
     tensors.add(f"{prefix}.ffn_down_exps.weight", np.zeros((num_experts, hidden, width), np.float32), quant=zeros_type)
+    if shared_width:  # hosts with a shared expert need its tensors in every layer
+        tensors.add(f"{prefix}.ffn_gate_shexp.weight", np.zeros((shared_width, hidden), np.float32), quant=zeros_type)
+        tensors.add(f"{prefix}.ffn_up_shexp.weight", np.zeros((shared_width, hidden), np.float32), quant=zeros_type)
+        tensors.add(f"{prefix}.ffn_down_shexp.weight", np.zeros((hidden, shared_width), np.float32), quant=zeros_type)
+        tensors.add(f"{prefix}.ffn_gate_inp_shexp.weight", np.ones(hidden, np.float32))  # see module docstring

@@ -66,6 +66,7 @@ class MoEAdapter:
     router: str = "gate"
     experts: str = "experts"
     shared_experts: tuple[str, ...] = ()  # always-on expert modules inside the MoE block
+    shared_expert_gate: str | None = None  # a sigmoid gate scaling the shared expert's output, if any
     # Rewrites the config keys that name dense layers after Block Drop (kept = surviving old indices).
     renumber_dense_layers: Callable[[object, list[int]], None] = _no_dense_layer_keys
     # An error message when the family's routing cannot survive a change of expert count.

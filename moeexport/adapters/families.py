@@ -60,7 +60,8 @@ QWEN2_MOE = register(
         family="Qwen2-MoE / Qwen1.5-MoE",
         num_experts_key="num_experts",
         routing=_renormalize_if_configured,
-        shared_experts=("shared_expert",),  # gated by sigmoid(shared_expert_gate(x))
+        shared_experts=("shared_expert",),
+        shared_expert_gate="shared_expert_gate",
         renumber_dense_layers=_renumber_mlp_only_layers,
     )
 )
