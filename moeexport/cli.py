@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _recipe_and_output(build)
     build.add_argument("--target", required=True, choices=["gguf", "onnx", "tensorrt"], help="deployment target")
-    build.add_argument("--quant", default="f32", help="weight type (gguf: f32, f16, bf16, q8_0, q4_0; default f32)")
+    build.add_argument("--quant", default="f32", help="weight type (gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k; default f32)")
     build.set_defaults(run=run_build, dry_run=False)
 
     validate = commands.add_parser(

@@ -108,7 +108,7 @@ BAD_INPUTS = {
     "unknown pass": (["compress", "demo"], "passes:\n  - merge_all: {}\n", "unknown pass 'merge_all'"),
     "unknown option": (["compress", "demo"], "passes:\n  - layer_drop: {n: 1, how: fast}\n", "how: unknown option"),
     "target not in this release": (["build", "demo", "--target", "onnx"], TRIM, "onnx exporter is not in this release"),
-    "quant the target cannot write": (["build", "demo", "--target", "gguf", "--quant", "q4_k_m"], TRIM, "not a gguf type"),
+    "quant the target cannot write": (["build", "demo", "--target", "gguf", "--quant", "iq2_xxs"], TRIM, "not a gguf type"),
 }
 
 

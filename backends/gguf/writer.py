@@ -19,7 +19,8 @@ Structure:
   router whose top-k rule differs from the host's cannot be expressed by these
   hosts; they are refused with the change that makes the model exportable.
 
-Weight types: f32, f16, bf16, q8_0, q4_0. In f16/bf16 files the token embedding
+Weight types: f32, f16, bf16, q8_0, q4_0 in numpy; q4_k_m, q5_k_m, q6_k through
+llama.cpp's own quantizer from an F32 intermediate. In f16/bf16 files the token embedding
 stays F32: it is a row lookup (no compute), and its rounding is what moved logits
 most (fixture: max |delta logit| 0.46 with it in F16, 4.4e-3 with it in F32).
 The file is written under a temporary name and renamed when complete.
@@ -41,8 +42,11 @@ from moeexport.backends.gguf.architectures import ARCHITECTURES, GGUFArchitectur
 from moeexport.errors import MoeExportError
 from moeexport.validate import Tolerance
 
-# gguf-py quantizes these in numpy; K-quants need llama.cpp's own quantizer
-QUANT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+# gguf-py quantizes these in numpy ...
+NUMPY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+# ... and llama.cpp's own quantizer (llama_model_quantize, its llama_ftype ids) writes the K-quant mixes
+LLAMA_CPP_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+QUANT_TYPES = NUMPY_TYPES + tuple(LLAMA_CPP_TYPES)
 # what a build must reach against the torch reference (F32 KV cache, flash attention off)
 TOLERANCES = {
     "f32": Tolerance(max_abs_logit=1e-3, top1_agreement=1.0),
@@ -50,6 +54,9 @@ TOLERANCES = {
     "bf16": Tolerance(kl=1e-3),
     "q8_0": Tolerance(kl=2e-3),
     "q4_0": Tolerance(kl=2e-2),
+    "q4_k_m": Tolerance(kl=2e-2),
+    "q5_k_m": Tolerance(kl=5e-3),
+    "q6_k": Tolerance(kl=2e-3),
 }
 REPRESENTATION_KEY = "moeexport.representation"
 
@@ -120,25 +127,65 @@ def export(model, out_path: str | Path, quant: str = "f32", overwrite: bool = Fa
         raise MoeExportError(f"output {out_path} already exists; pass --overwrite or choose another --out")
     representation = f"zero experts for MoE-less layers {plan.silent_layers}" if plan.silent_layers else "uniform"
     result = GGUFExport(out_path, plan.architecture.name, quant, representation)
-
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.partial")
-    writer = gguf.GGUFWriter(str(partial), plan.architecture.name)
+    try:
+        if quant in LLAMA_CPP_TYPES:
+            unquantized = out_path.with_name(f".{out_path.name}.f32.partial")
+            try:
+                _write_file(gguf, unquantized, model, plan, "f32", representation, result.fallbacks)
+                _llama_cpp_quantize(unquantized, partial, LLAMA_CPP_TYPES[quant])
+            finally:
+                unquantized.unlink(missing_ok=True)
+            result.fallbacks += _wider_than_asked(gguf, partial, quant)
+        else:
+            _write_file(gguf, partial, model, plan, quant, representation, result.fallbacks)
+        os.replace(partial, out_path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return result
+
+
+def _write_file(gguf, path: Path, model, plan: _Plan, quant: str, representation: str, fallbacks: list[str]) -> None:
+    writer = gguf.GGUFWriter(str(path), plan.architecture.name)
     try:
         _write_hparams(writer, gguf, model, plan, quant)
         writer.add_string(REPRESENTATION_KEY, representation)
         _write_vocab(writer, gguf, model, plan.architecture)
-        _write_tensors(_TensorSink(writer, gguf, quant, result.fallbacks), model, plan)
+        _write_tensors(_TensorSink(writer, gguf, quant, fallbacks), model, plan)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
+    finally:
         writer.close()
-        os.replace(partial, out_path)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
-    return result
+
+
+def _llama_cpp_quantize(source: Path, target: Path, llama_ftype: int) -> None:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MoeExportError("K-quant GGUF types need llama-cpp-python: pip install 'moeexport[gguf]'") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_ftype
+    params.nthread = os.cpu_count() or 1
+    from llama_cpp._utils import suppress_stdout_stderr  # what Llama(verbose=False) uses for llama.cpp's log
+
+    with suppress_stdout_stderr():
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    if status != 0:
+        raise MoeExportError(f"llama.cpp's quantizer failed on {source.name}")
+
+
+def _wider_than_asked(gguf, path: Path, quant: str) -> list[str]:
+    """Weight matrices llama.cpp's quantizer kept at another type than the mix's base (shape or mix rules)."""
+    base = quant.split("_")[0].upper() + "_K"  # q4_k_m -> Q4_K
+    reader = gguf.GGUFReader(path)
+    return [
+        f"{tensor.name}: {tensor.tensor_type.name} (llama.cpp's {quant} rules)"
+        for tensor in reader.tensors
+        if len(tensor.shape) > 1 and tensor.tensor_type.name != base and "ffn_gate_inp" not in tensor.name
+    ]
 
 
 def _experts_of(model, adapter):
