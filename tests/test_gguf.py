@@ -15,6 +15,8 @@ from moeexport.cli import main
 from moeexport.compress import compress
 from moeexport.errors import MoeExportError
 from moeexport.recipe import parse_recipe
+from moeexport.adapters import adapter_for
+from moeexport.adapters.base import keep_experts, structure
 from moeexport.validate import TorchRunner, compare
 from tests.conftest import CORPUS, FIXTURE, needs_shared
 
@@ -27,6 +29,11 @@ STRUCTURES = {
         {"block_drop": {"n": 1, "score": "random"}},
         {"layer_drop": {"n": 1, "score": "random"}},
         {"expert_drop": {"keep": 6, "score": "random"}},
+    ],
+    "expert_drop_global": [{"expert_drop": {"keep": 5, "scope": "global", "score": "random", "min_keep": 2}}],
+    "global_and_layer_drop": [
+        {"layer_drop": {"n": 1, "score": "random"}},
+        {"expert_drop": {"keep": 4, "scope": "global", "score": "random", "min_keep": 2}},
     ],
 }
 
@@ -73,9 +80,27 @@ def test_dropped_layers_store_their_zero_experts_small(demo, tmp_path):
     assert dropped.path.stat().st_size < full.path.stat().st_size
 
 
-def test_non_uniform_expert_counts_are_refused_before_writing(demo, tmp_path):
+def test_non_uniform_expert_counts_move_to_the_padded_host(demo, tmp_path):
     model, _, _ = demo
-    model = _compressed(model, [{"expert_drop": {"keep": 6, "scope": "global", "score": "random"}}])
+    model = _compressed(model, STRUCTURES["expert_drop_global"])
+    counts = {spec.num_experts for spec in structure(adapter_for(model.config), model)}
+    assert len(counts) > 1
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf")
+    assert artifact.architecture == "ernie4_5-moe" and "never-selected pads" in artifact.representation
+
+
+def test_a_layer_with_fewer_experts_than_top_k_is_refused_with_the_fix(demo, tmp_path):
+    model, _, _ = demo
+    model = _compressed(model, [{"expert_drop": {"keep": 6, "score": "random"}}])
+    keep_experts(adapter_for(model.config), model, 0, [3])  # one layer left with a single expert
+    with pytest.raises(MoeExportError, match="add min_keep: 2"):
+        gguf_backend.export(model, tmp_path / "m.gguf")
+
+
+def test_non_uniform_expert_counts_without_a_padded_host_are_refused_before_writing(tmp_path):
+    global_drop = [{"expert_drop": {"keep": 3, "scope": "global", "score": "random"}}]
+    model = _compressed(_tiny_with_demo_vocabulary("qwen3_moe"), global_drop)
+    assert len({spec.num_experts for spec in structure(adapter_for(model.config), model)}) > 1
     with pytest.raises(MoeExportError, match="scope: layer"):
         gguf_backend.export(model, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []

@@ -150,6 +150,21 @@ def test_global_expert_drop_can_empty_a_layer_and_the_model_still_runs(family, t
     assert torch.equal(_logits(reloaded, tokens), _logits(model, tokens))
 
 
+def test_global_expert_drop_min_keep_spares_each_layers_best():
+    model = tiny_model("mixtral")
+    adapter = adapter_for(model.config)
+    layers = structure(adapter, model)
+    statistics = _provider(model).statistics(model, [])
+    for index in range(4):  # layer 0 would lose everything to the global ranking
+        statistics.layers[index].reap = [0.1, 0.2, 0.3, 0.4] if index == 0 else [5.0, 6.0, 7.0, 8.0]
+    options = ExpertDropOptions(keep=2, scope="global", score="reap", min_keep=2)
+    plan = ExpertDrop().plan(statistics, layers, options)
+    assert plan.keep[0] == [2, 3]
+    assert sum(len(kept) for kept in plan.keep.values()) == 8
+    with pytest.raises(MoeExportError, match="min_keep=3 is more than keep=2"):
+        ExpertDrop().check(ExpertDropOptions(keep=2, scope="global", min_keep=3), layers)
+
+
 def test_expert_drop_keeps_the_highest_scores_and_clamps_top_k():
     model = tiny_model("mixtral")
     adapter = adapter_for(model.config)

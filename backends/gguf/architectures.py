@@ -6,6 +6,11 @@ Facts from research/gguf_llamacpp.md (checked against llama.cpp's loader and gra
 - Each host has a fixed routing rule: llama and qwen3moe renormalize the top-k
   weights, qwen2moe and olmoe do not. A model whose router differs is refused.
 - Every host needs MoE tensors in every layer and one global expert count.
+  Different counts per layer need a host with a selection bias (`exp_probs_b`,
+  added to the routing scores for selection only): every layer is padded to
+  the largest count with zero experts biased by -1e9, never selected. That is
+  exact only where the host renormalizes the top-k weights (the pads' softmax
+  mass then cancels): ernie4_5-moe for Mixtral (llama attention, NORM RoPE).
 """
 
 from __future__ import annotations
@@ -20,10 +25,18 @@ class GGUFArchitecture:
     permute_qk: bool = False  # NORM RoPE wants interleaved q/k rows
     expert_width_key: str = "expert_feed_forward_length"  # or feed_forward_length, where experts use it
     bpe_pre: str = "default"  # tokenizer.ggml.pre for BPE vocabularies
+    pads_experts: bool = False  # takes per-layer expert counts by padding with never-selected experts
+    padded_host: GGUFArchitecture | None = None  # the host this family moves to when its expert counts differ
 
 
 ARCHITECTURES = {
-    "mixtral": GGUFArchitecture(name="llama", renormalizes=True, permute_qk=True, expert_width_key="feed_forward_length"),
+    "mixtral": GGUFArchitecture(
+        name="llama",
+        renormalizes=True,
+        permute_qk=True,
+        expert_width_key="feed_forward_length",
+        padded_host=GGUFArchitecture(name="ernie4_5-moe", renormalizes=True, permute_qk=True, pads_experts=True),
+    ),
     "qwen2_moe": GGUFArchitecture(name="qwen2moe", renormalizes=False, bpe_pre="qwen2"),
     "qwen3_moe": GGUFArchitecture(name="qwen3moe", renormalizes=True, bpe_pre="qwen2"),
     "olmoe": GGUFArchitecture(name="olmoe", renormalizes=False, expert_width_key="feed_forward_length", bpe_pre="olmo"),

@@ -15,9 +15,12 @@ Structure:
   the representation under `moeexport.representation`. (Its norm and any shared
   gate are ones, not zeros: llama.cpp forms the shared-expert gate sigmoid(g) as silu(g)/g,
   which is NaN at g = 0.)
-- Different expert counts per layer, dense layers inside a MoE stack, and a
-  router whose top-k rule differs from the host's cannot be expressed by these
-  hosts; they are refused with the change that makes the model exportable.
+- Different expert counts per layer move the model to its family's padded host
+  (architectures.py), where every layer is padded to the largest count with
+  zero experts that a -1e9 selection bias keeps from ever being chosen; without
+  such a host they are refused, as are dense layers inside a MoE stack and a
+  router whose top-k rule differs from the host's, each with the change that
+  makes the model exportable.
 
 Weight types: f32, f16, bf16, q8_0, q4_0 in numpy; q4_k_m, q5_k_m, q6_k through
 llama.cpp's own quantizer from an F32 intermediate. In f16/bf16 files the token embedding
@@ -110,13 +113,24 @@ def check(model, quant: str = "f32") -> _Plan:
         raise MoeExportError("a layer kept its shared experts but no routed ones; GGUF hosts cannot express that")
     silent = [i for i, spec in enumerate(layers) if spec.kind == "dropped" or spec.num_experts == 0]
     routed = {spec.num_experts for i, spec in enumerate(layers) if i not in silent}
-    if len(routed) != 1:
-        counts = [spec.num_experts if spec.kind == "moe" else 0 for spec in layers]
+    if not routed:
+        raise MoeExportError("the model has no MoE layer with experts left; there is nothing to host in a MoE GGUF")
+    top_k = getattr(model.config, adapter.top_k_key)
+    short = [i for i, spec in enumerate(layers) if i not in silent and spec.num_experts < top_k]
+    if short and len(routed) > 1:
         raise MoeExportError(
-            f"per-layer expert counts {counts} differ; the GGUF `{architecture.name}` host needs one count for every "
-            "layer: use expert_drop with scope: layer (the same keep everywhere)"
+            f"layers {short} keep fewer experts than the top-{top_k} the others route to, and llama.cpp uses one "
+            f"top-k for every layer: add min_keep: {top_k} to the expert_drop step"
         )
-    return _Plan(architecture, layers, routed.pop(), silent)
+    if len(routed) > 1:
+        if architecture.padded_host is None:
+            counts = [spec.num_experts if spec.kind == "moe" else 0 for spec in layers]
+            raise MoeExportError(
+                f"per-layer expert counts {counts} differ and no llama.cpp host can run this family that way: "
+                "use expert_drop with scope: layer (the same keep everywhere)"
+            )
+        architecture = architecture.padded_host
+    return _Plan(architecture, layers, max(routed), silent)
 
 
 def export(model, out_path: str | Path, quant: str = "f32", overwrite: bool = False) -> GGUFExport:
@@ -125,7 +139,7 @@ def export(model, out_path: str | Path, quant: str = "f32", overwrite: bool = Fa
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
         raise MoeExportError(f"output {out_path} already exists; pass --overwrite or choose another --out")
-    representation = f"zero experts for MoE-less layers {plan.silent_layers}" if plan.silent_layers else "uniform"
+    representation = _describe_representation(plan)
     result = GGUFExport(out_path, plan.architecture.name, quant, representation)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.partial")
@@ -145,6 +159,16 @@ def export(model, out_path: str | Path, quant: str = "f32", overwrite: bool = Fa
         partial.unlink(missing_ok=True)
         raise
     return result
+
+
+def _describe_representation(plan: _Plan) -> str:
+    parts = []
+    padded = [i for i, spec in enumerate(plan.layers) if i not in plan.silent_layers and spec.num_experts < plan.num_experts]
+    if padded:
+        parts.append(f"padded to {plan.num_experts} experts with never-selected pads (exp_probs_b -1e9) in layers {padded}")
+    if plan.silent_layers:
+        parts.append(f"zero experts for MoE-less layers {plan.silent_layers}")
+    return "; ".join(parts) or "uniform"
 
 
 def _write_file(gguf, path: Path, model, plan: _Plan, quant: str, representation: str, fallbacks: list[str]) -> None:
@@ -229,6 +253,9 @@ def _write_hparams(writer, gguf, model, plan: _Plan, quant: str) -> None:
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if plan.architecture.pads_experts:
+        writer.add_interleave_moe_layer_step(1)
+        writer.add_leading_dense_block_count(0)
     writer.add_expert_count(plan.num_experts)
     writer.add_expert_used_count(min(getattr(config, adapter.top_k_key), plan.num_experts))
     writer.add_vocab_size(config.vocab_size)
@@ -318,12 +345,16 @@ def _write_tensors(tensors: _TensorSink, model, plan: _Plan) -> None:
             continue
         block = get_path(layer, adapter.moe)
         experts = getattr(block, adapter.experts)
-        gate, up = experts.gate_up_proj.chunk(2, dim=1)
+        pads = plan.num_experts - experts.down_proj.shape[0]
+        gate, up = _pad_experts(experts.gate_up_proj, pads).chunk(2, dim=1)
         tensors.add(f"{prefix}.ffn_norm.weight", get_path(layer, adapter.moe_norm).weight)
-        tensors.add(f"{prefix}.ffn_gate_inp.weight", getattr(block, adapter.router).weight, keep_f32=True)
+        tensors.add(f"{prefix}.ffn_gate_inp.weight", _pad_experts(getattr(block, adapter.router).weight, pads), keep_f32=True)
         tensors.add(f"{prefix}.ffn_gate_exps.weight", gate)
         tensors.add(f"{prefix}.ffn_up_exps.weight", up)
-        tensors.add(f"{prefix}.ffn_down_exps.weight", experts.down_proj)
+        tensors.add(f"{prefix}.ffn_down_exps.weight", _pad_experts(experts.down_proj, pads))
+        if pads:
+            real = plan.num_experts - pads
+            tensors.add(f"{prefix}.exp_probs_b.bias", np.array([0.0] * real + [-1e9] * pads, np.float32))
         for name in adapter.shared_experts:
             if hasattr(block, name):
                 shared = getattr(block, name)
@@ -335,6 +366,13 @@ def _write_tensors(tensors: _TensorSink, model, plan: _Plan) -> None:
             tensors.add(f"{prefix}.ffn_gate_inp_shexp.weight", shared_gate[0], keep_f32=True)
     tensors.add("output_norm.weight", get_path(model, adapter.final_norm).weight)
     tensors.add("output.weight", model.get_output_embeddings().weight)
+
+
+def _pad_experts(tensor: torch.Tensor, pads: int) -> torch.Tensor:
+    """Append `pads` all-zero experts (router rows) along the first axis."""
+    if not pads:
+        return tensor
+    return torch.cat([tensor.detach(), tensor.new_zeros((pads, *tensor.shape[1:]))])
 
 
 def _write_attention(tensors: _TensorSink, prefix: str, attention, config, architecture: GGUFArchitecture) -> None:

@@ -149,6 +149,7 @@ class LayerDrop(CompressionPass):
 class ExpertDropOptions(PassOptions):
     keep: int = Field(ge=0, description="experts kept per MoE layer (the average, for scope global)")
     scope: Literal["layer", "global"] = "layer"
+    min_keep: int = Field(default=0, ge=0, description="scope global: every layer keeps at least this many")
     score: Literal["frequency", "routing_mass", "reap", "random"] = "routing_mass"
     seed: int = 0
 
@@ -186,6 +187,8 @@ class ExpertDrop(CompressionPass):
         if not counts:
             raise MoeExportError("expert_drop: the model has no MoE layers left")
         limit = max(counts) if options.scope == "layer" else sum(counts) / len(counts)
+        if options.min_keep > options.keep:
+            raise MoeExportError(f"expert_drop min_keep={options.min_keep} is more than keep={options.keep}")
         if options.keep > limit:
             what = "the largest layer has" if options.scope == "layer" else "layers have on average"
             raise MoeExportError(f"expert_drop keep={options.keep} but {what} {limit:g} experts")
@@ -196,7 +199,7 @@ class ExpertDrop(CompressionPass):
         if options.scope == "layer":
             keep = {layer: _top_n(scores[layer], min(options.keep, len(scores[layer]))) for layer in moe_layers}
         else:
-            keep = self._global_keep(scores, options.keep)
+            keep = self._global_keep(scores, options.keep, options.min_keep)
         drop = {layer: [e for e in range(layers[layer].num_experts) if e not in keep[layer]] for layer in moe_layers}
         if statistics is None:
             return ExpertDropPlan(keep, drop, {}, {})
@@ -217,17 +220,21 @@ class ExpertDrop(CompressionPass):
         return list(getattr(layer_statistics, options.score))
 
     @staticmethod
-    def _global_keep(scores: dict[int, list[float]], keep_average: int) -> dict[int, list[int]]:
-        """Drop the globally lowest-scoring experts.
+    def _global_keep(scores: dict[int, list[float]], keep_average: int, min_keep: int) -> dict[int, list[int]]:
+        """Drop the globally lowest-scoring experts, sparing each layer's best `min_keep`.
 
         Scores are compared as they are: frequency and routing mass are shares of
         their layer's routing, while REAP is an absolute output magnitude, so
         global REAP also spares the layers whose experts write the most.
         """
+        protected = {(layer, e) for layer, layer_scores in scores.items() for e in _top_n(layer_scores, min_keep)}
         ranked = [
-            (score, layer, expert) for layer, layer_scores in scores.items() for expert, score in enumerate(layer_scores)
+            (score, layer, expert)
+            for layer, layer_scores in scores.items()
+            for expert, score in enumerate(layer_scores)
+            if (layer, expert) not in protected
         ]
-        to_drop = round(len(ranked) - keep_average * len(scores))
+        to_drop = round(sum(len(s) for s in scores.values()) - keep_average * len(scores))
         dropped = {(layer, expert) for _, layer, expert in sorted(ranked)[:to_drop]}
         return {
             layer: [e for e in range(len(layer_scores)) if (layer, e) not in dropped]
