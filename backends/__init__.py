@@ -2,8 +2,8 @@
 
 A target package provides `check(model, quant)` (raises before anything is
 written), `export(model, out_path, quant=..., overwrite=...)`,
-a runner class with `logits(token_ids)` (so validation is written once, in
-moeexport.validate), its weight types (`QUANT_TYPES`) and the fidelity each
+a `Runner` class with `logits(token_ids)` (so validation is written once, in
+moeexport.validate), `profile(artifact, prompt, new_tokens)` (speed and peak memory), its weight types (`QUANT_TYPES`) and the fidelity each
 type must reach (`TOLERANCES`).
 """
 

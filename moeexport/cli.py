@@ -413,7 +413,7 @@ def _export_validate_profile(args, backend, model, tokenizer, out: Path, manifes
         fidelity = compare(TorchRunner(model), backend.Runner(artifact.path, context=windows.shape[1]), windows, progress)
     tolerance = backend.TOLERANCES[args.quant]
     failures = fidelity.failures(tolerance)
-    speed = backend.Runner(artifact.path, context=512, exact=False).profile(windows[0, :128].tolist(), new_tokens=64)
+    speed = backend.profile(artifact.path, windows[0, :128].tolist(), new_tokens=64)
     report = {
         "target": args.target,
         "artifact": str(artifact.path),
@@ -433,7 +433,8 @@ def _export_validate_profile(args, backend, model, tokenizer, out: Path, manifes
     )
     console.print(
         f"profile: prefill {speed['prefill_tokens_per_s']:.0f} tok/s, decode {speed['decode_tokens_per_s']:.0f} tok/s, "
-        f"time to first token {speed['time_to_first_token_s'] * 1000:.0f} ms"
+        f"time to first token {speed['time_to_first_token_s'] * 1000:.0f} ms, "
+        f"peak memory {speed['peak_rss_bytes'] / 2**20:.0f} MiB"
     )
     if failures:
         failed = artifact.path.with_name(artifact.path.name + ".failed")

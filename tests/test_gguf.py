@@ -130,6 +130,7 @@ def test_build_demo_gguf_validates_and_profiles(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["validation"]["failures"] == [] and report["validation"]["tokens"] >= 510
     assert report["profile"]["decode_tokens_per_s"] > 0 and report["profile"]["prefill_tokens_per_s"] > 0
+    assert 0 < report["profile"]["peak_rss_bytes"] < 2**31
     assert (out / "model-f32.gguf").is_file() and (out / "compressed" / "moeexport.json").is_file()
 
 
@@ -241,7 +242,11 @@ def test_a_router_rule_the_host_cannot_compute_is_refused(tmp_path):
 
 
 def test_k_quants_report_the_tensors_llama_cpp_kept_wider(demo, tmp_path):
-    model, _, _ = demo  # hidden 128: rows too short for 256-wide K blocks
+    model, _, windows = demo  # hidden 128: rows too short for 256-wide K blocks
+    model = _compressed(model, STRUCTURES["all_three"])  # with a MoE-less layer, whose zeros are requantized
     artifact = gguf_backend.export(model, tmp_path / "m.gguf", quant="q4_k_m")
+    fidelity = compare(TorchRunner(model), gguf_backend.Runner(artifact.path, context=128), windows)
+    # 128-wide rows quantize poorly (the fixture's 256-wide ones reach KL 2e-3); this checks the file computes
+    assert fidelity.max_abs_logit < float("inf") and fidelity.kl < 0.1
     assert artifact.fallbacks and all("llama.cpp's q4_k_m rules" in line for line in artifact.fallbacks)
     assert not list(tmp_path.glob(".*partial*"))

@@ -193,9 +193,10 @@ def _llama_cpp_quantize(source: Path, target: Path, llama_ftype: int) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_ftype
     params.nthread = os.cpu_count() or 1
+    params.allow_requantize = True  # the intermediate's only non-F32 weights are all-zero experts: exact in any type
     from llama_cpp._utils import suppress_stdout_stderr  # what Llama(verbose=False) uses for llama.cpp's log
 
-    with suppress_stdout_stderr():
+    with suppress_stdout_stderr(disable=False):
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
     if status != 0:
         raise MoeExportError(f"llama.cpp's quantizer failed on {source.name}")
