@@ -99,7 +99,7 @@ def test_a_layer_with_fewer_experts_than_top_k_is_refused_with_the_fix(demo, tmp
 
 def test_non_uniform_expert_counts_without_a_padded_host_are_refused_before_writing(tmp_path):
     global_drop = [{"expert_drop": {"keep": 3, "scope": "global", "score": "random"}}]
-    model = _compressed(_tiny_with_demo_vocabulary("qwen3_moe"), global_drop)
+    model = _compressed(_tiny_with_demo_vocabulary("olmoe"), global_drop)  # OLMoE does not renormalize: no host
     assert len({spec.num_experts for spec in structure(adapter_for(model.config), model)}) > 1
     with pytest.raises(MoeExportError, match="scope: layer"):
         gguf_backend.export(model, tmp_path / "m.gguf")
@@ -250,3 +250,34 @@ def test_k_quants_report_the_tensors_llama_cpp_kept_wider(demo, tmp_path):
     assert fidelity.max_abs_logit < float("inf") and fidelity.kl < 0.1
     assert artifact.fallbacks and all("llama.cpp's q4_k_m rules" in line for line in artifact.fallbacks)
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_qwen3_layer_drop_moves_to_hy_v3_with_real_savings(tmp_path):
+    from tests.tiny_models import random_tokens
+
+    base = _tiny_with_demo_vocabulary("qwen3_moe")
+    dropped = _compressed(base, [{"layer_drop": {"n": 2, "score": "random"}}])
+    full = gguf_backend.export(base, tmp_path / "full.gguf")
+    artifact = gguf_backend.export(dropped, tmp_path / "dropped.gguf")
+    assert artifact.architecture == "hy_v3" and "dense FFN" in artifact.representation
+    dropped_bytes = sum(p.numel() for p in base.parameters()) * 4 - sum(p.numel() for p in dropped.parameters()) * 4
+    saved = full.path.stat().st_size - artifact.path.stat().st_size
+    assert saved >= 0.8 * dropped_bytes
+    windows = random_tokens(2, 48, seed=9) * 16
+    fidelity = compare(TorchRunner(dropped), gguf_backend.Runner(artifact.path, context=48), windows)
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0
+
+
+def test_qwen3_non_uniform_experts_move_to_hy_v3_exactly(tmp_path):
+    from tests.tiny_models import random_tokens
+
+    model = _compressed(
+        _tiny_with_demo_vocabulary("qwen3_moe"),
+        [{"expert_drop": {"keep": 3, "scope": "global", "score": "random", "min_keep": 2}}],
+    )
+    assert len({spec.num_experts for spec in structure(adapter_for(model.config), model)}) > 1
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf")
+    assert artifact.architecture == "hy_v3" and "never-selected pads" in artifact.representation
+    windows = random_tokens(2, 48, seed=9) * 16
+    fidelity = compare(TorchRunner(model), gguf_backend.Runner(artifact.path, context=48), windows)
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0

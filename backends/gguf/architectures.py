@@ -10,7 +10,13 @@ Facts from research/gguf_llamacpp.md (checked against llama.cpp's loader and gra
   added to the routing scores for selection only): every layer is padded to
   the largest count with zero experts biased by -1e9, never selected. That is
   exact only where the host renormalizes the top-k weights (the pads' softmax
-  mass then cancels): ernie4_5-moe for Mixtral (llama attention, NORM RoPE).
+  mass then cancels): ernie4_5-moe for Mixtral (llama attention, NORM RoPE),
+  hy_v3 for Qwen3-MoE (per-head q/k norms, NEOX RoPE, softmax gating set
+  explicitly since its default is sigmoid).
+- hy_v3 also decides dense-or-MoE per layer by tensor presence, so a MoE-less
+  layer becomes a tiny all-zero dense FFN there: exact, and its experts' bytes
+  are really gone. Its MoE layers need shared-expert tensors (without them
+  llama.cpp adds silu(x)), so a model without one gets a tiny all-zero one.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ class GGUFArchitecture:
     expert_width_key: str = "expert_feed_forward_length"  # or feed_forward_length, where experts use it
     bpe_pre: str = "default"  # tokenizer.ggml.pre for BPE vocabularies
     pads_experts: bool = False  # takes per-layer expert counts by padding with never-selected experts
+    selection_bias: str = "exp_probs_b.bias"  # the tensor name of that per-layer selection bias
+    dense_silent_layers: bool = False  # MoE-less layers become tiny all-zero dense FFNs (real byte savings)
+    softmax_gating: bool = False  # write expert_gating_func=softmax and expert_weights_norm explicitly
+    requires_shared_expert: bool = False  # MoE layers need shared-expert tensors (zeros if the model has none)
     padded_host: GGUFArchitecture | None = None  # the host this family moves to when its expert counts differ
 
 
@@ -38,6 +48,20 @@ ARCHITECTURES = {
         padded_host=GGUFArchitecture(name="ernie4_5-moe", renormalizes=True, permute_qk=True, pads_experts=True),
     ),
     "qwen2_moe": GGUFArchitecture(name="qwen2moe", renormalizes=False, bpe_pre="qwen2"),
-    "qwen3_moe": GGUFArchitecture(name="qwen3moe", renormalizes=True, bpe_pre="qwen2"),
+    "qwen3_moe": GGUFArchitecture(
+        name="qwen3moe",
+        renormalizes=True,
+        bpe_pre="qwen2",
+        padded_host=GGUFArchitecture(
+            name="hy_v3",
+            renormalizes=True,
+            bpe_pre="qwen2",
+            pads_experts=True,
+            selection_bias="exp_probs_b",
+            dense_silent_layers=True,
+            softmax_gating=True,
+            requires_shared_expert=True,
+        ),
+    ),
     "olmoe": GGUFArchitecture(name="olmoe", renormalizes=False, expert_width_key="feed_forward_length", bpe_pre="olmo"),
 }

@@ -62,6 +62,7 @@ TOLERANCES = {
     "q6_k": Tolerance(kl=2e-3),
 }
 REPRESENTATION_KEY = "moeexport.representation"
+STANDIN_WIDTH = 32  # width of the all-zero stand-in FFNs some hosts need (a multiple of every 4/8-bit block)
 
 
 @dataclass
@@ -122,14 +123,15 @@ def check(model, quant: str = "f32") -> _Plan:
             f"layers {short} keep fewer experts than the top-{top_k} the others route to, and llama.cpp uses one "
             f"top-k for every layer: add min_keep: {top_k} to the expert_drop step"
         )
-    if len(routed) > 1:
-        if architecture.padded_host is None:
+    padded_host = architecture.padded_host
+    if len(routed) > 1 or (silent and padded_host is not None and padded_host.dense_silent_layers):
+        if padded_host is None:
             counts = [spec.num_experts if spec.kind == "moe" else 0 for spec in layers]
             raise MoeExportError(
                 f"per-layer expert counts {counts} differ and no llama.cpp host can run this family that way: "
                 "use expert_drop with scope: layer (the same keep everywhere)"
             )
-        architecture = architecture.padded_host
+        architecture = padded_host
     return _Plan(architecture, layers, max(routed), silent)
 
 
@@ -166,7 +168,9 @@ def _describe_representation(plan: _Plan) -> str:
     padded = [i for i, spec in enumerate(plan.layers) if i not in plan.silent_layers and spec.num_experts < plan.num_experts]
     if padded:
         parts.append(f"padded to {plan.num_experts} experts with never-selected pads (exp_probs_b -1e9) in layers {padded}")
-    if plan.silent_layers:
+    if plan.silent_layers and plan.architecture.dense_silent_layers:
+        parts.append(f"tiny all-zero dense FFN for MoE-less layers {plan.silent_layers}")
+    elif plan.silent_layers:
         parts.append(f"zero experts for MoE-less layers {plan.silent_layers}")
     return "; ".join(parts) or "uniform"
 
@@ -240,13 +244,17 @@ def _write_hparams(writer, gguf, model, plan: _Plan, quant: str) -> None:
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(len(plan.layers))
-    if plan.architecture.expert_width_key == "feed_forward_length":
+    host = plan.architecture
+    if host.expert_width_key == "feed_forward_length":
         writer.add_feed_forward_length(expert_width)
     else:
-        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_feed_forward_length(STANDIN_WIDTH if host.dense_silent_layers else config.intermediate_size)
         writer.add_expert_feed_forward_length(expert_width)
-    if shared_width := _shared_width(model, adapter):
+    if shared_width := _shared_width(model, adapter) or (STANDIN_WIDTH if host.requires_shared_expert else 0):
         writer.add_expert_shared_feed_forward_length(shared_width)
+    if host.softmax_gating:
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+        writer.add_expert_weights_norm(True)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_key_length(head_dim)
@@ -340,6 +348,10 @@ def _write_tensors(tensors: _TensorSink, model, plan: _Plan) -> None:
         prefix = f"blk.{index}"
         tensors.add(f"{prefix}.attn_norm.weight", get_path(layer, adapter.attention_norm).weight)
         _write_attention(tensors, prefix, get_path(layer, adapter.attention), config, plan.architecture)
+        if index in plan.silent_layers and plan.architecture.dense_silent_layers:
+            tensors.add(f"{prefix}.ffn_norm.weight", np.ones(config.hidden_size, np.float32))
+            _write_zero_ffn(tensors, prefix, "", config.hidden_size, STANDIN_WIDTH)
+            continue
         if index in plan.silent_layers:
             width = _experts_of(model, adapter).down_proj.shape[-1]
             _write_silent_moe(tensors, prefix, config.hidden_size, plan.num_experts, width, _shared_width(model, adapter))
@@ -355,13 +367,15 @@ def _write_tensors(tensors: _TensorSink, model, plan: _Plan) -> None:
         tensors.add(f"{prefix}.ffn_down_exps.weight", _pad_experts(experts.down_proj, pads))
         if pads:
             real = plan.num_experts - pads
-            tensors.add(f"{prefix}.exp_probs_b.bias", np.array([0.0] * real + [-1e9] * pads, np.float32))
-        for name in adapter.shared_experts:
-            if hasattr(block, name):
-                shared = getattr(block, name)
-                tensors.add(f"{prefix}.ffn_gate_shexp.weight", shared.gate_proj.weight)
-                tensors.add(f"{prefix}.ffn_up_shexp.weight", shared.up_proj.weight)
-                tensors.add(f"{prefix}.ffn_down_shexp.weight", shared.down_proj.weight)
+            bias = np.array([0.0] * real + [-1e9] * pads, np.float32)
+            tensors.add(f"{prefix}.{plan.architecture.selection_bias}", bias)
+        shared_modules = [getattr(block, name) for name in adapter.shared_experts if hasattr(block, name)]
+        for shared in shared_modules:
+            tensors.add(f"{prefix}.ffn_gate_shexp.weight", shared.gate_proj.weight)
+            tensors.add(f"{prefix}.ffn_up_shexp.weight", shared.up_proj.weight)
+            tensors.add(f"{prefix}.ffn_down_shexp.weight", shared.down_proj.weight)
+        if not shared_modules and plan.architecture.requires_shared_expert:
+            _write_zero_ffn(tensors, prefix, "_shexp", config.hidden_size, STANDIN_WIDTH)
         if adapter.shared_expert_gate and hasattr(block, adapter.shared_expert_gate):
             shared_gate = getattr(block, adapter.shared_expert_gate).weight  # [1, hidden]
             tensors.add(f"{prefix}.ffn_gate_inp_shexp.weight", shared_gate[0], keep_f32=True)
@@ -398,14 +412,18 @@ def _write_silent_moe(
     tensors: _TensorSink, prefix: str, hidden: int, num_experts: int, width: int, shared_width: int
 ) -> None:
     """A MoE sublayer that adds exactly nothing: every projection is zero, so is every expert's output."""
-    zeros_type = "q4_0"  # zeros are exact in any type: store them small
     tensors.add(f"{prefix}.ffn_norm.weight", np.ones(hidden, np.float32))
     tensors.add(f"{prefix}.ffn_gate_inp.weight", np.zeros((num_experts, hidden), np.float32), keep_f32=True)
-    tensors.add(f"{prefix}.ffn_gate_exps.weight", np.zeros((num_experts, width, hidden), np.float32), quant=zeros_type)
-    tensors.add(f"{prefix}.ffn_up_exps.weight", np.zeros((num_experts, width, hidden), np.float32), quant=zeros_type)
-    tensors.add(f"{prefix}.ffn_down_exps.weight", np.zeros((num_experts, hidden, width), np.float32), quant=zeros_type)
+    _write_zero_ffn(tensors, prefix, "_exps", hidden, width, num_experts)
     if shared_width:  # hosts with a shared expert need its tensors in every layer
-        tensors.add(f"{prefix}.ffn_gate_shexp.weight", np.zeros((shared_width, hidden), np.float32), quant=zeros_type)
-        tensors.add(f"{prefix}.ffn_up_shexp.weight", np.zeros((shared_width, hidden), np.float32), quant=zeros_type)
-        tensors.add(f"{prefix}.ffn_down_shexp.weight", np.zeros((hidden, shared_width), np.float32), quant=zeros_type)
+        _write_zero_ffn(tensors, prefix, "_shexp", hidden, shared_width)
         tensors.add(f"{prefix}.ffn_gate_inp_shexp.weight", np.ones(hidden, np.float32))  # see module docstring
+
+
+def _write_zero_ffn(tensors: _TensorSink, prefix: str, kind: str, hidden: int, width: int, experts: int = 0) -> None:
+    """All-zero gate/up/down projections (`kind`: "" dense, "_shexp" shared, "_exps" stacked experts)."""
+    stack = (experts,) if experts else ()
+    zeros_type = "q4_0"  # zeros are exact in any type: store them small
+    tensors.add(f"{prefix}.ffn_gate{kind}.weight", np.zeros((*stack, width, hidden), np.float32), quant=zeros_type)
+    tensors.add(f"{prefix}.ffn_up{kind}.weight", np.zeros((*stack, width, hidden), np.float32), quant=zeros_type)
+    tensors.add(f"{prefix}.ffn_down{kind}.weight", np.zeros((*stack, hidden, width), np.float32), quant=zeros_type)
