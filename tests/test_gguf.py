@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from moeexport.adapters import adapter_for
 from moeexport.adapters.base import keep_experts, structure
 from moeexport.validate import TorchRunner, compare
 from tests.conftest import CORPUS, FIXTURE, needs_shared
+
+REPO = Path(__file__).resolve().parents[1]
 
 STRUCTURES = {
     "uncompressed": [],
@@ -281,3 +284,30 @@ def test_qwen3_non_uniform_experts_move_to_hy_v3_exactly(tmp_path):
     windows = random_tokens(2, 48, seed=9) * 16
     fidelity = compare(TorchRunner(model), gguf_backend.Runner(artifact.path, context=48), windows)
     assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0
+
+
+@needs_shared
+def test_fixture_gguf_matches_llama_cpp_s_own_converter(tmp_path):
+    """Differential test: the file llama.cpp's convert_hf_to_gguf.py writes and ours compute the same logits."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    from moeexport.evaluate import eval_windows
+
+    spec = importlib.util.spec_from_file_location("compare_with_converter", REPO / "tools" / "compare_with_converter.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    llama_cpp_tree = tool.fetch_converter(tmp_path)
+    theirs = tmp_path / "converter.gguf"
+    subprocess.run(
+        [sys.executable, str(llama_cpp_tree / "convert_hf_to_gguf.py"), str(FIXTURE), "--outtype", "f32",
+         "--outfile", str(theirs)],
+        env=os.environ | {"PYTHONPATH": str(llama_cpp_tree / "gguf-py")}, check=True, capture_output=True,
+    )
+    ours = gguf_backend.export(moeexport.load(FIXTURE), tmp_path / "ours.gguf").path
+    windows = eval_windows(moeexport.load_tokenizer(FIXTURE), str(CORPUS / "dev.txt"), 257, 2)
+    their_runner, our_runner = gguf_backend.Runner(theirs, context=257), gguf_backend.Runner(ours, context=257)
+    for window in windows.tolist():
+        assert abs(their_runner.logits(window) - our_runner.logits(window)).max() <= 1e-4
