@@ -1,7 +1,7 @@
 """Deployment targets, one package per format; installed as moeexport.backends.
 
 A target package provides `check(model, quant)` (raises before anything is
-written), `export(model, out_path, quant=..., overwrite=...)`,
+written), `export(model, out_path, quant=..., overwrite=..., tensor_types=...)`,
 a `Runner` class with `logits(token_ids)` (so validation is written once, in
 moeexport.validate), `profile(artifact, prompt, new_tokens)` (speed and peak memory), its weight types (`QUANT_TYPES`) and the fidelity each
 type must reach (`TOLERANCES`).

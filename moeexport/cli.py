@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_and_output(build)
     build.add_argument("--target", required=True, choices=["gguf", "onnx", "tensorrt"], help="deployment target")
     build.add_argument("--quant", default="f32", help="weight type (gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k; default f32)")
+    build.add_argument(
+        "--tensor-type", action="append", default=[], metavar="PATTERN=TYPE",
+        help="per-tensor type override, a regex on GGUF tensor names, e.g. --tensor-type _exps=q4_k "
+        "--tensor-type attn_=q8_0 (repeatable; the first match wins)",
+    )
     build.set_defaults(run=run_build, dry_run=False)
 
     validate = commands.add_parser(
@@ -380,6 +385,10 @@ def run_build(args) -> int:
     from moeexport.backends import backend_for
 
     backend = backend_for(args.target)  # before any work: nothing is compressed for a target we cannot export
+    malformed = [item for item in args.tensor_type if "=" not in item]
+    if malformed:
+        raise MoeExportError(f"--tensor-type takes PATTERN=TYPE, got {malformed[0]!r}")
+    args.tensor_types = dict(item.rsplit("=", 1) for item in args.tensor_type)
     if args.quant not in backend.QUANT_TYPES:
         raise MoeExportError(f"--quant {args.quant} is not a {args.target} type; choose one of {', '.join(backend.QUANT_TYPES)}")
     model, tokenizer, original, provider, result = _compress(args)
@@ -402,7 +411,9 @@ def _export_validate_profile(args, backend, model, tokenizer, out: Path, manifes
 
     started = time.perf_counter()
     save(model, out / "compressed", manifest)
-    artifact = backend.export(model, out / f"model-{args.quant}.{backend.EXTENSION}", quant=args.quant)
+    artifact = backend.export(
+        model, out / f"model-{args.quant}.{backend.EXTENSION}", quant=args.quant, tensor_types=args.tensor_types
+    )
     console = _console()
     console.print(f"exported {artifact.path} ({artifact.path.stat().st_size / 2**20:.1f} MiB, {artifact.representation})")
     for fallback in artifact.fallbacks:
@@ -419,6 +430,7 @@ def _export_validate_profile(args, backend, model, tokenizer, out: Path, manifes
         "artifact": str(artifact.path),
         "file_bytes": artifact.path.stat().st_size,
         "quant": args.quant,
+        "tensor_types": args.tensor_types,
         "representation": artifact.representation,
         "fallbacks": artifact.fallbacks,
         "validation": {"text": where, **fidelity.to_dict(), "tolerance": tolerance.__dict__, "failures": failures},

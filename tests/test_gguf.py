@@ -311,3 +311,22 @@ def test_fixture_gguf_matches_llama_cpp_s_own_converter(tmp_path):
     their_runner, our_runner = gguf_backend.Runner(theirs, context=257), gguf_backend.Runner(ours, context=257)
     for window in windows.tolist():
         assert abs(their_runner.logits(window) - our_runner.logits(window)).max() <= 1e-4
+
+
+def test_per_tensor_type_overrides(demo, tmp_path):
+    from gguf import GGUFReader
+
+    model, _, windows = demo
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf", quant="q8_0", tensor_types={"_exps": "q4_0"})
+    types = {t.name: t.tensor_type.name for t in GGUFReader(artifact.path).tensors}
+    assert types["blk.0.ffn_down_exps.weight"] == "Q4_0" and types["blk.0.attn_q.weight"] == "Q8_0"
+    fidelity = compare(TorchRunner(model), gguf_backend.Runner(artifact.path, context=128), windows)
+    assert fidelity.failures(gguf_backend.TOLERANCES["q4_0"]) == []
+
+
+@pytest.mark.parametrize("tensor_types, message", [({"(": "q4_0"}, "not a regular expression"),
+                                                   ({"_exps": "q3_z"}, "unknown ggml type 'q3_z'")])
+def test_bad_tensor_type_overrides_are_refused(tensor_types, message, demo, tmp_path):
+    with pytest.raises(MoeExportError, match=message):
+        gguf_backend.export(demo[0], tmp_path / "m.gguf", quant="q8_0", tensor_types=tensor_types)
+    assert list(tmp_path.iterdir()) == []

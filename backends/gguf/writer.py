@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,9 +48,11 @@ from moeexport.validate import Tolerance
 
 # gguf-py quantizes these in numpy ...
 NUMPY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
-# ... and llama.cpp's own quantizer (llama_model_quantize, its llama_ftype ids) writes the K-quant mixes
-LLAMA_CPP_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
-QUANT_TYPES = NUMPY_TYPES + tuple(LLAMA_CPP_TYPES)
+# ... and llama.cpp's own quantizer (llama_model_quantize) writes the K-quant mixes, and any file with
+# per-tensor type overrides. Its llama_ftype ids:
+LLAMA_FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+LLAMA_CPP_TYPES = ("q4_k_m", "q5_k_m", "q6_k")
+QUANT_TYPES = NUMPY_TYPES + LLAMA_CPP_TYPES
 # what a build must reach against the torch reference (F32 KV cache, flash attention off)
 TOLERANCES = {
     "f32": Tolerance(max_abs_logit=1e-3, top1_agreement=1.0),
@@ -135,9 +138,14 @@ def check(model, quant: str = "f32") -> _Plan:
     return _Plan(architecture, layers, max(routed), silent)
 
 
-def export(model, out_path: str | Path, quant: str = "f32", overwrite: bool = False) -> GGUFExport:
+def export(
+    model, out_path: str | Path, quant: str = "f32", overwrite: bool = False, tensor_types: dict[str, str] | None = None
+) -> GGUFExport:
+    """Write the GGUF. `tensor_types` maps regex patterns on GGUF tensor names to ggml types
+    (e.g. {"_exps": "q4_k", "attn_": "q8_0"}); the first matching pattern wins."""
     gguf = _gguf()
     plan = check(model, quant)
+    overrides = _ggml_types(gguf, tensor_types or {})
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
         raise MoeExportError(f"output {out_path} already exists; pass --overwrite or choose another --out")
@@ -146,14 +154,14 @@ def export(model, out_path: str | Path, quant: str = "f32", overwrite: bool = Fa
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.partial")
     try:
-        if quant in LLAMA_CPP_TYPES:
+        if quant in LLAMA_CPP_TYPES or overrides:
             unquantized = out_path.with_name(f".{out_path.name}.f32.partial")
             try:
                 _write_file(gguf, unquantized, model, plan, "f32", representation, result.fallbacks)
-                _llama_cpp_quantize(unquantized, partial, LLAMA_CPP_TYPES[quant])
+                _llama_cpp_quantize(unquantized, partial, LLAMA_FTYPES[quant], overrides)
             finally:
                 unquantized.unlink(missing_ok=True)
-            result.fallbacks += _wider_than_asked(gguf, partial, quant)
+            result.fallbacks += _types_other_than_asked(gguf, partial, quant, overrides)
         else:
             _write_file(gguf, partial, model, plan, quant, representation, result.fallbacks)
         os.replace(partial, out_path)
@@ -189,32 +197,53 @@ def _write_file(gguf, path: Path, model, plan: _Plan, quant: str, representation
         writer.close()
 
 
-def _llama_cpp_quantize(source: Path, target: Path, llama_ftype: int) -> None:
+def _ggml_types(gguf, tensor_types: dict[str, str]) -> dict[str, int]:
+    """Pattern -> ggml type id, with a clear error for a pattern or type name that cannot work."""
+    overrides = {}
+    for pattern, name in tensor_types.items():
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise MoeExportError(f"tensor-type pattern {pattern!r} is not a regular expression: {error}") from None
+        qtype = getattr(gguf.GGMLQuantizationType, name.upper(), None)
+        if qtype is None:
+            raise MoeExportError(f"unknown ggml type {name!r} for {pattern!r} (e.g. q4_k, q5_k, q6_k, q8_0, f16)")
+        overrides[pattern] = int(qtype)
+    return overrides
+
+
+def _llama_cpp_quantize(source: Path, target: Path, llama_ftype: int, overrides: dict[str, int]) -> None:
     try:
         import llama_cpp
     except ImportError:
-        raise MoeExportError("K-quant GGUF types need llama-cpp-python: pip install 'moeexport[gguf]'") from None
+        raise MoeExportError("K-quants and tensor-type overrides need llama-cpp-python: pip install 'moeexport[gguf]'") from None
+    from llama_cpp._utils import suppress_stdout_stderr  # what Llama(verbose=False) uses for llama.cpp's log
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_ftype
     params.nthread = os.cpu_count() or 1
     params.allow_requantize = True  # the intermediate's only non-F32 weights are all-zero experts: exact in any type
-    from llama_cpp._utils import suppress_stdout_stderr  # what Llama(verbose=False) uses for llama.cpp's log
-
+    entries = [llama_cpp.llama_model_tensor_override(p.encode(), t) for p, t in overrides.items()]
+    table = (llama_cpp.llama_model_tensor_override * (len(entries) + 1))(*entries)  # null-terminated
+    if entries:
+        params.tt_overrides = table
     with suppress_stdout_stderr(disable=False):
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
     if status != 0:
         raise MoeExportError(f"llama.cpp's quantizer failed on {source.name}")
 
 
-def _wider_than_asked(gguf, path: Path, quant: str) -> list[str]:
-    """Weight matrices llama.cpp's quantizer kept at another type than the mix's base (shape or mix rules)."""
-    base = quant.split("_")[0].upper() + "_K"  # q4_k_m -> Q4_K
-    reader = gguf.GGUFReader(path)
-    return [
-        f"{tensor.name}: {tensor.tensor_type.name} (llama.cpp's {quant} rules)"
-        for tensor in reader.tensors
-        if len(tensor.shape) > 1 and tensor.tensor_type.name != base and "ffn_gate_inp" not in tensor.name
-    ]
+def _types_other_than_asked(gguf, path: Path, quant: str, overrides: dict[str, int]) -> list[str]:
+    """Weight matrices llama.cpp's quantizer kept at another type than asked (shape or mix rules)."""
+    base = quant.split("_")[0].upper() + "_K" if quant in LLAMA_CPP_TYPES else quant.upper()
+    report = []
+    for tensor in gguf.GGUFReader(path).tensors:
+        if len(tensor.shape) < 2 or "ffn_gate_inp" in tensor.name:
+            continue  # norms and routers stay F32 by design
+        asked = next((gguf.GGMLQuantizationType(t).name for p, t in overrides.items() if re.search(p, tensor.name)), base)
+        if tensor.tensor_type.name != asked:
+            report.append(f"{tensor.name}: {tensor.tensor_type.name}, not {asked} (llama.cpp's {quant} rules)")
+    return report
 
 
 def _experts_of(model, adapter):
