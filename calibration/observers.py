@@ -81,6 +81,12 @@ class Statistics:
         return row[width - 1]
 
 
+def expert_intermediate(experts, expert: int, tokens: torch.Tensor) -> torch.Tensor:
+    """act(gate(x)) * up(x) of one routed expert: the input of its down projection."""
+    gate, up = F.linear(tokens, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
 class _StopForward(Exception):
     pass
 
@@ -149,8 +155,8 @@ class _MoEAccumulator:
             token_rows, slot = torch.where(index == expert)
             if len(token_rows) == 0:
                 continue
-            gate, up = F.linear(tokens[token_rows], self.experts.gate_up_proj[expert]).chunk(2, dim=-1)
-            output = F.linear(self.experts.act_fn(gate) * up, self.experts.down_proj[expert])
+            hidden = expert_intermediate(self.experts, expert, tokens[token_rows])
+            output = F.linear(hidden, self.experts.down_proj[expert])
             sums[expert] = (weights[token_rows, slot].double() * output.double().norm(dim=-1)).sum()
         return sums
 

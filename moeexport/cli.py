@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-tensor type override, a regex on GGUF tensor names, e.g. --tensor-type _exps=q4_k "
         "--tensor-type attn_=q8_0 (repeatable; the first match wins)",
     )
+    build.add_argument(
+        "--imatrix", action="store_true",
+        help="weigh quantization by an importance matrix measured on the calibration set (per expert, from its "
+        "routed tokens; experts without tokens use their layer's average and are reported)",
+    )
     build.set_defaults(run=run_build, dry_run=False)
 
     validate = commands.add_parser(
@@ -398,21 +403,31 @@ def run_build(args) -> int:
     if out.exists():
         shutil.rmtree(out)  # _compress already refused an existing --out without --overwrite
     out.mkdir(parents=True)
+    imatrix = None
+    if args.imatrix:
+        from moeexport.calibration.moments import input_moments
+
+        imatrix = input_moments(model, provider.tokens(model), batch_size=args.batch_size)
     try:
-        return _export_validate_profile(args, backend, model, tokenizer, out, _manifest(args, provider, result, quality))
+        manifest = _manifest(args, provider, result, quality)
+        return _export_validate_profile(args, backend, model, tokenizer, out, manifest, imatrix)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # an error leaves nothing that looks like a build
         raise
 
 
-def _export_validate_profile(args, backend, model, tokenizer, out: Path, manifest: dict) -> int:
+def _export_validate_profile(args, backend, model, tokenizer, out: Path, manifest: dict, imatrix) -> int:
     from moeexport.modelio import save
     from moeexport.validate import TorchRunner, compare
 
     started = time.perf_counter()
     save(model, out / "compressed", manifest)
     artifact = backend.export(
-        model, out / f"model-{args.quant}.{backend.EXTENSION}", quant=args.quant, tensor_types=args.tensor_types
+        model,
+        out / f"model-{args.quant}.{backend.EXTENSION}",
+        quant=args.quant,
+        tensor_types=args.tensor_types,
+        imatrix=imatrix,
     )
     console = _console()
     console.print(f"exported {artifact.path} ({artifact.path.stat().st_size / 2**20:.1f} MiB, {artifact.representation})")
@@ -431,6 +446,7 @@ def _export_validate_profile(args, backend, model, tokenizer, out: Path, manifes
         "file_bytes": artifact.path.stat().st_size,
         "quant": args.quant,
         "tensor_types": args.tensor_types,
+        "imatrix": args.imatrix,
         "representation": artifact.representation,
         "fallbacks": artifact.fallbacks,
         "validation": {"text": where, **fidelity.to_dict(), "tolerance": tolerance.__dict__, "failures": failures},

@@ -330,3 +330,33 @@ def test_bad_tensor_type_overrides_are_refused(tensor_types, message, demo, tmp_
     with pytest.raises(MoeExportError, match=message):
         gguf_backend.export(demo[0], tmp_path / "m.gguf", quant="q8_0", tensor_types=tensor_types)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_importance_matrix_reaches_llama_cpp_and_starved_experts_fall_back(demo, tmp_path):
+    from moeexport.calibration.moments import input_moments
+
+    model, tokenizer, windows = demo
+    calibration = sample_from_model(model, tokenizer, 4, 64, seed=3)
+    moments = input_moments(model, calibration)
+    moments.sums[(1, "experts_in")][5] = 0  # expert 5 of layer 1 "saw" no tokens
+    moments.counts[(1, "experts_in")][5] = 0
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf", quant="q4_k_m", imatrix=moments)
+    assert "imatrix: blk.1 expert 5 saw no calibration tokens -> its layer's average" in artifact.fallbacks
+    plain = gguf_backend.export(model, tmp_path / "plain.gguf", quant="q4_k_m")
+    assert artifact.path.read_bytes() != plain.path.read_bytes()  # the quantizer used it
+    fidelity = compare(TorchRunner(model), gguf_backend.Runner(artifact.path, context=128), windows)
+    assert fidelity.failures(gguf_backend.TOLERANCES["q4_k_m"]) == []
+
+
+def test_input_moments_count_every_routed_token():
+    from moeexport.calibration.moments import input_moments
+    from tests.tiny_models import random_tokens, tiny_model
+
+    model = tiny_model("qwen2_moe")
+    tokens = random_tokens(4, 16)
+    moments = input_moments(model, tokens)
+    for layer in (0, 2, 3):  # layer 1 is dense
+        assert int(moments.counts[(layer, "experts_in")].sum()) == tokens.numel() * 2
+        assert moments.mean((layer, "experts_mid")).shape == (4, 24)
+        assert torch.isfinite(moments.mean((layer, "experts_in"))).all()
+    assert moments.counts[(1, "attention_in")] == tokens.numel()

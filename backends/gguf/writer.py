@@ -31,6 +31,7 @@ The file is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -139,10 +140,21 @@ def check(model, quant: str = "f32") -> _Plan:
 
 
 def export(
-    model, out_path: str | Path, quant: str = "f32", overwrite: bool = False, tensor_types: dict[str, str] | None = None
+    model,
+    out_path: str | Path,
+    quant: str = "f32",
+    overwrite: bool = False,
+    tensor_types: dict[str, str] | None = None,
+    imatrix=None,
 ) -> GGUFExport:
-    """Write the GGUF. `tensor_types` maps regex patterns on GGUF tensor names to ggml types
-    (e.g. {"_exps": "q4_k", "attn_": "q8_0"}); the first matching pattern wins."""
+    """Write the GGUF.
+
+    `tensor_types` maps regex patterns on GGUF tensor names to ggml types (e.g.
+    {"_exps": "q4_k", "attn_": "q8_0"}); the first matching pattern wins.
+    `imatrix` (calibration.moments.InputMoments of this model) weighs llama.cpp's
+    rounding by each input column's mean square; experts that saw no calibration
+    tokens use their layer's average and are listed in the fallbacks.
+    """
     gguf = _gguf()
     plan = check(model, quant)
     overrides = _ggml_types(gguf, tensor_types or {})
@@ -154,11 +166,12 @@ def export(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.partial")
     try:
-        if quant in LLAMA_CPP_TYPES or overrides:
+        if quant in LLAMA_CPP_TYPES or overrides or imatrix is not None:
             unquantized = out_path.with_name(f".{out_path.name}.f32.partial")
+            importance = _importance(imatrix, model, plan, result.fallbacks) if imatrix is not None else {}
             try:
                 _write_file(gguf, unquantized, model, plan, "f32", representation, result.fallbacks)
-                _llama_cpp_quantize(unquantized, partial, LLAMA_FTYPES[quant], overrides)
+                _llama_cpp_quantize(unquantized, partial, LLAMA_FTYPES[quant], overrides, importance)
             finally:
                 unquantized.unlink(missing_ok=True)
             result.fallbacks += _types_other_than_asked(gguf, partial, quant, overrides)
@@ -212,7 +225,37 @@ def _ggml_types(gguf, tensor_types: dict[str, str]) -> dict[str, int]:
     return overrides
 
 
-def _llama_cpp_quantize(source: Path, target: Path, llama_ftype: int, overrides: dict[str, int]) -> None:
+def _importance(moments, model, plan: _Plan, fallbacks: list[str]) -> dict[str, np.ndarray]:
+    """GGUF tensor name -> mean squared input per column (per expert, experts concatenated)."""
+    importance = {"output.weight": moments.mean((-1, "output_in"))}
+    for index, spec in enumerate(plan.layers):
+        if index in plan.silent_layers:
+            continue  # stand-in zeros: nothing to weigh
+        prefix = f"blk.{index}"
+        for name in ("attn_q", "attn_k", "attn_v"):
+            importance[f"{prefix}.{name}.weight"] = moments.mean((index, "attention_in"))
+        importance[f"{prefix}.attn_output.weight"] = moments.mean((index, "attention_out"))
+        if (index, "shared_in") in moments.sums:
+            importance[f"{prefix}.ffn_gate_shexp.weight"] = moments.mean((index, "shared_in"))
+            importance[f"{prefix}.ffn_up_shexp.weight"] = moments.mean((index, "shared_in"))
+            importance[f"{prefix}.ffn_down_shexp.weight"] = moments.mean((index, "shared_mid"))
+        counts = torch.as_tensor(moments.counts[(index, "experts_in")])
+        for role, names in (("experts_in", ("ffn_gate_exps", "ffn_up_exps")), ("experts_mid", ("ffn_down_exps",))):
+            per_expert = moments.mean((index, role))
+            layer_average = moments.sums[(index, role)].sum(0) / max(int(counts.sum()), 1)
+            per_expert[counts == 0] = layer_average  # no tokens, no evidence: the layer's average, reported
+            pads = plan.num_experts - len(per_expert)
+            per_expert = torch.cat([per_expert, layer_average.expand(pads, -1)])
+            for name in names:
+                importance[f"{prefix}.{name}.weight"] = per_expert.flatten()
+        for expert in torch.where(counts == 0)[0].tolist():
+            fallbacks.append(f"imatrix: blk.{index} expert {expert} saw no calibration tokens -> its layer's average")
+    return {name: value.float().numpy() for name, value in importance.items()}
+
+
+def _llama_cpp_quantize(
+    source: Path, target: Path, llama_ftype: int, overrides: dict[str, int], importance: dict[str, np.ndarray]
+) -> None:
     try:
         import llama_cpp
     except ImportError:
@@ -227,6 +270,14 @@ def _llama_cpp_quantize(source: Path, target: Path, llama_ftype: int, overrides:
     table = (llama_cpp.llama_model_tensor_override * (len(entries) + 1))(*entries)  # null-terminated
     if entries:
         params.tt_overrides = table
+    arrays = {name: np.ascontiguousarray(values, np.float32) for name, values in importance.items()}  # kept alive
+    rows = [
+        llama_cpp.llama_model_imatrix_data(name.encode(), values.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), values.size)
+        for name, values in arrays.items()
+    ]
+    imatrix_table = (llama_cpp.llama_model_imatrix_data * (len(rows) + 1))(*rows)  # null-terminated
+    if rows:
+        params.imatrix = imatrix_table
     with suppress_stdout_stderr(disable=False):
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
     if status != 0:
