@@ -26,6 +26,18 @@ class TorchRunner:
         ids = torch.as_tensor(list(token_ids), dtype=torch.long)[None]
         return self.model(input_ids=ids, use_cache=False).logits[0].float().numpy()
 
+    @torch.no_grad()
+    def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[int]:
+        """New token ids after `prompt`: greedy at temperature 0, else sampled from softmax(logits / T)."""
+        ids = torch.as_tensor(list(prompt), dtype=torch.long)[None]
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature else {}
+        out = self.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+            do_sample=bool(temperature), pad_token_id=0, **sampling,
+        )
+        return out[0, ids.shape[1]:].tolist()
+
 
 @dataclass(frozen=True)
 class Tolerance:

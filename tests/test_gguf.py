@@ -360,3 +360,12 @@ def test_input_moments_count_every_routed_token():
         assert moments.mean((layer, "experts_mid")).shape == (4, 24)
         assert torch.isfinite(moments.mean((layer, "experts_in"))).all()
     assert moments.counts[(1, "attention_in")] == tokens.numel()
+
+
+def test_greedy_generation_in_llama_cpp_follows_the_torch_model(demo_gguf):
+    torch_runner = TorchRunner(moeexport.load("demo"))
+    gguf_runner = gguf_backend.Runner(demo_gguf, context=128)
+    prompt = [1, 450, 1200, 33, 98]
+    assert gguf_runner.generate(prompt, 24) == torch_runner.generate(prompt, 24)
+    sampled = gguf_runner.generate(prompt, 24, temperature=1.0, seed=1)
+    assert len(sampled) == 24 and sampled == gguf_runner.generate(prompt, 24, temperature=1.0, seed=1)

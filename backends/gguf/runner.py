@@ -61,6 +61,23 @@ class GGUFRunner:
         self.llm.eval(token_ids)
         return np.array(self.llm.scores[: len(token_ids)], dtype=np.float32)
 
+    def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[int]:
+        """New token ids after `prompt` through the KV cache: greedy at temperature 0, else sampled."""
+        rng = np.random.default_rng(seed)
+        self.llm.reset()
+        self.llm.eval([int(t) for t in prompt])
+        generated = []
+        for _ in range(max_new_tokens):
+            logits = np.asarray(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float64)
+            if temperature:
+                probabilities = np.exp((logits - logits.max()) / temperature)
+                token = int(rng.choice(len(logits), p=probabilities / probabilities.sum()))
+            else:
+                token = int(np.argmax(logits))
+            generated.append(token)
+            self.llm.eval([token])
+        return generated
+
     def profile(self, prompt: list[int], new_tokens: int = 64) -> dict:
         """Prefill and greedy-decode speed on this machine, as llama.cpp serves them."""
         self.llm.reset()
