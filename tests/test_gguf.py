@@ -369,3 +369,13 @@ def test_greedy_generation_in_llama_cpp_follows_the_torch_model(demo_gguf):
     assert gguf_runner.generate(prompt, 24) == torch_runner.generate(prompt, 24)
     sampled = gguf_runner.generate(prompt, 24, temperature=1.0, seed=1)
     assert len(sampled) == 24 and sampled == gguf_runner.generate(prompt, 24, temperature=1.0, seed=1)
+
+
+def test_deepseek_v2_lite_after_block_drop_is_refused_with_the_reason(tmp_path):
+    from moeexport.modelio import DEMO_MODEL
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("deepseek_v2", vocab_size=2048, q_lora_rank=None)  # V2-Lite style: no q LoRA
+    model.config.name_or_path = str(DEMO_MODEL)
+    with pytest.raises(MoeExportError, match="only by its 26 or 27 layers"):
+        gguf_backend.export(model, tmp_path / "m.gguf")

@@ -33,7 +33,7 @@ TINY_CONFIGS = {
     "olmoe": dict(num_experts=4, norm_topk_prob=False, num_key_value_heads=4),  # OLMoE has no GQA
     "deepseek_v2": dict(
         n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=24, first_k_dense_replace=1,
-        num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
         v_head_dim=8, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
     ),
 }

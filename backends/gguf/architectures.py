@@ -36,6 +36,8 @@ class GGUFArchitecture:
     dense_silent_layers: bool = False  # MoE-less layers become tiny all-zero dense FFNs (real byte savings)
     softmax_gating: bool = False  # write expert_gating_func=softmax and expert_weights_norm explicitly
     requires_shared_expert: bool = False  # MoE layers need shared-expert tensors (zeros if the model has none)
+    leading_dense: bool = False  # dense layers are allowed as a leading prefix (leading_dense_block_count)
+    latent_attention: bool = False  # multi-head latent attention (DeepSeek-V2): kv_a / k_b / v_b tensors
     padded_host: GGUFArchitecture | None = None  # the host this family moves to when its expert counts differ
 
 
@@ -64,4 +66,8 @@ ARCHITECTURES = {
         ),
     ),
     "olmoe": GGUFArchitecture(name="olmoe", renormalizes=False, expert_width_key="feed_forward_length", bpe_pre="olmo"),
+    # HF applies RoPE to interleaved pairs here, which is llama.cpp's NORM layout already: no permutation
+    "deepseek_v2": GGUFArchitecture(
+        name="deepseek2", renormalizes=False, bpe_pre="deepseek-llm", leading_dense=True, latent_attention=True
+    ),
 }

@@ -112,20 +112,28 @@ def check(model, quant: str = "f32") -> _Plan:
             "top-k weights but this model's router does not; its GGUF would compute something else"
         )
     layers = structure(adapter, model)
-    if any(spec.kind == "dense" for spec in layers):
-        raise MoeExportError(f"llama.cpp's {architecture.name} needs a MoE sublayer in every layer; this model has dense ones")
+    dense = [i for i, spec in enumerate(layers) if spec.kind == "dense"]
+    if dense and not (architecture.leading_dense and dense == list(range(len(dense)))):
+        where = "outside a leading run of layers" if architecture.leading_dense else "in a MoE-only host"
+        raise MoeExportError(f"llama.cpp's {architecture.name} cannot place dense layers {dense} {where}")
     if any(spec.kind == "moe" and spec.num_experts == 0 and spec.shared_experts for spec in layers):
         raise MoeExportError("a layer kept its shared experts but no routed ones; GGUF hosts cannot express that")
-    silent = [i for i, spec in enumerate(layers) if spec.kind == "dropped" or spec.num_experts == 0]
-    routed = {spec.num_experts for i, spec in enumerate(layers) if i not in silent}
+    silent = [i for i, s in enumerate(layers) if s.kind == "dropped" or (s.kind == "moe" and s.num_experts == 0)]
+    routed = {spec.num_experts for i, spec in enumerate(layers) if spec.kind == "moe" and i not in silent}
     if not routed:
         raise MoeExportError("the model has no MoE layer with experts left; there is nothing to host in a MoE GGUF")
     top_k = getattr(model.config, adapter.top_k_key)
-    short = [i for i, spec in enumerate(layers) if i not in silent and spec.num_experts < top_k]
+    short = [i for i, spec in enumerate(layers) if spec.kind == "moe" and i not in silent and spec.num_experts < top_k]
     if short and len(routed) > 1:
         raise MoeExportError(
             f"layers {short} keep fewer experts than the top-{top_k} the others route to, and llama.cpp uses one "
             f"top-k for every layer: add min_keep: {top_k} to the expert_drop step"
+        )
+    if architecture.latent_attention and model.config.q_lora_rank is None and len(layers) not in (26, 27):
+        raise MoeExportError(
+            f"llama.cpp's {architecture.name} recognises a model without a q LoRA (a 'Lite' variant) only by its "
+            f"26 or 27 layers; with {len(layers)} it expects q_a/q_b tensors: this model cannot be written after "
+            "Block Drop"
         )
     padded_host = architecture.padded_host
     if len(routed) > 1 or (silent and padded_host is not None and padded_host.dense_silent_layers):
@@ -336,11 +344,14 @@ def _write_hparams(writer, gguf, model, plan: _Plan, quant: str) -> None:
         writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
         writer.add_expert_weights_norm(True)
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-    writer.add_rope_dimension_count(head_dim)
+    if host.latent_attention:
+        _write_latent_attention_hparams(writer, gguf, config, plan, adapter)
+    else:
+        writer.add_head_count_kv(config.num_key_value_heads)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     if plan.architecture.pads_experts:
         writer.add_interleave_moe_layer_step(1)
@@ -357,6 +368,25 @@ def _write_hparams(writer, gguf, model, plan: _Plan, quant: str) -> None:
     }
     writer.add_file_type(file_types[quant])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_latent_attention_hparams(writer, gguf, config, plan: _Plan, adapter) -> None:
+    """MLA as llama.cpp runs it: one shared latent KV head (MQA) plus the per-head k_b / v_b absorptions."""
+    writer.add_head_count_kv(1)
+    if config.q_lora_rank is not None:
+        writer.add_q_lora_rank(config.q_lora_rank)
+    writer.add_kv_lora_rank(config.kv_lora_rank)
+    writer.add_key_length(config.kv_lora_rank + config.qk_rope_head_dim)
+    writer.add_value_length(config.kv_lora_rank)
+    writer.add_key_length_mla(config.qk_nope_head_dim + config.qk_rope_head_dim)
+    writer.add_value_length_mla(config.v_head_dim)
+    writer.add_rope_dimension_count(config.qk_rope_head_dim)
+    writer.add_leading_dense_block_count(sum(1 for spec in plan.layers if spec.kind == "dense"))
+    routing = adapter.routing(config)
+    writer.add_expert_shared_count(config.n_shared_experts)
+    writer.add_expert_weights_scale(routing.scale)
+    writer.add_expert_weights_norm(routing.renormalize)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
 
 
 def _write_vocab(writer, gguf, model, architecture: GGUFArchitecture) -> None:
@@ -427,14 +457,26 @@ def _write_tensors(tensors: _TensorSink, model, plan: _Plan) -> None:
     for index, layer in enumerate(decoder_layers(adapter, model)):
         prefix = f"blk.{index}"
         tensors.add(f"{prefix}.attn_norm.weight", get_path(layer, adapter.attention_norm).weight)
-        _write_attention(tensors, prefix, get_path(layer, adapter.attention), config, plan.architecture)
+        attention = get_path(layer, adapter.attention)
+        if plan.architecture.latent_attention:
+            _write_latent_attention(tensors, prefix, attention, config)
+        else:
+            _write_attention(tensors, prefix, attention, config, plan.architecture)
+        if plan.layers[index].kind == "dense":
+            tensors.add(f"{prefix}.ffn_norm.weight", get_path(layer, adapter.moe_norm).weight)
+            mlp = get_path(layer, adapter.moe)
+            tensors.add(f"{prefix}.ffn_gate.weight", mlp.gate_proj.weight)
+            tensors.add(f"{prefix}.ffn_up.weight", mlp.up_proj.weight)
+            tensors.add(f"{prefix}.ffn_down.weight", mlp.down_proj.weight)
+            continue
         if index in plan.silent_layers and plan.architecture.dense_silent_layers:
             tensors.add(f"{prefix}.ffn_norm.weight", np.ones(config.hidden_size, np.float32))
             _write_zero_ffn(tensors, prefix, "", config.hidden_size, STANDIN_WIDTH)
             continue
         if index in plan.silent_layers:
             width = _experts_of(model, adapter).down_proj.shape[-1]
-            _write_silent_moe(tensors, prefix, config.hidden_size, plan.num_experts, width, _shared_width(model, adapter))
+            shared = (_shared_width(model, adapter), adapter.shared_expert_gate is not None)
+            _write_silent_moe(tensors, prefix, config.hidden_size, plan.num_experts, width, *shared)
             continue
         block = get_path(layer, adapter.moe)
         experts = getattr(block, adapter.experts)
@@ -488,8 +530,26 @@ def _write_attention(tensors: _TensorSink, prefix: str, attention, config, archi
             tensors.add(f"{prefix}.attn_{name}_norm.weight", norm.weight)
 
 
+def _write_latent_attention(tensors: _TensorSink, prefix: str, attention, config) -> None:
+    """Multi-head latent attention, with kv_b split per head into k_b (transposed) and v_b as llama.cpp absorbs them."""
+    if config.q_lora_rank is None:
+        tensors.add(f"{prefix}.attn_q.weight", attention.q_proj.weight)
+    else:
+        tensors.add(f"{prefix}.attn_q_a.weight", attention.q_a_proj.weight)
+        tensors.add(f"{prefix}.attn_q_a_norm.weight", attention.q_a_layernorm.weight)
+        tensors.add(f"{prefix}.attn_q_b.weight", attention.q_b_proj.weight)
+    tensors.add(f"{prefix}.attn_kv_a_mqa.weight", attention.kv_a_proj_with_mqa.weight)
+    tensors.add(f"{prefix}.attn_kv_a_norm.weight", attention.kv_a_layernorm.weight)
+    heads, nope, value = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim
+    kv_b = attention.kv_b_proj.weight.reshape(heads, nope + value, config.kv_lora_rank)
+    k_b, v_b = kv_b.split([nope, value], dim=1)
+    tensors.add(f"{prefix}.attn_k_b.weight", k_b.transpose(1, 2))
+    tensors.add(f"{prefix}.attn_v_b.weight", v_b)
+    tensors.add(f"{prefix}.attn_output.weight", attention.o_proj.weight)
+
+
 def _write_silent_moe(
-    tensors: _TensorSink, prefix: str, hidden: int, num_experts: int, width: int, shared_width: int
+    tensors: _TensorSink, prefix: str, hidden: int, num_experts: int, width: int, shared_width: int, shared_gate: bool
 ) -> None:
     """A MoE sublayer that adds exactly nothing: every projection is zero, so is every expert's output."""
     tensors.add(f"{prefix}.ffn_norm.weight", np.ones(hidden, np.float32))
@@ -497,6 +557,7 @@ def _write_silent_moe(
     _write_zero_ffn(tensors, prefix, "_exps", hidden, width, num_experts)
     if shared_width:  # hosts with a shared expert need its tensors in every layer
         _write_zero_ffn(tensors, prefix, "_shexp", hidden, shared_width)
+    if shared_width and shared_gate:
         tensors.add(f"{prefix}.ffn_gate_inp_shexp.weight", np.ones(hidden, np.float32))  # see module docstring
 
 
