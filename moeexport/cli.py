@@ -1,4 +1,4 @@
-"""The `moeexport` command line: analyze, compress, eval, build.
+"""The `moeexport` command line: analyze, compress, eval, build, validate, chat.
 
 Every user error ends as one line on stderr and exit status 2, with nothing
 written. Progress goes to stderr; tables and --json output go to stdout.
@@ -399,15 +399,15 @@ def run_build(args) -> int:
     model, tokenizer, original, provider, result = _compress(args)
     backend.check(model, args.quant)
     quality = _quality_vs_original(args, model, tokenizer, original)
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)  # _compress already refused an existing --out without --overwrite
-    out.mkdir(parents=True)
     imatrix = None
     if args.imatrix:
         from moeexport.calibration.moments import input_moments
 
         imatrix = input_moments(model, provider.tokens(model), batch_size=args.batch_size)
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)  # _compress already refused an existing --out without --overwrite
+    out.mkdir(parents=True)
     try:
         manifest = _manifest(args, provider, result, quality)
         return _export_validate_profile(args, backend, model, tokenizer, out, manifest, imatrix)
@@ -432,7 +432,7 @@ def _export_validate_profile(args, backend, model, tokenizer, out: Path, manifes
     console = _console()
     console.print(f"exported {artifact.path} ({artifact.path.stat().st_size / 2**20:.1f} MiB, {artifact.representation})")
     for fallback in artifact.fallbacks:
-        console.print(f"  kept wider: {escape(fallback)}")
+        console.print(f"  note: {escape(fallback)}")
 
     windows, where = _held_out_windows(args, tokenizer, model, 2, 256)  # >= 512 predicted-token positions
     with _progress() as progress:
@@ -468,11 +468,11 @@ def _export_validate_profile(args, backend, model, tokenizer, out: Path, manifes
         failed = artifact.path.with_name(artifact.path.name + ".failed")
         artifact.path.rename(failed)
         report["artifact"] = str(failed)
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if failures:
         print(f"moeexport build: validation failed ({'; '.join(failures)}); artifact moved to {failed}", file=sys.stderr)
         return 1
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {out} in {report['seconds']:.1f}s")
+    console.print(f"wrote {out} (export, validation and profile took {report['seconds']:.1f}s)")
     return 0
 
 

@@ -232,6 +232,8 @@ def test_every_gguf_family_exports_loads_and_matches(family, passes, tmp_path):
 
     model = _compressed(_tiny_with_demo_vocabulary(family), passes)
     artifact = gguf_backend.export(model, tmp_path / "m.gguf")
+    if not passes:
+        assert artifact.representation == "uniform"  # dense layers are no padding
     windows = random_tokens(2, 48, seed=9) * 16  # spread over the 2048-token vocabulary
     fidelity = compare(TorchRunner(model), gguf_backend.Runner(artifact.path, context=48), windows)
     assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, (family, fidelity)

@@ -194,7 +194,10 @@ def export(
 
 def _describe_representation(plan: _Plan) -> str:
     parts = []
-    padded = [i for i, spec in enumerate(plan.layers) if i not in plan.silent_layers and spec.num_experts < plan.num_experts]
+    padded = [
+        i for i, spec in enumerate(plan.layers)
+        if spec.kind == "moe" and i not in plan.silent_layers and spec.num_experts < plan.num_experts
+    ]
     if padded:
         parts.append(f"padded to {plan.num_experts} experts with never-selected pads (exp_probs_b -1e9) in layers {padded}")
     if plan.silent_layers and plan.architecture.dense_silent_layers:
