@@ -144,20 +144,47 @@ def keep_experts(adapter: MoEAdapter, model: nn.Module, layer: int, keep: list[i
     block = moe_block(adapter, model, layer)
     router, experts = getattr(block, adapter.router), getattr(block, adapter.experts)
     index = torch.tensor(keep, dtype=torch.long)
-    router.weight = nn.Parameter(router.weight.data.index_select(0, index).clone(), requires_grad=False)
     if not keep:
+        replace_experts(adapter, model, layer, None, None, router.weight.data[:0].clone())
+        return
+    replace_experts(
+        adapter,
+        model,
+        layer,
+        experts.gate_up_proj.data.index_select(0, index).clone(),
+        experts.down_proj.data.index_select(0, index).clone(),
+        router.weight.data.index_select(0, index).clone(),
+    )
+
+
+def replace_experts(
+    adapter: MoEAdapter,
+    model: nn.Module,
+    layer: int,
+    gate_up: torch.Tensor | None,
+    down: torch.Tensor | None,
+    router_weight: torch.Tensor,
+) -> None:
+    """Install new routed experts ([E, 2*ffn, hidden], [E, hidden, ffn]) and router rows [E, hidden].
+
+    None for the expert tensors (with E = 0) leaves a layer whose routed part adds nothing.
+    """
+    block = moe_block(adapter, model, layer)
+    router, experts = getattr(block, adapter.router), getattr(block, adapter.experts)
+    count = router_weight.shape[0]
+    router.weight = nn.Parameter(router_weight, requires_grad=False)
+    if count == 0:
         experts = NoRoutedExperts()
         setattr(block, adapter.experts, experts)
-    for name in ("gate_up_proj", "down_proj"):
-        if hasattr(experts, name):
-            tensor = getattr(experts, name).data.index_select(0, index).clone()
-            setattr(experts, name, nn.Parameter(tensor, requires_grad=False))
+    else:
+        experts.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+        experts.down_proj = nn.Parameter(down, requires_grad=False)
     configured_top_k = getattr(model.config, adapter.top_k_key)
     for module in (block, router, experts):
         if hasattr(module, "num_experts") and not isinstance(module, NoRoutedExperts):
-            module.num_experts = len(keep)
+            module.num_experts = count
         if hasattr(module, "top_k"):
-            module.top_k = min(configured_top_k, len(keep))
+            module.top_k = min(configured_top_k, count)
 
 
 def drop_moe_sublayer(adapter: MoEAdapter, model: nn.Module, layer: int) -> None:

@@ -1,8 +1,9 @@
 """Compression passes, registered by the name a recipe uses."""
 
 from moeexport.passes.base import CompressionPass, PassOptions
+from moeexport.passes.merge import Merge
 from moeexport.passes.trim import BlockDrop, ExpertDrop, LayerDrop
 
-PASSES: dict[str, CompressionPass] = {p.name: p for p in (BlockDrop(), LayerDrop(), ExpertDrop())}
+PASSES: dict[str, CompressionPass] = {p.name: p for p in (BlockDrop(), LayerDrop(), ExpertDrop(), Merge())}
 
 __all__ = ["PASSES", "CompressionPass", "PassOptions"]
