@@ -8,8 +8,8 @@ expert by weight matching (an assignment problem over gate, up and down
 weights, solved exactly), which leaves the member's function unchanged. Each
 group becomes ONE expert: its weights are the frequency-weighted average of the
 members, and so is its router row (`router: frequency_weighted`, the default;
-`router: dominant` keeps the dominant expert's row). Unlike the paper's Mixtral
-code, which points several router outputs at one shared module, the merged
+`router: dominant` keeps the dominant expert's row). Unlike the paper's public
+merging code, which points several router outputs at one shared module, the merged
 model has fewer experts in its config and file. `scope: global` gives layers an
 adaptive number of groups from one frequency threshold (MC-SMoE's global budget).
 """
