@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from moeexport.adapters import LayerSpec
 from moeexport.calibration.observers import Statistics
+from moeexport.errors import MoeExportError
 
 
 class PassOptions(BaseModel):
@@ -39,3 +40,14 @@ class CompressionPass:
 
     def apply(self, model, plan) -> None:
         raise NotImplementedError
+
+
+def check_expert_keep(name: str, keep: int, scope: str, layers: list[LayerSpec]) -> None:
+    """A per-layer `keep` can be at most the largest layer's experts; a global one, the average."""
+    counts = [spec.num_experts for spec in layers if spec.kind == "moe"]
+    if not counts:
+        raise MoeExportError(f"{name}: the model has no MoE layers left")
+    limit = max(counts) if scope == "layer" else sum(counts) / len(counts)
+    if keep > limit:
+        what = "the largest layer has" if scope == "layer" else "layers have on average"
+        raise MoeExportError(f"{name} keep={keep} but {what} {limit:g} experts")

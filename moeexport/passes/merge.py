@@ -26,8 +26,7 @@ from scipy.optimize import linear_sum_assignment
 from moeexport.adapters import LayerSpec, adapter_for
 from moeexport.adapters.base import check_expert_count_change, moe_block, replace_experts
 from moeexport.calibration.observers import Statistics
-from moeexport.errors import MoeExportError
-from moeexport.passes.base import CompressionPass, PassOptions
+from moeexport.passes.base import CompressionPass, PassOptions, check_expert_keep
 
 
 class MergeOptions(PassOptions):
@@ -57,12 +56,7 @@ class Merge(CompressionPass):
     Options = MergeOptions
 
     def check(self, options: MergeOptions, layers: list[LayerSpec]) -> None:
-        counts = [spec.num_experts for spec in layers if spec.kind == "moe"]
-        if not counts:
-            raise MoeExportError("merge: the model has no MoE layers left")
-        limit = max(counts) if options.scope == "layer" else sum(counts) / len(counts)
-        if options.keep > limit:
-            raise MoeExportError(f"merge keep={options.keep} but the layers have {limit:g} experts")
+        check_expert_keep(self.name, options.keep, options.scope, layers)
 
     def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: MergeOptions) -> MergePlan:
         moe_layers = [i for i, spec in enumerate(layers) if spec.kind == "moe" and spec.num_experts > 0]

@@ -25,7 +25,7 @@ from moeexport.adapters import LayerSpec, adapter_for
 from moeexport.adapters.base import check_expert_count_change, drop_blocks, drop_moe_sublayer, keep_experts
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
-from moeexport.passes.base import CompressionPass, PassOptions
+from moeexport.passes.base import CompressionPass, PassOptions, check_expert_keep
 
 
 def _top_n(scores: list[float], n: int) -> list[int]:
@@ -183,15 +183,9 @@ class ExpertDrop(CompressionPass):
     Options = ExpertDropOptions
 
     def check(self, options: ExpertDropOptions, layers: list[LayerSpec]) -> None:
-        counts = [spec.num_experts for spec in layers if spec.kind == "moe"]
-        if not counts:
-            raise MoeExportError("expert_drop: the model has no MoE layers left")
-        limit = max(counts) if options.scope == "layer" else sum(counts) / len(counts)
         if options.min_keep > options.keep:
             raise MoeExportError(f"expert_drop min_keep={options.min_keep} is more than keep={options.keep}")
-        if options.keep > limit:
-            what = "the largest layer has" if options.scope == "layer" else "layers have on average"
-            raise MoeExportError(f"expert_drop keep={options.keep} but {what} {limit:g} experts")
+        check_expert_keep(self.name, options.keep, options.scope, layers)
 
     def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: ExpertDropOptions) -> ExpertDropPlan:
         moe_layers = [i for i, spec in enumerate(layers) if spec.kind == "moe"]
