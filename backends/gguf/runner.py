@@ -63,11 +63,14 @@ class GGUFRunner:
 
     def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[int]:
         """New token ids after `prompt` through the KV cache: greedy at temperature 0, else sampled."""
-        rng = np.random.default_rng(seed)
         self.llm.reset()
         self.llm.eval([int(t) for t in prompt])
+        return self._continue(max_new_tokens, temperature, np.random.default_rng(seed))
+
+    def _continue(self, count: int, temperature: float, rng) -> list[int]:
+        """Pick the next token from the last logits and feed it back, `count` times."""
         generated = []
-        for _ in range(max_new_tokens):
+        for _ in range(count):
             logits = np.asarray(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float64)
             if temperature:
                 probabilities = np.exp((logits - logits.max()) / temperature)
@@ -84,11 +87,8 @@ class GGUFRunner:
         started = time.perf_counter()
         self.llm.eval([int(t) for t in prompt])
         prefill = time.perf_counter() - started
-        token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
         started = time.perf_counter()
-        for _ in range(new_tokens):
-            self.llm.eval([token])
-            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        self._continue(new_tokens, 0.0, None)
         decode = time.perf_counter() - started
         return {
             "prompt_tokens": len(prompt),

@@ -86,6 +86,8 @@ class _Plan:
     layers: list
     num_experts: int
     silent_layers: list[int]  # layers written as MoE sublayers with all-zero experts
+    expert_width: int  # ffn width of every routed expert
+    shared_width: int  # ffn width of the shared expert, 0 without one
 
 
 def _gguf():
@@ -144,7 +146,8 @@ def check(model, quant: str = "f32") -> _Plan:
                 "use expert_drop with scope: layer (the same keep everywhere)"
             )
         architecture = padded_host
-    return _Plan(architecture, layers, max(routed), silent)
+    width = _experts_of(model, adapter).down_proj.shape[-1]
+    return _Plan(architecture, layers, max(routed), silent, width, _shared_width(model, adapter))
 
 
 def export(
@@ -330,18 +333,17 @@ def _write_hparams(writer, gguf, model, plan: _Plan, quant: str) -> None:
     config, adapter = model.config, adapter_for(model.config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
-    expert_width = _experts_of(model, adapter).down_proj.shape[-1]
     writer.add_name(Path(str(config.name_or_path or "moeexport-model")).name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(len(plan.layers))
     host = plan.architecture
     if host.expert_width_key == "feed_forward_length":
-        writer.add_feed_forward_length(expert_width)
+        writer.add_feed_forward_length(plan.expert_width)
     else:
         writer.add_feed_forward_length(STANDIN_WIDTH if host.dense_silent_layers else config.intermediate_size)
-        writer.add_expert_feed_forward_length(expert_width)
-    if shared_width := _shared_width(model, adapter) or (STANDIN_WIDTH if host.requires_shared_expert else 0):
+        writer.add_expert_feed_forward_length(plan.expert_width)
+    if shared_width := plan.shared_width or (STANDIN_WIDTH if host.requires_shared_expert else 0):
         writer.add_expert_shared_feed_forward_length(shared_width)
     if host.softmax_gating:
         writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
@@ -477,9 +479,8 @@ def _write_tensors(tensors: _TensorSink, model, plan: _Plan) -> None:
             _write_zero_ffn(tensors, prefix, "", config.hidden_size, STANDIN_WIDTH)
             continue
         if index in plan.silent_layers:
-            width = _experts_of(model, adapter).down_proj.shape[-1]
-            shared = (_shared_width(model, adapter), adapter.shared_expert_gate is not None)
-            _write_silent_moe(tensors, prefix, config.hidden_size, plan.num_experts, width, *shared)
+            shared = (plan.shared_width, adapter.shared_expert_gate is not None)
+            _write_silent_moe(tensors, prefix, config.hidden_size, plan.num_experts, plan.expert_width, *shared)
             continue
         block = get_path(layer, adapter.moe)
         experts = getattr(block, adapter.experts)
