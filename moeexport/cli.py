@@ -545,7 +545,7 @@ def run_chat(args) -> int:
 
 def run_eval(args) -> int:
     from moeexport.evaluate import eval_windows, evaluate
-    from moeexport.modelio import load, load_tokenizer
+    from moeexport.modelio import load
 
     if args.length < 2 or args.max_sequences < 1:
         raise MoeExportError("--length must be at least 2 and --max-sequences at least 1")
