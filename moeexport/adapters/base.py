@@ -59,6 +59,7 @@ class MoEAdapter:
     layers: str = "model.layers"  # path from the causal LM to its decoder layers
     embeddings: str = "model.embed_tokens"
     final_norm: str = "model.norm"
+    rotary_embedding: str = "model.rotary_emb"  # module(x, position_ids) -> (cos, sin), or complex freqs
     attention: str = "self_attn"  # with q_proj, k_proj, v_proj, o_proj
     attention_norm: str = "input_layernorm"
     moe: str = "mlp"  # the MoE (or dense MLP) sublayer of a decoder layer

@@ -1,0 +1,259 @@
+"""The decoder graph: embeddings, attention with a KV cache, MoE / dense / dropped FFNs, head.
+
+The graph is written node by node with onnx.helper rather than traced with
+torch.onnx: a compressed model's layers differ from each other (expert counts,
+dropped sublayers, dense layers), routing is data-dependent, and each MoE block
+must become exactly one MoE/QMoE node or a fixed, scatter-free set of standard
+ops. Writing the graph states all of that directly, with no exporter patches,
+and the same code serves every family the adapters describe.
+
+Attention, RoPE and RMSNorm are standard ops in both variants, so the graph
+runs wherever ONNX does (TensorRT included); ONNX Runtime's graph optimizer
+fuses the norm and attention patterns where its kernels allow.
+
+IO (onnxruntime-genai naming): input_ids, attention_mask [batch, past + sequence]
+(1 = attend), position_ids, past_key_values.{i}.key / .value; outputs logits
+and present.{i}.key / .value (past and current positions concatenated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from onnx import TensorProto
+
+from moeexport.adapters import adapter_for
+from moeexport.adapters.base import NoRoutedExperts, decoder_layers, get_path, layer_kind
+from moeexport.backends.onnx.architectures import ARCHITECTURES, AttentionLayout
+from moeexport.backends.onnx.graph import Graph
+from moeexport.backends.onnx.moe import Quantization, RoutedExperts, routed_experts
+
+MASKED = -1e30  # added to scores of masked keys; finite, so a fully masked (padding) row stays finite
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """One layer's cached key and value: [batch, heads, positions, width]."""
+
+    heads: int
+    key_width: int
+    value_width: int
+
+
+def cache_shapes(model) -> list[CacheShape]:
+    config, layout = model.config, ARCHITECTURES[model.config.model_type]
+    if layout.latent:
+        shape = CacheShape(1, config.kv_lora_rank, config.qk_rope_head_dim)
+    else:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = CacheShape(config.num_key_value_heads, head_dim, head_dim)
+    return [shape] * config.num_hidden_layers
+
+
+@torch.no_grad()
+def build_decoder(model, graph: Graph, lowering: str, quantization: Quantization | None, context: int) -> None:
+    adapter = adapter_for(model.config)
+    config = model.config
+    layout = ARCHITECTURES[config.model_type]
+    batch, sequence, total = "batch", "sequence", "total_sequence"
+    input_ids = graph.input("input_ids", TensorProto.INT64, [batch, sequence])
+    attention_mask = graph.input("attention_mask", TensorProto.INT64, [batch, total])
+    position_ids = graph.input("position_ids", TensorProto.INT64, [batch, sequence])
+
+    embeddings = get_path(model, adapter.embeddings).weight
+    h = graph.op("Gather", graph.weight("embed_tokens.weight", embeddings.float().numpy()), input_ids)
+    cos, sin = _rope_tables(graph, model, adapter, position_ids, context)
+    mask = _additive_mask(graph, input_ids, attention_mask)
+    routing = adapter.routing(config)
+    eps = config.rms_norm_eps
+
+    for index, layer in enumerate(decoder_layers(adapter, model)):
+        prefix = f"layers.{index}"
+        x = graph.rms_norm(h, f"{prefix}.attention_norm", get_path(layer, adapter.attention_norm).weight, eps)
+        attention = get_path(layer, adapter.attention)
+        cache = cache_shapes(model)[index]
+        past_key = graph.input(f"past_key_values.{index}.key", TensorProto.FLOAT, [batch, cache.heads, "past_sequence", cache.key_width])
+        past_value = graph.input(f"past_key_values.{index}.value", TensorProto.FLOAT, [batch, cache.heads, "past_sequence", cache.value_width])
+        lower = _latent_attention if layout.latent else _attention
+        out, present_key, present_value = lower(graph, x, prefix, attention, config, layout, cos, sin, mask,
+                                                past_key, past_value)
+        graph.output(present_key, f"present.{index}.key", TensorProto.FLOAT, [batch, cache.heads, total, cache.key_width])
+        graph.output(present_value, f"present.{index}.value", TensorProto.FLOAT, [batch, cache.heads, total, cache.value_width])
+        h = graph.op("Add", h, out)
+
+        kind = layer_kind(adapter, layer)
+        if kind == "dropped":
+            continue
+        x = graph.rms_norm(h, f"{prefix}.ffn_norm", get_path(layer, adapter.moe_norm).weight, eps)
+        block = getattr(layer, adapter.moe)
+        if kind == "dense":
+            h = graph.op("Add", h, graph.swiglu_mlp(x, f"{prefix}.mlp", block))
+            continue
+        parts = []
+        experts, router = getattr(block, adapter.experts), getattr(block, adapter.router)
+        if not isinstance(experts, NoRoutedExperts):
+            routed = RoutedExperts(
+                router=router.weight.float().numpy(),
+                gate_up=experts.gate_up_proj.float().numpy(),
+                down=experts.down_proj.float().numpy(),
+                top_k=router.top_k,
+                renormalize=routing.renormalize,
+                scale=routing.scale,
+            )
+            parts.append(routed_experts(graph, x, f"{prefix}.experts", routed, lowering, quantization))
+        for name in adapter.shared_experts:
+            if hasattr(block, name):
+                shared = graph.swiglu_mlp(x, f"{prefix}.{name}", getattr(block, name))
+                if adapter.shared_expert_gate:
+                    gate = graph.linear(x, f"{prefix}.{adapter.shared_expert_gate}",
+                                        getattr(block, adapter.shared_expert_gate).weight)
+                    shared = graph.op("Mul", shared, graph.op("Sigmoid", gate))
+                parts.append(shared)
+        for part in parts:
+            h = graph.op("Add", h, part)
+
+    h = graph.rms_norm(h, "final_norm", get_path(model, adapter.final_norm).weight, eps)
+    logits = graph.linear(h, "lm_head", model.get_output_embeddings().weight)
+    graph.output(logits, "logits", TensorProto.FLOAT, [batch, sequence, config.vocab_size])
+
+
+def _rope_tables(graph: Graph, model, adapter, position_ids: str, context: int) -> tuple[str, str]:
+    """cos and sin per position, [batch, 1, sequence, rotary/2], from the model's own rotary module.
+
+    Taking the tables from the module covers every RoPE scaling type
+    transformers implements, attention scaling included.
+    """
+    rotary = get_path(model, adapter.rotary_embedding)
+    positions = torch.arange(context)[None]
+    probe = torch.zeros(1, dtype=torch.float32)
+    table = rotary(probe, positions)
+    if isinstance(table, tuple):  # (cos, sin), each [1, P, d] = two copies of the d/2 frequencies
+        cos, sin = (t[0].float() for t in table)
+        half = cos.shape[-1] // 2
+        cos, sin = cos[:, :half], sin[:, :half]
+    else:  # complex freqs_cis [1, P, d/2]
+        cos, sin = table[0].real.float(), table[0].imag.float()
+    gathered = []
+    for name, values in (("rope.cos", cos), ("rope.sin", sin)):
+        rows = graph.op("Gather", graph.raw(name, values.numpy().astype(np.float32)), position_ids)
+        gathered.append(graph.op("Unsqueeze", rows, graph.const([1])))
+    return gathered[0], gathered[1]
+
+
+def _rotate(graph: Graph, x: str, cos: str, sin: str, style: str) -> str:
+    """RoPE on x [B, heads, S, d] with tables [B, 1, S, d/2]."""
+    if style == "half":
+        first, second = graph.op("Split", x, axis=-1, outputs=2)
+    else:  # interleaved pairs (x0, x1), (x2, x3), ...: view as [..., d/2, 2]
+        pairs = graph.op("Reshape", x, graph.const([0, 0, 0, -1, 2]))
+        first, second = (graph.op("Squeeze", half, graph.const([-1]))
+                         for half in graph.op("Split", pairs, axis=-1, outputs=2))
+    rotated_first = graph.op("Sub", graph.op("Mul", first, cos), graph.op("Mul", second, sin))
+    rotated_second = graph.op("Add", graph.op("Mul", second, cos), graph.op("Mul", first, sin))
+    if style == "half":
+        return graph.op("Concat", rotated_first, rotated_second, axis=-1)
+    stacked = graph.op("Concat", *(graph.op("Unsqueeze", r, graph.const([-1])) for r in (rotated_first, rotated_second)),
+                       axis=-1)
+    return graph.op("Reshape", stacked, graph.const([0, 0, 0, -1]))
+
+
+def _additive_mask(graph: Graph, input_ids: str, attention_mask: str) -> str:
+    """[B, 1, 1, S, T]: 0 where query i (at cache slot T - S + i) may see key j, else MASKED.
+
+    Keys are visible when they are not padding and not in the future.
+    """
+    total = graph.op("Gather", graph.op("Shape", attention_mask), graph.const(1), axis=0)
+    current = graph.op("Gather", graph.op("Shape", input_ids), graph.const(1), axis=0)
+    key_slots = graph.op("Range", graph.const(0), total, graph.const(1))
+    query_slots = graph.op("Range", graph.op("Sub", total, current), total, graph.const(1))
+    causal = graph.op("LessOrEqual", graph.op("Unsqueeze", key_slots, graph.const([0])),
+                      graph.op("Unsqueeze", query_slots, graph.const([1])))  # [S, T]
+    not_padding = graph.op("Cast", graph.op("Unsqueeze", attention_mask, graph.const([1, 2, 3])), to=TensorProto.BOOL)
+    visible = graph.op("And", causal, not_padding)  # [B, 1, 1, S, T]
+    return graph.op("Where", visible, graph.const(0.0, np.float32), graph.const(MASKED, np.float32))
+
+
+def _heads(graph: Graph, x: str, heads: int, width: int) -> str:
+    """[B, S, heads * width] -> [B, heads, S, width]."""
+    return graph.op("Transpose", graph.op("Reshape", x, graph.const([0, 0, heads, width])), perm=[0, 2, 1, 3])
+
+
+def _attend(graph: Graph, q: str, k: str, v: str, mask: str, attention, shape: tuple[int, int, int, int],
+            prefix: str) -> str:
+    """o_proj(softmax(q k^T * scaling + mask) v) with q [B, Hq, S, dk], k / v [B, Hkv, T, dk / dv] -> [B, S, H].
+
+    shape = (Hq, Hkv, dk, dv). Query heads are grouped per kv head ([B, Hkv, Hq/Hkv, S, dk]) and
+    broadcast against [B, Hkv, 1, T, d], so the kv heads are never copied.
+    """
+    heads, kv_heads, key_width, value_width = shape
+    grouped_q = graph.op("Reshape", q, graph.const([0, kv_heads, heads // kv_heads, -1, key_width]))
+    k5, v5 = (graph.op("Unsqueeze", t, graph.const([2])) for t in (k, v))
+    scores = graph.op("MatMul", grouped_q, graph.op("Transpose", k5, perm=[0, 1, 2, 4, 3]))
+    scores = graph.op("Add", graph.op("Mul", scores, graph.const(attention.scaling, np.float32)), mask)
+    context = graph.op("MatMul", graph.op("Softmax", scores, axis=-1), v5)  # [B, Hkv, G, S, dv]
+    heads_first = graph.op("Reshape", context, graph.const([0, heads, -1, value_width]))
+    merged = graph.op("Reshape", graph.op("Transpose", heads_first, perm=[0, 2, 1, 3]),
+                      graph.const([0, 0, heads * value_width]))
+    return graph.linear(merged, f"{prefix}.o_proj", attention.o_proj.weight, attention.o_proj.bias)
+
+
+def _attention(graph: Graph, x: str, prefix: str, attention, config, layout: AttentionLayout, cos, sin, mask,
+               past_key: str, past_value: str):
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = attention.head_dim
+    projected = [graph.linear(x, f"{prefix}.{name}", getattr(attention, name).weight, getattr(attention, name).bias)
+                 for name in ("q_proj", "k_proj", "v_proj")]
+    q, k, v = projected
+    if layout.qk_norm == "full":
+        q = graph.rms_norm(q, f"{prefix}.q_norm", attention.q_norm.weight, attention.q_norm.variance_epsilon)
+        k = graph.rms_norm(k, f"{prefix}.k_norm", attention.k_norm.weight, attention.k_norm.variance_epsilon)
+    if layout.clip_qkv and getattr(config, "clip_qkv", None) is not None:
+        low, high = graph.const(-config.clip_qkv, np.float32), graph.const(config.clip_qkv, np.float32)
+        q, k, v = (graph.op("Clip", t, low, high) for t in (q, k, v))
+    q, k, v = _heads(graph, q, heads, head_dim), _heads(graph, k, kv_heads, head_dim), _heads(graph, v, kv_heads, head_dim)
+    if layout.qk_norm == "per_head":
+        q = graph.rms_norm(q, f"{prefix}.q_norm", attention.q_norm.weight, attention.q_norm.variance_epsilon)
+        k = graph.rms_norm(k, f"{prefix}.k_norm", attention.k_norm.weight, attention.k_norm.variance_epsilon)
+    q, k = _rotate(graph, q, cos, sin, layout.rope), _rotate(graph, k, cos, sin, layout.rope)
+    k = graph.op("Concat", past_key, k, axis=2)
+    v = graph.op("Concat", past_value, v, axis=2)
+    out = _attend(graph, q, k, v, mask, attention, (heads, kv_heads, head_dim, head_dim), prefix)
+    return out, k, v
+
+
+def _latent_attention(graph: Graph, x: str, prefix: str, attention, config, layout: AttentionLayout, cos, sin, mask,
+                      past_latent: str, past_rope_key: str):
+    """DeepSeek-V2 MLA; the cache holds the normalized kv latent [B, 1, T, r] and rotated shared key [B, 1, T, d_rope]."""
+    heads = config.num_attention_heads
+    nope, rope_dim, value_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+    if attention.q_lora_rank is None:
+        q = graph.linear(x, f"{prefix}.q_proj", attention.q_proj.weight)
+    else:
+        q = graph.linear(x, f"{prefix}.q_a_proj", attention.q_a_proj.weight, attention.q_a_proj.bias)
+        q = graph.rms_norm(q, f"{prefix}.q_a_layernorm", attention.q_a_layernorm.weight,
+                           attention.q_a_layernorm.variance_epsilon)
+        q = graph.linear(q, f"{prefix}.q_b_proj", attention.q_b_proj.weight)
+    q_nope, q_rope = graph.op("Split", _heads(graph, q, heads, nope + rope_dim), graph.const([nope, rope_dim]),
+                              axis=-1, outputs=2)
+    compressed = graph.linear(x, f"{prefix}.kv_a_proj_with_mqa", attention.kv_a_proj_with_mqa.weight,
+                              attention.kv_a_proj_with_mqa.bias)
+    latent, k_rope = graph.op("Split", compressed, graph.const([config.kv_lora_rank, rope_dim]), axis=-1, outputs=2)
+    latent = graph.rms_norm(latent, f"{prefix}.kv_a_layernorm", attention.kv_a_layernorm.weight,
+                            attention.kv_a_layernorm.variance_epsilon)
+    latent = graph.op("Unsqueeze", latent, graph.const([1]))  # [B, 1, S, r]
+    k_rope = graph.op("Unsqueeze", k_rope, graph.const([1]))
+    q_rope, k_rope = _rotate(graph, q_rope, cos, sin, layout.rope), _rotate(graph, k_rope, cos, sin, layout.rope)
+    latent = graph.op("Concat", past_latent, latent, axis=2)
+    k_rope = graph.op("Concat", past_rope_key, k_rope, axis=2)
+
+    expanded = graph.linear(graph.op("Squeeze", latent, graph.const([1])), f"{prefix}.kv_b_proj",
+                            attention.kv_b_proj.weight)  # [B, T, heads * (nope + v)]
+    k_nope, v = graph.op("Split", _heads(graph, expanded, heads, nope + value_dim), graph.const([nope, value_dim]),
+                         axis=-1, outputs=2)
+    k_rope_all = graph.op("Expand", k_rope, graph.const([1, heads, 1, 1]))
+    q = graph.op("Concat", q_nope, q_rope, axis=-1)
+    k = graph.op("Concat", k_nope, k_rope_all, axis=-1)
+    out = _attend(graph, q, k, v, mask, attention, (heads, heads, nope + rope_dim, value_dim), prefix)
+    return out, latent, k_rope

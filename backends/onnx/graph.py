@@ -1,0 +1,100 @@
+"""A small graph builder over onnx.helper: nodes, weights and constants by name.
+
+Every `op` call returns the name(s) of its output(s), so the lowering code
+reads like the computation it writes. Weights may be stored in float16 and
+are cast back to float32 where they are used: the graph computes in float32
+either way, so an f16 artifact differs from f32 only by its rounded weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17  # TensorRT 10.x parses opsets up to 20 and ORT runs them all; 17 has everything used here
+CONTRIB_DOMAIN = "com.microsoft"
+
+
+class Graph:
+    def __init__(self, weight_dtype=np.float32):
+        self.weight_dtype = weight_dtype
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._constants: dict[tuple, str] = {}
+        self._count = 0
+
+    def _name(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", name: str | None = None, **attributes):
+        """Add one node; returns its output name, or a list of names when `outputs` > 1."""
+        names = [name] if name and outputs == 1 else [self._name(op_type) for _ in range(outputs)]
+        self.nodes.append(
+            helper.make_node(op_type, list(inputs), names, name=self._name(f"n_{op_type}"), domain=domain, **attributes)
+        )
+        return names[0] if outputs == 1 else names
+
+    def raw(self, name: str, array: np.ndarray) -> str:
+        """An initializer stored exactly as given (integer codes, scales, tables)."""
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """A float32 weight as the graph uses it, stored in the artifact's weight dtype."""
+        stored = self.raw(name, np.asarray(array, dtype=self.weight_dtype))
+        return stored if self.weight_dtype == np.float32 else self.op("Cast", stored, to=TensorProto.FLOAT)
+
+    def const(self, values, dtype=np.int64) -> str:
+        """A small constant, shared by every node that asks for the same values."""
+        array = np.asarray(values, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._constants:
+            self._constants[key] = self.raw(self._name("const"), array)
+        return self._constants[key]
+
+    def input(self, name: str, elem_type: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def output(self, source: str, name: str, elem_type: int, shape: list) -> None:
+        self.nodes.append(helper.make_node("Identity", [source], [name], name=self._name("n_out")))
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    def model(self, graph_name: str, doc: str, uses_contrib: bool) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
+        opsets = [helper.make_opsetid("", OPSET)]
+        if uses_contrib:
+            opsets.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="moeexport", doc_string=doc)
+        model.ir_version = 8  # readable by every onnxruntime >= 1.14 and TensorRT 10's parser
+        return model
+
+    # -- the pieces every layer uses ---------------------------------------------------------
+
+    def linear(self, x: str, name: str, weight, bias=None) -> str:
+        """x @ W.T (+ b) for an nn.Linear weight [out, in]."""
+        y = self.op("MatMul", x, self.weight(f"{name}.weight", _numpy(weight).T))
+        return self.op("Add", y, self.weight(f"{name}.bias", _numpy(bias))) if bias is not None else y
+
+    def rms_norm(self, x: str, name: str, weight, eps: float) -> str:
+        """HF RMSNorm: x / sqrt(mean(x^2) + eps) * w, over the last axis."""
+        variance = self.op("ReduceMean", self.op("Mul", x, x), axes=[-1], keepdims=1)
+        normed = self.op("Div", x, self.op("Sqrt", self.op("Add", variance, self.const(eps, np.float32))))
+        return self.op("Mul", normed, self.weight(f"{name}.weight", _numpy(weight)))
+
+    def silu(self, x: str) -> str:
+        return self.op("Mul", x, self.op("Sigmoid", x))
+
+    def swiglu_mlp(self, x: str, name: str, mlp) -> str:
+        """down(silu(gate(x)) * up(x)) for a dense MLP module with gate_proj / up_proj / down_proj."""
+        gate = self.linear(x, f"{name}.gate_proj", mlp.gate_proj.weight)
+        up = self.linear(x, f"{name}.up_proj", mlp.up_proj.weight)
+        return self.linear(self.op("Mul", self.silu(gate), up), f"{name}.down_proj", mlp.down_proj.weight)
+
+
+def _numpy(tensor) -> np.ndarray:
+    return tensor.detach().float().cpu().numpy() if hasattr(tensor, "detach") else np.asarray(tensor)

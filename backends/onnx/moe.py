@@ -1,0 +1,151 @@
+"""Two lowerings of one routed-expert block: ONNX Runtime's MoE / QMoE op, or standard ops.
+
+Both compute softmax over the layer's experts -> top-k -> (renormalize) ->
+x scale, then the k SwiGLU experts' weighted sum, from the block's fused
+weights: gate_up [E, 2I, H] (gate rows, then up rows) and down [E, H, I].
+
+`com.microsoft::MoE` (onnxruntime >= 1.23, research/onnx_trt.md §1): the op
+takes RAW router logits (it applies the softmax itself), weights output-major
+[E, N, K], and on CPU only the fused SwiGLU with gate/up rows interleaved
+(swiglu_fusion=1). Its defaults (k=1, relu, no renormalization) are wrong for
+every family here, so every attribute is set explicitly. A routed scale
+(DeepSeek's routed_scaling_factor) is folded into the down weights.
+
+`QMoE` stores symmetric integer codes as uint8 with the implicit zero point
+2^(bits-1), int4 two per byte (even K index in the low nibble), and one float
+scale per `block_size` inputs. Weights that a quantize pass already put on a
+grid of the same bits and group size keep their exact codes and scales.
+
+The plain lowering uses only default-domain ops TensorRT parses: TopK with a
+constant k, the k weights spread into a dense [tokens, E] matrix with
+Equal/Cast/Mul/ReduceSum (no scatter), every expert computed by one batched
+MatMul over stacked weights, and the dense weights reducing the results. It
+spends E/k times the FLOPs of the routed computation, a fair price for static
+shapes and no data-dependent control flow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moeexport.backends.onnx.graph import CONTRIB_DOMAIN, Graph
+from moeexport.errors import MoeExportError
+
+
+@dataclass(frozen=True)
+class RoutedExperts:
+    """One layer's routed experts as plain arrays."""
+
+    router: np.ndarray  # [E, H]
+    gate_up: np.ndarray  # [E, 2I, H], gate rows then up rows
+    down: np.ndarray  # [E, H, I]
+    top_k: int
+    renormalize: bool
+    scale: float  # multiplier on the routed weights
+
+    @property
+    def count(self) -> int:
+        return self.router.shape[0]
+
+
+@dataclass(frozen=True)
+class Quantization:
+    bits: int
+    block_size: int
+    grid: dict | None = None  # the model's moeexport_weight_grid, if a quantize pass set one
+
+
+def routed_experts(graph: Graph, x: str, name: str, experts: RoutedExperts, lowering: str,
+                   quantization: Quantization | None) -> str:
+    """The routed part of one MoE block, x [B, S, H] -> [B, S, H]."""
+    hidden = experts.router.shape[1]
+    tokens = graph.op("Reshape", x, graph.const([-1, hidden]))
+    if lowering == "plain":
+        y = _plain(graph, tokens, name, experts)
+    else:
+        logits = graph.op("MatMul", tokens, graph.weight(f"{name}.router.weight", experts.router.T))
+        y = _contrib(graph, tokens, logits, name, experts, quantization)
+    return graph.op("Reshape", y, graph.op("Shape", x))
+
+
+def _interleaved_fc1(gate_up: np.ndarray) -> np.ndarray:
+    """[E, 2I, H] as gate rows then up rows -> rows g0, u0, g1, u1, ... (swiglu_fusion=1)."""
+    count, double_width, hidden = gate_up.shape
+    width = double_width // 2
+    return np.stack([gate_up[:, :width], gate_up[:, width:]], axis=2).reshape(count, double_width, hidden)
+
+
+def _contrib(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedExperts,
+             quantization: Quantization | None) -> str:
+    attributes = dict(
+        k=experts.top_k,
+        activation_type="swiglu",
+        swiglu_fusion=1,
+        normalize_routing_weights=int(experts.renormalize),
+        activation_alpha=1.0,
+        activation_beta=0.0,
+    )
+    fc1 = _interleaved_fc1(experts.gate_up)
+    fc2 = experts.down * experts.scale
+    if quantization is None:
+        return graph.op("MoE", tokens, logits, graph.weight(f"{name}.fc1", fc1), "", graph.weight(f"{name}.fc2", fc2),
+                        domain=CONTRIB_DOMAIN, **attributes)
+    fc1_codes, fc1_scales = _quantized(fc1, quantization, f"{name} gate/up")
+    fc2_codes, fc2_scales = _quantized(experts.down, quantization, f"{name} down")
+    fc2_scales = fc2_scales * np.float32(experts.scale)
+    return graph.op(
+        "QMoE", tokens, logits,
+        graph.raw(f"{name}.fc1.codes", _pack(fc1_codes, quantization.bits)), graph.raw(f"{name}.fc1.scales", fc1_scales), "",
+        graph.raw(f"{name}.fc2.codes", _pack(fc2_codes, quantization.bits)), graph.raw(f"{name}.fc2.scales", fc2_scales),
+        domain=CONTRIB_DOMAIN, expert_weight_bits=quantization.bits, block_size=quantization.block_size, **attributes,
+    )
+
+
+def _quantized(weight: np.ndarray, quantization: Quantization, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric codes [E, N, K] and block scales [E, N, K / block]: the grid a quantize pass chose, else RTN."""
+    from moeexport.quantization import quantize_rtn, recover_grid
+
+    import torch
+
+    grid = quantization.grid
+    tensor = torch.from_numpy(np.ascontiguousarray(weight))
+    if grid and grid["bits"] == quantization.bits and grid["group_size"] == quantization.block_size:
+        codes, scales = recover_grid(tensor, quantization.bits, quantization.block_size)
+    else:
+        codes, scales = quantize_rtn(tensor, quantization.bits, quantization.block_size)
+    if not np.isfinite(scales.numpy()).all():
+        raise MoeExportError(f"quantizing {what} produced a non-finite scale")
+    return codes.numpy().astype(np.int8), scales.numpy().astype(np.float32)
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Signed codes -> uint8 with zero point 2^(bits-1); int4 two per byte, even index low."""
+    stored = (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    if bits == 8:
+        return stored
+    return (stored[..., 0::2] | (stored[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _plain(graph: Graph, tokens: str, name: str, experts: RoutedExperts) -> str:
+    count = experts.count
+    logits = graph.op("MatMul", tokens, graph.weight(f"{name}.router.weight", experts.router.T))
+    probabilities = graph.op("Softmax", logits, axis=-1)
+    top_values, top_index = graph.op("TopK", probabilities, graph.const([experts.top_k]), outputs=2, axis=-1)
+    if experts.renormalize:
+        top_values = graph.op("Div", top_values, graph.op("ReduceSum", top_values, graph.const([-1]), keepdims=1))
+    if experts.scale != 1.0:
+        top_values = graph.op("Mul", top_values, graph.const(experts.scale, np.float32))
+    # [T, k, 1] == [E] -> one-hot [T, k, E], weighted and summed over k: dense routing weights [T, E]
+    one_hot = graph.op("Cast", graph.op("Equal", graph.op("Unsqueeze", top_index, graph.const([-1])),
+                                        graph.const(np.arange(count))), to=1)
+    weighted = graph.op("Mul", one_hot, graph.op("Unsqueeze", top_values, graph.const([-1])))
+    routing = graph.op("ReduceSum", weighted, graph.const([1]), keepdims=0)
+    # every expert on every token: [T, H] @ [E, H, 2I] -> [E, T, 2I]
+    gate_up = graph.op("MatMul", tokens, graph.weight(f"{name}.gate_up", experts.gate_up.transpose(0, 2, 1)))
+    gate, up = graph.op("Split", gate_up, axis=-1, outputs=2)
+    hidden = graph.op("Mul", graph.silu(gate), up)
+    out = graph.op("MatMul", hidden, graph.weight(f"{name}.down", experts.down.transpose(0, 2, 1)))  # [E, T, H]
+    per_expert = graph.op("Unsqueeze", graph.op("Transpose", routing, perm=[1, 0]), graph.const([-1]))  # [E, T, 1]
+    return graph.op("ReduceSum", graph.op("Mul", out, per_expert), graph.const([0]), keepdims=0)

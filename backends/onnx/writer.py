@@ -1,0 +1,166 @@
+"""Export a (compressed) torch MoE model to one ONNX decoder graph with a KV cache.
+
+`moe_ops="contrib"` writes each MoE layer as ONE com.microsoft MoE node (f32 /
+f16 weights) or QMoE node (int8 / int4 experts, block-wise scales), for ONNX
+Runtime >= 1.23. `moe_ops="plain"` writes standard ops only (for TensorRT and
+runtimes without the contrib ops); its weights are f32 or f16. Attention,
+norms, router, shared experts and the head stay float in every variant.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moeexport.adapters import adapter_for
+from moeexport.adapters.base import NoRoutedExperts, decoder_layers, layer_kind
+from moeexport.errors import MoeExportError
+from moeexport.validate import Tolerance
+
+QUANT_TYPES = ("f32", "f16", "int8", "int4")
+MOE_OPS = ("contrib", "plain")
+BITS = {"int8": 8, "int4": 4}
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_CONTEXT_LIMIT = 4096  # RoPE table rows written when the model allows more positions
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf stops at 2 GiB; weights move to a .data file well before
+MIN_ONNXRUNTIME = (1, 23)  # first release with CPU kernels for MoE / QMoE and the [E, N, K] layout
+
+# f32 graphs compute what torch computes up to summation order; f16 rounds every weight;
+# int8 QMoE on onnxruntime >= 1.31 also quantizes activations to int8 (research/onnx_trt.md §1.6).
+TOLERANCES = {
+    "f32": Tolerance(max_abs_logit=1e-4, top1_agreement=1.0),
+    "f16": Tolerance(kl=1e-3, top1_agreement=0.97),
+    "int8": Tolerance(kl=5e-3, top1_agreement=0.93),
+    "int4": Tolerance(kl=0.1, top1_agreement=0.75),
+}
+
+
+@dataclass
+class ONNXExport:
+    path: Path
+    representation: str
+    moe_ops: str
+    fallbacks: list[str] = field(default_factory=list)
+
+
+def onnxruntime_version() -> tuple[int, int] | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return tuple(int(part) for part in onnxruntime.__version__.split(".")[:2])
+
+
+def require_moe_kernels() -> None:
+    """The contrib variant needs onnxruntime's CPU MoE kernels; say so in one line when they are missing."""
+    version = onnxruntime_version()
+    if version is None:
+        raise MoeExportError("running ONNX graphs needs onnxruntime: pip install 'moeexport[onnx]'")
+    if version < MIN_ONNXRUNTIME:
+        raise MoeExportError(
+            f"onnxruntime {'.'.join(map(str, version))} has no CPU kernels for com.microsoft MoE/QMoE (added in 1.23): "
+            "pip install -U 'onnxruntime>=1.23', or export with --moe-ops plain"
+        )
+
+
+def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+    """Everything that would stop an export, raised before any file is written."""
+    from moeexport.backends.onnx.architectures import ARCHITECTURES
+
+    config = model.config
+    if quant not in QUANT_TYPES:
+        raise MoeExportError(f"--quant {quant} is not an onnx type; choose one of {', '.join(QUANT_TYPES)}")
+    if moe_ops not in MOE_OPS:
+        raise MoeExportError(f"--moe-ops {moe_ops} is unknown; choose contrib (ONNX Runtime MoE ops) or plain")
+    if quant in BITS and moe_ops == "plain":
+        raise MoeExportError(f"--quant {quant} needs the QMoE op; the plain variant takes f32 or f16 (use --moe-ops contrib)")
+    if moe_ops == "contrib":
+        require_moe_kernels()
+    if config.model_type not in ARCHITECTURES:
+        raise MoeExportError(f"the onnx exporter has no attention layout for model_type {config.model_type!r}")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise MoeExportError(f"experts use {config.hidden_act!r}; the exporter writes SwiGLU (silu) experts only")
+    if getattr(config, "topk_method", "greedy") != "greedy":
+        raise MoeExportError(
+            f"topk_method={config.topk_method!r} routes within expert groups, which neither the MoE op nor the "
+            "plain lowering computes; only greedy top-k routing exports"
+        )
+    adapter = adapter_for(config)
+    if quant in BITS:
+        for index, layer in enumerate(decoder_layers(adapter, model)):
+            if layer_kind(adapter, layer) != "moe":
+                continue
+            experts = getattr(getattr(layer, adapter.moe), adapter.experts)
+            if isinstance(experts, NoRoutedExperts):
+                continue
+            _, hidden, width = experts.down_proj.shape
+            bad = [d for d in (hidden, width) if d % block_size]
+            if bad or block_size < 16 or block_size & (block_size - 1):
+                raise MoeExportError(
+                    f"--block-size {block_size} cannot quantize layer {index}'s experts (hidden {hidden}, width {width}): "
+                    "QMoE needs a power of two >= 16 dividing both; try --block-size 16 or 32"
+                )
+
+
+def export(
+    model,
+    out_path: str | Path,
+    quant: str = "f32",
+    overwrite: bool = False,
+    moe_ops: str = "contrib",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    context: int | None = None,
+) -> ONNXExport:
+    """Write the graph to out_path (+ out_path.data when the weights pass 1 GiB), atomically."""
+    import onnx
+
+    from moeexport.backends.onnx.decoder import build_decoder
+    from moeexport.backends.onnx.graph import Graph
+    from moeexport.backends.onnx.moe import Quantization
+
+    out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        raise MoeExportError(f"output {out_path} already exists; pass --overwrite or choose another --out")
+    check(model, quant, moe_ops, block_size)
+    context = context or min(model.config.max_position_embeddings, DEFAULT_CONTEXT_LIMIT)
+    graph = Graph(weight_dtype=np.float16 if quant == "f16" else np.float32)
+    grid = getattr(model.config, "moeexport_weight_grid", None)
+    quantization = Quantization(BITS[quant], block_size, grid) if quant in BITS else None
+    build_decoder(model, graph, moe_ops, quantization, context)
+    doc = f"moeexport {model.config.model_type} decoder, {quant} experts, {moe_ops} MoE ops, {context} positions"
+    proto = graph.model("moeexport_decoder", doc, uses_contrib=moe_ops == "contrib")
+    proto.metadata_props.add(key="moeexport.context", value=str(context))
+    onnx.checker.check_model(proto, full_check=False)
+
+    external = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    data_path = out_path.with_name(out_path.name + ".data")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
+    os.close(handle)
+    try:
+        if external:
+            onnx.save_model(proto, staging, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_path.name, size_threshold=1024)
+        else:
+            onnx.save_model(proto, staging)
+            data_path.unlink(missing_ok=True)
+        os.chmod(staging, 0o644)
+        os.replace(staging, out_path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        if external:
+            data_path.unlink(missing_ok=True)
+        raise
+    what = f"{quant} experts" + (f" (block {block_size})" if quant in BITS else "")
+    representation = f"{what}, {'MoE/QMoE contrib ops' if moe_ops == 'contrib' else 'standard ops only'}"
+    fallbacks = []
+    if quant in BITS and grid and (grid.get("bits"), grid.get("group_size")) != (BITS[quant], block_size):
+        fallbacks.append(
+            f"the model's experts were quantized to int{grid['bits']} g{grid['group_size']}; the graph re-quantizes "
+            f"them to {quant} block {block_size} (use --quant int{grid['bits']} --block-size {grid['group_size']} to keep them)"
+        )
+    return ONNXExport(out_path, representation, moe_ops, fallbacks)

@@ -1,0 +1,42 @@
+"""Profile an artifact in a fresh process, so that its peak memory is the runtime's alone (no torch).
+
+    python -m moeexport.backends.profile '{"target": "onnx", "path": "m.onnx", "prompt": [1, 2, 3], "new_tokens": 64}'
+
+prints the target runner's `profile` numbers plus peak_rss_bytes as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+from moeexport.errors import MoeExportError
+
+
+def profile_in_subprocess(target: str, path: str | Path, prompt: list[int], new_tokens: int = 64,
+                          context: int = 512) -> dict:
+    request = json.dumps(
+        {"target": target, "path": str(path), "prompt": prompt, "new_tokens": new_tokens, "context": context}
+    )
+    done = subprocess.run([sys.executable, "-m", "moeexport.backends.profile", request], capture_output=True, text=True)
+    if done.returncode:
+        raise MoeExportError(f"profiling {path} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout)
+
+
+def main() -> None:
+    from moeexport.backends import backend_for
+
+    request = json.loads(sys.argv[1])
+    backend = backend_for(request["target"])
+    runner = backend.Runner(request["path"], context=request["context"], **backend.PROFILE_RUNNER_OPTIONS)
+    result = runner.profile(request["prompt"], request["new_tokens"])
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
