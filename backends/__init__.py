@@ -12,7 +12,7 @@ import importlib
 from moeexport.errors import MoeExportError
 
 TARGETS = ("gguf", "onnx", "tensorrt")
-IMPLEMENTED = {"gguf": "moeexport.backends.gguf", "onnx": "moeexport.backends.onnx"}
+IMPLEMENTED = {"gguf": "moeexport.backends.gguf", "onnx": "moeexport.backends.onnx", "tensorrt": "moeexport.backends.tensorrt"}
 
 
 def backend_for(target: str):
