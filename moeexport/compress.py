@@ -1,5 +1,9 @@
 """Run a recipe on a model: observe when a pass needs statistics, plan, apply, record.
 
+Passes that compute weights from calibration activations (prune, quantize) get
+the calibration tokens in `apply` and return their plan with its outcome, which
+is what the result and the manifest record.
+
 Statistics always describe the model as it stands before the pass that uses
 them (a pass after Block Drop scores the renumbered layers). They are cached on
 disk by (source checkpoint, calibration set, passes applied so far), so a later
@@ -120,16 +124,17 @@ class CompressionResult:
         }
 
 
-def check_recipe(recipe: Recipe, layers: list[LayerSpec]) -> None:
+def check_recipe(recipe: Recipe, model, layers: list[LayerSpec]) -> None:
     """Fail fast, before any calibration, on options the model cannot take."""
     for step in recipe.steps:
         PASSES[step.name].check(step.options, layers)
+        PASSES[step.name].check_model(step.options, model)
 
 
 def compress(model, recipe: Recipe, statistics: StatisticsProvider | None, on_step=None) -> CompressionResult:
     """Apply `recipe` to `model` in place. `on_step(AppliedStep)` is called after each pass."""
     adapter = adapter_for(model.config)
-    check_recipe(recipe, structure(adapter, model))
+    check_recipe(recipe, model, structure(adapter, model))
     result = CompressionResult(
         layers_before=structure(adapter, model),
         layers_after=[],
@@ -139,19 +144,23 @@ def compress(model, recipe: Recipe, statistics: StatisticsProvider | None, on_st
         bytes_after=0,
     )
     original_blocks = list(decoder_layers(adapter, model))
-    if statistics and any(PASSES[s.name].needs_statistics(s.options) for s in recipe.steps):
+    calibrated = (PASSES[s.name].needs_statistics(s.options) or PASSES[s.name].needs_activations(s.options) for s in recipe.steps)
+    if statistics and any(calibrated):
         statistics.tokens(model)  # draw the calibration set from the model as given
     history: list[dict] = []
     for step in recipe.steps:
         compression_pass = PASSES[step.name]
         layers = structure(adapter, model)
         compression_pass.check(step.options, layers)
+        compression_pass.check_model(step.options, model)
         needs = compression_pass.needs_statistics(step.options)
-        if needs and statistics is None:
-            raise ValueError(f"{step.name} needs calibration statistics but no StatisticsProvider was given")
+        activations = compression_pass.needs_activations(step.options)
+        if (needs or activations) and statistics is None:
+            raise ValueError(f"{step.name} needs calibration data but no StatisticsProvider was given")
         step_statistics = statistics.statistics(model, history) if needs else None
         plan = compression_pass.plan(step_statistics, layers, step.options)
-        compression_pass.apply(model, plan)
+        calibration = {"tokens": statistics.tokens(model), "progress": statistics.progress} if activations else {}
+        plan = compression_pass.apply(model, plan, **calibration) or plan
         applied = AppliedStep(step.name, step.options.model_dump(), plan)
         history.append(applied.to_dict())
         result.steps.append(applied)

@@ -3,8 +3,15 @@
 A pass has strict options (a pydantic model), a pure `plan` from statistics and
 the model's structure to a plan (plain data: printable, diffable, saved in the
 manifest), and `apply`, which performs a plan on the torch model. The pipeline
-drives each recipe entry through `check` (before any calibration, and again
-right before planning) -> `plan` -> `apply`, once.
+drives each recipe entry through `check` and `check_model` (before any
+calibration, and again right before planning) -> `plan` -> `apply`, once.
+
+A pass whose new weights are computed from calibration activations (pruning,
+GPTQ) says so in `needs_activations`: its plan names the targets, and the
+pipeline calls `apply(model, plan, tokens=calibration token ids [N, L],
+progress=...)`. `apply` may return the plan as performed (the same plan with
+its outcome filled in: tokens seen per expert, fallbacks, what changed), which
+the pipeline records instead of the plan it was given.
 """
 
 from __future__ import annotations
@@ -32,13 +39,21 @@ class CompressionPass:
         """Every selection is calibration-driven except the `score: random` control."""
         return getattr(options, "score", None) != "random"
 
+    def needs_activations(self, options: PassOptions) -> bool:
+        """True when `apply` needs the calibration tokens (see the module docstring)."""
+        return False
+
     def check(self, options: PassOptions, layers: list[LayerSpec]) -> None:
         """Raise MoeExportError when the options cannot apply to a model of this structure."""
+
+    def check_model(self, options: PassOptions, model) -> None:
+        """Raise MoeExportError when the options cannot apply to this model's weights (widths, dtypes)."""
 
     def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: PassOptions):
         raise NotImplementedError
 
-    def apply(self, model, plan) -> None:
+    def apply(self, model, plan):
+        """Perform `plan` on `model`; return None, or the plan as performed."""
         raise NotImplementedError
 
 

@@ -1,0 +1,123 @@
+"""What each expert's weights see, gathered layer by layer for passes that compute weights from it.
+
+Pruning (Wanda, SparseGPT) and quantization (GPTQ) need, for every weight
+matrix, the Gram matrix X^T X of its inputs (GPTQ and SparseGPT's Hessian, up to
+a factor) or only its diagonal (Wanda's squared input-column norms). A routed
+expert is measured ONLY on the tokens routed to it: its gate_up projection on the
+expert input, its down projection on its own act(gate) * up. Shared experts see
+every token.
+
+`layer_by_layer` runs the calibration set through one decoder layer at a time,
+so the caller can change a layer's weights before its outputs become the next
+layer's inputs (sequential calibration, as in GPTQ): later layers are calibrated
+on what the compressed earlier layers actually produce, and only one layer's
+Gram matrices are held at a time.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from moeexport.adapters.base import decoder_layers
+from moeexport.calibration.observers import _capture_first_layer_inputs, expert_intermediate
+
+
+@torch.no_grad()
+def layer_by_layer(adapter, model, input_ids: torch.Tensor, batch_size: int = 8) -> Iterator[tuple[int, object, Callable]]:
+    """Yield (index, layer module, run) per decoder layer; `run()` feeds the calibration activations
+    through the layer (outputs discarded). When the caller resumes, the layer's outputs, computed with
+    whatever weights it has by then, become the next layer's inputs."""
+    layers = decoder_layers(adapter, model)
+    hidden, call_kwargs = zip(*(_capture_first_layer_inputs(model, layers, batch) for batch in input_ids.split(batch_size)))
+    hidden = list(hidden)
+    for index, layer_module in enumerate(layers):
+
+        def run(layer_module=layer_module):
+            with torch.no_grad():
+                for h, kwargs in zip(hidden, call_kwargs):
+                    layer_module(h, **kwargs)
+
+        yield index, layer_module, run
+        with torch.no_grad():
+            outputs = [layer_module(h, **kwargs) for h, kwargs in zip(hidden, call_kwargs)]
+        hidden = [out[0] if isinstance(out, tuple) else out for out in outputs]
+
+
+def _gram(rows: torch.Tensor, diagonal: bool) -> torch.Tensor:
+    rows = rows.float()
+    return rows.pow(2).sum(0) if diagonal else rows.T @ rows
+
+
+@dataclass
+class MatrixInputs:
+    """Sum over the tokens a weight matrix saw of x x^T (or of x^2 only, `diagonal`), and how many tokens."""
+
+    gram: torch.Tensor | float = 0.0
+    tokens: int = 0
+
+    def add(self, rows: torch.Tensor, diagonal: bool) -> None:
+        if len(rows):
+            self.gram = self.gram + _gram(rows, diagonal)
+            self.tokens += len(rows)
+
+
+@dataclass
+class LayerInputs:
+    """The inputs of one MoE layer's weight matrices: per routed expert (gate_up, down) and per shared expert module."""
+
+    gate_up: list[MatrixInputs]
+    down: list[MatrixInputs]
+    shared: dict[str, tuple[MatrixInputs, MatrixInputs]] = field(default_factory=dict)  # name -> (gate/up in, down in)
+
+    @property
+    def expert_tokens(self) -> list[int]:
+        return [inputs.tokens for inputs in self.gate_up]
+
+
+@torch.no_grad()
+def collect_layer_inputs(adapter, block, run: Callable, diagonal: bool, shared: bool) -> LayerInputs:
+    """Run one MoE layer over the calibration set and gather its matrices' inputs."""
+    router, experts = getattr(block, adapter.router), getattr(block, adapter.experts)
+    count = router.weight.shape[0]
+    inputs = LayerInputs([MatrixInputs() for _ in range(count)], [MatrixInputs() for _ in range(count)])
+    routed_input = {}
+
+    def on_router_input(module, args):
+        routed_input["x"] = args[0].reshape(-1, args[0].shape[-1])
+
+    def on_routing(module, args, output):
+        tokens = routed_input["x"]
+        index = output[2].reshape(len(tokens), -1)
+        for expert in range(count):
+            rows = tokens[torch.where(index == expert)[0]]
+            inputs.gate_up[expert].add(rows, diagonal)
+            if len(rows):
+                inputs.down[expert].add(expert_intermediate(experts, expert, rows), diagonal)
+
+    def on_linear_input(target: MatrixInputs):
+        return lambda module, args: target.add(args[0].reshape(-1, args[0].shape[-1]), diagonal)
+
+    with ExitStack() as stack:
+        stack.callback(router.register_forward_pre_hook(on_router_input).remove)
+        stack.callback(router.register_forward_hook(on_routing).remove)
+        for name in adapter.shared_experts if shared else ():
+            if hasattr(block, name):
+                module = getattr(block, name)
+                inputs.shared[name] = (MatrixInputs(), MatrixInputs())
+                # gate_proj and up_proj read the same input: one hook on gate_proj measures both
+                stack.callback(module.gate_proj.register_forward_pre_hook(on_linear_input(inputs.shared[name][0])).remove)
+                stack.callback(module.down_proj.register_forward_pre_hook(on_linear_input(inputs.shared[name][1])).remove)
+        run()
+    return inputs
+
+
+def output_error(delta: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:
+    """||delta X||^2 / ||W X||^2 over the calibration inputs, from their Gram matrix X^T X."""
+    delta, weight = delta.float(), weight.float()
+    changed, original = ((delta @ gram) * delta).sum(), ((weight @ gram) * weight).sum()
+    return float(changed / original) if original > 0 else 0.0
+

@@ -1,0 +1,150 @@
+"""Expert Slimming by pruning: Wanda, SparseGPT and magnitude inside the experts.
+
+    - prune: {method: wanda, sparsity: 0.5}
+    - prune: {method: sparsegpt, pattern: "2:4"}
+
+Unstructured (default): `sparsity` of every matrix's weights become zero.
+`pattern: "N:M"`: N zeros in every M consecutive weights along the input
+(contraction) dimension of each row, as the Wanda / SparseGPT code reads it
+("2:4" = 50%); `sparsity`, if given too, must equal N/M. Methods:
+- magnitude: lowest |W| per output row (no calibration);
+- wanda (Sun et al. 2023): lowest |W_ij| * ||X_j|| per output row, X the inputs
+  the matrix saw (an expert's routed tokens only);
+- sparsegpt (Frantar & Alistarh 2023): optimal-brain-surgeon pruning with the
+  matrix's Hessian X^T X, `damp` x mean diagonal added, in blocks of 128 columns;
+  each block's mask takes its lowest w^2 / [H^-1]_jj^2 over the whole block
+  (unstructured) or per N:M group, and the remaining weights absorb the error.
+Pruned weights stay as dense tensors holding zeros. An expert routed fewer than
+`min_tokens` calibration tokens is magnitude-pruned instead (listed in the outcome).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from moeexport.errors import MoeExportError
+from moeexport.passes.slimming import ExpertSlimmingPass, SlimmingOptions, SlimmingPlan, inverse_hessian_factor
+
+SPARSEGPT_BLOCK = 128
+
+
+class PruneOptions(SlimmingOptions):
+    method: Literal["wanda", "sparsegpt", "magnitude"]
+    sparsity: float | None = Field(None, gt=0, lt=1, description="share of weights set to zero")
+    pattern: str | None = None  # "N:M": N zeros in every M consecutive input weights
+    damp: float = Field(0.01, gt=0, le=1, description="SparseGPT dampening, a share of the mean Hessian diagonal")
+
+    @field_validator("pattern")
+    @classmethod
+    def _valid_pattern(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            match = re.fullmatch(r"(\d+):(\d+)", pattern)
+            if not match or not 0 < int(match[1]) < int(match[2]):
+                raise ValueError(f"pattern must be 'N:M' with 0 < N < M (N zeros in every M weights), e.g. '2:4'; got {pattern!r}")
+        return pattern
+
+    @model_validator(mode="after")
+    def _sparsity_or_pattern(self):
+        if self.pattern is None and self.sparsity is None:
+            raise ValueError("give sparsity (e.g. 0.5) or pattern (e.g. '2:4')")
+        if self.pattern is not None and self.sparsity is not None:
+            zeros, group = n_of_m(self.pattern)
+            if abs(self.sparsity - zeros / group) > 1e-9:
+                raise ValueError(f"sparsity {self.sparsity} contradicts pattern {self.pattern} ({zeros / group:g}); give one of them")
+        return self
+
+
+
+def n_of_m(pattern: str | None) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4): zeros, group width."""
+    return None if pattern is None else tuple(int(part) for part in pattern.split(":"))
+
+
+def _sparsity(plan: SlimmingPlan) -> float:
+    return plan.settings["sparsity"]
+
+
+def _pattern(plan: SlimmingPlan) -> tuple[int, int] | None:
+    return n_of_m(plan.settings["pattern"])
+
+
+def prune_lowest(weight: torch.Tensor, score: torch.Tensor, sparsity: float, pattern: tuple[int, int] | None) -> torch.Tensor:
+    """`weight` [N, K] with its lowest-scoring entries zeroed: int(K * sparsity) per row, or N of every M."""
+    rows, width = weight.shape
+    if pattern is None:
+        drop = score.topk(int(width * sparsity), dim=1, largest=False).indices
+        return weight.scatter(1, drop, 0.0)
+    zeros, group = pattern
+    grouped = score.reshape(rows, width // group, group)
+    drop = grouped.topk(zeros, dim=2, largest=False).indices
+    return weight.reshape(rows, width // group, group).scatter(2, drop, 0.0).reshape(rows, width)
+
+
+def wanda(weight: torch.Tensor, input_squares: torch.Tensor, sparsity: float, pattern) -> torch.Tensor:
+    """Wanda: |W_ij| * ||X_j||, from the per-column sums of squared inputs."""
+    return prune_lowest(weight, weight.abs() * input_squares.sqrt()[None, :], sparsity, pattern)
+
+
+def sparsegpt(weight: torch.Tensor, gram: torch.Tensor, sparsity: float, pattern, damp: float) -> torch.Tensor:
+    """SparseGPT: prune column by column, each pruned weight's error spread over the columns after it."""
+    weight = weight.float().clone()
+    rows, width = weight.shape
+    inverse = inverse_hessian_factor(gram, damp)
+    # N:M groups must not straddle two blocks
+    step = SPARSEGPT_BLOCK if pattern is None else max(pattern[1], SPARSEGPT_BLOCK // pattern[1] * pattern[1])
+    for start in range(0, width, step):
+        end = min(start + step, width)
+        block, block_inverse = weight[:, start:end].clone(), inverse[start:end, start:end]
+        errors = torch.zeros_like(block)
+        saliency_scale = block_inverse.diagonal().pow(2)
+        mask = torch.zeros_like(block, dtype=torch.bool)
+        if pattern is None:
+            saliency = block.pow(2) / saliency_scale
+            drop = saliency.flatten().topk(int(saliency.numel() * sparsity), largest=False).indices
+            mask.view(-1)[drop] = True
+        for column in range(end - start):
+            if pattern is not None and column % pattern[1] == 0:
+                group = slice(column, column + pattern[1])
+                saliency = block[:, group].pow(2) / saliency_scale[group]
+                mask[:, group].scatter_(1, saliency.topk(pattern[0], dim=1, largest=False).indices, True)
+            values = block[:, column]
+            pruned = torch.where(mask[:, column], 0.0, values)
+            error = (values - pruned) / block_inverse[column, column]
+            block[:, column:] -= error[:, None] * block_inverse[column, column:][None, :]
+            block[:, column] = pruned
+            errors[:, column] = error
+        weight[:, start:end] = block
+        weight[:, end:] -= errors @ inverse[start:end, end:]
+    return weight
+
+
+class Prune(ExpertSlimmingPass):
+    name = "prune"
+    Options = PruneOptions
+    calibrated_methods = {"wanda": "diagonal", "sparsegpt": "full"}
+    fallback = "magnitude pruning"
+
+    def settings(self, options: PruneOptions) -> dict:
+        pattern = n_of_m(options.pattern)
+        sparsity = options.sparsity if pattern is None else pattern[0] / pattern[1]
+        settings = {"sparsity": sparsity, "pattern": options.pattern}
+        return settings | ({"damp": options.damp} if options.method == "sparsegpt" else {})
+
+    def check_input_width(self, options: PruneOptions, width: int, what: str) -> None:
+        pattern = n_of_m(options.pattern)
+        if pattern and width % pattern[1]:
+            raise MoeExportError(f"prune pattern {options.pattern}: groups of {pattern[1]} do not divide the {what} {width}")
+
+    def slim(self, weight: torch.Tensor, gram: torch.Tensor | None, plan: SlimmingPlan) -> torch.Tensor:
+        if plan.method == "wanda":
+            return wanda(weight, gram, _sparsity(plan), _pattern(plan))
+        if plan.method == "sparsegpt":
+            return sparsegpt(weight, gram, _sparsity(plan), _pattern(plan), plan.settings["damp"])
+        return self.fallback_slim(weight, plan)
+
+    def fallback_slim(self, weight: torch.Tensor, plan: SlimmingPlan) -> torch.Tensor:
+        return prune_lowest(weight, weight.abs(), _sparsity(plan), _pattern(plan))

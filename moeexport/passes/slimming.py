@@ -1,0 +1,242 @@
+"""Expert Slimming (He et al.): passes that rewrite every expert weight matrix in place.
+
+The prune and quantize passes share this frame. `plan` (pure) names the targets:
+the routed experts of every MoE layer, and the shared experts when
+`shared_experts: true` (off by default: they see every token and are the most
+sensitive part, HE Table 8). The new weights depend on calibration activations,
+so they are computed in `apply`: the calibration set runs through the model one
+decoder layer at a time, each target layer's expert inputs are gathered
+(calibration/expert_inputs.py: a routed expert sees ONLY its routed tokens), the
+layer is slimmed, and its slimmed outputs feed the next layer. `apply` returns
+the plan with its outcome filled in: tokens seen per expert, which experts got
+the fallback, how many weights changed and how many are zero, and the mean
+relative output error ||dW X||^2 / ||W X||^2 over the calibrated matrices.
+
+An expert routed fewer than `min_tokens` calibration tokens is not slimmed from
+its thin statistics: it gets the pass's data-free fallback (magnitude pruning,
+round-to-nearest) and the outcome lists it with its token count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+
+from moeexport.adapters import LayerSpec, adapter_for
+from moeexport.adapters.base import moe_block, structure
+from moeexport.calibration.expert_inputs import collect_layer_inputs, layer_by_layer, output_error
+from moeexport.calibration.observers import Statistics
+from moeexport.errors import MoeExportError
+from moeexport.passes.base import CompressionPass, PassOptions
+
+# An expert routed fewer tokens than this has a Gram matrix of rank < 64: GPTQ / SparseGPT would
+# mostly fit its few tokens (and the dampening), Wanda would rank columns from a handful of samples.
+DEFAULT_MIN_TOKENS = 64
+
+
+class SlimmingOptions(PassOptions):
+    shared_experts: bool = False  # also slim the always-on shared experts
+    min_tokens: int = Field(DEFAULT_MIN_TOKENS, ge=1, description="routed tokens below which an expert gets the fallback")
+
+
+@dataclass
+class SlimmingOutcome:
+    tokens_seen: dict[int, list[int]]  # MoE layer -> calibration tokens routed to each expert ({} if not calibrated)
+    fallbacks: list[dict]  # {"layer", "expert", "tokens"}: experts under min_tokens, slimmed by the fallback
+    matrices: int  # weight matrices rewritten
+    weights: int  # weights in them
+    zeros: int  # of those, weights that are zero afterwards
+    output_error: float | None  # mean ||dW X||^2 / ||W X||^2 over matrices with a full Gram matrix
+
+
+@dataclass
+class SlimmingPlan:
+    method: str
+    settings: dict  # the method's parameters
+    layers: dict[int, int]  # target MoE layer -> its routed experts
+    shared_experts: bool  # asked for and present in the model
+    min_tokens: int
+    fallback: str
+    outcome: SlimmingOutcome | None = None
+
+    def describe(self) -> list[str]:
+        experts = sum(self.layers.values())
+        settings = " ".join(f"{k}={v}" for k, v in self.settings.items())
+        shared = " and their shared experts" if self.shared_experts else ""
+        lines = [f"targeted {experts} routed experts in {len(self.layers)} MoE layers{shared}: {self.method} {settings}"]
+        if self.outcome is None:
+            return lines + ["the new weights are computed at apply time from the calibration activations"]
+        out = self.outcome
+        lines.append(
+            f"changed {out.matrices} weight matrices ({out.weights:,} weights; {out.zeros / max(out.weights, 1):.1%} zero)"
+            + ("" if out.output_error is None else f"; mean relative output error {out.output_error:.4g}")
+        )
+        for layer, tokens in sorted(out.tokens_seen.items()):
+            lines.append(f"layer {layer}: calibration tokens per expert {tokens}")
+        if not out.tokens_seen:
+            lines.append(f"{self.method} uses no calibration activations")
+        if out.fallbacks:
+            named = ", ".join(f"layer {f['layer']} expert {f['expert']} ({f['tokens']} tokens)" for f in out.fallbacks)
+            lines.append(f"fallback {self.fallback} for {len(out.fallbacks)} experts under min_tokens={self.min_tokens}: {named}")
+        return lines
+
+
+def inverse_hessian_factor(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1; an input never seen gets H_jj = 1."""
+    hessian = gram.float().clone()
+    diagonal = hessian.diagonal()
+    diagonal[diagonal == 0] = 1.0  # its weights do not change the output on calibration data
+    diagonal += damp * diagonal.mean()
+    factor, info = torch.linalg.cholesky_ex(hessian)
+    if info:
+        raise MoeExportError(f"the Hessian is not positive definite even with damp={damp}; raise damp (e.g. 0.1)")
+    return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+
+
+@dataclass
+class _Tally:
+    matrices: int = 0
+    weights: int = 0
+    zeros: int = 0
+    errors: list[float] = field(default_factory=list)
+
+
+class ExpertSlimmingPass(CompressionPass):
+    """Subclasses name their calibrated methods and implement `slim` and `fallback_slim`."""
+
+    calibrated_methods: ClassVar[dict[str, str]]  # method -> "full" (X^T X) or "diagonal" (sum of x^2)
+    fallback: ClassVar[str]
+
+    def needs_statistics(self, options: SlimmingOptions) -> bool:
+        return False  # token counts come from the pass's own calibration run
+
+    def needs_activations(self, options) -> bool:
+        return options.method in self.calibrated_methods
+
+    def settings(self, options) -> dict:
+        raise NotImplementedError
+
+    def slim(self, weight: torch.Tensor, gram: torch.Tensor | None, plan: SlimmingPlan) -> torch.Tensor:
+        """The new float32 weight [N, K]; `gram` is None for methods without calibration."""
+        raise NotImplementedError
+
+    def fallback_slim(self, weight: torch.Tensor, plan: SlimmingPlan) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_input_width(self, options, width: int, what: str) -> None:
+        """Raise MoeExportError when the options cannot apply to matrices `width` inputs wide."""
+
+    def check_model(self, options, model) -> None:
+        for what, width in target_input_widths(model, options.shared_experts).items():
+            self.check_input_width(options, width, what)
+
+    def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options) -> SlimmingPlan:
+        targets = {i: spec.num_experts for i, spec in enumerate(layers) if spec.kind == "moe" and spec.num_experts > 0}
+        if not targets:
+            raise MoeExportError(f"{self.name}: the model has no routed experts left to {self.name}")
+        return SlimmingPlan(
+            method=options.method,
+            settings=self.settings(options),
+            layers=targets,
+            shared_experts=options.shared_experts and any(spec.shared_experts for spec in layers),
+            min_tokens=options.min_tokens,
+            fallback=self.fallback,
+        )
+
+    @torch.no_grad()
+    def apply(self, model, plan: SlimmingPlan, tokens: torch.Tensor | None = None, progress=None) -> SlimmingPlan:
+        adapter = adapter_for(model.config)
+        gram = self.calibrated_methods.get(plan.method)
+        tally, tokens_seen, fallbacks = _Tally(), {}, []
+        task = progress.add_task(f"{self.name}: {plan.method} on experts", total=len(plan.layers)) if progress else None
+        if gram is None:
+            layer_inputs = ((layer, None) for layer in plan.layers)
+        else:
+            layer_inputs = (
+                (index, collect_layer_inputs(adapter, moe_block(adapter, model, index), run, gram == "diagonal", plan.shared_experts))
+                for index, _, run in layer_by_layer(adapter, model, tokens)
+                if index in plan.layers
+            )
+        # the generator resumes (and runs a layer with its slimmed weights) only after that layer is slimmed
+        for layer, inputs in layer_inputs:
+            block = moe_block(adapter, model, layer)
+            if inputs is not None:
+                tokens_seen[layer] = inputs.expert_tokens
+            for expert, matrices in _targets(adapter, block, inputs, plan.shared_experts):
+                seen = None if inputs is None else matrices[0][1].tokens
+                use_fallback = expert is not None and seen is not None and seen < plan.min_tokens
+                if use_fallback:
+                    fallbacks.append({"layer": layer, "expert": expert, "tokens": seen})
+                for weight, matrix_inputs in matrices:
+                    original = weight.float().clone()
+                    if use_fallback:
+                        weight.copy_(self.fallback_slim(original, plan))
+                    else:
+                        weight.copy_(self.slim(original, None if inputs is None else matrix_inputs.gram, plan))
+                    if gram == "full" and matrix_inputs.tokens:
+                        tally.errors.append(output_error(weight.float() - original, original, matrix_inputs.gram))
+                    tally.matrices += 1
+                    tally.weights += weight.numel()
+                    tally.zeros += int((weight == 0).sum())
+            if progress:
+                progress.advance(task)
+        if progress:
+            progress.remove_task(task)
+        outcome = SlimmingOutcome(
+            tokens_seen=tokens_seen,
+            fallbacks=fallbacks,
+            matrices=tally.matrices,
+            weights=tally.weights,
+            zeros=tally.zeros,
+            output_error=sum(tally.errors) / len(tally.errors) if tally.errors else None,
+        )
+        return replace(plan, outcome=outcome)
+
+
+def _targets(adapter, block, inputs, shared: bool):
+    """Per target expert: (routed expert index, or None for a shared expert, [(weight [N, K] view, its
+    MatrixInputs or None)]). The weights are views: writing them changes the model."""
+    experts = getattr(block, adapter.experts)
+    for expert in range(experts.gate_up_proj.shape[0]):
+        yield expert, [
+            (experts.gate_up_proj.data[expert], inputs.gate_up[expert] if inputs else None),
+            (experts.down_proj.data[expert], inputs.down[expert] if inputs else None),
+        ]
+    for name in adapter.shared_experts if shared else ():
+        if hasattr(block, name):
+            module = getattr(block, name)
+            into, middle = inputs.shared[name] if inputs else (None, None)
+            yield None, [(module.gate_proj.weight.data, into), (module.up_proj.weight.data, into), (module.down_proj.weight.data, middle)]
+
+
+def _moe_blocks(model):
+    """(adapter, layer index, MoE block) of every layer that still has routed experts."""
+    adapter = adapter_for(model.config)
+    for index, spec in enumerate(structure(adapter, model)):
+        if spec.kind == "moe" and spec.num_experts > 0:
+            yield adapter, index, moe_block(adapter, model, index)
+
+
+def target_input_widths(model, shared: bool) -> dict[str, int]:
+    """Input widths of the matrices a slimming pass would rewrite, named for error messages."""
+    widths = {}
+    for adapter, _, block in _moe_blocks(model):
+        experts = getattr(block, adapter.experts)
+        widths["expert input (hidden size)"] = experts.gate_up_proj.shape[-1]
+        widths["expert intermediate size"] = experts.down_proj.shape[-1]
+        for name in adapter.shared_experts if shared else ():
+            if hasattr(block, name):
+                widths["shared expert intermediate size"] = getattr(block, name).down_proj.in_features
+    return widths
+
+
+def target_dtypes(model, shared: bool) -> set[torch.dtype]:
+    return {
+        weight.dtype
+        for adapter, _, block in _moe_blocks(model)
+        for _, matrices in _targets(adapter, block, None, shared)
+        for weight, _ in matrices
+    }
