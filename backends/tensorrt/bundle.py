@@ -104,7 +104,7 @@ Engines are built on the device that runs them. On a Jetson (JetPack 6.x: Tensor
 
   1. copy this directory:     scp -r {bundle_name} jetson:~/
   2. on the Jetson:           sudo apt install python3-libnvinfer   # JetPack's TensorRT for Python
-                              pip install torch (NVIDIA's JetPack wheel) numpy && pip install --no-deps moeexport
+                              pip install NVIDIA's JetPack torch wheel, then moeexport (this repository)
   3. build, validate, profile: moeexport trt-build ~/{bundle_name} [--precision fp16|fp32|bf16|int8|fp8]
 
 trt-build writes model-PRECISION.plan, timing.cache and report.json here; an engine
