@@ -56,6 +56,11 @@ def finish_on_device(
         max_prompt=max_prompt or manifest["profiles"]["max_prompt"],
         context=context or manifest["profiles"]["context"],
     )
+    if profiles.context > manifest["profiles"]["context"]:
+        raise MoeExportError(
+            f"--context {profiles.context} is longer than the {manifest['profiles']['context']} positions the bundle's "
+            "ONNX has rotary tables for; write the bundle again for a longer context"
+        )
     if windows.shape[1] > profiles.max_prompt:
         raise MoeExportError(f"--max-prompt {profiles.max_prompt} is shorter than the reference windows ({windows.shape[1]} tokens)")
     started = time.perf_counter()

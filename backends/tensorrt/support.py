@@ -24,6 +24,13 @@ SUPPORT_FILE = Path(__file__).with_name("onnx_support_trt10.json")
 
 @lru_cache(maxsize=1)
 def support_table() -> dict:
+    if not SUPPORT_FILE.is_file():
+        from moeexport.errors import MoeExportError
+
+        raise MoeExportError(
+            f"{SUPPORT_FILE.name} is missing from this installation of moeexport; reinstall it from a complete source "
+            "(its package data must include backends/tensorrt/*.json)"
+        )
     return json.loads(SUPPORT_FILE.read_text())
 
 
