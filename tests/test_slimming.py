@@ -191,7 +191,8 @@ def test_gptq_layer_error_is_at_most_round_to_nearest(bits, act_order):
     def layer_error(quantized):
         return ((weight - quantized) @ inputs.T).pow(2).sum().item()
 
-    codes, scales = gptq(weight, gram, bits, 16, damp=0.01, act_order=act_order)
+    codes, scales = gptq(weight[None], gram[None], bits, 16, damp=0.01, act_order=act_order)
+    codes, scales = codes[0], scales[0]
     rtn_codes, rtn_scales = quantize_rtn(weight, bits, 16)
     gptq_weight = dequantize(codes, scales, 16)
     assert layer_error(gptq_weight) < 0.8 * layer_error(dequantize(rtn_codes, rtn_scales, 16))

@@ -72,54 +72,54 @@ def _pattern(plan: SlimmingPlan) -> tuple[int, int] | None:
     return n_of_m(plan.settings["pattern"])
 
 
-def prune_lowest(weight: torch.Tensor, score: torch.Tensor, sparsity: float, pattern: tuple[int, int] | None) -> torch.Tensor:
-    """`weight` [N, K] with its lowest-scoring entries zeroed: int(K * sparsity) per row, or N of every M."""
-    rows, width = weight.shape
+def prune_lowest(weights: torch.Tensor, score: torch.Tensor, sparsity: float, pattern: tuple[int, int] | None) -> torch.Tensor:
+    """`weights` [..., N, K] with the lowest-scoring entries zeroed: int(K * sparsity) per row, or N of every M."""
     if pattern is None:
-        drop = score.topk(int(width * sparsity), dim=1, largest=False).indices
-        return weight.scatter(1, drop, 0.0)
+        drop = score.topk(int(weights.shape[-1] * sparsity), dim=-1, largest=False).indices
+        return weights.scatter(-1, drop, 0.0)
     zeros, group = pattern
-    grouped = score.reshape(rows, width // group, group)
-    drop = grouped.topk(zeros, dim=2, largest=False).indices
-    return weight.reshape(rows, width // group, group).scatter(2, drop, 0.0).reshape(rows, width)
+    grouped = (*weights.shape[:-1], weights.shape[-1] // group, group)
+    drop = score.reshape(grouped).topk(zeros, dim=-1, largest=False).indices
+    return weights.reshape(grouped).scatter(-1, drop, 0.0).reshape(weights.shape)
 
 
-def wanda(weight: torch.Tensor, input_squares: torch.Tensor, sparsity: float, pattern) -> torch.Tensor:
-    """Wanda: |W_ij| * ||X_j||, from the per-column sums of squared inputs."""
-    return prune_lowest(weight, weight.abs() * input_squares.sqrt()[None, :], sparsity, pattern)
+def wanda(weights: torch.Tensor, input_squares: torch.Tensor, sparsity: float, pattern) -> torch.Tensor:
+    """Wanda: |W_ij| * ||X_j||, from the per-column sums of squared inputs [..., K]."""
+    return prune_lowest(weights, weights.abs() * input_squares.sqrt()[..., None, :], sparsity, pattern)
 
 
-def sparsegpt(weight: torch.Tensor, gram: torch.Tensor, sparsity: float, pattern, damp: float) -> torch.Tensor:
-    """SparseGPT: prune column by column, each pruned weight's error spread over the columns after it."""
-    weight = weight.float().clone()
-    rows, width = weight.shape
-    inverse = inverse_hessian_factor(gram, damp)
+def sparsegpt(weights: torch.Tensor, grams: torch.Tensor, sparsity: float, pattern, damp: float) -> torch.Tensor:
+    """SparseGPT on a stack [B, N, K]: prune column by column, each pruned weight's error spread over the
+    columns after it through the inverse Hessian."""
+    weights = weights.float().clone()
+    width = weights.shape[-1]
+    inverse = inverse_hessian_factor(grams, damp)
     # N:M groups must not straddle two blocks
     step = SPARSEGPT_BLOCK if pattern is None else max(pattern[1], SPARSEGPT_BLOCK // pattern[1] * pattern[1])
     for start in range(0, width, step):
         end = min(start + step, width)
-        block, block_inverse = weight[:, start:end].clone(), inverse[start:end, start:end]
+        block, block_inverse = weights[..., start:end].clone(), inverse[:, start:end, start:end]
         errors = torch.zeros_like(block)
-        saliency_scale = block_inverse.diagonal().pow(2)
+        saliency_scale = block_inverse.diagonal(dim1=-2, dim2=-1).pow(2)[:, None, :]  # [B, 1, width]
         mask = torch.zeros_like(block, dtype=torch.bool)
         if pattern is None:
-            saliency = block.pow(2) / saliency_scale
-            drop = saliency.flatten().topk(int(saliency.numel() * sparsity), largest=False).indices
-            mask.view(-1)[drop] = True
+            saliency = (block.pow(2) / saliency_scale).flatten(1)
+            drop = saliency.topk(int(saliency.shape[1] * sparsity), dim=1, largest=False).indices
+            mask.view(len(mask), -1).scatter_(1, drop, True)
         for column in range(end - start):
             if pattern is not None and column % pattern[1] == 0:
                 group = slice(column, column + pattern[1])
-                saliency = block[:, group].pow(2) / saliency_scale[group]
-                mask[:, group].scatter_(1, saliency.topk(pattern[0], dim=1, largest=False).indices, True)
-            values = block[:, column]
-            pruned = torch.where(mask[:, column], 0.0, values)
-            error = (values - pruned) / block_inverse[column, column]
-            block[:, column:] -= error[:, None] * block_inverse[column, column:][None, :]
-            block[:, column] = pruned
-            errors[:, column] = error
-        weight[:, start:end] = block
-        weight[:, end:] -= errors @ inverse[start:end, end:]
-    return weight
+                saliency = block[..., group].pow(2) / saliency_scale[..., group]
+                mask[..., group] = mask[..., group].scatter(-1, saliency.topk(pattern[0], dim=-1, largest=False).indices, True)
+            values = block[..., column]
+            pruned = torch.where(mask[..., column], 0.0, values)
+            error = (values - pruned) / block_inverse[:, column, column, None]
+            block[..., column:] -= error[..., None] * block_inverse[:, None, column, column:]
+            block[..., column] = pruned
+            errors[..., column] = error
+        weights[..., start:end] = block
+        weights[..., end:] -= errors @ inverse[:, start:end, end:]
+    return weights
 
 
 class Prune(ExpertSlimmingPass):
@@ -139,12 +139,12 @@ class Prune(ExpertSlimmingPass):
         if pattern and width % pattern[1]:
             raise MoeExportError(f"prune pattern {options.pattern}: groups of {pattern[1]} do not divide the {what} {width}")
 
-    def slim(self, weight: torch.Tensor, gram: torch.Tensor | None, plan: SlimmingPlan) -> torch.Tensor:
+    def slim(self, weights: torch.Tensor, grams: torch.Tensor | None, plan: SlimmingPlan) -> torch.Tensor:
         if plan.method == "wanda":
-            return wanda(weight, gram, _sparsity(plan), _pattern(plan))
+            return wanda(weights, grams, _sparsity(plan), _pattern(plan))
         if plan.method == "sparsegpt":
-            return sparsegpt(weight, gram, _sparsity(plan), _pattern(plan), plan.settings["damp"])
-        return self.fallback_slim(weight, plan)
+            return sparsegpt(weights, grams, _sparsity(plan), _pattern(plan), plan.settings["damp"])
+        return self.fallback_slim(weights, plan)
 
-    def fallback_slim(self, weight: torch.Tensor, plan: SlimmingPlan) -> torch.Tensor:
-        return prune_lowest(weight, weight.abs(), _sparsity(plan), _pattern(plan))
+    def fallback_slim(self, weights: torch.Tensor, plan: SlimmingPlan) -> torch.Tensor:
+        return prune_lowest(weights, weights.abs(), _sparsity(plan), _pattern(plan))

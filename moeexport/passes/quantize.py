@@ -47,32 +47,38 @@ class QuantizeOptions(SlimmingOptions):
     act_order: bool = False
 
 
-def gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, damp: float, act_order: bool):
-    """(codes int8 [N, K], scales float32 [N, K / group_size]) of `weight` [N, K] for inputs with Gram `gram`."""
-    weight = weight.float().clone()
-    rows, width = weight.shape
-    order = torch.argsort(gram.diagonal(), descending=True) if act_order else torch.arange(width)
-    group_of = order // group_size  # the group of the column quantized at each step
-    scales = group_scales(weight.reshape(rows, -1, group_size), bits) if act_order else torch.empty(rows, width // group_size)
-    weight = weight[:, order]
-    inverse = inverse_hessian_factor(gram[order][:, order], damp)
-    codes = torch.empty(rows, width)
+def gptq(weights: torch.Tensor, grams: torch.Tensor, bits: int, group_size: int, damp: float, act_order: bool):
+    """(codes int8 [B, N, K], scales float32 [B, N, K / group_size]) of a stack of matrices [B, N, K],
+    each for inputs with Gram matrix grams[b] [K, K]."""
+    weights = weights.float().clone()
+    count, rows, width = weights.shape
+    batch = torch.arange(count)[:, None]
+    if act_order:
+        order = torch.argsort(grams.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
+        scales = group_scales(weights.reshape(count, rows, -1, group_size), bits)  # static groups
+    else:
+        order = torch.arange(width).expand(count, width)
+        scales = torch.empty(count, rows, width // group_size)
+    group_of = order // group_size  # [B, K]: the group of the column quantized at each step
+    weights = weights[batch, :, order].transpose(1, 2)
+    inverse = inverse_hessian_factor(grams[batch[..., None], order[:, :, None], order[:, None, :]], damp)
+    codes = torch.empty(count, rows, width)
     step = max(group_size, GPTQ_BLOCK // group_size * group_size)  # a group never straddles two blocks
     for start in range(0, width, step):
         end = min(start + step, width)
-        block, block_inverse = weight[:, start:end].clone(), inverse[start:end, start:end]
+        block, block_inverse = weights[..., start:end].clone(), inverse[:, start:end, start:end]
         errors = torch.zeros_like(block)
         for column in range(end - start):
             if not act_order and (start + column) % group_size == 0:
-                scales[:, group_of[start + column]] = group_scales(block[:, column : column + group_size], bits)
-            scale = scales[:, group_of[start + column]]
-            code = round_to_grid(block[:, column], scale, bits)
-            codes[:, start + column] = code
-            error = (block[:, column] - code * scale) / block_inverse[column, column]
-            block[:, column:] -= error[:, None] * block_inverse[column, column:][None, :]
-            errors[:, column] = error
-        weight[:, end:] -= errors @ inverse[start:end, end:]
-    codes = codes[:, torch.argsort(order)]
+                scales[..., (start + column) // group_size] = group_scales(block[..., column : column + group_size], bits)
+            scale = scales.gather(2, group_of[:, None, start + column, None].expand(count, rows, 1))[..., 0]
+            code = round_to_grid(block[..., column], scale, bits)
+            codes[..., start + column] = code
+            error = (block[..., column] - code * scale) / block_inverse[:, column, column, None]
+            block[..., column:] -= error[..., None] * block_inverse[:, None, column, column:]
+            errors[..., column] = error
+        weights[..., end:] -= errors @ inverse[:, start:end, end:]
+    codes = codes.gather(2, torch.argsort(order, dim=-1)[:, None, :].expand(count, rows, width))
     return codes.to(torch.int8), scales
 
 
@@ -101,15 +107,15 @@ class Quantize(ExpertSlimmingPass):
                 "load it with --dtype float32"
             )
 
-    def slim(self, weight: torch.Tensor, gram: torch.Tensor | None, plan: SlimmingPlan) -> torch.Tensor:
+    def slim(self, weights: torch.Tensor, grams: torch.Tensor | None, plan: SlimmingPlan) -> torch.Tensor:
         if plan.method == "rtn":
-            return self.fallback_slim(weight, plan)
+            return self.fallback_slim(weights, plan)
         s = plan.settings
-        codes, scales = gptq(weight, gram, s["bits"], s["group_size"], s["damp"], s["act_order"])
+        codes, scales = gptq(weights, grams, s["bits"], s["group_size"], s["damp"], s["act_order"])
         return dequantize(codes, scales, s["group_size"])
 
-    def fallback_slim(self, weight: torch.Tensor, plan: SlimmingPlan) -> torch.Tensor:
-        codes, scales = quantize_rtn(weight, plan.settings["bits"], plan.settings["group_size"])
+    def fallback_slim(self, weights: torch.Tensor, plan: SlimmingPlan) -> torch.Tensor:
+        codes, scales = quantize_rtn(weights, plan.settings["bits"], plan.settings["group_size"])
         return dequantize(codes, scales, plan.settings["group_size"])
 
     def apply(self, model, plan: SlimmingPlan, tokens: torch.Tensor | None = None, progress=None) -> SlimmingPlan:

@@ -85,14 +85,15 @@ class SlimmingPlan:
 
 
 def inverse_hessian_factor(gram: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1; an input never seen gets H_jj = 1."""
+    """Upper Cholesky factors of (H + damp * mean(diag H) I)^-1 for a stack of Gram matrices [B, K, K];
+    an input never seen gets H_jj = 1 (its weights do not change the output on calibration data)."""
     hessian = gram.float().clone()
-    diagonal = hessian.diagonal()
-    diagonal[diagonal == 0] = 1.0  # its weights do not change the output on calibration data
-    diagonal += damp * diagonal.mean()
+    diagonal = hessian.diagonal(dim1=-2, dim2=-1)
+    diagonal[diagonal == 0] = 1.0
+    diagonal += damp * diagonal.mean(dim=-1, keepdim=True)
     factor, info = torch.linalg.cholesky_ex(hessian)
-    if info:
-        raise MoeExportError(f"the Hessian is not positive definite even with damp={damp}; raise damp (e.g. 0.1)")
+    if info.any():
+        raise MoeExportError(f"a Hessian is not positive definite even with damp={damp}; raise damp (e.g. 0.1)")
     return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
 
 
@@ -119,11 +120,12 @@ class ExpertSlimmingPass(CompressionPass):
     def settings(self, options) -> dict:
         raise NotImplementedError
 
-    def slim(self, weight: torch.Tensor, gram: torch.Tensor | None, plan: SlimmingPlan) -> torch.Tensor:
-        """The new float32 weight [N, K]; `gram` is None for methods without calibration."""
+    def slim(self, weights: torch.Tensor, grams: torch.Tensor | None, plan: SlimmingPlan) -> torch.Tensor:
+        """New float32 weights for a stack [B, N, K] of matrices (one per expert) with their input Gram
+        matrices [B, K, K] (diagonals [B, K]); `grams` is None for methods without calibration."""
         raise NotImplementedError
 
-    def fallback_slim(self, weight: torch.Tensor, plan: SlimmingPlan) -> torch.Tensor:
+    def fallback_slim(self, weights: torch.Tensor, plan: SlimmingPlan) -> torch.Tensor:
         raise NotImplementedError
 
     def check_input_width(self, options, width: int, what: str) -> None:
@@ -162,25 +164,31 @@ class ExpertSlimmingPass(CompressionPass):
             )
         # the generator resumes (and runs a layer with its slimmed weights) only after that layer is slimmed
         for layer, inputs in layer_inputs:
-            block = moe_block(adapter, model, layer)
             if inputs is not None:
                 tokens_seen[layer] = inputs.expert_tokens
-            for expert, matrices in _targets(adapter, block, inputs, plan.shared_experts):
-                seen = None if inputs is None else matrices[0][1].tokens
-                use_fallback = expert is not None and seen is not None and seen < plan.min_tokens
-                if use_fallback:
-                    fallbacks.append({"layer": layer, "expert": expert, "tokens": seen})
-                for weight, matrix_inputs in matrices:
-                    original = weight.float().clone()
-                    if use_fallback:
-                        weight.copy_(self.fallback_slim(original, plan))
-                    else:
-                        weight.copy_(self.slim(original, None if inputs is None else matrix_inputs.gram, plan))
-                    if gram == "full" and matrix_inputs.tokens:
-                        tally.errors.append(output_error(weight.float() - original, original, matrix_inputs.gram))
-                    tally.matrices += 1
-                    tally.weights += weight.numel()
-                    tally.zeros += int((weight == 0).sum())
+                fallbacks += [
+                    {"layer": layer, "expert": expert, "tokens": count}
+                    for expert, count in enumerate(inputs.expert_tokens)
+                    if count < plan.min_tokens
+                ]
+            for weights, matrix_inputs, routed in _targets(adapter, moe_block(adapter, model, layer), inputs, plan.shared_experts):
+                original = weights.float().clone()  # .float() alone would alias float32 weights
+                new = original.clone()
+                use_fallback = torch.zeros(len(weights), dtype=torch.bool)
+                if inputs is not None and routed:
+                    use_fallback = torch.tensor([m.tokens < plan.min_tokens for m in matrix_inputs])
+                if use_fallback.any():
+                    new[use_fallback] = self.fallback_slim(original[use_fallback], plan)
+                calibrated = torch.where(~use_fallback)[0].tolist()
+                if calibrated:
+                    grams = torch.stack([matrix_inputs[i].gram for i in calibrated]) if inputs else None
+                    new[calibrated] = self.slim(original[calibrated], grams, plan)
+                weights.copy_(new)
+                if gram == "full":
+                    tally.errors += [output_error(new[i] - original[i], original[i], m.gram) for i, m in enumerate(matrix_inputs) if m.tokens]
+                tally.matrices += len(weights)
+                tally.weights += weights.numel()
+                tally.zeros += int((weights == 0).sum())
             if progress:
                 progress.advance(task)
         if progress:
@@ -197,19 +205,17 @@ class ExpertSlimmingPass(CompressionPass):
 
 
 def _targets(adapter, block, inputs, shared: bool):
-    """Per target expert: (routed expert index, or None for a shared expert, [(weight [N, K] view, its
-    MatrixInputs or None)]). The weights are views: writing them changes the model."""
+    """Stacks of target matrices of one MoE layer: (weights [B, N, K], a view: writing it changes the
+    model; their MatrixInputs, or None without calibration; whether they are routed experts)."""
     experts = getattr(block, adapter.experts)
-    for expert in range(experts.gate_up_proj.shape[0]):
-        yield expert, [
-            (experts.gate_up_proj.data[expert], inputs.gate_up[expert] if inputs else None),
-            (experts.down_proj.data[expert], inputs.down[expert] if inputs else None),
-        ]
+    yield experts.gate_up_proj.data, inputs.gate_up if inputs else None, True
+    yield experts.down_proj.data, inputs.down if inputs else None, True
     for name in adapter.shared_experts if shared else ():
         if hasattr(block, name):
             module = getattr(block, name)
             into, middle = inputs.shared[name] if inputs else (None, None)
-            yield None, [(module.gate_proj.weight.data, into), (module.up_proj.weight.data, into), (module.down_proj.weight.data, middle)]
+            for linear, seen in ((module.gate_proj, into), (module.up_proj, into), (module.down_proj, middle)):
+                yield linear.weight.data[None], None if seen is None else [seen], False
 
 
 def _moe_blocks(model):
@@ -234,9 +240,4 @@ def target_input_widths(model, shared: bool) -> dict[str, int]:
 
 
 def target_dtypes(model, shared: bool) -> set[torch.dtype]:
-    return {
-        weight.dtype
-        for adapter, _, block in _moe_blocks(model)
-        for _, matrices in _targets(adapter, block, None, shared)
-        for weight, _ in matrices
-    }
+    return {weights.dtype for adapter, _, block in _moe_blocks(model) for weights, _, _ in _targets(adapter, block, None, shared)}
