@@ -4,6 +4,7 @@ inside the experts, the on-grid weight representation, and experts that saw no c
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from moeexport.compress import StatisticsProvider, compress
 from moeexport.errors import MoeExportError
 from moeexport.passes.quantize import GRID_ATTRIBUTE, gptq
 from moeexport.quantization import dequantize, quantize_rtn, recover_grid
-from moeexport.recipe import parse_recipe
+from moeexport.recipe import load_recipe, parse_recipe
 from tests.conftest import CORPUS, FIXTURE, needs_shared
 from tests.tiny_models import FAMILIES, random_tokens, tiny_model
 
@@ -73,6 +74,8 @@ def test_the_issue_recipe_parses_exactly_as_written():
     ))
     assert variants.steps[0].options.pattern == "2:4" and variants.steps[1].options.bits == 8
     assert variants.steps[1].options.group_size == 128 and not variants.steps[1].options.shared_experts
+    example = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "slim.yaml")
+    assert [step.name for step in example.steps] == ["prune", "quantize"]
 
 
 @pytest.mark.parametrize(
