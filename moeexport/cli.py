@@ -24,7 +24,11 @@ examples:
   moeexport compress path/to/Mixtral --recipe r.yaml --calib calib.txt --dry-run
   moeexport eval out/demo-trimmed --text held_out.txt --reference demo
   moeexport build demo --recipe recipes/demo-gguf.yaml --target gguf --out out/demo-gguf
+  moeexport build demo --recipe recipes/trim.yaml --target onnx --quant int4 --out out/demo-onnx
+  moeexport validate out/demo-onnx/model-int4.onnx --reference out/demo-onnx/compressed --text held_out.txt
   moeexport chat out/demo-gguf/model-f32.gguf --prompt "Once upon a time"
+  moeexport build demo --recipe recipes/trim.yaml --target tensorrt --out out/demo-trt
+  moeexport trt-build out/demo-trt/bundle --precision fp16        # on the Jetson / CUDA machine
 
 MODEL is a Hugging Face checkpoint directory (safetensors), a directory written
 by `moeexport compress`, or `demo` for the small model bundled with moeexport.
@@ -127,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _recipe_and_output(build)
     build.add_argument("--target", required=True, choices=["gguf", "onnx", "tensorrt"], help="deployment target")
-    build.add_argument("--quant", default="f32", help="weight type (gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k; default f32)")
+    build.add_argument(
+        "--quant", default="f32",
+        help="weight type (gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k; onnx: f32, f16, and int8 / int4 "
+        "experts in QMoE nodes; default f32)",
+    )
     build.add_argument(
         "--tensor-type", action="append", default=[], metavar="PATTERN=TYPE",
         help="per-tensor type override, a regex on GGUF tensor names, e.g. --tensor-type _exps=q4_k "
@@ -138,16 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="weigh quantization by an importance matrix measured on the calibration set (per expert, from its "
         "routed tokens; experts without tokens use their layer's average and are reported)",
     )
+    build.add_argument(
+        "--moe-ops", choices=["contrib", "plain"],
+        help="onnx: one com.microsoft MoE/QMoE node per MoE layer (contrib, the default; onnxruntime >= 1.23) or "
+        "standard ops only (plain: for TensorRT and runtimes without the contrib ops; f32/f16)",
+    )
+    build.add_argument(
+        "--block-size", type=int, metavar="N",
+        help="onnx int8/int4: inputs sharing one scale (a power of two >= 16 dividing the expert widths; default 32)",
+    )
     build.set_defaults(run=run_build, dry_run=False)
 
     validate = commands.add_parser(
         "validate", formatter_class=formatter,
         help="compare an artifact's logits with a torch model",
-        description="Run ARTIFACT (a .gguf file) and the torch REFERENCE on the same held-out windows and report "
-        "max |delta logit|, KL(reference || artifact), top-1 agreement and both perplexities. Exact settings "
-        "(F32 KV cache, flash attention off) are used, so an F32 artifact should agree to ~1e-5.",
+        description="Run ARTIFACT (a .gguf or .onnx file) and the torch REFERENCE on the same held-out windows and "
+        "report max |delta logit|, KL(reference || artifact), top-1 agreement and both perplexities. Exact settings "
+        "(F32 KV cache, flash attention off in llama.cpp) are used, so an F32 artifact should agree to ~1e-5.",
     )
-    validate.add_argument("artifact", metavar="ARTIFACT", help="the exported file (.gguf)")
+    validate.add_argument("artifact", metavar="ARTIFACT", help="the exported file (.gguf or .onnx)")
     validate.add_argument("--reference", required=True, metavar="MODEL", help="the torch model it was exported from")
     validate.add_argument("--text", required=True, metavar="FILE", help="held-out text (.txt / .jsonl)")
     validate.add_argument("--length", type=int, default=256, help="tokens per window (default 256)")
@@ -168,6 +185,27 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--context", type=int, default=2048, help="context length in tokens (default 2048)")
     chat.set_defaults(run=run_chat)
+
+    trt_build = commands.add_parser(
+        "trt-build", formatter_class=formatter,
+        help="on the device: build the TensorRT engine of a bundle, validate and profile it",
+        description="Build a TensorRT engine from BUNDLE (written by `build --target tensorrt`) on this machine's "
+        "GPU, compare its logits with the bundled torch reference, profile it and write BUNDLE/report.json. "
+        "Needs tensorrt (JetPack 6.x: TensorRT 10.3) and torch with CUDA. An engine that misses its tolerance "
+        "exits 1 and is renamed *.failed.",
+    )
+    trt_build.add_argument("bundle", metavar="BUNDLE", help="the bundle directory (or the build's --out directory)")
+    trt_build.add_argument(
+        "--precision", choices=["fp32", "fp16", "bf16", "int8", "fp8"],
+        help="engine precision (default: fp16 on TensorRT 10 where the GPU has fast FP16, else fp32); int8/fp8 need a "
+        "Q/DQ-quantized ONNX",
+    )
+    trt_build.add_argument("--workspace", type=float, metavar="GIB", help="builder workspace limit in GiB")
+    trt_build.add_argument("--context", type=int, metavar="N", help="most tokens the engine holds (default: the bundle's)")
+    trt_build.add_argument("--max-prompt", type=int, metavar="N", help="most new tokens per prefill call (default: the bundle's)")
+    trt_build.add_argument("--verbose", action="store_true", help="show TensorRT's verbose build log")
+    trt_build.add_argument("--json", action="store_true", help="print report.json")
+    trt_build.set_defaults(run=run_trt_build)
     return parser
 
 
@@ -384,51 +422,66 @@ def run_compress(args) -> int:
     return 0
 
 
+def _export_options(args) -> dict:
+    """The chosen target's export options from its flags; a flag of another target is an error."""
+    flags = {
+        "gguf": {"--tensor-type": bool(args.tensor_type), "--imatrix": args.imatrix},
+        "onnx": {"--moe-ops": args.moe_ops is not None, "--block-size": args.block_size is not None},
+    }
+    for target, given in flags.items():
+        misplaced = [flag for flag, used in given.items() if used and target != args.target]
+        if misplaced:
+            raise MoeExportError(f"{misplaced[0]} is a {target} option; it does nothing for --target {args.target}")
+    if args.target == "gguf":
+        malformed = [item for item in args.tensor_type if "=" not in item]
+        if malformed:
+            raise MoeExportError(f"--tensor-type takes PATTERN=TYPE, got {malformed[0]!r}")
+        return {"tensor_types": dict(item.rsplit("=", 1) for item in args.tensor_type)}
+    if args.target == "onnx":
+        from moeexport.backends.onnx import DEFAULT_BLOCK_SIZE
+
+        return {"moe_ops": args.moe_ops or "contrib", "block_size": args.block_size or DEFAULT_BLOCK_SIZE}
+    return {}
+
+
 def run_build(args) -> int:
     import shutil
 
     from moeexport.backends import backend_for
 
     backend = backend_for(args.target)  # before any work: nothing is compressed for a target we cannot export
-    malformed = [item for item in args.tensor_type if "=" not in item]
-    if malformed:
-        raise MoeExportError(f"--tensor-type takes PATTERN=TYPE, got {malformed[0]!r}")
-    args.tensor_types = dict(item.rsplit("=", 1) for item in args.tensor_type)
+    args.export_options = _export_options(args)
     if args.quant not in backend.QUANT_TYPES:
         raise MoeExportError(f"--quant {args.quant} is not a {args.target} type; choose one of {', '.join(backend.QUANT_TYPES)}")
     model, tokenizer, original, provider, result = _compress(args)
-    backend.check(model, args.quant)
+    backend.check(model, args.quant, **args.export_options)
     quality = _quality_vs_original(args, model, tokenizer, original)
-    imatrix = None
+    options = dict(args.export_options)
     if args.imatrix:
         from moeexport.calibration.moments import input_moments
 
-        imatrix = input_moments(model, provider.tokens(model), batch_size=args.batch_size)
+        options["imatrix"] = input_moments(model, provider.tokens(model), batch_size=args.batch_size)
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)  # _compress already refused an existing --out without --overwrite
     out.mkdir(parents=True)
     try:
         manifest = _manifest(args, provider, result, quality)
-        return _export_validate_profile(args, backend, model, tokenizer, out, manifest, imatrix)
+        if args.target == "tensorrt":
+            return _build_tensorrt_bundle(args, backend, model, tokenizer, out, manifest)
+        return _export_validate_profile(args, backend, model, tokenizer, out, manifest, options)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # an error leaves nothing that looks like a build
         raise
 
 
-def _export_validate_profile(args, backend, model, tokenizer, out: Path, manifest: dict, imatrix) -> int:
+def _export_validate_profile(args, backend, model, tokenizer, out: Path, manifest: dict, options: dict) -> int:
     from moeexport.modelio import save
     from moeexport.validate import TorchRunner, compare
 
     started = time.perf_counter()
     save(model, out / "compressed", manifest)
-    artifact = backend.export(
-        model,
-        out / f"model-{args.quant}.{backend.EXTENSION}",
-        quant=args.quant,
-        tensor_types=args.tensor_types,
-        imatrix=imatrix,
-    )
+    artifact = backend.export(model, out / f"model-{args.quant}.{backend.EXTENSION}", quant=args.quant, **options)
     console = _console()
     console.print(f"exported {artifact.path} ({artifact.path.stat().st_size / 2**20:.1f} MiB, {artifact.representation})")
     for fallback in artifact.fallbacks:
@@ -445,7 +498,7 @@ def _export_validate_profile(args, backend, model, tokenizer, out: Path, manifes
         "artifact": str(artifact.path),
         "file_bytes": artifact.path.stat().st_size,
         "quant": args.quant,
-        "tensor_types": args.tensor_types,
+        "options": {name: value for name, value in options.items() if name != "imatrix"},
         "imatrix": args.imatrix,
         "representation": artifact.representation,
         "fallbacks": artifact.fallbacks,
@@ -462,7 +515,8 @@ def _export_validate_profile(args, backend, model, tokenizer, out: Path, manifes
     console.print(
         f"profile: prefill {speed['prefill_tokens_per_s']:.0f} tok/s, decode {speed['decode_tokens_per_s']:.0f} tok/s, "
         f"time to first token {speed['time_to_first_token_s'] * 1000:.0f} ms, "
-        f"peak memory {speed['peak_rss_bytes'] / 2**20:.0f} MiB"
+        f"memory {speed['runtime_rss_bytes'] / 2**20:.0f} MiB held by the runtime "
+        f"(process peak {speed['peak_rss_bytes'] / 2**20:.0f} MiB, Python and torch included)"
     )
     if failures:
         failed = artifact.path.with_name(artifact.path.name + ".failed")
@@ -476,16 +530,114 @@ def _export_validate_profile(args, backend, model, tokenizer, out: Path, manifes
     return 0
 
 
+# --- tensorrt: bundle here, engine on the device ---------------------------------------
+
+
+def _build_tensorrt_bundle(args, backend, model, tokenizer, out: Path, manifest: dict) -> int:
+    """Write out/bundle (checked, ONNX Runtime-validated ONNX + reference logits); finish it here if TensorRT is."""
+    from moeexport.modelio import save
+
+    started = time.perf_counter()
+    save(model, out / "compressed", manifest)
+    windows, where = _held_out_windows(args, tokenizer, model, 2, 256)
+    with _progress() as progress:
+        bundle = backend.write_bundle(model, out / "bundle", windows, where, quant=args.quant,
+                                      source_manifest=manifest, progress=progress)
+    console, here = _console(), bundle.manifest["validation_here"]
+    onnx_bytes = sum(f["bytes"] for name, f in bundle.manifest["files"].items() if name.startswith("model.onnx"))
+    console.print(
+        f"wrote the TensorRT bundle {bundle.path}: model.onnx ({onnx_bytes / 2**20:.1f} MiB, standard ops only, passes "
+        f"the {bundle.manifest['tensorrt_support']['checked_against'].split(',')[0]} check), reference logits of "
+        f"{' x '.join(map(str, bundle.manifest['reference']['windows']))} tokens, bundle.json, README.txt"
+    )
+    console.print(
+        f"ONNX Runtime vs compressed torch model on {where} ({here['tokens']} tokens): max |delta logit| "
+        f"{here['max_abs_logit']:.2e}, KL {here['kl']:.2e}, top-1 {here['top1_agreement']:.2%}"
+    )
+    report = {"target": "tensorrt", "bundle": str(bundle.path), "quant": args.quant,
+              "validation_here": here, "quality_vs_source": manifest["quality_vs_source"], "engine": None}
+    if bundle.failures:
+        report["seconds"] = time.perf_counter() - started
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"moeexport build: the TensorRT ONNX failed validation in ONNX Runtime ({'; '.join(bundle.failures)}); "
+              f"kept as {bundle.path / 'model.onnx.failed'}", file=sys.stderr)
+        return 1
+    found = backend.status()
+    if not found.available:
+        report["engine"] = {"built": False, "reason": found.reason}
+        report["seconds"] = time.perf_counter() - started
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        console.print(
+            f"engine not built: {escape(found.reason)}.\nTo finish on the device (JetPack 6.x: TensorRT 10.3): copy "
+            f"{bundle.path} there and run `moeexport trt-build {bundle.path.name}` (steps in {bundle.path / 'README.txt'})"
+        )
+        return 0
+    code = _finish_tensorrt(backend.Bundle(bundle.path), None, None, None, None, False)
+    report["engine"] = json.loads((bundle.path / "report.json").read_text())
+    report["seconds"] = time.perf_counter() - started
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return code
+
+
+def _finish_tensorrt(bundle, precision, workspace, context, max_prompt, verbose) -> int:
+    from moeexport.backends.tensorrt import finish_on_device
+
+    with _progress() as progress:
+        result = finish_on_device(bundle, precision, workspace, context, max_prompt, progress, verbose)
+    report, console = result.report, _console()
+    engine, fidelity, speed = report["engine"], report["validation"], report["profile"]
+    console.print(
+        f"built {result.engine_path} ({engine['engine_bytes'] / 2**20:.1f} MiB, {engine['precision']}, TensorRT "
+        f"{engine['tensorrt_version']} on {report['device']['gpu']}) in {engine['build_seconds']:.0f}s"
+    )
+    console.print(
+        f"fidelity vs bundled torch logits ({fidelity['tokens']} tokens): max |delta logit| "
+        f"{fidelity['max_abs_logit']:.2e}, KL {fidelity['kl']:.2e}, top-1 {fidelity['top1_agreement']:.2%}"
+    )
+    console.print(
+        f"profile: prefill {speed['prefill_tokens_per_s']:.0f} tok/s, decode {speed['decode_tokens_per_s']:.0f} tok/s, "
+        f"time to first token {speed['time_to_first_token_s'] * 1000:.0f} ms, GPU peak "
+        f"{speed['torch_peak_allocated_bytes'] / 2**20:.0f} MiB + engine {(speed['engine_device_memory_bytes'] or 0) / 2**20:.0f} MiB"
+    )
+    if result.failures:
+        print(f"moeexport trt-build: validation failed ({'; '.join(result.failures)}); engine moved to {result.engine_path}",
+              file=sys.stderr)
+        return 1
+    console.print(f"wrote {bundle.path / 'report.json'}")
+    return 0
+
+
+def run_trt_build(args) -> int:
+    from moeexport.backends.tensorrt import Bundle, status
+
+    for name in ("context", "max_prompt"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise MoeExportError(f"--{name.replace('_', '-')} must be at least 1")
+    bundle = Bundle(args.bundle)  # a wrong path or a partial copy is reported before TensorRT is looked for
+    found = status()
+    if not found.available:
+        raise MoeExportError(found.reason)
+    workspace = int(args.workspace * 2**30) if args.workspace else None
+    code = _finish_tensorrt(bundle, args.precision, workspace, args.context, args.max_prompt, args.verbose)
+    if args.json:
+        print((bundle.path / "report.json").read_text(), end="")
+    return code
+
+
 # --- validate / chat --------------------------------------------------------------------
 
 
-def _gguf_file(path: str) -> Path:
+RUNNABLE = {".gguf": "gguf", ".onnx": "onnx"}  # artifact suffix -> the target that runs it
+
+
+def _artifact(path: str, suffixes=tuple(RUNNABLE)) -> tuple[Path, str]:
+    """(path, target) of an artifact file this command can run."""
     artifact = Path(path)
     if not artifact.is_file():
         raise MoeExportError(f"{path} is not a file")
-    if artifact.suffix != ".gguf":
-        raise MoeExportError(f"{path}: only .gguf artifacts can be run in this release")
-    return artifact
+    if artifact.suffix not in suffixes:
+        raise MoeExportError(f"{path}: this command runs {' and '.join(suffixes)} artifacts")
+    return artifact, RUNNABLE[artifact.suffix]
 
 
 def run_validate(args) -> int:
@@ -494,8 +646,8 @@ def run_validate(args) -> int:
     from moeexport.modelio import load, load_tokenizer
     from moeexport.validate import TorchRunner, compare
 
-    artifact = _gguf_file(args.artifact)
-    backend = backend_for("gguf")
+    artifact, target = _artifact(args.artifact)
+    backend = backend_for(target)
     reference, tokenizer = load(args.reference), load_tokenizer(args.reference)
     windows = eval_windows(tokenizer, args.text, args.length, args.windows)
     with _progress() as progress:
@@ -514,7 +666,8 @@ def run_validate(args) -> int:
 def run_chat(args) -> int:
     from moeexport.backends import backend_for
 
-    runner = backend_for("gguf").Runner(_gguf_file(args.model_file), context=args.context, exact=False, logits=False)
+    runner = backend_for("gguf").Runner(_artifact(args.model_file, (".gguf",))[0], context=args.context, exact=False,
+                                        logits=False)
     messages = [{"role": "system", "content": args.system}] if args.system else []
 
     def reply(prompt: str) -> None:

@@ -107,7 +107,10 @@ BAD_INPUTS = {
     "malformed yaml": (["compress", "demo"], "passes: [block_drop: {n: 1}\n", "not valid YAML"),
     "unknown pass": (["compress", "demo"], "passes:\n  - merge_all: {}\n", "unknown pass 'merge_all'"),
     "unknown option": (["compress", "demo"], "passes:\n  - layer_drop: {n: 1, how: fast}\n", "how: unknown option"),
-    "target not in this release": (["build", "demo", "--target", "onnx"], TRIM, "onnx exporter is not in this release"),
+    "option of another target": (["build", "demo", "--target", "onnx", "--imatrix"], TRIM,
+                                 "--imatrix is a gguf option; it does nothing for --target onnx"),
+    "block size the quantizer cannot take": (["build", "demo", "--target", "onnx", "--quant", "int4", "--block-size", "24"],
+                                             TRIM, "--block-size 24 cannot quantize layer 0's experts"),
     "quant the target cannot write": (["build", "demo", "--target", "gguf", "--quant", "iq2_xxs"], TRIM, "not a gguf type"),
 }
 

@@ -98,9 +98,9 @@ def _gguf():
     return gguf
 
 
-def check(model, quant: str = "f32") -> _Plan:
-    """Raise before anything is written when the model or type cannot be exported."""
-    _gguf()
+def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None) -> _Plan:
+    """Raise before anything is written when the model, type or a type override cannot be exported."""
+    _ggml_types(_gguf(), tensor_types or {})
     if quant not in QUANT_TYPES:
         raise MoeExportError(f"unknown GGUF type {quant!r}; this release writes {', '.join(QUANT_TYPES)}")
     adapter = adapter_for(model.config)
@@ -167,7 +167,7 @@ def export(
     tokens use their layer's average and are listed in the fallbacks.
     """
     gguf = _gguf()
-    plan = check(model, quant)
+    plan = check(model, quant, tensor_types)
     overrides = _ggml_types(gguf, tensor_types or {})
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:

@@ -98,11 +98,12 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
             if isinstance(experts, NoRoutedExperts):
                 continue
             _, hidden, width = experts.down_proj.shape
-            bad = [d for d in (hidden, width) if d % block_size]
-            if bad or block_size < 16 or block_size & (block_size - 1):
+            if hidden % block_size or width % block_size or block_size < 16 or block_size & (block_size - 1):
+                fitting = [b for b in (128, 64, 32, 16) if hidden % b == 0 and width % b == 0]
+                fix = f"try --block-size {fitting[0]}" if fitting else "no block size fits: export f16 or f32 experts"
                 raise MoeExportError(
                     f"--block-size {block_size} cannot quantize layer {index}'s experts (hidden {hidden}, width {width}): "
-                    "QMoE needs a power of two >= 16 dividing both; try --block-size 16 or 32"
+                    f"QMoE needs a power of two >= 16 dividing both; {fix}"
                 )
 
 

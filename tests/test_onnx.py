@@ -1,0 +1,207 @@
+"""The ONNX target: graphs that ONNX Runtime runs and that compute what the compressed torch model computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+
+from moeexport.adapters import adapter_for
+from moeexport.adapters.base import drop_blocks, drop_moe_sublayer, keep_experts, structure
+from moeexport.backends import onnx as onnx_backend
+from moeexport.backends.onnx.graph import CONTRIB_DOMAIN
+from moeexport.errors import MoeExportError
+from moeexport.validate import TorchRunner, compare
+from tests.conftest import CORPUS, FIXTURE, needs_shared
+from tests.tiny_models import FAMILIES, random_tokens, tiny_model
+
+VARIANTS = ("contrib", "plain")
+
+
+def _exercised(model_type: str, **overrides):
+    """A tiny model whose norms are not all ones, so a misplaced norm weight shows."""
+    model = tiny_model(model_type, **overrides)
+    generator = torch.Generator().manual_seed(1)
+    for name, parameter in model.named_parameters():
+        if "norm" in name:
+            parameter.data = 1 + 0.2 * torch.randn(parameter.shape, generator=generator)
+    return model
+
+
+def _assert_matches(model, path, tokens):
+    runner = onnx_backend.Runner(path)
+    fidelity = compare(TorchRunner(model), runner, tokens)
+    assert fidelity.max_abs_logit <= 1e-4, fidelity
+    assert fidelity.top1_agreement == 1.0
+
+
+@pytest.mark.parametrize("moe_ops", VARIANTS)
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_every_family_exports_and_matches_torch(model_type, moe_ops, tmp_path):
+    model = _exercised(model_type)
+    artifact = onnx_backend.export(model, tmp_path / "m.onnx", moe_ops=moe_ops)
+    onnx.checker.check_model(onnx.load(artifact.path), full_check=True)
+    _assert_matches(model, artifact.path, random_tokens(2, 24))
+
+
+def _structures():
+    """Compressed structures the graph must carry: per-layer expert counts, dropped layers, zero experts."""
+    def block_drop(model):
+        drop_blocks(adapter_for(model.config), model, [1, 2])
+
+    def layer_drop(model):
+        for layer in (0, 2):
+            drop_moe_sublayer(adapter_for(model.config), model, layer)
+
+    def uneven_experts(model):
+        adapter = adapter_for(model.config)
+        moe_layers = [i for i, spec in enumerate(structure(adapter, model)) if spec.kind == "moe"]
+        shared = structure(adapter, model)[moe_layers[0]].shared_experts
+        keeps = [[], [3], [0, 1, 2]] if shared else [[0, 1, 2], [3], [0, 1], [0, 1, 2, 3]]  # zero: shared part only
+        for layer, keep in zip(moe_layers, keeps):
+            keep_experts(adapter, model, layer, keep)
+
+    return {"block_drop": ("mixtral", block_drop), "layer_drop": ("mixtral", layer_drop),
+            "uneven_experts": ("mixtral", uneven_experts), "zero_routed_experts": ("qwen2_moe", uneven_experts)}
+
+
+@pytest.mark.parametrize("moe_ops", VARIANTS)
+@pytest.mark.parametrize("structure", sorted(_structures()))
+def test_compressed_structures_export_and_match(structure, moe_ops, tmp_path):
+    model_type, compress = _structures()[structure]
+    model = _exercised(model_type)
+    compress(model)
+    artifact = onnx_backend.export(model, tmp_path / "m.onnx", moe_ops=moe_ops)
+    _assert_matches(model, artifact.path, random_tokens(2, 24))
+
+
+@pytest.mark.parametrize("quant", ["f32", "int4"])
+def test_each_moe_layer_is_exactly_one_moe_node(quant, tmp_path):
+    model = _exercised("qwen2_moe", moe_intermediate_size=32)  # one dense layer (mlp_only_layers), shared experts
+    drop_moe_sublayer(adapter_for(model.config), model, 3)
+    graph = onnx.load(onnx_backend.export(model, tmp_path / "m.onnx", quant=quant, block_size=16).path).graph
+    op = "MoE" if quant == "f32" else "QMoE"
+    moe_nodes = [node for node in graph.node if node.domain == CONTRIB_DOMAIN]
+    assert [node.op_type for node in moe_nodes] == [op, op]  # layers 0 and 2: 1 is dense, 3 dropped
+    assert all(dict((a.name, onnx.helper.get_attribute_value(a)) for a in node.attribute)["k"] == 2 for node in moe_nodes)
+
+
+def test_the_plain_variant_has_no_contrib_node_and_a_constant_top_k(tmp_path):
+    graph = onnx.load(onnx_backend.export(_exercised("mixtral"), tmp_path / "m.onnx", moe_ops="plain").path).graph
+    assert {node.domain for node in graph.node} == {""}
+    assert not {node.op_type for node in graph.node} & {"ScatterND", "ScatterElements", "NonZero", "Loop", "If"}
+    initializers = {tensor.name for tensor in graph.initializer}
+    top_ks = [node for node in graph.node if node.op_type == "TopK"]
+    assert len(top_ks) == 4 and all(node.input[1] in initializers for node in top_ks)
+
+
+@pytest.mark.parametrize("moe_ops", VARIANTS)
+def test_generation_through_the_cache_equals_recomputing_the_sequence(moe_ops, tmp_path):
+    model = _exercised("mixtral")
+    runner = onnx_backend.Runner(onnx_backend.export(model, tmp_path / "m.onnx", moe_ops=moe_ops).path)
+    prompt = random_tokens(1, 8)[0].tolist()
+    cached = runner.generate(prompt, 64)
+    recomputed = list(prompt)
+    for _ in range(64):
+        recomputed.append(int(runner.logits(recomputed)[-1].argmax()))
+    assert cached == recomputed[len(prompt):]
+    assert cached == TorchRunner(model).generate(prompt, 64)
+    sampled = runner.generate(prompt, 32, temperature=1.0, seed=3)
+    assert sampled == runner.generate(prompt, 32, temperature=1.0, seed=3) != cached[:32]
+
+
+def test_padding_in_the_attention_mask_hides_those_positions(tmp_path):
+    import onnxruntime as ort
+
+    model = _exercised("mixtral")
+    path = onnx_backend.export(model, tmp_path / "m.onnx").path
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    tokens = random_tokens(1, 10)[0]
+    empty = {i.name: np.zeros((2, i.shape[1], 0, i.shape[3]), np.float32)
+             for i in session.get_inputs() if i.name.startswith("past")}
+    padded = np.stack([np.concatenate([[0, 0], tokens[:8]]), tokens]).astype(np.int64)  # left padding in row 0
+    mask = np.ones((2, 10), np.int64)
+    mask[0, :2] = 0
+    positions = np.stack([np.concatenate([[0, 0], np.arange(8)]), np.arange(10)]).astype(np.int64)
+    logits = session.run(["logits"], {"input_ids": padded, "attention_mask": mask, "position_ids": positions, **empty})[0]
+    expected = TorchRunner(model).logits(tokens[:8].tolist())
+    np.testing.assert_allclose(logits[0, 2:], expected, atol=1e-4)
+    np.testing.assert_allclose(logits[1], TorchRunner(model).logits(tokens.tolist()), atol=1e-4)
+
+
+def test_quantized_experts_stay_close_to_the_float_graph(tmp_path):
+    model = _exercised("mixtral", intermediate_size=64)
+    tokens = random_tokens(2, 24)
+    reference = onnx_backend.Runner(onnx_backend.export(model, tmp_path / "f32.onnx").path)
+    sizes = {}
+    for quant, kl in (("int8", 1e-3), ("int4", 2e-2)):
+        artifact = onnx_backend.export(model, tmp_path / f"{quant}.onnx", quant=quant, block_size=16)
+        fidelity = compare(reference, onnx_backend.Runner(artifact.path), tokens)
+        assert fidelity.kl < kl and np.isfinite(fidelity.max_abs_logit)
+        sizes[quant] = artifact.path.stat().st_size
+    assert sizes["int4"] < sizes["int8"] < (tmp_path / "f32.onnx").stat().st_size
+
+
+def test_bad_requests_get_one_line_errors(tmp_path, monkeypatch):
+    import onnxruntime
+
+    model = _exercised("mixtral")  # expert width 48: block 32 does not divide it
+    with pytest.raises(MoeExportError, match="--block-size 32 cannot quantize .* try --block-size 16"):
+        onnx_backend.export(model, tmp_path / "m.onnx", quant="int4", block_size=32)
+    with pytest.raises(MoeExportError, match="needs the QMoE op"):
+        onnx_backend.export(model, tmp_path / "m.onnx", quant="int8", moe_ops="plain")
+    (tmp_path / "taken.onnx").write_text("")
+    with pytest.raises(MoeExportError, match="already exists; pass --overwrite"):
+        onnx_backend.export(model, tmp_path / "taken.onnx")
+    monkeypatch.setattr(onnxruntime, "__version__", "1.22.1")
+    with pytest.raises(MoeExportError, match=r"onnxruntime 1\.22 has no CPU kernels .* --moe-ops plain"):
+        onnx_backend.export(model, tmp_path / "m.onnx")
+    assert not list(tmp_path.glob("m.onnx*")) and not list(tmp_path.glob(".*partial"))
+    onnx_backend.export(model, tmp_path / "m.onnx", moe_ops="plain")  # the plain variant needs no MoE kernels
+
+
+@needs_shared
+@pytest.mark.parametrize("recipe", ["", "block_drop: {n: 2}", "layer_drop: {n: 2}",
+                                    "expert_drop: {keep: 6, scope: global, score: reap}"])
+def test_fixture_graphs_match_the_compressed_model_on_held_out_text(recipe, tmp_path):
+    from moeexport.calibration.sources import CalibrationConfig
+    from moeexport.compress import StatisticsProvider, compress
+    from moeexport.evaluate import eval_windows
+    from moeexport.modelio import load, load_tokenizer
+    from moeexport.recipe import parse_recipe
+
+    model, tokenizer = load(FIXTURE), load_tokenizer(FIXTURE)
+    if recipe:
+        calibration = CalibrationConfig(source=str(CORPUS / "calib.txt"), num_sequences=8, sequence_length=128)
+        provider = StatisticsProvider(tokenizer, calibration, "fixture", cache_dir=None)
+        compress(model, parse_recipe(yaml.safe_load(f"passes:\n  - {recipe}\n")), provider)
+    windows = eval_windows(tokenizer, str(CORPUS / "dev.txt"), 256, 2)
+    for moe_ops in VARIANTS:
+        path = onnx_backend.export(model, tmp_path / f"{moe_ops}.onnx", moe_ops=moe_ops).path
+        fidelity = compare(TorchRunner(model), onnx_backend.Runner(path, context=256), windows)
+        assert fidelity.tokens >= 510 and fidelity.max_abs_logit <= 1e-4 and fidelity.top1_agreement == 1.0, moe_ops
+
+
+def test_build_demo_onnx_validates_profiles_and_validate_reruns_it(tmp_path, capsys):
+    import json
+
+    from moeexport.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - layer_drop: {n: 1, score: random}\n  - expert_drop: {keep: 6, score: random}\n")
+    out = tmp_path / "build"
+    argv = ["build", "demo", "--recipe", str(recipe), "--target", "onnx", "--quant", "int4", "--out", str(out), "--no-eval"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["validation"]["failures"] == [] and report["validation"]["tokens"] >= 510
+    assert report["options"] == {"moe_ops": "contrib", "block_size": 32}
+    assert report["profile"]["decode_tokens_per_s"] > 0 and 0 < report["profile"]["runtime_rss_bytes"] < 2**31
+    text = tmp_path / "held_out.txt"
+    text.write_text("Once upon a time there was a little girl who lived in a village near the forest. " * 20)
+    capsys.readouterr()
+    assert main(["validate", str(out / "model-int4.onnx"), "--reference", str(out / "compressed"), "--text", str(text),
+                 "--length", "64", "--json"]) == 0
+    fidelity = json.loads(capsys.readouterr().out)
+    assert fidelity["tokens"] >= 63 and fidelity["kl"] < 0.1
