@@ -30,13 +30,16 @@ largest-magnitude (1 - s) share of entries kept. MC-SMoE scores S by PLATON
 training-free choices are magnitude and Wanda (|S|·||input||). This pass uses
 magnitude: it needs no activations, so the pass stays free of per-expert
 calibration activations (the inputs of rarely routed experts are thin anyway),
-and the residual after an SVD has no outlier structure that input norms
-would be known to fix. The effective parameter count r·(m+n) + nnz(S) per
-matrix is reported against dense m·n. The result is materialized as dense
-expert weights, because every backend exports dense experts: in GGUF and ONNX
-a compressed expert is stored (and quantized, and run) as a full m x n matrix,
-so this stage changes quality but saves nothing in the file or in compute.
-The saving is real only for a runtime that keeps U, V and a sparse S.
+and on the 8 -> 4 merge of the trained fixture Wanda scores (input column
+norms of each merged expert's routed calibration tokens) came within 0.01 KL
+of magnitude at rank 32/64 and sparsity 0.5/0.9, better at two settings and
+worse at one: not worth the dependency. The effective parameter count
+r·(m+n) + nnz(S) per matrix is reported against dense m·n. The result is
+materialized as dense expert weights, because every backend exports dense
+experts: in GGUF and ONNX a compressed expert is stored (and quantized, and
+run) as a full m x n matrix, so this stage changes quality but saves nothing
+in the file or in compute. The saving is real only for a runtime that keeps
+U, V and a sparse S.
 """
 
 from __future__ import annotations
