@@ -381,3 +381,40 @@ def test_deepseek_v2_lite_after_block_drop_is_refused_with_the_reason(tmp_path):
     model.config.name_or_path = str(DEMO_MODEL)
     with pytest.raises(MoeExportError, match="only by its 26 or 27 layers"):
         gguf_backend.export(model, tmp_path / "m.gguf")
+
+
+def _on_grid(model, bits: int, group_size: int):
+    """The model with its routed experts rounded onto a symmetric grid, as the quantize pass leaves them."""
+    from moeexport.quantization import dequantize, quantize_rtn
+
+    model = copy.deepcopy(model)
+    adapter = adapter_for(model.config)
+    for layer in model.model.layers:
+        experts = getattr(getattr(layer, adapter.moe), adapter.experts)
+        for name in ("gate_up_proj", "down_proj"):
+            weight = getattr(experts, name)
+            weight.data = dequantize(*quantize_rtn(weight.data, bits, group_size), group_size)
+    model.config.moeexport_weight_grid = {"bits": bits, "group_size": group_size, "method": "rtn", "targets": "experts"}
+    return model
+
+
+@pytest.mark.parametrize("bits, quant", [(4, "q4_0"), (8, "q8_0")])
+def test_quantized_experts_are_written_with_their_exact_codes(bits, quant, demo, tmp_path):
+    import gguf
+
+    model = _on_grid(demo[0], bits, 64)
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf", quant=quant)
+    assert not any("re-quantizes" in note for note in artifact.fallbacks)
+    tensors = {t.name: t for t in gguf.GGUFReader(artifact.path).tensors}
+    experts = model.model.layers[2].mlp.experts
+    written = gguf.quants.dequantize(tensors["blk.2.ffn_down_exps.weight"].data, tensors["blk.2.ffn_down_exps.weight"].tensor_type)
+    assert torch.equal(torch.from_numpy(written.reshape(experts.down_proj.shape)), experts.down_proj.data)
+    gate = gguf.quants.dequantize(tensors["blk.2.ffn_gate_exps.weight"].data, tensors["blk.2.ffn_gate_exps.weight"].tensor_type)
+    assert torch.equal(torch.from_numpy(gate.reshape(experts.gate_up_proj.shape[0], -1, gate.shape[-1])),
+                       experts.gate_up_proj.data.chunk(2, dim=1)[0])
+
+
+def test_a_type_that_cannot_hold_the_grid_says_it_re_quantizes(demo, tmp_path):
+    artifact = gguf_backend.export(_on_grid(demo[0], 4, 64), tmp_path / "m.gguf", quant="q8_0")
+    assert any("int4 g64 by the quantize pass; this q8_0 file re-quantizes them (a plain --quant q4_0" in note
+               for note in artifact.fallbacks)

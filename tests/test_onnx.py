@@ -205,3 +205,20 @@ def test_build_demo_onnx_validates_profiles_and_validate_reruns_it(tmp_path, cap
                  "--length", "64", "--json"]) == 0
     fidelity = json.loads(capsys.readouterr().out)
     assert fidelity["tokens"] >= 63 and fidelity["kl"] < 0.1
+
+
+def test_experts_on_a_quantize_pass_grid_keep_their_exact_codes_in_qmoe(tmp_path):
+    """GPTQ leaves groups whose largest code is below 7; re-deriving scales from absmax would move them."""
+    model = _exercised("mixtral", intermediate_size=64)
+    generator = torch.Generator().manual_seed(5)
+    for layer in model.model.layers:
+        for weight in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+            codes = torch.randint(-5, 6, weight.shape, generator=generator).float()
+            weight.data = codes * 2.0 ** -torch.randint(5, 8, (*weight.shape[:-1], 1), generator=generator).float()
+    model.config.moeexport_weight_grid = {"bits": 4, "group_size": 16, "method": "gptq", "targets": "experts"}
+    tokens = random_tokens(2, 24)
+    carried = onnx_backend.export(model, tmp_path / "carried.onnx", quant="int4", block_size=16)
+    assert compare(TorchRunner(model), onnx_backend.Runner(carried.path), tokens).max_abs_logit <= 1e-5
+    model.config.moeexport_weight_grid = None
+    requantized = onnx_backend.export(model, tmp_path / "requantized.onnx", quant="int4", block_size=16)
+    assert compare(TorchRunner(model), onnx_backend.Runner(requantized.path), tokens).max_abs_logit > 1e-3
