@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--quant", default="f32",
         help="weight type (gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k; onnx: f32, f16, and int8 / int4 "
-        "experts in QMoE nodes; default f32)",
+        "experts in QMoE nodes; tensorrt: f32, f16 ONNX weights, the engine precision is trt-build's; default f32)",
     )
     build.add_argument(
         "--tensor-type", action="append", default=[], metavar="PATTERN=TYPE",
