@@ -222,3 +222,15 @@ def test_experts_on_a_quantize_pass_grid_keep_their_exact_codes_in_qmoe(tmp_path
     model.config.moeexport_weight_grid = None
     requantized = onnx_backend.export(model, tmp_path / "requantized.onnx", quant="int4", block_size=16)
     assert compare(TorchRunner(model), onnx_backend.Runner(requantized.path), tokens).max_abs_logit > 1e-3
+
+
+def test_weights_move_to_an_external_data_file_past_the_threshold(tmp_path, monkeypatch):
+    from moeexport.backends.onnx import writer
+
+    monkeypatch.setattr(writer, "EXTERNAL_DATA_THRESHOLD", 0)  # the real threshold is 1 GiB
+    model = _exercised("mixtral")
+    artifact = onnx_backend.export(model, tmp_path / "m.onnx")
+    data = tmp_path / "m.onnx.data"
+    assert data.stat().st_size > artifact.path.stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    _assert_matches(model, artifact.path, random_tokens(1, 16))

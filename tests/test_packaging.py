@@ -26,6 +26,7 @@ def test_wheel_holds_only_the_moeexport_package_and_the_demo_model(tmp_path):
         for init in root.rglob("__init__.py"):
             assert f"{prefix}/{init.relative_to(root).as_posix()}" in names, f"{init} is missing from the wheel"
     assert "moeexport/calibration/observers.py" in names
+    assert "moeexport/backends/tensorrt/onnx_support_trt10.json" in names
     for demo_file in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.json"):
         assert f"moeexport/demo/{demo_file}" in names
 
