@@ -18,7 +18,6 @@ import moeexport
 from moeexport.backends import onnx as onnx_backend
 from moeexport.backends import tensorrt as trt_backend
 from moeexport.backends.tensorrt.builder import Profiles, default_precision, plan_precision
-from moeexport.backends.tensorrt.runner import DecoderLoop
 from moeexport.calibration.sources import sample_from_model
 from moeexport.cli import main
 from moeexport.compress import compress
@@ -190,18 +189,17 @@ def test_decoder_io_problems_are_named():
     assert "no matching output present.0.key" in joined and "static vocab" in joined
 
 
-class OrtLoop(DecoderLoop):
+class OrtLoop(onnx_backend.OnnxRunner):
     """The engine runner's decoding loop over ONNX Runtime on CPU, with small chunks to exercise them."""
 
     def __init__(self, path, max_prompt, context):
-        self.inner = onnx_backend.OnnxRunner(path, context=context, providers=["CPUExecutionProvider"])
-        self.max_prompt, self.context, self.calls = max_prompt, context, []
+        super().__init__(path, context=context, providers=["CPUExecutionProvider"])
+        self.max_prompt, self.calls = max_prompt, []
 
     def _forward(self, ids, past, past_length):
-        cache = self.inner._empty_cache() if past is None else past
-        assert all(value.shape[2] == past_length for value in cache.values())
+        assert past is None or all(value.shape[2] == past_length for value in past.values())
         self.calls.append(len(ids))
-        return self.inner._step(ids, cache)
+        return super()._forward(ids, past, past_length)
 
 
 def test_the_runner_loop_chunks_prefill_and_decodes_through_the_cache(demo, demo_plain):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moeexport.backends.decoding import next_token
 from moeexport.errors import MoeExportError
 
 GGML_TYPE_F32 = 0  # KV-cache type for exactness checks
@@ -71,12 +72,7 @@ class GGUFRunner:
         """Pick the next token from the last logits and feed it back, `count` times."""
         generated = []
         for _ in range(count):
-            logits = np.asarray(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float64)
-            if temperature:
-                probabilities = np.exp((logits - logits.max()) / temperature)
-                token = int(rng.choice(len(logits), p=probabilities / probabilities.sum()))
-            else:
-                token = int(np.argmax(logits))
+            token = next_token(self.llm.scores[self.llm.n_tokens - 1], temperature, rng)
             generated.append(token)
             self.llm.eval([token])
         return generated

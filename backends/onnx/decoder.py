@@ -225,7 +225,7 @@ def _attention(graph: Graph, x: str, prefix: str, attention, config, layout: Att
 
 def _latent_attention(graph: Graph, x: str, prefix: str, attention, config, layout: AttentionLayout, cos, sin, mask,
                       past_latent: str, past_rope_key: str):
-    """DeepSeek-V2 MLA; the cache holds the normalized kv latent [B, 1, T, r] and rotated shared key [B, 1, T, d_rope]."""
+    """Multi-head latent attention; the cache holds the normalized kv latent [B, 1, T, r] and rotated shared key [B, 1, T, d_rope]."""
     heads = config.num_attention_heads
     nope, rope_dim, value_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
     if attention.q_lora_rank is None:

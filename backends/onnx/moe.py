@@ -9,7 +9,7 @@ takes RAW router logits (it applies the softmax itself), weights output-major
 [E, N, K], and on CPU only the fused SwiGLU with gate/up rows interleaved
 (swiglu_fusion=1). Its defaults (k=1, relu, no renormalization) are wrong for
 every family here, so every attribute is set explicitly. A routed scale
-(DeepSeek's routed_scaling_factor) is folded into the down weights.
+(a routed_scaling_factor) is folded into the down weights.
 
 `QMoE` stores symmetric integer codes as uint8 with the implicit zero point
 2^(bits-1), int4 two per byte (even K index in the low nibble), and one float

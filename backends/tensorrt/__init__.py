@@ -15,7 +15,7 @@ works on a machine without a GPU:
 
 from moeexport.backends.tensorrt.bundle import ENGINE_TOLERANCES, ArrayReference, Bundle, BundleResult, write_bundle
 from moeexport.backends.tensorrt.device import finish_on_device
-from moeexport.backends.tensorrt.runner import DecoderLoop, TensorRTRunner
+from moeexport.backends.tensorrt.runner import TensorRTRunner
 from moeexport.backends.tensorrt.runtime import Status, import_tensorrt, status
 from moeexport.backends.tensorrt.support import check_decoder_io, check_onnx, decoder_io, support_table
 
@@ -32,7 +32,7 @@ def check(model, quant: str, **options) -> None:
     onnx_backend.check(model, quant, moe_ops="plain")
 
 
-__all__ = ["ENGINE_TOLERANCES", "EXTENSION", "QUANT_TYPES", "ArrayReference", "Bundle", "BundleResult", "DecoderLoop", "Runner", "Status",
+__all__ = ["ENGINE_TOLERANCES", "EXTENSION", "QUANT_TYPES", "ArrayReference", "Bundle", "BundleResult", "Runner", "Status",
            "TensorRTRunner",
            "check", "check_decoder_io", "check_onnx", "decoder_io", "finish_on_device", "import_tensorrt", "status",
            "support_table", "write_bundle"]

@@ -1,106 +1,21 @@
 """Run a TensorRT engine behind moeexport's runner interface: logits, generate, profile.
 
-The decoding loop (prefill in chunks, then one token at a time through the KV
-cache, greedy or seeded sampling, timing) is written once in `DecoderLoop`
-over a single abstract `_forward(token_ids, past, past_length)`. The TensorRT
-runner implements `_forward` with the engine's two optimization profiles
-(prefill, decode) and torch CUDA tensors as its buffers; the tests run the same
-loop over ONNX Runtime on CPU, so the loop is checked here even though the
-engine can only run on a GPU.
+The decoding loop (backends/decoding.py) is shared with the ONNX Runtime
+runner; this runner implements its `_forward` with the engine's two
+optimization profiles (prefill, decode) and torch CUDA tensors as its buffers.
+The loop is therefore checked here on CPU even though the engine only runs on a GPU.
 """
 
 from __future__ import annotations
 
 import resource
-import time
 from pathlib import Path
 
-import numpy as np
 
+from moeexport.backends.decoding import DecoderLoop
 from moeexport.backends.tensorrt.builder import DECODE, PREFILL
 from moeexport.backends.tensorrt.runtime import import_tensorrt, require_cuda_torch
 from moeexport.errors import MoeExportError
-
-
-class DecoderLoop:
-    """logits / generate / profile for any decoder whose step is `_forward`.
-
-    `_forward(ids, past, past_length) -> (logits [T, vocab] float32 numpy, present)`
-    runs T new tokens after `past_length` cached ones; `past` is None or the
-    previous call's `present`, opaque to the loop.
-    """
-
-    max_prompt: int  # most tokens one _forward call may take
-    context: int  # most tokens past + new
-
-    def _forward(self, ids: list[int], past, past_length: int):
-        raise NotImplementedError
-
-    def _prefill(self, token_ids: list[int]):
-        """All logits of `token_ids` from an empty cache, in chunks of at most max_prompt."""
-        if len(token_ids) > self.context:
-            raise MoeExportError(f"{len(token_ids)} tokens do not fit the engine's context of {self.context}")
-        if not token_ids:
-            raise MoeExportError("no tokens to run")
-        past, done, pieces = None, 0, []
-        while done < len(token_ids):
-            chunk = token_ids[done : done + self.max_prompt]
-            logits, past = self._forward(chunk, past, done)
-            pieces.append(logits)
-            done += len(chunk)
-        return np.concatenate(pieces), past
-
-    def logits(self, token_ids) -> np.ndarray:
-        logits, _ = self._prefill([int(t) for t in token_ids])
-        return logits
-
-    def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[int]:
-        """New token ids after `prompt` through the KV cache: greedy at temperature 0, else sampled from softmax(logits / T)."""
-        prompt = [int(t) for t in prompt]
-        if len(prompt) + max_new_tokens > self.context:
-            raise MoeExportError(f"{len(prompt)} + {max_new_tokens} tokens do not fit the engine's context of {self.context}")
-        logits, past = self._prefill(prompt)
-        return self._continue(logits[-1], past, len(prompt), max_new_tokens, temperature, np.random.default_rng(seed))
-
-    def _continue(self, last_logits, past, length: int, count: int, temperature: float, rng) -> list[int]:
-        generated = []
-        for step in range(count):
-            row = np.asarray(last_logits, dtype=np.float64)
-            if temperature:
-                probabilities = np.exp((row - row.max()) / temperature)
-                token = int(rng.choice(len(row), p=probabilities / probabilities.sum()))
-            else:
-                token = int(np.argmax(row))
-            generated.append(token)
-            if step + 1 < count:
-                logits, past = self._forward([token], past, length)
-                last_logits = logits[-1]
-                length += 1
-        return generated
-
-    def _synchronize(self) -> None:
-        """Wait for queued device work (timing must not stop before the GPU does)."""
-
-    def profile(self, prompt, new_tokens: int = 64) -> dict:
-        """Prefill and greedy-decode speed: time to first token, tokens/s each way."""
-        prompt = [int(t) for t in prompt]
-        self.generate(prompt[: min(len(prompt), 8)], 2)  # warm-up: prefill and decode pay for lazy initialisation once
-        self._synchronize()
-        started = time.perf_counter()
-        logits, past = self._prefill(prompt)
-        self._synchronize()
-        prefill = time.perf_counter() - started
-        started = time.perf_counter()
-        self._continue(logits[-1], past, len(prompt), new_tokens + 1, 0.0, None)  # +1: the first token is prefill's
-        self._synchronize()
-        decode = time.perf_counter() - started
-        return {
-            "prompt_tokens": len(prompt),
-            "time_to_first_token_s": prefill,
-            "prefill_tokens_per_s": len(prompt) / prefill,
-            "decode_tokens": new_tokens,
-            "decode_tokens_per_s": new_tokens / decode,
-        }
 
 
 def _torch_dtype(trt, torch, dtype):
