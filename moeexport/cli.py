@@ -41,6 +41,9 @@ a YAML recipe: an ordered list of passes, e.g.
     - layer_drop: {n: 1}       # score: similarity|random
     - expert_drop: {keep: 6, scope: global, score: frequency}
                                # scope: layer|global; score: frequency|routing_mass|reap|random
+    - merge: {keep: 4}         # M-SMoE; compress: {rank: 32, sparsity: 0.9} for MC-SMoE
+    - prune: {method: wanda, sparsity: 0.5}   # or sparsegpt|magnitude; pattern: "2:4"
+    - quantize: {method: gptq, bits: 4, group_size: 128}   # or rtn; bits: 8
 """
 
 
