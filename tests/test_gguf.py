@@ -203,10 +203,15 @@ def test_validate_command_compares_an_artifact_with_its_reference(demo_gguf, tmp
 
 
 def test_validate_refuses_what_it_cannot_run(tmp_path, capsys):
-    onnx = tmp_path / "m.onnx"
-    onnx.write_bytes(b"x")
-    assert main(["validate", str(onnx), "--reference", "demo", "--text", str(onnx)]) == 2
-    assert "only .gguf" in capsys.readouterr().err
+    engine = tmp_path / "m.plan"
+    engine.write_bytes(b"x")
+    assert main(["validate", str(engine), "--reference", "demo", "--text", str(engine)]) == 2
+    assert "this command runs .gguf and .onnx artifacts" in capsys.readouterr().err
+    broken, text = tmp_path / "m.onnx", tmp_path / "t.txt"
+    broken.write_bytes(b"x")
+    text.write_text("Once upon a time there was a little girl. " * 40)
+    assert main(["validate", str(broken), "--reference", "demo", "--text", str(text), "--length", "32"]) == 2
+    assert "onnxruntime cannot load" in capsys.readouterr().err
 
 
 GGUF_FAMILIES = sorted(gguf_backend.ARCHITECTURES)

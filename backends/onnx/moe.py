@@ -60,12 +60,11 @@ class Quantization:
 def routed_experts(graph: Graph, x: str, name: str, experts: RoutedExperts, lowering: str,
                    quantization: Quantization | None) -> str:
     """The routed part of one MoE block, x [B, S, H] -> [B, S, H]."""
-    hidden = experts.router.shape[1]
-    tokens = graph.op("Reshape", x, graph.const([-1, hidden]))
+    tokens = graph.op("Reshape", x, graph.const([-1, experts.router.shape[1]]))
+    logits = graph.op("MatMul", tokens, graph.weight(f"{name}.router.weight", experts.router.T))
     if lowering == "plain":
-        y = _plain(graph, tokens, name, experts)
+        y = _plain(graph, tokens, logits, name, experts)
     else:
-        logits = graph.op("MatMul", tokens, graph.weight(f"{name}.router.weight", experts.router.T))
         y = _contrib(graph, tokens, logits, name, experts, quantization)
     return graph.op("Reshape", y, graph.op("Shape", x))
 
@@ -105,9 +104,9 @@ def _contrib(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedE
 
 def _quantized(weight: np.ndarray, quantization: Quantization, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric codes [E, N, K] and block scales [E, N, K / block]: the grid a quantize pass chose, else RTN."""
-    from moeexport.quantization import quantize_rtn, recover_grid
-
     import torch
+
+    from moeexport.quantization import quantize_rtn, recover_grid
 
     grid = quantization.grid
     tensor = torch.from_numpy(np.ascontiguousarray(weight))
@@ -128,9 +127,8 @@ def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
     return (stored[..., 0::2] | (stored[..., 1::2] << 4)).astype(np.uint8)
 
 
-def _plain(graph: Graph, tokens: str, name: str, experts: RoutedExperts) -> str:
+def _plain(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedExperts) -> str:
     count = experts.count
-    logits = graph.op("MatMul", tokens, graph.weight(f"{name}.router.weight", experts.router.T))
     probabilities = graph.op("Softmax", logits, axis=-1)
     top_values, top_index = graph.op("TopK", probabilities, graph.const([experts.top_k]), outputs=2, axis=-1)
     if experts.renormalize:
