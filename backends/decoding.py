@@ -14,6 +14,17 @@ import numpy as np
 from moeexport.errors import MoeExportError
 
 
+def speed_report(prompt_tokens: int, prefill_s: float, decode_tokens: int, decode_s: float) -> dict:
+    """The numbers every runner's `profile` returns."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "time_to_first_token_s": prefill_s,
+        "prefill_tokens_per_s": prompt_tokens / prefill_s,
+        "decode_tokens": decode_tokens,
+        "decode_tokens_per_s": decode_tokens / decode_s,
+    }
+
+
 def next_token(logits, temperature: float, rng) -> int:
     """argmax at temperature 0, else a draw from softmax(logits / temperature)."""
     row = np.asarray(logits, dtype=np.float64)
@@ -89,11 +100,4 @@ class DecoderLoop:
         started = time.perf_counter()
         self._continue(logits[-1], past, len(prompt), new_tokens + 1, 0.0, None)  # +1: the first token is prefill's
         self._synchronize()
-        decode = time.perf_counter() - started
-        return {
-            "prompt_tokens": len(prompt),
-            "time_to_first_token_s": prefill,
-            "prefill_tokens_per_s": len(prompt) / prefill,
-            "decode_tokens": new_tokens,
-            "decode_tokens_per_s": new_tokens / decode,
-        }
+        return speed_report(len(prompt), prefill, new_tokens, time.perf_counter() - started)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moeexport.backends.decoding import next_token
+from moeexport.backends.decoding import next_token, speed_report
 from moeexport.errors import MoeExportError
 
 GGML_TYPE_F32 = 0  # KV-cache type for exactness checks
@@ -85,14 +85,7 @@ class GGUFRunner:
         prefill = time.perf_counter() - started
         started = time.perf_counter()
         self._continue(new_tokens, 0.0, None)
-        decode = time.perf_counter() - started
-        return {
-            "prompt_tokens": len(prompt),
-            "time_to_first_token_s": prefill,
-            "prefill_tokens_per_s": len(prompt) / prefill,
-            "decode_tokens": new_tokens,
-            "decode_tokens_per_s": new_tokens / decode,
-        }
+        return speed_report(len(prompt), prefill, new_tokens, time.perf_counter() - started)
 
     def chat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.7):
         """Stream the assistant's reply as text pieces, formatted by the file's chat template.

@@ -484,8 +484,9 @@ class _TensorSink:
 
         bits, group_size = self.grid["bits"], self.grid["group_size"]
         codes, scales = (t.numpy() for t in recover_grid(torch.from_numpy(data), bits, group_size))
-        block_scales = np.repeat(scales, group_size // GGML_BLOCK, axis=-1).astype(np.float16)
-        if not np.array_equal(block_scales.astype(np.float32), np.repeat(scales, group_size // GGML_BLOCK, axis=-1)):
+        exact_scales = np.repeat(scales, group_size // GGML_BLOCK, axis=-1)
+        block_scales = exact_scales.astype(np.float16)
+        if not np.array_equal(block_scales.astype(np.float32), exact_scales):
             self.fallbacks.append(f"{name}: scales below float16's normal range were rounded in the file")
         codes = codes.reshape(*codes.shape[:-1], -1, GGML_BLOCK)
         if bits == 4:  # unsigned nibbles with zero point 8; element j low, element j + 16 high

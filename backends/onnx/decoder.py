@@ -35,21 +35,20 @@ MASKED = -1e30  # added to scores of masked keys; finite, so a fully masked (pad
 
 @dataclass(frozen=True)
 class CacheShape:
-    """One layer's cached key and value: [batch, heads, positions, width]."""
+    """The cached key and value of a layer: [batch, heads, positions, width]."""
 
     heads: int
     key_width: int
     value_width: int
 
 
-def cache_shapes(model) -> list[CacheShape]:
+def cache_shape(model) -> CacheShape:
+    """The cached key and value of every layer (all layers share it)."""
     config, layout = model.config, ARCHITECTURES[model.config.model_type]
     if layout.latent:
-        shape = CacheShape(1, config.kv_lora_rank, config.qk_rope_head_dim)
-    else:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = CacheShape(config.num_key_value_heads, head_dim, head_dim)
-    return [shape] * config.num_hidden_layers
+        return CacheShape(1, config.kv_lora_rank, config.qk_rope_head_dim)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return CacheShape(config.num_key_value_heads, head_dim, head_dim)
 
 
 @torch.no_grad()
@@ -68,12 +67,12 @@ def build_decoder(model, graph: Graph, lowering: str, quantization: Quantization
     mask = _additive_mask(graph, input_ids, attention_mask)
     routing = adapter.routing(config)
     eps = config.rms_norm_eps
+    cache = cache_shape(model)
 
     for index, layer in enumerate(decoder_layers(adapter, model)):
         prefix = f"layers.{index}"
         x = graph.rms_norm(h, f"{prefix}.attention_norm", get_path(layer, adapter.attention_norm).weight, eps)
         attention = get_path(layer, adapter.attention)
-        cache = cache_shapes(model)[index]
         past_key = graph.input(f"past_key_values.{index}.key", TensorProto.FLOAT, [batch, cache.heads, "past_sequence", cache.key_width])
         past_value = graph.input(f"past_key_values.{index}.value", TensorProto.FLOAT, [batch, cache.heads, "past_sequence", cache.value_width])
         lower = _latent_attention if layout.latent else _attention
