@@ -18,16 +18,14 @@ import tempfile
 from pathlib import Path
 
 from moeexport.cli import main as moeexport
+from fixture_data import add_data_arguments
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(SHARED / "fixtures" / "tiny-mixtral-books"))
-    parser.add_argument("--calib", default=str(SHARED / "corpus" / "calib.txt"))
-    parser.add_argument("--text", default=str(SHARED / "corpus" / "dev.txt"))
+    add_data_arguments(parser)
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "combined.yaml"))
     parser.add_argument("--json", default="combined_bench.json")
     args = parser.parse_args()

@@ -24,8 +24,8 @@ from moeexport.calibration.sources import CalibrationConfig, sample_from_model
 from moeexport.compress import DEFAULT_CACHE, StatisticsProvider, compress
 from moeexport.modelio import fingerprint, load, load_tokenizer, parameter_count, resolve_model_dir
 from moeexport.recipe import parse_recipe
+from fixture_data import CALIBRATION_TEXT, FIXTURE_MODEL
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 STRUCTURES = {
     "uncompressed": [],
     "block_drop_2": [{"block_drop": {"n": 2}}],
@@ -37,8 +37,8 @@ BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(SHARED / "fixtures" / "tiny-mixtral-books"))
-    parser.add_argument("--calib", default=str(SHARED / "corpus" / "calib.txt"))
+    parser.add_argument("--model", default=str(FIXTURE_MODEL))
+    parser.add_argument("--calib", default=str(CALIBRATION_TEXT))
     parser.add_argument("--quant", default="f32", choices=gguf_backend.QUANT_TYPES)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)

@@ -29,8 +29,8 @@ from moeexport.evaluate import eval_windows
 from moeexport.modelio import fingerprint, load, load_tokenizer, resolve_model_dir
 from moeexport.recipe import load_recipe, parse_recipe
 from moeexport.validate import TorchRunner, compare
+from fixture_data import add_data_arguments
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 def torch_decode_speed(model, prompt: list[int], new_tokens: int) -> dict:
@@ -49,9 +49,7 @@ def torch_decode_speed(model, prompt: list[int], new_tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(SHARED / "fixtures" / "tiny-mixtral-books"))
-    parser.add_argument("--text", default=str(SHARED / "corpus" / "dev.txt"))
-    parser.add_argument("--calib", default=str(SHARED / "corpus" / "calib.txt"))
+    add_data_arguments(parser)
     parser.add_argument("--recipe", help="a recipe file; default: the uncompressed model")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--windows", type=int, default=2, help="held-out windows of 256 tokens")

@@ -13,16 +13,14 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from fixture_data import add_data_arguments
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(SHARED / "fixtures" / "tiny-mixtral-books"))
-    parser.add_argument("--calib", default=str(SHARED / "corpus" / "calib.txt"))
-    parser.add_argument("--text", default=str(SHARED / "corpus" / "dev.txt"))
+    add_data_arguments(parser)
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "trim.yaml"))
     args = parser.parse_args()
 

@@ -34,8 +34,8 @@ from moeexport.compress import DEFAULT_CACHE, StatisticsProvider, compress
 from moeexport.evaluate import eval_windows, evaluate
 from moeexport.modelio import fingerprint, load, load_tokenizer, resolve_model_dir, save
 from moeexport.recipe import parse_recipe
+from fixture_data import add_data_arguments
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 COMPRESS_SETTINGS = ({"rank": 32, "sparsity": 0.9}, {"rank": 64, "sparsity": 0.9}, {"rank": 32, "sparsity": 0.5})
 
 
@@ -145,9 +145,7 @@ def speed_rows(original, compressed, prompt: torch.Tensor, new_tokens: int, repe
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(SHARED / "fixtures" / "tiny-mixtral-books"))
-    parser.add_argument("--calib", default=str(SHARED / "corpus" / "calib.txt"))
-    parser.add_argument("--text", default=str(SHARED / "corpus" / "dev.txt"))
+    add_data_arguments(parser)
     parser.add_argument("--windows", type=int, default=32, help="held-out windows of --length tokens")
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--prompt", type=int, default=256, help="speed: prompt tokens (prefill)")

@@ -26,8 +26,8 @@ from moeexport.compress import DEFAULT_CACHE, StatisticsProvider, compress
 from moeexport.evaluate import eval_windows, evaluate
 from moeexport.modelio import fingerprint, load, load_tokenizer, resolve_model_dir
 from moeexport.recipe import parse_recipe
+from fixture_data import add_data_arguments
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 def budgets() -> list[tuple[str, dict, list[dict]]]:
@@ -55,9 +55,7 @@ def describe(step: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(SHARED / "fixtures" / "tiny-mixtral-books"))
-    parser.add_argument("--calib", default=str(SHARED / "corpus" / "calib.txt"))
-    parser.add_argument("--text", default=str(SHARED / "corpus" / "dev.txt"))
+    add_data_arguments(parser)
     parser.add_argument("--windows", type=int, default=32, help="held-out windows of --length tokens")
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--random-seeds", type=int, default=3)
