@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moeexport.calibration.observers import Statistics  # noqa: E402
+from moeexport.report import embed_png, figure_png, html_page, html_table  # noqa: E402
 
 
 def layer_rows(statistics: Statistics) -> list[dict]:
@@ -90,26 +91,19 @@ def _plot_block_windows(statistics: Statistics, path: Path) -> Path:
 
 
 def _save(figure, path: Path) -> Path:
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    path.write_bytes(figure_png(figure))
     return path
 
 
 def write_html(statistics: Statistics, rows: list[dict], plots: list[Path], path: Path, title: str) -> Path:
+    """One self-contained page: the per-layer table and every plot embedded (the PNG files stay beside it)."""
     headers = list(dict.fromkeys(key for row in rows for key in row))
-    cells = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_format(row.get(key)))}</td>" for key in headers) + "</tr>" for row in rows
-    )
-    images = "".join(f'<figure><img src="{p.name}"><figcaption>{p.stem}</figcaption></figure>' for p in plots)
+    table = html_table(headers, [[_format(row.get(key)) for key in headers] for row in rows])
+    images = "".join(embed_png(plot.read_bytes(), plot.stem.replace("_", " ")) for plot in plots)
     calibration = html.escape(", ".join(f"{k}={v}" for k, v in statistics.calibration.items()))
-    path.write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:right}"
-        "table{border-collapse:collapse}tr:nth-child(even){background:#f3f3f3}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p>calibration: {calibration}</p>"
-        f"<table><tr>{''.join(f'<th>{h}</th>' for h in headers)}</tr>{cells}</table>{images}</body></html>\n"
-    )
+    body = (f"<h1>{html.escape(title)}</h1><p class='meta'>calibration: {calibration}</p>"
+            f"<section>{table}</section><section>{images}</section>")
+    path.write_text(html_page(title, body))
     return path
 
 
