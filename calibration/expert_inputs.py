@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from moeexport.adapters import LayerView
 from moeexport.adapters.base import decoder_layers
 from moeexport.calibration.observers import _capture_first_layer_inputs, expert_intermediate
 
@@ -71,7 +72,8 @@ class LayerInputs:
 
     gate_up: list[MatrixInputs]
     down: list[MatrixInputs]
-    shared: dict[str, tuple[MatrixInputs, MatrixInputs]] = field(default_factory=dict)  # name -> (gate/up in, down in)
+    # per shared expert, in LayerView.shared_experts order: (gate/up input, down input)
+    shared: list[tuple[MatrixInputs, MatrixInputs]] = field(default_factory=list)
 
     @property
     def expert_tokens(self) -> list[int]:
@@ -79,9 +81,9 @@ class LayerInputs:
 
 
 @torch.no_grad()
-def collect_layer_inputs(adapter, block, run: Callable, diagonal: bool, shared: bool) -> LayerInputs:
+def collect_layer_inputs(view: LayerView, run: Callable, diagonal: bool, shared: bool) -> LayerInputs:
     """Run one MoE layer over the calibration set and gather its matrices' inputs."""
-    router, experts = getattr(block, adapter.router), getattr(block, adapter.experts)
+    router, experts = view.router, view.experts
     count = router.weight.shape[0]
     inputs = LayerInputs([MatrixInputs() for _ in range(count)], [MatrixInputs() for _ in range(count)])
     routed_input = {}
@@ -104,13 +106,12 @@ def collect_layer_inputs(adapter, block, run: Callable, diagonal: bool, shared: 
     with ExitStack() as stack:
         stack.callback(router.register_forward_pre_hook(on_router_input).remove)
         stack.callback(router.register_forward_hook(on_routing).remove)
-        for name in adapter.shared_experts if shared else ():
-            if hasattr(block, name):
-                module = getattr(block, name)
-                inputs.shared[name] = (MatrixInputs(), MatrixInputs())
-                # gate_proj and up_proj read the same input: one hook on gate_proj measures both
-                stack.callback(module.gate_proj.register_forward_pre_hook(on_linear_input(inputs.shared[name][0])).remove)
-                stack.callback(module.down_proj.register_forward_pre_hook(on_linear_input(inputs.shared[name][1])).remove)
+        for module in view.shared_experts if shared else ():
+            into, middle = MatrixInputs(), MatrixInputs()
+            inputs.shared.append((into, middle))
+            # gate_proj and up_proj read the same input: one hook on gate_proj measures both
+            stack.callback(module.gate_proj.register_forward_pre_hook(on_linear_input(into)).remove)
+            stack.callback(module.down_proj.register_forward_pre_hook(on_linear_input(middle)).remove)
         run()
     return inputs
 

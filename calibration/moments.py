@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import torch
 
 from moeexport.adapters import adapter_for
-from moeexport.adapters.base import decoder_layers, get_path, layer_kind
 from moeexport.calibration.observers import expert_intermediate
 
 
@@ -73,23 +72,18 @@ def input_moments(model, input_ids: torch.Tensor, batch_size: int = 8) -> InputM
         def pre_hook(module, hook):
             stack.callback(module.register_forward_pre_hook(hook).remove)
 
-        for index, layer in enumerate(decoder_layers(adapter, model)):
-            attention = get_path(layer, adapter.attention)
-            pre_hook(attention.q_proj, dense((index, "attention_in")))
-            pre_hook(attention.o_proj, dense((index, "attention_out")))
-            if layer_kind(adapter, layer) != "moe":
-                continue
-            block = get_path(layer, adapter.moe)
-            for name in adapter.shared_experts:
-                if hasattr(block, name):
-                    pre_hook(getattr(block, name).gate_proj, dense((index, "shared_in")))
-                    pre_hook(getattr(block, name).down_proj, dense((index, "shared_mid")))
-            experts, router = getattr(block, adapter.experts), getattr(block, adapter.router)
-            if hasattr(experts, "gate_up_proj"):
+        for view in adapter.layer_views(model):
+            index = view.index
+            pre_hook(view.attention.q_proj, dense((index, "attention_in")))
+            pre_hook(view.attention.o_proj, dense((index, "attention_out")))
+            for shared in view.shared_experts:
+                pre_hook(shared.gate_proj, dense((index, "shared_in")))
+                pre_hook(shared.down_proj, dense((index, "shared_mid")))
+            if view.experts is not None:
                 routed_input = {}
-                pre_hook(router, lambda module, args, store=routed_input: store.update(x=args[0]))
-                stack.callback(router.register_forward_hook(experts_hook(index, experts, routed_input)).remove)
-        pre_hook(model.get_output_embeddings(), dense((-1, "output_in")))
+                pre_hook(view.router, lambda module, args, store=routed_input: store.update(x=args[0]))
+                stack.callback(view.router.register_forward_hook(experts_hook(index, view.experts, routed_input)).remove)
+        pre_hook(adapter.model_view(model).output, dense((-1, "output_in")))
         for batch in input_ids.split(batch_size):
             model(input_ids=batch, use_cache=False)
     return moments

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moeexport.adapters import adapter_for
-from moeexport.adapters.base import decoder_layers, layer_kind
+from moeexport.adapters import LayerView, adapter_for
+from moeexport.adapters.base import decoder_layers
 from moeexport.errors import MoeExportError
 
 STATISTICS_VERSION = 1
@@ -118,12 +118,8 @@ def _token_cosine_sum(a: torch.Tensor, b: torch.Tensor) -> float:
 class _MoEAccumulator:
     """Hooks on one MoE layer's norm, router and block that add up its statistics."""
 
-    def __init__(self, adapter, layer_module):
-        block = getattr(layer_module, adapter.moe)
-        self.router = getattr(block, adapter.router)
-        self.experts = getattr(block, adapter.experts)
-        self.norm = getattr(layer_module, adapter.moe_norm)
-        self.block = block
+    def __init__(self, view: LayerView):
+        self.router, self.experts, self.norm, self.block = view.router, view.experts, view.ffn_norm, view.ffn
         experts = self.router.weight.shape[0]
         self.expert_tokens = torch.zeros(experts, dtype=torch.long)
         self.routing_mass = torch.zeros(experts, dtype=torch.float64)
@@ -204,9 +200,9 @@ def observe(
     layer_statistics = []
     task = progress.add_task("observing layers", total=len(layers)) if progress else None
 
-    for index, layer_module in enumerate(layers):
-        kind = layer_kind(adapter, layer_module)
-        accumulator = _MoEAccumulator(adapter, layer_module) if kind == "moe" else None
+    for view in adapter.layer_views(model):
+        index, layer_module, kind = view.index, view.module, view.kind
+        accumulator = _MoEAccumulator(view) if kind == "moe" else None
         recent_inputs = (recent_inputs + [hidden])[-window:]
         with ExitStack() as stack:
             if accumulator:

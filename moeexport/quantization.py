@@ -9,13 +9,17 @@ Contract (exporters depend on it):
   precision): code * scale is then exact in float32, and a float16 copy of the
   scale loses nothing within float16's range. An all-zero group has scale 1.
   No scale is 0, NaN or infinite.
-- The model config records `moeexport_weight_grid = {"bits", "group_size",
-  "method", "targets"}` (see passes/quantize.py), so the grid survives save/load.
+- The grid itself is a `WeightGrid`. The model config records it as the dict
+  `moeexport_weight_grid = {"bits", "group_size", "method", "targets"}` (see
+  passes/quantize.py), so that it survives save/load; `weight_grid(model)` reads it
+  back. Exporters take it as an explicit argument and never read the config.
 - `recover_grid` gives back codes and scales from the float weights exactly, and
   refuses weights that are not on a grid (for instance a bfloat16 copy).
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -23,6 +27,30 @@ from moeexport.errors import MoeExportError
 
 SUPPORTED_BITS = (4, 8)
 SCALE_SIGNIFICANT_BITS = 11
+GRID_ATTRIBUTE = "moeexport_weight_grid"  # the config attribute that persists the grid
+
+
+@dataclass(frozen=True)
+class WeightGrid:
+    """The symmetric integer grid a quantize pass left the expert weights on."""
+
+    bits: int  # 4 or 8
+    group_size: int  # input columns per scale
+    method: str  # how the codes were chosen: gptq | rtn
+    targets: str  # what lies on it: "experts" or "experts+shared_experts"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> WeightGrid:
+        return cls(**raw)
+
+
+def weight_grid(model) -> WeightGrid | None:
+    """The grid recorded on the model's config by a quantize pass (kept through save/load), or None."""
+    raw = getattr(model.config, GRID_ATTRIBUTE, None)
+    return WeightGrid.from_dict(raw) if raw else None
 
 
 def code_range(bits: int) -> tuple[int, int]:

@@ -35,6 +35,39 @@ def test_only_the_adapters_name_model_families():
     assert offenders == []
 
 
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_layer_views_hand_out_each_family_s_modules(model_type):
+    """The views find routers, experts, norms and shared experts, so passes and backends never name them."""
+    from moeexport.adapters.base import drop_moe_sublayer, keep_experts
+
+    model = tiny_model(model_type)
+    adapter = adapter_for(model.config)
+    config = adapter.model_config(model.config)
+    views = adapter.layer_views(model)
+    assert [view.index for view in views] == list(range(model.config.num_hidden_layers))
+    moe = [view for view in views if view.kind == "moe"]
+    has_shared = model_type in ("qwen2_moe", "deepseek_v2")
+    for view in moe:
+        assert view.num_experts == config.num_experts and view.top_k == config.top_k
+        assert view.experts.gate_up_proj.shape[0] == view.router.weight.shape[0]
+        assert len(view.shared_experts) == int(has_shared)
+        assert (view.shared_expert_gate is not None) == (model_type == "qwen2_moe")
+    assert config.shared_expert_count == int(has_shared)
+    assert (config.latent is not None) == (model_type == "deepseek_v2")
+    assert config.routing == adapter.routing(model.config) and config.routing.method == "greedy"
+    for view in views:
+        if view.kind == "dense":
+            assert view.router is None and view.experts is None and view.shared_experts == ()
+
+    first, second = moe[0].index, moe[1].index
+    keep_experts(adapter, model, first, [])  # no routed experts left: the view says so, shared experts stay
+    drop_moe_sublayer(adapter, model, second)
+    emptied, dropped = adapter.layer_view(model, first), adapter.layer_view(model, second)
+    assert emptied.kind == "moe" and emptied.experts is None and emptied.num_experts == 0
+    assert len(emptied.shared_experts) == int(has_shared)
+    assert dropped.kind == "dropped" and dropped.router is None and dropped.shared_experts == ()
+
+
 def test_dense_and_unknown_models_are_refused_with_the_supported_list():
     dense = AutoConfig.for_model("llama", vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
     with pytest.raises(MoeExportError, match="dense \\(non-MoE\\).*Mixtral \\(mixtral\\)"):

@@ -388,6 +388,20 @@ def test_deepseek_v2_lite_after_block_drop_is_refused_with_the_reason(tmp_path):
         gguf_backend.export(model, tmp_path / "m.gguf")
 
 
+def test_tensor_names_come_from_gguf_py_s_tables():
+    import gguf
+
+    from moeexport.backends.gguf.names import TensorNames
+
+    names = TensorNames(gguf, "qwen2moe")
+    assert names("TOKEN_EMBD") == "token_embd.weight"
+    assert names.block(3)("FFN_GATE_EXP") == "blk.3.ffn_gate_exps.weight"
+    assert names("ATTN_Q", 0, ".bias") == "blk.0.attn_q.bias"
+    assert names("FFN_GATE_INP_SHEXP", 1) == "blk.1.ffn_gate_inp_shexp.weight"
+    with pytest.raises(MoeExportError, match="qwen3moe has no FFN_GATE_INP_SHEXP tensor"):
+        TensorNames(gguf, "qwen3moe")("FFN_GATE_INP_SHEXP", 1)  # llama.cpp would refuse the file
+
+
 def _on_grid(model, bits: int, group_size: int):
     """The model with its routed experts rounded onto a symmetric grid, as the quantize pass leaves them."""
     from moeexport.quantization import dequantize, quantize_rtn
@@ -407,8 +421,10 @@ def _on_grid(model, bits: int, group_size: int):
 def test_quantized_experts_are_written_with_their_exact_codes(bits, quant, demo, tmp_path):
     import gguf
 
+    from moeexport.quantization import weight_grid
+
     model = _on_grid(demo[0], bits, 64)
-    artifact = gguf_backend.export(model, tmp_path / "m.gguf", quant=quant)
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf", quant=quant, weight_grid=weight_grid(model))
     assert not any("re-quantizes" in note for note in artifact.fallbacks)
     tensors = {t.name: t for t in gguf.GGUFReader(artifact.path).tensors}
     experts = model.model.layers[2].mlp.experts
@@ -420,6 +436,9 @@ def test_quantized_experts_are_written_with_their_exact_codes(bits, quant, demo,
 
 
 def test_a_type_that_cannot_hold_the_grid_says_it_re_quantizes(demo, tmp_path):
-    artifact = gguf_backend.export(_on_grid(demo[0], 4, 64), tmp_path / "m.gguf", quant="q8_0")
+    from moeexport.quantization import weight_grid
+
+    model = _on_grid(demo[0], 4, 64)
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf", quant="q8_0", weight_grid=weight_grid(model))
     assert any("int4 g64 by the quantize pass; this q8_0 file re-quantizes them (a plain --quant q4_0" in note
                for note in artifact.fallbacks)

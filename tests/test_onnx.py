@@ -13,6 +13,7 @@ from moeexport.adapters.base import drop_blocks, drop_moe_sublayer, keep_experts
 from moeexport.backends import onnx as onnx_backend
 from moeexport.backends.onnx.graph import CONTRIB_DOMAIN
 from moeexport.errors import MoeExportError
+from moeexport.quantization import weight_grid
 from moeexport.validate import TorchRunner, compare
 from tests.conftest import CORPUS, FIXTURE, needs_shared
 from tests.tiny_models import FAMILIES, random_tokens, tiny_model
@@ -217,9 +218,10 @@ def test_experts_on_a_quantize_pass_grid_keep_their_exact_codes_in_qmoe(tmp_path
             weight.data = codes * 2.0 ** -torch.randint(5, 8, (*weight.shape[:-1], 1), generator=generator).float()
     model.config.moeexport_weight_grid = {"bits": 4, "group_size": 16, "method": "gptq", "targets": "experts"}
     tokens = random_tokens(2, 24)
-    carried = onnx_backend.export(model, tmp_path / "carried.onnx", quant="int4", block_size=16)
+    carried = onnx_backend.export(model, tmp_path / "carried.onnx", quant="int4", block_size=16,
+                                  weight_grid=weight_grid(model))
     assert compare(TorchRunner(model), onnx_backend.Runner(carried.path), tokens).max_abs_logit <= 1e-5
-    model.config.moeexport_weight_grid = None
+    # without the argument the exporter does not look for a grid (the config attribute alone is not read)
     requantized = onnx_backend.export(model, tmp_path / "requantized.onnx", quant="int4", block_size=16)
     assert compare(TorchRunner(model), onnx_backend.Runner(requantized.path), tokens).max_abs_logit > 1e-3
 

@@ -18,7 +18,7 @@ from moeexport.cli import main
 from moeexport.compress import StatisticsProvider, compress
 from moeexport.errors import MoeExportError
 from moeexport.passes.quantize import GRID_ATTRIBUTE, gptq
-from moeexport.quantization import dequantize, quantize_rtn, recover_grid
+from moeexport.quantization import WeightGrid, dequantize, quantize_rtn, recover_grid, weight_grid
 from moeexport.recipe import load_recipe, parse_recipe
 from tests.conftest import CORPUS, FIXTURE, needs_shared
 from tests.tiny_models import FAMILIES, random_tokens, tiny_model
@@ -241,6 +241,8 @@ def test_quantize_leaves_every_target_on_the_grid_and_records_it(method, family)
     has_shared = any(spec.shared_experts for spec in structure(adapter_for(model.config), model))
     targets = "experts+shared_experts" if has_shared else "experts"
     assert grid == {"bits": 4, "group_size": 8, "method": method, "targets": targets}
+    assert weight_grid(model) == WeightGrid(bits=4, group_size=8, method=method, targets=targets)
+    assert WeightGrid.from_dict(weight_grid(model).to_dict()) == weight_grid(model)
     for weight in _expert_weights(model):
         codes, scales = recover_grid(weight, 4, 8)
         assert torch.isfinite(scales).all() and (scales > 0).all()
@@ -313,6 +315,7 @@ def test_a_quantized_checkpoint_keeps_its_grid_through_save_and_load(tmp_path):
     out = moeexport.modelio.save(model, tmp_path / "quantized", manifest={})
     reloaded = moeexport.modelio.load(out)
     assert getattr(reloaded.config, GRID_ATTRIBUTE) == {"bits": 4, "group_size": 16, "method": "gptq", "targets": "experts"}
+    assert weight_grid(reloaded) == weight_grid(model) == WeightGrid(4, 16, "gptq", "experts")
     for before, after in zip(_expert_weights(model), _expert_weights(reloaded)):
         codes, scales = recover_grid(after, 4, 16)
         assert torch.equal(dequantize(codes, scales, 16), before)

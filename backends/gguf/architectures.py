@@ -32,7 +32,7 @@ class GGUFArchitecture:
     expert_width_key: str = "expert_feed_forward_length"  # or feed_forward_length, where experts use it
     bpe_pre: str = "default"  # tokenizer.ggml.pre for BPE vocabularies
     pads_experts: bool = False  # takes per-layer expert counts by padding with never-selected experts
-    selection_bias: str = "exp_probs_b.bias"  # the tensor name of that per-layer selection bias
+    selection_bias_suffix: str = ".bias"  # what follows "blk.N.exp_probs_b" in that per-layer bias tensor's name
     dense_silent_layers: bool = False  # MoE-less layers become tiny all-zero dense FFNs (real byte savings)
     softmax_gating: bool = False  # write expert_gating_func=softmax and expert_weights_norm explicitly
     requires_shared_expert: bool = False  # MoE layers need shared-expert tensors (zeros if the model has none)
@@ -59,7 +59,7 @@ ARCHITECTURES = {
             renormalizes=True,
             bpe_pre="qwen2",
             pads_experts=True,
-            selection_bias="exp_probs_b",
+            selection_bias_suffix="",
             dense_silent_layers=True,
             softmax_gating=True,
             requires_shared_expert=True,

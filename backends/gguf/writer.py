@@ -24,13 +24,16 @@ Structure:
 
 Weight types: f32, f16, bf16, q8_0, q4_0 in numpy; q4_k_m, q5_k_m, q6_k through
 llama.cpp's own quantizer from an F32 intermediate. Experts that a quantize pass
-put on a symmetric grid (moeexport.quantization) go into q4_0 (int4) or q8_0
-(int8) files with their exact codes and scales when the group size is a multiple
-of 32: each 32-wide block takes its group's scale, which the grid keeps exact in
-float16. Any other type re-quantizes them, and the export says so. In f16/bf16 files the token embedding
-stays F32: it is a row lookup (no compute), and its rounding is what moved logits
-most (fixture: max |delta logit| 0.46 with it in F16, 4.4e-3 with it in F32).
-The file is written under a temporary name and renamed when complete.
+put on a symmetric grid (the `weight_grid` argument, a moeexport.quantization.WeightGrid)
+go into q4_0 (int4) or q8_0 (int8) files with their exact codes and scales when
+the group size is a multiple of 32: each 32-wide block takes its group's scale,
+which the grid keeps exact in float16. Any other type re-quantizes them, and the
+export says so. In f16/bf16 files the token embedding stays F32: it is a row
+lookup (no compute), and its rounding is what moved logits most (fixture: max
+|delta logit| 0.46 with it in F16, 4.4e-3 with it in F32).
+The file is written under a temporary name and renamed when complete. Tensor
+names come from gguf-py's tables (names.py); modules and config values come from
+the adapter's views (moeexport.adapters.views).
 """
 
 from __future__ import annotations
@@ -45,10 +48,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moeexport.adapters import adapter_for
-from moeexport.adapters.base import decoder_layers, get_path, structure
+from moeexport.adapters import LayerView, ModelConfig, adapter_for
+from moeexport.adapters.base import structure
 from moeexport.backends.gguf.architectures import ARCHITECTURES, GGUFArchitecture
+from moeexport.backends.gguf.names import DENSE_FFN, ROUTED_FFN, SHARED_FFN, BlockNames, TensorNames
 from moeexport.errors import MoeExportError
+from moeexport.quantization import WeightGrid
 from moeexport.validate import Tolerance
 
 # gguf-py quantizes these in numpy ...
@@ -87,11 +92,13 @@ class _Plan:
     """What check() established: the host, the layers, and the shared sizes of the file."""
 
     architecture: GGUFArchitecture
+    config: ModelConfig
     layers: list
     num_experts: int
     silent_layers: list[int]  # layers written as MoE sublayers with all-zero experts
     expert_width: int  # ffn width of every routed expert
     shared_width: int  # ffn width of the shared expert, 0 without one
+    shared_gate: bool  # the shared expert's output is scaled by a sigmoid gate
 
 
 def _gguf():
@@ -108,11 +115,12 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
     if quant not in QUANT_TYPES:
         raise MoeExportError(f"unknown GGUF type {quant!r}; this release writes {', '.join(QUANT_TYPES)}")
     adapter = adapter_for(model.config)
+    config = adapter.model_config(model.config)
     architecture = ARCHITECTURES.get(adapter.model_type)
     if architecture is None:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise MoeExportError(f"the GGUF exporter does not write {adapter.family} yet (it writes: {supported})")
-    if adapter.routing(model.config).renormalize != architecture.renormalizes:
+    if config.routing.renormalize != architecture.renormalizes:
         raise MoeExportError(
             f"llama.cpp's {architecture.name} always {'renormalizes' if architecture.renormalizes else 'keeps'} the "
             "top-k weights but this model's router does not; its GGUF would compute something else"
@@ -128,14 +136,14 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
     routed = {spec.num_experts for i, spec in enumerate(layers) if spec.kind == "moe" and i not in silent}
     if not routed:
         raise MoeExportError("the model has no MoE layer with experts left; there is nothing to host in a MoE GGUF")
-    top_k = getattr(model.config, adapter.top_k_key)
+    top_k = config.top_k
     short = [i for i, spec in enumerate(layers) if spec.kind == "moe" and i not in silent and spec.num_experts < top_k]
     if short and len(routed) > 1:
         raise MoeExportError(
             f"layers {short} keep fewer experts than the top-{top_k} the others route to, and llama.cpp uses one "
             f"top-k for every layer: add min_keep: {top_k} to the expert_drop step"
         )
-    if architecture.latent_attention and model.config.q_lora_rank is None and len(layers) not in (26, 27):
+    if architecture.latent_attention and config.latent.q_lora_rank is None and len(layers) not in (26, 27):
         raise MoeExportError(
             f"llama.cpp's {architecture.name} recognises a model without a q LoRA (a 'Lite' variant) only by its "
             f"26 or 27 layers; with {len(layers)} it expects q_a/q_b tensors: this model cannot be written after "
@@ -150,8 +158,12 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
                 "use expert_drop with scope: layer (the same keep everywhere)"
             )
         architecture = padded_host
-    width = _experts_of(model, adapter).down_proj.shape[-1]
-    return _Plan(architecture, layers, max(routed), silent, width, _shared_width(model, adapter))
+    views = adapter.layer_views(model)
+    # every routed expert has one width; a layer with experts exists (checked above)
+    width = next(view.experts.down_proj.shape[-1] for view in views if view.experts is not None)
+    shared_width = next((view.shared_experts[0].down_proj.weight.shape[-1] for view in views if view.shared_experts), 0)
+    shared_gate = any(view.shared_expert_gate is not None for view in views)
+    return _Plan(architecture, config, layers, max(routed), silent, width, shared_width, shared_gate)
 
 
 def export(
@@ -161,6 +173,7 @@ def export(
     overwrite: bool = False,
     tensor_types: dict[str, str] | None = None,
     imatrix=None,
+    weight_grid: WeightGrid | None = None,
 ) -> GGUFExport:
     """Write the GGUF.
 
@@ -169,6 +182,9 @@ def export(
     `imatrix` (calibration.moments.InputMoments of this model) weighs llama.cpp's
     rounding by each input column's mean square; experts that saw no calibration
     tokens use their layer's average and are listed in the fallbacks.
+    `weight_grid` (moeexport.quantization.weight_grid(model)) is the grid a quantize
+    pass left the experts on: a plain q4_0 / q8_0 file that can hold it keeps their
+    exact codes and scales; any other file re-quantizes them and says so.
     """
     gguf = _gguf()
     plan = check(model, quant, tensor_types)
@@ -181,11 +197,11 @@ def export(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.partial")
     via_llama_cpp = quant in LLAMA_CPP_TYPES or bool(overrides) or imatrix is not None
-    grid = _carried_grid(model, quant, via_llama_cpp, result.fallbacks)
+    grid = _carried_grid(weight_grid, quant, via_llama_cpp, result.fallbacks)
     try:
         if via_llama_cpp:
             unquantized = out_path.with_name(f".{out_path.name}.f32.partial")
-            importance = _importance(imatrix, model, plan, result.fallbacks) if imatrix is not None else {}
+            importance = _importance(gguf, imatrix, plan, result.fallbacks) if imatrix is not None else {}
             try:
                 _write_file(gguf, unquantized, model, plan, "f32", representation, result.fallbacks)
                 _llama_cpp_quantize(unquantized, partial, LLAMA_FTYPES[quant], overrides, importance)
@@ -220,29 +236,29 @@ GRID_TYPES = {4: "q4_0", 8: "q8_0"}  # the ggml block types that hold a symmetri
 GGML_BLOCK = 32
 
 
-def _carried_grid(model, quant: str, via_llama_cpp: bool, fallbacks: list[str]) -> dict | None:
+def _carried_grid(grid: WeightGrid | None, quant: str, via_llama_cpp: bool,
+                  fallbacks: list[str]) -> WeightGrid | None:
     """The quantize pass's expert grid when the file holds it exactly; otherwise None, and a note why not."""
-    grid = getattr(model.config, "moeexport_weight_grid", None)
-    if not grid:
+    if grid is None:
         return None
-    exact = GRID_TYPES.get(grid["bits"]) if grid["group_size"] % GGML_BLOCK == 0 else None
+    exact = GRID_TYPES.get(grid.bits) if grid.group_size % GGML_BLOCK == 0 else None
     if exact == quant and not via_llama_cpp:
         return grid
     advice = (f"a plain --quant {exact} build (no --tensor-type, no --imatrix) carries them exactly" if exact
               else "no ggml type holds that group size exactly")
-    fallbacks.append(f"experts were quantized to int{grid['bits']} g{grid['group_size']} by the quantize pass; "
+    fallbacks.append(f"experts were quantized to int{grid.bits} g{grid.group_size} by the quantize pass; "
                      f"this {quant} file re-quantizes them ({advice})")
     return None
 
 
 def _write_file(gguf, path: Path, model, plan: _Plan, quant: str, representation: str, fallbacks: list[str],
-                grid: dict | None = None) -> None:
+                grid: WeightGrid | None = None) -> None:
     writer = gguf.GGUFWriter(str(path), plan.architecture.name)
     try:
-        _write_hparams(writer, gguf, model, plan, quant)
+        _write_hparams(writer, gguf, plan, quant)
         writer.add_string(REPRESENTATION_KEY, representation)
-        _write_vocab(writer, gguf, model, plan.architecture)
-        _write_tensors(_TensorSink(writer, gguf, quant, fallbacks, grid), model, plan)
+        _write_vocab(writer, gguf, plan.config, plan.architecture)
+        _write_tensors(_TensorSink(writer, gguf, plan.architecture.name, quant, fallbacks, grid), model, plan)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
@@ -265,29 +281,32 @@ def _ggml_types(gguf, tensor_types: dict[str, str]) -> dict[str, int]:
     return overrides
 
 
-def _importance(moments, model, plan: _Plan, fallbacks: list[str]) -> dict[str, np.ndarray]:
+def _importance(gguf, moments, plan: _Plan, fallbacks: list[str]) -> dict[str, np.ndarray]:
     """GGUF tensor name -> mean squared input per column (per expert, experts concatenated)."""
-    importance = {"output.weight": moments.mean((-1, "output_in"))}
+    names = TensorNames(gguf, plan.architecture.name)
+    importance = {names("OUTPUT"): moments.mean((-1, "output_in"))}
     for index, spec in enumerate(plan.layers):
         if index in plan.silent_layers:
             continue  # stand-in zeros: nothing to weigh
-        prefix = f"blk.{index}"
-        for name in ("attn_q", "attn_k", "attn_v"):
-            importance[f"{prefix}.{name}.weight"] = moments.mean((index, "attention_in"))
-        importance[f"{prefix}.attn_output.weight"] = moments.mean((index, "attention_out"))
+        name = names.block(index)
+        for kind in ("ATTN_Q", "ATTN_K", "ATTN_V"):
+            importance[name(kind)] = moments.mean((index, "attention_in"))
+        importance[name("ATTN_OUT")] = moments.mean((index, "attention_out"))
         if (index, "shared_in") in moments.sums:
-            importance[f"{prefix}.ffn_gate_shexp.weight"] = moments.mean((index, "shared_in"))
-            importance[f"{prefix}.ffn_up_shexp.weight"] = moments.mean((index, "shared_in"))
-            importance[f"{prefix}.ffn_down_shexp.weight"] = moments.mean((index, "shared_mid"))
+            gate, up, down = SHARED_FFN
+            importance[name(gate)] = moments.mean((index, "shared_in"))
+            importance[name(up)] = moments.mean((index, "shared_in"))
+            importance[name(down)] = moments.mean((index, "shared_mid"))
         counts = torch.as_tensor(moments.counts[(index, "experts_in")])
-        for role, names in (("experts_in", ("ffn_gate_exps", "ffn_up_exps")), ("experts_mid", ("ffn_down_exps",))):
+        gate, up, down = ROUTED_FFN
+        for role, kinds in (("experts_in", (gate, up)), ("experts_mid", (down,))):
             per_expert = moments.mean((index, role))
             layer_average = moments.sums[(index, role)].sum(0) / max(int(counts.sum()), 1)
             per_expert[counts == 0] = layer_average  # no tokens, no evidence: the layer's average, reported
             pads = plan.num_experts - len(per_expert)
             per_expert = torch.cat([per_expert, layer_average.expand(pads, -1)])
-            for name in names:
-                importance[f"{prefix}.{name}.weight"] = per_expert.flatten()
+            for kind in kinds:
+                importance[name(kind)] = per_expert.flatten()
         for expert in torch.where(counts == 0)[0].tolist():
             fallbacks.append(f"imatrix: blk.{index} expert {expert} saw no calibration tokens -> its layer's average")
     return {name: value.float().numpy() for name, value in importance.items()}
@@ -337,30 +356,10 @@ def _types_other_than_asked(gguf, path: Path, quant: str, overrides: dict[str, i
     return report
 
 
-def _experts_of(model, adapter):
-    """The first layer's routed experts module (all carry the same width)."""
-    for layer in decoder_layers(adapter, model):
-        experts = getattr(get_path(layer, adapter.moe), adapter.experts, None)
-        if experts is not None and hasattr(experts, "down_proj"):
-            return experts
-    raise MoeExportError("the model has no MoE layer with experts left; there is nothing to host in a MoE GGUF")
-
-
-def _shared_width(model, adapter) -> int:
-    for layer in decoder_layers(adapter, model):
-        block = get_path(layer, adapter.moe)
-        for name in adapter.shared_experts:
-            if hasattr(block, name):
-                return getattr(block, name).down_proj.weight.shape[-1]
-    return 0
-
-
-def _write_hparams(writer, gguf, model, plan: _Plan, quant: str) -> None:
-    config, adapter = model.config, adapter_for(model.config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
-    writer.add_name(Path(str(config.name_or_path or "moeexport-model")).name)
-    writer.add_context_length(config.max_position_embeddings)
+def _write_hparams(writer, gguf, plan: _Plan, quant: str) -> None:
+    config = plan.config
+    writer.add_name(Path(config.name_or_path or "moeexport-model").name)
+    writer.add_context_length(config.context_length)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(len(plan.layers))
     host = plan.architecture
@@ -374,21 +373,21 @@ def _write_hparams(writer, gguf, model, plan: _Plan, quant: str) -> None:
     if host.softmax_gating:
         writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
         writer.add_expert_weights_norm(True)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_head_count(config.num_heads)
+    writer.add_rope_freq_base(config.rope_theta)
     if host.latent_attention:
-        _write_latent_attention_hparams(writer, gguf, config, plan, adapter)
+        _write_latent_attention_hparams(writer, gguf, config, plan)
     else:
-        writer.add_head_count_kv(config.num_key_value_heads)
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(head_dim)
+        writer.add_head_count_kv(config.num_kv_heads)
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        writer.add_rope_dimension_count(config.head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     if plan.architecture.pads_experts:
         writer.add_interleave_moe_layer_step(1)
         writer.add_leading_dense_block_count(0)
     writer.add_expert_count(plan.num_experts)
-    writer.add_expert_used_count(min(getattr(config, adapter.top_k_key), plan.num_experts))
+    writer.add_expert_used_count(min(config.top_k, plan.num_experts))
     writer.add_vocab_size(config.vocab_size)
     file_types = {
         "f32": gguf.LlamaFileType.ALL_F32,
@@ -401,28 +400,28 @@ def _write_hparams(writer, gguf, model, plan: _Plan, quant: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _write_latent_attention_hparams(writer, gguf, config, plan: _Plan, adapter) -> None:
+def _write_latent_attention_hparams(writer, gguf, config: ModelConfig, plan: _Plan) -> None:
     """MLA as llama.cpp runs it: one shared latent KV head (MQA) plus the per-head k_b / v_b absorptions."""
+    latent = config.latent
     writer.add_head_count_kv(1)
-    if config.q_lora_rank is not None:
-        writer.add_q_lora_rank(config.q_lora_rank)
-    writer.add_kv_lora_rank(config.kv_lora_rank)
-    writer.add_key_length(config.kv_lora_rank + config.qk_rope_head_dim)
-    writer.add_value_length(config.kv_lora_rank)
-    writer.add_key_length_mla(config.qk_nope_head_dim + config.qk_rope_head_dim)
-    writer.add_value_length_mla(config.v_head_dim)
-    writer.add_rope_dimension_count(config.qk_rope_head_dim)
+    if latent.q_lora_rank is not None:
+        writer.add_q_lora_rank(latent.q_lora_rank)
+    writer.add_kv_lora_rank(latent.kv_lora_rank)
+    writer.add_key_length(latent.kv_lora_rank + latent.qk_rope_head_dim)
+    writer.add_value_length(latent.kv_lora_rank)
+    writer.add_key_length_mla(latent.qk_nope_head_dim + latent.qk_rope_head_dim)
+    writer.add_value_length_mla(latent.v_head_dim)
+    writer.add_rope_dimension_count(latent.qk_rope_head_dim)
     writer.add_leading_dense_block_count(sum(1 for spec in plan.layers if spec.kind == "dense"))
-    routing = adapter.routing(config)
-    writer.add_expert_shared_count(config.n_shared_experts)
-    writer.add_expert_weights_scale(routing.scale)
-    writer.add_expert_weights_norm(routing.renormalize)
+    writer.add_expert_shared_count(config.shared_expert_count)
+    writer.add_expert_weights_scale(config.routing.scale)
+    writer.add_expert_weights_norm(config.routing.renormalize)
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
 
 
-def _write_vocab(writer, gguf, model, architecture: GGUFArchitecture) -> None:
+def _write_vocab(writer, gguf, config: ModelConfig, architecture: GGUFArchitecture) -> None:
     """Vocabulary (SentencePiece or BPE), special tokens and chat template from the checkpoint directory."""
-    source = Path(model.config.name_or_path or "")
+    source = Path(config.name_or_path)
     logging.getLogger("gguf.vocab").setLevel(logging.ERROR)  # it warns about post-processors it ignores
     if (source / "tokenizer.model").is_file():
         vocab, pre = gguf.vocab.SentencePieceVocab(source), "default"
@@ -439,7 +438,7 @@ def _write_vocab(writer, gguf, model, architecture: GGUFArchitecture) -> None:
         tokens.append(text)
         scores.append(score)
         types.append(token_type)
-    for padding in range(len(tokens), model.config.vocab_size):  # embedding rows past the tokenizer
+    for padding in range(len(tokens), config.vocab_size):  # embedding rows past the tokenizer
         tokens.append(f"[PAD{padding}]".encode())
         scores.append(-1000.0)
         types.append(gguf.TokenType.UNUSED)
@@ -455,8 +454,10 @@ def _write_vocab(writer, gguf, model, architecture: GGUFArchitecture) -> None:
 class _TensorSink:
     """Adds tensors in the requested type, falling back per tensor where the shape cannot take it."""
 
-    def __init__(self, writer, gguf, quant: str, fallbacks: list[str], grid: dict | None = None):
+    def __init__(self, writer, gguf, architecture: str, quant: str, fallbacks: list[str],
+                 grid: WeightGrid | None = None):
         self.writer, self.gguf, self.quant, self.fallbacks, self.grid = writer, gguf, quant, fallbacks, grid
+        self.names = TensorNames(gguf, architecture)
 
     def add(self, name: str, tensor: torch.Tensor | np.ndarray, keep_f32: bool = False, quant: str | None = None,
             on_grid: bool = False):
@@ -482,7 +483,7 @@ class _TensorSink:
         """q4_0 / q8_0 blocks (f16 scale, then 32 codes) straight from the grid's codes and scales."""
         from moeexport.quantization import recover_grid
 
-        bits, group_size = self.grid["bits"], self.grid["group_size"]
+        bits, group_size = self.grid.bits, self.grid.group_size
         codes, scales = (t.numpy() for t in recover_grid(torch.from_numpy(data), bits, group_size))
         exact_scales = np.repeat(scales, group_size // GGML_BLOCK, axis=-1)
         block_scales = exact_scales.astype(np.float16)
@@ -506,57 +507,60 @@ def _permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _write_tensors(tensors: _TensorSink, model, plan: _Plan) -> None:
-    config, adapter = model.config, adapter_for(model.config)
-    embedding = get_path(model, adapter.embeddings).weight
-    tensors.add("token_embd.weight", embedding, keep_f32=tensors.quant in ("f16", "bf16"))
-    for index, layer in enumerate(decoder_layers(adapter, model)):
-        prefix = f"blk.{index}"
-        tensors.add(f"{prefix}.attn_norm.weight", get_path(layer, adapter.attention_norm).weight)
-        attention = get_path(layer, adapter.attention)
+    config, adapter, names = plan.config, adapter_for(model.config), tensors.names
+    around = adapter.model_view(model)
+    tensors.add(names("TOKEN_EMBD"), around.embeddings.weight, keep_f32=tensors.quant in ("f16", "bf16"))
+    for view in adapter.layer_views(model):
+        index, name = view.index, names.block(view.index)
+        tensors.add(name("ATTN_NORM"), view.attention_norm.weight)
         if plan.architecture.latent_attention:
-            _write_latent_attention(tensors, prefix, attention, config)
+            _write_latent_attention(tensors, name, view.attention, config)
         else:
-            _write_attention(tensors, prefix, attention, config, plan.architecture)
-        if plan.layers[index].kind == "dense":
-            tensors.add(f"{prefix}.ffn_norm.weight", get_path(layer, adapter.moe_norm).weight)
-            mlp = get_path(layer, adapter.moe)
-            tensors.add(f"{prefix}.ffn_gate.weight", mlp.gate_proj.weight)
-            tensors.add(f"{prefix}.ffn_up.weight", mlp.up_proj.weight)
-            tensors.add(f"{prefix}.ffn_down.weight", mlp.down_proj.weight)
+            _write_attention(tensors, name, view.attention, config, plan.architecture)
+        if view.kind == "dense":
+            tensors.add(name("FFN_NORM"), view.ffn_norm.weight)
+            _write_ffn(tensors, name, DENSE_FFN, view.ffn)
             continue
         if index in plan.silent_layers and plan.architecture.dense_silent_layers:
-            tensors.add(f"{prefix}.ffn_norm.weight", np.ones(config.hidden_size, np.float32))
-            _write_zero_ffn(tensors, prefix, "", config.hidden_size, STANDIN_WIDTH)
+            tensors.add(name("FFN_NORM"), np.ones(config.hidden_size, np.float32))
+            _write_zero_ffn(tensors, name, DENSE_FFN, config.hidden_size, STANDIN_WIDTH)
             continue
         if index in plan.silent_layers:
-            shared = (plan.shared_width, adapter.shared_expert_gate is not None)
-            _write_silent_moe(tensors, prefix, config.hidden_size, plan.num_experts, plan.expert_width, *shared)
+            _write_silent_moe(tensors, name, config.hidden_size, plan)
             continue
-        block = get_path(layer, adapter.moe)
-        experts = getattr(block, adapter.experts)
-        pads = plan.num_experts - experts.down_proj.shape[0]
-        gate, up = _pad_experts(experts.gate_up_proj, pads).chunk(2, dim=1)
-        tensors.add(f"{prefix}.ffn_norm.weight", get_path(layer, adapter.moe_norm).weight)
-        tensors.add(f"{prefix}.ffn_gate_inp.weight", _pad_experts(getattr(block, adapter.router).weight, pads), keep_f32=True)
-        tensors.add(f"{prefix}.ffn_gate_exps.weight", gate, on_grid=True)
-        tensors.add(f"{prefix}.ffn_up_exps.weight", up, on_grid=True)
-        tensors.add(f"{prefix}.ffn_down_exps.weight", _pad_experts(experts.down_proj, pads), on_grid=True)
-        if pads:
-            real = plan.num_experts - pads
-            bias = np.array([0.0] * real + [-1e9] * pads, np.float32)
-            tensors.add(f"{prefix}.{plan.architecture.selection_bias}", bias)
-        shared_modules = [getattr(block, name) for name in adapter.shared_experts if hasattr(block, name)]
-        for shared in shared_modules:
-            tensors.add(f"{prefix}.ffn_gate_shexp.weight", shared.gate_proj.weight)
-            tensors.add(f"{prefix}.ffn_up_shexp.weight", shared.up_proj.weight)
-            tensors.add(f"{prefix}.ffn_down_shexp.weight", shared.down_proj.weight)
-        if not shared_modules and plan.architecture.requires_shared_expert:
-            _write_zero_ffn(tensors, prefix, "_shexp", config.hidden_size, STANDIN_WIDTH)
-        if adapter.shared_expert_gate and hasattr(block, adapter.shared_expert_gate):
-            shared_gate = getattr(block, adapter.shared_expert_gate).weight  # [1, hidden]
-            tensors.add(f"{prefix}.ffn_gate_inp_shexp.weight", shared_gate[0], keep_f32=True)
-    tensors.add("output_norm.weight", get_path(model, adapter.final_norm).weight)
-    tensors.add("output.weight", model.get_output_embeddings().weight)
+        _write_moe(tensors, name, view, plan)
+    tensors.add(names("OUTPUT_NORM"), around.final_norm.weight)
+    tensors.add(names("OUTPUT"), around.output.weight)
+
+
+def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _Plan) -> None:
+    """A MoE sublayer: norm, router and stacked experts (padded to the file's count), then its shared experts."""
+    experts = view.experts
+    pads = plan.num_experts - experts.down_proj.shape[0]
+    gate, up = _pad_experts(experts.gate_up_proj, pads).chunk(2, dim=1)
+    gate_kind, up_kind, down_kind = ROUTED_FFN
+    tensors.add(name("FFN_NORM"), view.ffn_norm.weight)
+    tensors.add(name("FFN_GATE_INP"), _pad_experts(view.router.weight, pads), keep_f32=True)
+    tensors.add(name(gate_kind), gate, on_grid=True)
+    tensors.add(name(up_kind), up, on_grid=True)
+    tensors.add(name(down_kind), _pad_experts(experts.down_proj, pads), on_grid=True)
+    if pads:
+        real = plan.num_experts - pads
+        bias = np.array([0.0] * real + [-1e9] * pads, np.float32)
+        tensors.add(name("FFN_EXP_PROBS_B", plan.architecture.selection_bias_suffix), bias)
+    for shared in view.shared_experts:
+        _write_ffn(tensors, name, SHARED_FFN, shared)
+    if not view.shared_experts and plan.architecture.requires_shared_expert:
+        _write_zero_ffn(tensors, name, SHARED_FFN, plan.config.hidden_size, STANDIN_WIDTH)
+    if view.shared_expert_gate is not None:
+        shared_gate = view.shared_expert_gate.weight  # [1, hidden]
+        tensors.add(name("FFN_GATE_INP_SHEXP"), shared_gate[0], keep_f32=True)
+
+
+def _write_ffn(tensors: _TensorSink, name: BlockNames, kinds: tuple[str, str, str], mlp) -> None:
+    """One SwiGLU MLP's gate, up and down projections under the (gate, up, down) tensor kinds."""
+    for kind, projection in zip(kinds, (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+        tensors.add(name(kind), projection.weight)
 
 
 def _pad_experts(tensor: torch.Tensor, pads: int) -> torch.Tensor:
@@ -566,59 +570,60 @@ def _pad_experts(tensor: torch.Tensor, pads: int) -> torch.Tensor:
     return torch.cat([tensor.detach(), tensor.new_zeros((pads, *tensor.shape[1:]))])
 
 
-def _write_attention(tensors: _TensorSink, prefix: str, attention, config, architecture: GGUFArchitecture) -> None:
+def _write_attention(tensors: _TensorSink, name: BlockNames, attention, config: ModelConfig,
+                     architecture: GGUFArchitecture) -> None:
     q, k = attention.q_proj.weight, attention.k_proj.weight
     if architecture.permute_qk:
-        q = _permute_rows(q, config.num_attention_heads)
-        k = _permute_rows(k, config.num_key_value_heads)
-    tensors.add(f"{prefix}.attn_q.weight", q)
-    tensors.add(f"{prefix}.attn_k.weight", k)
-    tensors.add(f"{prefix}.attn_v.weight", attention.v_proj.weight)
-    tensors.add(f"{prefix}.attn_output.weight", attention.o_proj.weight)
-    for name, projection in (("q", attention.q_proj), ("k", attention.k_proj), ("v", attention.v_proj)):
+        q = _permute_rows(q, config.num_heads)
+        k = _permute_rows(k, config.num_kv_heads)
+    tensors.add(name("ATTN_Q"), q)
+    tensors.add(name("ATTN_K"), k)
+    tensors.add(name("ATTN_V"), attention.v_proj.weight)
+    tensors.add(name("ATTN_OUT"), attention.o_proj.weight)
+    for kind, projection in (("ATTN_Q", attention.q_proj), ("ATTN_K", attention.k_proj), ("ATTN_V", attention.v_proj)):
         if projection.bias is not None:
-            tensors.add(f"{prefix}.attn_{name}.bias", projection.bias)
-    for name in ("q", "k"):
-        norm = getattr(attention, f"{name}_norm", None)
+            tensors.add(name(kind, ".bias"), projection.bias)
+    norms = (("ATTN_Q_NORM", getattr(attention, "q_norm", None)), ("ATTN_K_NORM", getattr(attention, "k_norm", None)))
+    for kind, norm in norms:
         if norm is not None:
-            tensors.add(f"{prefix}.attn_{name}_norm.weight", norm.weight)
+            tensors.add(name(kind), norm.weight)
 
 
-def _write_latent_attention(tensors: _TensorSink, prefix: str, attention, config) -> None:
+def _write_latent_attention(tensors: _TensorSink, name: BlockNames, attention, config: ModelConfig) -> None:
     """Multi-head latent attention, with kv_b split per head into k_b (transposed) and v_b as llama.cpp absorbs them."""
-    if config.q_lora_rank is None:
-        tensors.add(f"{prefix}.attn_q.weight", attention.q_proj.weight)
+    latent = config.latent
+    if latent.q_lora_rank is None:
+        tensors.add(name("ATTN_Q"), attention.q_proj.weight)
     else:
-        tensors.add(f"{prefix}.attn_q_a.weight", attention.q_a_proj.weight)
-        tensors.add(f"{prefix}.attn_q_a_norm.weight", attention.q_a_layernorm.weight)
-        tensors.add(f"{prefix}.attn_q_b.weight", attention.q_b_proj.weight)
-    tensors.add(f"{prefix}.attn_kv_a_mqa.weight", attention.kv_a_proj_with_mqa.weight)
-    tensors.add(f"{prefix}.attn_kv_a_norm.weight", attention.kv_a_layernorm.weight)
-    heads, nope, value = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim
-    kv_b = attention.kv_b_proj.weight.reshape(heads, nope + value, config.kv_lora_rank)
+        tensors.add(name("ATTN_Q_A"), attention.q_a_proj.weight)
+        tensors.add(name("ATTN_Q_A_NORM"), attention.q_a_layernorm.weight)
+        tensors.add(name("ATTN_Q_B"), attention.q_b_proj.weight)
+    tensors.add(name("ATTN_KV_A_MQA"), attention.kv_a_proj_with_mqa.weight)
+    tensors.add(name("ATTN_KV_A_NORM"), attention.kv_a_layernorm.weight)
+    nope, value = latent.qk_nope_head_dim, latent.v_head_dim
+    kv_b = attention.kv_b_proj.weight.reshape(config.num_heads, nope + value, latent.kv_lora_rank)
     k_b, v_b = kv_b.split([nope, value], dim=1)
-    tensors.add(f"{prefix}.attn_k_b.weight", k_b.transpose(1, 2))
-    tensors.add(f"{prefix}.attn_v_b.weight", v_b)
-    tensors.add(f"{prefix}.attn_output.weight", attention.o_proj.weight)
+    tensors.add(name("ATTN_K_B"), k_b.transpose(1, 2))
+    tensors.add(name("ATTN_V_B"), v_b)
+    tensors.add(name("ATTN_OUT"), attention.o_proj.weight)
 
 
-def _write_silent_moe(
-    tensors: _TensorSink, prefix: str, hidden: int, num_experts: int, width: int, shared_width: int, shared_gate: bool
-) -> None:
+def _write_silent_moe(tensors: _TensorSink, name: BlockNames, hidden: int, plan: _Plan) -> None:
     """A MoE sublayer that adds exactly nothing: every projection is zero, so is every expert's output."""
-    tensors.add(f"{prefix}.ffn_norm.weight", np.ones(hidden, np.float32))
-    tensors.add(f"{prefix}.ffn_gate_inp.weight", np.zeros((num_experts, hidden), np.float32), keep_f32=True)
-    _write_zero_ffn(tensors, prefix, "_exps", hidden, width, num_experts)
-    if shared_width:  # hosts with a shared expert need its tensors in every layer
-        _write_zero_ffn(tensors, prefix, "_shexp", hidden, shared_width)
-    if shared_width and shared_gate:
-        tensors.add(f"{prefix}.ffn_gate_inp_shexp.weight", np.ones(hidden, np.float32))  # see module docstring
+    tensors.add(name("FFN_NORM"), np.ones(hidden, np.float32))
+    tensors.add(name("FFN_GATE_INP"), np.zeros((plan.num_experts, hidden), np.float32), keep_f32=True)
+    _write_zero_ffn(tensors, name, ROUTED_FFN, hidden, plan.expert_width, plan.num_experts)
+    if plan.shared_width:  # hosts with a shared expert need its tensors in every layer
+        _write_zero_ffn(tensors, name, SHARED_FFN, hidden, plan.shared_width)
+    if plan.shared_width and plan.shared_gate:
+        tensors.add(name("FFN_GATE_INP_SHEXP"), np.ones(hidden, np.float32))  # see module docstring
 
 
-def _write_zero_ffn(tensors: _TensorSink, prefix: str, kind: str, hidden: int, width: int, experts: int = 0) -> None:
-    """All-zero gate/up/down projections (`kind`: "" dense, "_shexp" shared, "_exps" stacked experts)."""
+def _write_zero_ffn(tensors: _TensorSink, name: BlockNames, kinds: tuple[str, str, str], hidden: int, width: int,
+                    experts: int = 0) -> None:
+    """All-zero gate/up/down projections under the (gate, up, down) kinds; `experts` > 0 stacks that many."""
     stack = (experts,) if experts else ()
     zeros_type = "q4_0"  # zeros are exact in any type: store them small
-    tensors.add(f"{prefix}.ffn_gate{kind}.weight", np.zeros((*stack, width, hidden), np.float32), quant=zeros_type)
-    tensors.add(f"{prefix}.ffn_up{kind}.weight", np.zeros((*stack, width, hidden), np.float32), quant=zeros_type)
-    tensors.add(f"{prefix}.ffn_down{kind}.weight", np.zeros((*stack, hidden, width), np.float32), quant=zeros_type)
+    shapes = ((*stack, width, hidden), (*stack, width, hidden), (*stack, hidden, width))
+    for kind, shape in zip(kinds, shapes):
+        tensors.add(name(kind), np.zeros(shape, np.float32), quant=zeros_type)

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 from onnx import TensorProto
 
-from moeexport.adapters import adapter_for
-from moeexport.adapters.base import NoRoutedExperts, decoder_layers, get_path, layer_kind
+from moeexport.adapters import LayerView, ModelConfig, adapter_for
 from moeexport.backends.onnx.architectures import ARCHITECTURES, AttentionLayout
 from moeexport.backends.onnx.graph import Graph
 from moeexport.backends.onnx.moe import Quantization, RoutedExperts, routed_experts
@@ -44,87 +43,90 @@ class CacheShape:
 
 def cache_shape(model) -> CacheShape:
     """The cached key and value of every layer (all layers share it)."""
-    config, layout = model.config, ARCHITECTURES[model.config.model_type]
-    if layout.latent:
-        return CacheShape(1, config.kv_lora_rank, config.qk_rope_head_dim)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return CacheShape(config.num_key_value_heads, head_dim, head_dim)
+    config = adapter_for(model.config).model_config(model.config)
+    if config.latent is not None:
+        return CacheShape(1, config.latent.kv_lora_rank, config.latent.qk_rope_head_dim)
+    return CacheShape(config.num_kv_heads, config.head_dim, config.head_dim)
 
 
 @torch.no_grad()
 def build_decoder(model, graph: Graph, lowering: str, quantization: Quantization | None, context: int) -> None:
     adapter = adapter_for(model.config)
-    config = model.config
+    config = adapter.model_config(model.config)
     layout = ARCHITECTURES[config.model_type]
+    around = adapter.model_view(model)
     batch, sequence, total = "batch", "sequence", "total_sequence"
     input_ids = graph.input("input_ids", TensorProto.INT64, [batch, sequence])
     attention_mask = graph.input("attention_mask", TensorProto.INT64, [batch, total])
     position_ids = graph.input("position_ids", TensorProto.INT64, [batch, sequence])
 
-    embeddings = get_path(model, adapter.embeddings).weight
-    h = graph.op("Gather", graph.weight("embed_tokens.weight", embeddings.float().numpy()), input_ids)
-    cos, sin = _rope_tables(graph, model, adapter, position_ids, context)
+    h = graph.op("Gather", graph.weight("embed_tokens.weight", around.embeddings.weight.float().numpy()), input_ids)
+    cos, sin = _rope_tables(graph, around.rotary_embedding, position_ids, context)
     mask = _additive_mask(graph, input_ids, attention_mask)
-    routing = adapter.routing(config)
     eps = config.rms_norm_eps
     cache = cache_shape(model)
 
-    for index, layer in enumerate(decoder_layers(adapter, model)):
-        prefix = f"layers.{index}"
-        x = graph.rms_norm(h, f"{prefix}.attention_norm", get_path(layer, adapter.attention_norm).weight, eps)
-        attention = get_path(layer, adapter.attention)
+    for view in adapter.layer_views(model):
+        index, prefix = view.index, f"layers.{view.index}"
+        x = graph.rms_norm(h, f"{prefix}.attention_norm", view.attention_norm.weight, eps)
         past_key = graph.input(f"past_key_values.{index}.key", TensorProto.FLOAT, [batch, cache.heads, "past_sequence", cache.key_width])
         past_value = graph.input(f"past_key_values.{index}.value", TensorProto.FLOAT, [batch, cache.heads, "past_sequence", cache.value_width])
-        lower = _latent_attention if layout.latent else _attention
-        out, present_key, present_value = lower(graph, x, prefix, attention, config, layout, cos, sin, mask,
+        lower = _latent_attention if config.latent is not None else _attention
+        out, present_key, present_value = lower(graph, x, prefix, view.attention, config, layout, cos, sin, mask,
                                                 past_key, past_value)
         graph.output(present_key, f"present.{index}.key", TensorProto.FLOAT, [batch, cache.heads, total, cache.key_width])
         graph.output(present_value, f"present.{index}.value", TensorProto.FLOAT, [batch, cache.heads, total, cache.value_width])
         h = graph.op("Add", h, out)
 
-        kind = layer_kind(adapter, layer)
-        if kind == "dropped":
+        if view.kind == "dropped":
             continue
-        x = graph.rms_norm(h, f"{prefix}.ffn_norm", get_path(layer, adapter.moe_norm).weight, eps)
-        block = getattr(layer, adapter.moe)
-        if kind == "dense":
-            h = graph.op("Add", h, graph.swiglu_mlp(x, f"{prefix}.mlp", block))
+        x = graph.rms_norm(h, f"{prefix}.ffn_norm", view.ffn_norm.weight, eps)
+        if view.kind == "dense":
+            h = graph.op("Add", h, graph.swiglu_mlp(x, f"{prefix}.mlp", view.ffn))
             continue
-        parts = []
-        experts, router = getattr(block, adapter.experts), getattr(block, adapter.router)
-        if not isinstance(experts, NoRoutedExperts):
-            routed = RoutedExperts(
-                router=router.weight.float().numpy(),
-                gate_up=experts.gate_up_proj.float().numpy(),
-                down=experts.down_proj.float().numpy(),
-                top_k=router.top_k,
-                renormalize=routing.renormalize,
-                scale=routing.scale,
-            )
-            parts.append(routed_experts(graph, x, f"{prefix}.experts", routed, lowering, quantization))
-        for name in adapter.shared_experts:
-            if hasattr(block, name):
-                shared = graph.swiglu_mlp(x, f"{prefix}.{name}", getattr(block, name))
-                if adapter.shared_expert_gate:
-                    gate = graph.linear(x, f"{prefix}.{adapter.shared_expert_gate}",
-                                        getattr(block, adapter.shared_expert_gate).weight)
-                    shared = graph.op("Mul", shared, graph.op("Sigmoid", gate))
-                parts.append(shared)
-        for part in parts:
+        for part in _moe_parts(graph, x, prefix, view, config, lowering, quantization):
             h = graph.op("Add", h, part)
 
-    h = graph.rms_norm(h, "final_norm", get_path(model, adapter.final_norm).weight, eps)
-    logits = graph.linear(h, "lm_head", model.get_output_embeddings().weight)
+    h = graph.rms_norm(h, "final_norm", around.final_norm.weight, eps)
+    logits = graph.linear(h, "lm_head", around.output.weight)
     graph.output(logits, "logits", TensorProto.FLOAT, [batch, sequence, config.vocab_size])
 
 
-def _rope_tables(graph: Graph, model, adapter, position_ids: str, context: int) -> tuple[str, str]:
+def _moe_parts(graph: Graph, x: str, prefix: str, view: LayerView, config: ModelConfig, lowering: str,
+               quantization: Quantization | None) -> list[str]:
+    """The outputs a MoE sublayer adds to the residual: its routed experts, then each shared expert."""
+    parts = []
+    if view.experts is not None:
+        routed = RoutedExperts(
+            router=view.router.weight.float().numpy(),
+            gate_up=view.experts.gate_up_proj.float().numpy(),
+            down=view.experts.down_proj.float().numpy(),
+            top_k=view.router.top_k,
+            renormalize=config.routing.renormalize,
+            scale=config.routing.scale,
+        )
+        parts.append(routed_experts(graph, x, f"{prefix}.experts", routed, lowering, quantization))
+    for module in view.shared_experts:
+        shared = graph.swiglu_mlp(x, f"{prefix}.{_child_name(view.ffn, module)}", module)
+        if view.shared_expert_gate is not None:
+            gate = view.shared_expert_gate
+            logit = graph.linear(x, f"{prefix}.{_child_name(view.ffn, gate)}", gate.weight)
+            shared = graph.op("Mul", shared, graph.op("Sigmoid", logit))
+        parts.append(shared)
+    return parts
+
+
+def _child_name(parent, child) -> str:
+    """The attribute `parent` holds `child` under: shared-expert initializers are named as the checkpoint names them."""
+    return next(name for name, module in parent.named_children() if module is child)
+
+
+def _rope_tables(graph: Graph, rotary, position_ids: str, context: int) -> tuple[str, str]:
     """cos and sin per position, [batch, 1, sequence, rotary/2], from the model's own rotary module.
 
     Taking the tables from the module covers every RoPE scaling type
     transformers implements, attention scaling included.
     """
-    rotary = get_path(model, adapter.rotary_embedding)
     positions = torch.arange(context)[None]
     probe = torch.zeros(1, dtype=torch.float32)
     table = rotary(probe, positions)
@@ -198,9 +200,9 @@ def _attend(graph: Graph, q: str, k: str, v: str, mask: str, attention, shape: t
     return graph.linear(merged, f"{prefix}.o_proj", attention.o_proj.weight, attention.o_proj.bias)
 
 
-def _attention(graph: Graph, x: str, prefix: str, attention, config, layout: AttentionLayout, cos, sin, mask,
-               past_key: str, past_value: str):
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+def _attention(graph: Graph, x: str, prefix: str, attention, config: ModelConfig, layout: AttentionLayout, cos, sin,
+               mask, past_key: str, past_value: str):
+    heads, kv_heads = config.num_heads, config.num_kv_heads
     head_dim = attention.head_dim
     projected = [graph.linear(x, f"{prefix}.{name}", getattr(attention, name).weight, getattr(attention, name).bias)
                  for name in ("q_proj", "k_proj", "v_proj")]
@@ -208,7 +210,7 @@ def _attention(graph: Graph, x: str, prefix: str, attention, config, layout: Att
     if layout.qk_norm == "full":
         q = graph.rms_norm(q, f"{prefix}.q_norm", attention.q_norm.weight, attention.q_norm.variance_epsilon)
         k = graph.rms_norm(k, f"{prefix}.k_norm", attention.k_norm.weight, attention.k_norm.variance_epsilon)
-    if layout.clip_qkv and getattr(config, "clip_qkv", None) is not None:
+    if config.clip_qkv is not None:
         low, high = graph.const(-config.clip_qkv, np.float32), graph.const(config.clip_qkv, np.float32)
         q, k, v = (graph.op("Clip", t, low, high) for t in (q, k, v))
     q, k, v = _heads(graph, q, heads, head_dim), _heads(graph, k, kv_heads, head_dim), _heads(graph, v, kv_heads, head_dim)
@@ -222,12 +224,12 @@ def _attention(graph: Graph, x: str, prefix: str, attention, config, layout: Att
     return out, k, v
 
 
-def _latent_attention(graph: Graph, x: str, prefix: str, attention, config, layout: AttentionLayout, cos, sin, mask,
-                      past_latent: str, past_rope_key: str):
+def _latent_attention(graph: Graph, x: str, prefix: str, attention, config: ModelConfig, layout: AttentionLayout, cos,
+                      sin, mask, past_latent: str, past_rope_key: str):
     """Multi-head latent attention; the cache holds the normalized kv latent [B, 1, T, r] and rotated shared key [B, 1, T, d_rope]."""
-    heads = config.num_attention_heads
-    nope, rope_dim, value_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
-    if attention.q_lora_rank is None:
+    heads, sizes = config.num_heads, config.latent
+    nope, rope_dim, value_dim = sizes.qk_nope_head_dim, sizes.qk_rope_head_dim, sizes.v_head_dim
+    if sizes.q_lora_rank is None:
         q = graph.linear(x, f"{prefix}.q_proj", attention.q_proj.weight)
     else:
         q = graph.linear(x, f"{prefix}.q_a_proj", attention.q_a_proj.weight, attention.q_a_proj.bias)
@@ -238,7 +240,7 @@ def _latent_attention(graph: Graph, x: str, prefix: str, attention, config, layo
                               axis=-1, outputs=2)
     compressed = graph.linear(x, f"{prefix}.kv_a_proj_with_mqa", attention.kv_a_proj_with_mqa.weight,
                               attention.kv_a_proj_with_mqa.bias)
-    latent, k_rope = graph.op("Split", compressed, graph.const([config.kv_lora_rank, rope_dim]), axis=-1, outputs=2)
+    latent, k_rope = graph.op("Split", compressed, graph.const([sizes.kv_lora_rank, rope_dim]), axis=-1, outputs=2)
     latent = graph.rms_norm(latent, f"{prefix}.kv_a_layernorm", attention.kv_a_layernorm.weight,
                             attention.kv_a_layernorm.variance_epsilon)
     latent = graph.op("Unsqueeze", latent, graph.const([1]))  # [B, 1, S, r]

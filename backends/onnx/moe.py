@@ -27,11 +27,15 @@ shapes and no data-dependent control flow.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moeexport.backends.onnx.graph import CONTRIB_DOMAIN, Graph
 from moeexport.errors import MoeExportError
+
+if TYPE_CHECKING:
+    from moeexport.quantization import WeightGrid
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class RoutedExperts:
 class Quantization:
     bits: int
     block_size: int
-    grid: dict | None = None  # the model's moeexport_weight_grid, if a quantize pass set one
+    grid: WeightGrid | None = None  # the grid a quantize pass left the experts on, if the caller passed it
 
 
 def routed_experts(graph: Graph, x: str, name: str, experts: RoutedExperts, lowering: str,
@@ -110,7 +114,7 @@ def _quantized(weight: np.ndarray, quantization: Quantization, what: str) -> tup
 
     grid = quantization.grid
     tensor = torch.from_numpy(np.ascontiguousarray(weight))
-    if grid and grid["bits"] == quantization.bits and grid["group_size"] == quantization.block_size:
+    if grid is not None and grid.bits == quantization.bits and grid.group_size == quantization.block_size:
         codes, scales = recover_grid(tensor, quantization.bits, quantization.block_size)
     else:
         codes, scales = quantize_rtn(tensor, quantization.bits, quantization.block_size)

@@ -13,13 +13,16 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moeexport.adapters import adapter_for
-from moeexport.adapters.base import NoRoutedExperts, decoder_layers, layer_kind
 from moeexport.errors import MoeExportError
 from moeexport.validate import Tolerance
+
+if TYPE_CHECKING:
+    from moeexport.quantization import WeightGrid
 
 QUANT_TYPES = ("f32", "f16", "int8", "int4")
 MOE_OPS = ("contrib", "plain")
@@ -71,7 +74,6 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
     """Everything that would stop an export, raised before any file is written."""
     from moeexport.backends.onnx.architectures import ARCHITECTURES
 
-    config = model.config
     if quant not in QUANT_TYPES:
         raise MoeExportError(f"--quant {quant} is not an onnx type; choose one of {', '.join(QUANT_TYPES)}")
     if moe_ops not in MOE_OPS:
@@ -80,29 +82,27 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
         raise MoeExportError(f"--quant {quant} needs the QMoE op; the plain variant takes f32 or f16 (use --moe-ops contrib)")
     if moe_ops == "contrib":
         require_moe_kernels()
+    adapter = adapter_for(model.config)
+    config = adapter.model_config(model.config)
     if config.model_type not in ARCHITECTURES:
         raise MoeExportError(f"the onnx exporter has no attention layout for model_type {config.model_type!r}")
-    if getattr(config, "hidden_act", "silu") != "silu":
+    if config.hidden_act != "silu":
         raise MoeExportError(f"experts use {config.hidden_act!r}; the exporter writes SwiGLU (silu) experts only")
-    if getattr(config, "topk_method", "greedy") != "greedy":
+    if config.routing.method != "greedy":
         raise MoeExportError(
-            f"topk_method={config.topk_method!r} routes within expert groups, which neither the MoE op nor the "
+            f"topk_method={config.routing.method!r} routes within expert groups, which neither the MoE op nor the "
             "plain lowering computes; only greedy top-k routing exports"
         )
-    adapter = adapter_for(config)
     if quant in BITS:
-        for index, layer in enumerate(decoder_layers(adapter, model)):
-            if layer_kind(adapter, layer) != "moe":
+        for view in adapter.layer_views(model):
+            if view.experts is None:  # dense, dropped, or no routed experts left
                 continue
-            experts = getattr(getattr(layer, adapter.moe), adapter.experts)
-            if isinstance(experts, NoRoutedExperts):
-                continue
-            _, hidden, width = experts.down_proj.shape
+            _, hidden, width = view.experts.down_proj.shape
             if hidden % block_size or width % block_size or block_size < 16 or block_size & (block_size - 1):
                 fitting = [b for b in (128, 64, 32, 16) if hidden % b == 0 and width % b == 0]
                 fix = f"try --block-size {fitting[0]}" if fitting else "no block size fits: export f16 or f32 experts"
                 raise MoeExportError(
-                    f"--block-size {block_size} cannot quantize layer {index}'s experts (hidden {hidden}, width {width}): "
+                    f"--block-size {block_size} cannot quantize layer {view.index}'s experts (hidden {hidden}, width {width}): "
                     f"QMoE needs a power of two >= 16 dividing both; {fix}"
                 )
 
@@ -115,8 +115,13 @@ def export(
     moe_ops: str = "contrib",
     block_size: int = DEFAULT_BLOCK_SIZE,
     context: int | None = None,
+    weight_grid: WeightGrid | None = None,
 ) -> ONNXExport:
-    """Write the graph to out_path (+ out_path.data when the weights pass 1 GiB), atomically."""
+    """Write the graph to out_path (+ out_path.data when the weights pass 1 GiB), atomically.
+
+    `weight_grid` (moeexport.quantization.weight_grid(model)) is the grid a quantize pass left the
+    experts on: an int8 / int4 graph of the same bits and block size keeps their exact codes and scales.
+    """
     import onnx
 
     from moeexport.backends.onnx.decoder import build_decoder
@@ -127,14 +132,15 @@ def export(
     if out_path.exists() and not overwrite:
         raise MoeExportError(f"output {out_path} already exists; pass --overwrite or choose another --out")
     check(model, quant, moe_ops, block_size)
-    context = context or min(model.config.max_position_embeddings, DEFAULT_CONTEXT_LIMIT)
+    config = adapter_for(model.config).model_config(model.config)
+    context = context or min(config.context_length, DEFAULT_CONTEXT_LIMIT)
     graph = Graph(weight_dtype=np.float16 if quant == "f16" else np.float32)
-    grid = getattr(model.config, "moeexport_weight_grid", None)
-    quantization = Quantization(BITS[quant], block_size, grid) if quant in BITS else None
+    quantization = Quantization(BITS[quant], block_size, weight_grid) if quant in BITS else None
     build_decoder(model, graph, moe_ops, quantization, context)
-    doc = f"moeexport {model.config.model_type} decoder, {quant} experts, {moe_ops} MoE ops, {context} positions"
+    doc = f"moeexport {config.model_type} decoder, {quant} experts, {moe_ops} MoE ops, {context} positions"
     proto = graph.model("moeexport_decoder", doc, uses_contrib=moe_ops == "contrib")
     proto.metadata_props.add(key="moeexport.context", value=str(context))
+    proto.metadata_props.add(key="moeexport.quant", value=quant)  # what `validate` judges the graph by
     onnx.checker.check_model(proto, full_check=False)
 
     external = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
@@ -159,9 +165,10 @@ def export(
     what = f"{quant} experts" + (f" (block {block_size})" if quant in BITS else "")
     representation = f"{what}, {'MoE/QMoE contrib ops' if moe_ops == 'contrib' else 'standard ops only'}"
     fallbacks = []
-    if quant in BITS and grid and (grid.get("bits"), grid.get("group_size")) != (BITS[quant], block_size):
+    grid = weight_grid
+    if quant in BITS and grid is not None and (grid.bits, grid.group_size) != (BITS[quant], block_size):
         fallbacks.append(
-            f"the model's experts were quantized to int{grid['bits']} g{grid['group_size']}; the graph re-quantizes "
-            f"them to {quant} block {block_size} (use --quant int{grid['bits']} --block-size {grid['group_size']} to keep them)"
+            f"the model's experts were quantized to int{grid.bits} g{grid.group_size}; the graph re-quantizes "
+            f"them to {quant} block {block_size} (use --quant int{grid.bits} --block-size {grid.group_size} to keep them)"
         )
     return ONNXExport(out_path, representation, moe_ops, fallbacks)

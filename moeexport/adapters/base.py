@@ -5,28 +5,22 @@ sublayer, router and experts, which config keys hold the expert counts, and how
 it routes. transformers 5 gives every supported family the same expert layout
 (router `weight` [E, hidden]; experts `gate_up_proj` [E, 2*ffn, hidden] and
 `down_proj` [E, hidden, ffn]; `router(x) -> (logits, top_k_weights, top_k_index)`),
-so the surgery below is written once and driven by the adapter's fields.
+so the surgery below is written once and driven by the adapter's fields. The
+adapter also hands out typed views (views.py): `model_config(config)`,
+`model_view(model)`, `layer_view(model, index)`, so that passes and backends
+never spell a module name or a config key themselves.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from torch import nn
 
+from moeexport.adapters.views import LatentAttention, LayerKind, LayerView, ModelConfig, ModelView, Routing
 from moeexport.errors import MoeExportError
-
-LayerKind = Literal["moe", "dense", "dropped"]
-
-
-@dataclass(frozen=True)
-class Routing:
-    """How a family turns router logits into expert weights."""
-
-    renormalize: bool  # softmax -> top-k -> renormalize the k weights (Mixtral) or not (OLMoE)
-    scale: float = 1.0  # multiplier on the routed weights (DeepSeek's routed_scaling_factor)
 
 
 @dataclass(frozen=True)
@@ -68,10 +62,80 @@ class MoEAdapter:
     experts: str = "experts"
     shared_experts: tuple[str, ...] = ()  # always-on expert modules inside the MoE block
     shared_expert_gate: str | None = None  # a sigmoid gate scaling the shared expert's output, if any
+    # config key with the number of experts fused into the shared module; without one, one per module name
+    shared_expert_count_key: str | None = None
+    clip_qkv_key: str | None = None  # config key of a clamp on q, k and v, if the family has one
+    latent_attention: Callable[[object], LatentAttention] | None = None  # config -> its latent sizes, if MLA
     # Rewrites the config keys that name dense layers after Block Drop (kept = surviving old indices).
     renumber_dense_layers: Callable[[object, list[int]], None] = _no_dense_layer_keys
     # An error message when the family's routing cannot survive a change of expert count.
     expert_count_change_blocker: Callable[[object], str | None] = _any_expert_count
+
+    def model_config(self, config) -> ModelConfig:
+        """The config under canonical names (transformers' common keys plus this family's own)."""
+        rope = getattr(config, "rope_parameters", None) or {}
+        shared = (getattr(config, self.shared_expert_count_key) if self.shared_expert_count_key
+                  else len(self.shared_experts))
+        return ModelConfig(
+            model_type=self.model_type,
+            name_or_path=str(config.name_or_path or ""),
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            context_length=config.max_position_embeddings,
+            rms_norm_eps=config.rms_norm_eps,
+            rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+            hidden_act=getattr(config, "hidden_act", "silu"),
+            num_experts=getattr(config, self.num_experts_key),
+            top_k=getattr(config, self.top_k_key),
+            routing=self.routing(config),
+            shared_expert_count=shared,
+            clip_qkv=getattr(config, self.clip_qkv_key, None) if self.clip_qkv_key else None,
+            latent=self.latent_attention(config) if self.latent_attention else None,
+        )
+
+    def model_view(self, model: nn.Module) -> ModelView:
+        return ModelView(
+            embeddings=get_path(model, self.embeddings),
+            rotary_embedding=get_path(model, self.rotary_embedding),
+            final_norm=get_path(model, self.final_norm),
+            output=model.get_output_embeddings(),
+            num_layers=len(decoder_layers(self, model)),
+        )
+
+    def layer_view(self, model: nn.Module, index: int) -> LayerView:
+        return self._view(index, decoder_layers(self, model)[index])
+
+    def layer_views(self, model: nn.Module) -> list[LayerView]:
+        return [self._view(index, layer) for index, layer in enumerate(decoder_layers(self, model))]
+
+    def _view(self, index: int, layer: nn.Module) -> LayerView:
+        kind = layer_kind(self, layer)
+        ffn = getattr(layer, self.moe)
+        router = experts = shared_gate = None
+        shared: tuple[nn.Module, ...] = ()
+        if kind == "moe":
+            router, experts = getattr(ffn, self.router), getattr(ffn, self.experts)
+            experts = None if isinstance(experts, NoRoutedExperts) else experts
+            # the one place that looks for shared experts: a family may name several, a layer may lack them
+            shared = tuple(getattr(ffn, name) for name in self.shared_experts if hasattr(ffn, name))
+            shared_gate = getattr(ffn, self.shared_expert_gate, None) if self.shared_expert_gate else None
+        return LayerView(
+            index=index,
+            kind=kind,
+            module=layer,
+            attention=get_path(layer, self.attention),
+            attention_norm=get_path(layer, self.attention_norm),
+            ffn_norm=get_path(layer, self.moe_norm),
+            ffn=ffn,
+            router=router,
+            experts=experts,
+            shared_experts=shared,
+            shared_expert_gate=shared_gate,
+        )
 
 
 class DroppedSublayer(nn.Module):
@@ -116,23 +180,11 @@ def layer_kind(adapter: MoEAdapter, layer_module: nn.Module) -> LayerKind:
 
 def structure(adapter: MoEAdapter, model: nn.Module) -> list[LayerSpec]:
     """The model's layer-by-layer shape: what passes plan against and manifests record."""
-    specs = []
-    for layer_module in decoder_layers(adapter, model):
-        kind = layer_kind(adapter, layer_module)
-        if kind != "moe":
-            specs.append(LayerSpec(kind))
-            continue
-        block = getattr(layer_module, adapter.moe)
-        router = getattr(block, adapter.router)
-        specs.append(
-            LayerSpec(
-                "moe",
-                num_experts=router.weight.shape[0],
-                top_k=router.top_k,
-                shared_experts=any(hasattr(block, name) for name in adapter.shared_experts),
-            )
-        )
-    return specs
+    return [
+        LayerSpec("moe", view.num_experts, view.top_k, bool(view.shared_experts)) if view.kind == "moe"
+        else LayerSpec(view.kind)
+        for view in adapter.layer_views(model)
+    ]
 
 
 def keep_experts(adapter: MoEAdapter, model: nn.Module, layer: int, keep: list[int]) -> None:

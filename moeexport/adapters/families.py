@@ -7,7 +7,8 @@ spelled out here too.
 
 from __future__ import annotations
 
-from moeexport.adapters.base import MoEAdapter, Routing
+from moeexport.adapters.base import MoEAdapter
+from moeexport.adapters.views import LatentAttention, Routing
 from moeexport.adapters.registry import register
 
 
@@ -32,7 +33,17 @@ def _renumber_leading_dense(config, kept: list[int]) -> None:
 
 
 def _deepseek_routing(config) -> Routing:
-    return Routing(renormalize=False, scale=float(config.routed_scaling_factor))
+    return Routing(renormalize=False, scale=float(config.routed_scaling_factor), method=config.topk_method)
+
+
+def _deepseek_latent_attention(config) -> LatentAttention:
+    return LatentAttention(
+        q_lora_rank=config.q_lora_rank,
+        kv_lora_rank=config.kv_lora_rank,
+        qk_nope_head_dim=config.qk_nope_head_dim,
+        qk_rope_head_dim=config.qk_rope_head_dim,
+        v_head_dim=config.v_head_dim,
+    )
 
 
 def _deepseek_group_routing_blocks_resize(config) -> str | None:
@@ -82,6 +93,7 @@ OLMOE = register(
         family="OLMoE",
         num_experts_key="num_experts",
         routing=_renormalize_if_configured,
+        clip_qkv_key="clip_qkv",
     )
 )
 
@@ -92,6 +104,8 @@ DEEPSEEK_V2 = register(
         num_experts_key="n_routed_experts",
         routing=_deepseek_routing,
         shared_experts=("shared_experts",),
+        shared_expert_count_key="n_shared_experts",  # one module holds them all, n_shared_experts wide
+        latent_attention=_deepseek_latent_attention,
         renumber_dense_layers=_renumber_leading_dense,
         expert_count_change_blocker=_deepseek_group_routing_blocks_resize,
     )

@@ -52,7 +52,7 @@ from pydantic import Field
 from scipy.optimize import linear_sum_assignment
 
 from moeexport.adapters import LayerSpec, adapter_for
-from moeexport.adapters.base import check_expert_count_change, moe_block, replace_experts
+from moeexport.adapters.base import check_expert_count_change, replace_experts
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
 from moeexport.passes.base import CompressionPass, PassOptions, check_expert_keep
@@ -130,13 +130,13 @@ class Merge(CompressionPass):
         adapter = adapter_for(model.config)
         if plan.layout == "grouped":
             check_expert_count_change(adapter, model.config)
-        blocks = {layer: moe_block(adapter, model, layer) for layer in plan.groups}
+        views = {layer: adapter.layer_view(model, layer) for layer in plan.groups}
         if plan.compress:
-            for block in blocks.values():
-                hidden, ffn = getattr(block, adapter.experts).down_proj.shape[1:]
+            for view in views.values():
+                hidden, ffn = view.experts.down_proj.shape[1:]
                 _check_rank(plan.compress["rank"], ffn, hidden)
         for layer, groups in plan.groups.items():
-            experts, router = getattr(blocks[layer], adapter.experts), getattr(blocks[layer], adapter.router)
+            experts, router = views[layer].experts, views[layer].router
             merged = [
                 _merge_group(experts.gate_up_proj.data, experts.down_proj.data, router.weight.data, group, w, plan)
                 for group, w in zip(groups, plan.weights[layer])

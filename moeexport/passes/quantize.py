@@ -7,10 +7,11 @@ Only the routed experts are quantized by default (`shared_experts: true` adds
 the shared experts); router, norms, attention and embeddings stay in high
 precision. The weights stay float32 tensors lying exactly on the grid of
 moeexport/quantization.py (w = code * scale, one scale per row and group of
-`group_size` input columns), and the model config records
+`group_size` input columns), and the model config records the `WeightGrid` as
 `moeexport_weight_grid = {"bits", "group_size", "method", "targets"}`, with
-targets "experts" or "experts+shared_experts", for the exporters
-(`recover_grid`) and for the saved checkpoint's config.json.
+targets "experts" or "experts+shared_experts", so that the saved checkpoint's
+config.json keeps it; callers hand `weight_grid(model)` to the exporters
+(`recover_grid`).
 
 GPTQ (Frantar et al. 2022) quantizes one input column at a time and spreads
 each column's rounding error over the columns not yet quantized through the
@@ -33,10 +34,9 @@ from pydantic import Field
 
 from moeexport.errors import MoeExportError
 from moeexport.passes.slimming import ExpertSlimmingPass, SlimmingOptions, SlimmingPlan, inverse_hessian_factor, target_dtypes
-from moeexport.quantization import dequantize, group_scales, quantize_rtn, round_to_grid
+from moeexport.quantization import GRID_ATTRIBUTE, WeightGrid, dequantize, group_scales, quantize_rtn, round_to_grid
 
 GPTQ_BLOCK = 128
-GRID_ATTRIBUTE = "moeexport_weight_grid"
 
 
 class QuantizeOptions(SlimmingOptions):
@@ -120,11 +120,12 @@ class Quantize(ExpertSlimmingPass):
 
     def apply(self, model, plan: SlimmingPlan, tokens: torch.Tensor | None = None, progress=None) -> SlimmingPlan:
         performed = super().apply(model, plan, tokens, progress)
-        setattr(model.config, GRID_ATTRIBUTE, {
-            "bits": plan.settings["bits"],
-            "group_size": plan.settings["group_size"],
-            "method": plan.method,
-            "targets": "experts+shared_experts" if plan.shared_experts else "experts",
-        })
+        grid = WeightGrid(
+            bits=plan.settings["bits"],
+            group_size=plan.settings["group_size"],
+            method=plan.method,
+            targets="experts+shared_experts" if plan.shared_experts else "experts",
+        )
+        setattr(model.config, GRID_ATTRIBUTE, grid.to_dict())  # the persisted form: config.json keeps it
         return performed
 

@@ -25,8 +25,7 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
-from moeexport.adapters import LayerSpec, adapter_for
-from moeexport.adapters.base import moe_block, structure
+from moeexport.adapters import LayerSpec, LayerView, adapter_for
 from moeexport.calibration.expert_inputs import collect_layer_inputs, layer_by_layer, output_error
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
@@ -158,7 +157,7 @@ class ExpertSlimmingPass(CompressionPass):
             layer_inputs = ((layer, None) for layer in plan.layers)
         else:
             layer_inputs = (
-                (index, collect_layer_inputs(adapter, moe_block(adapter, model, index), run, gram == "diagonal", plan.shared_experts))
+                (index, collect_layer_inputs(adapter.layer_view(model, index), run, gram == "diagonal", plan.shared_experts))
                 for index, _, run in layer_by_layer(adapter, model, tokens)
                 if index in plan.layers
             )
@@ -171,7 +170,7 @@ class ExpertSlimmingPass(CompressionPass):
                     for expert, count in enumerate(inputs.expert_tokens)
                     if count < plan.min_tokens
                 ]
-            for weights, matrix_inputs, routed in _targets(adapter, moe_block(adapter, model, layer), inputs, plan.shared_experts):
+            for weights, matrix_inputs, routed in _targets(adapter.layer_view(model, layer), inputs, plan.shared_experts):
                 original = weights.float().clone()  # .float() alone would alias float32 weights
                 new = original.clone()
                 use_fallback = torch.zeros(len(weights), dtype=torch.bool)
@@ -204,40 +203,33 @@ class ExpertSlimmingPass(CompressionPass):
         return replace(plan, outcome=outcome)
 
 
-def _targets(adapter, block, inputs, shared: bool):
+def _targets(view: LayerView, inputs, shared: bool):
     """Stacks of target matrices of one MoE layer: (weights [B, N, K], a view: writing it changes the
     model; their MatrixInputs, or None without calibration; whether they are routed experts)."""
-    experts = getattr(block, adapter.experts)
+    experts = view.experts
     yield experts.gate_up_proj.data, inputs.gate_up if inputs else None, True
     yield experts.down_proj.data, inputs.down if inputs else None, True
-    for name in adapter.shared_experts if shared else ():
-        if hasattr(block, name):
-            module = getattr(block, name)
-            into, middle = inputs.shared[name] if inputs else (None, None)
-            for linear, seen in ((module.gate_proj, into), (module.up_proj, into), (module.down_proj, middle)):
-                yield linear.weight.data[None], None if seen is None else [seen], False
+    for number, module in enumerate(view.shared_experts if shared else ()):
+        into, middle = inputs.shared[number] if inputs else (None, None)
+        for linear, seen in ((module.gate_proj, into), (module.up_proj, into), (module.down_proj, middle)):
+            yield linear.weight.data[None], None if seen is None else [seen], False
 
 
-def _moe_blocks(model):
-    """(adapter, layer index, MoE block) of every layer that still has routed experts."""
-    adapter = adapter_for(model.config)
-    for index, spec in enumerate(structure(adapter, model)):
-        if spec.kind == "moe" and spec.num_experts > 0:
-            yield adapter, index, moe_block(adapter, model, index)
+def _routed_layers(model) -> list[LayerView]:
+    """The layers that still have routed experts."""
+    return [view for view in adapter_for(model.config).layer_views(model) if view.experts is not None]
 
 
 def target_input_widths(model, shared: bool) -> dict[str, int]:
     """Input widths of the matrices a slimming pass would rewrite, named for error messages."""
     widths = {}
-    for adapter, _, block in _moe_blocks(model):
-        experts = getattr(block, adapter.experts)
-        widths["expert input (hidden size)"] = experts.gate_up_proj.shape[-1]
-        widths["expert intermediate size"] = experts.down_proj.shape[-1]
-        for name in adapter.shared_experts if shared else ():
-            if hasattr(block, name):
-                widths["shared expert intermediate size"] = getattr(block, name).down_proj.in_features
+    for view in _routed_layers(model):
+        widths["expert input (hidden size)"] = view.experts.gate_up_proj.shape[-1]
+        widths["expert intermediate size"] = view.experts.down_proj.shape[-1]
+        for module in view.shared_experts if shared else ():
+            widths["shared expert intermediate size"] = module.down_proj.in_features
     return widths
 
 
 def target_dtypes(model, shared: bool) -> set[torch.dtype]:
-    return {weights.dtype for adapter, _, block in _moe_blocks(model) for weights, _, _ in _targets(adapter, block, None, shared)}
+    return {weights.dtype for view in _routed_layers(model) for weights, _, _ in _targets(view, None, shared)}
