@@ -12,6 +12,7 @@ Token windows are deterministic for a given seed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moeexport.errors import MoeExportError
+from moeexport.errors import MoeExportError, read_user_text
 
 MODEL_SAMPLED = "model"
 
@@ -49,15 +50,33 @@ def read_documents(source: str, text_field: str = "text") -> list[str]:
         raise MoeExportError(f"text source {source!r} is not a file (give a .txt or .jsonl path, or hf:NAME)")
     if path.suffix == ".jsonl":
         return _read_jsonl(path, text_field)
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_user_text(path, "text source")
     if not text.strip():
         raise MoeExportError(f"text source {source} is empty")
     return [text]
 
 
+def source_digest(source: str) -> str | None:
+    """SHA-256 of what a text source holds (a file's bytes, a cached dataset's documents), so
+    that an edit in place is seen; None for text sampled from the model."""
+    if source == MODEL_SAMPLED:
+        return None
+    if source.startswith("hf:"):
+        digest = hashlib.sha256()
+        for document in read_documents(source):
+            encoded = document.encode()
+            digest.update(len(encoded).to_bytes(8, "little") + encoded)
+        return digest.hexdigest()
+    path = Path(source)
+    if not path.is_file():
+        raise MoeExportError(f"text source {source!r} is not a file (give a .txt or .jsonl path, or hf:NAME)")
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     documents = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_user_text(path, "text source").splitlines(), start=1):
         if not line.strip():
             continue
         try:

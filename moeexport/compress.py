@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,16 +24,26 @@ import torch
 from moeexport.adapters import LayerSpec, adapter_for
 from moeexport.adapters.base import decoder_layers, structure
 from moeexport.calibration.observers import Statistics, observe
-from moeexport.calibration.sources import CalibrationConfig, calibration_tokens
-from moeexport.modelio import parameter_bytes, parameter_count
+from moeexport.calibration.sources import CalibrationConfig, calibration_tokens, source_digest
+from moeexport.errors import MoeExportError
+from moeexport.modelio import parameter_bytes, parameter_count, replace_atomically
 from moeexport.passes import PASSES
 from moeexport.recipe import Recipe
 
 DEFAULT_CACHE = Path(os.environ.get("MOEEXPORT_CACHE", Path.home() / ".cache" / "moeexport")) / "statistics"
+# the statistics cache keeps its newest entries within this size (MOEEXPORT_CACHE_LIMIT_MB to change it)
+CACHE_LIMIT_BYTES = int(float(os.environ.get("MOEEXPORT_CACHE_LIMIT_MB", "1024")) * 2**20)
 
 
 class StatisticsProvider:
-    """Observes a model on one calibration set, with an on-disk cache keyed by model state."""
+    """Observes a model on one calibration set, with an on-disk cache keyed by content.
+
+    The key is the source checkpoint's content fingerprint (`modelio.fingerprint`, a
+    hash of every weight byte), the calibration text's content (a hash of the file, or
+    of the tokens when they are given), how the set is drawn, and the passes applied so
+    far. An unreadable cache entry is reported and recomputed; entries are written
+    under unique temporary names and renamed into place, so concurrent runs cannot race.
+    """
 
     def __init__(
         self,
@@ -54,6 +65,8 @@ class StatisticsProvider:
         self.max_block_window = max_block_window
         self.progress = progress
         self._tokens = tokens
+        self._given_tokens = tokens is not None
+        self._calibration_content: str | None = None
         self.observations = 0  # how many times a model was actually run (cache misses)
 
     def tokens(self, model) -> torch.Tensor:
@@ -67,8 +80,23 @@ class StatisticsProvider:
                 self.progress.remove_task(task)
         return self._tokens
 
+    def calibration_content(self) -> str | None:
+        """What the calibration set is drawn from, by content (None: sampled from the source model)."""
+        if self._calibration_content is None:
+            if self._given_tokens:
+                tokens = self._tokens.to("cpu", torch.int64).contiguous()
+                digest = hashlib.sha256(str(list(tokens.shape)).encode() + tokens.numpy().tobytes())
+                self._calibration_content = "tokens:" + digest.hexdigest()
+            else:
+                self._calibration_content = source_digest(self.calibration.source)
+        return self._calibration_content
+
     def key(self, history: list[dict]) -> str:
-        identity = {"source": self.source_key, "calibration": self.calibration.to_dict(), "history": history}
+        calibration = self.calibration.to_dict()
+        content = self.calibration_content()
+        if content is not None:
+            calibration["source"] = content  # the text itself, not where it lies
+        identity = {"version": 2, "source": self.source_key, "calibration": calibration, "history": history}
         identity["max_block_window"] = self.max_block_window
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -76,7 +104,10 @@ class StatisticsProvider:
         key = self.key(history)
         cached = self.cache_dir / f"{key}.json" if self.cache_dir else None
         if cached and cached.is_file():
-            return Statistics.load(cached)
+            try:
+                return Statistics.load(cached)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, MoeExportError) as error:
+                self._warn(f"statistics cache file {cached} is unreadable ({type(error).__name__}); recomputing it")
         statistics = observe(
             model,
             self.tokens(model),
@@ -88,11 +119,31 @@ class StatisticsProvider:
         )
         self.observations += 1
         if cached:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            partial = cached.with_suffix(".partial")
-            statistics.save(partial)
-            partial.replace(cached)
+            try:
+                replace_atomically(cached, statistics.save)
+                prune_cache(self.cache_dir, CACHE_LIMIT_BYTES)
+            except OSError as error:
+                self._warn(f"cannot write the statistics cache file {cached} ({error.strerror or error}); not cached")
         return statistics
+
+    def _warn(self, message: str) -> None:
+        """A note through the progress events when there are any, else a Python warning."""
+        if hasattr(self.progress, "note"):
+            self.progress.note(message)
+        else:
+            warnings.warn(message, stacklevel=3)
+
+
+def prune_cache(directory: Path, limit_bytes: int) -> list[Path]:
+    """Delete the oldest cache entries until the rest fit in `limit_bytes`; returns what was removed."""
+    entries = sorted(directory.glob("*.json"), key=lambda path: path.stat().st_mtime_ns, reverse=True)
+    kept, removed = 0, []
+    for entry in entries:
+        kept += entry.stat().st_size
+        if kept > limit_bytes and entry is not entries[0]:  # the entry just written always stays
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 @dataclass

@@ -9,7 +9,12 @@ A compressed checkpoint is written in one of two forms:
   stock `from_pretrained` then fails loudly instead of filling the missing
   experts with random values.
 Both forms carry moeexport.json (what was done, to what) and the tokenizer.
-Pickles are never loaded.
+
+Loading refuses a damaged checkpoint before transformers sees it: only
+.safetensors files are read (never a pickle, also not through an index), every
+file's header must parse, and the tensor names, shapes and dtypes in the headers
+must be the ones config.json implies (no parameter is ever left at random
+initialization). After loading, every weight is checked finite.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -32,6 +40,13 @@ from moeexport.errors import MoeExportError
 
 MANIFEST = "moeexport.json"
 MANIFEST_WEIGHTS = "moeexport.safetensors"
+SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"  # what transformers reads, in order
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+TO_SAFETENSORS = ("convert it to safetensors where you trust it (load it there and save_pretrained(..., "
+                  "safe_serialization=True))")
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+# A file at least this big has its SHA-256 remembered (by inode, size, mtime and ctime) in the cache.
+DIGEST_MEMO_BYTES = 256 * 2**20
 DEMO_MODEL = Path(__file__).parent / "demo"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # transformers' default grouped_mm experts kernel costs seconds per forward on CPU; the
@@ -62,51 +77,326 @@ def resolve_model_dir(model: str | Path) -> Path:
 
 
 def read_config(model_dir: Path, trust_remote_code: bool = False):
-    """The HF config, after checking that transformers and moeexport both know the model_type."""
+    """The HF config, after checking that transformers and moeexport both know the model_type
+    and that the values that size the MoE make sense."""
     from transformers import CONFIG_MAPPING, AutoConfig
 
+    path = model_dir / "config.json"
     try:
-        raw = json.loads((model_dir / "config.json").read_text())
+        raw = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise MoeExportError(f"{model_dir / 'config.json'} is not valid JSON: {error}") from None
+        raise MoeExportError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise MoeExportError(f"{path} holds a JSON {type(raw).__name__}, not an object: it is not a model config")
     model_type = raw.get("model_type")
     if model_type not in CONFIG_MAPPING and not trust_remote_code:
         raise MoeExportError(
-            f"unknown model_type {model_type!r} in {model_dir / 'config.json'} "
+            f"unknown model_type {model_type!r} in {path} "
             "(transformers does not know it; moeexport never runs remote code unless --trust-remote-code)"
         )
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
-    adapter_for(config)  # unsupported or dense families stop here, before any weight is read
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (TypeError, ValueError, KeyError, StrictDataclassError) as error:
+        raise MoeExportError(f"{path} is not a valid {model_type} config: {_one_line(error)}") from None
+    adapter = adapter_for(config)  # unsupported or dense families stop here, before any weight is read
+    _check_config_values(config, adapter, path, compressed=(model_dir / MANIFEST).is_file())
     return config
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300] or type(error).__name__
+
+
+def _check_config_values(config, adapter, path: Path, compressed: bool) -> None:
+    """Sizes are positive integers; top-k lies between 1 and the expert count (a compressed
+    checkpoint's config holds the largest per-layer count, so only its top-k >= 1 is checked)."""
+    experts, top_k = adapter.num_experts_key, adapter.top_k_key
+    minimum = {key: 1 for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", top_k)}
+    minimum[experts] = 0 if compressed else 1
+    for key, least in minimum.items():
+        value = getattr(config, key, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise MoeExportError(f"{path}: {key} is {value!r}; it must be an integer of at least {least}")
+    if not compressed and getattr(config, top_k) > getattr(config, experts):
+        raise MoeExportError(
+            f"{path}: {top_k} is {getattr(config, top_k)} but the model has {getattr(config, experts)} experts "
+            f"({experts}); each token can be routed to at most all of them"
+        )
 
 
 def read_manifest(model_dir: Path) -> dict | None:
     path = model_dir / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_bytes())
+        layers = [LayerSpec(**layer) for layer in manifest["layers"]]
+        stock_loadable = manifest["stock_loadable"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise MoeExportError(
+            f"{path} is not a valid moeexport manifest ({type(error).__name__}: {_one_line(error)}): "
+            "the checkpoint is corrupt or was edited; re-create it with moeexport compress"
+        ) from None
+    if not isinstance(stock_loadable, bool):
+        raise MoeExportError(f"{path}: stock_loadable must be true or false, not {stock_loadable!r}")
+    return manifest | {"layers": [asdict(layer) for layer in layers]}
+
+
+def weight_files(model_dir: Path, manifest: dict | None = None) -> list[Path]:
+    """The safetensors files loading `model_dir` reads, each one checked to be a safetensors file.
+
+    These are exactly the files transformers picks (model.safetensors, else the shards
+    that model.safetensors.index.json names), or the manifest's weights file. Pickles
+    (.bin, .pt, ...) are refused wherever they appear: in the directory or in an index.
+    """
+    if manifest and not manifest["stock_loadable"]:
+        files = [model_dir / MANIFEST_WEIGHTS]
+        if not files[0].is_file():
+            raise MoeExportError(f"{model_dir} has {MANIFEST} but no {MANIFEST_WEIGHTS}: the checkpoint is incomplete")
+    elif (model_dir / SAFE_WEIGHTS).is_file():
+        files = [model_dir / SAFE_WEIGHTS]
+    elif (model_dir / SAFE_INDEX).is_file():
+        files = _index_shards(model_dir / SAFE_INDEX)
+    else:
+        pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise MoeExportError(
+                f"{model_dir / pickles[0]} is a pickled checkpoint, which moeexport never loads (a pickle can run "
+                f"code): {TO_SAFETENSORS}"
+            )
+        others = sorted(p.name for p in model_dir.glob("*.safetensors"))
+        found = f" (it has {', '.join(others)})" if others else ""
+        raise MoeExportError(f"{model_dir} has no {SAFE_WEIGHTS} or {SAFE_INDEX}{found}: it holds no weights to load")
+    for path in files:
+        _check_safetensors_file(path)
+    return files
+
+
+def _index_shards(index: Path) -> list[Path]:
+    try:
+        document = json.loads(index.read_bytes())
+        shards = sorted(set(document["weight_map"].values()))
+        if not isinstance(document["metadata"], dict):  # transformers reads it
+            raise TypeError("metadata is not an object")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise MoeExportError(
+            f"{index} is not a valid safetensors index ({type(error).__name__}: {_one_line(error)}): it must be an "
+            "object with a metadata object and a weight_map from tensor names to shard file names"
+        ) from None
+    for shard in shards:
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise MoeExportError(f"{index} names shard {shard!r}, which is not a file name in {index.parent}")
+        if not shard.endswith(".safetensors"):
+            raise MoeExportError(
+                f"{index} names shard {shard}, which is not a .safetensors file; moeexport never loads pickled "
+                f"weights: {TO_SAFETENSORS}"
+            )
+        if not (index.parent / shard).is_file():
+            raise MoeExportError(f"{index} names shard {shard}, which is not in {index.parent}: the copy is incomplete")
+    return [index.parent / shard for shard in shards]
+
+
+def _check_safetensors_file(path: Path) -> None:
+    """The header parses (safe_open reads only the header and checks that it covers the file)."""
+    try:
+        with path.open("rb") as handle:
+            start = handle.read(4)
+    except OSError as error:
+        raise MoeExportError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        with safe_open(path, "pt"):
+            return
+    except Exception as error:  # SafetensorError, or whatever else a damaged header raises
+        reason = _one_line(error).removeprefix("Error while deserializing header: ")
+    if not start:
+        raise MoeExportError(f"{path} is empty (0 bytes): the download or copy was interrupted; fetch it again")
+    if start.startswith(b"PK\x03\x04") or start[:1] == b"\x80":
+        raise MoeExportError(
+            f"{path} is a pickle (a torch.save file) named .safetensors; moeexport never loads pickles: "
+            f"{TO_SAFETENSORS}"
+        )
+    raise MoeExportError(
+        f"{path} is not a readable safetensors file ({reason}): it is truncated or corrupt; fetch or export it again"
+    )
+
+
+def _read_headers(files: list[Path]) -> dict[str, tuple[list[int], str, Path]]:
+    """name -> (shape, safetensors dtype, file) for every tensor in the (already checked) files."""
+    tensors: dict[str, tuple[list[int], str, Path]] = {}
+    for path in files:
+        with safe_open(path, "pt") as handle:
+            for name in handle.keys():
+                if name in tensors:
+                    raise MoeExportError(f"tensor {name} is in both {tensors[name][2]} and {path}: the shards overlap")
+                view = handle.get_slice(name)
+                tensors[name] = (list(view.get_shape()), view.get_dtype(), path)
+    return tensors
+
+
+def check_checkpoint(model_dir: Path, config, manifest: dict | None, trust_remote_code: bool = False) -> None:
+    """Refuse, by name, a weights file whose tensors are not exactly the ones config.json implies.
+
+    Reads only headers. The model is built on the meta device (no memory) to list its
+    tensors; a checkpoint may hold them as the model names them, or in the layout
+    transformers saves and converts on load (Mixtral's per-expert w1/w2/w3, ...).
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+
+    files = weight_files(model_dir, manifest)
+    found = _read_headers(files)
+    try:
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as error:
+        raise MoeExportError(
+            f"{model_dir / 'config.json'} describes a model transformers cannot build: {_one_line(error)}"
+        ) from None
+    if manifest and not manifest["stock_loadable"]:
+        apply_structure(lm, [LayerSpec(**layer) for layer in manifest["layers"]])
+        layouts = [lm.state_dict()]
+    else:
+        native = lm.state_dict()
+        layouts = [native, revert_weight_conversion(lm, dict(native))]
+    expected = max(layouts, key=lambda layout: len(found.keys() & layout.keys()))  # native wins a tie
+    optional = set(getattr(lm, "all_tied_weights_keys", None) or {})
+    ignore_missing = getattr(lm, "_keys_to_ignore_on_load_missing", None) or []
+    ignore_unexpected = getattr(lm, "_keys_to_ignore_on_load_unexpected", None) or []
+    where = files[0] if len(files) == 1 else model_dir
+
+    missing = sorted(name for name in expected.keys() - found.keys()
+                     if name not in optional and not any(re.search(p, name) for p in ignore_missing))
+    if missing:
+        raise MoeExportError(
+            f"{where} lacks tensor {missing[0]}{_and_more(missing)}: transformers would fill it with random values; "
+            "the checkpoint is incomplete or was edited, fetch or export it again"
+        )
+    unexpected = sorted(name for name in found.keys() - expected.keys()
+                        if not any(re.search(p, name) for p in ignore_unexpected))
+    if unexpected:
+        raise MoeExportError(
+            f"{found[unexpected[0]][2]} holds tensor {unexpected[0]}{_and_more(unexpected)}, which the model in "
+            "config.json has no place for: the weights and config.json do not belong together"
+        )
+    for name, (shape, dtype, path) in sorted(found.items()):
+        want = expected[name]
+        if shape != list(want.shape):
+            raise MoeExportError(
+                f"{path}: tensor {name} has shape {shape} but config.json implies {list(want.shape)}: "
+                "the weights and config.json do not belong together"
+            )
+        if want.is_floating_point() and dtype not in FLOAT_DTYPES:
+            raise MoeExportError(
+                f"{path}: tensor {name} is {dtype}, but weights must be floating point (F32, F16 or BF16): "
+                "the file is corrupt or quantized in a format moeexport does not read"
+            )
+
+
+def _and_more(names: list[str]) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
+def check_finite(lm: nn.Module, where: Path) -> None:
+    """Every floating-point weight is finite. One aminmax pass per tensor (NaN and +-Inf
+    propagate into its min or max); only a tensor that fails is looked at again."""
+    for name, parameter in lm.named_parameters():
+        weights = parameter.detach()
+        if not weights.is_floating_point() or weights.numel() == 0:
+            continue
+        low, high = torch.aminmax(weights)
+        if torch.isfinite(low) and torch.isfinite(high):
+            continue
+        bad = ~torch.isfinite(weights)
+        experts = ""
+        if weights.dim() == 3 and "expert" in name:  # stacked experts [E, out, in]
+            rows = bad.flatten(1).any(1).nonzero().flatten().tolist()
+            experts = f" in expert{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows[:8]))}"
+        raise MoeExportError(
+            f"{where}: weight {name} has {int(bad.sum())} non-finite values (NaN or Inf){experts}: "
+            "the checkpoint is corrupt or diverged in training; fetch or export it again"
+        )
 
 
 def fingerprint(model_dir: Path) -> str:
-    """Identity of a checkpoint without reading its weights: config plus safetensors headers."""
-    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for weights in sorted(model_dir.glob("*.safetensors")):
-        with weights.open("rb") as handle:
-            header_length = int.from_bytes(handle.read(8), "little")
-            digest.update(weights.name.encode())
-            digest.update(handle.read(header_length))
+    """Identity of a checkpoint by content: SHA-256 of every file loading reads.
+
+    That is config.json, the manifest, the tokenizer files and all weight bytes (so two
+    swapped layers or one edited weight give another fingerprint). Hashing runs at about
+    0.6 s per GiB; a file of DIGEST_MEMO_BYTES or more has its digest remembered in the
+    cache by (device, inode, size, mtime, ctime), which any write to the file changes.
+    """
+    manifest = read_manifest(model_dir)
+    files = [model_dir / "config.json", model_dir / MANIFEST, model_dir / SAFE_INDEX]
+    files += [model_dir / name for name in TOKENIZER_FILES] + weight_files(model_dir, manifest)
+    digest = hashlib.sha256()
+    for path in sorted(set(files)):
+        if path.is_file():
+            digest.update(f"{path.name}\0{file_sha256(path)}\0".encode())
     return digest.hexdigest()[:16]
 
 
-def load(model: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
-    """A torch causal LM for an original or a moeexport-compressed checkpoint directory."""
+def file_sha256(path: Path) -> str:
+    status = path.stat()
+    if status.st_size < DIGEST_MEMO_BYTES:
+        return _sha256(path)
+    from moeexport import compress  # the cache root; read at call time so that tests can move it
+
+    memo_name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+    memo = compress.DEFAULT_CACHE.parent / "digests" / f"{memo_name}.json"
+    identity = [status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns]
+    try:
+        remembered = json.loads(memo.read_text())
+        if remembered["stat"] == identity:
+            return remembered["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no memo yet, or an unreadable one: hash again
+    value = _sha256(path)
+    try:
+        entry = json.dumps({"stat": identity, "sha256": value})
+        replace_atomically(memo, lambda temporary: temporary.write_text(entry))
+    except OSError:
+        pass  # a cache that cannot be written costs time, not correctness
+    return value
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def replace_atomically(path: Path, write) -> None:
+    """`write(temporary)` to a uniquely named file next to `path`, then rename it over `path`:
+    readers see the old file or the whole new one, and concurrent writers cannot collide."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(name))
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+
+
+def load(model: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
+         allow_nonfinite: bool = False) -> nn.Module:
+    """A torch causal LM for an original or a moeexport-compressed checkpoint directory.
+
+    The checkpoint is checked first (see the module docstring); `allow_nonfinite` lets
+    NaN/Inf weights through. The finite check is one pass over the weights after loading.
+    """
     if dtype not in DTYPES:
         raise MoeExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     model_dir = resolve_model_dir(model)
     config = read_config(model_dir, trust_remote_code)
     manifest = read_manifest(model_dir)
+    check_checkpoint(model_dir, config, manifest, trust_remote_code)
     if manifest and not manifest["stock_loadable"]:
         lm = _load_manifest_checkpoint(model_dir, config, manifest, DTYPES[dtype])
     else:
         lm = _load_stock_checkpoint(model_dir, DTYPES[dtype], trust_remote_code)
+    if not allow_nonfinite:
+        check_finite(lm, model_dir)
     lm.eval()
     lm.requires_grad_(False)
     return lm
@@ -115,19 +405,17 @@ def load(model: str | Path, dtype: str = "float32", trust_remote_code: bool = Fa
 def _load_stock_checkpoint(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    if not any(model_dir.glob("*.safetensors")):
-        raise MoeExportError(
-            f"no .safetensors weights in {model_dir}; moeexport never loads pickled (.bin/.pt) checkpoints "
-            "(re-save the model with safe_serialization=True)"
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            dtype=dtype,
+            use_safetensors=True,
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+            experts_implementation=EXPERTS_IMPLEMENTATION,
         )
-    return AutoModelForCausalLM.from_pretrained(
-        model_dir,
-        dtype=dtype,
-        use_safetensors=True,
-        local_files_only=True,
-        trust_remote_code=trust_remote_code,
-        experts_implementation=EXPERTS_IMPLEMENTATION,
-    )
+    except (OSError, RuntimeError, ValueError) as error:  # what check_checkpoint did not foresee
+        raise MoeExportError(f"transformers cannot load {model_dir}: {_one_line(error)}") from None
 
 
 def _load_manifest_checkpoint(model_dir: Path, config, manifest: dict, dtype: torch.dtype) -> nn.Module:
@@ -135,8 +423,6 @@ def _load_manifest_checkpoint(model_dir: Path, config, manifest: dict, dtype: to
     from transformers.initialization import no_init_weights
 
     weights = model_dir / MANIFEST_WEIGHTS
-    if not weights.is_file():
-        raise MoeExportError(f"{model_dir} has {MANIFEST} but no {MANIFEST_WEIGHTS}: the checkpoint is incomplete")
     with no_init_weights():
         lm = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=EXPERTS_IMPLEMENTATION)
     apply_structure(lm, [LayerSpec(**layer) for layer in manifest["layers"]])
@@ -170,7 +456,7 @@ def load_tokenizer(model: str | Path, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise MoeExportError(f"cannot load the tokenizer from {model_dir}: {error}") from None
+        raise MoeExportError(f"cannot load the tokenizer from {model_dir}: {_one_line(error)}") from None
 
 
 def parameter_count(lm: nn.Module) -> int:
@@ -181,25 +467,16 @@ def parameter_bytes(lm: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in lm.parameters())
 
 
-def _apply_umask(directory: Path) -> None:
-    """mkdtemp and safetensors create owner-only entries; give them the user's usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for entry in directory.iterdir():
-        entry.chmod(0o666 & ~umask)
-
-
 def save(lm: nn.Module, out_dir: str | Path, manifest: dict, overwrite: bool = False) -> Path:
-    """Write a compressed checkpoint atomically: a temp directory renamed at the end."""
+    """Write a compressed checkpoint atomically (moeexport.outputs.staged): whole under its name, or not at all."""
+    from moeexport.outputs import staged
+
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise MoeExportError(f"output {out_dir} already exists; pass --overwrite or choose another --out")
     adapter = adapter_for(lm.config)
     stock_loadable = sync_expert_config(adapter, lm)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged(out_dir, overwrite) as staging:
         if stock_loadable:
             lm.save_pretrained(staging, safe_serialization=True)
         else:
@@ -219,11 +496,4 @@ def save(lm: nn.Module, out_dir: str | Path, manifest: dict, overwrite: bool = F
             **manifest,
         }
         (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
-        _apply_umask(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir

@@ -1,0 +1,418 @@
+"""Hostile input on the input side: pickles, damaged checkpoints, undecodable text, a stale cache.
+
+Every case is a copy of the bundled demo model (or a tiny config) damaged one way; each must
+give exit 2 and one line on stderr that names the problem, never a traceback, and never
+a pickle load or a parameter left at random initialization.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import moeexport
+from moeexport.calibration.sources import CalibrationConfig
+from moeexport.cli import main
+from moeexport.compress import StatisticsProvider
+from moeexport.errors import MoeExportError
+from moeexport.modelio import DEMO_MODEL, fingerprint, replace_atomically
+from tests.tiny_models import FAMILIES, random_tokens, tiny_model
+
+SMALL_CALIBRATION = ["--calib-samples", "2", "--calib-length", "32"]
+PROSE = "The river rose in the night and by morning the bridge was gone; the village waited for the boats. " * 40
+WEIGHTS = "model.safetensors"
+
+
+@pytest.fixture
+def demo_copy(tmp_path):
+    return shutil.copytree(DEMO_MODEL, tmp_path / "model")
+
+
+@pytest.fixture
+def text(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(PROSE)
+    return path
+
+
+def tensors_of(model_dir) -> dict[str, torch.Tensor]:
+    """In memory, not mapped: the file may be overwritten next."""
+    return {name: tensor.clone() for name, tensor in load_file(model_dir / WEIGHTS).items()}
+
+
+def edit_tensors(model_dir, edit):
+    tensors = tensors_of(model_dir)
+    edit(tensors)
+    save_file(tensors, model_dir / WEIGHTS, metadata={"format": "pt"})
+
+
+def edit_config(model_dir, **changes):
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config | changes))
+
+
+def one_line_error(capsys, argv) -> str:
+    """Exit 2 and the error on one line (progress lines before it aside), never a traceback."""
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert "Traceback" not in captured.err, captured.err
+    errors = [line for line in captured.err.splitlines() if line.startswith(f"moeexport {argv[0]}: error: ")]
+    assert len(errors) == 1 and captured.err.rstrip().endswith(errors[0]), captured.err
+    return errors[0]
+
+
+# --- pickles are never loaded ---------------------------------------------------------------
+
+
+def _as_pickled_shards(model_dir):
+    tensors = tensors_of(model_dir)
+    torch.save(tensors, model_dir / "pytorch_model-00001-of-00001.bin")
+    names = tensors.keys()
+    index = {"metadata": {}, "weight_map": {name: "pytorch_model-00001-of-00001.bin" for name in names}}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    (model_dir / WEIGHTS).unlink()
+
+
+def _only_pytorch_model_bin(model_dir):
+    torch.save(tensors_of(model_dir), model_dir / "pytorch_model.bin")
+    (model_dir / WEIGHTS).unlink()
+
+
+def _pickle_renamed_safetensors(model_dir):
+    torch.save(tensors_of(model_dir), model_dir / WEIGHTS)
+
+
+PICKLES = {
+    "index pointing at .bin shards": (_as_pickled_shards,
+                                      "names shard pytorch_model-00001-of-00001.bin, which is not a .safetensors file"),
+    "only pytorch_model.bin": (_only_pytorch_model_bin,
+                               "pytorch_model.bin is a pickled checkpoint, which moeexport never loads"),
+    "pickle renamed .safetensors": (_pickle_renamed_safetensors,
+                                    "model.safetensors is a pickle (a torch.save file) named .safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PICKLES))
+def test_pickles_are_refused_without_being_loaded(case, demo_copy, text, capsys, monkeypatch):
+    damage, message = PICKLES[case]
+    damage(demo_copy)
+
+    def no_pickles(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_pickles)
+    line = one_line_error(capsys, ["eval", str(demo_copy), "--text", str(text)])
+    assert message in line and "convert it to safetensors" in line
+
+
+# --- damaged checkpoints ------------------------------------------------------------------------
+
+
+def _truncate(model_dir):
+    data = (model_dir / WEIGHTS).read_bytes()
+    (model_dir / WEIGHTS).write_bytes(data[: len(data) // 2])
+
+
+def _garbage_header(model_dir):
+    data = (model_dir / WEIGHTS).read_bytes()
+    (model_dir / WEIGHTS).write_bytes(b"\xff" * 16 + data[16:])
+
+
+def drop(*names):
+    return lambda model_dir: edit_tensors(model_dir, lambda tensors: [tensors.pop(name) for name in names])
+
+
+def put(name, tensor):
+    return lambda model_dir: edit_tensors(model_dir, lambda tensors: tensors.update({name: tensor}))
+
+
+def poison(name, value):
+    return lambda model_dir: edit_tensors(model_dir, lambda tensors: tensors[name].view(-1).__setitem__(3, value))
+
+
+def config(**changes):
+    return lambda model_dir: edit_config(model_dir, **changes)
+
+
+def write(name, data: bytes):
+    return lambda model_dir: (model_dir / name).write_bytes(data)
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+EXPERT_7 = [f"model.layers.2.block_sparse_moe.experts.7.w{i}.weight" for i in (1, 2, 3)]
+DAMAGED = {
+    "truncated safetensors": (_truncate, "model.safetensors is not a readable safetensors file (incomplete metadata"),
+    "empty safetensors": (write(WEIGHTS, b""), "model.safetensors is empty (0 bytes)"),
+    "garbage header": (_garbage_header, "model.safetensors is not a readable safetensors file (header too large)"),
+    "missing q_proj": (drop("model.layers.1.self_attn.q_proj.weight"),
+                       "lacks tensor model.layers.1.self_attn.q_proj.weight: transformers would fill it with random"),
+    "missing lm_head": (drop("lm_head.weight"), "lacks tensor lm_head.weight"),
+    "one expert missing": (drop(*EXPERT_7), f"lacks tensor {EXPERT_7[0]} (and 2 more)"),
+    "unexpected tensor": (put("model.layers.0.self_attn.extra.weight", torch.zeros(3)),
+                          "holds tensor model.layers.0.self_attn.extra.weight, which the model in config.json has"),
+    "wrong shape": (put(Q_PROJ, torch.zeros(64, 128)),
+                    f"tensor {Q_PROJ} has shape [64, 128] but config.json implies [128, 128]"),
+    "int32 weights": (put(Q_PROJ, torch.ones(128, 128, dtype=torch.int32)),
+                      f"tensor {Q_PROJ} is I32, but weights must be floating point"),
+    "NaN weight": (poison(Q_PROJ, float("nan")), f"weight {Q_PROJ} has 1 non-finite values (NaN or Inf)"),
+    "Inf in one expert": (poison("model.layers.1.block_sparse_moe.experts.3.w2.weight", float("inf")),
+                          "weight model.layers.1.mlp.experts.down_proj has 1 non-finite values (NaN or Inf) in expert"),
+    "config.json is a list": (write("config.json", b"[1, 2]"), "config.json holds a JSON list, not an object"),
+    "config.json does not parse": (write("config.json", b'{"model_type": "mixtral",'), "config.json is not valid JSON"),
+    "config.json is binary": (write("config.json", b"\x89PNG\r\n\x1a\n\xff\xfe"), "config.json is not valid JSON"),
+    "top-k 0": (config(num_experts_per_tok=0), "num_experts_per_tok is 0; it must be an integer of at least 1"),
+    "top-k above the expert count": (config(num_experts_per_tok=9),
+                                     "num_experts_per_tok is 9 but the model has 8 experts (num_local_experts)"),
+    "top-k a string": (config(num_experts_per_tok="2"), "is not a valid mixtral config"),
+    "no experts": (config(num_local_experts=0), "num_local_experts is 0; it must be an integer of at least 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_damaged_checkpoints_are_refused_by_name(case, demo_copy, text, capsys):
+    damage, message = DAMAGED[case]
+    damage(demo_copy)
+    line = one_line_error(capsys, ["eval", str(demo_copy), "--text", str(text)])
+    assert message in line
+
+
+def test_a_damaged_shard_behind_an_index_is_named(demo_copy):
+    tensors = tensors_of(demo_copy)
+    names = sorted(tensors)
+    first, second = names[: len(names) // 2], names[len(names) // 2 :]
+    weight_map = {}
+    shards = {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": second}
+    for shard, names_in_shard in shards.items():
+        save_file({n: tensors[n] for n in names_in_shard}, demo_copy / shard, metadata={"format": "pt"})
+        weight_map |= {n: shard for n in names_in_shard}
+    index = demo_copy / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    (demo_copy / WEIGHTS).unlink()
+    with pytest.raises(MoeExportError, match="not a valid safetensors index .KeyError: 'metadata'"):
+        moeexport.load(demo_copy)
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert moeexport.load(demo_copy).config.num_hidden_layers == 4  # a sound sharded checkpoint loads
+
+    shard = demo_copy / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(MoeExportError, match="model-00002-of-00002.safetensors is not a readable safetensors file"):
+        moeexport.load(demo_copy)
+
+
+def test_tied_embeddings_may_leave_lm_head_out(demo_copy):
+    edit_tensors(demo_copy, lambda t: t.pop("lm_head.weight"))
+    edit_config(demo_copy, tie_word_embeddings=True)
+    model = moeexport.load(demo_copy)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoints_transformers_writes_pass_the_checks(family, tmp_path):
+    """No false alarms: each family's save_pretrained layout (converted on load) is accepted."""
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    loaded = moeexport.load(tmp_path)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_a_manifest_checkpoint_is_checked_against_its_structure(tmp_path):
+    from moeexport.adapters import adapter_for
+    from moeexport.adapters.base import keep_experts
+
+    model = tiny_model("mixtral")
+    keep_experts(adapter_for(model.config), model, 1, [0, 2])  # non-uniform: the manifest form
+    out = moeexport.save(model, tmp_path / "out", {"passes": []})
+    assert moeexport.load(out).model.layers[1].mlp.experts.gate_up_proj.shape[0] == 2
+    edit = {name: tensor.clone() for name, tensor in load_file(out / "moeexport.safetensors").items()}
+    edit["model.layers.1.mlp.experts.down_proj"] = edit["model.layers.1.mlp.experts.down_proj"][:1].clone()
+    save_file(edit, out / "moeexport.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MoeExportError, match=r"down_proj has shape \[1, 32, 48\] but config.json implies \[2, 32"):
+        moeexport.load(out)
+
+
+# --- undecodable recipes and texts --------------------------------------------------------------
+
+BINARY = bytes(range(256)) * 4
+
+
+def test_binary_recipe_is_one_line(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(BINARY)
+    line = one_line_error(capsys, ["compress", "demo", "--recipe", str(recipe), "--dry-run"])
+    assert f"recipe {recipe} is not UTF-8 text (byte 0x80 at offset 128)" in line
+
+
+def test_alias_bomb_recipe_is_refused_at_once(tmp_path, capsys):
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for level in range(1, 9):  # 9 * 4**8 = 589,824 strings once expanded
+        name, below = chr(97 + level), chr(96 + level)
+        lines.append(f"{name}: &{name} [*{below}, *{below}, *{below}, *{below}]")
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text("\n".join(lines) + "\npasses: [*i]\n")
+    line = one_line_error(capsys, ["compress", "demo", "--recipe", str(recipe), "--dry-run"])
+    assert "uses an alias (*name) at line 2" in line and "lol" not in line
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_binary_calibration_text_is_one_line(suffix, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("passes:\n  - expert_drop: {keep: 6}\n")
+    calib = tmp_path / f"calib{suffix}"
+    calib.write_bytes(BINARY)
+    line = one_line_error(capsys, ["compress", "demo", "--recipe", str(recipe), "--dry-run", "--calib", str(calib)])
+    assert f"text source {calib} is not UTF-8 text" in line
+
+
+def test_text_with_nul_bytes_is_binary(tmp_path, capsys):
+    calib = tmp_path / "zeros.txt"
+    calib.write_bytes(b"\0" * 4096)
+    line = one_line_error(capsys, ["eval", "demo", "--text", str(calib)])
+    assert "holds NUL bytes at offset 0: it is a binary file" in line
+
+
+# --- the statistics cache cannot go stale -------------------------------------------------------
+
+PLAN = "passes:\n  - expert_drop: {keep: 5, scope: layer, score: frequency}\n"
+
+
+def _dry_run(capsys, model, recipe, text, *extra) -> str:
+    assert main(["compress", str(model), "--recipe", str(recipe), "--dry-run", "--calib", str(text),
+                 *SMALL_CALIBRATION, *extra]) == 0
+    out = capsys.readouterr().out
+    return out[out.index("expert_drop"):]
+
+
+def test_swapped_layers_get_their_own_statistics_and_plan(demo_copy, text, tmp_path, capsys):
+    def swap(name):
+        for a, b in (("model.layers.1.", "model.layers.2."), ("model.layers.2.", "model.layers.1.")):
+            if name.startswith(a):
+                return b + name[len(a):]
+        return name
+
+    tensors = tensors_of(demo_copy)
+    swapped = {swap(name): tensor for name, tensor in tensors.items()}
+    assert swapped.keys() == tensors.keys()
+    save_file(swapped, demo_copy / WEIGHTS, metadata={"format": "pt"})
+    header = int.from_bytes((DEMO_MODEL / WEIGHTS).read_bytes()[:8], "little") + 8
+    assert (demo_copy / WEIGHTS).read_bytes()[:header] == (DEMO_MODEL / WEIGHTS).read_bytes()[:header]  # same header
+    assert fingerprint(demo_copy) != fingerprint(DEMO_MODEL)
+
+    recipe = tmp_path / "plan.yaml"
+    recipe.write_text(PLAN)
+    original = _dry_run(capsys, "demo", recipe, text)  # fills the cache
+    cached = _dry_run(capsys, demo_copy, recipe, text)
+    fresh = _dry_run(capsys, demo_copy, recipe, text, "--no-cache")
+    assert cached == fresh and cached != original
+
+
+def test_editing_the_calibration_text_changes_the_key_and_its_path_does_not(tmp_path):
+    def key(path):
+        return StatisticsProvider(None, CalibrationConfig(str(path), 2, 32), "src", cache_dir=tmp_path).key([])
+
+    first = tmp_path / "calib.txt"
+    first.write_text(PROSE)
+    before = key(first)
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text(PROSE)
+    assert key(elsewhere) == before  # content, not path
+    stat = first.stat()
+    first.write_text(PROSE.replace("river", "rivet", 1))
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime
+    assert key(first) != before
+    assert StatisticsProvider(None, CalibrationConfig(), "other", cache_dir=tmp_path).key([]) != \
+        StatisticsProvider(None, CalibrationConfig(), "src", cache_dir=tmp_path).key([])
+
+
+def test_given_tokens_are_part_of_the_key(tmp_path):
+    def key(seed):
+        tokens = random_tokens(2, 8, seed)
+        return StatisticsProvider(None, CalibrationConfig(), "src", cache_dir=tmp_path, tokens=tokens).key([])
+
+    assert key(0) == key(0) != key(1)
+
+
+class Notes:
+    def __init__(self):
+        self.notes = []
+
+    def note(self, message):
+        self.notes.append(message)
+
+    def add_task(self, description, total=None):
+        return 0
+
+    def advance(self, task, advance=1):
+        pass
+
+    def remove_task(self, task):
+        pass
+
+
+@pytest.mark.parametrize("garbage", [b"{not json", b"\xff\xfe\x00", b"[]", b'{"version": 1}', b""])
+def test_a_corrupt_cache_file_is_reported_and_recomputed(garbage, tmp_path):
+    model = tiny_model("mixtral")
+
+    def provider(progress=None):
+        return StatisticsProvider(None, CalibrationConfig(), "src", cache_dir=tmp_path, progress=progress,
+                                  tokens=random_tokens(2, 8))
+
+    expected = provider().statistics(model, history=[])
+    (entry,) = tmp_path.glob("*.json")
+    entry.write_bytes(garbage)
+
+    notes = Notes()
+    again = provider(notes)
+    assert again.statistics(model, history=[]) == expected and again.observations == 1
+    assert len(notes.notes) == 1 and str(entry) in notes.notes[0] and "\n" not in notes.notes[0]
+    with pytest.warns(UserWarning, match="statistics cache file .* is unreadable"):
+        entry.write_bytes(garbage)
+        provider().statistics(model, history=[])
+    reused = provider()
+    assert reused.statistics(model, history=[]) == expected and reused.observations == 0  # rewritten whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == [entry.name]  # no temporary files left
+
+
+def test_concurrent_cache_writes_never_collide(tmp_path):
+    target = tmp_path / "entry.json"
+    errors = []
+
+    def write(number):
+        try:
+            for _ in range(20):
+                entry = json.dumps({"writer": number, "pad": "x" * 9999})
+                replace_atomically(target, lambda path: path.write_text(entry))
+        except Exception as error:  # pragma: no cover - the failure this test looks for
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert json.loads(target.read_text())["writer"] in range(8)
+    assert [p.name for p in tmp_path.iterdir()] == ["entry.json"]
+
+
+def test_the_remembered_weight_digest_follows_every_write(demo_copy, monkeypatch):
+    """With the digest memo on (here for every size), an in-place edit that keeps size and mtime is still seen."""
+    import moeexport.modelio
+
+    monkeypatch.setattr(moeexport.modelio, "DIGEST_MEMO_BYTES", 0)
+    before = fingerprint(demo_copy)
+    assert fingerprint(demo_copy) == before
+    weights = demo_copy / WEIGHTS
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last weight
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
+    assert fingerprint(demo_copy) != before
