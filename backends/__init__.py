@@ -1,27 +1,33 @@
 """Deployment targets, one package per format; installed as moeexport.backends.
 
-A target package provides `check(model, quant)` (raises before anything is
-written), `export(model, out_path, quant=..., overwrite=..., tensor_types=...)`,
-a `Runner` class with `logits(token_ids)` (so validation is written once, in
-moeexport.validate), `profile(artifact, prompt, new_tokens)` (speed and peak memory), its weight types (`QUANT_TYPES`) and the fidelity each
-type must reach (`TOLERANCES`).
+Each target package defines one `Target` (backends/target.py: name,
+extension, weight types, tolerances, strict options, check, export, runner,
+profile, finish) as its module attribute `TARGET`. `target_for(name)` imports
+only the package asked for, so a missing runtime of another target never
+matters.
 """
 
 import importlib
 
 from moeexport.errors import MoeExportError
 
-TARGETS = ("gguf", "onnx", "tensorrt")
-IMPLEMENTED = {"gguf": "moeexport.backends.gguf", "onnx": "moeexport.backends.onnx", "tensorrt": "moeexport.backends.tensorrt"}
+PACKAGES = {"gguf": "moeexport.backends.gguf", "onnx": "moeexport.backends.onnx", "tensorrt": "moeexport.backends.tensorrt"}
+TARGETS = tuple(PACKAGES)
+RUNNABLE = {".gguf": "gguf", ".onnx": "onnx"}  # artifact suffix -> the target whose runner loads it
 
 
-def backend_for(target: str):
-    """The backend module for a target, or a clear error for one this release cannot export to."""
-    if target not in TARGETS:
-        raise MoeExportError(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
-    if target not in IMPLEMENTED:
-        raise MoeExportError(
-            f"the {target} exporter is not in this release yet (available: {', '.join(IMPLEMENTED)}); "
-            "`moeexport compress` writes the compressed checkpoint it will take as MODEL"
-        )
-    return importlib.import_module(IMPLEMENTED[target])
+def target_for(name: str):
+    """The Target for a name, or a one-line error listing the targets."""
+    if name not in PACKAGES:
+        raise MoeExportError(f"unknown target {name!r}; targets: {', '.join(TARGETS)}")
+    return importlib.import_module(PACKAGES[name]).TARGET
+
+
+def target_of_file(path) -> str:
+    """The target that runs an artifact file, from its suffix."""
+    from pathlib import Path
+
+    suffix = Path(path).suffix
+    if suffix not in RUNNABLE:
+        raise MoeExportError(f"{path}: this command runs {' and '.join(RUNNABLE)} artifacts")
+    return RUNNABLE[suffix]

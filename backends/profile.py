@@ -31,12 +31,12 @@ def profile_in_subprocess(target: str, path: str | Path, prompt: list[int], new_
 
 
 def main() -> None:
-    from moeexport.backends import backend_for
+    from moeexport.backends import target_for
 
     request = json.loads(sys.argv[1])
-    backend = backend_for(request["target"])
+    target = target_for(request["target"])
     before = _resident_bytes()
-    runner = backend.Runner(request["path"], context=request["context"], **backend.PROFILE_RUNNER_OPTIONS)
+    runner = target.serving_runner(request["path"], request["context"])
     result = runner.profile(request["prompt"], request["new_tokens"])
     result["runtime_rss_bytes"] = _resident_bytes() - before
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

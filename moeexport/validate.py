@@ -1,18 +1,22 @@
 """Fidelity of an artifact against the torch model it was exported from.
 
-Every runner (torch, llama.cpp, ONNX Runtime, TensorRT) has `logits(token_ids)
--> [T, vocab]`, so the comparison is written once: per predicted token, max
-|delta logit|, KL(reference || artifact), top-1 agreement and both perplexities.
-A backend declares its tolerance per weight type next to its exporter.
+Every runner (torch, llama.cpp, ONNX Runtime, TensorRT, or logits recorded
+earlier) has `logits(token_ids) -> [T, vocab]`, so the comparison is written
+once: per predicted token, max |delta logit|, KL(reference || artifact), top-1
+agreement and both perplexities. A target declares its tolerance per weight
+type; `validate_artifact` is the one place an artifact is judged against it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from moeexport.errors import MoeExportError
 
 
 class TorchRunner:
@@ -98,3 +102,62 @@ def compare(reference, artifact, windows: torch.Tensor, progress=None) -> Fideli
         reference_perplexity=math.exp(reference_nll / count),
         perplexity=math.exp(artifact_nll / count),
     )
+
+
+class RecordedReference:
+    """A runner whose logits were recorded earlier (the torch model's, or a bundle's): looked up by exact window."""
+
+    def __init__(self, windows: np.ndarray, logits: np.ndarray):
+        if windows.ndim != 2 or logits.shape[:2] != windows.shape:
+            raise MoeExportError(f"reference logits {logits.shape} do not match the windows {windows.shape}")
+        self.windows, self.recorded = windows, logits
+        self._logits = {windows[i].astype(np.int64).tobytes(): logits[i] for i in range(len(windows))}
+
+    @classmethod
+    def record(cls, runner, windows) -> "RecordedReference":
+        """Run `runner` (e.g. TorchRunner) once on every window and keep its float32 logits."""
+        windows = np.asarray(windows.tolist() if hasattr(windows, "tolist") else windows, dtype=np.int64)
+        return cls(windows, np.stack([runner.logits(window) for window in windows.tolist()]).astype(np.float32))
+
+    def logits(self, token_ids) -> np.ndarray:
+        key = np.asarray(list(token_ids), dtype=np.int64).tobytes()
+        if key not in self._logits:
+            raise MoeExportError("no recorded reference logits for this token window")
+        return self._logits[key]
+
+
+@dataclass
+class Validation:
+    """An artifact judged against its tolerance; a failed one has been moved aside to `artifact`."""
+
+    text: str  # where the windows came from
+    runtime: str  # what ran the artifact
+    fidelity: Fidelity
+    tolerance: Tolerance
+    failures: list[str]
+    artifact: Path
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "runtime": self.runtime, **self.fidelity.to_dict(),
+                "tolerance": asdict(self.tolerance), "failures": self.failures, "artifact": str(self.artifact)}
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a failed artifact to PATH.failed, so nothing loads it under its real name."""
+    failed = path.with_name(path.name + ".failed")
+    return path.rename(failed)
+
+
+def validate_artifact(reference, runner, windows, tolerance: Tolerance, artifact: Path, text: str = "",
+                      runtime: str = "", progress=None, set_aside_failed: bool = True) -> Validation:
+    """Compare `runner` with `reference` on `windows` [N, L]; an artifact that misses `tolerance` is set aside."""
+    windows = torch.as_tensor(np.asarray(windows.tolist() if hasattr(windows, "tolist") else windows))
+    fidelity = compare(reference, runner, windows, progress)
+    failures = fidelity.failures(tolerance)
+    if failures and set_aside_failed:
+        artifact = set_aside(Path(artifact))
+    return Validation(text, runtime, fidelity, tolerance, failures, Path(artifact))

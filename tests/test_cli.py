@@ -108,9 +108,11 @@ BAD_INPUTS = {
     "unknown pass": (["compress", "demo"], "passes:\n  - merge_all: {}\n", "unknown pass 'merge_all'"),
     "unknown option": (["compress", "demo"], "passes:\n  - layer_drop: {n: 1, how: fast}\n", "how: unknown option"),
     "option of another target": (["build", "demo", "--target", "onnx", "--imatrix"], TRIM,
-                                 "--imatrix is a gguf option; it does nothing for --target onnx"),
-    "block size the quantizer cannot take": (["build", "demo", "--target", "onnx", "--quant", "int4", "--block-size", "24"],
-                                             TRIM, "--block-size 24 cannot quantize layer 0's experts"),
+                                 "--imatrix is not an option of the onnx target (its options: --moe-ops, --block-size)"),
+    "block size that is no power of two": (["build", "demo", "--target", "onnx", "--quant", "int4", "--block-size", "24"],
+                                           TRIM, "--block-size: must be a power of two >= 16, got 24"),
+    "block size the experts cannot take": (["build", "demo", "--target", "onnx", "--quant", "int4", "--block-size", "256"],
+                                           TRIM, "--block-size 256 cannot quantize layer 0's experts"),
     "quant the target cannot write": (["build", "demo", "--target", "gguf", "--quant", "iq2_xxs"], TRIM, "not a gguf type"),
 }
 

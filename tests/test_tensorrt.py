@@ -23,7 +23,7 @@ from moeexport.cli import main
 from moeexport.compress import compress
 from moeexport.errors import MoeExportError
 from moeexport.recipe import parse_recipe
-from moeexport.validate import TorchRunner, compare
+from moeexport.validate import RecordedReference, TorchRunner, compare
 from tests.conftest import CORPUS, FIXTURE, needs_shared
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,7 +281,7 @@ def test_the_bundle_is_complete_and_reads_back_without_pickles(demo, demo_bundle
     assert stored_windows.tolist() == windows.tolist()
     assert logits.shape == (2, 64, model.config.vocab_size) and logits.dtype == np.float32
     expected = TorchRunner(model).logits(windows[1].tolist())
-    assert np.array_equal(trt_backend.ArrayReference(stored_windows, logits).logits(windows[1].tolist()), expected)
+    assert np.array_equal(RecordedReference(stored_windows, logits).logits(windows[1].tolist()), expected)
     with np.load(path / "reference.npz", allow_pickle=False) as data:
         assert sorted(data.files) == ["logits", "windows"]
     assert "moeexport trt-build" in (path / "README.txt").read_text()
@@ -388,7 +388,7 @@ def test_build_demo_tensorrt_writes_the_bundle_and_explains_the_next_step(tmp_pa
     assert bundle.manifest["model"]["num_hidden_layers"] == 3
     report = json.loads((out / "report.json").read_text())
     assert report["engine"]["built"] is False and "TensorRT" in report["engine"]["reason"]
-    assert report["validation_here"]["failures"] == [] and report["validation_here"]["tokens"] >= 510
+    assert report["validation"]["failures"] == [] and report["validation"]["tokens"] >= 510
     assert (out / "compressed" / "moeexport.json").is_file()
 
     assert main(["trt-build", str(out / "bundle"), "--precision", "fp16"]) == 2

@@ -1,15 +1,63 @@
 """The GGUF target: files that stock llama.cpp runs. Installed as moeexport.backends.gguf."""
 
-from functools import partial
+from __future__ import annotations
+
+from pathlib import Path
 
 from moeexport.backends.gguf.architectures import ARCHITECTURES
 from moeexport.backends.gguf.runner import GGUFRunner
-from moeexport.backends.gguf.writer import QUANT_TYPES, TOLERANCES, GGUFExport, check, export
-from moeexport.backends.profile import profile_in_subprocess
+from moeexport.backends.gguf.writer import LLAMA_FTYPES, QUANT_TYPES, TOLERANCES, GGUFExport, check, export
+from moeexport.backends.target import Artifact, ExportInputs, Target, TargetOptions
 
 EXTENSION = "gguf"
 Runner = GGUFRunner
-PROFILE_RUNNER_OPTIONS = {"exact": False}  # the KV cache and attention llama.cpp would serve with
-profile = partial(profile_in_subprocess, "gguf")
 
-__all__ = ["ARCHITECTURES", "GGUFExport", "GGUFRunner", "profile", "QUANT_TYPES", "TOLERANCES", "check", "export"]
+
+class GGUFOptions(TargetOptions):
+    tensor_types: dict[str, str] = {}  # regex on GGUF tensor names -> ggml type; the first match wins
+    imatrix: bool = False  # weigh llama.cpp's rounding by the calibration set's input moments
+
+
+class GGUFTarget(Target):
+    name = "gguf"
+    extension = EXTENSION
+    quant_types = QUANT_TYPES
+    tolerances = TOLERANCES
+    Options = GGUFOptions
+
+    def wants_imatrix(self, options: GGUFOptions) -> bool:
+        return options.imatrix
+
+    def check(self, model, quant: str, options: GGUFOptions) -> None:
+        check(model, quant, options.tensor_types)
+
+    def export(self, model, directory: Path, quant: str, options: GGUFOptions, inputs: ExportInputs) -> Artifact:
+        written = export(model, directory / f"model-{quant}.gguf", quant=quant, tensor_types=options.tensor_types,
+                         imatrix=inputs.imatrix, weight_grid=inputs.weight_grid)
+        return Artifact(written.path, written.representation, written.fallbacks)
+
+    def quant_of(self, path: Path) -> str | None:
+        import gguf
+
+        try:
+            file_type = gguf.GGUFReader(path).get_field("general.file_type").contents()
+        except Exception:  # an unreadable file has no type to tell; its runner says what is wrong with it
+            return None
+        return {number: name for name, number in LLAMA_FTYPES.items()}.get(file_type)
+
+    def runner(self, path: Path, context: int) -> GGUFRunner:
+        return GGUFRunner(path, context=context)  # exact: F32 KV cache, flash attention off
+
+    def serving_runner(self, path: Path, context: int) -> GGUFRunner:
+        return GGUFRunner(path, context=context, exact=False)  # the KV cache and attention llama.cpp serves with
+
+    def runtime(self) -> str:
+        import llama_cpp
+
+        return f"llama.cpp (llama-cpp-python {llama_cpp.__version__}), CPU"
+
+
+TARGET = GGUFTarget()
+
+__all__ = ["ARCHITECTURES", "EXTENSION", "GGUFExport", "GGUFOptions", "GGUFRunner", "QUANT_TYPES", "Runner", "TARGET",
+           "TOLERANCES", "check", "export"]

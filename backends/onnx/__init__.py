@@ -1,9 +1,15 @@
 """The ONNX target: decoder graphs with a KV cache for ONNX Runtime (MoE ops) or any runtime (plain ops).
 
-Installed as moeexport.backends.onnx.
+Installed as moeexport.backends.onnx. Beside every graph go genai_config.json
+and the tokenizer files, so onnxruntime-genai runs the directory as it is.
 """
 
-from functools import partial
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import field_validator
 
 from moeexport.backends.onnx.runner import OnnxRunner
 from moeexport.backends.onnx.writer import (
@@ -16,12 +22,71 @@ from moeexport.backends.onnx.writer import (
     export,
     require_moe_kernels,
 )
-from moeexport.backends.profile import profile_in_subprocess
+from moeexport.backends.target import Artifact, ExportInputs, Target, TargetOptions
 
 EXTENSION = "onnx"
 Runner = OnnxRunner
-PROFILE_RUNNER_OPTIONS: dict = {}
-profile = partial(profile_in_subprocess, "onnx")
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "MOE_OPS", "ONNXExport", "OnnxRunner", "QUANT_TYPES", "TOLERANCES", "check",
-           "export", "profile", "require_moe_kernels"]
+
+class ONNXOptions(TargetOptions):
+    moe_ops: Literal["contrib", "plain"] = "contrib"  # com.microsoft MoE/QMoE nodes, or standard ops only
+    block_size: int = DEFAULT_BLOCK_SIZE  # int8/int4: inputs sharing one scale
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"must be a power of two >= 16, got {value}")
+        return value
+
+
+class ONNXTarget(Target):
+    name = "onnx"
+    extension = EXTENSION
+    quant_types = QUANT_TYPES
+    tolerances = TOLERANCES
+    Options = ONNXOptions
+
+    def check(self, model, quant: str, options: ONNXOptions) -> None:
+        check(model, quant, options.moe_ops, options.block_size)
+
+    def export(self, model, directory: Path, quant: str, options: ONNXOptions, inputs: ExportInputs) -> Artifact:
+        from moeexport.backends.onnx.genai import write_genai_files
+
+        written = export(model, directory / f"model-{quant}.onnx", quant=quant, moe_ops=options.moe_ops,
+                         block_size=options.block_size, weight_grid=inputs.weight_grid)
+        data = written.path.with_name(written.path.name + ".data")
+        genai = write_genai_files(model, inputs.tokenizer, written.path, _graph_context(written.path)) if inputs.tokenizer else []
+        return Artifact(written.path, written.representation, written.fallbacks, [data, *genai])
+
+    def quant_of(self, path: Path) -> str | None:
+        return _graph_metadata(path).get("moeexport.quant")
+
+    def runner(self, path: Path, context: int) -> OnnxRunner:
+        return OnnxRunner(path, context=context)
+
+    def runtime(self) -> str:
+        import onnxruntime
+
+        return f"onnxruntime {onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})"
+
+
+def _graph_metadata(path: Path) -> dict[str, str]:
+    """What the exporter wrote into the graph's metadata (moeexport.context, moeexport.quant)."""
+    import onnx
+
+    try:
+        return {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:  # not a readable graph: nothing it says; its runner reports why
+        return {}
+
+
+def _graph_context(path: Path) -> int:
+    """The positions the graph's rotary tables cover."""
+    return int(_graph_metadata(path)["moeexport.context"])
+
+
+TARGET = ONNXTarget()
+
+__all__ = ["DEFAULT_BLOCK_SIZE", "EXTENSION", "MOE_OPS", "ONNXExport", "ONNXOptions", "OnnxRunner", "QUANT_TYPES",
+           "Runner", "TARGET", "TOLERANCES", "check", "export", "require_moe_kernels"]

@@ -5,20 +5,20 @@ genai_config.json naming the graph and its cache, plus tokenizer.json and
 tokenizer_config.json. The fields that are not obvious:
 
 - model.type "decoder": genai's generic decoder. Family names it has no
-  implementation for ("mixtral", ...) are refused as an unsupported
-  model_type; the generic decoder only needs the graph's IO, which follows
-  genai's naming already (backends/onnx/decoder.py).
+  implementation for (our MoE families' own model_type) are refused as an
+  unsupported model_type; the generic decoder only needs the graph's IO, which
+  follows genai's naming already (backends/onnx/decoder.py).
 - model.context_length and search.max_length: the positions the graph was
   exported with (its RoPE table rows); genai refuses a context_length of 0.
 - decoder.num_hidden_layers: the graph's decoder layers, which after a
   Block Drop are fewer than the original model's; one past/present pair each.
 - decoder.num_key_value_heads / head_size: the cache shape of the graph
   (decoder.cache_shape); genai allocates the first, empty past tensors with
-  it. For DeepSeek-V2's latent attention the cache is one "head" holding the
+  it. For multi-head latent attention the cache is one "head" holding the
   kv latent (key, kv_lora_rank wide) and the rotated shared key (value,
   qk_rope_head_dim wide); genai has one head_size for key and value, so the
   value input of such a graph does not match it whenever the two widths differ
-  (512 and 64 in DeepSeek-V2's config), and genai refuses the first step ("invalid
+  (512 and 64 in the V2 configs), and genai refuses the first step ("invalid
   dimensions for input: past_key_values.0.value"). The config is written all
   the same (head_size = the key width); it runs when the widths are equal.
 - search.past_present_share_buffer false: true fails on our graphs ("Attempting
@@ -55,7 +55,8 @@ def _token_ids(model, tokenizer) -> tuple[int, list[int], int]:
 
 
 def genai_config(model, tokenizer, onnx_path: Path, context: int) -> dict:
-    config = model.config
+    adapter = adapter_for(model.config)
+    config = adapter.model_config(model.config)
     cache = cache_shape(model)
     bos, eos, pad = _token_ids(model, tokenizer)
     return {
@@ -70,10 +71,10 @@ def genai_config(model, tokenizer, onnx_path: Path, context: int) -> dict:
                 "filename": Path(onnx_path).name,
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "hidden_size": config.hidden_size,
-                "num_attention_heads": config.num_attention_heads,
+                "num_attention_heads": config.num_heads,
                 "num_key_value_heads": cache.heads,
                 "head_size": cache.key_width,
-                "num_hidden_layers": len(decoder_layers(adapter_for(config), model)),
+                "num_hidden_layers": len(decoder_layers(adapter, model)),
                 "inputs": {
                     "input_ids": "input_ids",
                     "attention_mask": "attention_mask",

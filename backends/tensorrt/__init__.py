@@ -13,7 +13,21 @@ works on a machine without a GPU:
 - device.py: `finish_on_device`, what `moeexport trt-build` runs.
 """
 
-from moeexport.backends.tensorrt.bundle import ENGINE_TOLERANCES, ArrayReference, Bundle, BundleResult, write_bundle
+from __future__ import annotations
+
+from pathlib import Path
+
+from moeexport.backends.target import ExportInputs, Target, TargetOptions
+from moeexport.backends.tensorrt.bundle import (
+    ENGINE_TOLERANCES,
+    Bundle,
+    BundleArtifact,
+    BundleResult,
+    export_bundle_onnx,
+    finish_bundle,
+    profile_sizes,
+    write_bundle,
+)
 from moeexport.backends.tensorrt.device import finish_on_device
 from moeexport.backends.tensorrt.runner import TensorRTRunner
 from moeexport.backends.tensorrt.runtime import Status, import_tensorrt, status
@@ -23,16 +37,66 @@ EXTENSION = "plan"
 # Weight types of the bundled ONNX; the engine's precision is chosen on the device (trt-build --precision).
 QUANT_TYPES = ("f32", "f16")
 Runner = TensorRTRunner
+BUNDLE_DIR = "bundle"
 
 
-def check(model, quant: str, **options) -> None:
-    """Everything that would stop the plain-ops ONNX export, raised before any file is written."""
-    from moeexport.backends import onnx as onnx_backend
-
-    onnx_backend.check(model, quant, moe_ops="plain")
+class TensorRTOptions(TargetOptions):
+    context: int | None = None  # positions the engine holds (default 2048, at most the model's)
+    max_prompt: int | None = None  # longest prefill of the engine profile (default 512)
 
 
-__all__ = ["ENGINE_TOLERANCES", "EXTENSION", "QUANT_TYPES", "ArrayReference", "Bundle", "BundleResult", "Runner", "Status",
-           "TensorRTRunner",
-           "check", "check_decoder_io", "check_onnx", "decoder_io", "finish_on_device", "import_tensorrt", "status",
-           "support_table", "write_bundle"]
+class TensorRTTarget(Target):
+    """Here: the plain-ops ONNX, validated in ONNX Runtime, in a device bundle; the engine where TensorRT is."""
+
+    name = "tensorrt"
+    extension = EXTENSION
+    quant_types = QUANT_TYPES
+    Options = TensorRTOptions
+
+    @property
+    def tolerances(self):  # the bundle's ONNX is judged here as an ONNX; engines by ENGINE_TOLERANCES on the device
+        from moeexport.backends import onnx as onnx_backend
+
+        return {quant: onnx_backend.TOLERANCES[quant] for quant in QUANT_TYPES}
+
+    def check(self, model, quant: str, options: TensorRTOptions) -> None:
+        from moeexport.backends import onnx as onnx_backend
+
+        onnx_backend.check(model, quant, moe_ops="plain")
+
+    def export(self, model, directory: Path, quant: str, options: TensorRTOptions, inputs: ExportInputs) -> BundleArtifact:
+        context, max_prompt = profile_sizes(model, options.context, options.max_prompt)
+        return export_bundle_onnx(model, directory / BUNDLE_DIR, quant, context, max_prompt)
+
+    def runner(self, path: Path, context: int):
+        from moeexport.backends.onnx import OnnxRunner
+
+        return OnnxRunner(path, context=context, providers=["CPUExecutionProvider"])
+
+    def runtime(self) -> str:
+        from moeexport.backends.tensorrt.bundle import _onnxruntime_here
+
+        return _onnxruntime_here()
+
+    def profile(self, artifact, prompt, new_tokens=64):
+        return None  # an engine is profiled on the device that builds it (trt-build)
+
+    def finish(self, artifact: BundleArtifact, validation, inputs: ExportInputs, progress=None) -> dict:
+        finish_bundle(artifact, inputs.reference, validation, inputs.manifest)
+        bundle = artifact.path.parent
+        bundle_files = {f"{bundle.name}/{path.name}": path.stat().st_size for path in sorted(bundle.iterdir())}
+        if not validation.passed:
+            return {"engine": {"built": False, "reason": "the bundle's ONNX failed validation here"}, "files": bundle_files}
+        found = status()
+        if not found.available:
+            return {"engine": {"built": False, "reason": found.reason}, "files": bundle_files}
+        device = finish_on_device(Bundle(artifact.path.parent), progress=progress)
+        return {"engine": {"built": True, **device.report}, "files": bundle_files,
+                "failures": device.failures}
+
+
+TARGET = TensorRTTarget()
+
+__all__ = ["BUNDLE_DIR", "ENGINE_TOLERANCES", "EXTENSION", "QUANT_TYPES", "Bundle", "BundleArtifact", "BundleResult",
+           "Runner", "Status", "TARGET", "TensorRTOptions", "TensorRTRunner", "check_decoder_io", "check_onnx",
+           "decoder_io", "finish_on_device", "import_tensorrt", "status", "support_table", "write_bundle"]

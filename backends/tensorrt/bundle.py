@@ -26,14 +26,15 @@ import json
 import os
 import platform
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from moeexport.backends.target import Artifact
 from moeexport.backends.tensorrt.support import check_decoder_io, check_onnx, decoder_io, operators_used, support_table
 from moeexport.errors import MoeExportError
-from moeexport.validate import Fidelity, Tolerance, compare
+from moeexport.validate import Fidelity, RecordedReference, Tolerance, TorchRunner, Validation, validate_artifact
 
 FORMAT = "moeexport-tensorrt-bundle"
 FORMAT_VERSION = 1
@@ -59,21 +60,6 @@ ENGINE_TOLERANCES = {
 }
 
 
-class ArrayReference:
-    """A runner whose logits are the bundled reference: looked up by the exact token window."""
-
-    def __init__(self, windows: np.ndarray, logits: np.ndarray):
-        if windows.ndim != 2 or logits.shape[:2] != windows.shape:
-            raise MoeExportError(f"reference logits {logits.shape} do not match the windows {windows.shape}")
-        self._logits = {windows[i].astype(np.int64).tobytes(): logits[i] for i in range(len(windows))}
-
-    def logits(self, token_ids) -> np.ndarray:
-        key = np.asarray(list(token_ids), dtype=np.int64).tobytes()
-        if key not in self._logits:
-            raise MoeExportError("no bundled reference logits for this token window")
-        return self._logits[key]
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -88,7 +74,7 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(temporary, path)
 
 
-def _model_summary(model) -> dict:
+def model_summary(model) -> dict:
     config = model.config
     keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "max_position_embeddings", "num_experts_per_tok")
@@ -122,6 +108,47 @@ class BundleResult:
     failures: list[str]
 
 
+@dataclass
+class BundleArtifact(Artifact):
+    quant: str = "f32"
+    context: int = DEFAULT_CONTEXT  # positions the ONNX has rotary tables for
+    max_prompt: int = DEFAULT_MAX_PROMPT  # longest prefill of the engine's profile
+    model: dict = field(default_factory=dict)  # the model's shape, for the manifest
+
+
+def profile_sizes(model, context: int | None = None, max_prompt: int | None = None) -> tuple[int, int]:
+    positions = min(model.config.max_position_embeddings, context or DEFAULT_CONTEXT)
+    return positions, min(max_prompt or DEFAULT_MAX_PROMPT, positions)
+
+
+def export_bundle_onnx(model, bundle_dir: Path, quant: str, context: int, max_prompt: int) -> BundleArtifact:
+    """The plain-ops ONNX in `bundle_dir`, refused before anything else if TensorRT's parser would refuse it."""
+    from moeexport.backends import onnx as onnx_backend
+
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    written = onnx_backend.export(model, bundle_dir / ONNX_FILE, quant=quant, moe_ops="plain", context=context)
+    problems = check_onnx(written.path) + check_decoder_io(written.path)
+    if problems:
+        raise MoeExportError(f"the plain-ops ONNX has {len(problems)} thing(s) TensorRT would refuse, first: {problems[0]}")
+    data = written.path.with_name(written.path.name + ".data")
+    return BundleArtifact(written.path, written.representation, written.fallbacks, [data], quant, context, max_prompt,
+                          model_summary(model))
+
+
+def finish_bundle(artifact: BundleArtifact, reference: RecordedReference, validation: Validation,
+                  source_manifest: dict | None) -> dict:
+    """Write reference.npz, bundle.json and README.txt beside the validated ONNX; returns the manifest."""
+    directory = artifact.path.parent
+    if reference.windows.shape[1] > artifact.max_prompt:
+        raise MoeExportError(f"reference windows of {reference.windows.shape[1]} tokens are longer than the prefill "
+                             f"profile ({artifact.max_prompt})")
+    np.savez(directory / REFERENCE, windows=reference.windows, logits=reference.recorded)
+    manifest = _manifest(directory, artifact, validation, reference.windows, source_manifest)
+    _write_json(directory / MANIFEST, manifest)
+    (directory / INSTRUCTIONS).write_text(instructions(directory.name, manifest))
+    return manifest
+
+
 def write_bundle(
     model,
     out_dir: str | Path,
@@ -139,66 +166,43 @@ def write_bundle(
     reference. A graph TensorRT's parser would refuse raises before anything
     is left on disk; an ONNX that misses its ONNX Runtime tolerance is kept
     as model.onnx.failed in a complete bundle, and the result lists why.
+    (`moeexport build --target tensorrt` runs the same steps through the pipeline.)
     """
     from moeexport.backends import onnx as onnx_backend
-    from moeexport.validate import TorchRunner
 
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise MoeExportError(f"bundle directory {out_dir} already exists; choose another or remove it")
-    windows = np.asarray(windows.tolist() if hasattr(windows, "tolist") else windows, dtype=np.int64)
-    positions = min(model.config.max_position_embeddings, context or DEFAULT_CONTEXT)
-    max_prompt = min(max_prompt or DEFAULT_MAX_PROMPT, positions)
-    if windows.shape[1] > max_prompt:
-        raise MoeExportError(f"reference windows of {windows.shape[1]} tokens are longer than the prefill profile ({max_prompt})")
+    positions, max_prompt = profile_sizes(model, context, max_prompt)
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     try:
-        artifact = onnx_backend.export(model, partial / ONNX_FILE, quant=quant, moe_ops="plain", context=positions)
-        problems = check_onnx(artifact.path) + check_decoder_io(artifact.path)
-        if problems:
-            raise MoeExportError(
-                f"the plain-ops ONNX has {len(problems)} thing(s) TensorRT would refuse, first: {problems[0]}"
-            )
-        reference = TorchRunner(model)
-        logits = np.stack([reference.logits(window) for window in windows.tolist()]).astype(np.float32)
-        fidelity = compare(
-            ArrayReference(windows, logits),
-            onnx_backend.OnnxRunner(artifact.path, context=positions, providers=["CPUExecutionProvider"]),
-            _as_torch(windows),
-            progress,
-        )
-        failures = fidelity.failures(onnx_backend.TOLERANCES[quant])
-        np.savez(partial / REFERENCE, windows=windows, logits=logits)
-        onnx_path = artifact.path
-        if failures:  # kept for inspection, under a name nothing will build from
-            onnx_path = artifact.path.rename(artifact.path.with_name(artifact.path.name + ".failed"))
-        manifest = _manifest(model, partial, artifact, onnx_path, quant, windows, windows_source, fidelity, failures,
-                             source_manifest, positions, max_prompt)
-        _write_json(partial / MANIFEST, manifest)
-        (partial / INSTRUCTIONS).write_text(instructions(out_dir.name, manifest))
+        artifact = export_bundle_onnx(model, partial, quant, positions, max_prompt)
+        reference = RecordedReference.record(TorchRunner(model), windows)
+        runner = onnx_backend.OnnxRunner(artifact.path, context=positions, providers=["CPUExecutionProvider"])
+        validation = validate_artifact(reference, runner, reference.windows, onnx_backend.TOLERANCES[quant],
+                                       artifact.path, windows_source, _onnxruntime_here(), progress)
+        manifest = finish_bundle(artifact, reference, validation, source_manifest)
         os.replace(partial, out_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return BundleResult(out_dir, manifest, fidelity, failures)
+    return BundleResult(out_dir, manifest, validation.fidelity, validation.failures)
 
 
-def _as_torch(windows: np.ndarray):
-    import torch
-
-    return torch.from_numpy(windows)
-
-
-def _manifest(model, directory, artifact, onnx_path, quant, windows, windows_source, fidelity, failures,
-              source_manifest, context, max_prompt) -> dict:
-    import onnx
+def _onnxruntime_here() -> str:
     import onnxruntime
 
-    from moeexport import __version__
-    from moeexport.backends import onnx as onnx_backend
+    return f"onnxruntime {onnxruntime.__version__} CPU on {platform.machine()}"
 
+
+def _manifest(directory: Path, artifact: BundleArtifact, validation: Validation, windows: np.ndarray,
+              source_manifest: dict | None) -> dict:
+    import onnx
+
+    from moeexport import __version__
+
+    onnx_path = validation.artifact  # model.onnx, or model.onnx.failed
     graph = onnx.load(str(onnx_path), load_external_data=False)
     io = decoder_io(graph)
     qdq = sorted({
@@ -212,11 +216,11 @@ def _manifest(model, directory, artifact, onnx_path, quant, windows, windows_sou
         "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "moeexport_version": __version__,
-        "model": _model_summary(model),
+        "model": artifact.model,
         "onnx": {
             "file": ONNX_FILE,
-            "failed": bool(failures),
-            "quant": quant,
+            "failed": not validation.passed,
+            "quant": artifact.quant,
             "moe_ops": "plain",
             "representation": artifact.representation,
             "opset": next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
@@ -225,15 +229,10 @@ def _manifest(model, directory, artifact, onnx_path, quant, windows, windows_sou
             "io": {"inputs": io["inputs"], "outputs": io["outputs"], "cache": io["cache"], "layers": io["layers"]},
         },
         "tensorrt_support": {"checked_against": support_table()["describes"], "problems": []},
-        "profiles": {"max_prompt": max_prompt, "context": context, "batch": 1},
-        "reference": {"file": REFERENCE, "windows": list(windows.shape), "text": windows_source,
+        "profiles": {"max_prompt": artifact.max_prompt, "context": artifact.context, "batch": 1},
+        "reference": {"file": REFERENCE, "windows": list(windows.shape), "text": validation.text,
                       "logits_dtype": "float32"},
-        "validation_here": {
-            "runtime": f"onnxruntime {onnxruntime.__version__} CPU on {platform.machine()}",
-            **fidelity.to_dict(),
-            "tolerance": onnx_backend.TOLERANCES[quant].__dict__,
-            "failures": failures,
-        },
+        "validation_here": validation.to_dict() | {"artifact": onnx_path.name},
         "engine_tolerances": {name: tolerance.__dict__ for name, tolerance in ENGINE_TOLERANCES.items()},
         "files": {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)} for name in files},
         "compression": source_manifest,

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from moeexport.backends.tensorrt.bundle import ENGINE_TOLERANCES, REPORT, TIMING_CACHE, ArrayReference, Bundle, _write_json
+from moeexport.backends.tensorrt.bundle import ENGINE_TOLERANCES, REPORT, TIMING_CACHE, Bundle, _write_json
 from moeexport.errors import MoeExportError
 
 
@@ -45,7 +45,7 @@ def finish_on_device(
     from moeexport.backends.tensorrt.builder import Profiles, build_engine
     from moeexport.backends.tensorrt.runner import TensorRTRunner
     from moeexport.backends.tensorrt.runtime import status
-    from moeexport.validate import compare
+    from moeexport.validate import RecordedReference, validate_artifact
 
     found = status()
     if not found.available:
@@ -78,14 +78,13 @@ def finish_on_device(
     build_info = built.to_dict()
     torch.cuda.reset_peak_memory_stats()
     runner = TensorRTRunner(built.engine_path)
-    fidelity = compare(ArrayReference(windows, logits), runner, torch.from_numpy(windows), progress)
-    tolerance = ENGINE_TOLERANCES[built.precision]
-    failures = fidelity.failures(tolerance)
     speed = runner.profile(windows[0, :128].tolist(), new_tokens=64)
     memory = runner.memory()
-    engine_path = built.engine_path
-    if failures:
-        engine_path = engine_path.rename(engine_path.with_name(engine_path.name + ".failed"))
+    validation = validate_artifact(
+        RecordedReference(windows, logits), runner, windows, ENGINE_TOLERANCES[built.precision], built.engine_path,
+        manifest["reference"]["text"], f"TensorRT {built.tensorrt_version} on {torch.cuda.get_device_name()}", progress,
+    )
+    failures, engine_path = validation.failures, validation.artifact
     report = {
         "target": "tensorrt",
         "bundle": str(bundle.path),
@@ -98,12 +97,7 @@ def finish_on_device(
             "cuda": torch.version.cuda,
         },
         "engine": {**build_info, "engine": str(engine_path), "failed": bool(failures)},
-        "validation": {
-            "reference": manifest["reference"],
-            **fidelity.to_dict(),
-            "tolerance": tolerance.__dict__,
-            "failures": failures,
-        },
+        "validation": {"reference": manifest["reference"], **validation.to_dict()},
         "profile": {**speed, **memory},
         "seconds": time.perf_counter() - started,
     }

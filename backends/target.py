@@ -1,0 +1,123 @@
+"""The one contract every deployment target implements, and what passes between a target and the pipeline.
+
+A target knows its format and nothing else: the pipeline (moeexport.pipeline)
+compresses, records the torch reference, calls `check` and `export`, judges the
+artifact with `validate_artifact` through the target's `runner` and
+`tolerance`, profiles it and lets the target `finish` (TensorRT writes its
+device bundle there). Options are a strict pydantic model per target, so a
+flag that belongs to another target is refused here, once, for every caller.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from moeexport.errors import MoeExportError
+from moeexport.validate import RecordedReference, Tolerance, Validation
+
+
+class TargetOptions(BaseModel):
+    """A target's export options; unknown names are errors, values are checked once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class ExportInputs:
+    """What the pipeline hands an exporter besides the model."""
+
+    tokenizer: object = None  # written beside artifacts that carry one (ONNX for onnxruntime-genai)
+    weight_grid: object = None  # moeexport.quantization.WeightGrid of a quantize pass, carried exactly where possible
+    imatrix: object = None  # calibration.moments.InputMoments, for targets that weigh their rounding by it
+    reference: RecordedReference | None = None  # the compressed torch model's logits on the validation windows
+    manifest: dict = field(default_factory=dict)  # the compression record (moeexport.json)
+
+
+@dataclass
+class Artifact:
+    path: Path  # the file a runner loads
+    representation: str  # how the model is written, in words
+    fallbacks: list[str] = field(default_factory=list)  # where the file is not what was asked, and why
+    extra_files: list[Path] = field(default_factory=list)  # written beside it (external data, configs, tokenizer)
+
+    def files(self) -> dict[str, int]:
+        """Every file of the artifact with its size in bytes."""
+        paths = [self.path, *self.extra_files]
+        return {path.name: path.stat().st_size for path in paths if path.is_file()}
+
+
+class Target(ABC):
+    name: ClassVar[str]
+    extension: ClassVar[str]
+    quant_types: ClassVar[tuple[str, ...]]
+    tolerances: ClassVar[dict[str, Tolerance]]
+    Options: ClassVar[type[TargetOptions]] = TargetOptions
+
+    def options(self, given: dict | TargetOptions | None = None) -> TargetOptions:
+        """`given` validated into this target's options (a one-line error names the offending option)."""
+        if isinstance(given, self.Options):
+            return given
+        try:
+            return self.Options(**(given or {}))
+        except ValidationError as error:
+            problem = error.errors()[0]
+            option = "--" + str(problem["loc"][0]).replace("_", "-") if problem["loc"] else "options"
+            if problem["type"] == "extra_forbidden":
+                own = ", ".join("--" + name.replace("_", "-") for name in self.Options.model_fields) or "none"
+                raise MoeExportError(f"{option} is not an option of the {self.name} target (its options: {own})") from None
+            raise MoeExportError(f"{option}: {problem['msg'].removeprefix('Value error, ')}") from None
+
+    def check_quant(self, quant: str) -> None:
+        if quant not in self.quant_types:
+            raise MoeExportError(f"--quant {quant} is not a {self.name} type; choose one of {', '.join(self.quant_types)}")
+
+    def tolerance(self, quant: str) -> Tolerance:
+        return self.tolerances[quant]
+
+    def quant_of(self, path: Path) -> str | None:
+        """The weight type an artifact file was written with, where the file says (None: unknown)."""
+        return None
+
+    def wants_imatrix(self, options: TargetOptions) -> bool:
+        """Whether export needs the calibration set's input moments (ExportInputs.imatrix)."""
+        return False
+
+    @abstractmethod
+    def check(self, model, quant: str, options: TargetOptions) -> None:
+        """Raise MoeExportError before anything is written if the model cannot be exported this way."""
+
+    @abstractmethod
+    def export(self, model, directory: Path, quant: str, options: TargetOptions, inputs: ExportInputs) -> Artifact:
+        """Write the artifact into `directory` (a staging directory the pipeline renames when the build is done)."""
+
+    @abstractmethod
+    def runner(self, path: Path, context: int):
+        """A runner with `logits(token_ids)`, `generate(...)` and `profile(...)` on the artifact at `path`."""
+
+    def serving_runner(self, path: Path, context: int):
+        """The runner as a deployment would configure it, for profiling (default: the validation runner)."""
+        return self.runner(path, context)
+
+    def runtime(self) -> str:
+        """What runs the artifact here, for the report."""
+        return self.name
+
+    def profile(self, artifact: Artifact, prompt: list[int], new_tokens: int = 64) -> dict | None:
+        """Speed and memory on this machine, in a fresh process so the numbers are the runtime's alone."""
+        from moeexport.backends.profile import profile_in_subprocess
+
+        return profile_in_subprocess(self.name, artifact.path, prompt, new_tokens)
+
+    def finish(self, artifact: Artifact, validation: Validation, inputs: ExportInputs, progress=None) -> dict:
+        """Work after validation (e.g. a device bundle's manifest).
+
+        Returns what the report should add: "engine" (a device step's result), "files" (every file of the
+        artifact with its bytes, when `Artifact.files` does not list them all) and "failures" (the device
+        step's), each optional.
+        """
+        return {}

@@ -1,0 +1,198 @@
+"""The command line's arguments: every command, option, default and help text (moeexport/cli.py runs them)."""
+
+from __future__ import annotations
+
+import argparse
+
+from moeexport import __version__
+
+EXAMPLES = """\
+examples:
+  moeexport analyze demo --out out/analysis
+  moeexport compress demo --recipe recipes/trim.yaml --out out/demo-trimmed
+  moeexport compress path/to/Mixtral --recipe r.yaml --calib calib.txt --dry-run
+  moeexport eval out/demo-trimmed --text held_out.txt --reference demo
+  moeexport build demo --recipe recipes/demo-gguf.yaml --target gguf --out out/demo-gguf
+  moeexport build demo --recipe recipes/trim.yaml --target onnx --quant int4 --out out/demo-onnx
+  moeexport validate out/demo-onnx/model-int4.onnx --reference out/demo-onnx/compressed --text held_out.txt
+  moeexport chat out/demo-gguf/model-f32.gguf --prompt "Once upon a time"
+  moeexport build demo --recipe recipes/trim.yaml --target tensorrt --out out/demo-trt
+  moeexport trt-build out/demo-trt/bundle --precision fp16        # on the Jetson / CUDA machine
+
+MODEL is a Hugging Face checkpoint directory (safetensors), a directory written
+by `moeexport compress`, or `demo` for the small model bundled with moeexport.
+"""
+
+RECIPE_HELP = """\
+a YAML recipe: an ordered list of passes, e.g.
+  passes:
+    - block_drop: {n: 1}       # mode: discrete|consecutive; score: similarity|random
+    - layer_drop: {n: 1}       # score: similarity|random
+    - expert_drop: {keep: 6, scope: global, score: frequency}
+                               # scope: layer|global; score: frequency|routing_mass|reap|random
+    - merge: {keep: 4}         # M-SMoE; compress: {rank: 32, sparsity: 0.9} for MC-SMoE
+    - prune: {method: wanda, sparsity: 0.5}   # or sparsegpt|magnitude; pattern: "2:4"
+    - quantize: {method: gptq, bits: 4, group_size: 128}   # or rtn; bits: 8
+"""
+
+
+def _calibration_arguments() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("calibration")
+    group.add_argument(
+        "--calib",
+        default="model",
+        metavar="SOURCE",
+        help="calibration text: a .txt or .jsonl (field 'text') file, hf:NAME[:CONFIG][@SPLIT] from the local "
+        "datasets cache, or 'model' to sample text from the model itself (default: model)",
+    )
+    group.add_argument("--calib-samples", type=int, default=32, metavar="N", help="sequences (default 32; papers: 128)")
+    group.add_argument("--calib-length", type=int, default=256, metavar="L", help="tokens each (default 256; papers: 2048)")
+    group.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    group.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    group.add_argument(
+        "--max-block-window", type=int, default=8, metavar="W",
+        help="longest block window scored for consecutive Block Drop (default 8)",
+    )
+    group.add_argument("--no-cache", action="store_true", help="recompute statistics instead of reusing cached ones")
+    return parent
+
+
+def _model_arguments() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("model", metavar="MODEL", help="checkpoint directory, or 'demo'")
+    parent.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parent.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moeexport",
+        description="Compress Mixture-of-Experts LLMs (Block / Layer / Expert Drop) and deploy them.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"moeexport {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model, calibration = _model_arguments(), _calibration_arguments()
+
+    def command(name: str, help: str, description: str, parents=()) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=list(parents), formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   help=help, description=description)
+
+    analyze = command(
+        "analyze", "collect routing and redundancy statistics, print a summary, write plots",
+        "Run the calibration set through MODEL layer by layer and report, per layer, expert usage "
+        "(tokens per expert), routing mass, REAP saliency, MoE-sublayer and block similarity. Writes "
+        "statistics.json, PNG plots and report.html to --out; later recipes on the same model and calibration "
+        "set reuse the statistics.", [model, calibration])
+    analyze.add_argument("--out", default="moeexport-analysis", help="output directory (default moeexport-analysis)")
+    analyze.add_argument("--json", action="store_true", help="print the per-layer summary as JSON")
+
+    compress = command("compress", "apply a recipe and save the compressed checkpoint",
+                       "Apply a recipe to MODEL and save the result, which is itself a valid MODEL everywhere.\n\n"
+                       + RECIPE_HELP, [model, calibration])
+    _recipe_and_output(compress)
+    compress.add_argument("--dry-run", action="store_true", help="print the plan and sizes, write nothing")
+
+    evaluate = command("eval", "perplexity, and KL / top-1 agreement against a reference",
+                       "Perplexity of MODEL on a text; with --reference, also KL(reference || MODEL) and top-1 "
+                       "agreement per predicted token.", [model])
+    evaluate.add_argument("--text", required=True, metavar="FILE", help="a .txt or .jsonl file, or hf:NAME")
+    evaluate.add_argument("--reference", metavar="MODEL", help="the model to compare against (e.g. the original)")
+    evaluate.add_argument("--length", type=int, default=256, help="tokens per window (default 256)")
+    evaluate.add_argument("--max-sequences", type=int, default=32, help="windows scored (default 32)")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    build = command(
+        "build", "compress, then export to a deployment target",
+        "Compress MODEL with a recipe, then export the result for a target, validate it against the "
+        "compressed torch model and profile it on this machine. DIR receives the artifact, the compressed "
+        "checkpoint (compressed/), report.json and report.html (plots), all at once when the build is done. A build whose validation misses its tolerance exits 1 and "
+        "its artifact is renamed *.failed.\n\n" + RECIPE_HELP, [model, calibration])
+    _recipe_and_output(build)
+    build.add_argument("--target", required=True, choices=["gguf", "onnx", "tensorrt"], help="deployment target")
+    build.add_argument(
+        "--quant", default="f32",
+        help="weight type (gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k; onnx: f32, f16, and int8 / int4 "
+        "experts in QMoE nodes; tensorrt: f32, f16 ONNX weights, the engine precision is trt-build's; default f32)",
+    )
+    build.add_argument(
+        "--tensor-type", action="append", default=[], metavar="PATTERN=TYPE",
+        help="per-tensor type override, a regex on GGUF tensor names, e.g. --tensor-type _exps=q4_k "
+        "--tensor-type attn_=q8_0 (repeatable; the first match wins)",
+    )
+    build.add_argument(
+        "--imatrix", action="store_true",
+        help="weigh quantization by an importance matrix measured on the calibration set (per expert, from its "
+        "routed tokens; experts without tokens use their layer's average and are reported)",
+    )
+    build.add_argument(
+        "--moe-ops", choices=["contrib", "plain"],
+        help="onnx: one com.microsoft MoE/QMoE node per MoE layer (contrib, the default; onnxruntime >= 1.23) or "
+        "standard ops only (plain: for TensorRT and runtimes without the contrib ops; f32/f16)",
+    )
+    build.add_argument(
+        "--block-size", type=int, metavar="N",
+        help="onnx int8/int4: inputs sharing one scale (a power of two >= 16 dividing the expert widths; default 32)",
+    )
+    build.set_defaults(dry_run=False)
+
+    validate = command(
+        "validate", "compare an artifact's logits with a torch model",
+        "Run ARTIFACT (a .gguf or .onnx file) and the torch REFERENCE on the same held-out windows and report max "
+        "|delta logit|, KL(reference || artifact), top-1 agreement and both perplexities. Exact settings (F32 KV "
+        "cache, flash attention off in llama.cpp) are used, so an F32 artifact should agree to ~1e-5. The verdict "
+        "is against the --max-* / --min-top1 limits given, else the tolerance of the weight type the file records "
+        "(as `build` uses); exit status 1 when it misses.")
+    validate.add_argument("artifact", metavar="ARTIFACT", help="the exported file (.gguf or .onnx)")
+    validate.add_argument("--reference", required=True, metavar="MODEL", help="the torch model it was exported from")
+    validate.add_argument("--text", required=True, metavar="FILE", help="held-out text (.txt / .jsonl)")
+    validate.add_argument("--length", type=int, default=256, help="tokens per window (default 256)")
+    validate.add_argument("--windows", type=int, default=2, help="windows compared (default 2)")
+    validate.add_argument("--max-kl", type=float, metavar="X", help="the verdict's largest KL (nats per token)")
+    validate.add_argument("--min-top1", type=float, metavar="P", help="the verdict's smallest top-1 agreement (0-1)")
+    validate.add_argument("--max-abs-logit", type=float, metavar="X", help="the verdict's largest |delta logit|")
+    validate.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    chat = command("chat", "chat with a GGUF model in llama.cpp",
+                   "Interactive local chat with a GGUF file: tokens stream as they are generated, turns use the file's "
+                   "chat template (Llama-2 [INST] format when it has none). Ctrl-D or Ctrl-C ends the session.")
+    chat.add_argument("model_file", metavar="FILE.gguf")
+    chat.add_argument("--prompt", help="answer one prompt and exit")
+    chat.add_argument("--system", help="a system message for the conversation")
+    chat.add_argument("--max-tokens", type=int, default=256, help="longest reply (default 256)")
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--context", type=int, default=2048, help="context length in tokens (default 2048)")
+
+    trt_build = command(
+        "trt-build", "on the device: build the TensorRT engine of a bundle, validate and profile it",
+        "Build a TensorRT engine from BUNDLE (written by `build --target tensorrt`) on this machine's "
+        "GPU, compare its logits with the bundled torch reference, profile it and write BUNDLE/report.json. "
+        "Needs tensorrt (JetPack 6.x: TensorRT 10.3) and torch with CUDA. An engine that misses its tolerance "
+        "exits 1 and is renamed *.failed.")
+    trt_build.add_argument("bundle", metavar="BUNDLE", help="the bundle directory (or the build's --out directory)")
+    trt_build.add_argument(
+        "--precision", choices=["fp32", "fp16", "bf16", "int8", "fp8"],
+        help="engine precision (default: fp16 on TensorRT 10 where the GPU has fast FP16, else fp32); int8/fp8 need a "
+        "Q/DQ-quantized ONNX",
+    )
+    trt_build.add_argument("--workspace", type=float, metavar="GIB", help="builder workspace limit in GiB")
+    trt_build.add_argument("--context", type=int, metavar="N", help="most tokens the engine holds (default: the bundle's)")
+    trt_build.add_argument("--max-prompt", type=int, metavar="N", help="most new tokens per prefill call (default: the bundle's)")
+    trt_build.add_argument("--verbose", action="store_true", help="show TensorRT's verbose build log")
+    trt_build.add_argument("--json", action="store_true", help="print report.json")
+    return parser
+
+
+def _recipe_and_output(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--recipe", required=True, metavar="FILE", help="YAML recipe (see above)")
+    command.add_argument("--out", metavar="DIR", help="output directory (required unless --dry-run)")
+    command.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    command.add_argument(
+        "--eval-text", metavar="FILE",
+        help="held-out text for the quality and validation checks (default: text sampled from the model)",
+    )
+    command.add_argument("--no-eval", action="store_true", help="skip the quality check against the original")
+    command.add_argument("--json", action="store_true", help="print the report as one JSON document (logs go to stderr)")

@@ -1,0 +1,188 @@
+"""How the CLI shows what the pipeline reports: progress from events on stderr, reports as tables and lines.
+
+Nothing here computes anything; every function takes a report the pipeline
+returned (or an Event it emitted) and renders it with rich.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from moeexport.events import Event
+from moeexport.report import describe_layer
+
+MIB = 2**20
+
+
+class EventRenderer:
+    """Turns pipeline events into progress bars (with ETA) and log lines; a context manager around a run."""
+
+    def __init__(self, out: Console, quiet_steps: bool = False):
+        self.out, self.err = out, Console(stderr=True, highlight=False)
+        self.quiet_steps = quiet_steps  # with --json, pass plans go to stderr like the rest of the log
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                 console=self.err, transient=True)
+        self._tasks: dict[int, int] = {}
+        self._stage = None  # the task that shows the current stage, replaced by the next one
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def __call__(self, event: Event) -> None:
+        if event.kind == "task":
+            self._tasks[event.task] = self.progress.add_task(event.message, total=event.total)
+        elif event.kind == "advance":
+            self.progress.advance(self._tasks[event.task], event.amount)
+        elif event.kind == "done":
+            self.progress.remove_task(self._tasks.pop(event.task))
+        elif event.kind == "stage":  # transient like the bars: stderr keeps only what matters
+            if self._stage is not None:
+                self.progress.remove_task(self._stage)
+            self._stage = self.progress.add_task(f"[dim]{escape(event.message)}[/dim]", total=None)
+        elif event.kind == "step":
+            console = self.progress.console if self.quiet_steps else self.out
+            console.print(f"[bold]{event.message}[/bold] {escape(str(event.data['options']))}")
+            for line in event.data["summary"]:
+                console.print(f"  {escape(line)}")
+        else:
+            self.progress.console.print(f"note: {escape(event.message)}")
+
+
+def console() -> Console:
+    return Console(highlight=False)
+
+
+def render_compression(out: Console, report) -> None:
+    table = Table(title="structure before -> after")
+    for header in ("layer", "before", "after", "new index"):
+        table.add_column(header, justify="right")
+    for index, (before, new_index) in enumerate(zip(report.layers_before, report.new_block_index)):
+        after = "block dropped" if new_index is None else describe_layer(report.layers_after[new_index])
+        table.add_row(str(index), describe_layer(before), after, "" if new_index is None else str(new_index))
+    out.print(table)
+    parameters, size = report.parameters, report.bytes
+    out.print(f"parameters {parameters['before']:,} -> {parameters['after']:,} "
+              f"({parameters['after'] / parameters['before']:.1%}); "
+              f"size {size['before'] / MIB:.1f} MiB -> {size['after'] / MIB:.1f} MiB")
+    quality = report.quality_vs_source
+    if quality:
+        out.print(f"quality vs original on {escape(quality['text'])}: perplexity {quality['reference_perplexity']:.2f} "
+                  f"-> {quality['perplexity']:.2f}, KL {quality['kl']:.4f}, top-1 agreement {quality['top1_agreement']:.1%}")
+
+
+def fidelity_line(validation: dict) -> str:
+    return (f"max |delta logit| {validation['max_abs_logit']:.2e}, KL {validation['kl']:.2e}, "
+            f"top-1 {validation['top1_agreement']:.2%}, perplexity {validation['reference_perplexity']:.2f} -> "
+            f"{validation['perplexity']:.2f}")
+
+
+def profile_line(speed: dict) -> str:
+    line = (f"profile: prefill {speed['prefill_tokens_per_s']:.0f} tok/s, decode {speed['decode_tokens_per_s']:.0f} "
+            f"tok/s, time to first token {speed['time_to_first_token_s'] * 1000:.0f} ms")
+    if "runtime_rss_bytes" in speed:
+        line += (f", memory {speed['runtime_rss_bytes'] / MIB:.0f} MiB held by the runtime (process peak "
+                 f"{speed['peak_rss_bytes'] / MIB:.0f} MiB, Python and torch included)")
+    if "torch_peak_allocated_bytes" in speed:
+        line += (f", GPU peak {speed['torch_peak_allocated_bytes'] / MIB:.0f} MiB + engine "
+                 f"{(speed.get('engine_device_memory_bytes') or 0) / MIB:.0f} MiB")
+    return line
+
+
+def render_build(out: Console, report) -> None:
+    render_compression(out, report.compression)
+    artifact, validation = report.artifact, report.validation
+    out.print(f"exported {artifact['path']} ({artifact['file_bytes'] / MIB:.1f} MiB, {escape(artifact['representation'])})")
+    for fallback in artifact["fallbacks"]:
+        out.print(f"  note: {escape(fallback)}")
+    out.print(f"fidelity ({escape(validation['runtime'])}) vs compressed torch model on {escape(validation['text'])} "
+              f"({validation['tokens']} tokens): {fidelity_line(validation)}")
+    if report.profile:
+        out.print(profile_line(report.profile))
+    engine = report.engine
+    if engine is not None and not engine.get("built"):
+        out.print(f"engine not built: {escape(engine['reason'])}.\nTo finish on the device (JetPack 6.x: TensorRT "
+                  f"10.3): copy the bundle directory {report.out}/bundle there and run `moeexport trt-build bundle` "
+                  "(steps in bundle/README.txt)")
+    elif engine is not None:
+        render_device(out, engine)
+    out.print(f"wrote {report.out} in {report.timings['total']:.1f}s (report.json, report.html)")
+
+
+def render_device(out: Console, report: dict) -> None:
+    engine, device = report["engine"], report["device"]
+    out.print(f"built {engine['engine']} ({engine['engine_bytes'] / MIB:.1f} MiB, {engine['precision']}, TensorRT "
+              f"{engine['tensorrt_version']} on {device['gpu']}) in {engine['build_seconds']:.0f}s")
+    out.print(f"fidelity vs bundled torch logits ({report['validation']['tokens']} tokens): "
+              f"{fidelity_line(report['validation'])}")
+    out.print(profile_line(report["profile"]))
+
+
+def render_analysis(out: Console, report) -> None:
+    rows = report.layers
+    table = Table(title=f"{report.model}: per-layer statistics on {report.calibration_tokens} calibration tokens")
+    for header in ("layer", "kind", "experts", "least / most used expert", "unused", "cos(h_in,h_out)", "cos(x,x+MoE)"):
+        table.add_column(header, justify="right")
+    for row in rows:
+        spread = f"{row['least_used']:.1%} / {row['most_used']:.1%}" if row.get("experts") else ""
+        moe = f"{row['moe_similarity']:.4f}" if row["moe_similarity"] is not None else ""
+        table.add_row(str(row["layer"]), row["kind"], str(row.get("experts", "")), spread,
+                      str(row.get("unused_experts", "")), f"{row['block_similarity']:.4f}", moe)
+    out.print(table)
+    blocks = sorted(rows, key=lambda row: -row["block_similarity"])[:3]
+    out.print("most redundant blocks (Block Drop first):", ", ".join(str(r["layer"]) for r in blocks))
+    moe_rows = sorted((row for row in rows if row["moe_similarity"] is not None), key=lambda row: -row["moe_similarity"])
+    out.print("most redundant MoE sublayers (Layer Drop first):", ", ".join(str(r["layer"]) for r in moe_rows[:3]))
+    out.print(f"wrote {', '.join(report.files)}")
+
+
+def render_eval(out: Console, model: str, text: str, result) -> None:
+    line = f"{model} on {text} ({result.tokens} tokens): perplexity {result.perplexity:.3f}"
+    if result.kl is not None:
+        line += (f"; reference perplexity {result.reference_perplexity:.3f}, KL(reference || model) {result.kl:.5f}, "
+                 f"top-1 agreement {result.top1_agreement:.2%}")
+    out.print(line)
+
+
+def render_validation(out: Console, reference: str, validation) -> None:
+    out.print(f"{validation.artifact} ({escape(validation.runtime)}) vs {reference} on {validation.fidelity.tokens} "
+              f"tokens of {validation.text}: {fidelity_line(validation.fidelity.to_dict())}")
+    limits = ", ".join(f"{name} {value:g}" for name, value in asdict(validation.tolerance).items() if value is not None)
+    verdict = "[green]within[/green]" if validation.passed else "[red]MISSES[/red]"
+    out.print(f"verdict: {verdict} its tolerance ({limits})")
+
+
+def chat_session(runner, prompt: str | None, system: str | None, max_tokens: int, temperature: float, name: str) -> None:
+    """Stream replies to one `prompt`, or to each line typed until Ctrl-D / Ctrl-C."""
+    messages = [{"role": "system", "content": system}] if system else []
+
+    def reply(text: str) -> None:
+        messages.append({"role": "user", "content": text})
+        pieces = []
+        for piece in runner.chat(messages, max_tokens=max_tokens, temperature=temperature):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+
+    if prompt is not None:
+        reply(prompt)
+        return
+    print(f"chatting with {name}; Ctrl-D or Ctrl-C to leave", file=sys.stderr)
+    try:
+        while True:
+            text = input("> ")
+            if text.strip():
+                reply(text)
+    except (EOFError, KeyboardInterrupt):
+        print(file=sys.stderr)

@@ -1,0 +1,453 @@
+"""The pipeline as library calls: `compress`, `evaluate`, `validate` and `build`.
+
+Each takes plain options, returns a plain report (a dataclass with
+`to_dict()`, which is what report.json and `--json` hold) and prints nothing:
+progress reaches the caller as `moeexport.events.Event`s through `on_event`.
+The CLI parses arguments into these options and renders the reports; tools/
+call the same functions.
+
+    import moeexport
+    report = moeexport.build("demo", "recipes/trim.yaml", "onnx", moeexport.BuildOptions(out="out/demo-onnx"))
+    assert report.ok, report.validation.failures
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from moeexport.errors import MoeExportError
+from moeexport.events import EventStream
+from moeexport.outputs import check_output, output_lock, staged
+from moeexport.recipe import Recipe, load_recipe, parse_recipe
+from moeexport.validate import Tolerance
+
+VALIDATION_WINDOWS = (2, 256)  # >= 510 predicted-token positions per artifact
+QUALITY_WINDOWS = (16, 128)
+PROFILE_PROMPT, PROFILE_NEW_TOKENS = 128, 64
+DEFAULT_VERDICT = Tolerance(kl=0.1, top1_agreement=0.75)  # `validate` of a file that records no weight type
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """How the calibration set is drawn and observed. Defaults fit a CPU; the papers used 128 x 2048."""
+
+    source: str = "model"  # .txt / .jsonl file, hf:NAME[:CONFIG][@SPLIT], or "model" (sampled from the model)
+    samples: int = 32
+    length: int = 256
+    seed: int = 0
+    batch_size: int = 8
+    max_block_window: int = 8  # longest window scored for consecutive Block Drop
+    cache: bool = True  # reuse statistics observed before on the same model and calibration set
+
+    def __post_init__(self):
+        for name, flag in (("samples", "calib-samples"), ("length", "calib-length"), ("batch_size", "batch-size"),
+                           ("max_block_window", "max-block-window")):
+            if getattr(self, name) < 1:
+                raise MoeExportError(f"--{flag} must be at least 1")
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    out: str | None = None  # required unless dry_run
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    eval_text: str | None = None  # held-out text for quality and validation (default: sampled from the model)
+    measure_quality: bool = True  # compare the compressed model with the original
+    dry_run: bool = False  # plan and report, write nothing
+    overwrite: bool = False
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class BuildOptions(CompressOptions):
+    quant: str = "f32"
+    target_options: dict = field(default_factory=dict)  # validated by the target (its Options model)
+    validation_windows: tuple[int, int] = VALIDATION_WINDOWS  # (count, tokens) compared with the torch model
+    profile: bool = True  # measure speed and memory in a fresh process (benchmarks that time runs themselves skip it)
+
+
+@dataclass
+class CompressionReport:
+    model: str
+    source: dict
+    calibration: dict | None
+    passes: list[dict]  # name, options, plan, summary lines
+    layers_before: list[dict]
+    layers_after: list[dict]
+    new_block_index: list[int | None]
+    parameters: dict
+    bytes: dict
+    quality_vs_source: dict | None = None
+    out: str | None = None
+    timings: dict = field(default_factory=dict)
+
+    def manifest(self) -> dict:
+        """What moeexport.json records about how the checkpoint was made."""
+        return {
+            "source": self.source,
+            "calibration": self.calibration,
+            "passes": [{key: step[key] for key in ("name", "options", "plan")} for step in self.passes],
+            "new_block_index": self.new_block_index,
+            "parameters": self.parameters,
+            "quality_vs_source": self.quality_vs_source,
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BuildReport:
+    model: str
+    target: str
+    quant: str
+    options: dict
+    out: str
+    compression: CompressionReport
+    artifact: dict | None = None
+    validation: dict | None = None
+    profile: dict | None = None
+    engine: dict | None = None
+    timings: dict = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)  # validation's, and the device step's
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        from moeexport import __version__
+
+        compression = self.compression.to_dict()
+        return {
+            "moeexport_version": __version__,
+            "model": self.model, "target": self.target, "quant": self.quant, "options": self.options,
+            "out": self.out, "ok": self.ok, "failures": self.failures,
+            "compression": {key: value for key, value in compression.items()
+                            if key not in ("quality_vs_source", "timings", "out", "model")},
+            "quality_vs_source": self.compression.quality_vs_source,
+            "artifact": self.artifact, "validation": self.validation, "profile": self.profile, "engine": self.engine,
+            "timings": self.compression.timings | self.timings,
+        }
+
+
+class _Stages:
+    """Times each stage and announces it as an event."""
+
+    def __init__(self, events: EventStream):
+        self.events, self.seconds = events, {}
+        self._started = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str, message: str):
+        self.events.stage(message)
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+    def total(self) -> dict:
+        return self.seconds | {"total": time.perf_counter() - self._started}
+
+
+# --- compress ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Compressed:
+    """What compressing leaves for the steps after it (build's export, compress's save)."""
+
+    model: object
+    tokenizer: object
+    model_dir: Path
+    statistics: object  # StatisticsProvider
+    report: CompressionReport
+
+
+def compress(model: str | Path, recipe: str | Path | Recipe | dict, options: CompressOptions = CompressOptions(),
+             on_event=None) -> CompressionReport:
+    """Apply a recipe to MODEL and save the result to `options.out` (nothing is written on a dry run)."""
+    from moeexport.modelio import save
+
+    events = EventStream(on_event)
+    stages = _Stages(events)
+    if options.dry_run:
+        done = _compress(model, recipe, options, events, stages)
+    else:
+        _require_out(options, model)
+        with output_lock(options.out):
+            done = _compress(model, recipe, options, events, stages)
+            with stages("save", f"saving {options.out}"):
+                done.report.out = str(save(done.model, options.out, done.report.manifest(), overwrite=options.overwrite))
+    done.report.timings = stages.total()
+    return done.report
+
+
+def _require_out(options: CompressOptions, model) -> None:
+    from moeexport.modelio import resolve_model_dir
+
+    if not options.out:
+        raise MoeExportError("--out is required (or use --dry-run to only print the plan)")
+    check_output(options.out, resolve_model_dir(model), options.overwrite)
+
+
+def _compress(model: str | Path, recipe, options: CompressOptions, events: EventStream, stages: _Stages,
+              check=None) -> _Compressed:
+    """Load, calibrate, apply; `check(model)` runs on the result before its quality is measured."""
+    from moeexport.compress import compress as apply_recipe
+    from moeexport.modelio import fingerprint, load, load_tokenizer, resolve_model_dir
+
+    recipe = _recipe(recipe)
+    model_dir = resolve_model_dir(model)
+    calibration = options.calibration
+    if calibration.source != "model":
+        from moeexport.calibration.sources import read_documents
+
+        read_documents(calibration.source)  # a missing or malformed source fails now, before the model runs
+    with stages("load", f"loading {model}"):
+        lm = load(model, options.dtype, options.trust_remote_code)
+        tokenizer = load_tokenizer(model, options.trust_remote_code)
+    original = copy.deepcopy(lm) if options.measure_quality and not options.dry_run else None
+    provider = _statistics_provider(tokenizer, calibration, fingerprint(model_dir), events)
+    with stages("compress", f"compressing with {len(recipe.steps)} pass(es)"):
+        result = apply_recipe(lm, recipe, provider,
+                              on_step=lambda step: events.step(step.name, _step_record(step)))
+    report = CompressionReport(
+        model=str(model),
+        source={"model": str(model), "fingerprint": provider.source_key},
+        calibration=provider.calibration.to_dict(),
+        passes=[_step_record(step) for step in result.steps],
+        layers_before=[asdict(spec) for spec in result.layers_before],
+        layers_after=[asdict(spec) for spec in result.layers_after],
+        new_block_index=result.new_block_index,
+        parameters={"before": result.parameters_before, "after": result.parameters_after},
+        bytes={"before": result.bytes_before, "after": result.bytes_after},
+    )
+    if check is not None:
+        check(lm)
+    if original is not None:
+        with stages("quality", "measuring quality against the original"):
+            report.quality_vs_source = _quality(lm, original, tokenizer, options, events)
+        del original
+    return _Compressed(lm, tokenizer, model_dir, provider, report)
+
+
+def _recipe(recipe) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return parse_recipe(recipe)
+    return load_recipe(recipe)
+
+
+def _step_record(step) -> dict:
+    return step.to_dict() | {"summary": list(step.plan.describe())}
+
+
+def statistics_provider(model: str | Path, tokenizer, calibration: CalibrationOptions = CalibrationOptions(),
+                        on_event=None):
+    """The calibration statistics of MODEL (observed on demand, cached), for scripts that compress in memory."""
+    from moeexport.modelio import fingerprint, resolve_model_dir
+
+    return _statistics_provider(tokenizer, calibration, fingerprint(resolve_model_dir(model)), EventStream(on_event))
+
+
+def _statistics_provider(tokenizer, calibration: CalibrationOptions, source_key: str, progress):
+    from moeexport.calibration.sources import CalibrationConfig
+    from moeexport.compress import DEFAULT_CACHE, StatisticsProvider
+
+    return StatisticsProvider(
+        tokenizer,
+        CalibrationConfig(calibration.source, calibration.samples, calibration.length, calibration.seed),
+        source_key,
+        cache_dir=DEFAULT_CACHE if calibration.cache else None,
+        batch_size=calibration.batch_size,
+        max_block_window=calibration.max_block_window,
+        progress=progress,
+    )
+
+
+def _held_out_windows(options: CompressOptions, tokenizer, model, count: int, length: int):
+    """(windows, description): `eval_text`, or sequences sampled from `model` apart from calibration."""
+    from moeexport.calibration.sources import sample_from_model
+    from moeexport.evaluate import eval_windows
+
+    if options.eval_text:
+        return eval_windows(tokenizer, options.eval_text, length, count), options.eval_text
+    windows = sample_from_model(model, tokenizer, count, length, options.calibration.seed + 1)
+    return windows, f"{count} x {length} tokens sampled from the model"
+
+
+def _quality(model, original, tokenizer, options: CompressOptions, progress) -> dict:
+    from moeexport.evaluate import evaluate as score
+
+    windows, where = _held_out_windows(options, tokenizer, original, *QUALITY_WINDOWS)
+    return {"text": where, **score(model, windows, reference=original, progress=progress).to_dict()}
+
+
+# --- analyze / evaluate / validate ------------------------------------------------------
+
+
+@dataclass
+class AnalysisReport:
+    model: str
+    calibration_tokens: int  # tokens each layer was observed on
+    layers: list[dict]  # one summary row per layer (moeexport.analysis.layer_rows)
+    files: list[str]  # statistics.json, the plots, report.html
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions = CalibrationOptions(),
+            dtype: str = "float32", trust_remote_code: bool = False, on_event=None) -> AnalysisReport:
+    """Observe MODEL on the calibration set; write statistics.json, plots and report.html to `out`."""
+    from moeexport.analysis import layer_rows, write_html, write_plots
+    from moeexport.modelio import fingerprint, load, load_tokenizer, resolve_model_dir
+
+    model_dir = resolve_model_dir(model)
+    check_output(out, model_dir, overwrite=True)  # analysis files are rewritten in place
+    events = EventStream(on_event)
+    lm, tokenizer = load(model, dtype, trust_remote_code), load_tokenizer(model, trust_remote_code)
+    statistics = _statistics_provider(tokenizer, calibration, fingerprint(model_dir), events).statistics(lm, history=[])
+    rows = layer_rows(statistics)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    statistics.save(out / "statistics.json")
+    plots = write_plots(statistics, out)
+    page = write_html(statistics, rows, plots, out / "report.html", f"moeexport analyze {model}")
+    files = [str(path) for path in (out / "statistics.json", *plots, page)]
+    return AnalysisReport(str(model), statistics.layers[0].tokens, rows, files)
+
+
+
+def evaluate(model: str | Path, text: str, reference: str | Path | None = None, length: int = 256,
+             max_sequences: int = 32, dtype: str = "float32", trust_remote_code: bool = False, on_event=None):
+    """Perplexity of MODEL on `text`; with `reference`, KL(reference || MODEL) and top-1 agreement (EvalResult)."""
+    from moeexport.evaluate import eval_windows
+    from moeexport.evaluate import evaluate as score
+    from moeexport.modelio import load, load_tokenizer
+
+    if length < 2 or max_sequences < 1:
+        raise MoeExportError("--length must be at least 2 and --max-sequences at least 1")
+    lm, tokenizer = load(model, dtype, trust_remote_code), load_tokenizer(model, trust_remote_code)
+    reference_lm = load(reference, dtype, trust_remote_code) if reference else None
+    if reference_lm is not None and reference_lm.config.vocab_size != lm.config.vocab_size:
+        raise MoeExportError("--reference has a different vocabulary than MODEL; compare models that share a tokenizer")
+    windows = eval_windows(tokenizer, text, length, max_sequences)
+    return score(lm, windows, reference=reference_lm, progress=EventStream(on_event))
+
+
+def validate(artifact: str | Path, reference: str | Path, text: str, length: int = 256, windows: int = 2,
+             tolerance=None, on_event=None):
+    """Logits of an artifact file (.gguf, .onnx) against the torch model it came from: a Validation with a verdict.
+
+    The verdict is against `tolerance` (a moeexport.validate.Tolerance), by default the target's tolerance for
+    the weight type the file records, or DEFAULT_VERDICT when it records none. The file is never renamed.
+    """
+    from moeexport.backends import target_for, target_of_file
+    from moeexport.evaluate import eval_windows
+    from moeexport.modelio import load, load_tokenizer
+    from moeexport.validate import TorchRunner, validate_artifact
+
+    artifact = Path(artifact)
+    if not artifact.is_file():
+        raise MoeExportError(f"{artifact} is not a file")
+    target = target_for(target_of_file(artifact))
+    if tolerance is None:
+        quant = target.quant_of(artifact)
+        tolerance = target.tolerance(quant) if quant in target.tolerances else DEFAULT_VERDICT
+    lm, tokenizer = load(reference), load_tokenizer(reference)
+    token_windows = eval_windows(tokenizer, text, length, windows)
+    return validate_artifact(TorchRunner(lm), target.runner(artifact, length), token_windows, tolerance, artifact,
+                             text, target.runtime(), EventStream(on_event), set_aside_failed=False)
+
+
+# --- build ------------------------------------------------------------------------------
+
+
+def build(model: str | Path, recipe: str | Path | Recipe | dict, target: str, options: BuildOptions,
+          on_event=None) -> BuildReport:
+    """Compress MODEL, export it for `target`, validate the artifact against the compressed torch model, profile it.
+
+    Everything lands in `options.out` at once when the build is done: the
+    artifact, the compressed checkpoint (compressed/), report.json and
+    report.html. A build whose validation misses its tolerance still lands,
+    with its artifact renamed *.failed and `report.ok` False.
+    """
+    from moeexport.backends import target_for
+
+    chosen = target_for(target)  # before any work: nothing is compressed for options the target refuses
+    target_options = chosen.options(options.target_options)
+    chosen.check_quant(options.quant)
+    _require_out(options, model)
+    with output_lock(options.out):
+        return _build(model, recipe, chosen, target_options, options, EventStream(on_event))
+
+
+def _build(model, recipe, chosen, target_options, options: BuildOptions, events: EventStream) -> BuildReport:
+    from moeexport.backends.target import ExportInputs
+    from moeexport.modelio import save
+    from moeexport.quantization import weight_grid
+    from moeexport.validate import RecordedReference, TorchRunner, validate_artifact
+
+    target = chosen.name
+    stages = _Stages(events)
+    done = _compress(model, recipe, options, events, stages,
+                     check=lambda lm: chosen.check(lm, options.quant, target_options))
+    out = Path(options.out)
+    report = BuildReport(str(model), target, options.quant, target_options.model_dump(), str(out), done.report)
+    with staged(out, options.overwrite) as staging:
+        with stages("save", "saving the compressed checkpoint"):
+            save(done.model, staging / "compressed", done.report.manifest())
+        with stages("reference", "recording the compressed model's logits"):
+            windows, where = _held_out_windows(options, done.tokenizer, done.model, *options.validation_windows)
+            reference = RecordedReference.record(TorchRunner(done.model), windows)
+        inputs = ExportInputs(tokenizer=done.tokenizer, weight_grid=weight_grid(done.model), reference=reference,
+                              manifest=done.report.manifest())
+        if chosen.wants_imatrix(target_options):
+            from moeexport.calibration.moments import input_moments
+
+            with stages("imatrix", "measuring the importance matrix"):
+                calibration_set = done.statistics.tokens(done.model)
+                inputs.imatrix = input_moments(done.model, calibration_set, batch_size=options.calibration.batch_size)
+        with stages("export", f"exporting to {target} ({options.quant})"):
+            artifact = chosen.export(done.model, staging, options.quant, target_options, inputs)
+        del done  # the torch model is not needed past here: its logits are recorded
+        with stages("validate", "validating the artifact"):
+            runner = chosen.runner(artifact.path, windows.shape[1])
+            validation = validate_artifact(reference, runner, windows, chosen.tolerance(options.quant), artifact.path,
+                                           where, chosen.runtime(), events)
+            del runner
+            artifact.path = validation.artifact  # *.failed when it missed
+        if validation.passed and options.profile:
+            with stages("profile", "profiling"):
+                report.profile = chosen.profile(artifact, windows[0, :PROFILE_PROMPT].tolist(), PROFILE_NEW_TOKENS)
+        with stages("finish", f"finishing the {target} artifact"):
+            finished = chosen.finish(artifact, validation, inputs, events)
+        report.failures = validation.failures + finished.get("failures", [])
+        report.engine = finished.get("engine")
+        report.validation = validation.to_dict() | {"artifact": _published(artifact.path, staging, out)}
+        files = finished.get("files") or artifact.files()
+        report.artifact = {"path": _published(artifact.path, staging, out), "representation": artifact.representation,
+                           "fallbacks": artifact.fallbacks, "file_bytes": sum(files.values()), "files": files}
+        report.timings = stages.total()
+        _write_reports(report, staging)
+    return report
+
+
+def _published(path: Path, staging: Path, out: Path) -> str:
+    """Where a file written in the staging directory is once the build lands."""
+    return str(out / Path(path).relative_to(staging))
+
+
+def _write_reports(report: BuildReport, directory: Path) -> None:
+    from moeexport.report import write_build_html
+
+    data = report.to_dict()
+    (directory / "report.json").write_text(json.dumps(data, indent=2) + "\n")
+    write_build_html(data, directory / "report.html")
