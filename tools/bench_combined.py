@@ -3,11 +3,11 @@
     python tools/bench_combined.py                       # fixture + corpus in ../shared
     python tools/bench_combined.py --model demo --calib model --text held_out.txt
 
-Runs `moeexport build` four times (the F16 baselines with an empty recipe, then
+Calls `moeexport.build` four times (the F16 baselines with an empty recipe, then
 recipes/combined.yaml as q4_0 GGUF and int4 QMoE ONNX), each of which validates
 its artifact against its torch model and profiles it in a fresh process, and
-prints one table from the four report.json files: file size, fidelity, quality
-against the original, and prefill / decode tokens/s.
+prints one table from the four BuildReports: file size, fidelity, quality
+against the original, and prefill / decode tokens/s. Writes the reports as JSON.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from moeexport.cli import main as moeexport
+import moeexport
 from fixture_data import add_data_arguments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,36 +30,37 @@ def main() -> None:
     parser.add_argument("--json", default="combined_bench.json")
     args = parser.parse_args()
 
+    uncompressed = {"passes": []}
+    builds = {
+        "uncompressed gguf f16": (uncompressed, "gguf", "f16", {}),
+        "uncompressed onnx f16": (uncompressed, "onnx", "f16", {}),
+        "combined gguf q4_0": (args.recipe, "gguf", "q4_0", {}),
+        "combined onnx int4 b128": (args.recipe, "onnx", "int4", {"block_size": 128}),
+    }
+    reports = {}
     with tempfile.TemporaryDirectory() as scratch:
-        empty = Path(scratch) / "none.yaml"
-        empty.write_text("passes: []\n")
-        builds = {
-            "uncompressed gguf f16": (empty, ["--target", "gguf", "--quant", "f16"]),
-            "uncompressed onnx f16": (empty, ["--target", "onnx", "--quant", "f16"]),
-            "combined gguf q4_0": (args.recipe, ["--target", "gguf", "--quant", "q4_0"]),
-            "combined onnx int4 b128": (args.recipe, ["--target", "onnx", "--quant", "int4", "--block-size", "128"]),
-        }
-        reports = {}
-        for name, (recipe, target) in builds.items():
-            out = Path(scratch) / name.replace(" ", "-")
-            status = moeexport(["build", args.model, "--recipe", str(recipe), "--out", str(out), "--calib", args.calib,
-                                "--eval-text", args.text, *target])
-            reports[name] = json.loads((out / "report.json").read_text()) | {"exit_status": status}
+        for name, (recipe, target, quant, target_options) in builds.items():
+            options = moeexport.BuildOptions(out=str(Path(scratch) / name.replace(" ", "-")), quant=quant,
+                                             target_options=target_options, eval_text=args.text,
+                                             calibration=moeexport.CalibrationOptions(source=args.calib))
+            reports[name] = moeexport.build(args.model, recipe, target, options)
 
     print("\n| build | MiB | fidelity KL | top-1 | ppl (artifact) | KL vs original | prefill tok/s | decode tok/s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, report in reports.items():
-        validation, profile = report["validation"], report["profile"]
-        quality = report["quality_vs_source"] or {}
-        print(f"| {name} | {report['file_bytes'] / 2**20:.1f} | {validation['kl']:.2e} | {validation['top1_agreement']:.2%} | "
-              f"{validation['perplexity']:.2f} | {quality.get('kl', 0):.4f} | {profile['prefill_tokens_per_s']:.0f} | "
-              f"{profile['decode_tokens_per_s']:.0f} |")
+        validation, profile = report.validation, report.profile or {}
+        quality = report.compression.quality_vs_source or {}
+        print(f"| {name}{'' if report.ok else ' (FAILED validation)'} | {report.artifact['file_bytes'] / 2**20:.1f} | "
+              f"{validation['kl']:.2e} | {validation['top1_agreement']:.2%} | {validation['perplexity']:.2f} | "
+              f"{quality.get('kl', 0):.4f} | {profile.get('prefill_tokens_per_s', 0):.0f} | "
+              f"{profile.get('decode_tokens_per_s', 0):.0f} |")
     for target in ("gguf", "onnx"):
         base = next(r for n, r in reports.items() if n.startswith(f"uncompressed {target}"))
         small = next(r for n, r in reports.items() if n.startswith(f"combined {target}"))
-        print(f"{target}: file {small['file_bytes'] / base['file_bytes']:.2%} of F16, decode "
-              f"{small['profile']['decode_tokens_per_s'] / base['profile']['decode_tokens_per_s']:.2f}x")
-    Path(args.json).write_text(json.dumps(reports, indent=2) + "\n")
+        speedup = (f"{small.profile['decode_tokens_per_s'] / base.profile['decode_tokens_per_s']:.2f}x"
+                   if small.profile and base.profile else "- (not profiled: validation failed)")
+        print(f"{target}: file {small.artifact['file_bytes'] / base.artifact['file_bytes']:.2%} of F16, decode {speedup}")
+    Path(args.json).write_text(json.dumps({name: r.to_dict() for name, r in reports.items()}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

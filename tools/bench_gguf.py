@@ -3,7 +3,8 @@
     python tools/bench_gguf.py                       # fixture + corpus in ../shared
     python tools/bench_gguf.py --model demo --calib model --quant q8_0
 
-For uncompressed, Block Drop 2, Layer Drop 2 and uniform Expert Drop 6: the file
+For uncompressed, Block Drop 2, Layer Drop 2 and uniform Expert Drop 6 (each one
+`moeexport.build`, which validates the file against its torch model): the file
 size, how much of the dropped parameters' bytes the file actually saves, and
 prefill / decode tokens per second (llama.cpp defaults, greedy, median of
 --repeats), with decode speed relative to the uncompressed file.
@@ -12,18 +13,16 @@ prefill / decode tokens per second (llama.cpp defaults, greedy, median of
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import tempfile
 from pathlib import Path
 
 import transformers
 
+import moeexport
 from moeexport.backends import gguf as gguf_backend
-from moeexport.calibration.sources import CalibrationConfig, sample_from_model
-from moeexport.compress import DEFAULT_CACHE, StatisticsProvider, compress
-from moeexport.modelio import fingerprint, load, load_tokenizer, parameter_count, resolve_model_dir
-from moeexport.recipe import parse_recipe
+from moeexport.backends import target_for
+from moeexport.calibration.sources import sample_from_model
 from fixture_data import CALIBRATION_TEXT, FIXTURE_MODEL
 
 STRUCTURES = {
@@ -47,29 +46,27 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
-    original, tokenizer = load(args.model), load_tokenizer(args.model)
-    provider = StatisticsProvider(
-        tokenizer, CalibrationConfig(args.calib), fingerprint(resolve_model_dir(args.model)), DEFAULT_CACHE
-    )
-    prompt = sample_from_model(original, tokenizer, 1, args.prompt_tokens, seed=5)[0].tolist()
-    work = Path(tempfile.mkdtemp(prefix="moeexport-bench-gguf-"))
+    prompt = sample_from_model(moeexport.load(args.model), moeexport.load_tokenizer(args.model), 1, args.prompt_tokens,
+                               seed=5)[0].tolist()
+    calibration = moeexport.CalibrationOptions(source=args.calib)
     rows = []
-    for name, passes in STRUCTURES.items():
-        model = copy.deepcopy(original)
-        compress(model, parse_recipe({"passes": passes}), provider)
-        artifact = gguf_backend.export(model, work / f"{name}.gguf", quant=args.quant)
-        runner = gguf_backend.Runner(artifact.path, context=1024, exact=False)
-        runs = [runner.profile(prompt, args.new_tokens) for _ in range(args.repeats)]
-        runner.close()
-        rows.append({
-            "name": name,
-            "representation": artifact.representation,
-            "dropped_parameters": parameter_count(original) - parameter_count(model),
-            "file_bytes": artifact.path.stat().st_size,
-            "prefill": statistics.median(r["prefill_tokens_per_s"] for r in runs),
-            "decode": statistics.median(r["decode_tokens_per_s"] for r in runs),
-        })
-        artifact.path.unlink()
+    with tempfile.TemporaryDirectory(prefix="moeexport-bench-gguf-") as scratch:
+        for name, passes in STRUCTURES.items():
+            report = moeexport.build(args.model, {"passes": passes}, "gguf", moeexport.BuildOptions(
+                out=str(Path(scratch) / name), quant=args.quant, calibration=calibration, measure_quality=False,
+                profile=False))  # timed below, median of --repeats
+            runner = target_for("gguf").serving_runner(report.artifact["path"], 1024)
+            runs = [runner.profile(prompt, args.new_tokens) for _ in range(args.repeats)]
+            runner.close()
+            parameters = report.compression.parameters
+            rows.append({
+                "name": name if report.ok else f"{name} (FAILED validation)",
+                "representation": report.artifact["representation"],
+                "dropped_parameters": parameters["before"] - parameters["after"],
+                "file_bytes": report.artifact["file_bytes"],
+                "prefill": statistics.median(r["prefill_tokens_per_s"] for r in runs),
+                "decode": statistics.median(r["decode_tokens_per_s"] for r in runs),
+            })
 
     base = rows[0]
     print(f"{args.model}, {args.quant}, prompt {args.prompt_tokens} + {args.new_tokens} new tokens, "

@@ -3,12 +3,13 @@
     python tools/bench_onnx.py                                   # fixture + corpus in ../shared
     python tools/bench_onnx.py --model demo --text held_out.txt --recipe recipes/trim.yaml
 
-Compresses the model with --recipe (none by default), exports f32 (MoE op and
-plain), f16, int8 and int4 (QMoE, --block-size), compares each graph with the
-compressed torch model on held-out windows (and the quantized ones with the f32
-graph too), then profiles ONNX Runtime and torch eager (transformers generate
-with its KV cache) on the same prompt in this one process. Prints a markdown
-table and writes the rows as JSON.
+Builds the model with --recipe (none by default) as f32 (MoE op and plain), f16,
+int8 and int4 (QMoE, --block-size) graphs, one `moeexport.build` each (the
+statistics cache makes recompressing cheap), whose validation compares the graph
+with the compressed torch model on --windows held-out windows of --text. The
+quantized graphs are compared with the f32 graph too, then ONNX Runtime
+and torch eager (transformers generate with its KV cache) are profiled on the
+same prompt in this one process. Prints a markdown table and writes the rows as JSON.
 """
 
 from __future__ import annotations
@@ -20,17 +21,14 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from moeexport.backends import onnx as onnx_backend
-from moeexport.calibration.sources import CalibrationConfig
-from moeexport.compress import StatisticsProvider, compress
+import moeexport
+from moeexport.backends import target_for
 from moeexport.evaluate import eval_windows
-from moeexport.modelio import fingerprint, load, load_tokenizer, resolve_model_dir
-from moeexport.recipe import load_recipe, parse_recipe
-from moeexport.validate import TorchRunner, compare
+from moeexport.validate import compare
 from fixture_data import add_data_arguments
 
+VARIANTS = [("f32", "contrib"), ("f32", "plain"), ("f16", "contrib"), ("int8", "contrib"), ("int4", "contrib")]
 
 
 def torch_decode_speed(model, prompt: list[int], new_tokens: int) -> dict:
@@ -47,46 +45,51 @@ def torch_decode_speed(model, prompt: list[int], new_tokens: int) -> dict:
     return {"prefill_tokens_per_s": len(prompt) / prefill, "decode_tokens_per_s": new_tokens / max(total - prefill, 1e-9)}
 
 
+def graph_bytes(artifact: dict) -> int:
+    """The graph and its external data, without the genai config and tokenizer files beside them."""
+    stem = Path(artifact["path"]).name.split(".")[0]
+    return sum(size for name, size in artifact["files"].items() if name.split(".")[0] == stem)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser)
     parser.add_argument("--recipe", help="a recipe file; default: the uncompressed model")
     parser.add_argument("--block-size", type=int, default=32)
-    parser.add_argument("--windows", type=int, default=2, help="held-out windows of 256 tokens")
+    parser.add_argument("--windows", type=int, default=2, help="held-out windows of 256 tokens (default 2)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--json", default="onnx_bench.json")
     args = parser.parse_args()
 
-    model, tokenizer = load(args.model), load_tokenizer(args.model)
-    recipe = load_recipe(args.recipe) if args.recipe else parse_recipe(yaml.safe_load("passes: []"))
-    calibration = CalibrationConfig(source=args.calib, num_sequences=32, sequence_length=256)
-    compress(model, recipe, StatisticsProvider(tokenizer, calibration, fingerprint(resolve_model_dir(args.model))))
-    windows = eval_windows(tokenizer, args.text, 256, args.windows)
+    onnx = target_for("onnx")
+    windows = eval_windows(moeexport.load_tokenizer(args.model), args.text, 256, args.windows)
     prompt = windows[0, :128].tolist()
-    reference = TorchRunner(model)
-
+    calibration = moeexport.CalibrationOptions(source=args.calib)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        variants = [("f32", "contrib"), ("f32", "plain"), ("f16", "contrib"), ("int8", "contrib"), ("int4", "contrib")]
         f32_runner = None
-        for quant, moe_ops in variants:
-            path = Path(scratch) / f"{quant}-{moe_ops}.onnx"
-            onnx_backend.export(model, path, quant=quant, moe_ops=moe_ops, block_size=args.block_size)
-            runner = onnx_backend.Runner(path, context=256)
-            fidelity = compare(reference, runner, windows)
-            row = {"quant": quant, "moe_ops": moe_ops, "file_mib": path.stat().st_size / 2**20, **fidelity.to_dict()}
+        for quant, moe_ops in VARIANTS:
+            report = moeexport.build(args.model, args.recipe or {"passes": []}, "onnx", moeexport.BuildOptions(
+                out=str(Path(scratch) / f"{quant}-{moe_ops}"), quant=quant, calibration=calibration,
+                target_options={"moe_ops": moe_ops, "block_size": args.block_size}, eval_text=args.text,
+                measure_quality=False, validation_windows=(args.windows, 256), profile=False))  # profiled below
+            runner = onnx.runner(report.artifact["path"], 256)
+            row = {"quant": quant, "moe_ops": moe_ops, "file_mib": graph_bytes(report.artifact) / 2**20,
+                   **report.validation}
             if f32_runner and quant != "f32":
                 row["kl_vs_f32_graph"] = compare(f32_runner, runner, windows).kl
             f32_runner = f32_runner or runner
             row.update(runner.profile(prompt, args.new_tokens))
             rows.append(row)
-    eager = torch_decode_speed(model, prompt, args.new_tokens)
+        compressed = moeexport.load(Path(report.out) / "compressed")  # the same torch model in every build
+        eager = torch_decode_speed(compressed, prompt, args.new_tokens)
 
     print(f"\n{args.model} ({args.recipe or 'uncompressed'}), {rows[0]['tokens']} held-out tokens of {args.text}\n")
     print("| graph | MiB | max abs dlogit | KL vs torch | KL vs f32 graph | top-1 | ppl | prefill tok/s | decode tok/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['quant']} {row['moe_ops']} | {row['file_mib']:.1f} | {row['max_abs_logit']:.2e} | {row['kl']:.2e} | "
+        print(f"| {row['quant']} {row['moe_ops']}{' (FAILED validation)' if row['failures'] else ''} | "
+              f"{row['file_mib']:.1f} | {row['max_abs_logit']:.2e} | {row['kl']:.2e} | "
               f"{row.get('kl_vs_f32_graph', 0):.2e} | {row['top1_agreement']:.2%} | {row['perplexity']:.3f} | "
               f"{row['prefill_tokens_per_s']:.0f} | {row['decode_tokens_per_s']:.0f} |")
     print(f"| torch eager | | | | | | {rows[0]['reference_perplexity']:.3f} | {eager['prefill_tokens_per_s']:.0f} | "

@@ -28,11 +28,11 @@ import torch
 import transformers
 from transformers import AutoConfig
 
+from moeexport import CalibrationOptions, load, load_tokenizer, save
 from moeexport.adapters import adapter_for
-from moeexport.calibration.sources import CalibrationConfig
-from moeexport.compress import DEFAULT_CACHE, StatisticsProvider, compress
+from moeexport.compress import compress
 from moeexport.evaluate import eval_windows, evaluate
-from moeexport.modelio import fingerprint, load, load_tokenizer, resolve_model_dir, save
+from moeexport.pipeline import statistics_provider
 from moeexport.recipe import parse_recipe
 from fixture_data import add_data_arguments
 
@@ -162,8 +162,8 @@ def main() -> None:
 
     started = time.perf_counter()
     original, tokenizer = load(args.model), load_tokenizer(args.model)
-    calibration = CalibrationConfig(args.calib)
-    provider = StatisticsProvider(tokenizer, calibration, fingerprint(resolve_model_dir(args.model)), DEFAULT_CACHE)
+    calibration = CalibrationOptions(source=args.calib)
+    provider = statistics_provider(args.model, tokenizer, calibration)
     windows = eval_windows(tokenizer, args.text, args.length, args.windows)
 
     def compressed(step: dict):
@@ -174,7 +174,7 @@ def main() -> None:
     def quality(model) -> dict:
         return evaluate(model, windows, reference=original).to_dict()
 
-    print(f"{args.model}; calibration {calibration.num_sequences} x {calibration.sequence_length} tokens of "
+    print(f"{args.model}; calibration {calibration.samples} x {calibration.length} tokens of "
           f"{args.calib}; evaluation on {windows.numel() - len(windows)} predicted tokens "
           f"({len(windows)} windows of {windows.shape[1]}) of {args.text}\n")
     report = {}

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import transformers
 
-from moeexport.calibration.sources import CalibrationConfig
-from moeexport.compress import StatisticsProvider, compress
+from moeexport import CalibrationOptions, load, load_tokenizer
+from moeexport.compress import compress
 from moeexport.evaluate import eval_windows, evaluate
-from moeexport.modelio import fingerprint, load, load_tokenizer, resolve_model_dir
+from moeexport.pipeline import statistics_provider
 from moeexport.recipe import parse_recipe
 from fixture_data import add_data_arguments
 
@@ -57,8 +57,8 @@ def main() -> None:
 
     started = time.perf_counter()
     original, tokenizer = load(args.model), load_tokenizer(args.model)
-    calibration = CalibrationConfig(args.calib, num_sequences=args.calib_samples, sequence_length=args.calib_length)
-    provider = StatisticsProvider(tokenizer, calibration, fingerprint(resolve_model_dir(args.model)), cache_dir=None)
+    calibration = CalibrationOptions(args.calib, samples=args.calib_samples, length=args.calib_length, cache=False)
+    provider = statistics_provider(args.model, tokenizer, calibration)
     windows = eval_windows(tokenizer, args.text, args.length, args.windows)
     dense = evaluate(original, windows).to_dict()
     rows = [{"method": "dense", **dense, "kl": 0.0, "top1_agreement": 1.0, "perplexity_ratio": 1.0}]

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import transformers
 
-from moeexport.calibration.sources import CalibrationConfig
-from moeexport.compress import DEFAULT_CACHE, StatisticsProvider, compress
+from moeexport import CalibrationOptions, load, load_tokenizer
+from moeexport.compress import compress
 from moeexport.evaluate import eval_windows, evaluate
-from moeexport.modelio import fingerprint, load, load_tokenizer, resolve_model_dir
+from moeexport.pipeline import statistics_provider
 from moeexport.recipe import parse_recipe
 from fixture_data import add_data_arguments
 
@@ -66,9 +66,7 @@ def main() -> None:
 
     started = time.perf_counter()
     original, tokenizer = load(args.model), load_tokenizer(args.model)
-    provider = StatisticsProvider(
-        tokenizer, CalibrationConfig(args.calib), fingerprint(resolve_model_dir(args.model)), DEFAULT_CACHE
-    )
+    provider = statistics_provider(args.model, tokenizer, CalibrationOptions(source=args.calib))
     windows = eval_windows(tokenizer, args.text, args.length, args.windows)
 
     def measure(step: dict) -> dict:
