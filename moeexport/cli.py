@@ -159,10 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     run = {"analyze": run_analyze, "compress": run_compress, "eval": run_eval, "build": run_build,
            "validate": run_validate, "chat": run_chat, "trt-build": run_trt_build}[args.command]
     try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
         return run(args)
     except MoeExportError as error:
         print(f"moeexport {args.command}: error: {error}", file=sys.stderr)

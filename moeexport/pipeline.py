@@ -14,6 +14,7 @@ call the same functions.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 from contextlib import contextmanager
@@ -136,6 +137,26 @@ class BuildReport:
         }
 
 
+def _quiet(function):
+    """Keep transformers' own progress bars and warnings out of a library call (restored afterwards)."""
+
+    @functools.wraps(function)
+    def quiet(*args, **kwargs):
+        from transformers.utils import logging
+
+        bars, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            logging.set_verbosity(verbosity)
+            if bars:
+                logging.enable_progress_bar()
+
+    return quiet
+
+
 class _Stages:
     """Times each stage and announces it as an event."""
 
@@ -168,6 +189,7 @@ class _Compressed:
     report: CompressionReport
 
 
+@_quiet
 def compress(model: str | Path, recipe: str | Path | Recipe | dict, options: CompressOptions = CompressOptions(),
              on_event=None) -> CompressionReport:
     """Apply a recipe to MODEL and save the result to `options.out` (nothing is written on a dry run)."""
@@ -303,6 +325,7 @@ class AnalysisReport:
         return asdict(self)
 
 
+@_quiet
 def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions = CalibrationOptions(),
             dtype: str = "float32", trust_remote_code: bool = False, on_event=None) -> AnalysisReport:
     """Observe MODEL on the calibration set; write statistics.json, plots and report.html to `out`."""
@@ -325,6 +348,7 @@ def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions 
 
 
 
+@_quiet
 def evaluate(model: str | Path, text: str, reference: str | Path | None = None, length: int = 256,
              max_sequences: int = 32, dtype: str = "float32", trust_remote_code: bool = False, on_event=None):
     """Perplexity of MODEL on `text`; with `reference`, KL(reference || MODEL) and top-1 agreement (EvalResult)."""
@@ -342,6 +366,7 @@ def evaluate(model: str | Path, text: str, reference: str | Path | None = None, 
     return score(lm, windows, reference=reference_lm, progress=EventStream(on_event))
 
 
+@_quiet
 def validate(artifact: str | Path, reference: str | Path, text: str, length: int = 256, windows: int = 2,
              tolerance=None, on_event=None):
     """Logits of an artifact file (.gguf, .onnx) against the torch model it came from: a Validation with a verdict.
@@ -370,6 +395,7 @@ def validate(artifact: str | Path, reference: str | Path, text: str, length: int
 # --- build ------------------------------------------------------------------------------
 
 
+@_quiet
 def build(model: str | Path, recipe: str | Path | Recipe | dict, target: str, options: BuildOptions,
           on_event=None) -> BuildReport:
     """Compress MODEL, export it for `target`, validate the artifact against the compressed torch model, profile it.

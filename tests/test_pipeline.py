@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,9 @@ from moeexport.modelio import DEMO_MODEL
 from moeexport.pipeline import compress, evaluate
 
 SMALL = CalibrationOptions(samples=4, length=64)
-SMALL_FLAGS = ["--calib-samples", "4", "--calib-length", "64"]
+# held-out text from a file: sampling validation windows from the model would cost seconds per build
+HELD_OUT = Path(__file__).with_name("held_out_text.txt")
+SMALL_FLAGS = ["--calib-samples", "4", "--calib-length", "64", "--eval-text", str(HELD_OUT)]
 RECIPE = {"passes": [{"block_drop": {"n": 1}}, {"expert_drop": {"keep": 6, "scope": "global", "score": "reap",
                                                                  "min_keep": 2}}]}
 
@@ -25,7 +28,7 @@ RECIPE = {"passes": [{"block_drop": {"n": 1}}, {"expert_drop": {"keep": 6, "scop
 def onnx_build(tmp_path_factory):
     events = []
     out = tmp_path_factory.mktemp("build") / "demo-onnx"
-    report = moeexport.build("demo", RECIPE, "onnx", BuildOptions(out=str(out), calibration=SMALL), events.append)
+    report = moeexport.build("demo", RECIPE, "onnx", BuildOptions(out=str(out), calibration=SMALL, eval_text=str(HELD_OUT)), events.append)
     return report, events, out
 
 
@@ -119,7 +122,8 @@ def test_an_interrupted_rebuild_keeps_the_previous_build_and_leaves_no_staging(t
     from moeexport.backends.onnx import ONNXTarget
 
     out = tmp_path / "build"
-    options = BuildOptions(out=str(out), calibration=SMALL, measure_quality=False, overwrite=True)
+    options = BuildOptions(out=str(out), calibration=SMALL, measure_quality=False, overwrite=True,
+                           eval_text=str(HELD_OUT))
     moeexport.build("demo", {"passes": []}, "onnx", options)
     before = sorted(path.name for path in out.iterdir())
 
@@ -238,7 +242,8 @@ def test_sigkill_at_any_point_leaves_the_previous_build_or_a_new_complete_one(tm
     import time
 
     out = tmp_path / "build"
-    options = BuildOptions(out=str(out), calibration=SMALL, measure_quality=False, overwrite=True)
+    options = BuildOptions(out=str(out), calibration=SMALL, measure_quality=False, overwrite=True,
+                           eval_text=str(HELD_OUT))
     moeexport.build("demo", {"passes": []}, "onnx", options)
     command = [sys.executable, "-m", "moeexport.cli", "build", "demo", "--recipe", str(_recipe_file(tmp_path)),
                "--target", "onnx", "--out", str(out), "--overwrite", "--no-eval", *SMALL_FLAGS]
