@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from moeexport.errors import MoeExportError
+from moeexport.errors import MoeExportError, read_user_text
 from moeexport.passes import PASSES, PassOptions
 
 
@@ -44,7 +44,7 @@ class Recipe:
 def parse_recipe(document: object, where: str = "recipe") -> Recipe:
     if not isinstance(document, dict) or "passes" not in document:
         raise MoeExportError(f"{where} must be a mapping with a 'passes' list (e.g. passes: [{{block_drop: {{n: 1}}}}])")
-    extra = sorted(set(document) - {"passes"})
+    extra = sorted(map(str, set(document) - {"passes"}))
     if extra:
         raise MoeExportError(f"{where} has unknown top-level keys {extra}; only 'passes' is allowed")
     entries = document["passes"] or []
@@ -57,7 +57,7 @@ def _parse_step(entry: object, where: str) -> RecipeStep:
     if isinstance(entry, str):
         entry = {entry: {}}
     if not isinstance(entry, dict) or len(entry) != 1:
-        raise MoeExportError(f"{where} must be a one-key mapping like 'block_drop: {{n: 1}}', got {entry!r}")
+        raise MoeExportError(f"{where} must be a one-key mapping like 'block_drop: {{n: 1}}', got {_short(entry)}")
     (name, options), = entry.items()
     if name not in PASSES:
         raise MoeExportError(f"{where}: unknown pass {name!r}; known passes: {', '.join(PASSES)}")
@@ -66,19 +66,113 @@ def _parse_step(entry: object, where: str) -> RecipeStep:
     except ValidationError as error:
         problem = error.errors()[0]
         field = ".".join(str(part) for part in problem["loc"]) or "options"
-        message = "unknown option" if problem["type"] == "extra_forbidden" else problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown option"
+        elif problem["type"] == "value_error":  # a validator's own sentence, without pydantic's "Value error, "
+            message = str(problem["ctx"]["error"])
+        elif problem["type"].endswith("_type") or problem["type"] == "literal_error":
+            message = f"{problem['msg']}, got {_yaml_value(problem['input'])}"
+        else:
+            message = problem["msg"]
         raise MoeExportError(f"{where} ({name}): {field}: {message}") from None
+
+
+def _yaml_value(value: object) -> str:
+    """A wrongly typed option as the recipe wrote it: `true` is a boolean, `"6"` a string."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, str):
+        return f"{_short(value)} (a string)"
+    return _short(value)
+
+
+MAX_DEPTH = 50  # nesting a recipe could need is 4 (passes, list, step, options); deeper is not a recipe
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load without aliases (a recipe never needs them, and nested aliases, a
+    "billion laughs" document, expand exponentially), without duplicate keys (the last
+    value would silently win), and without nesting deep enough to exhaust the stack."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        mark = self.peek_event().start_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        if self.check_event(yaml.AliasEvent):
+            raise MoeExportError(
+                f"recipe {self.name} uses an alias (*name) at {where}; "
+                "recipes cannot use YAML anchors and aliases: write the options out"
+            )
+        if self.depth >= MAX_DEPTH:
+            raise MoeExportError(
+                f"recipe {self.name} nests more than {MAX_DEPTH} levels deep at {where}: it is not a recipe"
+            )
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, AttributeError, OverflowError) as error:  # `2001-13-45`, `!!int x`, ...
+            mark = node.start_mark
+            why = f" ({_short(str(error))})" if isinstance(error, ValueError) else ""  # not PyYAML's internals
+            raise MoeExportError(
+                f"recipe {self.name} has a value at line {mark.line + 1}, column {mark.column + 1} that YAML cannot "
+                f"read as {node.tag.rsplit(':', 1)[-1]}{why}: quote it, or write a plain number"
+            ) from None
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in first
+                except TypeError:  # an unhashable key: the constructor names it as a YAML error
+                    continue
+                mark = key_node.start_mark
+                if seen:
+                    raise MoeExportError(
+                        f"recipe {self.name} repeats the key {_short(key)} at line {mark.line + 1}, "
+                        f"column {mark.column + 1} (first at line {first[key].line + 1}): "
+                        "YAML would silently keep only the last value; write each key once"
+                    )
+                first[key] = mark
+        return super().construct_mapping(node, deep)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise MoeExportError(f"recipe file {path} does not exist")
+    text = read_user_text(path, "recipe")
+    loader = None
     try:
-        document = yaml.safe_load(path.read_text())
+        loader = _RecipeLoader(text)  # the reader refuses control characters here, before parsing
+        loader.name = str(path)
+        document = loader.get_single_data()
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or "cannot be parsed"
+        if isinstance(error, yaml.reader.ReaderError):  # a control character: where it is, which one
+            line = text.count("\n", 0, error.position) + 1
+            code = error.character if isinstance(error.character, int) else ord(error.character)
+            at, problem = f" at line {line}", f"it holds the control character U+{code:04X}"
+        else:
+            problem = getattr(error, "problem", None) or "cannot be parsed"
         raise MoeExportError(f"recipe {path} is not valid YAML{at}: {problem}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     return parse_recipe(document, str(path))

@@ -1,4 +1,11 @@
-"""Run a GGUF in llama.cpp (through llama-cpp-python) behind moeexport's runner interface."""
+"""Run a GGUF in llama.cpp (through llama-cpp-python) behind moeexport's runner interface.
+
+A file llama.cpp cannot parse, a batch llama.cpp refuses to run, NaN or infinite
+logits while decoding, and a chat template (tokenizer.chat_template) that is not valid
+Jinja are each one MoeExportError line naming the file, never a traceback from
+llama.cpp or jinja2. `logits` returns non-finite values as they are: validation turns
+them into a failed verdict.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +26,32 @@ GGML_TYPE_F32 = 0  # KV-cache type for exactness checks
 def _load_error(path: str | Path) -> str:
     """llama.cpp's own reason for refusing a file (it only logs it): load again, verbosely, in a subprocess."""
     probe = f"from llama_cpp import Llama\nLlama(model_path={str(path)!r}, n_ctx=8, verbose=True)"
-    log = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stderr
-    reasons = [line.split("error loading model:", 1)[1].strip() for line in log.splitlines() if "error loading model:" in line]
-    return reasons[-1] if reasons else "not a GGUF file llama.cpp can read"
+    log = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, errors="replace").stderr
+    lines = log.splitlines()
+    # the GGUF parser's first complaint is the cause; "failed to load model" after it says nothing more
+    parser = [line.split(":", 1)[1].strip() for line in lines if line.startswith("gguf_init_from_")]
+    if parser:
+        return f"the file is damaged or not a GGUF ({parser[0]})"
+    reasons = [line.split("error loading model:", 1)[1].strip() for line in lines if "error loading model:" in line]
+    if not reasons:
+        return "the file is damaged or not a GGUF file llama.cpp can read"
+    if "corrupted" in reasons[-1] or "file bounds" in reasons[-1]:
+        return f"the file is damaged or truncated ({reasons[-1]})"
+    return reasons[-1]
+
+
+def _template_error(path, error) -> MoeExportError:
+    """A jinja2.TemplateError of the file's tokenizer.chat_template: where, what, and how to fix the file."""
+    import jinja2
+
+    syntax = isinstance(error, jinja2.TemplateSyntaxError)
+    line = f" at line {error.lineno}" if syntax else ""
+    what = "is malformed" if syntax else "fails on this conversation"
+    return MoeExportError(
+        f"{path}: its chat template (tokenizer.chat_template) {what}: "
+        f"{(error.message or type(error).__name__).rstrip('.')}{line}; "
+        "fix or remove it, e.g. with gguf-py's gguf_new_metadata.py --chat-template"
+    )
 
 
 class GGUFRunner:
@@ -31,13 +61,17 @@ class GGUFRunner:
     GGUF can be compared with the torch reference to ~1e-5.
     """
 
+    path = "the GGUF file"  # named in errors; set by __init__
+
     def __init__(
         self, path: str | Path, context: int = 512, exact: bool = True, threads: int | None = None, logits: bool = True
     ):
         try:
+            import jinja2
             from llama_cpp import Llama
         except ImportError:
             raise MoeExportError("running GGUF files needs llama-cpp-python: pip install 'moeexport[gguf]'") from None
+        self.path = str(path)
         options = {"flash_attn": False, "type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if exact else {}
         try:
             self.llm = Llama(
@@ -50,38 +84,58 @@ class GGUFRunner:
                 verbose=False,
                 **options,
             )
+        except jinja2.TemplateError as error:  # llama-cpp-python compiles the file's chat templates on load
+            raise _template_error(path, error) from None
         except ValueError:
             raise MoeExportError(f"llama.cpp cannot load {path}: {_load_error(path)}") from None
         self.context = context
+
+    def _eval(self, token_ids: list[int]) -> None:
+        try:
+            self.llm.eval(token_ids)
+        except RuntimeError as error:  # llama_decode refused the batch: a token outside the vocabulary, ...
+            vocabulary = self.llm.n_vocab()
+            outside = sorted({t for t in token_ids if not 0 <= t < vocabulary})
+            why = f"token ids {outside[:5]} are outside its vocabulary of {vocabulary}" if outside else str(error)
+            raise MoeExportError(f"llama.cpp cannot run {self.path}: {why}") from None
+
+    def _finite(self, scores: np.ndarray) -> np.ndarray:
+        """The next token's logits, which decoding cannot sample from when they are not finite."""
+        if not np.isfinite(scores).all():
+            raise MoeExportError(
+                f"{self.path} is damaged: llama.cpp computes NaN or infinite logits from it "
+                "(its tensor data is corrupt, or the model overflows); re-export or re-download it"
+            )
+        return scores
 
     def logits(self, token_ids) -> np.ndarray:
         token_ids = [int(t) for t in token_ids]
         if len(token_ids) > self.context:
             raise MoeExportError(f"{len(token_ids)} tokens do not fit the runner's context of {self.context}")
         self.llm.reset()
-        self.llm.eval(token_ids)
+        self._eval(token_ids)
         return np.array(self.llm.scores[: len(token_ids)], dtype=np.float32)
 
     def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[int]:
         """New token ids after `prompt` through the KV cache: greedy at temperature 0, else sampled."""
         self.llm.reset()
-        self.llm.eval([int(t) for t in prompt])
+        self._eval([int(t) for t in prompt])
         return self._continue(max_new_tokens, temperature, np.random.default_rng(seed))
 
     def _continue(self, count: int, temperature: float, rng) -> list[int]:
         """Pick the next token from the last logits and feed it back, `count` times."""
         generated = []
         for _ in range(count):
-            token = next_token(self.llm.scores[self.llm.n_tokens - 1], temperature, rng)
+            token = next_token(self._finite(self.llm.scores[self.llm.n_tokens - 1]), temperature, rng)
             generated.append(token)
-            self.llm.eval([token])
+            self._eval([token])
         return generated
 
     def profile(self, prompt: list[int], new_tokens: int = 64) -> dict:
         """Prefill and greedy-decode speed on this machine, as llama.cpp serves them."""
         self.llm.reset()
         started = time.perf_counter()
-        self.llm.eval([int(t) for t in prompt])
+        self._eval([int(t) for t in prompt])
         prefill = time.perf_counter() - started
         started = time.perf_counter()
         self._continue(new_tokens, 0.0, None)
@@ -93,13 +147,20 @@ class GGUFRunner:
         A GGUF without tokenizer.chat_template is formatted as Llama-2 [INST] turns
         (llama-cpp-python's default).
         """
-        stream = self.llm.create_chat_completion(
-            messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True
-        )
-        for chunk in stream:
-            piece = chunk["choices"][0]["delta"].get("content")
-            if piece:
-                yield piece
+        import jinja2
+
+        try:
+            stream = self.llm.create_chat_completion(
+                messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True
+            )
+            for chunk in stream:
+                piece = chunk["choices"][0]["delta"].get("content")
+                if piece:
+                    yield piece
+        except jinja2.TemplateError as error:  # the template compiled but fails on this conversation
+            raise _template_error(self.path, error) from None
+        except (ValueError, RuntimeError) as error:  # the template's raise_exception(), a full context, llama_decode
+            raise MoeExportError(f"llama.cpp cannot answer with {self.path}: {error}") from None
 
     def close(self) -> None:
         self.llm.close()

@@ -26,9 +26,10 @@ from moeexport.errors import MoeExportError
 
 
 class PassOptions(BaseModel):
-    """Options of one pass: unknown keys are errors, values are validated."""
+    """Options of one pass: unknown keys are errors, values are validated strictly
+    (`keep: true` or `keep: "6"` is an error, not 1 or 6; an int is still a valid float)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class CompressionPass:
@@ -66,3 +67,15 @@ def check_expert_keep(name: str, keep: int, scope: str, layers: list[LayerSpec])
     if keep > limit:
         what = "the largest layer has" if scope == "layer" else "layers have on average"
         raise MoeExportError(f"{name} keep={keep} but {what} {limit:g} experts")
+
+
+def check_moe_remains(name: str, allow_empty_layers: bool, before: list[LayerSpec], after: list[LayerSpec]) -> None:
+    """Refuse a drop that leaves the model without a MoE layer with experts, unless the step allows it."""
+    def routed(layers: list[LayerSpec]) -> int:
+        return sum(spec.kind == "moe" and spec.num_experts > 0 for spec in layers)
+
+    if not allow_empty_layers and routed(before) and not routed(after):
+        raise MoeExportError(
+            f"{name} would leave the model without MoE layers (no routed experts in any layer); "
+            "drop less, or add allow_empty_layers: true to the step if that is meant"
+        )

@@ -7,10 +7,15 @@
   cos(x, x + MoE(norm(x))) is highest; attention stays.
 - Expert Drop keeps `keep` experts per layer (scope layer) or drops the globally
   lowest-scoring experts (scope global: the same total, per-layer counts vary, a
-  layer may keep none and then passes its input through). Scores: selection
-  frequency, routing mass (He et al.), REAP saliency (Lasby et al. 2025: mean
-  gate weight x expert output norm over the expert's routed tokens), or random.
+  layer may keep none and then passes its input through, if the step allows it).
+  Scores: selection frequency, routing mass (He et al.), REAP saliency (Lasby et
+  al. 2025: mean gate weight x expert output norm over the expert's routed
+  tokens), or random.
 Every selection also has `score: random` as the control baseline.
+
+A drop that would leave a MoE layer with no experts (`keep: 0`, or a global drop
+that empties a layer), or the model without any MoE layer with experts, is
+refused unless the step says `allow_empty_layers: true`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from moeexport.adapters import LayerSpec, adapter_for
 from moeexport.adapters.base import check_expert_count_change, drop_blocks, drop_moe_sublayer, keep_experts
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
-from moeexport.passes.base import CompressionPass, PassOptions, check_expert_keep
+from moeexport.passes.base import CompressionPass, PassOptions, check_expert_keep, check_moe_remains
 
 
 def _top_n(scores: list[float], n: int) -> list[int]:
@@ -42,6 +47,14 @@ def _random_scores(count: int, seed: int) -> list[float]:
     return np.random.default_rng(seed).random(count).tolist()
 
 
+def _remaining(layers: list[LayerSpec], drop: list[int]) -> list[LayerSpec]:
+    return [spec for index, spec in enumerate(layers) if index not in drop]
+
+
+SEED = Field(0, ge=0, description="seed of score: random")
+ALLOW_EMPTY = Field(False, description="let the drop leave MoE layers without experts, or the model without MoE layers")
+
+
 # --- Block Drop -------------------------------------------------------------------------
 
 
@@ -49,7 +62,8 @@ class BlockDropOptions(PassOptions):
     n: int = Field(ge=1, description="number of decoder blocks to drop")
     mode: Literal["discrete", "consecutive"] = "discrete"
     score: Literal["similarity", "random"] = "similarity"
-    seed: int = 0
+    seed: int = SEED
+    allow_empty_layers: bool = ALLOW_EMPTY
 
 
 @dataclass
@@ -89,15 +103,17 @@ class BlockDrop(CompressionPass):
             )
             drop = _top_n(scores, n)
             similarity = [statistics.layers[b].block_similarity if statistics else None for b in drop]
-            return BlockDropPlan(drop, similarity)
-        starts = range(count - n + 1)
-        if options.score == "similarity":
-            window_scores = [statistics.window_similarity(start, n) for start in starts]
         else:
-            window_scores = _random_scores(len(starts), options.seed)
-        start = _top_n(window_scores, 1)[0]
-        window = statistics.window_similarity(start, n) if statistics else None
-        return BlockDropPlan(list(range(start, start + n)), [window] * n)
+            starts = range(count - n + 1)
+            if options.score == "similarity":
+                window_scores = [statistics.window_similarity(start, n) for start in starts]
+            else:
+                window_scores = _random_scores(len(starts), options.seed)
+            start = _top_n(window_scores, 1)[0]
+            window = statistics.window_similarity(start, n) if statistics else None
+            drop, similarity = list(range(start, start + n)), [window] * n
+        check_moe_remains(self.name, options.allow_empty_layers, layers, _remaining(layers, drop))
+        return BlockDropPlan(drop, similarity)
 
     def apply(self, model, plan: BlockDropPlan) -> None:
         drop_blocks(adapter_for(model.config), model, plan.drop)
@@ -109,7 +125,8 @@ class BlockDrop(CompressionPass):
 class LayerDropOptions(PassOptions):
     n: int = Field(ge=1, description="number of MoE sublayers to drop")
     score: Literal["similarity", "random"] = "similarity"
-    seed: int = 0
+    seed: int = SEED
+    allow_empty_layers: bool = ALLOW_EMPTY
 
 
 @dataclass
@@ -126,6 +143,8 @@ class LayerDrop(CompressionPass):
         moe_layers = sum(spec.kind == "moe" for spec in layers)
         if options.n > moe_layers:
             raise MoeExportError(f"layer_drop n={options.n} but the model has {moe_layers} MoE layers left")
+        if options.n == moe_layers:  # known before planning: every MoE sublayer goes
+            check_moe_remains(self.name, options.allow_empty_layers, layers, [s for s in layers if s.kind != "moe"])
 
     def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: LayerDropOptions) -> LayerDropPlan:
         candidates = [i for i, spec in enumerate(layers) if spec.kind == "moe"]
@@ -134,6 +153,7 @@ class LayerDrop(CompressionPass):
         else:
             scores = _random_scores(len(candidates), options.seed)
         drop = [candidates[i] for i in _top_n(scores, options.n)]
+        check_moe_remains(self.name, options.allow_empty_layers, layers, _remaining(layers, drop))
         similarity = [statistics.layers[i].moe_similarity if statistics else None for i in drop]
         return LayerDropPlan(drop, similarity)
 
@@ -151,7 +171,8 @@ class ExpertDropOptions(PassOptions):
     scope: Literal["layer", "global"] = "layer"
     min_keep: int = Field(default=0, ge=0, description="scope global: every layer keeps at least this many")
     score: Literal["frequency", "routing_mass", "reap", "random"] = "routing_mass"
-    seed: int = 0
+    seed: int = SEED
+    allow_empty_layers: bool = ALLOW_EMPTY
 
 
 @dataclass
@@ -186,6 +207,11 @@ class ExpertDrop(CompressionPass):
         if options.min_keep > options.keep:
             raise MoeExportError(f"expert_drop min_keep={options.min_keep} is more than keep={options.keep}")
         check_expert_keep(self.name, options.keep, options.scope, layers)
+        if options.keep == 0 and not options.allow_empty_layers:
+            raise MoeExportError(
+                "expert_drop keep=0 drops every routed expert of every MoE layer; "
+                "add allow_empty_layers: true to the step if that is meant"
+            )
 
     def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: ExpertDropOptions) -> ExpertDropPlan:
         moe_layers = [i for i, spec in enumerate(layers) if spec.kind == "moe"]
@@ -194,6 +220,14 @@ class ExpertDrop(CompressionPass):
             keep = {layer: _top_n(scores[layer], min(options.keep, len(scores[layer]))) for layer in moe_layers}
         else:
             keep = self._global_keep(scores, options.keep, options.min_keep)
+        emptied = [layer for layer in moe_layers if layers[layer].num_experts and not keep[layer]]
+        if emptied and not options.allow_empty_layers:
+            which = f"layer{'s' * (len(emptied) > 1)} {', '.join(map(str, emptied))}"
+            raise MoeExportError(
+                f"expert_drop would leave MoE {which} with no experts "
+                "(a global drop takes all of a layer whose experts score below the others'); "
+                "add min_keep: 1 (or more) to the step, or allow_empty_layers: true if that is meant"
+            )
         drop = {layer: [e for e in range(layers[layer].num_experts) if e not in keep[layer]] for layer in moe_layers}
         if statistics is None:
             return ExpertDropPlan(keep, drop, {}, {})
