@@ -7,13 +7,13 @@ two runs on the same text compare the same tokens.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 from moeexport.calibration.sources import read_documents, token_stream, token_windows
+from moeexport.validate import perplexity
 
 
 @dataclass
@@ -52,9 +52,9 @@ def evaluate(model, windows: torch.Tensor, reference=None, batch_size: int = 4, 
             agree += (log_probs.argmax(-1) == reference_log_probs.argmax(-1)).sum().item()
         if progress:
             progress.advance(task, len(batch))
-    result = EvalResult(tokens=count, perplexity=math.exp(nll / count))
+    result = EvalResult(tokens=count, perplexity=perplexity(nll, count))
     if reference is not None:
-        result.reference_perplexity = math.exp(reference_nll / count)
+        result.reference_perplexity = perplexity(reference_nll, count)
         result.kl = kl / count
         result.top1_agreement = agree / count
     return result

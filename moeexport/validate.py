@@ -43,6 +43,12 @@ class TorchRunner:
         return out[0, ids.shape[1]:].tolist()
 
 
+def perplexity(total_nll: float, tokens: int) -> float:
+    """exp(mean negative log-likelihood); inf, not OverflowError, for a damaged artifact's huge logits."""
+    mean = total_nll / tokens
+    return math.exp(mean) if mean < 700 else math.inf
+
+
 @dataclass(frozen=True)
 class Tolerance:
     max_abs_logit: float | None = None
@@ -99,8 +105,8 @@ def compare(reference, artifact, windows: torch.Tensor, progress=None) -> Fideli
         max_abs_logit=max_abs,
         kl=kl / count,
         top1_agreement=agree / count,
-        reference_perplexity=math.exp(reference_nll / count),
-        perplexity=math.exp(artifact_nll / count),
+        reference_perplexity=perplexity(reference_nll, count),
+        perplexity=perplexity(artifact_nll, count),
     )
 
 

@@ -46,7 +46,7 @@ def budget_steps(keep: int) -> list[dict]:
         {"merge": {"keep": keep, "router": "dominant"}},
         {"merge": {"keep": keep, "layout": "alias"}},
         *({"expert_drop": {"keep": keep, "score": score}} for score in ("frequency", "routing_mass", "reap")),
-        {"expert_drop": {"keep": keep, "scope": "global", "score": "reap"}},
+        {"expert_drop": {"keep": keep, "scope": "global", "score": "reap", "allow_empty_layers": True}},
     ]
 
 

@@ -39,11 +39,12 @@ def budgets() -> list[tuple[str, dict, list[dict]]]:
         groups.append((f"Layer Drop {n}", {"layer_drop": {"n": n, "score": "random"}}, [{"layer_drop": {"n": n}}]))
     for keep in (6, 4):
         for scope in ("layer", "global"):
+            unconstrained = {"allow_empty_layers": True} if scope == "global" else {}  # a layer may lose all
             scored = [
-                {"expert_drop": {"keep": keep, "scope": scope, "score": score}}
+                {"expert_drop": {"keep": keep, "scope": scope, "score": score, **unconstrained}}
                 for score in ("frequency", "routing_mass", "reap")
             ]
-            control = {"expert_drop": {"keep": keep, "scope": scope, "score": "random"}}
+            control = {"expert_drop": {"keep": keep, "scope": scope, "score": "random", **unconstrained}}
             groups.append((f"Expert Drop {keep}/E {scope}", control, scored))
     return groups
 
