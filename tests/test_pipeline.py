@@ -148,13 +148,19 @@ def model_copy(tmp_path):
 @pytest.mark.parametrize("where", ["the model itself", "inside the model", "a folder holding the model"])
 def test_the_source_is_never_an_output(command, where, model_copy, tmp_path, capsys):
     out = {"the model itself": model_copy, "inside the model": model_copy / "out", "a folder holding the model": tmp_path}[where]
-    files = sorted(path.name for path in model_copy.iterdir())
+    before = _digests(model_copy)
     argv = [command, str(model_copy), "--recipe", str(_recipe_file(tmp_path)), "--out", str(out), "--overwrite",
             *SMALL_FLAGS] + (["--target", "gguf"] if command == "build" else [])
     assert main(argv) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "model" in error and "elsewhere" in error
-    assert sorted(path.name for path in model_copy.iterdir()) == files
+    assert _digests(model_copy) == before  # byte for byte
+
+
+def _digests(directory) -> dict:
+    import hashlib
+
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(directory.iterdir())}
 
 
 def test_an_output_that_is_a_file_or_unwritable_is_one_line(tmp_path, capsys):
@@ -256,3 +262,35 @@ def test_sigkill_at_any_point_leaves_the_previous_build_or_a_new_complete_one(tm
     moeexport.build("demo", {"passes": []}, "onnx", options)  # the next run clears what killed runs left
     assert _complete_build(out)
     assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".build.")) == []  # staging, lock
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from moeexport.backends.onnx import ONNXTarget
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out"))
+
+    monkeypatch.setattr(ONNXTarget, "export", full)
+    assert main(["build", "demo", "--recipe", str(_recipe_file(tmp_path)), "--target", "onnx", "--out",
+                 str(tmp_path / "out"), "--no-eval", *SMALL_FLAGS]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.splitlines() == [f"moeexport build: error: No space left on device ({tmp_path / 'out'})"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["recipe.yaml", "statistics-cache"]
+
+
+@pytest.mark.parametrize("flag", ["--max-tokens", "--context"])
+def test_chat_refuses_counts_below_one(flag, tmp_path, capsys):
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF")  # the counts are checked before the file is loaded
+    assert main(["chat", str(model), flag, "-5", "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err.strip() == f"moeexport chat: error: {flag} must be at least 1"
+
+
+def test_a_missing_tokenizer_is_one_line(model_copy, tmp_path, capsys):
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        (model_copy / name).unlink()
+    assert main(["compress", str(model_copy), "--recipe", str(_recipe_file(tmp_path)), "--dry-run", *SMALL_FLAGS]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "tokenizer" in error, error
