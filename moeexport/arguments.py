@@ -63,6 +63,8 @@ def _model_arguments() -> argparse.ArgumentParser:
     parent.add_argument("model", metavar="MODEL", help="checkpoint directory, or 'demo'")
     parent.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parent.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
+    parent.add_argument("--allow-nonfinite", action="store_true",
+                        help="load weights that hold NaN or Inf values (refused by default, naming the tensor)")
     return parent
 
 

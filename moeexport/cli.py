@@ -27,7 +27,7 @@ def _compress_options(args, options_type=None, **extra):
     return (options_type or CompressOptions)(
         out=args.out, calibration=_calibration(args), eval_text=args.eval_text, measure_quality=not args.no_eval,
         dry_run=args.dry_run, overwrite=args.overwrite, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-        **extra,
+        allow_nonfinite=args.allow_nonfinite, **extra,
     )
 
 
@@ -49,7 +49,7 @@ def run_analyze(args) -> int:
     from moeexport.pipeline import analyze
 
     report, out = _run(args, lambda on_event: analyze(args.model, args.out, _calibration(args), args.dtype,
-                                                      args.trust_remote_code, on_event))
+                                                      args.trust_remote_code, on_event, args.allow_nonfinite))
     _print_json(report.layers) if args.json else render_analysis(out, report)
     return 0
 
@@ -135,7 +135,8 @@ def run_eval(args) -> int:
     from moeexport.pipeline import evaluate
 
     result, out = _run(args, lambda on_event: evaluate(args.model, args.text, args.reference, args.length,
-                                                       args.max_sequences, args.dtype, args.trust_remote_code, on_event))
+                                                       args.max_sequences, args.dtype, args.trust_remote_code, on_event,
+                                                       args.allow_nonfinite))
     _print_json(result.to_dict()) if args.json else render_eval(out, args.model, args.text, result)
     return 0
 

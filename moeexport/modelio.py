@@ -313,7 +313,7 @@ def check_finite(lm: nn.Module, where: Path) -> None:
             experts = f" in expert{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows[:8]))}"
         raise MoeExportError(
             f"{where}: weight {name} has {int(bad.sum())} non-finite values (NaN or Inf){experts}: "
-            "the checkpoint is corrupt or diverged in training; fetch or export it again"
+            "the checkpoint is corrupt or diverged in training; fetch or export it again (or pass --allow-nonfinite)"
         )
 
 

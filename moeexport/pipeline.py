@@ -62,6 +62,7 @@ class CompressOptions:
     overwrite: bool = False
     dtype: str = "float32"
     trust_remote_code: bool = False
+    allow_nonfinite: bool = False  # load weights with NaN/Inf values (refused by default, named by tensor)
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,7 @@ def _compress(model: str | Path, recipe, options: CompressOptions, events: Event
 
         read_documents(calibration.source)  # a missing or malformed source fails now, before the model runs
     with stages("load", f"loading {model}"):
-        lm = load(model, options.dtype, options.trust_remote_code)
+        lm = load(model, options.dtype, options.trust_remote_code, options.allow_nonfinite)
         tokenizer = load_tokenizer(model, options.trust_remote_code)
     original = copy.deepcopy(lm) if options.measure_quality and not options.dry_run else None
     provider = _statistics_provider(tokenizer, calibration, fingerprint(model_dir), events)
@@ -327,7 +328,8 @@ class AnalysisReport:
 
 @_quiet
 def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions = CalibrationOptions(),
-            dtype: str = "float32", trust_remote_code: bool = False, on_event=None) -> AnalysisReport:
+            dtype: str = "float32", trust_remote_code: bool = False, on_event=None,
+            allow_nonfinite: bool = False) -> AnalysisReport:
     """Observe MODEL on the calibration set; write statistics.json, plots and report.html to `out`."""
     from moeexport.analysis import layer_rows, write_html, write_plots
     from moeexport.modelio import fingerprint, load, load_tokenizer, resolve_model_dir
@@ -335,7 +337,7 @@ def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions 
     model_dir = resolve_model_dir(model)
     check_output(out, model_dir, overwrite=True)  # analysis files are rewritten in place
     events = EventStream(on_event)
-    lm, tokenizer = load(model, dtype, trust_remote_code), load_tokenizer(model, trust_remote_code)
+    lm, tokenizer = load(model, dtype, trust_remote_code, allow_nonfinite), load_tokenizer(model, trust_remote_code)
     statistics = _statistics_provider(tokenizer, calibration, fingerprint(model_dir), events).statistics(lm, history=[])
     rows = layer_rows(statistics)
     out = Path(out)
@@ -350,7 +352,8 @@ def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions 
 
 @_quiet
 def evaluate(model: str | Path, text: str, reference: str | Path | None = None, length: int = 256,
-             max_sequences: int = 32, dtype: str = "float32", trust_remote_code: bool = False, on_event=None):
+             max_sequences: int = 32, dtype: str = "float32", trust_remote_code: bool = False, on_event=None,
+             allow_nonfinite: bool = False):
     """Perplexity of MODEL on `text`; with `reference`, KL(reference || MODEL) and top-1 agreement (EvalResult)."""
     from moeexport.evaluate import eval_windows
     from moeexport.evaluate import evaluate as score
@@ -358,8 +361,8 @@ def evaluate(model: str | Path, text: str, reference: str | Path | None = None, 
 
     if length < 2 or max_sequences < 1:
         raise MoeExportError("--length must be at least 2 and --max-sequences at least 1")
-    lm, tokenizer = load(model, dtype, trust_remote_code), load_tokenizer(model, trust_remote_code)
-    reference_lm = load(reference, dtype, trust_remote_code) if reference else None
+    lm, tokenizer = load(model, dtype, trust_remote_code, allow_nonfinite), load_tokenizer(model, trust_remote_code)
+    reference_lm = load(reference, dtype, trust_remote_code, allow_nonfinite) if reference else None
     if reference_lm is not None and reference_lm.config.vocab_size != lm.config.vocab_size:
         raise MoeExportError("--reference has a different vocabulary than MODEL; compare models that share a tokenizer")
     windows = eval_windows(tokenizer, text, length, max_sequences)

@@ -416,3 +416,10 @@ def test_the_remembered_weight_digest_follows_every_write(demo_copy, monkeypatch
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
     assert fingerprint(demo_copy) != before
+
+
+def test_allow_nonfinite_loads_what_is_refused_by_default(demo_copy, text, capsys):
+    poison(Q_PROJ, float("nan"))(demo_copy)
+    assert "--allow-nonfinite" in one_line_error(capsys, ["eval", str(demo_copy), "--text", str(text)])
+    assert main(["eval", str(demo_copy), "--text", str(text), "--length", "32", "--max-sequences", "1",
+                 "--allow-nonfinite", "--json"]) == 0
