@@ -1,0 +1,325 @@
+"""Write a checkpoint with a real MoE model's shapes and random weights, without a hub download.
+
+    python tools/make_synthetic_checkpoint.py mixtral-8x7b OUT [--layers N] [--dtype bfloat16]
+        [--shard-size 5GB] [--seed 0] [--set key=JSON ...] [--overwrite]
+
+For measuring memory and speed at real widths: Mixtral-8x7B with `--layers 1` is
+3.43 GB in bf16 (2.90 GB the layer, 0.52 GB embeddings and LM head), with
+`--layers 4` 12.13 GB, whole 93.41 GB. The directory is what the hub holds: config.json
+(the preset's values from the model's public config.json, then --set, then
+--layers), generation_config.json, `model.safetensors` or
+`model-0000i-of-0000n.safetensors` shards of at most --shard-size with
+`model.safetensors.index.json`, tensors named and laid out as the hub checkpoints
+store them (per-expert w1/w2/w3 or gate_proj/up_proj/down_proj), and a tokenizer.
+
+The tokenizer is the bundled demo model's (moeexport/demo), not the real model's:
+text tokenizes to ids below 2048 only, and bos/eos are the demo's ids 1 and 2
+(every preset's vocabulary is larger, so the rest of the embedding rows are
+never looked up).
+
+Weights: normal * 0.02 for matrices, ones for norms, generated one tensor at a
+time (in chunks of rows) by a torch.Generator seeded from --seed and the tensor's
+name, so a layer's weights do not depend on --layers or --shard-size and the same
+arguments write the same bytes. Shard headers are written first (the data
+regions are left sparse) and checked by moeexport.modelio.check_checkpoint against
+the model transformers builds from config.json, before any weight is generated;
+then the data is streamed into place, so the tool's memory does not grow with the
+checkpoint. Everything is written into a staging directory beside OUT and renamed
+at the end. Prints progress with ETA, then the total size and the tool's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import resource
+import shutil
+import struct
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+DEFAULT_SHARD_SIZE = "5GB"
+CHUNK_ELEMENTS = 2**22  # random numbers generated at once (16 MiB in float32), whatever the tensor's size
+DEMO_TOKENIZER_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}
+
+PRESETS = {
+    "mixtral-8x7b": {
+        "model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000, "rope_theta": 1e6,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "hidden_act": "silu", "sliding_window": None,
+        "router_aux_loss_coef": 0.02, "tie_word_embeddings": False,
+    },
+    "qwen3-30b-a3b": {
+        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 2048,
+        "moe_intermediate_size": 768, "intermediate_size": 6144, "num_hidden_layers": 48, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+        "norm_topk_prob": True, "vocab_size": 151936, "rope_theta": 1e6, "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-6, "hidden_act": "silu", "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "attention_bias": False, "use_sliding_window": False, "sliding_window": None, "router_aux_loss_coef": 0.001,
+        "tie_word_embeddings": False,
+    },
+    "olmoe-1b-7b": {
+        "model_type": "olmoe", "architectures": ["OlmoeForCausalLM"], "hidden_size": 2048, "intermediate_size": 1024,
+        "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64,
+        "num_experts_per_tok": 8, "vocab_size": 50304, "max_position_embeddings": 4096, "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5, "norm_topk_prob": False, "clip_qkv": None, "hidden_act": "silu",
+        "attention_bias": False, "router_aux_loss_coef": 0.01, "tie_word_embeddings": False,
+    },
+}
+PRESETS["tiny-mixtral"] = PRESETS["mixtral-8x7b"] | {  # for tests: Mixtral's structure at small widths
+    "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 2048,
+}
+
+
+class Layout(NamedTuple):
+    """Where a family keeps its MoE weights on the hub."""
+
+    moe: str  # the MoE sublayer: router `{moe}.gate`, experts `{moe}.experts.{j}`
+    gate_up_down: tuple[str, str, str]  # the expert projections: hidden->ffn (gated), hidden->ffn, ffn->hidden
+    expert_width: str  # the config key of one expert's ffn width
+    qk_norm: str | None  # None, "head" (over head_dim) or "projection" (over q_proj's / k_proj's whole output)
+
+
+LAYOUTS = {
+    "mixtral": Layout("block_sparse_moe", ("w1", "w3", "w2"), "intermediate_size", None),
+    "qwen3_moe": Layout("mlp", ("gate_proj", "up_proj", "down_proj"), "moe_intermediate_size", "head"),
+    "olmoe": Layout("mlp", ("gate_proj", "up_proj", "down_proj"), "intermediate_size", "projection"),
+}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' (powers of 1000, as the hub's shard sizes), '512MiB' (powers of 1024) or a byte count."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?)?B?\s*", text, re.IGNORECASE)
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB, 500MB or 2GiB")
+    unit = (match[2] or "").upper()
+    scale = (1024 if unit.endswith("I") else 1000) ** ("KMGT".index(unit[0]) + 1 if unit else 0)
+    return int(float(match[1]) * scale)
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    """key=value, the value read as JSON (4096, 1e-6, true, null, [1, 2]) or else as a plain string."""
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise argparse.ArgumentTypeError(f"--set {text!r}: expected key=value, e.g. --set num_hidden_layers=4")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def make_config(preset: str, layers: int | None = None, overrides: dict | None = None):
+    """The transformers config of `preset`, with --set overrides (known keys only) and --layers applied."""
+    from transformers import AutoConfig
+
+    from moeexport.errors import MoeExportError
+
+    if preset not in PRESETS:
+        raise MoeExportError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = PRESETS[preset] | DEMO_TOKENIZER_IDS
+    model_type = values["model_type"]
+    defaults = AutoConfig.for_model(model_type)
+    known = set(values) | set(defaults.to_dict()) | set(type(defaults).attribute_map)
+    for key in overrides or {}:
+        if key == "model_type" or key not in known:
+            raise MoeExportError(f"--set {key}: {model_type} configs have no such key (or it is the preset's own)"
+                                 f"; known keys: {', '.join(sorted(known - {'model_type'}))}")
+    values = values | (overrides or {}) | ({"num_hidden_layers": layers} if layers is not None else {})
+    return AutoConfig.for_model(**values)
+
+
+def tensor_specs(config) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor, in the hub checkpoints' names and per-expert layout, in model order."""
+    from moeexport.adapters import adapter_for
+
+    layout = LAYOUTS[config.model_type]  # every preset's family has one; --set cannot change model_type
+    facts = adapter_for(config).model_config(config)
+    hidden, head_dim, width = facts.hidden_size, facts.head_dim, getattr(config, layout.expert_width)
+    q_width, kv_width = facts.num_heads * head_dim, facts.num_kv_heads * head_dim
+    gate, up, down = layout.gate_up_down
+    specs = [("model.embed_tokens.weight", (facts.vocab_size, hidden))]
+    for i in range(config.num_hidden_layers):
+        layer, moe = f"model.layers.{i}", f"model.layers.{i}.{layout.moe}"
+        specs += [(f"{layer}.input_layernorm.weight", (hidden,)),
+                  (f"{layer}.self_attn.q_proj.weight", (q_width, hidden)),
+                  (f"{layer}.self_attn.k_proj.weight", (kv_width, hidden)),
+                  (f"{layer}.self_attn.v_proj.weight", (kv_width, hidden)),
+                  (f"{layer}.self_attn.o_proj.weight", (hidden, q_width))]
+        if layout.qk_norm:
+            per_head = layout.qk_norm == "head"
+            specs += [(f"{layer}.self_attn.q_norm.weight", (head_dim if per_head else q_width,)),
+                      (f"{layer}.self_attn.k_norm.weight", (head_dim if per_head else kv_width,))]
+        specs += [(f"{layer}.post_attention_layernorm.weight", (hidden,)),
+                  (f"{moe}.gate.weight", (facts.num_experts, hidden))]
+        for j in range(facts.num_experts):
+            specs += [(f"{moe}.experts.{j}.{gate}.weight", (width, hidden)),
+                      (f"{moe}.experts.{j}.{up}.weight", (width, hidden)),
+                      (f"{moe}.experts.{j}.{down}.weight", (hidden, width))]
+    specs += [("model.norm.weight", (hidden,))]
+    if not config.tie_word_embeddings:
+        specs += [("lm_head.weight", (facts.vocab_size, hidden))]
+    return specs
+
+
+def shard_plan(specs, element_size: int, shard_size: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Consecutive tensors grouped into shards of at most shard_size bytes (a bigger tensor gets its own)."""
+    shards, current, used = [], [], 0
+    for name, shape in specs:
+        size = _numel(shape) * element_size
+        if current and used + size > shard_size:
+            shards, current, used = shards + [current], [], 0
+        current.append((name, shape))
+        used += size
+    return shards + [current]
+
+
+def _numel(shape) -> int:
+    count = 1
+    for dimension in shape:
+        count *= dimension
+    return count
+
+
+def safetensors_header(tensors, dtype: torch.dtype) -> bytes:
+    """The length-prefixed header of a safetensors file holding `tensors` back to back, in order."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in tensors:
+        end = offset + _numel(shape) * element_size
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(text)) + text
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
+
+
+def tensor_chunks(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int):
+    """The tensor's values, a few rows at a time: ones for norms (1-D), normal * 0.02 for matrices."""
+    if len(shape) == 1:
+        yield torch.ones(shape, dtype=dtype)
+        return
+    generator = torch.Generator().manual_seed(tensor_seed(seed, name))
+    rows, columns = shape
+    step = max(1, CHUNK_ELEMENTS // columns)
+    for start in range(0, rows, step):
+        yield (torch.randn((min(step, rows - start), columns), generator=generator) * 0.02).to(dtype)
+
+
+def write_checkpoint(preset: str, out: str | Path, layers: int | None = None, dtype: str = "bfloat16",
+                     shard_size: int | str = DEFAULT_SHARD_SIZE, seed: int = 0, overrides: dict | None = None,
+                     overwrite: bool = False, progress: bool = False) -> dict:
+    """Write the checkpoint into `out`; returns its files and total tensor bytes."""
+    from transformers import GenerationConfig
+
+    from moeexport.errors import MoeExportError
+    from moeexport.modelio import DEMO_MODEL, DTYPES, SAFE_INDEX, SAFE_WEIGHTS, check_checkpoint, read_config
+    from moeexport.outputs import check_output, output_lock, staged
+
+    if dtype not in DTYPES:
+        raise MoeExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    shard_bytes = parse_size(shard_size) if isinstance(shard_size, str) else shard_size
+    config = make_config(preset, layers, overrides)
+    config.dtype = torch_dtype
+    specs = tensor_specs(config)
+    element_size = torch.empty((), dtype=torch_dtype).element_size()
+    shards = shard_plan(specs, element_size, shard_bytes)
+    names = ([SAFE_WEIGHTS] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    total = sum(_numel(shape) for _, shape in specs) * element_size
+    out = check_output(out, None, overwrite)
+    free = shutil.disk_usage(next(p for p in [out.resolve(), *out.resolve().parents] if p.exists())).free
+    if total > free:
+        raise MoeExportError(f"the checkpoint needs {total / 1e9:.2f} GB but {out.parent} has {free / 1e9:.2f} GB "
+                             "free; pass fewer --layers or write elsewhere")
+
+    with output_lock(out), staged(out, overwrite) as staging:
+        config.save_pretrained(staging)
+        GenerationConfig.from_model_config(config).save_pretrained(staging)
+        for tokenizer_file in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+            shutil.copyfile(DEMO_MODEL / tokenizer_file, staging / tokenizer_file)
+        starts = []
+        for name, tensors in zip(names, shards):  # headers first, data regions sparse until filled
+            header = safetensors_header(tensors, torch_dtype)
+            with open(staging / name, "wb") as handle:
+                handle.write(header)
+                handle.truncate(len(header) + sum(_numel(shape) for _, shape in tensors) * element_size)
+            starts.append(len(header))
+        if len(shards) > 1:
+            weight_map = {tensor: name for name, tensors in zip(names, shards) for tensor, _ in tensors}
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (staging / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        check_checkpoint(staging, read_config(staging), None)  # names and shapes as transformers expects
+        _fill(staging, names, shards, starts, torch_dtype, seed, total, progress)
+    return {"out": out, "files": names, "total_bytes": total, "tensors": len(specs)}
+
+
+def _fill(directory: Path, names, shards, starts, dtype: torch.dtype, seed: int, total: int, progress: bool) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
+        task = bar.add_task("writing", total=total)
+        for name, tensors, start in zip(names, shards, starts):
+            bar.update(task, description=name)
+            with open(directory / name, "r+b") as handle:
+                handle.seek(start)
+                for tensor, shape in tensors:
+                    for chunk in tensor_chunks(tensor, shape, dtype, seed):
+                        handle.write(chunk.view(torch.uint8).numpy())
+                        bar.advance(task, chunk.numel() * chunk.element_size())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moeexport.errors import MoeExportError
+    from moeexport.modelio import DTYPES
+    from moeexport.report import size
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("preset", choices=list(PRESETS))
+    parser.add_argument("out", help="the checkpoint directory to write")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the model's own count)")
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    parser.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE,
+                        help=f"largest shard, e.g. 5GB or 2GiB (default {DEFAULT_SHARD_SIZE})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (JSON), e.g. --set hidden_size=1024; repeatable")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    args = parser.parse_args(argv)
+    if args.layers is not None and args.layers < 1:
+        parser.error("--layers must be at least 1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    try:
+        result = write_checkpoint(args.preset, args.out, args.layers, args.dtype, args.shard_size, args.seed,
+                                  dict(args.set), args.overwrite, progress=True)
+    except MoeExportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    total = result["total_bytes"]
+    print(f"wrote {result['out']}: {result['tensors']} tensors, {size(total)} ({total / 1e9:.3f} GB) in "
+          f"{len(result['files'])} file(s); peak RSS {size(peak)} ({peak / total:.2f}x the weights; "
+          f"{size(baseline)} of it before writing, i.e. imports)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
