@@ -294,3 +294,14 @@ def test_a_missing_tokenizer_is_one_line(model_copy, tmp_path, capsys):
     assert main(["compress", str(model_copy), "--recipe", str(_recipe_file(tmp_path)), "--dry-run", *SMALL_FLAGS]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "tokenizer" in error, error
+
+
+def test_a_profile_reports_its_own_peak_memory_not_its_parent_s(onnx_build):
+    import numpy as np
+
+    from moeexport.backends.profile import profile_in_subprocess
+
+    _, _, out = onnx_build
+    parent = np.ones(96 * 2**20)  # 768 MiB held here while the profile runs in a child process
+    speed = profile_in_subprocess("onnx", out / "model-f32.onnx", list(range(1, 33)), 8)
+    assert parent.sum() > 0 and speed["peak_rss_bytes"] < 600 * 2**20
