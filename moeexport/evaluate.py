@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from moeexport.calibration.sources import read_documents, token_stream, token_windows
-from moeexport.validate import perplexity
+from moeexport.validate import RecordedReference, perplexity
 
 
 @dataclass
@@ -36,7 +37,8 @@ def eval_windows(tokenizer, text_source: str, sequence_length: int = 256, max_se
 
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, reference=None, batch_size: int = 4, progress=None) -> EvalResult:
-    """Score `model` (and compare with `reference`) on token windows [N, L]."""
+    """Score `model` on token windows [N, L], and compare it with `reference`: a torch model, or the
+    RecordedReference of one's logits on these windows (so the original need not stay in memory)."""
     nll = reference_nll = kl = 0.0
     agree = count = 0
     task = progress.add_task("evaluating", total=len(windows)) if progress else None
@@ -62,5 +64,8 @@ def evaluate(model, windows: torch.Tensor, reference=None, batch_size: int = 4, 
 
 def _log_probs(model, batch: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of the next token at every position but the last: [N*(L-1), vocab]."""
-    logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+    if isinstance(model, RecordedReference):
+        logits = torch.from_numpy(np.stack([model.logits(window) for window in batch.tolist()]))[:, :-1]
+    else:
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
     return logits.log_softmax(-1).reshape(-1, logits.shape[-1])

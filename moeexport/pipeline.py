@@ -13,7 +13,6 @@ call the same functions.
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import time
@@ -21,11 +20,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from moeexport.errors import MoeExportError
 from moeexport.events import EventStream
 from moeexport.outputs import check_output, output_lock, staged
 from moeexport.recipe import Recipe, load_recipe, parse_recipe
-from moeexport.validate import Tolerance
+from moeexport.validate import RecordedReference, Tolerance, TorchRunner
 
 VALIDATION_WINDOWS = (2, 256)  # >= 510 predicted-token positions per artifact
 QUALITY_WINDOWS = (16, 128)
@@ -234,7 +235,10 @@ def _compress(model: str | Path, recipe, options: CompressOptions, events: Event
     with stages("load", f"loading {model}"):
         lm = load(model, options.dtype, options.trust_remote_code, options.allow_nonfinite)
         tokenizer = load_tokenizer(model, options.trust_remote_code)
-    original = copy.deepcopy(lm) if options.measure_quality and not options.dry_run else None
+    original = None  # the original's logits on the quality windows: the model itself need not be kept
+    if options.measure_quality and not options.dry_run:
+        with stages("quality", "recording the original model's logits"):
+            original = _record(lm, tokenizer, options, *QUALITY_WINDOWS)
     provider = _statistics_provider(tokenizer, calibration, fingerprint(model_dir), events)
     with stages("compress", f"compressing with {len(recipe.steps)} pass(es)"):
         result = apply_recipe(lm, recipe, provider,
@@ -253,9 +257,12 @@ def _compress(model: str | Path, recipe, options: CompressOptions, events: Event
     if check is not None:
         check(lm)
     if original is not None:
+        from moeexport.evaluate import evaluate as score
+
         with stages("quality", "measuring quality against the original"):
-            report.quality_vs_source = _quality(lm, original, tokenizer, options, events)
-        del original
+            windows = torch.from_numpy(original.windows)
+            report.quality_vs_source = {"text": original.text,
+                                        **score(lm, windows, reference=original, progress=events).to_dict()}
     return _Compressed(lm, tokenizer, model_dir, provider, report)
 
 
@@ -305,11 +312,10 @@ def _held_out_windows(options: CompressOptions, tokenizer, model, count: int, le
     return windows, f"{count} x {length} tokens sampled from the model"
 
 
-def _quality(model, original, tokenizer, options: CompressOptions, progress) -> dict:
-    from moeexport.evaluate import evaluate as score
-
-    windows, where = _held_out_windows(options, tokenizer, original, *QUALITY_WINDOWS)
-    return {"text": where, **score(model, windows, reference=original, progress=progress).to_dict()}
+def _record(model, tokenizer, options: CompressOptions, count: int, length: int) -> RecordedReference:
+    """`model`'s logits on held-out windows, for comparing later with what it becomes."""
+    windows, where = _held_out_windows(options, tokenizer, model, count, length)
+    return RecordedReference.record(TorchRunner(model), windows, where)
 
 
 # --- analyze / evaluate / validate ------------------------------------------------------
@@ -422,7 +428,7 @@ def _build(model, recipe, chosen, target_options, options: BuildOptions, events:
     from moeexport.backends.target import ExportInputs
     from moeexport.modelio import save
     from moeexport.quantization import weight_grid
-    from moeexport.validate import RecordedReference, TorchRunner, validate_artifact
+    from moeexport.validate import validate_artifact
 
     target = chosen.name
     stages = _Stages(events)
@@ -434,8 +440,8 @@ def _build(model, recipe, chosen, target_options, options: BuildOptions, events:
         with stages("save", "saving the compressed checkpoint"):
             save(done.model, staging / "compressed", done.report.manifest())
         with stages("reference", "recording the compressed model's logits"):
-            windows, where = _held_out_windows(options, done.tokenizer, done.model, *options.validation_windows)
-            reference = RecordedReference.record(TorchRunner(done.model), windows)
+            reference = _record(done.model, done.tokenizer, options, *options.validation_windows)
+            windows, where = reference.windows, reference.text
         inputs = ExportInputs(tokenizer=done.tokenizer, weight_grid=weight_grid(done.model), reference=reference,
                               manifest=done.report.manifest())
         if chosen.wants_imatrix(target_options):

@@ -113,17 +113,18 @@ def compare(reference, artifact, windows: torch.Tensor, progress=None) -> Fideli
 class RecordedReference:
     """A runner whose logits were recorded earlier (the torch model's, or a bundle's): looked up by exact window."""
 
-    def __init__(self, windows: np.ndarray, logits: np.ndarray):
+    def __init__(self, windows: np.ndarray, logits: np.ndarray, text: str = ""):
         if windows.ndim != 2 or logits.shape[:2] != windows.shape:
             raise MoeExportError(f"reference logits {logits.shape} do not match the windows {windows.shape}")
-        self.windows, self.recorded = windows, logits
+        self.windows, self.recorded, self.text = windows, logits, text  # text: where the windows came from
         self._logits = {windows[i].astype(np.int64).tobytes(): logits[i] for i in range(len(windows))}
 
     @classmethod
-    def record(cls, runner, windows) -> "RecordedReference":
+    def record(cls, runner, windows, text: str = "") -> "RecordedReference":
         """Run `runner` (e.g. TorchRunner) once on every window and keep its float32 logits."""
         windows = np.asarray(windows.tolist() if hasattr(windows, "tolist") else windows, dtype=np.int64)
-        return cls(windows, np.stack([runner.logits(window) for window in windows.tolist()]).astype(np.float32))
+        logits = np.stack([runner.logits(window) for window in windows.tolist()]).astype(np.float32)
+        return cls(windows, logits, text)
 
     def logits(self, token_ids) -> np.ndarray:
         key = np.asarray(list(token_ids), dtype=np.int64).tobytes()
