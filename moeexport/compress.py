@@ -26,7 +26,8 @@ from moeexport.adapters.base import decoder_layers, structure
 from moeexport.calibration.observers import Statistics, observe
 from moeexport.calibration.sources import CalibrationConfig, calibration_tokens, source_digest
 from moeexport.errors import MoeExportError
-from moeexport.modelio import parameter_bytes, parameter_count, replace_atomically
+from moeexport.modelio import parameter_bytes, parameter_count
+from moeexport.outputs import replace_atomically
 from moeexport.passes import PASSES
 from moeexport.recipe import Recipe
 

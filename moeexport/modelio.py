@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from torch import nn
 from moeexport.adapters import adapter_for
 from moeexport.adapters.base import LayerSpec, drop_moe_sublayer, keep_experts, structure, sync_expert_config
 from moeexport.errors import MoeExportError
+from moeexport.outputs import replace_atomically, sha256_of_file, staged
 
 MANIFEST = "moeexport.json"
 MANIFEST_WEIGHTS = "moeexport.safetensors"
@@ -338,7 +337,7 @@ def fingerprint(model_dir: Path) -> str:
 def file_sha256(path: Path) -> str:
     status = path.stat()
     if status.st_size < DIGEST_MEMO_BYTES:
-        return _sha256(path)
+        return sha256_of_file(path)
     from moeexport import compress  # the cache root; read at call time so that tests can move it
 
     memo_name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
@@ -350,32 +349,13 @@ def file_sha256(path: Path) -> str:
             return remembered["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no memo yet, or an unreadable one: hash again
-    value = _sha256(path)
+    value = sha256_of_file(path)
     try:
         entry = json.dumps({"stat": identity, "sha256": value})
         replace_atomically(memo, lambda temporary: temporary.write_text(entry))
     except OSError:
         pass  # a cache that cannot be written costs time, not correctness
     return value
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def replace_atomically(path: Path, write) -> None:
-    """`write(temporary)` to a uniquely named file next to `path`, then rename it over `path`:
-    readers see the old file or the whole new one, and concurrent writers cannot collide."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(name))
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
 
 
 def load(model: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
@@ -469,8 +449,6 @@ def parameter_bytes(lm: nn.Module) -> int:
 
 def save(lm: nn.Module, out_dir: str | Path, manifest: dict, overwrite: bool = False) -> Path:
     """Write a compressed checkpoint atomically (moeexport.outputs.staged): whole under its name, or not at all."""
-    from moeexport.outputs import staged
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise MoeExportError(f"output {out_dir} already exists; pass --overwrite or choose another --out")

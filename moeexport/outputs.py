@@ -12,6 +12,7 @@ same output stops at once instead of racing it.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
@@ -66,6 +67,25 @@ def output_lock(out: str | Path):
     finally:
         path.unlink(missing_ok=True)
         handle.close()
+
+
+def replace_atomically(path: Path, write) -> None:
+    """`write(temporary)` to a uniquely named file next to `path`, then rename it over `path`:
+    readers see the old file or the whole new one, and concurrent writers cannot collide."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(name))
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+
+
+def sha256_of_file(path: Path) -> str:
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _existing_parent(path: Path) -> Path:

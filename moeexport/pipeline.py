@@ -186,7 +186,6 @@ class _Compressed:
 
     model: object
     tokenizer: object
-    model_dir: Path
     statistics: object  # StatisticsProvider
     report: CompressionReport
 
@@ -223,10 +222,9 @@ def _compress(model: str | Path, recipe, options: CompressOptions, events: Event
               check=None) -> _Compressed:
     """Load, calibrate, apply; `check(model)` runs on the result before its quality is measured."""
     from moeexport.compress import compress as apply_recipe
-    from moeexport.modelio import fingerprint, load, load_tokenizer, resolve_model_dir
+    from moeexport.modelio import load, load_tokenizer
 
     recipe = _recipe(recipe)
-    model_dir = resolve_model_dir(model)
     calibration = options.calibration
     if calibration.source != "model":
         from moeexport.calibration.sources import read_documents
@@ -239,15 +237,20 @@ def _compress(model: str | Path, recipe, options: CompressOptions, events: Event
     if options.measure_quality and not options.dry_run:
         with stages("quality", "recording the original model's logits"):
             original = _record(lm, tokenizer, options, *QUALITY_WINDOWS)
-    provider = _statistics_provider(tokenizer, calibration, fingerprint(model_dir), events)
+    provider = statistics_provider(model, tokenizer, calibration, events)
+    passes = []  # each applied pass as the report and the event give it
+
+    def applied(step) -> None:
+        passes.append(step.to_dict() | {"summary": list(step.plan.describe())})
+        events.step(step.name, passes[-1])
+
     with stages("compress", f"compressing with {len(recipe.steps)} pass(es)"):
-        result = apply_recipe(lm, recipe, provider,
-                              on_step=lambda step: events.step(step.name, _step_record(step)))
+        result = apply_recipe(lm, recipe, provider, on_step=applied)
     report = CompressionReport(
         model=str(model),
         source={"model": str(model), "fingerprint": provider.source_key},
         calibration=provider.calibration.to_dict(),
-        passes=[_step_record(step) for step in result.steps],
+        passes=passes,
         layers_before=[asdict(spec) for spec in result.layers_before],
         layers_after=[asdict(spec) for spec in result.layers_after],
         new_block_index=result.new_block_index,
@@ -263,7 +266,7 @@ def _compress(model: str | Path, recipe, options: CompressOptions, events: Event
             windows = torch.from_numpy(original.windows)
             report.quality_vs_source = {"text": original.text,
                                         **score(lm, windows, reference=original, progress=events).to_dict()}
-    return _Compressed(lm, tokenizer, model_dir, provider, report)
+    return _Compressed(lm, tokenizer, provider, report)
 
 
 def _recipe(recipe) -> Recipe:
@@ -274,26 +277,18 @@ def _recipe(recipe) -> Recipe:
     return load_recipe(recipe)
 
 
-def _step_record(step) -> dict:
-    return step.to_dict() | {"summary": list(step.plan.describe())}
-
-
 def statistics_provider(model: str | Path, tokenizer, calibration: CalibrationOptions = CalibrationOptions(),
-                        on_event=None):
-    """The calibration statistics of MODEL (observed on demand, cached), for scripts that compress in memory."""
-    from moeexport.modelio import fingerprint, resolve_model_dir
-
-    return _statistics_provider(tokenizer, calibration, fingerprint(resolve_model_dir(model)), EventStream(on_event))
-
-
-def _statistics_provider(tokenizer, calibration: CalibrationOptions, source_key: str, progress):
+                        progress=None):
+    """The calibration statistics of MODEL (observed on demand, cached by content), also for scripts that
+    compress in memory. `progress`: an EventStream, a rich Progress, or None."""
     from moeexport.calibration.sources import CalibrationConfig
     from moeexport.compress import DEFAULT_CACHE, StatisticsProvider
+    from moeexport.modelio import fingerprint, resolve_model_dir
 
     return StatisticsProvider(
         tokenizer,
         CalibrationConfig(calibration.source, calibration.samples, calibration.length, calibration.seed),
-        source_key,
+        fingerprint(resolve_model_dir(model)),
         cache_dir=DEFAULT_CACHE if calibration.cache else None,
         batch_size=calibration.batch_size,
         max_block_window=calibration.max_block_window,
@@ -338,13 +333,12 @@ def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions 
             allow_nonfinite: bool = False) -> AnalysisReport:
     """Observe MODEL on the calibration set; write statistics.json, plots and report.html to `out`."""
     from moeexport.analysis import layer_rows, write_html, write_plots
-    from moeexport.modelio import fingerprint, load, load_tokenizer, resolve_model_dir
+    from moeexport.modelio import load, load_tokenizer, resolve_model_dir
 
-    model_dir = resolve_model_dir(model)
-    check_output(out, model_dir, overwrite=True)  # analysis files are rewritten in place
-    events = EventStream(on_event)
+    check_output(out, resolve_model_dir(model), overwrite=True)  # analysis files are rewritten in place
     lm, tokenizer = load(model, dtype, trust_remote_code, allow_nonfinite), load_tokenizer(model, trust_remote_code)
-    statistics = _statistics_provider(tokenizer, calibration, fingerprint(model_dir), events).statistics(lm, history=[])
+    provider = statistics_provider(model, tokenizer, calibration, EventStream(on_event))
+    statistics = provider.statistics(lm, history=[])
     rows = layer_rows(statistics)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -436,14 +430,15 @@ def _build(model, recipe, chosen, target_options, options: BuildOptions, events:
                      check=lambda lm: chosen.check(lm, options.quant, target_options))
     out = Path(options.out)
     report = BuildReport(str(model), target, options.quant, target_options.model_dump(), str(out), done.report)
+    manifest = done.report.manifest()
     with staged(out, options.overwrite) as staging:
         with stages("save", "saving the compressed checkpoint"):
-            save(done.model, staging / "compressed", done.report.manifest())
+            save(done.model, staging / "compressed", manifest)
         with stages("reference", "recording the compressed model's logits"):
             reference = _record(done.model, done.tokenizer, options, *options.validation_windows)
             windows, where = reference.windows, reference.text
         inputs = ExportInputs(tokenizer=done.tokenizer, weight_grid=weight_grid(done.model), reference=reference,
-                              manifest=done.report.manifest())
+                              manifest=manifest)
         if chosen.wants_imatrix(target_options):
             from moeexport.calibration.moments import input_moments
 

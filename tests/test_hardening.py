@@ -21,7 +21,8 @@ from moeexport.calibration.sources import CalibrationConfig
 from moeexport.cli import main
 from moeexport.compress import StatisticsProvider
 from moeexport.errors import MoeExportError
-from moeexport.modelio import DEMO_MODEL, fingerprint, replace_atomically
+from moeexport.modelio import DEMO_MODEL, fingerprint
+from moeexport.outputs import replace_atomically
 from tests.tiny_models import FAMILIES, random_tokens, tiny_model
 
 SMALL_CALIBRATION = ["--calib-samples", "2", "--calib-length", "32"]

@@ -56,7 +56,7 @@ class ONNXTarget(Target):
         written = export(model, directory / f"model-{quant}.onnx", quant=quant, moe_ops=options.moe_ops,
                          block_size=options.block_size, weight_grid=inputs.weight_grid)
         data = written.path.with_name(written.path.name + ".data")
-        genai = write_genai_files(model, inputs.tokenizer, written.path, _graph_context(written.path)) if inputs.tokenizer else []
+        genai = write_genai_files(model, inputs.tokenizer, written.path, written.context) if inputs.tokenizer else []
         return Artifact(written.path, written.representation, written.fallbacks, [data, *genai])
 
     def quant_of(self, path: Path) -> str | None:
@@ -72,7 +72,7 @@ class ONNXTarget(Target):
 
 
 def _graph_metadata(path: Path) -> dict[str, str]:
-    """What the exporter wrote into the graph's metadata (moeexport.context, moeexport.quant)."""
+    """What the exporter wrote into the graph's metadata (moeexport.quant, moeexport.context)."""
     import onnx
 
     try:
@@ -80,10 +80,6 @@ def _graph_metadata(path: Path) -> dict[str, str]:
     except Exception:  # not a readable graph: nothing it says; its runner reports why
         return {}
 
-
-def _graph_context(path: Path) -> int:
-    """The positions the graph's rotary tables cover."""
-    return int(_graph_metadata(path)["moeexport.context"])
 
 
 TARGET = ONNXTarget()

@@ -47,6 +47,7 @@ class ONNXExport:
     path: Path
     representation: str
     moe_ops: str
+    context: int  # positions the rotary tables cover (also in the graph's metadata)
     fallbacks: list[str] = field(default_factory=list)
 
 
@@ -171,4 +172,4 @@ def export(
             f"the model's experts were quantized to int{grid.bits} g{grid.group_size}; the graph re-quantizes "
             f"them to {quant} block {block_size} (use --quant int{grid.bits} --block-size {grid.group_size} to keep them)"
         )
-    return ONNXExport(out_path, representation, moe_ops, fallbacks)
+    return ONNXExport(out_path, representation, moe_ops, context, fallbacks)

@@ -74,9 +74,9 @@ class TensorRTTarget(Target):
         return OnnxRunner(path, context=context, providers=["CPUExecutionProvider"])
 
     def runtime(self) -> str:
-        from moeexport.backends.tensorrt.bundle import _onnxruntime_here
+        from moeexport.backends.tensorrt.bundle import onnxruntime_here
 
-        return _onnxruntime_here()
+        return onnxruntime_here()
 
     def profile(self, artifact, prompt, new_tokens=64):
         return None  # an engine is profiled on the device that builds it (trt-build)

@@ -21,7 +21,6 @@ its tolerance is renamed *.failed.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -34,6 +33,7 @@ import numpy as np
 from moeexport.backends.target import Artifact
 from moeexport.backends.tensorrt.support import check_decoder_io, check_onnx, decoder_io, operators_used, support_table
 from moeexport.errors import MoeExportError
+from moeexport.outputs import replace_atomically, sha256_of_file
 from moeexport.validate import Fidelity, RecordedReference, Tolerance, TorchRunner, Validation, validate_artifact
 
 FORMAT = "moeexport-tensorrt-bundle"
@@ -60,18 +60,8 @@ ENGINE_TOLERANCES = {
 }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
+def write_json(path: Path, data: dict) -> None:
+    replace_atomically(path, lambda temporary: temporary.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def model_summary(model) -> dict:
@@ -144,7 +134,7 @@ def finish_bundle(artifact: BundleArtifact, reference: RecordedReference, valida
                              f"profile ({artifact.max_prompt})")
     np.savez(directory / REFERENCE, windows=reference.windows, logits=reference.recorded)
     manifest = _manifest(directory, artifact, validation, reference.windows, source_manifest)
-    _write_json(directory / MANIFEST, manifest)
+    write_json(directory / MANIFEST, manifest)
     (directory / INSTRUCTIONS).write_text(instructions(directory.name, manifest))
     return manifest
 
@@ -181,7 +171,7 @@ def write_bundle(
         reference = RecordedReference.record(TorchRunner(model), windows)
         runner = onnx_backend.OnnxRunner(artifact.path, context=positions, providers=["CPUExecutionProvider"])
         validation = validate_artifact(reference, runner, reference.windows, onnx_backend.TOLERANCES[quant],
-                                       artifact.path, windows_source, _onnxruntime_here(), progress)
+                                       artifact.path, windows_source, onnxruntime_here(), progress)
         manifest = finish_bundle(artifact, reference, validation, source_manifest)
         os.replace(partial, out_dir)
     except BaseException:
@@ -190,7 +180,7 @@ def write_bundle(
     return BundleResult(out_dir, manifest, validation.fidelity, validation.failures)
 
 
-def _onnxruntime_here() -> str:
+def onnxruntime_here() -> str:
     import onnxruntime
 
     return f"onnxruntime {onnxruntime.__version__} CPU on {platform.machine()}"
@@ -234,7 +224,7 @@ def _manifest(directory: Path, artifact: BundleArtifact, validation: Validation,
                       "logits_dtype": "float32"},
         "validation_here": validation.to_dict() | {"artifact": onnx_path.name},
         "engine_tolerances": {name: tolerance.__dict__ for name, tolerance in ENGINE_TOLERANCES.items()},
-        "files": {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)} for name in files},
+        "files": {name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_of_file(directory / name)} for name in files},
         "compression": source_manifest,
     }
 
@@ -277,7 +267,7 @@ class Bundle:
             path = self.path / name
             if not path.is_file():
                 raise MoeExportError(f"{name} is missing from the bundle {self.path}; copy the whole directory again")
-            if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+            if path.stat().st_size != expected["bytes"] or sha256_of_file(path) != expected["sha256"]:
                 raise MoeExportError(f"{name} in {self.path} differs from the one the bundle was written with; copy it again")
 
     def reference(self) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from moeexport.backends.tensorrt.bundle import ENGINE_TOLERANCES, REPORT, TIMING_CACHE, Bundle, _write_json
+from moeexport.backends.tensorrt.bundle import ENGINE_TOLERANCES, REPORT, TIMING_CACHE, Bundle, write_json
 from moeexport.errors import MoeExportError
 
 
@@ -101,5 +101,5 @@ def finish_on_device(
         "profile": {**speed, **memory},
         "seconds": time.perf_counter() - started,
     }
-    _write_json(bundle.path / REPORT, report)
+    write_json(bundle.path / REPORT, report)
     return DeviceResult(report, failures, engine_path)
