@@ -24,7 +24,8 @@ import torch
 
 from moeexport.adapters import LayerView
 from moeexport.adapters.base import decoder_layers
-from moeexport.calibration.observers import _capture_first_layer_inputs, expert_intermediate
+from moeexport.calibration.observers import expert_intermediate
+from moeexport.streaming import first_layer_inputs, run_layer
 
 
 @torch.no_grad()
@@ -33,7 +34,7 @@ def layer_by_layer(adapter, model, input_ids: torch.Tensor, batch_size: int = 8)
     through the layer (outputs discarded). When the caller resumes, the layer's outputs, computed with
     whatever weights it has by then, become the next layer's inputs."""
     layers = decoder_layers(adapter, model)
-    hidden, call_kwargs = zip(*(_capture_first_layer_inputs(model, layers, batch) for batch in input_ids.split(batch_size)))
+    hidden, call_kwargs = zip(*(first_layer_inputs(model, batch) for batch in input_ids.split(batch_size)))
     hidden = list(hidden)
     for index, layer_module in enumerate(layers):
 
@@ -44,8 +45,7 @@ def layer_by_layer(adapter, model, input_ids: torch.Tensor, batch_size: int = 8)
 
         yield index, layer_module, run
         with torch.no_grad():
-            outputs = [layer_module(h, **kwargs) for h, kwargs in zip(hidden, call_kwargs)]
-        hidden = [out[0] if isinstance(out, tuple) else out for out in outputs]
+            hidden = [run_layer(layer_module, h, kwargs) for h, kwargs in zip(hidden, call_kwargs)]
 
 
 def _gram(rows: torch.Tensor, diagonal: bool) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from moeexport.adapters import LayerView, adapter_for
 from moeexport.adapters.base import decoder_layers
+from moeexport.streaming import first_layer_inputs, layer_views, run_layer
 from moeexport.errors import MoeExportError
 
 STATISTICS_VERSION = 1
@@ -85,29 +86,6 @@ def expert_intermediate(experts, expert: int, tokens: torch.Tensor) -> torch.Ten
     """act(gate(x)) * up(x) of one routed expert: the input of its down projection."""
     gate, up = F.linear(tokens, experts.gate_up_proj[expert]).chunk(2, dim=-1)
     return experts.act_fn(gate) * up
-
-
-class _StopForward(Exception):
-    pass
-
-
-def _capture_first_layer_inputs(model, layers, input_ids: torch.Tensor):
-    """Run the model up to its first decoder layer: (hidden states, keyword arguments of the call)."""
-    captured = {}
-
-    def catch(module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
-
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        model(input_ids=input_ids, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    return captured["hidden"], captured["kwargs"]
 
 
 def _token_cosine_sum(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -191,7 +169,7 @@ def observe(
     adapter = adapter_for(model.config)
     layers = decoder_layers(adapter, model)
     batches = list(input_ids.split(batch_size))
-    hidden, call_kwargs = zip(*(_capture_first_layer_inputs(model, layers, batch) for batch in batches))
+    hidden, call_kwargs = zip(*(first_layer_inputs(model, batch) for batch in batches))
     hidden = list(hidden)
     tokens = input_ids.numel()
     window = min(max_block_window, len(layers))
@@ -200,15 +178,14 @@ def observe(
     layer_statistics = []
     task = progress.add_task("observing layers", total=len(layers)) if progress else None
 
-    for view in adapter.layer_views(model):
+    for view in layer_views(model):
         index, layer_module, kind = view.index, view.module, view.kind
         accumulator = _MoEAccumulator(view) if kind == "moe" else None
         recent_inputs = (recent_inputs + [hidden])[-window:]
         with ExitStack() as stack:
             if accumulator:
                 accumulator.hooks(stack)
-            hidden = [layer_module(h, **kwargs) for h, kwargs in zip(hidden, call_kwargs)]
-            hidden = [h[0] if isinstance(h, tuple) else h for h in hidden]
+            hidden = [run_layer(layer_module, h, kwargs) for h, kwargs in zip(hidden, call_kwargs)]
         # the output of block `index` is the input of block index+1: close every window ending here
         for offset, earlier in enumerate(recent_inputs):
             start = index - len(recent_inputs) + 1 + offset

@@ -41,10 +41,10 @@ def _calibration_arguments() -> argparse.ArgumentParser:
     group = parent.add_argument_group("calibration")
     group.add_argument(
         "--calib",
-        default="model",
         metavar="SOURCE",
         help="calibration text: a .txt or .jsonl (field 'text') file, hf:NAME[:CONFIG][@SPLIT] from the local "
-        "datasets cache, or 'model' to sample text from the model itself (default: model)",
+        "datasets cache, or 'model' to sample text from the model itself (default: model, for models up to 1 B "
+        "parameters; larger ones need a file)",
     )
     group.add_argument("--calib-samples", type=int, default=32, metavar="N", help="sequences (default 32; papers: 128)")
     group.add_argument("--calib-length", type=int, default=256, metavar="L", help="tokens each (default 256; papers: 2048)")
@@ -61,7 +61,9 @@ def _calibration_arguments() -> argparse.ArgumentParser:
 def _model_arguments() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("model", metavar="MODEL", help="checkpoint directory, or 'demo'")
-    parent.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parent.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="compute dtype (default auto: float32, or the checkpoint's bf16/f16 when a streamed "
+                        "run only fits --max-memory that way)")
     parent.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
     parent.add_argument("--allow-nonfinite", action="store_true",
                         help="load weights that hold NaN or Inf values (refused by default, naming the tensor)")
@@ -192,6 +194,13 @@ def _recipe_and_output(command: argparse.ArgumentParser) -> None:
     command.add_argument("--recipe", required=True, metavar="FILE", help="YAML recipe (see above)")
     command.add_argument("--out", metavar="DIR", help="output directory (required unless --dry-run)")
     command.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    command.add_argument("--max-memory", metavar="SIZE",
+                        help="most memory the run may hold, e.g. 16GB or 3.5GiB (default: 75%% of the memory "
+                        "available at start). A model that does not fit whole is streamed one decoder layer at a "
+                        "time; one that cannot fit even so is refused before any work")
+    command.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                        help="force (--stream) or forbid (--no-stream) reading one decoder layer at a time "
+                        "(default: stream when the whole model does not fit --max-memory)")
     command.add_argument(
         "--eval-text", metavar="FILE",
         help="held-out text for the quality and validation checks (default: text sampled from the model)",

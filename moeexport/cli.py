@@ -22,12 +22,14 @@ def _calibration(args):
 
 
 def _compress_options(args, options_type=None, **extra):
+    from moeexport.memory import parse_size
     from moeexport.pipeline import CompressOptions
 
     return (options_type or CompressOptions)(
         out=args.out, calibration=_calibration(args), eval_text=args.eval_text, measure_quality=not args.no_eval,
         dry_run=args.dry_run, overwrite=args.overwrite, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-        allow_nonfinite=args.allow_nonfinite, **extra,
+        allow_nonfinite=args.allow_nonfinite, max_memory=parse_size(args.max_memory) if args.max_memory else None,
+        stream=args.stream, **extra,
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
 from dataclasses import asdict
@@ -38,7 +39,9 @@ from moeexport.outputs import replace_atomically, sha256_of_file, staged
 
 MANIFEST = "moeexport.json"
 MANIFEST_WEIGHTS = "moeexport.safetensors"
+MANIFEST_INDEX = "moeexport.safetensors.index.json"
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"  # what transformers reads, in order
+SHARD_BYTES = 2**30  # a streamed save writes shards of about this size (each is serialized in memory once)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TO_SAFETENSORS = ("convert it to safetensors where you trust it (load it there and save_pretrained(..., "
                   "safe_serialization=True))")
@@ -151,7 +154,9 @@ def weight_files(model_dir: Path, manifest: dict | None = None) -> list[Path]:
     """
     if manifest and not manifest["stock_loadable"]:
         files = [model_dir / MANIFEST_WEIGHTS]
-        if not files[0].is_file():
+        if (model_dir / MANIFEST_INDEX).is_file():  # written layer by layer by a streamed build
+            files = _index_shards(model_dir / MANIFEST_INDEX)
+        elif not files[0].is_file():
             raise MoeExportError(f"{model_dir} has {MANIFEST} but no {MANIFEST_WEIGHTS}: the checkpoint is incomplete")
     elif (model_dir / SAFE_WEIGHTS).is_file():
         files = [model_dir / SAFE_WEIGHTS]
@@ -220,7 +225,7 @@ def _check_safetensors_file(path: Path) -> None:
     )
 
 
-def _read_headers(files: list[Path]) -> dict[str, tuple[list[int], str, Path]]:
+def read_headers(files: list[Path]) -> dict[str, tuple[list[int], str, Path]]:
     """name -> (shape, safetensors dtype, file) for every tensor in the (already checked) files."""
     tensors: dict[str, tuple[list[int], str, Path]] = {}
     for path in files:
@@ -244,7 +249,7 @@ def check_checkpoint(model_dir: Path, config, manifest: dict | None, trust_remot
     from transformers.core_model_loading import revert_weight_conversion
 
     files = weight_files(model_dir, manifest)
-    found = _read_headers(files)
+    found = read_headers(files)
     try:
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -295,9 +300,10 @@ def _and_more(names: list[str]) -> str:
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
-def check_finite(lm: nn.Module, where: Path) -> None:
+def check_finite(lm: nn.Module, where: Path, prefix: str = "") -> None:
     """Every floating-point weight is finite. One aminmax pass per tensor (NaN and +-Inf
-    propagate into its min or max); only a tensor that fails is looked at again."""
+    propagate into its min or max); only a tensor that fails is looked at again. `prefix`
+    says which part of the model `lm` is (a streamed layer)."""
     for name, parameter in lm.named_parameters():
         weights = parameter.detach()
         if not weights.is_floating_point() or weights.numel() == 0:
@@ -311,7 +317,7 @@ def check_finite(lm: nn.Module, where: Path) -> None:
             rows = bad.flatten(1).any(1).nonzero().flatten().tolist()
             experts = f" in expert{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows[:8]))}"
         raise MoeExportError(
-            f"{where}: weight {name} has {int(bad.sum())} non-finite values (NaN or Inf){experts}: "
+            f"{where}: {prefix}weight {name} has {int(bad.sum())} non-finite values (NaN or Inf){experts}: "
             "the checkpoint is corrupt or diverged in training; fetch or export it again (or pass --allow-nonfinite)"
         )
 
@@ -364,7 +370,9 @@ def load(model: str | Path, dtype: str = "float32", trust_remote_code: bool = Fa
 
     The checkpoint is checked first (see the module docstring); `allow_nonfinite` lets
     NaN/Inf weights through. The finite check is one pass over the weights after loading.
+    `dtype` "auto" is float32 (a streamed run may choose the checkpoint's dtype; see moeexport.memory).
     """
+    dtype = "float32" if dtype == "auto" else dtype
     if dtype not in DTYPES:
         raise MoeExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     model_dir = resolve_model_dir(model)
@@ -380,6 +388,43 @@ def load(model: str | Path, dtype: str = "float32", trust_remote_code: bool = Fa
     lm.eval()
     lm.requires_grad_(False)
     return lm
+
+
+def load_streamed(model: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
+                  allow_nonfinite: bool = False) -> nn.Module:
+    """`load`'s model without its decoder layers in memory: each is read from disk when it is walked
+    (moeexport.streaming). Checked like `load`; the finite check runs on each layer as it is read."""
+    from transformers import AutoModelForCausalLM
+
+    from moeexport.streaming import LayerStream
+
+    if dtype not in DTYPES:
+        raise MoeExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    model_dir = resolve_model_dir(model)
+    config = read_config(model_dir, trust_remote_code)
+    manifest = read_manifest(model_dir)
+    check_checkpoint(model_dir, config, manifest, trust_remote_code)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                              experts_implementation=EXPERTS_IMPLEMENTATION)
+    if manifest and not manifest["stock_loadable"]:
+        apply_structure(lm, [LayerSpec(**layer) for layer in manifest["layers"]])
+    lm.config.name_or_path = str(model_dir)
+    lm.eval()
+    lm.requires_grad_(False)
+    lm.moeexport_stream = LayerStream(lm, weight_files(model_dir, manifest), DTYPES[dtype], not allow_nonfinite)
+    lm.moeexport_stream.load_outer()
+    return lm
+
+
+def checkpoint_dtype(model: str | Path) -> str:
+    """The floating-point dtype most of a checkpoint's weight bytes are stored in (headers only)."""
+    model_dir = resolve_model_dir(model)
+    stored: dict[str, int] = {}
+    for shape, dtype, _ in read_headers(weight_files(model_dir, read_manifest(model_dir))).values():
+        stored[dtype] = stored.get(dtype, 0) + math.prod(shape)
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    return names.get(max(stored, key=stored.get), "float32") if stored else "float32"
 
 
 def _load_stock_checkpoint(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
@@ -402,16 +447,21 @@ def _load_manifest_checkpoint(model_dir: Path, config, manifest: dict, dtype: to
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    weights = model_dir / MANIFEST_WEIGHTS
     with no_init_weights():
         lm = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=EXPERTS_IMPLEMENTATION)
     apply_structure(lm, [LayerSpec(**layer) for layer in manifest["layers"]])
-    missing, unexpected = load_model(lm, weights, strict=False)
-    if missing or unexpected:
-        raise MoeExportError(
-            f"{weights} does not match its manifest (missing {sorted(missing)[:3]}, unexpected "
-            f"{sorted(unexpected)[:3]}): the checkpoint is corrupt or was edited"
-        )
+    expected, loaded = set(lm.state_dict()), set()
+    for weights in weight_files(model_dir, manifest):
+        _, unexpected = load_model(lm, weights, strict=False)
+        if unexpected:
+            raise MoeExportError(f"{weights} holds {sorted(unexpected)[:3]}, which its manifest has no place for: "
+                                 "the checkpoint is corrupt or was edited")
+        with safe_open(weights, "pt") as handle:
+            loaded |= set(handle.keys())
+    missing = expected - loaded - set(getattr(lm, "all_tied_weights_keys", None) or {})
+    if missing:
+        raise MoeExportError(f"{model_dir} lacks {sorted(missing)[:3]} of its manifest's structure: "
+                             "the checkpoint is corrupt or was edited")
     lm.config.name_or_path = str(model_dir)
     return lm
 
@@ -455,11 +505,16 @@ def save(lm: nn.Module, out_dir: str | Path, manifest: dict, overwrite: bool = F
     adapter = adapter_for(lm.config)
     stock_loadable = sync_expert_config(adapter, lm)
     with staged(out_dir, overwrite) as staging:
-        if stock_loadable:
+        if getattr(lm, "moeexport_stream", None) is not None:
+            lm.config.save_pretrained(staging)
+            weights = _save_streamed(lm, staging, stock_loadable)
+        elif stock_loadable:
             lm.save_pretrained(staging, safe_serialization=True)
+            weights = SAFE_WEIGHTS
         else:
             lm.config.save_pretrained(staging)
             save_model(lm, str(staging / MANIFEST_WEIGHTS), metadata={"format": "pt"})
+            weights = MANIFEST_WEIGHTS
         source = Path(lm.config.name_or_path or "")
         for name in TOKENIZER_FILES:
             if (source / name).is_file() and not (staging / name).exists():
@@ -469,9 +524,73 @@ def save(lm: nn.Module, out_dir: str | Path, manifest: dict, overwrite: bool = F
             "version": 1,
             "model_type": lm.config.model_type,
             "stock_loadable": stock_loadable,
-            "weights": "model.safetensors" if stock_loadable else MANIFEST_WEIGHTS,
+            "weights": weights,
             "layers": [asdict(spec) for spec in structure(adapter, lm)],
             **manifest,
         }
         (staging / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
     return out_dir
+
+
+def _save_streamed(lm: nn.Module, directory: Path, stock_loadable: bool) -> str:
+    """Write a streamed model's weights layer by layer as shards of about SHARD_BYTES, with their index.
+
+    A stock-loadable checkpoint is written in the layout transformers saves (the
+    hub's, e.g. Mixtral's per-expert w1/w2/w3); a manifest checkpoint in the
+    model's own names, as `save` writes moeexport.safetensors. Returns the index's name.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from moeexport.streaming import layer_views
+
+    adapter = adapter_for(lm.config)
+    shards = _ShardWriter(directory, "model" if stock_loadable else "moeexport")
+    tied = set(getattr(lm, "all_tied_weights_keys", None) or {})
+    outer = adapter.layers + "."
+
+    def add(tensors: dict[str, torch.Tensor]) -> None:
+        shards.add(revert_weight_conversion(lm, tensors) if stock_loadable else tensors)
+
+    add({name: tensor for name, tensor in lm.state_dict().items() if not name.startswith(outer) and name not in tied})
+    for view in layer_views(lm):
+        add({f"{outer}{view.index}.{name}": tensor for name, tensor in view.module.state_dict().items()})
+    index_name = SAFE_INDEX if stock_loadable else MANIFEST_INDEX
+    shards.finish(directory / index_name)
+    return index_name
+
+
+class _ShardWriter:
+    """Safetensors shards of about SHARD_BYTES, each written as soon as it is full or its layer is done."""
+
+    def __init__(self, directory: Path, stem: str):
+        self.directory, self.stem = directory, stem
+        self.pending: dict[str, torch.Tensor] = {}
+        self.written: list[tuple[Path, dict[str, int]]] = []  # temporary file, tensor name -> bytes
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            if self.pending and sum(t.nbytes for t in self.pending.values()) + tensor.nbytes > SHARD_BYTES:
+                self._flush()
+            self.pending[name] = tensor.contiguous()
+        self._flush()  # a layer's tensors never wait in memory for the next layer's
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        path = self.directory / f".{self.stem}-shard-{len(self.written):05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.written.append((path, {name: tensor.nbytes for name, tensor in self.pending.items()}))
+        self.pending = {}
+
+    def finish(self, index: Path) -> None:
+        """Give the shards their numbered names and write the index transformers reads."""
+        weight_map = {}
+        for number, (path, sizes) in enumerate(self.written, start=1):
+            final = path.with_name(f"{self.stem}-{number:05d}-of-{len(self.written):05d}.safetensors")
+            path.rename(final)
+            weight_map |= dict.fromkeys(sizes, final.name)
+        total = sum(size for _, sizes in self.written for size in sizes.values())
+        document = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        index.write_text(json.dumps(document, indent=2) + "\n")

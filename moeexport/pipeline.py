@@ -17,7 +17,7 @@ import functools
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from moeexport.recipe import Recipe, load_recipe, parse_recipe
 from moeexport.validate import RecordedReference, Tolerance, TorchRunner
 
 VALIDATION_WINDOWS = (2, 256)  # >= 510 predicted-token positions per artifact
+SAMPLING_LIMIT = 10**9  # parameters; above, text is not sampled from the model unless asked for
 QUALITY_WINDOWS = (16, 128)
 PROFILE_PROMPT, PROFILE_NEW_TOKENS = 128, 64
 DEFAULT_VERDICT = Tolerance(kl=0.1, top1_agreement=0.75)  # `validate` of a file that records no weight type
@@ -38,7 +39,9 @@ DEFAULT_VERDICT = Tolerance(kl=0.1, top1_agreement=0.75)  # `validate` of a file
 class CalibrationOptions:
     """How the calibration set is drawn and observed. Defaults fit a CPU; the papers used 128 x 2048."""
 
-    source: str = "model"  # .txt / .jsonl file, hf:NAME[:CONFIG][@SPLIT], or "model" (sampled from the model)
+    # .txt / .jsonl file, hf:NAME[:CONFIG][@SPLIT], or "model" (sampled from the model); None: "model" for
+    # models up to SAMPLING_LIMIT parameters, an error above (sampling from a large model takes hours)
+    source: str | None = None
     samples: int = 32
     length: int = 256
     seed: int = 0
@@ -61,9 +64,11 @@ class CompressOptions:
     measure_quality: bool = True  # compare the compressed model with the original
     dry_run: bool = False  # plan and report, write nothing
     overwrite: bool = False
-    dtype: str = "float32"
+    dtype: str = "auto"  # compute dtype; auto: float32, or the checkpoint's own when only that fits max_memory
     trust_remote_code: bool = False
     allow_nonfinite: bool = False  # load weights with NaN/Inf values (refused by default, named by tensor)
+    max_memory: int | None = None  # bytes the run may hold (None: moeexport.memory.default_budget())
+    stream: bool | None = None  # one decoder layer at a time from disk; None: when the whole model does not fit
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ class CompressionReport:
     new_block_index: list[int | None]
     parameters: dict
     bytes: dict
+    memory: dict | None = None  # moeexport.memory.MemoryPlan: the bound, and in memory or streamed
     quality_vs_source: dict | None = None
     out: str | None = None
     timings: dict = field(default_factory=dict)
@@ -198,12 +204,14 @@ def compress(model: str | Path, recipe: str | Path | Recipe | dict, options: Com
 
     events = EventStream(on_event)
     stages = _Stages(events)
+    recipe = _recipe(recipe)
+    memory = memory_plan(model, recipe, options)
     if options.dry_run:
-        done = _compress(model, recipe, options, events, stages)
+        done = _compress(model, recipe, options, events, stages, memory)
     else:
         _require_out(options, model)
         with output_lock(options.out):
-            done = _compress(model, recipe, options, events, stages)
+            done = _compress(model, recipe, options, events, stages, memory)
             with stages("save", f"saving {options.out}"):
                 done.report.out = str(save(done.model, options.out, done.report.manifest(), overwrite=options.overwrite))
     done.report.timings = stages.total()
@@ -218,26 +226,27 @@ def _require_out(options: CompressOptions, model) -> None:
     check_output(options.out, resolve_model_dir(model), options.overwrite)
 
 
-def _compress(model: str | Path, recipe, options: CompressOptions, events: EventStream, stages: _Stages,
-              check=None) -> _Compressed:
+def _compress(model: str | Path, recipe: Recipe, options: CompressOptions, events: EventStream, stages: _Stages,
+              memory, check=None) -> _Compressed:
     """Load, calibrate, apply; `check(model)` runs on the result before its quality is measured."""
     from moeexport.compress import compress as apply_recipe
-    from moeexport.modelio import load, load_tokenizer
+    from moeexport.modelio import load, load_streamed, load_tokenizer
 
-    recipe = _recipe(recipe)
-    calibration = options.calibration
-    if calibration.source != "model":
+    options = replace(options, calibration=_calibration_source(memory, recipe, options, events))
+    if options.calibration.source != "model":
         from moeexport.calibration.sources import read_documents
 
-        read_documents(calibration.source)  # a missing or malformed source fails now, before the model runs
-    with stages("load", f"loading {model}"):
-        lm = load(model, options.dtype, options.trust_remote_code, options.allow_nonfinite)
+        read_documents(options.calibration.source)  # a missing or malformed source fails now, before the model runs
+    events.note(memory.describe())
+    with stages("load", f"loading {model}" + (" (streamed)" if memory.streamed else "")):
+        loader = load_streamed if memory.streamed else load
+        lm = loader(model, memory.dtype, options.trust_remote_code, options.allow_nonfinite)
         tokenizer = load_tokenizer(model, options.trust_remote_code)
     original = None  # the original's logits on the quality windows: the model itself need not be kept
     if options.measure_quality and not options.dry_run:
         with stages("quality", "recording the original model's logits"):
             original = _record(lm, tokenizer, options, *QUALITY_WINDOWS)
-    provider = statistics_provider(model, tokenizer, calibration, events)
+    provider = statistics_provider(model, tokenizer, options.calibration, events)
     passes = []  # each applied pass as the report and the event give it
 
     def applied(step) -> None:
@@ -256,6 +265,7 @@ def _compress(model: str | Path, recipe, options: CompressOptions, events: Event
         new_block_index=result.new_block_index,
         parameters={"before": result.parameters_before, "after": result.parameters_after},
         bytes={"before": result.bytes_before, "after": result.bytes_after},
+        memory=memory.to_dict(),
     )
     if check is not None:
         check(lm)
@@ -264,9 +274,73 @@ def _compress(model: str | Path, recipe, options: CompressOptions, events: Event
 
         with stages("quality", "measuring quality against the original"):
             windows = torch.from_numpy(original.windows)
+            scored = RecordedReference.record(TorchRunner(lm), windows) if memory.streamed else lm
             report.quality_vs_source = {"text": original.text,
-                                        **score(lm, windows, reference=original, progress=events).to_dict()}
+                                        **score(scored, windows, reference=original, progress=events).to_dict()}
     return _Compressed(lm, tokenizer, provider, report)
+
+
+def memory_plan(model: str | Path, recipe: Recipe, options: CompressOptions, validation_windows=(0, 0)):
+    """How MODEL runs within `options.max_memory` (moeexport.memory.MemoryPlan): whole or streamed, in which
+    dtype. Reads only config.json and the weight headers; refuses, before any work, what cannot fit or stream."""
+    from moeexport import memory
+    from moeexport.modelio import checkpoint_dtype, read_headers, read_manifest, resolve_model_dir, weight_files
+    from moeexport.passes import PASSES
+
+    model_dir = resolve_model_dir(model)
+    config = json.loads((model_dir / "config.json").read_text())
+    config = config.get("text_config", config)
+    calibration = options.calibration
+    calibrated = any(PASSES[step.name].needs_statistics(step.options) for step in recipe.steps)
+    quality = QUALITY_WINDOWS[0] * QUALITY_WINDOWS[1] * 2 if options.measure_quality else 0
+    workload = memory.Workload(calibration.samples * calibration.length if calibrated else 0,
+                               calibration.max_block_window, quality + validation_windows[0] * validation_windows[1])
+    budget = options.max_memory or memory.default_budget()
+    plan = memory.plan(read_headers(weight_files(model_dir, read_manifest(model_dir))), config.get("hidden_size", 0),
+                       config.get("vocab_size", 0), budget, workload, options.stream, options.dtype,
+                       checkpoint_dtype(model_dir))
+    if plan.streamed:
+        _check_streamable(recipe, options, plan)
+    return plan
+
+
+def _check_streamable(recipe: Recipe, options: CompressOptions, plan) -> None:
+    """What a streamed run cannot do, refused by name before any work."""
+    from moeexport.passes import PASSES
+
+    why = f"streamed ({plan.describe()})"
+    for step in recipe.steps:
+        if not PASSES[step.name].streams:
+            raise MoeExportError(f"{step.name} cannot run {why}: it needs whole expert weights in memory; raise "
+                                 f"--max-memory to {plan.in_memory_bytes / 2**30:.0f}GiB or leave the pass out")
+        if PASSES[step.name].needs_statistics(step.options) and options.calibration.source in (None, "model"):
+            raise MoeExportError(f"{step.name} needs calibration text, and a model run {why} cannot sample its own: "
+                                 "pass --calib FILE (a .txt or .jsonl file)")
+    if options.eval_text is None and (options.measure_quality or isinstance(options, BuildOptions)) \
+            and not options.dry_run:
+        raise MoeExportError(f"the quality and validation checks of a model run {why} need held-out text: pass "
+                             "--eval-text FILE (or --no-eval to skip the quality check on compress)")
+
+
+def _calibration_source(plan, recipe: Recipe, options: CompressOptions, events: EventStream) -> CalibrationOptions:
+    """The calibration options with their source settled: text sampled from the model only for small models,
+    unless asked for (then with a warning of its cost)."""
+    from moeexport.passes import PASSES
+
+    calibration = options.calibration
+    large = plan.parameters > SAMPLING_LIMIT
+    calibrated = any(PASSES[step.name].needs_statistics(step.options) for step in recipe.steps)
+    if calibration.source is None and large and calibrated:
+        raise MoeExportError(f"the model has {plan.parameters / 1e9:.1f} B parameters: sampling calibration text from "
+                             "it would take hours; pass --calib FILE (or --calib model to sample anyway)")
+    if calibration.source == "model" and large and calibrated:
+        events.note(f"sampling {calibration.samples} x {calibration.length} calibration tokens from a "
+                    f"{plan.parameters / 1e9:.1f} B-parameter model: this takes long; --calib FILE is faster")
+    if options.eval_text is None and large and not options.dry_run \
+            and (options.measure_quality or isinstance(options, BuildOptions)):
+        raise MoeExportError(f"the model has {plan.parameters / 1e9:.1f} B parameters: sampling held-out text from it "
+                             "for the quality and validation checks would take hours; pass --eval-text FILE")
+    return replace(calibration, source=calibration.source or "model")
 
 
 def _recipe(recipe) -> Recipe:
@@ -287,7 +361,7 @@ def statistics_provider(model: str | Path, tokenizer, calibration: CalibrationOp
 
     return StatisticsProvider(
         tokenizer,
-        CalibrationConfig(calibration.source, calibration.samples, calibration.length, calibration.seed),
+        CalibrationConfig(calibration.source or "model", calibration.samples, calibration.length, calibration.seed),
         fingerprint(resolve_model_dir(model)),
         cache_dir=DEFAULT_CACHE if calibration.cache else None,
         batch_size=calibration.batch_size,
@@ -413,12 +487,18 @@ def build(model: str | Path, recipe: str | Path | Recipe | dict, target: str, op
     chosen = target_for(target)  # before any work: nothing is compressed for options the target refuses
     target_options = chosen.options(options.target_options)
     chosen.check_quant(options.quant)
+    recipe = _recipe(recipe)
+    memory = memory_plan(model, recipe, options, options.validation_windows)
+    if memory.streamed and chosen.wants_imatrix(target_options):
+        raise MoeExportError(f"--imatrix is not measured on a streamed model yet ({memory.describe()}); build "
+                             "without it, or raise --max-memory so that the model runs whole")
     _require_out(options, model)
     with output_lock(options.out):
-        return _build(model, recipe, chosen, target_options, options, EventStream(on_event))
+        return _build(model, recipe, chosen, target_options, options, memory, EventStream(on_event))
 
 
-def _build(model, recipe, chosen, target_options, options: BuildOptions, events: EventStream) -> BuildReport:
+def _build(model, recipe: Recipe, chosen, target_options, options: BuildOptions, memory,
+           events: EventStream) -> BuildReport:
     from moeexport.backends.target import ExportInputs
     from moeexport.modelio import save
     from moeexport.quantization import weight_grid
@@ -426,7 +506,7 @@ def _build(model, recipe, chosen, target_options, options: BuildOptions, events:
 
     target = chosen.name
     stages = _Stages(events)
-    done = _compress(model, recipe, options, events, stages,
+    done = _compress(model, recipe, options, events, stages, memory,
                      check=lambda lm: chosen.check(lm, options.quant, target_options))
     out = Path(options.out)
     report = BuildReport(str(model), target, options.quant, target_options.model_dump(), str(out), done.report)

@@ -28,11 +28,28 @@ class TorchRunner:
     @torch.no_grad()
     def logits(self, token_ids) -> np.ndarray:
         ids = torch.as_tensor(list(token_ids), dtype=torch.long)[None]
-        return self.model(input_ids=ids, use_cache=False).logits[0].float().numpy()
+        return self.window_logits(ids)[0]
+
+    @torch.no_grad()
+    def window_logits(self, windows: torch.Tensor) -> np.ndarray:
+        """[N, L, vocab] float32 logits of windows [N, L]: one at a time in memory (the numbers every earlier
+        build recorded), all together when streamed (each decoder layer is read from disk once)."""
+        from moeexport import streaming
+
+        windows = torch.as_tensor(windows, dtype=torch.long)
+        if streaming.is_streamed(self.model):
+            return streaming.logits(self.model, windows)
+        return np.stack([self.model(input_ids=window[None], use_cache=False).logits[0].float().numpy()
+                         for window in windows])
 
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[int]:
         """New token ids after `prompt`: greedy at temperature 0, else sampled from softmax(logits / T)."""
+        from moeexport import streaming
+
+        if streaming.is_streamed(self.model):
+            raise MoeExportError("a streamed model (read from disk a layer at a time) does not generate; "
+                                 "generate with the exported artifact")
         ids = torch.as_tensor(list(prompt), dtype=torch.long)[None]
         torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature else {}
@@ -123,7 +140,10 @@ class RecordedReference:
     def record(cls, runner, windows, text: str = "") -> "RecordedReference":
         """Run `runner` (e.g. TorchRunner) once on every window and keep its float32 logits."""
         windows = np.asarray(windows.tolist() if hasattr(windows, "tolist") else windows, dtype=np.int64)
-        logits = np.stack([runner.logits(window) for window in windows.tolist()]).astype(np.float32)
+        if hasattr(runner, "window_logits"):
+            logits = runner.window_logits(torch.from_numpy(windows)).astype(np.float32)
+        else:
+            logits = np.stack([runner.logits(window) for window in windows.tolist()]).astype(np.float32)
         return cls(windows, logits, text)
 
     def logits(self, token_ids) -> np.ndarray:

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from moeexport.adapters import adapter_for
 from moeexport.adapters.base import decoder_layers, structure
-from moeexport.calibration.observers import Statistics, _capture_first_layer_inputs, observe
+from moeexport.calibration.observers import Statistics, observe
+from moeexport.streaming import first_layer_inputs
 from moeexport.calibration.sources import CalibrationConfig
 from moeexport.compress import StatisticsProvider
 from tests.tiny_models import FAMILIES, random_tokens, tiny_model
@@ -19,7 +20,7 @@ def test_carrying_activations_layer_by_layer_equals_the_full_forward(family):
     model = tiny_model(family)
     layers = decoder_layers(adapter_for(model.config), model)
     tokens = random_tokens(2, 20)
-    hidden, kwargs = _capture_first_layer_inputs(model, layers, tokens)
+    hidden, kwargs = first_layer_inputs(model, tokens)
     for layer in layers:
         hidden = layer(hidden, **kwargs)
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from moeexport.backends.gguf.architectures import ARCHITECTURES, GGUFArchitectur
 from moeexport.backends.gguf.names import DENSE_FFN, ROUTED_FFN, SHARED_FFN, BlockNames, TensorNames
 from moeexport.errors import MoeExportError
 from moeexport.quantization import WeightGrid
+from moeexport.streaming import layer_views
 from moeexport.validate import Tolerance
 
 # gguf-py quantizes these in numpy ...
@@ -253,15 +255,19 @@ def _carried_grid(grid: WeightGrid | None, quant: str, via_llama_cpp: bool,
 
 def _write_file(gguf, path: Path, model, plan: _Plan, quant: str, representation: str, fallbacks: list[str],
                 grid: WeightGrid | None = None) -> None:
+    """Header from the model's shapes (no weights read), then each tensor's data as its layer is read."""
     writer = gguf.GGUFWriter(str(path), plan.architecture.name)
     try:
         _write_hparams(writer, gguf, plan, quant)
         writer.add_string(REPRESENTATION_KEY, representation)
         _write_vocab(writer, gguf, plan.config, plan.architecture)
-        _write_tensors(_TensorSink(writer, gguf, plan.architecture.name, quant, fallbacks, grid), model, plan)
+        sink = _TensorSink(writer, gguf, plan.architecture.name, quant, fallbacks, grid)
+        _write_tensors(sink, model, adapter_for(model.config).layer_views(model), plan)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
+        writer.write_ti_data_to_file()
+        sink.writing = True
+        _write_tensors(sink, model, layer_views(model), plan)
     finally:
         writer.close()
 
@@ -452,34 +458,71 @@ def _write_vocab(writer, gguf, config: ModelConfig, architecture: GGUFArchitectu
 
 
 class _TensorSink:
-    """Adds tensors in the requested type, falling back per tensor where the shape cannot take it."""
+    """Writes tensors in the requested type, falling back per tensor where the shape cannot take it.
+
+    A file is written in two passes over the same tensors: the first (`writing`
+    False) only announces each tensor's name, type and shape, which the header
+    needs, and reads no weights, so a streamed model is walked on its meta-device
+    skeleton; the second converts the data a slice at a time (one expert, or a
+    block of rows) into the tensor's bytes and writes them, so at most one tensor's
+    stored bytes and one slice in float32 exist at once.
+    """
+
+    ROWS_PER_SLICE = 4096
 
     def __init__(self, writer, gguf, architecture: str, quant: str, fallbacks: list[str],
-                 grid: WeightGrid | None = None):
+                 grid: WeightGrid | None = None, writing: bool = False):
         self.writer, self.gguf, self.quant, self.fallbacks, self.grid = writer, gguf, quant, fallbacks, grid
+        self.writing = writing
         self.names = TensorNames(gguf, architecture)
 
     def add(self, name: str, tensor: torch.Tensor | np.ndarray, keep_f32: bool = False, quant: str | None = None,
             on_grid: bool = False):
         """`on_grid`: routed-expert weights, written with the quantize pass's codes when the file carries its grid."""
-        data = tensor.detach().float().numpy() if isinstance(tensor, torch.Tensor) else tensor.astype(np.float32)
-        quant = "f32" if keep_f32 or data.ndim == 1 else (quant or self.quant)
+        shape = tuple(tensor.shape)
+        quant = "f32" if keep_f32 or len(shape) == 1 else (quant or self.quant)
         if on_grid and self.grid and quant == self.quant:
-            self._add_grid_blocks(name, data)
-        elif quant == "f32":
-            self.writer.add_tensor(name, data)
-        elif quant == "f16":
-            self.writer.add_tensor(name, data.astype(np.float16))
-        else:
-            qtype = getattr(self.gguf.GGMLQuantizationType, quant.upper())
-            block = self.gguf.GGML_QUANT_SIZES[qtype][0]
-            if data.shape[-1] % block:
-                self.fallbacks.append(f"{name}: rows of {data.shape[-1]} are not a multiple of {block} -> f16")
-                self.writer.add_tensor(name, data.astype(np.float16))
-                return
-            self.writer.add_tensor(name, self.gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            quant = "grid"
+        elif quant not in ("f32", "f16"):
+            block = self.gguf.GGML_QUANT_SIZES[self._qtype(quant)][0]
+            if shape[-1] % block:
+                if not self.writing:
+                    self.fallbacks.append(f"{name}: rows of {shape[-1]} are not a multiple of {block} -> f16")
+                quant = "f16"
+        if not self.writing:  # the header's entry, from the stored form of one row
+            row = self._convert(np.zeros((1, shape[-1]), np.float32), quant, name)
+            stored = (*shape[:-1], row.shape[-1])
+            self.writer.add_tensor_info(name, stored, row.dtype, math.prod(shape[:-1]) * row.nbytes,
+                                        raw_dtype=self._raw_dtype(quant))
+            return
+        flat = tensor.reshape(-1, shape[-1])
+        out = None
+        for start in range(0, flat.shape[0], self.ROWS_PER_SLICE):
+            rows = flat[start:start + self.ROWS_PER_SLICE]
+            rows = rows.detach().float().numpy() if isinstance(rows, torch.Tensor) else rows.astype(np.float32)
+            converted = self._convert(rows, quant, name)
+            if out is None:
+                out = np.empty((flat.shape[0], converted.shape[-1]), converted.dtype)
+            out[start:start + len(converted)] = converted
+        self.writer.write_tensor_data(out.reshape(*shape[:-1], out.shape[-1]))
 
-    def _add_grid_blocks(self, name: str, data: np.ndarray) -> None:
+    def _qtype(self, quant: str):
+        return getattr(self.gguf.GGMLQuantizationType, (self.quant if quant == "grid" else quant).upper())
+
+    def _raw_dtype(self, quant: str):
+        return None if quant in ("f32", "f16") else self._qtype(quant)
+
+    def _convert(self, data: np.ndarray, quant: str, name: str) -> np.ndarray:
+        """float32 rows [n, width] -> their stored form (elements, or blocks as bytes)."""
+        if quant == "f32":
+            return data
+        if quant == "f16":
+            return data.astype(np.float16)
+        if quant == "grid":
+            return self._grid_blocks(name, data)
+        return self.gguf.quants.quantize(data, self._qtype(quant))
+
+    def _grid_blocks(self, name: str, data: np.ndarray) -> np.ndarray:
         """q4_0 / q8_0 blocks (f16 scale, then 32 codes) straight from the grid's codes and scales."""
         from moeexport.quantization import recover_grid
 
@@ -487,8 +530,9 @@ class _TensorSink:
         codes, scales = (t.numpy() for t in recover_grid(torch.from_numpy(data), bits, group_size))
         exact_scales = np.repeat(scales, group_size // GGML_BLOCK, axis=-1)
         block_scales = exact_scales.astype(np.float16)
-        if not np.array_equal(block_scales.astype(np.float32), exact_scales):
-            self.fallbacks.append(f"{name}: scales below float16's normal range were rounded in the file")
+        rounded = f"{name}: scales below float16's normal range were rounded in the file"
+        if not np.array_equal(block_scales.astype(np.float32), exact_scales) and rounded not in self.fallbacks:
+            self.fallbacks.append(rounded)
         codes = codes.reshape(*codes.shape[:-1], -1, GGML_BLOCK)
         if bits == 4:  # unsigned nibbles with zero point 8; element j low, element j + 16 high
             nibbles = (codes.astype(np.int16) + 8).astype(np.uint8)
@@ -496,8 +540,7 @@ class _TensorSink:
         else:
             payload = codes.astype(np.int8).view(np.uint8)
         blocks = np.concatenate([block_scales[..., None].view(np.uint8), payload], axis=-1)
-        qtype = getattr(self.gguf.GGMLQuantizationType, self.quant.upper())
-        self.writer.add_tensor(name, blocks.reshape(*data.shape[:-1], -1), raw_dtype=qtype)
+        return blocks.reshape(*data.shape[:-1], -1)
 
 
 def _permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -506,11 +549,11 @@ def _permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _write_tensors(tensors: _TensorSink, model, plan: _Plan) -> None:
+def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
     config, adapter, names = plan.config, adapter_for(model.config), tensors.names
     around = adapter.model_view(model)
     tensors.add(names("TOKEN_EMBD"), around.embeddings.weight, keep_f32=tensors.quant in ("f16", "bf16"))
-    for view in adapter.layer_views(model):
+    for view in views:
         index, name = view.index, names.block(view.index)
         tensors.add(name("ATTN_NORM"), view.attention_norm.weight)
         if plan.architecture.latent_attention:

@@ -194,6 +194,9 @@ def keep_experts(adapter: MoEAdapter, model: nn.Module, layer: int, keep: list[i
     survivors; top-k is clamped to the number kept. Zero experts is allowed: the
     routed part then contributes nothing (shared experts, if any, still run).
     """
+    stream = getattr(model, "moeexport_stream", None)
+    if stream is not None:  # a streamed model reads only the kept experts when the layer is read
+        stream.keep_experts(layer, keep)
     block = moe_block(adapter, model, layer)
     router, experts = getattr(block, adapter.router), getattr(block, adapter.experts)
     index = torch.tensor(keep, dtype=torch.long)
@@ -251,6 +254,9 @@ def drop_blocks(adapter: MoEAdapter, model: nn.Module, drop: list[int]) -> None:
     """Delete whole decoder layers and renumber the survivors (KV-cache slots included)."""
     layers = decoder_layers(adapter, model)
     kept = [i for i in range(len(layers)) if i not in set(drop)]
+    stream = getattr(model, "moeexport_stream", None)
+    if stream is not None:
+        stream.keep_blocks(kept)
     survivors = nn.ModuleList(layers[i] for i in kept)
     for new_index, layer_module in enumerate(survivors):
         for module in layer_module.modules():

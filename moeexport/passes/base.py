@@ -35,6 +35,9 @@ class PassOptions(BaseModel):
 class CompressionPass:
     name: ClassVar[str]
     Options: ClassVar[type[PassOptions]]
+    # True when `apply` only removes (blocks, sublayers, experts) through the surgery in
+    # adapters/base.py, which a streamed model records and replays as each layer is read.
+    streams: ClassVar[bool] = False
 
     def needs_statistics(self, options: PassOptions) -> bool:
         """Every selection is calibration-driven except the `score: random` control."""

@@ -1,0 +1,140 @@
+"""The memory bound of a run (`--max-memory`): what a model needs whole or streamed, and the choice between them.
+
+Estimates come from the checkpoint's safetensors headers alone (no weight is
+read, nothing heavy is imported), so a model that cannot fit is refused at once,
+before any work. The constants are measured on this project's builds, not guessed:
+RUNTIME is the resident size of a process that has imported torch, transformers,
+llama.cpp and ONNX Runtime; IN_MEMORY_FACTOR is an in-memory build's peak RSS
+over its float32 weight bytes (Mixtral-8x7B widths, one layer: 14.1 GB for 6.9 GB).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from moeexport.errors import MoeExportError
+
+GIB = 2**30
+RUNTIME = int(0.8 * GIB)
+IN_MEMORY_FACTOR = 2.1
+DEFAULT_FRACTION = 0.75  # of the memory available when the run starts
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12,
+          "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+# every supported family numbers its decoder layers `...layers.N.` in checkpoint tensor names
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def parse_size(text: str) -> int:
+    """'24GB', '3.5GiB', '800MB' -> bytes (decimal units for GB/MB, binary for GiB/MiB)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise MoeExportError(f"--max-memory {text!r} is not a size: write it like 16GB, 3.5GiB or 800MB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping), else physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_budget() -> int:
+    return int(available_memory() * DEFAULT_FRACTION)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a run holds besides weights: activations of the calibration set and recorded logits."""
+
+    calibration_tokens: int = 0
+    block_window: int = 8  # observers keep this many earlier layers' inputs (Block Drop scores)
+    logit_positions: int = 0  # positions whose logits are recorded (quality + validation windows)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int
+    streamed: bool
+    dtype: str  # what the weights are computed in
+    parameters: int
+    in_memory_bytes: int  # estimated peak, whole model in float32
+    streamed_bytes: int  # estimated peak, one layer at a time in `dtype`
+    largest_layer: int
+    largest_layer_parameters: int
+    outer_parameters: int  # embeddings, final norm, head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        how = (f"streamed, one decoder layer at a time in {self.dtype} (about {self.streamed_bytes / GIB:.1f} GiB)"
+               if self.streamed else f"whole in memory (about {self.in_memory_bytes / GIB:.1f} GiB)")
+        return f"{self.parameters / 1e9:.2f} B parameters, {how}, within --max-memory {self.budget / GIB:.1f} GiB"
+
+
+def checkpoint_sizes(headers: dict) -> tuple[dict[int, int], int]:
+    """(parameters per decoder layer, parameters outside the layers) from tensor headers (name -> (shape, ...))."""
+    per_layer: dict[int, int] = {}
+    outer = 0
+    for name, (shape, _, _) in headers.items():
+        count = math.prod(shape)
+        match = _LAYER_KEY.search(name)
+        if match:
+            per_layer[int(match.group(1))] = per_layer.get(int(match.group(1)), 0) + count
+        else:
+            outer += count
+    return per_layer, outer
+
+
+def plan(headers: dict, hidden_size: int, vocab_size: int, budget: int, workload: Workload,
+         stream: bool | None = None, dtype: str = "auto", storage_dtype: str = "float32") -> MemoryPlan:
+    """Choose in-memory or streamed and the compute dtype, or refuse (MoeExportError) when neither fits `budget`.
+
+    `stream` None: in memory when the whole model fits, else streamed. `dtype` "auto":
+    float32 when it fits, else the checkpoint's own storage dtype (bf16 weights computed
+    in bf16, accumulating in float32 inside the matrix products).
+    """
+    per_layer, outer = checkpoint_sizes(headers)
+    total = outer + sum(per_layer.values())
+    layer, layer_parameters = max(per_layer.items(), key=lambda item: item[1]) if per_layer else (0, 0)
+    in_memory = RUNTIME + int(total * DTYPE_BYTES["float32"] * IN_MEMORY_FACTOR)
+
+    def streamed_peak(compute: str) -> int:
+        size = DTYPE_BYTES[compute]
+        activations = workload.calibration_tokens * hidden_size * size * (workload.block_window + 3)
+        logits = workload.logit_positions * vocab_size * 4
+        # the exporter converts one expert's matrix at a time to float32, with a few temporaries
+        export = 4 * 4 * max(layer_parameters // 64, 1)
+        return RUNTIME + (outer + layer_parameters) * size + activations + logits + export
+
+    streamed = stream if stream is not None else in_memory > budget
+    candidates = [dtype] if dtype != "auto" else (["float32"] if storage_dtype == "float32" or not streamed
+                                                  else ["float32", storage_dtype])
+    if not streamed:
+        chosen = "float32" if dtype == "auto" else dtype
+        return MemoryPlan(budget, False, chosen, total, in_memory, streamed_peak(chosen), layer, layer_parameters, outer)
+    for compute in candidates:
+        if streamed_peak(compute) <= budget:
+            return MemoryPlan(budget, True, compute, total, in_memory, streamed_peak(compute), layer, layer_parameters,
+                              outer)
+    compute = candidates[-1]
+    need = streamed_peak(compute)
+    raise MoeExportError(
+        f"the model does not fit --max-memory {budget / GIB:.1f} GiB: even streamed one layer at a time it needs about "
+        f"{need / GIB:.1f} GiB (its largest decoder layer, {layer}, is {layer_parameters * DTYPE_BYTES[compute] / GIB:.1f}"
+        f" GiB in {compute}, embeddings and head {outer * DTYPE_BYTES[compute] / GIB:.1f} GiB, plus activations and "
+        f"the runtime); raise --max-memory to {math.ceil(need / GIB * 10) / 10:.1f}GiB or more, or use fewer "
+        "--calib-samples"
+    )

@@ -1,0 +1,263 @@
+"""Models larger than memory: one decoder layer at a time, read from disk when it is needed.
+
+A streamed model is the transformers model built on the meta device (modules,
+config and shapes, no weights) with its embeddings, final norm and head
+loaded, plus a `LayerStream` attached as `model.moeexport_stream`. Everything
+that walks the layers (observers, the torch reference, the exporters) asks
+`layer_views(model)`, which for a streamed model reads each layer from the
+memory-mapped safetensors in the compute dtype, yields it, and releases it
+before the next.
+
+Passes apply to the skeleton as they do to an in-memory model (which keeps its
+structure and config right), and structural passes also say what they did to
+each layer as a `LayerEdit`: which source layer it is, which routed experts it
+keeps, whether its MoE sublayer is gone. A layer is then read already
+compressed: only the experts it keeps come off the disk.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from moeexport.adapters import adapter_for
+from moeexport.adapters.base import decoder_layers, get_path
+from moeexport.errors import MoeExportError
+
+
+@dataclass(frozen=True)
+class LayerEdit:
+    """What one decoder layer of the streamed model is, in terms of the checkpoint it is read from."""
+
+    source: int  # the layer's index in the checkpoint
+    experts: tuple[int, ...] | None = None  # the routed experts it keeps, in order (None: all of them)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One checkpoint tensor and where it lands in a model parameter."""
+
+    key: str
+    expert: int | None = None  # stacked experts: which one ([E, ...] first axis)
+    part: int = 0  # ... and which of the parts concatenated along its rows (gate, up)
+
+
+def layer_views(model):
+    """The model's decoder layers as LayerViews, in order. For a streamed model each layer's
+    weights exist only until the next layer is requested: consumers copy what they keep."""
+    stream = getattr(model, "moeexport_stream", None)
+    if stream is not None:
+        yield from stream.layer_views()
+        return
+    yield from adapter_for(model.config).layer_views(model)
+
+
+def is_streamed(model) -> bool:
+    return getattr(model, "moeexport_stream", None) is not None
+
+
+class LayerStream:
+    """Reads the decoder layers of `model` (a skeleton on the meta device) from a checkpoint, one at a time."""
+
+    def __init__(self, model: nn.Module, files: list[Path], dtype: torch.dtype, check_finite: bool = True):
+        from moeexport.modelio import read_headers
+
+        self.model, self.dtype, self.check_finite = model, dtype, check_finite
+        self.adapter = adapter_for(model.config)
+        self.headers = read_headers(files)
+        self.sources = _parameter_sources(model, self.headers)
+        self.edits = [LayerEdit(index) for index in range(len(decoder_layers(self.adapter, model)))]
+        self.layers_read = 0
+
+    # -- the plain data passes update ----------------------------------------------------
+
+    def keep_blocks(self, kept: list[int]) -> None:
+        self.edits = [self.edits[index] for index in kept]
+
+    def keep_experts(self, layer: int, keep: list[int]) -> None:
+        edit = self.edits[layer]
+        current = edit.experts if edit.experts is not None else tuple(range(self._source_experts(edit.source)))
+        self.edits[layer] = replace(edit, experts=tuple(current[index] for index in keep))
+
+    def _source_experts(self, layer: int) -> int:
+        router = self._name(layer, f"{self.adapter.moe}.{self.adapter.router}.weight")
+        return self.headers[self.sources[router][0].key][0][0]
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def layer_views(self):
+        for index in range(len(self.edits)):
+            with self.layer(index) as view:
+                yield view
+
+    @contextmanager
+    def layer(self, index: int):
+        """Decoder layer `index` with its weights read in; released (back on the meta device) afterwards."""
+        module = decoder_layers(self.adapter, self.model)[index]
+        edit = self.edits[index]
+        router_prefix = f"{self.adapter.moe}.{self.adapter.router}."
+        weights = {
+            name: self._read(self._name(edit.source, name), meta.shape, edit.experts, name.startswith(router_prefix))
+            for name, meta in module.state_dict(keep_vars=True).items()
+        }
+        module.load_state_dict(weights, assign=True, strict=True)
+        del weights
+        try:
+            _require_loaded(module, f"layer {index}")
+            if self.check_finite:
+                from moeexport.modelio import check_finite
+
+                check_finite(module, Path(self.model.config.name_or_path or "."), prefix=f"layer {index}: ")
+            self.layers_read += 1
+            yield self.adapter.layer_view(self.model, index)
+        finally:
+            module.to("meta")
+
+    def load_outer(self) -> None:
+        """Read everything that is not a decoder layer (embeddings, final norm, head) and rebuild the rotary tables."""
+        layers = self.adapter.layers + "."
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
+        weights = {
+            name: self._read(name, meta.shape)
+            for name, meta in self.model.state_dict(keep_vars=True).items()
+            if not name.startswith(layers) and not (name in tied and name not in self.sources)
+        }
+        self.model.load_state_dict(weights, assign=True, strict=False)
+        self.model.tie_weights()
+        parent_path, _, attribute = self.adapter.rotary_embedding.rpartition(".")
+        parent = get_path(self.model, parent_path) if parent_path else self.model
+        rotary = getattr(parent, attribute)
+        setattr(parent, attribute, type(rotary)(config=self.model.config))  # its tables are computed, not stored
+        for name, tensor in (*self.model.named_parameters(), *self.model.named_buffers()):
+            if not name.startswith(layers) and tensor.is_meta:
+                raise MoeExportError(f"streaming cannot fill {name} of {self.model.config.model_type}: "
+                                     "it is neither in the checkpoint nor computed; build without streaming")
+
+    def _name(self, layer: int, name: str) -> str:
+        return f"{self.adapter.layers}.{layer}.{name}"
+
+    def _read(self, name: str, shape: torch.Size, experts: tuple[int, ...] | None = None,
+              per_expert_rows: bool = False) -> torch.Tensor:
+        """The parameter `name` (the model's own name) from the checkpoint, in the compute dtype.
+
+        `experts`: keep only these routed experts, for stacked expert tensors (assembled one
+        expert at a time, never the whole stack twice) and for router rows (`per_expert_rows`).
+        """
+        pieces = self.sources.get(name)
+        if not pieces:
+            raise MoeExportError(f"the checkpoint has no tensor for {name}: it does not match config.json")
+        if pieces[0].expert is None:
+            tensor = self._tensor(pieces[0].key)
+            if experts is not None and per_expert_rows and tensor.shape[0] != shape[0]:
+                tensor = tensor.index_select(0, torch.tensor(experts, dtype=torch.long))
+            return tensor.to(self.dtype)
+        by_slot = {(piece.expert, piece.part): piece.key for piece in pieces}
+        parts = 1 + max(piece.part for piece in pieces)
+        out = torch.empty(shape, dtype=self.dtype)
+        for slot, expert in enumerate(experts if experts is not None else range(shape[0])):
+            rows = shape[1] // parts
+            for part in range(parts):
+                out[slot, part * rows:(part + 1) * rows].copy_(self._tensor(by_slot[(expert, part)]))
+        return out
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        # Opened per tensor: a mapping kept open holds every page read through it in this process's RSS.
+        with safe_open(self.headers[key][2], "pt") as handle:
+            return handle.get_tensor(key).clone()
+
+
+def _require_loaded(module: nn.Module, what: str) -> None:
+    for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+        if tensor.is_meta:
+            raise MoeExportError(f"streaming cannot fill {what}'s {name}: build without streaming")
+
+
+def _parameter_sources(model: nn.Module, headers: dict) -> dict[str, list[_Piece]]:
+    """Model parameter name -> the checkpoint tensors it is made of.
+
+    A checkpoint holds tensors under the model's own names, or in the layout
+    transformers converts on load (Mixtral's per-expert w1/w3/w2 stacked into
+    gate_up_proj / down_proj); transformers' own conversion table says which, and
+    only its stack-and-concatenate conversions are streamed (the ones every
+    supported family uses).
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (Concatenate, MergeModulelist, WeightConverter, WeightRenaming,
+                                                 rename_source_key)
+
+    native = set(model.state_dict().keys())
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    sources: dict[str, list[_Piece]] = defaultdict(list)
+    for key in headers:
+        if key in native:
+            sources[key].append(_Piece(key))
+            continue
+        target, pattern = rename_source_key(key, renamings, converters)
+        if pattern is None:
+            sources[target].append(_Piece(key))
+            continue
+        converter = next(c for c in converters if pattern in c.source_patterns)
+        operations = [(type(op), getattr(op, "dim", None)) for op in converter.operations]
+        if operations not in ([(MergeModulelist, 0)], [(MergeModulelist, 0), (Concatenate, 1)]):
+            raise MoeExportError(f"{model.config.model_type} checkpoints convert {key} in a way moeexport does not "
+                                 f"stream ({converter.operations}); build without streaming (a larger --max-memory)")
+        expert = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+        sources[target].append(_Piece(key, int(expert.group(1)), converter.source_patterns.index(pattern)))
+    return dict(sources)
+
+
+# --- running a streamed model -----------------------------------------------------------
+
+
+class _StopForward(Exception):
+    pass
+
+
+def first_layer_inputs(model, input_ids: torch.Tensor):
+    """Run the model up to its first decoder layer: (hidden states, keyword arguments of the call).
+
+    What the layers need besides the hidden states (attention mask, rotary tables)
+    comes from the model's own forward, so every family is called as it calls itself.
+    """
+    layers = decoder_layers(adapter_for(model.config), model)
+    captured = {}
+
+    def catch(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured["hidden"], captured["kwargs"]
+
+
+def run_layer(module: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    output = module(hidden, **kwargs)
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def logits(model, windows: torch.Tensor, batch_size: int = 8) -> np.ndarray:
+    """float32 logits [N, L, vocab] of token windows [N, L], reading each decoder layer once for all of them."""
+    batches = [first_layer_inputs(model, batch) for batch in windows.split(batch_size)]
+    hidden = [h for h, _ in batches]
+    for view in layer_views(model):
+        hidden = [run_layer(view.module, h, kwargs) for h, (_, kwargs) in zip(hidden, batches)]
+    around = adapter_for(model.config).model_view(model)
+    return np.concatenate([around.output(around.final_norm(h)).float().numpy() for h in hidden])
