@@ -117,7 +117,8 @@ def plan(headers: dict, hidden_size: int, vocab_size: int, budget: int, workload
         logits = workload.logit_positions * vocab_size * 4
         # the exporter converts one expert's matrix at a time to float32, with a few temporaries
         export = 4 * 4 * max(layer_parameters // 64, 1)
-        return RUNTIME + (outer + layer_parameters) * size + activations + logits + export
+        # the embeddings and head are read in only before the first layer and after the last
+        return RUNTIME + max(outer, layer_parameters) * size + activations + logits + export
 
     streamed = stream if stream is not None else in_memory > budget
     candidates = [dtype] if dtype != "auto" else (["float32"] if storage_dtype == "float32" or not streamed

@@ -50,6 +50,7 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 DIGEST_MEMO_BYTES = 256 * 2**20
 DEMO_MODEL = Path(__file__).parent / "demo"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # transformers' default grouped_mm experts kernel costs seconds per forward on CPU; the
 # per-expert loop is far faster there and computes the same thing.
 EXPERTS_IMPLEMENTATION = "grouped_mm" if torch.cuda.is_available() else "eager"
@@ -413,7 +414,7 @@ def load_streamed(model: str | Path, dtype: str = "float32", trust_remote_code: 
     lm.eval()
     lm.requires_grad_(False)
     lm.moeexport_stream = LayerStream(lm, weight_files(model_dir, manifest), DTYPES[dtype], not allow_nonfinite)
-    lm.moeexport_stream.load_outer()
+    lm.moeexport_stream.rebuild_rotary()
     return lm
 
 
@@ -533,7 +534,9 @@ def save(lm: nn.Module, out_dir: str | Path, manifest: dict, overwrite: bool = F
 
 
 def _save_streamed(lm: nn.Module, directory: Path, stock_loadable: bool) -> str:
-    """Write a streamed model's weights layer by layer as shards of about SHARD_BYTES, with their index.
+    """Write a streamed model's weights layer by layer, and its experts one at a time, as shards of about
+    SHARD_BYTES with their index; each tensor in the dtype its source stores it in (streamed passes only
+    remove weights, so that is lossless).
 
     A stock-loadable checkpoint is written in the layout transformers saves (the
     hub's, e.g. Mixtral's per-expert w1/w2/w3); a manifest checkpoint in the
@@ -541,22 +544,49 @@ def _save_streamed(lm: nn.Module, directory: Path, stock_loadable: bool) -> str:
     """
     from transformers.core_model_loading import revert_weight_conversion
 
-    from moeexport.streaming import layer_views
+    from moeexport import streaming
 
-    adapter = adapter_for(lm.config)
+    adapter, stream = adapter_for(lm.config), lm.moeexport_stream
     shards = _ShardWriter(directory, "model" if stock_loadable else "moeexport")
     tied = set(getattr(lm, "all_tied_weights_keys", None) or {})
     outer = adapter.layers + "."
 
-    def add(tensors: dict[str, torch.Tensor]) -> None:
-        shards.add(revert_weight_conversion(lm, tensors) if stock_loadable else tensors)
+    def add(tensors: dict[str, torch.Tensor], source_layer: int | None = None) -> None:
+        stored = {}
+        for name, tensor in tensors.items():
+            source = name if source_layer is None else stream.source_name(name, source_layer)
+            stored[name] = tensor.to(stream.stored_dtype(source))
+        shards.add(revert_weight_conversion(lm, stored) if stock_loadable else stored)
 
-    add({name: tensor for name, tensor in lm.state_dict().items() if not name.startswith(outer) and name not in tied})
-    for view in layer_views(lm):
-        add({f"{outer}{view.index}.{name}": tensor for name, tensor in view.module.state_dict().items()})
+    with streaming.outer(lm):
+        add({name: tensor for name, tensor in lm.state_dict().items()
+             if not name.startswith(outer) and name not in tied})
+    for view in streaming.layer_views(lm):
+        prefix = f"{outer}{view.index}."
+        add({prefix + name: tensor for name, tensor in view.module.state_dict().items()},
+            stream.edits[view.index].source)
+        if view.experts is not None:
+            _save_experts(lm, shards, prefix + streaming.child_name(view.module, view.experts) + ".",
+                          view.experts.stored(), stock_loadable)
     index_name = SAFE_INDEX if stock_loadable else MANIFEST_INDEX
     shards.finish(directory / index_name)
     return index_name
+
+
+def _save_experts(lm: nn.Module, shards: "_ShardWriter", prefix: str, experts, stock_loadable: bool) -> None:
+    """A streamed layer's routed experts (moeexport.streaming.ExpertsOnDemand): one expert at a time in the
+    hub's layout, or as the two stacked tensors the model names."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    stacks = {prefix + "gate_up_proj": experts.gate_up_proj, prefix + "down_proj": experts.down_proj}
+    if not stock_loadable:
+        for name, stack in stacks.items():
+            shards.add({name: torch.stack([stack[e] for e in range(len(stack))])})
+        return
+    for expert in range(experts.num_experts):
+        one = revert_weight_conversion(lm, {name: stack[expert][None] for name, stack in stacks.items()})
+        # converted as a stack of one; the hub numbers experts as `.experts.N.`
+        shards.add({name.replace(".experts.0.", f".experts.{expert}."): tensor for name, tensor in one.items()})
 
 
 class _ShardWriter:

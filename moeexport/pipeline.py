@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from moeexport.errors import MoeExportError
@@ -529,7 +530,7 @@ def _build(model, recipe: Recipe, chosen, target_options, options: BuildOptions,
             artifact = chosen.export(done.model, staging, options.quant, target_options, inputs)
         del done  # the torch model is not needed past here: its logits are recorded
         with stages("validate", "validating the artifact"):
-            runner = chosen.runner(artifact.path, windows.shape[1])
+            runner = _artifact_runner(chosen, artifact.path, windows, memory)
             validation = validate_artifact(reference, runner, windows, chosen.tolerance(options.quant), artifact.path,
                                            where, chosen.runtime(), events)
             del runner
@@ -548,6 +549,17 @@ def _build(model, recipe: Recipe, chosen, target_options, options: BuildOptions,
         report.timings = stages.total()
         _write_reports(report, staging)
     return report
+
+
+def _artifact_runner(target, path: Path, windows: np.ndarray, memory):
+    """The artifact's runner; for a streamed build, its logits recorded in a fresh process (which alone then
+    holds the artifact's weights, as a deployment would)."""
+    if not memory.streamed:
+        return target.runner(path, windows.shape[1])
+    from moeexport.backends.profile import logits_in_subprocess
+
+    logits, _ = logits_in_subprocess(target.name, path, windows, windows.shape[1])
+    return RecordedReference(windows, logits)
 
 
 def _published(path: Path, staging: Path, out: Path) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -64,6 +64,12 @@ def is_streamed(model) -> bool:
     return getattr(model, "moeexport_stream", None) is not None
 
 
+def outer(model):
+    """A context in which the model's embeddings, final norm and head are in memory (always, unless streamed)."""
+    stream = getattr(model, "moeexport_stream", None)
+    return stream.outer() if stream is not None else nullcontext()
+
+
 class LayerStream:
     """Reads the decoder layers of `model` (a skeleton on the meta device) from a checkpoint, one at a time."""
 
@@ -100,16 +106,25 @@ class LayerStream:
 
     @contextmanager
     def layer(self, index: int):
-        """Decoder layer `index` with its weights read in; released (back on the meta device) afterwards."""
+        """Decoder layer `index` with its weights read in; released (back on the meta device) afterwards.
+
+        Its routed experts are not read here: an ExpertsOnDemand stands in for them, which
+        reads one expert when it is used, so a layer's memory is its attention plus one expert.
+        """
         module = decoder_layers(self.adapter, self.model)[index]
         edit = self.edits[index]
+        view = self.adapter.layer_view(self.model, index)
+        experts_prefix = child_name(module, view.experts) + "." if view.experts is not None else None
         router_prefix = f"{self.adapter.moe}.{self.adapter.router}."
         weights = {
             name: self._read(self._name(edit.source, name), meta.shape, edit.experts, name.startswith(router_prefix))
             for name, meta in module.state_dict(keep_vars=True).items()
+            if not (experts_prefix and name.startswith(experts_prefix))
         }
-        module.load_state_dict(weights, assign=True, strict=True)
+        module.load_state_dict(weights, assign=True, strict=False)
         del weights
+        if view.experts is not None:
+            setattr(view.ffn, self.adapter.experts, ExpertsOnDemand(self, view.experts, edit, experts_prefix))
         try:
             _require_loaded(module, f"layer {index}")
             if self.check_finite:
@@ -119,10 +134,20 @@ class LayerStream:
             self.layers_read += 1
             yield self.adapter.layer_view(self.model, index)
         finally:
+            if view.experts is not None:
+                setattr(view.ffn, self.adapter.experts, view.experts)
             module.to("meta")
 
-    def load_outer(self) -> None:
-        """Read everything that is not a decoder layer (embeddings, final norm, head) and rebuild the rotary tables."""
+    def rebuild_rotary(self) -> None:
+        """The rotary tables are computed from the config, not stored: build them for real once."""
+        parent_path, _, attribute = self.adapter.rotary_embedding.rpartition(".")
+        parent = get_path(self.model, parent_path) if parent_path else self.model
+        setattr(parent, attribute, type(getattr(parent, attribute))(config=self.model.config))
+
+    @contextmanager
+    def outer(self):
+        """Everything that is not a decoder layer (embeddings, final norm, head) read in, and released after:
+        only the first and the last steps of a pass over the model need them."""
         layers = self.adapter.layers + "."
         tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
         weights = {
@@ -132,17 +157,32 @@ class LayerStream:
         }
         self.model.load_state_dict(weights, assign=True, strict=False)
         self.model.tie_weights()
-        parent_path, _, attribute = self.adapter.rotary_embedding.rpartition(".")
-        parent = get_path(self.model, parent_path) if parent_path else self.model
-        rotary = getattr(parent, attribute)
-        setattr(parent, attribute, type(rotary)(config=self.model.config))  # its tables are computed, not stored
-        for name, tensor in (*self.model.named_parameters(), *self.model.named_buffers()):
-            if not name.startswith(layers) and tensor.is_meta:
-                raise MoeExportError(f"streaming cannot fill {name} of {self.model.config.model_type}: "
-                                     "it is neither in the checkpoint nor computed; build without streaming")
+        del weights
+        owners = [module for name, module in self.model.named_modules()
+                  if not (name + ".").startswith(layers) and any(True for _ in module.parameters(recurse=False))]
+        try:
+            for name, tensor in (*self.model.named_parameters(), *self.model.named_buffers()):
+                if not name.startswith(layers) and tensor.is_meta:
+                    raise MoeExportError(f"streaming cannot fill {name} of {self.model.config.model_type}: it is "
+                                         "neither in the checkpoint nor computed; build without streaming")
+            yield
+        finally:
+            for module in owners:
+                module.to("meta")
 
     def _name(self, layer: int, name: str) -> str:
         return f"{self.adapter.layers}.{layer}.{name}"
+
+    def source_name(self, name: str, source_layer: int) -> str:
+        """A decoder layer's parameter `name` (full model name) as the checkpoint's layer `source_layer` has it."""
+        relative = name.removeprefix(self.adapter.layers + ".").partition(".")[2]
+        return self._name(source_layer, relative)
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype the checkpoint stores parameter `name` (the model's name) in."""
+        from moeexport.modelio import SAFETENSORS_DTYPES
+
+        return SAFETENSORS_DTYPES[self.headers[self.sources[name][0].key][1]]
 
     def _read(self, name: str, shape: torch.Size, experts: tuple[int, ...] | None = None,
               per_expert_rows: bool = False) -> torch.Tensor:
@@ -168,10 +208,134 @@ class LayerStream:
                 out[slot, part * rows:(part + 1) * rows].copy_(self._tensor(by_slot[(expert, part)]))
         return out
 
+    def expert_matrix(self, name: str, expert: int, part: int | None = None, parts: int = 1,
+                      stored: bool = False) -> torch.Tensor:
+        """Expert `expert`'s matrix of the stacked parameter `name` (the model's name, source layer), or only
+        its `part` of `parts` row blocks (gate or up of gate_up_proj); in the compute dtype, or as `stored`."""
+        pieces = self.sources[name]
+        if pieces[0].expert is None:  # stored stacked, as the model names it: slice the one expert out
+            with safe_open(self.headers[pieces[0].key][2], "pt") as handle:
+                matrix = handle.get_slice(pieces[0].key)[expert:expert + 1][0]
+        else:
+            by_slot = {(piece.expert, piece.part): piece.key for piece in pieces}
+            stored_parts = 1 + max(piece.part for piece in pieces)
+            if part is not None and stored_parts == parts:
+                matrix = self._tensor(by_slot[(expert, part)])
+                part = None
+            else:
+                matrix = torch.cat([self._tensor(by_slot[(expert, i)]) for i in range(stored_parts)])
+        if part is not None:
+            rows = matrix.shape[0] // parts
+            matrix = matrix[part * rows:(part + 1) * rows]
+        low, high = torch.aminmax(matrix) if self.check_finite else (torch.zeros(()), torch.zeros(()))
+        if not (torch.isfinite(low) and torch.isfinite(high)):
+            raise MoeExportError(f"{self.model.config.name_or_path}: {name} of expert {expert} has non-finite values "
+                                 "(NaN or Inf): the checkpoint is corrupt; fetch it again (or pass --allow-nonfinite)")
+        return matrix if stored else matrix.to(self.dtype)
+
     def _tensor(self, key: str) -> torch.Tensor:
         # Opened per tensor: a mapping kept open holds every page read through it in this process's RSS.
         with safe_open(self.headers[key][2], "pt") as handle:
-            return handle.get_tensor(key).clone()
+            return handle.get_tensor(key)
+
+
+class ExpertStack:
+    """Stacked expert matrices [E, rows, cols] that are read one expert at a time: `stack[e]`.
+
+    It offers the little of a tensor's interface that the exporters use on expert
+    stacks (`shape`, indexing by expert, `chunk` along the rows, `padded`).
+    """
+
+    def __init__(self, shape, read):
+        self.shape, self._read = torch.Size(shape), read
+
+    def __getitem__(self, expert) -> torch.Tensor:
+        return self._read(int(expert))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def chunk(self, chunks: int, dim: int) -> list["ExpertStack"]:
+        if dim != 1:
+            raise ValueError("expert stacks split along their rows (dim 1) only")
+        experts, rows, columns = self.shape
+        return [ExpertStack((experts, rows // chunks, columns), lambda e, part=part: self._read_part(e, part, chunks))
+                for part in range(chunks)]
+
+    def padded(self, pads: int) -> "ExpertStack":
+        """`pads` all-zero experts appended."""
+        experts, rows, columns = self.shape
+        return ExpertStack((experts + pads, rows, columns),
+                           lambda e: self._read(e) if e < experts else torch.zeros(rows, columns))
+
+    def _read_part(self, expert: int, part: int, parts: int) -> torch.Tensor:
+        read_part = getattr(self._read, "part", None)
+        if read_part is not None:
+            return read_part(expert, part, parts)
+        matrix = self._read(expert)
+        rows = matrix.shape[0] // parts
+        return matrix[part * rows:(part + 1) * rows]
+
+
+class _ExpertReader:
+    """Reads one kept expert of a streamed layer: slot -> the source expert it is."""
+
+    def __init__(self, stream: LayerStream, name: str, experts: tuple[int, ...] | None, stored: bool = False):
+        self.stream, self.name, self.experts, self.stored = stream, name, experts, stored
+
+    def __call__(self, slot: int) -> torch.Tensor:
+        return self.part(slot, None, 1)
+
+    def part(self, slot: int, part: int | None, parts: int) -> torch.Tensor:
+        expert = self.experts[slot] if self.experts is not None else slot
+        return self.stream.expert_matrix(self.name, expert, part, parts, self.stored)
+
+
+class ExpertsOnDemand(nn.Module):
+    """A streamed layer's routed experts, each read from disk when it is used and dropped after.
+
+    `gate_up_proj` and `down_proj` are ExpertStacks; `forward` is transformers'
+    eager expert loop (the same in every supported family), so it computes exactly
+    what the in-memory experts compute, holding one expert at a time.
+    """
+
+    def __init__(self, stream: LayerStream, experts: nn.Module, edit: LayerEdit, prefix: str, stored: bool = False):
+        super().__init__()
+        self._arguments = (stream, experts, edit, prefix)  # a tuple, so the meta experts are no submodule
+        self.num_experts = experts.gate_up_proj.shape[0]
+        self.act_fn = experts.act_fn
+        source = stream._name(edit.source, prefix)
+        self.gate_up_proj = ExpertStack(experts.gate_up_proj.shape,
+                                        _ExpertReader(stream, source + "gate_up_proj", edit.experts, stored))
+        self.down_proj = ExpertStack(experts.down_proj.shape,
+                                     _ExpertReader(stream, source + "down_proj", edit.experts, stored))
+
+    def stored(self) -> "ExpertsOnDemand":
+        """The same experts read as the checkpoint stores them (for saving: lossless, and half a float32's size)."""
+        return ExpertsOnDemand(*self._arguments, stored=True)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
+            expert_mask = expert_mask.permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit:
+            expert_idx = expert_idx[0]
+            if expert_idx == self.num_experts:
+                continue
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            current_state = hidden_states[token_idx]
+            gate, up = nn.functional.linear(current_state, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            current_hidden_states = self.act_fn(gate) * up
+            current_hidden_states = nn.functional.linear(current_hidden_states, self.down_proj[expert_idx])
+            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+def child_name(root: nn.Module, child: nn.Module) -> str:
+    return next(name for name, module in root.named_modules() if module is child)
 
 
 def _require_loaded(module: nn.Module, what: str) -> None:
@@ -239,7 +403,8 @@ def first_layer_inputs(model, input_ids: torch.Tensor):
 
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        model(input_ids=input_ids, use_cache=False)
+        with outer(model):
+            model(input_ids=input_ids, use_cache=False)
     except _StopForward:
         pass
     finally:
@@ -260,4 +425,5 @@ def logits(model, windows: torch.Tensor, batch_size: int = 8) -> np.ndarray:
     for view in layer_views(model):
         hidden = [run_layer(view.module, h, kwargs) for h, (_, kwargs) in zip(hidden, batches)]
     around = adapter_for(model.config).model_view(model)
-    return np.concatenate([around.output(around.final_norm(h)).float().numpy() for h in hidden])
+    with outer(model):
+        return np.concatenate([around.output(around.final_norm(h)).float().numpy() for h in hidden])

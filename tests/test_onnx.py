@@ -11,8 +11,9 @@ import yaml
 from moeexport.adapters import adapter_for
 from moeexport.adapters.base import drop_blocks, drop_moe_sublayer, keep_experts, structure
 from moeexport.backends import onnx as onnx_backend
-from moeexport.backends.onnx.graph import CONTRIB_DOMAIN
+from moeexport.backends.onnx.graph import ALIGNMENT, CONTRIB_DOMAIN, INLINE_BYTES
 from moeexport.errors import MoeExportError
+from moeexport.modelio import load, load_streamed
 from moeexport.quantization import weight_grid
 from moeexport.validate import TorchRunner, compare
 from tests.conftest import CORPUS, FIXTURE, needs_shared
@@ -44,6 +45,7 @@ def test_every_family_exports_and_matches_torch(model_type, moe_ops, tmp_path):
     model = _exercised(model_type)
     artifact = onnx_backend.export(model, tmp_path / "m.onnx", moe_ops=moe_ops)
     onnx.checker.check_model(onnx.load(artifact.path), full_check=True)
+    assert not artifact.path.with_name("m.onnx.data").exists()  # small weights stay in the one file
     _assert_matches(model, artifact.path, random_tokens(2, 24))
 
 
@@ -226,13 +228,69 @@ def test_experts_on_a_quantize_pass_grid_keep_their_exact_codes_in_qmoe(tmp_path
     assert compare(TorchRunner(model), onnx_backend.Runner(requantized.path), tokens).max_abs_logit > 1e-3
 
 
-def test_weights_move_to_an_external_data_file_past_the_threshold(tmp_path, monkeypatch):
+@pytest.fixture
+def external(monkeypatch):
+    """Exports take the large-model path (the real threshold is 1 GiB): weights go to .data as they are made."""
     from moeexport.backends.onnx import writer
 
-    monkeypatch.setattr(writer, "EXTERNAL_DATA_THRESHOLD", 0)  # the real threshold is 1 GiB
+    monkeypatch.setattr(writer, "EXTERNAL_DATA_THRESHOLD", 0)
+
+
+@pytest.mark.parametrize("moe_ops", VARIANTS)
+def test_weights_move_to_an_external_data_file_past_the_threshold(moe_ops, tmp_path, external):
     model = _exercised("mixtral")
-    artifact = onnx_backend.export(model, tmp_path / "m.onnx")
-    data = tmp_path / "m.onnx.data"
-    assert data.stat().st_size > artifact.path.stat().st_size
+    artifact = onnx_backend.export(model, tmp_path / "m.onnx", moe_ops=moe_ops)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     _assert_matches(model, artifact.path, random_tokens(1, 16))
+
+
+def test_the_graph_file_holds_only_small_tensors_and_references_aligned_data(tmp_path, external):
+    artifact = onnx_backend.export(_exercised("mixtral", intermediate_size=64), tmp_path / "m.onnx", quant="int4",
+                                   block_size=16)
+    data_size = (tmp_path / "m.onnx.data").stat().st_size
+    initializers = onnx.load(artifact.path, load_external_data=False).graph.initializer
+    external_tensors = [t for t in initializers if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external_tensors and all(len(t.raw_data) <= INLINE_BYTES for t in initializers)
+    for tensor in external_tensors:
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        offset, length = int(entries["offset"]), int(entries["length"])
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        assert entries["location"] == "m.onnx.data" and offset % ALIGNMENT == 0 and offset + length <= data_size
+        assert length == itemsize * int(np.prod(tensor.dims)) > INLINE_BYTES
+    assert artifact.path.stat().st_size < data_size / 4
+
+
+@pytest.mark.parametrize("quant", ["f16", "int4"])
+def test_exporting_twice_writes_the_same_bytes(quant, tmp_path, external):
+    model = _exercised("qwen2_moe", moe_intermediate_size=32)  # shared experts, a dense layer
+    paths = [onnx_backend.export(model, tmp_path / run / "m.onnx", quant=quant, block_size=16).path
+             for run in ("a", "b")]
+    for name in ("m.onnx", "m.onnx.data"):
+        assert (paths[0].parent / name).read_bytes() == (paths[1].parent / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("when", ["building", "checking"])
+def test_an_interrupted_export_leaves_no_file_under_the_real_names(when, tmp_path, monkeypatch, external):
+    """Halfway through the layers (the .data half written) or with both files staged."""
+    from moeexport.backends.onnx import decoder
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    target = (decoder, "routed_experts") if when == "building" else (onnx.checker, "check_model")
+    monkeypatch.setattr(*target, interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        onnx_backend.export(_exercised("mixtral"), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_streamed_model_writes_the_in_memory_models_files(tmp_path, external):
+    """Read one layer at a time from disk (moeexport.streaming), the model exports byte for byte the same graph."""
+    checkpoint = tmp_path / "checkpoint"
+    _exercised("mixtral").save_pretrained(checkpoint)
+    streamed = load_streamed(checkpoint)
+    for model, run in ((load(checkpoint), "whole"), (streamed, "streamed")):
+        onnx_backend.export(model, tmp_path / run / "m.onnx")
+    assert all(p.is_meta for p in streamed.parameters())  # each layer, and the embeddings and head, released
+    for name in ("m.onnx", "m.onnx.data"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes(), name

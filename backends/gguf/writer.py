@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +56,7 @@ from moeexport.backends.gguf.architectures import ARCHITECTURES, GGUFArchitectur
 from moeexport.backends.gguf.names import DENSE_FFN, ROUTED_FFN, SHARED_FFN, BlockNames, TensorNames
 from moeexport.errors import MoeExportError
 from moeexport.quantization import WeightGrid
-from moeexport.streaming import layer_views
+from moeexport.streaming import ExpertStack, layer_views, outer
 from moeexport.validate import Tolerance
 
 # gguf-py quantizes these in numpy ...
@@ -495,16 +496,26 @@ class _TensorSink:
             self.writer.add_tensor_info(name, stored, row.dtype, math.prod(shape[:-1]) * row.nbytes,
                                         raw_dtype=self._raw_dtype(quant))
             return
-        flat = tensor.reshape(-1, shape[-1])
         out = None
-        for start in range(0, flat.shape[0], self.ROWS_PER_SLICE):
-            rows = flat[start:start + self.ROWS_PER_SLICE]
+        for index, rows in self._slices(tensor, shape):
             rows = rows.detach().float().numpy() if isinstance(rows, torch.Tensor) else rows.astype(np.float32)
             converted = self._convert(rows, quant, name)
             if out is None:
-                out = np.empty((flat.shape[0], converted.shape[-1]), converted.dtype)
-            out[start:start + len(converted)] = converted
+                out = np.empty((math.prod(shape[:-1]), converted.shape[-1]), converted.dtype)
+            out[index:index + len(converted)] = converted
         self.writer.write_tensor_data(out.reshape(*shape[:-1], out.shape[-1]))
+
+    def _slices(self, tensor, shape: tuple[int, ...]):
+        """(first row, rows [n, width]) covering the tensor: an expert at a time for stacked experts (which a
+        streamed model reads one at a time), else blocks of rows."""
+        if len(shape) == 3:
+            rows = shape[1]
+            for expert in range(shape[0]):
+                yield expert * rows, tensor[expert]
+            return
+        flat = tensor.reshape(-1, shape[-1])
+        for start in range(0, flat.shape[0], self.ROWS_PER_SLICE):
+            yield start, flat[start:start + self.ROWS_PER_SLICE]
 
     def _qtype(self, quant: str):
         return getattr(self.gguf.GGMLQuantizationType, (self.quant if quant == "grid" else quant).upper())
@@ -552,7 +563,8 @@ def _permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
     config, adapter, names = plan.config, adapter_for(model.config), tensors.names
     around = adapter.model_view(model)
-    tensors.add(names("TOKEN_EMBD"), around.embeddings.weight, keep_f32=tensors.quant in ("f16", "bf16"))
+    with outer(model) if tensors.writing else nullcontext():  # the header pass needs shapes only
+        tensors.add(names("TOKEN_EMBD"), around.embeddings.weight, keep_f32=tensors.quant in ("f16", "bf16"))
     for view in views:
         index, name = view.index, names.block(view.index)
         tensors.add(name("ATTN_NORM"), view.attention_norm.weight)
@@ -572,8 +584,9 @@ def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
             _write_silent_moe(tensors, name, config.hidden_size, plan)
             continue
         _write_moe(tensors, name, view, plan)
-    tensors.add(names("OUTPUT_NORM"), around.final_norm.weight)
-    tensors.add(names("OUTPUT"), around.output.weight)
+    with outer(model) if tensors.writing else nullcontext():
+        tensors.add(names("OUTPUT_NORM"), around.final_norm.weight)
+        tensors.add(names("OUTPUT"), around.output.weight)
 
 
 def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _Plan) -> None:
@@ -606,10 +619,12 @@ def _write_ffn(tensors: _TensorSink, name: BlockNames, kinds: tuple[str, str, st
         tensors.add(name(kind), projection.weight)
 
 
-def _pad_experts(tensor: torch.Tensor, pads: int) -> torch.Tensor:
-    """Append `pads` all-zero experts (router rows) along the first axis."""
+def _pad_experts(tensor, pads: int):
+    """Append `pads` all-zero experts (router rows) along the first axis (of a tensor or an ExpertStack)."""
     if not pads:
         return tensor
+    if isinstance(tensor, ExpertStack):
+        return tensor.padded(pads)
     return torch.cat([tensor.detach(), tensor.new_zeros((pads, *tensor.shape[1:]))])
 
 

@@ -28,6 +28,7 @@ from moeexport.adapters import LayerView, ModelConfig, adapter_for
 from moeexport.backends.onnx.architectures import ARCHITECTURES, AttentionLayout
 from moeexport.backends.onnx.graph import Graph
 from moeexport.backends.onnx.moe import Quantization, RoutedExperts, routed_experts
+from moeexport.streaming import layer_views, outer
 
 MASKED = -1e30  # added to scores of masked keys; finite, so a fully masked (padding) row stays finite
 
@@ -60,13 +61,14 @@ def build_decoder(model, graph: Graph, lowering: str, quantization: Quantization
     attention_mask = graph.input("attention_mask", TensorProto.INT64, [batch, total])
     position_ids = graph.input("position_ids", TensorProto.INT64, [batch, sequence])
 
-    h = graph.op("Gather", graph.weight("embed_tokens.weight", around.embeddings.weight.float().numpy()), input_ids)
+    with outer(model):  # a streamed model reads its embeddings and head for the first and last steps only
+        h = graph.op("Gather", graph.weight("embed_tokens.weight", around.embeddings.weight.float().numpy()), input_ids)
     cos, sin = _rope_tables(graph, around.rotary_embedding, position_ids, context)
     mask = _additive_mask(graph, input_ids, attention_mask)
     eps = config.rms_norm_eps
     cache = cache_shape(model)
 
-    for view in adapter.layer_views(model):
+    for view in layer_views(model):  # a streamed model materializes one layer at a time: copy, keep nothing
         index, prefix = view.index, f"layers.{view.index}"
         x = graph.rms_norm(h, f"{prefix}.attention_norm", view.attention_norm.weight, eps)
         past_key = graph.input(f"past_key_values.{index}.key", TensorProto.FLOAT, [batch, cache.heads, "past_sequence", cache.key_width])
@@ -87,8 +89,9 @@ def build_decoder(model, graph: Graph, lowering: str, quantization: Quantization
         for part in _moe_parts(graph, x, prefix, view, config, lowering, quantization):
             h = graph.op("Add", h, part)
 
-    h = graph.rms_norm(h, "final_norm", around.final_norm.weight, eps)
-    logits = graph.linear(h, "lm_head", around.output.weight)
+    with outer(model):
+        h = graph.rms_norm(h, "final_norm", around.final_norm.weight, eps)
+        logits = graph.linear(h, "lm_head", around.output.weight)
     graph.output(logits, "logits", TensorProto.FLOAT, [batch, sequence, config.vocab_size])
 
 
@@ -99,8 +102,8 @@ def _moe_parts(graph: Graph, x: str, prefix: str, view: LayerView, config: Model
     if view.experts is not None:
         routed = RoutedExperts(
             router=view.router.weight.float().numpy(),
-            gate_up=view.experts.gate_up_proj.float().numpy(),
-            down=view.experts.down_proj.float().numpy(),
+            gate_up=view.experts.gate_up_proj,  # read an expert at a time: a streamed layer holds one
+            down=view.experts.down_proj,
             top_k=view.router.top_k,
             renormalize=config.routing.renormalize,
             scale=config.routing.scale,

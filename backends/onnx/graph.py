@@ -4,9 +4,15 @@ Every `op` call returns the name(s) of its output(s), so the lowering code
 reads like the computation it writes. Weights may be stored in float16 and
 are cast back to float32 where they are used: the graph computes in float32
 either way, so an f16 artifact differs from f32 only by its rounded weights.
+
+A graph given an ExternalData sink writes each large initializer to the .data
+file the moment it is made and keeps only a reference to it, so building a
+graph holds no more weights than the one being lowered.
 """
 
 from __future__ import annotations
+
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -14,11 +20,36 @@ from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17  # TensorRT 10.x parses opsets up to 20 and ORT runs them all; 17 has everything used here
 CONTRIB_DOMAIN = "com.microsoft"
+INLINE_BYTES = 1024  # initializers up to this size stay in the graph (onnx.save_model's default size_threshold)
+ALIGNMENT = 4096  # external tensors start on a page boundary, so a runtime can memory-map each in place
+
+
+class ExternalData:
+    """The .data file beside a graph: tensors are appended as raw little-endian bytes, each at an aligned offset."""
+
+    def __init__(self, file: BinaryIO, location: str):
+        self.file = file
+        self.location = location  # the file's name as the graph refers to it, relative to the .onnx
+        self.size = 0
+
+    def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        """Append `array` and return the initializer that points at it."""
+        offset = self.size + -self.size % ALIGNMENT
+        stored = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        self.file.write(bytes(offset - self.size))
+        self.file.write(stored.data)
+        self.size = offset + stored.nbytes
+        tensor = onnx.TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                                  data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.location), ("offset", offset), ("length", stored.nbytes)):
+            tensor.external_data.add(key=key, value=str(value))  # the keys onnx.external_data_helper reads
+        return tensor
 
 
 class Graph:
-    def __init__(self, weight_dtype=np.float32):
+    def __init__(self, weight_dtype=np.float32, external: ExternalData | None = None):
         self.weight_dtype = weight_dtype
+        self.external = external
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -40,7 +71,11 @@ class Graph:
 
     def raw(self, name: str, array: np.ndarray) -> str:
         """An initializer stored exactly as given (integer codes, scales, tables)."""
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        if self.external is not None and array.nbytes > INLINE_BYTES:
+            self.initializers.append(self.external.tensor(name, array))
+        else:
+            self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def weight(self, name: str, array: np.ndarray) -> str:

@@ -40,11 +40,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RoutedExperts:
-    """One layer's routed experts as plain arrays."""
+    """One layer's routed experts: the router as an array, the expert stacks as anything that gives one
+    expert's matrix by index (a tensor, or a streamed layer's ExpertStack, which reads it from disk)."""
 
     router: np.ndarray  # [E, H]
-    gate_up: np.ndarray  # [E, 2I, H], gate rows then up rows
-    down: np.ndarray  # [E, H, I]
+    gate_up: object  # [E, 2I, H], gate rows then up rows
+    down: object  # [E, H, I]
     top_k: int
     renormalize: bool
     scale: float  # multiplier on the routed weights
@@ -73,11 +74,27 @@ def routed_experts(graph: Graph, x: str, name: str, experts: RoutedExperts, lowe
     return graph.op("Reshape", y, graph.op("Shape", x))
 
 
-def _interleaved_fc1(gate_up: np.ndarray) -> np.ndarray:
-    """[E, 2I, H] as gate rows then up rows -> rows g0, u0, g1, u1, ... (swiglu_fusion=1)."""
-    count, double_width, hidden = gate_up.shape
+def _per_expert(stack, transform, dtype=np.float32) -> np.ndarray:
+    """[E, ...] of `transform(expert's float32 matrix)` in `dtype`, built one expert at a time (so at most one
+    expert is in float32 besides the result)."""
+    out = None
+    for expert in range(len(stack)):
+        result = transform(_float(stack[expert]))
+        if out is None:
+            out = np.empty((len(stack), *result.shape), dtype)
+        out[expert] = result
+    return out
+
+
+def _float(matrix) -> np.ndarray:
+    return matrix.detach().float().numpy() if hasattr(matrix, "detach") else np.asarray(matrix, np.float32)
+
+
+def _interleaved_rows(gate_up: np.ndarray) -> np.ndarray:
+    """One expert's [2I, H] as gate rows then up rows -> rows g0, u0, g1, u1, ... (swiglu_fusion=1)."""
+    double_width, hidden = gate_up.shape
     width = double_width // 2
-    return np.stack([gate_up[:, :width], gate_up[:, width:]], axis=2).reshape(count, double_width, hidden)
+    return np.stack([gate_up[:width], gate_up[width:]], axis=1).reshape(double_width, hidden)
 
 
 def _contrib(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedExperts,
@@ -90,24 +107,37 @@ def _contrib(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedE
         activation_alpha=1.0,
         activation_beta=0.0,
     )
-    fc1 = _interleaved_fc1(experts.gate_up)
-    fc2 = experts.down * experts.scale
     if quantization is None:
+        stored = graph.weight_dtype
+        fc1 = _per_expert(experts.gate_up, _interleaved_rows, stored)
+        fc2 = _per_expert(experts.down, lambda down: down * experts.scale, stored)
         return graph.op("MoE", tokens, logits, graph.weight(f"{name}.fc1", fc1), "", graph.weight(f"{name}.fc2", fc2),
                         domain=CONTRIB_DOMAIN, **attributes)
-    fc1_codes, fc1_scales = _quantized(fc1, quantization, f"{name} gate/up")
-    fc2_codes, fc2_scales = _quantized(experts.down, quantization, f"{name} down")
-    fc2_scales = fc2_scales * np.float32(experts.scale)
+    fc1 = _quantized_stack(experts.gate_up, _interleaved_rows, quantization, f"{name} gate/up")
+    fc2_codes, fc2_scales = _quantized_stack(experts.down, lambda down: down, quantization, f"{name} down")
     return graph.op(
         "QMoE", tokens, logits,
-        graph.raw(f"{name}.fc1.codes", _pack(fc1_codes, quantization.bits)), graph.raw(f"{name}.fc1.scales", fc1_scales), "",
-        graph.raw(f"{name}.fc2.codes", _pack(fc2_codes, quantization.bits)), graph.raw(f"{name}.fc2.scales", fc2_scales),
+        graph.raw(f"{name}.fc1.codes", fc1[0]), graph.raw(f"{name}.fc1.scales", fc1[1]), "",
+        graph.raw(f"{name}.fc2.codes", fc2_codes), graph.raw(f"{name}.fc2.scales", fc2_scales * np.float32(experts.scale)),
         domain=CONTRIB_DOMAIN, expert_weight_bits=quantization.bits, block_size=quantization.block_size, **attributes,
     )
 
 
+def _quantized_stack(stack, transform, quantization: Quantization, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Packed codes [E, N, K * bits / 8] and block scales [E, N, K / block], quantized one expert at a time."""
+    codes = scales = None
+    for expert in range(len(stack)):
+        expert_codes, expert_scales = _quantized(transform(_float(stack[expert])), quantization, what)
+        packed = _pack(expert_codes, quantization.bits)
+        if codes is None:
+            codes = np.empty((len(stack), *packed.shape), np.uint8)
+            scales = np.empty((len(stack), *expert_scales.shape), np.float32)
+        codes[expert], scales[expert] = packed, expert_scales
+    return codes, scales
+
+
 def _quantized(weight: np.ndarray, quantization: Quantization, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric codes [E, N, K] and block scales [E, N, K / block]: the grid a quantize pass chose, else RTN."""
+    """Symmetric codes [..., N, K] and block scales [..., N, K / block]: the grid a quantize pass chose, else RTN."""
     import torch
 
     from moeexport.quantization import quantize_rtn, recover_grid
@@ -145,9 +175,12 @@ def _plain(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedExp
     weighted = graph.op("Mul", one_hot, graph.op("Unsqueeze", top_values, graph.const([-1])))
     routing = graph.op("ReduceSum", weighted, graph.const([1]), keepdims=0)
     # every expert on every token: [T, H] @ [E, H, 2I] -> [E, T, 2I]
-    gate_up = graph.op("MatMul", tokens, graph.weight(f"{name}.gate_up", experts.gate_up.transpose(0, 2, 1)))
+    stored = graph.weight_dtype
+    gate_up = graph.op("MatMul", tokens, graph.weight(f"{name}.gate_up", _per_expert(experts.gate_up, np.transpose,
+                                                                                     stored)))
     gate, up = graph.op("Split", gate_up, axis=-1, outputs=2)
     hidden = graph.op("Mul", graph.silu(gate), up)
-    out = graph.op("MatMul", hidden, graph.weight(f"{name}.down", experts.down.transpose(0, 2, 1)))  # [E, T, H]
+    down = _per_expert(experts.down, np.transpose, stored)
+    out = graph.op("MatMul", hidden, graph.weight(f"{name}.down", down))  # [E, T, H]
     per_expert = graph.op("Unsqueeze", graph.op("Transpose", routing, perm=[1, 0]), graph.const([-1]))  # [E, T, 1]
     return graph.op("ReduceSum", graph.op("Mul", out, per_expert), graph.const([0]), keepdims=0)

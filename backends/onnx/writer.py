@@ -9,7 +9,9 @@ norms, router, shared experts and the head stay float in every variant.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +97,7 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
             "plain lowering computes; only greedy top-k routing exports"
         )
     if quant in BITS:
-        for view in adapter.layer_views(model):
+        for view in adapter.layer_views(model):  # shapes only: a streamed model's layers may be on the meta device
             if view.experts is None:  # dense, dropped, or no routed experts left
                 continue
             _, hidden, width = view.experts.down_proj.shape
@@ -108,6 +110,14 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
                 )
 
 
+def _stored_bytes(model, weight_dtype) -> int:
+    """The graph's weight bytes if every parameter is stored as a float weight: an upper bound for int8 / int4
+    experts. Shapes only (a streamed model's layers are on the meta device); tied embeddings count twice,
+    as the graph holds the embedding and the head apart."""
+    count = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
+    return count * np.dtype(weight_dtype).itemsize
+
+
 def export(
     model,
     out_path: str | Path,
@@ -118,7 +128,7 @@ def export(
     context: int | None = None,
     weight_grid: WeightGrid | None = None,
 ) -> ONNXExport:
-    """Write the graph to out_path (+ out_path.data when the weights pass 1 GiB), atomically.
+    """Write the graph to out_path (+ out_path.data when its float weights pass 1 GiB), atomically.
 
     `weight_grid` (moeexport.quantization.weight_grid(model)) is the grid a quantize pass left the
     experts on: an int8 / int4 graph of the same bits and block size keeps their exact codes and scales.
@@ -126,7 +136,7 @@ def export(
     import onnx
 
     from moeexport.backends.onnx.decoder import build_decoder
-    from moeexport.backends.onnx.graph import Graph
+    from moeexport.backends.onnx.graph import ExternalData, Graph
     from moeexport.backends.onnx.moe import Quantization
 
     out_path = Path(out_path)
@@ -135,34 +145,35 @@ def export(
     check(model, quant, moe_ops, block_size)
     config = adapter_for(model.config).model_config(model.config)
     context = context or min(config.context_length, DEFAULT_CONTEXT_LIMIT)
-    graph = Graph(weight_dtype=np.float16 if quant == "f16" else np.float32)
+    weight_dtype = np.float16 if quant == "f16" else np.float32
     quantization = Quantization(BITS[quant], block_size, weight_grid) if quant in BITS else None
-    build_decoder(model, graph, moe_ops, quantization, context)
-    doc = f"moeexport {config.model_type} decoder, {quant} experts, {moe_ops} MoE ops, {context} positions"
-    proto = graph.model("moeexport_decoder", doc, uses_contrib=moe_ops == "contrib")
-    proto.metadata_props.add(key="moeexport.context", value=str(context))
-    proto.metadata_props.add(key="moeexport.quant", value=quant)  # what `validate` judges the graph by
-    onnx.checker.check_model(proto, full_check=False)
-
-    external = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    # decided before building, since the weights are written to the .data file as the graph is built
+    external = _stored_bytes(model, weight_dtype) > EXTERNAL_DATA_THRESHOLD
     data_path = out_path.with_name(out_path.name + ".data")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
-    os.close(handle)
+    # both files are staged under their real names, so the graph's reference to its .data holds once they move
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent))
     try:
+        with open(staging / data_path.name, "wb") if external else contextlib.nullcontext() as data:
+            graph = Graph(weight_dtype, ExternalData(data, data_path.name) if external else None)
+            build_decoder(model, graph, moe_ops, quantization, context)
+        doc = f"moeexport {config.model_type} decoder, {quant} experts, {moe_ops} MoE ops, {context} positions"
+        proto = graph.model("moeexport_decoder", doc, uses_contrib=moe_ops == "contrib")
+        proto.metadata_props.add(key="moeexport.context", value=str(context))
+        proto.metadata_props.add(key="moeexport.quant", value=quant)  # what `validate` judges the graph by
+        onnx.save_model(proto, staging / out_path.name)
+        onnx.checker.check_model(staging / out_path.name)  # by path: external tensors are checked on disk, not loaded
         if external:
-            onnx.save_model(proto, staging, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_path.name, size_threshold=1024)
+            os.replace(staging / data_path.name, data_path)  # first, so a graph under the real name has its data
         else:
-            onnx.save_model(proto, staging)
             data_path.unlink(missing_ok=True)
-        os.chmod(staging, 0o644)
-        os.replace(staging, out_path)
+        os.replace(staging / out_path.name, out_path)
     except BaseException:
-        Path(staging).unlink(missing_ok=True)
         if external:
             data_path.unlink(missing_ok=True)
         raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     what = f"{quant} experts" + (f" (block {block_size})" if quant in BITS else "")
     representation = f"{what}, {'MoE/QMoE contrib ops' if moe_ops == 'contrib' else 'standard ops only'}"
     fallbacks = []
