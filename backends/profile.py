@@ -78,11 +78,9 @@ def _peak_resident_bytes() -> int:
     /proc's VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork and exec, so a profile
     started from a 14 GB build process reported a 14 GB peak of its own.
     """
-    try:
-        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024  # kB
-    except (OSError, StopIteration, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    from moeexport.memory import peak_resident_bytes
+
+    return peak_resident_bytes() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def _resident_bytes() -> int:

@@ -26,6 +26,7 @@ _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 
           "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 # every supported family numbers its decoder layers `...layers.N.` in checkpoint tensor names
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.")
 
 
 def parse_size(text: str) -> int:
@@ -72,7 +73,7 @@ class MemoryPlan:
     in_memory_bytes: int  # estimated peak, whole model in float32
     streamed_bytes: int  # estimated peak, one layer at a time in `dtype`
     largest_layer: int
-    largest_layer_parameters: int
+    largest_layer_parameters: int  # besides its routed experts (read one at a time)
     outer_parameters: int  # embeddings, final norm, head
 
     def to_dict(self) -> dict:
@@ -84,18 +85,41 @@ class MemoryPlan:
         return f"{self.parameters / 1e9:.2f} B parameters, {how}, within --max-memory {self.budget / GIB:.1f} GiB"
 
 
-def checkpoint_sizes(headers: dict) -> tuple[dict[int, int], int]:
-    """(parameters per decoder layer, parameters outside the layers) from tensor headers (name -> (shape, ...))."""
-    per_layer: dict[int, int] = {}
+@dataclass(frozen=True)
+class LayerSize:
+    """Parameters of one decoder layer: what is read with it, and its largest routed expert (read alone)."""
+
+    resident: int  # attention, norms, router, shared experts
+    expert: int
+
+
+def checkpoint_sizes(headers: dict) -> tuple[dict[int, LayerSize], int]:
+    """(per decoder layer its LayerSize, parameters outside the layers) from tensor headers (name -> (shape, ...)).
+
+    Routed experts are the tensors named `...experts.N....` (the hub's layout) or 3-D `...experts.*` stacks
+    (the model's own): a streamed layer reads them one expert at a time.
+    """
+    resident: dict[int, int] = {}
+    experts: dict[tuple[int, int], int] = {}
     outer = 0
     for name, (shape, _, _) in headers.items():
         count = math.prod(shape)
         match = _LAYER_KEY.search(name)
-        if match:
-            per_layer[int(match.group(1))] = per_layer.get(int(match.group(1)), 0) + count
-        else:
+        if not match:
             outer += count
-    return per_layer, outer
+            continue
+        layer = int(match.group(1))
+        expert = _EXPERT_KEY.search(name)
+        if expert:
+            experts[layer, int(expert.group(1))] = experts.get((layer, int(expert.group(1))), 0) + count
+        elif ".experts." in name and len(shape) == 3:  # a stack [E, rows, columns]
+            experts[layer, -1] = experts.get((layer, -1), 0) + count // shape[0]
+        else:
+            resident[layer] = resident.get(layer, 0) + count
+    layers = {layer: LayerSize(resident.get(layer, 0),
+                               max((count for (at, _), count in experts.items() if at == layer), default=0))
+              for layer in set(resident) | {layer for layer, _ in experts}}
+    return layers, outer
 
 
 def plan(headers: dict, hidden_size: int, vocab_size: int, budget: int, workload: Workload,
@@ -107,35 +131,61 @@ def plan(headers: dict, hidden_size: int, vocab_size: int, budget: int, workload
     in bf16, accumulating in float32 inside the matrix products).
     """
     per_layer, outer = checkpoint_sizes(headers)
-    total = outer + sum(per_layer.values())
-    layer, layer_parameters = max(per_layer.items(), key=lambda item: item[1]) if per_layer else (0, 0)
+    total = outer + sum(size.resident for size in per_layer.values()) + _expert_total(headers)
+    layer, size = max(per_layer.items(), key=lambda item: item[1].resident + item[1].expert) if per_layer \
+        else (0, LayerSize(0, 0))
     in_memory = RUNTIME + int(total * DTYPE_BYTES["float32"] * IN_MEMORY_FACTOR)
 
     def streamed_peak(compute: str) -> int:
-        size = DTYPE_BYTES[compute]
-        activations = workload.calibration_tokens * hidden_size * size * (workload.block_window + 3)
+        width = DTYPE_BYTES[compute]
+        activations = workload.calibration_tokens * hidden_size * width * (workload.block_window + 3)
         logits = workload.logit_positions * vocab_size * 4
-        # the exporter converts one expert's matrix at a time to float32, with a few temporaries
-        export = 4 * 4 * max(layer_parameters // 64, 1)
-        # the embeddings and head are read in only before the first layer and after the last
-        return RUNTIME + max(outer, layer_parameters) * size + activations + logits + export
+        # a layer's resident part, plus the larger of: one expert's gate_up (2/3 of a SwiGLU expert) in the
+        # compute dtype and as stored (bf16 at most) while it is read; an exporter's float32 copy of one of
+        # its three matrices with the quantizer's temporaries. The embeddings and head only before and after.
+        reading, exporting = size.expert * 2 // 3 * (width + 2 * 2), size.expert // 3 * 4 * 4
+        layer_bytes = size.resident * width + max(reading, exporting)
+        return RUNTIME + max(outer * width, layer_bytes) + activations + logits
 
     streamed = stream if stream is not None else in_memory > budget
     candidates = [dtype] if dtype != "auto" else (["float32"] if storage_dtype == "float32" or not streamed
                                                   else ["float32", storage_dtype])
     if not streamed:
         chosen = "float32" if dtype == "auto" else dtype
-        return MemoryPlan(budget, False, chosen, total, in_memory, streamed_peak(chosen), layer, layer_parameters, outer)
+        return MemoryPlan(budget, False, chosen, total, in_memory, streamed_peak(chosen), layer, size.resident, outer)
     for compute in candidates:
         if streamed_peak(compute) <= budget:
-            return MemoryPlan(budget, True, compute, total, in_memory, streamed_peak(compute), layer, layer_parameters,
+            return MemoryPlan(budget, True, compute, total, in_memory, streamed_peak(compute), layer, size.resident,
                               outer)
     compute = candidates[-1]
     need = streamed_peak(compute)
     raise MoeExportError(
         f"the model does not fit --max-memory {budget / GIB:.1f} GiB: even streamed one layer at a time it needs about "
-        f"{need / GIB:.1f} GiB (its largest decoder layer, {layer}, is {layer_parameters * DTYPE_BYTES[compute] / GIB:.1f}"
-        f" GiB in {compute}, embeddings and head {outer * DTYPE_BYTES[compute] / GIB:.1f} GiB, plus activations and "
-        f"the runtime); raise --max-memory to {math.ceil(need / GIB * 10) / 10:.1f}GiB or more, or use fewer "
+        f"{need / GIB:.1f} GiB (layer {layer} holds {size.resident * DTYPE_BYTES[compute] / GIB:.2f} GiB in {compute} "
+        f"besides its experts, one expert {size.expert * DTYPE_BYTES[compute] / GIB:.2f} GiB, embeddings and head "
+        f"{outer * DTYPE_BYTES[compute] / GIB:.2f} GiB, plus activations and the runtime); raise --max-memory to {math.ceil(need / GIB * 10) / 10:.1f}GiB or more, or use fewer "
         "--calib-samples"
     )
+
+
+def _expert_total(headers: dict) -> int:
+    return sum(math.prod(shape) for name, (shape, _, _) in headers.items()
+               if _LAYER_KEY.search(name) and (_EXPERT_KEY.search(name) or (".experts." in name and len(shape) == 3)))
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory (VmHWM) since it started or since `reset_peak`; 0 where unknown."""
+    try:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def reset_peak() -> bool:
+    """Start a new peak (Linux: writing 5 to /proc/self/clear_refs); False where the peak cannot be reset."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False

@@ -95,6 +95,7 @@ class CompressionReport:
     quality_vs_source: dict | None = None
     out: str | None = None
     timings: dict = field(default_factory=dict)
+    peak_rss_bytes: dict = field(default_factory=dict)  # per stage
 
     def manifest(self) -> dict:
         """What moeexport.json records about how the checkpoint was made."""
@@ -124,6 +125,7 @@ class BuildReport:
     profile: dict | None = None
     engine: dict | None = None
     timings: dict = field(default_factory=dict)
+    peak_rss_bytes: dict = field(default_factory=dict)  # per stage, this process (the runtimes' are in theirs)
     failures: list[str] = field(default_factory=list)  # validation's, and the device step's
 
     @property
@@ -139,10 +141,11 @@ class BuildReport:
             "model": self.model, "target": self.target, "quant": self.quant, "options": self.options,
             "out": self.out, "ok": self.ok, "failures": self.failures,
             "compression": {key: value for key, value in compression.items()
-                            if key not in ("quality_vs_source", "timings", "out", "model")},
+                            if key not in ("quality_vs_source", "timings", "peak_rss_bytes", "out", "model")},
             "quality_vs_source": self.compression.quality_vs_source,
             "artifact": self.artifact, "validation": self.validation, "profile": self.profile, "engine": self.engine,
             "timings": self.compression.timings | self.timings,
+            "peak_rss_bytes": self.compression.peak_rss_bytes | self.peak_rss_bytes,
         }
 
 
@@ -167,18 +170,24 @@ def _quiet(function):
 
 
 class _Stages:
-    """Times each stage and announces it as an event."""
+    """Times each stage, measures its peak resident memory (this process's; children report their own) and
+    announces it as an event."""
 
     def __init__(self, events: EventStream):
-        self.events, self.seconds = events, {}
+        self.events, self.seconds, self.peaks = events, {}, {}
         self._started = time.perf_counter()
 
     @contextmanager
     def __call__(self, name: str, message: str):
+        from moeexport.memory import peak_resident_bytes, reset_peak
+
         self.events.stage(message)
         started = time.perf_counter()
+        reset = reset_peak()
         yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+        if reset:
+            self.peaks[name] = max(self.peaks.get(name, 0), peak_resident_bytes())
 
     def total(self) -> dict:
         return self.seconds | {"total": time.perf_counter() - self._started}
@@ -215,7 +224,7 @@ def compress(model: str | Path, recipe: str | Path | Recipe | dict, options: Com
             done = _compress(model, recipe, options, events, stages, memory)
             with stages("save", f"saving {options.out}"):
                 done.report.out = str(save(done.model, options.out, done.report.manifest(), overwrite=options.overwrite))
-    done.report.timings = stages.total()
+    done.report.timings, done.report.peak_rss_bytes = stages.total(), stages.peaks
     return done.report
 
 
@@ -238,7 +247,8 @@ def _compress(model: str | Path, recipe: Recipe, options: CompressOptions, event
         from moeexport.calibration.sources import read_documents
 
         read_documents(options.calibration.source)  # a missing or malformed source fails now, before the model runs
-    events.note(memory.describe())
+    if memory.streamed:
+        events.note(memory.describe())
     with stages("load", f"loading {model}" + (" (streamed)" if memory.streamed else "")):
         loader = load_streamed if memory.streamed else load
         lm = loader(model, memory.dtype, options.trust_remote_code, options.allow_nonfinite)
@@ -546,7 +556,7 @@ def _build(model, recipe: Recipe, chosen, target_options, options: BuildOptions,
         files = finished.get("files") or artifact.files()
         report.artifact = {"path": _published(artifact.path, staging, out), "representation": artifact.representation,
                            "fallbacks": artifact.fallbacks, "file_bytes": sum(files.values()), "files": files}
-        report.timings = stages.total()
+        report.timings, report.peak_rss_bytes = stages.total(), stages.peaks
         _write_reports(report, staging)
     return report
 
@@ -559,7 +569,7 @@ def _artifact_runner(target, path: Path, windows: np.ndarray, memory):
     from moeexport.backends.profile import logits_in_subprocess
 
     logits, _ = logits_in_subprocess(target.name, path, windows, windows.shape[1])
-    return RecordedReference(windows, logits)
+    return RecordedReference(windows, logits)  # (the child's peak is the profile's to report)
 
 
 def _published(path: Path, staging: Path, out: Path) -> str:

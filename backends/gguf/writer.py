@@ -490,32 +490,14 @@ class _TensorSink:
                 if not self.writing:
                     self.fallbacks.append(f"{name}: rows of {shape[-1]} are not a multiple of {block} -> f16")
                 quant = "f16"
-        if not self.writing:  # the header's entry, from the stored form of one row
-            row = self._convert(np.zeros((1, shape[-1]), np.float32), quant, name)
-            stored = (*shape[:-1], row.shape[-1])
-            self.writer.add_tensor_info(name, stored, row.dtype, math.prod(shape[:-1]) * row.nbytes,
+        row = self._convert(np.zeros((1, shape[-1]), np.float32), quant, name)  # the stored form of one row
+        nbytes = math.prod(shape[:-1]) * row.nbytes
+        if not self.writing:  # the header's entry
+            self.writer.add_tensor_info(name, (*shape[:-1], row.shape[-1]), row.dtype, nbytes,
                                         raw_dtype=self._raw_dtype(quant))
             return
-        out = None
-        for index, rows in self._slices(tensor, shape):
-            rows = rows.detach().float().numpy() if isinstance(rows, torch.Tensor) else rows.astype(np.float32)
-            converted = self._convert(rows, quant, name)
-            if out is None:
-                out = np.empty((math.prod(shape[:-1]), converted.shape[-1]), converted.dtype)
-            out[index:index + len(converted)] = converted
-        self.writer.write_tensor_data(out.reshape(*shape[:-1], out.shape[-1]))
-
-    def _slices(self, tensor, shape: tuple[int, ...]):
-        """(first row, rows [n, width]) covering the tensor: an expert at a time for stacked experts (which a
-        streamed model reads one at a time), else blocks of rows."""
-        if len(shape) == 3:
-            rows = shape[1]
-            for expert in range(shape[0]):
-                yield expert * rows, tensor[expert]
-            return
-        flat = tensor.reshape(-1, shape[-1])
-        for start in range(0, flat.shape[0], self.ROWS_PER_SLICE):
-            yield start, flat[start:start + self.ROWS_PER_SLICE]
+        self.writer.write_tensor_data(_ConvertedData(nbytes, lambda: (
+            self._convert(_float32(rows), quant, name) for rows in _slices(tensor, shape, self.ROWS_PER_SLICE))))
 
     def _qtype(self, quant: str):
         return getattr(self.gguf.GGMLQuantizationType, (self.quant if quant == "grid" else quant).upper())
@@ -552,6 +534,35 @@ class _TensorSink:
             payload = codes.astype(np.int8).view(np.uint8)
         blocks = np.concatenate([block_scales[..., None].view(np.uint8), payload], axis=-1)
         return blocks.reshape(*data.shape[:-1], -1)
+
+
+class _ConvertedData:
+    """One tensor's stored bytes, converted a slice at a time while GGUFWriter writes them: it takes any
+    object with `nbytes` and `tofile`, so the whole stored tensor never exists in memory."""
+
+    def __init__(self, nbytes: int, converted_slices):
+        self.nbytes, self._slices = nbytes, converted_slices
+
+    def tofile(self, file) -> None:
+        written = 0
+        for converted in self._slices():
+            converted.tofile(file)
+            written += converted.nbytes
+        assert written == self.nbytes, f"wrote {written} bytes of a tensor announced as {self.nbytes}"
+
+
+def _slices(tensor, shape: tuple[int, ...], rows_per_slice: int):
+    """Row blocks [n, width] covering the tensor in order: an expert at a time for stacked experts (which a
+    streamed model reads one at a time), else blocks of `rows_per_slice` rows."""
+    if len(shape) == 3:
+        yield from (tensor[expert] for expert in range(shape[0]))
+        return
+    flat = tensor.reshape(-1, shape[-1])
+    yield from (flat[start:start + rows_per_slice] for start in range(0, flat.shape[0], rows_per_slice))
+
+
+def _float32(rows) -> np.ndarray:
+    return rows.detach().float().numpy() if isinstance(rows, torch.Tensor) else rows.astype(np.float32)
 
 
 def _permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
