@@ -442,3 +442,29 @@ def test_a_type_that_cannot_hold_the_grid_says_it_re_quantizes(demo, tmp_path):
     artifact = gguf_backend.export(model, tmp_path / "m.gguf", quant="q8_0", weight_grid=weight_grid(model))
     assert any("int4 g64 by the quantize pass; this q8_0 file re-quantizes them (a plain --quant q4_0" in note
                for note in artifact.fallbacks)
+
+
+@pytest.mark.parametrize("quant, tensor_types", [("q4_k_m", None), ("q6_k", None), ("q8_0", {"_exps": "q4_k"})])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2"])
+def test_llama_cpp_mixes_are_written_tensor_for_tensor_as_llama_model_quantize_writes_them(
+        family, quant, tensor_types, tmp_path):
+    """The K-quant path chooses types on a proxy and quantizes slices with ggml (backends/gguf/ggml.py): the same
+    types and bytes as llama.cpp's quantizer run on a whole F32 file."""
+    import gguf
+
+    from moeexport.backends.gguf.writer import LLAMA_FTYPES, _ggml_types, _llama_cpp_quantize
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model(family)
+    model.config.name_or_path = str(moeexport.modelio.DEMO_MODEL)  # a tokenizer for the file's vocabulary
+    ours, whole = tmp_path / "ours.gguf", tmp_path / "f32.gguf"
+    gguf_backend.export(model, ours, quant, tensor_types=tensor_types)
+    gguf_backend.export(model, whole, "f32")
+    _llama_cpp_quantize(whole, tmp_path / "llama.gguf", LLAMA_FTYPES[quant], _ggml_types(gguf, tensor_types or {}), {})
+    expected = {t.name: t for t in gguf.GGUFReader(tmp_path / "llama.gguf").tensors}
+    written = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    assert written.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert (written[name].tensor_type, list(written[name].shape)) == (tensor.tensor_type, list(tensor.shape)), name
+        assert written[name].data.tobytes() == tensor.data.tobytes(), name
+    assert len({t.tensor_type for t in expected.values()}) >= 2  # a mix, not one type

@@ -52,6 +52,7 @@ import torch
 
 from moeexport.adapters import LayerView, ModelConfig, adapter_for
 from moeexport.adapters.base import structure
+from moeexport.backends.gguf import ggml
 from moeexport.backends.gguf.architectures import ARCHITECTURES, GGUFArchitecture
 from moeexport.backends.gguf.names import DENSE_FFN, ROUTED_FFN, SHARED_FFN, BlockNames, TensorNames
 from moeexport.errors import MoeExportError
@@ -202,17 +203,18 @@ def export(
     via_llama_cpp = quant in LLAMA_CPP_TYPES or bool(overrides) or imatrix is not None
     grid = _carried_grid(weight_grid, quant, via_llama_cpp, result.fallbacks)
     try:
-        if via_llama_cpp:
-            unquantized = out_path.with_name(f".{out_path.name}.f32.partial")
+        if via_llama_cpp:  # llama.cpp chooses every tensor's type and quantizes it (backends/gguf/ggml.py)
             importance = _importance(gguf, imatrix, plan, result.fallbacks) if imatrix is not None else {}
-            try:
-                _write_file(gguf, unquantized, model, plan, "f32", representation, result.fallbacks)
-                _llama_cpp_quantize(unquantized, partial, LLAMA_FTYPES[quant], overrides, importance)
-            finally:
-                unquantized.unlink(missing_ok=True)
+            types = ggml.tensor_types(
+                lambda proxy: _write_file(gguf, proxy, model, plan, "f32", representation,
+                                          {"fallbacks": [], "proxy": True}),
+                lambda source, target: _llama_cpp_quantize(source, target, LLAMA_FTYPES[quant], overrides, {}))
+            _write_file(gguf, partial, model, plan, quant, representation,
+                        {"fallbacks": result.fallbacks, "types": types, "importance": importance})
             result.fallbacks += _types_other_than_asked(gguf, partial, quant, overrides)
         else:
-            _write_file(gguf, partial, model, plan, quant, representation, result.fallbacks, grid)
+            _write_file(gguf, partial, model, plan, quant, representation,
+                        {"fallbacks": result.fallbacks, "grid": grid})
         os.replace(partial, out_path)
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -237,6 +239,7 @@ def _describe_representation(plan: _Plan) -> str:
 
 GRID_TYPES = {4: "q4_0", 8: "q8_0"}  # the ggml block types that hold a symmetric int grid exactly
 GGML_BLOCK = 32
+GGML_F32, GGML_F16 = 0, 1  # ggml type ids
 
 
 def _carried_grid(grid: WeightGrid | None, quant: str, via_llama_cpp: bool,
@@ -254,21 +257,25 @@ def _carried_grid(grid: WeightGrid | None, quant: str, via_llama_cpp: bool,
     return None
 
 
-def _write_file(gguf, path: Path, model, plan: _Plan, quant: str, representation: str, fallbacks: list[str],
-                grid: WeightGrid | None = None) -> None:
-    """Header from the model's shapes (no weights read), then each tensor's data as its layer is read."""
+def _write_file(gguf, path: Path, model, plan: _Plan, quant: str, representation: str, sink_options: dict) -> None:
+    """Header from the model's shapes (no weights read), then each tensor's data as its layer is read.
+
+    `sink_options` go to the _TensorSink: the fallbacks list, and a grid, llama.cpp's types or proxy.
+    """
     writer = gguf.GGUFWriter(str(path), plan.architecture.name)
     try:
         _write_hparams(writer, gguf, plan, quant)
         writer.add_string(REPRESENTATION_KEY, representation)
         _write_vocab(writer, gguf, plan.config, plan.architecture)
-        sink = _TensorSink(writer, gguf, plan.architecture.name, quant, fallbacks, grid)
-        _write_tensors(sink, model, adapter_for(model.config).layer_views(model), plan)
+        sink = _TensorSink(writer, gguf, plan.architecture.name, quant, **sink_options)
+        skeleton = adapter_for(model.config).layer_views(model)
+        _write_tensors(sink, model, skeleton, plan)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         sink.writing = True
-        _write_tensors(sink, model, layer_views(model), plan)
+        _write_tensors(sink, model, adapter_for(model.config).layer_views(model) if sink.proxy
+                       else layer_views(model), plan)
     finally:
         writer.close()
 
@@ -396,14 +403,7 @@ def _write_hparams(writer, gguf, plan: _Plan, quant: str) -> None:
     writer.add_expert_count(plan.num_experts)
     writer.add_expert_used_count(min(config.top_k, plan.num_experts))
     writer.add_vocab_size(config.vocab_size)
-    file_types = {
-        "f32": gguf.LlamaFileType.ALL_F32,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-    }
-    writer.add_file_type(file_types[quant])
+    writer.add_file_type(LLAMA_FTYPES[quant])  # llama_ftype ids, as llama.cpp's quantizer records them
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -472,9 +472,13 @@ class _TensorSink:
     ROWS_PER_SLICE = 4096
 
     def __init__(self, writer, gguf, architecture: str, quant: str, fallbacks: list[str],
-                 grid: WeightGrid | None = None, writing: bool = False):
+                 grid: WeightGrid | None = None, types: dict[str, int] | None = None,
+                 importance: dict[str, np.ndarray] | None = None, proxy: bool = False):
         self.writer, self.gguf, self.quant, self.fallbacks, self.grid = writer, gguf, quant, fallbacks, grid
-        self.writing = writing
+        self.types = types  # GGUF name -> ggml type id, when llama.cpp chose them (a K-quant mix, overrides)
+        self.importance = importance or {}
+        self.proxy = proxy  # a small stand-in of the file for llama.cpp to choose types on (backends/gguf/ggml.py)
+        self.writing = False
         self.names = TensorNames(gguf, architecture)
 
     def add(self, name: str, tensor: torch.Tensor | np.ndarray, keep_f32: bool = False, quant: str | None = None,
@@ -482,7 +486,9 @@ class _TensorSink:
         """`on_grid`: routed-expert weights, written with the quantize pass's codes when the file carries its grid."""
         shape = tuple(tensor.shape)
         quant = "f32" if keep_f32 or len(shape) == 1 else (quant or self.quant)
-        if on_grid and self.grid and quant == self.quant:
+        if self.types is not None:
+            quant = self.types[name]
+        elif on_grid and self.grid and quant == self.quant:
             quant = "grid"
         elif quant not in ("f32", "f16"):
             block = self.gguf.GGML_QUANT_SIZES[self._qtype(quant)][0]
@@ -490,29 +496,41 @@ class _TensorSink:
                 if not self.writing:
                     self.fallbacks.append(f"{name}: rows of {shape[-1]} are not a multiple of {block} -> f16")
                 quant = "f16"
-        row = self._convert(np.zeros((1, shape[-1]), np.float32), quant, name)  # the stored form of one row
+        if self.proxy:
+            shape = ggml.proxy_shape(shape)
+            tensor = np.zeros(shape, np.float32)  # llama.cpp's type rules never look at values
+        row = self._convert(np.zeros((1, shape[-1]), np.float32), quant, name, None)  # the stored form of one row
         nbytes = math.prod(shape[:-1]) * row.nbytes
         if not self.writing:  # the header's entry
             self.writer.add_tensor_info(name, (*shape[:-1], row.shape[-1]), row.dtype, nbytes,
                                         raw_dtype=self._raw_dtype(quant))
             return
         self.writer.write_tensor_data(_ConvertedData(nbytes, lambda: (
-            self._convert(_float32(rows), quant, name) for rows in _slices(tensor, shape, self.ROWS_PER_SLICE))))
+            self._convert(_float32(rows), quant, name, expert)
+            for expert, rows in _slices(tensor, shape, self.ROWS_PER_SLICE))))
 
     def _qtype(self, quant: str):
         return getattr(self.gguf.GGMLQuantizationType, (self.quant if quant == "grid" else quant).upper())
 
-    def _raw_dtype(self, quant: str):
+    def _raw_dtype(self, quant: str | int):
+        if isinstance(quant, int):
+            return None if quant in (GGML_F32, GGML_F16) else self.gguf.GGMLQuantizationType(quant)
         return None if quant in ("f32", "f16") else self._qtype(quant)
 
-    def _convert(self, data: np.ndarray, quant: str, name: str) -> np.ndarray:
-        """float32 rows [n, width] -> their stored form (elements, or blocks as bytes)."""
-        if quant == "f32":
+    def _convert(self, data: np.ndarray, quant: str | int, name: str, expert: int | None) -> np.ndarray:
+        """float32 rows [n, width] (of expert `expert` of a stack) -> their stored form (elements, or blocks as
+        bytes). `quant` is a type name (numpy and the grid write those), or a ggml type id (ggml writes it)."""
+        if quant in ("f32", GGML_F32):
             return data
-        if quant == "f16":
+        if quant in ("f16", GGML_F16):
             return data.astype(np.float16)
         if quant == "grid":
             return self._grid_blocks(name, data)
+        if isinstance(quant, int):
+            importance = self.importance.get(name)
+            if importance is not None and expert is not None:
+                importance = importance[expert * data.shape[-1]:(expert + 1) * data.shape[-1]]
+            return ggml.quantize_rows(quant, data, importance, os.cpu_count() or 1)
         return self.gguf.quants.quantize(data, self._qtype(quant))
 
     def _grid_blocks(self, name: str, data: np.ndarray) -> np.ndarray:
@@ -552,13 +570,13 @@ class _ConvertedData:
 
 
 def _slices(tensor, shape: tuple[int, ...], rows_per_slice: int):
-    """Row blocks [n, width] covering the tensor in order: an expert at a time for stacked experts (which a
-    streamed model reads one at a time), else blocks of `rows_per_slice` rows."""
+    """(expert or None, row block [n, width]) covering the tensor in order: an expert at a time for stacked
+    experts (which a streamed model reads one at a time), else blocks of `rows_per_slice` rows."""
     if len(shape) == 3:
-        yield from (tensor[expert] for expert in range(shape[0]))
+        yield from ((expert, tensor[expert]) for expert in range(shape[0]))
         return
     flat = tensor.reshape(-1, shape[-1])
-    yield from (flat[start:start + rows_per_slice] for start in range(0, flat.shape[0], rows_per_slice))
+    yield from ((None, flat[start:start + rows_per_slice]) for start in range(0, flat.shape[0], rows_per_slice))
 
 
 def _float32(rows) -> np.ndarray:
@@ -574,7 +592,8 @@ def _permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
     config, adapter, names = plan.config, adapter_for(model.config), tensors.names
     around = adapter.model_view(model)
-    with outer(model) if tensors.writing else nullcontext():  # the header pass needs shapes only
+    reads = tensors.writing and not tensors.proxy  # the header pass and a proxy need shapes only
+    with outer(model) if reads else nullcontext():
         tensors.add(names("TOKEN_EMBD"), around.embeddings.weight, keep_f32=tensors.quant in ("f16", "bf16"))
     for view in views:
         index, name = view.index, names.block(view.index)
@@ -595,7 +614,7 @@ def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
             _write_silent_moe(tensors, name, config.hidden_size, plan)
             continue
         _write_moe(tensors, name, view, plan)
-    with outer(model) if tensors.writing else nullcontext():
+    with outer(model) if reads else nullcontext():
         tensors.add(names("OUTPUT_NORM"), around.final_norm.weight)
         tensors.add(names("OUTPUT"), around.output.weight)
 

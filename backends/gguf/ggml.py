@@ -1,0 +1,110 @@
+"""llama.cpp's own quantizer, one tensor slice at a time: K-quant files without a whole-model intermediate.
+
+`llama_model_quantize` rewrites a whole GGUF and memory-maps its input, so the
+F32 intermediate of a large model is resident in full while it runs (13 GB for
+four Mixtral-8x7B layers of four experts). The K-quant mixes are llama.cpp's
+rules, so we keep llama.cpp deciding and computing, in two smaller steps:
+
+- `tensor_types`: llama.cpp quantizes a *proxy* GGUF, written with the real
+  file's metadata, tensor names, counts and expert axes, but rows of at most
+  512 columns with the same remainder modulo 256 (the K-quant block: its
+  fallback rules look at that and at names, layer indices and hyperparameters,
+  never at sizes or values); the types it chose are read back.
+- `quantize_rows`: the data is quantized with `ggml_quantize_chunk`, the
+  function `llama_model_quantize` itself calls per row block (per expert, with
+  that expert's importance), as each slice is written.
+
+The result has the tensors, types and bytes llama_model_quantize would write
+(tests/test_gguf.py compares them tensor by tensor).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+from moeexport.errors import MoeExportError
+
+K_BLOCK = 256  # QK_K: the K-quants' super-block width
+PROXY_COLUMNS = 512
+
+
+def proxy_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A small stand-in shape that llama.cpp's type rules treat alike: the expert axis and the row width's
+    remainder modulo 256 kept, at most a few rows."""
+    columns = shape[-1] if shape[-1] <= PROXY_COLUMNS else K_BLOCK + shape[-1] % K_BLOCK
+    if len(shape) == 1:
+        return (columns,)
+    return (*shape[:-2], min(shape[-2], 8), columns)
+
+
+def tensor_types(write_proxy, quantize_file) -> dict[str, int]:
+    """GGUF tensor name -> ggml type, as llama.cpp's quantizer chooses them.
+
+    `write_proxy(path)` writes the proxy GGUF (see the module docstring); `quantize_file(source, target)`
+    runs llama_model_quantize with the build's file type and overrides.
+    """
+    import gguf
+
+    with tempfile.TemporaryDirectory(prefix="moeexport-proxy-") as scratch:
+        source, target = Path(scratch) / "proxy-f32.gguf", Path(scratch) / "proxy.gguf"
+        write_proxy(source)
+        quantize_file(source, target)
+        return {tensor.name: int(tensor.tensor_type) for tensor in gguf.GGUFReader(target).tensors}
+
+
+@cache
+def _library():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MoeExportError("K-quants and tensor-type overrides need llama-cpp-python: pip install 'moeexport[gguf]'") from None
+    found = sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.so*"))
+    if not found:
+        raise MoeExportError(f"llama-cpp-python has no libggml-base in {Path(llama_cpp.__file__).parent / 'lib'}: "
+                             "reinstall it (pip install --force-reinstall llama-cpp-python)")
+    library = ctypes.CDLL(str(found[0]))
+    floats = ctypes.POINTER(ctypes.c_float)
+    library.ggml_quantize_chunk.argtypes = [ctypes.c_int, floats, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                            ctypes.c_int64, floats]
+    library.ggml_quantize_chunk.restype = ctypes.c_size_t
+    library.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    library.ggml_row_size.restype = ctypes.c_size_t
+    library.ggml_quantize_init.argtypes = [ctypes.c_int]
+    return library
+
+
+def row_bytes(ggml_type: int, columns: int) -> int:
+    return _library().ggml_row_size(ggml_type, columns)
+
+
+def quantize_rows(ggml_type: int, rows: np.ndarray, importance: np.ndarray | None = None,
+                  threads: int = 2) -> np.ndarray:
+    """float32 rows [n, columns] -> their ggml blocks as bytes [n, row_bytes], split over `threads`
+    (ctypes releases the GIL while ggml runs)."""
+    library = _library()
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    count, columns = rows.shape
+    width = row_bytes(ggml_type, columns)
+    out = np.empty((count, width), np.uint8)
+    library.ggml_quantize_init(ggml_type)
+    weights = None if importance is None else np.ascontiguousarray(importance, np.float32)
+    floats = ctypes.POINTER(ctypes.c_float)
+    imatrix = weights.ctypes.data_as(floats) if weights is not None else None
+
+    def run(start: int, stop: int) -> int:
+        source = rows[start:stop]
+        return library.ggml_quantize_chunk(ggml_type, source.ctypes.data_as(floats), out[start:stop].ctypes.data, 0,
+                                           stop - start, columns, imatrix)
+
+    bounds = np.linspace(0, count, min(threads, count) + 1, dtype=int)
+    with ThreadPoolExecutor(len(bounds) - 1) as pool:
+        written = sum(pool.map(run, bounds[:-1], bounds[1:]))
+    if written != out.nbytes:
+        raise MoeExportError(f"ggml quantized {written} bytes where {out.nbytes} were expected")
+    return out
