@@ -295,21 +295,20 @@ def memory_plan(model: str | Path, recipe: Recipe, options: CompressOptions, val
     """How MODEL runs within `options.max_memory` (moeexport.memory.MemoryPlan): whole or streamed, in which
     dtype. Reads only config.json and the weight headers; refuses, before any work, what cannot fit or stream."""
     from moeexport import memory
-    from moeexport.modelio import checkpoint_dtype, read_headers, read_manifest, resolve_model_dir, weight_files
+    from moeexport.modelio import (checkpoint_dtype, read_config, read_headers, read_manifest, resolve_model_dir,
+                                   weight_files)
     from moeexport.passes import PASSES
 
     model_dir = resolve_model_dir(model)
-    config = json.loads((model_dir / "config.json").read_text())
-    config = config.get("text_config", config)
+    config = read_config(model_dir, options.trust_remote_code)  # an unsupported model stops here, by name
     calibration = options.calibration
     calibrated = any(PASSES[step.name].needs_statistics(step.options) for step in recipe.steps)
     quality = QUALITY_WINDOWS[0] * QUALITY_WINDOWS[1] * 2 if options.measure_quality else 0
     workload = memory.Workload(calibration.samples * calibration.length if calibrated else 0,
                                calibration.max_block_window, quality + validation_windows[0] * validation_windows[1])
     budget = options.max_memory or memory.default_budget()
-    plan = memory.plan(read_headers(weight_files(model_dir, read_manifest(model_dir))), config.get("hidden_size", 0),
-                       config.get("vocab_size", 0), budget, workload, options.stream, options.dtype,
-                       checkpoint_dtype(model_dir))
+    plan = memory.plan(read_headers(weight_files(model_dir, read_manifest(model_dir))), config.hidden_size,
+                       config.vocab_size, budget, workload, options.stream, options.dtype, checkpoint_dtype(model_dir))
     if plan.streamed:
         _check_streamable(recipe, options, plan)
     return plan

@@ -88,7 +88,7 @@ def test_a_streamed_save_is_a_checkpoint_that_loads_to_the_same_model(recipe, tm
 
 
 @needs_shared
-@pytest.mark.parametrize("target, quant", [("gguf", "f32"), ("gguf", "q4_k_m"), ("onnx", "int4")])
+@pytest.mark.parametrize("target, quant", [("gguf", "f32"), ("onnx", "int4")])  # K-quants: tests/test_gguf.py
 def test_streamed_and_in_memory_builds_of_the_fixture_write_the_same_bytes_and_statistics(target, quant, tmp_path):
     reports = {}
     for stream in (False, True):

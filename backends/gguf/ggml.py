@@ -1,8 +1,8 @@
 """llama.cpp's own quantizer, one tensor slice at a time: K-quant files without a whole-model intermediate.
 
 `llama_model_quantize` rewrites a whole GGUF and memory-maps its input, so the
-F32 intermediate of a large model is resident in full while it runs (13 GB for
-four Mixtral-8x7B layers of four experts). The K-quant mixes are llama.cpp's
+F32 intermediate of a large model is written to disk first (13 GB for a
+6 B-parameter checkpoint of 12 GB in bf16: twice its size). The K-quant mixes are llama.cpp's
 rules, so we keep llama.cpp deciding and computing, in two smaller steps:
 
 - `tensor_types`: llama.cpp quantizes a *proxy* GGUF, written with the real

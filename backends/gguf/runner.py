@@ -60,8 +60,8 @@ class GGUFRunner:
     exact=True keeps the KV cache in F32 and flash attention off, so that an F32
     GGUF can be compared with the torch reference to ~1e-5, and reads the weights
     into memory instead of mapping them: llama.cpp repacks 4-bit weights for the
-    CPU, and a mapped file then stays resident beside its repacked copy (four
-    Mixtral-width layers at q4_k_m: 3.4 GB peak mapped, 2.2 GB read).
+    CPU, and a mapped file then stays resident beside its repacked copy (a 2.0 GB
+    q4_k_m file: 3.4 GB peak mapped, 2.2 GB read).
     """
 
     path = "the GGUF file"  # named in errors; set by __init__
