@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "set reuse the statistics.", [model, calibration])
     analyze.add_argument("--out", default="moeexport-analysis", help="output directory (default moeexport-analysis)")
     analyze.add_argument("--json", action="store_true", help="print the per-layer summary as JSON")
+    _memory_arguments(analyze)
 
     compress = command("compress", "apply a recipe and save the compressed checkpoint",
                        "Apply a recipe to MODEL and save the result, which is itself a valid MODEL everywhere.\n\n"
@@ -194,16 +195,20 @@ def _recipe_and_output(command: argparse.ArgumentParser) -> None:
     command.add_argument("--recipe", required=True, metavar="FILE", help="YAML recipe (see above)")
     command.add_argument("--out", metavar="DIR", help="output directory (required unless --dry-run)")
     command.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    command.add_argument("--max-memory", metavar="SIZE",
-                        help="most memory the run may hold, e.g. 16GB or 3.5GiB (default: 75%% of the memory "
-                        "available at start). A model that does not fit whole is streamed one decoder layer at a "
-                        "time; one that cannot fit even so is refused before any work")
-    command.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                        help="force (--stream) or forbid (--no-stream) reading one decoder layer at a time "
-                        "(default: stream when the whole model does not fit --max-memory)")
+    _memory_arguments(command)
     command.add_argument(
         "--eval-text", metavar="FILE",
         help="held-out text for the quality and validation checks (default: text sampled from the model)",
     )
     command.add_argument("--no-eval", action="store_true", help="skip the quality check against the original")
     command.add_argument("--json", action="store_true", help="print the report as one JSON document (logs go to stderr)")
+
+
+def _memory_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--max-memory", metavar="SIZE",
+                         help="most memory the run may hold, e.g. 16GB or 3.5GiB (default: 75%% of the memory "
+                         "available at start). A model that does not fit whole is streamed one decoder layer (and "
+                         "one expert) at a time; one that cannot fit even so is refused before any work")
+    command.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                         help="force (--stream) or forbid (--no-stream) reading one decoder layer at a time "
+                         "(default: stream when the whole model does not fit --max-memory)")

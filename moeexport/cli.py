@@ -22,15 +22,19 @@ def _calibration(args):
 
 
 def _compress_options(args, options_type=None, **extra):
-    from moeexport.memory import parse_size
     from moeexport.pipeline import CompressOptions
 
     return (options_type or CompressOptions)(
         out=args.out, calibration=_calibration(args), eval_text=args.eval_text, measure_quality=not args.no_eval,
         dry_run=args.dry_run, overwrite=args.overwrite, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-        allow_nonfinite=args.allow_nonfinite, max_memory=parse_size(args.max_memory) if args.max_memory else None,
-        stream=args.stream, **extra,
+        allow_nonfinite=args.allow_nonfinite, max_memory=_max_memory(args), stream=args.stream, **extra,
     )
+
+
+def _max_memory(args) -> int | None:
+    from moeexport.memory import parse_size
+
+    return parse_size(args.max_memory) if args.max_memory else None
 
 
 def _run(args, call):
@@ -51,7 +55,8 @@ def run_analyze(args) -> int:
     from moeexport.pipeline import analyze
 
     report, out = _run(args, lambda on_event: analyze(args.model, args.out, _calibration(args), args.dtype,
-                                                      args.trust_remote_code, on_event, args.allow_nonfinite))
+                                                      args.trust_remote_code, on_event, args.allow_nonfinite,
+                                                      _max_memory(args), args.stream))
     _print_json(report.layers) if args.json else render_analysis(out, report)
     return 0
 

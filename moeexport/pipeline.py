@@ -242,7 +242,7 @@ def _compress(model: str | Path, recipe: Recipe, options: CompressOptions, event
     from moeexport.compress import compress as apply_recipe
     from moeexport.modelio import load, load_streamed, load_tokenizer
 
-    options = replace(options, calibration=_calibration_source(memory, recipe, options, events))
+    options = replace(options, calibration=_calibration_source(memory, _observes(recipe), options, events))
     if options.calibration.source != "model":
         from moeexport.calibration.sources import read_documents
 
@@ -291,30 +291,42 @@ def _compress(model: str | Path, recipe: Recipe, options: CompressOptions, event
     return _Compressed(lm, tokenizer, provider, report)
 
 
-def memory_plan(model: str | Path, recipe: Recipe, options: CompressOptions, validation_windows=(0, 0)):
+def memory_plan(model: str | Path, recipe: Recipe, options: CompressOptions, validation_windows=(0, 0),
+                observes: bool | None = None):
     """How MODEL runs within `options.max_memory` (moeexport.memory.MemoryPlan): whole or streamed, in which
-    dtype. Reads only config.json and the weight headers; refuses, before any work, what cannot fit or stream."""
+    dtype. Reads only config.json and the weight headers; refuses, before any work, what cannot fit or stream.
+    `observes`: the run observes the calibration set (default: when a pass of `recipe` needs statistics)."""
     from moeexport import memory
     from moeexport.modelio import (checkpoint_dtype, read_config, read_headers, read_manifest, resolve_model_dir,
                                    weight_files)
-    from moeexport.passes import PASSES
 
     model_dir = resolve_model_dir(model)
     config = read_config(model_dir, options.trust_remote_code)  # an unsupported model stops here, by name
     calibration = options.calibration
-    calibrated = any(PASSES[step.name].needs_statistics(step.options) for step in recipe.steps)
+    observes = _observes(recipe) if observes is None else observes
     quality = QUALITY_WINDOWS[0] * QUALITY_WINDOWS[1] * 2 if options.measure_quality else 0
-    workload = memory.Workload(calibration.samples * calibration.length if calibrated else 0,
+    workload = memory.Workload(calibration.samples * calibration.length if observes else 0,
                                calibration.max_block_window, quality + validation_windows[0] * validation_windows[1])
     budget = options.max_memory or memory.default_budget()
     plan = memory.plan(read_headers(weight_files(model_dir, read_manifest(model_dir))), config.hidden_size,
                        config.vocab_size, budget, workload, options.stream, options.dtype, checkpoint_dtype(model_dir))
     if plan.streamed:
-        _check_streamable(recipe, options, plan)
+        _check_streamable(recipe, options, plan, observes)
     return plan
 
 
-def _check_streamable(recipe: Recipe, options: CompressOptions, plan) -> None:
+def _observes(recipe: Recipe) -> bool:
+    from moeexport.passes import PASSES
+
+    return any(PASSES[step.name].needs_statistics(step.options) for step in recipe.steps)
+
+
+def _needs_held_out(options: CompressOptions) -> bool:
+    """Whether the run scores held-out windows (quality vs the original, a build's validation)."""
+    return not options.dry_run and (options.measure_quality or isinstance(options, BuildOptions))
+
+
+def _check_streamable(recipe: Recipe, options: CompressOptions, plan, observes: bool) -> None:
     """What a streamed run cannot do, refused by name before any work."""
     from moeexport.passes import PASSES
 
@@ -323,31 +335,26 @@ def _check_streamable(recipe: Recipe, options: CompressOptions, plan) -> None:
         if not PASSES[step.name].streams:
             raise MoeExportError(f"{step.name} cannot run {why}: it needs whole expert weights in memory; raise "
                                  f"--max-memory to {plan.in_memory_bytes / 2**30:.0f}GiB or leave the pass out")
-        if PASSES[step.name].needs_statistics(step.options) and options.calibration.source in (None, "model"):
-            raise MoeExportError(f"{step.name} needs calibration text, and a model run {why} cannot sample its own: "
-                                 "pass --calib FILE (a .txt or .jsonl file)")
-    if options.eval_text is None and (options.measure_quality or isinstance(options, BuildOptions)) \
-            and not options.dry_run:
+    if observes and options.calibration.source in (None, "model"):
+        raise MoeExportError(f"observing calibration text needs a file when a model runs {why}: it cannot sample "
+                             "its own; pass --calib FILE (a .txt or .jsonl file)")
+    if options.eval_text is None and _needs_held_out(options):
         raise MoeExportError(f"the quality and validation checks of a model run {why} need held-out text: pass "
                              "--eval-text FILE (or --no-eval to skip the quality check on compress)")
 
 
-def _calibration_source(plan, recipe: Recipe, options: CompressOptions, events: EventStream) -> CalibrationOptions:
+def _calibration_source(plan, observes: bool, options: CompressOptions, events: EventStream) -> CalibrationOptions:
     """The calibration options with their source settled: text sampled from the model only for small models,
     unless asked for (then with a warning of its cost)."""
-    from moeexport.passes import PASSES
-
     calibration = options.calibration
     large = plan.parameters > SAMPLING_LIMIT
-    calibrated = any(PASSES[step.name].needs_statistics(step.options) for step in recipe.steps)
-    if calibration.source is None and large and calibrated:
+    if calibration.source is None and large and observes:
         raise MoeExportError(f"the model has {plan.parameters / 1e9:.1f} B parameters: sampling calibration text from "
                              "it would take hours; pass --calib FILE (or --calib model to sample anyway)")
-    if calibration.source == "model" and large and calibrated:
+    if calibration.source == "model" and large and observes:
         events.note(f"sampling {calibration.samples} x {calibration.length} calibration tokens from a "
                     f"{plan.parameters / 1e9:.1f} B-parameter model: this takes long; --calib FILE is faster")
-    if options.eval_text is None and large and not options.dry_run \
-            and (options.measure_quality or isinstance(options, BuildOptions)):
+    if options.eval_text is None and large and _needs_held_out(options):
         raise MoeExportError(f"the model has {plan.parameters / 1e9:.1f} B parameters: sampling held-out text from it "
                              "for the quality and validation checks would take hours; pass --eval-text FILE")
     return replace(calibration, source=calibration.source or "model")
@@ -413,15 +420,23 @@ class AnalysisReport:
 
 @_quiet
 def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions = CalibrationOptions(),
-            dtype: str = "float32", trust_remote_code: bool = False, on_event=None,
-            allow_nonfinite: bool = False) -> AnalysisReport:
-    """Observe MODEL on the calibration set; write statistics.json, plots and report.html to `out`."""
+            dtype: str = "auto", trust_remote_code: bool = False, on_event=None,
+            allow_nonfinite: bool = False, max_memory: int | None = None, stream: bool | None = None) -> AnalysisReport:
+    """Observe MODEL on the calibration set; write statistics.json, plots and report.html to `out`.
+    Within `max_memory` like compress (streamed when the model does not fit whole)."""
     from moeexport.analysis import layer_rows, write_html, write_plots
-    from moeexport.modelio import load, load_tokenizer, resolve_model_dir
+    from moeexport.modelio import load, load_streamed, load_tokenizer, resolve_model_dir
 
     check_output(out, resolve_model_dir(model), overwrite=True)  # analysis files are rewritten in place
-    lm, tokenizer = load(model, dtype, trust_remote_code, allow_nonfinite), load_tokenizer(model, trust_remote_code)
-    provider = statistics_provider(model, tokenizer, calibration, EventStream(on_event))
+    events = EventStream(on_event)
+    options = CompressOptions(calibration=calibration, measure_quality=False, dtype=dtype,
+                              trust_remote_code=trust_remote_code, max_memory=max_memory, stream=stream)
+    memory = memory_plan(model, Recipe(steps=()), options, observes=True)
+    calibration = _calibration_source(memory, True, options, events)
+    loader = load_streamed if memory.streamed else load
+    lm = loader(model, memory.dtype, trust_remote_code, allow_nonfinite)
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    provider = statistics_provider(model, tokenizer, calibration, events)
     statistics = provider.statistics(lm, history=[])
     rows = layer_rows(statistics)
     out = Path(out)

@@ -136,6 +136,7 @@ def test_a_streamed_run_refuses_what_it_cannot_do_before_any_work():
         memory_plan("demo", parse_recipe({"passes": [{"merge": {"keep": 4}}]}), streamed)
     with pytest.raises(MoeExportError, match="pass --calib FILE"):
         memory_plan("demo", parse_recipe(TRIM), streamed)
+    memory_plan("demo", parse_recipe({"passes": [{"layer_drop": {"n": 1, "score": "random"}}]}), streamed)
     no_text = CompressOptions(out="unused", stream=True, calibration=CalibrationOptions(source=str(HELD_OUT)))
     with pytest.raises(MoeExportError, match="--eval-text FILE"):
         memory_plan("demo", parse_recipe(TRIM), no_text)
@@ -152,15 +153,16 @@ class _Notes(list):
 
 
 def test_large_models_need_calibration_and_held_out_text_files():
-    large, small, recipe = _Plan(2 * 10**9), _Plan(10**6), parse_recipe(TRIM)
+    large, small = _Plan(2 * 10**9), _Plan(10**6)
     with pytest.raises(MoeExportError, match=r"2\.0 B parameters: sampling calibration text .* --calib FILE"):
-        _calibration_source(large, recipe, CompressOptions(eval_text="x"), _Notes())
+        _calibration_source(large, True, CompressOptions(eval_text="x"), _Notes())
     notes = _Notes()
     asked = CompressOptions(eval_text="x", calibration=CalibrationOptions(source="model"))
-    assert _calibration_source(large, recipe, asked, notes).source == "model" and "takes long" in notes[0]
+    assert _calibration_source(large, True, asked, notes).source == "model" and "takes long" in notes[0]
     with pytest.raises(MoeExportError, match="--eval-text FILE"):
-        _calibration_source(large, recipe, CompressOptions(calibration=CalibrationOptions(source="c.txt")), _Notes())
-    assert _calibration_source(small, recipe, CompressOptions(), _Notes()).source == "model"
+        _calibration_source(large, True, CompressOptions(calibration=CalibrationOptions(source="c.txt")), _Notes())
+    assert _calibration_source(large, False, CompressOptions(measure_quality=False), _Notes()).source == "model"
+    assert _calibration_source(small, True, CompressOptions(), _Notes()).source == "model"
 
 
 def test_the_cli_streams_a_build_within_max_memory_and_says_so(tmp_path, capsys):
