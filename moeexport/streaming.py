@@ -1,18 +1,20 @@
-"""Models larger than memory: one decoder layer at a time, read from disk when it is needed.
+"""Models larger than memory: one decoder layer, and one expert, at a time, read from disk when needed.
 
 A streamed model is the transformers model built on the meta device (modules,
-config and shapes, no weights) with its embeddings, final norm and head
-loaded, plus a `LayerStream` attached as `model.moeexport_stream`. Everything
-that walks the layers (observers, the torch reference, the exporters) asks
-`layer_views(model)`, which for a streamed model reads each layer from the
-memory-mapped safetensors in the compute dtype, yields it, and releases it
-before the next.
+config and shapes, no weights) with a `LayerStream` attached as
+`model.moeexport_stream`. Everything that walks the layers (observers, the
+torch reference, the saver, the exporters) asks `layer_views(model)`, which for
+a streamed model reads each layer from the memory-mapped safetensors in the
+compute dtype, yields it and releases it before the next. A layer's routed
+experts stay on disk behind an `ExpertsOnDemand`, which reads one expert when
+the forward, an observer or an exporter uses it; the embeddings and head are
+read only inside `outer(model)`, at the start and the end of a pass.
 
-Passes apply to the skeleton as they do to an in-memory model (which keeps its
-structure and config right), and structural passes also say what they did to
-each layer as a `LayerEdit`: which source layer it is, which routed experts it
-keeps, whether its MoE sublayer is gone. A layer is then read already
-compressed: only the experts it keeps come off the disk.
+Passes apply to the skeleton as they do to an in-memory model, which keeps its
+structure and config right (a dropped MoE sublayer has no weights left to
+read). The surgery that removes blocks and experts also tells the stream, as a
+`LayerEdit` per layer (which source layer it is, which experts it keeps), so a
+layer is read already compressed: only the experts it keeps come off the disk.
 """
 
 from __future__ import annotations
@@ -185,28 +187,16 @@ class LayerStream:
         return SAFETENSORS_DTYPES[self.headers[self.sources[name][0].key][1]]
 
     def _read(self, name: str, shape: torch.Size, experts: tuple[int, ...] | None = None,
-              per_expert_rows: bool = False) -> torch.Tensor:
-        """The parameter `name` (the model's own name) from the checkpoint, in the compute dtype.
-
-        `experts`: keep only these routed experts, for stacked expert tensors (assembled one
-        expert at a time, never the whole stack twice) and for router rows (`per_expert_rows`).
-        """
+              router_rows: bool = False) -> torch.Tensor:
+        """The parameter `name` (the model's own name) from the checkpoint, in the compute dtype; a router's
+        rows (`router_rows`) only for the routed experts `experts` kept. (Experts are read by expert_matrix.)"""
         pieces = self.sources.get(name)
         if not pieces:
             raise MoeExportError(f"the checkpoint has no tensor for {name}: it does not match config.json")
-        if pieces[0].expert is None:
-            tensor = self._tensor(pieces[0].key)
-            if experts is not None and per_expert_rows and tensor.shape[0] != shape[0]:
-                tensor = tensor.index_select(0, torch.tensor(experts, dtype=torch.long))
-            return tensor.to(self.dtype)
-        by_slot = {(piece.expert, piece.part): piece.key for piece in pieces}
-        parts = 1 + max(piece.part for piece in pieces)
-        out = torch.empty(shape, dtype=self.dtype)
-        for slot, expert in enumerate(experts if experts is not None else range(shape[0])):
-            rows = shape[1] // parts
-            for part in range(parts):
-                out[slot, part * rows:(part + 1) * rows].copy_(self._tensor(by_slot[(expert, part)]))
-        return out
+        tensor = self._tensor(pieces[0].key)
+        if experts is not None and router_rows and tensor.shape[0] != shape[0]:
+            tensor = tensor.index_select(0, torch.tensor(experts, dtype=torch.long))
+        return tensor.to(self.dtype)
 
     def expert_matrix(self, name: str, expert: int, part: int | None = None, parts: int = 1,
                       stored: bool = False) -> torch.Tensor:
