@@ -374,12 +374,7 @@ def load(model: str | Path, dtype: str = "float32", trust_remote_code: bool = Fa
     `dtype` "auto" is float32 (a streamed run may choose the checkpoint's dtype; see moeexport.memory).
     """
     dtype = "float32" if dtype == "auto" else dtype
-    if dtype not in DTYPES:
-        raise MoeExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    model_dir = resolve_model_dir(model)
-    config = read_config(model_dir, trust_remote_code)
-    manifest = read_manifest(model_dir)
-    check_checkpoint(model_dir, config, manifest, trust_remote_code)
+    model_dir, config, manifest = _checked(model, dtype, trust_remote_code)
     if manifest and not manifest["stock_loadable"]:
         lm = _load_manifest_checkpoint(model_dir, config, manifest, DTYPES[dtype])
     else:
@@ -391,6 +386,17 @@ def load(model: str | Path, dtype: str = "float32", trust_remote_code: bool = Fa
     return lm
 
 
+def _checked(model: str | Path, dtype: str, trust_remote_code: bool) -> tuple[Path, object, dict | None]:
+    """(directory, config, manifest) of a checkpoint that passed every check before loading."""
+    if dtype not in DTYPES:
+        raise MoeExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    model_dir = resolve_model_dir(model)
+    config = read_config(model_dir, trust_remote_code)
+    manifest = read_manifest(model_dir)
+    check_checkpoint(model_dir, config, manifest, trust_remote_code)
+    return model_dir, config, manifest
+
+
 def load_streamed(model: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
                   allow_nonfinite: bool = False) -> nn.Module:
     """`load`'s model without its decoder layers in memory: each is read from disk when it is walked
@@ -399,12 +405,7 @@ def load_streamed(model: str | Path, dtype: str = "float32", trust_remote_code: 
 
     from moeexport.streaming import LayerStream
 
-    if dtype not in DTYPES:
-        raise MoeExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    model_dir = resolve_model_dir(model)
-    config = read_config(model_dir, trust_remote_code)
-    manifest = read_manifest(model_dir)
-    check_checkpoint(model_dir, config, manifest, trust_remote_code)
+    model_dir, config, manifest = _checked(model, dtype, trust_remote_code)
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
                                               experts_implementation=EXPERTS_IMPLEMENTATION)
