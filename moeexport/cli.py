@@ -167,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     run = {"analyze": run_analyze, "compress": run_compress, "eval": run_eval, "build": run_build,
            "validate": run_validate, "chat": run_chat, "trt-build": run_trt_build}[args.command]
     try:
+        if hasattr(args, "max_memory"):  # a model that cannot fit is refused before torch is even imported
+            from moeexport.memory import default_budget, refuse_early
+
+            refuse_early(args.model, _max_memory(args) or default_budget())
         return run(args)
     except MoeExportError as error:
         print(f"moeexport {args.command}: error: {error}", file=sys.stderr)

@@ -132,20 +132,12 @@ def plan(headers: dict, hidden_size: int, vocab_size: int, budget: int, workload
     """
     per_layer, outer = checkpoint_sizes(headers)
     total = outer + sum(size.resident for size in per_layer.values()) + _expert_total(headers)
-    layer, size = max(per_layer.items(), key=lambda item: item[1].resident + item[1].expert) if per_layer \
-        else (0, LayerSize(0, 0))
+    layer, size = _largest(per_layer) if per_layer else (0, LayerSize(0, 0))
     in_memory = RUNTIME + int(total * DTYPE_BYTES["float32"] * IN_MEMORY_FACTOR)
 
     def streamed_peak(compute: str) -> int:
-        width = DTYPE_BYTES[compute]
-        activations = workload.calibration_tokens * hidden_size * width * (workload.block_window + 3)
-        logits = workload.logit_positions * vocab_size * 4
-        # a layer's resident part, plus the larger of: one expert's gate_up (2/3 of a SwiGLU expert) in the
-        # compute dtype and as stored (bf16 at most) while it is read; an exporter's float32 copy of one of
-        # its three matrices with the quantizer's temporaries. The embeddings and head only before and after.
-        reading, exporting = size.expert * 2 // 3 * (width + 2 * 2), size.expert // 3 * 4 * 4
-        layer_bytes = size.resident * width + max(reading, exporting)
-        return RUNTIME + max(outer * width, layer_bytes) + activations + logits
+        activations = workload.calibration_tokens * hidden_size * DTYPE_BYTES[compute] * (workload.block_window + 3)
+        return _streamed_bytes(size, outer, compute) + activations + workload.logit_positions * vocab_size * 4
 
     streamed = stream if stream is not None else in_memory > budget
     candidates = [dtype] if dtype != "auto" else (["float32"] if storage_dtype == "float32" or not streamed
@@ -159,13 +151,84 @@ def plan(headers: dict, hidden_size: int, vocab_size: int, budget: int, workload
                               outer)
     compute = candidates[-1]
     need = streamed_peak(compute)
-    raise MoeExportError(
-        f"the model does not fit --max-memory {budget / GIB:.1f} GiB: even streamed one layer at a time it needs about "
-        f"{need / GIB:.1f} GiB (layer {layer} holds {size.resident * DTYPE_BYTES[compute] / GIB:.2f} GiB in {compute} "
-        f"besides its experts, one expert {size.expert * DTYPE_BYTES[compute] / GIB:.2f} GiB, embeddings and head "
-        f"{outer * DTYPE_BYTES[compute] / GIB:.2f} GiB, plus activations and the runtime); raise --max-memory to {math.ceil(need / GIB * 10) / 10:.1f}GiB or more, or use fewer "
-        "--calib-samples"
+    raise MoeExportError(_does_not_fit(budget, need, layer, size, outer, compute,
+                                       activations=need - _streamed_bytes(size, outer, compute)))
+
+
+def _streamed_bytes(size: LayerSize, outer: int, compute: str) -> int:
+    """The runtime and the weights a streamed run holds at its peak in the `compute` dtype: a layer's
+    resident part plus the larger of one expert's gate_up (2/3 of a SwiGLU expert) in the compute dtype and
+    as stored (bf16 at most) while it is read, or an exporter's float32 copy of one of its three matrices
+    with the quantizer's temporaries. The embeddings and head are held only before and after the layers."""
+    width = DTYPE_BYTES[compute]
+    reading, exporting = size.expert * 2 // 3 * (width + 2 * 2), size.expert // 3 * 4 * 4
+    return RUNTIME + max(outer * width, size.resident * width + max(reading, exporting))
+
+
+def _does_not_fit(budget: int, need: int, layer: int, size: LayerSize, outer: int, compute: str,
+                  activations: int = 0) -> str:
+    width = DTYPE_BYTES[compute]
+    held = f", {activations / GIB:.2f} GiB of activations and logits" if activations else ""
+    fewer = " or use fewer --calib-samples" if activations > need / 10 else ""
+    return (
+        f"the model does not fit --max-memory {budget / GIB:.1f} GiB: even streamed one layer at a time it needs "
+        f"about {need / GIB:.1f} GiB (layer {layer} holds {size.resident * width / GIB:.2f} GiB in {compute} "
+        f"besides its experts, one expert {size.expert * width / GIB:.2f} GiB, embeddings and head "
+        f"{outer * width / GIB:.2f} GiB{held}, the runtime {RUNTIME / GIB:.1f} GiB); raise --max-memory to "
+        f"{math.ceil(need / GIB * 10) / 10:.1f}GiB or more{fewer}"
     )
+
+
+def refuse_early(model: str, budget: int) -> None:
+    """Refuse at once a model that cannot fit `budget` even streamed in its own storage dtype with nothing but
+    the runtime besides: from the weight headers alone, before torch is imported (the command line calls
+    this first). Whatever this cannot read is left to the full checks, which say what is wrong."""
+    headers = _quick_headers(Path(__file__).parent / "demo" if model == "demo" else Path(model))
+    if not headers:
+        return
+    per_layer, outer = checkpoint_sizes(headers)
+    if not per_layer:
+        return
+    layer, size = _largest(per_layer)
+    compute = min(({"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(dtype, "float32")
+                   for _, dtype, _ in headers.values()), key=DTYPE_BYTES.get)
+    need = _streamed_bytes(size, outer, compute)
+    if need > budget:
+        raise MoeExportError(_does_not_fit(budget, need, layer, size, outer, compute))
+
+
+def _largest(per_layer: dict[int, LayerSize]) -> tuple[int, LayerSize]:
+    return max(per_layer.items(), key=lambda item: item[1].resident + item[1].expert)
+
+
+def _quick_headers(model_dir: Path) -> dict | None:
+    """name -> (shape, dtype, file) of the weight files loading would read, chosen as modelio.weight_files does;
+    None when anything is missing or unreadable (the full checks report it)."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        manifest = json.loads((model_dir / "moeexport.json").read_text()) if (model_dir / "moeexport.json").is_file() \
+            else None
+        stems = ("moeexport",) if manifest and not manifest.get("stock_loadable") else ("model",)
+        for stem in stems:
+            index, single = model_dir / f"{stem}.safetensors.index.json", model_dir / f"{stem}.safetensors"
+            if single.is_file():
+                files = [single]
+            elif index.is_file():
+                files = [model_dir / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+            else:
+                return None
+        headers = {}
+        for path in files:
+            with safe_open(path, "numpy") as handle:
+                for name in handle.keys():
+                    view = handle.get_slice(name)
+                    headers[name] = (list(view.get_shape()), view.get_dtype(), path)
+        return headers
+    except Exception:  # anything unreadable here is reported, by name, by the full checks
+        return None
 
 
 def _expert_total(headers: dict) -> int:

@@ -130,6 +130,20 @@ def test_a_model_that_cannot_fit_is_refused_at_once_with_what_to_change():
     assert squeezed.streamed and squeezed.streamed_bytes <= squeezed.budget
 
 
+def test_the_command_line_refuses_a_model_that_cannot_fit_before_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from moeexport.cli import main; status = main(['build', 'demo', '--recipe', 'r.yaml', "
+            "'--target', 'gguf', '--out', 'never', '--max-memory', '1MB']); "
+            "print('torch' in sys.modules); sys.exit(status)")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout.strip() == "False", done.stderr
+    assert done.stderr.count("\n") == 1 and "does not fit --max-memory" in done.stderr
+    assert time.perf_counter() - started < 5  # a process start: well under a second here when idle
+
+
 def test_a_streamed_run_refuses_what_it_cannot_do_before_any_work():
     streamed = CompressOptions(out="unused", stream=True, eval_text=str(HELD_OUT))
     with pytest.raises(MoeExportError, match="merge cannot run streamed"):
