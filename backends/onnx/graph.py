@@ -34,14 +34,23 @@ class ExternalData:
 
     def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
         """Append `array` and return the initializer that points at it."""
+        return self.stacked(name, [array])
+
+    def stacked(self, name: str, parts) -> onnx.TensorProto:
+        """Append a tensor given as consecutive slices of its first axis (an iterable of arrays: a stacked
+        tensor [E, ...] an expert at a time, or one whole array), each written as soon as it is made."""
         offset = self.size + -self.size % ALIGNMENT
-        stored = array.astype(array.dtype.newbyteorder("<"), copy=False)
         self.file.write(bytes(offset - self.size))
-        self.file.write(stored.data)
-        self.size = offset + stored.nbytes
-        tensor = onnx.TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+        self.size, shape, dtype = offset, None, None
+        for part in parts:
+            stored = np.ascontiguousarray(part).astype(part.dtype.newbyteorder("<"), copy=False)
+            self.file.write(stored.data)
+            self.size += stored.nbytes
+            shape = [*part.shape] if shape is None else [shape[0] + part.shape[0], *shape[1:]]
+            dtype = part.dtype
+        tensor = onnx.TensorProto(name=name, dims=shape, data_type=helper.np_dtype_to_tensor_dtype(dtype),
                                   data_location=TensorProto.EXTERNAL)
-        for key, value in (("location", self.location), ("offset", offset), ("length", stored.nbytes)):
+        for key, value in (("location", self.location), ("offset", offset), ("length", self.size - offset)):
             tensor.external_data.add(key=key, value=str(value))  # the keys onnx.external_data_helper reads
         return tensor
 
@@ -78,9 +87,30 @@ class Graph:
             self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
+    def raw_stack(self, name: str, count: int, part) -> str:
+        """An initializer [count, ...] made one slice at a time (`part(i)` -> its i-th [...] slice): in an
+        external graph each slice goes to the .data file as it is made, so the whole stack never exists."""
+        first = part(0)
+        if self.external is None or count * first.nbytes <= INLINE_BYTES:
+            return self.raw(name, np.stack([first, *(part(i) for i in range(1, count))]))
+
+        def slices():
+            yield first[None]
+            for i in range(1, count):
+                yield part(i)[None]
+
+        self.initializers.append(self.external.stacked(name, slices()))
+        return name
+
     def weight(self, name: str, array: np.ndarray) -> str:
         """A float32 weight as the graph uses it, stored in the artifact's weight dtype."""
-        stored = self.raw(name, np.asarray(array, dtype=self.weight_dtype))
+        return self._as_float(self.raw(name, np.asarray(array, dtype=self.weight_dtype)))
+
+    def weight_stack(self, name: str, count: int, part) -> str:
+        """`weight` of a stack [count, ...] made one slice at a time (see raw_stack)."""
+        return self._as_float(self.raw_stack(name, count, lambda i: np.asarray(part(i), dtype=self.weight_dtype)))
+
+    def _as_float(self, stored: str) -> str:
         return stored if self.weight_dtype == np.float32 else self.op("Cast", stored, to=TensorProto.FLOAT)
 
     def const(self, values, dtype=np.int64) -> str:

@@ -74,18 +74,6 @@ def routed_experts(graph: Graph, x: str, name: str, experts: RoutedExperts, lowe
     return graph.op("Reshape", y, graph.op("Shape", x))
 
 
-def _per_expert(stack, transform, dtype=np.float32) -> np.ndarray:
-    """[E, ...] of `transform(expert's float32 matrix)` in `dtype`, built one expert at a time (so at most one
-    expert is in float32 besides the result)."""
-    out = None
-    for expert in range(len(stack)):
-        result = transform(_float(stack[expert]))
-        if out is None:
-            out = np.empty((len(stack), *result.shape), dtype)
-        out[expert] = result
-    return out
-
-
 def _float(matrix) -> np.ndarray:
     return matrix.detach().float().numpy() if hasattr(matrix, "detach") else np.asarray(matrix, np.float32)
 
@@ -107,33 +95,33 @@ def _contrib(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedE
         activation_alpha=1.0,
         activation_beta=0.0,
     )
+    count = experts.count
     if quantization is None:
-        stored = graph.weight_dtype
-        fc1 = _per_expert(experts.gate_up, _interleaved_rows, stored)
-        fc2 = _per_expert(experts.down, lambda down: down * experts.scale, stored)
-        return graph.op("MoE", tokens, logits, graph.weight(f"{name}.fc1", fc1), "", graph.weight(f"{name}.fc2", fc2),
-                        domain=CONTRIB_DOMAIN, **attributes)
-    fc1 = _quantized_stack(experts.gate_up, _interleaved_rows, quantization, f"{name} gate/up")
-    fc2_codes, fc2_scales = _quantized_stack(experts.down, lambda down: down, quantization, f"{name} down")
+        fc1 = graph.weight_stack(f"{name}.fc1", count, lambda e: _interleaved_rows(_float(experts.gate_up[e])))
+        fc2 = graph.weight_stack(f"{name}.fc2", count, lambda e: _float(experts.down[e]) * experts.scale)
+        return graph.op("MoE", tokens, logits, fc1, "", fc2, domain=CONTRIB_DOMAIN, **attributes)
+    fc1_codes, fc1_scales = _quantized_stack(graph, f"{name}.fc1", experts.gate_up, _interleaved_rows, quantization)
+    fc2_codes, fc2_scales = _quantized_stack(graph, f"{name}.fc2", experts.down, lambda down: down, quantization)
     return graph.op(
         "QMoE", tokens, logits,
-        graph.raw(f"{name}.fc1.codes", fc1[0]), graph.raw(f"{name}.fc1.scales", fc1[1]), "",
-        graph.raw(f"{name}.fc2.codes", fc2_codes), graph.raw(f"{name}.fc2.scales", fc2_scales * np.float32(experts.scale)),
+        fc1_codes, graph.raw(f"{name}.fc1.scales", fc1_scales), "",
+        fc2_codes, graph.raw(f"{name}.fc2.scales", fc2_scales * np.float32(experts.scale)),
         domain=CONTRIB_DOMAIN, expert_weight_bits=quantization.bits, block_size=quantization.block_size, **attributes,
     )
 
 
-def _quantized_stack(stack, transform, quantization: Quantization, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Packed codes [E, N, K * bits / 8] and block scales [E, N, K / block], quantized one expert at a time."""
-    codes = scales = None
-    for expert in range(len(stack)):
-        expert_codes, expert_scales = _quantized(transform(_float(stack[expert])), quantization, what)
-        packed = _pack(expert_codes, quantization.bits)
-        if codes is None:
-            codes = np.empty((len(stack), *packed.shape), np.uint8)
-            scales = np.empty((len(stack), *expert_scales.shape), np.float32)
-        codes[expert], scales[expert] = packed, expert_scales
-    return codes, scales
+def _quantized_stack(graph: Graph, name: str, stack, transform, quantization: Quantization) -> tuple[str, np.ndarray]:
+    """(the initializer of packed codes [E, N, K * bits / 8], block scales [E, N, K / block]), quantized and
+    written one expert at a time; the scales (1/16 of a float32 stack at most) are kept to be scaled."""
+    scales = []
+
+    def codes(expert: int) -> np.ndarray:
+        expert_codes, expert_scales = _quantized(transform(_float(stack[expert])), quantization, name)
+        scales.append(expert_scales)
+        return _pack(expert_codes, quantization.bits)
+
+    written = graph.raw_stack(f"{name}.codes", len(stack), codes)
+    return written, np.stack(scales)
 
 
 def _quantized(weight: np.ndarray, quantization: Quantization, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -175,12 +163,11 @@ def _plain(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedExp
     weighted = graph.op("Mul", one_hot, graph.op("Unsqueeze", top_values, graph.const([-1])))
     routing = graph.op("ReduceSum", weighted, graph.const([1]), keepdims=0)
     # every expert on every token: [T, H] @ [E, H, 2I] -> [E, T, 2I]
-    stored = graph.weight_dtype
-    gate_up = graph.op("MatMul", tokens, graph.weight(f"{name}.gate_up", _per_expert(experts.gate_up, np.transpose,
-                                                                                     stored)))
+    gate_up = graph.op("MatMul", tokens, graph.weight_stack(f"{name}.gate_up", count,
+                                                            lambda e: _float(experts.gate_up[e]).T))
     gate, up = graph.op("Split", gate_up, axis=-1, outputs=2)
     hidden = graph.op("Mul", graph.silu(gate), up)
-    down = _per_expert(experts.down, np.transpose, stored)
-    out = graph.op("MatMul", hidden, graph.weight(f"{name}.down", down))  # [E, T, H]
+    down = graph.weight_stack(f"{name}.down", count, lambda e: _float(experts.down[e]).T)
+    out = graph.op("MatMul", hidden, down)  # [E, T, H]
     per_expert = graph.op("Unsqueeze", graph.op("Transpose", routing, perm=[1, 0]), graph.const([-1]))  # [E, T, 1]
     return graph.op("ReduceSum", graph.op("Mul", out, per_expert), graph.const([0]), keepdims=0)
