@@ -252,6 +252,8 @@ def _compress(model: str | Path, recipe: Recipe, options: CompressOptions, event
     with stages("load", f"loading {model}" + (" (streamed)" if memory.streamed else "")):
         loader = load_streamed if memory.streamed else load
         lm = loader(model, memory.dtype, options.trust_remote_code, options.allow_nonfinite)
+        if memory.streamed:
+            lm.moeexport_stream.progress = events
         tokenizer = load_tokenizer(model, options.trust_remote_code)
     original = None  # the original's logits on the quality windows: the model itself need not be kept
     if options.measure_quality and not options.dry_run:
@@ -435,6 +437,8 @@ def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions 
     calibration = _calibration_source(memory, True, options, events)
     loader = load_streamed if memory.streamed else load
     lm = loader(model, memory.dtype, trust_remote_code, allow_nonfinite)
+    if memory.streamed:
+        lm.moeexport_stream.progress = events
     tokenizer = load_tokenizer(model, trust_remote_code)
     provider = statistics_provider(model, tokenizer, calibration, events)
     statistics = provider.statistics(lm, history=[])

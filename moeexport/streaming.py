@@ -84,6 +84,7 @@ class LayerStream:
         self.sources = _parameter_sources(model, self.headers)
         self.edits = [LayerEdit(index) for index in range(len(decoder_layers(self.adapter, model)))]
         self.layers_read = 0
+        self.progress = None  # an EventStream: every pass over the layers shows a bar with its ETA
 
     # -- the plain data passes update ----------------------------------------------------
 
@@ -102,9 +103,17 @@ class LayerStream:
     # -- reading ------------------------------------------------------------------------------
 
     def layer_views(self):
-        for index in range(len(self.edits)):
-            with self.layer(index) as view:
-                yield view
+        progress = self.progress
+        task = progress.add_task("decoder layers, read from disk", total=len(self.edits)) if progress else None
+        try:
+            for index in range(len(self.edits)):
+                with self.layer(index) as view:
+                    yield view
+                if progress:
+                    progress.advance(task)
+        finally:
+            if progress:
+                progress.remove_task(task)
 
     @contextmanager
     def layer(self, index: int):
