@@ -334,7 +334,7 @@ def _check_streamable(recipe: Recipe, options: CompressOptions, plan, observes: 
 
     why = f"streamed ({plan.describe()})"
     for step in recipe.steps:
-        if not PASSES[step.name].streams:
+        if not PASSES[step.name].streams(step.options):
             raise MoeExportError(f"{step.name} cannot run {why}: it needs whole expert weights in memory; raise "
                                  f"--max-memory to {plan.in_memory_bytes / 2**30:.0f}GiB or leave the pass out")
     if observes and options.calibration.source in (None, "model"):

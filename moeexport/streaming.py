@@ -41,6 +41,9 @@ class LayerEdit:
 
     source: int  # the layer's index in the checkpoint
     experts: tuple[int, ...] | None = None  # the routed experts it keeps, in order (None: all of them)
+    # functions of one float32 expert matrix [rows, columns] applied, in order, as it is read (a row-wise
+    # rounding such as the quantize pass's RTN, so a part of a matrix may be transformed alone)
+    transforms: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,10 @@ class LayerStream:
         edit = self.edits[layer]
         current = edit.experts if edit.experts is not None else tuple(range(self._source_experts(edit.source)))
         self.edits[layer] = replace(edit, experts=tuple(current[index] for index in keep))
+
+    def transform_experts(self, layer: int, transform) -> None:
+        edit = self.edits[layer]
+        self.edits[layer] = replace(edit, transforms=edit.transforms + (transform,))
 
     def _source_experts(self, layer: int) -> int:
         router = self._name(layer, f"{self.adapter.moe}.{self.adapter.router}.weight")
@@ -277,17 +284,21 @@ class ExpertStack:
 
 
 class _ExpertReader:
-    """Reads one kept expert of a streamed layer: slot -> the source expert it is."""
+    """Reads one kept expert of a streamed layer (slot -> the source expert it is), transformed as its edit says."""
 
-    def __init__(self, stream: LayerStream, name: str, experts: tuple[int, ...] | None, stored: bool = False):
-        self.stream, self.name, self.experts, self.stored = stream, name, experts, stored
+    def __init__(self, stream: LayerStream, name: str, edit: LayerEdit, stored: bool = False):
+        self.stream, self.name, self.edit, self.stored = stream, name, edit, stored
 
     def __call__(self, slot: int) -> torch.Tensor:
         return self.part(slot, None, 1)
 
     def part(self, slot: int, part: int | None, parts: int) -> torch.Tensor:
-        expert = self.experts[slot] if self.experts is not None else slot
-        return self.stream.expert_matrix(self.name, expert, part, parts, self.stored)
+        expert = self.edit.experts[slot] if self.edit.experts is not None else slot
+        transforms = self.edit.transforms
+        matrix = self.stream.expert_matrix(self.name, expert, part, parts, self.stored and not transforms)
+        for transform in transforms:  # in float32, and kept so: the result is not a stored value any more
+            matrix = transform(matrix.float())
+        return matrix
 
 
 class ExpertsOnDemand(nn.Module):
@@ -305,9 +316,8 @@ class ExpertsOnDemand(nn.Module):
         self.act_fn = experts.act_fn
         source = stream._name(edit.source, prefix)
         self.gate_up_proj = ExpertStack(experts.gate_up_proj.shape,
-                                        _ExpertReader(stream, source + "gate_up_proj", edit.experts, stored))
-        self.down_proj = ExpertStack(experts.down_proj.shape,
-                                     _ExpertReader(stream, source + "down_proj", edit.experts, stored))
+                                        _ExpertReader(stream, source + "gate_up_proj", edit, stored))
+        self.down_proj = ExpertStack(experts.down_proj.shape, _ExpertReader(stream, source + "down_proj", edit, stored))
 
     def stored(self) -> "ExpertsOnDemand":
         """The same experts read as the checkpoint stores them (for saving: lossless, and half a float32's size)."""

@@ -35,13 +35,16 @@ class PassOptions(BaseModel):
 class CompressionPass:
     name: ClassVar[str]
     Options: ClassVar[type[PassOptions]]
-    # True when `apply` only removes (blocks, sublayers, experts) through the surgery in
-    # adapters/base.py, which a streamed model records and replays as each layer is read.
-    streams: ClassVar[bool] = False
 
     def needs_statistics(self, options: PassOptions) -> bool:
         """Every selection is calibration-driven except the `score: random` control."""
         return getattr(options, "score", None) != "random"
+
+    def streams(self, options: PassOptions) -> bool:
+        """True when `apply` works on a streamed model (moeexport.streaming): it removes blocks, sublayers or
+        experts through the surgery in adapters/base.py, which the stream records, or it changes each expert
+        matrix on its own, which the stream applies as the expert is read."""
+        return False
 
     def needs_activations(self, options: PassOptions) -> bool:
         """True when `apply` needs the calibration tokens (see the module docstring)."""

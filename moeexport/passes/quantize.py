@@ -27,13 +27,16 @@ listed in the outcome.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import torch
 from pydantic import Field
 
+from moeexport.adapters import adapter_for
 from moeexport.errors import MoeExportError
-from moeexport.passes.slimming import ExpertSlimmingPass, SlimmingOptions, SlimmingPlan, inverse_hessian_factor, target_dtypes
+from moeexport.passes.slimming import (ExpertSlimmingPass, SlimmingOptions, SlimmingOutcome, SlimmingPlan,
+                                       inverse_hessian_factor, target_dtypes)
 from moeexport.quantization import GRID_ATTRIBUTE, WeightGrid, dequantize, group_scales, quantize_rtn, round_to_grid
 
 GPTQ_BLOCK = 128
@@ -118,8 +121,15 @@ class Quantize(ExpertSlimmingPass):
         codes, scales = quantize_rtn(weights, plan.settings["bits"], plan.settings["group_size"])
         return dequantize(codes, scales, plan.settings["group_size"])
 
+    def streams(self, options: QuantizeOptions) -> bool:
+        return options.method == "rtn" and not options.shared_experts  # rounding needs nothing but the expert
+
     def apply(self, model, plan: SlimmingPlan, tokens: torch.Tensor | None = None, progress=None) -> SlimmingPlan:
-        performed = super().apply(model, plan, tokens, progress)
+        stream = getattr(model, "moeexport_stream", None)
+        if stream is not None:
+            performed = self._apply_on_read(model, stream, plan)
+        else:
+            performed = super().apply(model, plan, tokens, progress)
         grid = WeightGrid(
             bits=plan.settings["bits"],
             group_size=plan.settings["group_size"],
@@ -129,3 +139,16 @@ class Quantize(ExpertSlimmingPass):
         setattr(model.config, GRID_ATTRIBUTE, grid.to_dict())  # the persisted form: config.json keeps it
         return performed
 
+
+    def _apply_on_read(self, model, stream, plan: SlimmingPlan) -> SlimmingPlan:
+        """A streamed model's experts are rounded onto the grid as each is read (the same rounding, expert by
+        expert: it works row by row). The outcome counts what is rewritten; zeros are not counted."""
+        adapter, matrices, weights = adapter_for(model.config), 0, 0
+        for layer in plan.layers:
+            experts = adapter.layer_view(model, layer).experts
+            stream.transform_experts(layer, lambda matrix: self.fallback_slim(matrix[None], plan)[0])
+            matrices += 2 * experts.gate_up_proj.shape[0]
+            weights += experts.gate_up_proj.numel() + experts.down_proj.numel()
+        outcome = SlimmingOutcome(tokens_seen={}, fallbacks=[], matrices=matrices, weights=weights, zeros=None,
+                                  output_error=None)
+        return replace(plan, outcome=outcome)

@@ -47,7 +47,7 @@ class SlimmingOutcome:
     fallbacks: list[dict]  # {"layer", "expert", "tokens"}: experts under min_tokens, slimmed by the fallback
     matrices: int  # weight matrices rewritten
     weights: int  # weights in them
-    zeros: int  # of those, weights that are zero afterwards
+    zeros: int | None  # of those, weights that are zero afterwards (None: streamed, rewritten as each is read)
     output_error: float | None  # mean ||dW X||^2 / ||W X||^2 over matrices with a full Gram matrix
 
 
@@ -70,7 +70,9 @@ class SlimmingPlan:
             return lines + ["the new weights are computed at apply time from the calibration activations"]
         out = self.outcome
         lines.append(
-            f"changed {out.matrices} weight matrices ({out.weights:,} weights; {out.zeros / max(out.weights, 1):.1%} zero)"
+            f"changed {out.matrices} weight matrices ({out.weights:,} weights; "
+            + ("rewritten as each expert is read from disk)" if out.zeros is None
+               else f"{out.zeros / max(out.weights, 1):.1%} zero)")
             + ("" if out.output_error is None else f"; mean relative output error {out.output_error:.4g}")
         )
         for layer, tokens in sorted(out.tokens_seen.items()):

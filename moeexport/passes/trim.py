@@ -88,7 +88,9 @@ class BlockDropPlan(_SimilarityDropPlan):
 class BlockDrop(CompressionPass):
     name = "block_drop"
     Options = BlockDropOptions
-    streams = True
+
+    def streams(self, options) -> bool:
+        return True
 
     def check(self, options: BlockDropOptions, layers: list[LayerSpec]) -> None:
         if options.n >= len(layers):
@@ -139,7 +141,9 @@ class LayerDropPlan(_SimilarityDropPlan):
 class LayerDrop(CompressionPass):
     name = "layer_drop"
     Options = LayerDropOptions
-    streams = True
+
+    def streams(self, options) -> bool:
+        return True
 
     def check(self, options: LayerDropOptions, layers: list[LayerSpec]) -> None:
         moe_layers = sum(spec.kind == "moe" for spec in layers)
@@ -204,7 +208,9 @@ class ExpertDropPlan:
 class ExpertDrop(CompressionPass):
     name = "expert_drop"
     Options = ExpertDropOptions
-    streams = True
+
+    def streams(self, options) -> bool:
+        return True
 
     def check(self, options: ExpertDropOptions, layers: list[LayerSpec]) -> None:
         if options.min_keep > options.keep:
