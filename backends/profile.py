@@ -13,7 +13,6 @@ torch process never hold their weights at the same time.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -64,10 +63,12 @@ def main() -> None:
         np.save(request["logits"], np.stack([runner.logits(window) for window in windows.tolist()]))
         print(json.dumps({"peak_rss_bytes": _peak_resident_bytes()}))
         return
-    before = _resident_bytes()
+    from moeexport.memory import resident_bytes
+
+    before = resident_bytes()
     runner = target.serving_runner(request["path"], request["context"])
     result = runner.profile(request["prompt"], request["new_tokens"])
-    result["runtime_rss_bytes"] = _resident_bytes() - before
+    result["runtime_rss_bytes"] = resident_bytes() - before
     result["peak_rss_bytes"] = _peak_resident_bytes()
     print(json.dumps(result))
 
@@ -81,14 +82,6 @@ def _peak_resident_bytes() -> int:
     from moeexport.memory import peak_resident_bytes
 
     return peak_resident_bytes() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def _resident_bytes() -> int:
-    """This process's resident memory now (Linux /proc; 0 where that is unavailable)."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def _expert_total(headers: dict) -> int:
 
 
 def peak_resident_bytes() -> int:
-    """This process's peak resident memory (VmHWM) since it started or since `reset_peak`; 0 where unknown."""
+    """This process's peak resident memory (VmHWM) since it started; 0 where unknown."""
     try:
         line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
         return int(line.split()[1]) * 1024
@@ -245,10 +245,56 @@ def peak_resident_bytes() -> int:
         return 0
 
 
-def reset_peak() -> bool:
-    """Start a new peak (Linux: writing 5 to /proc/self/clear_refs); False where the peak cannot be reset."""
+def resident_bytes() -> int:
+    """This process's resident memory now (0 where /proc is unavailable)."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+        import os
+
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+class StagePeaks:
+    """The peak resident memory of each stage of a run, without resetting the kernel's high-water mark
+    (which /usr/bin/time and a parent's wait4 report for the whole run): exact (VmHWM) when the stage set a
+    new high, else the largest of samples taken every `interval` seconds by a background thread."""
+
+    def __init__(self, interval: float = 0.05):
+        import threading
+
+        import weakref
+
+        self.interval, self._current, self._stop = interval, 0, threading.Event()
+        threading.Thread(target=_sample, args=(weakref.ref(self), self._stop, interval), daemon=True).start()
+        weakref.finalize(self, self._stop.set)  # a run that raised stops its sampler too
+
+    def measure(self):
+        """A context measuring one stage; its `peak` attribute holds the bytes afterwards."""
+        return _StagePeak(self)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _sample(peaks_ref, stop, interval: float) -> None:
+    while not stop.wait(interval):
+        peaks = peaks_ref()
+        if peaks is None:
+            return
+        peaks._current = max(peaks._current, resident_bytes())
+        del peaks
+
+
+class _StagePeak:
+    def __init__(self, peaks: StagePeaks):
+        self.peaks, self.peak = peaks, 0
+
+    def __enter__(self):
+        self.high = peak_resident_bytes()
+        self.peaks._current = resident_bytes()
+        return self
+
+    def __exit__(self, *exception) -> None:
+        high = peak_resident_bytes()
+        self.peak = high if high > self.high else max(self.peaks._current, resident_bytes())

@@ -174,22 +174,23 @@ class _Stages:
     announces it as an event."""
 
     def __init__(self, events: EventStream):
+        from moeexport.memory import StagePeaks
+
         self.events, self.seconds, self.peaks = events, {}, {}
         self._started = time.perf_counter()
+        self._memory = StagePeaks()
 
     @contextmanager
     def __call__(self, name: str, message: str):
-        from moeexport.memory import peak_resident_bytes, reset_peak
-
         self.events.stage(message)
         started = time.perf_counter()
-        reset = reset_peak()
-        yield
+        with self._memory.measure() as memory:
+            yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
-        if reset:
-            self.peaks[name] = max(self.peaks.get(name, 0), peak_resident_bytes())
+        self.peaks[name] = max(self.peaks.get(name, 0), memory.peak)
 
     def total(self) -> dict:
+        self._memory.close()
         return self.seconds | {"total": time.perf_counter() - self._started}
 
 
