@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from moeexport.errors import MoeExportError
+
+# torch is imported where it is used: a process that only runs an artifact (backends/profile.py) never loads it
 
 
 class TorchRunner:
@@ -25,26 +26,27 @@ class TorchRunner:
     def __init__(self, model):
         self.model = model
 
-    @torch.no_grad()
     def logits(self, token_ids) -> np.ndarray:
-        ids = torch.as_tensor(list(token_ids), dtype=torch.long)[None]
-        return self.window_logits(ids)[0]
+        return self.window_logits(np.asarray(list(token_ids), dtype=np.int64)[None])[0]
 
-    @torch.no_grad()
-    def window_logits(self, windows: torch.Tensor) -> np.ndarray:
+    def window_logits(self, windows) -> np.ndarray:
         """[N, L, vocab] float32 logits of windows [N, L]: one at a time in memory (the numbers every earlier
         build recorded), all together when streamed (each decoder layer is read from disk once)."""
+        import torch
+
         from moeexport import streaming
 
         windows = torch.as_tensor(windows, dtype=torch.long)
         if streaming.is_streamed(self.model):
             return streaming.logits(self.model, windows)
-        return np.stack([self.model(input_ids=window[None], use_cache=False).logits[0].float().numpy()
-                         for window in windows])
+        with torch.no_grad():
+            return np.stack([self.model(input_ids=window[None], use_cache=False).logits[0].float().numpy()
+                             for window in windows])
 
-    @torch.no_grad()
     def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[int]:
         """New token ids after `prompt`: greedy at temperature 0, else sampled from softmax(logits / T)."""
+        import torch
+
         from moeexport import streaming
 
         if streaming.is_streamed(self.model):
@@ -53,10 +55,11 @@ class TorchRunner:
         ids = torch.as_tensor(list(prompt), dtype=torch.long)[None]
         torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature else {}
-        out = self.model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-            do_sample=bool(temperature), pad_token_id=0, **sampling,
-        )
+        with torch.no_grad():
+            out = self.model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens, do_sample=bool(temperature), pad_token_id=0, **sampling,
+            )
         return out[0, ids.shape[1]:].tolist()
 
 
@@ -97,8 +100,10 @@ class Fidelity:
         return failed
 
 
-def compare(reference, artifact, windows: torch.Tensor, progress=None) -> Fidelity:
+def compare(reference, artifact, windows, progress=None) -> Fidelity:
     """Run both runners on every window [N, L] and compare their next-token distributions."""
+    import torch
+
     max_abs = kl = 0.0
     agree = count = 0
     reference_nll = artifact_nll = 0.0
@@ -141,7 +146,7 @@ class RecordedReference:
         """Run `runner` (e.g. TorchRunner) once on every window and keep its float32 logits."""
         windows = np.asarray(windows.tolist() if hasattr(windows, "tolist") else windows, dtype=np.int64)
         if hasattr(runner, "window_logits"):
-            logits = runner.window_logits(torch.from_numpy(windows)).astype(np.float32)
+            logits = runner.window_logits(windows).astype(np.float32)
         else:
             logits = np.stack([runner.logits(window) for window in windows.tolist()]).astype(np.float32)
         return cls(windows, logits, text)
@@ -182,6 +187,8 @@ def set_aside(path: Path) -> Path:
 def validate_artifact(reference, runner, windows, tolerance: Tolerance, artifact: Path, text: str = "",
                       runtime: str = "", progress=None, set_aside_failed: bool = True) -> Validation:
     """Compare `runner` with `reference` on `windows` [N, L]; an artifact that misses `tolerance` is set aside."""
+    import torch
+
     windows = torch.as_tensor(np.asarray(windows.tolist() if hasattr(windows, "tolist") else windows))
     fidelity = compare(reference, runner, windows, progress)
     failures = fidelity.failures(tolerance)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from moeexport.backends.gguf.architectures import ARCHITECTURES
 from moeexport.backends.gguf.runner import GGUFRunner
-from moeexport.backends.gguf.writer import LLAMA_FTYPES, QUANT_TYPES, TOLERANCES, GGUFExport, check, export
+from moeexport.backends.gguf.types import LLAMA_FTYPES, QUANT_TYPES, TOLERANCES
 from moeexport.backends.target import Artifact, ExportInputs, Target, TargetOptions
 
 EXTENSION = "gguf"
@@ -32,6 +32,8 @@ class GGUFTarget(Target):
         check(model, quant, options.tensor_types)
 
     def export(self, model, directory: Path, quant: str, options: GGUFOptions, inputs: ExportInputs) -> Artifact:
+        from moeexport.backends.gguf.writer import export
+
         written = export(model, directory / f"model-{quant}.gguf", quant=quant, tensor_types=options.tensor_types,
                          imatrix=inputs.imatrix, weight_grid=inputs.weight_grid)
         return Artifact(written.path, written.representation, written.fallbacks)
@@ -58,6 +60,21 @@ class GGUFTarget(Target):
 
 
 TARGET = GGUFTarget()
+
+
+def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None):
+    """backends/gguf/writer.py's check (the writer, and torch with it, is imported when first needed)."""
+    from moeexport.backends.gguf import writer
+
+    return writer.check(model, quant, tensor_types)
+
+
+def __getattr__(name: str):
+    if name in ("export", "GGUFExport"):  # the writer's, imported on first use
+        from moeexport.backends.gguf import writer
+
+        return getattr(writer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["ARCHITECTURES", "EXTENSION", "GGUFExport", "GGUFOptions", "GGUFRunner", "QUANT_TYPES", "Runner", "TARGET",
            "TOLERANCES", "check", "export"]

@@ -1,0 +1,28 @@
+"""The GGUF weight types this target writes, their llama.cpp file-type ids and their tolerances.
+
+Kept apart from the writer so that running a GGUF (the validation and profile processes) imports
+neither torch nor the writer.
+"""
+
+from __future__ import annotations
+
+from moeexport.validate import Tolerance
+
+# gguf-py quantizes these in numpy ...
+NUMPY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+# ... and llama.cpp's own quantizer (llama_model_quantize) writes the K-quant mixes, and any file with
+# per-tensor type overrides. Its llama_ftype ids:
+LLAMA_FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+LLAMA_CPP_TYPES = ("q4_k_m", "q5_k_m", "q6_k")
+QUANT_TYPES = NUMPY_TYPES + LLAMA_CPP_TYPES
+# what a build must reach against the torch reference (F32 KV cache, flash attention off)
+TOLERANCES = {
+    "f32": Tolerance(max_abs_logit=1e-3, top1_agreement=1.0),
+    "f16": Tolerance(max_abs_logit=5e-2),
+    "bf16": Tolerance(kl=1e-3),
+    "q8_0": Tolerance(kl=2e-3),
+    "q4_0": Tolerance(kl=2e-2),
+    "q4_k_m": Tolerance(kl=2e-2),
+    "q5_k_m": Tolerance(kl=5e-3),
+    "q6_k": Tolerance(kl=2e-3),
+}
