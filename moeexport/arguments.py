@@ -198,7 +198,8 @@ def _recipe_and_output(command: argparse.ArgumentParser) -> None:
     _memory_arguments(command)
     command.add_argument(
         "--eval-text", metavar="FILE",
-        help="held-out text for the quality and validation checks (default: text sampled from the model)",
+        help="held-out text for the quality and validation checks (default: text sampled from the model; "
+        "required above 1 B parameters and when streamed)",
     )
     command.add_argument("--no-eval", action="store_true", help="skip the quality check against the original")
     command.add_argument("--json", action="store_true", help="print the report as one JSON document (logs go to stderr)")
