@@ -69,10 +69,11 @@ def is_streamed(model) -> bool:
     return getattr(model, "moeexport_stream", None) is not None
 
 
-def outer(model):
-    """A context in which the model's embeddings, final norm and head are in memory (always, unless streamed)."""
+def outer(model, part: str = "all"):
+    """A context in which the model's embeddings ("input"), final norm and head ("output"), or all of them
+    are in memory (always, unless streamed: then only inside the context)."""
     stream = getattr(model, "moeexport_stream", None)
-    return stream.outer() if stream is not None else nullcontext()
+    return stream.outer(part) if stream is not None else nullcontext()
 
 
 class LayerStream:
@@ -163,30 +164,45 @@ class LayerStream:
         setattr(parent, attribute, type(getattr(parent, attribute))(config=self.model.config))
 
     @contextmanager
-    def outer(self):
-        """Everything that is not a decoder layer (embeddings, final norm, head) read in, and released after:
-        only the first and the last steps of a pass over the model need them."""
+    def outer(self, part: str = "all"):
+        """What is not a decoder layer read in, and released after: only the first and the last steps of a
+        pass over the model need it. `part`: "input" (the embeddings), "output" (final norm and head, with
+        the embeddings when the head is tied to them) or "all"."""
         layers = self.adapter.layers + "."
         tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
+        wanted = self._outer_modules(part, bool(tied))
         weights = {
             name: self._read(name, meta.shape)
             for name, meta in self.model.state_dict(keep_vars=True).items()
             if not name.startswith(layers) and not (name in tied and name not in self.sources)
+            and (wanted is None or name.rpartition(".")[0] in wanted)
         }
         self.model.load_state_dict(weights, assign=True, strict=False)
         self.model.tie_weights()
         del weights
         owners = [module for name, module in self.model.named_modules()
-                  if not (name + ".").startswith(layers) and any(True for _ in module.parameters(recurse=False))]
+                  if not (name + ".").startswith(layers) and any(True for _ in module.parameters(recurse=False))
+                  and (wanted is None or name in wanted)]
         try:
             for name, tensor in (*self.model.named_parameters(), *self.model.named_buffers()):
-                if not name.startswith(layers) and tensor.is_meta:
+                if not name.startswith(layers) and tensor.is_meta and (wanted is None or
+                                                                       name.rpartition(".")[0] in wanted):
                     raise MoeExportError(f"streaming cannot fill {name} of {self.model.config.model_type}: it is "
                                          "neither in the checkpoint nor computed; build without streaming")
             yield
         finally:
             for module in owners:
                 module.to("meta")
+
+    def _outer_modules(self, part: str, tied: bool) -> set[str] | None:
+        """The module names `outer(part)` reads (None: every one outside the layers)."""
+        if part == "all":
+            return None
+        embeddings = {self.adapter.embeddings}
+        if part == "input":
+            return embeddings
+        head = child_name(self.model, self.model.get_output_embeddings())
+        return {self.adapter.final_norm, head} | (embeddings if tied else set())
 
     def _name(self, layer: int, name: str) -> str:
         return f"{self.adapter.layers}.{layer}.{name}"
@@ -412,7 +428,7 @@ def first_layer_inputs(model, input_ids: torch.Tensor):
 
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        with outer(model):
+        with outer(model, "input"):
             model(input_ids=input_ids, use_cache=False)
     except _StopForward:
         pass
@@ -434,5 +450,8 @@ def logits(model, windows: torch.Tensor, batch_size: int = 8) -> np.ndarray:
     for view in layer_views(model):
         hidden = [run_layer(view.module, h, kwargs) for h, (_, kwargs) in zip(hidden, batches)]
     around = adapter_for(model.config).model_view(model)
-    with outer(model):
-        return np.concatenate([around.output(around.final_norm(h)).float().numpy() for h in hidden])
+    out = np.empty((*windows.shape, model.config.vocab_size), np.float32)  # filled batch by batch: no copies
+    with outer(model, "output"):
+        for start, h in zip(range(0, len(windows), batch_size), hidden):
+            out[start:start + len(h)] = around.output(around.final_norm(h)).float().numpy()
+    return out

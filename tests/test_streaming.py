@@ -46,6 +46,13 @@ def test_a_streamed_model_computes_the_in_memory_models_logits_bit_for_bit(famil
     assert streamed.moeexport_stream.layers_read == model.config.num_hidden_layers
 
 
+def test_a_streamed_model_with_a_head_tied_to_its_embeddings_reads_them_for_the_head(tmp_path):
+    tiny_model("qwen3_moe", tie_word_embeddings=True).save_pretrained(tmp_path)
+    tokens = random_tokens(2, 16)
+    expected = load(tmp_path)(input_ids=tokens, use_cache=False).logits.numpy()
+    assert np.array_equal(logits(load_streamed(tmp_path), tokens), expected)
+
+
 def test_a_streamed_layer_reads_only_the_experts_it_keeps(tmp_path):
     from moeexport.adapters import adapter_for
     from moeexport.adapters.base import keep_experts

@@ -575,7 +575,7 @@ def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
     config, adapter, names = plan.config, adapter_for(model.config), tensors.names
     around = adapter.model_view(model)
     reads = tensors.writing and not tensors.proxy  # the header pass and a proxy need shapes only
-    with outer(model) if reads else nullcontext():
+    with outer(model, "input") if reads else nullcontext():
         tensors.add(names("TOKEN_EMBD"), around.embeddings.weight, keep_f32=tensors.quant in ("f16", "bf16"))
     for view in views:
         index, name = view.index, names.block(view.index)
@@ -596,7 +596,7 @@ def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
             _write_silent_moe(tensors, name, config.hidden_size, plan)
             continue
         _write_moe(tensors, name, view, plan)
-    with outer(model) if reads else nullcontext():
+    with outer(model, "output") if reads else nullcontext():
         tensors.add(names("OUTPUT_NORM"), around.final_norm.weight)
         tensors.add(names("OUTPUT"), around.output.weight)
 

@@ -61,7 +61,7 @@ def build_decoder(model, graph: Graph, lowering: str, quantization: Quantization
     attention_mask = graph.input("attention_mask", TensorProto.INT64, [batch, total])
     position_ids = graph.input("position_ids", TensorProto.INT64, [batch, sequence])
 
-    with outer(model):  # a streamed model reads its embeddings and head for the first and last steps only
+    with outer(model, "input"):  # a streamed model reads its embeddings and head for the first and last steps only
         h = graph.op("Gather", graph.weight("embed_tokens.weight", around.embeddings.weight.float().numpy()), input_ids)
     cos, sin = _rope_tables(graph, around.rotary_embedding, position_ids, context)
     mask = _additive_mask(graph, input_ids, attention_mask)
@@ -89,7 +89,7 @@ def build_decoder(model, graph: Graph, lowering: str, quantization: Quantization
         for part in _moe_parts(graph, x, prefix, view, config, lowering, quantization):
             h = graph.op("Add", h, part)
 
-    with outer(model):
+    with outer(model, "output"):
         h = graph.rms_norm(h, "final_norm", around.final_norm.weight, eps)
         logits = graph.linear(h, "lm_head", around.output.weight)
     graph.output(logits, "logits", TensorProto.FLOAT, [batch, sequence, config.vocab_size])
