@@ -22,6 +22,7 @@ RUNTIME = int(0.8 * GIB)
 IN_MEMORY_FACTOR = 2.1
 DEFAULT_FRACTION = 0.75  # of the memory available when the run starts
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors' names -> torch's
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12,
           "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 # every supported family numbers its decoder layers `...layers.N.` in checkpoint tensor names
@@ -122,14 +123,24 @@ def checkpoint_sizes(headers: dict) -> tuple[dict[int, LayerSize], int]:
     return layers, outer
 
 
+def stored_dtype(headers: dict) -> str:
+    """The floating-point dtype most of a checkpoint's weights are stored in, from its headers."""
+    stored: dict[str, int] = {}
+    for shape, dtype, _ in headers.values():
+        stored[dtype] = stored.get(dtype, 0) + math.prod(shape)
+    return _DTYPE_NAMES.get(max(stored, key=stored.get), "float32") if stored else "float32"
+
+
 def plan(headers: dict, hidden_size: int, vocab_size: int, budget: int, workload: Workload,
-         stream: bool | None = None, dtype: str = "auto", storage_dtype: str = "float32") -> MemoryPlan:
+         stream: bool | None = None, dtype: str = "auto", storage_dtype: str | None = None) -> MemoryPlan:
     """Choose in-memory or streamed and the compute dtype, or refuse (MoeExportError) when neither fits `budget`.
 
     `stream` None: in memory when the whole model fits, else streamed. `dtype` "auto":
     float32 when it fits, else the checkpoint's own storage dtype (bf16 weights computed
-    in bf16, accumulating in float32 inside the matrix products).
+    in bf16, accumulating in float32 inside the matrix products); `storage_dtype` None: read
+    from the headers.
     """
+    storage_dtype = storage_dtype or stored_dtype(headers)
     per_layer, outer = checkpoint_sizes(headers)
     total = outer + sum(size.resident for size in per_layer.values()) + _expert_total(headers)
     layer, size = _largest(per_layer) if per_layer else (0, LayerSize(0, 0))
@@ -190,8 +201,7 @@ def refuse_early(model: str, budget: int) -> None:
     if not per_layer:
         return
     layer, size = _largest(per_layer)
-    compute = min(({"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(dtype, "float32")
-                   for _, dtype, _ in headers.values()), key=DTYPE_BYTES.get)
+    compute = min((_DTYPE_NAMES.get(dtype, "float32") for _, dtype, _ in headers.values()), key=DTYPE_BYTES.get)
     need = _streamed_bytes(size, outer, compute)
     if need > budget:
         raise MoeExportError(_does_not_fit(budget, need, layer, size, outer, compute))

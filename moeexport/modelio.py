@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import shutil
 from dataclasses import asdict
@@ -417,16 +416,6 @@ def load_streamed(model: str | Path, dtype: str = "float32", trust_remote_code: 
     lm.moeexport_stream = LayerStream(lm, weight_files(model_dir, manifest), DTYPES[dtype], not allow_nonfinite)
     lm.moeexport_stream.rebuild_rotary()
     return lm
-
-
-def checkpoint_dtype(model: str | Path) -> str:
-    """The floating-point dtype most of a checkpoint's weight bytes are stored in (headers only)."""
-    model_dir = resolve_model_dir(model)
-    stored: dict[str, int] = {}
-    for shape, dtype, _ in read_headers(weight_files(model_dir, read_manifest(model_dir))).values():
-        stored[dtype] = stored.get(dtype, 0) + math.prod(shape)
-    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-    return names.get(max(stored, key=stored.get), "float32") if stored else "float32"
 
 
 def _load_stock_checkpoint(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:

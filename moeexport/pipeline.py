@@ -300,8 +300,7 @@ def memory_plan(model: str | Path, recipe: Recipe, options: CompressOptions, val
     dtype. Reads only config.json and the weight headers; refuses, before any work, what cannot fit or stream.
     `observes`: the run observes the calibration set (default: when a pass of `recipe` needs statistics)."""
     from moeexport import memory
-    from moeexport.modelio import (checkpoint_dtype, read_config, read_headers, read_manifest, resolve_model_dir,
-                                   weight_files)
+    from moeexport.modelio import read_config, read_headers, read_manifest, resolve_model_dir, weight_files
 
     model_dir = resolve_model_dir(model)
     config = read_config(model_dir, options.trust_remote_code)  # an unsupported model stops here, by name
@@ -312,7 +311,7 @@ def memory_plan(model: str | Path, recipe: Recipe, options: CompressOptions, val
                                calibration.max_block_window, quality + validation_windows[0] * validation_windows[1])
     budget = options.max_memory or memory.default_budget()
     plan = memory.plan(read_headers(weight_files(model_dir, read_manifest(model_dir))), config.hidden_size,
-                       config.vocab_size, budget, workload, options.stream, options.dtype, checkpoint_dtype(model_dir))
+                       config.vocab_size, budget, workload, options.stream, options.dtype)
     if plan.streamed:
         _check_streamable(recipe, options, plan, observes)
     return plan
