@@ -89,6 +89,7 @@ class LayerStream:
         self.edits = [LayerEdit(index) for index in range(len(decoder_layers(self.adapter, model)))]
         self.layers_read = 0
         self.progress = None  # an EventStream: every pass over the layers shows a bar with its ETA
+        self._found_finite: set = set()  # what was read and checked finite already (a pass reads it again)
 
     # -- the plain data passes update ----------------------------------------------------
 
@@ -146,10 +147,11 @@ class LayerStream:
             setattr(view.ffn, self.adapter.experts, ExpertsOnDemand(self, view.experts, edit, experts_prefix))
         try:
             _require_loaded(module, f"layer {index}")
-            if self.check_finite:
+            if self.check_finite and ("layer", edit.source) not in self._found_finite:
                 from moeexport.modelio import check_finite
 
                 check_finite(module, Path(self.model.config.name_or_path or "."), prefix=f"layer {index}: ")
+                self._found_finite.add(("layer", edit.source))
             self.layers_read += 1
             yield self.adapter.layer_view(self.model, index)
         finally:
@@ -234,6 +236,7 @@ class LayerStream:
                       stored: bool = False) -> torch.Tensor:
         """Expert `expert`'s matrix of the stacked parameter `name` (the model's name, source layer), or only
         its `part` of `parts` row blocks (gate or up of gate_up_proj); in the compute dtype, or as `stored`."""
+        read = (name, expert, part, parts)
         pieces = self.sources[name]
         if pieces[0].expert is None:  # stored stacked, as the model names it: slice the one expert out
             with safe_open(self.headers[pieces[0].key][2], "pt") as handle:
@@ -249,10 +252,12 @@ class LayerStream:
         if part is not None:
             rows = matrix.shape[0] // parts
             matrix = matrix[part * rows:(part + 1) * rows]
-        low, high = torch.aminmax(matrix) if self.check_finite else (torch.zeros(()), torch.zeros(()))
-        if not (torch.isfinite(low) and torch.isfinite(high)):
-            raise MoeExportError(f"{self.model.config.name_or_path}: {name} of expert {expert} has non-finite values "
-                                 "(NaN or Inf): the checkpoint is corrupt; fetch it again (or pass --allow-nonfinite)")
+        if self.check_finite and read not in self._found_finite:
+            if not all(torch.isfinite(bound) for bound in torch.aminmax(matrix)):
+                raise MoeExportError(f"{self.model.config.name_or_path}: {name} of expert {expert} has non-finite "
+                                     "values (NaN or Inf): the checkpoint is corrupt; fetch it again (or pass "
+                                     "--allow-nonfinite)")
+            self._found_finite.add(read)
         return matrix if stored else matrix.to(self.dtype)
 
     def _tensor(self, key: str) -> torch.Tensor:

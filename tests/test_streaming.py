@@ -53,6 +53,19 @@ def test_a_streamed_model_with_a_head_tied_to_its_embeddings_reads_them_for_the_
     assert np.array_equal(logits(load_streamed(tmp_path), tokens), expected)
 
 
+@pytest.mark.parametrize("where", ["model.layers.1.mlp.experts.down_proj", "model.layers.1.self_attn.q_proj.weight"])
+def test_a_streamed_model_refuses_non_finite_weights_when_it_reads_them(where, tmp_path):
+    model = tiny_model("mixtral")
+    with torch.no_grad():
+        model.get_parameter(where).view(-1)[7] = float("nan")
+    model.save_pretrained(tmp_path)
+    tokens = random_tokens(2, 8)
+    for _ in range(2):  # checked once, and still refused when read again
+        with pytest.raises(MoeExportError, match="non-finite"):
+            logits(load_streamed(tmp_path), tokens)
+    assert logits(load_streamed(tmp_path, allow_nonfinite=True), tokens).shape == (2, 8, 128)  # let through
+
+
 def test_a_streamed_layer_reads_only_the_experts_it_keeps(tmp_path):
     from moeexport.adapters import adapter_for
     from moeexport.adapters.base import keep_experts
