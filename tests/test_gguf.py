@@ -460,7 +460,7 @@ def test_llama_cpp_mixes_are_written_tensor_for_tensor_as_llama_model_quantize_w
     ours, whole = tmp_path / "ours.gguf", tmp_path / "f32.gguf"
     gguf_backend.export(model, ours, quant, tensor_types=tensor_types)
     gguf_backend.export(model, whole, "f32")
-    _llama_cpp_quantize(whole, tmp_path / "llama.gguf", LLAMA_FTYPES[quant], _ggml_types(gguf, tensor_types or {}), {})
+    _llama_cpp_quantize(whole, tmp_path / "llama.gguf", LLAMA_FTYPES[quant], _ggml_types(gguf, tensor_types or {}))
     expected = {t.name: t for t in gguf.GGUFReader(tmp_path / "llama.gguf").tensors}
     written = {t.name: t for t in gguf.GGUFReader(ours).tensors}
     assert written.keys() == expected.keys()

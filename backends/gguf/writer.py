@@ -38,7 +38,6 @@ the adapter's views (moeexport.adapters.views).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
@@ -190,7 +189,7 @@ def export(
             types = ggml.tensor_types(
                 lambda proxy: _write_file(gguf, proxy, model, plan, "f32", representation,
                                           {"fallbacks": [], "proxy": True}),
-                lambda source, target: _llama_cpp_quantize(source, target, LLAMA_FTYPES[quant], overrides, {}))
+                lambda source, target: _llama_cpp_quantize(source, target, LLAMA_FTYPES[quant], overrides))
             _write_file(gguf, partial, model, plan, quant, representation,
                         {"fallbacks": result.fallbacks, "types": types, "importance": importance})
             result.fallbacks += _types_other_than_asked(gguf, partial, quant, overrides)
@@ -308,9 +307,9 @@ def _importance(gguf, moments, plan: _Plan, fallbacks: list[str]) -> dict[str, n
     return {name: value.float().numpy() for name, value in importance.items()}
 
 
-def _llama_cpp_quantize(
-    source: Path, target: Path, llama_ftype: int, overrides: dict[str, int], importance: dict[str, np.ndarray]
-) -> None:
+def _llama_cpp_quantize(source: Path, target: Path, llama_ftype: int, overrides: dict[str, int]) -> None:
+    """llama.cpp's quantizer on a whole file: here the proxy, to learn the types it chooses (backends/gguf/ggml.py;
+    an importance matrix weighs its rounding, not its choice of types)."""
     try:
         import llama_cpp
     except ImportError:
@@ -325,14 +324,6 @@ def _llama_cpp_quantize(
     table = (llama_cpp.llama_model_tensor_override * (len(entries) + 1))(*entries)  # null-terminated
     if entries:
         params.tt_overrides = table
-    arrays = {name: np.ascontiguousarray(values, np.float32) for name, values in importance.items()}  # kept alive
-    rows = [
-        llama_cpp.llama_model_imatrix_data(name.encode(), values.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), values.size)
-        for name, values in arrays.items()
-    ]
-    imatrix_table = (llama_cpp.llama_model_imatrix_data * (len(rows) + 1))(*rows)  # null-terminated
-    if rows:
-        params.imatrix = imatrix_table
     with suppress_stdout_stderr(disable=False):
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
     if status != 0:
