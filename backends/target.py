@@ -72,11 +72,16 @@ class Target(ABC):
                 raise MoeExportError(f"{option} is not an option of the {self.name} target (its options: {own})") from None
             raise MoeExportError(f"{option}: {problem['msg'].removeprefix('Value error, ')}") from None
 
+    def default_quant(self, model) -> str:
+        """The weight type a build of MODEL gets without --quant."""
+        return "f32"
+
     def check_quant(self, quant: str) -> None:
         if quant not in self.quant_types:
             raise MoeExportError(f"--quant {quant} is not a {self.name} type; choose one of {', '.join(self.quant_types)}")
 
-    def tolerance(self, quant: str) -> Tolerance:
+    def tolerance(self, quant: str, model=None) -> Tolerance:
+        """What an artifact of weight type `quant` (built from MODEL) must reach against the torch model."""
         return self.tolerances[quant]
 
     def quant_of(self, path: Path) -> str | None:

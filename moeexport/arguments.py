@@ -60,7 +60,7 @@ def _calibration_arguments() -> argparse.ArgumentParser:
 
 def _model_arguments() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("model", metavar="MODEL", help="checkpoint directory, or 'demo'")
+    parent.add_argument("model", metavar="MODEL", help="checkpoint directory, a MoE .gguf file, or 'demo'")
     parent.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="compute dtype (default auto: float32, or the checkpoint's bf16/f16 when a streamed "
                         "run only fits --max-memory that way)")
@@ -119,9 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_and_output(build)
     build.add_argument("--target", required=True, choices=["gguf", "onnx", "tensorrt"], help="deployment target")
     build.add_argument(
-        "--quant", default="f32",
-        help="weight type (gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k; onnx: f32, f16, and int8 / int4 "
-        "experts in QMoE nodes; tensorrt: f32, f16 ONNX weights, the engine precision is trt-build's; default f32)",
+        "--quant", default=None,
+        help="weight type (gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k, or keep: a .gguf MODEL's own "
+        "tensors carried byte for byte; onnx: f32, f16, and int8 / int4 experts in QMoE nodes; tensorrt: f32, "
+        "f16 ONNX weights, the engine precision is trt-build's; default f32, and keep for a .gguf MODEL built to "
+        "gguf)",
     )
     build.add_argument(
         "--tensor-type", action="append", default=[], metavar="PATTERN=TYPE",

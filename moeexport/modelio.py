@@ -68,8 +68,12 @@ TOKENIZER_FILES = (
 
 
 def resolve_model_dir(model: str | Path) -> Path:
-    """`demo` names the bundled demo model; anything else is a checkpoint directory."""
+    """`demo` names the bundled demo model; a `.gguf` file is itself; anything else is a checkpoint directory."""
     path = DEMO_MODEL if str(model) == "demo" else Path(model)
+    if is_gguf(path):
+        if not path.is_file():
+            raise MoeExportError(f"GGUF file {str(model)!r} does not exist")
+        return path
     if not path.is_dir():
         raise MoeExportError(f"model directory {str(model)!r} does not exist (give a checkpoint directory or 'demo')")
     if not (path / "config.json").is_file():
@@ -79,9 +83,11 @@ def resolve_model_dir(model: str | Path) -> Path:
 
 def read_config(model_dir: Path, trust_remote_code: bool = False):
     """The HF config, after checking that transformers and moeexport both know the model_type
-    and that the values that size the MoE make sense."""
+    and that the values that size the MoE make sense (of a GGUF: from its metadata)."""
     from transformers import CONFIG_MAPPING, AutoConfig
 
+    if is_gguf(model_dir):
+        return gguf_reader().read_config(model_dir)
     path = model_dir / "config.json"
     try:
         raw = json.loads(path.read_bytes())
@@ -104,6 +110,17 @@ def read_config(model_dir: Path, trust_remote_code: bool = False):
     adapter = adapter_for(config)  # unsupported or dense families stop here, before any weight is read
     _check_config_values(config, adapter, path, compressed=(model_dir / MANIFEST).is_file())
     return config
+
+
+def is_gguf(model: str | Path) -> bool:
+    return str(model).endswith(".gguf")
+
+
+def gguf_reader():
+    """backends/gguf/reader.py: a GGUF as a model (imported when a .gguf is given)."""
+    from moeexport.backends.gguf import reader
+
+    return reader
 
 
 def _one_line(error: BaseException) -> str:
@@ -199,6 +216,16 @@ def _index_shards(index: Path) -> list[Path]:
         if not (index.parent / shard).is_file():
             raise MoeExportError(f"{index} names shard {shard}, which is not in {index.parent}: the copy is incomplete")
     return [index.parent / shard for shard in shards]
+
+
+def weight_headers(model_dir: Path, config) -> dict:
+    """name -> (shape, dtype, file) of the weights loading reads, from headers alone; a GGUF's under the
+    model's parameter names, as the float32 values it is dequantized to."""
+    if not is_gguf(model_dir):
+        return read_headers(weight_files(model_dir, read_manifest(model_dir)))
+    reader = gguf_reader()
+    file = reader.GGUFFile(model_dir)
+    return reader.GGUFCheckpoint(skeleton(config, "float32", layers=reader.layer_specs(file)), file).headers()
 
 
 def _check_safetensors_file(path: Path) -> None:
@@ -330,6 +357,8 @@ def fingerprint(model_dir: Path) -> str:
     0.6 s per GiB; a file of DIGEST_MEMO_BYTES or more has its digest remembered in the
     cache by (device, inode, size, mtime, ctime), which any write to the file changes.
     """
+    if is_gguf(model_dir):
+        return file_sha256(model_dir)[:16]
     manifest = read_manifest(model_dir)
     files = [model_dir / "config.json", model_dir / MANIFEST, model_dir / SAFE_INDEX]
     files += [model_dir / name for name in TOKENIZER_FILES] + weight_files(model_dir, manifest)
@@ -373,6 +402,8 @@ def load(model: str | Path, dtype: str = "float32", trust_remote_code: bool = Fa
     `dtype` "auto" is float32 (a streamed run may choose the checkpoint's dtype; see moeexport.memory).
     """
     dtype = "float32" if dtype == "auto" else dtype
+    if is_gguf(model):
+        return _materialized(load_streamed(model, dtype, trust_remote_code, allow_nonfinite))
     model_dir, config, manifest = _checked(model, dtype, trust_remote_code)
     if manifest and not manifest["stock_loadable"]:
         lm = _load_manifest_checkpoint(model_dir, config, manifest, DTYPES[dtype])
@@ -399,22 +430,64 @@ def _checked(model: str | Path, dtype: str, trust_remote_code: bool) -> tuple[Pa
 def load_streamed(model: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
                   allow_nonfinite: bool = False) -> nn.Module:
     """`load`'s model without its decoder layers in memory: each is read from disk when it is walked
-    (moeexport.streaming). Checked like `load`; the finite check runs on each layer as it is read."""
+    (moeexport.streaming). Checked like `load`; the finite check runs on each layer as it is read.
+    A GGUF's layers are read from the file and dequantized (backends/gguf/reader.py)."""
+    from moeexport.streaming import LayerStream, SafetensorsCheckpoint
+
+    if is_gguf(model):
+        reader = gguf_reader()
+        file = reader.GGUFFile(resolve_model_dir(model))
+        lm = skeleton(reader.read_config(file), dtype, trust_remote_code, reader.layer_specs(file))
+        checkpoint = reader.GGUFCheckpoint(lm, file)
+    else:
+        model_dir, config, manifest = _checked(model, dtype, trust_remote_code)
+        layers = [LayerSpec(**layer) for layer in manifest["layers"]] if manifest and not manifest["stock_loadable"] \
+            else None
+        lm = skeleton(config, dtype, trust_remote_code, layers)
+        checkpoint = SafetensorsCheckpoint(lm, weight_files(model_dir, manifest))
+    lm.moeexport_stream = LayerStream(lm, checkpoint, DTYPES[dtype], not allow_nonfinite)
+    lm.moeexport_stream.rebuild_rotary()
+    return lm
+
+
+def skeleton(config, dtype: str, trust_remote_code: bool = False, layers: list[LayerSpec] | None = None) -> nn.Module:
+    """The model `config` builds, on the meta device (no weights), reshaped to `layers` when given."""
     from transformers import AutoModelForCausalLM
 
-    from moeexport.streaming import LayerStream
-
-    model_dir, config, manifest = _checked(model, dtype, trust_remote_code)
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
                                               experts_implementation=EXPERTS_IMPLEMENTATION)
-    if manifest and not manifest["stock_loadable"]:
-        apply_structure(lm, [LayerSpec(**layer) for layer in manifest["layers"]])
-    lm.config.name_or_path = str(model_dir)
+    if layers is not None:
+        apply_structure(lm, layers)
+    lm.config.name_or_path = config.name_or_path
     lm.eval()
     lm.requires_grad_(False)
-    lm.moeexport_stream = LayerStream(lm, weight_files(model_dir, manifest), DTYPES[dtype], not allow_nonfinite)
-    lm.moeexport_stream.rebuild_rotary()
+    return lm
+
+
+def _materialized(lm: nn.Module) -> nn.Module:
+    """A streamed model with every weight read into memory, and its stream detached: an ordinary model."""
+    from moeexport import streaming
+
+    weights = {}
+    with streaming.outer(lm):
+        weights |= {name: tensor.clone() for name, tensor in lm.state_dict().items()
+                    if not name.startswith(adapter_for(lm.config).layers + ".")}
+    layers = streaming.layer_views(lm)
+    for view in layers:
+        prefix = f"{adapter_for(lm.config).layers}.{view.index}."
+        weights |= {prefix + name: tensor.clone() for name, tensor in view.module.state_dict().items()}
+        if view.experts is not None:
+            stem = prefix + streaming.child_name(view.module, view.experts) + "."
+            for stack in ("gate_up_proj", "down_proj"):
+                on_demand = getattr(view.experts, stack)
+                weights[stem + stack] = torch.stack([on_demand[e] for e in range(len(on_demand))])
+    del lm.moeexport_stream
+    lm.load_state_dict(weights, assign=True, strict=False)
+    lm.tie_weights()
+    for name, tensor in (*lm.named_parameters(), *lm.named_buffers()):
+        if tensor.is_meta:
+            raise MoeExportError(f"the GGUF left {name} unread: this is a bug in moeexport's GGUF reader")
     return lm
 
 
@@ -474,6 +547,8 @@ def load_tokenizer(model: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     model_dir = resolve_model_dir(model)
+    if is_gguf(model_dir):
+        return gguf_reader().load_tokenizer(model_dir)
     try:
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:

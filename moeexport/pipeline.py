@@ -74,7 +74,7 @@ class CompressOptions:
 
 @dataclass(frozen=True)
 class BuildOptions(CompressOptions):
-    quant: str = "f32"
+    quant: str | None = None  # None: the target's default for MODEL (f32; a GGUF input to GGUF keeps its types)
     target_options: dict = field(default_factory=dict)  # validated by the target (its Options model)
     validation_windows: tuple[int, int] = VALIDATION_WINDOWS  # (count, tokens) compared with the torch model
     profile: bool = True  # measure speed and memory in a fresh process (benchmarks that time runs themselves skip it)
@@ -300,20 +300,25 @@ def memory_plan(model: str | Path, recipe: Recipe, options: CompressOptions, val
     dtype. Reads only config.json and the weight headers; refuses, before any work, what cannot fit or stream.
     `observes`: the run observes the calibration set (default: when a pass of `recipe` needs statistics)."""
     from moeexport import memory
-    from moeexport.modelio import read_config, read_headers, read_manifest, resolve_model_dir, weight_files
+    from moeexport.modelio import is_gguf, read_config, resolve_model_dir, weight_headers
 
     model_dir = resolve_model_dir(model)
     config = read_config(model_dir, options.trust_remote_code)  # an unsupported model stops here, by name
+    stream = options.stream
+    if is_gguf(model_dir):  # streamed always: the stream's record of each layer is what carries its codes
+        if stream is False:
+            raise MoeExportError(f"{model_dir} is a GGUF, which is always read one layer at a time: drop --no-stream")
+        stream = True
     calibration = options.calibration
     observes = _observes(recipe) if observes is None else observes
     quality = QUALITY_WINDOWS[0] * QUALITY_WINDOWS[1] * 2 if options.measure_quality else 0
     workload = memory.Workload(calibration.samples * calibration.length if observes else 0,
                                calibration.max_block_window, quality + validation_windows[0] * validation_windows[1])
     budget = options.max_memory or memory.default_budget()
-    plan = memory.plan(read_headers(weight_files(model_dir, read_manifest(model_dir))), config.hidden_size,
-                       config.vocab_size, budget, workload, options.stream, options.dtype)
+    plan = memory.plan(weight_headers(model_dir, config), config.hidden_size, config.vocab_size, budget, workload,
+                       stream, options.dtype)
     if plan.streamed:
-        _check_streamable(recipe, options, plan, observes)
+        _check_streamable(recipe, options, plan, observes, gguf=is_gguf(model_dir))
     return plan
 
 
@@ -328,15 +333,17 @@ def _needs_held_out(options: CompressOptions) -> bool:
     return not options.dry_run and (options.measure_quality or isinstance(options, BuildOptions))
 
 
-def _check_streamable(recipe: Recipe, options: CompressOptions, plan, observes: bool) -> None:
+def _check_streamable(recipe: Recipe, options: CompressOptions, plan, observes: bool, gguf: bool = False) -> None:
     """What a streamed run cannot do, refused by name before any work."""
     from moeexport.passes import PASSES
 
     why = f"streamed ({plan.describe()})"
     for step in recipe.steps:
         if not PASSES[step.name].streams(step.options):
-            raise MoeExportError(f"{step.name} cannot run {why}: it needs whole expert weights in memory; raise "
-                                 f"--max-memory to {plan.in_memory_bytes / 2**30:.0f}GiB or leave the pass out")
+            instead = ("compress the model's safetensors checkpoint instead" if gguf else
+                       f"raise --max-memory to {plan.in_memory_bytes / 2**30:.0f}GiB")
+            raise MoeExportError(f"{step.name} cannot run {why}: it needs whole expert weights in memory; "
+                                 f"{instead}, or leave the pass out")
     if observes and options.calibration.source in (None, "model"):
         raise MoeExportError(f"observing calibration text needs a file when a model runs {why}: it cannot sample "
                              "its own; pass --calib FILE (a .txt or .jsonl file)")
@@ -515,6 +522,7 @@ def build(model: str | Path, recipe: str | Path | Recipe | dict, target: str, op
 
     chosen = target_for(target)  # before any work: nothing is compressed for options the target refuses
     target_options = chosen.options(options.target_options)
+    options = replace(options, quant=options.quant or chosen.default_quant(model))
     chosen.check_quant(options.quant)
     recipe = _recipe(recipe)
     memory = memory_plan(model, recipe, options, options.validation_windows)
@@ -529,7 +537,7 @@ def build(model: str | Path, recipe: str | Path | Recipe | dict, target: str, op
 def _build(model, recipe: Recipe, chosen, target_options, options: BuildOptions, memory,
            events: EventStream) -> BuildReport:
     from moeexport.backends.target import ExportInputs
-    from moeexport.modelio import save
+    from moeexport.modelio import is_gguf, save
     from moeexport.quantization import weight_grid
     from moeexport.validate import validate_artifact
 
@@ -541,8 +549,11 @@ def _build(model, recipe: Recipe, chosen, target_options, options: BuildOptions,
     report = BuildReport(str(model), target, options.quant, target_options.model_dump(), str(out), done.report)
     manifest = done.report.manifest()
     with staged(out, options.overwrite) as staging:
-        with stages("save", "saving the compressed checkpoint"):
-            save(done.model, staging / "compressed", manifest)
+        if is_gguf(model):  # the artifact is the compressed model; moeexport.load reads it back
+            events.note("a GGUF input: no compressed/ checkpoint is written (the artifact holds the model)")
+        else:
+            with stages("save", "saving the compressed checkpoint"):
+                save(done.model, staging / "compressed", manifest)
         with stages("reference", "recording the compressed model's logits"):
             reference = _record(done.model, done.tokenizer, options, *options.validation_windows)
             windows, where = reference.windows, reference.text
@@ -559,7 +570,7 @@ def _build(model, recipe: Recipe, chosen, target_options, options: BuildOptions,
         del done  # the torch model is not needed past here: its logits are recorded
         with stages("validate", "validating the artifact"):
             runner = _artifact_runner(chosen, artifact.path, windows, memory)
-            validation = validate_artifact(reference, runner, windows, chosen.tolerance(options.quant), artifact.path,
+            validation = validate_artifact(reference, runner, windows, chosen.tolerance(options.quant, model), artifact.path,
                                            where, chosen.runtime(), events)
             del runner
             artifact.path = validation.artifact  # *.failed when it missed

@@ -79,13 +79,11 @@ def outer(model, part: str = "all"):
 class LayerStream:
     """Reads the decoder layers of `model` (a skeleton on the meta device) from a checkpoint, one at a time."""
 
-    def __init__(self, model: nn.Module, files: list[Path], dtype: torch.dtype, check_finite: bool = True):
-        from moeexport.modelio import read_headers
-
-        self.model, self.dtype, self.check_finite = model, dtype, check_finite
+    def __init__(self, model: nn.Module, checkpoint, dtype: torch.dtype, check_finite: bool = True):
+        """`checkpoint` reads tensors under the model's parameter names: a SafetensorsCheckpoint, or a GGUF
+        file's (moeexport.backends.gguf.reader.GGUFCheckpoint)."""
+        self.model, self.checkpoint, self.dtype, self.check_finite = model, checkpoint, dtype, check_finite
         self.adapter = adapter_for(model.config)
-        self.headers = read_headers(files)
-        self.sources = _parameter_sources(model, self.headers)
         self.edits = [LayerEdit(index) for index in range(len(decoder_layers(self.adapter, model)))]
         self.layers_read = 0
         self.progress = None  # an EventStream: every pass over the layers shows a bar with its ETA
@@ -106,8 +104,7 @@ class LayerStream:
         self.edits[layer] = replace(edit, transforms=edit.transforms + (transform,))
 
     def _source_experts(self, layer: int) -> int:
-        router = self._name(layer, f"{self.adapter.moe}.{self.adapter.router}.weight")
-        return self.headers[self.sources[router][0].key][0][0]
+        return self.checkpoint.shape(self._name(layer, f"{self.adapter.moe}.{self.adapter.router}.weight"))[0]
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -176,7 +173,7 @@ class LayerStream:
         weights = {
             name: self._read(name, meta.shape)
             for name, meta in self.model.state_dict(keep_vars=True).items()
-            if not name.startswith(layers) and not (name in tied and name not in self.sources)
+            if not name.startswith(layers) and not (name in tied and not self.checkpoint.has(name))
             and (wanted is None or name.rpartition(".")[0] in wanted)
         }
         self.model.load_state_dict(weights, assign=True, strict=False)
@@ -216,18 +213,15 @@ class LayerStream:
 
     def stored_dtype(self, name: str) -> torch.dtype:
         """The dtype the checkpoint stores parameter `name` (the model's name) in."""
-        from moeexport.modelio import SAFETENSORS_DTYPES
-
-        return SAFETENSORS_DTYPES[self.headers[self.sources[name][0].key][1]]
+        return self.checkpoint.stored_dtype(name)
 
     def _read(self, name: str, shape: torch.Size, experts: tuple[int, ...] | None = None,
               router_rows: bool = False) -> torch.Tensor:
         """The parameter `name` (the model's own name) from the checkpoint, in the compute dtype; a router's
         rows (`router_rows`) only for the routed experts `experts` kept. (Experts are read by expert_matrix.)"""
-        pieces = self.sources.get(name)
-        if not pieces:
+        if not self.checkpoint.has(name):
             raise MoeExportError(f"the checkpoint has no tensor for {name}: it does not match config.json")
-        tensor = self._tensor(pieces[0].key)
+        tensor = self.checkpoint.tensor(name)
         if experts is not None and router_rows and tensor.shape[0] != shape[0]:
             tensor = tensor.index_select(0, torch.tensor(experts, dtype=torch.long))
         return tensor.to(self.dtype)
@@ -237,6 +231,42 @@ class LayerStream:
         """Expert `expert`'s matrix of the stacked parameter `name` (the model's name, source layer), or only
         its `part` of `parts` row blocks (gate or up of gate_up_proj); in the compute dtype, or as `stored`."""
         read = (name, expert, part, parts)
+        matrix = self.checkpoint.expert(name, expert, part, parts)
+        if self.check_finite and read not in self._found_finite:
+            if not all(torch.isfinite(bound) for bound in torch.aminmax(matrix)):
+                raise MoeExportError(f"{self.model.config.name_or_path}: {name} of expert {expert} has non-finite "
+                                     "values (NaN or Inf): the checkpoint is corrupt; fetch it again (or pass "
+                                     "--allow-nonfinite)")
+            self._found_finite.add(read)
+        return matrix if stored else matrix.to(self.dtype)
+
+
+class SafetensorsCheckpoint:
+    """The tensors of safetensors files, read under the model's parameter names (what a LayerStream asks for)."""
+
+    def __init__(self, model: nn.Module, files: list[Path]):
+        from moeexport.modelio import read_headers
+
+        self.headers = read_headers(files)
+        self.sources = _parameter_sources(model, self.headers)
+
+    def has(self, name: str) -> bool:
+        return bool(self.sources.get(name))
+
+    def shape(self, name: str) -> list[int]:
+        """The shape of a parameter stored whole (not for per-expert pieces)."""
+        return self.headers[self.sources[name][0].key][0]
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        from moeexport.modelio import SAFETENSORS_DTYPES
+
+        return SAFETENSORS_DTYPES[self.headers[self.sources[name][0].key][1]]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._tensor(self.sources[name][0].key)
+
+    def expert(self, name: str, expert: int, part: int | None, parts: int) -> torch.Tensor:
+        """One expert's matrix of a stacked parameter (or its `part` of `parts` row blocks), as stored."""
         pieces = self.sources[name]
         if pieces[0].expert is None:  # stored stacked, as the model names it: slice the one expert out
             with safe_open(self.headers[pieces[0].key][2], "pt") as handle:
@@ -245,20 +275,12 @@ class LayerStream:
             by_slot = {(piece.expert, piece.part): piece.key for piece in pieces}
             stored_parts = 1 + max(piece.part for piece in pieces)
             if part is not None and stored_parts == parts:
-                matrix = self._tensor(by_slot[(expert, part)])
-                part = None
-            else:
-                matrix = torch.cat([self._tensor(by_slot[(expert, i)]) for i in range(stored_parts)])
+                return self._tensor(by_slot[(expert, part)])
+            matrix = torch.cat([self._tensor(by_slot[(expert, i)]) for i in range(stored_parts)])
         if part is not None:
             rows = matrix.shape[0] // parts
             matrix = matrix[part * rows:(part + 1) * rows]
-        if self.check_finite and read not in self._found_finite:
-            if not all(torch.isfinite(bound) for bound in torch.aminmax(matrix)):
-                raise MoeExportError(f"{self.model.config.name_or_path}: {name} of expert {expert} has non-finite "
-                                     "values (NaN or Inf): the checkpoint is corrupt; fetch it again (or pass "
-                                     "--allow-nonfinite)")
-            self._found_finite.add(read)
-        return matrix if stored else matrix.to(self.dtype)
+        return matrix
 
     def _tensor(self, key: str) -> torch.Tensor:
         # Opened per tensor: a mapping kept open holds every page read through it in this process's RSS.

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from moeexport.backends.gguf.architectures import ARCHITECTURES
 from moeexport.backends.gguf.runner import GGUFRunner
-from moeexport.backends.gguf.types import LLAMA_FTYPES, QUANT_TYPES, TOLERANCES
+from moeexport.backends.gguf.types import KEEP, LLAMA_FTYPES, QUANT_TYPES, TOLERANCES
 from moeexport.backends.target import Artifact, ExportInputs, Target, TargetOptions
+from moeexport.validate import Tolerance
 
 EXTENSION = "gguf"
 Runner = GGUFRunner
@@ -27,6 +28,15 @@ class GGUFTarget(Target):
 
     def wants_imatrix(self, options: GGUFOptions) -> bool:
         return options.imatrix
+
+    def default_quant(self, model) -> str:
+        return KEEP if str(model).endswith(".gguf") else "f32"  # a GGUF input keeps its types (and codes)
+
+    def tolerance(self, quant: str, model=None) -> Tolerance:
+        if quant == KEEP:  # carried codes are judged by the tolerance of the input's own type
+            quant = self.quant_of(Path(model)) if model is not None else None
+            quant = quant if quant in self.tolerances and quant != KEEP else "q4_0"  # (a type we do not write)
+        return self.tolerances[quant]
 
     def check(self, model, quant: str, options: GGUFOptions) -> None:
         check(model, quant, options.tensor_types)

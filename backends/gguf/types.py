@@ -14,7 +14,9 @@ NUMPY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 # per-tensor type overrides. Its llama_ftype ids:
 LLAMA_FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 LLAMA_CPP_TYPES = ("q4_k_m", "q5_k_m", "q6_k")
-QUANT_TYPES = NUMPY_TYPES + LLAMA_CPP_TYPES
+# ... and a GGUF input's own types: every tensor the model keeps carried as the input stores it (its codes)
+KEEP = "keep"
+QUANT_TYPES = NUMPY_TYPES + LLAMA_CPP_TYPES + (KEEP,)
 # what a build must reach against the torch reference (F32 KV cache, flash attention off)
 TOLERANCES = {
     "f32": Tolerance(max_abs_logit=1e-3, top1_agreement=1.0),

@@ -38,12 +38,13 @@ the adapter's views (moeexport.adapters.views).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,8 @@ from moeexport.adapters.base import structure
 from moeexport.backends.gguf import ggml
 from moeexport.backends.gguf.architectures import ARCHITECTURES, GGUFArchitecture
 from moeexport.backends.gguf.names import DENSE_FFN, ROUTED_FFN, SHARED_FFN, BlockNames, TensorNames
-from moeexport.backends.gguf.types import LLAMA_CPP_TYPES, LLAMA_FTYPES, QUANT_TYPES
+from moeexport.backends.gguf.reader import LAYERS_KEY
+from moeexport.backends.gguf.types import KEEP, LLAMA_CPP_TYPES, LLAMA_FTYPES, QUANT_TYPES
 from moeexport.errors import MoeExportError
 from moeexport.quantization import WeightGrid
 from moeexport.streaming import ExpertStack, layer_views, outer
@@ -84,6 +86,7 @@ class _Plan:
     expert_width: int  # ffn width of every routed expert
     shared_width: int  # ffn width of the shared expert, 0 without one
     shared_gate: bool  # the shared expert's output is scaled by a sigmoid gate
+    model: object = field(repr=False, compare=False, default=None)
 
 
 def _gguf():
@@ -99,6 +102,11 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
     _ggml_types(_gguf(), tensor_types or {})
     if quant not in QUANT_TYPES:
         raise MoeExportError(f"unknown GGUF type {quant!r}; this release writes {', '.join(QUANT_TYPES)}")
+    if quant == KEEP and _Carry.source_file(model) is None:
+        raise MoeExportError("--quant keep carries the tensors of an input GGUF; this model was not read from one: "
+                             "choose a weight type (e.g. --quant q4_k_m)")
+    if quant == KEEP and tensor_types:
+        raise MoeExportError("--tensor-type cannot change types in a --quant keep build, which carries them as they are")
     adapter = adapter_for(model.config)
     config = adapter.model_config(model.config)
     architecture = ARCHITECTURES.get(adapter.model_type)
@@ -148,7 +156,7 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
     width = next(view.experts.down_proj.shape[-1] for view in views if view.experts is not None)
     shared_width = next((view.shared_experts[0].down_proj.weight.shape[-1] for view in views if view.shared_experts), 0)
     shared_gate = any(view.shared_expert_gate is not None for view in views)
-    return _Plan(architecture, config, layers, max(routed), silent, width, shared_width, shared_gate)
+    return _Plan(architecture, config, layers, max(routed), silent, width, shared_width, shared_gate, model)
 
 
 def export(
@@ -182,9 +190,15 @@ def export(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.partial")
     via_llama_cpp = quant in LLAMA_CPP_TYPES or bool(overrides) or imatrix is not None
-    grid = _carried_grid(weight_grid, quant, via_llama_cpp, result.fallbacks)
+    grid = _carried_grid(weight_grid, quant, via_llama_cpp, result.fallbacks) if quant != KEEP else None
     try:
-        if via_llama_cpp:  # llama.cpp chooses every tensor's type and quantizes it (backends/gguf/ggml.py)
+        if quant == KEEP:  # every tensor the model kept, carried from the input GGUF as it is stored there
+            carry = _Carry.of(model)
+            _write_file(gguf, partial, model, plan, quant, representation,
+                        {"fallbacks": result.fallbacks, "carry": carry})
+            result.representation += f"; {carry.summary()}"
+            result.fallbacks += [f"{name}: rewritten ({why})" for name, why in carry.rewritten.items()]
+        elif via_llama_cpp:  # llama.cpp chooses every tensor's type and quantizes it (backends/gguf/ggml.py)
             importance = _importance(gguf, imatrix, plan, result.fallbacks) if imatrix is not None else {}
             types = ggml.tensor_types(
                 lambda proxy: _write_file(gguf, proxy, model, plan, "f32", representation,
@@ -247,6 +261,7 @@ def _write_file(gguf, path: Path, model, plan: _Plan, quant: str, representation
     try:
         _write_hparams(writer, gguf, plan, quant)
         writer.add_string(REPRESENTATION_KEY, representation)
+        writer.add_string(LAYERS_KEY, json.dumps([asdict(spec) for spec in plan.layers]))  # what reader.py reads
         _write_vocab(writer, gguf, plan.config, plan.architecture)
         sink = _TensorSink(writer, gguf, plan.architecture.name, quant, **sink_options)
         skeleton = adapter_for(model.config).layer_views(model)
@@ -255,8 +270,10 @@ def _write_file(gguf, path: Path, model, plan: _Plan, quant: str, representation
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         sink.writing = True
-        _write_tensors(sink, model, adapter_for(model.config).layer_views(model) if sink.proxy
-                       else layer_views(model), plan)
+        # a proxy and a file whose every model tensor is carried need no weight read: the skeleton's shapes do
+        sink.reads = not sink.proxy and not (sink.carry is not None and not sink.carry.rewritten)
+        _write_tensors(sink, model, layer_views(model) if sink.reads
+                       else adapter_for(model.config).layer_views(model), plan)
     finally:
         writer.close()
 
@@ -376,7 +393,9 @@ def _write_hparams(writer, gguf, plan: _Plan, quant: str) -> None:
     writer.add_expert_count(plan.num_experts)
     writer.add_expert_used_count(min(config.top_k, plan.num_experts))
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(LLAMA_FTYPES[quant])  # llama_ftype ids, as llama.cpp's quantizer records them
+    # llama_ftype ids, as llama.cpp's quantizer records them (a carried file keeps its input's)
+    source = _Carry.source_file(plan.model) if quant == KEEP else None
+    writer.add_file_type(source.metadata["general.file_type"] if source else LLAMA_FTYPES[quant])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -400,8 +419,12 @@ def _write_latent_attention_hparams(writer, gguf, config: ModelConfig, plan: _Pl
 
 
 def _write_vocab(writer, gguf, config: ModelConfig, architecture: GGUFArchitecture) -> None:
-    """Vocabulary (SentencePiece or BPE), special tokens and chat template from the checkpoint directory."""
+    """Vocabulary (SentencePiece or BPE), special tokens and chat template from the checkpoint directory,
+    or copied as they are from the GGUF the model was read from."""
     source = Path(config.name_or_path)
+    if source.suffix == ".gguf":
+        _copy_vocab(writer, gguf, source)
+        return
     logging.getLogger("gguf.vocab").setLevel(logging.ERROR)  # it warns about post-processors it ignores
     if (source / "tokenizer.model").is_file():
         vocab, pre = gguf.vocab.SentencePieceVocab(source), "default"
@@ -431,6 +454,15 @@ def _write_vocab(writer, gguf, config: ModelConfig, architecture: GGUFArchitectu
     special.add_to_gguf(writer, quiet=True)
 
 
+def _copy_vocab(writer, gguf, source: Path) -> None:
+    reader = gguf.GGUFReader(source)
+    for name, stored in reader.fields.items():
+        if name.startswith("tokenizer."):
+            value_type = stored.types[0]
+            sub_type = stored.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(name, stored.contents(), value_type, sub_type=sub_type)
+
+
 class _TensorSink:
     """Writes tensors in the requested type, falling back per tensor where the shape cannot take it.
 
@@ -446,24 +478,35 @@ class _TensorSink:
 
     def __init__(self, writer, gguf, architecture: str, quant: str, fallbacks: list[str],
                  grid: WeightGrid | None = None, types: dict[str, int] | None = None,
-                 importance: dict[str, np.ndarray] | None = None, proxy: bool = False):
+                 importance: dict[str, np.ndarray] | None = None, proxy: bool = False, carry: "_Carry | None" = None):
         self.writer, self.gguf, self.quant, self.fallbacks, self.grid = writer, gguf, quant, fallbacks, grid
+        self.carry = carry  # a --quant keep file: tensors come from the input GGUF's bytes where they can
         self.types = types  # GGUF name -> ggml type id, when llama.cpp chose them (a K-quant mix, overrides)
         self.importance = importance or {}
         self.proxy = proxy  # a small stand-in of the file for llama.cpp to choose types on (backends/gguf/ggml.py)
         self.writing = False
+        self.reads = False  # whether the writing pass reads the model's weights (set when it starts)
         self.names = TensorNames(gguf, architecture)
 
     def add(self, name: str, tensor: torch.Tensor | np.ndarray, keep_f32: bool = False, quant: str | None = None,
             on_grid: bool = False):
         """`on_grid`: routed-expert weights, written with the quantize pass's codes when the file carries its grid."""
         shape = tuple(tensor.shape)
+        if self.carry is not None:
+            # numpy arrays are the writer's own (zeros, ones, biases); the model's weights are torch tensors
+            # or expert stacks, which the input GGUF may hold byte for byte
+            own = isinstance(tensor, np.ndarray)
+            carried = None if own else self.carry.find(name, shape)
+            if carried is not None:
+                self._add_carried(name, carried)
+                return
+            quant = quant or ("f32" if own else self.carry.rewrite_type(name, shape, self.writing))
         quant = "f32" if keep_f32 or len(shape) == 1 else (quant or self.quant)
         if self.types is not None:
             quant = self.types[name]
         elif on_grid and self.grid and quant == self.quant:
             quant = "grid"
-        elif quant not in ("f32", "f16"):
+        elif isinstance(quant, str) and quant not in ("f32", "f16"):
             block = self.gguf.GGML_QUANT_SIZES[self._qtype(quant)][0]
             if shape[-1] % block:
                 if not self.writing:
@@ -482,6 +525,24 @@ class _TensorSink:
             self._convert(_float32(rows), quant, name, expert)
             for expert, rows in _slices(tensor, shape, self.ROWS_PER_SLICE))))
 
+    def _add_carried(self, name: str, carried: "_Carried") -> None:
+        if not self.writing:
+            stored, count = carried.stored, len(carried.slots)
+            if stored.qtype in (GGML_F32, GGML_F16):
+                self.writer.add_tensor_info(name, (count, *stored.shape[1:]), _FLOAT_TYPES[stored.qtype],
+                                            carried.nbytes)
+            else:
+                byte_shape = (count, *stored.shape[1:-1], stored.outer_bytes() // math.prod(stored.shape[1:-1]))
+                self.writer.add_tensor_info(name, byte_shape, np.uint8, carried.nbytes,
+                                            raw_dtype=self.gguf.GGMLQuantizationType(stored.qtype))
+            return
+        self.writer.write_tensor_data(_ConvertedData(carried.nbytes, lambda: carried.slices(self)))
+
+    def zero_slice(self, stored, count: int) -> np.ndarray:
+        """`count` all-zero slices (padding experts or router rows) in the stored form of `stored`."""
+        zeros = np.zeros((count * math.prod(stored.shape[1:-1]), stored.shape[-1]), np.float32)
+        return self._convert(zeros, stored.qtype, stored.name, None).view(np.uint8).reshape(count, -1)
+
     def _qtype(self, quant: str):
         return getattr(self.gguf.GGMLQuantizationType, (self.quant if quant == "grid" else quant).upper())
 
@@ -494,7 +555,7 @@ class _TensorSink:
         """float32 rows [n, width] (of expert `expert` of a stack) -> their stored form (elements, or blocks as
         bytes). `quant` is a type name (numpy and the grid write those), or a ggml type id (ggml writes it)."""
         if quant in ("f32", GGML_F32):
-            return data
+            return data.astype(np.float32, copy=False)
         if quant in ("f16", GGML_F16):
             return data.astype(np.float16)
         if quant == "grid":
@@ -525,6 +586,114 @@ class _TensorSink:
             payload = codes.astype(np.int8).view(np.uint8)
         blocks = np.concatenate([block_scales[..., None].view(np.uint8), payload], axis=-1)
         return blocks.reshape(*data.shape[:-1], -1)
+
+
+_FLOAT_TYPES = {GGML_F32: np.float32, GGML_F16: np.float16}
+
+
+@dataclass(frozen=True)
+class _Carried:
+    """An output tensor made of slices of an input tensor along its outer axis (experts, or rows), with
+    all-zero slices (None) where the output pads experts."""
+
+    stored: object  # reader.StoredTensor
+    slots: tuple  # input slice index per output slice, None for a zero pad
+    file: object  # reader.GGUFFile
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.slots) * self.stored.outer_bytes()
+
+    def slices(self, sink: "_TensorSink"):
+        """The stored bytes, a run of consecutive input slices (at most SLICE_BYTES) at a time."""
+        per_slice = max(1, SLICE_BYTES // self.stored.outer_bytes())
+        index = 0
+        while index < len(self.slots):
+            start = self.slots[index]
+            if start is None:
+                yield sink.zero_slice(self.stored, 1)
+                index += 1
+                continue
+            run = 1
+            while (run < per_slice and index + run < len(self.slots)
+                   and self.slots[index + run] == start + run):
+                run += 1
+            yield self.file.raw(self.stored.name, start, run)
+            index += run
+
+
+SLICE_BYTES = 64 * 2**20  # a carried tensor is copied this much at a time
+
+
+class _Carry:
+    """Which tensors of a --quant keep file are carried from the GGUF the streamed model was read from.
+
+    The stream's record of each layer (moeexport.streaming.LayerEdit: its source
+    layer, the experts it keeps, transforms applied as they are read) says where
+    an output tensor lies in the input file: `blk.N.*` in block `source`, expert
+    stacks and router rows at the kept experts. A tensor is carried when the input
+    holds it with the same inner shape and no transform changed it; one that is
+    rewritten takes its input tensor's type, and is listed.
+    """
+
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+        self.carried: list[str] = []
+        self.rewritten: dict[str, str] = {}  # output name -> why
+
+    @staticmethod
+    def source_file(model):
+        from moeexport.backends.gguf.reader import GGUFCheckpoint
+
+        stream = getattr(model, "moeexport_stream", None)
+        checkpoint = getattr(stream, "checkpoint", None)
+        return checkpoint.file if isinstance(checkpoint, GGUFCheckpoint) else None
+
+    @classmethod
+    def of(cls, model) -> "_Carry":
+        return cls(model.moeexport_stream, cls.source_file(model))
+
+    def _input(self, name: str):
+        """(input tensor name, the layer's edit or None) for output tensor `name`."""
+        match = re.match(r"blk\.(\d+)\.(.*)", name)
+        if not match:
+            return name, None
+        edit = self.stream.edits[int(match.group(1))]
+        return f"blk.{edit.source}.{match.group(2)}", edit
+
+    def find(self, name: str, shape: tuple[int, ...]) -> _Carried | None:
+        source, edit = self._input(name)
+        stored = self.file.tensors.get(source)
+        if stored is None or tuple(stored.shape[1:]) != tuple(shape[1:]):
+            return None
+        per_expert = "_exps." in name or name.endswith("ffn_gate_inp.weight")
+        if not per_expert:
+            slots = tuple(range(shape[0])) if stored.shape[0] == shape[0] else None
+        elif "_exps." in name and edit.transforms:
+            slots = None  # a quantize pass rounded these experts as they were read: their values changed
+        else:
+            kept = edit.experts if edit.experts is not None else tuple(range(self.stream._source_experts(edit.source)))
+            slots = tuple(kept) + (None,) * (shape[0] - len(kept)) if len(kept) <= shape[0] else None
+        if slots is None:
+            return None
+        if name not in self.carried:
+            self.carried.append(name)
+        return _Carried(stored, slots, self.file)
+
+    def rewrite_type(self, name: str, shape: tuple[int, ...], writing: bool) -> int | str:
+        """The type a model tensor that cannot be carried is written in: its input tensor's (a ggml type id),
+        or f16 where the input has none of that row width; the header pass records why it is rewritten."""
+        source, edit = self._input(name)
+        stored = self.file.tensors.get(source)
+        if not writing:
+            why = ("a quantize pass changed its experts" if edit is not None and edit.transforms and "_exps." in name
+                   else "the input has no tensor of that shape there")
+            self.rewritten[name] = why
+        return stored.qtype if stored is not None and stored.shape[-1] == shape[-1] else "f16"
+
+    def summary(self) -> str:
+        text = f"{len(self.carried)} tensors carried byte for byte from {self.file.path.name}"
+        return text + (f", {len(self.rewritten)} rewritten" if self.rewritten else "")
 
 
 class _ConvertedData:
@@ -565,7 +734,7 @@ def _permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
     config, adapter, names = plan.config, adapter_for(model.config), tensors.names
     around = adapter.model_view(model)
-    reads = tensors.writing and not tensors.proxy  # the header pass and a proxy need shapes only
+    reads = tensors.writing and tensors.reads  # the header pass and a proxy need shapes only
     with outer(model, "input") if reads else nullcontext():
         tensors.add(names("TOKEN_EMBD"), around.embeddings.weight, keep_f32=tensors.quant in ("f16", "bf16"))
     for view in views:

@@ -42,6 +42,15 @@ def _any_expert_count(config: object) -> str | None:
 
 
 @dataclass(frozen=True)
+class FFNWidths:
+    """The feed-forward widths a config must state besides the canonical ones (see MoEAdapter.config_values)."""
+
+    expert: int  # one routed expert's ffn width
+    shared: int = 0  # the shared expert's (all shared experts together), 0 without one
+    dense_layers: tuple[int, ...] = ()  # the layers with a dense MLP instead of experts
+
+
+@dataclass(frozen=True)
 class MoEAdapter:
     """Everything moeexport knows about one model family (keyed by HF model_type)."""
 
@@ -70,6 +79,8 @@ class MoEAdapter:
     renumber_dense_layers: Callable[[object, list[int]], None] = _no_dense_layer_keys
     # An error message when the family's routing cannot survive a change of expert count.
     expert_count_change_blocker: Callable[[object], str | None] = _any_expert_count
+    # (canonical config, FFN widths) -> this family's own config keys; the inverse of what model_config reads
+    own_config_values: Callable[[ModelConfig, "FFNWidths"], dict] = lambda config, widths: {}
 
     def model_config(self, config) -> ModelConfig:
         """The config under canonical names (transformers' common keys plus this family's own)."""
@@ -96,6 +107,30 @@ class MoEAdapter:
             clip_qkv=getattr(config, self.clip_qkv_key, None) if self.clip_qkv_key else None,
             latent=self.latent_attention(config) if self.latent_attention else None,
         )
+
+    def config_values(self, config: ModelConfig, layers: int, widths: "FFNWidths", tied: bool) -> dict:
+        """transformers config keys (with model_type) for a model described under canonical names, e.g. one
+        read from a GGUF: the inverse of model_config."""
+        values = {
+            "model_type": self.model_type,
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "num_hidden_layers": layers,
+            "num_attention_heads": config.num_heads,
+            "num_key_value_heads": config.num_kv_heads,
+            "head_dim": config.head_dim,
+            "max_position_embeddings": config.context_length,
+            "rms_norm_eps": config.rms_norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+            "hidden_act": config.hidden_act,
+            "tie_word_embeddings": tied,
+            self.num_experts_key: config.num_experts,
+            self.top_k_key: config.top_k,
+        }
+        if self.clip_qkv_key:
+            values[self.clip_qkv_key] = config.clip_qkv
+        return values | self.own_config_values(config, widths)
 
     def model_view(self, model: nn.Module) -> ModelView:
         return ModelView(

@@ -7,8 +7,8 @@ spelled out here too.
 
 from __future__ import annotations
 
-from moeexport.adapters.base import MoEAdapter
-from moeexport.adapters.views import LatentAttention, Routing
+from moeexport.adapters.base import FFNWidths, MoEAdapter
+from moeexport.adapters.views import LatentAttention, ModelConfig, Routing
 from moeexport.adapters.registry import register
 
 
@@ -56,12 +56,38 @@ def _deepseek_group_routing_blocks_resize(config) -> str | None:
     return None
 
 
+def _qwen_config_values(config: ModelConfig, widths: FFNWidths) -> dict:
+    values = {"moe_intermediate_size": widths.expert, "norm_topk_prob": config.routing.renormalize,
+              "mlp_only_layers": list(widths.dense_layers), "decoder_sparse_step": 1}
+    if widths.shared:
+        values["shared_expert_intermediate_size"] = widths.shared
+    return values
+
+
+def _deepseek_config_values(config: ModelConfig, widths: FFNWidths) -> dict:
+    latent = config.latent
+    return {
+        "moe_intermediate_size": widths.expert,
+        "n_shared_experts": config.shared_expert_count,
+        "first_k_dense_replace": len(widths.dense_layers),
+        "routed_scaling_factor": config.routing.scale,
+        "norm_topk_prob": config.routing.renormalize,
+        "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+        "q_lora_rank": latent.q_lora_rank,
+        "kv_lora_rank": latent.kv_lora_rank,
+        "qk_nope_head_dim": latent.qk_nope_head_dim,
+        "qk_rope_head_dim": latent.qk_rope_head_dim,
+        "v_head_dim": latent.v_head_dim,
+    }
+
+
 MIXTRAL = register(
     MoEAdapter(
         model_type="mixtral",
         family="Mixtral",
         num_experts_key="num_local_experts",
         routing=lambda config: Routing(renormalize=True),
+        own_config_values=lambda config, widths: {"intermediate_size": widths.expert},  # experts use it
     )
 )
 
@@ -74,6 +100,7 @@ QWEN2_MOE = register(
         shared_experts=("shared_expert",),
         shared_expert_gate="shared_expert_gate",
         renumber_dense_layers=_renumber_mlp_only_layers,
+        own_config_values=_qwen_config_values,
     )
 )
 
@@ -84,6 +111,7 @@ QWEN3_MOE = register(
         num_experts_key="num_experts",
         routing=_renormalize_if_configured,
         renumber_dense_layers=_renumber_mlp_only_layers,
+        own_config_values=_qwen_config_values,
     )
 )
 
@@ -94,6 +122,8 @@ OLMOE = register(
         num_experts_key="num_experts",
         routing=_renormalize_if_configured,
         clip_qkv_key="clip_qkv",
+        own_config_values=lambda config, widths: {"intermediate_size": widths.expert,  # experts use it
+                                                  "norm_topk_prob": config.routing.renormalize},
     )
 )
 
@@ -108,5 +138,6 @@ DEEPSEEK_V2 = register(
         latent_attention=_deepseek_latent_attention,
         renumber_dense_layers=_renumber_leading_dense,
         expert_count_change_blocker=_deepseek_group_routing_blocks_resize,
+        own_config_values=_deepseek_config_values,
     )
 )

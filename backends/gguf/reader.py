@@ -1,0 +1,420 @@
+"""Read a MoE GGUF back: its config, tokenizer and weights, one tensor (or one expert) at a time.
+
+The inverse of writer.py, for the hosts it writes (architectures.py) and for
+files of the same hosts that llama.cpp's own converter writes:
+- The family comes from `general.architecture` (llama with experts is Mixtral;
+  the padded hosts ernie4_5-moe and hy_v3 only from files moeexport wrote, whose
+  `moeexport.layers` says which experts are real and which layers lost their
+  MoE sublayer; a stock ernie4_5-moe or hy_v3 file is another model family).
+- The config comes from the host's metadata keys, under canonical names that the
+  family's adapter spells as its transformers config (`MoEAdapter.config_values`).
+- The tokenizer comes from the `tokenizer.ggml.*` metadata through transformers'
+  GGUF tokenizer converter.
+- Weights are read with plain file reads (no memory map: a mapping keeps every
+  page it touched in this process's resident memory) and dequantized with gguf-py,
+  K-quants included. Experts are the outer axis of the `*_exps` stacks, so one
+  expert's bytes are one contiguous range of the file.
+
+`GGUFCheckpoint` serves those weights under the model's parameter names to a
+moeexport.streaming.LayerStream, undoing the writer's layout changes (llama's
+q/k row permutation, DeepSeek's k_b / v_b split, the padding experts), and keeps
+for the writer which tensor of the file each output tensor may be carried from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moeexport.backends.gguf.architectures import ARCHITECTURES
+from moeexport.errors import MoeExportError
+
+LAYERS_KEY = "moeexport.layers"  # JSON list of LayerSpec dicts, written by writer.py
+DEQUANTIZE_ROWS = 1024  # rows dequantized at once
+
+
+def is_gguf(model) -> bool:
+    return str(model).endswith(".gguf")
+
+
+def host_families() -> dict[str, str]:
+    """general.architecture -> the HF model_type it hosts (padded hosts included)."""
+    hosts = {}
+    for model_type, architecture in ARCHITECTURES.items():
+        hosts[architecture.name] = model_type
+        if architecture.padded_host is not None:
+            hosts[architecture.padded_host.name] = model_type
+    return hosts
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's data lies in the file, and in what form."""
+
+    name: str
+    shape: tuple[int, ...]  # numpy order, outermost axis first, in elements
+    qtype: int  # ggml type id
+    offset: int  # absolute offset of its data in the file
+    nbytes: int
+
+    def outer_bytes(self) -> int:
+        """Bytes of one slice along the outermost axis (an expert of a stack, a row of a matrix)."""
+        return self.nbytes // self.shape[0]
+
+
+class GGUFFile:
+    """A GGUF file's metadata and tensor table; tensor data is read on request."""
+
+    def __init__(self, path: str | Path):
+        gguf = _gguf()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MoeExportError(f"{self.path} is not a file")
+        try:
+            reader = gguf.GGUFReader(self.path)
+        except Exception as error:  # gguf-py raises ValueError/struct errors on a damaged file
+            raise MoeExportError(f"{self.path} is not a readable GGUF file ({error}); fetch or write it again") from None
+        self.metadata = {}
+        for name, field in reader.fields.items():
+            if name.startswith("GGUF.") or (len(field.data) > 64 and name.startswith("tokenizer.")):
+                continue  # the header's own fields and the vocabulary (read by the tokenizer converter)
+            self.metadata[name] = field.contents()
+        self.tensors = {
+            t.name: StoredTensor(t.name, tuple(int(n) for n in reversed(t.shape)), int(t.tensor_type),
+                                 int(t.data_offset), int(t.n_bytes))
+            for t in reader.tensors
+        }
+        del reader  # drops its memory map
+        self.architecture = self.metadata.get("general.architecture")
+
+    def value(self, key: str, default=None):
+        """`key` under the host's prefix ("expert_count" is "<arch>.expert_count")."""
+        return self.metadata.get(f"{self.architecture}.{key}", default)
+
+    def raw(self, name: str, start: int = 0, count: int | None = None) -> np.ndarray:
+        """The stored bytes of slices [start, start + count) along the tensor's outermost axis, uint8
+        [count, bytes per slice]."""
+        tensor = self.tensors[name]
+        count = tensor.shape[0] - start if count is None else count
+        size = tensor.outer_bytes()
+        with open(self.path, "rb") as handle:
+            handle.seek(tensor.offset + start * size)
+            data = np.fromfile(handle, np.uint8, count * size)
+        if data.size != count * size:
+            raise MoeExportError(f"{self.path} ends inside tensor {name}: the file is truncated; fetch it again")
+        return data.reshape(count, size)
+
+    @staticmethod
+    def _values(raw: np.ndarray, qtype: int) -> np.ndarray:
+        """float32 rows from stored rows (uint8 [rows, bytes per row])."""
+        gguf = _gguf()
+        qtype = gguf.GGMLQuantizationType(qtype)
+        if qtype == gguf.GGMLQuantizationType.F32:
+            return raw.view(np.float32)
+        if qtype == gguf.GGMLQuantizationType.F16:
+            return raw.view(np.float16).astype(np.float32)
+        return gguf.quants.dequantize(raw, qtype)
+
+    def dequantized(self, name: str, start: int = 0, count: int | None = None,
+                    out: np.ndarray | None = None) -> np.ndarray:
+        """float32 values of slices [start, start + count) along the outermost axis (all of them by default),
+        written into `out` when given."""
+        tensor = self.tensors[name]
+        count = tensor.shape[0] - start if count is None else count
+        if len(tensor.shape) == 1:
+            return self._values(self.raw(name, start, count).reshape(1, -1), tensor.qtype).reshape(count)
+        values = np.empty((count, *tensor.shape[1:]), np.float32) if out is None else out
+        rows = values.reshape(-1, tensor.shape[-1])
+        raw = self.raw(name, start, count).reshape(rows.shape[0], -1)  # stored rows are small (4-8 bits)
+        # a block of rows at a time: dequantizing makes temporaries several times its output's size
+        for first in range(0, rows.shape[0], DEQUANTIZE_ROWS):
+            rows[first:first + DEQUANTIZE_ROWS] = self._values(raw[first:first + DEQUANTIZE_ROWS], tensor.qtype)
+        return values
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise MoeExportError("reading a GGUF needs gguf-py: pip install 'moeexport[gguf]'") from None
+    return gguf
+
+
+# --- the model the file describes ------------------------------------------------------
+
+
+def read_config(file: "GGUFFile | str | Path"):
+    """The transformers config of the model a MoE GGUF holds (with name_or_path the file itself)."""
+    from transformers import AutoConfig
+
+    from moeexport.adapters import supported_families
+    from moeexport.adapters.base import FFNWidths
+    from moeexport.adapters.views import LatentAttention, ModelConfig, Routing
+
+    file = file if isinstance(file, GGUFFile) else GGUFFile(file)
+    model_type = _model_type(file)
+    if file.value("expert_count") in (None, 0):
+        raise MoeExportError(f"{file.path} holds a dense {file.architecture} model, not a mixture of experts")
+    architecture = ARCHITECTURES[model_type]
+    layers = file.value("block_count")
+    tensors = file.tensors
+    expert_width = _expert_width(file)
+    shared_width = file.value("expert_shared_feed_forward_length", 0) or 0
+    latent = None
+    heads = file.value("attention.head_count")
+    head_dim = file.value("attention.key_length") or file.value("embedding_length") // heads
+    kv_heads = file.value("attention.head_count_kv", heads)
+    if architecture.latent_attention:
+        rope_dim = file.value("rope.dimension_count")
+        latent = LatentAttention(
+            q_lora_rank=file.value("attention.q_lora_rank"), kv_lora_rank=file.value("attention.kv_lora_rank"),
+            qk_nope_head_dim=file.value("attention.key_length_mla") - rope_dim, qk_rope_head_dim=rope_dim,
+            v_head_dim=file.value("attention.value_length_mla"))
+        head_dim, kv_heads = latent.qk_nope_head_dim + rope_dim, heads  # HF's MLA: one kv head per head
+    specs = layer_specs(file)
+    dense = [index for index, spec in enumerate(specs) if spec.kind == "dense"]
+    canonical = ModelConfig(
+        model_type=model_type,
+        name_or_path=str(file.path),
+        vocab_size=tensors["token_embd.weight"].shape[0],
+        hidden_size=file.value("embedding_length"),
+        intermediate_size=file.value("feed_forward_length"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        context_length=file.value("context_length"),
+        rms_norm_eps=float(file.value("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(file.value("rope.freq_base", 10000.0)),
+        hidden_act="silu",
+        num_experts=max(spec.num_experts for spec in specs),
+        top_k=file.value("expert_used_count"),
+        routing=Routing(renormalize=architecture.renormalizes if not architecture.latent_attention
+                        else bool(file.value("expert_weights_norm", False)),
+                        scale=float(file.value("expert_weights_scale", 1.0))),
+        shared_expert_count=file.value("expert_shared_count", 1 if shared_width else 0),
+        clip_qkv=file.value("attention.clamp_kqv"),
+        latent=latent,
+    )
+    widths = FFNWidths(expert_width, shared_width, tuple(dense))
+    values = supported_families()[model_type].config_values(canonical, layers, widths, tied="output.weight" not in tensors)
+    special = {key: file.metadata.get(f"tokenizer.ggml.{name}")
+               for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                                 ("pad_token_id", "padding_token_id"))}
+    config = AutoConfig.for_model(**values, **{k: v for k, v in special.items() if v is not None})
+    config.name_or_path = str(file.path)
+    return config
+
+
+def _model_type(file: GGUFFile) -> str:
+    hosts = host_families()
+    model_type = hosts.get(file.architecture)
+    if model_type is None:
+        raise MoeExportError(f"{file.path}: moeexport reads GGUFs of the hosts it writes "
+                             f"({', '.join(sorted(hosts))}), not {file.architecture!r}")
+    architecture = ARCHITECTURES[model_type]
+    if file.architecture != architecture.name and LAYERS_KEY not in file.metadata:
+        raise MoeExportError(f"{file.path} is a stock {file.architecture} model, which moeexport does not read; "
+                             f"it reads {file.architecture} files only as the padded host of its own exports")
+    return model_type
+
+
+def _expert_width(file: GGUFFile) -> int:
+    """The routed experts' ffn width, from the first expert stack (every expert has it)."""
+    stack = next((t for name, t in file.tensors.items() if name.endswith("ffn_down_exps.weight")), None)
+    if stack is None:
+        raise MoeExportError(f"{file.path} has no expert tensors (ffn_down_exps): it is not a MoE GGUF")
+    return stack.shape[-1]
+
+
+def layer_specs(file: GGUFFile) -> list:
+    """Each layer's LayerSpec: as moeexport recorded it, else every layer MoE (after DeepSeek's leading dense)."""
+    from moeexport.adapters.base import LayerSpec
+
+    layers = file.value("block_count")
+    if LAYERS_KEY in file.metadata:
+        specs = [LayerSpec(**spec) for spec in json.loads(file.metadata[LAYERS_KEY])]
+        if len(specs) != layers:
+            raise MoeExportError(f"{file.path}: {LAYERS_KEY} lists {len(specs)} layers for block_count {layers}: "
+                                 "the file was edited; write it again")
+        return specs
+    experts, top_k = file.value("expert_count"), file.value("expert_used_count")
+    leading = file.value("leading_dense_block_count", 0) or 0
+    shared = bool(file.value("expert_shared_feed_forward_length", 0))
+    return [LayerSpec("dense") if index < leading else LayerSpec("moe", experts, top_k, shared)
+            for index in range(layers)]
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer the file's `tokenizer.ggml.*` metadata describes (transformers' GGUF converter)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    try:
+        architecture, vocabulary, settings = get_gguf_tokenizer(str(path))
+        backend, _ = convert_gguf_tokenizer(architecture, vocabulary)
+    except (KeyError, ValueError) as error:
+        raise MoeExportError(f"cannot build a tokenizer from {path}'s metadata: {error}") from None
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **{k: v for k, v in settings.items() if v is not None})
+
+
+# --- weights under the model's parameter names ----------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one model parameter comes from in the file: a tensor, or several joined, undone as stored."""
+
+    tensors: tuple[str, ...]  # GGUF names; gate_up_proj joins ffn_gate_exps and ffn_up_exps along the rows
+    permute_heads: int = 0  # llama's q/k rows: undo the writer's interleaving for this many heads
+    latent_heads: int = 0  # DeepSeek's kv_b_proj: join k_b (transposed back) and v_b per head
+    experts: int | None = None  # real experts of a padded stack or router (None: all of it); pads follow
+    shape: tuple[int, ...] = ()  # the parameter's shape
+
+
+class GGUFCheckpoint:
+    """A GGUF file's tensors under the model's parameter names, dequantized to float32 (a LayerStream's reads).
+
+    Built on the meta-device skeleton of the model `read_config` describes; the
+    mapping walks that skeleton's views, so it holds every family's names.
+    """
+
+    def __init__(self, model, file: GGUFFile):
+        from moeexport.adapters import adapter_for
+        from moeexport.backends.gguf.names import TensorNames
+
+        self.file = file
+        self.sources: dict[str, Source] = {}
+        names = TensorNames(_gguf(), file.architecture)
+        adapter = adapter_for(model.config)
+        config = adapter.model_config(model.config)
+        module_names = {id(module): name for name, module in model.named_modules()}
+        permute = ARCHITECTURES[config.model_type].permute_qk
+
+        def add(module, kind, *, block=None, parameter="weight", suffix=".weight", **how):
+            name = f"{module_names[id(module)]}.{parameter}"
+            gguf_name = names(kind, block, suffix)
+            if gguf_name in file.tensors:
+                self.sources[name] = Source((gguf_name,), shape=tuple(getattr(module, parameter).shape), **how)
+
+        around = adapter.model_view(model)
+        add(around.embeddings, "TOKEN_EMBD")
+        add(around.final_norm, "OUTPUT_NORM")
+        add(around.output, "OUTPUT")
+        for view, spec in zip(adapter.layer_views(model), layer_specs(file)):
+            block = view.index
+            add(view.attention_norm, "ATTN_NORM", block=block)
+            self._attention(add, view, config, block, permute)
+            if view.kind == "dropped":
+                continue
+            add(view.ffn_norm, "FFN_NORM", block=block)
+            if view.kind == "dense":
+                for kind, projection in zip(("FFN_GATE", "FFN_UP", "FFN_DOWN"), _mlp(view.ffn)):
+                    add(projection, kind, block=block)
+                continue
+            add(view.router, "FFN_GATE_INP", block=block, experts=spec.num_experts)
+            if view.experts is not None:
+                stem = module_names[id(view.experts)]
+                gate, up, down = (names(kind, block) for kind in ("FFN_GATE_EXP", "FFN_UP_EXP", "FFN_DOWN_EXP"))
+                self.sources[f"{stem}.gate_up_proj"] = Source((gate, up), experts=spec.num_experts,
+                                                              shape=tuple(view.experts.gate_up_proj.shape))
+                self.sources[f"{stem}.down_proj"] = Source((down,), experts=spec.num_experts,
+                                                           shape=tuple(view.experts.down_proj.shape))
+            for shared in view.shared_experts:
+                for kind, projection in zip(("FFN_GATE_SHEXP", "FFN_UP_SHEXP", "FFN_DOWN_SHEXP"), _mlp(shared)):
+                    add(projection, kind, block=block)
+            if view.shared_expert_gate is not None:
+                add(view.shared_expert_gate, "FFN_GATE_INP_SHEXP", block=block)
+
+    @staticmethod
+    def _attention(add, view, config, block: int, permute: bool) -> None:
+        attention = view.attention
+        if config.latent is not None:
+            if config.latent.q_lora_rank is None:
+                add(attention.q_proj, "ATTN_Q", block=block)
+            else:
+                add(attention.q_a_proj, "ATTN_Q_A", block=block)
+                add(attention.q_a_layernorm, "ATTN_Q_A_NORM", block=block)
+                add(attention.q_b_proj, "ATTN_Q_B", block=block)
+            add(attention.kv_a_proj_with_mqa, "ATTN_KV_A_MQA", block=block)
+            add(attention.kv_a_layernorm, "ATTN_KV_A_NORM", block=block)
+            add(attention.kv_b_proj, "ATTN_K_B", block=block, latent_heads=config.num_heads)
+            add(attention.o_proj, "ATTN_OUT", block=block)
+            return
+        add(attention.q_proj, "ATTN_Q", block=block, permute_heads=config.num_heads if permute else 0)
+        add(attention.k_proj, "ATTN_K", block=block, permute_heads=config.num_kv_heads if permute else 0)
+        add(attention.v_proj, "ATTN_V", block=block)
+        add(attention.o_proj, "ATTN_OUT", block=block)
+        for kind, projection in (("ATTN_Q", attention.q_proj), ("ATTN_K", attention.k_proj),
+                                 ("ATTN_V", attention.v_proj)):
+            if projection.bias is not None:
+                add(projection, kind, block=block, parameter="bias", suffix=".bias")
+        for kind, norm in (("ATTN_Q_NORM", getattr(attention, "q_norm", None)),
+                           ("ATTN_K_NORM", getattr(attention, "k_norm", None))):
+            if norm is not None:
+                add(norm, kind, block=block)
+
+    # -- what a LayerStream asks -----------------------------------------------------------
+
+    def has(self, name: str) -> bool:
+        return name in self.sources
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.sources[name].shape)
+
+    def stored_dtype(self, name: str):
+        import torch
+
+        return torch.float32  # dequantized values are float32 (a compressed checkpoint saves them so)
+
+    def tensor(self, name: str):
+        import torch
+
+        source = self.sources[name]
+        if source.latent_heads:
+            return torch.from_numpy(self._kv_b(source))
+        values = self.file.dequantized(source.tensors[0], 0, source.experts)
+        if source.permute_heads:
+            values = _unpermute_rows(values, source.permute_heads)
+        return torch.from_numpy(np.ascontiguousarray(values).reshape(source.shape))
+
+    def expert(self, name: str, expert: int, part: int | None, parts: int):
+        """One expert's matrix (or its `part` of `parts` row blocks: gate or up of gate_up_proj)."""
+        import torch
+
+        tensors = self.sources[name].tensors
+        if part is not None and len(tensors) == parts:
+            return torch.from_numpy(self.file.dequantized(tensors[part], expert, 1)[0])
+        matrix = np.empty(self.sources[name].shape[1:], np.float32)  # gate and up dequantized into their rows
+        first = 0
+        for tensor in tensors:
+            rows = self.file.tensors[tensor].shape[1]
+            self.file.dequantized(tensor, expert, 1, out=matrix[None, first:first + rows])
+            first += rows
+        if part is not None:
+            rows = matrix.shape[0] // parts
+            matrix = matrix[part * rows:(part + 1) * rows]
+        return torch.from_numpy(np.ascontiguousarray(matrix))
+
+    def _kv_b(self, source: Source) -> np.ndarray:
+        """kv_b_proj [heads * (nope + v), kv_lora] from k_b [heads, kv_lora, nope] and v_b [heads, v, kv_lora]."""
+        k_b = self.file.dequantized(source.tensors[0])
+        v_b = self.file.dequantized(source.tensors[0].replace("attn_k_b", "attn_v_b"))
+        joined = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1)
+        return np.ascontiguousarray(joined.reshape(source.shape))
+
+    def headers(self) -> dict:
+        """name -> (shape, dtype, file) as moeexport.memory plans from: the model's names, float32 values."""
+        return {name: (list(source.shape), "F32", self.file.path) for name, source in self.sources.items()}
+
+
+def _mlp(mlp) -> tuple:
+    return mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+
+def _unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's interleaved q/k rows (NORM RoPE) back to HF's rotate-half order: writer._permute_rows undone."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
