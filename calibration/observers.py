@@ -84,6 +84,8 @@ class Statistics:
 
 def expert_intermediate(experts, expert: int, tokens: torch.Tensor) -> torch.Tensor:
     """act(gate(x)) * up(x) of one routed expert: the input of its down projection."""
+    if hasattr(experts, "intermediate"):  # a streamed layer's (moeexport.streaming.ExpertsOnDemand)
+        return experts.intermediate(expert, tokens)
     gate, up = F.linear(tokens, experts.gate_up_proj[expert]).chunk(2, dim=-1)
     return experts.act_fn(gate) * up
 
@@ -130,7 +132,10 @@ class _MoEAccumulator:
             if len(token_rows) == 0:
                 continue
             hidden = expert_intermediate(self.experts, expert, tokens[token_rows])
-            output = F.linear(hidden, self.experts.down_proj[expert])
+            if hasattr(self.experts, "output"):  # a streamed layer's (moeexport.streaming.ExpertsOnDemand)
+                output = self.experts.output(expert, hidden)
+            else:
+                output = F.linear(hidden, self.experts.down_proj[expert])
             sums[expert] = (weights[token_rows, slot].double() * output.double().norm(dim=-1)).sum()
         return sums
 

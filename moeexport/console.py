@@ -107,6 +107,8 @@ def render_build(out: Console, report) -> None:
         out.print(f"  note: {escape(fallback)}")
     out.print(f"fidelity ({escape(validation['runtime'])}) vs compressed torch model on {escape(validation['text'])} "
               f"({validation['tokens']} tokens): {fidelity_line(validation)}")
+    if report.quality_vs_input:
+        out.print(f"quality vs the input GGUF, both in llama.cpp: {fidelity_line(report.quality_vs_input)}")
     if report.profile:
         out.print(profile_line(report.profile))
     engine = report.engine

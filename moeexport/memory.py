@@ -255,6 +255,25 @@ def peak_resident_bytes() -> int:
         return 0
 
 
+def release_freed_memory() -> None:
+    """Hand memory that was freed back to the system (glibc's malloc_trim). Dequantizing makes many
+    temporaries of a few MiB, which glibc keeps in its heaps after they are freed: without this, a streamed
+    run's resident memory creeps up by tens of MiB per expert read (measured at Mixtral's widths)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to trim this way
+            _malloc_trim = lambda pad: 0  # noqa: E731
+    _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def resident_bytes() -> int:
     """This process's resident memory now (0 where /proc is unavailable)."""
     try:

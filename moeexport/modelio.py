@@ -582,6 +582,8 @@ def save(lm: nn.Module, out_dir: str | Path, manifest: dict, overwrite: bool = F
             save_model(lm, str(staging / MANIFEST_WEIGHTS), metadata={"format": "pt"})
             weights = MANIFEST_WEIGHTS
         source = Path(lm.config.name_or_path or "")
+        if is_gguf(source):  # the vocabulary is in the GGUF's metadata
+            gguf_reader().load_tokenizer(source).save_pretrained(staging)
         for name in TOKENIZER_FILES:
             if (source / name).is_file() and not (staging / name).exists():
                 shutil.copyfile(source / name, staging / name)

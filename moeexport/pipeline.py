@@ -127,6 +127,7 @@ class BuildReport:
     timings: dict = field(default_factory=dict)
     peak_rss_bytes: dict = field(default_factory=dict)  # per stage, this process (the runtimes' are in theirs)
     failures: list[str] = field(default_factory=list)  # validation's, and the device step's
+    quality_vs_input: dict | None = None  # a GGUF input: the artifact against it, both run in llama.cpp
 
     @property
     def ok(self) -> bool:
@@ -142,7 +143,7 @@ class BuildReport:
             "out": self.out, "ok": self.ok, "failures": self.failures,
             "compression": {key: value for key, value in compression.items()
                             if key not in ("quality_vs_source", "timings", "peak_rss_bytes", "out", "model")},
-            "quality_vs_source": self.compression.quality_vs_source,
+            "quality_vs_source": self.compression.quality_vs_source, "quality_vs_input": self.quality_vs_input,
             "artifact": self.artifact, "validation": self.validation, "profile": self.profile, "engine": self.engine,
             "timings": self.compression.timings | self.timings,
             "peak_rss_bytes": self.compression.peak_rss_bytes | self.peak_rss_bytes,
@@ -570,10 +571,13 @@ def _build(model, recipe: Recipe, chosen, target_options, options: BuildOptions,
         del done  # the torch model is not needed past here: its logits are recorded
         with stages("validate", "validating the artifact"):
             runner = _artifact_runner(chosen, artifact.path, windows, memory)
-            validation = validate_artifact(reference, runner, windows, chosen.tolerance(options.quant, model), artifact.path,
-                                           where, chosen.runtime(), events)
-            del runner
+            validation = validate_artifact(reference, runner, windows, chosen.tolerance(options.quant, model),
+                                           artifact.path, where, chosen.runtime(), events)
             artifact.path = validation.artifact  # *.failed when it missed
+        if is_gguf(model) and target == "gguf":
+            with stages("quality", "measuring quality against the input GGUF, both in llama.cpp"):
+                report.quality_vs_input = _against_input_gguf(model, runner, windows, where)
+        del runner
         if validation.passed and options.profile:
             with stages("profile", "profiling"):
                 report.profile = chosen.profile(artifact, windows[0, :PROFILE_PROMPT].tolist(), PROFILE_NEW_TOKENS)
@@ -588,6 +592,16 @@ def _build(model, recipe: Recipe, chosen, target_options, options: BuildOptions,
         report.timings, report.peak_rss_bytes = stages.total(), stages.peaks
         _write_reports(report, staging)
     return report
+
+
+def _against_input_gguf(model, artifact_runner, windows: np.ndarray, where: str) -> dict:
+    """The built GGUF against the GGUF it was built from, both run by llama.cpp on the held-out windows."""
+    from moeexport.backends.profile import logits_in_subprocess
+    from moeexport.validate import compare
+
+    logits, _ = logits_in_subprocess("gguf", model, windows, windows.shape[1])
+    fidelity = compare(RecordedReference(windows, logits), artifact_runner, windows)
+    return {"text": where, **asdict(fidelity)}
 
 
 def _artifact_runner(target, path: Path, windows: np.ndarray, memory):

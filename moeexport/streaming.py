@@ -200,8 +200,26 @@ class LayerStream:
         embeddings = {self.adapter.embeddings}
         if part == "input":
             return embeddings
+        if part == "final_norm":
+            return {self.adapter.final_norm}
         head = child_name(self.model, self.model.get_output_embeddings())
         return {self.adapter.final_norm, head} | (embeddings if tied else set())
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embeddings of `input_ids`, reading only the rows of the tokens that occur."""
+        name = self.adapter.embeddings + ".weight"
+        used, positions = torch.unique(input_ids, return_inverse=True)
+        return self.checkpoint.rows(name, used).to(self.dtype)[positions]
+
+    def head_blocks(self, rows: int = 4096):
+        """(first row, the LM head's rows [first, first + rows) in the compute dtype), covering the head."""
+        name = child_name(self.model, self.model.get_output_embeddings()) + ".weight"
+        if not self.checkpoint.has(name):  # tied to the embeddings
+            name = self.adapter.embeddings + ".weight"
+        vocabulary = self.checkpoint.shape(name)[0]
+        for first in range(0, vocabulary, rows):
+            indices = torch.arange(first, min(first + rows, vocabulary))
+            yield first, self.checkpoint.rows(name, indices).to(self.dtype)
 
     def _name(self, layer: int, name: str) -> str:
         return f"{self.adapter.layers}.{layer}.{name}"
@@ -227,11 +245,12 @@ class LayerStream:
         return tensor.to(self.dtype)
 
     def expert_matrix(self, name: str, expert: int, part: int | None = None, parts: int = 1,
-                      stored: bool = False) -> torch.Tensor:
+                      stored: bool = False, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Expert `expert`'s matrix of the stacked parameter `name` (the model's name, source layer), or only
-        its `part` of `parts` row blocks (gate or up of gate_up_proj); in the compute dtype, or as `stored`."""
-        read = (name, expert, part, parts)
-        matrix = self.checkpoint.expert(name, expert, part, parts)
+        its `part` of `parts` row blocks (gate or up of gate_up_proj), or of that only `rows` (first, count);
+        in the compute dtype, or as `stored`."""
+        read = (name, expert, part, parts, rows)
+        matrix = self.checkpoint.expert(name, expert, part, parts, rows)
         if self.check_finite and read not in self._found_finite:
             if not all(torch.isfinite(bound) for bound in torch.aminmax(matrix)):
                 raise MoeExportError(f"{self.model.config.name_or_path}: {name} of expert {expert} has non-finite "
@@ -250,8 +269,13 @@ class SafetensorsCheckpoint:
         self.headers = read_headers(files)
         self.sources = _parameter_sources(model, self.headers)
 
+    reads_in_blocks = False  # matrices are read whole, as stored
+
     def has(self, name: str) -> bool:
         return bool(self.sources.get(name))
+
+    def rows(self, name: str, indices: torch.Tensor) -> torch.Tensor:
+        return self.tensor(name).index_select(0, indices)
 
     def shape(self, name: str) -> list[int]:
         """The shape of a parameter stored whole (not for per-expert pieces)."""
@@ -265,8 +289,13 @@ class SafetensorsCheckpoint:
     def tensor(self, name: str) -> torch.Tensor:
         return self._tensor(self.sources[name][0].key)
 
-    def expert(self, name: str, expert: int, part: int | None, parts: int) -> torch.Tensor:
-        """One expert's matrix of a stacked parameter (or its `part` of `parts` row blocks), as stored."""
+    def expert(self, name: str, expert: int, part: int | None, parts: int,
+               rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """One expert's matrix of a stacked parameter (or its `part` of `parts` row blocks, or of that only
+        `rows`: first, count), as stored."""
+        if rows is not None:
+            first, count = rows
+            return self.expert(name, expert, part, parts)[first:first + count]
         pieces = self.sources[name]
         if pieces[0].expert is None:  # stored stacked, as the model names it: slice the one expert out
             with safe_open(self.headers[pieces[0].key][2], "pt") as handle:
@@ -335,10 +364,10 @@ class _ExpertReader:
     def __call__(self, slot: int) -> torch.Tensor:
         return self.part(slot, None, 1)
 
-    def part(self, slot: int, part: int | None, parts: int) -> torch.Tensor:
+    def part(self, slot: int, part: int | None, parts: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
         expert = self.edit.experts[slot] if self.edit.experts is not None else slot
         transforms = self.edit.transforms
-        matrix = self.stream.expert_matrix(self.name, expert, part, parts, self.stored and not transforms)
+        matrix = self.stream.expert_matrix(self.name, expert, part, parts, self.stored and not transforms, rows)
         for transform in transforms:  # in float32, and kept so: the result is not a stored value any more
             matrix = transform(matrix.float())
         return matrix
@@ -366,6 +395,37 @@ class ExpertsOnDemand(nn.Module):
         """The same experts read as the checkpoint stores them (for saving: lossless, and half a float32's size)."""
         return ExpertsOnDemand(*self._arguments, stored=True)
 
+    ROWS_PER_BLOCK = 1024  # weight rows read and multiplied at once by a checkpoint that reads in blocks
+
+    def intermediate(self, expert: int, tokens: torch.Tensor) -> torch.Tensor:
+        """act(gate(x)) * up(x) of one expert: the input of its down projection.
+
+        A checkpoint that reads in blocks (a GGUF, which stores gate and up apart and
+        is dequantized as it is read) has each matrix read and applied a block of
+        rows at a time, so no whole expert matrix is ever in float32; others apply
+        gate_up fused, bit for bit what the in-memory model computes.
+        """
+        if self._arguments[0].checkpoint.reads_in_blocks:
+            width = self.gate_up_proj.shape[1] // 2
+            gate = self._project(tokens, self.gate_up_proj, expert, 0, 2, width)
+            return self.act_fn(gate) * self._project(tokens, self.gate_up_proj, expert, 1, 2, width)
+        gate, up = nn.functional.linear(tokens, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+    def output(self, expert: int, intermediate: torch.Tensor) -> torch.Tensor:
+        """The expert's down projection of its intermediate (read in blocks where the checkpoint reads so)."""
+        if self._arguments[0].checkpoint.reads_in_blocks:
+            return self._project(intermediate, self.down_proj, expert, None, 1, self.down_proj.shape[1])
+        return nn.functional.linear(intermediate, self.down_proj[expert])
+
+    def _project(self, tokens: torch.Tensor, stack: "ExpertStack", expert: int, part: int | None, parts: int,
+                 rows: int) -> torch.Tensor:
+        """tokens @ W.T for the expert's matrix W (its `part` of `parts`), ROWS_PER_BLOCK rows of W at a time."""
+        reader = stack._read
+        return torch.cat([nn.functional.linear(tokens, reader.part(int(expert), part, parts,
+                                                                   (first, min(self.ROWS_PER_BLOCK, rows - first))))
+                          for first in range(0, rows, self.ROWS_PER_BLOCK)], dim=-1)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         final_hidden_states = torch.zeros_like(hidden_states)
         with torch.no_grad():
@@ -378,9 +438,7 @@ class ExpertsOnDemand(nn.Module):
                 continue
             top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
             current_state = hidden_states[token_idx]
-            gate, up = nn.functional.linear(current_state, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
-            current_hidden_states = self.act_fn(gate) * up
-            current_hidden_states = nn.functional.linear(current_hidden_states, self.down_proj[expert_idx])
+            current_hidden_states = self.output(expert_idx, self.intermediate(expert_idx, current_state))
             current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
         return final_hidden_states
@@ -454,8 +512,11 @@ def first_layer_inputs(model, input_ids: torch.Tensor):
         raise _StopForward
 
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    stream = getattr(model, "moeexport_stream", None)
     try:
-        with outer(model, "input"):
+        if stream is not None:  # only the rows of the tokens used are read
+            model(inputs_embeds=stream.embed(input_ids), use_cache=False)
+        else:
             model(input_ids=input_ids, use_cache=False)
     except _StopForward:
         pass
@@ -478,6 +539,14 @@ def logits(model, windows: torch.Tensor, batch_size: int = 8) -> np.ndarray:
         hidden = [run_layer(view.module, h, kwargs) for h, (_, kwargs) in zip(hidden, batches)]
     around = adapter_for(model.config).model_view(model)
     out = np.empty((*windows.shape, model.config.vocab_size), np.float32)  # filled batch by batch: no copies
+    stream = getattr(model, "moeexport_stream", None)
+    if stream is not None and stream.checkpoint.reads_in_blocks:  # the head a block of vocabulary rows at a time
+        with stream.outer("final_norm"):
+            hidden = [around.final_norm(h) for h in hidden]
+        for first, rows in stream.head_blocks():
+            for start, h in zip(range(0, len(windows), batch_size), hidden):
+                out[start:start + len(h), :, first:first + len(rows)] = (h @ rows.T).float().numpy()
+        return out
     with outer(model, "output"):
         for start, h in zip(range(0, len(windows), batch_size), hidden):
             out[start:start + len(h)] = around.output(around.final_norm(h)).float().numpy()

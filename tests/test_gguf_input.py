@@ -14,7 +14,7 @@ import moeexport
 from moeexport.adapters import adapter_for
 from moeexport.adapters.base import structure
 from moeexport.backends import gguf as gguf_backend
-from moeexport.backends.gguf.reader import GGUFFile
+from moeexport.backends.gguf.reader import GGUFFile, carried_codes
 from moeexport.compress import compress
 from moeexport.errors import MoeExportError
 from moeexport.modelio import DEMO_MODEL
@@ -94,12 +94,13 @@ def _assert_codes_carried(source_path, report) -> None:
     source, output = GGUFFile(source_path), GGUFFile(report.artifact["path"])
     silent = [i for i, layer in enumerate(report.compression.layers_after) if layer["kind"] == "dropped"]
     assert silent, "the recipe drops a MoE sublayer"
+    codes = carried_codes(source_path, report.artifact["path"])
     for name, tensor in output.tensors.items():
         block = int(name.split(".")[1]) if name.startswith("blk.") else None
         if block in silent and ("_exps" in name or "ffn_gate_inp" in name or "ffn_norm" in name):
-            assert not output.dequantized(name).any() or "ffn_norm" in name  # stand-in zeros (and a norm of ones)
+            assert codes[name] == "zeros" or "ffn_norm" in name, name  # stand-in zeros (and a norm of ones)
             continue
-        assert tensor.qtype == source.tensors[name].qtype, name
+        assert codes[name] == "carried" and tensor.qtype == source.tensors[name].qtype, name
         if "_exps" in name or name.endswith("ffn_gate_inp.weight"):
             slots = _expert_slots(source, output, name)
             assert None not in slots and len(set(slots)) == len(slots) == 6, (name, slots)
@@ -133,6 +134,8 @@ def test_a_quantize_pass_rewrites_only_the_experts_it_changed(tmp_path):
     report = _carried_build(source, tmp_path, recipe=recipe)
     rewritten = [line.split(":")[0] for line in report.artifact["fallbacks"]]
     assert rewritten and all("_exps" in name for name in rewritten)
+    codes = carried_codes(source, report.artifact["path"])
+    assert sorted(name for name, code in codes.items() if code == "rewritten") == sorted(rewritten)
     assert all("a quantize pass changed its experts" in line for line in report.artifact["fallbacks"])
     output = GGUFFile(report.artifact["path"])
     assert all(output.tensors[name].qtype == GGUFFile(source).tensors[name].qtype for name in rewritten)

@@ -8,6 +8,7 @@ build runs in a fresh subprocess, one after the other; its peak RSS is the large
 tree (ru_maxrss from os.wait4, measured as tools/bench_convert.py does), and the build process's own
 peak per stage comes from its report.json. Prints, per build: wall time, peak RSS, that peak over
 the checkpoint's size, the validation verdict and its numbers; the same as JSON to WORK/bench_memory.json.
+Given a GGUF as the model, a gguf:keep build also says how many of its tensors carry the input's bytes.
 """
 
 from __future__ import annotations
@@ -33,15 +34,27 @@ def _bench_convert():
 
 
 def checkpoint_bytes(model: str) -> int:
-    from moeexport.modelio import read_manifest, resolve_model_dir, weight_files
+    from moeexport.modelio import is_gguf, read_manifest, resolve_model_dir, weight_files
 
     model_dir = resolve_model_dir(model)
+    if is_gguf(model_dir):
+        return model_dir.stat().st_size
     return sum(path.stat().st_size for path in weight_files(model_dir, read_manifest(model_dir)))
+
+
+def codes_summary(model: str, artifact: str) -> str | None:
+    """For a GGUF built from a GGUF: how many of its tensors carry the input's bytes (backends/gguf/reader.py)."""
+    from moeexport.backends.gguf.reader import carried_codes
+
+    if not (str(model).endswith(".gguf") and ".gguf" in Path(artifact).name):
+        return None
+    codes = list(carried_codes(model, artifact).values())
+    return ", ".join(f"{codes.count(kind)} {kind}" for kind in ("carried", "zeros", "rewritten"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="checkpoint directory (or 'demo')")
+    parser.add_argument("model", help="checkpoint directory, a MoE .gguf (build it with gguf:keep), or 'demo'")
     parser.add_argument("--recipe", required=True, help="the recipe every build applies")
     parser.add_argument("--build", action="append", required=True, metavar="TARGET:QUANT",
                         help="a build to measure, e.g. gguf:q8_0 or onnx:int4 (repeatable)")
@@ -75,7 +88,9 @@ def main() -> None:
         rows.append({"build": build, "wall_s": run["wall_s"], "peak_rss_bytes": peak, "build_process_bytes": own,
                      "ratio": peak / size, "ok": report["ok"], "failures": report["failures"],
                      "validation": {key: report["validation"][key] for key in ("max_abs_logit", "kl", "top1_agreement")},
-                     "file_bytes": report["artifact"]["file_bytes"]})
+                     "file_bytes": report["artifact"]["file_bytes"],
+                     "codes": codes_summary(args.model, report["artifact"]["path"]),
+                     "quality_vs_input": report.get("quality_vs_input")})
         shutil.rmtree(out, ignore_errors=True)  # GBs at real widths
     print(f"checkpoint {args.model}: {size / GB:.2f} GB; a third is {size / 3 / GB:.2f} GB")
     print(f"{'build':<14}{'wall s':>9}{'peak GB':>9}{'/ ckpt':>8}{'own GB':>8}{'file GB':>9}  validation")
@@ -85,6 +100,8 @@ def main() -> None:
               f"{row['build_process_bytes'] / GB:>8.2f}{row['file_bytes'] / GB:>9.2f}  {verdict} "
               f"(max |dlogit| {row['validation']['max_abs_logit']:.3g}, KL {row['validation']['kl']:.3g}, "
               f"top-1 {row['validation']['top1_agreement']:.1%})")
+        if row["codes"]:
+            print(f"{'':<14}tensors against the input GGUF: {row['codes']}")
     (work / "bench_memory.json").write_text(json.dumps({"checkpoint_bytes": size, "builds": rows}, indent=2) + "\n")
 
 

@@ -31,9 +31,10 @@ import numpy as np
 
 from moeexport.backends.gguf.architectures import ARCHITECTURES
 from moeexport.errors import MoeExportError
+from moeexport.memory import release_freed_memory
 
 LAYERS_KEY = "moeexport.layers"  # JSON list of LayerSpec dicts, written by writer.py
-DEQUANTIZE_ROWS = 1024  # rows dequantized at once
+DEQUANTIZE_ROWS = 512  # rows dequantized at once
 
 
 def is_gguf(model) -> bool:
@@ -118,6 +119,19 @@ class GGUFFile:
             return raw.view(np.float16).astype(np.float32)
         return gguf.quants.dequantize(raw, qtype)
 
+    def matrix_rows(self, name: str, index: int, first: int, count: int) -> np.ndarray:
+        """float32 rows [first, first + count) of matrix `index` of a stacked tensor [E, rows, columns]."""
+        tensor = self.tensors[name]
+        row_bytes = tensor.outer_bytes() // tensor.shape[1]
+        with open(self.path, "rb") as handle:
+            handle.seek(tensor.offset + index * tensor.outer_bytes() + first * row_bytes)
+            raw = np.fromfile(handle, np.uint8, count * row_bytes).reshape(count, row_bytes)
+        values = np.empty((count, tensor.shape[-1]), np.float32)
+        for start in range(0, count, DEQUANTIZE_ROWS):
+            values[start:start + DEQUANTIZE_ROWS] = self._values(raw[start:start + DEQUANTIZE_ROWS], tensor.qtype)
+        release_freed_memory()
+        return values
+
     def dequantized(self, name: str, start: int = 0, count: int | None = None,
                     out: np.ndarray | None = None) -> np.ndarray:
         """float32 values of slices [start, start + count) along the outermost axis (all of them by default),
@@ -132,6 +146,7 @@ class GGUFFile:
         # a block of rows at a time: dequantizing makes temporaries several times its output's size
         for first in range(0, rows.shape[0], DEQUANTIZE_ROWS):
             rows[first:first + DEQUANTIZE_ROWS] = self._values(raw[first:first + DEQUANTIZE_ROWS], tensor.qtype)
+        release_freed_memory()  # the temporaries gguf-py made
         return values
 
 
@@ -358,8 +373,28 @@ class GGUFCheckpoint:
 
     # -- what a LayerStream asks -----------------------------------------------------------
 
+    # matrices are read in row blocks as they are used (gate and up apart, the head a block at a time): a
+    # GGUF stores gate and up apart, and dequantizing a matrix whole would hold it in float32 at once
+    reads_in_blocks = True
+
     def has(self, name: str) -> bool:
         return name in self.sources
+
+    def rows(self, name: str, indices):
+        """Rows `indices` of a matrix stored whole (the embeddings, the head), dequantized one run at a time."""
+        import torch
+
+        source = self.sources[name]
+        out = np.empty((len(indices), *source.shape[1:]), np.float32)
+        indices = indices.tolist()
+        first = 0
+        while first < len(indices):  # consecutive rows are read together
+            run = 1
+            while first + run < len(indices) and indices[first + run] == indices[first] + run:
+                run += 1
+            self.file.dequantized(source.tensors[0], indices[first], run, out=out[first:first + run])
+            first += run
+        return torch.from_numpy(out)
 
     def shape(self, name: str) -> list[int]:
         return list(self.sources[name].shape)
@@ -380,13 +415,21 @@ class GGUFCheckpoint:
             values = _unpermute_rows(values, source.permute_heads)
         return torch.from_numpy(np.ascontiguousarray(values).reshape(source.shape))
 
-    def expert(self, name: str, expert: int, part: int | None, parts: int):
-        """One expert's matrix (or its `part` of `parts` row blocks: gate or up of gate_up_proj)."""
+    def expert(self, name: str, expert: int, part: int | None, parts: int, rows: tuple[int, int] | None = None):
+        """One expert's matrix (or its `part` of `parts` row blocks: gate or up of gate_up_proj; or of that
+        only `rows`: first, count)."""
         import torch
 
         tensors = self.sources[name].tensors
+        if part is None and len(tensors) == 1:
+            part, parts = 0, 1
         if part is not None and len(tensors) == parts:
+            if rows is not None:
+                return torch.from_numpy(self.file.matrix_rows(tensors[part], expert, *rows))
             return torch.from_numpy(self.file.dequantized(tensors[part], expert, 1)[0])
+        if rows is not None:
+            first, count = rows
+            return self.expert(name, expert, part, parts)[first:first + count]
         matrix = np.empty(self.sources[name].shape[1:], np.float32)  # gate and up dequantized into their rows
         first = 0
         for tensor in tensors:
@@ -418,3 +461,33 @@ def _unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's interleaved q/k rows (NORM RoPE) back to HF's rotate-half order: writer._permute_rows undone."""
     rows = weight.shape[0]
     return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def carried_codes(source: str | Path, output: str | Path) -> dict[str, str]:
+    """For each tensor of `output`, how it relates to `source`, read a slice at a time: "carried" (the bytes of
+    the same-named input tensor, or each expert or row the bytes of one input slice), "zeros" (a stand-in that
+    is all zero), or "rewritten". Blocks renumbered by Block Drop are matched by content, like experts."""
+    source, output = GGUFFile(source), GGUFFile(output)
+    found = {}
+    for name, tensor in output.tensors.items():
+        candidates = [stored for stored in source.tensors.values()
+                      if stored.qtype == tensor.qtype and stored.shape[1:] == tensor.shape[1:]
+                      and stored.name.split(".")[-2:] == name.split(".")[-2:]]
+        candidates.sort(key=lambda stored: stored.name != name)  # the same block first: where it usually is
+        slices = range(tensor.shape[0]) if "_exps." in name or name.endswith("ffn_gate_inp.weight") else [None]
+        verdicts = [_slice_origin(source, candidates, output, name, index) for index in slices]
+        found[name] = "carried" if all(v == "carried" for v in verdicts) else \
+            "zeros" if all(v == "zeros" for v in verdicts) else "rewritten"
+    return found
+
+
+def _slice_origin(source: GGUFFile, candidates: list, output: GGUFFile, name: str, index: int | None) -> str:
+    made = output.raw(name) if index is None else output.raw(name, index, 1)
+    for stored in candidates:
+        count = 1 if index is not None else stored.shape[0]
+        if index is None and stored.shape[0] != output.tensors[name].shape[0]:
+            continue
+        for first in range(stored.shape[0] if index is not None else 1):
+            if np.array_equal(source.raw(stored.name, first, count), made):
+                return "carried"
+    return "zeros" if not output.dequantized(name, index or 0, None if index is None else 1).any() else "rewritten"
