@@ -183,7 +183,10 @@ class _Stages:
 
     @contextmanager
     def __call__(self, name: str, message: str):
+        from moeexport.memory import release_freed_memory
+
         self.events.stage(message)
+        release_freed_memory()  # what earlier stages freed is not held (nor counted) in this one
         started = time.perf_counter()
         with self._memory.measure() as memory:
             yield

@@ -116,6 +116,7 @@ def test_gguf_to_gguf_carries_every_kept_tensor_byte_for_byte(tmp_path):
     _assert_codes_carried(source, report)
     assert not (tmp_path / "out" / "compressed").exists()  # the artifact is the compressed model
     assert report.validation["kl"] <= 1e-3
+    assert gguf_backend.TARGET.tolerance("keep", source) == gguf_backend.TOLERANCES["q8_0"]
 
 
 @needs_shared
@@ -173,3 +174,17 @@ def test_a_stock_padded_host_is_not_read_as_one_of_ours(tmp_path):
     with pytest.raises(MoeExportError, match="stock ernie4_5-moe model"):
         moeexport.load(copy_path)
     assert json.loads(GGUFFile(source).metadata["moeexport.layers"])[0]["kind"] == "moe"
+
+
+def test_the_command_line_builds_a_gguf_from_a_gguf(tmp_path, capsys):
+    from moeexport.cli import main
+
+    source = gguf_backend.export(moeexport.load("demo"), tmp_path / "demo-q8_0.gguf", quant="q8_0").path
+    recipe = tmp_path / "trim.yaml"
+    recipe.write_text("passes:\n  - expert_drop: {keep: 6, scope: layer, score: frequency}\n")
+    argv = ["build", str(source), "--recipe", str(recipe), "--target", "gguf", "--out", str(tmp_path / "out"),
+            "--calib", str(HELD_OUT), "--calib-samples", "4", "--eval-text", str(HELD_OUT), "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["quant"] == "keep" and report["ok"] and report["quality_vs_input"]["tokens"] > 0
+    assert Path(report["artifact"]["path"]).name == "model-keep.gguf"

@@ -2,10 +2,11 @@
 
 The inverse of writer.py, for the hosts it writes (architectures.py) and for
 files of the same hosts that llama.cpp's own converter writes:
-- The family comes from `general.architecture` (llama with experts is Mixtral;
-  the padded hosts ernie4_5-moe and hy_v3 only from files moeexport wrote, whose
-  `moeexport.layers` says which experts are real and which layers lost their
-  MoE sublayer; a stock ernie4_5-moe or hy_v3 file is another model family).
+- The family comes from `general.architecture`, through architectures.py's
+  table read backwards. A padded host (ernie4_5-moe, hy_v3) is read only from
+  files moeexport wrote, whose `moeexport.layers` says which experts are real
+  and which layers lost their MoE sublayer: a stock file of such a host is
+  another model family.
 - The config comes from the host's metadata keys, under canonical names that the
   family's adapter spells as its transformers config (`MoEAdapter.config_values`).
 - The tokenizer comes from the `tokenizer.ggml.*` metadata through transformers'
@@ -16,9 +17,9 @@ files of the same hosts that llama.cpp's own converter writes:
   expert's bytes are one contiguous range of the file.
 
 `GGUFCheckpoint` serves those weights under the model's parameter names to a
-moeexport.streaming.LayerStream, undoing the writer's layout changes (llama's
-q/k row permutation, DeepSeek's k_b / v_b split, the padding experts), and keeps
-for the writer which tensor of the file each output tensor may be carried from.
+moeexport.streaming.LayerStream, undoing the writer's layout changes (the q/k
+row permutation of NORM RoPE hosts, latent attention's k_b / v_b split, the
+padding experts); the writer carries tensors of the file by the stream's record.
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ def _expert_width(file: GGUFFile) -> int:
 
 
 def layer_specs(file: GGUFFile) -> list:
-    """Each layer's LayerSpec: as moeexport recorded it, else every layer MoE (after DeepSeek's leading dense)."""
+    """Each layer's LayerSpec: as moeexport recorded it, else every layer MoE after the leading dense ones."""
     from moeexport.adapters.base import LayerSpec
 
     layers = file.value("block_count")
@@ -284,7 +285,7 @@ class Source:
 
     tensors: tuple[str, ...]  # GGUF names; gate_up_proj joins ffn_gate_exps and ffn_up_exps along the rows
     permute_heads: int = 0  # llama's q/k rows: undo the writer's interleaving for this many heads
-    latent_heads: int = 0  # DeepSeek's kv_b_proj: join k_b (transposed back) and v_b per head
+    latent_heads: int = 0  # latent attention's kv_b_proj: join k_b (transposed back) and v_b per head
     experts: int | None = None  # real experts of a padded stack or router (None: all of it); pads follow
     shape: tuple[int, ...] = ()  # the parameter's shape
 
