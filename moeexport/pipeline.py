@@ -264,6 +264,8 @@ def _compress(model: str | Path, recipe: Recipe, options: CompressOptions, event
     if options.measure_quality and not options.dry_run:
         with stages("quality", "recording the original model's logits"):
             original = _record(lm, tokenizer, options, *QUALITY_WINDOWS)
+            if memory.streamed:  # held on disk while the model is compressed
+                original = original.spilled()
     provider = statistics_provider(model, tokenizer, options.calibration, events)
     passes = []  # each applied pass as the report and the event give it
 

@@ -151,6 +151,19 @@ class RecordedReference:
             logits = np.stack([runner.logits(window) for window in windows.tolist()]).astype(np.float32)
         return cls(windows, logits, text)
 
+    def spilled(self) -> "RecordedReference":
+        """The same logits kept in a temporary file, mapped: they take no memory until they are read (a
+        streamed run keeps the original's while it compresses). The file goes when the object does."""
+        import shutil
+        import tempfile
+        import weakref
+
+        directory = tempfile.mkdtemp(prefix="moeexport-logits-")
+        np.save(f"{directory}/logits.npy", self.recorded)
+        spilled = RecordedReference(self.windows, np.load(f"{directory}/logits.npy", mmap_mode="r"), self.text)
+        weakref.finalize(spilled, shutil.rmtree, directory, True)
+        return spilled
+
     def logits(self, token_ids) -> np.ndarray:
         key = np.asarray(list(token_ids), dtype=np.int64).tobytes()
         if key not in self._logits:
