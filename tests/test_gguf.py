@@ -318,6 +318,10 @@ def test_fixture_gguf_matches_llama_cpp_s_own_converter(tmp_path):
     their_runner, our_runner = gguf_backend.Runner(theirs, context=257), gguf_backend.Runner(ours, context=257)
     for window in windows.tolist():
         assert abs(their_runner.logits(window) - our_runner.logits(window)).max() <= 1e-4
+    # and moeexport reads the converter's file back as the model it came from
+    with torch.no_grad():
+        read_back, original = moeexport.load(theirs)(windows).logits, moeexport.load(FIXTURE)(windows).logits
+    assert (read_back - original).abs().max().item() <= 1e-4
 
 
 def test_per_tensor_type_overrides(demo, tmp_path):
