@@ -580,7 +580,7 @@ def _build(model, recipe: Recipe, chosen, target_options, options: BuildOptions,
                                            artifact.path, where, chosen.runtime(), events)
             artifact.path = validation.artifact  # *.failed when it missed
         if is_gguf(model) and target == "gguf":
-            with stages("quality", "measuring quality against the input GGUF, both in llama.cpp"):
+            with stages("quality_vs_input", "measuring quality against the input GGUF, both in llama.cpp"):
                 report.quality_vs_input = _against_input_gguf(model, runner, windows, where)
         del runner
         if validation.passed and options.profile:

@@ -146,7 +146,7 @@ class RecordedReference:
         """Run `runner` (e.g. TorchRunner) once on every window and keep its float32 logits."""
         windows = np.asarray(windows.tolist() if hasattr(windows, "tolist") else windows, dtype=np.int64)
         if hasattr(runner, "window_logits"):
-            logits = runner.window_logits(windows).astype(np.float32)
+            logits = runner.window_logits(windows).astype(np.float32, copy=False)  # no second copy
         else:
             logits = np.stack([runner.logits(window) for window in windows.tolist()]).astype(np.float32)
         return cls(windows, logits, text)
