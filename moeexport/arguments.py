@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "build", "compress, then export to a deployment target",
         "Compress MODEL with a recipe, then export the result for a target, validate it against the "
         "compressed torch model and profile it on this machine. DIR receives the artifact, the compressed "
-        "checkpoint (compressed/), report.json and report.html (plots), all at once when the build is done. A build whose validation misses its tolerance exits 1 and "
+        "checkpoint (compressed/; not for a .gguf MODEL, whose artifact is the compressed model), report.json and report.html (plots), all at once when the build is done. A build whose validation misses its tolerance exits 1 and "
         "its artifact is renamed *.failed.\n\n" + RECIPE_HELP, [model, calibration])
     _recipe_and_output(build)
     build.add_argument("--target", required=True, choices=["gguf", "onnx", "tensorrt"], help="deployment target")
