@@ -295,8 +295,9 @@ def _compress(model: str | Path, recipe: Recipe, options: CompressOptions, event
         with stages("quality", "measuring quality against the original"):
             windows = torch.from_numpy(original.windows)
             scored = RecordedReference.record(TorchRunner(lm), windows) if memory.streamed else lm
-            report.quality_vs_source = {"text": original.text,
-                                        **score(scored, windows, reference=original, progress=events).to_dict()}
+            batch = 1 if memory.streamed else 4  # recorded logits: a window at a time holds the least
+            report.quality_vs_source = {"text": original.text, **score(scored, windows, reference=original,
+                                                                       batch_size=batch, progress=events).to_dict()}
     return _Compressed(lm, tokenizer, provider, report)
 
 

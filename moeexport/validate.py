@@ -160,7 +160,7 @@ class RecordedReference:
 
         directory = tempfile.mkdtemp(prefix="moeexport-logits-")
         np.save(f"{directory}/logits.npy", self.recorded)
-        spilled = RecordedReference(self.windows, np.load(f"{directory}/logits.npy", mmap_mode="r"), self.text)
+        spilled = _SpilledReference(self.windows, f"{directory}/logits.npy", self.text)
         weakref.finalize(spilled, shutil.rmtree, directory, True)
         return spilled
 
@@ -169,6 +169,22 @@ class RecordedReference:
         if key not in self._logits:
             raise MoeExportError("no recorded reference logits for this token window")
         return self._logits[key]
+
+
+class _SpilledReference(RecordedReference):
+    """Recorded logits in a file: each window's are copied out of a fresh mapping that closes right after, so
+    the pages read do not stay in this process's resident memory."""
+
+    def __init__(self, windows: np.ndarray, path: str, text: str = ""):
+        super().__init__(windows, np.load(path, mmap_mode="r"), text)
+        self.path = path
+        self._index = {windows[i].astype(np.int64).tobytes(): i for i in range(len(windows))}
+
+    def logits(self, token_ids) -> np.ndarray:
+        key = np.asarray(list(token_ids), dtype=np.int64).tobytes()
+        if key not in self._index:
+            raise MoeExportError("no recorded reference logits for this token window")
+        return np.array(np.load(self.path, mmap_mode="r")[self._index[key]])
 
 
 @dataclass
