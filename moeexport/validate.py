@@ -100,6 +100,9 @@ class Fidelity:
         return failed
 
 
+POSITIONS_PER_BLOCK = 64
+
+
 def compare(reference, artifact, windows, progress=None) -> Fidelity:
     """Run both runners on every window [N, L] and compare their next-token distributions."""
     import torch
@@ -109,17 +112,22 @@ def compare(reference, artifact, windows, progress=None) -> Fidelity:
     reference_nll = artifact_nll = 0.0
     task = progress.add_task("validating", total=len(windows)) if progress else None
     for window in windows.tolist():
-        expected = torch.from_numpy(reference.logits(window))[:-1].double()
-        actual = torch.from_numpy(artifact.logits(window))[:-1].double()
-        targets = torch.tensor(window[1:])
-        difference = (expected - actual).abs().max().item()
-        max_abs = max(max_abs, difference if math.isfinite(difference) else math.inf)  # NaN must fail
-        expected_log, actual_log = expected.log_softmax(-1), actual.log_softmax(-1)
-        kl += (expected_log.exp() * (expected_log - actual_log)).sum().item()
-        agree += (expected.argmax(-1) == actual.argmax(-1)).sum().item()
-        reference_nll -= expected_log.gather(1, targets[:, None]).sum().item()
-        artifact_nll -= actual_log.gather(1, targets[:, None]).sum().item()
-        count += len(targets)
+        expected_logits, actual_logits = reference.logits(window), artifact.logits(window)
+        # a block of positions at a time: float64 temporaries of a whole window over a large vocabulary add
+        # up to half a GB
+        for start in range(0, len(window) - 1, POSITIONS_PER_BLOCK):
+            stop = min(start + POSITIONS_PER_BLOCK, len(window) - 1)
+            expected = torch.from_numpy(np.asarray(expected_logits[start:stop])).double()
+            actual = torch.from_numpy(np.asarray(actual_logits[start:stop])).double()
+            targets = torch.tensor(window[start + 1:stop + 1])
+            difference = (expected - actual).abs().max().item()
+            max_abs = max(max_abs, difference if math.isfinite(difference) else math.inf)  # NaN must fail
+            expected_log, actual_log = expected.log_softmax(-1), actual.log_softmax(-1)
+            kl += (expected_log.exp() * (expected_log - actual_log)).sum().item()
+            agree += (expected.argmax(-1) == actual.argmax(-1)).sum().item()
+            reference_nll -= expected_log.gather(1, targets[:, None]).sum().item()
+            artifact_nll -= actual_log.gather(1, targets[:, None]).sum().item()
+            count += len(targets)
         if progress:
             progress.advance(task)
     return Fidelity(
