@@ -469,13 +469,12 @@ def _materialized(lm: nn.Module) -> nn.Module:
     """A streamed model with every weight read into memory, and its stream detached: an ordinary model."""
     from moeexport import streaming
 
-    weights = {}
+    layers = adapter_for(lm.config).layers
     with streaming.outer(lm):
-        weights |= {name: tensor.clone() for name, tensor in lm.state_dict().items()
-                    if not name.startswith(adapter_for(lm.config).layers + ".")}
-    layers = streaming.layer_views(lm)
-    for view in layers:
-        prefix = f"{adapter_for(lm.config).layers}.{view.index}."
+        weights = {name: tensor.clone() for name, tensor in lm.state_dict().items()
+                   if not name.startswith(layers + ".")}
+    for view in streaming.layer_views(lm):
+        prefix = f"{layers}.{view.index}."
         weights |= {prefix + name: tensor.clone() for name, tensor in view.module.state_dict().items()}
         if view.experts is not None:
             stem = prefix + streaming.child_name(view.module, view.experts) + "."

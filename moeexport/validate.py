@@ -147,7 +147,7 @@ class RecordedReference:
         if windows.ndim != 2 or logits.shape[:2] != windows.shape:
             raise MoeExportError(f"reference logits {logits.shape} do not match the windows {windows.shape}")
         self.windows, self.recorded, self.text = windows, logits, text  # text: where the windows came from
-        self._logits = {windows[i].astype(np.int64).tobytes(): logits[i] for i in range(len(windows))}
+        self._index = {windows[i].astype(np.int64).tobytes(): i for i in range(len(windows))}
 
     @classmethod
     def record(cls, runner, windows, text: str = "") -> "RecordedReference":
@@ -174,9 +174,12 @@ class RecordedReference:
 
     def logits(self, token_ids) -> np.ndarray:
         key = np.asarray(list(token_ids), dtype=np.int64).tobytes()
-        if key not in self._logits:
+        if key not in self._index:
             raise MoeExportError("no recorded reference logits for this token window")
-        return self._logits[key]
+        return self._window(self._index[key])
+
+    def _window(self, index: int) -> np.ndarray:
+        return self.recorded[index]
 
 
 class _SpilledReference(RecordedReference):
@@ -186,13 +189,9 @@ class _SpilledReference(RecordedReference):
     def __init__(self, windows: np.ndarray, path: str, text: str = ""):
         super().__init__(windows, np.load(path, mmap_mode="r"), text)
         self.path = path
-        self._index = {windows[i].astype(np.int64).tobytes(): i for i in range(len(windows))}
 
-    def logits(self, token_ids) -> np.ndarray:
-        key = np.asarray(list(token_ids), dtype=np.int64).tobytes()
-        if key not in self._index:
-            raise MoeExportError("no recorded reference logits for this token window")
-        return np.array(np.load(self.path, mmap_mode="r")[self._index[key]])
+    def _window(self, index: int) -> np.ndarray:
+        return np.array(np.load(self.path, mmap_mode="r")[index])
 
 
 @dataclass

@@ -30,12 +30,12 @@ class GGUFTarget(Target):
         return options.imatrix
 
     def default_quant(self, model) -> str:
-        return KEEP if str(model).endswith(".gguf") else "f32"  # a GGUF input keeps its types (and codes)
+        return KEEP if str(model).endswith(f".{EXTENSION}") else "f32"  # a GGUF input keeps its types (and codes)
 
     def tolerance(self, quant: str, model=None) -> Tolerance:
         if quant == KEEP:  # carried codes are judged by the tolerance of the input's own type
             quant = self.quant_of(Path(model)) if model is not None else None
-            quant = quant if quant in self.tolerances and quant != KEEP else "q4_0"  # (a type we do not write)
+            quant = quant if quant in self.tolerances else "q4_0"  # (a type we do not write)
         return self.tolerances[quant]
 
     def check(self, model, quant: str, options: GGUFOptions) -> None:

@@ -38,8 +38,9 @@ LAYERS_KEY = "moeexport.layers"  # JSON list of LayerSpec dicts, written by writ
 DEQUANTIZE_ROWS = 512  # rows dequantized at once
 
 
-def is_gguf(model) -> bool:
-    return str(model).endswith(".gguf")
+def per_expert(name: str) -> bool:
+    """Whether GGUF tensor `name` has one slice per routed expert (a stack of experts, or the router's rows)."""
+    return "_exps." in name or name.endswith("ffn_gate_inp.weight")
 
 
 def host_families() -> dict[str, str]:
@@ -102,12 +103,15 @@ class GGUFFile:
         tensor = self.tensors[name]
         count = tensor.shape[0] - start if count is None else count
         size = tensor.outer_bytes()
+        return self._bytes(name, tensor.offset + start * size, count * size).reshape(count, size)
+
+    def _bytes(self, name: str, offset: int, size: int) -> np.ndarray:
         with open(self.path, "rb") as handle:
-            handle.seek(tensor.offset + start * size)
-            data = np.fromfile(handle, np.uint8, count * size)
-        if data.size != count * size:
+            handle.seek(offset)
+            data = np.fromfile(handle, np.uint8, size)
+        if data.size != size:
             raise MoeExportError(f"{self.path} ends inside tensor {name}: the file is truncated; fetch it again")
-        return data.reshape(count, size)
+        return data
 
     @staticmethod
     def _values(raw: np.ndarray, qtype: int) -> np.ndarray:
@@ -124,14 +128,9 @@ class GGUFFile:
         """float32 rows [first, first + count) of matrix `index` of a stacked tensor [E, rows, columns]."""
         tensor = self.tensors[name]
         row_bytes = tensor.outer_bytes() // tensor.shape[1]
-        with open(self.path, "rb") as handle:
-            handle.seek(tensor.offset + index * tensor.outer_bytes() + first * row_bytes)
-            raw = np.fromfile(handle, np.uint8, count * row_bytes).reshape(count, row_bytes)
-        values = np.empty((count, tensor.shape[-1]), np.float32)
-        for start in range(0, count, DEQUANTIZE_ROWS):
-            values[start:start + DEQUANTIZE_ROWS] = self._values(raw[start:start + DEQUANTIZE_ROWS], tensor.qtype)
-        release_freed_memory()
-        return values
+        offset = tensor.offset + index * tensor.outer_bytes() + first * row_bytes
+        raw = self._bytes(name, offset, count * row_bytes).reshape(count, row_bytes)
+        return self._dequantize_rows(raw, tensor.qtype, np.empty((count, tensor.shape[-1]), np.float32))
 
     def dequantized(self, name: str, start: int = 0, count: int | None = None,
                     out: np.ndarray | None = None) -> np.ndarray:
@@ -144,11 +143,16 @@ class GGUFFile:
         values = np.empty((count, *tensor.shape[1:]), np.float32) if out is None else out
         rows = values.reshape(-1, tensor.shape[-1])
         raw = self.raw(name, start, count).reshape(rows.shape[0], -1)  # stored rows are small (4-8 bits)
-        # a block of rows at a time: dequantizing makes temporaries several times its output's size
-        for first in range(0, rows.shape[0], DEQUANTIZE_ROWS):
-            rows[first:first + DEQUANTIZE_ROWS] = self._values(raw[first:first + DEQUANTIZE_ROWS], tensor.qtype)
-        release_freed_memory()  # the temporaries gguf-py made
+        self._dequantize_rows(raw, tensor.qtype, rows)
         return values
+
+    def _dequantize_rows(self, raw: np.ndarray, qtype: int, rows: np.ndarray) -> np.ndarray:
+        """Stored rows `raw` dequantized into float32 `rows`, a block at a time: dequantizing makes
+        temporaries several times its output's size, handed back to the system afterwards."""
+        for first in range(0, rows.shape[0], DEQUANTIZE_ROWS):
+            rows[first:first + DEQUANTIZE_ROWS] = self._values(raw[first:first + DEQUANTIZE_ROWS], qtype)
+        release_freed_memory()
+        return rows
 
 
 def _gguf():
@@ -299,7 +303,7 @@ class GGUFCheckpoint:
 
     def __init__(self, model, file: GGUFFile):
         from moeexport.adapters import adapter_for
-        from moeexport.backends.gguf.names import TensorNames
+        from moeexport.backends.gguf.names import DENSE_FFN, ROUTED_FFN, SHARED_FFN, TensorNames
 
         self.file = file
         self.sources: dict[str, Source] = {}
@@ -327,19 +331,19 @@ class GGUFCheckpoint:
                 continue
             add(view.ffn_norm, "FFN_NORM", block=block)
             if view.kind == "dense":
-                for kind, projection in zip(("FFN_GATE", "FFN_UP", "FFN_DOWN"), _mlp(view.ffn)):
+                for kind, projection in zip(DENSE_FFN, _mlp(view.ffn)):
                     add(projection, kind, block=block)
                 continue
             add(view.router, "FFN_GATE_INP", block=block, experts=spec.num_experts)
             if view.experts is not None:
                 stem = module_names[id(view.experts)]
-                gate, up, down = (names(kind, block) for kind in ("FFN_GATE_EXP", "FFN_UP_EXP", "FFN_DOWN_EXP"))
+                gate, up, down = (names(kind, block) for kind in ROUTED_FFN)
                 self.sources[f"{stem}.gate_up_proj"] = Source((gate, up), experts=spec.num_experts,
                                                               shape=tuple(view.experts.gate_up_proj.shape))
                 self.sources[f"{stem}.down_proj"] = Source((down,), experts=spec.num_experts,
                                                            shape=tuple(view.experts.down_proj.shape))
             for shared in view.shared_experts:
-                for kind, projection in zip(("FFN_GATE_SHEXP", "FFN_UP_SHEXP", "FFN_DOWN_SHEXP"), _mlp(shared)):
+                for kind, projection in zip(SHARED_FFN, _mlp(shared)):
                     add(projection, kind, block=block)
             if view.shared_expert_gate is not None:
                 add(view.shared_expert_gate, "FFN_GATE_INP_SHEXP", block=block)
@@ -434,12 +438,12 @@ class GGUFCheckpoint:
         matrix = np.empty(self.sources[name].shape[1:], np.float32)  # gate and up dequantized into their rows
         first = 0
         for tensor in tensors:
-            rows = self.file.tensors[tensor].shape[1]
-            self.file.dequantized(tensor, expert, 1, out=matrix[None, first:first + rows])
-            first += rows
+            height = self.file.tensors[tensor].shape[1]
+            self.file.dequantized(tensor, expert, 1, out=matrix[None, first:first + height])
+            first += height
         if part is not None:
-            rows = matrix.shape[0] // parts
-            matrix = matrix[part * rows:(part + 1) * rows]
+            height = matrix.shape[0] // parts
+            matrix = matrix[part * height:(part + 1) * height]
         return torch.from_numpy(np.ascontiguousarray(matrix))
 
     def _kv_b(self, source: Source) -> np.ndarray:
@@ -466,8 +470,8 @@ def _unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
 
 def carried_codes(source: str | Path, output: str | Path) -> dict[str, str]:
     """For each tensor of `output`, how it relates to `source`, read a slice at a time: "carried" (the bytes of
-    the same-named input tensor, or each expert or row the bytes of one input slice), "zeros" (a stand-in that
-    is all zero), or "rewritten". Blocks renumbered by Block Drop are matched by content, like experts."""
+    an input tensor, or each expert or router row the bytes of one input slice), "zeros" (a stand-in that is
+    all zero), or "rewritten". Blocks renumbered by Block Drop are matched by content, like experts."""
     source, output = GGUFFile(source), GGUFFile(output)
     found = {}
     for name, tensor in output.tensors.items():
@@ -475,20 +479,22 @@ def carried_codes(source: str | Path, output: str | Path) -> dict[str, str]:
                       if stored.qtype == tensor.qtype and stored.shape[1:] == tensor.shape[1:]
                       and stored.name.split(".")[-2:] == name.split(".")[-2:]]
         candidates.sort(key=lambda stored: stored.name != name)  # the same block first: where it usually is
-        slices = range(tensor.shape[0]) if "_exps." in name or name.endswith("ffn_gate_inp.weight") else [None]
-        verdicts = [_slice_origin(source, candidates, output, name, index) for index in slices]
-        found[name] = "carried" if all(v == "carried" for v in verdicts) else \
-            "zeros" if all(v == "zeros" for v in verdicts) else "rewritten"
+        slices = range(tensor.shape[0]) if per_expert(name) else [None]
+        verdicts = {_slice_origin(source, candidates, output, name, index) for index in slices}
+        found[name] = verdicts.pop() if len(verdicts) == 1 else "rewritten"  # a mixture is a rewrite
     return found
 
 
 def _slice_origin(source: GGUFFile, candidates: list, output: GGUFFile, name: str, index: int | None) -> str:
-    made = output.raw(name) if index is None else output.raw(name, index, 1)
-    for stored in candidates:
-        count = 1 if index is not None else stored.shape[0]
-        if index is None and stored.shape[0] != output.tensors[name].shape[0]:
-            continue
-        for first in range(stored.shape[0] if index is not None else 1):
-            if np.array_equal(source.raw(stored.name, first, count), made):
-                return "carried"
+    """How output tensor `name` (or only its slice `index`) came from the input's `candidates`."""
+    if index is None:
+        made = output.raw(name)
+        carried = any(stored.shape[0] == len(made) and np.array_equal(source.raw(stored.name), made)
+                      for stored in candidates)
+    else:
+        made = output.raw(name, index, 1)
+        carried = any(np.array_equal(source.raw(stored.name, first, 1), made)
+                      for stored in candidates for first in range(stored.shape[0]))
+    if carried:
+        return "carried"
     return "zeros" if not output.dequantized(name, index or 0, None if index is None else 1).any() else "rewritten"

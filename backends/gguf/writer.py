@@ -55,7 +55,7 @@ from moeexport.adapters.base import structure
 from moeexport.backends.gguf import ggml
 from moeexport.backends.gguf.architectures import ARCHITECTURES, GGUFArchitecture
 from moeexport.backends.gguf.names import DENSE_FFN, ROUTED_FFN, SHARED_FFN, BlockNames, TensorNames
-from moeexport.backends.gguf.reader import LAYERS_KEY
+from moeexport.backends.gguf.reader import LAYERS_KEY, per_expert
 from moeexport.backends.gguf.types import KEEP, LLAMA_CPP_TYPES, LLAMA_FTYPES, QUANT_TYPES
 from moeexport.errors import MoeExportError
 from moeexport.quantization import WeightGrid
@@ -86,7 +86,6 @@ class _Plan:
     expert_width: int  # ffn width of every routed expert
     shared_width: int  # ffn width of the shared expert, 0 without one
     shared_gate: bool  # the shared expert's output is scaled by a sigmoid gate
-    model: object = field(repr=False, compare=False, default=None)
 
 
 def _gguf():
@@ -156,7 +155,7 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
     width = next(view.experts.down_proj.shape[-1] for view in views if view.experts is not None)
     shared_width = next((view.shared_experts[0].down_proj.weight.shape[-1] for view in views if view.shared_experts), 0)
     shared_gate = any(view.shared_expert_gate is not None for view in views)
-    return _Plan(architecture, config, layers, max(routed), silent, width, shared_width, shared_gate, model)
+    return _Plan(architecture, config, layers, max(routed), silent, width, shared_width, shared_gate)
 
 
 def export(
@@ -259,7 +258,8 @@ def _write_file(gguf, path: Path, model, plan: _Plan, quant: str, representation
     """
     writer = gguf.GGUFWriter(str(path), plan.architecture.name)
     try:
-        _write_hparams(writer, gguf, plan, quant)
+        carry = sink_options.get("carry")  # a carried file keeps its input's file type
+        _write_hparams(writer, gguf, plan, carry.file.metadata["general.file_type"] if carry else LLAMA_FTYPES[quant])
         writer.add_string(REPRESENTATION_KEY, representation)
         writer.add_string(LAYERS_KEY, json.dumps([asdict(spec) for spec in plan.layers]))  # what reader.py reads
         _write_vocab(writer, gguf, plan.config, plan.architecture)
@@ -360,7 +360,7 @@ def _types_other_than_asked(gguf, path: Path, quant: str, overrides: dict[str, i
     return report
 
 
-def _write_hparams(writer, gguf, plan: _Plan, quant: str) -> None:
+def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
     config = plan.config
     writer.add_name(Path(config.name_or_path or "moeexport-model").name)
     writer.add_context_length(config.context_length)
@@ -393,9 +393,7 @@ def _write_hparams(writer, gguf, plan: _Plan, quant: str) -> None:
     writer.add_expert_count(plan.num_experts)
     writer.add_expert_used_count(min(config.top_k, plan.num_experts))
     writer.add_vocab_size(config.vocab_size)
-    # llama_ftype ids, as llama.cpp's quantizer records them (a carried file keeps its input's)
-    source = _Carry.source_file(plan.model) if quant == KEEP else None
-    writer.add_file_type(source.metadata["general.file_type"] if source else LLAMA_FTYPES[quant])
+    writer.add_file_type(file_type)  # a llama_ftype id, as llama.cpp's quantizer records it
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -666,8 +664,7 @@ class _Carry:
         stored = self.file.tensors.get(source)
         if stored is None or tuple(stored.shape[1:]) != tuple(shape[1:]):
             return None
-        per_expert = "_exps." in name or name.endswith("ffn_gate_inp.weight")
-        if not per_expert:
+        if not per_expert(name):
             slots = tuple(range(shape[0])) if stored.shape[0] == shape[0] else None
         elif "_exps." in name and edit.transforms:
             slots = None  # a quantize pass rounded these experts as they were read: their values changed
