@@ -3,11 +3,14 @@
 A runner supplies one step, `_forward(token_ids, past, past_length)`; the loop
 turns it into logits for a sequence (prefill in chunks of at most `max_prompt`),
 generation through the cache (greedy, or seeded sampling), and a profile.
+Every runner's profile returns `speed_report`'s numbers, and every format
+counts what one decoded token reads as a `TokenBytes`.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -23,6 +26,41 @@ def speed_report(prompt_tokens: int, prefill_s: float, decode_tokens: int, decod
         "decode_tokens": decode_tokens,
         "decode_tokens_per_s": decode_tokens / decode_s,
     }
+
+
+@dataclass(frozen=True)
+class TokenBytes:
+    """The weight bytes one decoded token reads, at the types the artifact stores them in: decoding cannot
+    run faster than memory bandwidth / `total`. KV-cache reads (which grow with the context) are left out."""
+
+    routed_experts: int  # the k experts each MoE layer routes to (all of them where a graph computes every one)
+    head: int  # the output projection, read whole
+    lookups: int  # one row of each table indexed per token: the token embedding (ONNX: the RoPE tables too)
+    other: int  # attention, norms, routers, shared experts, dense FFNs: read whole
+    experts_read: str  # of each MoE layer's routed experts, e.g. "top-2 of 8"
+    embedding_rows: int  # rows of the token embedding: the vocabulary
+
+    @property
+    def total(self) -> int:
+        return self.routed_experts + self.head + self.lookups + self.other
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"total": self.total}
+
+
+def experts_read(pairs, every: bool = False) -> str:
+    """TokenBytes.experts_read for MoE layers of (k, E) `pairs`; `every`: all E experts are computed."""
+    if not pairs:
+        return "no routed experts"
+
+    def span(values) -> str:
+        values = sorted(set(values))
+        return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+    ks, es = span(k for k, _ in pairs), span(e for _, e in pairs)
+    if every:
+        return f"all {es} (every expert computed; top-{ks} used)"
+    return f"top-{ks} of {es}"
 
 
 def next_token(logits, temperature: float, rng) -> int:
@@ -91,6 +129,8 @@ class DecoderLoop:
     def profile(self, prompt, new_tokens: int = 64) -> dict:
         """Prefill and greedy-decode speed: time to first token, tokens/s each way."""
         prompt = [int(t) for t in prompt]
+        if len(prompt) + new_tokens > self.context:  # the decode steps must stay inside the graph's positions
+            raise MoeExportError(f"{len(prompt)} + {new_tokens} tokens do not fit the runner's context of {self.context}")
         self.generate(prompt[: min(len(prompt), 8)], 2)  # warm-up: prefill and decode pay for lazy initialisation once
         self._synchronize()
         started = time.perf_counter()

@@ -1,13 +1,19 @@
-"""Run an artifact in a fresh process, so that its memory is the runtime's alone (no torch, no model).
+"""Run an artifact in a fresh process, so that its memory is the runtime's alone (a GGUF or ONNX runs without torch).
 
     python -m moeexport.backends.profile '{"target": "onnx", "path": "m.onnx", "prompt": [1, 2, 3], "new_tokens": 64}'
 
 prints the target runner's `profile` numbers as JSON, plus the process's peak resident memory
 (peak_rss_bytes, Python and torch included: ~200 MiB that a deployment would not load) and the
 resident memory the runtime holds after decoding (runtime_rss_bytes: weights, KV cache, arenas).
+"threads" (optional) sets the CPU threads the runtime computes with (default: every core).
+The target "torch" runs a checkpoint directory (or "demo") in torch eager, as moeexport.load gives it,
+through validate.TorchRunner; its runtime_rss_bytes leave out torch's own libraries.
 With "windows" and "logits" (.npy paths) instead of a prompt, it writes the runner's logits of
 each window: a streamed build validates that way, so the artifact's runtime and the build's
 torch process never hold their weights at the same time.
+
+A MoeExportError in the child (a file the runtime cannot load, a prompt that does not fit) is its
+one line on stderr and exit status 2; the parent raises it again with the file named.
 """
 
 from __future__ import annotations
@@ -21,15 +27,23 @@ from pathlib import Path
 from moeexport.errors import MoeExportError
 
 
+TORCH = "torch"  # the target name of a checkpoint run in torch eager (no backends/ target: nothing is exported)
+
+
 def profile_in_subprocess(target: str, path: str | Path, prompt: list[int], new_tokens: int = 64,
-                          context: int = 512) -> dict:
-    request = json.dumps(
-        {"target": target, "path": str(path), "prompt": prompt, "new_tokens": new_tokens, "context": context}
-    )
+                          context: int = 512, threads: int | None = None) -> dict:
+    request = json.dumps({"target": target, "path": str(path), "prompt": prompt, "new_tokens": new_tokens,
+                          "context": context, "threads": threads})
     done = subprocess.run([sys.executable, "-m", "moeexport.backends.profile", request], capture_output=True, text=True)
     if done.returncode:
-        raise MoeExportError(f"profiling {path} failed: {done.stderr.strip().splitlines()[-1:]}")
+        raise MoeExportError(f"profiling {path} failed: {_last_line(done.stderr)}")
     return json.loads(done.stdout)
+
+
+def _last_line(stderr: str) -> str:
+    """The child's reason: its last line (a MoeExportError's message, or a traceback's exception line)."""
+    lines = stderr.strip().splitlines()
+    return lines[-1] if lines else "the process ended without saying why"
 
 
 def logits_in_subprocess(target: str, path: str | Path, windows, context: int) -> tuple[object, int]:
@@ -46,14 +60,24 @@ def logits_in_subprocess(target: str, path: str | Path, windows, context: int) -
         done = subprocess.run([sys.executable, "-m", "moeexport.backends.profile", request], capture_output=True,
                               text=True)
         if done.returncode:
-            raise MoeExportError(f"running {path} failed: {done.stderr.strip().splitlines()[-1:]}")
+            raise MoeExportError(f"running {path} failed: {_last_line(done.stderr)}")
         return np.load(outputs), json.loads(done.stdout)["peak_rss_bytes"]
 
 
 def main() -> None:
+    try:
+        _serve(json.loads(sys.argv[1]))
+    except MoeExportError as error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+
+
+def _serve(request: dict) -> None:
     from moeexport.backends import target_for
 
-    request = json.loads(sys.argv[1])
+    if request["target"] == TORCH:
+        print(json.dumps(_profile_torch(request)))
+        return
     target = target_for(request["target"])
     if "windows" in request:
         import numpy as np
@@ -66,11 +90,34 @@ def main() -> None:
     from moeexport.memory import resident_bytes
 
     before = resident_bytes()
-    runner = target.serving_runner(request["path"], request["context"])
+    runner = target.serving_runner(request["path"], request["context"], threads=request.get("threads"))
+    print(json.dumps(_measured(runner, request, before)))
+
+
+def _profile_torch(request: dict) -> dict:
+    import os
+
+    import torch  # before `before`: the runtime's memory is the model's and its activations', not torch's libraries
+    from transformers.utils import logging
+
+    from moeexport.memory import resident_bytes
+    from moeexport.modelio import load
+    from moeexport.validate import TorchRunner
+
+    logging.disable_progress_bar()  # stderr carries only a failure's reason
+    logging.set_verbosity_error()
+    torch.set_num_threads(request.get("threads") or os.cpu_count() or 1)
+    before = resident_bytes()
+    return _measured(TorchRunner(load(request["path"])), request, before)
+
+
+def _measured(runner, request: dict, before: int) -> dict:
+    from moeexport.memory import resident_bytes
+
     result = runner.profile(request["prompt"], request["new_tokens"])
     result["runtime_rss_bytes"] = resident_bytes() - before
     result["peak_rss_bytes"] = _peak_resident_bytes()
-    print(json.dumps(result))
+    return result
 
 
 def _peak_resident_bytes() -> int:

@@ -104,8 +104,9 @@ class Target(ABC):
     def runner(self, path: Path, context: int):
         """A runner with `logits(token_ids)`, `generate(...)` and `profile(...)` on the artifact at `path`."""
 
-    def serving_runner(self, path: Path, context: int):
-        """The runner as a deployment would configure it, for profiling (default: the validation runner)."""
+    def serving_runner(self, path: Path, context: int, threads: int | None = None):
+        """The runner as a deployment would configure it, for profiling (default: the validation runner).
+        `threads`: CPU threads the runtime computes with (None: every core); a GPU runtime ignores it."""
         return self.runner(path, context)
 
     def runtime(self) -> str:

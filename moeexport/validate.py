@@ -10,6 +10,7 @@ type; `validate_artifact` is the one place an artifact is judged against it.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,6 +62,55 @@ class TorchRunner:
                 min_new_tokens=max_new_tokens, do_sample=bool(temperature), pad_token_id=0, **sampling,
             )
         return out[0, ids.shape[1]:].tolist()
+
+    def profile(self, prompt, new_tokens: int = 64) -> dict:
+        """Prefill and greedy-decode speed through transformers' KV cache, timed as the other runners time
+        themselves (a warm-up first, then the prompt, then `new_tokens` one-token steps)."""
+        import torch
+
+        from moeexport.backends.decoding import speed_report
+
+        prompt = [int(t) for t in prompt]
+        self.generate(prompt[: min(len(prompt), 8)], 2)  # warm-up: lazy initialisation is paid once
+        with torch.no_grad():
+            started = time.perf_counter()
+            step = self.model(input_ids=torch.tensor([prompt]), use_cache=True)
+            prefill = time.perf_counter() - started
+            started = time.perf_counter()
+            for _ in range(new_tokens):
+                token = step.logits[0, -1].argmax().view(1, 1)
+                step = self.model(input_ids=token, cache=step.cache, use_cache=True)
+            decode = time.perf_counter() - started
+        return speed_report(len(prompt), prefill, new_tokens, decode)
+
+
+def bytes_per_token(model):
+    """The weight bytes the torch model reads to decode one token (a backends.decoding.TokenBytes), at its
+    parameters' dtype: k / E of each routed expert stack (k the layer's top-k, E the stack's outer axis), one
+    row of the token embedding, and everything else (attention, norms, routers, shared experts, dense MLPs,
+    the head) whole. Shapes and dtypes only: a model on the meta device (moeexport.modelio.load_streamed's)
+    will do."""
+    from moeexport.adapters import adapter_for
+    from moeexport.backends.decoding import TokenBytes, experts_read
+
+    def stored(parameter) -> int:
+        return parameter.numel() * parameter.element_size()
+
+    adapter = adapter_for(model.config)
+    routed, seen, pairs = 0, set(), set()
+    for view in adapter.layer_views(model):
+        for parameter in view.experts.parameters() if view.experts is not None else ():
+            count = parameter.shape[0]
+            k = min(view.top_k, count)
+            routed += stored(parameter) * k // count
+            seen.add(id(parameter))
+            pairs.add((k, count))
+    around = adapter.model_view(model)
+    embedding, head = around.embeddings.weight, around.output.weight
+    seen |= {id(embedding), id(head)}
+    other = sum(stored(parameter) for parameter in model.parameters() if id(parameter) not in seen)
+    return TokenBytes(routed_experts=routed, head=stored(head), lookups=stored(embedding) // embedding.shape[0],
+                      other=other, experts_read=experts_read(pairs), embedding_rows=embedding.shape[0])
 
 
 def perplexity(total_nll: float, tokens: int) -> float:

@@ -60,8 +60,9 @@ class GGUFTarget(Target):
     def runner(self, path: Path, context: int) -> GGUFRunner:
         return GGUFRunner(path, context=context)  # exact: F32 KV cache, flash attention off
 
-    def serving_runner(self, path: Path, context: int) -> GGUFRunner:
-        return GGUFRunner(path, context=context, exact=False)  # the KV cache and attention llama.cpp serves with
+    def serving_runner(self, path: Path, context: int, threads: int | None = None) -> GGUFRunner:
+        # the KV cache and attention llama.cpp serves with
+        return GGUFRunner(path, context=context, exact=False, threads=threads)
 
     def runtime(self) -> str:
         import llama_cpp

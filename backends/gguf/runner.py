@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moeexport.backends.decoding import next_token, speed_report
+from moeexport.backends.decoding import TokenBytes, experts_read, next_token, speed_report
 from moeexport.errors import MoeExportError
 
 GGML_TYPE_F32 = 0  # KV-cache type for exactness checks
@@ -137,9 +137,11 @@ class GGUFRunner:
 
     def profile(self, prompt: list[int], new_tokens: int = 64) -> dict:
         """Prefill and greedy-decode speed on this machine, as llama.cpp serves them."""
+        prompt = [int(t) for t in prompt]
+        self.generate(prompt[: min(len(prompt), 8)], 2)  # warm-up, as DecoderLoop.profile: lazy initialisation once
         self.llm.reset()
         started = time.perf_counter()
-        self._eval([int(t) for t in prompt])
+        self._eval(prompt)
         prefill = time.perf_counter() - started
         started = time.perf_counter()
         self._continue(new_tokens, 0.0, None)
@@ -168,3 +170,41 @@ class GGUFRunner:
 
     def close(self) -> None:
         self.llm.close()
+
+
+def bytes_per_token(path: str | Path) -> TokenBytes:
+    """The weight bytes llama.cpp reads to decode one token of the GGUF at `path`, from its tensor table.
+
+    Every tensor is read whole, except the routed expert stacks blk.N.ffn_{gate,up,down}_exps, of which the
+    k = {arch}.expert_used_count selected experts are read: k x (the stack's bytes / E), E its outermost axis
+    (stacks are uniform; a padded layer's padding experts are never selected, and k real ones always are),
+    and the token embedding, of which one row is read. The head (output.weight, or token_embd again when the
+    file has none: tied) is read whole.
+    """
+    import gguf
+
+    from moeexport.backends.gguf.names import ROUTED_FFN, TensorNames
+    from moeexport.backends.gguf.reader import GGUFFile
+
+    file = GGUFFile(path)
+    names = TensorNames(gguf, file.architecture)
+    kinds = [kind for kind in ROUTED_FFN if names.allowed is None or kind in names.allowed]
+    routed = {names(kind, block, suffix="") for kind in kinds for block in range(int(file.value("block_count", 0)))}
+    embedding, head = names("TOKEN_EMBD", suffix=""), names("OUTPUT", suffix="")
+    tied = not any(name.rsplit(".", 1)[0] == head for name in file.tensors)
+    used = int(file.value("expert_used_count", 0) or 0)
+    parts, pairs, rows = {"routed_experts": 0, "head": 0, "lookups": 0, "other": 0}, set(), 0
+    for name, tensor in file.tensors.items():
+        stem = name.rsplit(".", 1)[0]
+        if stem in routed:
+            count = tensor.shape[0]
+            k = min(used or count, count)
+            parts["routed_experts"] += k * tensor.outer_bytes()
+            pairs.add((k, count))
+        elif stem == embedding:
+            parts["lookups"] += tensor.outer_bytes()  # one row per token
+            parts["head"] += tensor.nbytes if tied else 0
+            rows = max(rows, tensor.shape[0])
+        else:
+            parts["head" if stem == head else "other"] += tensor.nbytes
+    return TokenBytes(**parts, experts_read=experts_read(pairs), embedding_rows=rows)

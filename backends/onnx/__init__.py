@@ -65,6 +65,9 @@ class ONNXTarget(Target):
     def runner(self, path: Path, context: int) -> OnnxRunner:
         return OnnxRunner(path, context=context)
 
+    def serving_runner(self, path: Path, context: int, threads: int | None = None) -> OnnxRunner:
+        return OnnxRunner(path, context=context, threads=threads)
+
     def runtime(self) -> str:
         import onnxruntime
 
