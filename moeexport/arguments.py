@@ -16,6 +16,7 @@ examples:
   moeexport build demo --recipe recipes/trim.yaml --target onnx --quant int4 --out out/demo-onnx
   moeexport validate out/demo-onnx/model-int4.onnx --reference out/demo-onnx/compressed --text held_out.txt
   moeexport chat out/demo-gguf/model-f32.gguf --prompt "Once upon a time"
+  moeexport bench out/demo-gguf/model-f32.gguf out/demo-onnx/model-f32.onnx --baseline demo --out out/bench
   moeexport build demo --recipe recipes/trim.yaml --target tensorrt --out out/demo-trt
   moeexport trt-build out/demo-trt/bundle --precision fp16        # on the Jetson / CUDA machine
 
@@ -162,6 +163,38 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--min-top1", type=float, metavar="P", help="the verdict's smallest top-1 agreement (0-1)")
     validate.add_argument("--max-abs-logit", type=float, metavar="X", help="the verdict's largest |delta logit|")
     validate.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    bench = command(
+        "bench", "prefill and decode speed and memory side by side, against the memory-bandwidth bound",
+        "Run each ARTIFACT (a .gguf file in llama.cpp, a .onnx file in ONNX Runtime, a checkpoint directory or "
+        "'demo' in torch eager) in a fresh process, --repeats times, interleaved across the artifacts so that drift "
+        "on the machine reaches all of them alike, and report the median and the range (min - max) of prefill and "
+        "decode tokens/s and of resident memory, with each artifact's speeds as ratios to the baseline's.\n\n"
+        "Beside each decode speed stands its bound: decoding one token reads every weight it touches once, so it "
+        "cannot run faster than memory bandwidth / weight bytes per token. The bytes are counted from the "
+        "artifact's own tensors at their stored types: attention, norms, routers, shared experts and dense FFNs "
+        "whole; k of the E experts of each routed expert stack (k/E of its bytes; all of them in an ONNX graph "
+        "with --moe-ops plain, which computes every expert); the output head whole; one row of the token "
+        "embedding. KV-cache reads are left out (they grow with the context): the bound is the weights' alone. "
+        "The bandwidth is measured here first: torch.sum over a float32 buffer of max(1 GiB, 4x the last-level "
+        "cache), with the runtimes' thread count, median of 5 runs. The fraction printed is the median decode "
+        "speed over the bound.")
+    bench.add_argument("artifacts", nargs="+", metavar="ARTIFACT",
+                       help="a .gguf or .onnx file, a checkpoint directory, or 'demo'")
+    bench.add_argument("--baseline", metavar="ARTIFACT",
+                       help="the artifact the ratios are to (default: the first; benchmarked too when not listed)")
+    bench.add_argument("--repeats", type=int, default=3, metavar="N", help="runs of each artifact (default 3)")
+    bench.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prompt length (default 128)")
+    bench.add_argument("--new-tokens", type=int, default=32, metavar="N",
+                       help="greedy decode steps timed per run (default 32)")
+    bench.add_argument("--threads", type=int, metavar="N",
+                       help="CPU threads of every runtime and of the bandwidth probe (default: every core)")
+    bench.add_argument("--bandwidth-buffer", metavar="SIZE",
+                       help="bytes summed to measure bandwidth, e.g. 4GiB (default: max(1 GiB, 4x the last-level "
+                       "cache), at most a quarter of the available memory)")
+    bench.add_argument("--out", metavar="DIR", help="write report.json and report.html (with the plot) there")
+    bench.add_argument("--json", action="store_true",
+                       help="print the report as one JSON document (progress goes to stderr)")
 
     chat = command("chat", "chat with a GGUF model in llama.cpp",
                    "Interactive local chat with a GGUF file: tokens stream as they are generated, turns use the file's "

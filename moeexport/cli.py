@@ -148,6 +148,19 @@ def run_eval(args) -> int:
     return 0
 
 
+def run_bench(args) -> int:
+    from moeexport.bench import BenchOptions, bench
+    from moeexport.console import render_bench
+    from moeexport.memory import parse_size
+
+    options = BenchOptions(repeats=args.repeats, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                           threads=args.threads, out=args.out,
+                           bandwidth_buffer=parse_size(args.bandwidth_buffer) if args.bandwidth_buffer else None)
+    report, out = _run(args, lambda on_event: bench(args.artifacts, args.baseline, options, on_event))
+    _print_json(report.to_dict()) if args.json else render_bench(out, report)
+    return 0
+
+
 def run_chat(args) -> int:
     from moeexport.backends.gguf import GGUFRunner
     from moeexport.console import chat_session
@@ -165,7 +178,7 @@ def run_chat(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run = {"analyze": run_analyze, "compress": run_compress, "eval": run_eval, "build": run_build,
-           "validate": run_validate, "chat": run_chat, "trt-build": run_trt_build}[args.command]
+           "validate": run_validate, "chat": run_chat, "trt-build": run_trt_build, "bench": run_bench}[args.command]
     try:
         if hasattr(args, "max_memory"):  # a model that cannot fit is refused before torch is even imported
             from moeexport.memory import default_budget, refuse_early

@@ -188,3 +188,52 @@ def chat_session(runner, prompt: str | None, system: str | None, max_tokens: int
                 reply(text)
     except (EOFError, KeyboardInterrupt):
         print(file=sys.stderr)
+
+
+def render_bench(out: Console, report) -> None:
+    """Speeds and memory side by side, then each decode speed against its memory-bandwidth bound."""
+    table = Table(title=f"{report.repeats} runs each: median, min-max, and x the baseline's median; "
+                        f"{report.prompt_tokens}-token prompt, {report.new_tokens} tokens decoded, {_threads(report.threads)}")
+    for header in ("artifact", "prefill tok/s", "decode tok/s", "runtime MiB", "process peak MiB"):
+        table.add_column(header, justify="left" if header == "artifact" else "right", overflow="fold")
+    for result in report.artifacts:
+        table.add_row(escape(result.label) + ("\n(baseline)" if result.baseline else ""),
+                      _spread(result.prefill_tokens_per_s) + f"\nx{result.prefill_ratio:.2f}",
+                      _spread(result.decode_tokens_per_s) + f"\nx{result.decode_ratio:.2f}",
+                      _spread(result.runtime_rss_bytes, MIB, 0), _spread(result.peak_rss_bytes, MIB, 0))
+    out.print(table)
+    runtimes = {result.format: result.runtime for result in report.artifacts}
+    out.print("runtimes: " + "; ".join(f"{name} {escape(runtime)}" for name, runtime in runtimes.items()))
+    bandwidth = report.bandwidth
+    table = Table(title=f"decode against the memory-bandwidth bound ({bandwidth.bytes_per_s / 1e9:.1f} GB/s)")
+    for header in ("artifact", "weight MiB/token", "experts read", "bound tok/s", "decode tok/s", "of bound"):
+        table.add_column(header, justify="left" if header in ("artifact", "experts read") else "right", overflow="fold")
+    for result in report.artifacts:
+        table.add_row(escape(result.label), f"{result.token_bytes['total'] / MIB:.2f}",
+                      escape(result.token_bytes["experts_read"]), _rate(result.bound_tokens_per_s),
+                      _rate(result.decode_tokens_per_s.median), f"{result.bound_fraction:.1%}")
+    out.print(table)
+    out.print(f"bandwidth {bandwidth.bytes_per_s / 1e9:.1f} GB/s: {bandwidth.method}; {bandwidth.buffer_bytes / MIB:.0f} "
+              f"MiB, {_threads(bandwidth.threads)}, median of {bandwidth.runs} runs ({bandwidth.min_bytes_per_s / 1e9:.1f}"
+              f"-{bandwidth.max_bytes_per_s / 1e9:.1f} GB/s)")
+    out.print("bound = bandwidth / the weight bytes one decoded token reads at their stored types (attention, "
+              "top-k experts, head, one embedding row); KV-cache reads left out")
+    for note in report.notes:
+        out.print(f"note: {escape(note)}")
+    if report.files:
+        out.print(f"wrote {', '.join(report.files)} in {report.seconds:.0f}s")
+
+
+def _threads(count: int) -> str:
+    return f"{count} thread{'' if count == 1 else 's'}"
+
+
+def _rate(value: float, digits: int | None = None) -> str:
+    digits = digits if digits is not None else 0 if abs(value) >= 100 else 1
+    return f"{value:,.{digits}f}"
+
+
+def _spread(spread, unit: float = 1, digits: int | None = None) -> str:
+    """The median over its range, in `unit`s."""
+    low, high = _rate(spread.min / unit, digits), _rate(spread.max / unit, digits)
+    return f"{_rate(spread.median / unit, digits)}\n[dim]{low}-{high}[/dim]"

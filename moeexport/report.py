@@ -1,4 +1,4 @@
-"""Self-contained HTML pages: the build report (report.json rendered) and the shared page scaffolding.
+"""Self-contained HTML pages: the build and bench reports (report.json rendered) and the shared page scaffolding.
 
 Every page is one file: inline CSS, plots embedded as base64 PNG data URIs, no script and no
 external URL, so it opens offline, from an e-mail attachment or a CI artifact alike.
@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -492,4 +493,89 @@ def _timings_plot(stages: dict) -> bytes:
     axes.set_xlim(0, max(values + [1e-9]) * 1.18)
     axes.spines[["top", "right"]].set_visible(False)
     axes.tick_params(labelsize=8)
+    return figure_png(figure)
+
+
+# --- the bench page ---------------------------------------------------------------------
+
+
+def write_bench_html(report: dict, path: Path) -> Path:
+    """Render a bench report (moeexport.bench.BenchReport.to_dict()) as one self-contained HTML page at `path`."""
+    path = Path(path)
+    artifacts, bandwidth = report.get("artifacts") or [], report.get("bandwidth") or {}
+    runs = f"median of {report.get('repeats', '?')} runs (min – max)"
+    speed_rows = [[a["label"], a["runtime"], _spread(a["prefill_tokens_per_s"]), _times(a["prefill_ratio"]),
+                   _spread(a["decode_tokens_per_s"]), _times(a["decode_ratio"]), size(a["runtime_rss_bytes"]["median"]),
+                   size(a["peak_rss_bytes"]["median"]), size(a.get("file_bytes"))] for a in artifacts]
+    speed = html_table(["artifact", "runtime", "prefill tok/s", "× baseline", "decode tok/s", "× baseline",
+                        "runtime memory", "process peak", "file"], speed_rows)
+    bound_rows = [[a["label"], size(a["token_bytes"]["total"]), size(a["token_bytes"]["routed_experts"]),
+                   a["token_bytes"]["experts_read"], number(a["bound_tokens_per_s"]),
+                   number(a["decode_tokens_per_s"]["median"]), percent(a["bound_fraction"], 1)] for a in artifacts]
+    bound = html_table(["artifact", "weight bytes / token", "of which routed experts", "experts read",
+                        "bound tok/s", "decode tok/s", "of the bound"], bound_rows)
+    rate = bandwidth.get("bytes_per_s") or 0
+    measured = (f"memory read bandwidth {rate / 1e9:.1f} GB/s: {bandwidth.get('method', '?')}; buffer "
+                f"{size(bandwidth.get('buffer_bytes'))} (last-level cache {size(bandwidth.get('last_level_cache_bytes'))}), "
+                f"{bandwidth.get('threads', '?')} threads, median of {bandwidth.get('runs', '?')} runs "
+                f"({(bandwidth.get('min_bytes_per_s') or 0) / 1e9:.1f} – {(bandwidth.get('max_bytes_per_s') or 0) / 1e9:.1f} GB/s)")
+    how = ("The bound is the bandwidth divided by the weight bytes one decoded token reads, at the types the artifact "
+           "stores: attention, norms, routers, shared experts and dense FFNs whole, k of the E experts of every "
+           "routed expert stack (all of them in a graph that computes every expert), the output head whole and one "
+           "row of the token embedding. KV-cache reads are left out, so the bound is the weights' alone.")
+    plot = embed_png(_bench_plot(artifacts), "decode speed (median, min – max) against the memory-bandwidth bound")
+    machine = report.get("machine") or {}
+    meta = [f"moeexport {html.escape(str(report.get('moeexport_version', '?')))}",
+            html.escape(f"{machine.get('cpu', '?')}, {machine.get('cpu_count', '?')} CPUs"),
+            html.escape(f"prompt {report.get('prompt_tokens')} tokens, {report.get('new_tokens')} decoded, "
+                        f"{report.get('threads')} threads"),
+            f"baseline <code>{html.escape(str(report.get('baseline', '?')))}</code>"]
+    tiles = [(f"{rate / 1e9:.1f} GB/s", "memory read bandwidth")]
+    tiles += [(percent(a["bound_fraction"], 1), f"{a['label']}: of its bound") for a in artifacts[:3]]
+    cells = "".join(f"<div class='tile'><b>{html.escape(v)}</b><span>{html.escape(k)}</span></div>" for v, k in tiles)
+    notes = report.get("notes") or []
+    sections = [
+        f"<h1>moeexport bench</h1><p class='meta'>{' &middot; '.join(meta)}</p><div class='tiles'>{cells}</div>",
+        _section("Speed and memory", speed, _sentence(f"{runs}; ratios are to the baseline's medians; each run is a "
+                                                      "fresh process, so memory is the runtime's alone")),
+        _section("Decode against the memory-bandwidth bound", f"<div class='row'><div>{plot}</div><div>{bound}</div></div>",
+                 _sentence(how), _sentence(measured)),
+    ]
+    if notes:
+        sections.append(_section("Notes", "<ul class='lines'>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+                                 + "</ul>"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(html_page("moeexport bench", "\n".join(sections)))
+    return path
+
+
+def _spread(spread: dict) -> str:
+    return f"{number(spread['median'])} ({number(spread['min'])} – {number(spread['max'])})"
+
+
+def _times(ratio) -> str:
+    return NA if ratio is None else f"{ratio:.2f}x"
+
+
+def _bench_plot(artifacts: list[dict]) -> bytes:
+    """Per artifact: its median decode speed (min – max as an error bar) beside its bound, the fraction on it."""
+    labels = [a["label"] for a in artifacts]
+    decode = [a["decode_tokens_per_s"] for a in artifacts]
+    bounds = [a["bound_tokens_per_s"] for a in artifacts]
+    medians = [d["median"] for d in decode]
+    figure, axes = plt.subplots(figsize=(min(max(4.8, 1.6 * len(artifacts) + 2), 11), 3.8))
+    positions = np.arange(len(artifacts))
+    errors = [[m - d["min"] for m, d in zip(medians, decode)], [d["max"] - m for m, d in zip(medians, decode)]]
+    measured = axes.bar(positions - 0.19, medians, 0.38, color=AFTER, yerr=errors, capsize=3, label="decode, measured")
+    axes.bar(positions + 0.19, bounds, 0.38, color=BEFORE, alpha=0.45, label="bound: bandwidth / bytes per token")
+    axes.bar_label(measured, [f"{percent(a['bound_fraction'], 1)} of bound" for a in artifacts], fontsize=8, padding=2)
+    logarithmic = max(bounds + medians) > 30 * max(min(medians), 1e-9)  # a far-off bound flattens the measured bars
+    if logarithmic:
+        axes.set_yscale("log")
+    else:
+        axes.set_ylim(0, max(bounds + medians) * 1.25)
+    axes.set_xticks(positions, labels, fontsize=8)
+    axes.set_ylabel("tokens / s (log scale)" if logarithmic else "tokens / s")
+    axes.spines[["top", "right"]].set_visible(False)
+    axes.legend(fontsize=8, frameon=False)
     return figure_png(figure)
