@@ -5,23 +5,37 @@ Facts from research/gguf_llamacpp.md (checked against llama.cpp's loader and gra
   the other hosts use NEOX RoPE and take them as they are.
 - Each host has a fixed routing rule: llama and qwen3moe renormalize the top-k
   weights, qwen2moe and olmoe do not. A model whose router differs is refused.
-- Every host needs MoE tensors in every layer and one global expert count.
+- The family hosts need MoE tensors in every layer and one global expert count.
   Different counts per layer need a host with a selection bias (`exp_probs_b`,
   added to the routing scores for selection only): every layer is padded to
   the largest count with zero experts biased by -1e9, never selected. That is
   exact only where the host renormalizes the top-k weights (the pads' softmax
-  mass then cancels): ernie4_5-moe for Mixtral (llama attention, NORM RoPE),
-  hy_v3 for Qwen3-MoE (per-head q/k norms, NEOX RoPE, softmax gating set
-  explicitly since its default is sigmoid).
-- hy_v3 also decides dense-or-MoE per layer by tensor presence, so a MoE-less
-  layer becomes a tiny all-zero dense FFN there: exact, and its experts' bytes
-  are really gone. Its MoE layers need shared-expert tensors (without them
-  llama.cpp adds silu(x)), so a model without one gets a tiny all-zero one.
+  mass then cancels): step35 for Mixtral, hy_v3 for Qwen3-MoE (per-head q/k
+  norms). Both take softmax gating only when the file says so (their default
+  is sigmoid).
+- step35 and hy_v3 also decide dense-or-MoE per layer by tensor presence, so a
+  MoE-less layer (Layer Drop) becomes a tiny all-zero dense FFN there: exact,
+  and its experts' bytes and compute are really gone. Their MoE layers need
+  shared-expert tensors (without them llama.cpp adds silu(x)), so a model
+  without one gets a tiny all-zero one.
+- step35 hosts Mixtral's attention as it is: plain grouped-query attention,
+  q/k norms and the head gate optional, NEOX RoPE (HF's rotate-half rows, not
+  permuted). Its context refuses a model without a sliding-window layer, so
+  every layer is written as one whose window (UNBOUNDED_WINDOW tokens) never
+  slides, with its own RoPE keys (full rotation, the model's base): the
+  full-attention layers of step35 rotate only half of each head.
+- No stock host can store fewer experts in one layer than in another: every
+  MoE layer's expert stacks have the global count and width (only
+  nemotron_h_moe and glm5-next read per-layer widths and top-k, and neither has
+  RoPE attention with SwiGLU experts), so padding costs the pads' bytes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# a window longer than any context llama.cpp is run with (x 256 sequences still fits its uint32 arithmetic)
+UNBOUNDED_WINDOW = 2**22
 
 
 @dataclass(frozen=True)
@@ -38,7 +52,9 @@ class GGUFArchitecture:
     requires_shared_expert: bool = False  # MoE layers need shared-expert tensors (zeros if the model has none)
     leading_dense: bool = False  # dense layers are allowed as a leading prefix (leading_dense_block_count)
     latent_attention: bool = False  # multi-head latent attention (DeepSeek-V2): kv_a / k_b / v_b tensors
+    unbounded_sliding_window: bool = False  # every layer written as sliding-window attention that never slides
     padded_host: GGUFArchitecture | None = None  # the host this family moves to when its expert counts differ
+
 
 
 ARCHITECTURES = {
@@ -47,7 +63,15 @@ ARCHITECTURES = {
         renormalizes=True,
         permute_qk=True,
         expert_width_key="feed_forward_length",
-        padded_host=GGUFArchitecture(name="ernie4_5-moe", renormalizes=True, permute_qk=True, pads_experts=True),
+        padded_host=GGUFArchitecture(
+            name="step35",
+            renormalizes=True,
+            pads_experts=True,
+            dense_silent_layers=True,
+            softmax_gating=True,
+            requires_shared_expert=True,
+            unbounded_sliding_window=True,
+        ),
     ),
     "qwen2_moe": GGUFArchitecture(name="qwen2moe", renormalizes=False, bpe_pre="qwen2"),
     "qwen3_moe": GGUFArchitecture(
@@ -71,3 +95,10 @@ ARCHITECTURES = {
         name="deepseek2", renormalizes=False, bpe_pre="deepseek-llm", leading_dense=True, latent_attention=True
     ),
 }
+
+
+def host_named(model_type: str, name: str) -> GGUFArchitecture:
+    """The host of `model_type` whose general.architecture is `name` (its own, or its padded one)."""
+    architecture = ARCHITECTURES[model_type]
+    padded = architecture.padded_host
+    return padded if padded is not None and padded.name == name else architecture

@@ -3,7 +3,7 @@
 The inverse of writer.py, for the hosts it writes (architectures.py) and for
 files of the same hosts that llama.cpp's own converter writes:
 - The family comes from `general.architecture`, through architectures.py's
-  table read backwards. A padded host (ernie4_5-moe, hy_v3) is read only from
+  table read backwards. A padded host (step35, hy_v3) is read only from
   files moeexport wrote, whose `moeexport.layers` says which experts are real
   and which layers lost their MoE sublayer: a stock file of such a host is
   another model family.
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moeexport.backends.gguf.architectures import ARCHITECTURES
+from moeexport.backends.gguf.architectures import ARCHITECTURES, host_named
 from moeexport.errors import MoeExportError
 from moeexport.memory import release_freed_memory
 
@@ -122,6 +122,12 @@ class GGUFFile:
             return raw.view(np.float32)
         if qtype == gguf.GGMLQuantizationType.F16:
             return raw.view(np.float16).astype(np.float32)
+        if qtype == gguf.GGMLQuantizationType.Q1_0:  # gguf-py does not dequantize it (the writer's zeros use it)
+            block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+            blocks = raw.reshape(-1, block_bytes)
+            scale = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # then one sign bit per weight
+            signs = np.unpackbits(blocks[:, 2:], axis=-1, bitorder="little").astype(bool)
+            return np.where(signs, scale, -scale).reshape(raw.shape[0], -1)
         return gguf.quants.dequantize(raw, qtype)
 
     def matrix_rows(self, name: str, index: int, first: int, count: int) -> np.ndarray:
@@ -311,7 +317,7 @@ class GGUFCheckpoint:
         adapter = adapter_for(model.config)
         config = adapter.model_config(model.config)
         module_names = {id(module): name for name, module in model.named_modules()}
-        permute = ARCHITECTURES[config.model_type].permute_qk
+        permute = host_named(config.model_type, file.architecture).permute_qk
 
         def add(module, kind, *, block=None, parameter="weight", suffix=".weight", **how):
             name = f"{module_names[id(module)]}.{parameter}"
@@ -487,9 +493,9 @@ def carried_codes(source: str | Path, output: str | Path) -> dict[str, str]:
 
 def _slice_origin(source: GGUFFile, candidates: list, output: GGUFFile, name: str, index: int | None) -> str:
     """How output tensor `name` (or only its slice `index`) came from the input's `candidates`."""
-    if index is None:
+    if index is None:  # rows may be reordered (q and k carried between RoPE layouts): compare them as sets
         made = output.raw(name)
-        carried = any(stored.shape[0] == len(made) and np.array_equal(source.raw(stored.name), made)
+        carried = any(stored.shape[0] == len(made) and _same_rows(source.raw(stored.name), made)
                       for stored in candidates)
     else:
         made = output.raw(name, index, 1)
@@ -498,3 +504,8 @@ def _slice_origin(source: GGUFFile, candidates: list, output: GGUFFile, name: st
     if carried:
         return "carried"
     return "zeros" if not output.dequantized(name, index or 0, None if index is None else 1).any() else "rewritten"
+
+
+def _same_rows(given: np.ndarray, made: np.ndarray) -> bool:
+    """Whether `made` holds exactly the rows of `given`, in any order."""
+    return np.array_equal(given, made) or sorted(map(bytes, given)) == sorted(map(bytes, made))

@@ -9,12 +9,15 @@ norms stay F32. Hosts per family are in architectures.py.
 Structure:
 - Block Drop: blocks are already renumbered in the torch model; written as is.
 - A layer without a MoE sublayer (Layer Drop, or an expert drop that emptied a
-  layer without shared experts) keeps MoE tensors whose expert weights are all
-  zero, so its output is exactly 0 whatever the input. The zeros are stored in
-  4 bits, which saves most but not all of the dropped bytes; the file records
-  the representation under `moeexport.representation`. (Its norm and any shared
-  gate are ones, not zeros: llama.cpp forms the shared-expert gate sigmoid(g) as silu(g)/g,
-  which is NaN at g = 0.)
+  layer without shared experts) moves Mixtral and Qwen3-MoE to their padded
+  host, where it is a tiny all-zero dense FFN: its experts' bytes and compute
+  are gone. The other hosts need MoE tensors in every layer, so there it keeps
+  MoE tensors whose expert weights are all zero, so its output is exactly 0
+  whatever the input, stored in ggml's smallest block type (Q1_0: 1.125 bits
+  per weight; llama.cpp still multiplies the k experts it routes to). The file
+  records the representation under `moeexport.representation`. (Its norm and
+  any shared gate are ones, not zeros: llama.cpp forms the shared-expert gate
+  sigmoid(g) as silu(g)/g, which is NaN at g = 0.)
 - Different expert counts per layer move the model to its family's padded host
   (architectures.py), where every layer is padded to the largest count with
   zero experts that a -1e9 selection bias keeps from ever being chosen; without
@@ -53,7 +56,7 @@ import torch
 from moeexport.adapters import LayerView, ModelConfig, adapter_for
 from moeexport.adapters.base import structure
 from moeexport.backends.gguf import ggml
-from moeexport.backends.gguf.architectures import ARCHITECTURES, GGUFArchitecture
+from moeexport.backends.gguf.architectures import ARCHITECTURES, UNBOUNDED_WINDOW, GGUFArchitecture, host_named
 from moeexport.backends.gguf.names import DENSE_FFN, ROUTED_FFN, SHARED_FFN, BlockNames, TensorNames
 from moeexport.backends.gguf.reader import LAYERS_KEY, per_expert
 from moeexport.backends.gguf.types import KEEP, LLAMA_CPP_TYPES, LLAMA_FTYPES, QUANT_TYPES
@@ -192,7 +195,7 @@ def export(
     grid = _carried_grid(weight_grid, quant, via_llama_cpp, result.fallbacks) if quant != KEEP else None
     try:
         if quant == KEEP:  # every tensor the model kept, carried from the input GGUF as it is stored there
-            carry = _Carry.of(model)
+            carry = _Carry.of(model, plan)
             _write_file(gguf, partial, model, plan, quant, representation,
                         {"fallbacks": result.fallbacks, "carry": carry})
             result.representation += f"; {carry.summary()}"
@@ -203,9 +206,9 @@ def export(
                 lambda proxy: _write_file(gguf, proxy, model, plan, "f32", representation,
                                           {"fallbacks": [], "proxy": True}),
                 lambda source, target: _llama_cpp_quantize(source, target, LLAMA_FTYPES[quant], overrides))
-            _write_file(gguf, partial, model, plan, quant, representation,
-                        {"fallbacks": result.fallbacks, "types": types, "importance": importance})
-            result.fallbacks += _types_other_than_asked(gguf, partial, quant, overrides)
+            standins = _write_file(gguf, partial, model, plan, quant, representation,
+                                   {"fallbacks": result.fallbacks, "types": types, "importance": importance})
+            result.fallbacks += _types_other_than_asked(gguf, partial, quant, overrides, standins)
         else:
             _write_file(gguf, partial, model, plan, quant, representation,
                         {"fallbacks": result.fallbacks, "grid": grid})
@@ -232,6 +235,7 @@ def _describe_representation(plan: _Plan) -> str:
 
 
 GRID_TYPES = {4: "q4_0", 8: "q8_0"}  # the ggml block types that hold a symmetric int grid exactly
+ZERO_TYPES = ("Q1_0", "Q4_0")  # all-zero stand-ins: 1.125 bits per weight in blocks of 128, else 4.5 in 32
 GGML_BLOCK = 32
 GGML_F32, GGML_F16 = 0, 1  # ggml type ids
 
@@ -251,10 +255,12 @@ def _carried_grid(grid: WeightGrid | None, quant: str, via_llama_cpp: bool,
     return None
 
 
-def _write_file(gguf, path: Path, model, plan: _Plan, quant: str, representation: str, sink_options: dict) -> None:
+def _write_file(gguf, path: Path, model, plan: _Plan, quant: str, representation: str,
+                sink_options: dict) -> list[str]:
     """Header from the model's shapes (no weights read), then each tensor's data as its layer is read.
 
     `sink_options` go to the _TensorSink: the fallbacks list, and a grid, llama.cpp's types or proxy.
+    Returns the names of the all-zero stand-in tensors (_TensorSink.add_zeros).
     """
     writer = gguf.GGUFWriter(str(path), plan.architecture.name)
     try:
@@ -276,6 +282,7 @@ def _write_file(gguf, path: Path, model, plan: _Plan, quant: str, representation
                        else adapter_for(model.config).layer_views(model), plan)
     finally:
         writer.close()
+    return sink.zeros
 
 
 def _ggml_types(gguf, tensor_types: dict[str, str]) -> dict[str, int]:
@@ -347,13 +354,13 @@ def _llama_cpp_quantize(source: Path, target: Path, llama_ftype: int, overrides:
         raise MoeExportError(f"llama.cpp's quantizer failed on {source.name}")
 
 
-def _types_other_than_asked(gguf, path: Path, quant: str, overrides: dict[str, int]) -> list[str]:
+def _types_other_than_asked(gguf, path: Path, quant: str, overrides: dict[str, int], standins: list[str]) -> list[str]:
     """Weight matrices llama.cpp's quantizer kept at another type than asked (shape or mix rules)."""
     base = quant.split("_")[0].upper() + "_K" if quant in LLAMA_CPP_TYPES else quant.upper()
     report = []
     for tensor in gguf.GGUFReader(path).tensors:
-        if len(tensor.shape) < 2 or "ffn_gate_inp" in tensor.name:
-            continue  # norms and routers stay F32 by design
+        if len(tensor.shape) < 2 or "ffn_gate_inp" in tensor.name or tensor.name in standins:
+            continue  # norms and routers stay F32, stand-in zeros take the smallest type, by design
         asked = next((gguf.GGMLQuantizationType(t).name for p, t in overrides.items() if re.search(p, tensor.name)), base)
         if tensor.tensor_type.name != asked:
             report.append(f"{tensor.name}: {tensor.tensor_type.name}, not {asked} (llama.cpp's {quant} rules)")
@@ -386,10 +393,12 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
         writer.add_rope_dimension_count(config.head_dim)
+    if host.unbounded_sliding_window:
+        writer.add_sliding_window(UNBOUNDED_WINDOW)
+        writer.add_sliding_window_pattern([True] * len(plan.layers))
+        writer.add_rope_dimension_count_swa(config.head_dim)
+        writer.add_rope_freq_base_swa(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if plan.architecture.pads_experts:
-        writer.add_interleave_moe_layer_step(1)
-        writer.add_leading_dense_block_count(0)
     writer.add_expert_count(plan.num_experts)
     writer.add_expert_used_count(min(config.top_k, plan.num_experts))
     writer.add_vocab_size(config.vocab_size)
@@ -484,6 +493,7 @@ class _TensorSink:
         self.proxy = proxy  # a small stand-in of the file for llama.cpp to choose types on (backends/gguf/ggml.py)
         self.writing = False
         self.reads = False  # whether the writing pass reads the model's weights (set when it starts)
+        self.zeros: list[str] = []  # the all-zero stand-ins (add_zeros)
         self.names = TensorNames(gguf, architecture)
 
     def add(self, name: str, tensor: torch.Tensor | np.ndarray, keep_f32: bool = False, quant: str | None = None,
@@ -522,6 +532,33 @@ class _TensorSink:
         self.writer.write_tensor_data(_ConvertedData(nbytes, lambda: (
             self._convert(_float32(rows), quant, name, expert)
             for expert, rows in _slices(tensor, shape, self.ROWS_PER_SLICE))))
+
+    def add_zeros(self, name: str, shape: tuple[int, ...]) -> None:
+        """An all-zero weight the host needs but that adds nothing, in the smallest type that holds it exactly.
+
+        Every block type scales its codes by a per-block factor, so all-zero bytes decode to exact zeros:
+        the smallest type whose block divides the rows is chosen (ZERO_TYPES), whatever the file's type, so
+        K-quant files too keep them at 1.1 bits per weight. A proxy (for llama.cpp's type rules) takes them
+        in F32, as every other tensor.
+        """
+        if self.proxy:
+            self.add(name, np.zeros(shape, np.float32), quant="f32")
+            return
+        qtype = next((self.gguf.GGMLQuantizationType[t] for t in ZERO_TYPES
+                      if shape[-1] % self.gguf.GGML_QUANT_SIZES[self.gguf.GGMLQuantizationType[t]][0] == 0), None)
+        if qtype is None:
+            self.add(name, np.zeros(shape, np.float32), quant="f16")
+            return
+        block, block_bytes = self.gguf.GGML_QUANT_SIZES[qtype]
+        row_bytes = shape[-1] // block * block_bytes
+        nbytes = math.prod(shape[:-1]) * row_bytes
+        if not self.writing:
+            self.writer.add_tensor_info(name, (*shape[:-1], row_bytes), np.uint8, nbytes, raw_dtype=qtype)
+            self.zeros.append(name)
+            return
+        rows = max(1, SLICE_BYTES // row_bytes)
+        counts = [min(rows, math.prod(shape[:-1]) - start) for start in range(0, math.prod(shape[:-1]), rows)]
+        self.writer.write_tensor_data(_ConvertedData(nbytes, lambda: (np.zeros(n * row_bytes, np.uint8) for n in counts)))
 
     def _add_carried(self, name: str, carried: "_Carried") -> None:
         if not self.writing:
@@ -631,13 +668,23 @@ class _Carry:
     an output tensor lies in the input file: `blk.N.*` in block `source`, expert
     stacks and router rows at the kept experts. A tensor is carried when the input
     holds it with the same inner shape and no transform changed it; one that is
-    rewritten takes its input tensor's type, and is listed.
+    rewritten takes its input tensor's type, and is listed. When the input's host
+    and the output's differ in RoPE layout (a `llama` Mixtral file trimmed onto
+    step35), q and k are carried with their rows reordered: ggml's blocks lie
+    within a row, so whole rows move and their bytes stay as stored.
     """
 
-    def __init__(self, stream, file):
+    def __init__(self, stream, file, plan: _Plan):
         self.stream, self.file = stream, file
         self.carried: list[str] = []
         self.rewritten: dict[str, str] = {}  # output name -> why
+        source_host = host_named(plan.config.model_type, file.architecture)
+        self.row_orders = {}  # output tensor name suffix -> the input row of each output row
+        if source_host.permute_qk != plan.architecture.permute_qk:
+            config = plan.config
+            for suffix, heads in ((".attn_q.weight", config.num_heads), (".attn_k.weight", config.num_kv_heads)):
+                order = _permute_rows(torch.arange(heads * config.head_dim), heads)  # HF row of each NORM row
+                self.row_orders[suffix] = tuple((order if plan.architecture.permute_qk else order.argsort()).tolist())
 
     @staticmethod
     def source_file(model):
@@ -648,8 +695,8 @@ class _Carry:
         return checkpoint.file if isinstance(checkpoint, GGUFCheckpoint) else None
 
     @classmethod
-    def of(cls, model) -> "_Carry":
-        return cls(model.moeexport_stream, cls.source_file(model))
+    def of(cls, model, plan: _Plan) -> "_Carry":
+        return cls(model.moeexport_stream, cls.source_file(model), plan)
 
     def _input(self, name: str):
         """(input tensor name, the layer's edit or None) for output tensor `name`."""
@@ -666,6 +713,8 @@ class _Carry:
             return None
         if not per_expert(name):
             slots = tuple(range(shape[0])) if stored.shape[0] == shape[0] else None
+            order = next((rows for suffix, rows in self.row_orders.items() if name.endswith(suffix)), None)
+            slots = order if slots and order else slots
         elif "_exps." in name and edit.transforms:
             slots = None  # a quantize pass rounded these experts as they were read: their values changed
         else:
@@ -850,7 +899,6 @@ def _write_zero_ffn(tensors: _TensorSink, name: BlockNames, kinds: tuple[str, st
                     experts: int = 0) -> None:
     """All-zero gate/up/down projections under the (gate, up, down) kinds; `experts` > 0 stacks that many."""
     stack = (experts,) if experts else ()
-    zeros_type = "q4_0"  # zeros are exact in any type: store them small
     shapes = ((*stack, width, hidden), (*stack, width, hidden), (*stack, hidden, width))
     for kind, shape in zip(kinds, shapes):
-        tensors.add(name(kind), np.zeros(shape, np.float32), quant=zeros_type)
+        tensors.add_zeros(name(kind), shape)
