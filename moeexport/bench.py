@@ -289,6 +289,10 @@ def _write(report: BenchReport, out: Path) -> None:
     data = report.to_dict()
     replace_atomically(out / "report.json", lambda path: path.write_text(json.dumps(data, indent=2) + "\n"))
     replace_atomically(out / "report.html", lambda path: write_bench_html(data, path))
+    umask = os.umask(0)  # the temporary files replace_atomically renames are owner-only: give the user's usual modes
+    os.umask(umask)
+    for name in report.files:
+        Path(name).chmod(0o666 & ~umask)
 
 
 # --- the machine ------------------------------------------------------------------------

@@ -517,7 +517,7 @@ def write_bench_html(report: dict, path: Path) -> Path:
     rate = bandwidth.get("bytes_per_s") or 0
     measured = (f"memory read bandwidth {rate / 1e9:.1f} GB/s: {bandwidth.get('method', '?')}; buffer "
                 f"{size(bandwidth.get('buffer_bytes'))} (last-level cache {size(bandwidth.get('last_level_cache_bytes'))}), "
-                f"{bandwidth.get('threads', '?')} threads, median of {bandwidth.get('runs', '?')} runs "
+                f"{_threads(bandwidth.get('threads'))}, median of {bandwidth.get('runs', '?')} runs "
                 f"({(bandwidth.get('min_bytes_per_s') or 0) / 1e9:.1f} – {(bandwidth.get('max_bytes_per_s') or 0) / 1e9:.1f} GB/s)")
     how = ("The bound is the bandwidth divided by the weight bytes one decoded token reads, at the types the artifact "
            "stores: attention, norms, routers, shared experts and dense FFNs whole, k of the E experts of every "
@@ -528,7 +528,7 @@ def write_bench_html(report: dict, path: Path) -> Path:
     meta = [f"moeexport {html.escape(str(report.get('moeexport_version', '?')))}",
             html.escape(f"{machine.get('cpu', '?')}, {machine.get('cpu_count', '?')} CPUs"),
             html.escape(f"prompt {report.get('prompt_tokens')} tokens, {report.get('new_tokens')} decoded, "
-                        f"{report.get('threads')} threads"),
+                        f"{_threads(report.get('threads'))}"),
             f"baseline <code>{html.escape(str(report.get('baseline', '?')))}</code>"]
     tiles = [(f"{rate / 1e9:.1f} GB/s", "memory read bandwidth")]
     tiles += [(percent(a["bound_fraction"], 1), f"{a['label']}: of its bound") for a in artifacts[:3]]
@@ -549,6 +549,10 @@ def write_bench_html(report: dict, path: Path) -> Path:
     return path
 
 
+def _threads(count) -> str:
+    return f"{count} thread{'' if count == 1 else 's'}"
+
+
 def _spread(spread: dict) -> str:
     return f"{number(spread['median'])} ({number(spread['min'])} – {number(spread['max'])})"
 
@@ -566,9 +570,11 @@ def _bench_plot(artifacts: list[dict]) -> bytes:
     figure, axes = plt.subplots(figsize=(min(max(4.8, 1.6 * len(artifacts) + 2), 11), 3.8))
     positions = np.arange(len(artifacts))
     errors = [[m - d["min"] for m, d in zip(medians, decode)], [d["max"] - m for m, d in zip(medians, decode)]]
-    measured = axes.bar(positions - 0.19, medians, 0.38, color=AFTER, yerr=errors, capsize=3, label="decode, measured")
+    axes.bar(positions - 0.19, medians, 0.38, color=AFTER, yerr=errors, capsize=3, label="decode, measured")
     axes.bar(positions + 0.19, bounds, 0.38, color=BEFORE, alpha=0.45, label="bound: bandwidth / bytes per token")
-    axes.bar_label(measured, [f"{percent(a['bound_fraction'], 1)} of bound" for a in artifacts], fontsize=8, padding=2)
+    for x, artifact, spread in zip(positions, artifacts, decode):  # above the error bar, not on it
+        axes.annotate(f"{percent(artifact['bound_fraction'], 1)} of bound", (x - 0.19, spread["max"]),
+                      xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8)
     logarithmic = max(bounds + medians) > 30 * max(min(medians), 1e-9)  # a far-off bound flattens the measured bars
     if logarithmic:
         axes.set_yscale("log")
