@@ -1,4 +1,4 @@
-"""Run an artifact in a fresh process, so that its memory is the runtime's alone (a GGUF or ONNX runs without torch).
+"""Run an artifact in a fresh process, so that its memory is the runtime's alone (no torch model beside it).
 
     python -m moeexport.backends.profile '{"target": "onnx", "path": "m.onnx", "prompt": [1, 2, 3], "new_tokens": 64}'
 
