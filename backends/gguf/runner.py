@@ -85,6 +85,7 @@ class GGUFRunner:
                 logits_all=logits,
                 use_mmap=not exact,
                 n_threads=threads or os.cpu_count(),
+                swa_full=False,  # our sliding windows never slide (step35 hosts): the cache is full-size anyway
                 verbose=False,
                 **options,
             )
