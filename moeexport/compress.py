@@ -34,6 +34,7 @@ from moeexport.recipe import Recipe
 DEFAULT_CACHE = Path(os.environ.get("MOEEXPORT_CACHE", Path.home() / ".cache" / "moeexport")) / "statistics"
 # the statistics cache keeps its newest entries within this size (MOEEXPORT_CACHE_LIMIT_MB to change it)
 CACHE_LIMIT_BYTES = int(float(os.environ.get("MOEEXPORT_CACHE_LIMIT_MB", "1024")) * 2**20)
+SCORING_TOKENS = 8192  # calibration tokens a `score: kl` selection measures removals on
 
 
 class StatisticsProvider:
@@ -80,6 +81,19 @@ class StatisticsProvider:
             if self.progress:
                 self.progress.remove_task(task)
         return self._tokens
+
+    def scorer(self, model):
+        """A RemovalScorer (calibration/damage.py) of `model` as it stands, on the first calibration sequences
+        (at most SCORING_TOKENS tokens), holding at most a quarter of the memory available in hidden states."""
+        from moeexport.adapters import adapter_for
+        from moeexport.calibration.damage import RemovalScorer
+        from moeexport.memory import available_memory
+
+        tokens = self.tokens(model)
+        tokens = tokens[: max(1, SCORING_TOKENS // tokens.shape[1])]
+        state_bytes = tokens.numel() * adapter_for(model.config).model_config(model.config).hidden_size * 4
+        max_states = max(2, available_memory() // 4 // state_bytes)
+        return RemovalScorer(model, tokens, self.batch_size, max_states, self.progress)
 
     def calibration_content(self) -> str | None:
         """What the calibration set is drawn from, by content (None: sampled from the source model)."""
@@ -196,7 +210,8 @@ def compress(model, recipe: Recipe, statistics: StatisticsProvider | None, on_st
         bytes_after=0,
     )
     original_blocks = list(decoder_layers(adapter, model))
-    calibrated = (PASSES[s.name].needs_statistics(s.options) or PASSES[s.name].needs_activations(s.options) for s in recipe.steps)
+    calibrated = (PASSES[s.name].needs_statistics(s.options) or PASSES[s.name].needs_activations(s.options)
+                  or PASSES[s.name].needs_scorer(s.options) for s in recipe.steps)
     if statistics and any(calibrated):
         statistics.tokens(model)  # draw the calibration set from the model as given
     history: list[dict] = []
@@ -207,10 +222,12 @@ def compress(model, recipe: Recipe, statistics: StatisticsProvider | None, on_st
         compression_pass.check_model(step.options, model)
         needs = compression_pass.needs_statistics(step.options)
         activations = compression_pass.needs_activations(step.options)
-        if (needs or activations) and statistics is None:
+        scored = compression_pass.needs_scorer(step.options)
+        if (needs or activations or scored) and statistics is None:
             raise ValueError(f"{step.name} needs calibration data but no StatisticsProvider was given")
         step_statistics = statistics.statistics(model, history) if needs else None
-        plan = compression_pass.plan(step_statistics, layers, step.options)
+        measured = {"scorer": statistics.scorer(model)} if scored else {}
+        plan = compression_pass.plan(step_statistics, layers, step.options, **measured)
         calibration = {"tokens": statistics.tokens(model), "progress": statistics.progress} if activations else {}
         plan = compression_pass.apply(model, plan, **calibration) or plan
         applied = AppliedStep(step.name, step.options.model_dump(), plan)

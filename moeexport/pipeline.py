@@ -332,7 +332,8 @@ def memory_plan(model: str | Path, recipe: Recipe, options: CompressOptions, val
 def _observes(recipe: Recipe) -> bool:
     from moeexport.passes import PASSES
 
-    return any(PASSES[step.name].needs_statistics(step.options) for step in recipe.steps)
+    return any(PASSES[step.name].needs_statistics(step.options) or PASSES[step.name].needs_scorer(step.options)
+               for step in recipe.steps)
 
 
 def _needs_held_out(options: CompressOptions) -> bool:

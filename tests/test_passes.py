@@ -20,7 +20,9 @@ from tests.tiny_models import FAMILIES, random_tokens, tiny_model
 
 RECIPES = {
     "block_drop": [{"block_drop": {"n": 1}}],
-    "block_drop_consecutive": [{"block_drop": {"n": 2, "mode": "consecutive"}}],
+    "block_drop_consecutive": [{"block_drop": {"n": 2, "mode": "consecutive", "score": "similarity"}}],
+    "block_drop_similarity": [{"block_drop": {"n": 1, "score": "similarity"}}],
+    "layer_drop_similarity": [{"layer_drop": {"n": 1, "score": "similarity"}}],
     "layer_drop": [{"layer_drop": {"n": 1}}],
     "expert_drop_layer_frequency": [{"expert_drop": {"keep": 2, "scope": "layer", "score": "frequency"}}],
     "expert_drop_global_routing_mass": [{"expert_drop": {"keep": 2, "scope": "global", "score": "routing_mass"}}],
@@ -198,7 +200,7 @@ def test_consecutive_block_drop_drops_exactly_the_window_it_scored():
     for start, row in enumerate(statistics.block_pair_similarity):
         if len(row) >= 2:
             row[1] = 0.99 if start == 1 else 0.5
-    plan = BlockDrop().plan(statistics, structure(adapter, model), BlockDropOptions(n=2, mode="consecutive"))
+    plan = BlockDrop().plan(statistics, structure(adapter, model), BlockDropOptions(n=2, mode="consecutive", score="similarity"))
     assert plan.drop == [1, 2]  # blocks 1 and 2: input of block 1 vs output of block 2
 
 
@@ -210,8 +212,8 @@ def test_discrete_block_and_layer_drop_pick_the_most_similar():
     for index, similarity in enumerate([0.1, 0.9, 0.3, 0.8]):
         statistics.layers[index].block_similarity = similarity
         statistics.layers[index].moe_similarity = 1 - similarity
-    assert BlockDrop().plan(statistics, layers, BlockDropOptions(n=2)).drop == [1, 3]
-    assert LayerDrop().plan(statistics, layers, LayerDropOptions(n=2)).drop == [0, 2]
+    assert BlockDrop().plan(statistics, layers, BlockDropOptions(n=2, score="similarity")).drop == [1, 3]
+    assert LayerDrop().plan(statistics, layers, LayerDropOptions(n=2, score="similarity")).drop == [0, 2]
 
 
 def test_block_drop_renumbers_the_kv_cache_slots():

@@ -4,7 +4,9 @@ A pass has strict options (a pydantic model), a pure `plan` from statistics and
 the model's structure to a plan (plain data: printable, diffable, saved in the
 manifest), and `apply`, which performs a plan on the torch model. The pipeline
 drives each recipe entry through `check` and `check_model` (before any
-calibration, and again right before planning) -> `plan` -> `apply`, once.
+calibration, and again right before planning) -> `plan` -> `apply`, once. A
+pass that measures what its removals cost (`needs_scorer`) gets a RemovalScorer
+in `plan`: the plan is still plain data, now with the damage it measured.
 
 A pass whose new weights are computed from calibration activations (pruning,
 GPTQ) says so in `needs_activations`: its plan names the targets, and the
@@ -37,8 +39,13 @@ class CompressionPass:
     Options: ClassVar[type[PassOptions]]
 
     def needs_statistics(self, options: PassOptions) -> bool:
-        """Every selection is calibration-driven except the `score: random` control."""
-        return getattr(options, "score", None) != "random"
+        """Selections score with the observed statistics, except the `score: random` control and `score: kl`."""
+        return getattr(options, "score", None) not in ("random", "kl")
+
+    def needs_scorer(self, options: PassOptions) -> bool:
+        """True when `plan` measures removals itself (`score: kl`): it is given a scorer=RemovalScorer
+        (calibration/damage.py) on the model as it stands."""
+        return getattr(options, "score", None) == "kl"
 
     def streams(self, options: PassOptions) -> bool:
         """True when `apply` works on a streamed model (moeexport.streaming): it removes blocks, sublayers or

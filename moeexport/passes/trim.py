@@ -1,10 +1,13 @@
 """Trimming passes of He et al. (Block Drop, Layer Drop, Expert Drop), without the paper code's bugs.
 
-- Block Drop removes whole decoder layers: `discrete` drops the n blocks whose
-  input and output are most alike; `consecutive` drops the window of n blocks
-  whose input and output are most alike, exactly the window it scored.
-- Layer Drop removes the norm + MoE sublayer of the n MoE layers where
-  cos(x, x + MoE(norm(x))) is highest; attention stays.
+- Block Drop removes whole decoder layers, Layer Drop the norm + MoE sublayer of
+  MoE layers (attention stays). By default (`score: kl`) they choose by the
+  damage itself: greedily, the block or sublayer whose removal changes the
+  model's next-token distribution least (KL on calibration tokens, measured
+  with the ones already chosen removed: calibration/damage.py). The papers'
+  rules stay available: `score: similarity` drops what is most alike at input
+  and output (Block Drop: cos(input, output), `mode: consecutive` the most
+  alike window; Layer Drop: cos(x, x + MoE(norm(x)))).
 - Expert Drop keeps `keep` experts per layer (scope layer) or drops the globally
   lowest-scoring experts (scope global: the same total, per-layer counts vary, a
   layer may keep none and then passes its input through, if the step allows it).
@@ -20,7 +23,7 @@ refused unless the step says `allow_empty_layers: true`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -28,6 +31,7 @@ from pydantic import Field
 
 from moeexport.adapters import LayerSpec, adapter_for
 from moeexport.adapters.base import check_expert_count_change, drop_blocks, drop_moe_sublayer, keep_experts
+from moeexport.calibration.damage import BLOCK, MOE, Removed
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
 from moeexport.passes.base import CompressionPass, PassOptions, check_expert_keep, check_moe_remains
@@ -51,6 +55,19 @@ def _remaining(layers: list[LayerSpec], drop: list[int]) -> list[LayerSpec]:
     return [spec for index, spec in enumerate(layers) if index not in drop]
 
 
+def _greedy_by_damage(scorer, candidates: list[int], n: int, what: str) -> tuple[list[int], list[float]]:
+    """Remove `n` of `candidates` one at a time, each the one whose removal (with those already chosen) costs the
+    least KL on the calibration tokens: (chosen in the order chosen, the KL after each choice)."""
+    chosen, damage = [], []
+    for _ in range(n):
+        left = [c for c in candidates if c not in chosen]
+        kl = scorer.kl([frozenset(Removed(layer, what) for layer in chosen + [c]) for c in left])
+        best = min(range(len(left)), key=lambda i: (kl[i], left[i]))
+        chosen.append(left[best])
+        damage.append(kl[best])
+    return chosen, damage
+
+
 SEED = Field(0, ge=0, description="seed of score: random")
 ALLOW_EMPTY = Field(False, description="let the drop leave MoE layers without experts, or the model without MoE layers")
 
@@ -61,26 +78,30 @@ ALLOW_EMPTY = Field(False, description="let the drop leave MoE layers without ex
 class BlockDropOptions(PassOptions):
     n: int = Field(ge=1, description="number of decoder blocks to drop")
     mode: Literal["discrete", "consecutive"] = "discrete"
-    score: Literal["similarity", "random"] = "similarity"
+    score: Literal["kl", "similarity", "random"] = "kl"
     seed: int = SEED
     allow_empty_layers: bool = ALLOW_EMPTY
 
 
 @dataclass
-class _SimilarityDropPlan:
+class _DropPlan:
     drop: list[int]
-    similarity: list[float | None]  # the redundancy score of each dropped index (None: picked at random)
+    similarity: list[float | None]  # score: similarity, the redundancy of each dropped index (else None)
+    kl: list[float] = field(default_factory=list)  # score: kl, calibration KL after each choice, in drop's order
 
     what: ClassVar[str]
     legend: ClassVar[str]
 
     def describe(self) -> list[str]:
+        if self.kl:
+            steps = ", ".join(f"{index} (KL {kl:.4g})" for index, kl in zip(self.drop, self.kl))
+            return [f"drop {self.what} {steps}  [greedy: calibration KL with each one and those before it removed]"]
         pairs = ", ".join(f"{index} ({_score(s)})" for index, s in zip(self.drop, self.similarity))
         return [f"drop {self.what} {pairs}  [{self.legend}]"]
 
 
 @dataclass
-class BlockDropPlan(_SimilarityDropPlan):
+class BlockDropPlan(_DropPlan):
     what = "blocks"
     legend = "block: cos(input, output); consecutive: of the whole window"
 
@@ -95,9 +116,16 @@ class BlockDrop(CompressionPass):
     def check(self, options: BlockDropOptions, layers: list[LayerSpec]) -> None:
         if options.n >= len(layers):
             raise MoeExportError(f"block_drop n={options.n} but the model has {len(layers)} blocks (at least one must stay)")
+        if options.score == "kl" and options.mode == "consecutive":
+            raise MoeExportError("block_drop mode: consecutive scores windows by similarity: add score: similarity")
 
-    def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: BlockDropOptions) -> BlockDropPlan:
+    def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: BlockDropOptions,
+             scorer=None) -> BlockDropPlan:
         count, n = len(layers), options.n
+        if options.score == "kl":
+            drop, kl = _greedy_by_damage(scorer, list(range(count)), n, BLOCK)
+            check_moe_remains(self.name, options.allow_empty_layers, layers, _remaining(layers, drop))
+            return BlockDropPlan(drop, [None] * n, kl)
         if options.mode == "discrete":
             scores = (
                 [s.block_similarity for s in statistics.layers]
@@ -127,13 +155,13 @@ class BlockDrop(CompressionPass):
 
 class LayerDropOptions(PassOptions):
     n: int = Field(ge=1, description="number of MoE sublayers to drop")
-    score: Literal["similarity", "random"] = "similarity"
+    score: Literal["kl", "similarity", "random"] = "kl"
     seed: int = SEED
     allow_empty_layers: bool = ALLOW_EMPTY
 
 
 @dataclass
-class LayerDropPlan(_SimilarityDropPlan):
+class LayerDropPlan(_DropPlan):
     what = "the MoE sublayer of layers"
     legend = "layer: cos(x, x + MoE(norm(x)))"
 
@@ -152,8 +180,13 @@ class LayerDrop(CompressionPass):
         if options.n == moe_layers:  # known before planning: every MoE sublayer goes
             check_moe_remains(self.name, options.allow_empty_layers, layers, [s for s in layers if s.kind != "moe"])
 
-    def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: LayerDropOptions) -> LayerDropPlan:
+    def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: LayerDropOptions,
+             scorer=None) -> LayerDropPlan:
         candidates = [i for i, spec in enumerate(layers) if spec.kind == "moe"]
+        if options.score == "kl":
+            drop, kl = _greedy_by_damage(scorer, candidates, options.n, MOE)
+            check_moe_remains(self.name, options.allow_empty_layers, layers, _remaining(layers, drop))
+            return LayerDropPlan(drop, [None] * options.n, kl)
         if options.score == "similarity":
             scores = [statistics.layers[i].moe_similarity for i in candidates]
         else:

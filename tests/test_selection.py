@@ -1,0 +1,68 @@
+"""Output-aware selection: the removal scorer against removing for real, and the passes that choose by it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeexport.adapters import adapter_for
+from moeexport.adapters.base import drop_blocks, drop_moe_sublayer, structure
+from moeexport.calibration.damage import BLOCK, MOE, RemovalScorer, Removed
+from moeexport.calibration.sources import CalibrationConfig
+from moeexport.compress import StatisticsProvider, compress
+from moeexport.recipe import parse_recipe
+from tests.tiny_models import random_tokens, tiny_model
+
+
+def _kl(reference, model, tokens) -> float:
+    """Mean per-token KL(reference || model) on tokens, computed directly."""
+    with torch.no_grad():
+        p = F.log_softmax(reference(input_ids=tokens, use_cache=False).logits.float(), -1)
+        q = F.log_softmax(model(input_ids=tokens, use_cache=False).logits.float(), -1)
+    return F.kl_div(q, p, log_target=True, reduction="sum").item() / (tokens.shape[0] * tokens.shape[1])
+
+
+def _without(model, removal):
+    """A copy of `model` with the removal performed by the surgery the passes use (MoE sublayers first:
+    Block Drop renumbers)."""
+    model = copy.deepcopy(model)
+    adapter = adapter_for(model.config)
+    for item in sorted(removal):
+        if item.what == MOE:
+            drop_moe_sublayer(adapter, model, item.layer)
+    drop_blocks(adapter, model, [item.layer for item in removal if item.what == BLOCK])
+    return model
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_the_scorer_measures_what_removing_for_real_costs(family):
+    model = tiny_model(family)
+    tokens = random_tokens(5, 24, seed=2)
+    removals = [frozenset({Removed(1, BLOCK)}), frozenset({Removed(2, MOE)}), frozenset({Removed(0, BLOCK), Removed(3, MOE)}),
+                frozenset({Removed(1, MOE), Removed(2, BLOCK)}), frozenset()]
+    scorer = RemovalScorer(model, tokens, batch_size=2, max_states=3)  # groups: more than one pass
+    measured = scorer.kl(removals)
+    assert scorer.passes == 3
+    for removal, kl in zip(removals, measured):
+        assert kl == pytest.approx(_kl(model, _without(model, removal), tokens), rel=1e-4, abs=1e-7), removal
+    assert measured[-1] == 0.0 and min(measured[:-1]) > 0
+
+
+@pytest.mark.parametrize("name", ["block_drop", "layer_drop"])
+def test_kl_selection_is_the_default_and_picks_the_cheapest_removal_greedily(name):
+    model = tiny_model("mixtral")
+    tokens = random_tokens(6, 32, seed=1)
+    provider = StatisticsProvider(None, CalibrationConfig(), "tiny", cache_dir=None, tokens=tokens)
+    chosen = compress(copy.deepcopy(model), parse_recipe({"passes": [{name: {"n": 2}}]}), provider).steps[0].plan
+    what = BLOCK if name == "block_drop" else MOE
+    layers = range(len(structure(adapter_for(model.config), model)))
+    first = {layer: _kl(model, _without(model, {Removed(layer, what)}), tokens) for layer in layers}
+    assert chosen.drop[0] == min(first, key=first.get)
+    second = {layer: _kl(model, _without(model, {Removed(chosen.drop[0], what), Removed(layer, what)}), tokens)
+              for layer in layers if layer != chosen.drop[0]}
+    assert chosen.drop[1] == min(second, key=second.get)
+    assert chosen.kl == pytest.approx([first[chosen.drop[0]], second[chosen.drop[1]]], rel=1e-4)
+    assert "KL" in chosen.describe()[0]
