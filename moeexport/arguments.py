@@ -17,6 +17,7 @@ examples:
   moeexport validate out/demo-onnx/model-int4.onnx --reference out/demo-onnx/compressed --text held_out.txt
   moeexport chat out/demo-gguf/model-f32.gguf --prompt "Once upon a time"
   moeexport bench out/demo-gguf/model-f32.gguf out/demo-onnx/model-f32.onnx --baseline demo --out out/bench
+  moeexport search MODEL --target gguf --max-size 30% --calib calib.txt --out recipe.yaml [--build out/fit]
   moeexport build demo --recipe recipes/trim.yaml --target tensorrt --out out/demo-trt
   moeexport trt-build out/demo-trt/bundle --precision fp16        # on the Jetson / CUDA machine
 
@@ -195,6 +196,50 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", metavar="DIR", help="write report.json and report.html (with the plot) there")
     bench.add_argument("--json", action="store_true",
                        help="print the report as one JSON document (progress goes to stderr)")
+
+    search = command(
+        "search", "find the recipe and weight type with the lowest KL that fits a size or speed budget",
+        "From one set of calibration statistics, apply every trimming recipe of a small grid (block_drop n, "
+        "layer_drop n, global expert_drop keep; each pass with its default score) to MODEL in memory, export the "
+        "untrimmed model once per weight type and run it in llama.cpp, and score every trimming x type by "
+        "KL(original || candidate) on the calibration tokens: KL(trimming) + KL(type), an additive estimate. "
+        "Sizes are the untrimmed files' exact tensor bytes less what the trimming removes (expert stacks at the "
+        "largest count of any layer: the GGUF pads every layer to it); decode speedups are bytes read per "
+        "decoded token against the untrimmed F16 GGUF (the memory-bandwidth bound). The candidates that meet "
+        "the constraint by estimate are then exported for real, best first (--verify), and the first whose file "
+        "meets it is chosen. Prints the Pareto front (size vs KL) and the choice; --out writes the recipe, with "
+        "the build flags it assumes in its header; --build DIR builds it.",
+        [model, calibration])
+    search.add_argument("--target", required=True, choices=["gguf", "onnx"],
+                        help="deployment target (gguf; onnx is not searched yet)")
+    limit = search.add_mutually_exclusive_group(required=True)
+    limit.add_argument("--max-size", metavar="P%", help="at most this share of the untrimmed model's F16 GGUF, e.g. 30%%")
+    limit.add_argument("--max-bytes", metavar="SIZE", help="at most this many bytes, e.g. 16GB or 3.5GiB")
+    limit.add_argument("--min-decode-speedup", metavar="Nx",
+                       help="at least this decode speedup over the untrimmed F16 GGUF, bandwidth-bound (bytes read "
+                       "per decoded token), e.g. 3x")
+    search.add_argument("--out", metavar="FILE.yaml", help="write the chosen recipe here (its build flags in a comment)")
+    search.add_argument("--build", metavar="DIR", help="then build the chosen recipe and type into DIR (moeexport build)")
+    search.add_argument("--overwrite", action="store_true", help="replace --out and --build if they exist")
+    search.add_argument("--eval-text", metavar="FILE",
+                        help="held-out text for --build's validation and quality check (never used for choosing)")
+    search.add_argument("--block-drop", default="0,1,2", metavar="N,...", help="blocks dropped (default 0,1,2)")
+    search.add_argument("--layer-drop", default="0,1,2,3", metavar="N,...",
+                        help="MoE sublayers dropped (default 0,1,2,3; counts the model cannot take are skipped)")
+    search.add_argument("--expert-keep", default="1,0.75,0.5", metavar="SHARE,...",
+                        help="experts kept per MoE layer on average, as shares of E (default 1,0.75,0.5; global "
+                        "expert_drop with min_keep = top-k)")
+    search.add_argument("--quant-types", metavar="TYPE,...",
+                        help="weight types searched (default gguf: f16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0)")
+    search.add_argument("--verify", type=int, default=3, metavar="N",
+                        help="candidates exported for real, best first, until one meets the limit (default 3; 0: "
+                        "trust the estimates)")
+    search.add_argument("--file-windows", type=int, default=8, metavar="N",
+                        help="calibration sequences each GGUF is run on in llama.cpp for its KL (default 8)")
+    search.add_argument("--max-memory", metavar="SIZE",
+                        help="most memory the run may hold (default: 75%% of the memory available at start); "
+                        "search holds the model in memory")
+    search.add_argument("--json", action="store_true", help="print the report as one JSON document (logs go to stderr)")
 
     chat = command("chat", "chat with a GGUF model in llama.cpp",
                    "Interactive local chat with a GGUF file: tokens stream as they are generated, turns use the file's "

@@ -161,6 +161,37 @@ def run_bench(args) -> int:
     return 0
 
 
+def _numbers(text: str, flag: str, kind=int) -> tuple:
+    try:
+        return tuple(kind(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise MoeExportError(f"--{flag} takes a comma-separated list, e.g. {'0,1,2' if kind is int else '1,0.75,0.5'}"
+                             f"; got {text!r}") from None
+
+
+def run_search(args) -> int:
+    from moeexport.console import render_search
+    from moeexport.search import Constraint, SearchOptions, search
+
+    constraint = Constraint.parse(args.max_size, args.max_bytes, args.min_decode_speedup)
+    types = tuple(item.strip() for item in args.quant_types.split(",") if item.strip()) if args.quant_types else None
+    options = SearchOptions(
+        calibration=_calibration(args), block_drop=_numbers(args.block_drop, "block-drop"),
+        layer_drop=_numbers(args.layer_drop, "layer-drop"), expert_keep=_numbers(args.expert_keep, "expert-keep", float),
+        quant_types=types, verify=args.verify, file_windows=args.file_windows, out=args.out, build=args.build,
+        overwrite=args.overwrite, eval_text=args.eval_text, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+        allow_nonfinite=args.allow_nonfinite, max_memory=_max_memory(args))
+    command = "moeexport " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["search"] else None
+    report, out = _run(args, lambda on_event: search(args.model, args.target, constraint, options, on_event, command))
+    _print_json(report.to_dict()) if args.json else render_search(out, report)
+    if report.build is not None and not (report.build["ok"] and report.build["meets"]):
+        why = report.build["failures"] + ([] if report.build["meets"] else
+                                          [f"{report.build['file_bytes']:,} bytes miss {report.constraint['description']}"])
+        print(f"moeexport search: the build of the chosen recipe failed ({'; '.join(why)})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run_chat(args) -> int:
     from moeexport.backends.gguf import GGUFRunner
     from moeexport.console import chat_session
@@ -178,7 +209,8 @@ def run_chat(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run = {"analyze": run_analyze, "compress": run_compress, "eval": run_eval, "build": run_build,
-           "validate": run_validate, "chat": run_chat, "trt-build": run_trt_build, "bench": run_bench}[args.command]
+           "validate": run_validate, "chat": run_chat, "trt-build": run_trt_build, "bench": run_bench,
+           "search": run_search}[args.command]
     try:
         if hasattr(args, "max_memory"):  # a model that cannot fit is refused before torch is even imported
             from moeexport.memory import default_budget, refuse_early

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -237,3 +238,64 @@ def _spread(spread, unit: float = 1, digits: int | None = None) -> str:
     """The median over its range, in `unit`s."""
     low, high = _rate(spread.min / unit, digits), _rate(spread.max / unit, digits)
     return f"{_rate(spread.median / unit, digits)}\n[dim]{low}-{high}[/dim]"
+
+
+def render_search(out: Console, report) -> None:
+    """The Pareto front of the candidates (estimated size against estimated KL), the choice, and its build."""
+    baseline = report.baseline
+    shown = {row["index"]: row for row in report.pareto_rows()}
+    for index, candidate in enumerate(report.candidates):
+        if candidate.verified is not None or index == report.chosen:
+            shown.setdefault(index, report.row(index))
+    rows = sorted(shown.values(), key=lambda row: (row["file_bytes"], row["kl"]))
+    grid = report.grid
+    table = Table(title=f"Pareto front of {grid['candidates']} candidates ({len(report.trimmings)} trimmings x "
+                        f"{len(report.types)} types), estimated; {escape(report.constraint['description'])}",
+                  caption="drop: blocks / MoE sublayers dropped; experts: kept per MoE layer on average / in the "
+                          "file (padded); KL = trimming + type, an additive estimate; * chosen; dim: off the front",
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1))
+    for header in ("", "drop", "experts", "quant", "MiB", "of F16", "decode", "KL", "trim", "type", "fit"):
+        table.add_column(header, justify="left" if header in ("", "quant", "fit") else "right", no_wrap=True)
+    for row in rows:
+        chosen = row["index"] == report.chosen
+        trimming = report.trimmings[report.candidates[row["index"]].trimming]
+        style = "bold green" if chosen else (None if row["pareto"] else "dim")
+        table.add_row("*" if chosen else "", f"{row['block_drop']}/{row['layer_drop']}",
+                      f"{row['expert_keep']}/{trimming.file_experts}", row["quant"], f"{row['file_bytes'] / MIB:.2f}",
+                      f"{row['size_share']:.1%}", f"x{row['decode_speedup']:.2f}", f"{row['kl']:.3g}",
+                      f"{row['kl_trimming']:.3g}", f"{row['kl_type']:.3g}", "yes" if row["meets"] else "no",
+                      style=style)
+    out.print(table)
+    out.print(f"untrimmed F16 GGUF: {baseline['file_bytes']:,} bytes, {baseline['token_bytes'] / MIB:.2f} MiB read per "
+              "decoded token; each type alone (untrimmed, run in llama.cpp): "
+              + ", ".join(f"{t.quant} {t.file_bytes / MIB:.2f} MiB KL {t.kl:.3g}" for t in report.types))
+    if report.skipped:
+        out.print(f"skipped {len(report.skipped)} trimming recipes the model cannot take, e.g. "
+                  f"{escape(report.skipped[0]['label'])}: {escape(report.skipped[0]['reason'])}")
+    for note in report.notes:
+        out.print(f"[dim]note: {escape(note)}[/dim]")
+    for index, candidate in enumerate(report.candidates):
+        verified = candidate.verified
+        if verified is None:
+            continue
+        label = report.trimmings[candidate.trimming].label
+        out.print(f"exported {escape(label)} {candidate.quant}: {verified['file_bytes']:,} bytes "
+                  f"({verified['size_share']:.1%} of F16; estimated {verified['estimate_error_bytes']:+,}), decode "
+                  f"x{verified['decode_speedup']:.2f}, KL {verified['kl']:.4g} measured in llama.cpp, top-1 "
+                  f"{verified['top1_agreement']:.1%}: " + ("meets the limit" if verified["meets"] else "[red]misses the limit[/red]"))
+    row = report.chosen_row()
+    out.print(f"chosen: [bold]{escape(row['label'])}[/bold], build with --target {report.target} --quant {row['quant']}")
+    for line in report.trimmings[report.candidates[report.chosen].trimming].plans:
+        out.print(f"  {escape(line)}")
+    if report.recipe_path:
+        out.print(f"wrote {report.recipe_path}")
+    build = report.build
+    if build is not None:
+        verdict = "[green]within[/green]" if build["meets"] else "[red]OVER[/red]"
+        validation = build["validation"]
+        out.print(f"built {build['artifact']}: {build['file_bytes']:,} bytes ({build['size_share']:.1%} of F16), "
+                  f"{verdict} {escape(report.constraint['description'])}; validation "
+                  f"{'passed' if build['ok'] else '[red]failed[/red]'} (KL {validation['kl']:.3g} against the "
+                  f"compressed torch model on {escape(str(validation['text']))}, perplexity "
+                  f"{validation['perplexity']:.2f})")
+    out.print(f"searched in {report.timings.get('search', 0):.0f}s")
