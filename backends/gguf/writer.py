@@ -9,8 +9,8 @@ norms stay F32. Hosts per family are in architectures.py.
 Structure:
 - Block Drop: blocks are already renumbered in the torch model; written as is.
 - A layer without a MoE sublayer (Layer Drop, or an expert drop that emptied a
-  layer without shared experts) moves Mixtral and Qwen3-MoE to their padded
-  host, where it is a tiny all-zero dense FFN: its experts' bytes and compute
+  layer without shared experts) moves a family whose host has no dense layers
+  to its padded host, where it is a tiny all-zero dense FFN: its experts' bytes and compute
   are gone. The other hosts need MoE tensors in every layer, so there it keeps
   MoE tensors whose expert weights are all zero, so its output is exactly 0
   whatever the input, stored in ggml's smallest block type (Q1_0: 1.125 bits
@@ -669,7 +669,7 @@ class _Carry:
     stacks and router rows at the kept experts. A tensor is carried when the input
     holds it with the same inner shape and no transform changed it; one that is
     rewritten takes its input tensor's type, and is listed. When the input's host
-    and the output's differ in RoPE layout (a `llama` Mixtral file trimmed onto
+    and the output's differ in RoPE layout (a `llama`-host file trimmed onto
     step35), q and k are carried with their rows reordered: ggml's blocks lie
     within a row, so whole rows move and their bytes stay as stored.
     """
