@@ -1,18 +1,21 @@
-"""How much removing blocks or MoE sublayers changes the model's output, measured on calibration tokens.
+"""How much removing blocks, MoE sublayers or experts changes the model's output, on calibration tokens.
 
-`RemovalScorer.kl(removals)` gives, for each removal (a set of whole blocks
-and MoE sublayers, by layer index), KL(original || original without them) per
-token, averaged over the scoring tokens. Every removal is measured in the same
-pass over the decoder layers: each layer is read once (a streamed model reads
-it from disk once), and runs on the hidden states of every distinct removal
-prefix up to it, so removals that agree on the layers so far share their
-computation. A removal that starts at layer j costs the layers from j on.
+`RemovalScorer.kl(removals)` gives, for each removal (a set of whole blocks,
+MoE sublayers and routed experts, by layer index), KL(original || original
+without them) per token, averaged over the scoring tokens. Every removal is
+measured in the same pass over the decoder layers: each layer is read once (a
+streamed model reads it from disk once), and runs on the hidden states of every
+distinct removal prefix up to it, so removals that agree on the layers so far
+share their computation. A removal that starts at layer j costs the layers
+from j on. An expert is removed as Expert Drop removes it: its router row goes,
+the softmax, top-k and renormalization run over the experts left.
 
 Cost, for a greedy step over C candidates of L layers: one read of the model
 and about C x L / 2 + L layer forwards on the scoring tokens, holding C + 1
-hidden states of tokens x hidden floats. Mixtral-8x7B (L = 32, hidden 4096) on
-8 x 2048 scoring tokens: 16 model forwards per step and 34 states of 256 MiB;
-the candidates are split into groups of `max_states` when that is too much.
+hidden states of tokens x hidden floats. At 8x7B widths (L = 32, hidden 4096) on
+8 x 2048 scoring tokens: 16 model forwards per step for Block or Layer Drop and
+34 states of 256 MiB; the candidates are split into groups of `max_states` when
+that is too much.
 """
 
 from __future__ import annotations
@@ -24,17 +27,20 @@ import torch
 import torch.nn.functional as F
 
 from moeexport.adapters import adapter_for
+from moeexport.errors import MoeExportError
 from moeexport.streaming import first_layer_inputs, layer_views, outer, run_layer
 
-BLOCK, MOE = "block", "moe"
+BLOCK, MOE, EXPERT = "block", "moe", "expert"
 
 
 @dataclass(frozen=True, order=True)
 class Removed:
-    """One thing a removal takes out of the model: a whole block, or the norm + MoE sublayer of a layer."""
+    """One thing a removal takes out of the model: a whole block, the norm + MoE sublayer of a layer, or one
+    routed expert of it."""
 
     layer: int
-    what: str  # BLOCK | MOE
+    what: str  # BLOCK | MOE | EXPERT
+    expert: int = -1  # which routed expert (EXPERT), by its index in the layer as it stands
 
 
 Removal = frozenset  # of Removed
@@ -45,6 +51,8 @@ class RemovalScorer:
 
     def __init__(self, model, tokens: torch.Tensor, batch_size: int = 8, max_states: int = 64, progress=None):
         self.model, self.tokens, self.batch_size = model, tokens, batch_size
+        self.routing = adapter_for(model.config).model_config(model.config).routing
+        self._routing_checked: set[int] = set()  # layers whose router was seen to route by the rule we mask
         self.max_states = max_states
         self.progress = progress
         self.passes = 0  # reads of the model, for the cost report
@@ -81,8 +89,7 @@ class RemovalScorer:
             self.progress.remove_task(task)
         return self._divergence(states, removals)
 
-    @staticmethod
-    def _run(view, hidden: list[torch.Tensor], batches, removed: Removal) -> list[torch.Tensor]:
+    def _run(self, view, hidden: list[torch.Tensor], batches, removed: Removal) -> list[torch.Tensor]:
         whats = {item.what for item in removed}
         if BLOCK in whats:
             return hidden
@@ -90,7 +97,39 @@ class RemovalScorer:
             if MOE in whats:  # the sublayer adds nothing: the residual passes its input on
                 handle = view.ffn.register_forward_hook(lambda module, args, output: torch.zeros_like(output))
                 stack.callback(handle.remove)
+            experts = sorted(item.expert for item in removed if item.what == EXPERT)
+            if experts:
+                handle = view.router.register_forward_hook(self._without_experts(view, experts))
+                stack.callback(handle.remove)
             return [run_layer(view.module, h, kwargs) for h, (_, kwargs) in zip(hidden, batches)]
+
+    def _without_experts(self, view, removed: list[int]):
+        """A forward hook on the router that routes as if `removed` had no router rows (Expert Drop)."""
+        if self.routing.method != "greedy":
+            raise MoeExportError("measuring expert removals needs greedy top-k routing (topk_method: greedy)")
+        top_k, routing = view.top_k, self.routing
+
+        def route(logits: torch.Tensor, mask: torch.Tensor | None):
+            left = logits.shape[-1] - (0 if mask is None else int(mask.sum()))
+            logits = logits.float() if mask is None else logits.float().masked_fill(mask, float("-inf"))
+            weights, index = logits.softmax(dim=-1).topk(min(top_k, left), dim=-1)
+            if routing.renormalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            return weights * routing.scale, index
+
+        def hook(module, args, output):
+            logits, weights, index = output
+            if view.index not in self._routing_checked:  # the rule above is this router's own
+                own_weights, own_index = route(logits, None)
+                if not (torch.equal(own_index, index) and torch.allclose(own_weights.to(weights.dtype), weights)):
+                    raise MoeExportError(f"this model's router ({type(module).__name__}) does not route as softmax "
+                                         "-> top-k (-> renormalize): its experts cannot be scored by removal")
+                self._routing_checked.add(view.index)
+            mask = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            mask[removed] = True
+            new_weights, new_index = route(logits, mask)
+            return logits, new_weights.to(weights.dtype), new_index
+        return hook
 
     def _divergence(self, states: dict[Removal, list[torch.Tensor]], removals: list[Removal]) -> dict[Removal, float]:
         """Mean per-token KL(original || each removal) from the final hidden states."""

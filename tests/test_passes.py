@@ -172,7 +172,7 @@ def test_expert_drop_keeps_the_highest_scores_and_clamps_top_k():
     model = tiny_model("mixtral")
     adapter = adapter_for(model.config)
     statistics = _provider(model).statistics(model, [])
-    statistics.layers[0].routing_mass = [0.1, 0.4, 0.2, 0.3]
+    statistics.layers[0].reap = [0.1, 0.4, 0.2, 0.3]  # the default score
     plan = ExpertDrop().plan(statistics, structure(adapter, model), ExpertDropOptions(keep=1))
     assert plan.keep[0] == [1] and plan.drop[0] == [0, 2, 3]
     ExpertDrop().apply(model, plan)

@@ -66,3 +66,21 @@ def test_kl_selection_is_the_default_and_picks_the_cheapest_removal_greedily(nam
     assert chosen.drop[1] == min(second, key=second.get)
     assert chosen.kl == pytest.approx([first[chosen.drop[0]], second[chosen.drop[1]]], rel=1e-4)
     assert "KL" in chosen.describe()[0]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
+def test_the_scorer_removes_experts_as_expert_drop_does(family):
+    from moeexport.adapters.base import keep_experts
+    from moeexport.calibration.damage import EXPERT
+
+    model = tiny_model(family)
+    tokens = random_tokens(4, 24, seed=5)
+    layers = structure(adapter_for(model.config), model)
+    layer = next(i for i, spec in enumerate(layers) if spec.kind == "moe")
+    removal = frozenset({Removed(layer, EXPERT, 0), Removed(layer, EXPERT, 2), Removed(layer + 1, MOE)})
+    measured, = RemovalScorer(model, tokens, batch_size=2).kl([removal])
+    expected = copy.deepcopy(model)
+    adapter = adapter_for(expected.config)
+    keep_experts(adapter, expected, layer, [e for e in range(layers[layer].num_experts) if e not in (0, 2)])
+    drop_moe_sublayer(adapter, expected, layer + 1)
+    assert measured == pytest.approx(_kl(model, expected, tokens), rel=1e-4, abs=1e-7)

@@ -31,7 +31,7 @@ from pydantic import Field
 
 from moeexport.adapters import LayerSpec, adapter_for
 from moeexport.adapters.base import check_expert_count_change, drop_blocks, drop_moe_sublayer, keep_experts
-from moeexport.calibration.damage import BLOCK, MOE, Removed
+from moeexport.calibration.damage import BLOCK, EXPERT, MOE, Removed
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
 from moeexport.passes.base import CompressionPass, PassOptions, check_expert_keep, check_moe_remains
@@ -209,7 +209,7 @@ class ExpertDropOptions(PassOptions):
     keep: int = Field(ge=0, description="experts kept per MoE layer (the average, for scope global)")
     scope: Literal["layer", "global"] = "layer"
     min_keep: int = Field(default=0, ge=0, description="scope global: every layer keeps at least this many")
-    score: Literal["frequency", "routing_mass", "reap", "random"] = "routing_mass"
+    score: Literal["reap", "kl", "frequency", "routing_mass", "random"] = "reap"
     seed: int = SEED
     allow_empty_layers: bool = ALLOW_EMPTY
 
@@ -220,11 +220,15 @@ class ExpertDropPlan:
     drop: dict[int, list[int]]  # MoE layer -> experts dropped
     dropped_expert_tokens: dict[int, list[int]]  # tokens each dropped expert saw in calibration
     layer_tokens: dict[int, int]  # routing decisions per layer in calibration
+    kl: list[float] = field(default_factory=list)  # score: kl, calibration KL after each round of removals
 
     def describe(self) -> list[str]:
         changed = [layer for layer in self.keep if self.drop[layer]]
         dropped_total = sum(len(d) for d in self.drop.values())
         lines = [f"targeted {len(self.keep)} MoE layers; dropped {dropped_total} experts in {len(changed)} of them"]
+        if self.kl:
+            trace = ", ".join(f"{kl:.4g}" for kl in self.kl)
+            lines.append(f"chosen greedily by calibration KL, {len(self.kl)} rounds: {trace}")
         for layer in sorted(self.keep):
             kept, dropped = self.keep[layer], self.drop[layer]
             line = f"layer {layer}: keep {len(kept)} {kept}, drop {len(dropped)} {dropped}"
@@ -245,6 +249,9 @@ class ExpertDrop(CompressionPass):
     def streams(self, options) -> bool:
         return True
 
+    def needs_statistics(self, options: ExpertDropOptions) -> bool:
+        return options.score != "random"  # score: kl also reports the tokens each dropped expert saw
+
     def check(self, options: ExpertDropOptions, layers: list[LayerSpec]) -> None:
         if options.min_keep > options.keep:
             raise MoeExportError(f"expert_drop min_keep={options.min_keep} is more than keep={options.keep}")
@@ -255,13 +262,18 @@ class ExpertDrop(CompressionPass):
                 "add allow_empty_layers: true to the step if that is meant"
             )
 
-    def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: ExpertDropOptions) -> ExpertDropPlan:
+    def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: ExpertDropOptions,
+             scorer=None) -> ExpertDropPlan:
         moe_layers = [i for i, spec in enumerate(layers) if spec.kind == "moe"]
-        scores = {layer: self._layer_scores(statistics, layers[layer], layer, options) for layer in moe_layers}
-        if options.scope == "layer":
-            keep = {layer: _top_n(scores[layer], min(options.keep, len(scores[layer]))) for layer in moe_layers}
+        trace = []
+        if options.score == "kl":
+            keep, trace = self._keep_by_damage(scorer, layers, moe_layers, options)
         else:
-            keep = self._global_keep(scores, options.keep, options.min_keep)
+            scores = {layer: self._layer_scores(statistics, layers[layer], layer, options) for layer in moe_layers}
+            if options.scope == "layer":
+                keep = {layer: _top_n(scores[layer], min(options.keep, len(scores[layer]))) for layer in moe_layers}
+            else:
+                keep = self._global_keep(scores, options.keep, options.min_keep)
         emptied = [layer for layer in moe_layers if layers[layer].num_experts and not keep[layer]]
         if emptied and not options.allow_empty_layers:
             which = f"layer{'s' * (len(emptied) > 1)} {', '.join(map(str, emptied))}"
@@ -278,7 +290,49 @@ class ExpertDrop(CompressionPass):
             drop,
             {layer: [statistics.layers[layer].expert_tokens[e] for e in drop[layer]] for layer in moe_layers},
             {layer: sum(statistics.layers[layer].expert_tokens) for layer in moe_layers},
+            trace,
         )
+
+    @staticmethod
+    def _keep_by_damage(scorer, layers: list[LayerSpec], moe_layers: list[int], options: ExpertDropOptions):
+        """Remove experts in rounds, each round scoring every expert still removable by the KL of removing it
+        with those already gone, and taking the cheapest, at most one per layer (a layer's next removal is
+        scored with its last one gone), at most a quarter of what is left to remove, and only those that
+        cost at most twice the cheapest.
+
+        Cost: a round is one pass over the model with one hidden state per candidate expert (RemovalScorer);
+        the rounds are about 4 x log of the experts to drop, e.g. 11 for the fixture's 8 -> 4."""
+        counts = {layer: layers[layer].num_experts for layer in moe_layers}
+        if options.scope == "layer":
+            floor = {layer: min(options.keep, counts[layer]) for layer in moe_layers}
+            to_drop = sum(counts[layer] - floor[layer] for layer in moe_layers)
+        else:
+            least = max(options.min_keep, 0 if options.allow_empty_layers else 1)
+            floor = {layer: min(least, counts[layer]) for layer in moe_layers}
+            to_drop = round(sum(counts.values()) - options.keep * len(moe_layers))
+        dropped: dict[int, list[int]] = {layer: [] for layer in moe_layers}
+        trace = []
+        while to_drop > 0:
+            candidates = [(layer, e) for layer in moe_layers if counts[layer] - len(dropped[layer]) > floor[layer]
+                          for e in range(counts[layer]) if e not in dropped[layer]]
+            if not candidates:
+                break
+            gone = [Removed(layer, EXPERT, e) for layer in moe_layers for e in dropped[layer]]
+            now, *kl = scorer.kl([frozenset(gone)] + [frozenset(gone + [Removed(layer, EXPERT, e)])
+                                                       for layer, e in candidates])
+            if gone:
+                trace.append(now)  # the KL after the previous round, measured alongside this one's candidates
+            ranked = sorted(zip(kl, candidates))
+            cheapest = ranked[0][0] - now
+            taken, budget = set(), max(1, -(-to_drop // 4))
+            for score, (layer, expert) in ranked:
+                # a round takes only removals about as cheap as its cheapest: no layer loses one because it is due
+                if layer not in taken and len(taken) < budget and score - now <= 2 * cheapest + 1e-9:
+                    taken.add(layer)
+                    dropped[layer].append(expert)
+            to_drop -= len(taken)
+        trace.append(scorer.kl([frozenset(Removed(l, EXPERT, e) for l in moe_layers for e in dropped[l])])[0])
+        return {layer: [e for e in range(counts[layer]) if e not in dropped[layer]] for layer in moe_layers}, trace
 
     @staticmethod
     def _layer_scores(statistics, spec: LayerSpec, layer: int, options: ExpertDropOptions) -> list[float]:
