@@ -252,9 +252,10 @@ def render_search(out: Console, report) -> None:
     table = Table(title=f"Pareto front of {grid['candidates']} candidates ({len(report.trimmings)} trimmings x "
                         f"{len(report.types)} types), estimated; {escape(report.constraint['description'])}",
                   caption="drop: blocks / MoE sublayers dropped; experts: kept per MoE layer on average / in the "
-                          "file (padded); KL = trimming + type, an additive estimate; * chosen; dim: off the front",
+                          "file (padded); KL = trim + the type's own (below): an additive estimate; * chosen; dim: "
+                          "off the front",
                   box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1))
-    for header in ("", "drop", "experts", "quant", "MiB", "of F16", "decode", "KL", "trim", "type", "fit"):
+    for header in ("", "drop", "experts", "quant", "MiB", "of F16", "decode", "KL", "trim", "fit"):
         table.add_column(header, justify="left" if header in ("", "quant", "fit") else "right", no_wrap=True)
     for row in rows:
         chosen = row["index"] == report.chosen
@@ -263,7 +264,7 @@ def render_search(out: Console, report) -> None:
         table.add_row("*" if chosen else "", f"{row['block_drop']}/{row['layer_drop']}",
                       f"{row['expert_keep']}/{trimming.file_experts}", row["quant"], f"{row['file_bytes'] / MIB:.2f}",
                       f"{row['size_share']:.1%}", f"x{row['decode_speedup']:.2f}", f"{row['kl']:.3g}",
-                      f"{row['kl_trimming']:.3g}", f"{row['kl_type']:.3g}", "yes" if row["meets"] else "no",
+                      f"{row['kl_trimming']:.3g}", "yes" if row["meets"] else "no",
                       style=style)
     out.print(table)
     out.print(f"untrimmed F16 GGUF: {baseline['file_bytes']:,} bytes, {baseline['token_bytes'] / MIB:.2f} MiB read per "

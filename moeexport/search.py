@@ -269,14 +269,16 @@ class SearchReport:
             f"# Chosen by moeexport search ({self.constraint['description']}): the lowest calibration KL within it.",
             f"# Build flags it assumes: {flags}",
             f"#   moeexport build {self.model} --recipe THIS.yaml {flags}{calibration} --out DIR",
-            "# (the passes choose what to drop from calibration statistics: build with the same calibration set)",
+            *(["# (the passes choose what to drop from calibration statistics: build with the same calibration set)"]
+              if row["passes"] else []),
             f"# estimated: {row['file_bytes']:,} bytes ({row['size_share']:.1%} of the untrimmed F16 GGUF's "
             f"{baseline:,}), decode x{row['decode_speedup']:.2f}, KL {row['kl']:.4g} "
             f"(trimming {row['kl_trimming']:.4g} + {row['quant']} {row['kl_type']:.4g}: an additive estimate)",
         ]
         verified = row.get("verified")
         if verified:
-            lines.append(f"# measured (exported, run in llama.cpp on the calibration set): {verified['file_bytes']:,} "
+            lines.append(f"# measured (exported, run in llama.cpp on {self.grid['kl_tokens']['files']:,} calibration "
+                         f"tokens): {verified['file_bytes']:,} "
                          f"bytes ({verified['file_bytes'] / baseline:.1%}), KL {verified['kl']:.4g}, "
                          f"top-1 agreement {verified['top1_agreement']:.1%}")
         if command:
@@ -501,16 +503,41 @@ def _measure_types(original, target: str, types: tuple[str, ...], tokens, refere
 
 class _Prefixed:
     """The one StatisticsProvider, for a model that a recipe prefix already compressed: statistics are keyed
-    by the prefix's steps followed by the passes applied now, as one compress of the whole recipe keys them."""
+    by the prefix's steps followed by the passes applied now, as one compress of the whole recipe keys them.
 
-    def __init__(self, provider, history: list[dict]):
-        self._provider, self._history = provider, history
+    It applies one recipe entry at a time, so a removal scorer (`score: kl`) always measures the model the
+    prefix left: its KLs are remembered under the prefix's key in `memo`, shared by every candidate. Greedy
+    drops of n and n + 1 then share their first n steps' measurements instead of repeating them."""
+
+    def __init__(self, provider, history: list[dict], memo: dict):
+        self._provider, self._history, self._memo = provider, history, memo
 
     def statistics(self, model, history: list[dict]):
         return self._provider.statistics(model, self._history + history)
 
+    def scorer(self, model):
+        return _RememberingScorer(self._provider.scorer(model), self._memo, self._provider.key(self._history))
+
     def __getattr__(self, name):
         return getattr(self._provider, name)
+
+
+class _RememberingScorer:
+    """A RemovalScorer whose `kl` answers removals measured before (on the same model state) from `memo`."""
+
+    def __init__(self, scorer, memo: dict, state: str):
+        self._scorer, self._memo, self._state = scorer, memo, state
+
+    def kl(self, removals) -> list[float]:
+        removals = [frozenset(removal) for removal in removals]
+        missing = [removal for removal in dict.fromkeys(removals) if (self._state, removal) not in self._memo]
+        if missing:
+            for removal, kl in zip(missing, self._scorer.kl(missing)):
+                self._memo[(self._state, removal)] = kl
+        return [self._memo[(self._state, removal)] for removal in removals]
+
+    def __getattr__(self, name):
+        return getattr(self._scorer, name)
 
 
 @dataclass
@@ -522,7 +549,7 @@ class _Applied:
     new_block_index: list[int | None]  # original block -> its index now
 
 
-def _apply(state: _Applied, entry: dict | None, provider) -> _Applied:
+def _apply(state: _Applied, entry: dict | None, provider, memo: dict) -> _Applied:
     """`state` with one more recipe entry applied, to a copy (None: the state itself, shared)."""
     if entry is None:
         return state
@@ -530,7 +557,7 @@ def _apply(state: _Applied, entry: dict | None, provider) -> _Applied:
     from moeexport.recipe import parse_recipe
 
     model = copy.deepcopy(state.model)
-    result = compress(model, parse_recipe({"passes": [entry]}), _Prefixed(provider, state.history))
+    result = compress(model, parse_recipe({"passes": [entry]}), _Prefixed(provider, state.history, memo))
     index = [None if i is None else result.new_block_index[i] for i in state.new_block_index]
     steps = [step.to_dict() for step in result.steps]
     plans = [f"{step.name}: {line}" for step in result.steps for line in step.plan.describe()]
@@ -569,6 +596,7 @@ def _trimmings(original, provider, tokens, reference, options: SearchOptions, ta
                            total=total)
     root = _Applied(original, [], [], [], list(range(len(_layers(original)))))
     trimmings, skipped, plans = [], [], []
+    memo = {}  # removal KLs measured by `score: kl` passes, by model state (_Prefixed)
 
     def skip(block: int, layer: int, keep_values, error: Exception) -> None:
         for keep in keep_values:
@@ -577,14 +605,14 @@ def _trimmings(original, provider, tokens, reference, options: SearchOptions, ta
 
     for block in blocks:
         try:
-            blocked = _apply(root, {"block_drop": {"n": block}} if block else None, provider)
+            blocked = _apply(root, {"block_drop": {"n": block}} if block else None, provider, memo)
         except MoeExportError as error:
             for layer in layer_drops:
                 skip(block, layer, keeps, error)
             continue
         for layer in layer_drops:
             try:
-                layered = _apply(blocked, {"layer_drop": {"n": layer}} if layer else None, provider)
+                layered = _apply(blocked, {"layer_drop": {"n": layer}} if layer else None, provider, memo)
             except MoeExportError as error:
                 skip(block, layer, keeps, error)
                 continue
@@ -595,7 +623,7 @@ def _trimmings(original, provider, tokens, reference, options: SearchOptions, ta
                     if options.expert_scope == "global":
                         entry["expert_drop"]["min_keep"] = min(top_k, keep)
                 try:
-                    leaf = _apply(layered, entry, provider)
+                    leaf = _apply(layered, entry, provider, memo)
                     plan = _writer_plan(leaf.model, target)
                 except MoeExportError as error:
                     skip(block, layer, [keep], error)
