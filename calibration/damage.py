@@ -1,8 +1,10 @@
 """How much removing blocks, MoE sublayers or experts changes the model's output, on calibration tokens.
 
-`RemovalScorer.kl(removals)` gives, for each removal (a set of whole blocks,
-MoE sublayers and routed experts, by layer index), KL(original || original
-without them) per token, averaged over the scoring tokens. Every removal is
+`RemovalScorer.damage(removals, metric)` gives, for each removal (a set of
+whole blocks, MoE sublayers and routed experts, by layer index), its damage per
+token, averaged over the scoring tokens: "perplexity", the rise in next-token
+loss (the log of the perplexity ratio), or "kl", KL(original || original
+without them). Every removal is
 measured in the same pass over the decoder layers: each layer is read once (a
 streamed model reads it from disk once), and runs on the hidden states of every
 distinct removal prefix up to it, so removals that agree on the layers so far
@@ -57,18 +59,23 @@ class RemovalScorer:
         self.progress = progress
         self.passes = 0  # reads of the model, for the cost report
 
-    @torch.no_grad()
     def kl(self, removals: list[Removal]) -> list[float]:
         """KL(model || model without each removal), per token, in the order given."""
+        return self.damage(removals, "kl")
+
+    @torch.no_grad()
+    def damage(self, removals: list[Removal], metric: str) -> list[float]:
+        """Per removal, in the order given, the mean per-token `metric`: "kl", KL(model || model without it);
+        "perplexity", the log of its perplexity ratio on the scoring tokens (the rise in next-token loss)."""
         removals = [frozenset(removal) for removal in removals]
         unique = sorted(set(removals), key=lambda removal: sorted(removal))
         scores: dict[Removal, float] = {}
         group = max(1, self.max_states - 1)
         for start in range(0, len(unique), group):
-            scores.update(self._pass(unique[start:start + group]))
+            scores.update(self._pass(unique[start:start + group], metric))
         return [scores[removal] for removal in removals]
 
-    def _pass(self, removals: list[Removal]) -> dict[Removal, float]:
+    def _pass(self, removals: list[Removal], metric: str) -> dict[Removal, float]:
         self.passes += 1
         batches = [first_layer_inputs(self.model, batch) for batch in self.tokens.split(self.batch_size)]
         # hidden states per removal prefix: the removed items at layers already run
@@ -87,7 +94,7 @@ class RemovalScorer:
                 self.progress.advance(task)
         if self.progress:
             self.progress.remove_task(task)
-        return self._divergence(states, removals)
+        return self._divergence(states, removals, metric)
 
     def _run(self, view, hidden: list[torch.Tensor], batches, removed: Removal) -> list[torch.Tensor]:
         whats = {item.what for item in removed}
@@ -107,40 +114,59 @@ class RemovalScorer:
         """A forward hook on the router that routes as if `removed` had no router rows (Expert Drop)."""
         if self.routing.method != "greedy":
             raise MoeExportError("measuring expert removals needs greedy top-k routing (topk_method: greedy)")
-        top_k, routing = view.top_k, self.routing
-
-        def route(logits: torch.Tensor, mask: torch.Tensor | None):
-            left = logits.shape[-1] - (0 if mask is None else int(mask.sum()))
-            logits = logits.float() if mask is None else logits.float().masked_fill(mask, float("-inf"))
-            weights, index = logits.softmax(dim=-1).topk(min(top_k, left), dim=-1)
-            if routing.renormalize:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
-            return weights * routing.scale, index
 
         def hook(module, args, output):
             logits, weights, index = output
-            if view.index not in self._routing_checked:  # the rule above is this router's own
-                own_weights, own_index = route(logits, None)
-                if not (torch.equal(own_index, index) and torch.allclose(own_weights.to(weights.dtype), weights)):
-                    raise MoeExportError(f"this model's router ({type(module).__name__}) does not route as softmax "
-                                         "-> top-k (-> renormalize): its experts cannot be scored by removal")
+            if view.index not in self._routing_checked:
+                check_routing(module, output, view.top_k, self.routing)
                 self._routing_checked.add(view.index)
             mask = torch.zeros(logits.shape[-1], dtype=torch.bool)
             mask[removed] = True
-            new_weights, new_index = route(logits, mask)
+            new_weights, new_index = route(logits, view.top_k, self.routing, mask)
             return logits, new_weights.to(weights.dtype), new_index
         return hook
 
-    def _divergence(self, states: dict[Removal, list[torch.Tensor]], removals: list[Removal]) -> dict[Removal, float]:
-        """Mean per-token KL(original || each removal) from the final hidden states."""
+    def _divergence(self, states: dict[Removal, list[torch.Tensor]], removals: list[Removal],
+                    metric: str) -> dict[Removal, float]:
+        """Mean per-token `metric` (see `damage`) of each removal, from the final hidden states."""
         around = adapter_for(self.model.config).model_view(self.model)
         totals = {removal: 0.0 for removal in removals}
         count = 0
+
+        def log_probs(hidden: torch.Tensor) -> torch.Tensor:
+            return F.log_softmax(around.output(around.final_norm(hidden)).float(), dim=-1)
+
         with outer(self.model, "output"):
-            for index, original in enumerate(states[frozenset()]):
-                reference = F.log_softmax(around.output(around.final_norm(original)).float(), dim=-1)
-                count += reference.shape[0] * reference.shape[1]
+            for index, tokens in enumerate(self.tokens.split(self.batch_size)):
+                reference = log_probs(states[frozenset()][index])
+                if metric == "perplexity":  # the loss on each next token, from every position but the last
+                    targets = tokens[:, 1:, None]
+                    reference_loss = -reference[:, :-1].gather(-1, targets).sum().item()
+                count += targets.numel() if metric == "perplexity" else reference.shape[0] * reference.shape[1]
                 for removal in removals:
-                    log_probs = F.log_softmax(around.output(around.final_norm(states[removal][index])).float(), dim=-1)
-                    totals[removal] += F.kl_div(log_probs, reference, log_target=True, reduction="sum").item()
+                    removed = log_probs(states[removal][index])
+                    if metric == "perplexity":
+                        totals[removal] += -removed[:, :-1].gather(-1, targets).sum().item() - reference_loss
+                    else:
+                        totals[removal] += F.kl_div(removed, reference, log_target=True, reduction="sum").item()
         return {removal: total / count for removal, total in totals.items()}
+
+def route(logits: torch.Tensor, top_k: int, routing, removed: torch.Tensor | None = None):
+    """(weights, index) of greedy top-k routing (softmax -> top-k -> renormalize -> scale), in float32, over
+    the experts not `removed` (a boolean mask): how a layer routes once Expert Drop has taken their rows."""
+    left = logits.shape[-1] - (0 if removed is None else int(removed.sum()))
+    logits = logits.float() if removed is None else logits.float().masked_fill(removed, float("-inf"))
+    weights, index = logits.softmax(dim=-1).topk(min(top_k, left), dim=-1)
+    if routing.renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * routing.scale, index
+
+
+def check_routing(router, output, top_k: int, routing) -> None:
+    """Refuse a router whose own output is not `route`'s rule on its logits: removals routed by the rule
+    would then measure or repair some other model."""
+    logits, weights, index = output
+    own_weights, own_index = route(logits, top_k, routing)
+    if not (torch.equal(own_index, index) and torch.allclose(own_weights.to(weights.dtype), weights)):
+        raise MoeExportError(f"this model's router ({type(router).__name__}) does not route as softmax -> top-k "
+                             "(-> renormalize): its experts cannot be removed by measurement or repaired")

@@ -34,7 +34,7 @@ from moeexport.recipe import Recipe
 DEFAULT_CACHE = Path(os.environ.get("MOEEXPORT_CACHE", Path.home() / ".cache" / "moeexport")) / "statistics"
 # the statistics cache keeps its newest entries within this size (MOEEXPORT_CACHE_LIMIT_MB to change it)
 CACHE_LIMIT_BYTES = int(float(os.environ.get("MOEEXPORT_CACHE_LIMIT_MB", "1024")) * 2**20)
-SCORING_TOKENS = 8192  # calibration tokens a `score: kl` selection measures removals on
+SCORING_TOKENS = 8192  # calibration tokens a `score: perplexity | kl` selection measures removals on
 
 
 class StatisticsProvider:

@@ -505,8 +505,8 @@ class _Prefixed:
     """The one StatisticsProvider, for a model that a recipe prefix already compressed: statistics are keyed
     by the prefix's steps followed by the passes applied now, as one compress of the whole recipe keys them.
 
-    It applies one recipe entry at a time, so a removal scorer (`score: kl`) always measures the model the
-    prefix left: its KLs are remembered under the prefix's key in `memo`, shared by every candidate. Greedy
+    It applies one recipe entry at a time, so a removal scorer (`score: perplexity`) always measures the model the
+    prefix left: its damages are remembered under the prefix's key in `memo`, shared by every candidate. Greedy
     drops of n and n + 1 then share their first n steps' measurements instead of repeating them."""
 
     def __init__(self, provider, history: list[dict], memo: dict):
@@ -523,18 +523,18 @@ class _Prefixed:
 
 
 class _RememberingScorer:
-    """A RemovalScorer whose `kl` answers removals measured before (on the same model state) from `memo`."""
+    """A RemovalScorer whose `damage` answers removals measured before (on the same model state) from `memo`."""
 
     def __init__(self, scorer, memo: dict, state: str):
         self._scorer, self._memo, self._state = scorer, memo, state
 
-    def kl(self, removals) -> list[float]:
-        removals = [frozenset(removal) for removal in removals]
-        missing = [removal for removal in dict.fromkeys(removals) if (self._state, removal) not in self._memo]
+    def damage(self, removals, metric: str) -> list[float]:
+        keys = [(self._state, metric, frozenset(removal)) for removal in removals]
+        missing = [key for key in dict.fromkeys(keys) if key not in self._memo]
         if missing:
-            for removal, kl in zip(missing, self._scorer.kl(missing)):
-                self._memo[(self._state, removal)] = kl
-        return [self._memo[(self._state, removal)] for removal in removals]
+            for key, value in zip(missing, self._scorer.damage([key[2] for key in missing], metric)):
+                self._memo[key] = value
+        return [self._memo[key] for key in keys]
 
     def __getattr__(self, name):
         return getattr(self._scorer, name)
@@ -596,7 +596,7 @@ def _trimmings(original, provider, tokens, reference, options: SearchOptions, ta
                            total=total)
     root = _Applied(original, [], [], [], list(range(len(_layers(original)))))
     trimmings, skipped, plans = [], [], []
-    memo = {}  # removal KLs measured by `score: kl` passes, by model state (_Prefixed)
+    memo = {}  # removal damages measured by `score: perplexity | kl` passes, by model state (_Prefixed)
 
     def skip(block: int, layer: int, keep_values, error: Exception) -> None:
         for keep in keep_values:

@@ -51,21 +51,33 @@ def test_the_scorer_measures_what_removing_for_real_costs(family):
     assert measured[-1] == 0.0 and min(measured[:-1]) > 0
 
 
+def _loss_rise(reference, model, tokens) -> float:
+    """Mean per-token next-token loss of model on tokens minus reference's: the log of the perplexity ratio."""
+    def loss(m):
+        with torch.no_grad():
+            logits = m(input_ids=tokens, use_cache=False).logits.float()
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item()
+    return loss(model) - loss(reference)
+
+
 @pytest.mark.parametrize("name", ["block_drop", "layer_drop"])
-def test_kl_selection_is_the_default_and_picks_the_cheapest_removal_greedily(name):
+@pytest.mark.parametrize("score", [None, "kl"], ids=["default_perplexity", "kl"])
+def test_measured_selection_is_the_default_and_picks_the_cheapest_removal_greedily(name, score):
     model = tiny_model("mixtral")
     tokens = random_tokens(6, 32, seed=1)
     provider = StatisticsProvider(None, CalibrationConfig(), "tiny", cache_dir=None, tokens=tokens)
-    chosen = compress(copy.deepcopy(model), parse_recipe({"passes": [{name: {"n": 2}}]}), provider).steps[0].plan
+    options = {"n": 2, **({"score": score} if score else {})}
+    chosen = compress(copy.deepcopy(model), parse_recipe({"passes": [{name: options}]}), provider).steps[0].plan
+    damage = _kl if score == "kl" else _loss_rise
     what = BLOCK if name == "block_drop" else MOE
     layers = range(len(structure(adapter_for(model.config), model)))
-    first = {layer: _kl(model, _without(model, {Removed(layer, what)}), tokens) for layer in layers}
+    first = {layer: damage(model, _without(model, {Removed(layer, what)}), tokens) for layer in layers}
     assert chosen.drop[0] == min(first, key=first.get)
-    second = {layer: _kl(model, _without(model, {Removed(chosen.drop[0], what), Removed(layer, what)}), tokens)
+    second = {layer: damage(model, _without(model, {Removed(chosen.drop[0], what), Removed(layer, what)}), tokens)
               for layer in layers if layer != chosen.drop[0]}
     assert chosen.drop[1] == min(second, key=second.get)
-    assert chosen.kl == pytest.approx([first[chosen.drop[0]], second[chosen.drop[1]]], rel=1e-4)
-    assert "KL" in chosen.describe()[0]
+    assert chosen.damage == pytest.approx([first[chosen.drop[0]], second[chosen.drop[1]]], rel=1e-4, abs=1e-6)
+    assert chosen.metric == (score or "perplexity") and "greedy" in chosen.describe()[0]
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])

@@ -39,13 +39,14 @@ class CompressionPass:
     Options: ClassVar[type[PassOptions]]
 
     def needs_statistics(self, options: PassOptions) -> bool:
-        """Selections score with the observed statistics, except the `score: random` control and `score: kl`."""
-        return getattr(options, "score", None) not in ("random", "kl")
+        """Selections score with the observed statistics, except the `score: random` control and the scores
+        that measure removals (`score: perplexity | kl`)."""
+        return getattr(options, "score", None) not in ("random", "perplexity", "kl")
 
     def needs_scorer(self, options: PassOptions) -> bool:
-        """True when `plan` measures removals itself (`score: kl`): it is given a scorer=RemovalScorer
+        """True when `plan` measures removals itself (`score: perplexity | kl`): it is given a scorer=RemovalScorer
         (calibration/damage.py) on the model as it stands."""
-        return getattr(options, "score", None) == "kl"
+        return getattr(options, "score", None) in ("perplexity", "kl")
 
     def streams(self, options: PassOptions) -> bool:
         """True when `apply` works on a streamed model (moeexport.streaming): it removes blocks, sublayers or

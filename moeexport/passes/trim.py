@@ -1,19 +1,22 @@
 """Trimming passes of He et al. (Block Drop, Layer Drop, Expert Drop), without the paper code's bugs.
 
 - Block Drop removes whole decoder layers, Layer Drop the norm + MoE sublayer of
-  MoE layers (attention stays). By default (`score: kl`) they choose by the
-  damage itself: greedily, the block or sublayer whose removal changes the
-  model's next-token distribution least (KL on calibration tokens, measured
-  with the ones already chosen removed: calibration/damage.py). The papers'
-  rules stay available: `score: similarity` drops what is most alike at input
-  and output (Block Drop: cos(input, output), `mode: consecutive` the most
-  alike window; Layer Drop: cos(x, x + MoE(norm(x)))).
+  MoE layers (attention stays). By default (`score: perplexity`) they choose by
+  the damage itself: greedily, the block or sublayer whose removal raises the
+  model's next-token loss on the calibration tokens least, measured with the
+  ones already chosen removed (calibration/damage.py); `score: kl` measures
+  KL(original || removed) instead. The papers' rules stay available: `score:
+  similarity` drops what is most alike at input and output (Block Drop:
+  cos(input, output), `mode: consecutive` the most alike window; Layer Drop:
+  cos(x, x + MoE(norm(x)))).
 - Expert Drop keeps `keep` experts per layer (scope layer) or drops the globally
   lowest-scoring experts (scope global: the same total, per-layer counts vary, a
   layer may keep none and then passes its input through, if the step allows it).
-  Scores: selection frequency, routing mass (He et al.), REAP saliency (Lasby et
-  al. 2025: mean gate weight x expert output norm over the expert's routed
-  tokens), or random.
+  Scores: REAP saliency (the default; Lasby et al. 2025: mean gate weight x
+  expert output norm over the expert's routed tokens), selection frequency,
+  routing mass (He et al.), measured damage in greedy rounds (perplexity, kl),
+  or random. `repair: refit` then refits the kept experts' down projections to
+  the original layer's output (passes/repair.py).
 Every selection also has `score: random` as the control baseline.
 
 A drop that would leave a MoE layer with no experts (`keep: 0`, or a global drop
@@ -23,7 +26,7 @@ refused unless the step says `allow_empty_layers: true`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -35,6 +38,7 @@ from moeexport.calibration.damage import BLOCK, EXPERT, MOE, Removed
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
 from moeexport.passes.base import CompressionPass, PassOptions, check_expert_keep, check_moe_remains
+from moeexport.passes.repair import check_refit_size, refit_and_keep
 
 
 def _top_n(scores: list[float], n: int) -> list[int]:
@@ -55,16 +59,20 @@ def _remaining(layers: list[LayerSpec], drop: list[int]) -> list[LayerSpec]:
     return [spec for index, spec in enumerate(layers) if index not in drop]
 
 
-def _greedy_by_damage(scorer, candidates: list[int], n: int, what: str) -> tuple[list[int], list[float]]:
-    """Remove `n` of `candidates` one at a time, each the one whose removal (with those already chosen) costs the
-    least KL on the calibration tokens: (chosen in the order chosen, the KL after each choice)."""
+MEASURED = ("perplexity", "kl")  # scores that measure each removal's damage on calibration tokens
+DAMAGE = {"perplexity": "rise in log perplexity", "kl": "KL"}
+
+
+def _greedy_by_damage(scorer, candidates: list[int], n: int, what: str, metric: str) -> tuple[list[int], list[float]]:
+    """Remove `n` of `candidates` one at a time, each the one whose removal (with those already chosen) does the
+    least damage (`metric`) on the calibration tokens: (chosen in the order chosen, the damage after each)."""
     chosen, damage = [], []
     for _ in range(n):
         left = [c for c in candidates if c not in chosen]
-        kl = scorer.kl([frozenset(Removed(layer, what) for layer in chosen + [c]) for c in left])
-        best = min(range(len(left)), key=lambda i: (kl[i], left[i]))
+        measured = scorer.damage([frozenset(Removed(layer, what) for layer in chosen + [c]) for c in left], metric)
+        best = min(range(len(left)), key=lambda i: (measured[i], left[i]))
         chosen.append(left[best])
-        damage.append(kl[best])
+        damage.append(measured[best])
     return chosen, damage
 
 
@@ -78,7 +86,7 @@ ALLOW_EMPTY = Field(False, description="let the drop leave MoE layers without ex
 class BlockDropOptions(PassOptions):
     n: int = Field(ge=1, description="number of decoder blocks to drop")
     mode: Literal["discrete", "consecutive"] = "discrete"
-    score: Literal["kl", "similarity", "random"] = "kl"
+    score: Literal["perplexity", "kl", "similarity", "random"] = "perplexity"
     seed: int = SEED
     allow_empty_layers: bool = ALLOW_EMPTY
 
@@ -87,15 +95,18 @@ class BlockDropOptions(PassOptions):
 class _DropPlan:
     drop: list[int]
     similarity: list[float | None]  # score: similarity, the redundancy of each dropped index (else None)
-    kl: list[float] = field(default_factory=list)  # score: kl, calibration KL after each choice, in drop's order
+    damage: list[float] = field(default_factory=list)  # measured scores: the damage after each choice, in drop's order
+    metric: str = ""  # which damage: perplexity | kl
 
     what: ClassVar[str]
     legend: ClassVar[str]
 
     def describe(self) -> list[str]:
-        if self.kl:
-            steps = ", ".join(f"{index} (KL {kl:.4g})" for index, kl in zip(self.drop, self.kl))
-            return [f"drop {self.what} {steps}  [greedy: calibration KL with each one and those before it removed]"]
+        if self.damage:
+            name = DAMAGE[self.metric]
+            steps = ", ".join(f"{index} ({name} {value:.4g})" for index, value in zip(self.drop, self.damage))
+            return [f"drop {self.what} {steps}  [greedy: calibration {name} with each one and those before it "
+                    "removed]"]
         pairs = ", ".join(f"{index} ({_score(s)})" for index, s in zip(self.drop, self.similarity))
         return [f"drop {self.what} {pairs}  [{self.legend}]"]
 
@@ -116,16 +127,16 @@ class BlockDrop(CompressionPass):
     def check(self, options: BlockDropOptions, layers: list[LayerSpec]) -> None:
         if options.n >= len(layers):
             raise MoeExportError(f"block_drop n={options.n} but the model has {len(layers)} blocks (at least one must stay)")
-        if options.score == "kl" and options.mode == "consecutive":
+        if options.score in MEASURED and options.mode == "consecutive":
             raise MoeExportError("block_drop mode: consecutive scores windows by similarity: add score: similarity")
 
     def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: BlockDropOptions,
              scorer=None) -> BlockDropPlan:
         count, n = len(layers), options.n
-        if options.score == "kl":
-            drop, kl = _greedy_by_damage(scorer, list(range(count)), n, BLOCK)
+        if options.score in MEASURED:
+            drop, damage = _greedy_by_damage(scorer, list(range(count)), n, BLOCK, options.score)
             check_moe_remains(self.name, options.allow_empty_layers, layers, _remaining(layers, drop))
-            return BlockDropPlan(drop, [None] * n, kl)
+            return BlockDropPlan(drop, [None] * n, damage, options.score)
         if options.mode == "discrete":
             scores = (
                 [s.block_similarity for s in statistics.layers]
@@ -155,7 +166,7 @@ class BlockDrop(CompressionPass):
 
 class LayerDropOptions(PassOptions):
     n: int = Field(ge=1, description="number of MoE sublayers to drop")
-    score: Literal["kl", "similarity", "random"] = "kl"
+    score: Literal["perplexity", "kl", "similarity", "random"] = "perplexity"
     seed: int = SEED
     allow_empty_layers: bool = ALLOW_EMPTY
 
@@ -183,10 +194,10 @@ class LayerDrop(CompressionPass):
     def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: LayerDropOptions,
              scorer=None) -> LayerDropPlan:
         candidates = [i for i, spec in enumerate(layers) if spec.kind == "moe"]
-        if options.score == "kl":
-            drop, kl = _greedy_by_damage(scorer, candidates, options.n, MOE)
+        if options.score in MEASURED:
+            drop, damage = _greedy_by_damage(scorer, candidates, options.n, MOE, options.score)
             check_moe_remains(self.name, options.allow_empty_layers, layers, _remaining(layers, drop))
-            return LayerDropPlan(drop, [None] * options.n, kl)
+            return LayerDropPlan(drop, [None] * options.n, damage, options.score)
         if options.score == "similarity":
             scores = [statistics.layers[i].moe_similarity for i in candidates]
         else:
@@ -209,9 +220,13 @@ class ExpertDropOptions(PassOptions):
     keep: int = Field(ge=0, description="experts kept per MoE layer (the average, for scope global)")
     scope: Literal["layer", "global"] = "layer"
     min_keep: int = Field(default=0, ge=0, description="scope global: every layer keeps at least this many")
-    score: Literal["reap", "kl", "frequency", "routing_mass", "random"] = "reap"
+    score: Literal["reap", "perplexity", "kl", "frequency", "routing_mass", "random"] = "reap"
     seed: int = SEED
     allow_empty_layers: bool = ALLOW_EMPTY
+    repair: Literal["none", "refit"] = Field(
+        default="none", description="refit: the kept experts' down projections refit by least squares to the "
+                                    "original layer's output on calibration tokens (passes/repair.py)")
+    ridge: float = Field(default=0.1, gt=0, description="repair: refit, the pull towards the original weights")
 
 
 @dataclass
@@ -220,15 +235,24 @@ class ExpertDropPlan:
     drop: dict[int, list[int]]  # MoE layer -> experts dropped
     dropped_expert_tokens: dict[int, list[int]]  # tokens each dropped expert saw in calibration
     layer_tokens: dict[int, int]  # routing decisions per layer in calibration
-    kl: list[float] = field(default_factory=list)  # score: kl, calibration KL after each round of removals
+    damage: list[float] = field(default_factory=list)  # measured scores: the damage after each round of removals
+    metric: str = ""  # which damage: perplexity | kl
+    repair: str = "none"
+    ridge: float = 0.1
+    # repair: refit, per refit layer: relative error of its routed output on calibration [dropped, refit]
+    repair_error: dict[int, list[float]] = field(default_factory=dict)
 
     def describe(self) -> list[str]:
         changed = [layer for layer in self.keep if self.drop[layer]]
         dropped_total = sum(len(d) for d in self.drop.values())
         lines = [f"targeted {len(self.keep)} MoE layers; dropped {dropped_total} experts in {len(changed)} of them"]
-        if self.kl:
-            trace = ", ".join(f"{kl:.4g}" for kl in self.kl)
-            lines.append(f"chosen greedily by calibration KL, {len(self.kl)} rounds: {trace}")
+        if self.damage:
+            trace = ", ".join(f"{value:.4g}" for value in self.damage)
+            lines.append(f"chosen greedily by calibration {DAMAGE[self.metric]}, {len(self.damage)} rounds: {trace}")
+        if self.repair_error:
+            errors = ", ".join(f"{layer}: {before:.3f} -> {after:.3f}" for layer, (before, after)
+                               in sorted(self.repair_error.items()))
+            lines.append(f"refit the kept experts' down projections; relative output error per layer {errors}")
         for layer in sorted(self.keep):
             kept, dropped = self.keep[layer], self.drop[layer]
             line = f"layer {layer}: keep {len(kept)} {kept}, drop {len(dropped)} {dropped}"
@@ -246,11 +270,14 @@ class ExpertDrop(CompressionPass):
     name = "expert_drop"
     Options = ExpertDropOptions
 
-    def streams(self, options) -> bool:
-        return True
+    def streams(self, options: ExpertDropOptions) -> bool:
+        return options.repair == "none"  # a refit solves for every kept expert of a layer at once
+
+    def needs_activations(self, options: ExpertDropOptions) -> bool:
+        return options.repair == "refit"
 
     def needs_statistics(self, options: ExpertDropOptions) -> bool:
-        return options.score != "random"  # score: kl also reports the tokens each dropped expert saw
+        return options.score != "random"  # measured scores also report the tokens each dropped expert saw
 
     def check(self, options: ExpertDropOptions, layers: list[LayerSpec]) -> None:
         if options.min_keep > options.keep:
@@ -266,7 +293,7 @@ class ExpertDrop(CompressionPass):
              scorer=None) -> ExpertDropPlan:
         moe_layers = [i for i, spec in enumerate(layers) if spec.kind == "moe"]
         trace = []
-        if options.score == "kl":
+        if options.score in MEASURED:
             keep, trace = self._keep_by_damage(scorer, layers, moe_layers, options)
         else:
             scores = {layer: self._layer_scores(statistics, layers[layer], layer, options) for layer in moe_layers}
@@ -283,20 +310,22 @@ class ExpertDrop(CompressionPass):
                 "add min_keep: 1 (or more) to the step, or allow_empty_layers: true if that is meant"
             )
         drop = {layer: [e for e in range(layers[layer].num_experts) if e not in keep[layer]] for layer in moe_layers}
-        if statistics is None:
-            return ExpertDropPlan(keep, drop, {}, {})
+        tokens = {layer: statistics.layers[layer].expert_tokens for layer in moe_layers} if statistics else {}
         return ExpertDropPlan(
             keep,
             drop,
-            {layer: [statistics.layers[layer].expert_tokens[e] for e in drop[layer]] for layer in moe_layers},
-            {layer: sum(statistics.layers[layer].expert_tokens) for layer in moe_layers},
+            {layer: [seen[e] for e in drop[layer]] for layer, seen in tokens.items()},
+            {layer: sum(seen) for layer, seen in tokens.items()},
             trace,
+            options.score if trace else "",
+            options.repair,
+            options.ridge,
         )
 
     @staticmethod
     def _keep_by_damage(scorer, layers: list[LayerSpec], moe_layers: list[int], options: ExpertDropOptions):
-        """Remove experts in rounds, each round scoring every expert still removable by the KL of removing it
-        with those already gone, and taking the cheapest, at most one per layer (a layer's next removal is
+        """Remove experts in rounds, each round scoring every expert still removable by the damage of removing
+        it with those already gone (`options.score`: perplexity or kl), and taking the cheapest, at most one per layer (a layer's next removal is
         scored with its last one gone), at most a quarter of what is left to remove, and only those that
         cost at most twice the cheapest.
 
@@ -318,20 +347,23 @@ class ExpertDrop(CompressionPass):
             if not candidates:
                 break
             gone = [Removed(layer, EXPERT, e) for layer in moe_layers for e in dropped[layer]]
-            now, *kl = scorer.kl([frozenset(gone)] + [frozenset(gone + [Removed(layer, EXPERT, e)])
-                                                       for layer, e in candidates])
+            now, *damage = scorer.damage([frozenset(gone)] + [frozenset(gone + [Removed(layer, EXPERT, e)])
+                                                               for layer, e in candidates], options.score)
             if gone:
-                trace.append(now)  # the KL after the previous round, measured alongside this one's candidates
-            ranked = sorted(zip(kl, candidates))
+                trace.append(now)  # the damage after the previous round, measured alongside this one's candidates
+            ranked = sorted(zip(damage, candidates))
             cheapest = ranked[0][0] - now
             taken, budget = set(), max(1, -(-to_drop // 4))
             for score, (layer, expert) in ranked:
                 # a round takes only removals about as cheap as its cheapest: no layer loses one because it is due
-                if layer not in taken and len(taken) < budget and score - now <= 2 * cheapest + 1e-9:
+                if len(taken) == budget:
+                    break
+                if layer not in taken and (not taken or score - now <= 2 * max(cheapest, 0) + 1e-9):
                     taken.add(layer)
                     dropped[layer].append(expert)
             to_drop -= len(taken)
-        trace.append(scorer.kl([frozenset(Removed(l, EXPERT, e) for l in moe_layers for e in dropped[l])])[0])
+        everything = frozenset(Removed(layer, EXPERT, e) for layer in moe_layers for e in dropped[layer])
+        trace.append(scorer.damage([everything], options.score)[0])
         return {layer: [e for e in range(counts[layer]) if e not in dropped[layer]] for layer in moe_layers}, trace
 
     @staticmethod
@@ -365,8 +397,12 @@ class ExpertDrop(CompressionPass):
             for layer, layer_scores in scores.items()
         }
 
-    def apply(self, model, plan: ExpertDropPlan) -> None:
+    def apply(self, model, plan: ExpertDropPlan, tokens=None, progress=None) -> ExpertDropPlan:
         adapter = adapter_for(model.config)
         check_expert_count_change(adapter, model.config)
+        if plan.repair == "refit":
+            check_refit_size(model, plan.keep)
+            return replace(plan, repair_error=refit_and_keep(model, plan.keep, tokens, plan.ridge, progress))
         for layer, kept in plan.keep.items():
             keep_experts(adapter, model, layer, kept)
+        return plan
