@@ -356,8 +356,11 @@ def _check_streamable(recipe: Recipe, options: CompressOptions, plan, observes: 
         raise MoeExportError(f"observing calibration text needs a file when a model runs {why}: it cannot sample "
                              "its own; pass --calib FILE (a .txt or .jsonl file)")
     if options.eval_text is None and _needs_held_out(options):
-        raise MoeExportError(f"the quality and validation checks of a model run {why} need held-out text: pass "
-                             "--eval-text FILE (or --no-eval to skip the quality check on compress)")
+        if options.measure_quality:
+            raise MoeExportError(f"the quality and validation checks of a model run {why} need held-out text: "
+                                 "pass --eval-text FILE (or --no-eval to skip the quality check on compress)")
+        raise MoeExportError(f"validating the artifact of a model run {why} needs held-out text (--no-eval skips "
+                             "only the quality check): pass --eval-text FILE")
 
 
 def _calibration_source(plan, observes: bool, options: CompressOptions, events: EventStream) -> CalibrationOptions:

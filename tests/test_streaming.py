@@ -196,6 +196,10 @@ def test_a_streamed_run_refuses_what_it_cannot_do_before_any_work():
     no_text = CompressOptions(out="unused", stream=True, calibration=CalibrationOptions(source=str(HELD_OUT)))
     with pytest.raises(MoeExportError, match="--eval-text FILE"):
         memory_plan("demo", parse_recipe(TRIM), no_text)
+    no_eval = moeexport.BuildOptions(out="unused", stream=True, measure_quality=False,
+                                     calibration=CalibrationOptions(source=str(HELD_OUT)))
+    with pytest.raises(MoeExportError, match=r"validating the artifact .* \(--no-eval skips only the quality check\)"):
+        memory_plan("demo", parse_recipe(TRIM), no_eval)
 
 
 @dataclass

@@ -16,7 +16,7 @@ inputs the layers already repaired (and trimmed) give it.
 
 Cost, per MoE layer: one pass of the calibration tokens through the layer and a
 Gram matrix of (kept x ffn)^2 float64 numbers, solved once. The fixture's 8 x
-512 columns take 134 MB; Mixtral-8x7B's 4 x 14336 would take 26 GB, so a layer
+512 columns take 134 MB; an 8x7B model's 4 x 14336 would take 26 GB, so a layer
 above MAX_GRAM_BYTES is refused before any work.
 """
 
