@@ -8,10 +8,10 @@ For Block Drop of n blocks and Layer Drop of n MoE sublayers (--block-drop,
 reports the best perplexity (relative to the original model's), then what each
 selection score picks with the calibration set (--calib) and its perplexity
 relative to that optimum. Small models only: the combinations grow as C(layers, n).
-Then global Expert Drop to each --expert-keep experts per layer on average, with
-the pass's default score (no score named) and each of --expert-scores, without
-and with `repair: refit`: its perplexity ratio (no optimum: the combinations are too many). Writes every row
-as JSON.
+Then global Expert Drop (min_keep 1) to each --expert-keep experts per layer
+on average, with the pass's default score (no score named) and each of
+--expert-scores, without and with `repair: refit`: its perplexity ratio (no
+optimum: the combinations are too many). Writes every row as JSON.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def main() -> None:
                       f"{ratio:.4f}x | {tried[picked] / tried[best] - 1:+.2%} |")
     for keep in args.expert_keep:
         for score, repair in itertools.product([None, *args.expert_scores], ["none", "refit"]):
-            options = {"keep": keep, "scope": "global", "repair": repair, **({"score": score} if score else {})}
+            options = {"keep": keep, "scope": "global", "min_keep": 1, "repair": repair,
+                       **({"score": score} if score else {})}
             model = copy.deepcopy(original)
             result = compress(model, parse_recipe({"passes": [{"expert_drop": options}]}), provider)
             ratio = evaluate(model, windows).perplexity / base
