@@ -142,7 +142,9 @@ class RemovalScorer:
                 if metric == "perplexity":  # the loss on each next token, from every position but the last
                     targets = tokens[:, 1:, None]
                     reference_loss = -reference[:, :-1].gather(-1, targets).sum().item()
-                count += targets.numel() if metric == "perplexity" else reference.shape[0] * reference.shape[1]
+                    count += targets.numel()
+                else:
+                    count += reference.shape[0] * reference.shape[1]
                 for removal in removals:
                     removed = log_probs(states[removal][index])
                     if metric == "perplexity":
@@ -150,6 +152,7 @@ class RemovalScorer:
                     else:
                         totals[removal] += F.kl_div(removed, reference, log_target=True, reduction="sum").item()
         return {removal: total / count for removal, total in totals.items()}
+
 
 def route(logits: torch.Tensor, top_k: int, routing, removed: torch.Tensor | None = None):
     """(weights, index) of greedy top-k routing (softmax -> top-k -> renormalize -> scale), in float32, over

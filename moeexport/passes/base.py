@@ -26,6 +26,8 @@ from moeexport.adapters import LayerSpec
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
 
+MEASURED = ("perplexity", "kl")  # scores that measure each removal's damage on calibration tokens
+
 
 class PassOptions(BaseModel):
     """Options of one pass: unknown keys are errors, values are validated strictly
@@ -41,12 +43,12 @@ class CompressionPass:
     def needs_statistics(self, options: PassOptions) -> bool:
         """Selections score with the observed statistics, except the `score: random` control and the scores
         that measure removals (`score: perplexity | kl`)."""
-        return getattr(options, "score", None) not in ("random", "perplexity", "kl")
+        return getattr(options, "score", None) not in ("random", *MEASURED)
 
     def needs_scorer(self, options: PassOptions) -> bool:
         """True when `plan` measures removals itself (`score: perplexity | kl`): it is given a scorer=RemovalScorer
         (calibration/damage.py) on the model as it stands."""
-        return getattr(options, "score", None) in ("perplexity", "kl")
+        return getattr(options, "score", None) in MEASURED
 
     def streams(self, options: PassOptions) -> bool:
         """True when `apply` works on a streamed model (moeexport.streaming): it removes blocks, sublayers or

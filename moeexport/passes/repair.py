@@ -88,6 +88,8 @@ class _System:
         columns = len(kept) * self.ffn
         self.gram = torch.zeros(columns, columns, dtype=torch.float64)  # Z^T Z
         self.cross = torch.zeros(columns, view.experts.down_proj.shape[1], dtype=torch.float64)  # Z^T y
+        # the kept experts' down projections as one (kept x ffn, hidden) matrix D_0: Z @ D_0 is the dropped output
+        self.original_down = torch.cat([view.experts.down_proj[e].double().T for e in kept])
         self.target_energy = 0.0  # sum |y|^2
         self.dropped_error = 0.0  # sum |y - y_dropped|^2
 
@@ -107,11 +109,10 @@ class _System:
             if len(rows):
                 activation = expert_intermediate(experts, expert, x[rows]).float()
                 z[rows, slot * self.ffn:(slot + 1) * self.ffn] = (new_weights[rows, position, None] * activation).double()
-        down = self._kept_down()
         self.gram += z.T @ z
         self.cross += z.T @ original.double()
         self.target_energy += float(original.double().pow(2).sum())
-        self.dropped_error += float((original.double() - z @ down).pow(2).sum())
+        self.dropped_error += float((original.double() - z @ self.original_down).pow(2).sum())
 
     def _mixture(self, x, weights, index, experts):
         """The routed output sum_k weights[:, k] * expert(index[:, k]) for the selected experts."""
@@ -123,15 +124,10 @@ class _System:
                 out[rows] += weights[rows, position, None] * (activation @ self.view.experts.down_proj[expert].float().T)
         return out
 
-    def _kept_down(self) -> torch.Tensor:
-        """The kept experts' down projections as one (kept x ffn, hidden) float64 matrix: Z @ it = y."""
-        return torch.cat([self.view.experts.down_proj[e].double().T for e in self.kept])
-
     def solve(self, ridge: float) -> list[float]:
-        original = self._kept_down()
         damping = ridge * float(self.gram.diagonal().mean()) + 1e-12
         system = self.gram + damping * torch.eye(len(self.gram), dtype=torch.float64)
-        refit = torch.linalg.solve(system, self.cross + damping * original)
+        refit = torch.linalg.solve(system, self.cross + damping * self.original_down)
         # the error after refit, from the normal equations: |y|^2 - 2 tr(D^T Z^T y) + tr(D^T Z^T Z D)
         refit_error = self.target_energy - 2 * float((refit * self.cross).sum()) + float((refit * (self.gram @ refit)).sum())
         down = self.view.experts.down_proj

@@ -37,7 +37,7 @@ from moeexport.adapters.base import check_expert_count_change, drop_blocks, drop
 from moeexport.calibration.damage import BLOCK, EXPERT, MOE, Removed
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
-from moeexport.passes.base import CompressionPass, PassOptions, check_expert_keep, check_moe_remains
+from moeexport.passes.base import MEASURED, CompressionPass, PassOptions, check_expert_keep, check_moe_remains
 from moeexport.passes.repair import check_refit_size, refit_and_keep
 
 
@@ -59,7 +59,6 @@ def _remaining(layers: list[LayerSpec], drop: list[int]) -> list[LayerSpec]:
     return [spec for index, spec in enumerate(layers) if index not in drop]
 
 
-MEASURED = ("perplexity", "kl")  # scores that measure each removal's damage on calibration tokens
 DAMAGE = {"perplexity": "rise in log perplexity", "kl": "KL"}
 
 
@@ -325,9 +324,9 @@ class ExpertDrop(CompressionPass):
     @staticmethod
     def _keep_by_damage(scorer, layers: list[LayerSpec], moe_layers: list[int], options: ExpertDropOptions):
         """Remove experts in rounds, each round scoring every expert still removable by the damage of removing
-        it with those already gone (`options.score`: perplexity or kl), and taking the cheapest, at most one per layer (a layer's next removal is
-        scored with its last one gone), at most a quarter of what is left to remove, and only those that
-        cost at most twice the cheapest.
+        it with those already gone (`options.score`: perplexity or kl), and taking the cheapest, at most one
+        per layer (a layer's next removal is scored with its last one gone), at most a quarter of what is left
+        to remove, and only those that cost at most twice the cheapest.
 
         Cost: a round is one pass over the model with one hidden state per candidate expert (RemovalScorer);
         the rounds are about 4 x log of the experts to drop, e.g. 11 for the fixture's 8 -> 4."""
