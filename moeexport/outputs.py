@@ -25,14 +25,7 @@ from moeexport.errors import MoeExportError
 def check_output(out: str | Path, source: Path | None, overwrite: bool) -> Path:
     """`out` as a path it is safe to write, or a one-line error saying why not and what to do."""
     out = Path(out)
-    resolved = out.resolve()
-    if source is not None:
-        source = source.resolve()
-        if resolved == source or source.is_relative_to(resolved):
-            raise MoeExportError(f"--out {out} holds the model being read ({source}); choose an output elsewhere")
-        if resolved.is_relative_to(source):
-            raise MoeExportError(f"--out {out} is inside the model directory {source}; moeexport never writes into "
-                                 "its source: choose an output elsewhere")
+    resolved = _apart_from_source(out, source)
     if out.exists() and not out.is_dir():
         raise MoeExportError(f"--out {out} is an existing file, not a directory; choose another --out")
     if out.exists() and not overwrite:
@@ -43,6 +36,31 @@ def check_output(out: str | Path, source: Path | None, overwrite: bool) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise MoeExportError(f"--out {out}: {parent} is not writable; choose an output you can write to")
     return out
+
+
+def check_output_file(out: str | Path, source: Path | None, overwrite: bool, flag: str = "--out") -> Path:
+    """`out` as a file path it is safe to write (outside the model read, not an existing file unless
+    `overwrite`), or a one-line error saying why not and what to do."""
+    out = Path(out)
+    _apart_from_source(out, source, flag)
+    if out.is_dir():
+        raise MoeExportError(f"{flag} {out} is a directory; give a file path")
+    if out.exists() and not overwrite:
+        raise MoeExportError(f"{out} exists; pass --overwrite or choose another {flag}")
+    return out
+
+
+def _apart_from_source(out: Path, source: Path | None, flag: str = "--out") -> Path:
+    """`out` resolved, refused when it is, holds or lies inside the model being read."""
+    resolved = out.resolve()
+    if source is not None:
+        source = source.resolve()
+        if resolved == source or source.is_relative_to(resolved):
+            raise MoeExportError(f"{flag} {out} holds the model being read ({source}); choose an output elsewhere")
+        if resolved.is_relative_to(source):
+            raise MoeExportError(f"{flag} {out} is inside the model directory {source}; moeexport never writes into "
+                                 "its source: choose an output elsewhere")
+    return resolved
 
 
 @contextmanager

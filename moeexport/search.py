@@ -320,12 +320,12 @@ def search(model: str | Path, target: str, constraint: Constraint, options: Sear
     Writes the chosen recipe to `options.out` (YAML, with its build flags in a comment header) and builds it
     into `options.build` when asked. `command` (the command line) is recorded in the YAML header."""
     from moeexport.modelio import resolve_model_dir
-    from moeexport.outputs import check_output
+    from moeexport.outputs import check_output, check_output_file, replace_atomically
     from moeexport.pipeline import _quiet
 
     types = _check_target(target, options)
-    if options.out and Path(options.out).exists() and not options.overwrite:
-        raise MoeExportError(f"{options.out} exists; pass --overwrite or choose another --out")
+    if options.out:
+        check_output_file(options.out, resolve_model_dir(model), options.overwrite)
     if options.build:
         check_output(options.build, resolve_model_dir(model), options.overwrite)
     events = EventStream(on_event)
@@ -334,8 +334,8 @@ def search(model: str | Path, target: str, constraint: Constraint, options: Sear
     report.timings["search"] = time.perf_counter() - started
     if options.out:
         path = Path(options.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(report.recipe_yaml(command))
+        text = report.recipe_yaml(command)
+        replace_atomically(path, lambda temporary: temporary.write_text(text))
         report.recipe_path = str(path)
     if options.build:
         started = time.perf_counter()

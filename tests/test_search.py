@@ -182,6 +182,18 @@ def test_onnx_and_unknown_types_are_refused_before_any_work(capsys):
     assert "search measures gguf types" in capsys.readouterr().err
 
 
+def test_an_out_in_the_model_or_already_there_is_refused_before_any_work(tmp_path, capsys):
+    from moeexport.modelio import resolve_model_dir
+
+    inside = resolve_model_dir("demo") / "recipe.yaml"
+    assert main(["search", "demo", "--target", "gguf", "--max-size", "30%", "--out", str(inside)]) == 2
+    assert "is inside the model directory" in capsys.readouterr().err and not inside.exists()
+    taken = tmp_path / "recipe.yaml"
+    taken.write_text("mine")
+    assert main(["search", "demo", "--target", "gguf", "--max-size", "30%", "--out", str(taken)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and taken.read_text() == "mine"
+
+
 @pytest.mark.parametrize("given, kind, value", [
     ({"max_size": "30%"}, "max_size", 0.3), ({"max_size": "0.25"}, "max_size", 0.25),
     ({"max_bytes": "16GB"}, "max_bytes", 16e9), ({"max_bytes": "1GiB"}, "max_bytes", 2**30),
