@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -562,6 +562,19 @@ def parameter_bytes(lm: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in lm.parameters())
 
 
+def _save_weights(lm: nn.Module, staging: Path, stock_loadable: bool) -> str:
+    """The config and weights into `staging`; the name of the weights file (or index) written."""
+    if getattr(lm, "moeexport_stream", None) is not None:
+        lm.config.save_pretrained(staging)
+        return _save_streamed(lm, staging, stock_loadable)
+    if stock_loadable:
+        lm.save_pretrained(staging, safe_serialization=True)
+        return SAFE_WEIGHTS
+    lm.config.save_pretrained(staging)
+    save_model(lm, str(staging / MANIFEST_WEIGHTS), metadata={"format": "pt"})
+    return MANIFEST_WEIGHTS
+
+
 def save(lm: nn.Module, out_dir: str | Path, manifest: dict, overwrite: bool = False) -> Path:
     """Write a compressed checkpoint atomically (moeexport.outputs.staged): whole under its name, or not at all."""
     out_dir = Path(out_dir)
@@ -570,16 +583,11 @@ def save(lm: nn.Module, out_dir: str | Path, manifest: dict, overwrite: bool = F
     adapter = adapter_for(lm.config)
     stock_loadable = sync_expert_config(adapter, lm)
     with staged(out_dir, overwrite) as staging:
-        if getattr(lm, "moeexport_stream", None) is not None:
-            lm.config.save_pretrained(staging)
-            weights = _save_streamed(lm, staging, stock_loadable)
-        elif stock_loadable:
-            lm.save_pretrained(staging, safe_serialization=True)
-            weights = SAFE_WEIGHTS
-        else:
-            lm.config.save_pretrained(staging)
-            save_model(lm, str(staging / MANIFEST_WEIGHTS), metadata={"format": "pt"})
-            weights = MANIFEST_WEIGHTS
+        try:
+            weights = _save_weights(lm, staging, stock_loadable)
+        except SafetensorError as error:  # safetensors reports a full disk as its own error, not an OSError
+            raise MoeExportError(f"writing the checkpoint under {out_dir} failed ({error}): free disk space "
+                                 "or choose another --out") from None
         source = Path(lm.config.name_or_path or "")
         if is_gguf(source):  # the vocabulary is in the GGUF's metadata
             gguf_reader().load_tokenizer(source).save_pretrained(staging)

@@ -350,7 +350,7 @@ def _check_streamable(recipe: Recipe, options: CompressOptions, plan, observes: 
         if not PASSES[step.name].streams(step.options):
             instead = ("compress the model's safetensors checkpoint instead" if gguf else
                        f"raise --max-memory to {plan.in_memory_bytes / 2**30:.0f}GiB")
-            raise MoeExportError(f"{step.name} cannot run {why}: it needs whole expert weights in memory; "
+            raise MoeExportError(f"{step.name} cannot run {why}: it needs whole layers in memory; "
                                  f"{instead}, or leave the pass out")
     if observes and options.calibration.source in (None, "model"):
         raise MoeExportError(f"observing calibration text needs a file when a model runs {why}: it cannot sample "

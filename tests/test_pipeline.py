@@ -282,6 +282,23 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsy
     assert sorted(path.name for path in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
+def test_a_full_disk_while_saving_the_checkpoint_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import transformers
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):  # what safetensors raises on ENOSPC: not an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full)
+    monkeypatch.setattr("moeexport.modelio.save_model", full)
+    out = tmp_path / "out"
+    assert main(["build", "demo", "--recipe", str(_recipe_file(tmp_path)), "--target", "onnx", "--out", str(out),
+                 "--no-eval", *SMALL_FLAGS]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "No space left on device" in error[0] and "free disk space" in error[0]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
 @pytest.mark.parametrize("flag", ["--max-tokens", "--context"])
 def test_chat_refuses_counts_below_one(flag, tmp_path, capsys):
     model = tmp_path / "model.gguf"

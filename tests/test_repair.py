@@ -1,15 +1,18 @@
-"""Expert Drop's `repair: refit`: the kept experts' down projections refit to the original layer's output."""
+"""`repair: refit`: Expert Drop refits the kept experts' down projections to the original layer's output; Block and
+Layer Drop refit the attention output projection that absorbs what they removed."""
 
 from __future__ import annotations
 
 import copy
 
 import pytest
+import torch
 
 from moeexport.calibration.sources import CalibrationConfig
 from moeexport.compress import StatisticsProvider, compress
 from moeexport.errors import MoeExportError
 from moeexport.passes import repair
+from moeexport.passes.trim import BlockDrop, BlockDropPlan
 from moeexport.recipe import parse_recipe
 from tests.test_selection import _kl
 from tests.tiny_models import random_tokens, tiny_model
@@ -17,10 +20,11 @@ from tests.tiny_models import random_tokens, tiny_model
 DROP = {"keep": 2, "score": "random", "seed": 4}
 
 
-def _dropped(model, tokens, **options):
+def _dropped(model, tokens, step="expert_drop", **options):
     provider = StatisticsProvider(None, CalibrationConfig(), "tiny", cache_dir=None, tokens=tokens)
     model = copy.deepcopy(model)
-    plan = compress(model, parse_recipe({"passes": [{"expert_drop": {**DROP, **options}}]}), provider).steps[0].plan
+    defaults = DROP if step == "expert_drop" else {}
+    plan = compress(model, parse_recipe({"passes": [{step: {**defaults, **options}}]}), provider).steps[0].plan
     return model, plan
 
 
@@ -53,3 +57,39 @@ def test_refit_is_refused_before_any_work_when_its_system_would_not_fit(monkeypa
         compress(model, parse_recipe({"passes": [{"expert_drop": {**DROP, "repair": "refit"}}]}),
                  StatisticsProvider(None, CalibrationConfig(), "tiny", cache_dir=None, tokens=random_tokens(2, 8)))
     assert _kl(original, model, random_tokens(2, 8)) == 0.0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
+def test_layer_drop_refit_absorbs_the_dropped_sublayer_in_the_attention_before_it(family):
+    model = tiny_model(family)
+    tokens = random_tokens(8, 32, seed=5)
+    options = {"n": 1, "score": "random", "seed": 1}
+    dropped, plain = _dropped(model, tokens, "layer_drop", **options)
+    refit, plan = _dropped(model, tokens, "layer_drop", **options, repair="refit", ridge=1e-3)
+    assert plan.drop == plain.drop and plain.repair_error == {}
+    assert set(plan.repair_error) == set(plan.drop)
+    assert all(after < before for before, after in plan.repair_error.values())
+    assert _kl(model, refit, tokens) < 0.9 * _kl(model, dropped, tokens)
+    changed = [name for name, weight in refit.named_parameters() if not torch.equal(weight, dropped.get_parameter(name))]
+    assert changed and all(name.endswith("o_proj.weight") for name in changed)
+
+
+def test_block_drop_refit_repairs_the_next_kept_block_and_reports_a_last_block_it_cannot():
+    model = tiny_model("mixtral")  # blocks 0-3: dropping 1 and 3 leaves 0, 2 (now 1)
+    tokens = random_tokens(8, 32, seed=6)
+    dropped, refit = copy.deepcopy(model), copy.deepcopy(model)
+    BlockDrop().apply(dropped, BlockDropPlan([1, 3], [None, None]))
+    plan = BlockDrop().apply(refit, BlockDropPlan([1, 3], [None, None], repair="refit", ridge=1e-3), tokens)
+    assert list(plan.repair_error) == [2] and plan.unrepaired == [3]  # block 2's attention absorbs block 1
+    before, after = plan.repair_error[2]
+    assert after < before
+    assert "not repaired: [3]" in " ".join(plan.describe())
+    assert _kl(model, refit, tokens) < _kl(model, dropped, tokens)
+
+
+def test_layer_drop_refit_with_a_large_ridge_is_the_plain_drop():
+    model = tiny_model("mixtral")
+    tokens = random_tokens(4, 16, seed=2)
+    dropped, _ = _dropped(model, tokens, "layer_drop", n=2, score="random")
+    refit, _ = _dropped(model, tokens, "layer_drop", n=2, score="random", repair="refit", ridge=1e9)
+    assert _kl(dropped, refit, tokens) < 1e-8

@@ -7,7 +7,8 @@ For Block Drop of n blocks and Layer Drop of n MoE sublayers (--block-drop,
 --layer-drop), tries every combination on the held-out text (--text) and
 reports the best perplexity (relative to the original model's), then what each
 selection score picks with the calibration set (--calib) and its perplexity
-relative to that optimum. Small models only: the combinations grow as C(layers, n).
+relative to that optimum, and the default score's pick with `repair: refit`. Small
+models only: the combinations grow as C(layers, n).
 Then global Expert Drop (min_keep 1) to each --expert-keep experts per layer
 on average, with the pass's default score (no score named) and each of
 --expert-scores, without and with `repair: refit`: its perplexity ratio (no
@@ -91,6 +92,17 @@ def main() -> None:
                              "all": {",".join(map(str, c)): p / base for c, p in tried.items()}})
                 print(f"| {name} | {n} | {list(best)} ({tried[best] / base:.4f}x) | {score} | {list(picked)} | "
                       f"{ratio:.4f}x | {tried[picked] / tried[best] - 1:+.2%} |")
+            # the default score's pick, repaired: against the unrepaired optimum
+            model = copy.deepcopy(original)
+            result = compress(model, parse_recipe({"passes": [{name: {"n": n, "repair": "refit"}}]}), provider)
+            picked = tuple(sorted(result.steps[0].plan.drop))
+            repaired = evaluate(model, windows).perplexity
+            rows.append({"pass": name, "n": n, "score": "default", "repair": "refit", "picked": list(picked),
+                         "ratio": repaired / base, "unrepaired_ratio": tried[picked] / base,
+                         "vs_optimum": repaired / tried[best]})
+            print(f"| {name}, repair: refit | {n} | {list(best)} ({tried[best] / base:.4f}x) | default | "
+                  f"{list(picked)} | {repaired / base:.4f}x (unrepaired {tried[picked] / base:.4f}x) | "
+                  f"{repaired / tried[best] - 1:+.2%} |")
     for keep in args.expert_keep:
         for score, repair in itertools.product([None, *args.expert_scores], ["none", "refit"]):
             options = {"keep": keep, "scope": "global", "min_keep": 1, "repair": repair,

@@ -8,7 +8,8 @@
   KL(original || removed) instead. The papers' rules stay available: `score:
   similarity` drops what is most alike at input and output (Block Drop:
   cos(input, output), `mode: consecutive` the most alike window; Layer Drop:
-  cos(x, x + MoE(norm(x)))).
+  cos(x, x + MoE(norm(x)))). `repair: refit` then refits the attention output
+  projection that absorbs each drop (passes/repair.py).
 - Expert Drop keeps `keep` experts per layer (scope layer) or drops the globally
   lowest-scoring experts (scope global: the same total, per-layer counts vary, a
   layer may keep none and then passes its input through, if the step allows it).
@@ -33,12 +34,13 @@ import numpy as np
 from pydantic import Field
 
 from moeexport.adapters import LayerSpec, adapter_for
-from moeexport.adapters.base import check_expert_count_change, drop_blocks, drop_moe_sublayer, keep_experts
+from moeexport.adapters.base import (check_expert_count_change, decoder_layers, drop_blocks, drop_moe_sublayer,
+                                     keep_experts)
 from moeexport.calibration.damage import BLOCK, EXPERT, MOE, Removed
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
 from moeexport.passes.base import MEASURED, CompressionPass, PassOptions, check_expert_keep, check_moe_remains
-from moeexport.passes.repair import check_refit_size, refit_and_keep
+from moeexport.passes.repair import check_refit_size, refit_and_keep, refit_attention_outputs, residuals_at
 
 
 def _top_n(scores: list[float], n: int) -> list[int]:
@@ -77,6 +79,26 @@ def _greedy_by_damage(scorer, candidates: list[int], n: int, what: str, metric: 
 
 SEED = Field(0, ge=0, description="seed of score: random")
 ALLOW_EMPTY = Field(False, description="let the drop leave MoE layers without experts, or the model without MoE layers")
+REPAIR = Field("none", description="refit: least-squares refit, on calibration tokens, of the weights that absorb "
+                                   "what was removed (passes/repair.py)")
+RIDGE = Field(0.1, gt=0, description="repair: refit, the pull towards the original weights")
+
+
+def _repair_lines(repair_error: dict[int, list[float]], what: str) -> list[str]:
+    if not repair_error:
+        return []
+    errors = ", ".join(f"{layer}: {before:.3f} -> {after:.3f}" for layer, (before, after) in sorted(repair_error.items()))
+    return [f"refit {what}; relative output error per layer {errors}"]
+
+
+class _Repairable(CompressionPass):
+    """A pass with `repair: refit`, which solves for weights on calibration activations of the whole model."""
+
+    def streams(self, options) -> bool:
+        return options.repair == "none"
+
+    def needs_activations(self, options) -> bool:
+        return options.repair == "refit"
 
 
 # --- Block Drop -------------------------------------------------------------------------
@@ -88,6 +110,8 @@ class BlockDropOptions(PassOptions):
     score: Literal["perplexity", "kl", "similarity", "random"] = "perplexity"
     seed: int = SEED
     allow_empty_layers: bool = ALLOW_EMPTY
+    repair: Literal["none", "refit"] = REPAIR
+    ridge: float = RIDGE
 
 
 @dataclass
@@ -96,6 +120,11 @@ class _DropPlan:
     similarity: list[float | None]  # score: similarity, the redundancy of each dropped index (else None)
     damage: list[float] = field(default_factory=list)  # measured scores: the damage after each choice, in drop's order
     metric: str = ""  # which damage: perplexity | kl
+    repair: str = "none"
+    ridge: float = 0.1
+    # repair: refit, per refit layer (original index): relative error of its residual [dropped, refit]
+    repair_error: dict[int, list[float]] = field(default_factory=dict)
+    unrepaired: list[int] = field(default_factory=list)  # repair: refit, dropped with no attention after them
 
     what: ClassVar[str]
     legend: ClassVar[str]
@@ -104,10 +133,15 @@ class _DropPlan:
         if self.damage:
             name = DAMAGE[self.metric]
             steps = ", ".join(f"{index} ({name} {value:.4g})" for index, value in zip(self.drop, self.damage))
-            return [f"drop {self.what} {steps}  [greedy: calibration {name} with each one and those before it "
-                    "removed]"]
-        pairs = ", ".join(f"{index} ({_score(s)})" for index, s in zip(self.drop, self.similarity))
-        return [f"drop {self.what} {pairs}  [{self.legend}]"]
+            lines = [f"drop {self.what} {steps}  [greedy: calibration {name} with each one and those before it "
+                     "removed]"]
+        else:
+            pairs = ", ".join(f"{index} ({_score(s)})" for index, s in zip(self.drop, self.similarity))
+            lines = [f"drop {self.what} {pairs}  [{self.legend}]"]
+        lines += _repair_lines(self.repair_error, "the attention output projection absorbing each drop")
+        if self.unrepaired:
+            lines.append(f"not repaired: {self.unrepaired} (no attention after them to absorb the drop)")
+        return lines
 
 
 @dataclass
@@ -116,12 +150,9 @@ class BlockDropPlan(_DropPlan):
     legend = "block: cos(input, output); consecutive: of the whole window"
 
 
-class BlockDrop(CompressionPass):
+class BlockDrop(_Repairable):
     name = "block_drop"
     Options = BlockDropOptions
-
-    def streams(self, options) -> bool:
-        return True
 
     def check(self, options: BlockDropOptions, layers: list[LayerSpec]) -> None:
         if options.n >= len(layers):
@@ -135,7 +166,7 @@ class BlockDrop(CompressionPass):
         if options.score in MEASURED:
             drop, damage = _greedy_by_damage(scorer, list(range(count)), n, BLOCK, options.score)
             check_moe_remains(self.name, options.allow_empty_layers, layers, _remaining(layers, drop))
-            return BlockDropPlan(drop, [None] * n, damage, options.score)
+            return BlockDropPlan(drop, [None] * n, damage, options.score, options.repair, options.ridge)
         if options.mode == "discrete":
             scores = (
                 [s.block_similarity for s in statistics.layers]
@@ -154,10 +185,22 @@ class BlockDrop(CompressionPass):
             window = statistics.window_similarity(start, n) if statistics else None
             drop, similarity = list(range(start, start + n)), [window] * n
         check_moe_remains(self.name, options.allow_empty_layers, layers, _remaining(layers, drop))
-        return BlockDropPlan(drop, similarity)
+        return BlockDropPlan(drop, similarity, repair=options.repair, ridge=options.ridge)
 
-    def apply(self, model, plan: BlockDropPlan) -> None:
-        drop_blocks(adapter_for(model.config), model, plan.drop)
+    def apply(self, model, plan: BlockDropPlan, tokens=None, progress=None) -> BlockDropPlan:
+        adapter = adapter_for(model.config)
+        if plan.repair == "none":
+            drop_blocks(adapter, model, plan.drop)
+            return plan
+        # each run of dropped blocks is absorbed by the attention of the first block kept after it
+        kept = [b for b in range(len(decoder_layers(adapter, model))) if b not in plan.drop]
+        absorbing = sorted({next(k for k in kept if k > b) for b in plan.drop if b < kept[-1]})
+        targets = residuals_at(model, {b: "attention" for b in absorbing}, tokens) if absorbing else {}
+        drop_blocks(adapter, model, plan.drop)
+        targets = {kept.index(b): residual for b, residual in targets.items()}
+        errors = refit_attention_outputs(model, targets, tokens, plan.ridge, self.name, progress) if targets else {}
+        return replace(plan, repair_error={kept[index]: error for index, error in errors.items()},
+                       unrepaired=sorted(b for b in plan.drop if b > kept[-1]))
 
 
 # --- Layer Drop -------------------------------------------------------------------------
@@ -168,6 +211,8 @@ class LayerDropOptions(PassOptions):
     score: Literal["perplexity", "kl", "similarity", "random"] = "perplexity"
     seed: int = SEED
     allow_empty_layers: bool = ALLOW_EMPTY
+    repair: Literal["none", "refit"] = REPAIR
+    ridge: float = RIDGE
 
 
 @dataclass
@@ -176,12 +221,9 @@ class LayerDropPlan(_DropPlan):
     legend = "layer: cos(x, x + MoE(norm(x)))"
 
 
-class LayerDrop(CompressionPass):
+class LayerDrop(_Repairable):
     name = "layer_drop"
     Options = LayerDropOptions
-
-    def streams(self, options) -> bool:
-        return True
 
     def check(self, options: LayerDropOptions, layers: list[LayerSpec]) -> None:
         moe_layers = sum(spec.kind == "moe" for spec in layers)
@@ -196,7 +238,7 @@ class LayerDrop(CompressionPass):
         if options.score in MEASURED:
             drop, damage = _greedy_by_damage(scorer, candidates, options.n, MOE, options.score)
             check_moe_remains(self.name, options.allow_empty_layers, layers, _remaining(layers, drop))
-            return LayerDropPlan(drop, [None] * options.n, damage, options.score)
+            return LayerDropPlan(drop, [None] * options.n, damage, options.score, options.repair, options.ridge)
         if options.score == "similarity":
             scores = [statistics.layers[i].moe_similarity for i in candidates]
         else:
@@ -204,12 +246,17 @@ class LayerDrop(CompressionPass):
         drop = [candidates[i] for i in _top_n(scores, options.n)]
         check_moe_remains(self.name, options.allow_empty_layers, layers, _remaining(layers, drop))
         similarity = [statistics.layers[i].moe_similarity if statistics else None for i in drop]
-        return LayerDropPlan(drop, similarity)
+        return LayerDropPlan(drop, similarity, repair=options.repair, ridge=options.ridge)
 
-    def apply(self, model, plan: LayerDropPlan) -> None:
+    def apply(self, model, plan: LayerDropPlan, tokens=None, progress=None) -> LayerDropPlan:
         adapter = adapter_for(model.config)
+        # each dropped MoE sublayer is absorbed by the attention just before it, to the original layer's output
+        targets = residuals_at(model, {layer: "output" for layer in plan.drop}, tokens) if plan.repair == "refit" else {}
         for layer in plan.drop:
             drop_moe_sublayer(adapter, model, layer)
+        if not targets:
+            return plan
+        return replace(plan, repair_error=refit_attention_outputs(model, targets, tokens, plan.ridge, self.name, progress))
 
 
 # --- Expert Drop ------------------------------------------------------------------------
@@ -222,10 +269,8 @@ class ExpertDropOptions(PassOptions):
     score: Literal["reap", "perplexity", "kl", "frequency", "routing_mass", "random"] = "reap"
     seed: int = SEED
     allow_empty_layers: bool = ALLOW_EMPTY
-    repair: Literal["none", "refit"] = Field(
-        default="none", description="refit: the kept experts' down projections refit by least squares to the "
-                                    "original layer's output on calibration tokens (passes/repair.py)")
-    ridge: float = Field(default=0.1, gt=0, description="repair: refit, the pull towards the original weights")
+    repair: Literal["none", "refit"] = REPAIR
+    ridge: float = RIDGE
 
 
 @dataclass
@@ -248,10 +293,7 @@ class ExpertDropPlan:
         if self.damage:
             trace = ", ".join(f"{value:.4g}" for value in self.damage)
             lines.append(f"chosen greedily by calibration {DAMAGE[self.metric]}, {len(self.damage)} rounds: {trace}")
-        if self.repair_error:
-            errors = ", ".join(f"{layer}: {before:.3f} -> {after:.3f}" for layer, (before, after)
-                               in sorted(self.repair_error.items()))
-            lines.append(f"refit the kept experts' down projections; relative output error per layer {errors}")
+        lines += _repair_lines(self.repair_error, "the kept experts' down projections")
         for layer in sorted(self.keep):
             kept, dropped = self.keep[layer], self.drop[layer]
             line = f"layer {layer}: keep {len(kept)} {kept}, drop {len(dropped)} {dropped}"
@@ -265,15 +307,9 @@ class ExpertDropPlan:
         return lines
 
 
-class ExpertDrop(CompressionPass):
+class ExpertDrop(_Repairable):
     name = "expert_drop"
     Options = ExpertDropOptions
-
-    def streams(self, options: ExpertDropOptions) -> bool:
-        return options.repair == "none"  # a refit solves for every kept expert of a layer at once
-
-    def needs_activations(self, options: ExpertDropOptions) -> bool:
-        return options.repair == "refit"
 
     def needs_statistics(self, options: ExpertDropOptions) -> bool:
         return options.score != "random"  # measured scores also report the tokens each dropped expert saw
