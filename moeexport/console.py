@@ -217,8 +217,8 @@ def render_bench(out: Console, report) -> None:
     out.print(f"bandwidth {bandwidth.bytes_per_s / 1e9:.1f} GB/s: {bandwidth.method}; {bandwidth.buffer_bytes / MIB:.0f} "
               f"MiB, {_threads(bandwidth.threads)}, median of {bandwidth.runs} runs ({bandwidth.min_bytes_per_s / 1e9:.1f}"
               f"-{bandwidth.max_bytes_per_s / 1e9:.1f} GB/s)")
-    out.print("bound = bandwidth / the weight bytes one decoded token reads at their stored types (attention, "
-              "top-k experts, head, one embedding row); KV-cache reads left out")
+    out.print("bound = bandwidth / the weight bytes one decoded token reads, at the types the runtime holds them "
+              "(attention, top-k experts, head, one embedding row); KV-cache reads left out")
     for note in report.notes:
         out.print(f"note: {escape(note)}")
     if report.files:

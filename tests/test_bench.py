@@ -82,7 +82,7 @@ def _tiny_onnx(path, plain: bool = False, external: bool = False):
                   helper.make_node("MatMul", ["x", "stack"], ["experts"]),
                   helper.make_node("ReduceSum", ["experts"], ["y"])]
     else:
-        weights |= {"fc1_f16": rng.standard_normal((4, 32, 8)).astype(np.float16),  # 2048 B, k/E: 1024
+        weights |= {"fc1_f16": rng.standard_normal((4, 32, 8)).astype(np.float16),  # 2048 B, read as f32 4096, k/E: 2048
                     "fc2": rng.standard_normal((4, 8, 16)).astype(np.float32)}  # 2048 B, k/E: 1024
         nodes += [helper.make_node("Cast", ["fc1_f16"], ["fc1"], to=TensorProto.FLOAT),
                   helper.make_node("MoE", ["x", "router_logits", "fc1", "", "fc2"], ["y"], domain="com.microsoft", k=2,
@@ -103,7 +103,8 @@ def test_onnx_bytes_per_token_counted_by_hand(external, tmp_path):
     from moeexport.backends.onnx.runner import bytes_per_token
 
     counted = bytes_per_token(_tiny_onnx(tmp_path / "moe.onnx", external=external))
-    assert counted.routed_experts == (2048 + 2048) * 2 // 4  # the MoE node's expert inputs at k/E, through the Cast
+    # the MoE node's expert inputs at k/E, fc1 through the Cast that the runtime folds: read as f32
+    assert counted.routed_experts == (4096 + 2048) * 2 // 4
     assert counted.lookups == 32 and counted.embedding_rows == 10  # the gathered embedding: one row
     assert counted.head == 320 and counted.other == 256 + 128
     assert counted.experts_read == "top-2 of 4"
