@@ -83,7 +83,8 @@ class MemoryPlan:
     def describe(self) -> str:
         how = (f"streamed, one decoder layer at a time in {self.dtype} (about {self.streamed_bytes / GIB:.1f} GiB)"
                if self.streamed else f"whole in memory (about {self.in_memory_bytes / GIB:.1f} GiB)")
-        return f"{self.parameters / 1e9:.2f} B parameters, {how}, within --max-memory {self.budget / GIB:.1f} GiB"
+        count = f"{self.parameters / 1e9:.2f} B" if self.parameters >= 1e8 else f"{self.parameters / 1e6:.1f} M"
+        return f"{count} parameters, {how}, within --max-memory {self.budget / GIB:.1f} GiB"
 
 
 @dataclass(frozen=True)
