@@ -38,6 +38,8 @@ MAX_GRAM_BYTES is refused before any work.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import torch
 
 from moeexport.adapters import adapter_for
@@ -81,11 +83,7 @@ def refit_and_keep(model, keep: dict[int, list[int]], tokens: torch.Tensor, ridg
         kept = keep[index]
         if view.experts is not None and 0 < len(kept) < view.num_experts:
             system = _System(view, kept, routing)
-            handle = view.ffn_norm.register_forward_hook(lambda module, args, output: system.add(output))
-            try:
-                run()
-            finally:
-                handle.remove()
+            _run_hooked(run, view.ffn_norm.register_forward_hook(lambda module, args, output: system.add(output)))
             errors[index] = system.solve(ridge)
         keep_experts(adapter, model, index, kept)  # the next layer's inputs come from the layer as it now is
         if progress:
@@ -93,6 +91,14 @@ def refit_and_keep(model, keep: dict[int, list[int]], tokens: torch.Tensor, ridg
     if progress:
         progress.remove_task(task)
     return errors
+
+
+def _run_hooked(run, *handles) -> None:
+    """run() the calibration batches through a layer, then remove the hooks `handles`, whatever happens."""
+    with ExitStack() as stack:
+        for handle in handles:
+            stack.callback(handle.remove)
+        run()
 
 
 class _LeastSquares:
@@ -177,6 +183,8 @@ class _System:
 def residuals_at(model, points: dict[int, str], tokens: torch.Tensor) -> dict[int, list[torch.Tensor]]:
     """The model's residual stream on the calibration tokens, per batch, at `points[layer]` of each listed layer:
     "attention" (after the layer's attention) or "output" (after the whole layer). Run before the removal."""
+    if not points:
+        return {}
     adapter = adapter_for(model.config)
     captured: dict[int, list[torch.Tensor]] = {layer: [] for layer in points}
     for index, module, run in layer_by_layer(adapter, model, tokens):
@@ -190,11 +198,7 @@ def residuals_at(model, points: dict[int, str], tokens: torch.Tensor) -> dict[in
             handles = [module.register_forward_pre_hook(lambda _, args: inputs.append(args[0])),
                        adapter.layer_view(model, index).attention.o_proj.register_forward_hook(
                            lambda _, args, output: captured[index].append(inputs.pop() + output))]
-        try:
-            run()
-        finally:
-            for handle in handles:
-                handle.remove()
+        _run_hooked(run, *handles)
         if index == max(points):
             break
     return captured
@@ -206,6 +210,8 @@ def refit_attention_outputs(model, targets: dict[int, list[torch.Tensor]], token
     """Refit the attention output projection of each layer in `targets` (indices of the model as it now is) so
     that the residual after it reproduces the target residuals (per calibration batch, from `residuals_at`).
     Returns, per layer, the relative error of that residual [before, after refit]."""
+    if not targets:
+        return {}
     adapter = adapter_for(model.config)
     errors = {}
     task = progress.add_task(f"{what}: refit attention outputs", total=len(targets)) if progress else None
@@ -222,13 +228,8 @@ def refit_attention_outputs(model, targets: dict[int, list[torch.Tensor]], token
             wanted = (target - inputs.pop() - bias).reshape(-1, output.shape[-1])
             least_squares.add(context, wanted)
 
-        handles = [module.register_forward_pre_hook(lambda _, args: inputs.append(args[0])),
-                   projection.register_forward_hook(add)]
-        try:
-            run()
-        finally:
-            for handle in handles:
-                handle.remove()
+        _run_hooked(run, module.register_forward_pre_hook(lambda _, args: inputs.append(args[0])),
+                    projection.register_forward_hook(add))
         refit, errors[index] = least_squares.solve(ridge)
         projection.weight.data = refit.T.to(projection.weight.dtype).contiguous()
         if progress:

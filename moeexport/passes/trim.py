@@ -195,10 +195,10 @@ class BlockDrop(_Repairable):
         # each run of dropped blocks is absorbed by the attention of the first block kept after it
         kept = [b for b in range(len(decoder_layers(adapter, model))) if b not in plan.drop]
         absorbing = sorted({next(k for k in kept if k > b) for b in plan.drop if b < kept[-1]})
-        targets = residuals_at(model, {b: "attention" for b in absorbing}, tokens) if absorbing else {}
+        targets = residuals_at(model, {b: "attention" for b in absorbing}, tokens)
         drop_blocks(adapter, model, plan.drop)
         targets = {kept.index(b): residual for b, residual in targets.items()}
-        errors = refit_attention_outputs(model, targets, tokens, plan.ridge, self.name, progress) if targets else {}
+        errors = refit_attention_outputs(model, targets, tokens, plan.ridge, self.name, progress)
         return replace(plan, repair_error={kept[index]: error for index, error in errors.items()},
                        unrepaired=sorted(b for b in plan.drop if b > kept[-1]))
 
