@@ -22,19 +22,19 @@ from pathlib import Path
 from moeexport.errors import MoeExportError
 
 
-def check_output(out: str | Path, source: Path | None, overwrite: bool) -> Path:
+def check_output(out: str | Path, source: Path | None, overwrite: bool, flag: str = "--out") -> Path:
     """`out` as a path it is safe to write, or a one-line error saying why not and what to do."""
     out = Path(out)
-    resolved = _apart_from_source(out, source)
+    resolved = _apart_from_source(out, source, flag)
     if out.exists() and not out.is_dir():
-        raise MoeExportError(f"--out {out} is an existing file, not a directory; choose another --out")
+        raise MoeExportError(f"{flag} {out} is an existing file, not a directory; choose another {flag}")
     if out.exists() and not overwrite:
-        raise MoeExportError(f"output {out} already exists; pass --overwrite or choose another --out")
+        raise MoeExportError(f"output {out} already exists; pass --overwrite or choose another {flag}")
     parent = _existing_parent(resolved.parent)
     if not parent.is_dir():
-        raise MoeExportError(f"--out {out}: {parent} is a file, so nothing can be written under it")
+        raise MoeExportError(f"{flag} {out}: {parent} is a file, so nothing can be written under it")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise MoeExportError(f"--out {out}: {parent} is not writable; choose an output you can write to")
+        raise MoeExportError(f"{flag} {out}: {parent} is not writable; choose an output you can write to")
     return out
 
 

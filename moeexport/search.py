@@ -327,7 +327,7 @@ def search(model: str | Path, target: str, constraint: Constraint, options: Sear
     if options.out:
         check_output_file(options.out, resolve_model_dir(model), options.overwrite)
     if options.build:
-        check_output(options.build, resolve_model_dir(model), options.overwrite)
+        check_output(options.build, resolve_model_dir(model), options.overwrite, "--build")
     events = EventStream(on_event)
     started = time.perf_counter()
     report = _quiet(_search)(model, target, types, constraint, options, events)

@@ -182,7 +182,7 @@ def test_onnx_and_unknown_types_are_refused_before_any_work(capsys):
     assert "search measures gguf types" in capsys.readouterr().err
 
 
-def test_an_out_in_the_model_or_already_there_is_refused_before_any_work(tmp_path, capsys):
+def test_an_out_or_build_in_the_model_or_already_there_is_refused_before_any_work(tmp_path, capsys):
     from moeexport.modelio import resolve_model_dir
 
     inside = resolve_model_dir("demo") / "recipe.yaml"
@@ -192,6 +192,9 @@ def test_an_out_in_the_model_or_already_there_is_refused_before_any_work(tmp_pat
     taken.write_text("mine")
     assert main(["search", "demo", "--target", "gguf", "--max-size", "30%", "--out", str(taken)]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err and taken.read_text() == "mine"
+    # the build directory's errors name the flag that gave it
+    assert main(["search", "demo", "--target", "gguf", "--max-size", "30%", "--build", str(taken)]) == 2
+    assert "--build " in capsys.readouterr().err and taken.read_text() == "mine"
 
 
 @pytest.mark.parametrize("given, kind, value", [
