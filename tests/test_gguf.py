@@ -71,6 +71,8 @@ def test_quantized_gguf_stays_within_its_tolerance(quant, demo, tmp_path):
     artifact = gguf_backend.export(model, tmp_path / "m.gguf", quant=quant)
     fidelity = compare(TorchRunner(model), gguf_backend.Runner(artifact.path, context=128), windows)
     assert fidelity.failures(gguf_backend.TOLERANCES[quant]) == [], fidelity
+    if quant == "f16":  # no router of the demo model sits on a near-tie that f16 rounding flips
+        assert fidelity.max_abs_logit <= 5e-2
     f32_bytes = sum(p.numel() * 4 for p in model.parameters())
     assert artifact.path.stat().st_size < f32_bytes
 
