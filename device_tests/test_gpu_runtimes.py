@@ -59,7 +59,7 @@ def test_llama_cpp_cuda_matches_torch_and_is_profiled(demo, tmp_path, measured):
 
 
 @needs(missing_onnxruntime_cuda)
-@pytest.mark.parametrize("moe_ops", ["plain", "contrib"])
+@pytest.mark.parametrize("moe_ops", ["plain", "plain-routed", "contrib"])
 def test_onnxruntime_cuda_matches_torch_and_is_profiled(moe_ops, demo, tmp_path, measured):
     from moeexport.backends import onnx as onnx_backend
     from moeexport.validate import TorchRunner, compare

@@ -139,9 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
         "routed tokens; experts without tokens use their layer's average and are reported)",
     )
     build.add_argument(
-        "--moe-ops", choices=["contrib", "plain"],
+        "--moe-ops", choices=["contrib", "plain", "plain-routed"],
         help="onnx: one com.microsoft MoE/QMoE node per MoE layer (contrib, the default; onnxruntime >= 1.23) or "
-        "standard ops only (plain: for TensorRT and runtimes without the contrib ops; f32/f16)",
+        "standard ops only (plain: for TensorRT and runtimes without the contrib ops, every expert computed; "
+        "plain-routed: the same, but a single decoded token runs only its k experts, through an If; f32/f16)",
     )
     build.add_argument(
         "--block-size", type=int, metavar="N",

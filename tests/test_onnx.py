@@ -19,7 +19,7 @@ from moeexport.validate import TorchRunner, compare
 from tests.conftest import CORPUS, FIXTURE, needs_shared
 from tests.tiny_models import FAMILIES, random_tokens, tiny_model
 
-VARIANTS = ("contrib", "plain")
+VARIANTS = ("contrib", "plain", "plain-routed")
 
 
 def _exercised(model_type: str, **overrides):
@@ -98,6 +98,36 @@ def test_the_plain_variant_has_no_contrib_node_and_a_constant_top_k(tmp_path):
     initializers = {tensor.name for tensor in graph.initializer}
     top_ks = [node for node in graph.node if node.op_type == "TopK"]
     assert len(top_ks) == 4 and all(node.input[1] in initializers for node in top_ks)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])  # renormalized top-k; a shared expert beside
+def test_plain_routed_decodes_one_token_through_its_k_experts_and_a_prompt_through_all(model_type, tmp_path):
+    from moeexport.backends.onnx.runner import bytes_per_token
+    from moeexport.backends.tensorrt.support import check_onnx
+
+    model = _exercised(model_type)
+    routed = onnx_backend.export(model, tmp_path / "routed.onnx", moe_ops="plain-routed").path
+    graph = onnx.load(routed).graph
+    onnx.checker.check_model(onnx.load(routed), full_check=True)
+    assert {node.domain for node in graph.node} == {""} and check_onnx(routed) == []  # TensorRT 10's parser table
+    moe_layers = sum(view.experts is not None for view in adapter_for(model.config).layer_views(model))
+    assert [node.op_type for node in graph.node].count("If") == moe_layers
+    reference = TorchRunner(model)
+    runner = onnx_backend.Runner(routed)
+    _assert_matches(model, routed, random_tokens(2, 24))  # prompts: the If's dense branch
+    for token in random_tokens(1, 4)[0].tolist():  # one token without a cache: the gathered branch
+        assert np.abs(runner.logits([token]) - reference.logits([token])).max() <= 1e-5
+    prompt = random_tokens(1, 8)[0].tolist()
+    assert runner.generate(prompt, 32) == reference.generate(prompt, 32)  # decoding through the cache
+    k, count = model.config.num_experts_per_tok, adapter_for(model.config).layer_view(model, 0).num_experts
+    dense = bytes_per_token(onnx_backend.export(model, tmp_path / "plain.onnx", moe_ops="plain").path)
+    decoded = bytes_per_token(routed)
+    assert decoded.routed_experts * count == dense.routed_experts * k and decoded.experts_read == f"top-{k} of {count}"
+    # f16: each branch widens what it uses (onnxruntime 1.32 would not load a Cast feeding only the If)
+    halves = [onnx_backend.Runner(onnx_backend.export(model, tmp_path / f"{ops}16.onnx", quant="f16", moe_ops=ops).path)
+              for ops in ("plain", "plain-routed")]
+    for tokens in ([prompt[0]], prompt):
+        assert np.abs(halves[0].logits(tokens) - halves[1].logits(tokens)).max() <= 1e-5
 
 
 @pytest.mark.parametrize("moe_ops", VARIANTS)
@@ -181,7 +211,7 @@ def test_fixture_graphs_match_the_compressed_model_on_held_out_text(recipe, tmp_
         provider = StatisticsProvider(tokenizer, calibration, "fixture", cache_dir=None)
         compress(model, parse_recipe(yaml.safe_load(f"passes:\n  - {recipe}\n")), provider)
     windows = eval_windows(tokenizer, str(CORPUS / "dev.txt"), 256, 3)
-    for moe_ops in VARIANTS:
+    for moe_ops in ("contrib", "plain"):  # plain-routed runs prompts as plain does
         path = onnx_backend.export(model, tmp_path / f"{moe_ops}.onnx", moe_ops=moe_ops).path
         fidelity = compare(TorchRunner(model), onnx_backend.Runner(path, context=256), windows)
         assert fidelity.tokens >= 512 and fidelity.max_abs_logit <= 1e-4 and fidelity.top1_agreement == 1.0, moe_ops

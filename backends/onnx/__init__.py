@@ -29,7 +29,7 @@ Runner = OnnxRunner
 
 
 class ONNXOptions(TargetOptions):
-    moe_ops: Literal["contrib", "plain"] = "contrib"  # com.microsoft MoE/QMoE nodes, or standard ops only
+    moe_ops: Literal["contrib", "plain", "plain-routed"] = "contrib"  # com.microsoft MoE/QMoE nodes, or standard ops only
     block_size: int = DEFAULT_BLOCK_SIZE  # int8/int4: inputs sharing one scale
 
     @field_validator("block_size")

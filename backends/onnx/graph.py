@@ -104,13 +104,18 @@ class Graph:
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """A float32 weight as the graph uses it, stored in the artifact's weight dtype."""
-        return self._as_float(self.raw(name, np.asarray(array, dtype=self.weight_dtype)))
+        return self.as_float(self.raw(name, np.asarray(array, dtype=self.weight_dtype)))
 
     def weight_stack(self, name: str, count: int, part) -> str:
         """`weight` of a stack [count, ...] made one slice at a time (see raw_stack)."""
-        return self._as_float(self.raw_stack(name, count, lambda i: np.asarray(part(i), dtype=self.weight_dtype)))
+        return self.as_float(self.stored_stack(name, count, part))
 
-    def _as_float(self, stored: str) -> str:
+    def stored_stack(self, name: str, count: int, part) -> str:
+        """A stack [count, ...] in the artifact's weight dtype, made one slice at a time (see raw_stack), for
+        `as_float` where it is used."""
+        return self.raw_stack(name, count, lambda i: np.asarray(part(i), dtype=self.weight_dtype))
+
+    def as_float(self, stored: str) -> str:
         return stored if self.weight_dtype == np.float32 else self.op("Cast", stored, to=TensorProto.FLOAT)
 
     def const(self, values, dtype=np.int64) -> str:
@@ -120,6 +125,20 @@ class Graph:
         if key not in self._constants:
             self._constants[key] = self.raw(self._name("const"), array)
         return self._constants[key]
+
+    def if_(self, condition: str, then_branch, else_branch) -> str:
+        """One If node on a one-element bool `condition`; each branch is a function that adds its nodes (which
+        may use any name of the graph so far) and returns its float output's name."""
+        branches = []
+        for label, build in (("then", then_branch), ("else", else_branch)):
+            outer, self.nodes = self.nodes, []
+            try:
+                output = build()
+                branches.append(helper.make_graph(self.nodes, self._name(label), [],
+                                                  [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)]))
+            finally:
+                self.nodes = outer
+        return self.op("If", condition, then_branch=branches[0], else_branch=branches[1])
 
     def input(self, name: str, elem_type: int, shape: list) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))

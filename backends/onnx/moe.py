@@ -22,6 +22,12 @@ Equal/Cast/Mul/ReduceSum (no scatter), every expert computed by one batched
 MatMul over stacked weights, and the dense weights reducing the results. It
 spends E/k times the FLOPs of the routed computation, a fair price for static
 shapes and no data-dependent control flow.
+
+The plain-routed lowering adds that control flow for decoding: an `If` on the
+token count sends a single token through the k experts it selects, Gathered
+from the stacks (a copy of k experts, then the MatMuls read it: 3k expert
+reads against E), and a prompt through the dense computation above, which
+would otherwise gather a copy of k experts per token.
 """
 
 from __future__ import annotations
@@ -67,10 +73,10 @@ def routed_experts(graph: Graph, x: str, name: str, experts: RoutedExperts, lowe
     """The routed part of one MoE block, x [B, S, H] -> [B, S, H]."""
     tokens = graph.op("Reshape", x, graph.const([-1, experts.router.shape[1]]))
     logits = graph.op("MatMul", tokens, graph.weight(f"{name}.router.weight", experts.router.T))
-    if lowering == "plain":
-        y = _plain(graph, tokens, logits, name, experts)
-    else:
+    if lowering == "contrib":
         y = _contrib(graph, tokens, logits, name, experts, quantization)
+    else:
+        y = _plain(graph, tokens, logits, name, experts, routed=lowering == "plain-routed")
     return graph.op("Reshape", y, graph.op("Shape", x))
 
 
@@ -149,25 +155,44 @@ def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
     return (stored[..., 0::2] | (stored[..., 1::2] << 4)).astype(np.uint8)
 
 
-def _plain(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedExperts) -> str:
-    count = experts.count
+def _plain(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedExperts, routed: bool) -> str:
     probabilities = graph.op("Softmax", logits, axis=-1)
     top_values, top_index = graph.op("TopK", probabilities, graph.const([experts.top_k]), outputs=2, axis=-1)
     if experts.renormalize:
         top_values = graph.op("Div", top_values, graph.op("ReduceSum", top_values, graph.const([-1]), keepdims=1))
     if experts.scale != 1.0:
         top_values = graph.op("Mul", top_values, graph.const(experts.scale, np.float32))
-    # [T, k, 1] == [E] -> one-hot [T, k, E], weighted and summed over k: dense routing weights [T, E]
-    one_hot = graph.op("Cast", graph.op("Equal", graph.op("Unsqueeze", top_index, graph.const([-1])),
-                                        graph.const(np.arange(count))), to=1)
-    weighted = graph.op("Mul", one_hot, graph.op("Unsqueeze", top_values, graph.const([-1])))
-    routing = graph.op("ReduceSum", weighted, graph.const([1]), keepdims=0)
-    # every expert on every token: [T, H] @ [E, H, 2I] -> [E, T, 2I]
-    gate_up = graph.op("MatMul", tokens, graph.weight_stack(f"{name}.gate_up", count,
-                                                            lambda e: _float(experts.gate_up[e]).T))
-    gate, up = graph.op("Split", gate_up, axis=-1, outputs=2)
-    hidden = graph.op("Mul", graph.silu(gate), up)
-    down = graph.weight_stack(f"{name}.down", count, lambda e: _float(experts.down[e]).T)
-    out = graph.op("MatMul", hidden, down)  # [E, T, H]
-    per_expert = graph.op("Unsqueeze", graph.op("Transpose", routing, perm=[1, 0]), graph.const([-1]))  # [E, T, 1]
-    return graph.op("ReduceSum", graph.op("Mul", out, per_expert), graph.const([0]), keepdims=0)
+    count = experts.count
+    # stored stacks, widened where each branch uses them: ONNX Runtime 1.32 fails to load a graph whose
+    # Cast of an f16 initializer feeds only an If's branches
+    gate_up = graph.stored_stack(f"{name}.gate_up", count, lambda e: _float(experts.gate_up[e]).T)  # [E, H, 2I]
+    down = graph.stored_stack(f"{name}.down", count, lambda e: _float(experts.down[e]).T)  # [E, I, H]
+
+    def every_expert() -> str:
+        # [T, k, 1] == [E] -> one-hot [T, k, E], weighted and summed over k: dense routing weights [T, E]
+        one_hot = graph.op("Cast", graph.op("Equal", graph.op("Unsqueeze", top_index, graph.const([-1])),
+                                            graph.const(np.arange(count))), to=1)
+        weighted = graph.op("Mul", one_hot, graph.op("Unsqueeze", top_values, graph.const([-1])))
+        routing = graph.op("ReduceSum", weighted, graph.const([1]), keepdims=0)
+        out = _swiglu(graph, tokens, graph.as_float(gate_up), graph.as_float(down))  # every expert, every token: [E, T, H]
+        per_expert = graph.op("Unsqueeze", graph.op("Transpose", routing, perm=[1, 0]), graph.const([-1]))  # [E, T, 1]
+        return graph.op("ReduceSum", graph.op("Mul", out, per_expert), graph.const([0]), keepdims=0)
+
+    def selected_experts() -> str:
+        # each token's k experts gathered from the stacks: [T, 1, 1, H] @ [T, k, H, 2I] ... -> [T, k, 1, H]
+        x = graph.op("Unsqueeze", tokens, graph.const([1, 2]))
+        gathered = [graph.as_float(graph.op("Gather", stack, top_index, axis=0)) for stack in (gate_up, down)]
+        out = _swiglu(graph, x, *gathered)
+        weights = graph.op("Unsqueeze", top_values, graph.const([2, 3]))  # [T, k, 1, 1]
+        return graph.op("ReduceSum", graph.op("Mul", out, weights), graph.const([1, 2]), keepdims=0)
+
+    if not routed:
+        return every_expert()
+    one_token = graph.op("Equal", graph.op("Shape", tokens, start=0, end=1), graph.const([1]))
+    return graph.if_(one_token, selected_experts, every_expert)
+
+
+def _swiglu(graph: Graph, x: str, gate_up: str, down: str) -> str:
+    """down(silu(gate) * up) of x against stacked [..., H, 2I] gate-then-up and [..., I, H] down weights."""
+    gate, up = graph.op("Split", graph.op("MatMul", x, gate_up), axis=-1, outputs=2)
+    return graph.op("MatMul", graph.op("Mul", graph.silu(gate), up), down)

@@ -68,7 +68,8 @@ def bytes_per_token(path: str | Path) -> TokenBytes:
 
     A com.microsoft MoE / QMoE node reads k (its `k` attribute) of the E experts of each expert input:
     k / E of its bytes. A plain MoE graph (TopK routing, no MoE node) computes every expert, so its stacked
-    expert weights (the 3-D MatMul operands) are read whole. A table only ever gathered along its first axis
+    expert weights (the 3-D MatMul operands) are read whole, unless an If decodes one token by Gathering its k
+    experts from the stacks (plain-routed): then k / E of them (the Gathered copy's write and read not counted). A table only ever gathered along its first axis
     (the token embedding, the RoPE tables) is read one row per token; everything else is read whole.
     Weights stored in f16 are followed through the Cast that widens them, and counted at the widened type:
     ONNX Runtime folds a Cast of an initializer when it loads the graph, so it holds and reads them as float32
@@ -129,6 +130,14 @@ def bytes_per_token(path: str | Path) -> TokenBytes:
                 if name is not None and len(initializers[name].dims) == 3:  # [E, in, out]: every expert at once
                     kind[name] = "routed_experts"
                     pairs.update((k, initializers[name].dims[0]) for k in ks[:1])
+        decoding = [inner for node in graph.node if node.op_type == "If"
+                    for inner in attribute(node, "then_branch", None).node]
+        for name in {source(node.input[0]) for node in decoding if node.op_type == "Gather"} - {None}:
+            if len(initializers[name].dims) == 3 and ks:  # [E, in, out]: a token's k experts gathered
+                count = initializers[name].dims[0]
+                read[name], kind[name] = read[name] * min(ks[0], count) // count, "routed_experts"
+                pairs.add((min(ks[0], count), count))
+                plain = False
     uses: dict[str, list] = {}
     for node in (node for node in graph.node if node.op_type != "Cast"):  # a widened weight's use is past its Cast
         for position, name in enumerate(node.input):

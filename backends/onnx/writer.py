@@ -3,7 +3,9 @@
 `moe_ops="contrib"` writes each MoE layer as ONE com.microsoft MoE node (f32 /
 f16 weights) or QMoE node (int8 / int4 experts, block-wise scales), for ONNX
 Runtime >= 1.23. `moe_ops="plain"` writes standard ops only (for TensorRT and
-runtimes without the contrib ops); its weights are f32 or f16. Attention,
+runtimes without the contrib ops), computing every expert; `moe_ops="plain-routed"`
+adds an `If` that decodes a single token through its k selected experts only.
+Both take f32 or f16 weights. Attention,
 norms, router, shared experts and the head stay float in every variant.
 """
 
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
     from moeexport.quantization import WeightGrid
 
 QUANT_TYPES = ("f32", "f16", "int8", "int4")
-MOE_OPS = ("contrib", "plain")
+MOE_OPS = ("contrib", "plain", "plain-routed")
 BITS = {"int8": 8, "int4": 4}
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_CONTEXT_LIMIT = 4096  # RoPE table rows written when the model allows more positions
@@ -80,9 +82,11 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
     if quant not in QUANT_TYPES:
         raise MoeExportError(f"--quant {quant} is not an onnx type; choose one of {', '.join(QUANT_TYPES)}")
     if moe_ops not in MOE_OPS:
-        raise MoeExportError(f"--moe-ops {moe_ops} is unknown; choose contrib (ONNX Runtime MoE ops) or plain")
-    if quant in BITS and moe_ops == "plain":
-        raise MoeExportError(f"--quant {quant} needs the QMoE op; the plain variant takes f32 or f16 (use --moe-ops contrib)")
+        raise MoeExportError(f"--moe-ops {moe_ops} is unknown; choose contrib (ONNX Runtime MoE ops), plain or "
+                             "plain-routed")
+    if quant in BITS and moe_ops != "contrib":
+        raise MoeExportError(f"--quant {quant} needs the QMoE op; the {moe_ops} variant takes f32 or f16 "
+                             "(use --moe-ops contrib)")
     if moe_ops == "contrib":
         require_moe_kernels()
     adapter = adapter_for(model.config)
@@ -175,7 +179,8 @@ def export(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     what = f"{quant} experts" + (f" (block {block_size})" if quant in BITS else "")
-    representation = f"{what}, {'MoE/QMoE contrib ops' if moe_ops == 'contrib' else 'standard ops only'}"
+    representation = f"{what}, " + {"contrib": "MoE/QMoE contrib ops", "plain": "standard ops only",
+                                     "plain-routed": "standard ops only, routed decoding"}[moe_ops]
     fallbacks = []
     grid = weight_grid
     if quant in BITS and grid is not None and (grid.bits, grid.group_size) != (BITS[quant], block_size):
