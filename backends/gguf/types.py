@@ -20,7 +20,7 @@ QUANT_TYPES = NUMPY_TYPES + LLAMA_CPP_TYPES + (KEEP,)
 # what a build must reach against the torch reference (F32 KV cache, flash attention off). F16 is judged
 # like the other backends' f16, by KL and top-1, not by max |delta logit|: llama.cpp rounds activations to f16
 # in F16 matmuls, which flips a router's top-k where two experts nearly tie, and that position's logits move by
-# a whole expert's output (a Mixtral-width layer: one of 510 positions, router margin 1.7e-4, |delta| 2.83;
+# a whole expert's output (an 8x7B-width layer: one of 510 positions, router margin 1.7e-4, |delta| 2.83;
 # every other position <= 0.008)
 TOLERANCES = {
     "f32": Tolerance(max_abs_logit=1e-3, top1_agreement=1.0),
