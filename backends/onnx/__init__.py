@@ -29,7 +29,8 @@ Runner = OnnxRunner
 
 
 class ONNXOptions(TargetOptions):
-    moe_ops: Literal["contrib", "plain", "plain-routed"] = "contrib"  # com.microsoft MoE/QMoE nodes, or standard ops only
+    # com.microsoft MoE/QMoE nodes, or standard ops only (every expert computed, or a decoded token's k)
+    moe_ops: Literal["contrib", "plain", "plain-routed"] = "contrib"
     block_size: int = DEFAULT_BLOCK_SIZE  # int8/int4: inputs sharing one scale
 
     @field_validator("block_size")

@@ -174,7 +174,7 @@ def _plain(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedExp
                                             graph.const(np.arange(count))), to=1)
         weighted = graph.op("Mul", one_hot, graph.op("Unsqueeze", top_values, graph.const([-1])))
         routing = graph.op("ReduceSum", weighted, graph.const([1]), keepdims=0)
-        out = _swiglu(graph, tokens, graph.as_float(gate_up), graph.as_float(down))  # every expert, every token: [E, T, H]
+        out = _swiglu(graph, tokens, graph.as_float(gate_up), graph.as_float(down))  # every expert: [E, T, H]
         per_expert = graph.op("Unsqueeze", graph.op("Transpose", routing, perm=[1, 0]), graph.const([-1]))  # [E, T, 1]
         return graph.op("ReduceSum", graph.op("Mul", out, per_expert), graph.const([0]), keepdims=0)
 

@@ -68,9 +68,10 @@ def bytes_per_token(path: str | Path) -> TokenBytes:
 
     A com.microsoft MoE / QMoE node reads k (its `k` attribute) of the E experts of each expert input:
     k / E of its bytes. A plain MoE graph (TopK routing, no MoE node) computes every expert, so its stacked
-    expert weights (the 3-D MatMul operands) are read whole, unless an If decodes one token by Gathering its k
-    experts from the stacks (plain-routed): then k / E of them (the Gathered copy's write and read not counted). A table only ever gathered along its first axis
-    (the token embedding, the RoPE tables) is read one row per token; everything else is read whole.
+    expert weights (the 3-D MatMul operands) are read whole, unless an If decodes one token by Gathering its
+    k experts from the stacks (plain-routed): then k / E of them, at their stored type (the gathered copy's
+    write and read are not counted). A table only ever gathered along its first axis (the token embedding,
+    the RoPE tables) is read one row per token; everything else is read whole.
     Weights stored in f16 are followed through the Cast that widens them, and counted at the widened type:
     ONNX Runtime folds a Cast of an initializer when it loads the graph, so it holds and reads them as float32
     (measured: an f16 graph of one 8x7B-width layer holds 6.6 GB of f32 weights where its file has 3.4 GB).

@@ -3,10 +3,10 @@
 `moe_ops="contrib"` writes each MoE layer as ONE com.microsoft MoE node (f32 /
 f16 weights) or QMoE node (int8 / int4 experts, block-wise scales), for ONNX
 Runtime >= 1.23. `moe_ops="plain"` writes standard ops only (for TensorRT and
-runtimes without the contrib ops), computing every expert; `moe_ops="plain-routed"`
-adds an `If` that decodes a single token through its k selected experts only.
-Both take f32 or f16 weights. Attention,
-norms, router, shared experts and the head stay float in every variant.
+runtimes without the contrib ops), computing every expert; "plain-routed" adds
+an `If` that decodes a single token through its k selected experts only. Both
+take f32 or f16 weights. Attention, norms, router, shared experts and the head
+stay float in every variant.
 """
 
 from __future__ import annotations
