@@ -50,6 +50,13 @@ def _removed(model, name: str, chosen: tuple[int, ...]):
     return model
 
 
+def _compressed(model, name: str, options: dict, provider):
+    """A copy of `model` compressed by the one pass `name` with `options`, and that pass's plan."""
+    model = copy.deepcopy(model)
+    result = compress(model, parse_recipe({"passes": [{name: options}]}), provider)
+    return model, result.steps[0].plan
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser)
@@ -82,9 +89,8 @@ def main() -> None:
                      for chosen in itertools.combinations(candidates, n)}
             best = min(tried, key=tried.get)
             for score in args.scores:
-                model = copy.deepcopy(original)
-                result = compress(model, parse_recipe({"passes": [{name: {"n": n, "score": score}}]}), provider)
-                picked = tuple(sorted(result.steps[0].plan.drop))
+                _, plan = _compressed(original, name, {"n": n, "score": score}, provider)
+                picked = tuple(sorted(plan.drop))
                 ratio = tried[picked] / base
                 rows.append({"pass": name, "n": n, "optimum": list(best), "optimum_ratio": tried[best] / base,
                              "score": score, "picked": list(picked), "ratio": ratio,
@@ -93,9 +99,8 @@ def main() -> None:
                 print(f"| {name} | {n} | {list(best)} ({tried[best] / base:.4f}x) | {score} | {list(picked)} | "
                       f"{ratio:.4f}x | {tried[picked] / tried[best] - 1:+.2%} |")
             # the default score's pick, repaired: against the unrepaired optimum
-            model = copy.deepcopy(original)
-            result = compress(model, parse_recipe({"passes": [{name: {"n": n, "repair": "refit"}}]}), provider)
-            picked = tuple(sorted(result.steps[0].plan.drop))
+            model, plan = _compressed(original, name, {"n": n, "repair": "refit"}, provider)
+            picked = tuple(sorted(plan.drop))
             repaired = evaluate(model, windows).perplexity
             rows.append({"pass": name, "n": n, "score": "default", "repair": "refit", "picked": list(picked),
                          "ratio": repaired / base, "unrepaired_ratio": tried[picked] / base,
@@ -107,10 +112,9 @@ def main() -> None:
         for score, repair in itertools.product([None, *args.expert_scores], ["none", "refit"]):
             options = {"keep": keep, "scope": "global", "min_keep": 1, "repair": repair,
                        **({"score": score} if score else {})}
-            model = copy.deepcopy(original)
-            result = compress(model, parse_recipe({"passes": [{"expert_drop": options}]}), provider)
+            model, plan = _compressed(original, "expert_drop", options, provider)
             ratio = evaluate(model, windows).perplexity / base
-            counts = [len(kept) for kept in result.steps[0].plan.keep.values()]
+            counts = [len(kept) for kept in plan.keep.values()]
             rows.append({"pass": "expert_drop", "keep": keep, "score": score or "default", "repair": repair,
                          "counts": counts, "ratio": ratio})
             print(f"| expert_drop global, repair: {repair} | {keep}/E | - | {score or 'default'} | {counts} | "
