@@ -12,10 +12,10 @@ to the baseline's median, measured in the same run.
 
 Decoding one token reads every weight it touches once, so it cannot run faster than the machine's memory
 bandwidth divided by those bytes: the bound. Bytes per token come from each artifact's own tensors at
-the types its runtime reads them (the stored ones, but an ONNX graph's f16 weights at float32, which ONNX
-Runtime widens when it loads the graph; `bytes_per_token` beside each runner: backends/gguf/runner.py, backends/onnx/runner.py,
-moeexport/validate.py), the bandwidth is measured here (`measure_bandwidth`), and the achieved fraction of
-the bound is the median decode speed over it. KV-cache reads are left out: the bound is the weights'.
+the types its runtime reads them: the stored ones, but an ONNX graph's f16 weights at float32, which ONNX
+Runtime widens when it loads the graph (`bytes_per_token` beside each runner: backends/gguf/runner.py,
+backends/onnx/runner.py, moeexport/validate.py). The bandwidth is measured here (`measure_bandwidth`), and
+the achieved fraction of the bound is the median decode speed over it. KV-cache reads are left out: the bound is the weights'.
 """
 
 from __future__ import annotations
