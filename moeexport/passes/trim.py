@@ -91,6 +91,19 @@ def _repair_lines(repair_error: dict[int, list[float]], what: str) -> list[str]:
     return [f"refit {what}; relative output error per layer {errors}"]
 
 
+@dataclass(kw_only=True)
+class _MeasuredAndRepaired:
+    """What a removal plan records beside its choice: the damage that chose it and the repair after it."""
+
+    # measured scores: the damage after each choice (Block / Layer Drop, in drop's order) or round (Expert Drop)
+    damage: list[float] = field(default_factory=list)
+    metric: str = ""  # which damage: perplexity | kl
+    repair: str = "none"
+    ridge: float = 0.1
+    # repair: refit, per refit layer (original index): relative error of what it refits to [dropped, refit]
+    repair_error: dict[int, list[float]] = field(default_factory=dict)
+
+
 class _Repairable(CompressionPass):
     """A pass with `repair: refit`, which solves for weights on calibration activations of the whole model."""
 
@@ -115,15 +128,9 @@ class BlockDropOptions(PassOptions):
 
 
 @dataclass
-class _DropPlan:
+class _DropPlan(_MeasuredAndRepaired):
     drop: list[int]
     similarity: list[float | None]  # score: similarity, the redundancy of each dropped index (else None)
-    damage: list[float] = field(default_factory=list)  # measured scores: the damage after each choice, in drop's order
-    metric: str = ""  # which damage: perplexity | kl
-    repair: str = "none"
-    ridge: float = 0.1
-    # repair: refit, per refit layer (original index): relative error of its residual [dropped, refit]
-    repair_error: dict[int, list[float]] = field(default_factory=dict)
     unrepaired: list[int] = field(default_factory=list)  # repair: refit, dropped with no attention after them
 
     what: ClassVar[str]
@@ -166,7 +173,8 @@ class BlockDrop(_Repairable):
         if options.score in MEASURED:
             drop, damage = _greedy_by_damage(scorer, list(range(count)), n, BLOCK, options.score)
             check_moe_remains(self.name, options.allow_empty_layers, layers, _remaining(layers, drop))
-            return BlockDropPlan(drop, [None] * n, damage, options.score, options.repair, options.ridge)
+            return BlockDropPlan(drop, [None] * n, damage=damage, metric=options.score, repair=options.repair,
+                                 ridge=options.ridge)
         if options.mode == "discrete":
             scores = (
                 [s.block_similarity for s in statistics.layers]
@@ -238,7 +246,8 @@ class LayerDrop(_Repairable):
         if options.score in MEASURED:
             drop, damage = _greedy_by_damage(scorer, candidates, options.n, MOE, options.score)
             check_moe_remains(self.name, options.allow_empty_layers, layers, _remaining(layers, drop))
-            return LayerDropPlan(drop, [None] * options.n, damage, options.score, options.repair, options.ridge)
+            return LayerDropPlan(drop, [None] * options.n, damage=damage, metric=options.score, repair=options.repair,
+                                 ridge=options.ridge)
         if options.score == "similarity":
             scores = [statistics.layers[i].moe_similarity for i in candidates]
         else:
@@ -274,17 +283,11 @@ class ExpertDropOptions(PassOptions):
 
 
 @dataclass
-class ExpertDropPlan:
+class ExpertDropPlan(_MeasuredAndRepaired):
     keep: dict[int, list[int]]  # MoE layer -> experts kept, in their original order
     drop: dict[int, list[int]]  # MoE layer -> experts dropped
     dropped_expert_tokens: dict[int, list[int]]  # tokens each dropped expert saw in calibration
     layer_tokens: dict[int, int]  # routing decisions per layer in calibration
-    damage: list[float] = field(default_factory=list)  # measured scores: the damage after each round of removals
-    metric: str = ""  # which damage: perplexity | kl
-    repair: str = "none"
-    ridge: float = 0.1
-    # repair: refit, per refit layer: relative error of its routed output on calibration [dropped, refit]
-    repair_error: dict[int, list[float]] = field(default_factory=dict)
 
     def describe(self) -> list[str]:
         changed = [layer for layer in self.keep if self.drop[layer]]
@@ -351,10 +354,10 @@ class ExpertDrop(_Repairable):
             drop,
             {layer: [seen[e] for e in drop[layer]] for layer, seen in tokens.items()},
             {layer: sum(seen) for layer, seen in tokens.items()},
-            trace,
-            options.score if trace else "",
-            options.repair,
-            options.ridge,
+            damage=trace,
+            metric=options.score if trace else "",
+            repair=options.repair,
+            ridge=options.ridge,
         )
 
     @staticmethod
