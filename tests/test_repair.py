@@ -1,5 +1,6 @@
-"""`repair: refit`: Expert Drop refits the kept experts' down projections to the original layer's output; Block and
-Layer Drop refit the attention output projection that absorbs what they removed."""
+"""`repair: refit`: Expert Drop rebuilds the kept experts from their own and the dropped experts' neurons, fit to
+the original model's output after each layer; Block and Layer Drop refit the attention output projection that
+absorbs what they removed."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from moeexport.adapters import adapter_for
 from moeexport.calibration.sources import CalibrationConfig
 from moeexport.compress import StatisticsProvider, compress
 from moeexport.errors import MoeExportError
@@ -41,12 +43,30 @@ def test_refit_brings_the_dropped_model_closer_to_the_original(family):
     assert _kl(model, refit, tokens) < 0.8 * _kl(model, dropped, tokens)  # on the tokens it was fit to
 
 
-def test_a_large_ridge_keeps_the_original_weights():
+def _neurons(model, layer: int, experts: list[int] | None = None) -> list[list[torch.Tensor]]:
+    """Per expert of a MoE layer (all, or `experts`), each ffn neuron's gate, up and down rows as one vector."""
+    view = adapter_for(model.config).layer_view(model, layer)
+    gate_up, down = view.experts.gate_up_proj, view.experts.down_proj
+    ffn = down.shape[-1]
+    return [[torch.cat([gate_up[e, i], gate_up[e, ffn + i], down[e, :, i]]) for i in range(ffn)]
+            for e in (experts if experts is not None else range(len(down)))]
+
+
+def test_a_large_ridge_rebuilds_the_kept_experts_from_unchanged_original_neurons():
+    """The ridge pulls every chosen neuron's down row to its own: each rebuilt expert is then ffn of the layer's
+    original neurons, its own or a dropped expert's (as many as the plan says it borrowed), whole."""
     model = tiny_model("mixtral")
     tokens = random_tokens(4, 16, seed=2)
-    dropped, _ = _dropped(model, tokens)
-    refit, _ = _dropped(model, tokens, repair="refit", ridge=1e9)
-    assert _kl(dropped, refit, tokens) < 1e-8
+    refit, plan = _dropped(model, tokens, repair="refit", ridge=1e9)
+    assert sum(map(sum, plan.borrowed.values())) > 0
+    for layer, kept in plan.keep.items():
+        original = _neurons(model, layer)
+        for slot, (expert, rebuilt) in enumerate(zip(kept, _neurons(refit, layer))):
+            sources = [next(e for e in range(len(original)) if any(torch.allclose(neuron, other, atol=1e-6)
+                                                                   for other in original[e]))
+                       for neuron in rebuilt]
+            assert all(source == expert or source in plan.drop[layer] for source in sources)
+            assert sum(source != expert for source in sources) == plan.borrowed[layer][slot]
 
 
 def test_refit_is_refused_before_any_work_when_its_system_would_not_fit(monkeypatch):

@@ -1,17 +1,26 @@
 """Training-free repair after removal (`repair: refit`): least-squares refits on calibration tokens.
 
-Expert Drop: refit the kept experts' down projections. A MoE layer's routed
-output is y(x) = sum over the selected experts j of w_j(x) D_j h_j(x), with h_j
-the expert's intermediate activation act(gate x) * up x and D_j its down
-projection. Once experts are dropped, the routing over the kept ones (w, and
-which are selected) and their h are fixed, so y is linear in the kept D: the D
-that best reproduce the ORIGINAL layer's routed output on the calibration tokens
-solve a ridge least-squares problem,
+Expert Drop: rebuild each kept expert from its own and the dropped experts'
+neurons. An expert is a sum over its ffn neurons i of h_i(x) d_i, with h_i(x) =
+act(g_i x) * (u_i x) and d_i a row of its down projection; a MoE layer's routed
+output is y(x) = sum over the selected experts j of w_j(x) sum_i h_i(x) d_i. Once
+experts are dropped, the routing over the kept ones is fixed, so for any choice
+of ffn neurons per kept expert, taken from the layer's whole pool (its gate and
+up rows move with it), y is linear in the chosen neurons' down rows D:
 
-    min_D  sum_t |y_t - Z_t D|^2 + lam |D - D_0|^2,   Z_t = [w_j(x_t) h_j(x_t)]_j kept,
+    min_D  sum_t |y_t - Z_t D|^2 + lam |D - D_0|^2,   Z_t = [w_j(x_t) h_i(x_t)] over kept j, chosen i,
 
-with lam = ridge x the mean diagonal of Z^T Z, pulling towards the original
-weights along directions the calibration tokens do not reach.
+with y the ORIGINAL layer's routed output plus the drift (the original model's
+residual after the layer minus the residual the layer now gives, all its experts
+still in, on the inputs the layers already rebuilt give it: each layer also
+absorbs what the layers before it lost), D_0 the chosen neurons' own down rows
+and lam = ridge x the mean diagonal of Z^T Z (a pull towards the original rows
+along directions the calibration tokens do not reach). The neurons are chosen by
+greedy forward selection on the same ridge system (each step takes the
+neuron that lowers the residual most, ffn per kept expert): a dropped expert's
+most useful neurons move into the kept experts that now receive its tokens.
+Against refitting only the kept experts' own down rows to the layer's own
+output, this more than halved the 8 -> 2 damage on the fixture (README).
 
 Block Drop and Layer Drop: refit an attention output projection O (it writes
 straight into the residual stream, r = h + O a) so that the residual after it
@@ -31,9 +40,12 @@ is refit on the inputs the layers already repaired (and trimmed) give it.
 Cost, per refit layer: one pass of the calibration tokens through the layer and
 a Gram matrix solved once. An attention refit's is (heads x head_dim)^2 float64
 (134 MB at 8x7B widths) and holds the original residual at that point (tokens x
-hidden). An expert refit's is (kept x ffn)^2: the fixture's 8 x 512 columns take
-134 MB, an 8x7B model's 4 x 14336 would take 26 GB, so a layer above
-MAX_GRAM_BYTES is refused before any work.
+hidden). An expert rebuild holds the original residual after every rebuilt
+layer (tokens x hidden each); its system has a column per candidate neuron,
+kept x (dropped + 1) x ffn, and its selection a basis of kept x ffn of them:
+the fixture's worst layer (4 kept of 8, ffn 512) takes 1 GB, an 8x7B model's
+would take terabytes, so a layer above MAX_GRAM_BYTES is refused before any
+work.
 """
 
 from __future__ import annotations
@@ -46,51 +58,63 @@ from moeexport.adapters import adapter_for
 from moeexport.adapters.base import keep_experts
 from moeexport.calibration.damage import check_routing, route
 from moeexport.calibration.expert_inputs import layer_by_layer
-from moeexport.calibration.observers import expert_intermediate
 from moeexport.errors import MoeExportError
 
 MAX_GRAM_BYTES = 4 * 2**30
+
+
+def _rebuild_columns(num_experts: int, kept: int, ffn: int) -> tuple[int, int]:
+    """(candidate neurons, chosen neurons) of one layer's expert rebuild: the columns of its system."""
+    return kept * (num_experts - kept + 1) * ffn, kept * ffn
 
 
 def check_refit_size(model, keep: dict[int, list[int]]) -> None:
     """Refuse, before any work, a layer whose least-squares system would not fit MAX_GRAM_BYTES."""
     adapter = adapter_for(model.config)
     for layer, kept in keep.items():
-        experts = adapter.layer_view(model, layer).experts
-        columns = len(kept) * (experts.down_proj.shape[-1] if experts is not None else 0)
-        if columns**2 * 8 > MAX_GRAM_BYTES:
+        view = adapter.layer_view(model, layer)
+        if view.experts is None or not 0 < len(kept) < view.num_experts:
+            continue
+        candidates, chosen = _rebuild_columns(view.num_experts, len(kept), view.experts.down_proj.shape[-1])
+        size = 8 * candidates * (candidates + chosen)  # the Gram and the selection's basis, float64
+        if size > MAX_GRAM_BYTES:
             raise MoeExportError(
-                f"expert_drop repair: refit would solve a {columns:,}-column least-squares system in layer {layer} "
-                f"({columns**2 * 8 / 2**30:.0f} GiB): use repair: none for experts this wide")
+                f"expert_drop repair: refit would solve a {candidates:,}-column least-squares system in layer {layer} "
+                f"({size / 2**30:.0f} GiB): use repair: none for experts this wide")
 
 
 @torch.no_grad()
 def refit_and_keep(model, keep: dict[int, list[int]], tokens: torch.Tensor, ridge: float,
-                   progress=None) -> dict[int, list[float]]:
-    """Keep `keep[layer]`'s experts in every MoE layer, refitting their down projections first (see the module
-    docstring). Returns, per refit layer, the relative error of its routed output on the calibration tokens
-    [dropped, dropped and refit]: the first is what the drop alone would leave."""
+                   progress=None) -> tuple[dict[int, list[float]], dict[int, list[int]]]:
+    """Keep `keep[layer]`'s experts in every MoE layer, rebuilding them first (see the module docstring).
+    Returns per rebuilt layer the relative error of its routed output against its target on the calibration
+    tokens [dropped, dropped and rebuilt] (the first is what the drop alone would leave), and the neurons each
+    kept expert took from the dropped ones."""
     adapter = adapter_for(model.config)
     routing = adapter.model_config(model.config).routing
     if routing.method != "greedy":
         raise MoeExportError("expert_drop repair: refit needs greedy top-k routing (topk_method: greedy)")
-    errors = {}
-    task = progress.add_task("expert_drop: refit down projections", total=len(keep)) if progress else None
-    for index, _, run in layer_by_layer(adapter, model, tokens):
+    errors, borrowed = {}, {}
+    rebuilt = {layer for layer, kept in keep.items() if 0 < len(kept) < adapter.layer_view(model, layer).num_experts}
+    targets = residuals_at(model, {layer: "output" for layer in rebuilt}, tokens)
+    task = progress.add_task("expert_drop: rebuild kept experts", total=len(keep)) if progress else None
+    for index, module, run in layer_by_layer(adapter, model, tokens):
         if index not in keep:
             continue
         view = adapter.layer_view(model, index)
         kept = keep[index]
-        if view.experts is not None and 0 < len(kept) < view.num_experts:
-            system = _System(view, kept, routing)
-            _run_hooked(run, view.ffn_norm.register_forward_hook(lambda module, args, output: system.add(output)))
-            errors[index] = system.solve(ridge)
+        if index in rebuilt:
+            rebuild, batches = _ExpertRebuild(view, kept, routing), iter(targets.pop(index))
+            _run_hooked(run, view.ffn_norm.register_forward_hook(lambda _, args, output: rebuild.add(output)),
+                        module.register_forward_hook(lambda _, args, output: rebuild.add_drift(
+                            next(batches) - (output[0] if isinstance(output, tuple) else output))))
+            errors[index], borrowed[index] = rebuild.solve(ridge)
         keep_experts(adapter, model, index, kept)  # the next layer's inputs come from the layer as it now is
         if progress:
             progress.advance(task)
     if progress:
         progress.remove_task(task)
-    return errors
+    return errors, borrowed
 
 
 def _run_hooked(run, *handles) -> None:
@@ -103,77 +127,141 @@ def _run_hooked(run, *handles) -> None:
 
 class _LeastSquares:
     """The normal equations of min_W sum_t |y_t - z_t W|^2 + lam |W - W_0|^2, summed over calibration batches,
-    with the error the unrefit W_0 leaves, to report before and after."""
+    with the error the unrepaired model leaves, to report before and after."""
 
     def __init__(self, original: torch.Tensor):
         self.original = original.double()  # W_0: (inputs, outputs)
         self.gram = torch.zeros(len(original), len(original), dtype=torch.float64)  # Z^T Z
         self.cross = torch.zeros_like(self.original)  # Z^T y
         self.target_energy = 0.0  # sum |y|^2
-        self.original_error = 0.0  # sum |y - Z W_0|^2
+        self.original_error = 0.0  # sum |y - unrepaired output|^2
 
-    def add(self, z: torch.Tensor, y: torch.Tensor) -> None:
+    def add(self, z: torch.Tensor, y: torch.Tensor, unrepaired: torch.Tensor | None = None) -> None:
+        """One batch: inputs z, targets y, and what the unrepaired model outputs (default z W_0)."""
         z, y = z.double(), y.double()
         self.gram += z.T @ z
         self.cross += z.T @ y
         self.target_energy += float(y.pow(2).sum())
-        self.original_error += float((y - z @ self.original).pow(2).sum())
+        unrepaired = z @ self.original if unrepaired is None else unrepaired.double()
+        self.original_error += float((y - unrepaired).pow(2).sum())
 
-    def solve(self, ridge: float) -> tuple[torch.Tensor, list[float]]:
-        """(W, relative error of the target [with W_0, with W]); lam = ridge x the mean diagonal of Z^T Z."""
-        damping = ridge * float(self.gram.diagonal().mean()) + 1e-12
-        system = self.gram + damping * torch.eye(len(self.gram), dtype=torch.float64)
-        refit = torch.linalg.solve(system, self.cross + damping * self.original)
+    def solve(self, ridge: float, columns: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+        """(W, relative error of the target [unrepaired, with W]) over the inputs `columns` (default all);
+        lam = ridge x the mean diagonal of their Z^T Z."""
+        gram, cross, original = self.gram, self.cross, self.original
+        if columns is not None:
+            gram, cross, original = gram[columns][:, columns], cross[columns], original[columns]
+        damping = ridge * float(gram.diagonal().mean()) + 1e-12
+        system = gram + damping * torch.eye(len(gram), dtype=torch.float64)
+        refit = torch.linalg.solve(system, cross + damping * original)
         # the error after refit, from the normal equations: |y|^2 - 2 tr(W^T Z^T y) + tr(W^T Z^T Z W)
-        refit_error = self.target_energy - 2 * float((refit * self.cross).sum()) + float((refit * (self.gram @ refit)).sum())
+        refit_error = self.target_energy - 2 * float((refit * cross).sum()) + float((refit * (gram @ refit)).sum())
         energy = max(self.target_energy, 1e-30)
         return refit, [(self.original_error / energy) ** 0.5, (max(refit_error, 0.0) / energy) ** 0.5]
 
 
-class _System:
-    """One layer's expert refit: the kept experts' intermediates, weighted by their new routing, against the
-    original layer's routed output."""
+def _forward_selection(gram: torch.Tensor, cross: torch.Tensor, group: torch.Tensor, quota: int,
+                       damping: float) -> torch.Tensor:
+    """Columns of Z, `quota` per group, chosen greedily to minimise min_D |Y - Z_chosen D|^2 + damping |D|^2 from
+    the normal equations (gram = Z^T Z, cross = Z^T Y): each step takes the column whose part orthogonal to those
+    already taken explains most of the residual. The damping (the ridge's) keeps a column the calibration tokens
+    barely reach from being chosen to fit their noise. A group left short (its columns never carry signal) fills
+    up with its first columns not taken."""
+    diagonal = gram.diagonal() + damping
+    tolerance = 1e-9 * diagonal  # a column this close to the span of the chosen ones adds nothing
+    groups = int(group.max()) + 1
+    basis = torch.zeros(len(gram), groups * quota, dtype=torch.float64)  # Z^T u for the orthonormal u so far
+    residual_cross = cross.clone()  # Z^T (Y - projection of Y on the chosen columns)
+    remaining = diagonal.clone()  # |part of each column orthogonal to the chosen ones|^2
+    open_ = gram.diagonal() > 0  # a column no calibration token reaches is only a filler
+    taken = [0] * groups
+    chosen = []
+    for step in range(groups * quota):
+        usable = open_ & (remaining > tolerance)
+        if not usable.any():
+            break
+        gain = residual_cross.pow(2).sum(1) / remaining.clamp_min(1e-300)
+        column = int(torch.where(usable, gain, -1.0).argmax())
+        chosen.append(column)
+        open_[column] = False
+        taken[int(group[column])] += 1
+        if taken[int(group[column])] == quota:
+            open_ &= group != group[column]
+        norm = remaining[column].sqrt()
+        basis[:, step] = (gram[:, column] - basis[:, :step] @ basis[column, :step]) / norm
+        basis[column, step] += damping / norm
+        residual_cross -= basis[:, step, None] * (residual_cross[column] / norm)
+        remaining -= basis[:, step].pow(2)
+    picked = set(chosen)
+    for g in range(groups):
+        spare = [c for c in torch.where(group == g)[0].tolist() if c not in picked]
+        chosen += spare[: quota - taken[g]]
+    return torch.tensor(sorted(chosen))
+
+
+class _ExpertRebuild:
+    """One layer's expert rebuild: every kept expert's ffn neurons, chosen from its own and the dropped experts',
+    and their down rows, fit so that the layer's output matches the original model's (see the module docstring)."""
 
     def __init__(self, view, kept: list[int], routing):
         self.view, self.kept, self.routing = view, kept, routing
-        self.ffn = view.experts.down_proj.shape[-1]
-        # the kept experts' down projections as one (kept x ffn, hidden) matrix D_0: Z @ D_0 is the dropped output
-        self.least_squares = _LeastSquares(torch.cat([view.experts.down_proj[e].double().T for e in kept]))
+        experts = view.experts
+        count, double_ffn, hidden = experts.gate_up_proj.shape
+        self.ffn = double_ffn // 2
+        # every neuron of the layer, indexed expert x ffn + i: its gate and up rows, its down row
+        self.gate, self.up = (part.reshape(count * self.ffn, hidden).float()
+                              for part in experts.gate_up_proj.data.split(self.ffn, dim=1))
+        self.down = experts.down_proj.data.transpose(1, 2).reshape(count * self.ffn, -1).float()
+        dropped = [e for e in range(count) if e not in kept]
+        # the neurons each kept expert may take: its own first, then every dropped expert's
+        self.pools = [torch.cat([self._neurons(e) for e in [k, *dropped]]) for k in kept]
+        self.least_squares = _LeastSquares(self.down[torch.cat(self.pools)])
+
+    def _neurons(self, expert: int) -> torch.Tensor:
+        return torch.arange(expert * self.ffn, (expert + 1) * self.ffn)
 
     def add(self, normed: torch.Tensor) -> None:
-        x = normed.reshape(-1, normed.shape[-1])
-        experts, router = self.view.experts, self.view.router
-        output = router(x)
-        check_routing(router, output, self.view.top_k, self.routing)
+        """One batch of the layer's MoE inputs: held until `add_drift` gives the batch's target."""
+        x = normed.reshape(-1, normed.shape[-1]).float()
+        output = self.view.router(x.to(normed.dtype))
+        check_routing(self.view.router, output, self.view.top_k, self.routing)
         logits, weights, index = output
-        original = self._mixture(x, weights.float(), index, range(self.view.num_experts))
         removed = torch.ones(self.view.num_experts, dtype=torch.bool)
         removed[self.kept] = False
         new_weights, new_index = route(logits, self.view.top_k, self.routing, removed)
-        z = torch.zeros(len(x), len(self.kept) * self.ffn, dtype=torch.float64)
-        for slot, expert in enumerate(self.kept):
-            rows, position = torch.where(new_index == expert)
-            if len(rows):
-                activation = expert_intermediate(experts, expert, x[rows]).float()
-                z[rows, slot * self.ffn:(slot + 1) * self.ffn] = (new_weights[rows, position, None] * activation).double()
-        self.least_squares.add(z, original)
+        # per token, the routing weight of every expert, before and after the drop
+        before = torch.zeros(len(x), self.view.num_experts).scatter_add_(1, index, weights.float())
+        after = torch.zeros_like(before).scatter_add_(1, new_index, new_weights)
+        activation = self.view.experts.act_fn(x @ self.gate.T) * (x @ self.up.T)
+        original = (activation * before.repeat_interleave(self.ffn, dim=1)) @ self.down
+        dropped = (activation * after.repeat_interleave(self.ffn, dim=1)) @ self.down
+        z = torch.cat([after[:, k, None] * activation[:, pool] for k, pool in zip(self.kept, self.pools)], dim=1)
+        self.pending = z, original, dropped
 
-    def _mixture(self, x, weights, index, experts):
-        """The routed output sum_k weights[:, k] * expert(index[:, k]) for the selected experts."""
-        out = torch.zeros(len(x), self.view.experts.down_proj.shape[1])
-        for expert in experts:
-            rows, position = torch.where(index == expert)
-            if len(rows):
-                activation = expert_intermediate(self.view.experts, expert, x[rows]).float()
-                out[rows] += weights[rows, position, None] * (activation @ self.view.experts.down_proj[expert].float().T)
-        return out
+    def add_drift(self, drift: torch.Tensor) -> None:
+        """The same batch's drift: the original model's residual after this layer minus the residual the layer
+        now outputs (with all its experts, on the inputs the layers already rebuilt give it). The routed output
+        is fit to the original one plus the drift, so each layer also absorbs what the layers before it lost."""
+        z, original, dropped = self.pending
+        self.least_squares.add(z, original + drift.reshape(original.shape).float(), dropped)
 
-    def solve(self, ridge: float) -> list[float]:
-        refit, errors = self.least_squares.solve(ridge)
-        down = self.view.experts.down_proj
-        for slot, expert in enumerate(self.kept):
-            down.data[expert] = refit[slot * self.ffn:(slot + 1) * self.ffn].T.to(down.dtype)
-        return errors
+    def solve(self, ridge: float) -> tuple[list[float], list[int]]:
+        """Choose the neurons, refit their down rows, write both into the kept experts: (relative error
+        [dropped, rebuilt], neurons each kept expert took from the dropped ones)."""
+        slot = torch.cat([torch.full((len(pool),), s) for s, pool in enumerate(self.pools)])
+        gram = self.least_squares.gram
+        damping = ridge * float(gram.diagonal().mean())
+        columns = _forward_selection(gram, self.least_squares.cross, slot, self.ffn, damping)
+        down, errors = self.least_squares.solve(ridge, columns)
+        neuron, slot = torch.cat(self.pools)[columns], slot[columns]
+        experts, borrowed = self.view.experts, []
+        for s, expert in enumerate(self.kept):
+            mine = neuron[slot == s]
+            dtype = experts.gate_up_proj.dtype
+            experts.gate_up_proj.data[expert] = torch.cat([self.gate[mine], self.up[mine]]).to(dtype)
+            experts.down_proj.data[expert] = down[slot == s].T.to(experts.down_proj.dtype)
+            borrowed.append(int((mine // self.ffn != expert).sum()))
+        return errors, borrowed
 
 
 # --- Block / Layer Drop: attention output projections ------------------------------------

@@ -16,8 +16,9 @@
   Scores: REAP saliency (the default; Lasby et al. 2025: mean gate weight x
   expert output norm over the expert's routed tokens), selection frequency,
   routing mass (He et al.), measured damage in greedy rounds (perplexity, kl),
-  or random. `repair: refit` then refits the kept experts' down projections to
-  the original layer's output (passes/repair.py).
+  or random. `repair: refit` then rebuilds the kept experts from their own and
+  the dropped experts' neurons, fit to the original model's output after each
+  layer (passes/repair.py).
 Every selection also has `score: random` as the control baseline.
 
 A drop that would leave a MoE layer with no experts (`keep: 0`, or a global drop
@@ -288,6 +289,8 @@ class ExpertDropPlan(_MeasuredAndRepaired):
     drop: dict[int, list[int]]  # MoE layer -> experts dropped
     dropped_expert_tokens: dict[int, list[int]]  # tokens each dropped expert saw in calibration
     layer_tokens: dict[int, int]  # routing decisions per layer in calibration
+    # repair: refit, per rebuilt layer: the neurons each kept expert took from the dropped experts
+    borrowed: dict[int, list[int]] = field(default_factory=dict)
 
     def describe(self) -> list[str]:
         changed = [layer for layer in self.keep if self.drop[layer]]
@@ -296,7 +299,10 @@ class ExpertDropPlan(_MeasuredAndRepaired):
         if self.damage:
             trace = ", ".join(f"{value:.4g}" for value in self.damage)
             lines.append(f"chosen greedily by calibration {DAMAGE[self.metric]}, {len(self.damage)} rounds: {trace}")
-        lines += _repair_lines(self.repair_error, "the kept experts' down projections")
+        lines += _repair_lines(self.repair_error, "the kept experts from their own and the dropped experts' neurons")
+        if self.borrowed:
+            taken = ", ".join(f"{layer}: {counts}" for layer, counts in sorted(self.borrowed.items()))
+            lines.append(f"neurons each kept expert took from the dropped ones, per layer {taken}")
         for layer in sorted(self.keep):
             kept, dropped = self.keep[layer], self.drop[layer]
             line = f"layer {layer}: keep {len(kept)} {kept}, drop {len(dropped)} {dropped}"
@@ -440,7 +446,8 @@ class ExpertDrop(_Repairable):
         check_expert_count_change(adapter, model.config)
         if plan.repair == "refit":
             check_refit_size(model, plan.keep)
-            return replace(plan, repair_error=refit_and_keep(model, plan.keep, tokens, plan.ridge, progress))
+            errors, borrowed = refit_and_keep(model, plan.keep, tokens, plan.ridge, progress)
+            return replace(plan, repair_error=errors, borrowed=borrowed)
         for layer, kept in plan.keep.items():
             keep_experts(adapter, model, layer, kept)
         return plan
