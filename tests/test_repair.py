@@ -113,3 +113,17 @@ def test_layer_drop_refit_with_a_large_ridge_is_the_plain_drop():
     dropped, _ = _dropped(model, tokens, "layer_drop", n=2, score="random")
     refit, _ = _dropped(model, tokens, "layer_drop", n=2, score="random", repair="refit", ridge=1e9)
     assert _kl(dropped, refit, tokens) < 1e-8
+
+
+def test_forward_selection_takes_the_columns_that_span_the_target_and_fills_a_silent_group():
+    """Groups of 6 columns, 2 to take from each: the target is made of columns 1, 4 (group 0) and 7, 9 (group 1)
+    plus a little noise, so greedy selection must take exactly those; group 2's columns are all zero (an expert
+    no token reaches) and it takes its first two."""
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 18, generator=generator, dtype=torch.float64)
+    z[:, 12:] = 0
+    y = z[:, [1, 4, 7, 9]] @ torch.randn(4, 3, generator=generator, dtype=torch.float64)
+    y += 1e-3 * torch.randn(y.shape, generator=generator, dtype=torch.float64)
+    group = torch.tensor([0] * 6 + [1] * 6 + [2] * 6)
+    chosen = repair._forward_selection(z.T @ z, z.T @ y, group, quota=2, damping=1e-6)
+    assert chosen.tolist() == [1, 4, 7, 9, 12, 13]
