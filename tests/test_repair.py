@@ -43,13 +43,13 @@ def test_refit_brings_the_dropped_model_closer_to_the_original(family):
     assert _kl(model, refit, tokens) < 0.8 * _kl(model, dropped, tokens)  # on the tokens it was fit to
 
 
-def _neurons(model, layer: int, experts: list[int] | None = None) -> list[list[torch.Tensor]]:
-    """Per expert of a MoE layer (all, or `experts`), each ffn neuron's gate, up and down rows as one vector."""
+def _neurons(model, layer: int) -> list[list[torch.Tensor]]:
+    """Per expert of a MoE layer, each ffn neuron's gate, up and down rows as one vector."""
     view = adapter_for(model.config).layer_view(model, layer)
     gate_up, down = view.experts.gate_up_proj, view.experts.down_proj
     ffn = down.shape[-1]
     return [[torch.cat([gate_up[e, i], gate_up[e, ffn + i], down[e, :, i]]) for i in range(ffn)]
-            for e in (experts if experts is not None else range(len(down)))]
+            for e in range(len(down))]
 
 
 def test_a_large_ridge_rebuilds_the_kept_experts_from_unchanged_original_neurons():

@@ -68,13 +68,18 @@ def _rebuild_columns(num_experts: int, kept: int, ffn: int) -> tuple[int, int]:
     return kept * (num_experts - kept + 1) * ffn, kept * ffn
 
 
+def _rebuilt_layers(adapter, model, keep: dict[int, list[int]]) -> list[int]:
+    """The MoE layers whose experts a rebuild changes: those that keep some of their experts, not all."""
+    views = {layer: adapter.layer_view(model, layer) for layer in keep}
+    return [layer for layer, kept in keep.items()
+            if views[layer].experts is not None and 0 < len(kept) < views[layer].num_experts]
+
+
 def check_refit_size(model, keep: dict[int, list[int]]) -> None:
     """Refuse, before any work, a layer whose least-squares system would not fit MAX_GRAM_BYTES."""
     adapter = adapter_for(model.config)
-    for layer, kept in keep.items():
-        view = adapter.layer_view(model, layer)
-        if view.experts is None or not 0 < len(kept) < view.num_experts:
-            continue
+    for layer in _rebuilt_layers(adapter, model, keep):
+        view, kept = adapter.layer_view(model, layer), keep[layer]
         candidates, chosen = _rebuild_columns(view.num_experts, len(kept), view.experts.down_proj.shape[-1])
         size = 8 * candidates * (candidates + chosen)  # the Gram and the selection's basis, float64
         if size > MAX_GRAM_BYTES:
@@ -95,7 +100,7 @@ def refit_and_keep(model, keep: dict[int, list[int]], tokens: torch.Tensor, ridg
     if routing.method != "greedy":
         raise MoeExportError("expert_drop repair: refit needs greedy top-k routing (topk_method: greedy)")
     errors, borrowed = {}, {}
-    rebuilt = {layer for layer, kept in keep.items() if 0 < len(kept) < adapter.layer_view(model, layer).num_experts}
+    rebuilt = _rebuilt_layers(adapter, model, keep)
     targets = residuals_at(model, {layer: "output" for layer in rebuilt}, tokens)
     task = progress.add_task("expert_drop: rebuild kept experts", total=len(keep)) if progress else None
     for index, module, run in layer_by_layer(adapter, model, tokens):
@@ -222,8 +227,9 @@ class _ExpertRebuild:
 
     def add(self, normed: torch.Tensor) -> None:
         """One batch of the layer's MoE inputs: held until `add_drift` gives the batch's target."""
-        x = normed.reshape(-1, normed.shape[-1]).float()
-        output = self.view.router(x.to(normed.dtype))
+        inputs = normed.reshape(-1, normed.shape[-1])
+        output = self.view.router(inputs)
+        x = inputs.float()
         check_routing(self.view.router, output, self.view.top_k, self.routing)
         logits, weights, index = output
         removed = torch.ones(self.view.num_experts, dtype=torch.bool)
@@ -254,12 +260,11 @@ class _ExpertRebuild:
         columns = _forward_selection(gram, self.least_squares.cross, slot, self.ffn, damping)
         down, errors = self.least_squares.solve(ridge, columns)
         neuron, slot = torch.cat(self.pools)[columns], slot[columns]
-        experts, borrowed = self.view.experts, []
+        gate_up, down_proj, borrowed = self.view.experts.gate_up_proj, self.view.experts.down_proj, []
         for s, expert in enumerate(self.kept):
             mine = neuron[slot == s]
-            dtype = experts.gate_up_proj.dtype
-            experts.gate_up_proj.data[expert] = torch.cat([self.gate[mine], self.up[mine]]).to(dtype)
-            experts.down_proj.data[expert] = down[slot == s].T.to(experts.down_proj.dtype)
+            gate_up.data[expert] = torch.cat([self.gate[mine], self.up[mine]]).to(gate_up.dtype)
+            down_proj.data[expert] = down[slot == s].T.to(down_proj.dtype)
             borrowed.append(int((mine // self.ffn != expert).sum()))
         return errors, borrowed
 
