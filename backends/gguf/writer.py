@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from moeexport.adapters import LayerView, ModelConfig, adapter_for
-from moeexport.adapters.base import structure
+from moeexport.adapters.surgery import structure
 from moeexport.backends.gguf import ggml
 from moeexport.backends.gguf.architectures import ARCHITECTURES, UNBOUNDED_WINDOW, GGUFArchitecture, host_named
 from moeexport.backends.gguf.names import DENSE_FFN, ROUTED_FFN, SHARED_FFN, BlockNames, TensorNames
