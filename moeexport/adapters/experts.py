@@ -40,11 +40,11 @@ def activate(layout: ExpertLayout, gate: torch.Tensor, up: torch.Tensor) -> torc
 
 def gate_and_up_weights(layout: ExpertLayout, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate, up) weights [..., ffn, hidden] (a row per neuron, as F.linear takes them) of a gate_up stack or
-    matrix stored as the layout says."""
+    matrix stored as the layout says (a streamed ExpertStack: concatenated, untransposed layouts only)."""
     rows = gate_up.transpose(-1, -2) if layout.transposed else gate_up
     if layout.interleaved:
         return rows[..., ::2, :], rows[..., 1::2, :]
-    gate, up = rows.chunk(2, dim=-2)
+    gate, up = rows.chunk(2, dim=len(rows.shape) - 2)  # a positive dim: streamed ExpertStacks take only that
     return gate, up
 
 
