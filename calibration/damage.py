@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from moeexport.adapters import adapter_for
+from moeexport.adapters.routing import check_routing, route
 from moeexport.errors import MoeExportError
 from moeexport.streaming import first_layer_inputs, layer_views, outer, run_layer
 
@@ -122,7 +123,7 @@ class RemovalScorer:
                 self._routing_checked.add(view.index)
             mask = torch.zeros(logits.shape[-1], dtype=torch.bool)
             mask[removed] = True
-            new_weights, new_index = route(logits, view.top_k, self.routing, mask)
+            new_weights, new_index = route(self.routing, logits, view.top_k, mask)
             return logits, new_weights.to(weights.dtype), new_index
         return hook
 
@@ -152,24 +153,3 @@ class RemovalScorer:
                     else:
                         totals[removal] += F.kl_div(removed, reference, log_target=True, reduction="sum").item()
         return {removal: total / count for removal, total in totals.items()}
-
-
-def route(logits: torch.Tensor, top_k: int, routing, removed: torch.Tensor | None = None):
-    """(weights, index) of greedy top-k routing (softmax -> top-k -> renormalize -> scale), in float32, over
-    the experts not `removed` (a boolean mask): how a layer routes once Expert Drop has taken their rows."""
-    left = logits.shape[-1] - (0 if removed is None else int(removed.sum()))
-    logits = logits.float() if removed is None else logits.float().masked_fill(removed, float("-inf"))
-    weights, index = logits.softmax(dim=-1).topk(min(top_k, left), dim=-1)
-    if routing.renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights * routing.scale, index
-
-
-def check_routing(router, output, top_k: int, routing) -> None:
-    """Refuse a router whose own output is not `route`'s rule on its logits: removals routed by the rule
-    would then measure or repair some other model."""
-    logits, weights, index = output
-    own_weights, own_index = route(logits, top_k, routing)
-    if not (torch.equal(own_index, index) and torch.allclose(own_weights.to(weights.dtype), weights)):
-        raise MoeExportError(f"this model's router ({type(router).__name__}) does not route as softmax -> top-k "
-                             "(-> renormalize): its experts cannot be removed by measurement or repaired")

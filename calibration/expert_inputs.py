@@ -23,8 +23,8 @@ from typing import Callable, Iterator
 import torch
 
 from moeexport.adapters import LayerView
-from moeexport.adapters.base import decoder_layers
-from moeexport.calibration.observers import expert_intermediate
+from moeexport.adapters.surgery import decoder_layers
+from moeexport.calibration.observers import routed_intermediate
 from moeexport.streaming import first_layer_inputs, run_layer
 
 
@@ -83,7 +83,7 @@ class LayerInputs:
 @torch.no_grad()
 def collect_layer_inputs(view: LayerView, run: Callable, diagonal: bool, shared: bool) -> LayerInputs:
     """Run one MoE layer over the calibration set and gather its matrices' inputs."""
-    router, experts = view.router, view.experts
+    router = view.router
     count = router.weight.shape[0]
     inputs = LayerInputs([MatrixInputs() for _ in range(count)], [MatrixInputs() for _ in range(count)])
     routed_input = {}
@@ -98,7 +98,7 @@ def collect_layer_inputs(view: LayerView, run: Callable, diagonal: bool, shared:
             rows = tokens[torch.where(index == expert)[0]]
             inputs.gate_up[expert].add(rows, diagonal)
             if len(rows):
-                inputs.down[expert].add(expert_intermediate(experts, expert, rows), diagonal)
+                inputs.down[expert].add(routed_intermediate(view, expert, rows), diagonal)
 
     def on_linear_input(target: MatrixInputs):
         return lambda module, args: target.add(args[0].reshape(-1, args[0].shape[-1]), diagonal)

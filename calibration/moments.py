@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moeexport.adapters import adapter_for
-from moeexport.calibration.observers import expert_intermediate
+from moeexport.calibration.observers import routed_intermediate
 
 
 @dataclass
@@ -50,22 +50,22 @@ def input_moments(model, input_ids: torch.Tensor, batch_size: int = 8) -> InputM
             moments.add(key, flat.double().pow(2).sum(0), len(flat))
         return hook
 
-    def experts_hook(layer, experts, routed_input):
+    def experts_hook(view, routed_input):
         def hook(module, args, output):
             tokens = routed_input["x"].reshape(-1, routed_input["x"].shape[-1])
             index = output[2].reshape(len(tokens), -1)
-            count = experts.gate_up_proj.shape[0]
+            count = view.experts.gate_up_proj.shape[0]
             inputs = torch.zeros(count, tokens.shape[-1], dtype=torch.float64)
-            middles = torch.zeros(count, experts.down_proj.shape[-1], dtype=torch.float64)
+            middles = torch.zeros(count, view.experts.down_proj.shape[-1], dtype=torch.float64)
             seen = torch.zeros(count, dtype=torch.long)
             for expert in range(count):
                 rows = torch.where(index == expert)[0]
                 if len(rows):
                     inputs[expert] = tokens[rows].double().pow(2).sum(0)
-                    middles[expert] = expert_intermediate(experts, expert, tokens[rows]).double().pow(2).sum(0)
+                    middles[expert] = routed_intermediate(view, expert, tokens[rows]).double().pow(2).sum(0)
                     seen[expert] = len(rows)
-            moments.add((layer, "experts_in"), inputs, seen)
-            moments.add((layer, "experts_mid"), middles, seen)
+            moments.add((view.index, "experts_in"), inputs, seen)
+            moments.add((view.index, "experts_mid"), middles, seen)
         return hook
 
     with ExitStack() as stack:
@@ -82,7 +82,7 @@ def input_moments(model, input_ids: torch.Tensor, batch_size: int = 8) -> InputM
             if view.experts is not None:
                 routed_input = {}
                 pre_hook(view.router, lambda module, args, store=routed_input: store.update(x=args[0]))
-                stack.callback(view.router.register_forward_hook(experts_hook(index, view.experts, routed_input)).remove)
+                stack.callback(view.router.register_forward_hook(experts_hook(view, routed_input)).remove)
         pre_hook(adapter.model_view(model).output, dense((-1, "output_in")))
         for batch in input_ids.split(batch_size):
             model(input_ids=batch, use_cache=False)

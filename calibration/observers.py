@@ -7,7 +7,7 @@ so a later streaming loader can bring layers in from disk without a redesign.
 
 Per MoE layer (He et al.; MC-SMoE; REAP):
 - expert_tokens: top-k selections per expert (tokens seen per expert);
-- routing_mass: mean softmax probability per expert, over all experts;
+- routing_mass: mean routing score per expert (its softmax probability, over all experts);
 - reap: mean over an expert's routed tokens of gate weight x ||expert output||;
 - router_logit_similarity: cosine between experts' router-logit columns;
 - moe_similarity: mean token cosine of x and x + MoE(norm(x)) (Layer Drop).
@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moeexport.adapters import LayerView, adapter_for
-from moeexport.adapters.base import decoder_layers
+from moeexport.adapters import LayerView, Routing, adapter_for
+from moeexport.adapters.experts import expert_intermediate, expert_output
+from moeexport.adapters.routing import scores
+from moeexport.adapters.surgery import decoder_layers
 from moeexport.streaming import first_layer_inputs, layer_views, run_layer
 from moeexport.errors import MoeExportError
 
@@ -82,12 +84,18 @@ class Statistics:
         return row[width - 1]
 
 
-def expert_intermediate(experts, expert: int, tokens: torch.Tensor) -> torch.Tensor:
-    """act(gate(x)) * up(x) of one routed expert: the input of its down projection."""
-    if hasattr(experts, "intermediate"):  # a streamed layer's (moeexport.streaming.ExpertsOnDemand)
-        return experts.intermediate(expert, tokens)
-    gate, up = F.linear(tokens, experts.gate_up_proj[expert]).chunk(2, dim=-1)
-    return experts.act_fn(gate) * up
+def routed_intermediate(view: LayerView, expert: int, tokens: torch.Tensor) -> torch.Tensor:
+    """What one routed expert of the layer feeds its down projection, for `tokens` [T, hidden]."""
+    if hasattr(view.experts, "intermediate"):  # a streamed layer's (moeexport.streaming.ExpertsOnDemand)
+        return view.experts.intermediate(expert, tokens)
+    return expert_intermediate(view.layout, view.experts, expert, tokens)
+
+
+def routed_output(view: LayerView, expert: int, intermediate: torch.Tensor) -> torch.Tensor:
+    """One routed expert's output from its intermediate."""
+    if hasattr(view.experts, "output"):  # a streamed layer's (moeexport.streaming.ExpertsOnDemand)
+        return view.experts.output(expert, intermediate)
+    return expert_output(view.layout, view.experts, expert, intermediate)
 
 
 def _token_cosine_sum(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,8 +106,8 @@ def _token_cosine_sum(a: torch.Tensor, b: torch.Tensor) -> float:
 class _MoEAccumulator:
     """Hooks on one MoE layer's norm, router and block that add up its statistics."""
 
-    def __init__(self, view: LayerView):
-        self.router, self.experts, self.norm, self.block = view.router, view.experts, view.ffn_norm, view.ffn
+    def __init__(self, view: LayerView, routing: Routing):
+        self.view, self.routing, self.router, self.norm, self.block = view, routing, view.router, view.ffn_norm, view.ffn
         experts = self.router.weight.shape[0]
         self.expert_tokens = torch.zeros(experts, dtype=torch.long)
         self.routing_mass = torch.zeros(experts, dtype=torch.float64)
@@ -120,7 +128,7 @@ class _MoEAccumulator:
         tokens = args[0].reshape(-1, args[0].shape[-1])
         logits = logits.reshape(-1, logits.shape[-1]).double()
         self.expert_tokens += torch.bincount(index.flatten(), minlength=len(self.expert_tokens))
-        self.routing_mass += logits.softmax(dim=-1).sum(0)
+        self.routing_mass += scores(self.routing, logits).sum(0)
         self.logit_gram += logits.T @ logits
         self.reap_sum += self._reap(tokens, weights.reshape(index.shape), index)
 
@@ -131,11 +139,7 @@ class _MoEAccumulator:
             token_rows, slot = torch.where(index == expert)
             if len(token_rows) == 0:
                 continue
-            hidden = expert_intermediate(self.experts, expert, tokens[token_rows])
-            if hasattr(self.experts, "output"):  # a streamed layer's (moeexport.streaming.ExpertsOnDemand)
-                output = self.experts.output(expert, hidden)
-            else:
-                output = F.linear(hidden, self.experts.down_proj[expert])
+            output = routed_output(self.view, expert, routed_intermediate(self.view, expert, tokens[token_rows]))
             sums[expert] = (weights[token_rows, slot].double() * output.double().norm(dim=-1)).sum()
         return sums
 
@@ -172,6 +176,7 @@ def observe(
 ) -> Statistics:
     """Collect every statistic in one layer-by-layer pass over `input_ids` [N, L]."""
     adapter = adapter_for(model.config)
+    routing = adapter.model_config(model.config).routing
     layers = decoder_layers(adapter, model)
     batches = list(input_ids.split(batch_size))
     hidden, call_kwargs = zip(*(first_layer_inputs(model, batch) for batch in batches))
@@ -185,7 +190,7 @@ def observe(
 
     for view in layer_views(model):
         index, layer_module, kind = view.index, view.module, view.kind
-        accumulator = _MoEAccumulator(view) if kind == "moe" else None
+        accumulator = _MoEAccumulator(view, routing) if kind == "moe" else None
         recent_inputs = (recent_inputs + [hidden])[-window:]
         with ExitStack() as stack:
             if accumulator:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from moeexport.adapters import LayerSpec, adapter_for
-from moeexport.adapters.base import decoder_layers, structure
+from moeexport.adapters.surgery import decoder_layers, structure
 from moeexport.calibration.observers import Statistics, observe
 from moeexport.calibration.sources import CalibrationConfig, calibration_tokens, source_digest
 from moeexport.errors import MoeExportError

@@ -15,6 +15,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from moeexport.adapters import supported_families
 from moeexport.errors import MoeExportError
 
 GIB = 2**30
@@ -25,9 +26,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors' names -> torch's
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12,
           "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-# every supported family numbers its decoder layers `...layers.N.` in checkpoint tensor names
-_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.")
+# how checkpoint tensor names number decoder layers and routed experts, as the families declare it
+_TENSOR_NAMES = sorted({family.tensor_names for family in supported_families().values()}, key=repr)
 
 
 def parse_size(text: str) -> int:
@@ -106,15 +106,14 @@ def checkpoint_sizes(headers: dict) -> tuple[dict[int, LayerSize], int]:
     outer = 0
     for name, (shape, _, _) in headers.items():
         count = math.prod(shape)
-        match = _LAYER_KEY.search(name)
-        if not match:
+        layer = _layer_number(name)
+        if layer is None:
             outer += count
             continue
-        layer = int(match.group(1))
-        expert = _EXPERT_KEY.search(name)
-        if expert:
-            experts[layer, int(expert.group(1))] = experts.get((layer, int(expert.group(1))), 0) + count
-        elif ".experts." in name and len(shape) == 3:  # a stack [E, rows, columns]
+        expert = _expert_number(name)
+        if expert is not None:
+            experts[layer, expert] = experts.get((layer, expert), 0) + count
+        elif _is_expert_stack(name, shape):  # a stack [E, rows, columns]
             experts[layer, -1] = experts.get((layer, -1), 0) + count // shape[0]
         else:
             resident[layer] = resident.get(layer, 0) + count
@@ -244,7 +243,20 @@ def _quick_headers(model_dir: Path) -> dict | None:
 
 def _expert_total(headers: dict) -> int:
     return sum(math.prod(shape) for name, (shape, _, _) in headers.items()
-               if _LAYER_KEY.search(name) and (_EXPERT_KEY.search(name) or (".experts." in name and len(shape) == 3)))
+               if _layer_number(name) is not None
+               and (_expert_number(name) is not None or _is_expert_stack(name, shape)))
+
+
+def _layer_number(name: str) -> int | None:
+    return next((number for names in _TENSOR_NAMES if (number := names.layer(name)) is not None), None)
+
+
+def _expert_number(name: str) -> int | None:
+    return next((number for names in _TENSOR_NAMES if (number := names.expert(name)) is not None), None)
+
+
+def _is_expert_stack(name: str, shape: list[int]) -> bool:
+    return len(shape) == 3 and any(names.in_experts(name) for names in _TENSOR_NAMES)
 
 
 def peak_resident_bytes() -> int:

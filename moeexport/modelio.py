@@ -31,8 +31,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from moeexport.adapters import adapter_for
-from moeexport.adapters.base import LayerSpec, drop_moe_sublayer, keep_experts, structure, sync_expert_config
+from moeexport.adapters import LayerSpec, adapter_for
+from moeexport.adapters.surgery import drop_moe_sublayer, keep_experts, structure, sync_expert_config
 from moeexport.errors import MoeExportError
 from moeexport.outputs import replace_atomically, sha256_of_file, staged
 

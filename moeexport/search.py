@@ -567,7 +567,7 @@ def _apply(state: _Applied, entry: dict | None, provider, memo: dict) -> _Applie
 def _grid(original, options: SearchOptions):
     """(block_drop n, layer_drop n, expert keep) values that can apply to this model, and its E and top-k."""
     from moeexport.adapters import adapter_for
-    from moeexport.adapters.base import structure
+    from moeexport.adapters.surgery import structure
 
     adapter = adapter_for(original.config)
     layers = structure(adapter, original)
@@ -653,7 +653,7 @@ def _trimmings(original, provider, tokens, reference, options: SearchOptions, ta
 
 def _layers(model):
     from moeexport.adapters import adapter_for
-    from moeexport.adapters.base import structure
+    from moeexport.adapters.surgery import structure
 
     return structure(adapter_for(model.config), model)
 

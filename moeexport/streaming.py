@@ -31,7 +31,8 @@ from safetensors import safe_open
 from torch import nn
 
 from moeexport.adapters import adapter_for
-from moeexport.adapters.base import decoder_layers, get_path
+from moeexport.adapters.experts import activate, expert_intermediate, expert_output
+from moeexport.adapters.surgery import decoder_layers, get_path
 from moeexport.errors import MoeExportError
 
 
@@ -385,7 +386,7 @@ class ExpertsOnDemand(nn.Module):
         super().__init__()
         self._arguments = (stream, experts, edit, prefix)  # a tuple, so the meta experts are no submodule
         self.num_experts = experts.gate_up_proj.shape[0]
-        self.act_fn = experts.act_fn
+        self.layout = stream.adapter.model_config(stream.model.config).experts
         source = stream._name(edit.source, prefix)
         self.gate_up_proj = ExpertStack(experts.gate_up_proj.shape,
                                         _ExpertReader(stream, source + "gate_up_proj", edit, stored))
@@ -408,15 +409,14 @@ class ExpertsOnDemand(nn.Module):
         if self._arguments[0].checkpoint.reads_in_blocks:
             width = self.gate_up_proj.shape[1] // 2
             gate = self._project(tokens, self.gate_up_proj, expert, 0, 2, width)
-            return self.act_fn(gate) * self._project(tokens, self.gate_up_proj, expert, 1, 2, width)
-        gate, up = nn.functional.linear(tokens, self.gate_up_proj[expert]).chunk(2, dim=-1)
-        return self.act_fn(gate) * up
+            return activate(self.layout, gate, self._project(tokens, self.gate_up_proj, expert, 1, 2, width))
+        return expert_intermediate(self.layout, self, expert, tokens)
 
     def output(self, expert: int, intermediate: torch.Tensor) -> torch.Tensor:
         """The expert's down projection of its intermediate (read in blocks where the checkpoint reads so)."""
         if self._arguments[0].checkpoint.reads_in_blocks:
             return self._project(intermediate, self.down_proj, expert, None, 1, self.down_proj.shape[1])
-        return nn.functional.linear(intermediate, self.down_proj[expert])
+        return expert_output(self.layout, self, expert, intermediate)
 
     def _project(self, tokens: torch.Tensor, stack: "ExpertStack", expert: int, part: int | None, parts: int,
                  rows: int) -> torch.Tensor:

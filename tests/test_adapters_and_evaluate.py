@@ -38,7 +38,7 @@ def test_only_the_adapters_name_model_families():
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
 def test_layer_views_hand_out_each_family_s_modules(model_type):
     """The views find routers, experts, norms and shared experts, so passes and backends never name them."""
-    from moeexport.adapters.base import drop_moe_sublayer, keep_experts
+    from moeexport.adapters.surgery import drop_moe_sublayer, keep_experts
 
     model = tiny_model(model_type)
     adapter = adapter_for(model.config)

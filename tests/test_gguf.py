@@ -17,7 +17,7 @@ from moeexport.compress import compress
 from moeexport.errors import MoeExportError
 from moeexport.recipe import parse_recipe
 from moeexport.adapters import adapter_for
-from moeexport.adapters.base import keep_experts, structure
+from moeexport.adapters.surgery import keep_experts, structure
 from moeexport.validate import TorchRunner, compare
 from tests.conftest import CORPUS, FIXTURE, needs_shared
 

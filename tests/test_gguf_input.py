@@ -12,7 +12,7 @@ import torch
 
 import moeexport
 from moeexport.adapters import adapter_for
-from moeexport.adapters.base import structure
+from moeexport.adapters.surgery import structure
 from moeexport.backends import gguf as gguf_backend
 from moeexport.backends.gguf.reader import GGUFFile, carried_codes
 from moeexport.backends.gguf.writer import _permute_rows

@@ -225,7 +225,7 @@ def test_checkpoints_transformers_writes_pass_the_checks(family, tmp_path):
 
 def test_a_manifest_checkpoint_is_checked_against_its_structure(tmp_path):
     from moeexport.adapters import adapter_for
-    from moeexport.adapters.base import keep_experts
+    from moeexport.adapters.surgery import keep_experts
 
     model = tiny_model("mixtral")
     keep_experts(adapter_for(model.config), model, 1, [0, 2])  # non-uniform: the manifest form

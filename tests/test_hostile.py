@@ -15,7 +15,7 @@ import logging
 import numpy as np
 import pytest
 
-from moeexport.adapters.base import LayerSpec
+from moeexport.adapters import LayerSpec
 from moeexport.passes.trim import ExpertDrop, ExpertDropOptions
 from moeexport.recipe import load_recipe
 from tests.test_hardening import one_line_error

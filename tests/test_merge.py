@@ -16,7 +16,7 @@ from transformers import AutoConfig
 
 import moeexport
 from moeexport.adapters import adapter_for
-from moeexport.adapters.base import moe_block, structure
+from moeexport.adapters.surgery import moe_block, structure
 from moeexport.calibration.sources import CalibrationConfig
 from moeexport.compress import StatisticsProvider, compress
 from moeexport.errors import MoeExportError

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moeexport.adapters import adapter_for
-from moeexport.adapters.base import decoder_layers, structure
+from moeexport.adapters.surgery import decoder_layers, structure
 from moeexport.calibration.observers import Statistics, observe
 from moeexport.streaming import first_layer_inputs
 from moeexport.calibration.sources import CalibrationConfig

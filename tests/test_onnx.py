@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from moeexport.adapters import adapter_for
-from moeexport.adapters.base import drop_blocks, drop_moe_sublayer, keep_experts, structure
+from moeexport.adapters.surgery import drop_blocks, drop_moe_sublayer, keep_experts, structure
 from moeexport.backends import onnx as onnx_backend
 from moeexport.backends.onnx.graph import ALIGNMENT, CONTRIB_DOMAIN, INLINE_BYTES
 from moeexport.errors import MoeExportError

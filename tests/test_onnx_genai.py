@@ -7,7 +7,7 @@ import json
 import pytest
 
 from moeexport.adapters import adapter_for
-from moeexport.adapters.base import drop_blocks, structure
+from moeexport.adapters.surgery import drop_blocks, structure
 from moeexport.backends import onnx as onnx_backend
 from moeexport.backends.onnx.genai import write_genai_files
 from moeexport.modelio import load, load_tokenizer

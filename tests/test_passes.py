@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import moeexport
 from moeexport.adapters import adapter_for
-from moeexport.adapters.base import decoder_layers, keep_experts, moe_block, structure
+from moeexport.adapters.surgery import decoder_layers, keep_experts, moe_block, structure
 from moeexport.calibration.sources import CalibrationConfig
 from moeexport.compress import StatisticsProvider, compress
 from moeexport.errors import MoeExportError

@@ -54,7 +54,7 @@ def test_the_untrimmed_rows_are_the_real_files(searched, tmp_path):
 def test_estimates_of_trimmed_candidates_are_close_to_their_files(searched, tmp_path):
     """Block Drop, Layer Drop (stand-in FFNs on the padded host) and global Expert Drop (padding) at once."""
     from moeexport.adapters import adapter_for
-    from moeexport.adapters.base import structure
+    from moeexport.adapters.surgery import structure
     from moeexport.modelio import load, load_tokenizer
     from moeexport.pipeline import statistics_provider
     from moeexport.search import _rebuild

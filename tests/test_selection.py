@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moeexport.adapters import adapter_for
-from moeexport.adapters.base import drop_blocks, drop_moe_sublayer, structure
+from moeexport.adapters.surgery import drop_blocks, drop_moe_sublayer, structure
 from moeexport.calibration.damage import BLOCK, MOE, RemovalScorer, Removed
 from moeexport.calibration.sources import CalibrationConfig
 from moeexport.compress import StatisticsProvider, compress
@@ -82,7 +82,7 @@ def test_measured_selection_is_the_default_and_picks_the_cheapest_removal_greedi
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
 def test_the_scorer_removes_experts_as_expert_drop_does(family):
-    from moeexport.adapters.base import keep_experts
+    from moeexport.adapters.surgery import keep_experts
     from moeexport.calibration.damage import EXPERT
 
     model = tiny_model(family)

@@ -12,7 +12,7 @@ import yaml
 
 import moeexport
 from moeexport.adapters import adapter_for
-from moeexport.adapters.base import moe_block, structure
+from moeexport.adapters.surgery import moe_block, structure
 from moeexport.calibration.sources import CalibrationConfig
 from moeexport.cli import main
 from moeexport.compress import StatisticsProvider, compress

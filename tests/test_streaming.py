@@ -68,7 +68,7 @@ def test_a_streamed_model_refuses_non_finite_weights_when_it_reads_them(where, t
 
 def test_a_streamed_layer_reads_only_the_experts_it_keeps(tmp_path):
     from moeexport.adapters import adapter_for
-    from moeexport.adapters.base import keep_experts
+    from moeexport.adapters.surgery import keep_experts
     from moeexport.streaming import layer_views
 
     model = tiny_model("mixtral")

@@ -235,7 +235,7 @@ FIXTURE_STRUCTURES = {
 @pytest.mark.parametrize("name", list(FIXTURE_STRUCTURES))
 def test_fixture_tensorrt_onnx_matches_torch_in_onnx_runtime(name, tmp_path):
     from moeexport.adapters import adapter_for
-    from moeexport.adapters.base import structure
+    from moeexport.adapters.surgery import structure
     from moeexport.calibration.sources import CalibrationConfig
     from moeexport.compress import StatisticsProvider
     from moeexport.evaluate import eval_windows

@@ -28,7 +28,7 @@ import transformers
 
 from moeexport import CalibrationOptions, load, load_tokenizer
 from moeexport.adapters import adapter_for
-from moeexport.adapters.base import drop_blocks, drop_moe_sublayer, structure
+from moeexport.adapters.surgery import drop_blocks, drop_moe_sublayer, structure
 from moeexport.compress import compress
 from moeexport.evaluate import eval_windows, evaluate
 from moeexport.pipeline import statistics_provider

@@ -177,8 +177,7 @@ def read_config(file: "GGUFFile | str | Path"):
     from transformers import AutoConfig
 
     from moeexport.adapters import supported_families
-    from moeexport.adapters.base import FFNWidths
-    from moeexport.adapters.views import LatentAttention, ModelConfig, Routing
+    from moeexport.adapters.declaration import FFNWidths, LatentAttention, ModelConfig, Routing
 
     file = file if isinstance(file, GGUFFile) else GGUFFile(file)
     model_type = _model_type(file)
@@ -257,7 +256,7 @@ def _expert_width(file: GGUFFile) -> int:
 
 def layer_specs(file: GGUFFile) -> list:
     """Each layer's LayerSpec: as moeexport recorded it, else every layer MoE after the leading dense ones."""
-    from moeexport.adapters.base import LayerSpec
+    from moeexport.adapters import LayerSpec
 
     layers = file.value("block_count")
     if LAYERS_KEY in file.metadata:

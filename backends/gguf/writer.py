@@ -54,7 +54,8 @@ import numpy as np
 import torch
 
 from moeexport.adapters import LayerView, ModelConfig, adapter_for
-from moeexport.adapters.base import structure
+from moeexport.adapters.experts import gate_and_up_weights
+from moeexport.adapters.surgery import structure
 from moeexport.backends.gguf import ggml
 from moeexport.backends.gguf.architectures import ARCHITECTURES, UNBOUNDED_WINDOW, GGUFArchitecture, host_named
 from moeexport.backends.gguf.names import DENSE_FFN, ROUTED_FFN, SHARED_FFN, BlockNames, TensorNames
@@ -382,7 +383,7 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
     if shared_width := plan.shared_width or (STANDIN_WIDTH if host.requires_shared_expert else 0):
         writer.add_expert_shared_feed_forward_length(shared_width)
     if host.softmax_gating:
-        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType[config.routing.scores.upper()])  # SOFTMAX | SIGMOID
         writer.add_expert_weights_norm(True)
     writer.add_head_count(config.num_heads)
     writer.add_rope_freq_base(config.rope_theta)
@@ -422,7 +423,7 @@ def _write_latent_attention_hparams(writer, gguf, config: ModelConfig, plan: _Pl
     writer.add_expert_shared_count(config.shared_expert_count)
     writer.add_expert_weights_scale(config.routing.scale)
     writer.add_expert_weights_norm(config.routing.renormalize)
-    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType[config.routing.scores.upper()])  # SOFTMAX | SIGMOID
 
 
 def _write_vocab(writer, gguf, config: ModelConfig, architecture: GGUFArchitecture) -> None:
@@ -811,7 +812,7 @@ def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _P
     """A MoE sublayer: norm, router and stacked experts (padded to the file's count), then its shared experts."""
     experts = view.experts
     pads = plan.num_experts - experts.down_proj.shape[0]
-    gate, up = _pad_experts(experts.gate_up_proj, pads).chunk(2, dim=1)
+    gate, up = gate_and_up_weights(view.layout, _pad_experts(experts.gate_up_proj, pads))
     gate_kind, up_kind, down_kind = ROUTED_FFN
     tensors.add(name("FFN_NORM"), view.ffn_norm.weight)
     tensors.add(name("FFN_GATE_INP"), _pad_experts(view.router.weight, pads), keep_f32=True)

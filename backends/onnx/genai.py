@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 
 from moeexport.adapters import adapter_for
-from moeexport.adapters.base import decoder_layers
+from moeexport.adapters.surgery import decoder_layers
 from moeexport.backends.onnx.decoder import cache_shape
 from moeexport.errors import MoeExportError
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moeexport.adapters import adapter_for
+from moeexport.adapters.declaration import SOFTMAX
 from moeexport.errors import MoeExportError
 from moeexport.validate import Tolerance
 
@@ -93,13 +94,18 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
     config = adapter.model_config(model.config)
     if config.model_type not in ARCHITECTURES:
         raise MoeExportError(f"the onnx exporter has no attention layout for model_type {config.model_type!r}")
-    if config.hidden_act != "silu":
-        raise MoeExportError(f"experts use {config.hidden_act!r}; the exporter writes SwiGLU (silu) experts only")
+    if config.experts.activation != "silu":
+        raise MoeExportError(
+            f"experts use {config.experts.activation!r}; the exporter writes SwiGLU (silu) experts only")
     if config.routing.method != "greedy":
         raise MoeExportError(
             f"topk_method={config.routing.method!r} routes within expert groups, which neither the MoE op nor the "
             "plain lowering computes; only greedy top-k routing exports"
         )
+    lacking = _not_lowered(config)
+    if lacking:
+        raise MoeExportError(f"this model's MoE layers have {', '.join(lacking)}, which neither the MoE op nor the "
+                             "plain lowering computes")
     if quant in BITS:
         for view in adapter.layer_views(model):  # shapes only: a streamed model's layers may be on the meta device
             if view.experts is None:  # dense, dropped, or no routed experts left
@@ -112,6 +118,22 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
                     f"--block-size {block_size} cannot quantize layer {view.index}'s experts (hidden {hidden}, width {width}): "
                     f"QMoE needs a power of two >= 16 dividing both; {fix}"
                 )
+
+
+def _not_lowered(config) -> list[str]:
+    """What the family's expert layout and routing rule have that the MoE lowering does not compute (it computes
+    concatenated SwiGLU experts without biases, routed softmax -> top-k (-> renormalize) x scale)."""
+    layout, rule = config.experts, config.routing
+    return [what for what, present in (
+        ("interleaved or transposed expert weights", layout.interleaved or layout.transposed),
+        ("expert biases", layout.biases),
+        ("ungated experts", not layout.gated),
+        ("sigmoid routing scores", rule.scores != SOFTMAX),
+        ("a selection bias", rule.selection_bias),
+        ("a softmax over the top-k logits", rule.softmax_over_top_k),
+        ("a router bias", rule.router_bias),
+        ("a dense MLP beside the experts", rule.dense_mlp_beside),
+    ) if present]
 
 
 def _stored_bytes(model, weight_dtype) -> int:

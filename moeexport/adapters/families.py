@@ -1,19 +1,25 @@
 """The supported families: one declaration each, registered by HF model_type.
 
 This is the only file that knows a family's config keys and quirks; module
-names that differ from the transformers 5 defaults in `MoEAdapter` would be
+names that differ from the transformers 5 defaults in `Family` would be
 spelled out here too.
 """
 
 from __future__ import annotations
 
-from moeexport.adapters.base import FFNWidths, MoEAdapter
-from moeexport.adapters.views import LatentAttention, ModelConfig, Routing
+from dataclasses import replace
+
+from moeexport.adapters.declaration import FFNWidths, Family, LatentAttention, ModelConfig, Routing
 from moeexport.adapters.registry import register
 
 
 def _renormalize_if_configured(config) -> Routing:
     return Routing(renormalize=bool(getattr(config, "norm_topk_prob", False)))
+
+
+def _qwen2_routing(config) -> Routing:
+    """Qwen2-MoE's shared expert is scaled by a sigmoid gate of its own."""
+    return replace(_renormalize_if_configured(config), shared_expert_gate=True)
 
 
 def _renumber_mlp_only_layers(config, kept: list[int]) -> None:
@@ -33,7 +39,12 @@ def _renumber_leading_dense(config, kept: list[int]) -> None:
 
 
 def _deepseek_routing(config) -> Routing:
-    return Routing(renormalize=False, scale=float(config.routed_scaling_factor), method=config.topk_method)
+    """Softmax -> top-k -> x routed_scaling_factor; with topk_method group_limited_greedy, within the topk_group
+    expert groups (of n_group) whose best expert scores highest."""
+    grouped = config.topk_method == "group_limited_greedy"
+    return Routing(renormalize=False, scale=float(config.routed_scaling_factor), method=config.topk_method,
+                   groups=config.n_group if grouped else 1, top_groups=config.topk_group if grouped else 1,
+                   group_score="max")
 
 
 def _deepseek_latent_attention(config) -> LatentAttention:
@@ -82,7 +93,7 @@ def _deepseek_config_values(config: ModelConfig, widths: FFNWidths) -> dict:
 
 
 MIXTRAL = register(
-    MoEAdapter(
+    Family(
         model_type="mixtral",
         family="Mixtral",
         num_experts_key="num_local_experts",
@@ -92,11 +103,11 @@ MIXTRAL = register(
 )
 
 QWEN2_MOE = register(
-    MoEAdapter(
+    Family(
         model_type="qwen2_moe",
         family="Qwen2-MoE / Qwen1.5-MoE",
         num_experts_key="num_experts",
-        routing=_renormalize_if_configured,
+        routing=_qwen2_routing,
         shared_experts=("shared_expert",),
         shared_expert_gate="shared_expert_gate",
         renumber_dense_layers=_renumber_mlp_only_layers,
@@ -105,7 +116,7 @@ QWEN2_MOE = register(
 )
 
 QWEN3_MOE = register(
-    MoEAdapter(
+    Family(
         model_type="qwen3_moe",
         family="Qwen3-MoE",
         num_experts_key="num_experts",
@@ -116,7 +127,7 @@ QWEN3_MOE = register(
 )
 
 OLMOE = register(
-    MoEAdapter(
+    Family(
         model_type="olmoe",
         family="OLMoE",
         num_experts_key="num_experts",
@@ -128,7 +139,7 @@ OLMOE = register(
 )
 
 DEEPSEEK_V2 = register(
-    MoEAdapter(
+    Family(
         model_type="deepseek_v2",
         family="DeepSeek-MoE (V2 / V2-Lite: leading dense layers, shared experts)",
         num_experts_key="n_routed_experts",

@@ -1,30 +1,30 @@
-"""The one registry of model families, keyed by HF `model_type`."""
+"""The one registry of model families, keyed by HF `model_type` (torch-free: it holds declarations)."""
 
 from __future__ import annotations
 
-from moeexport.adapters.base import MoEAdapter
+from moeexport.adapters.declaration import Family
 from moeexport.errors import MoeExportError
 
-_ADAPTERS: dict[str, MoEAdapter] = {}
+_FAMILIES: dict[str, Family] = {}
 
 
-def register(adapter: MoEAdapter) -> MoEAdapter:
-    if adapter.model_type in _ADAPTERS:
-        raise ValueError(f"model_type {adapter.model_type!r} is registered twice")
-    _ADAPTERS[adapter.model_type] = adapter
-    return adapter
+def register(family: Family) -> Family:
+    if family.model_type in _FAMILIES:
+        raise ValueError(f"model_type {family.model_type!r} is registered twice")
+    _FAMILIES[family.model_type] = family
+    return family
 
 
-def supported_families() -> dict[str, MoEAdapter]:
-    return dict(_ADAPTERS)
+def supported_families() -> dict[str, Family]:
+    return dict(_FAMILIES)
 
 
-def adapter_for(config) -> MoEAdapter:
-    """The adapter for a config, or a one-line error naming what is supported."""
+def family_for(config) -> Family:
+    """The family of a config, or a one-line error naming what is supported."""
     model_type = getattr(config, "model_type", None)
-    supported = ", ".join(f"{a.family} ({t})" for t, a in sorted(_ADAPTERS.items()))
-    if model_type in _ADAPTERS:
-        return _ADAPTERS[model_type]
+    supported = ", ".join(f"{a.family} ({t})" for t, a in sorted(_FAMILIES.items()))
+    if model_type in _FAMILIES:
+        return _FAMILIES[model_type]
     if model_type and not _looks_like_moe(config):
         raise MoeExportError(
             f"model_type {model_type!r} is a dense (non-MoE) model; moeexport compresses "

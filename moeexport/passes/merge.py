@@ -52,7 +52,7 @@ from pydantic import Field
 from scipy.optimize import linear_sum_assignment
 
 from moeexport.adapters import LayerSpec, adapter_for
-from moeexport.adapters.base import check_expert_count_change, replace_experts
+from moeexport.adapters.surgery import check_expert_count_change, replace_experts
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
 from moeexport.passes.base import CompressionPass, PassOptions, check_expert_keep

@@ -55,8 +55,9 @@ from contextlib import ExitStack
 import torch
 
 from moeexport.adapters import adapter_for
-from moeexport.adapters.base import keep_experts
-from moeexport.calibration.damage import check_routing, route
+from moeexport.adapters.experts import activate, gate_and_up_weights
+from moeexport.adapters.routing import check_routing, route
+from moeexport.adapters.surgery import keep_experts
 from moeexport.calibration.expert_inputs import layer_by_layer
 from moeexport.errors import MoeExportError
 
@@ -215,7 +216,7 @@ class _ExpertRebuild:
         self.ffn = double_ffn // 2
         # every neuron of the layer, indexed expert x ffn + i: its gate and up rows, its down row
         self.gate, self.up = (part.reshape(count * self.ffn, hidden).float()
-                              for part in experts.gate_up_proj.data.split(self.ffn, dim=1))
+                              for part in gate_and_up_weights(view.layout, experts.gate_up_proj.data))
         self.down = experts.down_proj.data.transpose(1, 2).reshape(count * self.ffn, -1).float()
         dropped = [e for e in range(count) if e not in kept]
         # the neurons each kept expert may take: its own first, then every dropped expert's
@@ -234,11 +235,11 @@ class _ExpertRebuild:
         logits, weights, index = output
         removed = torch.ones(self.view.num_experts, dtype=torch.bool)
         removed[self.kept] = False
-        new_weights, new_index = route(logits, self.view.top_k, self.routing, removed)
+        new_weights, new_index = route(self.routing, logits, self.view.top_k, removed)
         # per token, the routing weight of every expert, before and after the drop
         before = torch.zeros(len(x), self.view.num_experts).scatter_add_(1, index, weights.float())
         after = torch.zeros_like(before).scatter_add_(1, new_index, new_weights)
-        activation = self.view.experts.act_fn(x @ self.gate.T) * (x @ self.up.T)
+        activation = activate(self.view.layout, x @ self.gate.T, x @ self.up.T)
         original = (activation * before.repeat_interleave(self.ffn, dim=1)) @ self.down
         dropped = (activation * after.repeat_interleave(self.ffn, dim=1)) @ self.down
         z = torch.cat([after[:, k, None] * activation[:, pool] for k, pool in zip(self.kept, self.pools)], dim=1)

@@ -35,7 +35,7 @@ import numpy as np
 from pydantic import Field
 
 from moeexport.adapters import LayerSpec, adapter_for
-from moeexport.adapters.base import (check_expert_count_change, decoder_layers, drop_blocks, drop_moe_sublayer,
+from moeexport.adapters.surgery import (check_expert_count_change, decoder_layers, drop_blocks, drop_moe_sublayer,
                                      keep_experts)
 from moeexport.calibration.damage import BLOCK, EXPERT, MOE, Removed
 from moeexport.calibration.observers import Statistics

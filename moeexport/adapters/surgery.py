@@ -1,136 +1,33 @@
-"""What an adapter is, and the model surgery every pass shares.
+"""The torch side of an adapter: finding a family's modules in a model, and the surgery every pass shares.
 
-An adapter is plain data: where a family keeps its decoder layers, its MoE
-sublayer, router and experts, which config keys hold the expert counts, and how
+A family is plain data (declaration.py): where it keeps its decoder layers, its
+MoE sublayer, router and experts, which config keys hold the expert counts, how
 it routes. transformers 5 gives every supported family the same expert layout
 (router `weight` [E, hidden]; experts `gate_up_proj` [E, 2*ffn, hidden] and
 `down_proj` [E, hidden, ffn]; `router(x) -> (logits, top_k_weights, top_k_index)`),
-so the surgery below is written once and driven by the adapter's fields. The
-adapter also hands out typed views (views.py): `model_config(config)`,
-`model_view(model)`, `layer_view(model, index)`, so that passes and backends
-never spell a module name or a config key themselves.
+so the surgery below is written once and driven by the declaration's fields. The
+adapter hands out typed views (views.py): `model_view(model)`,
+`layer_view(model, index)`, so that passes and backends never spell a module name
+themselves.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, fields
+from functools import cache
 
 import torch
 from torch import nn
 
-from moeexport.adapters.views import LatentAttention, LayerKind, LayerView, ModelConfig, ModelView, Routing
+from moeexport.adapters.declaration import Family, LayerKind, LayerSpec
+from moeexport.adapters.registry import family_for
+from moeexport.adapters.views import LayerView, ModelView
 from moeexport.errors import MoeExportError
 
 
 @dataclass(frozen=True)
-class LayerSpec:
-    """One decoder layer as the passes see it."""
-
-    kind: LayerKind
-    num_experts: int = 0  # routed experts (0 for dense layers and dropped MoE sublayers)
-    top_k: int = 0
-    shared_experts: bool = False
-
-
-def _no_dense_layer_keys(config: object, kept: list[int]) -> None:
-    """Families whose dense layers are not named in the config need no rewrite."""
-
-
-def _any_expert_count(config: object) -> str | None:
-    return None
-
-
-@dataclass(frozen=True)
-class FFNWidths:
-    """The feed-forward widths a config must state besides the canonical ones (see MoEAdapter.config_values)."""
-
-    expert: int  # one routed expert's ffn width
-    shared: int = 0  # the shared expert's (all shared experts together), 0 without one
-    dense_layers: tuple[int, ...] = ()  # the layers with a dense MLP instead of experts
-
-
-@dataclass(frozen=True)
-class MoEAdapter:
-    """Everything moeexport knows about one model family (keyed by HF model_type)."""
-
-    model_type: str
-    family: str  # human name for messages and docs
-    num_experts_key: str  # config key holding the routed expert count
-    routing: Callable[[object], Routing]  # config -> routing rule
-    top_k_key: str = "num_experts_per_tok"
-    layers: str = "model.layers"  # path from the causal LM to its decoder layers
-    embeddings: str = "model.embed_tokens"
-    final_norm: str = "model.norm"
-    rotary_embedding: str = "model.rotary_emb"  # module(x, position_ids) -> (cos, sin), or complex freqs
-    attention: str = "self_attn"  # with q_proj, k_proj, v_proj, o_proj
-    attention_norm: str = "input_layernorm"
-    moe: str = "mlp"  # the MoE (or dense MLP) sublayer of a decoder layer
-    moe_norm: str = "post_attention_layernorm"  # the norm feeding that sublayer
-    router: str = "gate"
-    experts: str = "experts"
-    shared_experts: tuple[str, ...] = ()  # always-on expert modules inside the MoE block
-    shared_expert_gate: str | None = None  # a sigmoid gate scaling the shared expert's output, if any
-    # config key with the number of experts fused into the shared module; without one, one per module name
-    shared_expert_count_key: str | None = None
-    clip_qkv_key: str | None = None  # config key of a clamp on q, k and v, if the family has one
-    latent_attention: Callable[[object], LatentAttention] | None = None  # config -> its latent sizes, if MLA
-    # Rewrites the config keys that name dense layers after Block Drop (kept = surviving old indices).
-    renumber_dense_layers: Callable[[object, list[int]], None] = _no_dense_layer_keys
-    # An error message when the family's routing cannot survive a change of expert count.
-    expert_count_change_blocker: Callable[[object], str | None] = _any_expert_count
-    # (canonical config, FFN widths) -> this family's own config keys; the inverse of what model_config reads
-    own_config_values: Callable[[ModelConfig, "FFNWidths"], dict] = lambda config, widths: {}
-
-    def model_config(self, config) -> ModelConfig:
-        """The config under canonical names (transformers' common keys plus this family's own)."""
-        rope = getattr(config, "rope_parameters", None) or {}
-        shared = (getattr(config, self.shared_expert_count_key) if self.shared_expert_count_key
-                  else len(self.shared_experts))
-        return ModelConfig(
-            model_type=self.model_type,
-            name_or_path=str(config.name_or_path or ""),
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-            context_length=config.max_position_embeddings,
-            rms_norm_eps=config.rms_norm_eps,
-            rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
-            hidden_act=getattr(config, "hidden_act", "silu"),
-            num_experts=getattr(config, self.num_experts_key),
-            top_k=getattr(config, self.top_k_key),
-            routing=self.routing(config),
-            shared_expert_count=shared,
-            clip_qkv=getattr(config, self.clip_qkv_key, None) if self.clip_qkv_key else None,
-            latent=self.latent_attention(config) if self.latent_attention else None,
-        )
-
-    def config_values(self, config: ModelConfig, layers: int, widths: "FFNWidths", tied: bool) -> dict:
-        """transformers config keys (with model_type) for a model described under canonical names, e.g. one
-        read from a GGUF: the inverse of model_config."""
-        values = {
-            "model_type": self.model_type,
-            "vocab_size": config.vocab_size,
-            "hidden_size": config.hidden_size,
-            "intermediate_size": config.intermediate_size,
-            "num_hidden_layers": layers,
-            "num_attention_heads": config.num_heads,
-            "num_key_value_heads": config.num_kv_heads,
-            "head_dim": config.head_dim,
-            "max_position_embeddings": config.context_length,
-            "rms_norm_eps": config.rms_norm_eps,
-            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-            "hidden_act": config.hidden_act,
-            "tie_word_embeddings": tied,
-            self.num_experts_key: config.num_experts,
-            self.top_k_key: config.top_k,
-        }
-        if self.clip_qkv_key:
-            values[self.clip_qkv_key] = config.clip_qkv
-        return values | self.own_config_values(config, widths)
+class MoEAdapter(Family):
+    """A family's declaration with what finds its modules in a torch model: the views passes and backends read."""
 
     def model_view(self, model: nn.Module) -> ModelView:
         return ModelView(
@@ -142,12 +39,12 @@ class MoEAdapter:
         )
 
     def layer_view(self, model: nn.Module, index: int) -> LayerView:
-        return self._view(index, decoder_layers(self, model)[index])
+        return self._view(model, index, decoder_layers(self, model)[index])
 
     def layer_views(self, model: nn.Module) -> list[LayerView]:
-        return [self._view(index, layer) for index, layer in enumerate(decoder_layers(self, model))]
+        return [self._view(model, index, layer) for index, layer in enumerate(decoder_layers(self, model))]
 
-    def _view(self, index: int, layer: nn.Module) -> LayerView:
+    def _view(self, model: nn.Module, index: int, layer: nn.Module) -> LayerView:
         kind = layer_kind(self, layer)
         ffn = getattr(layer, self.moe)
         router = experts = shared_gate = None
@@ -170,7 +67,18 @@ class MoEAdapter:
             experts=experts,
             shared_experts=shared,
             shared_expert_gate=shared_gate,
+            layout=self.expert_layout(model.config),
         )
+
+
+def adapter_for(config) -> MoEAdapter:
+    """The adapter for a config, or a one-line error naming what is supported."""
+    return _adapter(family_for(config))
+
+
+@cache
+def _adapter(family: Family) -> MoEAdapter:
+    return MoEAdapter(**{field.name: getattr(family, field.name) for field in fields(Family)})
 
 
 class DroppedSublayer(nn.Module):
