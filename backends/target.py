@@ -36,6 +36,7 @@ class ExportInputs:
     imatrix: object = None  # calibration.moments.InputMoments, for targets that weigh their rounding by it
     reference: RecordedReference | None = None  # the compressed torch model's logits on the validation windows
     manifest: dict = field(default_factory=dict)  # the compression record (moeexport.json)
+    source: object = None  # moeexport.source.Source: the model the build read (a GGUF input, which file)
 
 
 @dataclass
@@ -80,8 +81,9 @@ class Target(ABC):
         if quant not in self.quant_types:
             raise MoeExportError(f"--quant {quant} is not a {self.name} type; choose one of {', '.join(self.quant_types)}")
 
-    def tolerance(self, quant: str, model=None) -> Tolerance:
-        """What an artifact of weight type `quant` (built from MODEL) must reach against the torch model."""
+    def tolerance(self, quant: str, source=None) -> Tolerance:
+        """What an artifact of weight type `quant` (built from `source`, a moeexport.source.Source) must reach
+        against the torch model."""
         return self.tolerances[quant]
 
     def quant_of(self, path: Path) -> str | None:

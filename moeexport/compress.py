@@ -23,6 +23,7 @@ import torch
 
 from moeexport.adapters import LayerSpec, adapter_for
 from moeexport.adapters.surgery import decoder_layers, structure
+from moeexport.cache import ROOT, statistics_dir
 from moeexport.calibration.observers import Statistics, observe
 from moeexport.calibration.sources import CalibrationConfig, calibration_tokens, source_digest
 from moeexport.errors import MoeExportError
@@ -31,7 +32,6 @@ from moeexport.outputs import replace_atomically
 from moeexport.passes import PASSES
 from moeexport.recipe import Recipe
 
-DEFAULT_CACHE = Path(os.environ.get("MOEEXPORT_CACHE", Path.home() / ".cache" / "moeexport")) / "statistics"
 # the statistics cache keeps its newest entries within this size (MOEEXPORT_CACHE_LIMIT_MB to change it)
 CACHE_LIMIT_BYTES = int(float(os.environ.get("MOEEXPORT_CACHE_LIMIT_MB", "1024")) * 2**20)
 SCORING_TOKENS = 8192  # calibration tokens a `score: perplexity | kl` selection measures removals on
@@ -40,7 +40,7 @@ SCORING_TOKENS = 8192  # calibration tokens a `score: perplexity | kl` selection
 class StatisticsProvider:
     """Observes a model on one calibration set, with an on-disk cache keyed by content.
 
-    The key is the source checkpoint's content fingerprint (`modelio.fingerprint`, a
+    The key is the source checkpoint's content fingerprint (`moeexport.fingerprint`, a
     hash of every weight byte), the calibration text's content (a hash of the file, or
     of the tokens when they are given), how the set is drawn, and the passes applied so
     far. An unreadable cache entry is reported and recomputed; entries are written
@@ -52,7 +52,7 @@ class StatisticsProvider:
         tokenizer,
         calibration: CalibrationConfig,
         source_key: str,
-        cache_dir: Path | None = DEFAULT_CACHE,
+        cache_dir: Path | None = statistics_dir(ROOT),
         batch_size: int = 8,
         max_block_window: int = 8,
         progress=None,

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moeexport.adapters import supported_families
+from moeexport.checkpoint_files import is_gguf, read_headers, read_manifest, resolve_model_dir, weight_files
 from moeexport.errors import MoeExportError
 
 GIB = 2**30
@@ -194,7 +195,7 @@ def refuse_early(model: str, budget: int) -> None:
     """Refuse at once a model that cannot fit `budget` even streamed in its own storage dtype with nothing but
     the runtime besides: from the weight headers alone, before torch is imported (the command line calls
     this first). Whatever this cannot read is left to the full checks, which say what is wrong."""
-    headers = _quick_headers(Path(__file__).parent / "demo" if model == "demo" else Path(model))
+    headers = _headers_if_readable(model)
     if not headers:
         return
     per_layer, outer = checkpoint_sizes(headers)
@@ -211,32 +212,13 @@ def _largest(per_layer: dict[int, LayerSize]) -> tuple[int, LayerSize]:
     return max(per_layer.items(), key=lambda item: item[1].resident + item[1].expert)
 
 
-def _quick_headers(model_dir: Path) -> dict | None:
-    """name -> (shape, dtype, file) of the weight files loading would read, chosen as modelio.weight_files does;
-    None when anything is missing or unreadable (the full checks report it)."""
-    import json
-
-    from safetensors import safe_open
-
+def _headers_if_readable(model: str) -> dict | None:
+    """name -> (shape, dtype, file) of the weight files loading reads, chosen as loading chooses them
+    (moeexport.checkpoint_files); None for a GGUF, or when anything is missing or unreadable (the full checks
+    report it)."""
     try:
-        manifest = json.loads((model_dir / "moeexport.json").read_text()) if (model_dir / "moeexport.json").is_file() \
-            else None
-        stems = ("moeexport",) if manifest and not manifest.get("stock_loadable") else ("model",)
-        for stem in stems:
-            index, single = model_dir / f"{stem}.safetensors.index.json", model_dir / f"{stem}.safetensors"
-            if single.is_file():
-                files = [single]
-            elif index.is_file():
-                files = [model_dir / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-            else:
-                return None
-        headers = {}
-        for path in files:
-            with safe_open(path, "numpy") as handle:
-                for name in handle.keys():
-                    view = handle.get_slice(name)
-                    headers[name] = (list(view.get_shape()), view.get_dtype(), path)
-        return headers
+        model_dir = resolve_model_dir(model)
+        return None if is_gguf(model_dir) else read_headers(weight_files(model_dir, read_manifest(model_dir)))
     except Exception:  # anything unreadable here is reported, by name, by the full checks
         return None
 

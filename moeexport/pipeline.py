@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moeexport import cache
 from moeexport.errors import MoeExportError
 from moeexport.events import EventStream
 from moeexport.outputs import check_output, output_lock, staged
 from moeexport.recipe import Recipe, load_recipe, parse_recipe
+from moeexport.source import Source, as_source, open_source
 from moeexport.validate import RecordedReference, Tolerance, TorchRunner
 
 VALIDATION_WINDOWS = (2, 256)  # >= 510 predicted-token positions per artifact
@@ -220,32 +222,36 @@ def compress(model: str | Path, recipe: str | Path | Recipe | dict, options: Com
     events = EventStream(on_event)
     stages = _Stages(events)
     recipe = _recipe(recipe)
-    memory = memory_plan(model, recipe, options)
+    source = _open(model, options)
+    memory = memory_plan(source, recipe, options)
     if options.dry_run:
-        done = _compress(model, recipe, options, events, stages, memory)
+        done = _compress(source, recipe, options, events, stages, memory)
     else:
-        _require_out(options, model)
+        _require_out(options, source)
         with output_lock(options.out):
-            done = _compress(model, recipe, options, events, stages, memory)
+            done = _compress(source, recipe, options, events, stages, memory)
             with stages("save", f"saving {options.out}"):
                 done.report.out = str(save(done.model, options.out, done.report.manifest(), overwrite=options.overwrite))
     done.report.timings, done.report.peak_rss_bytes = stages.total(), stages.peaks
     return done.report
 
 
-def _require_out(options: CompressOptions, model) -> None:
-    from moeexport.modelio import resolve_model_dir
+def _open(model: str | Path, options: CompressOptions) -> Source:
+    """MODEL opened, once for the whole command; what is computed about it is cached under the cache root."""
+    return open_source(model, options.trust_remote_code, cache.ROOT)
 
+
+def _require_out(options: CompressOptions, source: Source) -> None:
     if not options.out:
         raise MoeExportError("--out is required (or use --dry-run to only print the plan)")
-    check_output(options.out, resolve_model_dir(model), options.overwrite)
+    check_output(options.out, source.path, options.overwrite)
 
 
-def _compress(model: str | Path, recipe: Recipe, options: CompressOptions, events: EventStream, stages: _Stages,
+def _compress(source: Source, recipe: Recipe, options: CompressOptions, events: EventStream, stages: _Stages,
               memory, check=None) -> _Compressed:
     """Load, calibrate, apply; `check(model)` runs on the result before its quality is measured."""
     from moeexport.compress import compress as apply_recipe
-    from moeexport.modelio import load, load_streamed, load_tokenizer
+    from moeexport.modelio import load_tokenizer
 
     options = replace(options, calibration=_calibration_source(memory, _observes(recipe), options, events))
     if options.calibration.source != "model":
@@ -254,19 +260,16 @@ def _compress(model: str | Path, recipe: Recipe, options: CompressOptions, event
         read_documents(options.calibration.source)  # a missing or malformed source fails now, before the model runs
     if memory.streamed:
         events.note(memory.describe())
-    with stages("load", f"loading {model}" + (" (streamed)" if memory.streamed else "")):
-        loader = load_streamed if memory.streamed else load
-        lm = loader(model, memory.dtype, options.trust_remote_code, options.allow_nonfinite)
-        if memory.streamed:
-            lm.moeexport_stream.progress = events
-        tokenizer = load_tokenizer(model, options.trust_remote_code)
+    with stages("load", f"loading {source.given}" + (" (streamed)" if memory.streamed else "")):
+        lm = _load(source, memory, options, events)
+        tokenizer = load_tokenizer(source, options.trust_remote_code)
     original = None  # the original's logits on the quality windows: the model itself need not be kept
     if options.measure_quality and not options.dry_run:
         with stages("quality", "recording the original model's logits"):
             original = _record(lm, tokenizer, options, *QUALITY_WINDOWS)
             if memory.streamed:  # held on disk while the model is compressed
                 original = original.spilled()
-    provider = statistics_provider(model, tokenizer, options.calibration, events)
+    provider = statistics_provider(source, tokenizer, options.calibration, events)
     passes = []  # each applied pass as the report and the event give it
 
     def applied(step) -> None:
@@ -276,8 +279,8 @@ def _compress(model: str | Path, recipe: Recipe, options: CompressOptions, event
     with stages("compress", f"compressing with {len(recipe.steps)} pass(es)"):
         result = apply_recipe(lm, recipe, provider, on_step=applied)
     report = CompressionReport(
-        model=str(model),
-        source={"model": str(model), "fingerprint": provider.source_key},
+        model=source.given,
+        source={"model": source.given, "fingerprint": provider.source_key},
         calibration=provider.calibration.to_dict(),
         passes=passes,
         layers_before=[asdict(spec) for spec in result.layers_before],
@@ -301,20 +304,28 @@ def _compress(model: str | Path, recipe: Recipe, options: CompressOptions, event
     return _Compressed(lm, tokenizer, provider, report)
 
 
-def memory_plan(model: str | Path, recipe: Recipe, options: CompressOptions, validation_windows=(0, 0),
+def _load(source: Source, memory, options: CompressOptions, events: EventStream):
+    """The model as `memory` plans it: whole, or streamed with every pass over its layers shown through `events`."""
+    from moeexport.modelio import load, load_streamed
+
+    if memory.streamed:
+        return load_streamed(source, memory.dtype, options.trust_remote_code, options.allow_nonfinite, events)
+    return load(source, memory.dtype, options.trust_remote_code, options.allow_nonfinite)
+
+
+def memory_plan(model: Source | str | Path, recipe: Recipe, options: CompressOptions, validation_windows=(0, 0),
                 observes: bool | None = None):
     """How MODEL runs within `options.max_memory` (moeexport.memory.MemoryPlan): whole or streamed, in which
-    dtype. Reads only config.json and the weight headers; refuses, before any work, what cannot fit or stream.
+    dtype. Reads only config.json and the weight headers (opening MODEL when it is not a Source yet); refuses,
+    before any work, what cannot fit or stream.
     `observes`: the run observes the calibration set (default: when a pass of `recipe` needs statistics)."""
     from moeexport import memory
-    from moeexport.modelio import is_gguf, read_config, resolve_model_dir, weight_headers
 
-    model_dir = resolve_model_dir(model)
-    config = read_config(model_dir, options.trust_remote_code)  # an unsupported model stops here, by name
-    stream = options.stream
-    if is_gguf(model_dir):  # streamed always: the stream's record of each layer is what carries its codes
+    source = as_source(model, options.trust_remote_code)  # an unsupported model stops here, by name
+    config, stream = source.config, options.stream
+    if source.is_gguf:  # streamed always: the stream's record of each layer is what carries its codes
         if stream is False:
-            raise MoeExportError(f"{model_dir} is a GGUF, which is always read one layer at a time: drop --no-stream")
+            raise MoeExportError(f"{source.path} is a GGUF, which is always read one layer at a time: drop --no-stream")
         stream = True
     calibration = options.calibration
     observes = _observes(recipe) if observes is None else observes
@@ -322,10 +333,9 @@ def memory_plan(model: str | Path, recipe: Recipe, options: CompressOptions, val
     workload = memory.Workload(calibration.samples * calibration.length if observes else 0,
                                calibration.max_block_window, quality + validation_windows[0] * validation_windows[1])
     budget = options.max_memory or memory.default_budget()
-    plan = memory.plan(weight_headers(model_dir, config), config.hidden_size, config.vocab_size, budget, workload,
-                       stream, options.dtype)
+    plan = memory.plan(source.headers, config.hidden_size, config.vocab_size, budget, workload, stream, options.dtype)
     if plan.streamed:
-        _check_streamable(recipe, options, plan, observes, gguf=is_gguf(model_dir))
+        _check_streamable(recipe, options, plan, observes, gguf=source.is_gguf)
     return plan
 
 
@@ -388,19 +398,19 @@ def _recipe(recipe) -> Recipe:
     return load_recipe(recipe)
 
 
-def statistics_provider(model: str | Path, tokenizer, calibration: CalibrationOptions = CalibrationOptions(),
+def statistics_provider(model: Source | str | Path, tokenizer, calibration: CalibrationOptions = CalibrationOptions(),
                         progress=None):
-    """The calibration statistics of MODEL (observed on demand, cached by content), also for scripts that
-    compress in memory. `progress`: an EventStream, a rich Progress, or None."""
+    """The calibration statistics of MODEL (observed on demand, cached by content under the source's cache root),
+    also for scripts that compress in memory. `progress`: an EventStream, a rich Progress, or None."""
     from moeexport.calibration.sources import CalibrationConfig
-    from moeexport.compress import DEFAULT_CACHE, StatisticsProvider
-    from moeexport.modelio import fingerprint, resolve_model_dir
+    from moeexport.compress import StatisticsProvider
 
+    source = as_source(model, cache_root=cache.ROOT)  # a script names its model
     return StatisticsProvider(
         tokenizer,
         CalibrationConfig(calibration.source or "model", calibration.samples, calibration.length, calibration.seed),
-        fingerprint(resolve_model_dir(model)),
-        cache_dir=DEFAULT_CACHE if calibration.cache else None,
+        source.fingerprint,
+        cache_dir=cache.statistics_dir(source.cache_root) if calibration.cache and source.cache_root else None,
         batch_size=calibration.batch_size,
         max_block_window=calibration.max_block_window,
         progress=progress,
@@ -445,20 +455,19 @@ def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions 
     """Observe MODEL on the calibration set; write statistics.json, plots and report.html to `out`.
     Within `max_memory` like compress (streamed when the model does not fit whole)."""
     from moeexport.analysis import layer_rows, write_html, write_plots
-    from moeexport.modelio import load, load_streamed, load_tokenizer, resolve_model_dir
+    from moeexport.modelio import load_tokenizer
 
-    check_output(out, resolve_model_dir(model), overwrite=True)  # analysis files are rewritten in place
-    events = EventStream(on_event)
     options = CompressOptions(calibration=calibration, measure_quality=False, dtype=dtype,
-                              trust_remote_code=trust_remote_code, max_memory=max_memory, stream=stream)
-    memory = memory_plan(model, Recipe(steps=()), options, observes=True)
+                              trust_remote_code=trust_remote_code, allow_nonfinite=allow_nonfinite,
+                              max_memory=max_memory, stream=stream)
+    source = _open(model, options)
+    check_output(out, source.path, overwrite=True)  # analysis files are rewritten in place
+    events = EventStream(on_event)
+    memory = memory_plan(source, Recipe(steps=()), options, observes=True)
     calibration = _calibration_source(memory, True, options, events)
-    loader = load_streamed if memory.streamed else load
-    lm = loader(model, memory.dtype, trust_remote_code, allow_nonfinite)
-    if memory.streamed:
-        lm.moeexport_stream.progress = events
-    tokenizer = load_tokenizer(model, trust_remote_code)
-    provider = statistics_provider(model, tokenizer, calibration, events)
+    lm = _load(source, memory, options, events)
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    provider = statistics_provider(source, tokenizer, calibration, events)
     statistics = provider.statistics(lm, history=[])
     rows = layer_rows(statistics)
     out = Path(out)
@@ -482,7 +491,8 @@ def evaluate(model: str | Path, text: str, reference: str | Path | None = None, 
 
     if length < 2 or max_sequences < 1:
         raise MoeExportError("--length must be at least 2 and --max-sequences at least 1")
-    lm, tokenizer = load(model, dtype, trust_remote_code, allow_nonfinite), load_tokenizer(model, trust_remote_code)
+    source = open_source(model, trust_remote_code)
+    lm, tokenizer = load(source, dtype, trust_remote_code, allow_nonfinite), load_tokenizer(source, trust_remote_code)
     reference_lm = load(reference, dtype, trust_remote_code, allow_nonfinite) if reference else None
     if reference_lm is not None and reference_lm.config.vocab_size != lm.config.vocab_size:
         raise MoeExportError("--reference has a different vocabulary than MODEL; compare models that share a tokenizer")
@@ -510,7 +520,8 @@ def validate(artifact: str | Path, reference: str | Path, text: str, length: int
     if tolerance is None:
         quant = target.quant_of(artifact)
         tolerance = target.tolerance(quant) if quant in target.tolerances else DEFAULT_VERDICT
-    lm, tokenizer = load(reference), load_tokenizer(reference)
+    source = open_source(reference)
+    lm, tokenizer = load(source), load_tokenizer(source)
     token_windows = eval_windows(tokenizer, text, length, windows)
     return validate_artifact(TorchRunner(lm), target.runner(artifact, length), token_windows, tolerance, artifact,
                              text, target.runtime(), EventStream(on_event), set_aside_failed=False)
@@ -536,31 +547,32 @@ def build(model: str | Path, recipe: str | Path | Recipe | dict, target: str, op
     options = replace(options, quant=options.quant or chosen.default_quant(model))
     chosen.check_quant(options.quant)
     recipe = _recipe(recipe)
-    memory = memory_plan(model, recipe, options, options.validation_windows)
+    source = _open(model, options)
+    memory = memory_plan(source, recipe, options, options.validation_windows)
     if memory.streamed and chosen.wants_imatrix(target_options):
         raise MoeExportError(f"--imatrix is not measured on a streamed model yet ({memory.describe()}); build "
                              "without it, or raise --max-memory so that the model runs whole")
-    _require_out(options, model)
+    _require_out(options, source)
     with output_lock(options.out):
-        return _build(model, recipe, chosen, target_options, options, memory, EventStream(on_event))
+        return _build(source, recipe, chosen, target_options, options, memory, EventStream(on_event))
 
 
-def _build(model, recipe: Recipe, chosen, target_options, options: BuildOptions, memory,
+def _build(source: Source, recipe: Recipe, chosen, target_options, options: BuildOptions, memory,
            events: EventStream) -> BuildReport:
     from moeexport.backends.target import ExportInputs
-    from moeexport.modelio import is_gguf, save
+    from moeexport.modelio import save
     from moeexport.quantization import weight_grid
     from moeexport.validate import validate_artifact
 
     target = chosen.name
     stages = _Stages(events)
-    done = _compress(model, recipe, options, events, stages, memory,
+    done = _compress(source, recipe, options, events, stages, memory,
                      check=lambda lm: chosen.check(lm, options.quant, target_options))
     out = Path(options.out)
-    report = BuildReport(str(model), target, options.quant, target_options.model_dump(), str(out), done.report)
+    report = BuildReport(source.given, target, options.quant, target_options.model_dump(), str(out), done.report)
     manifest = done.report.manifest()
     with staged(out, options.overwrite) as staging:
-        if is_gguf(model):  # the artifact is the compressed model; moeexport.load reads it back
+        if source.is_gguf:  # the artifact is the compressed model; moeexport.load reads it back
             events.note("a GGUF input: no compressed/ checkpoint is written (the artifact holds the model)")
         else:
             with stages("save", "saving the compressed checkpoint"):
@@ -569,7 +581,7 @@ def _build(model, recipe: Recipe, chosen, target_options, options: BuildOptions,
             reference = _record(done.model, done.tokenizer, options, *options.validation_windows)
             windows, where = reference.windows, reference.text
         inputs = ExportInputs(tokenizer=done.tokenizer, weight_grid=weight_grid(done.model), reference=reference,
-                              manifest=manifest)
+                              manifest=manifest, source=source)
         if chosen.wants_imatrix(target_options):
             from moeexport.calibration.moments import input_moments
 
@@ -581,12 +593,12 @@ def _build(model, recipe: Recipe, chosen, target_options, options: BuildOptions,
         del done  # the torch model is not needed past here: its logits are recorded
         with stages("validate", "validating the artifact"):
             runner = _artifact_runner(chosen, artifact.path, windows, memory)
-            validation = validate_artifact(reference, runner, windows, chosen.tolerance(options.quant, model),
+            validation = validate_artifact(reference, runner, windows, chosen.tolerance(options.quant, source),
                                            artifact.path, where, chosen.runtime(), events)
             artifact.path = validation.artifact  # *.failed when it missed
-        if is_gguf(model) and target == "gguf":
+        if source.is_gguf and target == "gguf":
             with stages("quality_vs_input", "measuring quality against the input GGUF, both in llama.cpp"):
-                report.quality_vs_input = _against_input_gguf(model, runner, windows, where)
+                report.quality_vs_input = _against_input_gguf(source.path, runner, windows, where)
         del runner
         if validation.passed and options.profile:
             with stages("profile", "profiling"):

@@ -1,14 +1,15 @@
 """Models larger than memory: one decoder layer, and one expert, at a time, read from disk when needed.
 
 A streamed model is the transformers model built on the meta device (modules,
-config and shapes, no weights) with a `LayerStream` attached as
-`model.moeexport_stream`. Everything that walks the layers (observers, the
-torch reference, the saver, the exporters) asks `layer_views(model)`, which for
-a streamed model reads each layer from the memory-mapped safetensors in the
-compute dtype, yields it and releases it before the next. A layer's routed
-experts stay on disk behind an `ExpertsOnDemand`, which reads one expert when
-the forward, an observer or an exporter uses it; the embeddings and head are
-read only inside `outer(model)`, at the start and the end of a pass.
+config and shapes, no weights) read by a `LayerStream`, which `stream_of(model)`
+finds (the one way to it: it is no attribute of the model). Everything that
+walks the layers (observers, the torch reference, the saver, the exporters) asks
+`layer_views(model)`, which for a streamed model reads each layer from the
+memory-mapped safetensors in the compute dtype, yields it and releases it before
+the next. A layer's routed experts stay on disk behind an `ExpertsOnDemand`,
+which reads one expert when the forward, an observer or an exporter uses it; the
+embeddings and head are read only inside `outer(model)`, at the start and the
+end of a pass.
 
 Passes apply to the skeleton as they do to an in-memory model, which keeps its
 structure and config right (a dropped MoE sublayer has no weights left to
@@ -20,6 +21,7 @@ layer is read already compressed: only the experts it keeps come off the disk.
 from __future__ import annotations
 
 import re
+import weakref
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -33,7 +35,11 @@ from torch import nn
 from moeexport.adapters import adapter_for
 from moeexport.adapters.experts import activate, expert_intermediate, expert_output
 from moeexport.adapters.surgery import decoder_layers, get_path
+from moeexport.checkpoint_files import Headers, check_finite
 from moeexport.errors import MoeExportError
+from moeexport.stream_registry import attach, stream_of
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,7 @@ class _Piece:
 def layer_views(model):
     """The model's decoder layers as LayerViews, in order. For a streamed model each layer's
     weights exist only until the next layer is requested: consumers copy what they keep."""
-    stream = getattr(model, "moeexport_stream", None)
+    stream = stream_of(model)
     if stream is not None:
         yield from stream.layer_views()
         return
@@ -67,28 +73,42 @@ def layer_views(model):
 
 
 def is_streamed(model) -> bool:
-    return getattr(model, "moeexport_stream", None) is not None
+    return stream_of(model) is not None
 
 
 def outer(model, part: str = "all"):
     """A context in which the model's embeddings ("input"), final norm and head ("output"), or all of them
     are in memory (always, unless streamed: then only inside the context)."""
-    stream = getattr(model, "moeexport_stream", None)
+    stream = stream_of(model)
     return stream.outer(part) if stream is not None else nullcontext()
+
+
+def streamed(model: nn.Module, checkpoint, dtype: torch.dtype, check_finite: bool = True, progress=None) -> nn.Module:
+    """`model` (a skeleton on the meta device) made a streamed model: its layers are read from `checkpoint` when
+    they are walked (see LayerStream)."""
+    stream = LayerStream(model, checkpoint, dtype, check_finite, progress)
+    stream.rebuild_rotary()
+    attach(model, stream)
+    return model
 
 
 class LayerStream:
     """Reads the decoder layers of `model` (a skeleton on the meta device) from a checkpoint, one at a time."""
 
-    def __init__(self, model: nn.Module, checkpoint, dtype: torch.dtype, check_finite: bool = True):
+    def __init__(self, model: nn.Module, checkpoint, dtype: torch.dtype, check_finite: bool = True, progress=None):
         """`checkpoint` reads tensors under the model's parameter names: a SafetensorsCheckpoint, or a GGUF
-        file's (moeexport.backends.gguf.reader.GGUFCheckpoint)."""
-        self.model, self.checkpoint, self.dtype, self.check_finite = model, checkpoint, dtype, check_finite
+        file's (moeexport.backends.gguf.reader.GGUFCheckpoint). `progress`: an EventStream, which shows every
+        pass over the layers as a bar with its ETA."""
+        self._model = weakref.ref(model)  # the model owns its stream (moeexport.stream_registry), not the reverse
+        self.checkpoint, self.dtype, self.check_finite, self.progress = checkpoint, dtype, check_finite, progress
         self.adapter = adapter_for(model.config)
         self.edits = [LayerEdit(index) for index in range(len(decoder_layers(self.adapter, model)))]
         self.layers_read = 0
-        self.progress = None  # an EventStream: every pass over the layers shows a bar with its ETA
         self._found_finite: set = set()  # what was read and checked finite already (a pass reads it again)
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model()
 
     # -- the plain data passes update ----------------------------------------------------
 
@@ -97,15 +117,19 @@ class LayerStream:
 
     def keep_experts(self, layer: int, keep: list[int]) -> None:
         edit = self.edits[layer]
-        current = edit.experts if edit.experts is not None else tuple(range(self._source_experts(edit.source)))
+        current = self.kept_experts(edit)
         self.edits[layer] = replace(edit, experts=tuple(current[index] for index in keep))
 
     def transform_experts(self, layer: int, transform) -> None:
         edit = self.edits[layer]
         self.edits[layer] = replace(edit, transforms=edit.transforms + (transform,))
 
-    def _source_experts(self, layer: int) -> int:
-        return self.checkpoint.shape(self._name(layer, f"{self.adapter.moe}.{self.adapter.router}.weight"))[0]
+    def kept_experts(self, edit: LayerEdit) -> tuple[int, ...]:
+        """The experts of its source layer that a layer's `edit` keeps, in order (all of them unless it names some)."""
+        if edit.experts is not None:
+            return edit.experts
+        router = self._name(edit.source, f"{self.adapter.moe}.{self.adapter.router}.weight")
+        return tuple(range(self.checkpoint.shape(router)[0]))
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -146,8 +170,6 @@ class LayerStream:
         try:
             _require_loaded(module, f"layer {index}")
             if self.check_finite and ("layer", edit.source) not in self._found_finite:
-                from moeexport.modelio import check_finite
-
                 check_finite(module, Path(self.model.config.name_or_path or "."), prefix=f"layer {index}: ")
                 self._found_finite.add(("layer", edit.source))
             self.layers_read += 1
@@ -264,10 +286,10 @@ class LayerStream:
 class SafetensorsCheckpoint:
     """The tensors of safetensors files, read under the model's parameter names (what a LayerStream asks for)."""
 
-    def __init__(self, model: nn.Module, files: list[Path]):
-        from moeexport.modelio import read_headers
-
-        self.headers = read_headers(files)
+    def __init__(self, model: nn.Module, headers: Headers):
+        """`headers`: the files' tensor headers (moeexport.checkpoint_files.read_headers), read once, when the
+        model was opened."""
+        self.headers = headers
         self.sources = _parameter_sources(model, self.headers)
 
     reads_in_blocks = False  # matrices are read whole, as stored
@@ -283,8 +305,6 @@ class SafetensorsCheckpoint:
         return self.headers[self.sources[name][0].key][0]
 
     def stored_dtype(self, name: str) -> torch.dtype:
-        from moeexport.modelio import SAFETENSORS_DTYPES
-
         return SAFETENSORS_DTYPES[self.headers[self.sources[name][0].key][1]]
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -512,7 +532,7 @@ def first_layer_inputs(model, input_ids: torch.Tensor):
         raise _StopForward
 
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-    stream = getattr(model, "moeexport_stream", None)
+    stream = stream_of(model)
     try:
         if stream is not None:  # only the rows of the tokens used are read
             model(inputs_embeds=stream.embed(input_ids), use_cache=False)
@@ -539,7 +559,7 @@ def logits(model, windows: torch.Tensor, batch_size: int = 8) -> np.ndarray:
         hidden = [run_layer(view.module, h, kwargs) for h, (_, kwargs) in zip(hidden, batches)]
     around = adapter_for(model.config).model_view(model)
     out = np.empty((*windows.shape, model.config.vocab_size), np.float32)  # filled batch by batch: no copies
-    stream = getattr(model, "moeexport_stream", None)
+    stream = stream_of(model)
     if stream is not None and stream.checkpoint.reads_in_blocks:  # the head a block of vocabulary rows at a time
         with stream.outer("final_norm"):
             hidden = [around.final_norm(h) for h in hidden]

@@ -21,6 +21,6 @@ needs_shared = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Statistics caches never leak between tests or into the user's home."""
-    import moeexport.compress
+    import moeexport.cache
 
-    monkeypatch.setattr(moeexport.compress, "DEFAULT_CACHE", tmp_path / "statistics-cache")
+    monkeypatch.setattr(moeexport.cache, "ROOT", tmp_path / "statistics-cache")

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from moeexport.errors import MoeExportError
-from moeexport.modelio import DEMO_MODEL, load
+from moeexport.checkpoint_files import DEMO_MODEL
+from moeexport.modelio import load
 from moeexport.passes import PASSES
 from moeexport.recipe import Recipe, load_recipe
 

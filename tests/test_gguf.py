@@ -232,7 +232,7 @@ GGUF_FAMILIES = sorted(gguf_backend.ARCHITECTURES)
 
 def _tiny_with_demo_vocabulary(family, **overrides):
     """A tiny random model of `family` that borrows the demo model's tokenizer (2048 pieces)."""
-    from moeexport.modelio import DEMO_MODEL
+    from moeexport.checkpoint_files import DEMO_MODEL
     from tests.tiny_models import tiny_model
 
     if family == "qwen2_moe":
@@ -398,7 +398,7 @@ def test_greedy_generation_in_llama_cpp_follows_the_torch_model(demo_gguf):
 
 
 def test_deepseek_v2_lite_after_block_drop_is_refused_with_the_reason(tmp_path):
-    from moeexport.modelio import DEMO_MODEL
+    from moeexport.checkpoint_files import DEMO_MODEL
     from tests.tiny_models import tiny_model
 
     model = tiny_model("deepseek_v2", vocab_size=2048, q_lora_rank=None)  # V2-Lite style: no q LoRA
@@ -475,7 +475,7 @@ def test_llama_cpp_mixes_are_written_tensor_for_tensor_as_llama_model_quantize_w
     from tests.tiny_models import tiny_model
 
     model = tiny_model(family)
-    model.config.name_or_path = str(moeexport.modelio.DEMO_MODEL)  # a tokenizer for the file's vocabulary
+    model.config.name_or_path = str(moeexport.checkpoint_files.DEMO_MODEL)  # a tokenizer for the file's vocabulary
     ours, whole = tmp_path / "ours.gguf", tmp_path / "f32.gguf"
     gguf_backend.export(model, ours, quant, tensor_types=tensor_types)
     gguf_backend.export(model, whole, "f32")

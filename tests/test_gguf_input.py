@@ -18,8 +18,9 @@ from moeexport.backends.gguf.reader import GGUFFile, carried_codes
 from moeexport.backends.gguf.writer import _permute_rows
 from moeexport.compress import compress
 from moeexport.errors import MoeExportError
-from moeexport.modelio import DEMO_MODEL
+from moeexport.checkpoint_files import DEMO_MODEL
 from moeexport.recipe import parse_recipe
+from moeexport.source import open_source
 from tests.conftest import CORPUS, FIXTURE, needs_shared
 from tests.tiny_models import random_tokens, tiny_model
 
@@ -123,7 +124,7 @@ def test_gguf_to_gguf_carries_every_kept_tensor_byte_for_byte(tmp_path):
     _assert_codes_carried(source, report)
     assert not (tmp_path / "out" / "compressed").exists()  # the artifact is the compressed model
     assert report.validation["kl"] <= 1e-3
-    assert gguf_backend.TARGET.tolerance("keep", source) == gguf_backend.TOLERANCES["q8_0"]
+    assert gguf_backend.TARGET.tolerance("keep", open_source(source)) == gguf_backend.TOLERANCES["q8_0"]
 
 
 @needs_shared

@@ -18,11 +18,12 @@ from safetensors.torch import load_file, save_file
 
 import moeexport
 from moeexport.calibration.sources import CalibrationConfig
+from moeexport.checkpoint_files import DEMO_MODEL
 from moeexport.cli import main
 from moeexport.compress import StatisticsProvider
 from moeexport.errors import MoeExportError
-from moeexport.modelio import DEMO_MODEL, fingerprint
 from moeexport.outputs import replace_atomically
+from moeexport.source import open_source
 from tests.tiny_models import FAMILIES, random_tokens, tiny_model
 
 SMALL_CALIBRATION = ["--calib-samples", "2", "--calib-length", "32"]
@@ -303,7 +304,7 @@ def test_swapped_layers_get_their_own_statistics_and_plan(demo_copy, text, tmp_p
     save_file(swapped, demo_copy / WEIGHTS, metadata={"format": "pt"})
     header = int.from_bytes((DEMO_MODEL / WEIGHTS).read_bytes()[:8], "little") + 8
     assert (demo_copy / WEIGHTS).read_bytes()[:header] == (DEMO_MODEL / WEIGHTS).read_bytes()[:header]  # same header
-    assert fingerprint(demo_copy) != fingerprint(DEMO_MODEL)
+    assert open_source(demo_copy).fingerprint != open_source(DEMO_MODEL).fingerprint
 
     recipe = tmp_path / "plan.yaml"
     recipe.write_text(PLAN)
@@ -404,9 +405,14 @@ def test_concurrent_cache_writes_never_collide(tmp_path):
 
 def test_the_remembered_weight_digest_follows_every_write(demo_copy, monkeypatch):
     """With the digest memo on (here for every size), an in-place edit that keeps size and mtime is still seen."""
-    import moeexport.modelio
+    import moeexport.cache
+    import moeexport.fingerprint
 
-    monkeypatch.setattr(moeexport.modelio, "DIGEST_MEMO_BYTES", 0)
+    monkeypatch.setattr(moeexport.fingerprint, "DIGEST_MEMO_BYTES", 0)
+
+    def fingerprint(directory):  # remembered under the cache root
+        return open_source(directory, cache_root=moeexport.cache.ROOT).fingerprint
+
     before = fingerprint(demo_copy)
     assert fingerprint(demo_copy) == before
     weights = demo_copy / WEIGHTS

@@ -13,7 +13,7 @@ from moeexport import BuildOptions, CalibrationOptions
 from moeexport.backends import target_for
 from moeexport.cli import main
 from moeexport.errors import MoeExportError
-from moeexport.modelio import DEMO_MODEL
+from moeexport.checkpoint_files import DEMO_MODEL
 from moeexport.pipeline import compress, evaluate
 
 SMALL = CalibrationOptions(samples=4, length=64)

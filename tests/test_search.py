@@ -183,7 +183,7 @@ def test_onnx_and_unknown_types_are_refused_before_any_work(capsys):
 
 
 def test_an_out_or_build_in_the_model_or_already_there_is_refused_before_any_work(tmp_path, capsys):
-    from moeexport.modelio import resolve_model_dir
+    from moeexport.checkpoint_files import resolve_model_dir
 
     inside = resolve_model_dir("demo") / "recipe.yaml"
     assert main(["search", "demo", "--target", "gguf", "--max-size", "30%", "--out", str(inside)]) == 2

@@ -18,10 +18,11 @@ from moeexport.calibration.sources import CalibrationConfig
 from moeexport.compress import StatisticsProvider, compress
 from moeexport.errors import MoeExportError
 from moeexport.memory import GIB, Workload, parse_size, plan
-from moeexport.modelio import DEMO_MODEL, load, load_streamed, read_headers, save, weight_files
+from moeexport.checkpoint_files import DEMO_MODEL, read_headers, weight_files
+from moeexport.modelio import load, load_streamed, save
 from moeexport.pipeline import CompressOptions, _calibration_source, memory_plan
 from moeexport.recipe import parse_recipe
-from moeexport.streaming import is_streamed, logits
+from moeexport.streaming import is_streamed, logits, stream_of
 from tests.conftest import CORPUS, FIXTURE, needs_shared
 from tests.tiny_models import FAMILIES, random_tokens, tiny_model
 
@@ -43,7 +44,7 @@ def test_a_streamed_model_computes_the_in_memory_models_logits_bit_for_bit(famil
     assert is_streamed(streamed) and all(p.is_meta for p in streamed.model.layers.parameters())
     expected = load(tmp_path)(input_ids=tokens, use_cache=False).logits.numpy()
     assert np.array_equal(logits(streamed, tokens), expected)
-    assert streamed.moeexport_stream.layers_read == model.config.num_hidden_layers
+    assert stream_of(streamed).layers_read == model.config.num_hidden_layers
 
 
 def test_a_streamed_model_with_a_head_tied_to_its_embeddings_reads_them_for_the_head(tmp_path):
@@ -76,7 +77,7 @@ def test_a_streamed_layer_reads_only_the_experts_it_keeps(tmp_path):
     streamed, whole = load_streamed(tmp_path), load(tmp_path)
     for lm in (streamed, whole):
         keep_experts(adapter_for(lm.config), lm, 1, [3, 0])
-    assert streamed.moeexport_stream.edits[1].experts == (3, 0)
+    assert stream_of(streamed).edits[1].experts == (3, 0)
     read = [(view.index, view.experts.gate_up_proj[1]) for view in layer_views(streamed)]  # slot 1 = expert 0
     whole_view = adapter_for(whole.config).layer_view(whole, 1)
     assert torch.equal(read[1][1], whole_view.experts.gate_up_proj[1]) and whole_view.experts.num_experts == 2

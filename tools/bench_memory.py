@@ -34,7 +34,7 @@ def _bench_convert():
 
 
 def checkpoint_bytes(model: str) -> int:
-    from moeexport.modelio import is_gguf, read_manifest, resolve_model_dir, weight_files
+    from moeexport.checkpoint_files import is_gguf, read_manifest, resolve_model_dir, weight_files
 
     model_dir = resolve_model_dir(model)
     if is_gguf(model_dir):

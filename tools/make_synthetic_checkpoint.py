@@ -224,7 +224,9 @@ def write_checkpoint(preset: str, out: str | Path, layers: int | None = None, dt
     from transformers import GenerationConfig
 
     from moeexport.errors import MoeExportError
-    from moeexport.modelio import DEMO_MODEL, DTYPES, SAFE_INDEX, SAFE_WEIGHTS, check_checkpoint, read_config
+    from moeexport.checkpoint_files import DEMO_MODEL, SAFE_INDEX, SAFE_WEIGHTS
+    from moeexport.modelio import DTYPES, check_checkpoint
+    from moeexport.source import open_source
     from moeexport.outputs import check_output, output_lock, staged
 
     if dtype not in DTYPES:
@@ -261,7 +263,7 @@ def write_checkpoint(preset: str, out: str | Path, layers: int | None = None, dt
             weight_map = {tensor: name for name, tensors in zip(names, shards) for tensor, _ in tensors}
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (staging / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        check_checkpoint(staging, read_config(staging), None)  # names and shapes as transformers expects
+        check_checkpoint(open_source(staging))  # names and shapes as transformers expects
         _fill(staging, names, shards, starts, torch_dtype, seed, total, progress)
     return {"out": out, "files": names, "total_bytes": total, "tensors": len(specs)}
 

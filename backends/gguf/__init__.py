@@ -32,9 +32,9 @@ class GGUFTarget(Target):
     def default_quant(self, model) -> str:
         return KEEP if str(model).endswith(f".{EXTENSION}") else "f32"  # a GGUF input keeps its types (and codes)
 
-    def tolerance(self, quant: str, model=None) -> Tolerance:
+    def tolerance(self, quant: str, source=None) -> Tolerance:
         if quant == KEEP:  # carried codes are judged by the tolerance of the input's own type
-            quant = self.quant_of(Path(model)) if model is not None else None
+            quant = self.quant_of(source.path) if source is not None else None
             quant = quant if quant in self.tolerances else "q4_0"  # (a type we do not write)
         return self.tolerances[quant]
 

@@ -63,7 +63,7 @@ from moeexport.backends.gguf.reader import LAYERS_KEY, per_expert
 from moeexport.backends.gguf.types import KEEP, LLAMA_CPP_TYPES, LLAMA_FTYPES, QUANT_TYPES
 from moeexport.errors import MoeExportError
 from moeexport.quantization import WeightGrid
-from moeexport.streaming import ExpertStack, layer_views, outer
+from moeexport.streaming import ExpertStack, layer_views, outer, stream_of
 
 REPRESENTATION_KEY = "moeexport.representation"
 STANDIN_WIDTH = 32  # width of the all-zero stand-in FFNs some hosts need (a multiple of every 4/8-bit block)
@@ -689,15 +689,15 @@ class _Carry:
 
     @staticmethod
     def source_file(model):
+        """The GGUF file `model` is streamed from (None: it was not read from one)."""
         from moeexport.backends.gguf.reader import GGUFCheckpoint
 
-        stream = getattr(model, "moeexport_stream", None)
-        checkpoint = getattr(stream, "checkpoint", None)
+        checkpoint = getattr(stream_of(model), "checkpoint", None)
         return checkpoint.file if isinstance(checkpoint, GGUFCheckpoint) else None
 
     @classmethod
     def of(cls, model, plan: _Plan) -> "_Carry":
-        return cls(model.moeexport_stream, cls.source_file(model), plan)
+        return cls(stream_of(model), cls.source_file(model), plan)
 
     def _input(self, name: str):
         """(input tensor name, the layer's edit or None) for output tensor `name`."""
@@ -719,7 +719,7 @@ class _Carry:
         elif "_exps." in name and edit.transforms:
             slots = None  # a quantize pass rounded these experts as they were read: their values changed
         else:
-            kept = edit.experts if edit.experts is not None else tuple(range(self.stream._source_experts(edit.source)))
+            kept = self.stream.kept_experts(edit)
             slots = tuple(kept) + (None,) * (shape[0] - len(kept)) if len(kept) <= shape[0] else None
         if slots is None:
             return None

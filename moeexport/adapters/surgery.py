@@ -23,6 +23,7 @@ from moeexport.adapters.declaration import Family, LayerKind, LayerSpec
 from moeexport.adapters.registry import family_for
 from moeexport.adapters.views import LayerView, ModelView
 from moeexport.errors import MoeExportError
+from moeexport.stream_registry import stream_of  # (not streaming's import: streaming imports the adapters)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def keep_experts(adapter: MoEAdapter, model: nn.Module, layer: int, keep: list[i
     survivors; top-k is clamped to the number kept. Zero experts is allowed: the
     routed part then contributes nothing (shared experts, if any, still run).
     """
-    stream = getattr(model, "moeexport_stream", None)
+    stream = stream_of(model)
     if stream is not None:  # a streamed model reads only the kept experts when the layer is read
         stream.keep_experts(layer, keep)
     block = moe_block(adapter, model, layer)
@@ -197,7 +198,7 @@ def drop_blocks(adapter: MoEAdapter, model: nn.Module, drop: list[int]) -> None:
     """Delete whole decoder layers and renumber the survivors (KV-cache slots included)."""
     layers = decoder_layers(adapter, model)
     kept = [i for i in range(len(layers)) if i not in set(drop)]
-    stream = getattr(model, "moeexport_stream", None)
+    stream = stream_of(model)
     if stream is not None:
         stream.keep_blocks(kept)
     survivors = nn.ModuleList(layers[i] for i in kept)

@@ -52,7 +52,7 @@ class CompressionPass:
 
     def streams(self, options: PassOptions) -> bool:
         """True when `apply` works on a streamed model (moeexport.streaming): it removes blocks, sublayers or
-        experts through the surgery in adapters/base.py, which the stream records, or it changes each expert
+        experts through the surgery in adapters/surgery.py, which the stream records, or it changes each expert
         matrix on its own, which the stream applies as the expert is read."""
         return False
 

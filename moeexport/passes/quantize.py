@@ -38,6 +38,7 @@ from moeexport.errors import MoeExportError
 from moeexport.passes.slimming import (ExpertSlimmingPass, SlimmingOptions, SlimmingOutcome, SlimmingPlan,
                                        inverse_hessian_factor, target_dtypes)
 from moeexport.quantization import GRID_ATTRIBUTE, WeightGrid, dequantize, group_scales, quantize_rtn, round_to_grid
+from moeexport.streaming import stream_of
 
 GPTQ_BLOCK = 128
 
@@ -125,7 +126,7 @@ class Quantize(ExpertSlimmingPass):
         return options.method == "rtn" and not options.shared_experts  # rounding needs nothing but the expert
 
     def apply(self, model, plan: SlimmingPlan, tokens: torch.Tensor | None = None, progress=None) -> SlimmingPlan:
-        stream = getattr(model, "moeexport_stream", None)
+        stream = stream_of(model)
         if stream is not None:
             performed = self._apply_on_read(model, stream, plan)
         else:
