@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from moeexport.backends.gguf.architectures import ARCHITECTURES
-from moeexport.backends.gguf.runner import GGUFRunner
+from moeexport.backends.decoding import TokenBytes
+from moeexport.backends.gguf.runner import GGUFRunner, bytes_per_token
 from moeexport.backends.gguf.types import KEEP, LLAMA_FTYPES, QUANT_TYPES, TOLERANCES
 from moeexport.backends.target import Artifact, ExportInputs, Target, TargetOptions
 from moeexport.validate import Tolerance
@@ -25,6 +26,7 @@ class GGUFTarget(Target):
     quant_types = QUANT_TYPES
     tolerances = TOLERANCES
     Options = GGUFOptions
+    search_types = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 
     def wants_imatrix(self, options: GGUFOptions) -> bool:
         return options.imatrix
@@ -68,6 +70,22 @@ class GGUFTarget(Target):
         import llama_cpp
 
         return f"llama.cpp (llama-cpp-python {llama_cpp.__version__}), CPU"
+
+    def token_bytes(self, path: Path) -> TokenBytes:
+        return bytes_per_token(path)
+
+    def layout(self, model):
+        return check(model, "f32")  # the writer's plan: its host, padded expert count and MoE-less layers
+
+    def sizer(self, untrimmed: Path):
+        from moeexport.backends.gguf.sizes import TrimmedSizes
+
+        return TrimmedSizes(untrimmed)
+
+    def input_comparison(self, model) -> str | None:
+        if str(model).endswith(f".{EXTENSION}"):
+            return "measuring quality against the input GGUF, both in llama.cpp"
+        return None
 
 
 TARGET = GGUFTarget()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moeexport.backends.target import ExportInputs, Target, TargetOptions
+from moeexport.backends.target import ExportInputs, Finished, Target, TargetOptions
 from moeexport.backends.tensorrt.bundle import (
     ENGINE_TOLERANCES,
     Bundle,
@@ -52,6 +52,7 @@ class TensorRTTarget(Target):
     extension = EXTENSION
     quant_types = QUANT_TYPES
     Options = TensorRTOptions
+    runs_files = False  # an engine runs on the device that builds it (trt-build); its runner here is the bundle's ONNX
 
     @property
     def tolerances(self):  # the bundle's ONNX is judged here as an ONNX; engines by ENGINE_TOLERANCES on the device
@@ -81,18 +82,17 @@ class TensorRTTarget(Target):
     def profile(self, artifact, prompt, new_tokens=64):
         return None  # an engine is profiled on the device that builds it (trt-build)
 
-    def finish(self, artifact: BundleArtifact, validation, inputs: ExportInputs, progress=None) -> dict:
+    def finish(self, artifact: BundleArtifact, validation, inputs: ExportInputs, progress=None) -> Finished:
         finish_bundle(artifact, inputs.reference, validation, inputs.manifest)
         bundle = artifact.path.parent
         bundle_files = {f"{bundle.name}/{path.name}": path.stat().st_size for path in sorted(bundle.iterdir())}
         if not validation.passed:
-            return {"engine": {"built": False, "reason": "the bundle's ONNX failed validation here"}, "files": bundle_files}
+            return Finished({"built": False, "reason": "the bundle's ONNX failed validation here"}, bundle_files)
         found = status()
         if not found.available:
-            return {"engine": {"built": False, "reason": found.reason}, "files": bundle_files}
+            return Finished({"built": False, "reason": found.reason}, bundle_files)
         device = finish_on_device(Bundle(artifact.path.parent), progress=progress)
-        return {"engine": {"built": True, **device.report}, "files": bundle_files,
-                "failures": device.failures}
+        return Finished({"built": True, **device.report}, bundle_files, tuple(device.failures))
 
 
 TARGET = TensorRTTarget()
