@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
+
 from moeexport.backends.gguf.architectures import ARCHITECTURES
 from moeexport.backends.decoding import TokenBytes
 from moeexport.backends.gguf.runner import GGUFRunner, bytes_per_token
@@ -16,8 +18,13 @@ Runner = GGUFRunner
 
 
 class GGUFOptions(TargetOptions):
-    tensor_types: dict[str, str] = {}  # regex on GGUF tensor names -> ggml type; the first match wins
-    imatrix: bool = False  # weigh llama.cpp's rounding by the calibration set's input moments
+    tensor_types: dict[str, str] = Field(  # regex on GGUF tensor names -> ggml type; the first match wins
+        {}, json_schema_extra={"flag": "--tensor-type", "metavar": "PATTERN=TYPE"},
+        description="per-tensor type override, a regex on GGUF tensor names, e.g. --tensor-type _exps=q4_k "
+        "--tensor-type attn_=q8_0 (repeatable; the first match wins)")
+    imatrix: bool = Field(  # weigh llama.cpp's rounding by the calibration set's input moments
+        False, description="weigh quantization by an importance matrix measured on the calibration set (per expert, "
+        "from its routed tokens; experts without tokens use their layer's average and are reported)")
 
 
 class GGUFTarget(Target):

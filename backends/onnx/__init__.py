@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from moeexport.backends.decoding import TokenBytes
 from moeexport.backends.onnx.runner import OnnxRunner, bytes_per_token
@@ -22,8 +22,15 @@ Runner = OnnxRunner
 
 class ONNXOptions(TargetOptions):
     # com.microsoft MoE/QMoE nodes, or standard ops only (every expert computed, or a decoded token's k)
-    moe_ops: Literal["contrib", "plain", "plain-routed"] = "contrib"
-    block_size: int = DEFAULT_BLOCK_SIZE  # int8/int4: inputs sharing one scale
+    moe_ops: Literal["contrib", "plain", "plain-routed"] = Field(
+        "contrib", description="onnx: one com.microsoft MoE/QMoE node per MoE layer (contrib, the default; "
+        "onnxruntime >= 1.23) or standard ops only (plain: for TensorRT and runtimes without the contrib ops, every "
+        "expert computed; plain-routed: the same, but a single decoded token runs only its k experts, through an If; "
+        "f32/f16)")
+    block_size: int = Field(  # int8/int4: inputs sharing one scale
+        DEFAULT_BLOCK_SIZE, json_schema_extra={"metavar": "N"},
+        description="onnx int8/int4: inputs sharing one scale (a power of two >= 16 dividing the expert widths; "
+        f"default {DEFAULT_BLOCK_SIZE})")
 
     @field_validator("block_size")
     @classmethod

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
+
 from moeexport.backends.target import ExportInputs, Finished, Target, TargetOptions
 from moeexport.backends.tensorrt.bundle import (
+    DEFAULT_CONTEXT,
+    DEFAULT_MAX_PROMPT,
     ENGINE_TOLERANCES,
     Bundle,
     BundleArtifact,
@@ -41,8 +45,10 @@ BUNDLE_DIR = "bundle"
 
 
 class TensorRTOptions(TargetOptions):
-    context: int | None = None  # positions the engine holds (default 2048, at most the model's)
-    max_prompt: int | None = None  # longest prefill of the engine profile (default 512)
+    context: int | None = Field(None, json_schema_extra={"metavar": "N"}, description="tensorrt: positions the "
+                                f"engine holds (default {DEFAULT_CONTEXT}, at most the model's)")
+    max_prompt: int | None = Field(None, json_schema_extra={"metavar": "N"}, description="tensorrt: longest prefill "
+                                   f"of the engine profile (default {DEFAULT_MAX_PROMPT})")
 
 
 class TensorRTTarget(Target):
