@@ -80,7 +80,8 @@ class TrimmedSizes:
 def _block(layout, index: int, stored: dict) -> list[TensorRead]:
     """The tensors of block `index` of the trimmed file, from the untrimmed block's `stored` tensors."""
     roles = {rest: role(rest) for rest in stored}
-    kept = [TensorRead(stored[rest].nbytes) for rest, kind in roles.items() if kind in ("attention", "moe_norm", "dense")]
+    kept = [TensorRead(stored[rest].nbytes) for rest, kind in roles.items()
+            if kind in ("attention", "moe_norm", "dense")]
     if layout.layers[index].kind == "dense":
         return kept
     if index in layout.silent_layers:  # Layer Drop: router and experts gone, stand-ins as the host needs them
@@ -125,4 +126,5 @@ def _zero_ffn(hidden: int, width: int, experts: int = 0) -> list[TensorRead]:
     import gguf
 
     read = "experts" if experts else "whole"
-    return [TensorRead(zero_bytes(gguf, shape), read, experts or 1) for shape in zero_ffn_shapes(hidden, width, experts)]
+    shapes = zero_ffn_shapes(hidden, width, experts)
+    return [TensorRead(zero_bytes(gguf, shape), read, experts or 1) for shape in shapes]
