@@ -12,11 +12,8 @@ have; the candidates that meet the constraint are ranked by that KL, and the
 best is chosen.
 
 - Trimming (block_drop n, layer_drop n, global expert_drop keep): each recipe is
-  applied in memory with `moeexport.compress.compress`, every pass with its
-  default score, sharing ONE StatisticsProvider (statistics are cached by the
-  passes applied so far, so candidates that share a prefix share them; a prefix
-  is applied once and copied). Its KL is one forward of the calibration tokens
-  against the original's recorded logits.
+  applied in memory, sharing one StatisticsProvider (trimming_grid.py). Its KL is
+  one forward of the calibration tokens against the original's recorded logits.
 - Weight types: the untrimmed model is exported once per type and run in
   llama.cpp on the calibration tokens against the torch model: KL(type).
 - A candidate's KL is estimated as KL(trim) + KL(type): an additive estimate.
@@ -32,23 +29,25 @@ best is chosen.
   real file meets it, with its real size and its KL measured in llama.cpp.
 
 Held-out text plays no part in the choice (a `build` of the chosen recipe uses
-it to validate).
+it to validate). The constraint, options and report are plain data in
+search_report.py.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from moeexport.errors import MoeExportError
 from moeexport.events import EventStream
-from moeexport.pipeline import BuildOptions, CalibrationOptions, CompressOptions
+from moeexport.pipeline import BuildOptions, CompressOptions
+from moeexport.search_report import Candidate, Constraint, SearchOptions, SearchReport, Trimming, TypeResult
+from moeexport.trimming_grid import apply_grid
 
 BASELINE_TYPE = "f16"  # sizes and decode speedups are relative to the untrimmed model's F16 GGUF
 SPILL_BYTES = 512 * 2**20  # the original's recorded calibration logits go to a mapped file above this
@@ -63,246 +62,6 @@ NOTES = (
     "decode speedup: weight bytes read per decoded token (every tensor whole, k/E of each expert stack, one "
     "embedding row) of the untrimmed F16 GGUF over the candidate's: the memory-bandwidth-bound estimate",
 )
-
-
-# --- the constraint -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """What the artifact must meet: one of a size relative to the untrimmed F16 file, a size in bytes, or a
-    decode speedup (bandwidth-bound, from bytes read per token) over the untrimmed F16 file."""
-
-    kind: str  # max_size (fraction of the F16 file) | max_bytes | min_decode_speedup
-    value: float
-
-    KINDS = ("max_size", "max_bytes", "min_decode_speedup")
-
-    def __post_init__(self):
-        if self.kind not in self.KINDS:
-            raise MoeExportError(f"unknown constraint {self.kind!r}; one of {', '.join(self.KINDS)}")
-        if not (self.value > 0 and math.isfinite(self.value)):
-            raise MoeExportError(f"--{self.kind.replace('_', '-')} must be a positive number")
-
-    @classmethod
-    def parse(cls, max_size: str | None = None, max_bytes: str | None = None,
-              min_decode_speedup: str | None = None) -> "Constraint":
-        """From the command line's forms: '30%' (or 0.3), '16GB' / '3.5GiB', '3x' (or 3)."""
-        given = [(kind, text) for kind, text in zip(cls.KINDS, (max_size, max_bytes, min_decode_speedup))
-                 if text is not None]
-        if len(given) != 1:
-            raise MoeExportError("give exactly one of --max-size P%, --max-bytes SIZE, --min-decode-speedup Nx")
-        kind, text = given[0]
-        text = str(text).strip()
-        if kind == "max_bytes":
-            from moeexport.memory import parse_size
-
-            try:
-                return cls(kind, float(parse_size(text)))
-            except MoeExportError:
-                raise MoeExportError(f"--max-bytes {text!r} is not a size: write it like 16GB, 3.5GiB or 800MB") from None
-        if kind == "max_size":
-            match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%?)", text)
-            if not match:
-                raise MoeExportError(f"--max-size {text!r} is not a share of the F16 GGUF: write it like 30%")
-            value = float(match.group(1)) / (100 if match.group(2) else 1)
-            if not 0 < value <= 1 and not match.group(2):
-                raise MoeExportError(f"--max-size {text!r}: write a percentage like 30% (or a fraction like 0.3)")
-            return cls(kind, value)
-        match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*[xX]?", text)
-        if not match:
-            raise MoeExportError(f"--min-decode-speedup {text!r} is not a factor: write it like 3x")
-        return cls(kind, float(match.group(1)))
-
-    def describe(self) -> str:
-        if self.kind == "max_size":
-            return f"--max-size {self.value * 100:g}% of the untrimmed F16 GGUF"
-        if self.kind == "max_bytes":
-            return f"--max-bytes {self.value / 1e9:.4g} GB"
-        return f"--min-decode-speedup {self.value:g}x over the untrimmed F16 GGUF (bytes read per token)"
-
-    def meets(self, file_bytes: float, token_bytes: float, baseline_bytes: float, baseline_token_bytes: float) -> bool:
-        if self.kind == "max_size":
-            return file_bytes <= self.value * baseline_bytes
-        if self.kind == "max_bytes":
-            return file_bytes <= self.value
-        return baseline_token_bytes / token_bytes >= self.value
-
-
-# --- options and report -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SearchOptions:
-    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
-    block_drop: tuple[int, ...] = (0, 1, 2)  # blocks dropped (0: no block_drop pass)
-    layer_drop: tuple[int, ...] = (0, 1, 2, 3)  # MoE sublayers dropped
-    expert_keep: tuple[float, ...] = (1.0, 0.75, 0.5)  # experts kept per layer on average, as a share of E
-    expert_scope: str = "global"  # expert_drop scope; global gets min_keep = top-k (llama.cpp's one top-k)
-    quant_types: tuple[str, ...] | None = None  # the target's weight types searched (None: its search_types)
-    verify: int = 3  # candidates exported for real, best first, until one meets the constraint (0: trust estimates)
-    file_windows: int = 8  # calibration sequences each GGUF is run on in llama.cpp (its KL)
-    out: str | None = None  # write the chosen recipe here (YAML)
-    build: str | None = None  # then build it into this directory
-    overwrite: bool = False  # replace `out` / `build` if they exist
-    eval_text: str | None = None  # held-out text for the build's validation (never for choosing)
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    allow_nonfinite: bool = False
-    max_memory: int | None = None
-
-    def __post_init__(self):
-        for name, values in (("block-drop", self.block_drop), ("layer-drop", self.layer_drop)):
-            if not values or any(value < 0 for value in values):
-                raise MoeExportError(f"--{name} takes counts >= 0, e.g. 0,1,2")
-        if not self.expert_keep or any(not 0 < share <= 1 for share in self.expert_keep):
-            raise MoeExportError("--expert-keep takes shares of the experts in (0, 1], e.g. 1,0.75,0.5")
-        if self.expert_scope not in ("global", "layer"):
-            raise MoeExportError("--expert-scope is global or layer")
-        if self.verify < 0:
-            raise MoeExportError("--verify must be at least 0")
-        if self.file_windows < 1:
-            raise MoeExportError("--file-windows must be at least 1")
-
-
-@dataclass
-class TypeResult:
-    """The untrimmed model in one weight type: its real file and what the type alone costs."""
-
-    quant: str
-    file_bytes: int
-    token_bytes: int  # weight bytes read per decoded token
-    kl: float  # KL(original torch || this file in llama.cpp) on the calibration windows
-    top1_agreement: float
-    tokens: int
-
-
-@dataclass
-class Trimming:
-    """One trimming recipe applied to the original in torch, and its calibration KL."""
-
-    label: str
-    passes: list[dict]  # recipe entries, as a recipe YAML holds them
-    block_drop: int
-    layer_drop: int
-    expert_keep: int  # requested average per MoE layer (E: no expert_drop)
-    kl: float
-    top1_agreement: float
-    experts: list[int]  # routed experts per remaining layer (0: no MoE sublayer)
-    file_experts: int  # the expert count of its GGUF (every layer padded to it)
-    plans: list[str] = field(default_factory=list)  # the passes' plan summaries
-
-
-@dataclass
-class Candidate:
-    """A trimming x a weight type: estimated size, decode bytes and KL; verified ones also measured."""
-
-    trimming: int  # index into SearchReport.trimmings
-    quant: str
-    file_bytes: int  # estimate (exact for the untrimmed rows)
-    token_bytes: int
-    kl: float  # KL(trimming) + KL(type): an additive estimate
-    kl_trimming: float
-    kl_type: float
-    size_share: float  # of the untrimmed F16 file
-    decode_speedup: float  # bandwidth-bound, over the untrimmed F16 file
-    meets: bool  # the constraint, by estimate
-    pareto: bool = False  # on the (file_bytes, kl) front of all candidates
-    verified: dict | None = None  # the real export: file_bytes, token_bytes, kl, top1_agreement, meets
-
-
-@dataclass
-class SearchReport:
-    model: str
-    target: str
-    constraint: dict  # kind, value, description
-    baseline: dict  # the untrimmed F16 file: file_bytes, token_bytes (and the limit in bytes, for sizes)
-    calibration: dict
-    grid: dict
-    types: list[TypeResult]
-    trimmings: list[Trimming]
-    candidates: list[Candidate]
-    chosen: int | None  # index into candidates
-    skipped: list[dict]  # trimming recipes the model cannot take: label, reason
-    notes: list[str]
-    recipe_path: str | None = None
-    build: dict | None = None  # the build of the chosen recipe: artifact, size against the limit, validation
-    timings: dict = field(default_factory=dict)
-
-    def chosen_row(self) -> dict | None:
-        return None if self.chosen is None else self.row(self.chosen)
-
-    def row(self, index: int) -> dict:
-        """A candidate with its trimming spelled out."""
-        candidate = self.candidates[index]
-        trimming = self.trimmings[candidate.trimming]
-        return asdict(candidate) | {"index": index, "label": trimming.label, "passes": trimming.passes,
-                                    "block_drop": trimming.block_drop, "layer_drop": trimming.layer_drop,
-                                    "expert_keep": trimming.expert_keep, "experts": trimming.experts}
-
-    def pareto_rows(self) -> list[dict]:
-        """The non-dominated candidates, smallest first."""
-        rows = [self.row(i) for i, c in enumerate(self.candidates) if c.pareto]
-        return sorted(rows, key=lambda row: (row["file_bytes"], row["kl"]))
-
-    def recipe(self) -> dict:
-        """The chosen recipe as moeexport.recipe.parse_recipe takes it."""
-        row = self.chosen_row()
-        if row is None:
-            raise MoeExportError("no candidate was chosen")
-        return {"passes": row["passes"]}
-
-    def recipe_yaml(self, command: str | None = None) -> str:
-        """The chosen recipe as YAML, under a comment header with the build flags it assumes and its numbers."""
-        import yaml
-
-        row = self.chosen_row()
-        baseline = self.baseline["file_bytes"]
-        flags = f"--target {self.target} --quant {row['quant']}"
-        calibration = _calibration_flags(self.calibration)
-        lines = [
-            f"# Chosen by moeexport search ({self.constraint['description']}): the lowest calibration KL within it.",
-            f"# Build flags it assumes: {flags}",
-            f"#   moeexport build {self.model} --recipe THIS.yaml {flags}{calibration} --out DIR",
-            *(["# (the passes choose what to drop from calibration statistics: build with the same calibration set)"]
-              if row["passes"] else []),
-            f"# estimated: {row['file_bytes']:,} bytes ({row['size_share']:.1%} of the untrimmed F16 GGUF's "
-            f"{baseline:,}), decode x{row['decode_speedup']:.2f}, KL {row['kl']:.4g} "
-            f"(trimming {row['kl_trimming']:.4g} + {row['quant']} {row['kl_type']:.4g}: an additive estimate)",
-        ]
-        verified = row.get("verified")
-        if verified:
-            lines.append(f"# measured (exported, run in llama.cpp on {self.grid['kl_tokens']['files']:,} calibration "
-                         f"tokens): {verified['file_bytes']:,} "
-                         f"bytes ({verified['file_bytes'] / baseline:.1%}), KL {verified['kl']:.4g}, "
-                         f"top-1 agreement {verified['top1_agreement']:.1%}")
-        if command:
-            lines.append(f"# search: {command}")
-        body = yaml.safe_dump({"passes": row["passes"]}, sort_keys=False, default_flow_style=None)
-        return "\n".join(lines) + "\n" + body
-
-    def to_dict(self) -> dict:
-        from moeexport import __version__
-
-        data = asdict(self)
-        data["moeexport_version"] = __version__
-        data["chosen_row"] = self.chosen_row()
-        data["pareto"] = [row["index"] for row in self.pareto_rows()]
-        return data
-
-
-def _calibration_flags(calibration: dict) -> str:
-    """The command-line flags that draw the same calibration set."""
-    defaults = CalibrationOptions()
-    flags = []
-    source = calibration.get("source")
-    if source and source != "model":
-        flags.append(f" --calib {source}")
-    for key, flag, default in (("num_sequences", "--calib-samples", defaults.samples),
-                               ("sequence_length", "--calib-length", defaults.length), ("seed", "--seed", defaults.seed)):
-        if calibration.get(key, default) != default:
-            flags.append(f" {flag} {calibration[key]}")
-    return "".join(flags)
 
 
 # --- the search ---------------------------------------------------------------------------
@@ -398,7 +157,7 @@ def _search(model, target, types: tuple[str, ...], constraint: Constraint, optio
         type_results = [measured[quant][0] for quant in types]
         baseline = measured[BASELINE_TYPE][0]
         with _timed(timings, "trimmings"):
-            trimmings, skipped, layouts = _trimmings(original, provider, tokens, reference, options, target, events)
+            trimmings, skipped, layouts = apply_grid(original, provider, tokens, reference, options, target, events)
         candidates = _candidates(trimmings, layouts, sizers, type_results, baseline, constraint)
         _mark_pareto(candidates)
         report = SearchReport(
@@ -495,178 +254,7 @@ def _measure_types(original, target, types: tuple[str, ...], tokens, reference, 
     return measured
 
 
-# --- trimming candidates -----------------------------------------------------------------
-
-
-class _Prefixed:
-    """The one StatisticsProvider, for a model that a recipe prefix already compressed: statistics are keyed
-    by the prefix's steps followed by the passes applied now, as one compress of the whole recipe keys them.
-
-    It applies one recipe entry at a time, so a removal scorer (`score: perplexity`) always measures the model the
-    prefix left: its damages are remembered under the prefix's key in `memo`, shared by every candidate. Greedy
-    drops of n and n + 1 then share their first n steps' measurements instead of repeating them."""
-
-    def __init__(self, provider, history: list[dict], memo: dict):
-        self._provider, self._history, self._memo = provider, history, memo
-
-    def statistics(self, model, history: list[dict]):
-        return self._provider.statistics(model, self._history + history)
-
-    def scorer(self, model):
-        return _RememberingScorer(self._provider.scorer(model), self._memo, self._provider.key(self._history))
-
-    def __getattr__(self, name):
-        return getattr(self._provider, name)
-
-
-class _RememberingScorer:
-    """A RemovalScorer whose `damage` answers removals measured before (on the same model state) from `memo`."""
-
-    def __init__(self, scorer, memo: dict, state: str):
-        self._scorer, self._memo, self._state = scorer, memo, state
-
-    def damage(self, removals, metric: str) -> list[float]:
-        keys = [(self._state, metric, frozenset(removal)) for removal in removals]
-        missing = [key for key in dict.fromkeys(keys) if key not in self._memo]
-        if missing:
-            for key, value in zip(missing, self._scorer.damage([key[2] for key in missing], metric)):
-                self._memo[key] = value
-        return [self._memo[key] for key in keys]
-
-    def __getattr__(self, name):
-        return getattr(self._scorer, name)
-
-
-@dataclass
-class _Applied:
-    model: object
-    history: list[dict]  # AppliedStep.to_dict() of every step so far
-    passes: list[dict]  # the recipe entries so far
-    plans: list[str]
-    new_block_index: list[int | None]  # original block -> its index now
-
-
-def _apply(state: _Applied, entry: dict | None, provider, memo: dict) -> _Applied:
-    """`state` with one more recipe entry applied, to a copy (None: the state itself, shared)."""
-    if entry is None:
-        return state
-    from moeexport.compress import compress
-    from moeexport.recipe import parse_recipe
-
-    model = copy.deepcopy(state.model)
-    result = compress(model, parse_recipe({"passes": [entry]}), _Prefixed(provider, state.history, memo))
-    index = [None if i is None else result.new_block_index[i] for i in state.new_block_index]
-    steps = [step.to_dict() for step in result.steps]
-    plans = [f"{step.name}: {line}" for step in result.steps for line in step.plan.describe()]
-    return _Applied(model, state.history + steps, state.passes + [entry], state.plans + plans, index)
-
-
-def _grid(original, options: SearchOptions):
-    """(block_drop n, layer_drop n, expert keep) values that can apply to this model, and its E and top-k."""
-    from moeexport.adapters import adapter_for
-    from moeexport.adapters.base import structure
-
-    adapter = adapter_for(original.config)
-    layers = structure(adapter, original)
-    moe = [spec for spec in layers if spec.kind == "moe"]
-    experts = max(spec.num_experts for spec in moe)
-    top_k = max(spec.top_k for spec in moe)
-    keeps = sorted({max(1, round(share * experts)) for share in options.expert_keep}, reverse=True)
-    blocks = sorted({n for n in options.block_drop if n < len(layers)})
-    layer_drops = sorted({n for n in options.layer_drop if n < len(moe)})
-    return blocks, layer_drops, keeps, experts, top_k
-
-
-def _label(block: int, layer: int, keep: int, experts: int) -> str:
-    parts = ([f"block_drop {block}"] if block else []) + ([f"layer_drop {layer}"] if layer else [])
-    parts += [f"experts {keep}/{experts}"] if keep < experts else []
-    return " + ".join(parts) or "untrimmed"
-
-
-def _trimmings(original, provider, tokens, reference, options: SearchOptions, target, events: EventStream):
-    """Every trimming recipe of the grid applied in torch: (trimmings, skipped, (the target's layout of each, its
-    new block index))."""
-    from moeexport.evaluate import evaluate
-
-    blocks, layer_drops, keeps, experts, top_k = _grid(original, options)
-    total = len(blocks) * len(layer_drops) * len(keeps)
-    task = events.add_task(f"trimming candidates: {total} recipes applied and scored on the calibration set",
-                           total=total)
-    root = _Applied(original, [], [], [], list(range(len(_layers(original)))))
-    trimmings, skipped, layouts = [], [], []
-    memo = {}  # removal damages measured by `score: perplexity | kl` passes, by model state (_Prefixed)
-
-    def skip(block: int, layer: int, keep_values, error: Exception) -> None:
-        for keep in keep_values:
-            skipped.append({"label": _label(block, layer, keep, experts), "reason": str(error)})
-            events.advance(task)
-
-    for block in blocks:
-        try:
-            blocked = _apply(root, {"block_drop": {"n": block}} if block else None, provider, memo)
-        except MoeExportError as error:
-            for layer in layer_drops:
-                skip(block, layer, keeps, error)
-            continue
-        for layer in layer_drops:
-            try:
-                layered = _apply(blocked, {"layer_drop": {"n": layer}} if layer else None, provider, memo)
-            except MoeExportError as error:
-                skip(block, layer, keeps, error)
-                continue
-            for keep in keeps:
-                entry = None
-                if keep < experts:
-                    entry = {"expert_drop": {"keep": keep, "scope": options.expert_scope}}
-                    if options.expert_scope == "global":
-                        entry["expert_drop"]["min_keep"] = min(top_k, keep)
-                try:
-                    leaf = _apply(layered, entry, provider, memo)
-                    layout = target.layout(leaf.model)
-                except MoeExportError as error:
-                    skip(block, layer, [keep], error)
-                    continue
-                if leaf.model is original:
-                    kl, top1 = 0.0, 1.0  # the original itself
-                else:
-                    scored = evaluate(leaf.model, tokens, reference=reference)
-                    kl, top1 = scored.kl, scored.top1_agreement
-                layers = _layers(leaf.model)
-                trimmings.append(Trimming(
-                    label=_label(block, layer, keep, experts), passes=_pinned(leaf), block_drop=block,
-                    layer_drop=layer, expert_keep=keep, kl=kl, top1_agreement=top1,
-                    experts=[spec.num_experts for spec in layers], file_experts=layout.num_experts,
-                    plans=leaf.plans))
-                layouts.append((layout, leaf.new_block_index))
-                events.advance(task)
-                del leaf
-            del layered
-        del blocked
-    events.remove_task(task)
-    if not trimmings:
-        reasons = "; ".join(sorted({entry["reason"] for entry in skipped}))
-        raise MoeExportError(f"the model takes none of the grid's trimming recipes ({reasons})")
-    return trimmings, skipped, layouts
-
-
-def _layers(model):
-    from moeexport.adapters import adapter_for
-    from moeexport.adapters.base import structure
-
-    return structure(adapter_for(model.config), model)
-
-
-def _pinned(applied: _Applied) -> list[dict]:
-    """The recipe entries as applied, each pass's score written out: the default it ran with when searched, so
-    that the recipe selects the same way if a default changes later."""
-    pinned = []
-    for entry, step in zip(applied.passes, applied.history):
-        (name, given), = entry.items()
-        options = dict(given)
-        if "score" in step["options"]:
-            options["score"] = step["options"]["score"]
-        pinned.append({name: options})
-    return pinned
+# --- candidates: every trimming x weight type, sized by the target ------------------------
 
 
 def _candidates(trimmings: list[Trimming], layouts, sizers: dict, types: list[TypeResult], baseline: TypeResult,
