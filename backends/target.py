@@ -92,8 +92,9 @@ class Target(ABC):
     tolerances: ClassVar[dict[str, Tolerance]]
     Options: ClassVar[type[TargetOptions]] = TargetOptions
     runs_files: ClassVar[bool] = True  # whether its runner loads a file of `extension` alone (validate, bench)
-    search_types: ClassVar[tuple[str, ...]] = ()  # weight types `search` sizes and measures, largest first (none:
-    #                                              it cannot search this target: `layout` and `sizer` are not given)
+    # weight types `search` sizes and measures, largest first; none (the default): search refuses the target, which
+    # then need not give `layout` and `sizer`
+    search_types: ClassVar[tuple[str, ...]] = ()
 
     def options(self, given: dict | TargetOptions | None = None) -> TargetOptions:
         """`given` validated into this target's options (a one-line error names the offending option)."""

@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass
 
 from moeexport import __version__
+from moeexport.backends import target_for, target_names
 from moeexport.errors import MoeExportError
 
 EXAMPLES = """\
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint (compressed/; not for a .gguf MODEL, whose artifact is the compressed model), report.json and report.html (plots), all at once when the build is done. A build whose validation misses its tolerance exits 1 and "
         "its artifact is renamed *.failed.\n\n" + RECIPE_HELP, [model, calibration])
     _recipe_and_output(build)
-    build.add_argument("--target", required=True, choices=_target_names(), help="deployment target")
+    build.add_argument("--target", required=True, choices=target_names(), help="deployment target")
     build.add_argument(
         "--quant", default=None,
         help="weight type (gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k, or keep: a .gguf MODEL's own "
@@ -204,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the build flags it assumes in its header; --build DIR builds it.",
         [model, calibration])
     searched = _searched_types()
-    search.add_argument("--target", required=True, choices=_target_names(),
+    search.add_argument("--target", required=True, choices=target_names(),
                         help=f"deployment target ({', '.join(searched)}; the others are not searched yet)")
     limit = search.add_mutually_exclusive_group(required=True)
     limit.add_argument("--max-size", metavar="P%", help="at most this share of the untrimmed model's F16 GGUF, e.g. 30%%")
@@ -289,17 +290,9 @@ def _memory_arguments(command: argparse.ArgumentParser) -> None:
                          "(default: stream when the whole model does not fit --max-memory)")
 
 
-def _target_names() -> tuple[str, ...]:
-    from moeexport.backends import target_names
-
-    return target_names()
-
-
 def _searched_types() -> dict[str, tuple[str, ...]]:
     """Target -> the weight types `search` measures by default, for the targets it searches."""
-    from moeexport.backends import target_for
-
-    searched = {name: target_for(name).search_types for name in _target_names()}
+    searched = {name: target_for(name).search_types for name in target_names()}
     return {name: types for name, types in searched.items() if types}
 
 
@@ -335,10 +328,8 @@ class TargetFlag:
 def target_flags() -> list[TargetFlag]:
     """Every registered target's option fields as flags, in registry order; a field several targets share is one
     flag (each target validates its own options)."""
-    from moeexport.backends import target_for
-
     flags = {}
-    for name in _target_names():
+    for name in target_names():
         for field, info in target_for(name).Options.model_fields.items():
             flags.setdefault(field, _target_flag(field, info))
     return list(flags.values())
@@ -347,7 +338,7 @@ def target_flags() -> list[TargetFlag]:
 def _target_flag(field: str, info) -> TargetFlag:
     extra = info.json_schema_extra or {}
     kind = info.annotation
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:  # an optional value: X | None
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # an optional value: X | None
         kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
     choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
     kind = type(choices[0]) if choices else typing.get_origin(kind) or kind
