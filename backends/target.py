@@ -5,15 +5,24 @@ compresses, records the torch reference, calls `check` and `export`, judges the
 artifact with `validate_artifact` through the target's `runner` and
 `tolerance`, profiles it and lets the target `finish` (TensorRT writes its
 device bundle there). Options are a strict pydantic model per target, so a
-flag that belongs to another target is refused here, once, for every caller.
+flag that belongs to another target is refused here, once, for every caller;
+the command line offers each field of each registered target's Options as a
+build flag (a field's `json_schema_extra` may spell its flag and metavar).
+
+What other rooms would otherwise compute on a target's behalf is a hook here,
+so that one copy of each format rule lives in its backend: the weight bytes a
+decoded token reads (`token_bytes`: search, bench), the layout and sizes of the
+files a trimmed model would give (`layout`, `sizer`: search), and the step that
+measures an artifact built from an artifact of the same format against it
+(`input_comparison`, `quality_vs_input`: the pipeline).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -52,12 +61,41 @@ class Artifact:
         return {path.name: path.stat().st_size for path in paths if path.is_file()}
 
 
+@dataclass(frozen=True)
+class Finished:
+    """What a target's `finish` adds to the build report."""
+
+    engine: dict | None = None  # a device step's result
+    files: dict[str, int] | None = None  # every file of the artifact with its bytes, where Artifact.files misses some
+    failures: tuple[str, ...] = ()  # the device step's
+
+
+@dataclass(frozen=True)
+class FileSize:
+    """What a file a target would write weighs: its bytes, and the weight bytes one decoded token reads."""
+
+    file_bytes: int
+    token_bytes: int
+
+
+class Sizer(Protocol):
+    """Sizes the files a target would write for trimmed copies of one model (`Target.sizer`)."""
+
+    def size(self, layout, kept: list[int | None]) -> FileSize:
+        """The file of the trimmed copy whose `Target.layout` is `layout`; `kept` maps each decoder block of the
+        untrimmed model to its index in the trimmed one (None: dropped)."""
+
+
 class Target(ABC):
     name: ClassVar[str]
     extension: ClassVar[str]
     quant_types: ClassVar[tuple[str, ...]]
     tolerances: ClassVar[dict[str, Tolerance]]
     Options: ClassVar[type[TargetOptions]] = TargetOptions
+    runs_files: ClassVar[bool] = True  # whether its runner loads a file of `extension` alone (validate, bench)
+    # weight types `search` sizes and measures, largest first; none (the default): search refuses the target, which
+    # then need not give `layout` and `sizer`
+    search_types: ClassVar[tuple[str, ...]] = ()
 
     def options(self, given: dict | TargetOptions | None = None) -> TargetOptions:
         """`given` validated into this target's options (a one-line error names the offending option)."""
@@ -121,11 +159,43 @@ class Target(ABC):
 
         return profile_in_subprocess(self.name, artifact.path, prompt, new_tokens)
 
-    def finish(self, artifact: Artifact, validation: Validation, inputs: ExportInputs, progress=None) -> dict:
-        """Work after validation (e.g. a device bundle's manifest).
+    def finish(self, artifact: Artifact, validation: Validation, inputs: ExportInputs, progress=None) -> Finished:
+        """Work after validation (e.g. a device bundle's manifest), and what the report should add (default:
+        nothing)."""
+        return Finished()
 
-        Returns what the report should add: "engine" (a device step's result), "files" (every file of the
-        artifact with its bytes, when `Artifact.files` does not list them all) and "failures" (the device
-        step's), each optional.
-        """
-        return {}
+    def stored_files(self, path: Path) -> list[Path]:
+        """The files the artifact at `path` may be stored in, `path` first (default: that file alone)."""
+        return [path]
+
+    def token_bytes(self, path: Path):
+        """The weight bytes one decoded token of the artifact at `path` reads (a backends.decoding.TokenBytes).
+        Default: the target does not count them, and says so."""
+        raise MoeExportError(f"the {self.name} target does not count the bytes a decoded token reads")
+
+    def layout(self, model):
+        """How this target would lay MODEL out in a file, whatever its weight type, as `sizer` reads it: plain data
+        whose `num_experts` is the routed experts every MoE layer of the file holds. Raises MoeExportError where
+        MODEL cannot be written. Default: the target cannot size its files (`search_types` is empty)."""
+        raise MoeExportError(f"the {self.name} target cannot size the files it would write")
+
+    def sizer(self, untrimmed: Path) -> Sizer:
+        """Sizes this target's files of trimmed copies of the model in `untrimmed` (this target's file of that model
+        before trimming, in the weight type to size): exact for the untrimmed model itself. Default: as `layout`."""
+        raise MoeExportError(f"the {self.name} target cannot size the files it would write")
+
+    def input_comparison(self, model) -> str | None:
+        """When MODEL is itself an artifact of this target (a GGUF built from a GGUF), the build also measures its
+        artifact against MODEL, both run by this target (`quality_vs_input`): the words that announce that step.
+        None, the default: MODEL is not one, and there is no such step."""
+        return None
+
+    def quality_vs_input(self, model, artifact_runner, windows, where: str) -> dict:
+        """The artifact (its `artifact_runner`) against the input artifact MODEL, run by this target in a fresh
+        process, on the token `windows` of the text `where`: validate.compare's numbers."""
+        from moeexport.backends.profile import logits_in_subprocess
+        from moeexport.validate import compare
+
+        logits, _ = logits_in_subprocess(self.name, model, windows, windows.shape[1])
+        fidelity = compare(RecordedReference(windows, logits), artifact_runner, windows)
+        return {"text": where, **asdict(fidelity)}

@@ -1,10 +1,19 @@
-"""The command line's arguments: every command, option, default and help text (moeexport/cli.py runs them)."""
+"""The command line's arguments: every command, option, default and help text (moeexport/cli.py runs them).
+
+The targets (`--target`) and their option flags come from the backend registry: each field of each target's
+Options model is a `build` flag (`target_flags`), its help the field's description.
+"""
 
 from __future__ import annotations
 
 import argparse
+import types
+import typing
+from dataclasses import dataclass
 
 from moeexport import __version__
+from moeexport.backends import target_for, target_names
+from moeexport.errors import MoeExportError
 
 EXAMPLES = """\
 examples:
@@ -120,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint (compressed/; not for a .gguf MODEL, whose artifact is the compressed model), report.json and report.html (plots), all at once when the build is done. A build whose validation misses its tolerance exits 1 and "
         "its artifact is renamed *.failed.\n\n" + RECIPE_HELP, [model, calibration])
     _recipe_and_output(build)
-    build.add_argument("--target", required=True, choices=["gguf", "onnx", "tensorrt"], help="deployment target")
+    build.add_argument("--target", required=True, choices=target_names(), help="deployment target")
     build.add_argument(
         "--quant", default=None,
         help="weight type (gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k, or keep: a .gguf MODEL's own "
@@ -128,26 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         "f16 ONNX weights, the engine precision is trt-build's; default f32, and keep for a .gguf MODEL built to "
         "gguf)",
     )
-    build.add_argument(
-        "--tensor-type", action="append", default=[], metavar="PATTERN=TYPE",
-        help="per-tensor type override, a regex on GGUF tensor names, e.g. --tensor-type _exps=q4_k "
-        "--tensor-type attn_=q8_0 (repeatable; the first match wins)",
-    )
-    build.add_argument(
-        "--imatrix", action="store_true",
-        help="weigh quantization by an importance matrix measured on the calibration set (per expert, from its "
-        "routed tokens; experts without tokens use their layer's average and are reported)",
-    )
-    build.add_argument(
-        "--moe-ops", choices=["contrib", "plain", "plain-routed"],
-        help="onnx: one com.microsoft MoE/QMoE node per MoE layer (contrib, the default; onnxruntime >= 1.23) or "
-        "standard ops only (plain: for TensorRT and runtimes without the contrib ops, every expert computed; "
-        "plain-routed: the same, but a single decoded token runs only its k experts, through an If; f32/f16)",
-    )
-    build.add_argument(
-        "--block-size", type=int, metavar="N",
-        help="onnx int8/int4: inputs sharing one scale (a power of two >= 16 dividing the expert widths; default 32)",
-    )
+    for flag in target_flags():
+        build.add_argument(flag.flag, dest=flag.field, help=flag.help, **flag.parsing())
     build.set_defaults(dry_run=False)
 
     validate = command(
@@ -213,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
         "meets it is chosen. Prints the Pareto front (size vs KL) and the choice; --out writes the recipe, with "
         "the build flags it assumes in its header; --build DIR builds it.",
         [model, calibration])
-    search.add_argument("--target", required=True, choices=["gguf", "onnx"],
-                        help="deployment target (gguf; onnx is not searched yet)")
+    searched = _searched_types()
+    search.add_argument("--target", required=True, choices=target_names(),
+                        help=f"deployment target ({', '.join(searched)}; the others are not searched yet)")
     limit = search.add_mutually_exclusive_group(required=True)
     limit.add_argument("--max-size", metavar="P%", help="at most this share of the untrimmed model's F16 GGUF, e.g. 30%%")
     limit.add_argument("--max-bytes", metavar="SIZE", help="at most this many bytes, e.g. 16GB or 3.5GiB")
@@ -232,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--expert-keep", default="1,0.75,0.5", metavar="SHARE,...",
                         help="experts kept per MoE layer on average, as shares of E (default 1,0.75,0.5; global "
                         "expert_drop with min_keep = top-k)")
-    search.add_argument("--quant-types", metavar="TYPE,...",
-                        help="weight types searched (default gguf: f16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0)")
+    defaults = "; ".join(f"{name}: {','.join(types)}" for name, types in searched.items())
+    search.add_argument("--quant-types", metavar="TYPE,...", help=f"weight types searched (default {defaults})")
     search.add_argument("--verify", type=int, default=3, metavar="N",
                         help="candidates exported for real, best first, until one meets the limit (default 3; 0: "
                         "trust the estimates)")
@@ -296,3 +288,59 @@ def _memory_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                          help="force (--stream) or forbid (--no-stream) reading one decoder layer at a time "
                          "(default: stream when the whole model does not fit --max-memory)")
+
+
+def _searched_types() -> dict[str, tuple[str, ...]]:
+    """Target -> the weight types `search` measures by default, for the targets it searches."""
+    searched = {name: target_for(name).search_types for name in target_names()}
+    return {name: types for name, types in searched.items() if types}
+
+
+@dataclass(frozen=True)
+class TargetFlag:
+    """One field of a target's Options as a `build` flag."""
+
+    field: str  # the Options field, and the parsed arguments' attribute
+    flag: str  # "--" + the field in kebab case, unless the field's json_schema_extra names another
+    help: str  # the field's description
+    kind: type  # of the field's value (a Literal's choices: `choices`)
+    metavar: str | None = None
+    choices: tuple | None = None
+
+    def parsing(self) -> dict:
+        """How argparse reads the flag: a switch (bool), repeated KEY=VALUE items (dict), or one value."""
+        if self.kind is bool:
+            return {"action": "store_true"}
+        if self.kind is dict:
+            return {"action": "append", "default": [], "metavar": self.metavar}
+        return {"type": self.kind, "metavar": self.metavar, "choices": self.choices}
+
+    def value(self, given):
+        """The option's value from the parsed argument (a dict's KEY=VALUE items made a dict)."""
+        if self.kind is not dict:
+            return given
+        malformed = [item for item in given if "=" not in item]
+        if malformed:
+            raise MoeExportError(f"{self.flag} takes {self.metavar}, got {malformed[0]!r}")
+        return dict(item.rsplit("=", 1) for item in given)
+
+
+def target_flags() -> list[TargetFlag]:
+    """Every registered target's option fields as flags, in registry order; a field several targets share is one
+    flag (each target validates its own options)."""
+    flags = {}
+    for name in target_names():
+        for field, info in target_for(name).Options.model_fields.items():
+            flags.setdefault(field, _target_flag(field, info))
+    return list(flags.values())
+
+
+def _target_flag(field: str, info) -> TargetFlag:
+    extra = info.json_schema_extra or {}
+    kind = info.annotation
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # an optional value: X | None
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+    kind = type(choices[0]) if choices else typing.get_origin(kind) or kind
+    return TargetFlag(field, extra.get("flag", "--" + field.replace("_", "-")), info.description or "", kind,
+                      extra.get("metavar"), choices)

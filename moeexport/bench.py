@@ -13,9 +13,11 @@ to the baseline's median, measured in the same run.
 Decoding one token reads every weight it touches once, so it cannot run faster than the machine's memory
 bandwidth divided by those bytes: the bound. Bytes per token come from each artifact's own tensors at
 the types its runtime reads them: the stored ones, but an ONNX graph's f16 weights at float32, which ONNX
-Runtime widens when it loads the graph (`bytes_per_token` beside each runner: backends/gguf/runner.py,
-backends/onnx/runner.py, moeexport/validate.py). The bandwidth is measured here (`measure_bandwidth`), and
-the achieved fraction of the bound is the median decode speed over it. KV-cache reads are left out: the bound is the weights'.
+Runtime widens when it loads the graph (each target's `token_bytes`: `bytes_per_token` beside its runner,
+backends/gguf/runner.py, backends/onnx/runner.py; moeexport/validate.py for torch). The formats bench runs
+are the registry's targets whose runner loads a file alone (moeexport.backends.runnable_suffixes). The
+bandwidth is measured here (`measure_bandwidth`), and the achieved fraction of the bound is the median decode
+speed over it. KV-cache reads are left out: the bound is the weights'.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from moeexport.errors import MoeExportError
 from moeexport.events import EventStream
 
 GIB = 2**30
-FORMATS = {".gguf": "gguf", ".onnx": "onnx"}  # file suffix -> what runs it; a directory (or "demo") runs in torch
 FIRST_ORDINARY_TOKEN = 3  # prompt ids start past the usual <unk> <s> </s>
 CONTEXT_SLACK = 16  # positions the runners get beyond prompt + new tokens
 
@@ -221,10 +222,19 @@ def _subject(given: str) -> _Subject:
         return _Subject(given, resolve_model_dir(given).resolve(), TORCH)
     if not path.exists():
         raise MoeExportError(f"{given} does not exist")
-    if path.suffix not in FORMATS:
+    formats = formats_run()
+    if path.suffix not in formats:
         kind = f"a {path.suffix} file" if path.suffix else "a file without an extension"
-        raise MoeExportError(f"{given} is {kind}: bench runs .gguf and .onnx files and model directories (or demo)")
-    return _Subject(given, path.resolve(), FORMATS[path.suffix])
+        raise MoeExportError(f"{given} is {kind}: bench runs {' and '.join(formats)} files and model directories "
+                             "(or demo)")
+    return _Subject(given, path.resolve(), formats[path.suffix])
+
+
+def formats_run() -> dict[str, str]:
+    """File suffix -> the target that runs it; a directory (or "demo") runs in torch."""
+    from moeexport.backends import runnable_suffixes
+
+    return runnable_suffixes()
 
 
 def _describe(subject: _Subject):
@@ -236,15 +246,11 @@ def _describe(subject: _Subject):
     target = target_for(subject.format)
     try:
         runtime = target.runtime()
-    except ImportError:
-        extra = {"gguf": "gguf", "onnx": "onnx"}[subject.format]
+    except ImportError:  # each target's runtime is the package extra of its name
+        extra = subject.format
         raise MoeExportError(f"running {subject.given} needs its runtime: pip install 'moeexport[{extra}]'") from None
-    if subject.format == "gguf":
-        from moeexport.backends.gguf.runner import bytes_per_token
-    else:
-        from moeexport.backends.onnx.runner import bytes_per_token
-    files = [subject.path, subject.path.with_name(subject.path.name + ".data")]  # an ONNX graph's external data
-    return runtime, bytes_per_token(subject.path), sum(path.stat().st_size for path in files if path.is_file())
+    files = target.stored_files(subject.path)
+    return runtime, target.token_bytes(subject.path), sum(path.stat().st_size for path in files if path.is_file())
 
 
 def _describe_torch(subject: _Subject):

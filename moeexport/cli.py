@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from moeexport.arguments import build_parser
+from moeexport.arguments import build_parser, target_flags
 from moeexport.errors import MoeExportError
 
 def _calibration(args):
@@ -76,11 +76,7 @@ def run_compress(args) -> int:
 
 def _target_options(args) -> dict:
     """The target flags the user gave (the target refuses those that are not its own)."""
-    malformed = [item for item in args.tensor_type if "=" not in item]
-    if malformed:
-        raise MoeExportError(f"--tensor-type takes PATTERN=TYPE, got {malformed[0]!r}")
-    given = {"tensor_types": dict(item.rsplit("=", 1) for item in args.tensor_type), "imatrix": args.imatrix,
-             "moe_ops": args.moe_ops, "block_size": args.block_size}
+    given = {flag.field: flag.value(getattr(args, flag.field)) for flag in target_flags()}
     return {name: value for name, value in given.items() if value}
 
 

@@ -596,34 +596,24 @@ def _build(source: Source, recipe: Recipe, chosen, target_options, options: Buil
             validation = validate_artifact(reference, runner, windows, chosen.tolerance(options.quant, source),
                                            artifact.path, where, chosen.runtime(), events)
             artifact.path = validation.artifact  # *.failed when it missed
-        if source.is_gguf and target == "gguf":
-            with stages("quality_vs_input", "measuring quality against the input GGUF, both in llama.cpp"):
-                report.quality_vs_input = _against_input_gguf(source.path, runner, windows, where)
+        if comparison := chosen.input_comparison(source.path):
+            with stages("quality_vs_input", comparison):
+                report.quality_vs_input = chosen.quality_vs_input(source.path, runner, windows, where)
         del runner
         if validation.passed and options.profile:
             with stages("profile", "profiling"):
                 report.profile = chosen.profile(artifact, windows[0, :PROFILE_PROMPT].tolist(), PROFILE_NEW_TOKENS)
         with stages("finish", f"finishing the {target} artifact"):
             finished = chosen.finish(artifact, validation, inputs, events)
-        report.failures = validation.failures + finished.get("failures", [])
-        report.engine = finished.get("engine")
+        report.failures = validation.failures + list(finished.failures)
+        report.engine = finished.engine
         report.validation = validation.to_dict() | {"artifact": _published(artifact.path, staging, out)}
-        files = finished.get("files") or artifact.files()
+        files = finished.files or artifact.files()
         report.artifact = {"path": _published(artifact.path, staging, out), "representation": artifact.representation,
                            "fallbacks": artifact.fallbacks, "file_bytes": sum(files.values()), "files": files}
         report.timings, report.peak_rss_bytes = stages.total(), stages.peaks
         _write_reports(report, staging)
     return report
-
-
-def _against_input_gguf(model, artifact_runner, windows: np.ndarray, where: str) -> dict:
-    """The built GGUF against the GGUF it was built from, both run by llama.cpp on the held-out windows."""
-    from moeexport.backends.profile import logits_in_subprocess
-    from moeexport.validate import compare
-
-    logits, _ = logits_in_subprocess("gguf", model, windows, windows.shape[1])
-    fidelity = compare(RecordedReference(windows, logits), artifact_runner, windows)
-    return {"text": where, **asdict(fidelity)}
 
 
 def _artifact_runner(target, path: Path, windows: np.ndarray, memory):

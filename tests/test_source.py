@@ -10,7 +10,7 @@ import pytest
 import moeexport
 from moeexport import CompressOptions
 from moeexport.adapters import adapter_for
-from moeexport.adapters.base import keep_experts
+from moeexport.adapters.surgery import keep_experts
 from moeexport.backends import gguf as gguf_backend
 from moeexport.checkpoint_files import DEMO_MODEL, MANIFEST_WEIGHTS, SAFE_WEIGHTS, read_headers
 from moeexport.modelio import load_streamed, save

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
+
 from moeexport.backends.gguf.architectures import ARCHITECTURES
-from moeexport.backends.gguf.runner import GGUFRunner
+from moeexport.backends.decoding import TokenBytes
+from moeexport.backends.gguf.runner import GGUFRunner, bytes_per_token
 from moeexport.backends.gguf.types import KEEP, LLAMA_FTYPES, QUANT_TYPES, TOLERANCES
 from moeexport.backends.target import Artifact, ExportInputs, Target, TargetOptions
 from moeexport.validate import Tolerance
@@ -15,8 +18,13 @@ Runner = GGUFRunner
 
 
 class GGUFOptions(TargetOptions):
-    tensor_types: dict[str, str] = {}  # regex on GGUF tensor names -> ggml type; the first match wins
-    imatrix: bool = False  # weigh llama.cpp's rounding by the calibration set's input moments
+    tensor_types: dict[str, str] = Field(  # regex on GGUF tensor names -> ggml type; the first match wins
+        {}, json_schema_extra={"flag": "--tensor-type", "metavar": "PATTERN=TYPE"},
+        description="per-tensor type override, a regex on GGUF tensor names, e.g. --tensor-type _exps=q4_k "
+        "--tensor-type attn_=q8_0 (repeatable; the first match wins)")
+    imatrix: bool = Field(  # weigh llama.cpp's rounding by the calibration set's input moments
+        False, description="weigh quantization by an importance matrix measured on the calibration set (per expert, "
+        "from its routed tokens; experts without tokens use their layer's average and are reported)")
 
 
 class GGUFTarget(Target):
@@ -25,6 +33,7 @@ class GGUFTarget(Target):
     quant_types = QUANT_TYPES
     tolerances = TOLERANCES
     Options = GGUFOptions
+    search_types = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 
     def wants_imatrix(self, options: GGUFOptions) -> bool:
         return options.imatrix
@@ -68,6 +77,22 @@ class GGUFTarget(Target):
         import llama_cpp
 
         return f"llama.cpp (llama-cpp-python {llama_cpp.__version__}), CPU"
+
+    def token_bytes(self, path: Path) -> TokenBytes:
+        return bytes_per_token(path)
+
+    def layout(self, model):
+        return check(model, "f32")  # the writer's plan: its host, padded expert count and MoE-less layers
+
+    def sizer(self, untrimmed: Path):
+        from moeexport.backends.gguf.sizes import TrimmedSizes
+
+        return TrimmedSizes(untrimmed)
+
+    def input_comparison(self, model) -> str | None:
+        if str(model).endswith(f".{EXTENSION}"):
+            return "measuring quality against the input GGUF, both in llama.cpp"
+        return None
 
 
 TARGET = GGUFTarget()

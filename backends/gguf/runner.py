@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,17 @@ class GGUFRunner:
         self.llm.close()
 
 
+@dataclass(frozen=True)
+class TensorRead:
+    """How decoding one token reads a tensor of a GGUF: whole (`head`: the output projection), `experts` (k of
+    the `count` experts of a routed stack), `row` (one of its `count` rows: the token embedding) or `tied` (the
+    token embedding of a file without an output projection: a row, and whole as the head)."""
+
+    nbytes: int
+    read: str = "whole"  # whole | head | experts | row | tied
+    count: int = 1
+
+
 def bytes_per_token(path: str | Path) -> TokenBytes:
     """The weight bytes llama.cpp reads to decode one token of the GGUF at `path`, from its tensor table.
 
@@ -182,30 +194,48 @@ def bytes_per_token(path: str | Path) -> TokenBytes:
     and the token embedding, of which one row is read. The head (output.weight, or token_embd again when the
     file has none: tied) is read whole.
     """
-    import gguf
-
-    from moeexport.backends.gguf.names import ROUTED_FFN, TensorNames
     from moeexport.backends.gguf.reader import GGUFFile
 
     file = GGUFFile(path)
+    return token_bytes(list(tensor_reads(file).values()), int(file.value("expert_used_count", 0) or 0))
+
+
+def tensor_reads(file) -> dict[str, TensorRead]:
+    """How decoding reads each tensor of a reader.GGUFFile (bytes_per_token's rule), by name."""
+    import gguf
+
+    from moeexport.backends.gguf.names import ROUTED_FFN, TensorNames
+
     names = TensorNames(gguf, file.architecture)
     kinds = [kind for kind in ROUTED_FFN if names.allowed is None or kind in names.allowed]
     routed = {names(kind, block, suffix="") for kind in kinds for block in range(int(file.value("block_count", 0)))}
     embedding, head = names("TOKEN_EMBD", suffix=""), names("OUTPUT", suffix="")
     tied = not any(name.rsplit(".", 1)[0] == head for name in file.tensors)
-    used = int(file.value("expert_used_count", 0) or 0)
-    parts, pairs, rows = {"routed_experts": 0, "head": 0, "lookups": 0, "other": 0}, set(), 0
+    reads = {}
     for name, tensor in file.tensors.items():
         stem = name.rsplit(".", 1)[0]
         if stem in routed:
-            count = tensor.shape[0]
-            k = min(used or count, count)
-            parts["routed_experts"] += k * tensor.outer_bytes()
-            pairs.add((k, count))
+            reads[name] = TensorRead(tensor.nbytes, "experts", tensor.shape[0])
         elif stem == embedding:
-            parts["lookups"] += tensor.outer_bytes()  # one row per token
-            parts["head"] += tensor.nbytes if tied else 0
-            rows = max(rows, tensor.shape[0])
+            reads[name] = TensorRead(tensor.nbytes, "tied" if tied else "row", tensor.shape[0])
         else:
-            parts["head" if stem == head else "other"] += tensor.nbytes
+            reads[name] = TensorRead(tensor.nbytes, "head" if stem == head else "whole")
+    return reads
+
+
+def token_bytes(reads: list[TensorRead], used: int) -> TokenBytes:
+    """The bytes decoding one token reads of tensors read as `reads` say, routing to `used` experts per layer (the
+    file's expert_used_count; 0: every expert)."""
+    parts, pairs, rows = {"routed_experts": 0, "head": 0, "lookups": 0, "other": 0}, set(), 0
+    for tensor in reads:
+        if tensor.read == "experts":
+            k = min(used or tensor.count, tensor.count)
+            parts["routed_experts"] += k * (tensor.nbytes // tensor.count)
+            pairs.add((k, tensor.count))
+        elif tensor.read in ("row", "tied"):
+            parts["lookups"] += tensor.nbytes // tensor.count  # one row per token
+            parts["head"] += tensor.nbytes if tensor.read == "tied" else 0
+            rows = max(rows, tensor.count)
+        else:
+            parts["head" if tensor.read == "head" else "other"] += tensor.nbytes
     return TokenBytes(**parts, experts_read=experts_read(pairs), embedding_rows=rows)

@@ -91,6 +91,11 @@ class _Plan:
     shared_width: int  # ffn width of the shared expert, 0 without one
     shared_gate: bool  # the shared expert's output is scaled by a sigmoid gate
 
+    @property
+    def experts_used(self) -> int:
+        """The file's expert_used_count: llama.cpp's one top-k for every layer."""
+        return min(self.config.top_k, self.num_experts)
+
 
 def _gguf():
     try:
@@ -239,6 +244,32 @@ GRID_TYPES = {4: "q4_0", 8: "q8_0"}  # the ggml block types that hold a symmetri
 ZERO_TYPES = ("Q1_0", "Q4_0")  # all-zero stand-ins: 1.125 bits per weight in blocks of 128, else 4.5 in 32
 GGML_BLOCK = 32
 GGML_F32, GGML_F16 = 0, 1  # ggml type ids
+
+
+def zero_type(gguf, width: int):
+    """The ggml type an all-zero stand-in with rows of `width` is stored in: the first of ZERO_TYPES whose block
+    divides the rows (None: none does, and it is written in F16)."""
+    return next((gguf.GGMLQuantizationType[t] for t in ZERO_TYPES
+                 if width % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0] == 0), None)
+
+
+def zero_row_bytes(gguf, qtype, width: int) -> int:
+    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    return width // block * block_bytes
+
+
+def zero_bytes(gguf, shape: tuple[int, ...]) -> int:
+    """The bytes of an all-zero stand-in of `shape` as _TensorSink.add_zeros stores it."""
+    qtype = zero_type(gguf, shape[-1])
+    if qtype is None:
+        return math.prod(shape) * 2  # F16
+    return math.prod(shape[:-1]) * zero_row_bytes(gguf, qtype, shape[-1])
+
+
+def zero_ffn_shapes(hidden: int, width: int, experts: int = 0) -> tuple[tuple[int, ...], ...]:
+    """The (gate, up, down) shapes of an all-zero FFN of `width`; `experts` > 0 stacks that many."""
+    stack = (experts,) if experts else ()
+    return (*stack, width, hidden), (*stack, width, hidden), (*stack, hidden, width)
 
 
 def _carried_grid(grid: WeightGrid | None, quant: str, via_llama_cpp: bool,
@@ -401,7 +432,7 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
         writer.add_rope_freq_base_swa(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_expert_count(plan.num_experts)
-    writer.add_expert_used_count(min(config.top_k, plan.num_experts))
+    writer.add_expert_used_count(plan.experts_used)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)  # a llama_ftype id, as llama.cpp's quantizer records it
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -545,13 +576,11 @@ class _TensorSink:
         if self.proxy:
             self.add(name, np.zeros(shape, np.float32), quant="f32")
             return
-        qtype = next((self.gguf.GGMLQuantizationType[t] for t in ZERO_TYPES
-                      if shape[-1] % self.gguf.GGML_QUANT_SIZES[self.gguf.GGMLQuantizationType[t]][0] == 0), None)
+        qtype = zero_type(self.gguf, shape[-1])
         if qtype is None:
             self.add(name, np.zeros(shape, np.float32), quant="f16")
             return
-        block, block_bytes = self.gguf.GGML_QUANT_SIZES[qtype]
-        row_bytes = shape[-1] // block * block_bytes
+        row_bytes = zero_row_bytes(self.gguf, qtype, shape[-1])
         nbytes = math.prod(shape[:-1]) * row_bytes
         if not self.writing:
             self.writer.add_tensor_info(name, (*shape[:-1], row_bytes), np.uint8, nbytes, raw_dtype=qtype)
@@ -899,7 +928,5 @@ def _write_silent_moe(tensors: _TensorSink, name: BlockNames, hidden: int, plan:
 def _write_zero_ffn(tensors: _TensorSink, name: BlockNames, kinds: tuple[str, str, str], hidden: int, width: int,
                     experts: int = 0) -> None:
     """All-zero gate/up/down projections under the (gate, up, down) kinds; `experts` > 0 stacks that many."""
-    stack = (experts,) if experts else ()
-    shapes = ((*stack, width, hidden), (*stack, width, hidden), (*stack, hidden, width))
-    for kind, shape in zip(kinds, shapes):
+    for kind, shape in zip(kinds, zero_ffn_shapes(hidden, width, experts)):
         tensors.add_zeros(name(kind), shape)

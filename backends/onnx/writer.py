@@ -23,28 +23,16 @@ import numpy as np
 
 from moeexport.adapters import adapter_for
 from moeexport.adapters.declaration import SOFTMAX
+from moeexport.backends.onnx.types import DEFAULT_BLOCK_SIZE, MOE_OPS, QUANT_TYPES
 from moeexport.errors import MoeExportError
-from moeexport.validate import Tolerance
 
 if TYPE_CHECKING:
     from moeexport.quantization import WeightGrid
 
-QUANT_TYPES = ("f32", "f16", "int8", "int4")
-MOE_OPS = ("contrib", "plain", "plain-routed")
 BITS = {"int8": 8, "int4": 4}
-DEFAULT_BLOCK_SIZE = 32
 DEFAULT_CONTEXT_LIMIT = 4096  # RoPE table rows written when the model allows more positions
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf stops at 2 GiB; weights move to a .data file well before
 MIN_ONNXRUNTIME = (1, 23)  # first release with CPU kernels for MoE / QMoE and the [E, N, K] layout
-
-# f32 graphs compute what torch computes up to summation order; f16 rounds every weight;
-# int8 QMoE on onnxruntime >= 1.31 also quantizes activations to int8 (research/onnx_trt.md §1.6).
-TOLERANCES = {
-    "f32": Tolerance(max_abs_logit=1e-4, top1_agreement=1.0),
-    "f16": Tolerance(kl=1e-3, top1_agreement=0.97),
-    "int8": Tolerance(kl=5e-3, top1_agreement=0.93),
-    "int4": Tolerance(kl=0.1, top1_agreement=0.75),
-}
 
 
 @dataclass

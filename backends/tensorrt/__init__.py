@@ -17,8 +17,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moeexport.backends.target import ExportInputs, Target, TargetOptions
+from pydantic import Field
+
+from moeexport.backends.target import ExportInputs, Finished, Target, TargetOptions
 from moeexport.backends.tensorrt.bundle import (
+    DEFAULT_CONTEXT,
+    DEFAULT_MAX_PROMPT,
     ENGINE_TOLERANCES,
     Bundle,
     BundleArtifact,
@@ -41,8 +45,10 @@ BUNDLE_DIR = "bundle"
 
 
 class TensorRTOptions(TargetOptions):
-    context: int | None = None  # positions the engine holds (default 2048, at most the model's)
-    max_prompt: int | None = None  # longest prefill of the engine profile (default 512)
+    context: int | None = Field(None, json_schema_extra={"metavar": "N"}, description="tensorrt: positions the "
+                                f"engine holds (default {DEFAULT_CONTEXT}, at most the model's)")
+    max_prompt: int | None = Field(None, json_schema_extra={"metavar": "N"}, description="tensorrt: longest prefill "
+                                   f"of the engine profile (default {DEFAULT_MAX_PROMPT})")
 
 
 class TensorRTTarget(Target):
@@ -52,6 +58,7 @@ class TensorRTTarget(Target):
     extension = EXTENSION
     quant_types = QUANT_TYPES
     Options = TensorRTOptions
+    runs_files = False  # an engine runs on the device that builds it (trt-build); its runner here is the bundle's ONNX
 
     @property
     def tolerances(self):  # the bundle's ONNX is judged here as an ONNX; engines by ENGINE_TOLERANCES on the device
@@ -81,18 +88,17 @@ class TensorRTTarget(Target):
     def profile(self, artifact, prompt, new_tokens=64):
         return None  # an engine is profiled on the device that builds it (trt-build)
 
-    def finish(self, artifact: BundleArtifact, validation, inputs: ExportInputs, progress=None) -> dict:
+    def finish(self, artifact: BundleArtifact, validation, inputs: ExportInputs, progress=None) -> Finished:
         finish_bundle(artifact, inputs.reference, validation, inputs.manifest)
         bundle = artifact.path.parent
         bundle_files = {f"{bundle.name}/{path.name}": path.stat().st_size for path in sorted(bundle.iterdir())}
         if not validation.passed:
-            return {"engine": {"built": False, "reason": "the bundle's ONNX failed validation here"}, "files": bundle_files}
+            return Finished({"built": False, "reason": "the bundle's ONNX failed validation here"}, bundle_files)
         found = status()
         if not found.available:
-            return {"engine": {"built": False, "reason": found.reason}, "files": bundle_files}
+            return Finished({"built": False, "reason": found.reason}, bundle_files)
         device = finish_on_device(Bundle(artifact.path.parent), progress=progress)
-        return {"engine": {"built": True, **device.report}, "files": bundle_files,
-                "failures": device.failures}
+        return Finished({"built": True, **device.report}, bundle_files, tuple(device.failures))
 
 
 TARGET = TensorRTTarget()
