@@ -36,6 +36,11 @@ def runnable_suffixes() -> dict[str, str]:
     return {f".{target.extension}": name for name in PACKAGES if (target := target_for(name)).runs_files}
 
 
+def model_reader(path):
+    """The module that reads the artifact file `path` back as a model (a GGUF given as MODEL), by its suffix."""
+    return target_for(target_of_file(path)).model_reader()
+
+
 def target_of_file(path) -> str:
     """The target that runs an artifact file, from its suffix."""
     from pathlib import Path

@@ -149,6 +149,16 @@ class Target(ABC):
         `threads`: CPU threads the runtime computes with (None: every core); a GPU runtime ignores it."""
         return self.runner(path, context)
 
+    def chat_runner(self, path: Path, context: int):
+        """A runner whose `generate` serves `moeexport chat` on the artifact at `path` (default: the target has
+        none)."""
+        raise MoeExportError(f"moeexport chat does not run {self.name} artifacts")
+
+    def model_reader(self):
+        """The module that reads this target's files back as a model: `GGUFFile`-like `read_config`, `layer_specs`,
+        a streamed checkpoint and `load_tokenizer` (default: the target's files cannot be read back)."""
+        raise MoeExportError(f"a {self.name} artifact cannot be read back as a model")
+
     def runtime(self) -> str:
         """What runs the artifact here, for the report."""
         return self.name

@@ -95,19 +95,15 @@ def run_build(args) -> int:
 
 
 def run_trt_build(args) -> int:
-    from moeexport.backends.tensorrt import Bundle, finish_on_device, status
+    from moeexport.backends import target_for
     from moeexport.console import render_device
 
     for name in ("context", "max_prompt"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise MoeExportError(f"--{name.replace('_', '-')} must be at least 1")
-    bundle = Bundle(args.bundle)  # a wrong path or a partial copy is reported before TensorRT is looked for
-    found = status()
-    if not found.available:
-        raise MoeExportError(found.reason)
     workspace = int(args.workspace * 2**30) if args.workspace else None
-    result, out = _run(args, lambda on_event: finish_on_device(bundle, args.precision, workspace, args.context,
-                                                               args.max_prompt, on_event, args.verbose))
+    result, out = _run(args, lambda on_event: target_for("tensorrt").build_on_device(
+        args.bundle, args.precision, workspace, args.context, args.max_prompt, on_event, args.verbose))
     _print_json(result.report) if args.json else render_device(out, result.report)
     if result.failures:
         print(f"moeexport trt-build: validation failed ({'; '.join(result.failures)}); engine moved to "
@@ -189,7 +185,7 @@ def run_search(args) -> int:
 
 
 def run_chat(args) -> int:
-    from moeexport.backends.gguf import GGUFRunner
+    from moeexport.backends import target_for, target_of_file
     from moeexport.console import chat_session
 
     if not args.model_file.endswith(".gguf") or not Path(args.model_file).is_file():
@@ -197,7 +193,7 @@ def run_chat(args) -> int:
     for name in ("max_tokens", "context"):
         if getattr(args, name) < 1:
             raise MoeExportError(f"--{name.replace('_', '-')} must be at least 1")
-    runner = GGUFRunner(args.model_file, context=args.context, exact=False, logits=False)
+    runner = target_for(target_of_file(args.model_file)).chat_runner(args.model_file, args.context)
     chat_session(runner, args.prompt, args.system, args.max_tokens, args.temperature, args.model_file)
     return 0
 

@@ -34,6 +34,7 @@ from torch import nn
 from moeexport import streaming
 from moeexport.adapters import adapter_for
 from moeexport.adapters.surgery import structure, sync_expert_config
+from moeexport.backends import model_reader
 from moeexport.checkpoint_files import (MANIFEST, MANIFEST_INDEX, MANIFEST_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS,
                                         TOKENIZER_FILES, check_finite, is_gguf, one_line, resolve_model_dir)
 from moeexport.errors import MoeExportError
@@ -46,19 +47,12 @@ SHARD_BYTES = 2**30  # a streamed save writes shards of about this size (each is
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
-def gguf_reader():
-    """backends/gguf/reader.py: a GGUF as a model (imported when a .gguf is given)."""
-    from moeexport.backends.gguf import reader
-
-    return reader
-
-
 def check_checkpoint(source: Source, trust_remote_code: bool = False) -> None:
     """Refuse, by name, a weights file whose tensors are not exactly the ones config.json implies.
 
     Reads only the source's headers. The model is built on the meta device (no memory) to list its
     tensors; a checkpoint may hold them as the model names them, or in the layout
-    transformers saves and converts on load (Mixtral's per-expert w1/w2/w3, ...).
+    transformers saves and converts on load (the hub's per-expert w1/w2/w3, ...).
     """
     from transformers import AutoModelForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
@@ -158,7 +152,7 @@ def load_streamed(model: Source | str | Path, dtype: str = "float32", trust_remo
         check_checkpoint(source, trust_remote_code)
     lm = skeleton(source.config, dtype, trust_remote_code, list(source.layers) if source.layers is not None else None)
     if source.is_gguf:
-        reader = gguf_reader()
+        reader = model_reader(source.path)
         checkpoint = reader.GGUFCheckpoint(lm, reader.GGUFFile(source.path))
     else:
         checkpoint = streaming.SafetensorsCheckpoint(lm, source.headers)
@@ -233,7 +227,7 @@ def load_tokenizer(model: Source | str | Path, trust_remote_code: bool = False):
 
     model_dir = model.path if isinstance(model, Source) else resolve_model_dir(model)
     if is_gguf(model_dir):
-        return gguf_reader().load_tokenizer(model_dir)
+        return model_reader(model_dir).load_tokenizer(model_dir)
     try:
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
@@ -276,7 +270,7 @@ def save(lm: nn.Module, out_dir: str | Path, manifest: dict, overwrite: bool = F
                                  "or choose another --out") from None
         source = Path(lm.config.name_or_path or "")
         if is_gguf(source):  # the vocabulary is in the GGUF's metadata
-            gguf_reader().load_tokenizer(source).save_pretrained(staging)
+            model_reader(source).load_tokenizer(source).save_pretrained(staging)
         for name in TOKENIZER_FILES:
             if (source / name).is_file() and not (staging / name).exists():
                 shutil.copyfile(source / name, staging / name)
@@ -299,7 +293,7 @@ def _save_streamed(lm: nn.Module, directory: Path, stock_loadable: bool) -> str:
     remove weights, so that is lossless).
 
     A stock-loadable checkpoint is written in the layout transformers saves (the
-    hub's, e.g. Mixtral's per-expert w1/w2/w3); a manifest checkpoint in the
+    hub's, e.g. per-expert w1/w2/w3); a manifest checkpoint in the
     model's own names, as `save` writes moeexport.safetensors. Returns the index's name.
     """
     from transformers.core_model_loading import revert_weight_conversion

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from moeexport.adapters import adapter_for
+from moeexport.adapters import adapter_for, supported_families
 from moeexport.adapters.declaration import LayerSpec
 from moeexport.cache import digests_dir
 from moeexport.checkpoint_files import (MANIFEST, Headers, invalid_manifest, is_gguf, one_line, read_headers,
@@ -86,9 +86,10 @@ def _manifest_layers(path: Path, manifest: dict | None) -> tuple[LayerSpec, ...]
 
 
 def _open_gguf(given: str, path: Path, trust_remote_code: bool, cache_root: Path | None) -> Source:
-    """A GGUF as the model it holds (backends/gguf/reader.py): its headers are the parameters it is read into."""
-    from moeexport.backends.gguf import reader
+    """A GGUF as the model it holds (read by its target's reader): its headers are the parameters it is read into."""
+    from moeexport.backends import model_reader
 
+    reader = model_reader(path)
     file = reader.GGUFFile(path)
     config = reader.read_config(file)
     layers = tuple(reader.layer_specs(file))
@@ -110,7 +111,8 @@ def read_config(model_dir: Path, trust_remote_code: bool = False):
         raise MoeExportError(f"{path} holds a JSON {type(raw).__name__}, not an object: it is not a model config")
     model_type = raw.get("model_type")
     if not isinstance(model_type, str):
-        raise MoeExportError(f"{path}: model_type is {model_type!r}; it must be a string such as \"mixtral\"")
+        raise MoeExportError(f"{path}: model_type is {model_type!r}; it must be a string, one of "
+                             f"{', '.join(supported_families())}")
     if model_type not in CONFIG_MAPPING and not trust_remote_code:
         raise MoeExportError(
             f"unknown model_type {model_type!r} in {path} "

@@ -32,10 +32,11 @@ from moeexport.backends.tensorrt.bundle import (
     profile_sizes,
     write_bundle,
 )
-from moeexport.backends.tensorrt.device import finish_on_device
+from moeexport.backends.tensorrt.device import DeviceResult, finish_on_device
 from moeexport.backends.tensorrt.runner import TensorRTRunner
 from moeexport.backends.tensorrt.runtime import Status, import_tensorrt, status
 from moeexport.backends.tensorrt.support import check_decoder_io, check_onnx, decoder_io, support_table
+from moeexport.errors import MoeExportError
 
 EXTENSION = "plan"
 # Weight types of the bundled ONNX; the engine's precision is chosen on the device (trt-build --precision).
@@ -99,6 +100,17 @@ class TensorRTTarget(Target):
             return Finished({"built": False, "reason": found.reason}, bundle_files)
         device = finish_on_device(Bundle(artifact.path.parent), progress=progress)
         return Finished({"built": True, **device.report}, bundle_files, tuple(device.failures))
+
+
+    def build_on_device(self, bundle_dir, precision: str | None = None, workspace_bytes: int | None = None,
+                        context: int | None = None, max_prompt: int | None = None, progress=None,
+                        verbose: bool = False) -> DeviceResult:
+        """`moeexport trt-build`: the engine of a bundle copied to this device, built, validated and profiled."""
+        bundle = Bundle(bundle_dir)  # a wrong path or a partial copy is reported before TensorRT is looked for
+        found = status()
+        if not found.available:
+            raise MoeExportError(found.reason)
+        return finish_on_device(bundle, precision, workspace_bytes, context, max_prompt, progress, verbose)
 
 
 TARGET = TensorRTTarget()
