@@ -19,7 +19,7 @@ EXAMPLES = """\
 examples:
   moeexport analyze demo --out out/analysis
   moeexport compress demo --recipe recipes/trim.yaml --out out/demo-trimmed
-  moeexport compress path/to/Mixtral --recipe r.yaml --calib calib.txt --dry-run
+  moeexport compress path/to/model --recipe r.yaml --calib calib.txt --dry-run
   moeexport eval out/demo-trimmed --text held_out.txt --reference demo
   moeexport build demo --recipe recipes/demo-gguf.yaml --target gguf --out out/demo-gguf
   moeexport build demo --recipe recipes/trim.yaml --target onnx --quant int4 --out out/demo-onnx

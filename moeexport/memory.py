@@ -5,7 +5,7 @@ read, nothing heavy is imported), so a model that cannot fit is refused at once,
 before any work. The constants are measured on this project's builds, not guessed:
 RUNTIME is the resident size of a process that has imported torch, transformers,
 llama.cpp and ONNX Runtime; IN_MEMORY_FACTOR is an in-memory build's peak RSS
-over its float32 weight bytes (Mixtral-8x7B widths, one layer: 14.1 GB for 6.9 GB).
+over its float32 weight bytes (8x7B widths, one layer: 14.1 GB for 6.9 GB).
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def peak_resident_bytes() -> int:
 def release_freed_memory() -> None:
     """Hand memory that was freed back to the system (glibc's malloc_trim). Dequantizing makes many
     temporaries of a few MiB, which glibc keeps in its heaps after they are freed: without this, a streamed
-    run's resident memory creeps up by tens of MiB per expert read (measured at Mixtral's widths)."""
+    run's resident memory creeps up by tens of MiB per expert read (measured at 8x7B widths)."""
     global _malloc_trim
     if _malloc_trim is None:
         import ctypes

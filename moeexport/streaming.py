@@ -478,7 +478,7 @@ def _parameter_sources(model: nn.Module, headers: dict) -> dict[str, list[_Piece
     """Model parameter name -> the checkpoint tensors it is made of.
 
     A checkpoint holds tensors under the model's own names, or in the layout
-    transformers converts on load (Mixtral's per-expert w1/w3/w2 stacked into
+    transformers converts on load (the hub's per-expert w1/w3/w2 stacked into
     gate_up_proj / down_proj); transformers' own conversion table says which, and
     only its stack-and-concatenate conversions are streamed (the ones every
     supported family uses).
