@@ -101,8 +101,6 @@ def _label(block: int, layer: int, keep: int, experts: int) -> str:
 def apply_grid(original, provider, tokens, reference, options: SearchOptions, target, events: EventStream):
     """Every trimming recipe of the grid applied in torch: (trimmings, skipped, (the target's layout of each, its
     new block index))."""
-    from moeexport.evaluate import evaluate
-
     blocks, layer_drops, keeps, experts, top_k = _grid(original, options)
     total = len(blocks) * len(layer_drops) * len(keeps)
     task = events.add_task(f"trimming candidates: {total} recipes applied and scored on the calibration set",
@@ -130,22 +128,13 @@ def apply_grid(original, provider, tokens, reference, options: SearchOptions, ta
                 skip(block, layer, keeps, error)
                 continue
             for keep in keeps:
-                entry = None
-                if keep < experts:
-                    entry = {"expert_drop": {"keep": keep, "scope": options.expert_scope}}
-                    if options.expert_scope == "global":
-                        entry["expert_drop"]["min_keep"] = min(top_k, keep)
                 try:
-                    leaf = _apply(layered, entry, provider, memo)
+                    leaf = _apply(layered, _expert_drop(keep, experts, top_k, options.expert_scope), provider, memo)
                     layout = target.layout(leaf.model)
                 except MoeExportError as error:
                     skip(block, layer, [keep], error)
                     continue
-                if leaf.model is original:
-                    kl, top1 = 0.0, 1.0  # the original itself
-                else:
-                    scored = evaluate(leaf.model, tokens, reference=reference)
-                    kl, top1 = scored.kl, scored.top1_agreement
+                kl, top1 = _scored(leaf.model, original, tokens, reference)
                 layers = _layers(leaf.model)
                 trimmings.append(Trimming(
                     label=_label(block, layer, keep, experts), passes=_pinned(leaf), block_drop=block,
@@ -162,6 +151,26 @@ def apply_grid(original, provider, tokens, reference, options: SearchOptions, ta
         reasons = "; ".join(sorted({entry["reason"] for entry in skipped}))
         raise MoeExportError(f"the model takes none of the grid's trimming recipes ({reasons})")
     return trimmings, skipped, layouts
+
+
+def _expert_drop(keep: int, experts: int, top_k: int, scope: str) -> dict | None:
+    """The grid's expert_drop entry keeping `keep` of `experts` (None: all kept, no pass)."""
+    if keep >= experts:
+        return None
+    entry = {"keep": keep, "scope": scope}
+    if scope == "global":
+        entry["min_keep"] = min(top_k, keep)  # llama.cpp routes every layer to one top-k
+    return {"expert_drop": entry}
+
+
+def _scored(model, original, tokens, reference) -> tuple[float, float]:
+    """(KL, top-1 agreement) of a trimmed model against the original's recorded logits."""
+    from moeexport.evaluate import evaluate
+
+    if model is original:
+        return 0.0, 1.0  # the original itself
+    scored = evaluate(model, tokens, reference=reference)
+    return scored.kl, scored.top1_agreement
 
 
 def _layers(model):

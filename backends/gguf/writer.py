@@ -254,6 +254,7 @@ def zero_type(gguf, width: int):
 
 
 def zero_row_bytes(gguf, qtype, width: int) -> int:
+    """The bytes of one all-zero row of `width` in block type `qtype`."""
     block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     return width // block * block_bytes
 
