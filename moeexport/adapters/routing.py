@@ -1,8 +1,9 @@
 """Routing by a family's declared rule (declaration.Routing): router logits -> the k experts and their weights.
 
-The damage scorer, REAP, repair and the checks of the ONNX and GGUF lowering
-read routing through `route`; for softmax -> top-k -> renormalize it is the
-float operations of transformers' routers, so results stay the model's own.
+The damage scorer and repair route through `route`, the observers' routing mass
+through `scores`; the ONNX and GGUF lowering read the same rule's fields. For
+softmax -> top-k -> renormalize these are the float operations of transformers'
+routers, so results stay the model's own.
 """
 
 from __future__ import annotations
