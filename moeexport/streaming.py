@@ -406,7 +406,7 @@ class ExpertsOnDemand(nn.Module):
         super().__init__()
         self._arguments = (stream, experts, edit, prefix)  # a tuple, so the meta experts are no submodule
         self.num_experts = experts.gate_up_proj.shape[0]
-        self.layout = stream.adapter.model_config(stream.model.config).experts
+        self.layout = stream.adapter.expert_layout(stream.model.config)
         source = stream._name(edit.source, prefix)
         self.gate_up_proj = ExpertStack(experts.gate_up_proj.shape,
                                         _ExpertReader(stream, source + "gate_up_proj", edit, stored))
