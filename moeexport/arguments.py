@@ -308,16 +308,17 @@ class TargetFlag:
     choices: tuple | None = None
 
     def parsing(self) -> dict:
-        """How argparse reads the flag: a switch (bool), repeated KEY=VALUE items (dict), or one value."""
+        """How argparse reads the flag: a switch (bool), repeated KEY=VALUE items (dict), or one value; None when
+        not given, so that a given 0 or empty value reaches the target's own check."""
         if self.kind is bool:
-            return {"action": "store_true"}
+            return {"action": "store_true", "default": None}
         if self.kind is dict:
-            return {"action": "append", "default": [], "metavar": self.metavar}
+            return {"action": "append", "metavar": self.metavar}
         return {"type": self.kind, "metavar": self.metavar, "choices": self.choices}
 
     def value(self, given):
         """The option's value from the parsed argument (a dict's KEY=VALUE items made a dict)."""
-        if self.kind is not dict:
+        if self.kind is not dict or given is None:
             return given
         malformed = [item for item in given if "=" not in item]
         if malformed:

@@ -77,7 +77,7 @@ def run_compress(args) -> int:
 def _target_options(args) -> dict:
     """The target flags the user gave (the target refuses those that are not its own)."""
     given = {flag.field: flag.value(getattr(args, flag.field)) for flag in target_flags()}
-    return {name: value for name, value in given.items() if value}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def run_build(args) -> int:

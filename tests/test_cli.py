@@ -111,6 +111,8 @@ BAD_INPUTS = {
                                  "--imatrix is not an option of the onnx target (its options: --moe-ops, --block-size)"),
     "block size that is no power of two": (["build", "demo", "--target", "onnx", "--quant", "int4", "--block-size", "24"],
                                            TRIM, "--block-size: must be a power of two >= 16, got 24"),
+    "block size zero": (["build", "demo", "--target", "onnx", "--quant", "int4", "--block-size", "0"],
+                        TRIM, "--block-size: must be a power of two >= 16, got 0"),
     "block size the experts cannot take": (["build", "demo", "--target", "onnx", "--quant", "int4", "--block-size", "256"],
                                            TRIM, "--block-size 256 cannot quantize layer 0's experts"),
     "quant the target cannot write": (["build", "demo", "--target", "gguf", "--quant", "iq2_xxs"], TRIM, "not a gguf type"),
