@@ -14,9 +14,11 @@ runner's rule (runner.py `token_bytes`).
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
+from moeexport.backends.gguf.names import DENSE_FFN, ROUTED_FFN, SHARED_FFN
 from moeexport.backends.gguf.reader import GGUFFile
 from moeexport.backends.gguf.runner import TensorRead, tensor_reads, token_bytes
 from moeexport.backends.gguf.writer import STANDIN_WIDTH, zero_bytes, zero_ffn_shapes
@@ -26,22 +28,23 @@ BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")  # a decoder block's tensor: its 
 F32_BYTES = 4  # routers, selection biases and shared-expert gates stay F32
 
 
+# the writer's block tensor kinds (names.py) by what trimming does to them; every other kind is attention's
+ROLES = {**dict.fromkeys(ROUTED_FFN, "experts"), "FFN_GATE_INP": "router", "FFN_EXP_PROBS_B": "bias",
+         **dict.fromkeys((*SHARED_FFN, "FFN_GATE_INP_SHEXP"), "shared"), "FFN_NORM": "moe_norm",
+         **dict.fromkeys(DENSE_FFN, "dense")}
+
+
 def role(rest: str) -> str:
     """What a block tensor ("attn_q.weight", "ffn_up_exps.weight", ...) is, for trimming."""
-    stem = rest.split(".")[0]
-    if stem in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
-        return "experts"
-    if stem == "ffn_gate_inp":
-        return "router"
-    if stem == "exp_probs_b":
-        return "bias"
-    if stem.endswith("_shexp") or stem == "ffn_gate_inp_shexp":
-        return "shared"
-    if stem == "ffn_norm":
-        return "moe_norm"
-    if stem in ("ffn_gate", "ffn_up", "ffn_down"):
-        return "dense"
-    return "attention"
+    return _roles_by_stem().get(rest.split(".")[0], "attention")
+
+
+@functools.cache
+def _roles_by_stem() -> dict[str, str]:
+    """ROLES under the names gguf-py gives the kinds in a block ("ffn_gate_exps": "experts", ...)."""
+    import gguf
+
+    return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[kind]].removeprefix("blk.{bid}."): role for kind, role in ROLES.items()}
 
 
 class TrimmedSizes:
