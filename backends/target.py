@@ -146,12 +146,12 @@ class Target(ABC):
 
     def serving_runner(self, path: Path, context: int, threads: int | None = None):
         """The runner as a deployment would configure it, for profiling (default: the validation runner).
-        `threads`: CPU threads the runtime computes with (None: every core); a GPU runtime ignores it."""
+        `threads`: CPU threads the runtime computes with (None: the physical cores); a GPU runtime ignores it."""
         return self.runner(path, context)
 
-    def chat_runner(self, path: Path, context: int):
-        """A runner whose `generate` serves `moeexport chat` on the artifact at `path` (default: the target has
-        none)."""
+    def chat_runner(self, path: Path, context: int, threads: int | None = None):
+        """A runner whose `generate` serves `moeexport chat` on the artifact at `path`, computing with `threads`
+        CPU threads (None: the physical cores) (default: the target has none)."""
         raise MoeExportError(f"moeexport chat does not run {self.name} artifacts")
 
     def model_reader(self):
@@ -163,11 +163,13 @@ class Target(ABC):
         """What runs the artifact here, for the report."""
         return self.name
 
-    def profile(self, artifact: Artifact, prompt: list[int], new_tokens: int = 64) -> dict | None:
-        """Speed and memory on this machine, in a fresh process so the numbers are the runtime's alone."""
+    def profile(self, artifact: Artifact, prompt: list[int], new_tokens: int = 64,
+                threads: int | None = None) -> dict | None:
+        """Speed and memory on this machine with `threads` CPU threads (None: the physical cores), in a fresh
+        process so the numbers are the runtime's alone."""
         from moeexport.backends.profile import profile_in_subprocess
 
-        return profile_in_subprocess(self.name, artifact.path, prompt, new_tokens)
+        return profile_in_subprocess(self.name, artifact.path, prompt, new_tokens, threads=threads)
 
     def finish(self, artifact: Artifact, validation: Validation, inputs: ExportInputs, progress=None) -> Finished:
         """Work after validation (e.g. a device bundle's manifest), and what the report should add (default:

@@ -27,8 +27,15 @@ def _compress_options(args, options_type=None, **extra):
     return (options_type or CompressOptions)(
         out=args.out, calibration=_calibration(args), eval_text=args.eval_text, measure_quality=not args.no_eval,
         dry_run=args.dry_run, overwrite=args.overwrite, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-        allow_nonfinite=args.allow_nonfinite, max_memory=_max_memory(args), stream=args.stream, **extra,
+        allow_nonfinite=args.allow_nonfinite, max_memory=_max_memory(args), stream=args.stream,
+        threads=_threads(args), **extra,
     )
+
+
+def _threads(args) -> int | None:
+    if args.threads is not None and args.threads < 1:
+        raise MoeExportError(f"--threads must be at least 1, got {args.threads}")
+    return args.threads
 
 
 def _max_memory(args) -> int | None:
@@ -193,7 +200,7 @@ def run_chat(args) -> int:
     for name in ("max_tokens", "context"):
         if getattr(args, name) < 1:
             raise MoeExportError(f"--{name.replace('_', '-')} must be at least 1")
-    runner = target_for(target_of_file(args.model_file)).chat_runner(args.model_file, args.context)
+    runner = target_for(target_of_file(args.model_file)).chat_runner(args.model_file, args.context, _threads(args))
     chat_session(runner, args.prompt, args.system, args.max_tokens, args.temperature, args.model_file)
     return 0
 

@@ -86,7 +86,7 @@ class TensorRTTarget(Target):
 
         return onnxruntime_here()
 
-    def profile(self, artifact, prompt, new_tokens=64):
+    def profile(self, artifact, prompt, new_tokens=64, threads=None):
         return None  # an engine is profiled on the device that builds it (trt-build)
 
     def finish(self, artifact: BundleArtifact, validation, inputs: ExportInputs, progress=None) -> Finished:
