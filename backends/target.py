@@ -19,6 +19,8 @@ measures an artifact built from an artifact of the same format against it
 
 from __future__ import annotations
 
+import importlib.util
+
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,6 +98,18 @@ class Target(ABC):
     # weight types `search` sizes and measures, largest first; none (the default): search refuses the target, which
     # then need not give `layout` and `sizer`
     search_types: ClassVar[tuple[str, ...]] = ()
+    # (import name, pip distribution) of what exporting and validating here need, and the extra that installs them
+    requires: ClassVar[tuple[tuple[str, str], ...]] = ()
+    extra: ClassVar[str | None] = None  # None: the target's name
+
+    def check_installed(self) -> None:
+        """Refuse a build whose export or validation would fail for a missing package, before any work: found
+        without importing anything (import torch takes seconds; the build would take minutes)."""
+        missing = [distribution for module, distribution in self.requires if importlib.util.find_spec(module) is None]
+        if missing:
+            extra = self.extra or self.name
+            raise MoeExportError(f"the {self.name} target needs {' and '.join(missing)}, which this Python lacks: pip "
+                                 f"install 'moeexport[{extra}]' (in a clone of moeexport: pip install -e '.[{extra}]')")
 
     def options(self, given: dict | TargetOptions | None = None) -> TargetOptions:
         """`given` validated into this target's options (a one-line error names the offending option)."""

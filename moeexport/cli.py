@@ -87,7 +87,20 @@ def _target_options(args) -> dict:
     return {name: value for name, value in given.items() if value is not None}
 
 
+def _refuse_target_early(args) -> None:
+    """What the target refuses, refused before torch is imported: seconds, not minutes, for a typo or a missing
+    package (the pipeline checks the same again for callers of the library)."""
+    from moeexport.backends import target_for
+
+    chosen = target_for(args.target)
+    chosen.check_installed()
+    chosen.options(_target_options(args))
+    if args.quant is not None:
+        chosen.check_quant(args.quant)
+
+
 def run_build(args) -> int:
+    _refuse_target_early(args)
     from moeexport.console import render_build
     from moeexport.pipeline import BuildOptions, build
 
@@ -211,9 +224,11 @@ def main(argv: list[str] | None = None) -> int:
            "validate": run_validate, "chat": run_chat, "trt-build": run_trt_build, "bench": run_bench,
            "search": run_search}[args.command]
     try:
-        if hasattr(args, "max_memory"):  # a model that cannot fit is refused before torch is even imported
+        if hasattr(args, "max_memory"):  # a wrong path or a model that cannot fit: refused before torch is imported
+            from moeexport.checkpoint_files import resolve_model_dir
             from moeexport.memory import default_budget, refuse_early
 
+            resolve_model_dir(args.model)
             refuse_early(args.model, _max_memory(args) or default_budget())
         return run(args)
     except MoeExportError as error:

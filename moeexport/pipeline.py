@@ -551,6 +551,7 @@ def build(model: str | Path, recipe: str | Path | Recipe | dict, target: str, op
     from moeexport.backends import target_for
 
     chosen = target_for(target)  # before any work: nothing is compressed for options the target refuses
+    chosen.check_installed()
     target_options = chosen.options(options.target_options)
     options = replace(options, quant=options.quant or chosen.default_quant(model))
     chosen.check_quant(options.quant)

@@ -150,3 +150,28 @@ def test_existing_output_needs_overwrite(tmp_path, recipe, capsys):
     out.mkdir()
     assert main(["compress", "demo", "--recipe", str(recipe), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+EARLY_REFUSALS = {  # refused before torch is imported: a second, not the minutes a build would take first
+    "weight type the target lacks": (["--target", "gguf", "--quant", "iq2_xxs"], [], "not a gguf type"),
+    "option of another target": (["--target", "onnx", "--imatrix"], [], "not an option of the onnx target"),
+    "missing runtime": (["--target", "gguf"], ["llama_cpp"],
+                        "needs llama-cpp-python, which this Python lacks: pip install 'moeexport[gguf]' (in a clone"),
+    "missing model": (["--target", "gguf", "--model-path-missing"], [], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EARLY_REFUSALS))
+def test_build_refuses_bad_arguments_before_importing_torch(case, tmp_path, recipe):
+    import subprocess
+    import sys
+
+    flags, missing, message = EARLY_REFUSALS[case]
+    model = str(tmp_path / "nope") if "--model-path-missing" in flags else "demo"
+    flags = [flag for flag in flags if flag != "--model-path-missing"]
+    argv = ["build", model, "--recipe", str(recipe), "--out", str(tmp_path / "out"), *flags]
+    script = (f"import sys\nfor name in {missing!r}: sys.modules[name] = None  # as if not installed\n"
+              f"from moeexport.cli import main\ncode = main({argv!r})\nprint(code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], (done.stdout, done.stderr)
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

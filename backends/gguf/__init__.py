@@ -30,6 +30,7 @@ class GGUFOptions(TargetOptions):
 class GGUFTarget(Target):
     name = "gguf"
     extension = EXTENSION
+    requires = (("gguf", "gguf"), ("llama_cpp", "llama-cpp-python"))
     quant_types = QUANT_TYPES
     tolerances = TOLERANCES
     Options = GGUFOptions
