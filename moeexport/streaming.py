@@ -517,21 +517,40 @@ class _StopForward(Exception):
     pass
 
 
-def first_layer_inputs(model, input_ids: torch.Tensor):
-    """Run the model up to its first decoder layer: (hidden states, keyword arguments of the call).
+class LayerCalls(dict):
+    """The keyword arguments the model calls its first decoder layer with, and in `of(layer)` those of each layer:
+    layers may be called differently (gpt-oss's sliding-window layers get an attention mask of their own)."""
 
-    What the layers need besides the hidden states (attention mask, rotary tables)
+    def __init__(self, calls: dict[nn.Module, dict]):
+        super().__init__(next(iter(calls.values())))
+        self.calls = calls
+
+    def of(self, layer: nn.Module) -> dict:
+        return self.calls[layer]
+
+
+def first_layer_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, LayerCalls]:
+    """Run the model's forward with every decoder layer passing its input on, recording how it calls each:
+    (the first layer's hidden states, the keyword arguments of every layer's call).
+
+    What the layers need besides the hidden states (attention masks, rotary tables)
     comes from the model's own forward, so every family is called as it calls itself.
     """
     layers = decoder_layers(adapter_for(model.config), model)
-    captured = {}
+    captured, calls = {}, {}
 
-    def catch(module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
+    def recorder(layer: nn.Module):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            captured.setdefault("hidden", hidden)
+            calls[layer] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if len(calls) == len(layers):  # what follows the layers is not needed (nor read, when streamed)
+                raise _StopForward
+            return hidden
+        return forward
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    for layer in layers:
+        layer.forward = recorder(layer)  # an instance attribute: what nn.Module calls, removed after
     stream = stream_of(model)
     try:
         if stream is not None:  # only the rows of the tokens used are read
@@ -541,12 +560,14 @@ def first_layer_inputs(model, input_ids: torch.Tensor):
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    return captured["hidden"], captured["kwargs"]
+        for layer in layers:
+            del layer.forward
+    return captured["hidden"], LayerCalls(calls)
 
 
 def run_layer(module: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    output = module(hidden, **kwargs)
+    """Decoder layer `module`'s output for `hidden`, called as the model calls it (`kwargs`: first_layer_inputs')."""
+    output = module(hidden, **(kwargs.of(module) if isinstance(kwargs, LayerCalls) else kwargs))
     return output[0] if isinstance(output, tuple) else output
 
 

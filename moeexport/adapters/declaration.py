@@ -166,6 +166,7 @@ class Family:
     attention_norm: str = "input_layernorm"
     moe: str = "mlp"  # the MoE (or dense MLP) sublayer of a decoder layer
     moe_norm: str = "post_attention_layernorm"  # the norm feeding that sublayer
+    moe_returns_router_scores: bool = False  # the MoE sublayer returns (hidden states, router scores) (gpt-oss)
     router: str = "gate"
     experts: str = "experts"
     shared_experts: tuple[str, ...] = ()  # always-on expert modules inside the MoE block
