@@ -110,6 +110,13 @@ class Merge(CompressionPass):
         if options.layout == "alias" and "router" in options.model_fields_set:
             raise MoeExportError("merge layout=alias keeps every router row; the router option is for layout grouped")
 
+    def check_model(self, options: MergeOptions, model) -> None:
+        adapter = adapter_for(model.config)
+        layout, routing = adapter.expert_layout(model.config), adapter.routing(model.config)
+        if layout.biases or layout.interleaved or layout.transposed or routing.router_bias:
+            raise MoeExportError(f"merge averages bias-free experts stored gate rows then up rows, which {adapter.family}'s "
+                                 "(biases, interleaved and transposed, a router bias) are not; use expert_drop instead")
+
     def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: MergeOptions) -> MergePlan:
         moe_layers = [i for i, spec in enumerate(layers) if spec.kind == "moe" and spec.num_experts > 0]
         frequency = {layer: statistics.layers[layer].expert_frequency() for layer in moe_layers}
