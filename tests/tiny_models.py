@@ -37,12 +37,13 @@ TINY_CONFIGS = {
         v_head_dim=8, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
     ),
     # layers alternate sliding / full attention; the window is shorter than the tests' token windows; YaRN as
-    # the hub's gpt-oss-20b config has it (smaller original context)
+    # the hub's gpt-oss-20b config has it (a smaller original context), but with the correction range rounded
+    # to whole dimensions (truncate: true), as llama.cpp always rounds it (tests/test_family_gpt_oss.py)
     "gpt_oss": dict(
         num_local_experts=4, intermediate_size=24, head_dim=16, sliding_window=8,
         layer_types=["sliding_attention", "full_attention"] * 2,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
-                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64},
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": True, "original_max_position_embeddings": 64},
     ),
 }
 FAMILIES = sorted(TINY_CONFIGS)

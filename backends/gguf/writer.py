@@ -54,7 +54,8 @@ import numpy as np
 import torch
 
 from moeexport.adapters import LayerView, ModelConfig, adapter_for
-from moeexport.adapters.experts import gate_and_up_weights
+from moeexport.adapters.declaration import CLAMPED_SWIGLU
+from moeexport.adapters.experts import down_weights, gate_and_up_biases, gate_and_up_weights
 from moeexport.adapters.surgery import structure
 from moeexport.backends.gguf import ggml
 from moeexport.backends.gguf.architectures import ARCHITECTURES, UNBOUNDED_WINDOW, GGUFArchitecture, host_named
@@ -126,6 +127,9 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
             f"llama.cpp's {architecture.name} always {'renormalizes' if architecture.renormalizes else 'keeps'} the "
             "top-k weights but this model's router does not; its GGUF would compute something else"
         )
+    differs = _moe_rule_differs(config, architecture)
+    if differs:
+        raise MoeExportError(f"llama.cpp's {architecture.name} {differs}; its GGUF would compute something else")
     layers = structure(adapter, model)
     dense = [i for i, spec in enumerate(layers) if spec.kind == "dense"]
     if dense and not (architecture.leading_dense and dense == list(range(len(dense)))):
@@ -139,7 +143,7 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
         raise MoeExportError("the model has no MoE layer with experts left; there is nothing to host in a MoE GGUF")
     top_k = config.top_k
     short = [i for i, spec in enumerate(layers) if spec.kind == "moe" and i not in silent and spec.num_experts < top_k]
-    if short and len(routed) > 1:
+    if short and len(routed) > 1 and not architecture.pads_by_router_bias:  # there a selected pad weighs 0
         raise MoeExportError(
             f"layers {short} keep fewer experts than the top-{top_k} the others route to, and llama.cpp uses one "
             f"top-k for every layer: add min_keep: {top_k} to the expert_drop step"
@@ -152,16 +156,17 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
         )
     padded_host = architecture.padded_host
     if len(routed) > 1 or (silent and padded_host is not None and padded_host.dense_silent_layers):
-        if padded_host is None:
+        if padded_host is None and not architecture.pads_by_router_bias:
             counts = [spec.num_experts if spec.kind == "moe" else 0 for spec in layers]
             raise MoeExportError(
                 f"per-layer expert counts {counts} differ and no llama.cpp host can run this family that way: "
                 "use expert_drop with scope: layer (the same keep everywhere)"
             )
-        architecture = padded_host
+        architecture = padded_host or architecture
     views = adapter.layer_views(model)
     # every routed expert has one width; a layer with experts exists (checked above)
-    width = next(view.experts.down_proj.shape[-1] for view in views if view.experts is not None)
+    width = next(view.experts.down_proj.shape[-2 if view.layout.transposed else -1]
+                 for view in views if view.experts is not None)
     shared_width = next((view.shared_experts[0].down_proj.weight.shape[-1] for view in views if view.shared_experts), 0)
     shared_gate = any(view.shared_expert_gate is not None for view in views)
     return _Plan(architecture, config, layers, max(routed), silent, width, shared_width, shared_gate)
@@ -195,6 +200,10 @@ def export(
         raise MoeExportError(f"output {out_path} already exists; pass --overwrite or choose another --out")
     representation = _describe_representation(plan)
     result = GGUFExport(out_path, plan.architecture.name, quant, representation)
+    if plan.config.rope_scaling.get("rope_type") == "yarn" and plan.config.rope_scaling.get("truncate") is False:
+        result.fallbacks.append("RoPE: YaRN with truncate: false, which llama.cpp does not read: it rounds the "
+                                "correction range to whole dimensions, so its rotations differ slightly from "
+                                "transformers' (as in every GGUF of this model, llama.cpp's converter's too)")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.partial")
     via_llama_cpp = quant in LLAMA_CPP_TYPES or bool(overrides) or imatrix is not None
@@ -223,6 +232,22 @@ def export(
         partial.unlink(missing_ok=True)
         raise
     return result
+
+
+def _moe_rule_differs(config: ModelConfig, host: GGUFArchitecture) -> str | None:
+    """How the host's fixed routing and expert computation differ from the model's (None: they agree)."""
+    layout, rule = config.experts, config.routing
+    if rule.softmax_over_top_k != host.softmax_over_top_k:
+        own = "a softmax over the top-k router logits" if host.softmax_over_top_k else "the top-k of routing scores"
+        return f"routes by {own}, which this model's router does not"
+    if (rule.router_bias or layout.biases) and not host.biases:
+        return "has no router or expert biases, which this model has"
+    clamped = (layout.alpha, layout.limit) if layout.activation == CLAMPED_SWIGLU else None
+    if clamped != host.clamped_swiglu:
+        own = (f"computes a clamped SwiGLU (alpha {host.clamped_swiglu[0]}, limit {host.clamped_swiglu[1]})"
+               if host.clamped_swiglu else "has no clamped SwiGLU")
+        return f"{own} in its experts, and this model's experts compute {layout.activation} {clamped or ''}".rstrip()
+    return None
 
 
 def _describe_representation(plan: _Plan) -> str:
@@ -419,6 +444,10 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
         writer.add_expert_weights_norm(True)
     writer.add_head_count(config.num_heads)
     writer.add_rope_freq_base(config.rope_theta)
+    if config.rope_scaling.get("rope_type") == "yarn":
+        _write_yarn(writer, gguf, config.rope_scaling)
+    if host.sliding_period:
+        _write_sliding_window(writer, config, len(plan.layers), host.sliding_period)
     if host.latent_attention:
         _write_latent_attention_hparams(writer, gguf, config, plan)
     else:
@@ -437,6 +466,32 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)  # a llama_ftype id, as llama.cpp's quantizer records it
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_yarn(writer, gguf, yarn: dict) -> None:
+    """YaRN's keys as llama.cpp reads them. (HF's `truncate: false`, gpt-oss's, keeps the correction range
+    unrounded, where llama.cpp rounds it to whole dimensions: no key says otherwise.)"""
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(yarn["factor"])
+    writer.add_rope_scaling_orig_ctx_len(yarn["original_max_position_embeddings"])
+    if (attention_factor := yarn.get("attention_factor")) is not None:
+        writer.add_rope_scaling_yarn_attn_factor(attention_factor)
+    if (beta_fast := yarn.get("beta_fast")) is not None:
+        writer.add_rope_scaling_yarn_beta_fast(beta_fast)
+    if (beta_slow := yarn.get("beta_slow")) is not None:
+        writer.add_rope_scaling_yarn_beta_slow(beta_slow)
+
+
+def _write_sliding_window(writer, config: ModelConfig, layers: int, period: int) -> None:
+    """The window, and which layers slide where that differs from the host's default (every layer but each
+    `period`-th), e.g. after Block Drop. A model left with no sliding layer is written as one whose every layer
+    slides over a window that never slides (llama.cpp's context refuses a model without a sliding layer)."""
+    sliding = list(config.sliding_layers)
+    if not any(sliding):
+        sliding = [True] * layers
+    writer.add_sliding_window(config.sliding_window or UNBOUNDED_WINDOW)
+    if sliding != [index % period < period - 1 for index in range(layers)]:
+        writer.add_sliding_window_pattern(sliding)
 
 
 def _write_latent_attention_hparams(writer, gguf, config: ModelConfig, plan: _Plan) -> None:
@@ -840,16 +895,23 @@ def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
 
 def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _Plan) -> None:
     """A MoE sublayer: norm, router and stacked experts (padded to the file's count), then its shared experts."""
-    experts = view.experts
+    experts, host = view.experts, plan.architecture
     pads = plan.num_experts - experts.down_proj.shape[0]
     gate, up = gate_and_up_weights(view.layout, _pad_experts(experts.gate_up_proj, pads))
     gate_kind, up_kind, down_kind = ROUTED_FFN
-    tensors.add(name("FFN_NORM"), view.ffn_norm.weight)
+    tensors.add(name(host.ffn_norm), view.ffn_norm.weight)
     tensors.add(name("FFN_GATE_INP"), _pad_experts(view.router.weight, pads), keep_f32=True)
+    if plan.config.routing.router_bias:
+        tensors.add(name("FFN_GATE_INP", ".bias"), _pad_experts(view.router.bias, pads, fill=-1e9))
     tensors.add(name(gate_kind), gate, on_grid=True)
     tensors.add(name(up_kind), up, on_grid=True)
-    tensors.add(name(down_kind), _pad_experts(experts.down_proj, pads), on_grid=True)
-    if pads:
+    tensors.add(name(down_kind), down_weights(view.layout, _pad_experts(experts.down_proj, pads)), on_grid=True)
+    if view.layout.biases:
+        gate_bias, up_bias = gate_and_up_biases(view.layout, _pad_experts(experts.gate_up_proj_bias, pads))
+        tensors.add(name(gate_kind, ".bias"), gate_bias, keep_f32=True)
+        tensors.add(name(up_kind, ".bias"), up_bias, keep_f32=True)
+        tensors.add(name(down_kind, ".bias"), _pad_experts(experts.down_proj_bias, pads), keep_f32=True)
+    if pads and not host.pads_by_router_bias:
         real = plan.num_experts - pads
         bias = np.array([0.0] * real + [-1e9] * pads, np.float32)
         tensors.add(name("FFN_EXP_PROBS_B", plan.architecture.selection_bias_suffix), bias)
@@ -868,13 +930,14 @@ def _write_ffn(tensors: _TensorSink, name: BlockNames, kinds: tuple[str, str, st
         tensors.add(name(kind), projection.weight)
 
 
-def _pad_experts(tensor, pads: int):
-    """Append `pads` all-zero experts (router rows) along the first axis (of a tensor or an ExpertStack)."""
+def _pad_experts(tensor, pads: int, fill: float = 0.0):
+    """Append `pads` all-zero (or `fill`) experts (router rows) along the first axis (of a tensor or an
+    ExpertStack)."""
     if not pads:
         return tensor
     if isinstance(tensor, ExpertStack):
         return tensor.padded(pads)
-    return torch.cat([tensor.detach(), tensor.new_zeros((pads, *tensor.shape[1:]))])
+    return torch.cat([tensor.detach(), tensor.new_full((pads, *tensor.shape[1:]), fill)])
 
 
 def _write_attention(tensors: _TensorSink, name: BlockNames, attention, config: ModelConfig,
@@ -890,6 +953,10 @@ def _write_attention(tensors: _TensorSink, name: BlockNames, attention, config: 
     for kind, projection in (("ATTN_Q", attention.q_proj), ("ATTN_K", attention.k_proj), ("ATTN_V", attention.v_proj)):
         if projection.bias is not None:
             tensors.add(name(kind, ".bias"), projection.bias)
+    if attention.o_proj.bias is not None:
+        tensors.add(name("ATTN_OUT", ".bias"), attention.o_proj.bias)
+    if (sinks := getattr(attention, "sinks", None)) is not None:  # a per-head logit in every softmax (gpt-oss)
+        tensors.add(name("ATTN_SINKS"), sinks)
     norms = (("ATTN_Q_NORM", getattr(attention, "q_norm", None)), ("ATTN_K_NORM", getattr(attention, "k_norm", None)))
     for kind, norm in norms:
         if norm is not None:
@@ -916,10 +983,16 @@ def _write_latent_attention(tensors: _TensorSink, name: BlockNames, attention, c
 
 
 def _write_silent_moe(tensors: _TensorSink, name: BlockNames, hidden: int, plan: _Plan) -> None:
-    """A MoE sublayer that adds exactly nothing: every projection is zero, so is every expert's output."""
-    tensors.add(name("FFN_NORM"), np.ones(hidden, np.float32))
-    tensors.add(name("FFN_GATE_INP"), np.zeros((plan.num_experts, hidden), np.float32), keep_f32=True)
-    _write_zero_ffn(tensors, name, ROUTED_FFN, hidden, plan.expert_width, plan.num_experts)
+    """A MoE sublayer that adds exactly nothing: every projection is zero, so is every expert's output (biases
+    too, where the host has them)."""
+    experts, width = plan.num_experts, plan.expert_width
+    tensors.add(name(plan.architecture.ffn_norm), np.ones(hidden, np.float32))
+    tensors.add(name("FFN_GATE_INP"), np.zeros((experts, hidden), np.float32), keep_f32=True)
+    _write_zero_ffn(tensors, name, ROUTED_FFN, hidden, width, experts)
+    if plan.architecture.biases:
+        tensors.add(name("FFN_GATE_INP", ".bias"), np.zeros(experts, np.float32))
+        for kind, shape in zip(ROUTED_FFN, ((experts, width), (experts, width), (experts, hidden))):
+            tensors.add(name(kind, ".bias"), np.zeros(shape, np.float32), keep_f32=True)
     if plan.shared_width:  # hosts with a shared expert need its tensors in every layer
         _write_zero_ffn(tensors, name, SHARED_FFN, hidden, plan.shared_width)
     if plan.shared_width and plan.shared_gate:

@@ -48,6 +48,16 @@ def gate_and_up_weights(layout: ExpertLayout, gate_up: torch.Tensor) -> tuple[to
     return gate, up
 
 
+def down_weights(layout: ExpertLayout, down: torch.Tensor) -> torch.Tensor:
+    """The down weights [..., hidden, ffn] (a row per output, as F.linear takes them) of a down stack or matrix."""
+    return down.transpose(-1, -2) if layout.transposed else down
+
+
+def gate_and_up_biases(layout: ExpertLayout, gate_up_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) biases [..., ffn] of a gate_up bias stored as the layout says."""
+    return _gate_and_up(layout, gate_up_bias)
+
+
 def _gate_and_up(layout: ExpertLayout, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate, up) of a gate_up projection's output [..., 2*ffn]."""
     if layout.interleaved:
