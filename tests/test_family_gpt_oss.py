@@ -1,0 +1,223 @@
+"""gpt-oss: read, compressed by every pass (or refused by name), and written in llama.cpp's own gpt-oss
+architecture, checked against transformers' own model of what moeexport saved."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moeexport
+from moeexport import BuildOptions
+from moeexport.adapters import adapter_for
+from moeexport.adapters.surgery import keep_experts, structure
+from moeexport.backends import gguf as gguf_backend
+from moeexport.calibration.observers import observe
+from moeexport.calibration.sources import CalibrationConfig
+from moeexport.checkpoint_files import DEMO_MODEL
+from moeexport.compress import StatisticsProvider, compress
+from moeexport.errors import MoeExportError
+from moeexport.modelio import EXPERTS_IMPLEMENTATION, load
+from moeexport.recipe import parse_recipe
+from moeexport.validate import TorchRunner, compare
+from tests.tiny_models import random_tokens, tiny_model
+
+TRIMMED = [{"block_drop": {"n": 1, "score": "random"}}, {"expert_drop": {"keep": 3, "score": "random"}}]
+
+
+def _provider() -> StatisticsProvider:
+    return StatisticsProvider(None, CalibrationConfig(), "tiny", cache_dir=None, tokens=random_tokens(6, 32, seed=1))
+
+
+def _logits(model, tokens) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=tokens, use_cache=False).logits
+
+
+def _with_demo_vocabulary(**overrides):
+    """The tiny gpt-oss with the demo model's tokenizer beside it (for GGUF files, which carry a vocabulary)."""
+    model = tiny_model("gpt_oss", vocab_size=2048, **overrides)
+    model.config.name_or_path = str(DEMO_MODEL)
+    return model
+
+
+def _windows() -> torch.Tensor:
+    return random_tokens(2, 48, seed=9) * 16  # 48 tokens: far past the sliding window of 8
+
+
+def _assert_exact(reference, artifact):
+    fidelity = compare(TorchRunner(reference), gguf_backend.Runner(artifact.path, context=48), _windows())
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
+    return fidelity
+
+
+# --- reading, the passes --------------------------------------------------------------------------------------------
+
+def test_a_saved_gpt_oss_loads_and_its_sliding_window_and_sinks_matter(tmp_path):
+    model = tiny_model("gpt_oss")
+    model.save_pretrained(tmp_path)
+    tokens = random_tokens(2, 24)
+    loaded = load(tmp_path)
+    assert torch.equal(_logits(loaded, tokens), _logits(model, tokens))
+    for change in ({"sliding_window": 64}, {"sinks": 0.0}):  # both change the tiny model's output
+        other = copy.deepcopy(model)
+        if "sinks" in change:
+            for layer in other.model.layers:
+                layer.self_attn.sinks.data.zero_()
+        else:
+            other.config.sliding_window = change["sliding_window"]
+            for layer in other.model.layers:
+                if layer.self_attn.sliding_window is not None:
+                    layer.self_attn.sliding_window = change["sliding_window"]
+        assert (_logits(other, tokens) - _logits(model, tokens)).abs().max() > 1e-3, change
+
+
+def test_block_drop_takes_each_layer_s_attention_kind_with_it(tmp_path):
+    model = tiny_model("gpt_oss")
+    before = list(model.config.layer_types)
+    result = compress(model, parse_recipe({"passes": [{"block_drop": {"n": 1, "score": "random"}}]}), _provider())
+    kept = [old for old, new in enumerate(result.new_block_index) if new is not None]
+    assert model.config.layer_types == [before[old] for old in kept]
+    assert [layer.self_attn.sliding_window is not None for layer in model.model.layers] == [
+        kind == "sliding_attention" for kind in model.config.layer_types]
+    saved = moeexport.save(model, tmp_path / "out", result.manifest())
+    stock = AutoModelForCausalLM.from_pretrained(saved, experts_implementation=EXPERTS_IMPLEMENTATION).eval()
+    tokens = random_tokens(2, 24)
+    assert torch.equal(_logits(stock, tokens), _logits(model, tokens))
+
+
+def test_expert_drop_slices_the_router_bias_and_the_expert_biases_with_their_experts():
+    model = tiny_model("gpt_oss")
+    original = copy.deepcopy(model)
+    adapter = adapter_for(model.config)
+    keep_experts(adapter, model, 1, [3, 1])
+    view, before = adapter.layer_view(model, 1), adapter.layer_view(original, 1)
+    index = torch.tensor([3, 1])
+    for now, then in ((view.router.weight, before.router.weight), (view.router.bias, before.router.bias),
+                      (view.experts.gate_up_proj, before.experts.gate_up_proj),
+                      (view.experts.gate_up_proj_bias, before.experts.gate_up_proj_bias),
+                      (view.experts.down_proj, before.experts.down_proj),
+                      (view.experts.down_proj_bias, before.experts.down_proj_bias)):
+        assert torch.equal(now, then[index])
+    # the layer now routes as the original would with experts 0 and 2 masked out
+    hidden = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+    logits = before.router(hidden)[0]
+    masked = logits.clone()
+    masked[:, [0, 2]] = float("-inf")
+    top, chosen = masked.topk(2, dim=-1)
+    expected = torch.zeros_like(hidden)
+    for slot in range(2):
+        one = before.experts(hidden, chosen[:, slot:slot + 1], torch.ones(16, 1))
+        expected += top.softmax(-1)[:, slot:slot + 1] * one
+    with torch.no_grad():
+        got, _ = view.ffn(hidden[None])
+    torch.testing.assert_close(got[0], expected, rtol=0, atol=1e-6)
+
+
+def test_reap_weighs_each_expert_by_the_softmax_over_the_top_k_gpt_oss_mixes_with():
+    model = tiny_model("gpt_oss")
+    tokens = random_tokens(4, 16)
+    statistics = observe(model, tokens, key="k", calibration={}, batch_size=8)
+    layer = adapter_for(model.config).layer_view(model, 2)
+    seen = {}
+    handle = layer.router.register_forward_hook(lambda module, args, output: seen.update(x=args[0], out=output))
+    _logits(model, tokens)
+    handle.remove()
+    _, weights, index = seen["out"]  # the router's own mixing weights: a softmax over its top-k logits
+    x = seen["x"]
+    for expert in range(4):
+        rows, slot = torch.where(index == expert)
+        alone = layer.experts(x[rows], torch.full((len(rows), 1), expert), torch.ones(len(rows), 1))
+        expected = (weights[rows, slot].double() * alone.double().norm(dim=-1)).mean()
+        assert statistics.layers[2].reap[expert] == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("step, message", [
+    ({"merge": {"keep": 2}}, "merge averages bias-free experts.*gpt-oss"),
+    ({"expert_drop": {"keep": 2, "repair": "refit"}}, "repair: refit rebuilds bias-free experts.*gpt-oss.*repair: none"),
+])
+def test_merge_and_expert_refit_refuse_gpt_oss_experts_by_name(step, message):
+    with pytest.raises(MoeExportError, match=message):
+        compress(tiny_model("gpt_oss"), parse_recipe({"passes": [step]}), _provider())
+
+
+def test_layer_and_block_refit_work_on_gpt_oss_attention():
+    model = tiny_model("gpt_oss")
+    recipe = parse_recipe({"passes": [{"layer_drop": {"n": 1, "repair": "refit"}},
+                                      {"block_drop": {"n": 1, "repair": "refit"}}]})
+    result = compress(model, recipe, _provider())
+    errors = [step.plan.repair_error for step in result.steps]
+    assert all(after <= before for plan_errors in errors for before, after in plan_errors.values())
+    assert torch.isfinite(_logits(model, random_tokens(2, 16))).all()
+
+
+# --- GGUF: llama.cpp's gpt-oss ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("passes", [[], TRIMMED], ids=["full", "trimmed"])
+def test_gguf_matches_transformers_own_model_of_the_saved_compressed_checkpoint(passes, tmp_path):
+    source = tmp_path / "source"
+    _with_demo_vocabulary().save_pretrained(source)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        (source / name).write_bytes((DEMO_MODEL / name).read_bytes())
+    options = BuildOptions(out=str(tmp_path / "out"), quant="f32", profile=False, validation_windows=(2, 48),
+                           calibration=moeexport.CalibrationOptions(samples=4, length=32))
+    report = moeexport.build(source, {"passes": passes}, "gguf", options)
+    assert report.ok and report.artifact["path"].endswith(".gguf")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "compressed",
+                                                 experts_implementation=EXPERTS_IMPLEMENTATION).eval()
+    assert stock.config.num_hidden_layers == 4 - len(passes[:1])
+    assert stock.config.num_local_experts == (3 if passes else 4)
+    artifact = gguf_backend.GGUFExport(path=tmp_path / "out" / report.artifact["path"].rpartition("/")[2],
+                                       architecture="gpt-oss", quant="f32", representation="")
+    _assert_exact(stock, artifact)
+
+
+def test_layer_drop_is_written_as_all_zero_experts_exactly(tmp_path):
+    model = _with_demo_vocabulary()
+    compress(model, parse_recipe({"passes": [{"layer_drop": {"n": 1, "score": "random"}}]}), None)
+    dropped = next(i for i, spec in enumerate(structure(adapter_for(model.config), model)) if spec.kind == "dropped")
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf")
+    assert artifact.architecture == "gpt-oss" and f"zero experts for MoE-less layers [{dropped}]" in artifact.representation
+    _assert_exact(model, artifact)
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(artifact.path).tensors}
+    assert all(not np.any(tensors[f"blk.{dropped}.{kind}.weight"].data) for kind in ("ffn_gate_exps", "ffn_up_exps",
+                                                                                    "ffn_down_exps"))
+
+
+def test_non_uniform_expert_counts_are_padded_in_gpt_oss_itself_exactly(tmp_path):
+    model = _with_demo_vocabulary()
+    adapter = adapter_for(model.config)
+    for layer, keep in enumerate([[0, 1, 2], [3], [0, 1], [0, 1, 2, 3]]):  # one layer below the top-2
+        keep_experts(adapter, model, layer, keep)
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf")
+    assert artifact.architecture == "gpt-oss" and "never-selected pads" in artifact.representation
+    _assert_exact(model, artifact)
+
+
+def test_a_model_left_with_no_sliding_layer_still_loads_and_matches(tmp_path):
+    model = _with_demo_vocabulary()
+    from moeexport.adapters.surgery import drop_blocks
+
+    drop_blocks(adapter_for(model.config), model, [0, 2])  # the two sliding-window layers
+    assert model.config.layer_types == ["full_attention", "full_attention"]
+    _assert_exact(model, gguf_backend.export(model, tmp_path / "m.gguf"))
+
+
+def test_yarn_without_truncation_is_exported_and_the_difference_is_reported(tmp_path):
+    rope = dict(tiny_model("gpt_oss").config.rope_parameters, truncate=False)
+    model = _with_demo_vocabulary(rope_parameters=rope)
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf")
+    assert any("truncate: false" in line for line in artifact.fallbacks)
+    fidelity = compare(TorchRunner(model), gguf_backend.Runner(artifact.path, context=48), _windows())
+    assert 1e-4 < fidelity.max_abs_logit < 0.1  # llama.cpp rounds the correction range: close, not exact
+
+
+def test_a_router_rule_gpt_oss_s_host_does_not_compute_is_refused(tmp_path):
+    model = _with_demo_vocabulary(swiglu_limit=5.0)  # llama.cpp's graph fixes the limit at 7
+    with pytest.raises(MoeExportError, match="gpt-oss computes a clamped SwiGLU \\(alpha 1.702, limit 7.0\\)"):
+        gguf_backend.export(model, tmp_path / "m.gguf")
