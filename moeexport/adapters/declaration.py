@@ -171,6 +171,9 @@ class Family:
     moe_norm: str = "post_attention_layernorm"  # the norm feeding that sublayer
     moe_returns_router_scores: bool = False  # the MoE sublayer returns (hidden states, router scores) (gpt-oss)
     router: str = "gate"
+    # the router's per-expert tensors (dotted paths inside it), sliced with their experts by Expert Drop
+    router_tensors: tuple[str, ...] = ("weight",)
+    selection_bias: str | None = None  # the router's selection-only bias (a dotted path inside it), if any
     experts: str = "experts"
     shared_experts: tuple[str, ...] = ()  # always-on expert modules inside the MoE block
     shared_expert_gate: str | None = None  # a sigmoid gate scaling the shared expert's output, if any
