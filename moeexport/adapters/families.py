@@ -178,6 +178,7 @@ GPT_OSS = register(
         routing=lambda config: Routing(renormalize=False, softmax_over_top_k=True, router_bias=True),
         expert_layout=_gpt_oss_expert_layout,
         router="router",
+        router_tensors=("weight", "bias"),
         moe_returns_router_scores=True,
         own_config_values=_gpt_oss_config_values,
     )

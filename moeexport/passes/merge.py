@@ -111,11 +111,7 @@ class Merge(CompressionPass):
             raise MoeExportError("merge layout=alias keeps every router row; the router option is for layout grouped")
 
     def check_model(self, options: MergeOptions, model) -> None:
-        adapter = adapter_for(model.config)
-        layout, routing = adapter.expert_layout(model.config), adapter.routing(model.config)
-        if layout.biases or layout.interleaved or layout.transposed or routing.router_bias:
-            raise MoeExportError(f"merge averages bias-free experts stored gate rows then up rows, which {adapter.family}'s "
-                                 "(biases, interleaved and transposed, a router bias) are not; use expert_drop instead")
+        check_experts_can_merge(adapter_for(model.config), model.config)  # before any calibration
 
     def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: MergeOptions) -> MergePlan:
         moe_layers = [i for i, spec in enumerate(layers) if spec.kind == "moe" and spec.num_experts > 0]
