@@ -33,6 +33,7 @@ from torch import nn
 
 from moeexport import streaming
 from moeexport.adapters import adapter_for
+from moeexport.adapters.experts import expert_stacks
 from moeexport.adapters.surgery import structure, sync_expert_config
 from moeexport.backends import model_reader
 from moeexport.checkpoint_files import (MANIFEST, MANIFEST_INDEX, MANIFEST_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS,
@@ -170,9 +171,10 @@ def _materialized(lm: nn.Module) -> nn.Module:
         weights |= {prefix + name: tensor.clone() for name, tensor in view.module.state_dict().items()}
         if view.experts is not None:
             stem = prefix + streaming.child_name(view.module, view.experts) + "."
-            for stack in ("gate_up_proj", "down_proj"):
-                on_demand = getattr(view.experts, stack)
-                weights[stem + stack] = torch.stack([on_demand[e] for e in range(len(on_demand))])
+            for name, tensor in _per_expert_tensors(view.experts).items():  # read whole: small (biases)
+                weights[stem + name] = tensor.clone()
+            for name, on_demand in _expert_stacks(view.experts).items():
+                weights[stem + name] = torch.stack([on_demand[e] for e in range(len(on_demand))])
     detach(lm)
     lm.load_state_dict(weights, assign=True, strict=False)
     lm.tie_weights()
@@ -318,6 +320,9 @@ def _save_streamed(lm: nn.Module, directory: Path, stock_loadable: bool) -> str:
         add({prefix + name: tensor for name, tensor in view.module.state_dict().items()},
             stream.edits[view.index].source)
         if view.experts is not None:
+            stem = prefix + streaming.child_name(view.module, view.experts) + "."
+            add({stem + name: tensor for name, tensor in _per_expert_tensors(view.experts).items()},
+                stream.edits[view.index].source)
             _save_experts(lm, shards, prefix + streaming.child_name(view.module, view.experts) + ".",
                           view.experts.stored(), stock_loadable)
     index_name = SAFE_INDEX if stock_loadable else MANIFEST_INDEX
@@ -330,15 +335,29 @@ def _save_experts(lm: nn.Module, shards: "_ShardWriter", prefix: str, experts, s
     hub's layout, or as the two stacked tensors the model names."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    stacks = {prefix + "gate_up_proj": experts.gate_up_proj, prefix + "down_proj": experts.down_proj}
-    if not stock_loadable:
+    stacks = {prefix + name: stack for name, stack in _expert_stacks(experts).items()}
+    first = revert_weight_conversion(lm, {name: stack[0][None] for name, stack in stacks.items()})
+    if not stock_loadable or not any(".experts.0." in name for name in first):  # stored stacked (gpt-oss's hub)
         for name, stack in stacks.items():
-            shards.add({name: torch.stack([stack[e] for e in range(len(stack))])})
+            whole = {name: torch.stack([stack[e] for e in range(len(stack))])}
+            shards.add(revert_weight_conversion(lm, whole) if stock_loadable else whole)
         return
     for expert in range(experts.num_experts):
         one = revert_weight_conversion(lm, {name: stack[expert][None] for name, stack in stacks.items()})
         # converted as a stack of one; the hub numbers experts as `.experts.N.`
         shards.add({name.replace(".experts.0.", f".experts.{expert}."): tensor for name, tensor in one.items()})
+
+
+def _expert_stacks(experts) -> dict[str, "streaming.ExpertStack"]:
+    """A streamed layer's expert matrices (ExpertsOnDemand's stacks, read one expert at a time), by name."""
+    return {name: stack for name in expert_stacks(experts.layout)
+            if isinstance(stack := getattr(experts, name), streaming.ExpertStack)}
+
+
+def _per_expert_tensors(experts) -> dict[str, torch.Tensor]:
+    """A streamed layer's per-expert tensors held whole (ExpertsOnDemand's biases), by name."""
+    return {name: tensor for name in expert_stacks(experts.layout)
+            if isinstance(tensor := getattr(experts, name), torch.Tensor)}
 
 
 class _ShardWriter:

@@ -364,6 +364,11 @@ class ExpertStack:
         return [ExpertStack((experts, rows // chunks, columns), lambda e, part=part: self._read_part(e, part, chunks))
                 for part in range(chunks)]
 
+    def mapped(self, shape, transform) -> "ExpertStack":
+        """The stack [E, rows, cols] = `shape` whose expert e is transform(self[e]): a layout's experts
+        rearranged (transposed, split) as each is read."""
+        return ExpertStack(shape, lambda e: transform(self._read(e)))
+
     def padded(self, pads: int) -> "ExpertStack":
         """`pads` all-zero experts appended."""
         experts, rows, columns = self.shape

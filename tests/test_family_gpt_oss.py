@@ -4,6 +4,8 @@ architecture, checked against transformers' own model of what moeexport saved.""
 from __future__ import annotations
 
 import copy
+import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,11 +22,12 @@ from moeexport.calibration.sources import CalibrationConfig
 from moeexport.checkpoint_files import DEMO_MODEL
 from moeexport.compress import StatisticsProvider, compress
 from moeexport.errors import MoeExportError
-from moeexport.modelio import EXPERTS_IMPLEMENTATION, load
+from moeexport.modelio import EXPERTS_IMPLEMENTATION, load, load_streamed
 from moeexport.recipe import parse_recipe
 from moeexport.validate import TorchRunner, compare
 from tests.tiny_models import random_tokens, tiny_model
 
+HELD_OUT = Path(__file__).with_name("held_out_text.txt")
 TRIMMED = [{"block_drop": {"n": 1, "score": "random"}}, {"expert_drop": {"keep": 3, "score": "random"}}]
 
 
@@ -156,15 +159,24 @@ def test_layer_and_block_refit_work_on_gpt_oss_attention():
 
 # --- GGUF: llama.cpp's gpt-oss ----------------------------------------------------------------------------------------
 
+def _saved_source(directory: Path) -> Path:
+    """The tiny gpt-oss as save_pretrained writes it, with the demo model's tokenizer beside it."""
+    _with_demo_vocabulary().save_pretrained(directory)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        (directory / name).write_bytes((DEMO_MODEL / name).read_bytes())
+    return directory
+
+
+def _build(source: Path, passes: list, out: Path, stream: bool = False):
+    options = BuildOptions(out=str(out), quant="f32", profile=False, validation_windows=(2, 48), stream=stream,
+                           calibration=moeexport.CalibrationOptions(source=str(HELD_OUT), samples=4, length=32),
+                           eval_text=str(HELD_OUT), measure_quality=False)
+    return moeexport.build(source, {"passes": passes}, "gguf", options)
+
+
 @pytest.mark.parametrize("passes", [[], TRIMMED], ids=["full", "trimmed"])
 def test_gguf_matches_transformers_own_model_of_the_saved_compressed_checkpoint(passes, tmp_path):
-    source = tmp_path / "source"
-    _with_demo_vocabulary().save_pretrained(source)
-    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
-        (source / name).write_bytes((DEMO_MODEL / name).read_bytes())
-    options = BuildOptions(out=str(tmp_path / "out"), quant="f32", profile=False, validation_windows=(2, 48),
-                           calibration=moeexport.CalibrationOptions(samples=4, length=32))
-    report = moeexport.build(source, {"passes": passes}, "gguf", options)
+    report = _build(_saved_source(tmp_path / "source"), passes, tmp_path / "out")
     assert report.ok and report.artifact["path"].endswith(".gguf")
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "compressed",
                                                  experts_implementation=EXPERTS_IMPLEMENTATION).eval()
@@ -173,6 +185,38 @@ def test_gguf_matches_transformers_own_model_of_the_saved_compressed_checkpoint(
     artifact = gguf_backend.GGUFExport(path=tmp_path / "out" / report.artifact["path"].rpartition("/")[2],
                                        architecture="gpt-oss", quant="f32", representation="")
     _assert_exact(stock, artifact)
+
+
+def test_a_streamed_build_writes_the_in_memory_build_s_files_byte_for_byte(tmp_path):
+    source = _saved_source(tmp_path / "source")
+    passes = [{"block_drop": {"n": 1}}, {"layer_drop": {"n": 1}},
+              {"expert_drop": {"keep": 3, "scope": "global", "score": "reap", "min_keep": 2}}]
+    whole, streamed = (_build(source, passes, tmp_path / f"stream-{stream}", stream) for stream in (False, True))
+    assert whole.ok and streamed.ok and streamed.compression.memory["streamed"]
+    assert whole.compression.passes == streamed.compression.passes
+    assert whole.artifact["files"].keys() == streamed.artifact["files"].keys()
+    for name in whole.artifact["files"]:  # the GGUF
+        digests = {hashlib.sha256((Path(out) / name).read_bytes()).hexdigest() for out in (whole.out, streamed.out)}
+        assert len(digests) == 1, name
+    # the compressed checkpoints (a streamed save is sharded): the same tensors
+    saved = [load(Path(report.out) / "compressed").state_dict() for report in (whole, streamed)]
+    assert saved[0].keys() == saved[1].keys() and all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+
+
+@pytest.mark.parametrize("passes", [[{"expert_drop": {"keep": 3, "scope": "layer", "score": "random"}}],
+                                    [{"layer_drop": {"n": 1, "score": "random"}},
+                                     {"expert_drop": {"keep": 2, "scope": "layer", "score": "random"}}]],
+                         ids=["stock", "manifest"])
+def test_a_streamed_save_holds_the_expert_biases_and_loads_to_the_in_memory_model(passes, tmp_path):
+    tiny_model("gpt_oss").save_pretrained(tmp_path / "source")
+    saved = []
+    for loader in (load, load_streamed):
+        lm = loader(tmp_path / "source")
+        compress(lm, parse_recipe({"passes": passes}), _provider())
+        saved.append(load(moeexport.save(lm, tmp_path / loader.__name__, {})))
+    tokens = random_tokens(2, 24)
+    assert torch.equal(_logits(saved[0], tokens), _logits(saved[1], tokens))
+    assert (tmp_path / "load_streamed" / "model.safetensors.index.json").is_file() == (len(passes) == 1)
 
 
 def test_layer_drop_is_written_as_all_zero_experts_exactly(tmp_path):
