@@ -265,3 +265,35 @@ def test_a_router_rule_gpt_oss_s_host_does_not_compute_is_refused(tmp_path):
     model = _with_demo_vocabulary(swiglu_limit=5.0)  # llama.cpp's graph fixes the limit at 7
     with pytest.raises(MoeExportError, match="gpt-oss computes a clamped SwiGLU \\(alpha 1.702, limit 7.0\\)"):
         gguf_backend.export(model, tmp_path / "m.gguf")
+
+
+# --- ONNX: QMoE int4 ----------------------------------------------------------------------------------------------------
+
+def test_qmoe_int4_carries_the_quantize_pass_s_grid_of_gpt_oss_experts_exactly(tmp_path):
+    """The quantize pass rounds gpt-oss's transposed stacks along their inputs, QMoE's blocks run along its
+    weights' inputs: the codes and scales carry over, so the int4 graph computes the quantized model."""
+    from moeexport.backends import onnx as onnx_backend
+    from moeexport.quantization import weight_grid
+
+    model = tiny_model("gpt_oss", intermediate_size=32)  # QMoE blocks of 16 divide both widths
+    compress(model, parse_recipe({"passes": [{"quantize": {"method": "rtn", "bits": 4, "group_size": 16}}]}), None)
+    tokens = random_tokens(2, 24)
+    artifact = onnx_backend.export(model, tmp_path / "m.onnx", quant="int4", block_size=16,
+                                   weight_grid=weight_grid(model))
+    fidelity = compare(TorchRunner(model), onnx_backend.Runner(artifact.path), tokens)
+    assert fidelity.max_abs_logit <= 1e-4 and fidelity.top1_agreement == 1.0, fidelity
+    requantized = onnx_backend.export(tiny_model("gpt_oss", intermediate_size=32), tmp_path / "r.onnx",
+                                      quant="int4", block_size=16)  # the unquantized model, rounded by the export
+    assert compare(TorchRunner(tiny_model("gpt_oss", intermediate_size=32)), onnx_backend.Runner(requantized.path),
+                   tokens).kl < 0.05
+
+
+@pytest.mark.parametrize("moe_ops", ["plain", "plain-routed"])
+def test_the_plain_gpt_oss_graph_is_one_tensorrt_s_parser_takes(moe_ops, tmp_path):
+    """Sinks, sliding-window masks, the clamped SwiGLU and top-k softmax in ops TensorRT 10 imports (matching
+    torch: tests/test_onnx.py's every-family test)."""
+    from moeexport.backends import onnx as onnx_backend
+    from moeexport.backends.tensorrt.support import check_onnx
+
+    artifact = onnx_backend.export(tiny_model("gpt_oss"), tmp_path / "m.onnx", moe_ops=moe_ops)
+    assert check_onnx(artifact.path) == []
