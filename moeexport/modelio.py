@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from moeexport import streaming
+from moeexport import mxfp4, streaming
 from moeexport.adapters import adapter_for
 from moeexport.adapters.experts import expert_stacks
 from moeexport.adapters.surgery import structure, sync_expert_config
@@ -58,7 +58,7 @@ def check_checkpoint(source: Source, trust_remote_code: bool = False) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
 
-    found, files = source.headers, source.weight_files
+    found, files = _unpacked(source), source.weight_files
     try:
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(own_copy(source.config), trust_remote_code=trust_remote_code)
@@ -106,6 +106,13 @@ def check_checkpoint(source: Source, trust_remote_code: bool = False) -> None:
             )
 
 
+def _unpacked(source: Source) -> dict:
+    """The checkpoint's headers, with MXFP4 expert pairs as the parameters they dequantize to."""
+    if not mxfp4.packed_parameters(source.headers):
+        return source.headers
+    return mxfp4.unpacked_headers(source.headers, adapter_for(source.config).expert_layout(source.config).transposed)
+
+
 def _and_more(names: list[str]) -> str:
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
@@ -120,7 +127,7 @@ def load(model: Source | str | Path, dtype: str = "float32", trust_remote_code: 
     """
     dtype = _checked_dtype(dtype)
     source = as_source(model, trust_remote_code)
-    if source.is_gguf:
+    if source.is_gguf or mxfp4.packed_parameters(source.headers):  # read and dequantized by moeexport
         return _materialized(load_streamed(source, dtype, trust_remote_code, allow_nonfinite))
     check_checkpoint(source, trust_remote_code)
     if source.kind == "manifest":
@@ -152,6 +159,8 @@ def load_streamed(model: Source | str | Path, dtype: str = "float32", trust_remo
     if not source.is_gguf:
         check_checkpoint(source, trust_remote_code)
     lm = skeleton(source.config, dtype, trust_remote_code, list(source.layers) if source.layers is not None else None)
+    if mxfp4.packed_parameters(source.headers) and hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config  # the experts are read dequantized: what is saved is not MXFP4
     if source.is_gguf:
         reader = model_reader(source.path)
         checkpoint = reader.GGUFCheckpoint(lm, reader.GGUFFile(source.path))

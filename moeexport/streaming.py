@@ -37,6 +37,7 @@ from moeexport.adapters.experts import activate, expert_intermediate, expert_out
 from moeexport.adapters.surgery import decoder_layers, get_path
 from moeexport.checkpoint_files import Headers, check_finite
 from moeexport.errors import MoeExportError
+from moeexport import mxfp4
 from moeexport.stream_registry import attach, stream_of
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -60,6 +61,7 @@ class _Piece:
     key: str
     expert: int | None = None  # stacked experts: which one ([E, ...] first axis)
     part: int = 0  # ... and which of the parts concatenated along its rows (gate, up)
+    scales: str | None = None  # an MXFP4 stack: `key` holds its blocks, this its scales (moeexport.mxfp4)
 
 
 def layer_views(model):
@@ -294,6 +296,8 @@ class SafetensorsCheckpoint:
         model was opened."""
         self.headers = headers
         self.sources = _parameter_sources(model, self.headers)
+        # an MXFP4 stack dequantizes to [E, outputs, inputs]; a transposed layout stores the transpose
+        self.transposed = adapter_for(model.config).expert_layout(model.config).transposed
 
     reads_in_blocks = False  # matrices are read whole, as stored
 
@@ -305,13 +309,19 @@ class SafetensorsCheckpoint:
 
     def shape(self, name: str) -> list[int]:
         """The shape of a parameter stored whole (not for per-expert pieces)."""
-        return self.headers[self.sources[name][0].key][0]
+        piece = self.sources[name][0]
+        shape = self.headers[piece.key][0]
+        return mxfp4.unpacked_shape(shape, self.transposed) if piece.scales else shape
 
     def stored_dtype(self, name: str) -> torch.dtype:
-        return SAFETENSORS_DTYPES[self.headers[self.sources[name][0].key][1]]
+        piece = self.sources[name][0]
+        return torch.bfloat16 if piece.scales else SAFETENSORS_DTYPES[self.headers[piece.key][1]]
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self._tensor(self.sources[name][0].key)
+        piece = self.sources[name][0]
+        if piece.scales:
+            return mxfp4.dequantize(self._tensor(piece.key), self._tensor(piece.scales), self.transposed)
+        return self._tensor(piece.key)
 
     def expert(self, name: str, expert: int, part: int | None, parts: int,
                rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -321,7 +331,13 @@ class SafetensorsCheckpoint:
             first, count = rows
             return self.expert(name, expert, part, parts)[first:first + count]
         pieces = self.sources[name]
-        if pieces[0].expert is None:  # stored stacked, as the model names it: slice the one expert out
+        if pieces[0].scales:  # MXFP4: the one expert's blocks and scales, dequantized
+            with safe_open(self.headers[pieces[0].key][2], "pt") as handle:
+                blocks = handle.get_slice(pieces[0].key)[expert:expert + 1][0]
+            with safe_open(self.headers[pieces[0].scales][2], "pt") as handle:
+                scales = handle.get_slice(pieces[0].scales)[expert:expert + 1][0]
+            matrix = mxfp4.dequantize(blocks, scales, self.transposed)
+        elif pieces[0].expert is None:  # stored stacked, as the model names it: slice the one expert out
             with safe_open(self.headers[pieces[0].key][2], "pt") as handle:
                 matrix = handle.get_slice(pieces[0].key)[expert:expert + 1][0]
         else:
@@ -499,11 +515,16 @@ def _parameter_sources(model: nn.Module, headers: dict) -> dict[str, list[_Piece
                                                  rename_source_key)
 
     native = set(model.state_dict().keys())
+    packed = mxfp4.packed_parameters(headers)
     conversions = get_model_conversion_mapping(model)
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
     sources: dict[str, list[_Piece]] = defaultdict(list)
+    for name, (blocks, scales) in packed.items():
+        sources[name].append(_Piece(blocks, scales=scales))
     for key in headers:
+        if any(key in pair for pair in packed.values()):
+            continue
         if key in native:
             sources[key].append(_Piece(key))
             continue

@@ -297,3 +297,64 @@ def test_the_plain_gpt_oss_graph_is_one_tensorrt_s_parser_takes(moe_ops, tmp_pat
 
     artifact = onnx_backend.export(tiny_model("gpt_oss"), tmp_path / "m.onnx", moe_ops=moe_ops)
     assert check_onnx(artifact.path) == []
+
+
+# --- MXFP4 experts, as the hub stores them --------------------------------------------------------------------------
+
+def _mxfp4_checkpoint(directory: Path) -> Path:
+    """The tiny gpt-oss with its expert stacks as hub MXFP4 pairs (random codes and scales), as transformers'
+    integrations/mxfp4.py lays them out: `*_blocks` [E, N, K / 32, 16], `*_scales` [E, N, K / 32]."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tiny_model("gpt_oss", intermediate_size=32).save_pretrained(directory)  # widths: whole blocks of 32
+    weights = load_file(directory / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    for name in [name for name in weights if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, inputs, outputs = weights.pop(name).shape
+        weights[name + "_blocks"] = torch.randint(0, 256, (experts, outputs, inputs // 32, 16), dtype=torch.uint8,
+                                                  generator=generator)
+        weights[name + "_scales"] = torch.randint(121, 126, (experts, outputs, inputs // 32), dtype=torch.uint8,
+                                                  generator=generator)
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_mxfp4_experts_are_read_dequantized_as_transformers_dequantizes_them_streamed_too(tmp_path):
+    from safetensors.torch import load_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from moeexport.streaming import logits
+
+    source = _mxfp4_checkpoint(tmp_path / "mxfp4")
+    model = load(source)
+    stored = load_file(source / "model.safetensors")
+    for index, layer in enumerate(model.model.layers):
+        for stack in ("gate_up_proj", "down_proj"):
+            prefix = f"model.layers.{index}.mlp.experts.{stack}"
+            expected = convert_moe_packed_tensors(stored[prefix + "_blocks"], stored[prefix + "_scales"],
+                                                  dtype=torch.float32)
+            assert torch.equal(getattr(layer.mlp.experts, stack), expected), prefix
+    assert getattr(model.config, "quantization_config", None) is None  # what is saved is not MXFP4
+    tokens = random_tokens(2, 24)
+    assert np.array_equal(logits(load_streamed(source), tokens), _logits(model, tokens).numpy())
+
+
+@pytest.mark.parametrize("loader", [load, load_streamed])
+def test_an_mxfp4_checkpoint_compressed_saves_one_stock_transformers_loads(loader, tmp_path):
+    source = _mxfp4_checkpoint(tmp_path / "mxfp4")
+    model = loader(source)
+    compress(model, parse_recipe({"passes": [{"expert_drop": {"keep": 3, "scope": "layer", "score": "random"}}]}),
+             _provider())
+    saved = moeexport.save(model, tmp_path / "out", {})
+    stock = AutoModelForCausalLM.from_pretrained(saved, experts_implementation=EXPERTS_IMPLEMENTATION).eval()
+    reference = load(source)
+    compress(reference, parse_recipe({"passes": [{"expert_drop": {"keep": 3, "scope": "layer",
+                                                                  "score": "random"}}]}), _provider())
+    tokens = random_tokens(2, 24)
+    assert stock.config.num_local_experts == 3
+    assert torch.equal(_logits(stock, tokens), _logits(reference, tokens))
