@@ -358,3 +358,23 @@ def test_an_mxfp4_checkpoint_compressed_saves_one_stock_transformers_loads(loade
     tokens = random_tokens(2, 24)
     assert stock.config.num_local_experts == 3
     assert torch.equal(_logits(stock, tokens), _logits(reference, tokens))
+
+
+def test_a_streamed_build_of_an_mxfp4_checkpoint_writes_a_gguf_that_matches(tmp_path):
+    source = _mxfp4_checkpoint(tmp_path / "mxfp4")
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        (source / name).write_bytes((DEMO_MODEL / name).read_bytes())
+    import json
+
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps(config | {"vocab_size": 2048}))  # the demo tokenizer's
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(source / "model.safetensors")
+    generator = torch.Generator().manual_seed(1)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[name] = torch.randn(2048, 32, generator=generator) * 0.05
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    report = _build(source, TRIMMED[1:], tmp_path / "out", stream=True)
+    assert report.ok and report.compression.memory["streamed"], report.failures
+    assert report.validation["max_abs_logit"] <= 1e-3 and report.validation["top1_agreement"] == 1.0
