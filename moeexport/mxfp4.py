@@ -9,7 +9,10 @@ transformers' integrations/mxfp4.py reads; the values are exact in float32 (and 
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where weights are dequantized: the memory plan reads headers without it
+    import torch
 
 BLOCKS, SCALES = "_blocks", "_scales"
 BLOCK = 32  # inputs per scale
@@ -33,6 +36,8 @@ def unpacked_shape(blocks_shape, transposed: bool) -> list[int]:
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, transposed: bool) -> torch.Tensor:
     """float32 weights of MXFP4 `blocks` [..., N, K / 32, 16] and `scales` [..., N, K / 32]: [..., N, K], or
     [..., K, N] for a `transposed` layout."""
+    import torch
+
     table = torch.tensor(FP4_VALUES, dtype=torch.float32)
     codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).long()  # [..., N, G, 16, 2]: even input low
     values = table[codes].flatten(-2) * torch.exp2(scales.float() - SCALE_BIAS)[..., None]  # [..., N, G, 32]

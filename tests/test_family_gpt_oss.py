@@ -378,3 +378,14 @@ def test_a_streamed_build_of_an_mxfp4_checkpoint_writes_a_gguf_that_matches(tmp_
     report = _build(source, TRIMMED[1:], tmp_path / "out", stream=True)
     assert report.ok and report.compression.memory["streamed"], report.failures
     assert report.validation["max_abs_logit"] <= 1e-3 and report.validation["top1_agreement"] == 1.0
+
+
+def test_the_memory_plan_sizes_an_mxfp4_checkpoint_as_the_model_it_dequantizes_to(tmp_path):
+    from moeexport.checkpoint_files import read_headers
+    from moeexport.memory import checkpoint_sizes
+
+    packed = _mxfp4_checkpoint(tmp_path / "mxfp4")
+    load(packed).save_pretrained(tmp_path / "floats")
+    sizes = [checkpoint_sizes(read_headers([directory / "model.safetensors"]))
+             for directory in (packed, tmp_path / "floats")]
+    assert sizes[0] == sizes[1] and sizes[0][0][0].expert > 0  # an expert read at a time, not a resident layer
