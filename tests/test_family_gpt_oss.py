@@ -389,3 +389,9 @@ def test_the_memory_plan_sizes_an_mxfp4_checkpoint_as_the_model_it_dequantizes_t
     sizes = [checkpoint_sizes(read_headers([directory / "model.safetensors"]))
              for directory in (packed, tmp_path / "floats")]
     assert sizes[0] == sizes[1] and sizes[0][0][0].expert > 0  # an expert read at a time, not a resident layer
+
+
+def test_a_gpt_oss_gguf_as_input_is_refused_by_name(tmp_path):
+    artifact = gguf_backend.export(_with_demo_vocabulary(), tmp_path / "m.gguf")
+    with pytest.raises(MoeExportError, match="does not read gpt-oss GGUFs yet.*build from the Hugging Face"):
+        load(artifact.path)

@@ -64,6 +64,7 @@ class GGUFArchitecture:
     # pads experts in its own architecture: a pad's router bias of -1e9 keeps it out of the raw logits' top-k,
     # and out of the softmax over them
     pads_by_router_bias: bool = False
+    unread: str | None = None  # what of this host's files moeexport's GGUF reader does not read yet (refused)
 
 
 
@@ -110,6 +111,7 @@ ARCHITECTURES = {
     "gpt_oss": GGUFArchitecture(
         name="gpt-oss", renormalizes=False, bpe_pre="gpt-4o", ffn_norm="ATTN_POST_NORM", softmax_over_top_k=True,
         biases=True, clamped_swiglu=(1.702, 7.0), sliding_period=2, pads_by_router_bias=True,
+        unread="attention sinks, biases, sliding windows, YaRN and MXFP4 experts",
     ),
 }
 
