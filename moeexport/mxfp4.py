@@ -55,3 +55,14 @@ def unpacked_headers(headers: dict, transposed: bool) -> dict:
         shape, _, path = headers[blocks]
         unpacked[name] = (unpacked_shape(shape, transposed), "BF16", path)
     return unpacked
+
+
+def ggml_blocks(blocks: "torch.Tensor", scales: "torch.Tensor") -> "torch.Tensor":
+    """MXFP4 rows in the hub's layout (blocks [N, G, 16], scales [N, G]) as GGML's MXFP4 blocks [N, G * 17]: per
+    block its scale byte, then 16 bytes holding input j in the low nibble of byte j and input j + 16 in its high
+    nibble (the hub packs inputs 2j and 2j + 1 into byte j). The same codes and scales: nothing re-quantized."""
+    import torch
+
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).flatten(-2)  # [N, G, 32], in input order
+    packed = codes[..., :16] | (codes[..., 16:] << 4)
+    return torch.cat([scales[..., None], packed], dim=-1).flatten(-2)

@@ -181,6 +181,20 @@ class LayerStream:
                 setattr(view.ffn, self.adapter.experts, view.experts)
             module.to("meta")
 
+    def packed(self, index: int, stack: str, slot: int | None = None):
+        """Whether layer `index`'s expert stack `stack` (its name inside the layer) is read from MXFP4 pairs that
+        no pass changed (slot None), or kept expert `slot`'s (blocks, scales) as the checkpoint stores them:
+        what a file type holding MXFP4 carries byte for byte. False (None for a slot) otherwise."""
+        edit = self.edits[index]
+        pair_of = getattr(self.checkpoint, "mxfp4_pair", None)  # (a GGUF input holds no such pairs)
+        pair = pair_of(self._name(edit.source, stack)) if pair_of else None
+        if edit.transforms or pair is None:
+            return None if slot is not None else False
+        if slot is None:
+            return True
+        expert = edit.experts[slot] if edit.experts is not None else slot
+        return tuple(self.checkpoint.stored_slice(key, expert) for key in pair)
+
     def rebuild_rotary(self) -> None:
         """The rotary tables are computed from the config, not stored: build them for real once."""
         parent_path, _, attribute = self.adapter.rotary_embedding.rpartition(".")
@@ -332,10 +346,7 @@ class SafetensorsCheckpoint:
             return self.expert(name, expert, part, parts)[first:first + count]
         pieces = self.sources[name]
         if pieces[0].scales:  # MXFP4: the one expert's blocks and scales, dequantized
-            with safe_open(self.headers[pieces[0].key][2], "pt") as handle:
-                blocks = handle.get_slice(pieces[0].key)[expert:expert + 1][0]
-            with safe_open(self.headers[pieces[0].scales][2], "pt") as handle:
-                scales = handle.get_slice(pieces[0].scales)[expert:expert + 1][0]
+            blocks, scales = (self.stored_slice(key, expert) for key in (pieces[0].key, pieces[0].scales))
             matrix = mxfp4.dequantize(blocks, scales, self.transposed)
         elif pieces[0].expert is None:  # stored stacked, as the model names it: slice the one expert out
             with safe_open(self.headers[pieces[0].key][2], "pt") as handle:
@@ -350,6 +361,16 @@ class SafetensorsCheckpoint:
             rows = matrix.shape[0] // parts
             matrix = matrix[part * rows:(part + 1) * rows]
         return matrix
+
+    def mxfp4_pair(self, name: str) -> tuple[str, str] | None:
+        """(blocks key, scales key) of parameter `name` when the checkpoint holds it as an MXFP4 pair."""
+        pieces = self.sources.get(name)
+        return (pieces[0].key, pieces[0].scales) if pieces and pieces[0].scales else None
+
+    def stored_slice(self, key: str, index: int) -> torch.Tensor:
+        """Checkpoint tensor `key`'s slice `index` along its first axis (one expert of a stack), as stored."""
+        with safe_open(self.headers[key][2], "pt") as handle:
+            return handle.get_slice(key)[index:index + 1][0]
 
     def _tensor(self, key: str) -> torch.Tensor:
         # Opened per tensor: a mapping kept open holds every page read through it in this process's RSS.

@@ -301,14 +301,14 @@ def test_the_plain_gpt_oss_graph_is_one_tensorrt_s_parser_takes(moe_ops, tmp_pat
 
 # --- MXFP4 experts, as the hub stores them --------------------------------------------------------------------------
 
-def _mxfp4_checkpoint(directory: Path) -> Path:
+def _mxfp4_checkpoint(directory: Path, vocab_size: int = 128) -> Path:
     """The tiny gpt-oss with its expert stacks as hub MXFP4 pairs (random codes and scales), as transformers'
     integrations/mxfp4.py lays them out: `*_blocks` [E, N, K / 32, 16], `*_scales` [E, N, K / 32]."""
     import json
 
     from safetensors.torch import load_file, save_file
 
-    tiny_model("gpt_oss", intermediate_size=32).save_pretrained(directory)  # widths: whole blocks of 32
+    tiny_model("gpt_oss", intermediate_size=32, vocab_size=vocab_size).save_pretrained(directory)  # whole blocks
     weights = load_file(directory / "model.safetensors")
     generator = torch.Generator().manual_seed(0)
     for name in [name for name in weights if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
@@ -361,20 +361,9 @@ def test_an_mxfp4_checkpoint_compressed_saves_one_stock_transformers_loads(loade
 
 
 def test_a_streamed_build_of_an_mxfp4_checkpoint_writes_a_gguf_that_matches(tmp_path):
-    source = _mxfp4_checkpoint(tmp_path / "mxfp4")
+    source = _mxfp4_checkpoint(tmp_path / "mxfp4", vocab_size=2048)  # the demo tokenizer's
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
         (source / name).write_bytes((DEMO_MODEL / name).read_bytes())
-    import json
-
-    config = json.loads((source / "config.json").read_text())
-    (source / "config.json").write_text(json.dumps(config | {"vocab_size": 2048}))  # the demo tokenizer's
-    from safetensors.torch import load_file, save_file
-
-    weights = load_file(source / "model.safetensors")
-    generator = torch.Generator().manual_seed(1)
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        weights[name] = torch.randn(2048, 32, generator=generator) * 0.05
-    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
     report = _build(source, TRIMMED[1:], tmp_path / "out", stream=True)
     assert report.ok and report.compression.memory["streamed"], report.failures
     assert report.validation["max_abs_logit"] <= 1e-3 and report.validation["top1_agreement"] == 1.0
@@ -395,3 +384,56 @@ def test_a_gpt_oss_gguf_as_input_is_refused_by_name(tmp_path):
     artifact = gguf_backend.export(_with_demo_vocabulary(), tmp_path / "m.gguf")
     with pytest.raises(MoeExportError, match="does not read gpt-oss GGUFs yet.*build from the Hugging Face"):
         load(artifact.path)
+
+
+def _ggml_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The hub's MXFP4 rows (blocks [N, G, 16]: inputs 2j, 2j + 1 in byte j's low, high nibble; scales [N, G])
+    as ggml's block_mxfp4 bytes [N, G * 17]: the scale, then inputs j and j + 16 in byte j's low and high nibble."""
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    return np.concatenate([scales[..., None], qs], axis=-1).reshape(blocks.shape[0], -1).astype(np.uint8)
+
+
+def test_mxfp4_experts_go_into_the_gguf_as_the_same_mxfp4_bytes(tmp_path):
+    from gguf import GGMLQuantizationType, GGUFReader
+    from safetensors.numpy import load_file
+
+    source = _mxfp4_checkpoint(tmp_path / "mxfp4", vocab_size=2048)
+    model = load_streamed(source)
+    model.config.name_or_path = str(DEMO_MODEL)  # a vocabulary for the file
+    keep = {0: [3, 1, 0], 1: [0, 1, 2], 2: [2, 3, 0], 3: [1, 2, 3]}
+    adapter = adapter_for(model.config)
+    for layer, kept in keep.items():
+        keep_experts(adapter, model, layer, kept)
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf", quant="q8_0")
+    tensors = {tensor.name: tensor for tensor in GGUFReader(artifact.path).tensors}
+    stored = load_file(source / "model.safetensors")
+    for layer, kept in keep.items():
+        gate_up, down = (f"model.layers.{layer}.mlp.experts.{stack}" for stack in ("gate_up_proj", "down_proj"))
+        expected = {
+            "ffn_gate_exps": [_ggml_mxfp4(stored[gate_up + "_blocks"][e, 0::2], stored[gate_up + "_scales"][e, 0::2])
+                              for e in kept],
+            "ffn_up_exps": [_ggml_mxfp4(stored[gate_up + "_blocks"][e, 1::2], stored[gate_up + "_scales"][e, 1::2])
+                            for e in kept],
+            "ffn_down_exps": [_ggml_mxfp4(stored[down + "_blocks"][e], stored[down + "_scales"][e]) for e in kept],
+        }
+        for kind, experts in expected.items():
+            tensor = tensors[f"blk.{layer}.{kind}.weight"]
+            assert tensor.tensor_type == GGMLQuantizationType.MXFP4
+            assert np.array_equal(np.asarray(tensor.data).reshape(len(kept), -1), np.stack(experts).reshape(len(kept), -1))
+    assert tensors["blk.0.attn_q.weight"].tensor_type == GGMLQuantizationType.Q8_0  # the rest as asked
+    reference = load(source)
+    for layer, kept in keep.items():
+        keep_experts(adapter_for(reference.config), reference, layer, kept)
+    from gguf import quants
+
+    for layer in keep:  # gguf-py's reading of those bytes is the model's own weights, exactly
+        experts = adapter_for(reference.config).layer_view(reference, layer).experts
+        rows = experts.gate_up_proj.transpose(1, 2)
+        for kind, weights in (("ffn_gate_exps", rows[:, 0::2]), ("ffn_up_exps", rows[:, 1::2]),
+                              ("ffn_down_exps", experts.down_proj.transpose(1, 2))):
+            tensor = tensors[f"blk.{layer}.{kind}.weight"]
+            assert np.array_equal(quants.dequantize(np.asarray(tensor.data), tensor.tensor_type), weights.numpy())
+    fidelity = compare(TorchRunner(reference), gguf_backend.Runner(artifact.path, context=24),
+                       random_tokens(2, 24) * 16)
+    assert fidelity.kl < 1e-2, fidelity  # llama.cpp runs it (int8 activations and q8_0 attention: not exact)

@@ -62,9 +62,10 @@ from moeexport.backends.gguf.architectures import ARCHITECTURES, UNBOUNDED_WINDO
 from moeexport.backends.gguf.names import DENSE_FFN, ROUTED_FFN, SHARED_FFN, BlockNames, TensorNames
 from moeexport.backends.gguf.reader import LAYERS_KEY, per_expert
 from moeexport.backends.gguf.types import KEEP, LLAMA_CPP_TYPES, LLAMA_FTYPES, QUANT_TYPES
+from moeexport import mxfp4
 from moeexport.errors import MoeExportError
 from moeexport.quantization import WeightGrid
-from moeexport.streaming import ExpertStack, layer_views, outer, stream_of
+from moeexport.streaming import ExpertStack, child_name, layer_views, outer, stream_of
 
 REPRESENTATION_KEY = "moeexport.representation"
 STANDIN_WIDTH = 32  # width of the all-zero stand-in FFNs some hosts need (a multiple of every 4/8-bit block)
@@ -646,6 +647,29 @@ class _TensorSink:
         counts = [min(rows, math.prod(shape[:-1]) - start) for start in range(0, math.prod(shape[:-1]), rows)]
         self.writer.write_tensor_data(_ConvertedData(nbytes, lambda: (np.zeros(n * row_bytes, np.uint8) for n in counts)))
 
+    def carries_mxfp4(self) -> bool:
+        """Whether expert stacks the input holds in MXFP4 are written as GGML MXFP4 with their own bytes: in
+        every quantized file (an f32 / f16 / bf16 file stays float), llama.cpp's type choices included."""
+        return not self.proxy and self.carry is None and self.quant not in ("f32", "f16", "bf16")
+
+    def add_mxfp4(self, name: str, shape: tuple[int, int, int], expert_blocks) -> None:
+        """An expert stack [E, rows, inputs] of GGML MXFP4 blocks, `expert_blocks(e)` -> expert e's [rows, bytes]
+        (None: an all-zero pad), written an expert at a time."""
+        qtype = self.gguf.GGMLQuantizationType.MXFP4
+        block, block_bytes = self.gguf.GGML_QUANT_SIZES[qtype]
+        row_bytes = shape[-1] // block * block_bytes
+        nbytes = shape[0] * shape[1] * row_bytes
+        if not self.writing:
+            self.writer.add_tensor_info(name, (*shape[:-1], row_bytes), np.uint8, nbytes, raw_dtype=qtype)
+            return
+
+        def experts():
+            for expert in range(shape[0]):
+                blocks = expert_blocks(expert)
+                yield np.zeros(shape[1] * row_bytes, np.uint8) if blocks is None else blocks.reshape(-1)
+
+        self.writer.write_tensor_data(_ConvertedData(nbytes, experts))
+
     def _add_carried(self, name: str, carried: "_Carried") -> None:
         if not self.writing:
             stored, count = carried.stored, len(carried.slots)
@@ -887,13 +911,13 @@ def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
         if index in plan.silent_layers:
             _write_silent_moe(tensors, name, config.hidden_size, plan)
             continue
-        _write_moe(tensors, name, view, plan)
+        _write_moe(tensors, name, view, plan, model)
     with outer(model, "output") if reads else nullcontext():
         tensors.add(names("OUTPUT_NORM"), around.final_norm.weight)
         tensors.add(names("OUTPUT"), around.output.weight)
 
 
-def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _Plan) -> None:
+def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _Plan, model) -> None:
     """A MoE sublayer: norm, router and stacked experts (padded to the file's count), then its shared experts."""
     experts, host = view.experts, plan.architecture
     pads = plan.num_experts - experts.down_proj.shape[0]
@@ -903,9 +927,13 @@ def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _P
     tensors.add(name("FFN_GATE_INP"), _pad_experts(view.router.weight, pads), keep_f32=True)
     if plan.config.routing.router_bias:
         tensors.add(name("FFN_GATE_INP", ".bias"), _pad_experts(view.router.bias, pads, fill=-1e9))
-    tensors.add(name(gate_kind), gate, on_grid=True)
-    tensors.add(name(up_kind), up, on_grid=True)
-    tensors.add(name(down_kind), down_weights(view.layout, _pad_experts(experts.down_proj, pads)), on_grid=True)
+    packed = _packed_experts(model, view)
+    if tensors.carries_mxfp4() and packed is not None:
+        _write_mxfp4_experts(tensors, name, view, pads, packed)
+    else:
+        tensors.add(name(gate_kind), gate, on_grid=True)
+        tensors.add(name(up_kind), up, on_grid=True)
+        tensors.add(name(down_kind), down_weights(view.layout, _pad_experts(experts.down_proj, pads)), on_grid=True)
     if view.layout.biases:
         gate_bias, up_bias = gate_and_up_biases(view.layout, _pad_experts(experts.gate_up_proj_bias, pads))
         tensors.add(name(gate_kind, ".bias"), gate_bias, keep_f32=True)
@@ -922,6 +950,40 @@ def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _P
     if view.shared_expert_gate is not None:
         shared_gate = view.shared_expert_gate.weight  # [1, hidden]
         tensors.add(name("FFN_GATE_INP_SHEXP"), shared_gate[0], keep_f32=True)
+
+
+def _packed_experts(model, view: LayerView):
+    """(stack name inside the layer -> a reader of kept expert e's MXFP4 (blocks, scales)) when a streamed layer
+    reads both expert stacks from MXFP4 pairs that no pass changed; None otherwise."""
+    stream = stream_of(model)
+    if stream is None:
+        return None
+    prefix = child_name(view.module, view.experts) + "."
+    stacks = {stack: prefix + stack for stack in ("gate_up_proj", "down_proj")}
+    if not all(stream.packed(view.index, path) for path in stacks.values()):
+        return None
+    return {stack: (lambda slot, path=path: stream.packed(view.index, path, slot)) for stack, path in stacks.items()}
+
+
+def _write_mxfp4_experts(tensors: _TensorSink, name: BlockNames, view: LayerView, pads: int, packed) -> None:
+    """The routed experts as GGML MXFP4 blocks holding the checkpoint's own codes and scales (pads: zero bytes,
+    which decode to zeros): gate and up are the gate_up stack's rows the layout says."""
+    layout, count = view.layout, view.experts.down_proj.shape[0]
+    width = packed["gate_up_proj"](0)[0].shape[0] // 2  # the stack's outputs are its blocks' rows
+    gate_rows = slice(0, None, 2) if layout.interleaved else slice(0, width)
+    up_rows = slice(1, None, 2) if layout.interleaved else slice(width, None)
+    gate_kind, up_kind, down_kind = ROUTED_FFN
+    for kind, stack, rows in ((gate_kind, "gate_up_proj", gate_rows), (up_kind, "gate_up_proj", up_rows),
+                              (down_kind, "down_proj", slice(None))):
+        def expert_blocks(slot: int, stack=stack, rows=rows) -> np.ndarray:
+            if slot >= count:
+                return None
+            blocks, scales = packed[stack](slot)
+            return mxfp4.ggml_blocks(blocks[rows], scales[rows]).numpy()
+
+        blocks, _ = packed[stack](0)
+        shape = (count + pads, len(range(blocks.shape[0])[rows]), blocks.shape[1] * mxfp4.BLOCK)
+        tensors.add_mxfp4(name(kind), shape, expert_blocks)
 
 
 def _write_ffn(tensors: _TensorSink, name: BlockNames, kinds: tuple[str, str, str], mlp) -> None:
