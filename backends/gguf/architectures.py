@@ -61,6 +61,7 @@ class GGUFArchitecture:
     clamped_swiglu: tuple[float, float] | None = None  # (alpha, limit) of the clamped SwiGLU the host hard-codes
     # the host reads the model's sliding window; by default every layer slides but each `sliding_period`-th
     sliding_period: int = 0
+    yarn: bool = False  # the model's YaRN RoPE scaling is written (rope.scaling.* keys)
     # pads experts in its own architecture: a pad's router bias of -1e9 keeps it out of the raw logits' top-k,
     # and out of the softmax over them
     pads_by_router_bias: bool = False
@@ -110,7 +111,7 @@ ARCHITECTURES = {
     # layer needs MoE tensors: a MoE-less layer (Layer Drop) is written as all-zero experts (exact, output 0).
     "gpt_oss": GGUFArchitecture(
         name="gpt-oss", renormalizes=False, bpe_pre="gpt-4o", ffn_norm="ATTN_POST_NORM", softmax_over_top_k=True,
-        biases=True, clamped_swiglu=(1.702, 7.0), sliding_period=2, pads_by_router_bias=True,
+        biases=True, clamped_swiglu=(1.702, 7.0), sliding_period=2, yarn=True, pads_by_router_bias=True,
         unread="attention sinks, biases, sliding windows, YaRN and MXFP4 experts",
     ),
 }

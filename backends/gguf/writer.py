@@ -201,7 +201,8 @@ def export(
         raise MoeExportError(f"output {out_path} already exists; pass --overwrite or choose another --out")
     representation = _describe_representation(plan)
     result = GGUFExport(out_path, plan.architecture.name, quant, representation)
-    if plan.config.rope_scaling.get("rope_type") == "yarn" and plan.config.rope_scaling.get("truncate") is False:
+    yarn = plan.config.rope_scaling if plan.architecture.yarn else {}
+    if yarn.get("rope_type") == "yarn" and yarn.get("truncate") is False:
         result.fallbacks.append("RoPE: YaRN with truncate: false, which llama.cpp does not read: it rounds the "
                                 "correction range to whole dimensions, so its rotations differ slightly from "
                                 "transformers' (as in every GGUF of this model, llama.cpp's converter's too)")
@@ -445,7 +446,7 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
         writer.add_expert_weights_norm(True)
     writer.add_head_count(config.num_heads)
     writer.add_rope_freq_base(config.rope_theta)
-    if config.rope_scaling.get("rope_type") == "yarn":
+    if host.yarn and config.rope_scaling.get("rope_type") == "yarn":
         _write_yarn(writer, gguf, config.rope_scaling)
     if host.sliding_period:
         _write_sliding_window(writer, config, len(plan.layers), host.sliding_period)
