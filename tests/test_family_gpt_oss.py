@@ -437,3 +437,52 @@ def test_mxfp4_experts_go_into_the_gguf_as_the_same_mxfp4_bytes(tmp_path):
     fidelity = compare(TorchRunner(reference), gguf_backend.Runner(artifact.path, context=24),
                        random_tokens(2, 24) * 16)
     assert fidelity.kl < 1e-2, fidelity  # llama.cpp runs it (int8 activations and q8_0 attention: not exact)
+
+
+# --- the same file as llama.cpp's converter -------------------------------------------------------------------------
+
+CONVERTER_WITH_SENTENCEPIECE = """
+import runpy, sys
+tree = sys.argv.pop(1)
+sys.path[:0] = [tree, tree + "/gguf-py"]
+from conversion import gpt_oss
+gpt_oss.GptOssModel.set_vocab = lambda self: self._set_vocab_sentencepiece()  # the demo tokenizer is SentencePiece
+sys.argv[0] = tree + "/convert_hf_to_gguf.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_our_f16_gguf_is_llama_cpp_s_converter_s_file_tensor_for_tensor(tmp_path):
+    """Same tensors (names, types, shapes, bytes) and keys as llama.cpp's convert_hf_to_gguf.py writes for the
+    checkpoint, but for the differences listed here (its vocabulary read as SentencePiece, the demo's)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    from gguf import GGUFReader
+
+    spec = importlib.util.spec_from_file_location("compare_with_converter",
+                                                  Path(__file__).parents[1] / "tools" / "compare_with_converter.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tree = tool.fetch_converter(tmp_path)
+    source = _saved_source(tmp_path / "tiny")
+    model = load(source)
+    ours = gguf_backend.export(model, tmp_path / "ours.gguf", quant="f16").path
+    theirs = tmp_path / "theirs.gguf"
+    script = tmp_path / "convert.py"
+    script.write_text(CONVERTER_WITH_SENTENCEPIECE)
+    subprocess.run([sys.executable, str(script), str(tree), str(source), "--outtype", "f16", "--outfile", str(theirs)],
+                   env=os.environ | {"PYTHONPATH": str(tree / "gguf-py")}, check=True, capture_output=True)
+    files = [GGUFReader(path) for path in (ours, theirs)]
+    keys = [{k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")} for r in files]
+    tensors = [{t.name: t for t in r.tensors} for r in files]
+    assert set(keys[0]) - set(keys[1]) == {"gpt-oss.rope.dimension_count", "gpt-oss.vocab_size", "moeexport.layers",
+                                           "moeexport.representation"}
+    assert set(keys[1]) - set(keys[0]) == {"general.size_label", "general.type"}
+    assert [k for k in set(keys[0]) & set(keys[1]) if keys[0][k] != keys[1][k]] == ["general.name"]  # tiny / Tiny
+    assert tensors[0].keys() == tensors[1].keys()
+    differing = [name for name in tensors[0] if tensors[0][name].tensor_type != tensors[1][name].tensor_type
+                 or not np.array_equal(np.asarray(tensors[0][name].data), np.asarray(tensors[1][name].data))]
+    assert differing == ["token_embd.weight"]  # ours stays F32 in F16 files (writer.py: a row lookup, no compute)
