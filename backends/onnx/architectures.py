@@ -27,4 +27,6 @@ ARCHITECTURES = {
     "qwen3_moe": AttentionLayout(qk_norm="per_head"),
     "olmoe": AttentionLayout(qk_norm="full"),
     "deepseek_v2": AttentionLayout(rope="interleaved"),
+    # q/k/v/o biases, attention sinks and per-layer sliding windows come from the modules and the config
+    "gpt_oss": AttentionLayout(),
 }

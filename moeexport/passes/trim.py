@@ -41,7 +41,8 @@ from moeexport.calibration.damage import BLOCK, EXPERT, MOE, Removed
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
 from moeexport.passes.base import MEASURED, CompressionPass, PassOptions, check_expert_keep, check_moe_remains
-from moeexport.passes.repair import check_refit_size, refit_and_keep, refit_attention_outputs, residuals_at
+from moeexport.passes.repair import (check_refit_layout, check_refit_size, refit_and_keep, refit_attention_outputs,
+                                     residuals_at)
 
 
 def _top_n(scores: list[float], n: int) -> list[int]:
@@ -332,6 +333,10 @@ class ExpertDrop(_Repairable):
                 "expert_drop keep=0 drops every routed expert of every MoE layer; "
                 "add allow_empty_layers: true to the step if that is meant"
             )
+
+    def check_model(self, options: ExpertDropOptions, model) -> None:
+        if options.repair == "refit":
+            check_refit_layout(model)
 
     def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: ExpertDropOptions,
              scorer=None) -> ExpertDropPlan:
