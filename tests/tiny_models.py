@@ -36,6 +36,18 @@ TINY_CONFIGS = {
         num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
         v_head_dim=8, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
     ),
+    # q/k/v biases, per-head q/k norms, half the head rotated, a scale on the routed weights
+    "glm4_moe": dict(
+        n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=24, first_k_dense_replace=1,
+        n_group=1, topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=True, attention_bias=True,
+        use_qk_norm=True, partial_rotary_factor=0.5,
+    ),
+    # a leading dense layer; tied embeddings as in ERNIE-4.5-21B-A3B. (llama.cpp's converter takes the shared
+    # experts' width as intermediate_size // num_key_value_heads, which these sizes keep true: 48 // 2 = 24 x 1)
+    "ernie4_5_moe": dict(
+        moe_num_experts=4, moe_intermediate_size=24, moe_num_shared_experts=1, moe_layer_start_index=1,
+        moe_layer_end_index=-1, moe_layer_interval=1, use_bias=False,
+    ),
 }
 FAMILIES = sorted(TINY_CONFIGS)
 
@@ -48,6 +60,9 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
     for name, parameter in model.named_parameters():
         if "norm" not in name:
             torch.nn.init.normal_(parameter, std=0.2 if name.endswith("gate.weight") else 0.05)
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # a selection bias left at zero would choose nothing
+            torch.nn.init.normal_(buffer, std=0.1)
     model.eval().requires_grad_(False)
     return model
 

@@ -94,6 +94,7 @@ class ModelConfig:
     clip_qkv: float | None = None  # q, k and v are clamped to +-clip_qkv (OLMoE), None: not clamped
     latent: LatentAttention | None = None  # set for families with multi-head latent attention
     experts: ExpertLayout = ExpertLayout()
+    rotary_dim: int | None = None  # q/k dims per head that RoPE rotates (the leading ones); None: all of head_dim
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,15 @@ class TensorNames:
 
     def in_experts(self, name: str) -> bool:
         return f".{self.experts}." in name
+
+
+def _rotary_dim(config, rope: dict) -> int | None:
+    """transformers' partial rotary (rope_parameters' partial_rotary_factor): the leading head dims rotated."""
+    factor = rope.get("partial_rotary_factor")
+    if factor is None or factor == 1.0:
+        return None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(head_dim * factor)
 
 
 def _no_dense_layer_keys(config: object, kept: list[int]) -> None:
@@ -210,6 +220,7 @@ class Family:
             clip_qkv=getattr(config, self.clip_qkv_key, None) if self.clip_qkv_key else None,
             latent=self.latent_attention(config) if self.latent_attention else None,
             experts=self.expert_layout(config),
+            rotary_dim=_rotary_dim(config, rope),
         )
 
     def config_values(self, config: ModelConfig, layers: int, widths: FFNWidths, tied: bool) -> dict:

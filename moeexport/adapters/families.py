@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from moeexport.adapters.declaration import FFNWidths, Family, LatentAttention, ModelConfig, Routing
+from moeexport.adapters.declaration import SIGMOID, FFNWidths, Family, LatentAttention, ModelConfig, Routing
 from moeexport.adapters.registry import register
+from moeexport.errors import MoeExportError
 
 
 def _renormalize_if_configured(config) -> Routing:
@@ -150,5 +151,114 @@ DEEPSEEK_V2 = register(
         renumber_dense_layers=_renumber_leading_dense,
         expert_count_change_blocker=_deepseek_group_routing_blocks_resize,
         own_config_values=_deepseek_config_values,
+    )
+)
+
+
+# --- GLM-4.5 / 4.6 (glm4_moe) and ERNIE-4.5-MoE (ernie4_5_moe) ---------------------------------------------------
+
+
+def _glm4_moe_routing(config) -> Routing:
+    """Sigmoid scores; the k chosen on scores + e_score_correction_bias within the topk_group best of n_group groups
+    (a group scores the sum of its best two); weighed by the unbiased scores, renormalized if norm_topk_prob,
+    x routed_scaling_factor (transformers' Glm4MoeTopkRouter)."""
+    return Routing(renormalize=bool(config.norm_topk_prob), scale=float(config.routed_scaling_factor),
+                   method="noaux_tc", scores=SIGMOID, selection_bias=True, groups=config.n_group,
+                   top_groups=config.topk_group, group_score="top2_sum")
+
+
+def _glm4_moe_group_routing_blocks_resize(config) -> str | None:
+    if config.n_group > 1:
+        return (f"this GLM-4.5 model chooses its experts within the best {config.topk_group} of {config.n_group} "
+                "expert groups, which a change of expert count would break; use Block Drop or Layer Drop instead "
+                "of Expert Drop for it")
+    return None
+
+
+def _glm4_moe_config_values(config: ModelConfig, widths: FFNWidths) -> dict:
+    values = {
+        "moe_intermediate_size": widths.expert,
+        "n_shared_experts": config.shared_expert_count,
+        "first_k_dense_replace": len(widths.dense_layers),
+        "routed_scaling_factor": config.routing.scale,
+        "norm_topk_prob": config.routing.renormalize,
+        "n_group": config.routing.groups, "topk_group": config.routing.top_groups,
+        "num_nextn_predict_layers": 0,  # moeexport writes and reads no next-token-prediction layers
+    }
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rotary_dim is not None:
+        rope["partial_rotary_factor"] = config.rotary_dim / config.head_dim
+    return values | {"rope_parameters": rope}
+
+
+def _ernie_routing(config) -> Routing:
+    """Softmax scores; the k chosen on scores + moe_statics.e_score_correction_bias, weighed by the unbiased
+    scores renormalized (transformers' Ernie4_5_MoeTopKRouter; its moe_norm_min only keeps the divisor above
+    1e-12, which k softmax scores never fall to)."""
+    return Routing(renormalize=True, selection_bias=True)
+
+
+def _ernie_moe_layers(start: int, end: int, interval: int, count: int) -> list[bool]:
+    """Which of `count` layers transformers builds with experts (Ernie4_5_MoeDecoderLayer's rule)."""
+    return [(i + 1) % interval == 0 and start <= i <= end for i in range(count)]
+
+
+def _renumber_ernie_moe_layers(config, kept: list[int]) -> None:
+    """ERNIE places its MoE layers by moe_layer_start_index / end_index / interval. After Block Drop each survivor
+    keeps its kind, so the three keys are rewritten to the rule that gives the survivors' kinds (with interval 1,
+    as every released ERNIE-4.5-MoE has, always one); a pattern no such rule gives is refused."""
+    old = _ernie_moe_layers(config.moe_layer_start_index, config.moe_layer_end_index, config.moe_layer_interval,
+                            config.num_hidden_layers)
+    wanted = [old[i] for i in kept]
+    moe = [i for i, is_moe in enumerate(wanted) if is_moe]
+    end = moe[-1] if moe else -1
+    for interval in range(1, len(wanted) + 1):
+        for start in range(len(wanted) + 1):
+            if _ernie_moe_layers(start, end, interval, len(wanted)) == wanted:
+                config.moe_layer_start_index, config.moe_layer_end_index = start, end
+                config.moe_layer_interval = interval
+                return
+    raise MoeExportError(
+        f"after this Block Drop the MoE layers {moe} of {len(wanted)} follow no start/end/interval rule that "
+        "ERNIE-4.5's config can state; drop other blocks (or keep the interval's pattern)"
+    )
+
+
+def _ernie_config_values(config: ModelConfig, widths: FFNWidths) -> dict:
+    return {
+        "moe_intermediate_size": widths.expert,
+        "moe_num_shared_experts": config.shared_expert_count,
+        "moe_layer_start_index": len(widths.dense_layers),  # a leading dense run, as GGUF hosts hold them
+        "moe_layer_end_index": -1,  # transformers reads -1 as the last layer
+        "moe_layer_interval": 1,
+        "use_bias": False,
+    }
+
+
+GLM4_MOE = register(
+    Family(
+        model_type="glm4_moe",
+        family="GLM-4.5 / GLM-4.6 (sigmoid routing with a selection bias, shared experts, leading dense layers)",
+        num_experts_key="n_routed_experts",
+        routing=_glm4_moe_routing,
+        shared_experts=("shared_experts",),
+        shared_expert_count_key="n_shared_experts",  # one module holds them all, n_shared_experts wide
+        renumber_dense_layers=_renumber_leading_dense,
+        expert_count_change_blocker=_glm4_moe_group_routing_blocks_resize,
+        own_config_values=_glm4_moe_config_values,
+    )
+)
+
+ERNIE4_5_MOE = register(
+    Family(
+        model_type="ernie4_5_moe",
+        family="ERNIE-4.5-MoE (softmax routing with a selection bias, shared experts, dense layers)",
+        num_experts_key="moe_num_experts",
+        top_k_key="moe_k",
+        routing=_ernie_routing,
+        shared_experts=("shared_experts",),
+        shared_expert_count_key="moe_num_shared_experts",  # one module holds them all; 0: none (shared_experts None)
+        renumber_dense_layers=_renumber_ernie_moe_layers,
+        own_config_values=_ernie_config_values,
     )
 )
