@@ -54,6 +54,11 @@ class GGUFArchitecture:
     latent_attention: bool = False  # multi-head latent attention (DeepSeek-V2): kv_a / k_b / v_b tensors
     unbounded_sliding_window: bool = False  # every layer written as sliding-window attention that never slides
     padded_host: GGUFArchitecture | None = None  # the host this family moves to when its expert counts differ
+    ffn_norm: str = "FFN_NORM"  # the tensor kind of the norm feeding the FFN (glm4moe: ATTN_POST_NORM)
+    routing_keys: bool = False  # the file states the routing: gating function, weights norm and scale, groups
+    moe_layer_step: bool = False  # the host reads interleave_moe_layer_step (written as 1: MoE after the dense run)
+    rope_dims_partial: bool = False  # RoPE may rotate only the leading rotary_dim dims of each head
+    shared_width_is_expert_multiple: bool = False  # shared width = expert width x expert_shared_count (loader's)
 
 
 
@@ -93,6 +98,22 @@ ARCHITECTURES = {
     # HF applies RoPE to interleaved pairs here, which is llama.cpp's NORM layout already: no permutation
     "deepseek_v2": GGUFArchitecture(
         name="deepseek2", renormalizes=False, bpe_pre="deepseek-llm", leading_dense=True, latent_attention=True
+    ),
+    # Own hosts with a selection bias (exp_probs_b); leading dense layers (leading_dense_block_count) and shared
+    # experts. glm4moe: NEOX RoPE over the leading rotary_dim dims of each head, as HF rotates them (no
+    # permutation); sigmoid or softmax gating, norm, scale and groups read from the file; its MoE layers need
+    # exp_probs_b and (the graph adds them unconditionally) shared experts. Sigmoid scores are per expert, so
+    # zero experts biased by -1e9 pad a layer exactly. ernie4_5-moe: NORM RoPE, the interleaved pairs HF ERNIE
+    # rotates already (no permutation); softmax, always renormalized; the loader makes every layer after the
+    # leading dense run MoE, so only interleave step 1 loads. Its softmax runs over pads too, shrinking the real
+    # experts' scores by a per-token factor that the unchanged selection bias is then added to: the choice can
+    # change, so non-uniform expert counts are refused there.
+    "glm4_moe": GGUFArchitecture(
+        name="glm4moe", renormalizes=True, bpe_pre="glm4", pads_experts=True, leading_dense=True,
+        ffn_norm="ATTN_POST_NORM", routing_keys=True, rope_dims_partial=True, shared_width_is_expert_multiple=True,
+    ),
+    "ernie4_5_moe": GGUFArchitecture(
+        name="ernie4_5-moe", renormalizes=True, leading_dense=True, moe_layer_step=True,
     ),
 }
 

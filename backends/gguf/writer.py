@@ -121,12 +121,16 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
     if architecture is None:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise MoeExportError(f"the GGUF exporter does not write {adapter.family} yet (it writes: {supported})")
-    if config.routing.renormalize != architecture.renormalizes:
+    if not architecture.routing_keys and config.routing.renormalize != architecture.renormalizes:
         raise MoeExportError(
             f"llama.cpp's {architecture.name} always {'renormalizes' if architecture.renormalizes else 'keeps'} the "
             "top-k weights but this model's router does not; its GGUF would compute something else"
         )
+    if config.routing.scale != 1.0 and not (architecture.routing_keys or architecture.latent_attention):
+        raise MoeExportError(f"llama.cpp's {architecture.name} does not scale the routed weights, but this model's "
+                             f"router multiplies them by {config.routing.scale}; its GGUF would compute something else")
     layers = structure(adapter, model)
+    _check_biases_the_host_drops(adapter.layer_views(model), architecture)
     dense = [i for i, spec in enumerate(layers) if spec.kind == "dense"]
     if dense and not (architecture.leading_dense and dense == list(range(len(dense)))):
         where = "outside a leading run of layers" if architecture.leading_dense else "in a MoE-only host"
@@ -151,6 +155,8 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
             "Block Drop"
         )
     padded_host = architecture.padded_host
+    if len(routed) > 1 and architecture.pads_experts:
+        padded_host = architecture  # the family's own host pads exactly
     if len(routed) > 1 or (silent and padded_host is not None and padded_host.dense_silent_layers):
         if padded_host is None:
             counts = [spec.num_experts if spec.kind == "moe" else 0 for spec in layers]
@@ -164,7 +170,25 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
     width = next(view.experts.down_proj.shape[-1] for view in views if view.experts is not None)
     shared_width = next((view.shared_experts[0].down_proj.weight.shape[-1] for view in views if view.shared_experts), 0)
     shared_gate = any(view.shared_expert_gate is not None for view in views)
+    if architecture.shared_width_is_expert_multiple and shared_width != width * config.shared_expert_count:
+        raise MoeExportError(
+            f"llama.cpp's {architecture.name} sizes the shared experts as {config.shared_expert_count} x the routed "
+            f"experts' width {width}, but this model's are {shared_width} wide (and its graph always runs them): "
+            "slim the shared experts with the routed ones, or leave both"
+        )
     return _Plan(architecture, config, layers, max(routed), silent, width, shared_width, shared_gate)
+
+
+def _check_biases_the_host_drops(views: list[LayerView], architecture: GGUFArchitecture) -> None:
+    """Refuse biases on attention outputs and on dense or shared MLPs: the writer has no tensor for them."""
+    for view in views:
+        mlps = ([view.ffn] if view.kind == "dense" else []) + list(view.shared_experts)
+        biased = [getattr(view.attention, "o_proj", None)] + [p for m in mlps for p in (m.gate_proj, m.up_proj, m.down_proj)]
+        if any(getattr(projection, "bias", None) is not None for projection in biased):
+            raise MoeExportError(
+                f"layer {view.index} has biases on its attention output or MLP projections, which llama.cpp's "
+                f"{architecture.name} does not add: this model (e.g. ERNIE with use_bias) cannot be written to GGUF"
+            )
 
 
 def export(
@@ -425,7 +449,12 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
         writer.add_head_count_kv(config.num_kv_heads)
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
-        writer.add_rope_dimension_count(config.head_dim)
+        writer.add_rope_dimension_count(config.rotary_dim or config.head_dim)
+    if config.rotary_dim and not host.rope_dims_partial:
+        raise MoeExportError(f"llama.cpp's {host.name} rotates whole heads; this model rotates {config.rotary_dim} "
+                             f"of each head's {config.head_dim} dims")
+    if not host.latent_attention and host.leading_dense:
+        _write_moe_placement_hparams(writer, gguf, config, plan)
     if host.unbounded_sliding_window:
         writer.add_sliding_window(UNBOUNDED_WINDOW)
         writer.add_sliding_window_pattern([True] * len(plan.layers))
@@ -437,6 +466,24 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)  # a llama_ftype id, as llama.cpp's quantizer records it
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_moe_placement_hparams(writer, gguf, config: ModelConfig, plan: _Plan) -> None:
+    """Where the MoE layers are (after a leading dense run) and, where the host reads them, the shared-expert
+    count and the routing rule."""
+    writer.add_leading_dense_block_count(sum(1 for spec in plan.layers if spec.kind == "dense"))
+    if plan.architecture.moe_layer_step:
+        writer.add_interleave_moe_layer_step(1)
+    writer.add_expert_shared_count(config.shared_expert_count)
+    if not plan.architecture.routing_keys:
+        return
+    routing = config.routing
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType[routing.scores.upper()])  # SOFTMAX | SIGMOID
+    writer.add_expert_weights_scale(routing.scale)
+    writer.add_expert_weights_norm(routing.renormalize)
+    if 1 < routing.top_groups < routing.groups:  # all groups used is no grouping (llama.cpp asserts fewer)
+        writer.add_expert_group_count(routing.groups)
+        writer.add_expert_group_used_count(routing.top_groups)
 
 
 def _write_latent_attention_hparams(writer, gguf, config: ModelConfig, plan: _Plan) -> None:
@@ -822,7 +869,7 @@ def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
         else:
             _write_attention(tensors, name, view.attention, config, plan.architecture)
         if view.kind == "dense":
-            tensors.add(name("FFN_NORM"), view.ffn_norm.weight)
+            tensors.add(name(plan.architecture.ffn_norm), view.ffn_norm.weight)
             _write_ffn(tensors, name, DENSE_FFN, view.ffn)
             continue
         if index in plan.silent_layers and plan.architecture.dense_silent_layers:
@@ -844,12 +891,15 @@ def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _P
     pads = plan.num_experts - experts.down_proj.shape[0]
     gate, up = gate_and_up_weights(view.layout, _pad_experts(experts.gate_up_proj, pads))
     gate_kind, up_kind, down_kind = ROUTED_FFN
-    tensors.add(name("FFN_NORM"), view.ffn_norm.weight)
+    tensors.add(name(plan.architecture.ffn_norm), view.ffn_norm.weight)
     tensors.add(name("FFN_GATE_INP"), _pad_experts(view.router.weight, pads), keep_f32=True)
     tensors.add(name(gate_kind), gate, on_grid=True)
     tensors.add(name(up_kind), up, on_grid=True)
     tensors.add(name(down_kind), _pad_experts(experts.down_proj, pads), on_grid=True)
-    if pads:
+    if view.selection_bias is not None:  # the model's own, and -1e9 for any pads: never chosen
+        bias = torch.cat([view.selection_bias.detach().float(), torch.full((pads,), -1e9)])
+        tensors.add(name("FFN_EXP_PROBS_B", plan.architecture.selection_bias_suffix), bias)
+    elif pads:
         real = plan.num_experts - pads
         bias = np.array([0.0] * real + [-1e9] * pads, np.float32)
         tensors.add(name("FFN_EXP_PROBS_B", plan.architecture.selection_bias_suffix), bias)
@@ -917,8 +967,11 @@ def _write_latent_attention(tensors: _TensorSink, name: BlockNames, attention, c
 
 def _write_silent_moe(tensors: _TensorSink, name: BlockNames, hidden: int, plan: _Plan) -> None:
     """A MoE sublayer that adds exactly nothing: every projection is zero, so is every expert's output."""
-    tensors.add(name("FFN_NORM"), np.ones(hidden, np.float32))
+    tensors.add(name(plan.architecture.ffn_norm), np.ones(hidden, np.float32))
     tensors.add(name("FFN_GATE_INP"), np.zeros((plan.num_experts, hidden), np.float32), keep_f32=True)
+    if plan.config.routing.selection_bias:  # hosts of a family with one may require it in every MoE layer
+        tensors.add(name("FFN_EXP_PROBS_B", plan.architecture.selection_bias_suffix),
+                    np.zeros(plan.num_experts, np.float32))
     _write_zero_ffn(tensors, name, ROUTED_FFN, hidden, plan.expert_width, plan.num_experts)
     if plan.shared_width:  # hosts with a shared expert need its tensors in every layer
         _write_zero_ffn(tensors, name, SHARED_FFN, hidden, plan.shared_width)
