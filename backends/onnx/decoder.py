@@ -163,6 +163,14 @@ def _rotate(graph: Graph, x: str, cos: str, sin: str, style: str) -> str:
     return graph.op("Reshape", stacked, graph.const([0, 0, 0, -1]))
 
 
+def _rotate_leading(graph: Graph, x: str, cos: str, sin: str, style: str, rotary_dim: int | None, width: int) -> str:
+    """RoPE on the leading `rotary_dim` dims of each head of x [B, heads, S, width] (all of them when None)."""
+    if rotary_dim is None or rotary_dim == width:
+        return _rotate(graph, x, cos, sin, style)
+    rotary, passed = graph.op("Split", x, graph.const([rotary_dim, width - rotary_dim]), axis=-1, outputs=2)
+    return graph.op("Concat", _rotate(graph, rotary, cos, sin, style), passed, axis=-1)
+
+
 def _additive_mask(graph: Graph, input_ids: str, attention_mask: str) -> str:
     """[B, 1, 1, S, T]: 0 where query i (at cache slot T - S + i) may see key j, else MASKED.
 
@@ -217,10 +225,10 @@ def _attention(graph: Graph, x: str, prefix: str, attention, config: ModelConfig
         low, high = graph.const(-config.clip_qkv, np.float32), graph.const(config.clip_qkv, np.float32)
         q, k, v = (graph.op("Clip", t, low, high) for t in (q, k, v))
     q, k, v = _heads(graph, q, heads, head_dim), _heads(graph, k, kv_heads, head_dim), _heads(graph, v, kv_heads, head_dim)
-    if layout.qk_norm == "per_head":
+    if layout.qk_norm == "per_head" and getattr(attention, "q_norm", None) is not None:
         q = graph.rms_norm(q, f"{prefix}.q_norm", attention.q_norm.weight, attention.q_norm.variance_epsilon)
         k = graph.rms_norm(k, f"{prefix}.k_norm", attention.k_norm.weight, attention.k_norm.variance_epsilon)
-    q, k = _rotate(graph, q, cos, sin, layout.rope), _rotate(graph, k, cos, sin, layout.rope)
+    q, k = (_rotate_leading(graph, t, cos, sin, layout.rope, config.rotary_dim, head_dim) for t in (q, k))
     k = graph.op("Concat", past_key, k, axis=2)
     v = graph.op("Concat", past_value, v, axis=2)
     out = _attend(graph, q, k, v, mask, attention, (heads, kv_heads, head_dim, head_dim), prefix)
