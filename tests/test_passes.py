@@ -47,6 +47,10 @@ def test_pass_runs_counts_and_round_trips(family, recipe_name, tmp_path):
     model = tiny_model(family)
     adapter = adapter_for(model.config)
     before = structure(adapter, model)
+    if adapter.min_routed_experts and recipe_name in ("expert_drop_random", "expert_drop_global_routing_mass"):
+        with pytest.raises(MoeExportError, match="needs at least"):  # these keep 1 in some layer
+            compress(model, parse_recipe({"passes": RECIPES[recipe_name]}), _provider(model))
+        return
     result = compress(model, parse_recipe({"passes": RECIPES[recipe_name]}), _provider(model))
     after = structure(adapter, model)
     tokens = random_tokens(2, 16, seed=7)
@@ -117,6 +121,10 @@ def test_layer_with_all_experts_dropped_passes_through(family):
     adapter = adapter_for(model.config)
     layer = next(i for i, s in enumerate(structure(adapter, model)) if s.kind == "moe")
     reference = copy.deepcopy(model)
+    if adapter.min_routed_experts:
+        with pytest.raises(MoeExportError, match="needs at least"):
+            keep_experts(adapter, model, layer, [])
+        return
     keep_experts(adapter, model, layer, [])
     assert structure(adapter, model)[layer].num_experts == 0
     tokens = random_tokens(2, 16, seed=5)
@@ -146,6 +154,10 @@ def test_global_expert_drop_can_empty_a_layer_and_the_model_still_runs(family, t
     plan = ExpertDrop().plan(statistics, layers, options)
     assert plan.keep[starved] == []
     assert sum(len(k) for k in plan.keep.values()) == len(moe_layers)
+    if adapter.min_routed_experts:
+        with pytest.raises(MoeExportError, match="needs at least"):
+            ExpertDrop().apply(model, plan)
+        return
     ExpertDrop().apply(model, plan)
     tokens = random_tokens(2, 16, seed=2)
     assert torch.isfinite(_logits(model, tokens)).all()

@@ -189,6 +189,8 @@ class Family:
     latent_attention: Callable[[object], LatentAttention] | None = None  # config -> its latent sizes, if MLA
     # Rewrites the config keys that name dense layers after Block Drop (kept = surviving old indices).
     renumber_dense_layers: Callable[[object, list[int]], None] = _no_dense_layer_keys
+    # The fewest routed experts its router runs with (GLM-4.5's takes each expert group's best two); 0: any number.
+    min_routed_experts: int = 0
     # An error message when the family's routing cannot survive a change of expert count.
     expert_count_change_blocker: Callable[[object], str | None] = _any_expert_count
     # (canonical config, FFN widths) -> this family's own config keys; the inverse of what model_config reads

@@ -241,10 +241,13 @@ GLM4_MOE = register(
         family="GLM-4.5 / GLM-4.6 (sigmoid routing with a selection bias, shared experts, leading dense layers)",
         num_experts_key="n_routed_experts",
         routing=_glm4_moe_routing,
+        router_tensors=("weight", "e_score_correction_bias"),
+        selection_bias="e_score_correction_bias",  # a buffer [E]
         shared_experts=("shared_experts",),
         shared_expert_count_key="n_shared_experts",  # one module holds them all, n_shared_experts wide
         renumber_dense_layers=_renumber_leading_dense,
         expert_count_change_blocker=_glm4_moe_group_routing_blocks_resize,
+        min_routed_experts=2,  # Glm4MoeTopkRouter scores each expert group by its best two
         own_config_values=_glm4_moe_config_values,
     )
 )
@@ -256,6 +259,8 @@ ERNIE4_5_MOE = register(
         num_experts_key="moe_num_experts",
         top_k_key="moe_k",
         routing=_ernie_routing,
+        router_tensors=("weight", "moe_statics.e_score_correction_bias"),
+        selection_bias="moe_statics.e_score_correction_bias",  # a parameter [1, E]
         shared_experts=("shared_experts",),
         shared_expert_count_key="moe_num_shared_experts",  # one module holds them all; 0: none (shared_experts None)
         renumber_dense_layers=_renumber_ernie_moe_layers,

@@ -35,8 +35,8 @@ import numpy as np
 from pydantic import Field
 
 from moeexport.adapters import LayerSpec, adapter_for
-from moeexport.adapters.surgery import (check_expert_count_change, decoder_layers, drop_blocks, drop_moe_sublayer,
-                                     keep_experts)
+from moeexport.adapters.surgery import (check_expert_count_change, check_routed_expert_minimum, decoder_layers,
+                                     drop_blocks, drop_moe_sublayer, keep_experts)
 from moeexport.calibration.damage import BLOCK, EXPERT, MOE, Removed
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
@@ -444,6 +444,7 @@ class ExpertDrop(_Repairable):
     def apply(self, model, plan: ExpertDropPlan, tokens=None, progress=None) -> ExpertDropPlan:
         adapter = adapter_for(model.config)
         check_expert_count_change(adapter, model.config)
+        check_routed_expert_minimum(adapter, plan.keep)  # before any layer changes
         if plan.repair == "refit":
             check_refit_size(model, plan.keep)
             errors, borrowed = refit_and_keep(model, plan.keep, tokens, plan.ridge, progress)
