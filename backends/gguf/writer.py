@@ -187,7 +187,7 @@ def _check_biases_the_host_drops(views: list[LayerView], architecture: GGUFArchi
         if any(getattr(projection, "bias", None) is not None for projection in biased):
             raise MoeExportError(
                 f"layer {view.index} has biases on its attention output or MLP projections, which llama.cpp's "
-                f"{architecture.name} does not add: this model (e.g. ERNIE with use_bias) cannot be written to GGUF"
+                f"{architecture.name} does not add: this model cannot be written to GGUF"
             )
 
 
