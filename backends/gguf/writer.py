@@ -481,7 +481,7 @@ def _write_moe_placement_hparams(writer, gguf, config: ModelConfig, plan: _Plan)
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType[routing.scores.upper()])  # SOFTMAX | SIGMOID
     writer.add_expert_weights_scale(routing.scale)
     writer.add_expert_weights_norm(routing.renormalize)
-    if 1 < routing.top_groups < routing.groups:  # all groups used is no grouping (llama.cpp asserts fewer)
+    if routing.top_groups < routing.groups:  # all groups used is no grouping (llama.cpp asserts fewer)
         writer.add_expert_group_count(routing.groups)
         writer.add_expert_group_used_count(routing.top_groups)
 
@@ -897,7 +897,8 @@ def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _P
     tensors.add(name(up_kind), up, on_grid=True)
     tensors.add(name(down_kind), _pad_experts(experts.down_proj, pads), on_grid=True)
     if view.selection_bias is not None:  # the model's own, and -1e9 for any pads: never chosen
-        bias = torch.cat([view.selection_bias.detach().float(), torch.full((pads,), -1e9)])
+        own = view.selection_bias.detach().float()  # on the meta device in a streamed model's header pass
+        bias = torch.cat([own, torch.full((pads,), -1e9, device=own.device)])
         tensors.add(name("FFN_EXP_PROBS_B", plan.architecture.selection_bias_suffix), bias)
     elif pads:
         real = plan.num_experts - pads

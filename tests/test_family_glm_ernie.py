@@ -1,0 +1,173 @@
+"""GLM-4.5 / 4.6 (glm4_moe) and ERNIE-4.5-MoE (ernie4_5_moe): routing with a selection bias, dense layers after
+Block Drop, GGUF in their own llama.cpp architectures (against transformers' own model of the saved checkpoint),
+padding and refusals, streamed builds."""
+
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moeexport
+from moeexport.adapters import adapter_for
+from moeexport.adapters.families import _renumber_ernie_moe_layers
+from moeexport.adapters.routing import route
+from moeexport.adapters.surgery import keep_experts, structure
+from moeexport.backends import gguf as gguf_backend
+from moeexport.calibration.sources import CalibrationConfig
+from moeexport.checkpoint_files import DEMO_MODEL
+from moeexport.compress import StatisticsProvider, compress
+from moeexport.errors import MoeExportError
+from moeexport.modelio import load, load_streamed
+from moeexport.recipe import parse_recipe
+from moeexport.validate import TorchRunner, compare
+from tests.test_gguf import _tiny_with_demo_vocabulary
+from tests.tiny_models import random_tokens, tiny_model
+
+FAMILIES = ["glm4_moe", "ernie4_5_moe"]
+UNIFORM_TRIM = [{"block_drop": {"n": 1, "score": "random"}}, {"expert_drop": {"keep": 3, "score": "random"}}]
+
+
+def _compress(model, passes, seed=1):
+    provider = StatisticsProvider(None, CalibrationConfig(), "tiny", cache_dir=None, tokens=random_tokens(4, 32, seed=seed))
+    compress(model, parse_recipe({"passes": passes}), provider)
+    return model
+
+
+def _router_inputs(model, layer: int) -> torch.Tensor:
+    return torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(layer))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_route_with_the_views_selection_bias_is_the_routers_own_choice_and_the_bias_matters(family):
+    model = tiny_model(family)
+    adapter = adapter_for(model.config)
+    rule = adapter.model_config(model.config).routing
+    changed = 0
+    for drop in (False, True):
+        if drop:  # Expert Drop slices the selection bias with the router rows
+            for view in adapter.layer_views(model):
+                if view.kind == "moe":
+                    keep_experts(adapter, model, view.index, [3, 0, 2])
+        for view in (v for v in adapter.layer_views(model) if v.kind == "moe"):
+            x = _router_inputs(model, view.index)
+            logits, weights, index = view.router(x)
+            assert view.selection_bias.shape == (view.num_experts,)
+            own_weights, own_index = route(rule, logits, view.top_k, selection_bias=view.selection_bias)
+            # routers return their k unsorted: compare each token's (expert, weight) pairs
+            order, own_order = index.argsort(dim=-1), own_index.argsort(dim=-1)
+            assert torch.equal(index.gather(-1, order), own_index.gather(-1, own_order))
+            torch.testing.assert_close(weights.gather(-1, order), own_weights.gather(-1, own_order))
+            _, unbiased = route(rule, logits, view.top_k)
+            changed += int((unbiased.sort(-1).values != own_index.sort(-1).values).any(-1).sum())
+    assert changed > 0  # the tiny models' random selection bias changes some tokens' experts
+
+
+def _ernie_config(start, end, interval, layers):
+    return SimpleNamespace(moe_layer_start_index=start, moe_layer_end_index=end, moe_layer_interval=interval,
+                           num_hidden_layers=layers)
+
+
+@pytest.mark.parametrize("kept, expected", [
+    ([1, 2, 3, 4, 5], (0, 2, 1)),  # the leading dense layer gone: MoE from the start
+    ([0, 1, 2, 3], (1, 3, 1)),  # the trailing dense layers gone
+    ([0, 2, 4, 5], (1, 1, 1)),  # a dense layer before, and two after, the one MoE layer left
+])
+def test_ernie_block_drop_rewrites_its_moe_layer_rule_for_the_survivors(kept, expected):
+    config = _ernie_config(1, 3, 1, 6)  # dense 0, MoE 1-3, dense 4-5
+    _renumber_ernie_moe_layers(config, kept)
+    assert (config.moe_layer_start_index, config.moe_layer_end_index, config.moe_layer_interval) == expected
+
+
+def test_ernie_block_drop_keeps_an_interval_pattern_or_refuses_one_no_rule_states():
+    config = _ernie_config(0, 7, 2, 8)  # MoE in layers 1, 3, 5, 7
+    _renumber_ernie_moe_layers(config, [0, 1, 4, 5, 6, 7])  # kinds d m d m d m: interval 2 again
+    assert (config.moe_layer_start_index, config.moe_layer_end_index, config.moe_layer_interval) == (0, 5, 2)
+    with pytest.raises(MoeExportError, match="no start/end/interval rule"):
+        _renumber_ernie_moe_layers(_ernie_config(0, 5, 2, 6), [0, 2, 3, 4, 5])  # kinds d d m d m
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("passes", [[], UNIFORM_TRIM], ids=["full", "block_and_expert_drop"])
+def test_gguf_matches_transformers_own_model_of_the_saved_checkpoint(family, passes, tmp_path):
+    model = _compress(_tiny_with_demo_vocabulary(family), passes)
+    saved = moeexport.save(model, tmp_path / "ckpt", {})
+    stock = AutoModelForCausalLM.from_pretrained(saved).eval()  # transformers' own model of what was saved
+    artifact = gguf_backend.export(load(saved), tmp_path / "m.gguf")
+    assert artifact.architecture == {"glm4_moe": "glm4moe", "ernie4_5_moe": "ernie4_5-moe"}[family]
+    assert artifact.representation == "uniform"
+    windows = random_tokens(2, 48, seed=9) * 16
+    fidelity = compare(TorchRunner(stock), gguf_backend.Runner(artifact.path, context=48), windows)
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
+
+
+def test_glm_group_limited_routing_is_written_exactly_and_blocks_expert_drop(tmp_path):
+    model = _tiny_with_demo_vocabulary("glm4_moe", n_group=2, topk_group=1)
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf")
+    fidelity = compare(TorchRunner(model), gguf_backend.Runner(artifact.path, context=48), random_tokens(2, 48, seed=9) * 16)
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
+    with pytest.raises(MoeExportError, match="best 1 of 2 expert groups"):
+        _compress(model, [{"expert_drop": {"keep": 2, "score": "random"}}])
+
+
+def _non_uniform(model):
+    """The model with 3, 2 and 4 experts left in its MoE layers."""
+    adapter = adapter_for(model.config)
+    moe = [view.index for view in adapter.layer_views(model) if view.kind == "moe"]
+    keep_experts(adapter, model, moe[0], [2, 0, 3])
+    keep_experts(adapter, model, moe[1], [1, 3])
+    assert [spec.num_experts for spec in structure(adapter, model) if spec.kind == "moe"] == [3, 2, 4]
+    return model
+
+
+def test_glm_non_uniform_expert_counts_are_padded_exactly_in_glm4moe(tmp_path):
+    model = _non_uniform(_tiny_with_demo_vocabulary("glm4_moe"))
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf")
+    assert artifact.architecture == "glm4moe" and "never-selected pads" in artifact.representation
+    fidelity = compare(TorchRunner(model), gguf_backend.Runner(artifact.path, context=48), random_tokens(2, 48, seed=9) * 16)
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
+
+
+def test_ernie_non_uniform_expert_counts_are_refused(tmp_path):
+    model = _non_uniform(_tiny_with_demo_vocabulary("ernie4_5_moe"))
+    with pytest.raises(MoeExportError, match="per-layer expert counts .* differ"):
+        gguf_backend.export(model, tmp_path / "m.gguf")
+
+
+def test_ernie_biases_llama_cpp_drops_are_refused(tmp_path):
+    with pytest.raises(MoeExportError, match="biases on its attention output or MLP projections"):
+        gguf_backend.export(_tiny_with_demo_vocabulary("ernie4_5_moe", use_bias=True), tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_drop_is_a_silent_moe_layer_whose_zero_experts_cost_few_bytes(family, tmp_path):
+    base = _tiny_with_demo_vocabulary(family)
+    full = gguf_backend.export(base, tmp_path / "full.gguf")
+    dropped = _compress(_tiny_with_demo_vocabulary(family), [{"layer_drop": {"n": 1, "score": "random"}}])
+    artifact = gguf_backend.export(dropped, tmp_path / "dropped.gguf")
+    assert artifact.representation.startswith("zero experts for MoE-less layers")
+    fidelity = compare(TorchRunner(dropped), gguf_backend.Runner(artifact.path, context=48), random_tokens(2, 48, seed=9) * 16)
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
+    # the dropped layer's f32 experts, router and shared experts become Q1_0/Q4_0 zeros: most bytes are gone
+    view = next(v for v in adapter_for(base.config).layer_views(base) if v.kind == "moe")
+    layer_bytes = 4 * sum(t.numel() for t in (view.experts.gate_up_proj, view.experts.down_proj, *(
+        p for m in view.shared_experts for p in m.parameters())))
+    assert full.path.stat().st_size - artifact.path.stat().st_size >= 0.7 * layer_bytes
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_streamed_build_writes_the_in_memory_builds_gguf(family, tmp_path):
+    source = tmp_path / "source"
+    _tiny_with_demo_vocabulary(family).save_pretrained(source)
+    for name in ("tokenizer.model", "tokenizer_config.json"):  # the vocabulary the GGUF takes
+        shutil.copyfile(DEMO_MODEL / name, source / name)
+    trim = [{"block_drop": {"n": 1}}, {"layer_drop": {"n": 1}},
+            {"expert_drop": {"keep": 3, "scope": "global", "score": "reap", "min_keep": 2}}]
+    files = []
+    for loader in (load, load_streamed):
+        lm = _compress(loader(source), trim)
+        files.append(gguf_backend.export(lm, tmp_path / f"{loader.__name__}.gguf").path.read_bytes())
+    assert files[0] == files[1]
