@@ -171,3 +171,81 @@ def test_a_streamed_build_writes_the_in_memory_builds_gguf(family, tmp_path):
         lm = _compress(loader(source), trim)
         files.append(gguf_backend.export(lm, tmp_path / f"{loader.__name__}.gguf").path.read_bytes())
     assert files[0] == files[1]
+
+
+# Run llama.cpp's converter with GLM's BPE vocabulary step swapped for SentencePiece's: the tiny models borrow the
+# demo model's tokenizer.model, and the vocabulary is not what this comparison is about.
+CONVERTER = """
+import runpy, sys
+from pathlib import Path
+tree = Path(sys.argv[1])
+sys.path[:0] = [str(tree), str(tree / "gguf-py")]
+import conversion.glm
+conversion.glm.Glm4MoeModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
+sys.argv = [str(tree / "convert_hf_to_gguf.py"), *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+# what ours writes that the converter leaves to llama.cpp's defaults (same values), and moeexport's own records
+OUR_EXTRA_KEYS = {"attention.key_length", "attention.value_length", "rope.dimension_count", "vocab_size",
+                  "expert_shared_feed_forward_length"}
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_tree(tmp_path_factory):
+    import importlib.util
+    from pathlib import Path
+
+    tool_path = Path(__file__).resolve().parents[1] / "tools" / "compare_with_converter.py"
+    spec = importlib.util.spec_from_file_location("compare_with_converter", tool_path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool.fetch_converter(tmp_path_factory.mktemp("converter"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_uncompressed_f16_gguf_is_the_converters_tensor_for_tensor_and_key_for_key(family, llama_cpp_tree,
+                                                                                       tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+    from gguf import GGUFReader
+
+    checkpoint = tmp_path / "ckpt"
+    tiny_model(family, vocab_size=2048).save_pretrained(checkpoint)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(DEMO_MODEL / name, checkpoint / name)
+    (tmp_path / "convert.py").write_text(CONVERTER)
+    theirs = tmp_path / "theirs.gguf"
+    no_mtp = ["--no-mtp"] if family == "glm4_moe" else []  # moeexport writes no next-token-prediction layers
+    subprocess.run([sys.executable, str(tmp_path / "convert.py"), str(llama_cpp_tree), str(checkpoint),
+                    "--outtype", "f16", *no_mtp, "--outfile", str(theirs)], check=True, capture_output=True)
+    ours = gguf_backend.export(load(checkpoint), tmp_path / "ours.gguf", quant="f16").path
+    their_file, our_file = GGUFReader(theirs), GGUFReader(ours)
+    their_tensors = {t.name: t for t in their_file.tensors}
+    our_tensors = {t.name: t for t in our_file.tensors}
+    tied = bool(load(checkpoint).config.tie_word_embeddings)
+    assert set(our_tensors) - set(their_tensors) == ({"output.weight"} if tied else set())  # ours writes the tied head
+    assert set(their_tensors) <= set(our_tensors)
+    for name, their in their_tensors.items():
+        our = our_tensors[name]
+        if name == "token_embd.weight":  # ours keeps the embedding F32 in an F16 file (writer.py): the same rounded
+            assert our.tensor_type.name == "F32" and their.tensor_type.name == "F16"
+            assert np.array_equal(np.asarray(our.data).astype(np.float16), np.asarray(their.data))
+            continue
+        assert our.tensor_type == their.tensor_type, name
+        # the converter keeps ERNIE's selection bias [1, E] as HF stores it, ours is llama.cpp's [E]
+        assert np.array_equal(np.asarray(our.data).reshape(-1), np.asarray(their.data).reshape(-1)), name
+        assert [int(n) for n in our.shape if n != 1] == [int(n) for n in their.shape if n != 1], name
+
+    def keys(reader):
+        prefix = f"{reader.fields['general.architecture'].contents()}."
+        return {name.removeprefix(prefix): field.contents() for name, field in reader.fields.items()
+                if name.startswith(prefix)}
+
+    their_keys, our_keys = keys(their_file), keys(our_file)
+    if their_keys.get("expert_group_count") == 1:  # one group is no grouping: ours leaves both keys out
+        assert "expert_group_count" not in our_keys and their_keys.pop("expert_group_used_count") == 1
+        their_keys.pop("expert_group_count")
+    assert set(our_keys) - set(their_keys) <= OUR_EXTRA_KEYS
+    assert {key: our_keys.get(key) for key in their_keys} == their_keys
