@@ -249,3 +249,27 @@ def test_the_uncompressed_f16_gguf_is_the_converters_tensor_for_tensor_and_key_f
         their_keys.pop("expert_group_count")
     assert set(our_keys) - set(their_keys) <= OUR_EXTRA_KEYS
     assert {key: our_keys.get(key) for key in their_keys} == their_keys
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_moeexport_reads_the_converters_f32_gguf_back_as_the_model_it_came_from(family, llama_cpp_tree, tmp_path):
+    """GGUF input: the converter's file (GLM's with its next-token-prediction block count, which the reader leaves
+    out) loads as the source model, selection bias, shared experts and dense layers included."""
+    import subprocess
+    import sys
+
+    checkpoint = tmp_path / "ckpt"
+    source = tiny_model(family, vocab_size=2048)
+    source.save_pretrained(checkpoint)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(DEMO_MODEL / name, checkpoint / name)
+    (tmp_path / "convert.py").write_text(CONVERTER)
+    theirs = tmp_path / "theirs.gguf"
+    subprocess.run([sys.executable, str(tmp_path / "convert.py"), str(llama_cpp_tree), str(checkpoint),
+                    "--outtype", "f32", "--outfile", str(theirs)], check=True, capture_output=True)
+    read = load(theirs)
+    assert structure(adapter_for(read.config), read) == structure(adapter_for(source.config), source)
+    tokens = random_tokens(2, 24, seed=4) * 16
+    with torch.no_grad():
+        difference = (read(input_ids=tokens).logits - source(input_ids=tokens).logits).abs().max().item()
+    assert difference <= 1e-4

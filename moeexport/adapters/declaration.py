@@ -95,6 +95,10 @@ class ModelConfig:
     latent: LatentAttention | None = None  # set for families with multi-head latent attention
     experts: ExpertLayout = ExpertLayout()
     rotary_dim: int | None = None  # q/k dims per head that RoPE rotates (the leading ones); None: all of head_dim
+    # q/k/v biases and per-head q/k norms, as a GGUF's tensors state them (read_config: the config keys a family
+    # spells them with); from a transformers config the views hold the modules themselves, and these stay False
+    qkv_bias: bool = False
+    qk_norm: bool = False
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,7 @@ def _glm4_moe_config_values(config: ModelConfig, widths: FFNWidths) -> dict:
         "norm_topk_prob": config.routing.renormalize,
         "n_group": config.routing.groups, "topk_group": config.routing.top_groups,
         "num_nextn_predict_layers": 0,  # moeexport writes and reads no next-token-prediction layers
+        "attention_bias": config.qkv_bias, "use_qk_norm": config.qk_norm,
     }
     rope = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rotary_dim is not None:
