@@ -273,3 +273,29 @@ def test_moeexport_reads_the_converters_f32_gguf_back_as_the_model_it_came_from(
     with torch.no_grad():
         difference = (read(input_ids=tokens).logits - source(input_ids=tokens).logits).abs().max().item()
     assert difference <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_measured_expert_drop_and_refit_route_with_the_selection_bias(family):
+    measured = _compress(tiny_model(family), [{"expert_drop": {"keep": 3, "scope": "layer", "score": "kl"}}])
+    assert {spec.num_experts for spec in structure(adapter_for(measured.config), measured) if spec.kind == "moe"} == {3}
+    model = tiny_model(family)
+    provider = StatisticsProvider(None, CalibrationConfig(), "tiny", cache_dir=None, tokens=random_tokens(6, 32, seed=1))
+    result = compress(model, parse_recipe({"passes": [{"expert_drop": {"keep": 3, "scope": "layer",
+                                                                        "score": "frequency", "repair": "refit"}}]}),
+                      provider)
+    errors = result.steps[0].plan.repair_error
+    assert errors and all(rebuilt <= dropped for dropped, rebuilt in errors.values())
+
+
+def test_reap_saliency_weighs_experts_by_the_routed_weights_glm_mixes_with():
+    """GLM-4.5 multiplies its routed weights by routed_scaling_factor; REAP's saliency sees them so."""
+    reap = []
+    for scale in (1.0, 2.5):
+        model = tiny_model("glm4_moe", routed_scaling_factor=scale)
+        provider = StatisticsProvider(None, CalibrationConfig(), "tiny", cache_dir=None, tokens=random_tokens(6, 32, seed=1))
+        statistics = provider.statistics(model, [])
+        reap.append(torch.tensor([layer.reap for layer in statistics.layers if layer.kind == "moe"]))
+    assert reap[0].gt(0).all()
+    # the first MoE layer sees the same inputs either way (later ones see the scaled model's outputs)
+    torch.testing.assert_close(reap[1][0], 2.5 * reap[0][0], rtol=1e-5, atol=0)
