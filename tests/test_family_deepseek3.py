@@ -18,11 +18,13 @@ from moeexport.adapters import adapter_for
 from moeexport.adapters.declaration import FFNWidths
 from moeexport.adapters.routing import route
 from moeexport.adapters.surgery import drop_blocks, structure
+from moeexport.backends import onnx as onnx_backend
 from moeexport.calibration.sources import CalibrationConfig
 from moeexport.compress import StatisticsProvider, compress
 from moeexport.errors import MoeExportError
 from moeexport.modelio import EXPERTS_IMPLEMENTATION, load, load_streamed, save
 from moeexport.recipe import parse_recipe
+from moeexport.validate import TorchRunner, compare
 from tests.tiny_models import random_tokens, tiny_model
 
 FAMILIES = ("deepseek_v3", "glm4_moe_lite")
@@ -214,3 +216,27 @@ def test_a_streamed_build_is_the_in_memory_one(family, tmp_path):
         results.append(load(tmp_path / loader.__name__))
     tokens = random_tokens(2, 20)
     assert torch.equal(*(_logits(lm, tokens) for lm in results))
+
+
+# --- ONNX ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("moe_ops", ["contrib", "plain"])
+@pytest.mark.parametrize("overrides", [{}, {"norm_topk_prob": False}, {"rope_interleave": False}],
+                         ids=["renormalized", "not-renormalized", "rope-half"])
+def test_onnx_lowers_the_selection_bias_and_groups_within_1e_4(overrides, moe_ops, tmp_path):
+    model = tiny_model("deepseek_v3", **overrides)
+    compress(model, parse_recipe({"passes": [{"expert_drop": {"keep": 4, "score": "random"}}]}), None)
+    artifact = onnx_backend.export(model, tmp_path / "m.onnx", moe_ops=moe_ops)
+    fidelity = compare(TorchRunner(model), onnx_backend.Runner(artifact.path), random_tokens(2, 24))
+    assert fidelity.max_abs_logit <= 1e-4 and fidelity.top1_agreement == 1.0, fidelity
+
+
+@pytest.mark.parametrize("moe_ops", ["contrib", "plain"])
+def test_onnx_lowers_groups_scored_by_their_best_expert_too(moe_ops, tmp_path):
+    """DeepSeek-V2's group_limited_greedy: softmax scores, no selection bias, a group scored by its best expert."""
+    model = tiny_model("deepseek_v2", n_routed_experts=8, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                       routed_scaling_factor=2.5)
+    assert adapter_for(model.config).model_config(model.config).routing.group_score == "max"
+    artifact = onnx_backend.export(model, tmp_path / "m.onnx", moe_ops=moe_ops)
+    fidelity = compare(TorchRunner(model), onnx_backend.Runner(artifact.path), random_tokens(2, 24))
+    assert fidelity.max_abs_logit <= 1e-4 and fidelity.top1_agreement == 1.0, fidelity

@@ -27,4 +27,7 @@ ARCHITECTURES = {
     "qwen3_moe": AttentionLayout(qk_norm="per_head"),
     "olmoe": AttentionLayout(qk_norm="full"),
     "deepseek_v2": AttentionLayout(rope="interleaved"),
+    # HF's rope_interleave (the default) rotates interleaved pairs; the decoder takes `half` when it is false
+    "deepseek_v3": AttentionLayout(rope="interleaved"),
+    "glm4_moe_lite": AttentionLayout(rope="interleaved"),
 }
