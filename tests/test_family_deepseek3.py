@@ -7,6 +7,7 @@ has one group of 6, as the real one. Both have a random e_score_correction_bias 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import numpy as np
@@ -18,6 +19,7 @@ from moeexport.adapters import adapter_for
 from moeexport.adapters.declaration import FFNWidths
 from moeexport.adapters.routing import route
 from moeexport.adapters.surgery import drop_blocks, structure
+from moeexport.backends import gguf as gguf_backend
 from moeexport.backends import onnx as onnx_backend
 from moeexport.calibration.sources import CalibrationConfig
 from moeexport.compress import StatisticsProvider, compress
@@ -216,6 +218,72 @@ def test_a_streamed_build_is_the_in_memory_one(family, tmp_path):
         results.append(load(tmp_path / loader.__name__))
     tokens = random_tokens(2, 20)
     assert torch.equal(*(_logits(lm, tokens) for lm in results))
+
+
+# --- GGUF (llama.cpp deepseek2) --------------------------------------------------------------------------------
+
+def _demo_vocabulary(family, **overrides):
+    from moeexport.checkpoint_files import DEMO_MODEL
+
+    model = tiny_model(family, vocab_size=2048, **overrides)
+    model.config.name_or_path = str(DEMO_MODEL)
+    return model
+
+
+def _fields(path) -> dict:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {field.name: field.contents() for field in reader.fields.values()}, {t.name: t for t in reader.tensors}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_matches_transformers_own_model_of_the_saved_compressed_checkpoint(family, tmp_path):
+    model = _demo_vocabulary(family)
+    compress(model, parse_recipe({"passes": [{"expert_drop": {"keep": KEEP[family], "score": "random"}}]}), None)
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf")
+    assert artifact.architecture == "deepseek2" and artifact.representation == "uniform"
+    reloaded = _reloaded(model, tmp_path / "saved")
+    windows = random_tokens(2, 48, seed=9) * 16
+    fidelity = compare(TorchRunner(reloaded), gguf_backend.Runner(artifact.path, context=48), windows)
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
+
+    fields, tensors = _fields(artifact.path)
+    routing = adapter_for(model.config).model_config(model.config).routing
+    assert fields["deepseek2.expert_gating_func"] == 2  # sigmoid
+    assert fields["deepseek2.expert_weights_norm"] is True
+    assert fields["deepseek2.expert_weights_scale"] == pytest.approx(routing.scale)
+    assert fields["deepseek2.leading_dense_block_count"] == 1
+    grouped = family == "deepseek_v3"  # the tiny GLM has one group: no group keys (llama.cpp needs used < count)
+    assert fields.get("deepseek2.expert_group_count") == (2 if grouped else None)
+    assert fields.get("deepseek2.expert_group_used_count") == (1 if grouped else None)
+    for view in _moe_views(model):
+        stored = np.asarray(tensors[f"blk.{view.index}.exp_probs_b.bias"].data)
+        assert np.array_equal(stored, view.selection_bias.float().numpy())
+
+
+def test_gguf_layer_drop_writes_a_zero_moe_stand_in_in_deepseek2(tmp_path):
+    model = _demo_vocabulary("deepseek_v3")
+    full = gguf_backend.export(model, tmp_path / "full.gguf")
+    dropped = copy.deepcopy(model)
+    compress(dropped, parse_recipe({"passes": [{"layer_drop": {"n": 1, "score": "random"}}]}), None)
+    artifact = gguf_backend.export(dropped, tmp_path / "m.gguf")
+    assert artifact.architecture == "deepseek2" and "zero experts for MoE-less layers" in artifact.representation
+    windows = random_tokens(2, 48, seed=9) * 16
+    fidelity = compare(TorchRunner(dropped), gguf_backend.Runner(artifact.path, context=48), windows)
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
+    assert artifact.path.stat().st_size < full.path.stat().st_size
+
+
+def test_gguf_refuses_what_deepseek2_would_compute_otherwise(tmp_path):
+    model = _demo_vocabulary("deepseek_v3")
+    model.config.rope_interleave = False
+    with pytest.raises(MoeExportError, match="rope_interleave: false"):
+        gguf_backend.export(model, tmp_path / "a.gguf")
+    grouped_v2 = _demo_vocabulary("deepseek_v2", n_routed_experts=8, topk_method="group_limited_greedy", n_group=4,
+                                  topk_group=2)
+    with pytest.raises(MoeExportError, match="sum of its best two experts.*by its best one"):
+        gguf_backend.export(grouped_v2, tmp_path / "b.gguf")
 
 
 # --- ONNX ------------------------------------------------------------------------------------------------------

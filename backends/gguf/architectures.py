@@ -54,6 +54,7 @@ class GGUFArchitecture:
     latent_attention: bool = False  # multi-head latent attention (DeepSeek-V2): kv_a / k_b / v_b tensors
     unbounded_sliding_window: bool = False  # every layer written as sliding-window attention that never slides
     padded_host: GGUFArchitecture | None = None  # the host this family moves to when its expert counts differ
+    configurable_norm: bool = False  # the host reads expert_weights_norm from the file: either top-k rule exports
 
 
 
@@ -93,6 +94,16 @@ ARCHITECTURES = {
     # HF applies RoPE to interleaved pairs here, which is llama.cpp's NORM layout already: no permutation
     "deepseek_v2": GGUFArchitecture(
         name="deepseek2", renormalizes=False, bpe_pre="deepseek-llm", leading_dense=True, latent_attention=True
+    ),
+    # deepseek2 also takes DeepSeek-V3's router from the file: sigmoid gating, exp_probs_b, expert groups (scored by
+    # their best two, as the model's router), expert_weights_norm and _scale; HF's rope_interleave is NORM RoPE
+    "deepseek_v3": GGUFArchitecture(
+        name="deepseek2", renormalizes=True, configurable_norm=True, bpe_pre="deepseek-v3", leading_dense=True,
+        latent_attention=True,
+    ),
+    "glm4_moe_lite": GGUFArchitecture(
+        name="deepseek2", renormalizes=True, configurable_norm=True, bpe_pre="glm4", leading_dense=True,
+        latent_attention=True,
     ),
 }
 

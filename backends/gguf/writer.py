@@ -121,11 +121,20 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
     if architecture is None:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise MoeExportError(f"the GGUF exporter does not write {adapter.family} yet (it writes: {supported})")
-    if config.routing.renormalize != architecture.renormalizes:
+    if not architecture.configurable_norm and config.routing.renormalize != architecture.renormalizes:
         raise MoeExportError(
             f"llama.cpp's {architecture.name} always {'renormalizes' if architecture.renormalizes else 'keeps'} the "
             "top-k weights but this model's router does not; its GGUF would compute something else"
         )
+    routing = config.routing
+    if _expert_groups(routing) and routing.group_score != "top2_sum":
+        raise MoeExportError(
+            f"llama.cpp scores an expert group by the sum of its best two experts, but this model's router "
+            f"(topk_method={routing.method!r}) scores it by its best one; its GGUF would route elsewhere"
+        )
+    if architecture.latent_attention and not config.latent.rope_interleaved:
+        raise MoeExportError(f"llama.cpp's {architecture.name} rotates interleaved RoPE pairs, and this model has "
+                             "rope_interleave: false; its GGUF would compute another attention")
     layers = structure(adapter, model)
     dense = [i for i, spec in enumerate(layers) if spec.kind == "dense"]
     if dense and not (architecture.leading_dense and dense == list(range(len(dense)))):
@@ -223,6 +232,12 @@ def export(
         partial.unlink(missing_ok=True)
         raise
     return result
+
+
+def _expert_groups(routing) -> bool:
+    """The router chooses within its best expert groups, and it matters (llama.cpp takes fewer than all groups
+    only; choosing within all of them is plain top-k)."""
+    return routing.groups > 1 and routing.top_groups < routing.groups
 
 
 def _describe_representation(plan: _Plan) -> str:
@@ -434,6 +449,9 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_expert_count(plan.num_experts)
     writer.add_expert_used_count(plan.experts_used)
+    if _expert_groups(config.routing):
+        writer.add_expert_group_count(config.routing.groups)
+        writer.add_expert_group_used_count(config.routing.top_groups)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)  # a llama_ftype id, as llama.cpp's quantizer records it
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -849,9 +867,10 @@ def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _P
     tensors.add(name(gate_kind), gate, on_grid=True)
     tensors.add(name(up_kind), up, on_grid=True)
     tensors.add(name(down_kind), _pad_experts(experts.down_proj, pads), on_grid=True)
-    if pads:
+    if pads or view.selection_bias is not None:  # the model's own selection bias, then the pads' -1e9
         real = plan.num_experts - pads
-        bias = np.array([0.0] * real + [-1e9] * pads, np.float32)
+        own = np.zeros(real, np.float32) if view.selection_bias is None else _float32(view.selection_bias)
+        bias = np.concatenate([own, np.full(pads, -1e9, np.float32)])
         tensors.add(name("FFN_EXP_PROBS_B", plan.architecture.selection_bias_suffix), bias)
     for shared in view.shared_experts:
         _write_ffn(tensors, name, SHARED_FFN, shared)
