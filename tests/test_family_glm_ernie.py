@@ -104,13 +104,19 @@ def test_gguf_matches_transformers_own_model_of_the_saved_checkpoint(family, pas
     assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
 
 
-def test_glm_group_limited_routing_is_written_exactly_and_blocks_expert_drop(tmp_path):
-    model = _tiny_with_demo_vocabulary("glm4_moe", n_group=2, topk_group=1)
-    artifact = gguf_backend.export(model, tmp_path / "m.gguf")
-    fidelity = compare(TorchRunner(model), gguf_backend.Runner(artifact.path, context=48), random_tokens(2, 48, seed=9) * 16)
-    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
-    with pytest.raises(MoeExportError, match="best 1 of 2 expert groups"):
-        _compress(model, [{"expert_drop": {"keep": 2, "score": "random"}}])
+def test_glm_group_limited_routing_survives_an_equal_per_group_expert_drop_in_glm4moe(tmp_path):
+    """With n_group 2, Expert Drop keeps the same number in each group (or refuses), and glm4moe's file routes
+    within the best group as transformers does, before and after."""
+    model = _tiny_with_demo_vocabulary("glm4_moe", n_routed_experts=8, n_group=2, topk_group=1)
+    windows = random_tokens(2, 48, seed=9) * 16
+    for passes in ([], [{"expert_drop": {"keep": 4, "scope": "layer", "score": "reap"}}]):
+        model = _compress(model, passes)
+        artifact = gguf_backend.export(model, tmp_path / "m.gguf", overwrite=True)
+        fidelity = compare(TorchRunner(model), gguf_backend.Runner(artifact.path, context=48), windows)
+        assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
+    assert {spec.num_experts for spec in structure(adapter_for(model.config), model) if spec.kind == "moe"} == {4}
+    with pytest.raises(MoeExportError, match="keep=3 cannot keep the same number"):
+        _compress(model, [{"expert_drop": {"keep": 3, "scope": "layer", "score": "reap"}}])
 
 
 def _non_uniform(model):

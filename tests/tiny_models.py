@@ -36,6 +36,17 @@ TINY_CONFIGS = {
         num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
         v_head_dim=8, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
     ),
+    # 2 groups of 4, the best 1 taken: groups matter; Expert Drop keeps an even number, at least 2 per group
+    "deepseek_v3": dict(
+        n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=24, first_k_dense_replace=1,
+        num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=8, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+    ),
+    "glm4_moe_lite": dict(  # one group, as GLM-4.7-Flash; its first layer dense (mlp_layer_types' default)
+        n_routed_experts=6, n_shared_experts=1, moe_intermediate_size=24, num_key_value_heads=4, kv_lora_rank=16,
+        q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1,
+        norm_topk_prob=True, routed_scaling_factor=1.8,
+    ),
     # q/k/v biases, per-head q/k norms, half the head rotated, a scale on the routed weights
     "glm4_moe": dict(
         n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=24, first_k_dense_replace=1,
@@ -61,8 +72,8 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
         if "norm" not in name:
             torch.nn.init.normal_(parameter, std=0.2 if name.endswith("gate.weight") else 0.05)
     for name, buffer in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):  # a selection bias left at zero would choose nothing
-            torch.nn.init.normal_(buffer, std=0.1)
+        if name.endswith("e_score_correction_bias"):  # a selection bias left at zero would never matter
+            buffer.normal_(std=0.1)
     model.eval().requires_grad_(False)
     return model
 

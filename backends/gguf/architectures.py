@@ -59,6 +59,7 @@ class GGUFArchitecture:
     moe_layer_step: bool = False  # the host reads interleave_moe_layer_step (written as 1: MoE after the dense run)
     rope_dims_partial: bool = False  # RoPE may rotate only the leading rotary_dim dims of each head
     shared_width_is_expert_multiple: bool = False  # shared width = expert width x expert_shared_count (loader's)
+    configurable_norm: bool = False  # the host reads expert_weights_norm from the file: either top-k rule exports
 
 
 
@@ -99,6 +100,16 @@ ARCHITECTURES = {
     "deepseek_v2": GGUFArchitecture(
         name="deepseek2", renormalizes=False, bpe_pre="deepseek-llm", leading_dense=True, latent_attention=True
     ),
+    # deepseek2 also takes DeepSeek-V3's router from the file: sigmoid gating, exp_probs_b, expert groups (scored by
+    # their best two, as the model's router), expert_weights_norm and _scale; HF's rope_interleave is NORM RoPE
+    "deepseek_v3": GGUFArchitecture(
+        name="deepseek2", renormalizes=True, configurable_norm=True, bpe_pre="deepseek-v3", leading_dense=True,
+        latent_attention=True,
+    ),
+    "glm4_moe_lite": GGUFArchitecture(
+        name="deepseek2", renormalizes=True, configurable_norm=True, bpe_pre="glm4", leading_dense=True,
+        latent_attention=True,
+    ),
     # Own hosts with a selection bias (exp_probs_b); leading dense layers (leading_dense_block_count) and shared
     # experts. glm4moe: NEOX RoPE over the leading rotary_dim dims of each head, as HF rotates them (no
     # permutation); sigmoid or softmax gating, norm, scale and groups read from the file; its MoE layers need
@@ -109,8 +120,8 @@ ARCHITECTURES = {
     # experts' scores by a per-token factor that the unchanged selection bias is then added to: the choice can
     # change, so non-uniform expert counts are refused there.
     "glm4_moe": GGUFArchitecture(
-        name="glm4moe", renormalizes=True, bpe_pre="glm4", pads_experts=True, leading_dense=True,
-        ffn_norm="ATTN_POST_NORM", routing_keys=True, rope_dims_partial=True, shared_width_is_expert_multiple=True,
+        name="glm4moe", renormalizes=True, configurable_norm=True, bpe_pre="glm4", pads_experts=True,
+        leading_dense=True, ffn_norm="ATTN_POST_NORM", routing_keys=True, rope_dims_partial=True, shared_width_is_expert_multiple=True,
     ),
     "ernie4_5_moe": GGUFArchitecture(
         name="ernie4_5-moe", renormalizes=True, leading_dense=True, moe_layer_step=True,

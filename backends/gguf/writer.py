@@ -121,7 +121,7 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
     if architecture is None:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise MoeExportError(f"the GGUF exporter does not write {adapter.family} yet (it writes: {supported})")
-    if not architecture.routing_keys and config.routing.renormalize != architecture.renormalizes:
+    if not architecture.configurable_norm and config.routing.renormalize != architecture.renormalizes:
         raise MoeExportError(
             f"llama.cpp's {architecture.name} always {'renormalizes' if architecture.renormalizes else 'keeps'} the "
             "top-k weights but this model's router does not; its GGUF would compute something else"
@@ -129,6 +129,15 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
     if config.routing.scale != 1.0 and not (architecture.routing_keys or architecture.latent_attention):
         raise MoeExportError(f"llama.cpp's {architecture.name} does not scale the routed weights, but this model's "
                              f"router multiplies them by {config.routing.scale}; its GGUF would compute something else")
+    routing = config.routing
+    if _expert_groups(routing) and routing.group_score != "top2_sum":
+        raise MoeExportError(
+            f"llama.cpp scores an expert group by the sum of its best two experts, but this model's router "
+            f"(topk_method={routing.method!r}) scores it by its best one; its GGUF would route elsewhere"
+        )
+    if architecture.latent_attention and not config.latent.rope_interleaved:
+        raise MoeExportError(f"llama.cpp's {architecture.name} rotates interleaved RoPE pairs, and this model has "
+                             "rope_interleave: false; its GGUF would compute another attention")
     layers = structure(adapter, model)
     _check_biases_the_host_drops(adapter.layer_views(model), architecture)
     dense = [i for i, spec in enumerate(layers) if spec.kind == "dense"]
@@ -247,6 +256,12 @@ def export(
         partial.unlink(missing_ok=True)
         raise
     return result
+
+
+def _expert_groups(routing) -> bool:
+    """The router chooses within its best expert groups, and it matters (llama.cpp takes fewer than all groups
+    only; choosing within all of them is plain top-k)."""
+    return routing.groups > 1 and routing.top_groups < routing.groups
 
 
 def _describe_representation(plan: _Plan) -> str:
@@ -463,6 +478,9 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_expert_count(plan.num_experts)
     writer.add_expert_used_count(plan.experts_used)
+    if _expert_groups(config.routing):
+        writer.add_expert_group_count(config.routing.groups)
+        writer.add_expert_group_used_count(config.routing.top_groups)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)  # a llama_ftype id, as llama.cpp's quantizer records it
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -481,9 +499,6 @@ def _write_moe_placement_hparams(writer, gguf, config: ModelConfig, plan: _Plan)
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType[routing.scores.upper()])  # SOFTMAX | SIGMOID
     writer.add_expert_weights_scale(routing.scale)
     writer.add_expert_weights_norm(routing.renormalize)
-    if routing.top_groups < routing.groups:  # all groups used is no grouping (llama.cpp asserts fewer)
-        writer.add_expert_group_count(routing.groups)
-        writer.add_expert_group_used_count(routing.top_groups)
 
 
 def _write_latent_attention_hparams(writer, gguf, config: ModelConfig, plan: _Plan) -> None:

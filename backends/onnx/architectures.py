@@ -30,6 +30,9 @@ ARCHITECTURES = {
     "qwen3_moe": AttentionLayout(qk_norm="per_head"),
     "olmoe": AttentionLayout(qk_norm="full"),
     "deepseek_v2": AttentionLayout(rope="interleaved"),
+    # HF's rope_interleave (the default) rotates interleaved pairs; the decoder takes `half` when it is false
+    "deepseek_v3": AttentionLayout(rope="interleaved"),
+    "glm4_moe_lite": AttentionLayout(rope="interleaved"),
     "glm4_moe": AttentionLayout(qk_norm="per_head"),  # the norms only where use_qk_norm builds them
     "ernie4_5_moe": AttentionLayout(rope="interleaved"),  # HF ERNIE rotates pairs (2i, 2i+1)
 }

@@ -18,13 +18,14 @@ and present.{i}.key / .value (past and current positions concatenated).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from onnx import TensorProto
 
 from moeexport.adapters import LayerView, ModelConfig, adapter_for
+from moeexport.adapters.declaration import SIGMOID
 from moeexport.backends.onnx.architectures import ARCHITECTURES, AttentionLayout
 from moeexport.backends.onnx.graph import Graph
 from moeexport.backends.onnx.moe import Quantization, RoutedExperts, routed_experts
@@ -55,6 +56,8 @@ def build_decoder(model, graph: Graph, lowering: str, quantization: Quantization
     adapter = adapter_for(model.config)
     config = adapter.model_config(model.config)
     layout = ARCHITECTURES[config.model_type]
+    if config.latent is not None and not config.latent.rope_interleaved:  # HF rope_interleave: false
+        layout = replace(layout, rope="half")
     around = adapter.model_view(model)
     batch, sequence, total = "batch", "sequence", "total_sequence"
     input_ids = graph.input("input_ids", TensorProto.INT64, [batch, sequence])
@@ -107,6 +110,11 @@ def _moe_parts(graph: Graph, x: str, prefix: str, view: LayerView, config: Model
             top_k=view.router.top_k,
             renormalize=config.routing.renormalize,
             scale=config.routing.scale,
+            sigmoid=config.routing.scores == SIGMOID,
+            selection_bias=None if view.selection_bias is None else view.selection_bias.float().numpy(),
+            groups=config.routing.groups,
+            top_groups=config.routing.top_groups,
+            group_score=config.routing.group_score,
         )
         parts.append(routed_experts(graph, x, f"{prefix}.experts", routed, lowering, quantization))
     for module in view.shared_experts:

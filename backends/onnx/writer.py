@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moeexport.adapters import adapter_for
-from moeexport.adapters.declaration import SOFTMAX
 from moeexport.backends.onnx.types import DEFAULT_BLOCK_SIZE, MOE_OPS, QUANT_TYPES
 from moeexport.errors import MoeExportError
 
@@ -85,11 +84,6 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
     if config.experts.activation != "silu":
         raise MoeExportError(
             f"experts use {config.experts.activation!r}; the exporter writes SwiGLU (silu) experts only")
-    if config.routing.method != "greedy":
-        raise MoeExportError(
-            f"topk_method={config.routing.method!r} routes within expert groups, which neither the MoE op nor the "
-            "plain lowering computes; only greedy top-k routing exports"
-        )
     lacking = _not_lowered(config)
     if lacking:
         raise MoeExportError(f"this model's MoE layers have {', '.join(lacking)}, which neither the MoE op nor the "
@@ -110,14 +104,13 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
 
 def _not_lowered(config) -> list[str]:
     """What the family's expert layout and routing rule have that the MoE lowering does not compute (it computes
-    concatenated SwiGLU experts without biases, routed softmax -> top-k (-> renormalize) x scale)."""
+    concatenated SwiGLU experts without biases, routed softmax or sigmoid scores -> top-k, chosen with any selection
+    bias within the best expert groups -> (renormalize) x scale)."""
     layout, rule = config.experts, config.routing
     return [what for what, present in (
         ("interleaved or transposed expert weights", layout.interleaved or layout.transposed),
         ("expert biases", layout.biases),
         ("ungated experts", not layout.gated),
-        ("sigmoid routing scores", rule.scores != SOFTMAX),
-        ("a selection bias", rule.selection_bias),
         ("a softmax over the top-k logits", rule.softmax_over_top_k),
         ("a router bias", rule.router_bias),
         ("a dense MLP beside the experts", rule.dense_mlp_beside),

@@ -9,12 +9,15 @@ experts.py and routing.py compute what its `ExpertLayout` and `Routing` declare.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
 LayerKind = Literal["moe", "dense", "dropped"]
 
 SOFTMAX, SIGMOID = "softmax", "sigmoid"  # Routing.scores
+# Routing.method of DeepSeek-V3's router: its groups are scored by their best two experts even when there is one
+# group, so every group (every layer, with one) needs two experts left
+NOAUX_TC = "noaux_tc"
 CLAMPED_SWIGLU = "clamped_swiglu"  # ExpertLayout.activation of gpt-oss's experts
 
 
@@ -69,6 +72,7 @@ class LatentAttention:
     qk_nope_head_dim: int  # per-head q/k width without RoPE
     qk_rope_head_dim: int  # per-head q/k width with RoPE (the rotated key is shared by all heads)
     v_head_dim: int
+    rope_interleaved: bool = True  # RoPE rotates pairs (2i, 2i+1) (DeepSeek), rather than (i, i + d/2)
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ class FFNWidths:
     expert: int  # one routed expert's ffn width
     shared: int = 0  # the shared expert's (all shared experts together), 0 without one
     dense_layers: tuple[int, ...] = ()  # the layers with a dense MLP instead of experts
+    layers: int = 0  # the decoder layers in all (config_values sets it; for configs that list every layer's kind)
 
 
 @dataclass(frozen=True)
@@ -193,8 +198,6 @@ class Family:
     latent_attention: Callable[[object], LatentAttention] | None = None  # config -> its latent sizes, if MLA
     # Rewrites the config keys that name dense layers after Block Drop (kept = surviving old indices).
     renumber_dense_layers: Callable[[object, list[int]], None] = _no_dense_layer_keys
-    # The fewest routed experts its router runs with (GLM-4.5's takes each expert group's best two); 0: any number.
-    min_routed_experts: int = 0
     # An error message when the family's routing cannot survive a change of expert count.
     expert_count_change_blocker: Callable[[object], str | None] = _any_expert_count
     # (canonical config, FFN widths) -> this family's own config keys; the inverse of what model_config reads
@@ -254,5 +257,5 @@ class Family:
         }
         if self.clip_qkv_key:
             values[self.clip_qkv_key] = config.clip_qkv
-        return values | self.own_config_values(config, widths)
+        return values | self.own_config_values(config, replace(widths, layers=layers))
 

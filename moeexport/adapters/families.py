@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from moeexport.adapters.declaration import SIGMOID, FFNWidths, Family, LatentAttention, ModelConfig, Routing
+from moeexport.adapters.declaration import NOAUX_TC, SIGMOID, FFNWidths, Family, LatentAttention, ModelConfig, Routing
 from moeexport.adapters.registry import register
 from moeexport.errors import MoeExportError
 
@@ -55,6 +55,7 @@ def _deepseek_latent_attention(config) -> LatentAttention:
         qk_nope_head_dim=config.qk_nope_head_dim,
         qk_rope_head_dim=config.qk_rope_head_dim,
         v_head_dim=config.v_head_dim,
+        rope_interleaved=getattr(config, "rope_interleave", True),  # DeepSeek-V3's option; V2 always interleaves
     )
 
 
@@ -155,24 +156,78 @@ DEEPSEEK_V2 = register(
 )
 
 
-# --- GLM-4.5 / 4.6 (glm4_moe) and ERNIE-4.5-MoE (ernie4_5_moe) ---------------------------------------------------
+# --- DeepSeek-V3 and GLM-4.7-Flash (llama.cpp deepseek2): sigmoid scores, a selection-only bias, expert groups ---
 
-
-def _glm4_moe_routing(config) -> Routing:
-    """Sigmoid scores; the k chosen on scores + e_score_correction_bias within the topk_group best of n_group groups
-    (a group scores the sum of its best two); weighed by the unbiased scores, renormalized if norm_topk_prob,
-    x routed_scaling_factor (transformers' Glm4MoeTopkRouter)."""
+def _noaux_tc_routing(config) -> Routing:
+    """DeepSeek-V3's router ("noaux_tc"): sigmoid scores; the k chosen on score + e_score_correction_bias, only
+    within the topk_group best of n_group equal expert groups (a group scores the sum of its best two choice
+    scores); weighed by the scores alone, renormalized if norm_topk_prob, x routed_scaling_factor."""
     return Routing(renormalize=bool(config.norm_topk_prob), scale=float(config.routed_scaling_factor),
-                   method="noaux_tc", scores=SIGMOID, selection_bias=True, groups=config.n_group,
-                   top_groups=config.topk_group, group_score="top2_sum")
+                   method=NOAUX_TC, scores=SIGMOID, selection_bias=True, groups=config.n_group or 1,
+                   top_groups=config.topk_group or 1, group_score="top2_sum")
 
 
-def _glm4_moe_group_routing_blocks_resize(config) -> str | None:
-    if config.n_group > 1:
-        return (f"this GLM-4.5 model chooses its experts within the best {config.topk_group} of {config.n_group} "
-                "expert groups, which a change of expert count would break; use Block Drop or Layer Drop instead "
-                "of Expert Drop for it")
-    return None
+def _noaux_tc_config_values(config: ModelConfig, widths: FFNWidths) -> dict:
+    """What DeepSeek-V3 and GLM-4.7-Flash share: experts, routing and latent attention sizes."""
+    latent, routing = config.latent, config.routing
+    return {
+        "moe_intermediate_size": widths.expert,
+        "n_shared_experts": config.shared_expert_count,
+        "routed_scaling_factor": routing.scale,
+        "norm_topk_prob": routing.renormalize,
+        "n_group": routing.groups, "topk_group": routing.top_groups,
+        "q_lora_rank": latent.q_lora_rank,
+        "kv_lora_rank": latent.kv_lora_rank,
+        "qk_nope_head_dim": latent.qk_nope_head_dim,
+        "qk_rope_head_dim": latent.qk_rope_head_dim,
+        "v_head_dim": latent.v_head_dim,
+    }
+
+
+def _deepseek_v3_config_values(config: ModelConfig, widths: FFNWidths) -> dict:
+    return _noaux_tc_config_values(config, widths) | {"first_k_dense_replace": len(widths.dense_layers)}
+
+
+def _glm4_moe_lite_config_values(config: ModelConfig, widths: FFNWidths) -> dict:
+    dense = set(widths.dense_layers)
+    kinds = ["dense" if layer in dense else "sparse" for layer in range(widths.layers)]
+    return _noaux_tc_config_values(config, widths) | {"mlp_layer_types": kinds}
+
+
+DEEPSEEK_V3 = register(
+    Family(
+        model_type="deepseek_v3",
+        family="DeepSeek-V3 / R1 (sigmoid routing with a selection bias, expert groups, MLA)",
+        num_experts_key="n_routed_experts",
+        routing=_noaux_tc_routing,
+        router_tensors=("weight", "e_score_correction_bias"),
+        selection_bias="e_score_correction_bias",
+        shared_experts=("shared_experts",),
+        shared_expert_count_key="n_shared_experts",
+        latent_attention=_deepseek_latent_attention,
+        renumber_dense_layers=_renumber_leading_dense,
+        own_config_values=_deepseek_v3_config_values,
+    )
+)
+
+GLM4_MOE_LITE = register(
+    Family(
+        model_type="glm4_moe_lite",
+        family="GLM-4.7-Flash (DeepSeek-V3 routing and MLA; dense layers named by mlp_layer_types)",
+        num_experts_key="n_routed_experts",
+        routing=_noaux_tc_routing,
+        router_tensors=("weight", "e_score_correction_bias"),
+        selection_bias="e_score_correction_bias",
+        shared_experts=("shared_experts",),
+        shared_expert_count_key="n_shared_experts",
+        latent_attention=_deepseek_latent_attention,
+        # mlp_layer_types lists every layer's kind: Block Drop's per-layer lists follow their layers already
+        own_config_values=_glm4_moe_lite_config_values,
+    )
+)
+
+
+# --- GLM-4.5 / 4.6 (glm4_moe) and ERNIE-4.5-MoE (ernie4_5_moe) ---------------------------------------------------
 
 
 def _glm4_moe_config_values(config: ModelConfig, widths: FFNWidths) -> dict:
@@ -241,14 +296,12 @@ GLM4_MOE = register(
         model_type="glm4_moe",
         family="GLM-4.5 / GLM-4.6 (sigmoid routing with a selection bias, shared experts, leading dense layers)",
         num_experts_key="n_routed_experts",
-        routing=_glm4_moe_routing,
+        routing=_noaux_tc_routing,  # Glm4MoeTopkRouter is DeepSeek-V3's router
         router_tensors=("weight", "e_score_correction_bias"),
         selection_bias="e_score_correction_bias",  # a buffer [E]
         shared_experts=("shared_experts",),
         shared_expert_count_key="n_shared_experts",  # one module holds them all, n_shared_experts wide
         renumber_dense_layers=_renumber_leading_dense,
-        expert_count_change_blocker=_glm4_moe_group_routing_blocks_resize,
-        min_routed_experts=2,  # Glm4MoeTopkRouter scores each expert group by its best two
         own_config_values=_glm4_moe_config_values,
     )
 )

@@ -144,7 +144,6 @@ def keep_experts(adapter: MoEAdapter, model: nn.Module, layer: int, keep: list[i
     kept. Zero experts is allowed: the routed part then contributes nothing (shared
     experts, if any, still run).
     """
-    check_routed_expert_minimum(adapter, {layer: keep})
     stream = stream_of(model)
     if stream is not None:  # a streamed model reads only the kept experts when the layer is read
         stream.keep_experts(layer, keep)
@@ -266,17 +265,6 @@ def check_experts_can_merge(adapter: MoEAdapter, config: object) -> None:
         what = f"its router's {', '.join(extra)}" if extra else "its experts' layout"
         raise MoeExportError(f"{adapter.family}: experts cannot be merged ({what} has no merged value here); use "
                              "Expert Drop instead of merge for this family")
-
-
-def check_routed_expert_minimum(adapter: MoEAdapter, keep: dict[int, list[int]]) -> None:
-    """Refuse keeping fewer routed experts in a layer than the family's router runs with (Family.min_routed_experts)."""
-    least = adapter.min_routed_experts
-    short = sorted(layer for layer, kept in keep.items() if len(kept) < least)
-    if short:
-        raise MoeExportError(
-            f"{adapter.family}'s router needs at least {least} routed experts per layer, and layers {short} would "
-            f"keep fewer: add min_keep: {least} (and keep >= {least}) to the expert_drop step"
-        )
 
 
 def check_expert_count_change(adapter: MoEAdapter, config: object) -> None:
