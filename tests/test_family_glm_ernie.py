@@ -305,3 +305,22 @@ def test_reap_saliency_weighs_experts_by_the_routed_weights_glm_mixes_with():
     assert reap[0].gt(0).all()
     # the first MoE layer sees the same inputs either way (later ones see the scaled model's outputs)
     torch.testing.assert_close(reap[1][0], 2.5 * reap[0][0], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("moe_ops", ["contrib", "plain", "plain-routed"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_onnx_of_the_trimmed_model_matches_torch_in_fp32(family, moe_ops, tmp_path):
+    """Partial rotary, q/k/v biases and q/k norms (GLM), interleaved RoPE pairs (ERNIE), the selection bias and
+    sigmoid scores, after Block Drop, Layer Drop and an Expert Drop that leaves the layers' counts different."""
+    from tests.test_onnx import _assert_matches, _exercised
+
+    from moeexport.backends import onnx as onnx_backend
+
+    model = _compress(_exercised(family), [{"block_drop": {"n": 1, "score": "random"}},
+                                           {"layer_drop": {"n": 1, "score": "random"}}])
+    adapter = adapter_for(model.config)
+    moe = [view.index for view in adapter.layer_views(model) if view.kind == "moe"]
+    keep_experts(adapter, model, moe[0], [3, 1])  # 2 left here, 4 in the other MoE layer
+    assert [spec.num_experts for spec in structure(adapter, model) if spec.kind != "dense"] == [0, 2, 4]
+    artifact = onnx_backend.export(model, tmp_path / "m.onnx", moe_ops=moe_ops)
+    _assert_matches(model, artifact.path, random_tokens(2, 24))
