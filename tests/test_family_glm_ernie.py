@@ -179,41 +179,38 @@ def test_a_streamed_build_writes_the_in_memory_builds_gguf(family, tmp_path):
     assert files[0] == files[1]
 
 
-# Run llama.cpp's converter with GLM's BPE vocabulary step swapped for SentencePiece's: the tiny models borrow the
-# demo model's tokenizer.model, and the vocabulary is not what this comparison is about.
-CONVERTER = """
-import runpy, sys
-from pathlib import Path
-tree = Path(sys.argv[1])
-sys.path[:0] = [str(tree), str(tree / "gguf-py")]
-import conversion.glm
-conversion.glm.Glm4MoeModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
-sys.argv = [str(tree / "convert_hf_to_gguf.py"), *sys.argv[2:]]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 # what ours writes that the converter leaves to llama.cpp's defaults (same values), and moeexport's own records
 OUR_EXTRA_KEYS = {"attention.key_length", "attention.value_length", "rope.dimension_count", "vocab_size",
                   "expert_shared_feed_forward_length"}
 
 
 @pytest.fixture(scope="module")
-def llama_cpp_tree(tmp_path_factory):
+def convert(tmp_path_factory):
+    """(checkpoint, outtype, extra arguments, out) -> llama.cpp's converter's file (tools/compare_with_converter.py's
+    download), reading the checkpoint's SentencePiece vocabulary: the tiny models borrow the demo model's, which
+    GLM's BPE reader does not know, and the vocabulary is not what these tests compare."""
     import importlib.util
+    import os
+    import subprocess
+    import sys
     from pathlib import Path
 
     tool_path = Path(__file__).resolve().parents[1] / "tools" / "compare_with_converter.py"
     spec = importlib.util.spec_from_file_location("compare_with_converter", tool_path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    return tool.fetch_converter(tmp_path_factory.mktemp("converter"))
+    tree = tool.fetch_converter(tmp_path_factory.mktemp("converter"))
+
+    def run(checkpoint, outtype, extra, out):
+        subprocess.run([sys.executable, "-c", tool.SENTENCEPIECE_CONVERTER, str(checkpoint), "--outtype", outtype,
+                        *extra, "--outfile", str(out)], check=True, capture_output=True,
+                       env=os.environ | {"PYTHONPATH": os.pathsep.join([str(tree), str(tree / "gguf-py")])})
+        return out
+    return run
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_uncompressed_f16_gguf_is_the_converters_tensor_for_tensor_and_key_for_key(family, llama_cpp_tree,
-                                                                                       tmp_path):
-    import subprocess
-    import sys
-
+def test_the_uncompressed_f16_gguf_is_the_converters_tensor_for_tensor_and_key_for_key(family, convert, tmp_path):
     import numpy as np
     from gguf import GGUFReader
 
@@ -221,11 +218,8 @@ def test_the_uncompressed_f16_gguf_is_the_converters_tensor_for_tensor_and_key_f
     tiny_model(family, vocab_size=2048).save_pretrained(checkpoint)
     for name in ("tokenizer.model", "tokenizer_config.json"):
         shutil.copyfile(DEMO_MODEL / name, checkpoint / name)
-    (tmp_path / "convert.py").write_text(CONVERTER)
-    theirs = tmp_path / "theirs.gguf"
     no_mtp = ["--no-mtp"] if family == "glm4_moe" else []  # moeexport writes no next-token-prediction layers
-    subprocess.run([sys.executable, str(tmp_path / "convert.py"), str(llama_cpp_tree), str(checkpoint),
-                    "--outtype", "f16", *no_mtp, "--outfile", str(theirs)], check=True, capture_output=True)
+    theirs = convert(checkpoint, "f16", no_mtp, tmp_path / "theirs.gguf")
     ours = gguf_backend.export(load(checkpoint), tmp_path / "ours.gguf", quant="f16").path
     their_file, our_file = GGUFReader(theirs), GGUFReader(ours)
     their_tensors = {t.name: t for t in their_file.tensors}
@@ -258,22 +252,15 @@ def test_the_uncompressed_f16_gguf_is_the_converters_tensor_for_tensor_and_key_f
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_moeexport_reads_the_converters_f32_gguf_back_as_the_model_it_came_from(family, llama_cpp_tree, tmp_path):
+def test_moeexport_reads_the_converters_f32_gguf_back_as_the_model_it_came_from(family, convert, tmp_path):
     """GGUF input: the converter's file (GLM's with its next-token-prediction block count, which the reader leaves
     out) loads as the source model, selection bias, shared experts and dense layers included."""
-    import subprocess
-    import sys
-
     checkpoint = tmp_path / "ckpt"
     source = tiny_model(family, vocab_size=2048)
     source.save_pretrained(checkpoint)
     for name in ("tokenizer.model", "tokenizer_config.json"):
         shutil.copyfile(DEMO_MODEL / name, checkpoint / name)
-    (tmp_path / "convert.py").write_text(CONVERTER)
-    theirs = tmp_path / "theirs.gguf"
-    subprocess.run([sys.executable, str(tmp_path / "convert.py"), str(llama_cpp_tree), str(checkpoint),
-                    "--outtype", "f32", "--outfile", str(theirs)], check=True, capture_output=True)
-    read = load(theirs)
+    read = load(convert(checkpoint, "f32", [], tmp_path / "theirs.gguf"))
     assert structure(adapter_for(read.config), read) == structure(adapter_for(source.config), source)
     tokens = random_tokens(2, 24, seed=4) * 16
     with torch.no_grad():
