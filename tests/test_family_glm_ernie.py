@@ -311,3 +311,22 @@ def test_onnx_of_the_trimmed_model_matches_torch_in_fp32(family, moe_ops, tmp_pa
     assert [spec.num_experts for spec in structure(adapter, model) if spec.kind != "dense"] == [0, 2, 4]
     artifact = onnx_backend.export(model, tmp_path / "m.onnx", moe_ops=moe_ops)
     _assert_matches(model, artifact.path, random_tokens(2, 24))
+
+
+def test_glm_hub_checkpoints_next_token_prediction_layer_is_skipped_as_transformers_skips_it(tmp_path):
+    """GLM-4.5-Air's hub checkpoint stores a next-token-prediction layer after its 46 decoder layers
+    (model.layers.46.*); transformers leaves it out of the model, and so do moeexport's load and streamed load."""
+    from safetensors.torch import load_file, save_file
+
+    from moeexport.streaming import logits
+
+    model = tiny_model("glm4_moe", num_hidden_layers=46)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights |= {"model.layers.46.eh_proj.weight": torch.randn(32, 64), "model.layers.46.enorm.weight": torch.ones(32),
+                "model.layers.46.mlp.experts.0.down_proj.weight": torch.randn(32, 24)}
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    tokens = random_tokens(2, 12)
+    expected = model(input_ids=tokens).logits
+    assert torch.equal(load(tmp_path)(input_ids=tokens).logits, expected)
+    assert torch.equal(torch.from_numpy(logits(load_streamed(tmp_path), tokens)), expected)
