@@ -143,9 +143,14 @@ def test_ernie_non_uniform_expert_counts_are_refused(tmp_path):
         gguf_backend.export(model, tmp_path / "m.gguf")
 
 
-def test_ernie_biases_llama_cpp_drops_are_refused(tmp_path):
+def test_ernie_biases_the_lowerings_drop_are_refused(tmp_path):
+    from moeexport.backends import onnx as onnx_backend
+
+    biased = _tiny_with_demo_vocabulary("ernie4_5_moe", use_bias=True)
     with pytest.raises(MoeExportError, match="biases on its attention output or MLP projections"):
-        gguf_backend.export(_tiny_with_demo_vocabulary("ernie4_5_moe", use_bias=True), tmp_path / "m.gguf")
+        gguf_backend.export(biased, tmp_path / "m.gguf")
+    with pytest.raises(MoeExportError, match=r"layers \[0, 1, 2, 3\] have biases on their dense or shared MLP"):
+        onnx_backend.export(biased, tmp_path / "m.onnx")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

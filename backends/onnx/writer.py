@@ -88,6 +88,12 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
     if lacking:
         raise MoeExportError(f"this model's MoE layers have {', '.join(lacking)}, which neither the MoE op nor the "
                              "plain lowering computes")
+    biased = [view.index for view in adapter.layer_views(model)  # the graph's dense and shared MLPs have no biases
+              for mlp in ([view.ffn] if view.kind == "dense" else list(view.shared_experts))
+              if any(projection.bias is not None for projection in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))]
+    if biased:
+        raise MoeExportError(f"layers {biased} have biases on their dense or shared MLP projections, which the "
+                             "exporter does not write: this model cannot be exported to ONNX")
     if quant in BITS:
         for view in adapter.layer_views(model):  # shapes only: a streamed model's layers may be on the meta device
             if view.experts is None:  # dense, dropped, or no routed experts left
