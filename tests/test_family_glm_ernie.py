@@ -335,3 +335,17 @@ def test_glm_hub_checkpoints_next_token_prediction_layer_is_skipped_as_transform
     expected = model(input_ids=tokens).logits
     assert torch.equal(load(tmp_path)(input_ids=tokens).logits, expected)
     assert torch.equal(torch.from_numpy(logits(load_streamed(tmp_path), tokens)), expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_to_gguf_carries_the_q8_0_tensors_and_rewrites_the_sliced_selection_bias(family, tmp_path):
+    model = _tiny_with_demo_vocabulary(family)
+    source = gguf_backend.export(model, tmp_path / "source.gguf", quant="q8_0").path
+    trimmed = _compress(load_streamed(source), UNIFORM_TRIM)
+    artifact = gguf_backend.export(trimmed, tmp_path / "keep.gguf", quant="keep")
+    assert "carried byte for byte" in artifact.representation
+    # the bias is F32 and sliced to the kept experts (never carried: a pad's would have to be -1e9, not zeros)
+    assert artifact.fallbacks and all("exp_probs_b" in line for line in artifact.fallbacks)
+    fidelity = compare(TorchRunner(trimmed), gguf_backend.Runner(artifact.path, context=48),
+                       random_tokens(2, 48, seed=9) * 16)
+    assert fidelity.failures(gguf_backend.TOLERANCES["q8_0"]) == []
