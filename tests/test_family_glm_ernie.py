@@ -143,6 +143,11 @@ def test_ernie_non_uniform_expert_counts_are_refused(tmp_path):
         gguf_backend.export(model, tmp_path / "m.gguf")
 
 
+def test_glm_without_shared_experts_is_refused_by_glm4moe_which_always_runs_them(tmp_path):
+    with pytest.raises(MoeExportError, match="runs shared experts in every MoE layer"):
+        gguf_backend.export(_tiny_with_demo_vocabulary("glm4_moe", n_shared_experts=0), tmp_path / "m.gguf")
+
+
 def test_ernie_biases_the_lowerings_drop_are_refused(tmp_path):
     from moeexport.backends import onnx as onnx_backend
 

@@ -179,6 +179,9 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
     width = next(view.experts.down_proj.shape[-1] for view in views if view.experts is not None)
     shared_width = next((view.shared_experts[0].down_proj.weight.shape[-1] for view in views if view.shared_experts), 0)
     shared_gate = any(view.shared_expert_gate is not None for view in views)
+    if architecture.shared_width_is_expert_multiple and not shared_width:
+        raise MoeExportError(f"llama.cpp's {architecture.name} runs shared experts in every MoE layer (without their "
+                             "tensors it adds silu(x)), and this model has none: it cannot be written to GGUF")
     if architecture.shared_width_is_expert_multiple and shared_width != width * config.shared_expert_count:
         raise MoeExportError(
             f"llama.cpp's {architecture.name} sizes the shared experts as {config.shared_expert_count} x the routed "
