@@ -114,8 +114,8 @@ class RemovalScorer:
     def _without_experts(self, view, removed: list[int]):
         """A forward hook on the router that routes as if `removed` had no router rows (Expert Drop)."""
         if self.routing.groups > 1:  # one group (GLM-4.5's noaux_tc) is top-k over all experts, with any selection bias
-            raise MoeExportError("measuring expert removals needs top-k routing over all experts, not within groups "
-                                 "(topk_method: greedy)")
+            raise MoeExportError("measuring expert removals needs greedy top-k routing over all experts, and this "
+                                 "model routes within expert groups (n_group > 1)")
 
         def hook(module, args, output):
             logits, weights, index = output
