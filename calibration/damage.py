@@ -114,17 +114,18 @@ class RemovalScorer:
 
     def _without_experts(self, view, removed: list[int]):
         """A forward hook on the router that routes as if `removed` had no router rows (Expert Drop)."""
-        if self.routing.method != "greedy":
-            raise MoeExportError("measuring expert removals needs greedy top-k routing (topk_method: greedy)")
+        if self.routing.groups > 1:  # one group (GLM-4.5's noaux_tc) is top-k over all experts, with any selection bias
+            raise MoeExportError("measuring expert removals needs greedy top-k routing over all experts, and this "
+                                 "model routes within expert groups (n_group > 1)")
 
         def hook(module, args, output):
             logits, weights, index = output
             if view.index not in self._routing_checked:
-                check_routing(module, output, view.top_k, self.routing)
+                check_routing(module, output, view.top_k, self.routing, view.selection_bias)
                 self._routing_checked.add(view.index)
             mask = torch.zeros(logits.shape[-1], dtype=torch.bool)
             mask[removed] = True
-            new_weights, new_index = route(self.routing, logits, view.top_k, mask)
+            new_weights, new_index = route(self.routing, logits, view.top_k, mask, view.selection_bias)
             return logits, new_weights.to(weights.dtype), new_index
         return hook
 

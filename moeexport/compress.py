@@ -227,7 +227,8 @@ def compress(model, recipe: Recipe, statistics: StatisticsProvider | None, on_st
             raise ValueError(f"{step.name} needs calibration data but no StatisticsProvider was given")
         step_statistics = statistics.statistics(model, history) if needs else None
         measured = {"scorer": statistics.scorer(model)} if scored else {}
-        plan = compression_pass.plan(step_statistics, layers, step.options, **measured)
+        context = compression_pass.plan_context(step.options, model)
+        plan = compression_pass.plan(step_statistics, layers, step.options, **measured, **context)
         calibration = {"tokens": statistics.tokens(model), "progress": statistics.progress} if activations else {}
         plan = compression_pass.apply(model, plan, **calibration) or plan
         applied = AppliedStep(step.name, step.options.model_dump(), plan)

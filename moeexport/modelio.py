@@ -73,7 +73,7 @@ def check_checkpoint(source: Source, trust_remote_code: bool = False) -> None:
         native = lm.state_dict()
         layouts = [native, revert_weight_conversion(lm, dict(native))]
     expected = max(layouts, key=lambda layout: len(found.keys() & layout.keys()))  # native wins a tie
-    optional = set(getattr(lm, "all_tied_weights_keys", None) or {})
+    optional = _filled_by_ties(lm, found.keys())
     ignore_missing = getattr(lm, "_keys_to_ignore_on_load_missing", None) or []
     ignore_unexpected = getattr(lm, "_keys_to_ignore_on_load_unexpected", None) or []
     where = files[0] if len(files) == 1 else source.path
@@ -93,7 +93,9 @@ def check_checkpoint(source: Source, trust_remote_code: bool = False) -> None:
             "config.json has no place for: the weights and config.json do not belong together"
         )
     for name, (shape, dtype, path) in sorted(found.items()):
-        want = expected[name]
+        want = expected.get(name)
+        if want is None:  # a tensor transformers skips on load (GLM-4.5's next-token-prediction layer, ...)
+            continue
         if shape != list(want.shape):
             raise MoeExportError(
                 f"{path}: tensor {name} has shape {shape} but config.json implies {list(want.shape)}: "
@@ -209,6 +211,13 @@ def _load_stock_checkpoint(model_dir: Path, dtype: torch.dtype, trust_remote_cod
         raise MoeExportError(f"transformers cannot load {model_dir}: {one_line(error)}") from None
 
 
+def _filled_by_ties(lm: nn.Module, present) -> set[str]:
+    """Tensor names a weight tie fills from its other end: each tied copy, and a tie's source where only the copy
+    is stored (safetensors' save_model keeps the alphabetically first name of a shared tensor: lm_head.weight)."""
+    ties = getattr(lm, "all_tied_weights_keys", None) or {}
+    return set(ties) | {source for target, source in ties.items() if target in present}
+
+
 def _load_manifest_checkpoint(source: Source, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -216,6 +225,7 @@ def _load_manifest_checkpoint(source: Source, dtype: torch.dtype) -> nn.Module:
     with no_init_weights():
         lm = AutoModelForCausalLM.from_config(own_copy(source.config), dtype=dtype,
                                               experts_implementation=EXPERTS_IMPLEMENTATION)
+    lm.tie_weights()  # no_init_weights skips it; tied, the one stored end of a tie fills both
     apply_structure(lm, list(source.layers))
     expected, loaded = set(lm.state_dict()), set()
     for weights in source.weight_files:
@@ -225,7 +235,7 @@ def _load_manifest_checkpoint(source: Source, dtype: torch.dtype) -> nn.Module:
                                  "the checkpoint is corrupt or was edited")
         with safe_open(weights, "pt") as handle:
             loaded |= set(handle.keys())
-    missing = expected - loaded - set(getattr(lm, "all_tied_weights_keys", None) or {})
+    missing = expected - loaded - _filled_by_ties(lm, loaded)
     if missing:
         raise MoeExportError(f"{source.path} lacks {sorted(missing)[:3]} of its manifest's structure: "
                              "the checkpoint is corrupt or was edited")

@@ -55,6 +55,10 @@ def _provider():
 def test_merge_sets_the_expert_count_in_model_config_and_file(family, options, tmp_path):
     model = tiny_model(family)
     adapter = adapter_for(model.config)
+    if len(adapter.router_tensors) > 1:  # a selection bias or router bias has no merged value: refused by name
+        with pytest.raises(MoeExportError, match="cannot be merged"):
+            compress(model, parse_recipe({"passes": [{"merge": options}]}), _provider())
+        return
     result = compress(model, parse_recipe({"passes": [{"merge": options}]}), _provider())
     plan = result.steps[0].plan
     after = structure(adapter, model)
@@ -194,6 +198,10 @@ def test_alias_layout_is_the_grouped_merge_behind_the_untouched_router(family):
     layers = structure(adapter, original)
     grouped, alias = copy.deepcopy(original), copy.deepcopy(original)
     plan = Merge().plan(statistics, layers, MergeOptions(keep=2))
+    if len(adapter.router_tensors) > 1:  # a selection bias or router bias has no merged value: refused by name
+        with pytest.raises(MoeExportError, match="cannot be merged"):
+            Merge().apply(grouped, plan)
+        return
     Merge().apply(grouped, plan)
     Merge().apply(alias, dataclasses.replace(plan, layout="alias"))
     hidden = torch.randn(16, original.config.hidden_size, generator=torch.Generator().manual_seed(0))

@@ -45,11 +45,31 @@ TINY_CONFIGS = {
         rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
                          "beta_slow": 1.0, "truncate": True, "original_max_position_embeddings": 64},
     ),
+    # 2 groups of 4, the best 1 taken: groups matter; Expert Drop keeps an even number, at least 2 per group
+    "deepseek_v3": dict(
+        n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=24, first_k_dense_replace=1,
+        num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=8, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+    ),
+    "glm4_moe_lite": dict(  # one group, as GLM-4.7-Flash; its first layer dense (mlp_layer_types' default)
+        n_routed_experts=6, n_shared_experts=1, moe_intermediate_size=24, num_key_value_heads=4, kv_lora_rank=16,
+        q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1,
+        norm_topk_prob=True, routed_scaling_factor=1.8,
+    ),
+    # q/k/v biases, per-head q/k norms, half the head rotated, a scale on the routed weights
+    "glm4_moe": dict(
+        n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=24, first_k_dense_replace=1,
+        n_group=1, topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=True, attention_bias=True,
+        use_qk_norm=True, partial_rotary_factor=0.5,
+    ),
+    # a leading dense layer; tied embeddings as in ERNIE-4.5-21B-A3B. (llama.cpp's converter takes the shared
+    # experts' width as intermediate_size // num_key_value_heads, which these sizes keep true: 48 // 2 = 24 x 1)
+    "ernie4_5_moe": dict(
+        moe_num_experts=4, moe_intermediate_size=24, moe_num_shared_experts=1, moe_layer_start_index=1,
+        moe_layer_end_index=-1, moe_layer_interval=1, use_bias=False,
+    ),
 }
 FAMILIES = sorted(TINY_CONFIGS)
-# Init std by how a parameter's name ends (else 0.05): sharp routers, and attention sinks (gpt-oss) far enough
-# from zero and from each other that a sink on the wrong head shows.
-INIT_STD = {"gate.weight": 0.2, "router.weight": 0.2, "sinks": 1.0}
 
 
 def tiny_model(model_type: str, seed: int = 0, **overrides):
@@ -60,6 +80,9 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
     for name, parameter in model.named_parameters():
         if "norm" not in name:
             torch.nn.init.normal_(parameter, std=0.2 if name.endswith("gate.weight") else 0.05)
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # a selection bias left at zero would never matter
+            buffer.normal_(std=0.1)
     model.eval().requires_grad_(False)
     return model
 

@@ -54,8 +54,8 @@ class GGUFArchitecture:
     latent_attention: bool = False  # multi-head latent attention (DeepSeek-V2): kv_a / k_b / v_b tensors
     unbounded_sliding_window: bool = False  # every layer written as sliding-window attention that never slides
     padded_host: GGUFArchitecture | None = None  # the host this family moves to when its expert counts differ
+    ffn_norm: str = "FFN_NORM"  # the tensor kind of the norm feeding the FFN (gpt-oss, glm4moe: ATTN_POST_NORM)
     # gpt-oss (`gpt-oss`, llama.cpp's openai-moe graph):
-    ffn_norm: str = "FFN_NORM"  # the tensor kind of the norm before the MoE sublayer
     softmax_over_top_k: bool = False  # the host's top-k rule: a softmax over the k chosen router logits
     biases: bool = False  # the host reads a router bias and expert biases (and an attention output bias)
     clamped_swiglu: tuple[float, float] | None = None  # (alpha, limit) of the clamped SwiGLU the host hard-codes
@@ -66,6 +66,12 @@ class GGUFArchitecture:
     # and out of the softmax over them
     pads_by_router_bias: bool = False
     unread: str | None = None  # what of this host's files moeexport's GGUF reader does not read yet (refused)
+    # DeepSeek-V3, GLM, ERNIE (deepseek2, glm4moe, ernie4_5-moe):
+    routing_keys: bool = False  # the file states the routing: gating function, weights norm and scale, groups
+    moe_layer_step: bool = False  # the host reads interleave_moe_layer_step (written as 1: MoE after the dense run)
+    rope_dims_partial: bool = False  # RoPE may rotate only the leading rotary_dim dims of each head
+    shared_width_is_expert_multiple: bool = False  # shared width = expert width x expert_shared_count (loader's)
+    configurable_norm: bool = False  # the host reads expert_weights_norm from the file: either top-k rule exports
 
 
 
@@ -113,6 +119,32 @@ ARCHITECTURES = {
         name="gpt-oss", renormalizes=False, bpe_pre="gpt-4o", ffn_norm="ATTN_POST_NORM", softmax_over_top_k=True,
         biases=True, clamped_swiglu=(1.702, 7.0), sliding_period=2, yarn=True, pads_by_router_bias=True,
         unread="attention sinks, biases, sliding windows, YaRN and MXFP4 experts",
+    ),
+    # deepseek2 also takes DeepSeek-V3's router from the file: sigmoid gating, exp_probs_b, expert groups (scored by
+    # their best two, as the model's router), expert_weights_norm and _scale; HF's rope_interleave is NORM RoPE
+    "deepseek_v3": GGUFArchitecture(
+        name="deepseek2", renormalizes=True, configurable_norm=True, bpe_pre="deepseek-v3", leading_dense=True,
+        latent_attention=True,
+    ),
+    "glm4_moe_lite": GGUFArchitecture(
+        name="deepseek2", renormalizes=True, configurable_norm=True, bpe_pre="glm4", leading_dense=True,
+        latent_attention=True,
+    ),
+    # Own hosts with a selection bias (exp_probs_b); leading dense layers (leading_dense_block_count) and shared
+    # experts. glm4moe: NEOX RoPE over the leading rotary_dim dims of each head, as HF rotates them (no
+    # permutation); sigmoid or softmax gating, norm, scale and groups read from the file; its MoE layers need
+    # exp_probs_b and (the graph adds them unconditionally) shared experts. Sigmoid scores are per expert, so
+    # zero experts biased by -1e9 pad a layer exactly. ernie4_5-moe: NORM RoPE, the interleaved pairs HF ERNIE
+    # rotates already (no permutation); softmax, always renormalized; the loader makes every layer after the
+    # leading dense run MoE, so only interleave step 1 loads. Its softmax runs over pads too, shrinking the real
+    # experts' scores by a per-token factor that the unchanged selection bias is then added to: the choice can
+    # change, so non-uniform expert counts are refused there.
+    "glm4_moe": GGUFArchitecture(
+        name="glm4moe", renormalizes=True, configurable_norm=True, bpe_pre="glm4", pads_experts=True,
+        leading_dense=True, ffn_norm="ATTN_POST_NORM", routing_keys=True, rope_dims_partial=True, shared_width_is_expert_multiple=True,
+    ),
+    "ernie4_5_moe": GGUFArchitecture(
+        name="ernie4_5-moe", renormalizes=True, leading_dense=True, moe_layer_step=True,
     ),
 }
 

@@ -184,7 +184,7 @@ def read_config(file: "GGUFFile | str | Path"):
     if file.value("expert_count") in (None, 0):
         raise MoeExportError(f"{file.path} holds a dense {file.architecture} model, not a mixture of experts")
     architecture = ARCHITECTURES[model_type]
-    layers = file.value("block_count")
+    layers = trunk_layers(file)
     tensors = file.tensors
     expert_width = _expert_width(file)
     shared_width = file.value("expert_shared_feed_forward_length", 0) or 0
@@ -199,6 +199,7 @@ def read_config(file: "GGUFFile | str | Path"):
             qk_nope_head_dim=file.value("attention.key_length_mla") - rope_dim, qk_rope_head_dim=rope_dim,
             v_head_dim=file.value("attention.value_length_mla"))
         head_dim, kv_heads = latent.qk_nope_head_dim + rope_dim, heads  # HF's MLA: one kv head per head
+    rotary_dim = file.value("rope.dimension_count") if architecture.rope_dims_partial else None
     specs = layer_specs(file)
     dense = [index for index, spec in enumerate(specs) if spec.kind == "dense"]
     canonical = ModelConfig(
@@ -216,12 +217,18 @@ def read_config(file: "GGUFFile | str | Path"):
         hidden_act="silu",
         num_experts=max(spec.num_experts for spec in specs),
         top_k=file.value("expert_used_count"),
-        routing=Routing(renormalize=architecture.renormalizes if not architecture.latent_attention
+        routing=Routing(renormalize=architecture.renormalizes
+                        if not (architecture.latent_attention or architecture.routing_keys)
                         else bool(file.value("expert_weights_norm", False)),
-                        scale=float(file.value("expert_weights_scale", 1.0))),
+                        scale=float(file.value("expert_weights_scale", 1.0)),
+                        groups=file.value("expert_group_count", 1) or 1,
+                        top_groups=file.value("expert_group_used_count", 1) or 1),
         shared_expert_count=file.value("expert_shared_count", 1 if shared_width else 0),
         clip_qkv=file.value("attention.clamp_kqv"),
         latent=latent,
+        rotary_dim=rotary_dim if rotary_dim and rotary_dim != head_dim else None,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
     )
     widths = FFNWidths(expert_width, shared_width, tuple(dense))
     values = supported_families()[model_type].config_values(canonical, layers, widths, tied="output.weight" not in tensors)
@@ -257,11 +264,17 @@ def _expert_width(file: GGUFFile) -> int:
     return stack.shape[-1]
 
 
+def trunk_layers(file: GGUFFile) -> int:
+    """The decoder layers: block_count less any next-token-prediction blocks stored after them (llama.cpp's
+    converter writes GLM-4.5's; transformers' model has none, and moeexport reads none)."""
+    return file.value("block_count") - (file.value("nextn_predict_layers", 0) or 0)
+
+
 def layer_specs(file: GGUFFile) -> list:
     """Each layer's LayerSpec: as moeexport recorded it, else every layer MoE after the leading dense ones."""
     from moeexport.adapters import LayerSpec
 
-    layers = file.value("block_count")
+    layers = trunk_layers(file)
     if LAYERS_KEY in file.metadata:
         specs = [LayerSpec(**spec) for spec in json.loads(file.metadata[LAYERS_KEY])]
         if len(specs) != layers:
@@ -311,6 +324,7 @@ class GGUFCheckpoint:
 
     def __init__(self, model, file: GGUFFile):
         from moeexport.adapters import adapter_for
+        from moeexport.adapters.surgery import get_path
         from moeexport.backends.gguf.names import DENSE_FFN, ROUTED_FFN, SHARED_FFN, TensorNames
 
         self.file = file
@@ -319,7 +333,8 @@ class GGUFCheckpoint:
         adapter = adapter_for(model.config)
         config = adapter.model_config(model.config)
         module_names = {id(module): name for name, module in model.named_modules()}
-        permute = host_named(config.model_type, file.architecture).permute_qk
+        host = host_named(config.model_type, file.architecture)
+        permute = host.permute_qk
 
         def add(module, kind, *, block=None, parameter="weight", suffix=".weight", **how):
             name = f"{module_names[id(module)]}.{parameter}"
@@ -337,12 +352,18 @@ class GGUFCheckpoint:
             self._attention(add, view, config, block, permute)
             if view.kind == "dropped":
                 continue
-            add(view.ffn_norm, "FFN_NORM", block=block)
+            add(view.ffn_norm, host.ffn_norm, block=block)
             if view.kind == "dense":
                 for kind, projection in zip(DENSE_FFN, _mlp(view.ffn)):
                     add(projection, kind, block=block)
                 continue
             add(view.router, "FFN_GATE_INP", block=block, experts=spec.num_experts)
+            if adapter.selection_bias is not None:  # ours [E] (pads after the real experts); the converter's [1, E]
+                owner, _, parameter = f"{adapter.router}.{adapter.selection_bias}".rpartition(".")
+                bias = names("FFN_EXP_PROBS_B", block, host.selection_bias_suffix)
+                experts = spec.num_experts if bias in file.tensors and len(file.tensors[bias].shape) == 1 else None
+                add(get_path(view.ffn, owner), "FFN_EXP_PROBS_B", block=block, parameter=parameter,
+                    suffix=host.selection_bias_suffix, experts=experts)
             if view.experts is not None:
                 stem = module_names[id(view.experts)]
                 gate, up, down = (names(kind, block) for kind in ROUTED_FFN)

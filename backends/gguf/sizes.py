@@ -98,6 +98,8 @@ def _silent_moe(layout) -> list[TensorRead]:
     if layout.architecture.dense_silent_layers:
         return _zero_ffn(hidden, STANDIN_WIDTH)
     tensors = [TensorRead(count * hidden * F32_BYTES), *_zero_ffn(hidden, layout.expert_width, count)]  # a zero router
+    if layout.config.routing.selection_bias:  # a zero one, where the family has one
+        tensors.append(TensorRead(count * F32_BYTES))
     if layout.shared_width:
         tensors += _zero_ffn(hidden, layout.shared_width)
     if layout.shared_width and layout.shared_gate:
@@ -117,8 +119,9 @@ def _moe(layout, spec, stored: dict, roles: dict[str, str]) -> list[TensorRead]:
             tensors.append(TensorRead(tensor.outer_bytes() * count))
         elif kind == "shared":
             tensors.append(TensorRead(tensor.nbytes))
-    if layout.architecture.pads_experts and spec.num_experts < count:
-        tensors.append(TensorRead(count * F32_BYTES))  # the selection bias that keeps the pads unchosen
+    own_bias = any(kind == "bias" for kind in roles.values())  # the family's selection bias
+    if own_bias or (layout.architecture.pads_experts and spec.num_experts < count):
+        tensors.append(TensorRead(count * F32_BYTES))  # with -1e9 for pads, which keeps them unchosen
     shared = any(kind == "shared" for kind in roles.values()) or spec.shared_experts
     if layout.architecture.requires_shared_expert and not shared:
         tensors += _zero_ffn(layout.config.hidden_size, STANDIN_WIDTH)

@@ -123,7 +123,7 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
     if architecture is None:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise MoeExportError(f"the GGUF exporter does not write {adapter.family} yet (it writes: {supported})")
-    if config.routing.renormalize != architecture.renormalizes:
+    if not architecture.configurable_norm and config.routing.renormalize != architecture.renormalizes:
         raise MoeExportError(
             f"llama.cpp's {architecture.name} always {'renormalizes' if architecture.renormalizes else 'keeps'} the "
             "top-k weights but this model's router does not; its GGUF would compute something else"
@@ -131,7 +131,20 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
     differs = _moe_rule_differs(config, architecture)
     if differs:
         raise MoeExportError(f"llama.cpp's {architecture.name} {differs}; its GGUF would compute something else")
+    if config.routing.scale != 1.0 and not (architecture.routing_keys or architecture.latent_attention):
+        raise MoeExportError(f"llama.cpp's {architecture.name} does not scale the routed weights, but this model's "
+                             f"router multiplies them by {config.routing.scale}; its GGUF would compute something else")
+    routing = config.routing
+    if _expert_groups(routing) and routing.group_score != "top2_sum":
+        raise MoeExportError(
+            f"llama.cpp scores an expert group by the sum of its best two experts, but this model's router "
+            f"(topk_method={routing.method!r}) scores it by its best one; its GGUF would route elsewhere"
+        )
+    if architecture.latent_attention and not config.latent.rope_interleaved:
+        raise MoeExportError(f"llama.cpp's {architecture.name} rotates interleaved RoPE pairs, and this model has "
+                             "rope_interleave: false; its GGUF would compute another attention")
     layers = structure(adapter, model)
+    _check_biases_the_host_drops(adapter.layer_views(model), architecture)
     dense = [i for i, spec in enumerate(layers) if spec.kind == "dense"]
     if dense and not (architecture.leading_dense and dense == list(range(len(dense)))):
         where = "outside a leading run of layers" if architecture.leading_dense else "in a MoE-only host"
@@ -156,6 +169,8 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
             "Block Drop"
         )
     padded_host = architecture.padded_host
+    if len(routed) > 1 and architecture.pads_experts:
+        padded_host = architecture  # the family's own host pads exactly
     if len(routed) > 1 or (silent and padded_host is not None and padded_host.dense_silent_layers):
         if padded_host is None and not architecture.pads_by_router_bias:
             counts = [spec.num_experts if spec.kind == "moe" else 0 for spec in layers]
@@ -170,7 +185,28 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
                  for view in views if view.experts is not None)
     shared_width = next((view.shared_experts[0].down_proj.weight.shape[-1] for view in views if view.shared_experts), 0)
     shared_gate = any(view.shared_expert_gate is not None for view in views)
+    if architecture.shared_width_is_expert_multiple and not shared_width:
+        raise MoeExportError(f"llama.cpp's {architecture.name} runs shared experts in every MoE layer (without their "
+                             "tensors it adds silu(x)), and this model has none: it cannot be written to GGUF")
+    if architecture.shared_width_is_expert_multiple and shared_width != width * config.shared_expert_count:
+        raise MoeExportError(
+            f"llama.cpp's {architecture.name} sizes the shared experts as {config.shared_expert_count} x the routed "
+            f"experts' width {width}, but this model's are {shared_width} wide (and its graph always runs them): "
+            "slim the shared experts with the routed ones, or leave both"
+        )
     return _Plan(architecture, config, layers, max(routed), silent, width, shared_width, shared_gate)
+
+
+def _check_biases_the_host_drops(views: list[LayerView], architecture: GGUFArchitecture) -> None:
+    """Refuse biases on attention outputs and on dense or shared MLPs: the writer has no tensor for them."""
+    for view in views:
+        mlps = ([view.ffn] if view.kind == "dense" else []) + list(view.shared_experts)
+        biased = [getattr(view.attention, "o_proj", None)] + [p for m in mlps for p in (m.gate_proj, m.up_proj, m.down_proj)]
+        if any(getattr(projection, "bias", None) is not None for projection in biased):
+            raise MoeExportError(
+                f"layer {view.index} has biases on its attention output or MLP projections, which llama.cpp's "
+                f"{architecture.name} does not add: this model cannot be written to GGUF"
+            )
 
 
 def export(
@@ -250,6 +286,12 @@ def _moe_rule_differs(config: ModelConfig, host: GGUFArchitecture) -> str | None
                if host.clamped_swiglu else "has no clamped SwiGLU")
         return f"{own} in its experts, and this model's experts compute {layout.activation} {clamped or ''}".rstrip()
     return None
+
+
+def _expert_groups(routing) -> bool:
+    """The router chooses within its best expert groups, and it matters (llama.cpp takes fewer than all groups
+    only; choosing within all of them is plain top-k)."""
+    return routing.groups > 1 and routing.top_groups < routing.groups
 
 
 def _describe_representation(plan: _Plan) -> str:
@@ -456,7 +498,12 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
         writer.add_head_count_kv(config.num_kv_heads)
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
-        writer.add_rope_dimension_count(config.head_dim)
+        writer.add_rope_dimension_count(config.rotary_dim or config.head_dim)
+    if config.rotary_dim and not host.rope_dims_partial:
+        raise MoeExportError(f"llama.cpp's {host.name} rotates whole heads; this model rotates {config.rotary_dim} "
+                             f"of each head's {config.head_dim} dims")
+    if not host.latent_attention and host.leading_dense:
+        _write_moe_placement_hparams(writer, gguf, config, plan)
     if host.unbounded_sliding_window:
         writer.add_sliding_window(UNBOUNDED_WINDOW)
         writer.add_sliding_window_pattern([True] * len(plan.layers))
@@ -465,6 +512,9 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_expert_count(plan.num_experts)
     writer.add_expert_used_count(plan.experts_used)
+    if _expert_groups(config.routing):
+        writer.add_expert_group_count(config.routing.groups)
+        writer.add_expert_group_used_count(config.routing.top_groups)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)  # a llama_ftype id, as llama.cpp's quantizer records it
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -494,6 +544,21 @@ def _write_sliding_window(writer, config: ModelConfig, layers: int, period: int)
     writer.add_sliding_window(config.sliding_window or UNBOUNDED_WINDOW)
     if sliding != [index % period < period - 1 for index in range(layers)]:
         writer.add_sliding_window_pattern(sliding)
+
+
+def _write_moe_placement_hparams(writer, gguf, config: ModelConfig, plan: _Plan) -> None:
+    """Where the MoE layers are (after a leading dense run) and, where the host reads them, the shared-expert
+    count and the routing rule."""
+    writer.add_leading_dense_block_count(sum(1 for spec in plan.layers if spec.kind == "dense"))
+    if plan.architecture.moe_layer_step:
+        writer.add_interleave_moe_layer_step(1)
+    writer.add_expert_shared_count(config.shared_expert_count)
+    if not plan.architecture.routing_keys:
+        return
+    routing = config.routing
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType[routing.scores.upper()])  # SOFTMAX | SIGMOID
+    writer.add_expert_weights_scale(routing.scale)
+    writer.add_expert_weights_norm(routing.renormalize)
 
 
 def _write_latent_attention_hparams(writer, gguf, config: ModelConfig, plan: _Plan) -> None:
@@ -902,7 +967,7 @@ def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
         else:
             _write_attention(tensors, name, view.attention, config, plan.architecture)
         if view.kind == "dense":
-            tensors.add(name("FFN_NORM"), view.ffn_norm.weight)
+            tensors.add(name(plan.architecture.ffn_norm), view.ffn_norm.weight)
             _write_ffn(tensors, name, DENSE_FFN, view.ffn)
             continue
         if index in plan.silent_layers and plan.architecture.dense_silent_layers:
@@ -940,7 +1005,11 @@ def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _P
         tensors.add(name(gate_kind, ".bias"), gate_bias, keep_f32=True)
         tensors.add(name(up_kind, ".bias"), up_bias, keep_f32=True)
         tensors.add(name(down_kind, ".bias"), _pad_experts(experts.down_proj_bias, pads), keep_f32=True)
-    if pads and not host.pads_by_router_bias:
+    if view.selection_bias is not None:  # the model's own, and -1e9 for any pads: never chosen
+        own = view.selection_bias.detach().float()  # on the meta device in a streamed model's header pass
+        bias = torch.cat([own, torch.full((pads,), -1e9, device=own.device)])
+        tensors.add(name("FFN_EXP_PROBS_B", host.selection_bias_suffix), bias)
+    elif pads and not host.pads_by_router_bias:
         real = plan.num_experts - pads
         bias = np.array([0.0] * real + [-1e9] * pads, np.float32)
         tensors.add(name("FFN_EXP_PROBS_B", plan.architecture.selection_bias_suffix), bias)
@@ -1051,6 +1120,8 @@ def _write_silent_moe(tensors: _TensorSink, name: BlockNames, hidden: int, plan:
     experts, width = plan.num_experts, plan.expert_width
     tensors.add(name(plan.architecture.ffn_norm), np.ones(hidden, np.float32))
     tensors.add(name("FFN_GATE_INP"), np.zeros((experts, hidden), np.float32), keep_f32=True)
+    if plan.config.routing.selection_bias:  # hosts of a family with one may require it in every MoE layer
+        tensors.add(name("FFN_EXP_PROBS_B", plan.architecture.selection_bias_suffix), np.zeros(experts, np.float32))
     _write_zero_ffn(tensors, name, ROUTED_FFN, hidden, width, experts)
     if plan.architecture.biases:
         tensors.add(name("FFN_GATE_INP", ".bias"), np.zeros(experts, np.float32))

@@ -6,7 +6,10 @@ sizes) comes from the adapter's views (moeexport.adapters.views). What differs
 between families and is not in their config is inside attention:
 - RoPE pairs: `half` rotates dimension i with i + d/2 (HF rotate_half, cos/sin
   repeated twice); `interleaved` rotates (2i, 2i+1) as complex numbers (DeepSeek).
-- q/k norms: none, per head (Qwen3), or over the whole projection (OLMoE).
+- q/k norms: none, per head (Qwen3), or over the whole projection (OLMoE); a
+  model without q_norm / k_norm modules (GLM-4.5 with use_qk_norm off) has none.
+- Partial rotary (GLM-4.5: the config's rotary_dim) rotates only the leading
+  dims of each head, in the layout's pair style; the rest pass unrotated.
 """
 
 from __future__ import annotations
@@ -29,4 +32,9 @@ ARCHITECTURES = {
     "deepseek_v2": AttentionLayout(rope="interleaved"),
     # q/k/v/o biases, attention sinks and per-layer sliding windows come from the modules and the config
     "gpt_oss": AttentionLayout(),
+    # HF's rope_interleave (the default) rotates interleaved pairs; the decoder takes `half` when it is false
+    "deepseek_v3": AttentionLayout(rope="interleaved"),
+    "glm4_moe_lite": AttentionLayout(rope="interleaved"),
+    "glm4_moe": AttentionLayout(qk_norm="per_head"),  # the norms only where use_qk_norm builds them
+    "ernie4_5_moe": AttentionLayout(rope="interleaved"),  # HF ERNIE rotates pairs (2i, 2i+1)
 }

@@ -18,13 +18,14 @@ and present.{i}.key / .value (past and current positions concatenated).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from onnx import TensorProto
 
 from moeexport.adapters import LayerView, ModelConfig, adapter_for
+from moeexport.adapters.declaration import SIGMOID
 from moeexport.backends.onnx.architectures import ARCHITECTURES, AttentionLayout
 from moeexport.backends.onnx.graph import Graph
 from moeexport.backends.onnx.moe import Quantization, RoutedExperts, routed_experts
@@ -55,6 +56,8 @@ def build_decoder(model, graph: Graph, lowering: str, quantization: Quantization
     adapter = adapter_for(model.config)
     config = adapter.model_config(model.config)
     layout = ARCHITECTURES[config.model_type]
+    if config.latent is not None and not config.latent.rope_interleaved:  # HF rope_interleave: false
+        layout = replace(layout, rope="half")
     around = adapter.model_view(model)
     batch, sequence, total = "batch", "sequence", "total_sequence"
     input_ids = graph.input("input_ids", TensorProto.INT64, [batch, sequence])
@@ -63,7 +66,8 @@ def build_decoder(model, graph: Graph, lowering: str, quantization: Quantization
 
     with outer(model, "input"):  # a streamed model reads its embeddings and head for the first and last steps only
         h = graph.op("Gather", graph.weight("embed_tokens.weight", around.embeddings.weight.float().numpy()), input_ids)
-    rotated = config.latent.qk_rope_head_dim if config.latent is not None else config.head_dim
+    rotated = (config.latent.qk_rope_head_dim if config.latent is not None
+               else config.rotary_dim or config.head_dim)  # partial rotary (GLM) turns the leading dims only
     cos, sin = _rope_tables(graph, around.rotary_embedding, position_ids, context, rotated)
     mask = _additive_mask(graph, input_ids, attention_mask)
     # sliding-window layers see only the last `sliding_window` keys of each query
@@ -117,6 +121,11 @@ def _moe_parts(graph: Graph, x: str, prefix: str, view: LayerView, config: Model
             softmax_over_top_k=config.routing.softmax_over_top_k,
             gate_up_bias=view.experts.gate_up_proj_bias.float() if view.layout.biases else None,
             down_bias=view.experts.down_proj_bias.float().numpy() if view.layout.biases else None,
+            sigmoid=config.routing.scores == SIGMOID,
+            selection_bias=None if view.selection_bias is None else view.selection_bias.float().numpy(),
+            groups=config.routing.groups,
+            top_groups=config.routing.top_groups,
+            group_score=config.routing.group_score,
         )
         parts.append(routed_experts(graph, x, f"{prefix}.experts", routed, lowering, quantization))
     for module in view.shared_experts:
@@ -172,6 +181,14 @@ def _rotate(graph: Graph, x: str, cos: str, sin: str, style: str) -> str:
     stacked = graph.op("Concat", *(graph.op("Unsqueeze", r, graph.const([-1])) for r in (rotated_first, rotated_second)),
                        axis=-1)
     return graph.op("Reshape", stacked, graph.const([0, 0, 0, -1]))
+
+
+def _rotate_leading(graph: Graph, x: str, cos: str, sin: str, style: str, rotary_dim: int | None, width: int) -> str:
+    """RoPE on the leading `rotary_dim` dims of each head of x [B, heads, S, width] (all of them when None)."""
+    if rotary_dim is None or rotary_dim == width:
+        return _rotate(graph, x, cos, sin, style)
+    rotary, passed = graph.op("Split", x, graph.const([rotary_dim, width - rotary_dim]), axis=-1, outputs=2)
+    return graph.op("Concat", _rotate(graph, rotary, cos, sin, style), passed, axis=-1)
 
 
 def _additive_mask(graph: Graph, input_ids: str, attention_mask: str, window: int | None = None) -> str:
@@ -243,10 +260,10 @@ def _attention(graph: Graph, x: str, prefix: str, attention, config: ModelConfig
         low, high = graph.const(-config.clip_qkv, np.float32), graph.const(config.clip_qkv, np.float32)
         q, k, v = (graph.op("Clip", t, low, high) for t in (q, k, v))
     q, k, v = _heads(graph, q, heads, head_dim), _heads(graph, k, kv_heads, head_dim), _heads(graph, v, kv_heads, head_dim)
-    if layout.qk_norm == "per_head":
+    if layout.qk_norm == "per_head" and getattr(attention, "q_norm", None) is not None:
         q = graph.rms_norm(q, f"{prefix}.q_norm", attention.q_norm.weight, attention.q_norm.variance_epsilon)
         k = graph.rms_norm(k, f"{prefix}.k_norm", attention.k_norm.weight, attention.k_norm.variance_epsilon)
-    q, k = _rotate(graph, q, cos, sin, layout.rope), _rotate(graph, k, cos, sin, layout.rope)
+    q, k = (_rotate_leading(graph, t, cos, sin, layout.rope, config.rotary_dim, head_dim) for t in (q, k))
     k = graph.op("Concat", past_key, k, axis=2)
     v = graph.op("Concat", past_value, v, axis=2)
     out = _attend(graph, q, k, v, mask, attention, (heads, kv_heads, head_dim, head_dim), prefix)

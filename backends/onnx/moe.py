@@ -1,8 +1,10 @@
 """Two lowerings of one routed-expert block: ONNX Runtime's MoE / QMoE op, or standard ops.
 
-Both compute softmax over the layer's experts -> top-k -> (renormalize) ->
-x scale, then the k SwiGLU experts' weighted sum, from the block's fused
-weights: gate_up [E, 2I, H] (gate rows, then up rows) and down [E, H, I].
+Both compute the layer's routing (softmax or sigmoid scores -> top-k, chosen
+with any selection bias within the best expert groups -> (renormalize) x
+scale; or a softmax over the top-k logits), then the k experts' weighted sum,
+from the block's stacks as the family's ExpertLayout stores them (gate_up
+[E, 2I, H], gate rows then up rows, and down [E, H, I] by default).
 
 `com.microsoft::MoE` (onnxruntime >= 1.23, research/onnx_trt.md §1): the op
 takes RAW router logits (it applies the softmax itself), weights output-major
@@ -79,10 +81,20 @@ class RoutedExperts:
     def gate_and_up_biases(self) -> tuple[np.ndarray, np.ndarray]:
         """The gate and up biases [E, I]."""
         return tuple(np.ascontiguousarray(part) for part in gate_and_up_biases(self.layout, self.gate_up_bias))
+    sigmoid: bool = False  # each expert's score is sigmoid(logit), not a softmax over the experts
+    selection_bias: np.ndarray | None = None  # [E], added to the scores to choose the k, not to weigh them
+    groups: int = 1  # the k are chosen within the `top_groups` best of `groups` equal, consecutive groups...
+    top_groups: int = 1
+    group_score: str = "top2_sum"  # ...a group scoring the sum of its best two choice scores, or its "max"
 
     @property
     def count(self) -> int:
         return self.router.shape[0]
+
+    @property
+    def chosen_apart(self) -> bool:
+        """The k experts are chosen on other numbers than the softmax they are weighed by."""
+        return self.sigmoid or self.selection_bias is not None or self.groups > 1 and self.top_groups < self.groups
 
 
 @dataclass(frozen=True)
@@ -99,11 +111,75 @@ def routed_experts(graph: Graph, x: str, name: str, experts: RoutedExperts, lowe
     logits = graph.op("MatMul", tokens, graph.weight(f"{name}.router.weight", experts.router.T))
     if experts.router_bias is not None:
         logits = graph.op("Add", logits, graph.weight(f"{name}.router.bias", experts.router_bias))
-    if lowering == "contrib":
+    if lowering == "contrib" and experts.chosen_apart:
+        y = _contrib_chosen_apart(graph, tokens, logits, name, experts, quantization)
+    elif lowering == "contrib":
         y = _contrib(graph, tokens, logits, name, experts, quantization)
     else:
         y = _plain(graph, tokens, logits, name, experts, routed=lowering == "plain-routed")
     return graph.op("Reshape", y, graph.op("Shape", x))
+
+
+def _selected(graph: Graph, logits: str, name: str, experts: RoutedExperts) -> tuple[str, str]:
+    """(top-k weights [T, k], top-k index [T, k]): scores (softmax or sigmoid); the k chosen on the scores plus
+    the selection bias, within the best groups; weighed by the scores alone (not renormalized, not scaled). Or
+    the k largest logits, weighed by a softmax over those k (softmax_over_top_k)."""
+    if experts.softmax_over_top_k:
+        top_logits, top_index = graph.op("TopK", logits, graph.const([experts.top_k]), outputs=2, axis=-1)
+        return graph.op("Softmax", top_logits, axis=-1), top_index
+    if not experts.chosen_apart:
+        probabilities = graph.op("Softmax", logits, axis=-1)
+        return graph.op("TopK", probabilities, graph.const([experts.top_k]), outputs=2, axis=-1)
+    scores = graph.op("Sigmoid", logits) if experts.sigmoid else graph.op("Softmax", logits, axis=-1)
+    choice = scores
+    if experts.selection_bias is not None:
+        choice = graph.op("Add", scores, graph.raw(f"{name}.router.selection_bias",
+                                                    np.asarray(experts.selection_bias, np.float32)))
+    if experts.groups > 1 and experts.top_groups < experts.groups:
+        choice = _within_best_groups(graph, choice, experts)
+    _, index = graph.op("TopK", choice, graph.const([experts.top_k]), outputs=2, axis=-1)
+    return graph.op("GatherElements", scores, index, axis=-1), index
+
+
+def _within_best_groups(graph: Graph, choice: str, experts: RoutedExperts) -> str:
+    """The choice scores [T, E] with the experts outside each token's `top_groups` best groups at -inf."""
+    grouped = graph.op("Reshape", choice, graph.const([-1, experts.groups, experts.count // experts.groups]))
+    if experts.group_score == "top2_sum":
+        best_two, _ = graph.op("TopK", grouped, graph.const([2]), outputs=2, axis=-1)
+        group_scores = graph.op("ReduceSum", best_two, graph.const([-1]), keepdims=0)
+    else:
+        group_scores = graph.op("ReduceMax", grouped, axes=[-1], keepdims=0)
+    _, best = graph.op("TopK", group_scores, graph.const([experts.top_groups]), outputs=2, axis=-1)  # [T, g]
+    # [T, g, 1] == [G] -> one-hot [T, g, G], summed over the g (each group at most once): 1 for a chosen group
+    chosen = graph.op("ReduceSum", graph.op("Cast", graph.op("Equal", graph.op("Unsqueeze", best, graph.const([-1])),
+                                                              graph.const(np.arange(experts.groups))), to=1),
+                      graph.const([1]), keepdims=0)
+    inside = graph.op("Cast", graph.op("Unsqueeze", chosen, graph.const([-1])), to=9)  # [T, G, 1] bool
+    masked = graph.op("Where", inside, grouped, graph.const(float("-inf"), np.float32))
+    return graph.op("Reshape", masked, graph.const([-1, experts.count]))
+
+
+def _dense_weights(graph: Graph, weights: str, index: str, count: int) -> str:
+    """Top-k weights [T, k] at their experts' columns of a [T, count] matrix, zero elsewhere (no scatter)."""
+    one_hot = graph.op("Cast", graph.op("Equal", graph.op("Unsqueeze", index, graph.const([-1])),
+                                        graph.const(np.arange(count))), to=1)  # [T, k, E]
+    return graph.op("ReduceSum", graph.op("Mul", one_hot, graph.op("Unsqueeze", weights, graph.const([-1]))),
+                    graph.const([1]), keepdims=0)
+
+
+def _contrib_chosen_apart(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedExperts,
+                          quantization: Quantization | None) -> str:
+    """The MoE / QMoE op with the k experts chosen beforehand: it is given log(w) for the k chosen weights and
+    -inf elsewhere, so its softmax and top-k take exactly those k, weighed w / sum(w); without renormalization
+    its output is multiplied back by sum(w) (the experts' sum is linear in the weights)."""
+    weights, index = _selected(graph, logits, name, experts)
+    dense = _dense_weights(graph, weights, index, experts.count)  # [T, E], the chosen weights are > 0
+    picked = graph.op("Greater", dense, graph.const(0.0, np.float32))
+    forced = graph.op("Where", picked, graph.op("Log", dense), graph.const(float("-inf"), np.float32))
+    y = _contrib(graph, tokens, forced, name, experts, quantization)
+    if experts.renormalize:
+        return y
+    return graph.op("Mul", y, graph.op("ReduceSum", weights, graph.const([-1]), keepdims=1))
 
 
 def _float(matrix) -> np.ndarray:
@@ -193,12 +269,7 @@ def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _plain(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedExperts, routed: bool) -> str:
-    if experts.softmax_over_top_k:  # the k largest logits, then a softmax over those k
-        top_logits, top_index = graph.op("TopK", logits, graph.const([experts.top_k]), outputs=2, axis=-1)
-        top_values = graph.op("Softmax", top_logits, axis=-1)
-    else:
-        probabilities = graph.op("Softmax", logits, axis=-1)
-        top_values, top_index = graph.op("TopK", probabilities, graph.const([experts.top_k]), outputs=2, axis=-1)
+    top_values, top_index = _selected(graph, logits, name, experts)
     if experts.renormalize:
         top_values = graph.op("Div", top_values, graph.op("ReduceSum", top_values, graph.const([-1]), keepdims=1))
     if experts.scale != 1.0:

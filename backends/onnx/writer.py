@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moeexport.adapters import adapter_for
-from moeexport.adapters.declaration import CLAMPED_SWIGLU, SOFTMAX
+from moeexport.adapters.declaration import CLAMPED_SWIGLU
 from moeexport.backends.onnx.types import DEFAULT_BLOCK_SIZE, MOE_OPS, QUANT_TYPES
 from moeexport.errors import MoeExportError
 
@@ -85,15 +85,16 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
     if config.experts.activation not in ("silu", CLAMPED_SWIGLU):
         raise MoeExportError(f"experts use {config.experts.activation!r}; the exporter writes SwiGLU (silu) and "
                              "clamped SwiGLU experts only")
-    if config.routing.method != "greedy":
-        raise MoeExportError(
-            f"topk_method={config.routing.method!r} routes within expert groups, which neither the MoE op nor the "
-            "plain lowering computes; only greedy top-k routing exports"
-        )
     lacking = _not_lowered(config)
     if lacking:
         raise MoeExportError(f"this model's MoE layers have {', '.join(lacking)}, which neither the MoE op nor the "
                              "plain lowering computes")
+    biased = [view.index for view in adapter.layer_views(model)  # the graph's dense and shared MLPs have no biases
+              for mlp in ([view.ffn] if view.kind == "dense" else list(view.shared_experts))
+              if any(projection.bias is not None for projection in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))]
+    if biased:
+        raise MoeExportError(f"layers {biased} have biases on their dense or shared MLP projections, which the "
+                             "exporter does not write: this model cannot be exported to ONNX")
     if quant in BITS:
         for view in adapter.layer_views(model):  # shapes only: a streamed model's layers may be on the meta device
             if view.experts is None:  # dense, dropped, or no routed experts left
@@ -110,13 +111,12 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
 
 def _not_lowered(config) -> list[str]:
     """What the family's expert layout and routing rule have that the MoE lowering does not compute (it computes
-    gated SwiGLU or clamped-SwiGLU experts in any stored layout, with or without biases, routed by softmax ->
-    top-k (-> renormalize) x scale or by a softmax over the top-k logits, with or without a router bias)."""
+    gated SwiGLU or clamped-SwiGLU experts in any stored layout, with or without biases, routed by softmax or
+    sigmoid scores -> top-k, chosen with any selection bias within the best expert groups -> (renormalize) x scale,
+    or by a softmax over the top-k logits, with or without a router bias)."""
     layout, rule = config.experts, config.routing
     return [what for what, present in (
         ("ungated experts", not layout.gated),
-        ("sigmoid routing scores", rule.scores != SOFTMAX),
-        ("a selection bias", rule.selection_bias),
         ("a dense MLP beside the experts", rule.dense_mlp_beside),
     ) if present]
 

@@ -9,12 +9,15 @@ experts.py and routing.py compute what its `ExpertLayout` and `Routing` declare.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal
 
 LayerKind = Literal["moe", "dense", "dropped"]
 
 SOFTMAX, SIGMOID = "softmax", "sigmoid"  # Routing.scores
+# Routing.method of DeepSeek-V3's router: its groups are scored by their best two experts even when there is one
+# group, so every group (every layer, with one) needs two experts left
+NOAUX_TC = "noaux_tc"
 CLAMPED_SWIGLU = "clamped_swiglu"  # ExpertLayout.activation of gpt-oss's experts
 
 
@@ -69,6 +72,7 @@ class LatentAttention:
     qk_nope_head_dim: int  # per-head q/k width without RoPE
     qk_rope_head_dim: int  # per-head q/k width with RoPE (the rotated key is shared by all heads)
     v_head_dim: int
+    rope_interleaved: bool = True  # RoPE rotates pairs (2i, 2i+1) (DeepSeek), rather than (i, i + d/2)
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,11 @@ class ModelConfig:
     sliding_layers: tuple[bool, ...] = ()  # per layer: it attends only to the last sliding_window tokens
     sliding_window: int | None = None  # that window (None: no layer slides)
     rope_scaling: dict = field(default_factory=dict)  # rope_parameters besides rope_theta, e.g. YaRN's
+    rotary_dim: int | None = None  # q/k dims per head that RoPE rotates (the leading ones); None: all of head_dim
+    # q/k/v biases and per-head q/k norms, as a GGUF's tensors state them (read_config: the config keys a family
+    # spells them with); from a transformers config the views hold the modules themselves, and these stay False
+    qkv_bias: bool = False
+    qk_norm: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,7 @@ class FFNWidths:
     expert: int  # one routed expert's ffn width
     shared: int = 0  # the shared expert's (all shared experts together), 0 without one
     dense_layers: tuple[int, ...] = ()  # the layers with a dense MLP instead of experts
+    layers: int = 0  # the decoder layers in all (config_values sets it; for configs that list every layer's kind)
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,15 @@ class TensorNames:
 
     def in_experts(self, name: str) -> bool:
         return f".{self.experts}." in name
+
+
+def _rotary_dim(config, rope: dict) -> int | None:
+    """transformers' partial rotary (rope_parameters' partial_rotary_factor): the leading head dims rotated."""
+    factor = rope.get("partial_rotary_factor")
+    if factor is None or factor == 1.0:
+        return None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(head_dim * factor)
 
 
 def _no_dense_layer_keys(config: object, kept: list[int]) -> None:
@@ -221,6 +240,7 @@ class Family:
             sliding_layers=sliding,
             sliding_window=getattr(config, "sliding_window", None) if any(sliding) else None,
             rope_scaling={key: value for key, value in rope.items() if key != "rope_theta"},
+            rotary_dim=_rotary_dim(config, rope),
         )
 
     def config_values(self, config: ModelConfig, layers: int, widths: FFNWidths, tied: bool) -> dict:
@@ -245,5 +265,5 @@ class Family:
         }
         if self.clip_qkv_key:
             values[self.clip_qkv_key] = config.clip_qkv
-        return values | self.own_config_values(config, widths)
+        return values | self.own_config_values(config, replace(widths, layers=layers))
 

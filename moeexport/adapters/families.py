@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from moeexport.adapters.declaration import FFNWidths, Family, LatentAttention, ModelConfig, Routing
-from moeexport.adapters.declaration import CLAMPED_SWIGLU, ExpertLayout  # gpt-oss
+from moeexport.adapters.declaration import (CLAMPED_SWIGLU, NOAUX_TC, SIGMOID, ExpertLayout, FFNWidths, Family,
+                                            LatentAttention, ModelConfig, Routing)
 from moeexport.adapters.registry import register
+from moeexport.errors import MoeExportError
 
 
 def _renormalize_if_configured(config) -> Routing:
@@ -55,6 +56,7 @@ def _deepseek_latent_attention(config) -> LatentAttention:
         qk_nope_head_dim=config.qk_nope_head_dim,
         qk_rope_head_dim=config.qk_rope_head_dim,
         v_head_dim=config.v_head_dim,
+        rope_interleaved=getattr(config, "rope_interleave", True),  # DeepSeek-V3's option; V2 always interleaves
     )
 
 
@@ -181,5 +183,172 @@ GPT_OSS = register(
         router_tensors=("weight", "bias"),
         moe_returns_router_scores=True,
         own_config_values=_gpt_oss_config_values,
+    )
+)
+
+
+# --- DeepSeek-V3 and GLM-4.7-Flash (llama.cpp deepseek2): sigmoid scores, a selection-only bias, expert groups ---
+
+def _noaux_tc_routing(config) -> Routing:
+    """DeepSeek-V3's router ("noaux_tc"): sigmoid scores; the k chosen on score + e_score_correction_bias, only
+    within the topk_group best of n_group equal expert groups (a group scores the sum of its best two choice
+    scores); weighed by the scores alone, renormalized if norm_topk_prob, x routed_scaling_factor."""
+    return Routing(renormalize=bool(config.norm_topk_prob), scale=float(config.routed_scaling_factor),
+                   method=NOAUX_TC, scores=SIGMOID, selection_bias=True, groups=config.n_group or 1,
+                   top_groups=config.topk_group or 1, group_score="top2_sum")
+
+
+def _noaux_tc_config_values(config: ModelConfig, widths: FFNWidths) -> dict:
+    """What DeepSeek-V3 and GLM-4.7-Flash share: experts, routing and latent attention sizes."""
+    latent, routing = config.latent, config.routing
+    return {
+        "moe_intermediate_size": widths.expert,
+        "n_shared_experts": config.shared_expert_count,
+        "routed_scaling_factor": routing.scale,
+        "norm_topk_prob": routing.renormalize,
+        "n_group": routing.groups, "topk_group": routing.top_groups,
+        "q_lora_rank": latent.q_lora_rank,
+        "kv_lora_rank": latent.kv_lora_rank,
+        "qk_nope_head_dim": latent.qk_nope_head_dim,
+        "qk_rope_head_dim": latent.qk_rope_head_dim,
+        "v_head_dim": latent.v_head_dim,
+    }
+
+
+def _deepseek_v3_config_values(config: ModelConfig, widths: FFNWidths) -> dict:
+    return _noaux_tc_config_values(config, widths) | {"first_k_dense_replace": len(widths.dense_layers)}
+
+
+def _glm4_moe_lite_config_values(config: ModelConfig, widths: FFNWidths) -> dict:
+    dense = set(widths.dense_layers)
+    kinds = ["dense" if layer in dense else "sparse" for layer in range(widths.layers)]
+    return _noaux_tc_config_values(config, widths) | {"mlp_layer_types": kinds}
+
+
+DEEPSEEK_V3 = register(
+    Family(
+        model_type="deepseek_v3",
+        family="DeepSeek-V3 / R1 (sigmoid routing with a selection bias, expert groups, MLA)",
+        num_experts_key="n_routed_experts",
+        routing=_noaux_tc_routing,
+        router_tensors=("weight", "e_score_correction_bias"),
+        selection_bias="e_score_correction_bias",
+        shared_experts=("shared_experts",),
+        shared_expert_count_key="n_shared_experts",
+        latent_attention=_deepseek_latent_attention,
+        renumber_dense_layers=_renumber_leading_dense,
+        own_config_values=_deepseek_v3_config_values,
+    )
+)
+
+GLM4_MOE_LITE = register(
+    Family(
+        model_type="glm4_moe_lite",
+        family="GLM-4.7-Flash (DeepSeek-V3 routing and MLA; dense layers named by mlp_layer_types)",
+        num_experts_key="n_routed_experts",
+        routing=_noaux_tc_routing,
+        router_tensors=("weight", "e_score_correction_bias"),
+        selection_bias="e_score_correction_bias",
+        shared_experts=("shared_experts",),
+        shared_expert_count_key="n_shared_experts",
+        latent_attention=_deepseek_latent_attention,
+        # mlp_layer_types lists every layer's kind: Block Drop's per-layer lists follow their layers already
+        own_config_values=_glm4_moe_lite_config_values,
+    )
+)
+
+
+# --- GLM-4.5 / 4.6 (glm4_moe) and ERNIE-4.5-MoE (ernie4_5_moe) ---------------------------------------------------
+
+
+def _glm4_moe_config_values(config: ModelConfig, widths: FFNWidths) -> dict:
+    values = {
+        "moe_intermediate_size": widths.expert,
+        "n_shared_experts": config.shared_expert_count,
+        "first_k_dense_replace": len(widths.dense_layers),
+        "routed_scaling_factor": config.routing.scale,
+        "norm_topk_prob": config.routing.renormalize,
+        "n_group": config.routing.groups, "topk_group": config.routing.top_groups,
+        "num_nextn_predict_layers": 0,  # moeexport writes and reads no next-token-prediction layers
+        "attention_bias": config.qkv_bias, "use_qk_norm": config.qk_norm,
+    }
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rotary_dim is not None:
+        rope["partial_rotary_factor"] = config.rotary_dim / config.head_dim
+    return values | {"rope_parameters": rope}
+
+
+def _ernie_routing(config) -> Routing:
+    """Softmax scores; the k chosen on scores + moe_statics.e_score_correction_bias, weighed by the unbiased
+    scores renormalized (transformers' Ernie4_5_MoeTopKRouter; its moe_norm_min only keeps the divisor above
+    1e-12, which k softmax scores never fall to)."""
+    return Routing(renormalize=True, selection_bias=True)
+
+
+def _ernie_moe_layers(start: int, end: int, interval: int, count: int) -> list[bool]:
+    """Which of `count` layers transformers builds with experts (Ernie4_5_MoeDecoderLayer's rule)."""
+    return [(i + 1) % interval == 0 and start <= i <= end for i in range(count)]
+
+
+def _renumber_ernie_moe_layers(config, kept: list[int]) -> None:
+    """ERNIE places its MoE layers by moe_layer_start_index / end_index / interval. After Block Drop each survivor
+    keeps its kind, so the three keys are rewritten to the rule that gives the survivors' kinds (with interval 1,
+    as every released ERNIE-4.5-MoE has, always one); a pattern no such rule gives is refused."""
+    old = _ernie_moe_layers(config.moe_layer_start_index, config.moe_layer_end_index, config.moe_layer_interval,
+                            config.num_hidden_layers)
+    wanted = [old[i] for i in kept]
+    moe = [i for i, is_moe in enumerate(wanted) if is_moe]
+    end = moe[-1] if moe else -1
+    for interval in range(1, len(wanted) + 1):
+        for start in range(len(wanted) + 1):
+            if _ernie_moe_layers(start, end, interval, len(wanted)) == wanted:
+                config.moe_layer_start_index, config.moe_layer_end_index = start, end
+                config.moe_layer_interval = interval
+                return
+    raise MoeExportError(
+        f"after this Block Drop the MoE layers {moe} of {len(wanted)} follow no start/end/interval rule that "
+        "ERNIE-4.5's config can state; drop other blocks (or keep the interval's pattern)"
+    )
+
+
+def _ernie_config_values(config: ModelConfig, widths: FFNWidths) -> dict:
+    return {
+        "moe_intermediate_size": widths.expert,
+        "moe_num_shared_experts": config.shared_expert_count,
+        "moe_layer_start_index": len(widths.dense_layers),  # a leading dense run, as GGUF hosts hold them
+        "moe_layer_end_index": -1,  # transformers reads -1 as the last layer
+        "moe_layer_interval": 1,
+        "use_bias": False,
+    }
+
+
+GLM4_MOE = register(
+    Family(
+        model_type="glm4_moe",
+        family="GLM-4.5 / GLM-4.6 (sigmoid routing with a selection bias, shared experts, leading dense layers)",
+        num_experts_key="n_routed_experts",
+        routing=_noaux_tc_routing,  # Glm4MoeTopkRouter is DeepSeek-V3's router
+        router_tensors=("weight", "e_score_correction_bias"),
+        selection_bias="e_score_correction_bias",  # a buffer [E]
+        shared_experts=("shared_experts",),
+        shared_expert_count_key="n_shared_experts",  # one module holds them all, n_shared_experts wide
+        renumber_dense_layers=_renumber_leading_dense,
+        own_config_values=_glm4_moe_config_values,
+    )
+)
+
+ERNIE4_5_MOE = register(
+    Family(
+        model_type="ernie4_5_moe",
+        family="ERNIE-4.5-MoE (softmax routing with a selection bias, shared experts, dense layers)",
+        num_experts_key="moe_num_experts",
+        top_k_key="moe_k",
+        routing=_ernie_routing,
+        router_tensors=("weight", "moe_statics.e_score_correction_bias"),
+        selection_bias="moe_statics.e_score_correction_bias",  # a parameter [1, E]
+        shared_experts=("shared_experts",),
+        shared_expert_count_key="moe_num_shared_experts",  # one module holds them all; 0: none (shared_experts None)
+        renumber_dense_layers=_renumber_ernie_moe_layers,
+        own_config_values=_ernie_config_values,
     )
 )

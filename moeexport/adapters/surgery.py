@@ -55,7 +55,8 @@ class MoEAdapter(Family):
             router, experts = getattr(ffn, self.router), getattr(ffn, self.experts)
             experts = None if isinstance(experts, NoRoutedExperts) else experts
             # the one place that looks for shared experts: a family may name several, a layer may lack them
-            shared = tuple(getattr(ffn, name) for name in self.shared_experts if hasattr(ffn, name))
+            shared = tuple(getattr(ffn, name) for name in self.shared_experts
+                           if getattr(ffn, name, None) is not None)  # ERNIE sets shared_experts = None
             shared_gate = getattr(ffn, self.shared_expert_gate, None) if self.shared_expert_gate else None
             selection_bias = get_path(router, self.selection_bias).flatten() if self.selection_bias else None
         return LayerView(

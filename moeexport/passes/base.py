@@ -69,6 +69,11 @@ class CompressionPass:
     def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: PassOptions):
         raise NotImplementedError
 
+    def plan_context(self, options: PassOptions, model) -> dict:
+        """Keyword arguments `plan` takes from the model beyond its layer structure (Expert Drop: the expert
+        groups its routing chooses within)."""
+        return {}
+
     def apply(self, model, plan):
         """Perform `plan` on `model`; return None, or the plan as performed."""
         raise NotImplementedError

@@ -107,8 +107,9 @@ def refit_and_keep(model, keep: dict[int, list[int]], tokens: torch.Tensor, ridg
     kept expert took from the dropped ones."""
     adapter = adapter_for(model.config)
     routing = adapter.model_config(model.config).routing
-    if routing.method != "greedy":
-        raise MoeExportError("expert_drop repair: refit needs greedy top-k routing (topk_method: greedy)")
+    if routing.groups > 1:  # one group (GLM-4.5's noaux_tc) is top-k over all experts, with any selection bias
+        raise MoeExportError("expert_drop repair: refit needs greedy top-k routing over all experts, and this "
+                             "model routes within expert groups (n_group > 1)")
     errors, borrowed = {}, {}
     rebuilt = _rebuilt_layers(adapter, model, keep)
     targets = residuals_at(model, {layer: "output" for layer in rebuilt}, tokens)

@@ -35,6 +35,7 @@ import numpy as np
 from pydantic import Field
 
 from moeexport.adapters import LayerSpec, adapter_for
+from moeexport.adapters.declaration import NOAUX_TC
 from moeexport.adapters.surgery import (check_expert_count_change, decoder_layers, drop_blocks, drop_moe_sublayer,
                                      keep_experts)
 from moeexport.calibration.damage import BLOCK, EXPERT, MOE, Removed
@@ -49,6 +50,43 @@ def _top_n(scores: list[float], n: int) -> list[int]:
     """Indices of the n highest scores (ties go to the lower index)."""
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     return sorted(order[:n])
+
+
+def _top_n_per_group(scores: list[float], n: int, groups: int) -> list[int]:
+    """The n highest scores taken evenly from `groups` equal, consecutive groups of experts (n / groups each)."""
+    size = len(scores) // groups
+    return [start + e for start in range(0, len(scores), size) for e in _top_n(scores[start:start + size], n // groups)]
+
+
+def _check_grouped_drop(options, routing, top_k: int) -> None:
+    """Refuse an Expert Drop that would leave a group-limited router's groups unequal or unusable: its router
+    reshapes the experts into `groups` equal groups, each scored by its best one or two (llm-compressor's REAP
+    drops the same number from each group, too). A router of method NOAUX_TC scores its one group by its best two
+    as well, so with one group every layer needs two experts left."""
+    groups = routing.groups
+    need = 2 if routing.group_score == "top2_sum" else 1
+    if groups == 1:
+        least = options.min_keep if options.scope == "global" else options.keep
+        if least < need:
+            fix = f"add min_keep: {need} to the step" if options.scope == "global" else f"keep at least {need}"
+            raise MoeExportError(f"expert_drop could leave a layer fewer than {need} experts, and this model's router "
+                                 f"scores its experts by their best {need} ({routing.method}): {fix}")
+        return
+    where = f"this model routes within {groups} equal expert groups (n_group={groups})"
+    if options.scope != "layer":
+        raise MoeExportError(f"expert_drop scope: global drops different numbers of experts per group, but {where}: "
+                             f"use scope: layer with keep a multiple of {groups}")
+    if options.score in MEASURED:
+        raise MoeExportError(f"expert_drop score: {options.score} removes experts one at a time, which cannot keep "
+                             f"the groups equal, but {where}: use score reap, frequency, routing_mass or random")
+    per_group = options.keep // groups
+    if options.keep % groups or per_group < need:
+        raise MoeExportError(f"expert_drop keep={options.keep} cannot keep the same number (at least {need}) in each "
+                             f"group, but {where}: choose keep a multiple of {groups}, at least {need * groups}")
+    if per_group * routing.top_groups < top_k:
+        raise MoeExportError(f"expert_drop keep={options.keep} leaves {per_group} experts per group, and the "
+                             f"{routing.top_groups} groups a token routes within would hold fewer than its top-{top_k}: "
+                             f"keep at least {-(-top_k // routing.top_groups) * groups}")
 
 
 def _score(similarity: float | None) -> str:
@@ -337,16 +375,26 @@ class ExpertDrop(_Repairable):
     def check_model(self, options: ExpertDropOptions, model) -> None:
         if options.repair == "refit":
             check_refit_layout(model)
+        config = adapter_for(model.config).model_config(model.config)
+        if config.routing.groups > 1 or config.routing.method == NOAUX_TC:
+            _check_grouped_drop(options, config.routing, config.top_k)
+
+    def plan_context(self, options: ExpertDropOptions, model) -> dict:
+        return {"groups": adapter_for(model.config).model_config(model.config).routing.groups}
 
     def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: ExpertDropOptions,
-             scorer=None) -> ExpertDropPlan:
+             scorer=None, groups: int = 1) -> ExpertDropPlan:
+        """`groups` > 1: the router chooses within that many equal, consecutive expert groups, and a layer keeps
+        the same number of each (check_model refused every drop that cannot)."""
         moe_layers = [i for i, spec in enumerate(layers) if spec.kind == "moe"]
         trace = []
         if options.score in MEASURED:
             keep, trace = self._keep_by_damage(scorer, layers, moe_layers, options)
         else:
             scores = {layer: self._layer_scores(statistics, layers[layer], layer, options) for layer in moe_layers}
-            if options.scope == "layer":
+            if options.scope == "layer" and groups > 1:
+                keep = {layer: _top_n_per_group(scores[layer], options.keep, groups) for layer in moe_layers}
+            elif options.scope == "layer":
                 keep = {layer: _top_n(scores[layer], min(options.keep, len(scores[layer]))) for layer in moe_layers}
             else:
                 keep = self._global_keep(scores, options.keep, options.min_keep)
