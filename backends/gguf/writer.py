@@ -198,10 +198,12 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
 
 
 def _check_biases_the_host_drops(views: list[LayerView], architecture: GGUFArchitecture) -> None:
-    """Refuse biases on attention outputs and on dense or shared MLPs: the writer has no tensor for them."""
+    """Refuse biases on attention outputs (unless the host adds them: gpt-oss) and on dense or shared MLPs: the
+    writer has no tensor for them."""
     for view in views:
         mlps = ([view.ffn] if view.kind == "dense" else []) + list(view.shared_experts)
-        biased = [getattr(view.attention, "o_proj", None)] + [p for m in mlps for p in (m.gate_proj, m.up_proj, m.down_proj)]
+        output = None if architecture.biases else getattr(view.attention, "o_proj", None)
+        biased = [output] + [p for m in mlps for p in (m.gate_proj, m.up_proj, m.down_proj)]
         if any(getattr(projection, "bias", None) is not None for projection in biased):
             raise MoeExportError(
                 f"layer {view.index} has biases on its attention output or MLP projections, which llama.cpp's "
