@@ -867,10 +867,14 @@ def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _P
     tensors.add(name(gate_kind), gate, on_grid=True)
     tensors.add(name(up_kind), up, on_grid=True)
     tensors.add(name(down_kind), _pad_experts(experts.down_proj, pads), on_grid=True)
-    if pads or view.selection_bias is not None:  # the model's own selection bias, then the pads' -1e9
+    bias = None
+    if view.selection_bias is not None:  # the model's own (a meta tensor in the header pass), then the pads' -1e9
+        bias = view.selection_bias.float()
+        bias = torch.cat([bias, bias.new_full((pads,), -1e9)]) if pads else bias
+    elif pads:
         real = plan.num_experts - pads
-        own = np.zeros(real, np.float32) if view.selection_bias is None else _float32(view.selection_bias)
-        bias = np.concatenate([own, np.full(pads, -1e9, np.float32)])
+        bias = np.array([0.0] * real + [-1e9] * pads, np.float32)
+    if bias is not None:
         tensors.add(name("FFN_EXP_PROBS_B", plan.architecture.selection_bias_suffix), bias)
     for shared in view.shared_experts:
         _write_ffn(tensors, name, SHARED_FFN, shared)
