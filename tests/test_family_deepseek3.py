@@ -284,6 +284,9 @@ def test_gguf_refuses_what_deepseek2_would_compute_otherwise(tmp_path):
                                   topk_group=2)
     with pytest.raises(MoeExportError, match="sum of its best two experts.*by its best one"):
         gguf_backend.export(grouped_v2, tmp_path / "b.gguf")
+    lite_shaped = _demo_vocabulary("glm4_moe_lite", num_hidden_layers=27)  # with a q LoRA, but 27 layers
+    with pytest.raises(MoeExportError, match="27 layers for a 'Lite' variant without a q LoRA"):
+        gguf_backend.export(lite_shaped, tmp_path / "c.gguf")
 
 
 # --- ONNX ------------------------------------------------------------------------------------------------------

@@ -159,6 +159,12 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
             f"26 or 27 layers; with {len(layers)} it expects q_a/q_b tensors: this model cannot be written after "
             "Block Drop"
         )
+    lite_by_shape = len(layers) in (26, 27) or (len(layers) == 48 and config.vocab_size == 128256)  # llama.cpp's test
+    if architecture.latent_attention and config.latent.q_lora_rank is not None and lite_by_shape:
+        raise MoeExportError(
+            f"llama.cpp's {architecture.name} takes a model of {len(layers)} layers for a 'Lite' variant without a q "
+            "LoRA and would not load this model's q_a/q_b tensors: keep another number of layers (Block Drop)"
+        )
     padded_host = architecture.padded_host
     if len(routed) > 1 or (silent and padded_host is not None and padded_host.dense_silent_layers):
         if padded_host is None:
