@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -44,8 +45,16 @@ def test_every_command_has_help(command, capsys):
 def test_compress_then_eval_the_demo_model(tmp_path, recipe, text_file, capsys):
     out = tmp_path / "demo-trimmed"
     assert main(["compress", "demo", "--recipe", str(recipe), "--out", str(out), *SMALL_CALIBRATION]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "block_drop" in printed and "parameters" in printed and "top-1 agreement" in printed
+    # stderr is no terminal here: progress comes as timestamped lines, each stage started and ended, layers counted
+    log = captured.err.splitlines()
+    assert all(re.match(r"\[\d\d:\d\d:\d\d\] |note: ", line) for line in log), log
+    started = {line[11:] for line in log if line.startswith("[") and ": done in " not in line and "/" not in line}
+    ended = {line[11:].partition(": done in ")[0] for line in log if ": done in " in line}
+    assert started and started <= ended, (started - ended)
+    assert any(re.search(r"layers: \d+/\d+", line) for line in log), log
     manifest = json.loads((out / "moeexport.json").read_text())
     assert [p["name"] for p in manifest["passes"]] == ["block_drop", "layer_drop", "expert_drop"]
     assert manifest["parameters"]["after"] < manifest["parameters"]["before"]
