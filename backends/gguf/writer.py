@@ -133,7 +133,7 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
             f"(topk_method={routing.method!r}) scores it by its best one; its GGUF would route elsewhere"
         )
     rope_type = getattr(adapter.model_view(model).rotary_embedding, "rope_type", "default")
-    if rope_type != "default":  # e.g. DeepSeek-V3's yarn: its factors and attention scale are not written yet
+    if rope_type != "default":  # e.g. yarn: its factors and attention scale are not written yet
         raise MoeExportError(f"this model's RoPE is scaled (rope_type {rope_type!r}), which the GGUF writer does not "
                              "write yet: its GGUF would rotate and scale attention otherwise (export ONNX instead)")
     if architecture.latent_attention and not config.latent.rope_interleaved:
