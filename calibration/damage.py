@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from moeexport.adapters import adapter_for
 from moeexport.adapters.routing import check_routing, route
+from moeexport.adapters.surgery import silenced
 from moeexport.errors import MoeExportError
 from moeexport.streaming import first_layer_inputs, layer_views, outer, run_layer
 
@@ -103,7 +104,7 @@ class RemovalScorer:
             return hidden
         with ExitStack() as stack:
             if MOE in whats:  # the sublayer adds nothing: the residual passes its input on
-                handle = view.ffn.register_forward_hook(lambda module, args, output: torch.zeros_like(output))
+                handle = view.ffn.register_forward_hook(lambda module, args, output: silenced(output))
                 stack.callback(handle.remove)
             experts = sorted(item.expert for item in removed if item.what == EXPERT)
             if experts:

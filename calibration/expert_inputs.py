@@ -41,7 +41,7 @@ def layer_by_layer(adapter, model, input_ids: torch.Tensor, batch_size: int = 8)
         def run(layer_module=layer_module):
             with torch.no_grad():
                 for h, kwargs in zip(hidden, call_kwargs):
-                    layer_module(h, **kwargs)
+                    run_layer(layer_module, h, kwargs)
 
         yield index, layer_module, run
         with torch.no_grad():

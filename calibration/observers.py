@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from moeexport.adapters import LayerView, Routing, adapter_for
 from moeexport.adapters.experts import expert_intermediate, expert_output
 from moeexport.adapters.routing import scores
-from moeexport.adapters.surgery import decoder_layers
+from moeexport.adapters.surgery import decoder_layers, sublayer_hidden
 from moeexport.streaming import first_layer_inputs, layer_views, run_layer
 from moeexport.errors import MoeExportError
 
@@ -144,7 +144,7 @@ class _MoEAccumulator:
         return sums
 
     def _on_block(self, module, args, output):
-        self.moe_cosine_sum += _token_cosine_sum(self._residual, self._residual + output)
+        self.moe_cosine_sum += _token_cosine_sum(self._residual, self._residual + sublayer_hidden(output))
 
     def result(self, tokens: int, top_k: int, block_similarity: float) -> LayerStatistics:
         counts = self.expert_tokens.double()

@@ -7,6 +7,7 @@ returned (or an Event it emitted) and renders it with rich.
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -83,6 +84,9 @@ class _RemainingColumn(TimeRemainingColumn):
 
     def render(self, task):
         return Text.assemble("eta ", super().render(task)) if task.total is not None else Text("")
+
+
+PROGRESS_LINE = re.compile(r"\[\d\d:\d\d:\d\d\] ")  # how a LogLines line starts (stderr not a terminal)
 
 
 class LogLines:
@@ -167,6 +171,8 @@ def fidelity_line(validation: dict) -> str:
 def profile_line(speed: dict) -> str:
     line = (f"profile: prefill {speed['prefill_tokens_per_s']:.0f} tok/s, decode {speed['decode_tokens_per_s']:.0f} "
             f"tok/s, time to first token {speed['time_to_first_token_s'] * 1000:.0f} ms")
+    if "threads" in speed:
+        line += f" on {_threads(speed['threads'])}"
     if "runtime_rss_bytes" in speed:
         line += (f", memory {speed['runtime_rss_bytes'] / MIB:.0f} MiB held by the runtime (process peak "
                  f"{speed['peak_rss_bytes'] / MIB:.0f} MiB, Python and torch included)")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from moeexport.adapters import supported_families
 from moeexport.checkpoint_files import is_gguf, read_headers, read_manifest, resolve_model_dir, weight_files
+from moeexport.mxfp4 import unpacked_headers
 from moeexport.errors import MoeExportError
 
 GIB = 2**30
@@ -105,7 +106,7 @@ def checkpoint_sizes(headers: dict) -> tuple[dict[int, LayerSize], int]:
     resident: dict[int, int] = {}
     experts: dict[tuple[int, int], int] = {}
     outer = 0
-    for name, (shape, _, _) in headers.items():
+    for name, (shape, _, _) in unpacked_headers(headers, transposed=False).items():  # MXFP4 pairs as stacks
         count = math.prod(shape)
         layer = _layer_number(name)
         if layer is None:
@@ -127,7 +128,7 @@ def checkpoint_sizes(headers: dict) -> tuple[dict[int, LayerSize], int]:
 def stored_dtype(headers: dict) -> str:
     """The floating-point dtype most of a checkpoint's weights are stored in, from its headers."""
     stored: dict[str, int] = {}
-    for shape, dtype, _ in headers.values():
+    for shape, dtype, _ in unpacked_headers(headers, transposed=False).values():
         stored[dtype] = stored.get(dtype, 0) + math.prod(shape)
     return _DTYPE_NAMES.get(max(stored, key=stored.get), "float32") if stored else "float32"
 
@@ -202,7 +203,8 @@ def refuse_early(model: str, budget: int) -> None:
     if not per_layer:
         return
     layer, size = _largest(per_layer)
-    compute = min((_DTYPE_NAMES.get(dtype, "float32") for _, dtype, _ in headers.values()), key=DTYPE_BYTES.get)
+    stored = unpacked_headers(headers, transposed=False).values()
+    compute = min((_DTYPE_NAMES.get(dtype, "float32") for _, dtype, _ in stored), key=DTYPE_BYTES.get)
     need = _streamed_bytes(size, outer, compute)
     if need > budget:
         raise MoeExportError(_does_not_fit(budget, need, layer, size, outer, compute))
@@ -224,7 +226,7 @@ def _headers_if_readable(model: str) -> dict | None:
 
 
 def _expert_total(headers: dict) -> int:
-    return sum(math.prod(shape) for name, (shape, _, _) in headers.items()
+    return sum(math.prod(shape) for name, (shape, _, _) in unpacked_headers(headers, transposed=False).items()
                if _layer_number(name) is not None
                and (_expert_number(name) is not None or _is_expert_stack(name, shape)))
 

@@ -31,8 +31,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from moeexport import streaming
+from moeexport import mxfp4, streaming
 from moeexport.adapters import adapter_for
+from moeexport.adapters.experts import expert_stacks
 from moeexport.adapters.surgery import structure, sync_expert_config
 from moeexport.backends import model_reader
 from moeexport.checkpoint_files import (MANIFEST, MANIFEST_INDEX, MANIFEST_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS,
@@ -57,7 +58,7 @@ def check_checkpoint(source: Source, trust_remote_code: bool = False) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
 
-    found, files = source.headers, source.weight_files
+    found, files = _unpacked(source), source.weight_files
     try:
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(own_copy(source.config), trust_remote_code=trust_remote_code)
@@ -105,6 +106,13 @@ def check_checkpoint(source: Source, trust_remote_code: bool = False) -> None:
             )
 
 
+def _unpacked(source: Source) -> dict:
+    """The checkpoint's headers, with MXFP4 expert pairs as the parameters they dequantize to."""
+    if not mxfp4.packed_parameters(source.headers):
+        return source.headers
+    return mxfp4.unpacked_headers(source.headers, adapter_for(source.config).expert_layout(source.config).transposed)
+
+
 def _and_more(names: list[str]) -> str:
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
@@ -119,7 +127,7 @@ def load(model: Source | str | Path, dtype: str = "float32", trust_remote_code: 
     """
     dtype = _checked_dtype(dtype)
     source = as_source(model, trust_remote_code)
-    if source.is_gguf:
+    if source.is_gguf or mxfp4.packed_parameters(source.headers):  # read and dequantized by moeexport
         return _materialized(load_streamed(source, dtype, trust_remote_code, allow_nonfinite))
     check_checkpoint(source, trust_remote_code)
     if source.kind == "manifest":
@@ -151,6 +159,8 @@ def load_streamed(model: Source | str | Path, dtype: str = "float32", trust_remo
     if not source.is_gguf:
         check_checkpoint(source, trust_remote_code)
     lm = skeleton(source.config, dtype, trust_remote_code, list(source.layers) if source.layers is not None else None)
+    if mxfp4.packed_parameters(source.headers) and hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config  # the experts are read dequantized: what is saved is not MXFP4
     if source.is_gguf:
         reader = model_reader(source.path)
         checkpoint = reader.GGUFCheckpoint(lm, reader.GGUFFile(source.path))
@@ -170,9 +180,10 @@ def _materialized(lm: nn.Module) -> nn.Module:
         weights |= {prefix + name: tensor.clone() for name, tensor in view.module.state_dict().items()}
         if view.experts is not None:
             stem = prefix + streaming.child_name(view.module, view.experts) + "."
-            for stack in ("gate_up_proj", "down_proj"):
-                on_demand = getattr(view.experts, stack)
-                weights[stem + stack] = torch.stack([on_demand[e] for e in range(len(on_demand))])
+            for name, tensor in _per_expert_tensors(view.experts).items():  # read whole: small (biases)
+                weights[stem + name] = tensor.clone()
+            for name, on_demand in _expert_stacks(view.experts).items():
+                weights[stem + name] = torch.stack([on_demand[e] for e in range(len(on_demand))])
     detach(lm)
     lm.load_state_dict(weights, assign=True, strict=False)
     lm.tie_weights()
@@ -318,6 +329,9 @@ def _save_streamed(lm: nn.Module, directory: Path, stock_loadable: bool) -> str:
         add({prefix + name: tensor for name, tensor in view.module.state_dict().items()},
             stream.edits[view.index].source)
         if view.experts is not None:
+            stem = prefix + streaming.child_name(view.module, view.experts) + "."
+            add({stem + name: tensor for name, tensor in _per_expert_tensors(view.experts).items()},
+                stream.edits[view.index].source)
             _save_experts(lm, shards, prefix + streaming.child_name(view.module, view.experts) + ".",
                           view.experts.stored(), stock_loadable)
     index_name = SAFE_INDEX if stock_loadable else MANIFEST_INDEX
@@ -330,15 +344,29 @@ def _save_experts(lm: nn.Module, shards: "_ShardWriter", prefix: str, experts, s
     hub's layout, or as the two stacked tensors the model names."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    stacks = {prefix + "gate_up_proj": experts.gate_up_proj, prefix + "down_proj": experts.down_proj}
-    if not stock_loadable:
+    stacks = {prefix + name: stack for name, stack in _expert_stacks(experts).items()}
+    first = revert_weight_conversion(lm, {name: stack[0][None] for name, stack in stacks.items()})
+    if not stock_loadable or not any(".experts.0." in name for name in first):  # stored stacked (gpt-oss's hub)
         for name, stack in stacks.items():
-            shards.add({name: torch.stack([stack[e] for e in range(len(stack))])})
+            whole = {name: torch.stack([stack[e] for e in range(len(stack))])}
+            shards.add(revert_weight_conversion(lm, whole) if stock_loadable else whole)
         return
     for expert in range(experts.num_experts):
         one = revert_weight_conversion(lm, {name: stack[expert][None] for name, stack in stacks.items()})
         # converted as a stack of one; the hub numbers experts as `.experts.N.`
         shards.add({name.replace(".experts.0.", f".experts.{expert}."): tensor for name, tensor in one.items()})
+
+
+def _expert_stacks(experts) -> dict[str, "streaming.ExpertStack"]:
+    """A streamed layer's expert matrices (ExpertsOnDemand's stacks, read one expert at a time), by name."""
+    return {name: stack for name in expert_stacks(experts.layout)
+            if isinstance(stack := getattr(experts, name), streaming.ExpertStack)}
+
+
+def _per_expert_tensors(experts) -> dict[str, torch.Tensor]:
+    """A streamed layer's per-expert tensors held whole (ExpertsOnDemand's biases), by name."""
+    return {name: tensor for name in expert_stacks(experts.layout)
+            if isinstance(tensor := getattr(experts, name), torch.Tensor)}
 
 
 class _ShardWriter:

@@ -37,6 +37,7 @@ from moeexport.adapters.experts import activate, expert_intermediate, expert_out
 from moeexport.adapters.surgery import decoder_layers, get_path
 from moeexport.checkpoint_files import Headers, check_finite
 from moeexport.errors import MoeExportError
+from moeexport import mxfp4
 from moeexport.stream_registry import attach, stream_of
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -60,6 +61,7 @@ class _Piece:
     key: str
     expert: int | None = None  # stacked experts: which one ([E, ...] first axis)
     part: int = 0  # ... and which of the parts concatenated along its rows (gate, up)
+    scales: str | None = None  # an MXFP4 stack: `key` holds its blocks, this its scales (moeexport.mxfp4)
 
 
 def layer_views(model):
@@ -179,6 +181,20 @@ class LayerStream:
                 setattr(view.ffn, self.adapter.experts, view.experts)
             module.to("meta")
 
+    def packed(self, index: int, stack: str, slot: int | None = None):
+        """Whether layer `index`'s expert stack `stack` (its name inside the layer) is read from MXFP4 pairs that
+        no pass changed (slot None), or kept expert `slot`'s (blocks, scales) as the checkpoint stores them:
+        what a file type holding MXFP4 carries byte for byte. False (None for a slot) otherwise."""
+        edit = self.edits[index]
+        pair_of = getattr(self.checkpoint, "mxfp4_pair", None)  # (a GGUF input holds no such pairs)
+        pair = pair_of(self._name(edit.source, stack)) if pair_of else None
+        if edit.transforms or pair is None:
+            return None if slot is not None else False
+        if slot is None:
+            return True
+        expert = edit.experts[slot] if edit.experts is not None else slot
+        return tuple(self.checkpoint.stored_slice(key, expert) for key in pair)
+
     def rebuild_rotary(self) -> None:
         """The rotary tables are computed from the config, not stored: build them for real once."""
         parent_path, _, attribute = self.adapter.rotary_embedding.rpartition(".")
@@ -294,6 +310,8 @@ class SafetensorsCheckpoint:
         model was opened."""
         self.headers = headers
         self.sources = _parameter_sources(model, self.headers)
+        # an MXFP4 stack dequantizes to [E, outputs, inputs]; a transposed layout stores the transpose
+        self.transposed = adapter_for(model.config).expert_layout(model.config).transposed
 
     reads_in_blocks = False  # matrices are read whole, as stored
 
@@ -305,13 +323,19 @@ class SafetensorsCheckpoint:
 
     def shape(self, name: str) -> list[int]:
         """The shape of a parameter stored whole (not for per-expert pieces)."""
-        return self.headers[self.sources[name][0].key][0]
+        piece = self.sources[name][0]
+        shape = self.headers[piece.key][0]
+        return mxfp4.unpacked_shape(shape, self.transposed) if piece.scales else shape
 
     def stored_dtype(self, name: str) -> torch.dtype:
-        return SAFETENSORS_DTYPES[self.headers[self.sources[name][0].key][1]]
+        piece = self.sources[name][0]
+        return torch.bfloat16 if piece.scales else SAFETENSORS_DTYPES[self.headers[piece.key][1]]
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self._tensor(self.sources[name][0].key)
+        piece = self.sources[name][0]
+        if piece.scales:
+            return mxfp4.dequantize(self._tensor(piece.key), self._tensor(piece.scales), self.transposed)
+        return self._tensor(piece.key)
 
     def expert(self, name: str, expert: int, part: int | None, parts: int,
                rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -321,7 +345,10 @@ class SafetensorsCheckpoint:
             first, count = rows
             return self.expert(name, expert, part, parts)[first:first + count]
         pieces = self.sources[name]
-        if pieces[0].expert is None:  # stored stacked, as the model names it: slice the one expert out
+        if pieces[0].scales:  # MXFP4: the one expert's blocks and scales, dequantized
+            blocks, scales = (self.stored_slice(key, expert) for key in (pieces[0].key, pieces[0].scales))
+            matrix = mxfp4.dequantize(blocks, scales, self.transposed)
+        elif pieces[0].expert is None:  # stored stacked, as the model names it: slice the one expert out
             with safe_open(self.headers[pieces[0].key][2], "pt") as handle:
                 matrix = handle.get_slice(pieces[0].key)[expert:expert + 1][0]
         else:
@@ -334,6 +361,16 @@ class SafetensorsCheckpoint:
             rows = matrix.shape[0] // parts
             matrix = matrix[part * rows:(part + 1) * rows]
         return matrix
+
+    def mxfp4_pair(self, name: str) -> tuple[str, str] | None:
+        """(blocks key, scales key) of parameter `name` when the checkpoint holds it as an MXFP4 pair."""
+        pieces = self.sources.get(name)
+        return (pieces[0].key, pieces[0].scales) if pieces and pieces[0].scales else None
+
+    def stored_slice(self, key: str, index: int) -> torch.Tensor:
+        """Checkpoint tensor `key`'s slice `index` along its first axis (one expert of a stack), as stored."""
+        with safe_open(self.headers[key][2], "pt") as handle:
+            return handle.get_slice(key)[index:index + 1][0]
 
     def _tensor(self, key: str) -> torch.Tensor:
         # Opened per tensor: a mapping kept open holds every page read through it in this process's RSS.
@@ -363,6 +400,11 @@ class ExpertStack:
         experts, rows, columns = self.shape
         return [ExpertStack((experts, rows // chunks, columns), lambda e, part=part: self._read_part(e, part, chunks))
                 for part in range(chunks)]
+
+    def mapped(self, shape, transform) -> "ExpertStack":
+        """The stack [E, rows, cols] = `shape` whose expert e is transform(self[e]): a layout's experts
+        rearranged (transposed, split) as each is read."""
+        return ExpertStack(shape, lambda e: transform(self._read(e)))
 
     def padded(self, pads: int) -> "ExpertStack":
         """`pads` all-zero experts appended."""
@@ -494,11 +536,16 @@ def _parameter_sources(model: nn.Module, headers: dict) -> dict[str, list[_Piece
                                                  rename_source_key)
 
     native = set(model.state_dict().keys())
+    packed = mxfp4.packed_parameters(headers)
     conversions = get_model_conversion_mapping(model)
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
     sources: dict[str, list[_Piece]] = defaultdict(list)
+    for name, (blocks, scales) in packed.items():
+        sources[name].append(_Piece(blocks, scales=scales))
     for key in headers:
+        if any(key in pair for pair in packed.values()):
+            continue
         if key in native:
             sources[key].append(_Piece(key))
             continue
@@ -523,21 +570,40 @@ class _StopForward(Exception):
     pass
 
 
-def first_layer_inputs(model, input_ids: torch.Tensor):
-    """Run the model up to its first decoder layer: (hidden states, keyword arguments of the call).
+class LayerCalls(dict):
+    """The keyword arguments the model calls its first decoder layer with, and in `of(layer)` those of each layer:
+    layers may be called differently (gpt-oss's sliding-window layers get an attention mask of their own)."""
 
-    What the layers need besides the hidden states (attention mask, rotary tables)
+    def __init__(self, calls: dict[nn.Module, dict]):
+        super().__init__(next(iter(calls.values())))
+        self.calls = calls
+
+    def of(self, layer: nn.Module) -> dict:
+        return self.calls[layer]
+
+
+def first_layer_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, LayerCalls]:
+    """Run the model's forward with every decoder layer passing its input on, recording how it calls each:
+    (the first layer's hidden states, the keyword arguments of every layer's call).
+
+    What the layers need besides the hidden states (attention masks, rotary tables)
     comes from the model's own forward, so every family is called as it calls itself.
     """
     layers = decoder_layers(adapter_for(model.config), model)
-    captured = {}
+    captured, calls = {}, {}
 
-    def catch(module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
+    def recorder(layer: nn.Module):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            captured.setdefault("hidden", hidden)
+            calls[layer] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if len(calls) == len(layers):  # what follows the layers is not needed (nor read, when streamed)
+                raise _StopForward
+            return hidden
+        return forward
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    for layer in layers:
+        layer.forward = recorder(layer)  # an instance attribute: what nn.Module calls, removed after
     stream = stream_of(model)
     try:
         if stream is not None:  # only the rows of the tokens used are read
@@ -547,12 +613,14 @@ def first_layer_inputs(model, input_ids: torch.Tensor):
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    return captured["hidden"], captured["kwargs"]
+        for layer in layers:
+            del layer.forward
+    return captured["hidden"], LayerCalls(calls)
 
 
 def run_layer(module: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    output = module(hidden, **kwargs)
+    """Decoder layer `module`'s output for `hidden`, called as the model calls it (`kwargs`: first_layer_inputs')."""
+    output = module(hidden, **(kwargs.of(module) if isinstance(kwargs, LayerCalls) else kwargs))
     return output[0] if isinstance(output, tuple) else output
 
 

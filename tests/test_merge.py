@@ -24,6 +24,9 @@ from moeexport.passes.merge import CompressOptions, Merge, MergeOptions, _aligne
 from moeexport.recipe import load_recipe, parse_recipe
 from tests.tiny_models import FAMILIES, random_tokens, tiny_model
 
+# gpt-oss's biased, interleaved, transposed experts are refused by name (tests/test_family_gpt_oss.py)
+MERGED_FAMILIES = [family for family in FAMILIES if family != "gpt_oss"]
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
@@ -48,7 +51,7 @@ def _provider():
 @pytest.mark.parametrize(
     "options", [{"keep": 2}, {"keep": 2, "scope": "global"}, {"keep": 3, "router": "dominant"}, {"keep": 2, "layout": "alias"}]
 )
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MERGED_FAMILIES)
 def test_merge_sets_the_expert_count_in_model_config_and_file(family, options, tmp_path):
     model = tiny_model(family)
     adapter = adapter_for(model.config)
@@ -181,7 +184,7 @@ def test_compress_covers_every_merged_expert_and_reports_effective_parameters():
             assert ((unchanged >= 1 - sparsity) & (unchanged < 1 - sparsity + 0.05)).all()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MERGED_FAMILIES)
 def test_alias_layout_is_the_grouped_merge_behind_the_untouched_router(family):
     """Alias keeps E router rows and slots; routed to a member's slot it computes what the grouped merge
     computes routed to that member's group."""

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from moeexport.adapters import adapter_for
 from moeexport.adapters.surgery import decoder_layers, structure
 from moeexport.calibration.observers import Statistics, observe
-from moeexport.streaming import first_layer_inputs
+from moeexport.streaming import first_layer_inputs, run_layer
 from moeexport.calibration.sources import CalibrationConfig
 from moeexport.compress import StatisticsProvider
 from tests.tiny_models import FAMILIES, random_tokens, tiny_model
@@ -22,8 +22,7 @@ def test_carrying_activations_layer_by_layer_equals_the_full_forward(family):
     tokens = random_tokens(2, 20)
     hidden, kwargs = first_layer_inputs(model, tokens)
     for layer in layers:
-        hidden = layer(hidden, **kwargs)
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        hidden = run_layer(layer, hidden, kwargs)  # each layer called as the model calls it (masks differ)
     with torch.no_grad():
         full = model(tokens, output_hidden_states=True, use_cache=False).hidden_states
     assert torch.equal(model.model.norm(hidden), full[-1])

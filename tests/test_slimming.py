@@ -45,15 +45,16 @@ def _experts(model, layer: int):
 
 
 def _expert_weights(model):
-    """Every routed expert matrix [N, K] of the model."""
+    """Every routed expert matrix [N, K] (outputs, inputs) of the model, whatever orientation its layout stores."""
     adapter = adapter_for(model.config)
+    transposed = adapter.expert_layout(model.config).transposed
     matrices = []
     for layer in range(model.config.num_hidden_layers):
         block = moe_block(adapter, model, layer)
         if hasattr(block, adapter.router):
             experts = getattr(block, adapter.experts)
             matrices += [*experts.gate_up_proj.data, *experts.down_proj.data]
-    return matrices
+    return [matrix.T for matrix in matrices] if transposed else matrices
 
 
 def _logits(model, tokens):

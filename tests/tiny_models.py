@@ -47,8 +47,20 @@ TINY_CONFIGS = {
         q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1,
         norm_topk_prob=True, routed_scaling_factor=1.8,
     ),
+    # layers alternate sliding / full attention; the window is shorter than the tests' token windows; YaRN as
+    # the hub's gpt-oss-20b config has it (a smaller original context), but with the correction range rounded
+    # to whole dimensions (truncate: true), as llama.cpp always rounds it (tests/test_family_gpt_oss.py)
+    "gpt_oss": dict(
+        num_local_experts=4, intermediate_size=24, head_dim=16, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": True, "original_max_position_embeddings": 64},
+    ),
 }
 FAMILIES = sorted(TINY_CONFIGS)
+# Init std by how a parameter's name ends (else 0.05): sharp routers, and attention sinks (gpt-oss) far enough
+# from zero and from each other that a sink on the wrong head shows.
+INIT_STD = {"gate.weight": 0.2, "router.weight": 0.2, "sinks": 1.0}
 
 
 def tiny_model(model_type: str, seed: int = 0, **overrides):

@@ -54,6 +54,18 @@ class GGUFArchitecture:
     latent_attention: bool = False  # multi-head latent attention (DeepSeek-V2): kv_a / k_b / v_b tensors
     unbounded_sliding_window: bool = False  # every layer written as sliding-window attention that never slides
     padded_host: GGUFArchitecture | None = None  # the host this family moves to when its expert counts differ
+    # gpt-oss (`gpt-oss`, llama.cpp's openai-moe graph):
+    ffn_norm: str = "FFN_NORM"  # the tensor kind of the norm before the MoE sublayer
+    softmax_over_top_k: bool = False  # the host's top-k rule: a softmax over the k chosen router logits
+    biases: bool = False  # the host reads a router bias and expert biases (and an attention output bias)
+    clamped_swiglu: tuple[float, float] | None = None  # (alpha, limit) of the clamped SwiGLU the host hard-codes
+    # the host reads the model's sliding window; by default every layer slides but each `sliding_period`-th
+    sliding_period: int = 0
+    yarn: bool = False  # the model's YaRN RoPE scaling is written (rope.scaling.* keys)
+    # pads experts in its own architecture: a pad's router bias of -1e9 keeps it out of the raw logits' top-k,
+    # and out of the softmax over them
+    pads_by_router_bias: bool = False
+    unread: str | None = None  # what of this host's files moeexport's GGUF reader does not read yet (refused)
     configurable_norm: bool = False  # the host reads expert_weights_norm from the file: either top-k rule exports
 
 
@@ -104,6 +116,14 @@ ARCHITECTURES = {
     "glm4_moe_lite": GGUFArchitecture(
         name="deepseek2", renormalizes=True, configurable_norm=True, bpe_pre="glm4", leading_dense=True,
         latent_attention=True,
+    ),
+    # llama.cpp's gpt-oss: the router's bias and expert biases, sinks, sliding-window layers alternating with
+    # full ones (layer 0 slides), the clamped SwiGLU with alpha 1.702 and limit 7 fixed in its graph. Every
+    # layer needs MoE tensors: a MoE-less layer (Layer Drop) is written as all-zero experts (exact, output 0).
+    "gpt_oss": GGUFArchitecture(
+        name="gpt-oss", renormalizes=False, bpe_pre="gpt-4o", ffn_norm="ATTN_POST_NORM", softmax_over_top_k=True,
+        biases=True, clamped_swiglu=(1.702, 7.0), sliding_period=2, yarn=True, pads_by_router_bias=True,
+        unread="attention sinks, biases, sliding windows, YaRN and MXFP4 experts",
     ),
 }
 

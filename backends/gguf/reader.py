@@ -244,6 +244,9 @@ def _model_type(file: GGUFFile) -> str:
         raise MoeExportError(f"{file.path}: moeexport reads GGUFs of the hosts it writes "
                              f"({', '.join(sorted(hosts))}), not {file.architecture!r}")
     architecture = ARCHITECTURES[model_type]
+    if architecture.unread:
+        raise MoeExportError(f"{file.path}: moeexport does not read {file.architecture} GGUFs yet (their "
+                             f"{architecture.unread}); build from the Hugging Face checkpoint instead")
     if file.architecture != architecture.name and LAYERS_KEY not in file.metadata:
         raise MoeExportError(f"{file.path} is a stock {file.architecture} model, which moeexport does not read; "
                              f"it reads {file.architecture} files only as the padded host of its own exports")

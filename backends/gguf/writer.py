@@ -54,16 +54,18 @@ import numpy as np
 import torch
 
 from moeexport.adapters import LayerView, ModelConfig, adapter_for
-from moeexport.adapters.experts import gate_and_up_weights
+from moeexport.adapters.declaration import CLAMPED_SWIGLU
+from moeexport.adapters.experts import down_weights, gate_and_up_biases, gate_and_up_weights
 from moeexport.adapters.surgery import structure
 from moeexport.backends.gguf import ggml
 from moeexport.backends.gguf.architectures import ARCHITECTURES, UNBOUNDED_WINDOW, GGUFArchitecture, host_named
 from moeexport.backends.gguf.names import DENSE_FFN, ROUTED_FFN, SHARED_FFN, BlockNames, TensorNames
 from moeexport.backends.gguf.reader import LAYERS_KEY, per_expert
 from moeexport.backends.gguf.types import KEEP, LLAMA_CPP_TYPES, LLAMA_FTYPES, QUANT_TYPES
+from moeexport import mxfp4
 from moeexport.errors import MoeExportError
 from moeexport.quantization import WeightGrid
-from moeexport.streaming import ExpertStack, layer_views, outer, stream_of
+from moeexport.streaming import ExpertStack, child_name, layer_views, outer, stream_of
 
 REPRESENTATION_KEY = "moeexport.representation"
 STANDIN_WIDTH = 32  # width of the all-zero stand-in FFNs some hosts need (a multiple of every 4/8-bit block)
@@ -126,14 +128,17 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
             f"llama.cpp's {architecture.name} always {'renormalizes' if architecture.renormalizes else 'keeps'} the "
             "top-k weights but this model's router does not; its GGUF would compute something else"
         )
+    differs = _moe_rule_differs(config, architecture)
+    if differs:
+        raise MoeExportError(f"llama.cpp's {architecture.name} {differs}; its GGUF would compute something else")
     routing = config.routing
     if _expert_groups(routing) and routing.group_score != "top2_sum":
         raise MoeExportError(
             f"llama.cpp scores an expert group by the sum of its best two experts, but this model's router "
             f"(topk_method={routing.method!r}) scores it by its best one; its GGUF would route elsewhere"
         )
-    rope_type = getattr(adapter.model_view(model).rotary_embedding, "rope_type", "default")
-    if rope_type != "default":  # e.g. yarn: its factors and attention scale are not written yet
+    rope_type = config.rope_scaling.get("rope_type", "default")
+    if rope_type != "default" and not (architecture.yarn and rope_type == "yarn"):  # no scaling keys written
         raise MoeExportError(f"this model's RoPE is scaled (rope_type {rope_type!r}), which the GGUF writer does not "
                              "write yet: its GGUF would rotate and scale attention otherwise (export ONNX instead)")
     if architecture.latent_attention and not config.latent.rope_interleaved:
@@ -152,7 +157,7 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
         raise MoeExportError("the model has no MoE layer with experts left; there is nothing to host in a MoE GGUF")
     top_k = config.top_k
     short = [i for i, spec in enumerate(layers) if spec.kind == "moe" and i not in silent and spec.num_experts < top_k]
-    if short and len(routed) > 1:
+    if short and len(routed) > 1 and not architecture.pads_by_router_bias:  # there a selected pad weighs 0
         raise MoeExportError(
             f"layers {short} keep fewer experts than the top-{top_k} the others route to, and llama.cpp uses one "
             f"top-k for every layer: add min_keep: {top_k} to the expert_drop step"
@@ -171,16 +176,17 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
         )
     padded_host = architecture.padded_host
     if len(routed) > 1 or (silent and padded_host is not None and padded_host.dense_silent_layers):
-        if padded_host is None:
+        if padded_host is None and not architecture.pads_by_router_bias:
             counts = [spec.num_experts if spec.kind == "moe" else 0 for spec in layers]
             raise MoeExportError(
                 f"per-layer expert counts {counts} differ and no llama.cpp host can run this family that way: "
                 "use expert_drop with scope: layer (the same keep everywhere)"
             )
-        architecture = padded_host
+        architecture = padded_host or architecture
     views = adapter.layer_views(model)
     # every routed expert has one width; a layer with experts exists (checked above)
-    width = next(view.experts.down_proj.shape[-1] for view in views if view.experts is not None)
+    width = next(view.experts.down_proj.shape[-2 if view.layout.transposed else -1]
+                 for view in views if view.experts is not None)
     shared_width = next((view.shared_experts[0].down_proj.weight.shape[-1] for view in views if view.shared_experts), 0)
     shared_gate = any(view.shared_expert_gate is not None for view in views)
     return _Plan(architecture, config, layers, max(routed), silent, width, shared_width, shared_gate)
@@ -214,6 +220,11 @@ def export(
         raise MoeExportError(f"output {out_path} already exists; pass --overwrite or choose another --out")
     representation = _describe_representation(plan)
     result = GGUFExport(out_path, plan.architecture.name, quant, representation)
+    yarn = plan.config.rope_scaling if plan.architecture.yarn else {}
+    if yarn.get("rope_type") == "yarn" and yarn.get("truncate") is False:
+        result.fallbacks.append("RoPE: YaRN with truncate: false, which llama.cpp does not read: it rounds the "
+                                "correction range to whole dimensions, so its rotations differ slightly from "
+                                "transformers' (as in every GGUF of this model, llama.cpp's converter's too)")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.partial")
     via_llama_cpp = quant in LLAMA_CPP_TYPES or bool(overrides) or imatrix is not None
@@ -248,6 +259,22 @@ def _expert_groups(routing) -> bool:
     """The router chooses within its best expert groups, and it matters (llama.cpp takes fewer than all groups
     only; choosing within all of them is plain top-k)."""
     return routing.groups > 1 and routing.top_groups < routing.groups
+
+
+def _moe_rule_differs(config: ModelConfig, host: GGUFArchitecture) -> str | None:
+    """How the host's fixed routing and expert computation differ from the model's (None: they agree)."""
+    layout, rule = config.experts, config.routing
+    if rule.softmax_over_top_k != host.softmax_over_top_k:
+        own = "a softmax over the top-k router logits" if host.softmax_over_top_k else "the top-k of routing scores"
+        return f"routes by {own}, which this model's router does not"
+    if (rule.router_bias or layout.biases) and not host.biases:
+        return "has no router or expert biases, which this model has"
+    clamped = (layout.alpha, layout.limit) if layout.activation == CLAMPED_SWIGLU else None
+    if clamped != host.clamped_swiglu:
+        own = (f"computes a clamped SwiGLU (alpha {host.clamped_swiglu[0]}, limit {host.clamped_swiglu[1]})"
+               if host.clamped_swiglu else "has no clamped SwiGLU")
+        return f"{own} in its experts, and this model's experts compute {layout.activation} {clamped or ''}".rstrip()
+    return None
 
 
 def _describe_representation(plan: _Plan) -> str:
@@ -444,6 +471,10 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
         writer.add_expert_weights_norm(True)
     writer.add_head_count(config.num_heads)
     writer.add_rope_freq_base(config.rope_theta)
+    if host.yarn and config.rope_scaling.get("rope_type") == "yarn":
+        _write_yarn(writer, gguf, config.rope_scaling)
+    if host.sliding_period:
+        _write_sliding_window(writer, config, len(plan.layers), host.sliding_period)
     if host.latent_attention:
         _write_latent_attention_hparams(writer, gguf, config, plan)
     else:
@@ -465,6 +496,32 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)  # a llama_ftype id, as llama.cpp's quantizer records it
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_yarn(writer, gguf, yarn: dict) -> None:
+    """YaRN's keys as llama.cpp reads them. (HF's `truncate: false`, gpt-oss's, keeps the correction range
+    unrounded, where llama.cpp rounds it to whole dimensions: no key says otherwise.)"""
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(yarn["factor"])
+    writer.add_rope_scaling_orig_ctx_len(yarn["original_max_position_embeddings"])
+    if (attention_factor := yarn.get("attention_factor")) is not None:
+        writer.add_rope_scaling_yarn_attn_factor(attention_factor)
+    if (beta_fast := yarn.get("beta_fast")) is not None:
+        writer.add_rope_scaling_yarn_beta_fast(beta_fast)
+    if (beta_slow := yarn.get("beta_slow")) is not None:
+        writer.add_rope_scaling_yarn_beta_slow(beta_slow)
+
+
+def _write_sliding_window(writer, config: ModelConfig, layers: int, period: int) -> None:
+    """The window, and which layers slide where that differs from the host's default (every layer but each
+    `period`-th), e.g. after Block Drop. A model left with no sliding layer is written as one whose every layer
+    slides over a window that never slides (llama.cpp's context refuses a model without a sliding layer)."""
+    sliding = list(config.sliding_layers)
+    if not any(sliding):
+        sliding = [True] * layers
+    writer.add_sliding_window(config.sliding_window or UNBOUNDED_WINDOW)
+    if sliding != [index % period < period - 1 for index in range(layers)]:
+        writer.add_sliding_window_pattern(sliding)
 
 
 def _write_latent_attention_hparams(writer, gguf, config: ModelConfig, plan: _Plan) -> None:
@@ -618,6 +675,29 @@ class _TensorSink:
         rows = max(1, SLICE_BYTES // row_bytes)
         counts = [min(rows, math.prod(shape[:-1]) - start) for start in range(0, math.prod(shape[:-1]), rows)]
         self.writer.write_tensor_data(_ConvertedData(nbytes, lambda: (np.zeros(n * row_bytes, np.uint8) for n in counts)))
+
+    def carries_mxfp4(self) -> bool:
+        """Whether expert stacks the input holds in MXFP4 are written as GGML MXFP4 with their own bytes: in
+        every quantized file (an f32 / f16 / bf16 file stays float), llama.cpp's type choices included."""
+        return not self.proxy and self.carry is None and self.quant not in ("f32", "f16", "bf16")
+
+    def add_mxfp4(self, name: str, shape: tuple[int, int, int], expert_blocks) -> None:
+        """An expert stack [E, rows, inputs] of GGML MXFP4 blocks, `expert_blocks(e)` -> expert e's [rows, bytes]
+        (None: an all-zero pad), written an expert at a time."""
+        qtype = self.gguf.GGMLQuantizationType.MXFP4
+        block, block_bytes = self.gguf.GGML_QUANT_SIZES[qtype]
+        row_bytes = shape[-1] // block * block_bytes
+        nbytes = shape[0] * shape[1] * row_bytes
+        if not self.writing:
+            self.writer.add_tensor_info(name, (*shape[:-1], row_bytes), np.uint8, nbytes, raw_dtype=qtype)
+            return
+
+        def experts():
+            for expert in range(shape[0]):
+                blocks = expert_blocks(expert)
+                yield np.zeros(shape[1] * row_bytes, np.uint8) if blocks is None else blocks.reshape(-1)
+
+        self.writer.write_tensor_data(_ConvertedData(nbytes, experts))
 
     def _add_carried(self, name: str, carried: "_Carried") -> None:
         if not self.writing:
@@ -860,28 +940,39 @@ def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
         if index in plan.silent_layers:
             _write_silent_moe(tensors, name, config.hidden_size, plan)
             continue
-        _write_moe(tensors, name, view, plan)
+        _write_moe(tensors, name, view, plan, model)
     with outer(model, "output") if reads else nullcontext():
         tensors.add(names("OUTPUT_NORM"), around.final_norm.weight)
         tensors.add(names("OUTPUT"), around.output.weight)
 
 
-def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _Plan) -> None:
+def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _Plan, model) -> None:
     """A MoE sublayer: norm, router and stacked experts (padded to the file's count), then its shared experts."""
-    experts = view.experts
+    experts, host = view.experts, plan.architecture
     pads = plan.num_experts - experts.down_proj.shape[0]
     gate, up = gate_and_up_weights(view.layout, _pad_experts(experts.gate_up_proj, pads))
     gate_kind, up_kind, down_kind = ROUTED_FFN
-    tensors.add(name("FFN_NORM"), view.ffn_norm.weight)
+    tensors.add(name(host.ffn_norm), view.ffn_norm.weight)
     tensors.add(name("FFN_GATE_INP"), _pad_experts(view.router.weight, pads), keep_f32=True)
-    tensors.add(name(gate_kind), gate, on_grid=True)
-    tensors.add(name(up_kind), up, on_grid=True)
-    tensors.add(name(down_kind), _pad_experts(experts.down_proj, pads), on_grid=True)
+    if plan.config.routing.router_bias:
+        tensors.add(name("FFN_GATE_INP", ".bias"), _pad_experts(view.router.bias, pads, fill=-1e9))
+    packed = _packed_experts(model, view)
+    if tensors.carries_mxfp4() and packed is not None:
+        _write_mxfp4_experts(tensors, name, view, pads, packed)
+    else:
+        tensors.add(name(gate_kind), gate, on_grid=True)
+        tensors.add(name(up_kind), up, on_grid=True)
+        tensors.add(name(down_kind), down_weights(view.layout, _pad_experts(experts.down_proj, pads)), on_grid=True)
+    if view.layout.biases:
+        gate_bias, up_bias = gate_and_up_biases(view.layout, _pad_experts(experts.gate_up_proj_bias, pads))
+        tensors.add(name(gate_kind, ".bias"), gate_bias, keep_f32=True)
+        tensors.add(name(up_kind, ".bias"), up_bias, keep_f32=True)
+        tensors.add(name(down_kind, ".bias"), _pad_experts(experts.down_proj_bias, pads), keep_f32=True)
     bias = None
     if view.selection_bias is not None:  # the model's own (a meta tensor in the header pass), then the pads' -1e9
         bias = view.selection_bias.float()
         bias = torch.cat([bias, bias.new_full((pads,), -1e9)]) if pads else bias
-    elif pads:
+    elif pads and not host.pads_by_router_bias:
         real = plan.num_experts - pads
         bias = np.array([0.0] * real + [-1e9] * pads, np.float32)
     if bias is not None:
@@ -895,19 +986,54 @@ def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _P
         tensors.add(name("FFN_GATE_INP_SHEXP"), shared_gate[0], keep_f32=True)
 
 
+def _packed_experts(model, view: LayerView):
+    """(stack name inside the layer -> a reader of kept expert e's MXFP4 (blocks, scales)) when a streamed layer
+    reads both expert stacks from MXFP4 pairs that no pass changed; None otherwise."""
+    stream = stream_of(model)
+    if stream is None:
+        return None
+    prefix = child_name(view.module, view.experts) + "."
+    stacks = {stack: prefix + stack for stack in ("gate_up_proj", "down_proj")}
+    if not all(stream.packed(view.index, path) for path in stacks.values()):
+        return None
+    return {stack: (lambda slot, path=path: stream.packed(view.index, path, slot)) for stack, path in stacks.items()}
+
+
+def _write_mxfp4_experts(tensors: _TensorSink, name: BlockNames, view: LayerView, pads: int, packed) -> None:
+    """The routed experts as GGML MXFP4 blocks holding the checkpoint's own codes and scales (pads: zero bytes,
+    which decode to zeros): gate and up are the gate_up stack's rows the layout says."""
+    layout, count = view.layout, view.experts.down_proj.shape[0]
+    width = packed["gate_up_proj"](0)[0].shape[0] // 2  # the stack's outputs are its blocks' rows
+    gate_rows = slice(0, None, 2) if layout.interleaved else slice(0, width)
+    up_rows = slice(1, None, 2) if layout.interleaved else slice(width, None)
+    gate_kind, up_kind, down_kind = ROUTED_FFN
+    for kind, stack, rows in ((gate_kind, "gate_up_proj", gate_rows), (up_kind, "gate_up_proj", up_rows),
+                              (down_kind, "down_proj", slice(None))):
+        def expert_blocks(slot: int, stack=stack, rows=rows) -> np.ndarray:
+            if slot >= count:
+                return None
+            blocks, scales = packed[stack](slot)
+            return mxfp4.ggml_blocks(blocks[rows], scales[rows]).numpy()
+
+        blocks, _ = packed[stack](0)
+        shape = (count + pads, len(range(blocks.shape[0])[rows]), blocks.shape[1] * mxfp4.BLOCK)
+        tensors.add_mxfp4(name(kind), shape, expert_blocks)
+
+
 def _write_ffn(tensors: _TensorSink, name: BlockNames, kinds: tuple[str, str, str], mlp) -> None:
     """One SwiGLU MLP's gate, up and down projections under the (gate, up, down) tensor kinds."""
     for kind, projection in zip(kinds, (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
         tensors.add(name(kind), projection.weight)
 
 
-def _pad_experts(tensor, pads: int):
-    """Append `pads` all-zero experts (router rows) along the first axis (of a tensor or an ExpertStack)."""
+def _pad_experts(tensor, pads: int, fill: float = 0.0):
+    """Append `pads` all-zero (or `fill`) experts (router rows) along the first axis (of a tensor or an
+    ExpertStack)."""
     if not pads:
         return tensor
     if isinstance(tensor, ExpertStack):
         return tensor.padded(pads)
-    return torch.cat([tensor.detach(), tensor.new_zeros((pads, *tensor.shape[1:]))])
+    return torch.cat([tensor.detach(), tensor.new_full((pads, *tensor.shape[1:]), fill)])
 
 
 def _write_attention(tensors: _TensorSink, name: BlockNames, attention, config: ModelConfig,
@@ -923,6 +1049,10 @@ def _write_attention(tensors: _TensorSink, name: BlockNames, attention, config: 
     for kind, projection in (("ATTN_Q", attention.q_proj), ("ATTN_K", attention.k_proj), ("ATTN_V", attention.v_proj)):
         if projection.bias is not None:
             tensors.add(name(kind, ".bias"), projection.bias)
+    if attention.o_proj.bias is not None:
+        tensors.add(name("ATTN_OUT", ".bias"), attention.o_proj.bias)
+    if (sinks := getattr(attention, "sinks", None)) is not None:  # a per-head logit in every softmax (gpt-oss)
+        tensors.add(name("ATTN_SINKS"), sinks)
     norms = (("ATTN_Q_NORM", getattr(attention, "q_norm", None)), ("ATTN_K_NORM", getattr(attention, "k_norm", None)))
     for kind, norm in norms:
         if norm is not None:
@@ -949,10 +1079,16 @@ def _write_latent_attention(tensors: _TensorSink, name: BlockNames, attention, c
 
 
 def _write_silent_moe(tensors: _TensorSink, name: BlockNames, hidden: int, plan: _Plan) -> None:
-    """A MoE sublayer that adds exactly nothing: every projection is zero, so is every expert's output."""
-    tensors.add(name("FFN_NORM"), np.ones(hidden, np.float32))
-    tensors.add(name("FFN_GATE_INP"), np.zeros((plan.num_experts, hidden), np.float32), keep_f32=True)
-    _write_zero_ffn(tensors, name, ROUTED_FFN, hidden, plan.expert_width, plan.num_experts)
+    """A MoE sublayer that adds exactly nothing: every projection is zero, so is every expert's output (biases
+    too, where the host has them)."""
+    experts, width = plan.num_experts, plan.expert_width
+    tensors.add(name(plan.architecture.ffn_norm), np.ones(hidden, np.float32))
+    tensors.add(name("FFN_GATE_INP"), np.zeros((experts, hidden), np.float32), keep_f32=True)
+    _write_zero_ffn(tensors, name, ROUTED_FFN, hidden, width, experts)
+    if plan.architecture.biases:
+        tensors.add(name("FFN_GATE_INP", ".bias"), np.zeros(experts, np.float32))
+        for kind, shape in zip(ROUTED_FFN, ((experts, width), (experts, width), (experts, hidden))):
+            tensors.add(name(kind, ".bias"), np.zeros(shape, np.float32), keep_f32=True)
     if plan.shared_width:  # hosts with a shared expert need its tensors in every layer
         _write_zero_ffn(tensors, name, SHARED_FFN, hidden, plan.shared_width)
     if plan.shared_width and plan.shared_gate:

@@ -30,4 +30,6 @@ ARCHITECTURES = {
     # HF's rope_interleave (the default) rotates interleaved pairs; the decoder takes `half` when it is false
     "deepseek_v3": AttentionLayout(rope="interleaved"),
     "glm4_moe_lite": AttentionLayout(rope="interleaved"),
+    # q/k/v/o biases, attention sinks and per-layer sliding windows come from the modules and the config
+    "gpt_oss": AttentionLayout(),
 }

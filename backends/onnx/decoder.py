@@ -66,8 +66,12 @@ def build_decoder(model, graph: Graph, lowering: str, quantization: Quantization
 
     with outer(model, "input"):  # a streamed model reads its embeddings and head for the first and last steps only
         h = graph.op("Gather", graph.weight("embed_tokens.weight", around.embeddings.weight.float().numpy()), input_ids)
-    cos, sin = _rope_tables(graph, around.rotary_embedding, position_ids, context)
+    rotated = config.latent.qk_rope_head_dim if config.latent is not None else config.head_dim
+    cos, sin = _rope_tables(graph, around.rotary_embedding, position_ids, context, rotated)
     mask = _additive_mask(graph, input_ids, attention_mask)
+    # sliding-window layers see only the last `sliding_window` keys of each query
+    sliding_mask = _additive_mask(graph, input_ids, attention_mask, config.sliding_window) if any(
+        config.sliding_layers) else None
     eps = config.rms_norm_eps
     cache = cache_shape(model)
 
@@ -77,8 +81,9 @@ def build_decoder(model, graph: Graph, lowering: str, quantization: Quantization
         past_key = graph.input(f"past_key_values.{index}.key", TensorProto.FLOAT, [batch, cache.heads, "past_sequence", cache.key_width])
         past_value = graph.input(f"past_key_values.{index}.value", TensorProto.FLOAT, [batch, cache.heads, "past_sequence", cache.value_width])
         lower = _latent_attention if config.latent is not None else _attention
-        out, present_key, present_value = lower(graph, x, prefix, view.attention, config, layout, cos, sin, mask,
-                                                past_key, past_value)
+        layer_mask = sliding_mask if config.sliding_layers and config.sliding_layers[index] else mask
+        out, present_key, present_value = lower(graph, x, prefix, view.attention, config, layout, cos, sin,
+                                                layer_mask, past_key, past_value)
         graph.output(present_key, f"present.{index}.key", TensorProto.FLOAT, [batch, cache.heads, total, cache.key_width])
         graph.output(present_value, f"present.{index}.value", TensorProto.FLOAT, [batch, cache.heads, total, cache.value_width])
         h = graph.op("Add", h, out)
@@ -110,6 +115,11 @@ def _moe_parts(graph: Graph, x: str, prefix: str, view: LayerView, config: Model
             top_k=view.router.top_k,
             renormalize=config.routing.renormalize,
             scale=config.routing.scale,
+            layout=view.layout,
+            router_bias=view.router.bias.float().numpy() if config.routing.router_bias else None,
+            softmax_over_top_k=config.routing.softmax_over_top_k,
+            gate_up_bias=view.experts.gate_up_proj_bias.float() if view.layout.biases else None,
+            down_bias=view.experts.down_proj_bias.float().numpy() if view.layout.biases else None,
             sigmoid=config.routing.scores == SIGMOID,
             selection_bias=None if view.selection_bias is None else view.selection_bias.float().numpy(),
             groups=config.routing.groups,
@@ -132,8 +142,9 @@ def _child_name(parent, child) -> str:
     return next(name for name, module in parent.named_children() if module is child)
 
 
-def _rope_tables(graph: Graph, rotary, position_ids: str, context: int) -> tuple[str, str]:
-    """cos and sin per position, [batch, 1, sequence, rotary/2], from the model's own rotary module.
+def _rope_tables(graph: Graph, rotary, position_ids: str, context: int, rotated: int) -> tuple[str, str]:
+    """cos and sin per position, [batch, 1, sequence, rotary/2], from the model's own rotary module (which
+    rotates `rotated` dimensions of each head).
 
     Taking the tables from the module covers every RoPE scaling type
     transformers implements, attention scaling included.
@@ -141,9 +152,9 @@ def _rope_tables(graph: Graph, rotary, position_ids: str, context: int) -> tuple
     positions = torch.arange(context)[None]
     probe = torch.zeros(1, dtype=torch.float32)
     table = rotary(probe, positions)
-    if isinstance(table, tuple):  # (cos, sin), each [1, P, d] = two copies of the d/2 frequencies
+    if isinstance(table, tuple):  # (cos, sin), each [1, P, d] = two copies of the d/2 frequencies (or one: gpt-oss)
         cos, sin = (t[0].float() for t in table)
-        half = cos.shape[-1] // 2
+        half = rotated // 2
         cos, sin = cos[:, :half], sin[:, :half]
     else:  # complex freqs_cis [1, P, d/2]
         cos, sin = table[0].real.float(), table[0].imag.float()
@@ -171,10 +182,11 @@ def _rotate(graph: Graph, x: str, cos: str, sin: str, style: str) -> str:
     return graph.op("Reshape", stacked, graph.const([0, 0, 0, -1]))
 
 
-def _additive_mask(graph: Graph, input_ids: str, attention_mask: str) -> str:
+def _additive_mask(graph: Graph, input_ids: str, attention_mask: str, window: int | None = None) -> str:
     """[B, 1, 1, S, T]: 0 where query i (at cache slot T - S + i) may see key j, else MASKED.
 
-    Keys are visible when they are not padding and not in the future.
+    Keys are visible when they are not padding and not in the future (and, with a `window`, fewer than
+    `window` slots before the query).
     """
     total = graph.op("Gather", graph.op("Shape", attention_mask), graph.const(1), axis=0)
     current = graph.op("Gather", graph.op("Shape", input_ids), graph.const(1), axis=0)
@@ -182,6 +194,10 @@ def _additive_mask(graph: Graph, input_ids: str, attention_mask: str) -> str:
     query_slots = graph.op("Range", graph.op("Sub", total, current), total, graph.const(1))
     causal = graph.op("LessOrEqual", graph.op("Unsqueeze", key_slots, graph.const([0])),
                       graph.op("Unsqueeze", query_slots, graph.const([1])))  # [S, T]
+    if window is not None:
+        distance = graph.op("Sub", graph.op("Unsqueeze", query_slots, graph.const([1])),
+                            graph.op("Unsqueeze", key_slots, graph.const([0])))
+        causal = graph.op("And", causal, graph.op("Less", distance, graph.const(window)))
     not_padding = graph.op("Cast", graph.op("Unsqueeze", attention_mask, graph.const([1, 2, 3])), to=TensorProto.BOOL)
     visible = graph.op("And", causal, not_padding)  # [B, 1, 1, S, T]
     return graph.op("Where", visible, graph.const(0.0, np.float32), graph.const(MASKED, np.float32))
@@ -204,7 +220,17 @@ def _attend(graph: Graph, q: str, k: str, v: str, mask: str, attention, shape: t
     k5, v5 = (graph.op("Unsqueeze", t, graph.const([2])) for t in (k, v))
     scores = graph.op("MatMul", grouped_q, graph.op("Transpose", k5, perm=[0, 1, 2, 4, 3]))
     scores = graph.op("Add", graph.op("Mul", scores, graph.const(attention.scaling, np.float32)), mask)
-    context = graph.op("MatMul", graph.op("Softmax", scores, axis=-1), v5)  # [B, Hkv, G, S, dv]
+    sinks = getattr(attention, "sinks", None)
+    if sinks is None:
+        probabilities = graph.op("Softmax", scores, axis=-1)
+    else:  # a per-head logit in every softmax, whose share no value receives (gpt-oss)
+        per_head = graph.weight(f"{prefix}.sinks", sinks.detach().float().numpy().reshape(1, kv_heads, -1, 1, 1))
+        batch_heads_queries = graph.op("Shape", scores, start=0, end=4)
+        column = graph.op("Expand", per_head, graph.op("Concat", batch_heads_queries, graph.const([1]), axis=0))
+        with_sinks = graph.op("Softmax", graph.op("Concat", scores, column, axis=-1), axis=-1)
+        keys = graph.op("Shape", scores, start=4, end=5)
+        probabilities = graph.op("Slice", with_sinks, graph.const([0]), keys, graph.const([4]))
+    context = graph.op("MatMul", probabilities, v5)  # [B, Hkv, G, S, dv]
     heads_first = graph.op("Reshape", context, graph.const([0, heads, -1, value_width]))
     merged = graph.op("Reshape", graph.op("Transpose", heads_first, perm=[0, 2, 1, 3]),
                       graph.const([0, 0, heads * value_width]))

@@ -36,7 +36,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
+from moeexport.adapters.declaration import CLAMPED_SWIGLU, ExpertLayout
+from moeexport.adapters.experts import down_weights, gate_and_up_biases, gate_and_up_weights
 from moeexport.backends.onnx.graph import CONTRIB_DOMAIN, Graph
 from moeexport.errors import MoeExportError
 
@@ -50,8 +53,8 @@ class RoutedExperts:
     expert's matrix by index (a tensor, or a streamed layer's ExpertStack, which reads it from disk)."""
 
     router: np.ndarray  # [E, H]
-    gate_up: object  # [E, 2I, H], gate rows then up rows
-    down: object  # [E, H, I]
+    gate_up: object  # stored as `layout` says: [E, 2I, H], gate rows then up rows, by default
+    down: object  # [E, H, I] by default
     top_k: int
     renormalize: bool
     scale: float  # multiplier on the routed weights
@@ -60,6 +63,27 @@ class RoutedExperts:
     groups: int = 1  # the k are chosen within the `top_groups` best of `groups` equal, consecutive groups...
     top_groups: int = 1
     group_score: str = "top2_sum"  # ...a group scoring the sum of its best two choice scores, or its "max"
+    layout: ExpertLayout = ExpertLayout()  # how the stacks are stored and what an expert computes
+    router_bias: np.ndarray | None = None  # [E], added to the router logits
+    softmax_over_top_k: bool = False  # the k weights are a softmax over the k chosen logits (gpt-oss)
+    gate_up_bias: np.ndarray | None = None  # [E, 2I] stored as `layout` says (with layout.biases)
+    down_bias: np.ndarray | None = None  # [E, H]
+
+    def gate_and_up(self, expert: int) -> tuple[np.ndarray, np.ndarray]:
+        """One expert's gate and up weights [I, H] (a row per neuron)."""
+        matrix = self.gate_up[expert]
+        matrix = matrix if isinstance(matrix, torch.Tensor) else torch.from_numpy(np.asarray(matrix))
+        return tuple(_float(part) for part in gate_and_up_weights(self.layout, matrix))
+
+    def down_rows(self, expert: int) -> np.ndarray:
+        """One expert's down weights [H, I] (a row per output)."""
+        matrix = self.down[expert]
+        matrix = matrix if isinstance(matrix, torch.Tensor) else torch.from_numpy(np.asarray(matrix))
+        return _float(down_weights(self.layout, matrix))
+
+    def gate_and_up_biases(self) -> tuple[np.ndarray, np.ndarray]:
+        """The gate and up biases [E, I]."""
+        return tuple(np.ascontiguousarray(part) for part in gate_and_up_biases(self.layout, self.gate_up_bias))
 
     @property
     def count(self) -> int:
@@ -83,6 +107,8 @@ def routed_experts(graph: Graph, x: str, name: str, experts: RoutedExperts, lowe
     """The routed part of one MoE block, x [B, S, H] -> [B, S, H]."""
     tokens = graph.op("Reshape", x, graph.const([-1, experts.router.shape[1]]))
     logits = graph.op("MatMul", tokens, graph.weight(f"{name}.router.weight", experts.router.T))
+    if experts.router_bias is not None:
+        logits = graph.op("Add", logits, graph.weight(f"{name}.router.bias", experts.router_bias))
     if lowering == "contrib" and experts.chosen_apart:
         y = _contrib_chosen_apart(graph, tokens, logits, name, experts, quantization)
     elif lowering == "contrib":
@@ -154,49 +180,60 @@ def _float(matrix) -> np.ndarray:
     return matrix.detach().float().numpy() if hasattr(matrix, "detach") else np.asarray(matrix, np.float32)
 
 
-def _interleaved_rows(gate_up: np.ndarray) -> np.ndarray:
-    """One expert's [2I, H] as gate rows then up rows -> rows g0, u0, g1, u1, ... (swiglu_fusion=1)."""
-    double_width, hidden = gate_up.shape
-    width = double_width // 2
-    return np.stack([gate_up[:width], gate_up[width:]], axis=1).reshape(double_width, hidden)
+def _interleaved(gate: np.ndarray, up: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Gate and up along `axis` (rows of one expert's [I, H], or an [E, I] bias stack's axis 1) -> g0, u0, g1,
+    u1, ... (swiglu_fusion=1)."""
+    stacked = np.stack([gate, up], axis=axis + 1)
+    return stacked.reshape(*gate.shape[:axis], 2 * gate.shape[axis], *gate.shape[axis + 1:])
 
 
 def _contrib(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedExperts,
              quantization: Quantization | None) -> str:
+    layout = experts.layout
+    clamped = layout.activation == CLAMPED_SWIGLU
     attributes = dict(
         k=experts.top_k,
         activation_type="swiglu",
         swiglu_fusion=1,
-        normalize_routing_weights=int(experts.renormalize),
-        activation_alpha=1.0,
-        activation_beta=0.0,
+        # the k weights of a softmax over every expert, renormalized, are the softmax over the k chosen logits
+        normalize_routing_weights=int(experts.renormalize or experts.softmax_over_top_k),
+        activation_alpha=layout.alpha if clamped else 1.0,  # gate * sigmoid(alpha * gate) * (up + beta)
+        activation_beta=1.0 if clamped else 0.0,
     )
+    if clamped:
+        attributes["swiglu_limit"] = layout.limit
     count = experts.count
+    fc1_bias, fc2_bias = "", ""  # float32, as the op's input and (widened) weights
+    if experts.gate_up_bias is not None:
+        fc1_bias = graph.raw(f"{name}.fc1.bias", _interleaved(*experts.gate_and_up_biases(), axis=1))
+        fc2_bias = graph.raw(f"{name}.fc2.bias", np.asarray(experts.down_bias, np.float32) * np.float32(experts.scale))
     if quantization is None:
-        fc1 = graph.weight_stack(f"{name}.fc1", count, lambda e: _interleaved_rows(_float(experts.gate_up[e])))
-        fc2 = graph.weight_stack(f"{name}.fc2", count, lambda e: _float(experts.down[e]) * experts.scale)
-        return graph.op("MoE", tokens, logits, fc1, "", fc2, domain=CONTRIB_DOMAIN, **attributes)
-    fc1_codes, fc1_scales = _quantized_stack(graph, f"{name}.fc1", experts.gate_up, _interleaved_rows, quantization)
-    fc2_codes, fc2_scales = _quantized_stack(graph, f"{name}.fc2", experts.down, lambda down: down, quantization)
+        fc1 = graph.weight_stack(f"{name}.fc1", count, lambda e: _interleaved(*experts.gate_and_up(e)))
+        fc2 = graph.weight_stack(f"{name}.fc2", count, lambda e: experts.down_rows(e) * experts.scale)
+        return graph.op("MoE", tokens, logits, fc1, fc1_bias, fc2, fc2_bias, domain=CONTRIB_DOMAIN, **attributes)
+    fc1_codes, fc1_scales = _quantized_stack(graph, f"{name}.fc1", count,
+                                             lambda e: _interleaved(*experts.gate_and_up(e)), quantization)
+    fc2_codes, fc2_scales = _quantized_stack(graph, f"{name}.fc2", count, experts.down_rows, quantization)
     return graph.op(
         "QMoE", tokens, logits,
-        fc1_codes, graph.raw(f"{name}.fc1.scales", fc1_scales), "",
-        fc2_codes, graph.raw(f"{name}.fc2.scales", fc2_scales * np.float32(experts.scale)),
+        fc1_codes, graph.raw(f"{name}.fc1.scales", fc1_scales), fc1_bias,
+        fc2_codes, graph.raw(f"{name}.fc2.scales", fc2_scales * np.float32(experts.scale)), fc2_bias,
         domain=CONTRIB_DOMAIN, expert_weight_bits=quantization.bits, block_size=quantization.block_size, **attributes,
     )
 
 
-def _quantized_stack(graph: Graph, name: str, stack, transform, quantization: Quantization) -> tuple[str, np.ndarray]:
-    """(the initializer of packed codes [E, N, K * bits / 8], block scales [E, N, K / block]), quantized and
-    written one expert at a time; the scales (1/16 of a float32 stack at most) are kept to be scaled."""
+def _quantized_stack(graph: Graph, name: str, count: int, expert_rows, quantization: Quantization) -> tuple[str, np.ndarray]:
+    """(the initializer of packed codes [E, N, K * bits / 8], block scales [E, N, K / block]) of the experts'
+    matrices [N, K] (`expert_rows(e)`), quantized and written one expert at a time; the scales (1/16 of a
+    float32 stack at most) are kept to be scaled."""
     scales = []
 
     def codes(expert: int) -> np.ndarray:
-        expert_codes, expert_scales = _quantized(transform(_float(stack[expert])), quantization, name)
+        expert_codes, expert_scales = _quantized(expert_rows(expert), quantization, name)
         scales.append(expert_scales)
         return _pack(expert_codes, quantization.bits)
 
-    written = graph.raw_stack(f"{name}.codes", len(stack), codes)
+    written = graph.raw_stack(f"{name}.codes", count, codes)
     return written, np.stack(scales)
 
 
@@ -226,7 +263,11 @@ def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _plain(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedExperts, routed: bool) -> str:
-    top_values, top_index = _selected(graph, logits, name, experts)
+    if experts.softmax_over_top_k:  # the k largest logits, then a softmax over those k
+        top_logits, top_index = graph.op("TopK", logits, graph.const([experts.top_k]), outputs=2, axis=-1)
+        top_values = graph.op("Softmax", top_logits, axis=-1)
+    else:
+        top_values, top_index = _selected(graph, logits, name, experts)
     if experts.renormalize:
         top_values = graph.op("Div", top_values, graph.op("ReduceSum", top_values, graph.const([-1]), keepdims=1))
     if experts.scale != 1.0:
@@ -234,8 +275,14 @@ def _plain(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedExp
     count = experts.count
     # stored stacks, widened where each branch uses them: ONNX Runtime 1.32 fails to load a graph whose
     # Cast of an f16 initializer feeds only an If's branches
-    gate_up = graph.stored_stack(f"{name}.gate_up", count, lambda e: _float(experts.gate_up[e]).T)  # [E, H, 2I]
-    down = graph.stored_stack(f"{name}.down", count, lambda e: _float(experts.down[e]).T)  # [E, I, H]
+    gate_up = graph.stored_stack(f"{name}.gate_up", count,
+                                 lambda e: np.concatenate(experts.gate_and_up(e)).T)  # [E, H, 2I], gate then up
+    down = graph.stored_stack(f"{name}.down", count, lambda e: experts.down_rows(e).T)  # [E, I, H]
+    biases = None
+    if experts.gate_up_bias is not None:  # [E, 1, 2I] and [E, 1, H]: broadcast over the tokens
+        biases = (graph.raw(f"{name}.gate_up.bias", np.concatenate(experts.gate_and_up_biases(), axis=-1)[:, None]),
+                  graph.raw(f"{name}.down.bias", np.asarray(experts.down_bias, np.float32)[:, None]))
+    activation = experts.layout
 
     def every_expert() -> str:
         # [T, k, 1] == [E] -> one-hot [T, k, E], weighted and summed over k: dense routing weights [T, E]
@@ -243,7 +290,7 @@ def _plain(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedExp
                                             graph.const(np.arange(count))), to=1)
         weighted = graph.op("Mul", one_hot, graph.op("Unsqueeze", top_values, graph.const([-1])))
         routing = graph.op("ReduceSum", weighted, graph.const([1]), keepdims=0)
-        out = _swiglu(graph, tokens, graph.as_float(gate_up), graph.as_float(down))  # every expert: [E, T, H]
+        out = _swiglu(graph, tokens, graph.as_float(gate_up), graph.as_float(down), activation, biases)  # [E, T, H]
         per_expert = graph.op("Unsqueeze", graph.op("Transpose", routing, perm=[1, 0]), graph.const([-1]))  # [E, T, 1]
         return graph.op("ReduceSum", graph.op("Mul", out, per_expert), graph.const([0]), keepdims=0)
 
@@ -251,7 +298,8 @@ def _plain(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedExp
         # each token's k experts gathered from the stacks: [T, 1, 1, H] @ [T, k, H, 2I] ... -> [T, k, 1, H]
         x = graph.op("Unsqueeze", tokens, graph.const([1, 2]))
         gathered = [graph.as_float(graph.op("Gather", stack, top_index, axis=0)) for stack in (gate_up, down)]
-        out = _swiglu(graph, x, *gathered)
+        chosen = biases and tuple(graph.op("Gather", bias, top_index, axis=0) for bias in biases)  # [T, k, 1, N]
+        out = _swiglu(graph, x, *gathered, activation, chosen)
         weights = graph.op("Unsqueeze", top_values, graph.const([2, 3]))  # [T, k, 1, 1]
         return graph.op("ReduceSum", graph.op("Mul", out, weights), graph.const([1, 2]), keepdims=0)
 
@@ -261,7 +309,21 @@ def _plain(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedExp
     return graph.if_(one_token, selected_experts, every_expert)
 
 
-def _swiglu(graph: Graph, x: str, gate_up: str, down: str) -> str:
-    """down(silu(gate) * up) of x against stacked [..., H, 2I] gate-then-up and [..., I, H] down weights."""
-    gate, up = graph.op("Split", graph.op("MatMul", x, gate_up), axis=-1, outputs=2)
-    return graph.op("MatMul", graph.op("Mul", graph.silu(gate), up), down)
+def _swiglu(graph: Graph, x: str, gate_up: str, down: str, layout: ExpertLayout,
+            biases: tuple[str, str] | None) -> str:
+    """down(act(gate) * up) of x against stacked [..., H, 2I] gate-then-up and [..., I, H] down weights (with
+    their biases): silu(gate) * up, or the layout's clamped SwiGLU."""
+    projected = graph.op("MatMul", x, gate_up)
+    if biases:
+        projected = graph.op("Add", projected, biases[0])
+    gate, up = graph.op("Split", projected, axis=-1, outputs=2)
+    if layout.activation == CLAMPED_SWIGLU:  # min(g, limit) * sigmoid(alpha * min(g, limit)) * (clamp(u) + 1)
+        limit = graph.const(layout.limit, np.float32)
+        gate = graph.op("Min", gate, limit)
+        up = graph.op("Clip", up, graph.const(-layout.limit, np.float32), limit)
+        glu = graph.op("Mul", gate, graph.op("Sigmoid", graph.op("Mul", gate, graph.const(layout.alpha, np.float32))))
+        hidden = graph.op("Mul", graph.op("Add", up, graph.const(1.0, np.float32)), glu)
+    else:
+        hidden = graph.op("Mul", graph.silu(gate), up)
+    out = graph.op("MatMul", hidden, down)
+    return graph.op("Add", out, biases[1]) if biases else out

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moeexport.adapters import adapter_for
+from moeexport.adapters.declaration import CLAMPED_SWIGLU
 from moeexport.backends.onnx.types import DEFAULT_BLOCK_SIZE, MOE_OPS, QUANT_TYPES
 from moeexport.errors import MoeExportError
 
@@ -81,9 +82,9 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
     config = adapter.model_config(model.config)
     if config.model_type not in ARCHITECTURES:
         raise MoeExportError(f"the onnx exporter has no attention layout for model_type {config.model_type!r}")
-    if config.experts.activation != "silu":
-        raise MoeExportError(
-            f"experts use {config.experts.activation!r}; the exporter writes SwiGLU (silu) experts only")
+    if config.experts.activation not in ("silu", CLAMPED_SWIGLU):
+        raise MoeExportError(f"experts use {config.experts.activation!r}; the exporter writes SwiGLU (silu) and "
+                             "clamped SwiGLU experts only")
     lacking = _not_lowered(config)
     if lacking:
         raise MoeExportError(f"this model's MoE layers have {', '.join(lacking)}, which neither the MoE op nor the "
@@ -104,15 +105,12 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
 
 def _not_lowered(config) -> list[str]:
     """What the family's expert layout and routing rule have that the MoE lowering does not compute (it computes
-    concatenated SwiGLU experts without biases, routed softmax or sigmoid scores -> top-k, chosen with any selection
-    bias within the best expert groups -> (renormalize) x scale)."""
+    gated SwiGLU or clamped-SwiGLU experts in any stored layout, with or without biases, routed by softmax or
+    sigmoid scores -> top-k, chosen with any selection bias within the best expert groups -> (renormalize) x
+    scale, or by a softmax over the top-k logits, with or without a router bias)."""
     layout, rule = config.experts, config.routing
     return [what for what, present in (
-        ("interleaved or transposed expert weights", layout.interleaved or layout.transposed),
-        ("expert biases", layout.biases),
         ("ungated experts", not layout.gated),
-        ("a softmax over the top-k logits", rule.softmax_over_top_k),
-        ("a router bias", rule.router_bias),
         ("a dense MLP beside the experts", rule.dense_mlp_beside),
     ) if present]
 

@@ -9,7 +9,7 @@ experts.py and routing.py compute what its `ExpertLayout` and `Routing` declare.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal
 
 LayerKind = Literal["moe", "dense", "dropped"]
@@ -98,6 +98,9 @@ class ModelConfig:
     clip_qkv: float | None = None  # q, k and v are clamped to +-clip_qkv (OLMoE), None: not clamped
     latent: LatentAttention | None = None  # set for families with multi-head latent attention
     experts: ExpertLayout = ExpertLayout()
+    sliding_layers: tuple[bool, ...] = ()  # per layer: it attends only to the last sliding_window tokens
+    sliding_window: int | None = None  # that window (None: no layer slides)
+    rope_scaling: dict = field(default_factory=dict)  # rope_parameters besides rope_theta, e.g. YaRN's
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,7 @@ class Family:
     attention_norm: str = "input_layernorm"
     moe: str = "mlp"  # the MoE (or dense MLP) sublayer of a decoder layer
     moe_norm: str = "post_attention_layernorm"  # the norm feeding that sublayer
+    moe_returns_router_scores: bool = False  # the MoE sublayer returns (hidden states, router scores) (gpt-oss)
     router: str = "gate"
     # the router's per-expert tensors (dotted paths inside it), sliced with their experts by Expert Drop
     router_tensors: tuple[str, ...] = ("weight",)
@@ -196,6 +200,7 @@ class Family:
     def model_config(self, config) -> ModelConfig:
         """The config under canonical names (transformers' common keys plus this family's own)."""
         rope = getattr(config, "rope_parameters", None) or {}
+        sliding = tuple(kind == "sliding_attention" for kind in getattr(config, "layer_types", None) or ())
         shared = (getattr(config, self.shared_expert_count_key) if self.shared_expert_count_key
                   else len(self.shared_experts))
         return ModelConfig(
@@ -218,6 +223,9 @@ class Family:
             clip_qkv=getattr(config, self.clip_qkv_key, None) if self.clip_qkv_key else None,
             latent=self.latent_attention(config) if self.latent_attention else None,
             experts=self.expert_layout(config),
+            sliding_layers=sliding,
+            sliding_window=getattr(config, "sliding_window", None) if any(sliding) else None,
+            rope_scaling={key: value for key, value in rope.items() if key != "rope_theta"},
         )
 
     def config_values(self, config: ModelConfig, layers: int, widths: FFNWidths, tied: bool) -> dict:

@@ -46,12 +46,33 @@ def activate(layout: ExpertLayout, gate: torch.Tensor, up: torch.Tensor) -> torc
 
 def gate_and_up_weights(layout: ExpertLayout, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate, up) weights [..., ffn, hidden] (a row per neuron, as F.linear takes them) of a gate_up stack or
-    matrix stored as the layout says (a streamed ExpertStack: concatenated, untransposed layouts only)."""
+    matrix stored as the layout says (or of a streamed ExpertStack, rearranged as each expert is read)."""
+    if not isinstance(gate_up, torch.Tensor) and (layout.transposed or layout.interleaved):
+        experts, rows, columns = gate_up.shape
+        shape = (experts, columns // 2, rows) if layout.transposed else (experts, rows // 2, columns)
+        return tuple(gate_up.mapped(shape, lambda matrix, part=part: gate_and_up_weights(layout, matrix)[part])
+                     for part in (0, 1))
     rows = gate_up.transpose(-1, -2) if layout.transposed else gate_up
     if layout.interleaved:
         return rows[..., ::2, :], rows[..., 1::2, :]
     gate, up = rows.chunk(2, dim=len(rows.shape) - 2)  # a positive dim: streamed ExpertStacks take only that
     return gate, up
+
+
+def down_weights(layout: ExpertLayout, down: torch.Tensor) -> torch.Tensor:
+    """The down weights [..., hidden, ffn] (a row per output, as F.linear takes them) of a down stack or matrix
+    (or of a streamed ExpertStack, transposed as each expert is read)."""
+    if not layout.transposed:
+        return down
+    if not isinstance(down, torch.Tensor):
+        experts, rows, columns = down.shape
+        return down.mapped((experts, columns, rows), lambda matrix: matrix.transpose(-1, -2))
+    return down.transpose(-1, -2)
+
+
+def gate_and_up_biases(layout: ExpertLayout, gate_up_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) biases [..., ffn] of a gate_up bias stored as the layout says."""
+    return _gate_and_up(layout, gate_up_bias)
 
 
 def _gate_and_up(layout: ExpertLayout, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

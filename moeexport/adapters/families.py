@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from moeexport.adapters.declaration import NOAUX_TC, SIGMOID, FFNWidths, Family, LatentAttention, ModelConfig, Routing
+from moeexport.adapters.declaration import CLAMPED_SWIGLU, ExpertLayout  # gpt-oss
 from moeexport.adapters.registry import register
 
 
@@ -222,5 +223,35 @@ GLM4_MOE_LITE = register(
         latent_attention=_deepseek_latent_attention,
         # mlp_layer_types lists every layer's kind: Block Drop's per-layer lists follow their layers already
         own_config_values=_glm4_moe_lite_config_values,
+    )
+)
+
+
+# --- gpt-oss -------------------------------------------------------------------------------------------------------
+
+def _gpt_oss_expert_layout(config) -> ExpertLayout:
+    """transformers' GptOssExperts: gate_up_proj [E, hidden, 2*ffn] applied as x @ W, gate and up columns
+    alternating, biases beside both stacks, the clamped SwiGLU of config.swiglu_alpha / swiglu_limit."""
+    return ExpertLayout(activation=CLAMPED_SWIGLU, interleaved=True, transposed=True, biases=True,
+                        alpha=float(config.swiglu_alpha), limit=float(config.swiglu_limit))
+
+
+def _gpt_oss_config_values(config: ModelConfig, widths: FFNWidths) -> dict:
+    return {"intermediate_size": widths.expert,  # the experts use it
+            "swiglu_alpha": config.experts.alpha, "swiglu_limit": config.experts.limit}
+
+
+GPT_OSS = register(
+    Family(
+        model_type="gpt_oss",
+        family="gpt-oss",
+        num_experts_key="num_local_experts",
+        # top-k of the router's logits (with its bias), then a softmax over those k
+        routing=lambda config: Routing(renormalize=False, softmax_over_top_k=True, router_bias=True),
+        expert_layout=_gpt_oss_expert_layout,
+        router="router",
+        router_tensors=("weight", "bias"),
+        moe_returns_router_scores=True,
+        own_config_values=_gpt_oss_config_values,
     )
 )

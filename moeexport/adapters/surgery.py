@@ -86,10 +86,31 @@ def _adapter(family: Family) -> MoEAdapter:
 
 
 class DroppedSublayer(nn.Module):
-    """Stands in for a removed MoE sublayer: the residual stream passes through unchanged."""
+    """Stands in for a removed MoE sublayer: the residual stream passes through unchanged.
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(hidden_states)
+    It returns what the sublayer it replaces returned: the hidden states, or with `router_scores` a pair whose
+    second part its decoder layer discards (gpt-oss).
+    """
+
+    def __init__(self, router_scores: bool = False):
+        super().__init__()
+        self.router_scores = router_scores
+
+    def forward(self, hidden_states: torch.Tensor):
+        zeros = torch.zeros_like(hidden_states)
+        return (zeros, None) if self.router_scores else zeros
+
+
+def sublayer_hidden(output):
+    """The hidden states a MoE sublayer returned (a family's sublayer may return its router scores beside them)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def silenced(output):
+    """A MoE sublayer's output with its hidden states zeroed, in the sublayer's own form (for a forward hook)."""
+    if isinstance(output, tuple):
+        return (torch.zeros_like(output[0]), *output[1:])
+    return torch.zeros_like(output)
 
 
 class NoRoutedExperts(nn.Module):
@@ -208,7 +229,7 @@ def _set_expert_counts(adapter: MoEAdapter, model: nn.Module, block: nn.Module, 
 def drop_moe_sublayer(adapter: MoEAdapter, model: nn.Module, layer: int) -> None:
     """Remove the norm + MoE sublayer of one layer; attention and the residual stay."""
     layer_module = decoder_layers(adapter, model)[layer]
-    setattr(layer_module, adapter.moe, DroppedSublayer())
+    setattr(layer_module, adapter.moe, DroppedSublayer(adapter.moe_returns_router_scores))
     setattr(layer_module, adapter.moe_norm, nn.Identity())
 
 

@@ -110,6 +110,9 @@ class Merge(CompressionPass):
         if options.layout == "alias" and "router" in options.model_fields_set:
             raise MoeExportError("merge layout=alias keeps every router row; the router option is for layout grouped")
 
+    def check_model(self, options: MergeOptions, model) -> None:
+        check_experts_can_merge(adapter_for(model.config), model.config)  # before any calibration
+
     def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: MergeOptions) -> MergePlan:
         moe_layers = [i for i, spec in enumerate(layers) if spec.kind == "moe" and spec.num_experts > 0]
         frequency = {layer: statistics.layers[layer].expert_frequency() for layer in moe_layers}
@@ -128,7 +131,6 @@ class Merge(CompressionPass):
 
     def apply(self, model, plan: MergePlan) -> None:
         adapter = adapter_for(model.config)
-        check_experts_can_merge(adapter, model.config)
         if plan.layout == "grouped":
             check_expert_count_change(adapter, model.config)
         views = {layer: adapter.layer_view(model, layer) for layer in plan.groups}

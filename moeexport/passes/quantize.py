@@ -145,9 +145,16 @@ class Quantize(ExpertSlimmingPass):
         """A streamed model's experts are rounded onto the grid as each is read (the same rounding, expert by
         expert: it works row by row). The outcome counts what is rewritten; zeros are not counted."""
         adapter, matrices, weights = adapter_for(model.config), 0, 0
+        transposed = adapter.expert_layout(model.config).transposed  # stored [inputs, outputs]: round its columns
+
+        def round_expert(matrix: torch.Tensor) -> torch.Tensor:
+            if transposed:
+                return self.fallback_slim(matrix.T[None], plan)[0].T
+            return self.fallback_slim(matrix[None], plan)[0]
+
         for layer in plan.layers:
             experts = adapter.layer_view(model, layer).experts
-            stream.transform_experts(layer, lambda matrix: self.fallback_slim(matrix[None], plan)[0])
+            stream.transform_experts(layer, round_expert)
             matrices += 2 * experts.gate_up_proj.shape[0]
             weights += experts.gate_up_proj.numel() + experts.down_proj.numel()
         outcome = SlimmingOutcome(tokens_seen={}, fallbacks=[], matrices=matrices, weights=weights, zeros=None,

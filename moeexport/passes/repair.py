@@ -76,6 +76,15 @@ def _rebuilt_layers(adapter, model, keep: dict[int, list[int]]) -> list[int]:
             if views[layer].experts is not None and 0 < len(kept) < views[layer].num_experts]
 
 
+def check_refit_layout(model) -> None:
+    """Refuse expert layouts the rebuild does not write back: it moves neurons as bias-free gate and up rows."""
+    adapter = adapter_for(model.config)
+    layout = adapter.expert_layout(model.config)
+    if layout.biases or layout.interleaved or layout.transposed:
+        raise MoeExportError(f"expert_drop repair: refit rebuilds bias-free experts stored gate rows then up rows, which "
+                             f"{adapter.family}'s (biases, interleaved and transposed) are not; use repair: none")
+
+
 def check_refit_size(model, keep: dict[int, list[int]]) -> None:
     """Refuse, before any work, a layer whose least-squares system would not fit MAX_GRAM_BYTES."""
     adapter = adapter_for(model.config)

@@ -209,12 +209,18 @@ def _targets(view: LayerView, inputs, shared: bool):
     """Stacks of target matrices of one MoE layer: (weights [B, N, K], a view: writing it changes the
     model; their MatrixInputs, or None without calibration; whether they are routed experts)."""
     experts = view.experts
-    yield experts.gate_up_proj.data, inputs.gate_up if inputs else None, True
-    yield experts.down_proj.data, inputs.down if inputs else None, True
+    yield _rows_out(view, experts.gate_up_proj.data), inputs.gate_up if inputs else None, True
+    yield _rows_out(view, experts.down_proj.data), inputs.down if inputs else None, True
     for number, module in enumerate(view.shared_experts if shared else ()):
         into, middle = inputs.shared[number] if inputs else (None, None)
         for linear, seen in ((module.gate_proj, into), (module.up_proj, into), (module.down_proj, middle)):
             yield linear.weight.data[None], None if seen is None else [seen], False
+
+
+def _rows_out(view: LayerView, stack: torch.Tensor) -> torch.Tensor:
+    """An expert stack as [E, outputs, inputs], the orientation the slimming methods work in (a view of a
+    transposed layout's [E, inputs, outputs] stack: writing it writes the model)."""
+    return stack.transpose(-1, -2) if view.layout.transposed else stack
 
 
 def _routed_layers(model) -> list[LayerView]:
@@ -226,8 +232,9 @@ def target_input_widths(model, shared: bool) -> dict[str, int]:
     """Input widths of the matrices a slimming pass would rewrite, named for error messages."""
     widths = {}
     for view in _routed_layers(model):
-        widths["expert input (hidden size)"] = view.experts.gate_up_proj.shape[-1]
-        widths["expert intermediate size"] = view.experts.down_proj.shape[-1]
+        inputs = -2 if view.layout.transposed else -1
+        widths["expert input (hidden size)"] = view.experts.gate_up_proj.shape[inputs]
+        widths["expert intermediate size"] = view.experts.down_proj.shape[inputs]
         for module in view.shared_experts if shared else ():
             widths["shared expert intermediate size"] = module.down_proj.in_features
     return widths

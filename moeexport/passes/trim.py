@@ -42,7 +42,8 @@ from moeexport.calibration.damage import BLOCK, EXPERT, MOE, Removed
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
 from moeexport.passes.base import MEASURED, CompressionPass, PassOptions, check_expert_keep, check_moe_remains
-from moeexport.passes.repair import check_refit_size, refit_and_keep, refit_attention_outputs, residuals_at
+from moeexport.passes.repair import (check_refit_layout, check_refit_size, refit_and_keep, refit_attention_outputs,
+                                     residuals_at)
 
 
 def _top_n(scores: list[float], n: int) -> list[int]:
@@ -372,6 +373,8 @@ class ExpertDrop(_Repairable):
             )
 
     def check_model(self, options: ExpertDropOptions, model) -> None:
+        if options.repair == "refit":
+            check_refit_layout(model)
         config = adapter_for(model.config).model_config(model.config)
         if config.routing.groups > 1 or config.routing.method == NOAUX_TC:
             _check_grouped_drop(options, config.routing, config.top_k)
