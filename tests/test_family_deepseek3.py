@@ -287,6 +287,14 @@ def test_gguf_refuses_what_deepseek2_would_compute_otherwise(tmp_path):
                                   topk_group=2)
     with pytest.raises(MoeExportError, match="sum of its best two experts.*by its best one"):
         gguf_backend.export(grouped_v2, tmp_path / "b.gguf")
+    yarn = _demo_vocabulary("deepseek_v3", rope_parameters={  # as DeepSeek-V3's hub config
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
+    with pytest.raises(MoeExportError, match="RoPE is scaled \\(rope_type 'yarn'\\)"):
+        gguf_backend.export(yarn, tmp_path / "d.gguf")
+    lite_shaped = _demo_vocabulary("glm4_moe_lite", num_hidden_layers=27)  # with a q LoRA, but 27 layers
+    with pytest.raises(MoeExportError, match="27 layers for a 'Lite' variant without a q LoRA"):
+        gguf_backend.export(lite_shaped, tmp_path / "c.gguf")
 
 
 # --- ONNX ------------------------------------------------------------------------------------------------------
@@ -311,3 +319,42 @@ def test_onnx_lowers_groups_scored_by_their_best_expert_too(moe_ops, tmp_path):
     artifact = onnx_backend.export(model, tmp_path / "m.onnx", moe_ops=moe_ops)
     fidelity = compare(TorchRunner(model), onnx_backend.Runner(artifact.path), random_tokens(2, 24))
     assert fidelity.max_abs_logit <= 1e-4 and fidelity.top1_agreement == 1.0, fidelity
+
+
+# --- the synthetic GLM-4.7-Flash checkpoint (tools/make_synthetic_checkpoint.py) ------------------------------
+
+GLM_AT_TEST_WIDTHS = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                          vocab_size=2048, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
+                          kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+
+
+def _synthetic_tool():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "make_synthetic_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("make_synthetic_checkpoint", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_glm_4_7_flash_preset_is_the_hub_layout_and_streams_to_the_same_gguf(tmp_path):
+    import json
+
+    tool = _synthetic_tool()
+    settings = [arg for key, value in GLM_AT_TEST_WIDTHS.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    assert tool.main(["glm-4.7-flash", str(tmp_path / "ckpt"), "--layers", "2", *settings]) == 0
+    index = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert index["mlp_layer_types"] == ["dense", "sparse"] and index["n_routed_experts"] == 8
+    names = {name for name, _ in tool.tensor_specs(tool.make_config("glm-4.7-flash", 2, GLM_AT_TEST_WIDTHS))}
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in names  # per expert, as the hub stores them
+    assert {"model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.0.mlp.gate_proj.weight",
+            "model.layers.1.mlp.shared_experts.up_proj.weight", "model.layers.0.self_attn.q_a_proj.weight"} <= names
+    recipe = parse_recipe({"passes": [{"expert_drop": {"keep": 4, "score": "random"}}]})
+    files = []
+    for loader in (load, load_streamed):
+        lm = loader(tmp_path / "ckpt")
+        compress(lm, recipe, None)
+        files.append(gguf_backend.export(lm, tmp_path / f"{loader.__name__}.gguf", quant="q8_0").path.read_bytes())
+    assert files[0] == files[1]

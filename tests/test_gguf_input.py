@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoConfig
 
 import moeexport
 from moeexport.adapters import adapter_for
+from moeexport.adapters.declaration import SIGMOID
 from moeexport.adapters.surgery import structure
 from moeexport.backends import gguf as gguf_backend
 from moeexport.backends.gguf.reader import GGUFFile, carried_codes
@@ -22,7 +24,7 @@ from moeexport.checkpoint_files import DEMO_MODEL
 from moeexport.recipe import parse_recipe
 from moeexport.source import open_source
 from tests.conftest import CORPUS, FIXTURE, needs_shared
-from tests.tiny_models import random_tokens, tiny_model
+from tests.tiny_models import COMMON, TINY_CONFIGS, random_tokens, tiny_model
 
 HELD_OUT = Path(__file__).with_name("held_out_text.txt")
 TRIMS = {
@@ -62,8 +64,20 @@ def _cases():
             yield family, trim
 
 
+def _sigmoid_gated(family: str) -> bool:
+    """Families whose GGUFs route by sigmoid scores, which the reader refuses (not read back yet)."""
+    config = AutoConfig.for_model(family, **(COMMON | TINY_CONFIGS[family]))
+    return adapter_for(config).model_config(config).routing.scores == SIGMOID
+
+
 @pytest.mark.parametrize("family,trim", list(_cases()))
 def test_load_reads_a_gguf_back_as_the_model_it_was_written_from(family, trim, tmp_path):
+    if _sigmoid_gated(family):  # written (tests/test_family_deepseek3.py), refused when read back
+        model = _tiny(family)
+        written = gguf_backend.export(model, tmp_path / "m.gguf")
+        with pytest.raises(MoeExportError, match="routes by sigmoid scores.*does not read from a GGUF yet"):
+            moeexport.load(written.path)
+        return
     model = _compressed(_tiny(family), TRIMS[trim])
     written = gguf_backend.export(model, tmp_path / "m.gguf")
     loaded = moeexport.load(written.path)

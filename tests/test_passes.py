@@ -17,7 +17,7 @@ from moeexport.compress import StatisticsProvider, compress
 from moeexport.errors import MoeExportError
 from moeexport.passes.trim import BlockDrop, BlockDropOptions, ExpertDropOptions, ExpertDrop, LayerDrop, LayerDropOptions
 from moeexport.recipe import parse_recipe
-from tests.tiny_models import FAMILIES, TINY_CONFIGS, random_tokens, tiny_model
+from tests.tiny_models import COMMON, FAMILIES, TINY_CONFIGS, random_tokens, tiny_model
 
 RECIPES = {
     "block_drop": [{"block_drop": {"n": 1}}],
@@ -37,7 +37,7 @@ def _scores_groups_by_best_two(family: str) -> bool:
     """DeepSeek-V3's router (NOAUX_TC) scores its expert groups by their best two experts: Expert Drop refuses
     unequal groups and layers left with fewer than two (tests/test_family_deepseek3.py), so a layer of it is
     never emptied and some recipes here are refused for it."""
-    config = AutoConfig.for_model(family, **TINY_CONFIGS[family])
+    config = AutoConfig.for_model(family, **(COMMON | TINY_CONFIGS[family]))
     return adapter_for(config).model_config(config).routing.method == NOAUX_TC
 
 

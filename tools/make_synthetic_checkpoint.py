@@ -72,6 +72,16 @@ PRESETS = {
         "attention_bias": False, "router_aux_loss_coef": 0.01, "tie_word_embeddings": False,
     },
 }
+# zai-org/GLM-4.7-Flash's config.json (its MTP layer, num_nextn_predict_layers 1, is not written)
+PRESETS["glm-4.7-flash"] = {
+    "model_type": "glm4_moe_lite", "architectures": ["Glm4MoeLiteForCausalLM"], "hidden_size": 2048,
+    "intermediate_size": 10240, "moe_intermediate_size": 1536, "num_hidden_layers": 47, "num_attention_heads": 20,
+    "num_key_value_heads": 20, "vocab_size": 154880, "max_position_embeddings": 202752, "rope_theta": 1e6,
+    "rms_norm_eps": 1e-5, "hidden_act": "silu", "q_lora_rank": 768, "kv_lora_rank": 512, "qk_nope_head_dim": 192,
+    "qk_rope_head_dim": 64, "v_head_dim": 256, "n_routed_experts": 64, "n_shared_experts": 1,
+    "num_experts_per_tok": 4, "norm_topk_prob": True, "routed_scaling_factor": 1.8, "n_group": 1, "topk_group": 1,
+    "attention_bias": False, "tie_word_embeddings": False,
+}
 PRESETS["tiny-mixtral"] = PRESETS["mixtral-8x7b"] | {  # for tests: Mixtral's structure at small widths
     "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
     "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 2048,
@@ -85,12 +95,17 @@ class Layout(NamedTuple):
     gate_up_down: tuple[str, str, str]  # the expert projections: hidden->ffn (gated), hidden->ffn, ffn->hidden
     expert_width: str  # the config key of one expert's ffn width
     qk_norm: str | None  # None, "head" (over head_dim) or "projection" (over q_proj's / k_proj's whole output)
+    latent: bool = False  # multi-head latent attention (q_a/q_b, kv_a/kv_b projections) instead of q/k/v
+    shared: str | None = None  # the shared experts' module inside the MoE sublayer (one MLP, n_shared wide)
+    router_extra: tuple[str, ...] = ()  # per-expert router tensors besides `gate.weight` (a selection bias)
 
 
 LAYOUTS = {
     "mixtral": Layout("block_sparse_moe", ("w1", "w3", "w2"), "intermediate_size", None),
     "qwen3_moe": Layout("mlp", ("gate_proj", "up_proj", "down_proj"), "moe_intermediate_size", "head"),
     "olmoe": Layout("mlp", ("gate_proj", "up_proj", "down_proj"), "intermediate_size", "projection"),
+    "glm4_moe_lite": Layout("mlp", ("gate_proj", "up_proj", "down_proj"), "moe_intermediate_size", None, latent=True,
+                            shared="shared_experts", router_extra=("e_score_correction_bias",)),
 }
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
@@ -146,27 +161,61 @@ def tensor_specs(config) -> list[tuple[str, tuple[int, ...]]]:
     q_width, kv_width = facts.num_heads * head_dim, facts.num_kv_heads * head_dim
     gate, up, down = layout.gate_up_down
     specs = [("model.embed_tokens.weight", (facts.vocab_size, hidden))]
+    dense = _dense_layers(config)
     for i in range(config.num_hidden_layers):
         layer, moe = f"model.layers.{i}", f"model.layers.{i}.{layout.moe}"
-        specs += [(f"{layer}.input_layernorm.weight", (hidden,)),
-                  (f"{layer}.self_attn.q_proj.weight", (q_width, hidden)),
-                  (f"{layer}.self_attn.k_proj.weight", (kv_width, hidden)),
-                  (f"{layer}.self_attn.v_proj.weight", (kv_width, hidden)),
-                  (f"{layer}.self_attn.o_proj.weight", (hidden, q_width))]
+        specs += [(f"{layer}.input_layernorm.weight", (hidden,))]
+        if layout.latent:
+            specs += _latent_attention_specs(f"{layer}.self_attn", facts)
+        else:
+            specs += [(f"{layer}.self_attn.q_proj.weight", (q_width, hidden)),
+                      (f"{layer}.self_attn.k_proj.weight", (kv_width, hidden)),
+                      (f"{layer}.self_attn.v_proj.weight", (kv_width, hidden)),
+                      (f"{layer}.self_attn.o_proj.weight", (hidden, q_width))]
         if layout.qk_norm:
             per_head = layout.qk_norm == "head"
             specs += [(f"{layer}.self_attn.q_norm.weight", (head_dim if per_head else q_width,)),
                       (f"{layer}.self_attn.k_norm.weight", (head_dim if per_head else kv_width,))]
-        specs += [(f"{layer}.post_attention_layernorm.weight", (hidden,)),
-                  (f"{moe}.gate.weight", (facts.num_experts, hidden))]
+        specs += [(f"{layer}.post_attention_layernorm.weight", (hidden,))]
+        if i in dense:
+            specs += _mlp_specs(moe, hidden, config.intermediate_size)
+            continue
+        specs += [(f"{moe}.gate.weight", (facts.num_experts, hidden))]
+        specs += [(f"{moe}.gate.{name}", (facts.num_experts,)) for name in layout.router_extra]
         for j in range(facts.num_experts):
             specs += [(f"{moe}.experts.{j}.{gate}.weight", (width, hidden)),
                       (f"{moe}.experts.{j}.{up}.weight", (width, hidden)),
                       (f"{moe}.experts.{j}.{down}.weight", (hidden, width))]
+        if layout.shared:
+            specs += _mlp_specs(f"{moe}.{layout.shared}", hidden, width * facts.shared_expert_count)
     specs += [("model.norm.weight", (hidden,))]
     if not config.tie_word_embeddings:
         specs += [("lm_head.weight", (facts.vocab_size, hidden))]
     return specs
+
+
+def _dense_layers(config) -> set[int]:
+    """The layers with a dense MLP instead of experts (mlp_layer_types; none in the other presets' families)."""
+    return {i for i, kind in enumerate(getattr(config, "mlp_layer_types", None) or []) if kind == "dense"}
+
+
+def _mlp_specs(prefix: str, hidden: int, width: int) -> list[tuple[str, tuple[int, ...]]]:
+    return [(f"{prefix}.gate_proj.weight", (width, hidden)), (f"{prefix}.up_proj.weight", (width, hidden)),
+            (f"{prefix}.down_proj.weight", (hidden, width))]
+
+
+def _latent_attention_specs(prefix: str, facts) -> list[tuple[str, tuple[int, ...]]]:
+    """Multi-head latent attention's projections and norms (q through a LoRA of q_lora_rank)."""
+    latent, hidden, heads = facts.latent, facts.hidden_size, facts.num_heads
+    qk_width = latent.qk_nope_head_dim + latent.qk_rope_head_dim
+    return [(f"{prefix}.q_a_proj.weight", (latent.q_lora_rank, hidden)),
+            (f"{prefix}.q_a_layernorm.weight", (latent.q_lora_rank,)),
+            (f"{prefix}.q_b_proj.weight", (heads * qk_width, latent.q_lora_rank)),
+            (f"{prefix}.kv_a_proj_with_mqa.weight", (latent.kv_lora_rank + latent.qk_rope_head_dim, hidden)),
+            (f"{prefix}.kv_a_layernorm.weight", (latent.kv_lora_rank,)),
+            (f"{prefix}.kv_b_proj.weight",
+             (heads * (latent.qk_nope_head_dim + latent.v_head_dim), latent.kv_lora_rank)),
+            (f"{prefix}.o_proj.weight", (hidden, heads * latent.v_head_dim))]
 
 
 def shard_plan(specs, element_size: int, shard_size: int) -> list[list[tuple[str, tuple[int, ...]]]]:

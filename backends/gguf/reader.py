@@ -44,12 +44,13 @@ def per_expert(name: str) -> bool:
 
 
 def host_families() -> dict[str, str]:
-    """general.architecture -> the HF model_type it hosts (padded hosts included)."""
+    """general.architecture -> the HF model_type it hosts (padded hosts included); where several families share a
+    host, the first in the table, the one whose files read_config reads."""
     hosts = {}
     for model_type, architecture in ARCHITECTURES.items():
-        hosts[architecture.name] = model_type
+        hosts.setdefault(architecture.name, model_type)
         if architecture.padded_host is not None:
-            hosts[architecture.padded_host.name] = model_type
+            hosts.setdefault(architecture.padded_host.name, model_type)
     return hosts
 
 
@@ -183,6 +184,9 @@ def read_config(file: "GGUFFile | str | Path"):
     model_type = _model_type(file)
     if file.value("expert_count") in (None, 0):
         raise MoeExportError(f"{file.path} holds a dense {file.architecture} model, not a mixture of experts")
+    if file.value("expert_gating_func") == _gguf().ExpertGatingFuncType.SIGMOID:
+        raise MoeExportError(f"{file.path} routes by sigmoid scores (with a selection bias or expert groups), "
+                             "which moeexport does not read from a GGUF yet: start from the HF checkpoint")
     architecture = ARCHITECTURES[model_type]
     layers = trunk_layers(file)
     tensors = file.tensors

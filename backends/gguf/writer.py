@@ -140,6 +140,10 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
             f"llama.cpp scores an expert group by the sum of its best two experts, but this model's router "
             f"(topk_method={routing.method!r}) scores it by its best one; its GGUF would route elsewhere"
         )
+    rope_type = config.rope_scaling.get("rope_type", "default")
+    if rope_type != "default" and not (architecture.yarn and rope_type == "yarn"):  # no scaling keys written
+        raise MoeExportError(f"this model's RoPE is scaled (rope_type {rope_type!r}), which the GGUF writer does not "
+                             "write yet: its GGUF would rotate and scale attention otherwise (export ONNX instead)")
     if architecture.latent_attention and not config.latent.rope_interleaved:
         raise MoeExportError(f"llama.cpp's {architecture.name} rotates interleaved RoPE pairs, and this model has "
                              "rope_interleave: false; its GGUF would compute another attention")
@@ -167,6 +171,12 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
             f"llama.cpp's {architecture.name} recognises a model without a q LoRA (a 'Lite' variant) only by its "
             f"26 or 27 layers; with {len(layers)} it expects q_a/q_b tensors: this model cannot be written after "
             "Block Drop"
+        )
+    lite_by_shape = len(layers) in (26, 27) or (len(layers) == 48 and config.vocab_size == 128256)  # llama.cpp's test
+    if architecture.latent_attention and config.latent.q_lora_rank is not None and lite_by_shape:
+        raise MoeExportError(
+            f"llama.cpp's {architecture.name} takes a model of {len(layers)} layers for a 'Lite' variant without a q "
+            "LoRA and would not load this model's q_a/q_b tensors: keep another number of layers (Block Drop)"
         )
     padded_host = architecture.padded_host
     if len(routed) > 1 and architecture.pads_experts:
@@ -274,6 +284,12 @@ def export(
     return result
 
 
+def _expert_groups(routing) -> bool:
+    """The router chooses within its best expert groups, and it matters (llama.cpp takes fewer than all groups
+    only; choosing within all of them is plain top-k)."""
+    return routing.groups > 1 and routing.top_groups < routing.groups
+
+
 def _moe_rule_differs(config: ModelConfig, host: GGUFArchitecture) -> str | None:
     """How the host's fixed routing and expert computation differ from the model's (None: they agree)."""
     layout, rule = config.experts, config.routing
@@ -288,12 +304,6 @@ def _moe_rule_differs(config: ModelConfig, host: GGUFArchitecture) -> str | None
                if host.clamped_swiglu else "has no clamped SwiGLU")
         return f"{own} in its experts, and this model's experts compute {layout.activation} {clamped or ''}".rstrip()
     return None
-
-
-def _expert_groups(routing) -> bool:
-    """The router chooses within its best expert groups, and it matters (llama.cpp takes fewer than all groups
-    only; choosing within all of them is plain top-k)."""
-    return routing.groups > 1 and routing.top_groups < routing.groups
 
 
 def _describe_representation(plan: _Plan) -> str:
@@ -1007,13 +1017,14 @@ def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _P
         tensors.add(name(gate_kind, ".bias"), gate_bias, keep_f32=True)
         tensors.add(name(up_kind, ".bias"), up_bias, keep_f32=True)
         tensors.add(name(down_kind, ".bias"), _pad_experts(experts.down_proj_bias, pads), keep_f32=True)
-    if view.selection_bias is not None:  # the model's own, and -1e9 for any pads: never chosen
-        own = view.selection_bias.detach().float()  # on the meta device in a streamed model's header pass
-        bias = torch.cat([own, torch.full((pads,), -1e9, device=own.device)])
-        tensors.add(name("FFN_EXP_PROBS_B", host.selection_bias_suffix), bias)
+    bias = None
+    if view.selection_bias is not None:  # the model's own (a meta tensor in the header pass), then the pads' -1e9
+        bias = view.selection_bias.float()
+        bias = torch.cat([bias, bias.new_full((pads,), -1e9)]) if pads else bias
     elif pads and not host.pads_by_router_bias:
         real = plan.num_experts - pads
         bias = np.array([0.0] * real + [-1e9] * pads, np.float32)
+    if bias is not None:
         tensors.add(name("FFN_EXP_PROBS_B", plan.architecture.selection_bias_suffix), bias)
     for shared in view.shared_experts:
         _write_ffn(tensors, name, SHARED_FFN, shared)

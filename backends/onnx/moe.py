@@ -60,6 +60,11 @@ class RoutedExperts:
     top_k: int
     renormalize: bool
     scale: float  # multiplier on the routed weights
+    sigmoid: bool = False  # each expert's score is sigmoid(logit), not a softmax over the experts
+    selection_bias: np.ndarray | None = None  # [E], added to the scores to choose the k, not to weigh them
+    groups: int = 1  # the k are chosen within the `top_groups` best of `groups` equal, consecutive groups...
+    top_groups: int = 1
+    group_score: str = "top2_sum"  # ...a group scoring the sum of its best two choice scores, or its "max"
     layout: ExpertLayout = ExpertLayout()  # how the stacks are stored and what an expert computes
     router_bias: np.ndarray | None = None  # [E], added to the router logits
     softmax_over_top_k: bool = False  # the k weights are a softmax over the k chosen logits (gpt-oss)
@@ -81,11 +86,6 @@ class RoutedExperts:
     def gate_and_up_biases(self) -> tuple[np.ndarray, np.ndarray]:
         """The gate and up biases [E, I]."""
         return tuple(np.ascontiguousarray(part) for part in gate_and_up_biases(self.layout, self.gate_up_bias))
-    sigmoid: bool = False  # each expert's score is sigmoid(logit), not a softmax over the experts
-    selection_bias: np.ndarray | None = None  # [E], added to the scores to choose the k, not to weigh them
-    groups: int = 1  # the k are chosen within the `top_groups` best of `groups` equal, consecutive groups...
-    top_groups: int = 1
-    group_score: str = "top2_sum"  # ...a group scoring the sum of its best two choice scores, or its "max"
 
     @property
     def count(self) -> int:
