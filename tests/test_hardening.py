@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,6 +214,42 @@ def test_tied_embeddings_may_leave_lm_head_out(demo_copy):
     edit_config(demo_copy, tie_word_embeddings=True)
     model = moeexport.load(demo_copy)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "no-stream"])
+def test_a_stored_head_under_a_tied_config_is_kept_as_transformers_keeps_it(stream, demo_copy, tmp_path):
+    """config.json says tie_word_embeddings but the file holds its own, different lm_head: transformers keeps the
+    file's head; so does moeexport, streamed or not, and the checkpoint it writes gives transformers' logits."""
+    from transformers import AutoModelForCausalLM
+
+    from moeexport.pipeline import CompressOptions, compress
+    from moeexport.streaming import logits
+
+    edit_config(demo_copy, tie_word_embeddings=True)
+    tokens = torch.arange(3, 35)[None]
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(demo_copy).eval()(input_ids=tokens).logits.numpy()
+    read = (logits(moeexport.modelio.load_streamed(demo_copy), tokens) if stream
+            else moeexport.load(demo_copy)(input_ids=tokens).logits.numpy())
+    assert abs(read - expected).max() < 1e-4
+    calibration = moeexport.CalibrationOptions(source=str(Path(__file__).with_name("held_out_text.txt")),
+                                               samples=2, length=32)
+    out = tmp_path / "out"
+    compress(str(demo_copy), {"passes": []},
+             CompressOptions(out=str(out), stream=stream, measure_quality=False, calibration=calibration))
+    with torch.no_grad():
+        written = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=tokens).logits.numpy()
+    assert abs(written - expected).max() < 1e-4
+
+
+def test_a_tie_that_replaces_a_stored_weight_is_refused_as_a_bug(demo_copy, monkeypatch):
+    """The streamed reference cannot silently share a tying bug: a tie that overwrote the stored head is caught."""
+    from moeexport.streaming import LayerStream, logits
+
+    edit_config(demo_copy, tie_word_embeddings=True)
+    monkeypatch.setattr(LayerStream, "_untie_stored_copies", lambda self: None)
+    with pytest.raises(MoeExportError, match="lm_head.weight is not the checkpoint's lm_head.weight after tying"):
+        logits(moeexport.modelio.load_streamed(demo_copy), torch.arange(3, 11)[None])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
