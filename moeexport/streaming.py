@@ -216,6 +216,8 @@ class LayerStream:
         self.model.load_state_dict(weights, assign=True, strict=False)
         self.model.tie_weights(recompute_mapping=False)  # the ties settled when the stream opened, not the config's
         _require_as_read(self.model, weights)
+        for name, tensor in weights.items():
+            self._require_finite(name, tensor)
         del weights
         owners = [module for name, module in self.model.named_modules()
                   if not (name + ".").startswith(layers) and any(True for _ in module.parameters(recurse=False))
@@ -247,7 +249,7 @@ class LayerStream:
         """The token embeddings of `input_ids`, reading only the rows of the tokens that occur."""
         name = self.adapter.embeddings + ".weight"
         used, positions = torch.unique(input_ids, return_inverse=True)
-        return self.checkpoint.rows(name, used).to(self.dtype)[positions]
+        return self._require_finite(name, self.checkpoint.rows(name, used)).to(self.dtype)[positions]
 
     def head_blocks(self, rows: int = 4096):
         """(first row, the LM head's rows [first, first + rows) in the compute dtype), covering the head."""
@@ -257,7 +259,16 @@ class LayerStream:
         vocabulary = self.checkpoint.shape(name)[0]
         for first in range(0, vocabulary, rows):
             indices = torch.arange(first, min(first + rows, vocabulary))
-            yield first, self.checkpoint.rows(name, indices).to(self.dtype)
+            yield first, self._require_finite(name, self.checkpoint.rows(name, indices)).to(self.dtype)
+
+    def _require_finite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (weights read outside the layers: embeddings, head, final norm), refused when it holds NaN or
+        Inf unless non-finite weights are allowed; the layers' weights are checked as they are read."""
+        if self.check_finite and tensor.is_floating_point() and tensor.numel() and \
+                not all(torch.isfinite(bound) for bound in torch.aminmax(tensor)):
+            raise MoeExportError(f"{self.model.config.name_or_path}: {name} has non-finite values (NaN or Inf): the "
+                                 "checkpoint is corrupt; fetch it again (or pass --allow-nonfinite)")
+        return tensor
 
     def _name(self, layer: int, name: str) -> str:
         return f"{self.adapter.layers}.{layer}.{name}"
