@@ -30,6 +30,7 @@ from tests.tiny_models import FAMILIES, random_tokens, tiny_model
 SMALL_CALIBRATION = ["--calib-samples", "2", "--calib-length", "32"]
 PROSE = "The river rose in the night and by morning the bridge was gone; the village waited for the boats. " * 40
 WEIGHTS = "model.safetensors"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @pytest.fixture
@@ -184,6 +185,36 @@ def test_damaged_checkpoints_are_refused_by_name(case, demo_copy, text, capsys):
     damage(demo_copy)
     line = one_line_error(capsys, ["eval", str(demo_copy), "--text", str(text)])
     assert message in line
+
+
+CONFIG_BOMBS = {
+    "1e9 experts": ({"num_local_experts": 10**9},
+                    "num_local_experts is 1000000000 but the weights hold at most 8 experts per layer"),
+    "1e5 layers": ({"num_hidden_layers": 10**5}, "num_hidden_layers is 100000 but the weights hold 4 layers"),
+    "a width of 2**40": ({"hidden_size": 2**40}, "hidden_size 1099511627776 do not match the embeddings' shape"),
+    "a vocabulary of 1e12": ({"vocab_size": 10**12}, "vocab_size 1000000000000 and hidden_size 128 do not match"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_BOMBS))
+def test_a_config_the_weights_do_not_bear_out_is_refused_before_any_model_is_built(case, demo_copy, text, capsys,
+                                                                                  monkeypatch):
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    changes, message = CONFIG_BOMBS[case]
+    edit_config(demo_copy, **changes)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built from the config")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", no_model)
+    started = time.perf_counter()
+    for argv in (["eval", str(demo_copy), "--text", str(text)],
+                 ["compress", str(demo_copy), "--recipe", str(RECIPES / "trim.yaml"), "--dry-run", "--max-memory", "1GB"]):
+        assert message in one_line_error(capsys, argv)
+    assert time.perf_counter() - started < 30
 
 
 def test_a_damaged_shard_behind_an_index_is_named(demo_copy):
