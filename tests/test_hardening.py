@@ -347,6 +347,75 @@ def test_text_with_nul_bytes_is_binary(tmp_path, capsys):
     assert "holds NUL bytes at offset 0: it is a binary file" in line
 
 
+# --- text read a piece at a time -----------------------------------------------------------------
+
+
+class _RecordingTokenizer:
+    """The demo tokenizer, recording the length of every text it is given."""
+
+    def __init__(self):
+        self.tokenizer, self.given = moeexport.load_tokenizer("demo"), []
+        self.eos_token_id = self.tokenizer.eos_token_id
+
+    def __call__(self, text, **kwargs):
+        self.given.append(len(text))
+        return self.tokenizer(text, **kwargs)
+
+
+def _one_line(path, words: int, seed: int = 0):
+    import random
+
+    vocabulary = PROSE.split()
+    path.write_text(" ".join(random.Random(seed).choices(vocabulary, k=words)))
+    return path
+
+
+def test_a_short_document_is_tokenized_whole_as_before(tmp_path):
+    from moeexport.calibration.sources import token_stream
+
+    tokenizer = _RecordingTokenizer()
+    stream = token_stream(tokenizer, [PROSE, PROSE[:500]])
+    whole = tokenizer.tokenizer(PROSE, add_special_tokens=False)["input_ids"]
+    assert stream.tolist()[:len(whole) + 1] == whole + [tokenizer.eos_token_id]
+    assert tokenizer.given == [len(PROSE), 500]
+
+
+def test_a_one_line_text_is_tokenized_in_pieces_cut_at_spaces(tmp_path, monkeypatch):
+    from moeexport.calibration import sources
+
+    monkeypatch.setattr(sources, "PIECE_CHARS", 4096)
+    text = _one_line(tmp_path / "one-line.txt", 40_000)
+    tokenizer = _RecordingTokenizer()
+    windows = sources.calibration_tokens(None, tokenizer, CalibrationConfig(str(text), 8, 64, 0))
+    assert windows.shape == (8, 64) and max(tokenizer.given) <= 4096 and len(tokenizer.given) > 20
+    whole = tokenizer.tokenizer(text.read_text(), add_special_tokens=False)["input_ids"]
+    pieces = sources.token_stream(tokenizer, [text.read_text()]).tolist()[:-1]
+    # cut at spaces, the pieces tokenize as the whole does, but for a token at a few cuts
+    assert abs(len(pieces) - len(whole)) <= len(tokenizer.given) and pieces[:500] == whole[:500]
+
+
+def test_held_out_windows_read_only_the_text_they_need(tmp_path):
+    """8 MB in one line: the first windows come from its first piece, within seconds and little memory."""
+    import subprocess
+    import sys
+    import time
+
+    text = _one_line(tmp_path / "one-line.txt", 1_600_000)
+    assert text.stat().st_size > 8 * 10**6
+    measure = ("import sys; from pathlib import Path; from moeexport.evaluate import eval_windows; "
+               "from moeexport.modelio import load_tokenizer; "
+               "before = next(int(l.split()[1]) for l in Path('/proc/self/status').read_text().splitlines() "
+               "if l.startswith('VmHWM:')); "
+               "windows = eval_windows(load_tokenizer('demo'), sys.argv[1], 256, 8); "
+               "after = next(int(l.split()[1]) for l in Path('/proc/self/status').read_text().splitlines() "
+               "if l.startswith('VmHWM:')); print(list(windows.shape), (after - before) * 1024)")
+    started = time.perf_counter()
+    shape, grown = subprocess.run([sys.executable, "-c", measure, str(text)], capture_output=True, text=True,
+                                  check=True).stdout.strip().rsplit(" ", 1)
+    assert shape == "[8, 256]" and int(grown) < 200 * 2**20  # the whole text tokenized at once: ~800 MB
+    assert time.perf_counter() - started < 30
+
+
 # --- the statistics cache cannot go stale -------------------------------------------------------
 
 PLAN = "passes:\n  - expert_drop: {keep: 5, scope: layer, score: frequency}\n"
