@@ -179,6 +179,10 @@ CASES = {
                             "llama.expert_used_count is 0; it must be between 1 and 8"),
     "a negative epsilon": (lambda s, o: rewritten(s, o, {"llama.attention.layer_norm_rms_epsilon": (F32, -1e-5)}),
                            "llama.attention.layer_norm_rms_epsilon is -9.99"),
+    "a NaN rope base": (lambda s, o: rewritten(s, o, {"llama.rope.freq_base": (F32, float("nan"))}),
+                        "llama.rope.freq_base is nan; it must be a finite number"),
+    "a zero rope base": (lambda s, o: rewritten(s, o, {"llama.rope.freq_base": (F32, 0.0)}),
+                         "llama.rope.freq_base is 0.0; it must be a positive number"),
     "overlapping tensors": (lambda s, o: patched_entry(s, o, "blk.0.attn_k.weight", offset_from="blk.0.attn_q.weight"),
                             "tensor blk.0.attn_k.weight's data at offset"),
     "an unknown extra tensor": (lambda s, o: rewritten(s, o, tensors={"blk.0.mystery.weight": (

@@ -98,7 +98,7 @@ def prescan(path: Path) -> dict[str, int]:
                                 f"{cursor.left()} bytes")
         alignment, lengths = DEFAULT_ALIGNMENT, {}
         for _ in range(entries):
-            key = cursor.string("a metadata key", 1 << 16).decode("utf-8", "replace")
+            key = cursor.string("a metadata key", 1 << 16).decode("utf-8", "replace")  # named in messages only
             kind = cursor.take("I", f"the type of {key}")
             if key == "general.alignment" and kind == 4 and cursor.left() >= 4:
                 alignment = struct.unpack_from(order + "I", data, cursor.at)[0]
@@ -114,7 +114,7 @@ def prescan(path: Path) -> dict[str, int]:
 def _skip_value(cursor: _Cursor, key: str, kind: int) -> int | None:
     """Past one metadata value; an array's length (None for a scalar)."""
     if kind == STRING:
-        cursor.string(f"the value of {key}")
+        _text(cursor, cursor.string(f"the value of {key}"), key)
     elif kind in SCALAR_SIZES:
         cursor.skip(SCALAR_SIZES[kind], f"the value of {key}")
     elif kind == ARRAY:
@@ -135,12 +135,21 @@ def _skip_value(cursor: _Cursor, key: str, kind: int) -> int | None:
                                  "not a model; fetch it from its publisher")
         if item == STRING:
             for _ in range(count):
-                cursor.string(f"an element of {key}")
+                element = cursor.string(f"an element of {key}")
+                if not key.startswith("tokenizer."):  # tokens may be bytes; the tokenizer converter reads them
+                    _text(cursor, element, key)
         else:
             cursor.skip(count * smallest, f"the elements of {key}")
         return count
     else:
         raise damaged(cursor.path, f"metadata {key} has unknown type {kind}")
+
+
+def _text(cursor: _Cursor, value: bytes, key: str) -> None:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise damaged(cursor.path, f"metadata {key} is not UTF-8 text (byte 0x{value[error.start]:02x})") from None
 
 
 def _tensor_entry(cursor: _Cursor, gguf) -> tuple[str, tuple[int, ...], int, int]:
@@ -244,6 +253,13 @@ def check_model(file) -> None:
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (0 < epsilon < 1):
         raise MoeExportError(f"{file.path}: {file.architecture}.attention.layer_norm_rms_epsilon is "
                              f"{_shown(epsilon)}; it must be a number between 0 and 1 (exclusive)")
+    for key, value in file.metadata.items():  # a NaN rope base or scale makes every logit NaN
+        if key.startswith(f"{file.architecture}.") and isinstance(value, float) and not math.isfinite(value):
+            raise MoeExportError(f"{file.path}: {key} is {value}; it must be a finite number")
+    base = file.value("rope.freq_base")
+    if base is not None and (isinstance(base, bool) or not isinstance(base, (int, float)) or base <= 0):
+        raise MoeExportError(f"{file.path}: {file.architecture}.rope.freq_base is {_shown(base)}; it must be a "
+                             "positive number")
     layers = _integer(file, "block_count", 1, MAX_LAYERS)
     _check_vocabulary(file, vocabulary)
     _check_names(file, layers)
