@@ -416,6 +416,77 @@ def test_held_out_windows_read_only_the_text_they_need(tmp_path):
     assert time.perf_counter() - started < 30
 
 
+# --- paths and sizes the command line is given -------------------------------------------------
+
+
+def test_an_out_through_a_symlink_loop_is_one_line(tmp_path, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("passes: []\n")
+    for out in (tmp_path / "a", tmp_path / "a" / "inside"):
+        line = one_line_error(capsys, ["compress", "demo", "--recipe", str(recipe), "--out", str(out)])
+        assert f"--out {out} cannot be resolved" in line and "symlink loop" in line
+
+
+def test_a_fifo_recipe_is_named_as_no_regular_file(tmp_path, capsys):
+    fifo = tmp_path / "recipe.yaml"
+    os.mkfifo(fifo)
+    line = one_line_error(capsys, ["compress", "demo", "--recipe", str(fifo), "--dry-run"])
+    assert f"recipe file {fifo} is not a regular file (a directory, FIFO or device)" in line
+
+
+@pytest.mark.parametrize("size", ["0.5", "0.9B", "0"])
+def test_a_max_memory_under_a_byte_is_refused_not_the_default(size, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("passes: []\n")
+    line = one_line_error(capsys, ["compress", "demo", "--recipe", str(recipe), "--dry-run", "--max-memory", size])
+    assert f"--max-memory {size!r} is" in line
+
+
+# --- two runs at once ------------------------------------------------------------------------------
+
+RUN = "import sys; from moeexport.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _compress_at_once(tmp_path, outs, env=None):
+    """Two `compress` runs of the demo model started together (the recipe observes calibration text):
+    (exit code, stderr) of each."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("passes:\n  - expert_drop: {keep: 6, score: frequency}\n")
+    text = Path(__file__).with_name("held_out_text.txt")
+    runs = [subprocess.Popen([sys.executable, "-c", RUN, "compress", "demo", "--recipe", str(recipe), "--out",
+                              str(out), "--calib", str(text), *SMALL_CALIBRATION, "--eval-text", str(text)],
+                             stderr=subprocess.PIPE, text=True, env=os.environ | (env or {}))
+            for out in outs]
+    return [(run.wait(timeout=300), run.stderr.read()) for run in runs]
+
+
+def test_two_compressions_into_one_out_at_once_leave_one_whole_output(tmp_path):
+    out = tmp_path / "out"
+    results = sorted(_compress_at_once(tmp_path, [out, out]))
+    (ok, _), (refused, message) = results
+    assert (ok, refused) == (0, 2), results
+    lines = [line for line in message.splitlines() if line.startswith("moeexport compress: error: ")]
+    assert "Traceback" not in message and len(lines) == 1, message
+    assert f"another moeexport run is writing {out}" in lines[0] or f"output {out} already exists" in lines[0]
+    assert moeexport.load(out).config.num_local_experts == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]  # no lock, staging or old copy
+
+
+def test_two_runs_sharing_a_cache_at_once_both_finish_and_agree(tmp_path):
+    cache = tmp_path / "cache"
+    results = _compress_at_once(tmp_path, [tmp_path / "one", tmp_path / "two"], {"MOEEXPORT_CACHE": str(cache)})
+    assert [code for code, _ in results] == [0, 0], results
+    one, two = (load_file(tmp_path / name / "model.safetensors") for name in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[name], two[name]) for name in one)
+    written = [path for path in cache.rglob("*") if path.is_file()]
+    assert written and not [path for path in written if ".partial" in path.name], written
+
+
 # --- the statistics cache cannot go stale -------------------------------------------------------
 
 PLAN = "passes:\n  - expert_drop: {keep: 5, scope: layer, score: frequency}\n"
