@@ -223,11 +223,12 @@ def _subject(given: str) -> _Subject:
     if not path.exists():
         raise MoeExportError(f"{given} does not exist")
     formats = formats_run()
-    if path.suffix not in formats:
-        kind = f"a {path.suffix} file" if path.suffix else "a file without an extension"
-        raise MoeExportError(f"{given} is {kind}: bench runs {' and '.join(formats)} files and model directories "
-                             "(or demo)")
-    return _Subject(given, path.resolve(), formats[path.suffix])
+    suffix = Path(path.name.removesuffix(".failed")).suffix  # an artifact that missed its validation is set aside
+    if suffix not in formats:
+        kind = f"a {suffix} file" if suffix else "a file without an extension"
+        raise MoeExportError(f"{given} is {kind}: bench runs {' and '.join(formats)} files (or those set aside as "
+                             "*.failed) and model directories (or demo)")
+    return _Subject(given, path.resolve(), formats[suffix])
 
 
 def formats_run() -> dict[str, str]:

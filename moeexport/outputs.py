@@ -155,6 +155,10 @@ def _remove_abandoned_staging(out: Path) -> None:
         pid = entry.name[len(f".{out.name}.partial-"):].split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(entry, ignore_errors=True)
+    for entry in out.parent.glob(f".{out.name}.old-*"):  # a run killed between publish's two renames
+        if not out.exists() and (entry / out.name).exists():
+            os.replace(entry / out.name, out)  # the previous result, which nothing replaced: back under its name
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

@@ -444,6 +444,30 @@ def test_a_max_memory_under_a_byte_is_refused_not_the_default(size, tmp_path, ca
     assert f"--max-memory {size!r} is" in line
 
 
+@pytest.mark.parametrize("published", [True, False], ids=["after the second rename", "between the renames"])
+def test_a_run_killed_while_publishing_leaves_nothing_the_next_run_does_not_clear(published, tmp_path):
+    """publish() moves the old output aside, renames the new one in, then deletes the old: a kill after the first
+    rename leaves `.NAME.old-*`; the next write into that output clears it, putting an unreplaced result back."""
+    from moeexport.outputs import staged
+
+    out = tmp_path / "out"
+    aside = tmp_path / ".out.old-killed"
+    (aside / "out").mkdir(parents=True)
+    (aside / "out" / "result.txt").write_text("previous")
+    if published:
+        out.mkdir()
+        (out / "result.txt").write_text("published")
+    else:
+        with staged(tmp_path / "elsewhere", overwrite=False):
+            pass  # another output's write does not touch this one's leftovers
+        assert aside.exists()
+    with staged(out, overwrite=True) as staging:
+        assert (out / "result.txt").read_text() == ("published" if published else "previous")
+        (staging / "result.txt").write_text("new")
+    assert (out / "result.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + ([] if published else ["elsewhere"]))
+
+
 # --- two runs at once ------------------------------------------------------------------------------
 
 RUN = "import sys; from moeexport.cli import main; sys.exit(main(sys.argv[1:]))"

@@ -307,3 +307,15 @@ def test_a_head_or_embeddings_that_dequantize_to_nan_are_refused(tensor, paramet
     crafted = _nan_scales(demo_gguf, tmp_path / "nan.gguf", tensor)
     line = one_line_error(capsys, ["eval", str(crafted), "--text", str(text), "--length", "32"])
     assert f"{parameter} has non-finite values (NaN or Inf)" in line and "--allow-nonfinite" in line
+
+
+def test_bench_takes_an_artifact_set_aside_as_failed(demo_gguf, tmp_path):
+    """README: a build that misses its tolerance renames its file *.failed, and bench measures it from there."""
+    from moeexport.bench import _subject
+
+    failed = tmp_path / "model-q8_0.gguf.failed"
+    failed.symlink_to(demo_gguf)
+    assert _subject(str(failed)).format == _subject(str(demo_gguf)).format
+    with pytest.raises(MoeExportError, match=r"notes.txt.failed is a .txt file: bench runs .*\*.failed"):
+        (tmp_path / "notes.txt.failed").write_text("x")
+        _subject(str(tmp_path / "notes.txt.failed"))
