@@ -468,6 +468,31 @@ def test_a_run_killed_while_publishing_leaves_nothing_the_next_run_does_not_clea
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + ([] if published else ["elsewhere"]))
 
 
+SEARCH_BEFORE_WORK = {
+    "--layer-drop 99": (["--max-size", "30%", "--layer-drop", "0,99"],
+                        "--layer-drop 99: demo has 4 decoder layers, so at most 4 can be dropped"),
+    "--block-drop 4": (["--max-size", "30%", "--block-drop", "1,4"],
+                       "--block-drop 4: demo has 4 decoder layers, so at most 3 can be dropped"),
+    "--max-size 101%": (["--max-size", "101%"], "--max-size '101%' is more than the untrimmed F16 GGUF itself"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEARCH_BEFORE_WORK))
+def test_a_search_that_cannot_succeed_is_refused_before_any_work(case, capsys, monkeypatch):
+    import time
+
+    from moeexport import search
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the search started")
+
+    monkeypatch.setattr(search, "_search", no_work)
+    flags, message = SEARCH_BEFORE_WORK[case]
+    started = time.perf_counter()
+    assert message in one_line_error(capsys, ["search", "demo", "--target", "gguf", *flags])
+    assert time.perf_counter() - started < 30
+
+
 # --- two runs at once ------------------------------------------------------------------------------
 
 RUN = "import sys; from moeexport.cli import main; sys.exit(main(sys.argv[1:]))"
