@@ -493,6 +493,47 @@ def test_a_search_that_cannot_succeed_is_refused_before_any_work(case, capsys, m
     assert time.perf_counter() - started < 30
 
 
+def test_a_bench_prompt_longer_than_the_context_is_one_line_before_any_run(capsys, monkeypatch):
+    from moeexport import bench
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("an artifact was run")
+
+    monkeypatch.setattr(bench, "profile_in_subprocess", no_run)
+    line = one_line_error(capsys, ["bench", "demo", "--prompt-tokens", "100000", "--repeats", "1"])
+    assert "make 100032 positions, more than the 2048 that demo was trained for" in line
+
+
+def test_a_long_prompt_reaches_the_profiling_process_on_stdin(monkeypatch):
+    """A prompt as a command-line argument exceeds the system's limit ("Argument list too long")."""
+    import json
+    import subprocess
+
+    from moeexport.backends import profile
+
+    calls = []
+
+    def run(argv, **kwargs):
+        calls.append((argv, kwargs))
+        return subprocess.CompletedProcess(argv, 0, stdout=json.dumps({"ok": True}), stderr="")
+
+    monkeypatch.setattr(profile.subprocess, "run", run)
+    assert profile.profile_in_subprocess("gguf", "m.gguf", list(range(300_000)), 4, 300_100) == {"ok": True}
+    (argv, kwargs), = calls
+    assert sum(len(part) for part in argv) < 200 and json.loads(kwargs["input"])["prompt"][-1] == 299_999
+
+
+def test_the_profiling_process_reads_its_request_from_stdin():
+    import json
+    import subprocess
+    import sys
+
+    request = json.dumps({"target": "nonesuch", "path": "x", "prompt": [1], "new_tokens": 1, "context": 8})
+    done = subprocess.run([sys.executable, "-m", "moeexport.backends.profile", "-"], input=request,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "nonesuch" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 # --- two runs at once ------------------------------------------------------------------------------
 
 RUN = "import sys; from moeexport.cli import main; sys.exit(main(sys.argv[1:]))"
