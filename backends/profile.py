@@ -100,28 +100,29 @@ def _serve(request: dict) -> None:
 
 
 def _profile_torch(request: dict) -> dict:
-    import os
-
     import torch  # before `before`: the runtime's memory is the model's and its activations', not torch's libraries
     from transformers.utils import logging
 
     from moeexport.memory import resident_bytes
     from moeexport.modelio import load
+    from moeexport.threads import default_threads
     from moeexport.validate import TorchRunner
 
     logging.disable_progress_bar()  # stderr carries only a failure's reason
     logging.set_verbosity_error()
-    torch.set_num_threads(request.get("threads") or os.cpu_count() or 1)
+    torch.set_num_threads(request.get("threads") or default_threads())
     before = resident_bytes()
     return _measured(TorchRunner(load(request["path"])), request, before)
 
 
 def _measured(runner, request: dict, before: int) -> dict:
     from moeexport.memory import resident_bytes
+    from moeexport.threads import default_threads
 
     result = runner.profile(request["prompt"], request["new_tokens"])
     result["runtime_rss_bytes"] = resident_bytes() - before
     result["peak_rss_bytes"] = _peak_resident_bytes()
+    result["threads"] = request.get("threads") or default_threads()
     return result
 
 

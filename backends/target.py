@@ -19,6 +19,8 @@ measures an artifact built from an artifact of the same format against it
 
 from __future__ import annotations
 
+import importlib.util
+
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,6 +98,18 @@ class Target(ABC):
     # weight types `search` sizes and measures, largest first; none (the default): search refuses the target, which
     # then need not give `layout` and `sizer`
     search_types: ClassVar[tuple[str, ...]] = ()
+    # (import name, pip distribution) of what exporting and validating here need, and the extra that installs them
+    requires: ClassVar[tuple[tuple[str, str], ...]] = ()
+    extra: ClassVar[str | None] = None  # None: the target's name
+
+    def check_installed(self) -> None:
+        """Refuse a build whose export or validation would fail for a missing package, before any work: found
+        without importing anything (import torch takes seconds; the build would take minutes)."""
+        missing = [distribution for module, distribution in self.requires if importlib.util.find_spec(module) is None]
+        if missing:
+            extra = self.extra or self.name
+            raise MoeExportError(f"the {self.name} target needs {' and '.join(missing)}, which this Python lacks: pip "
+                                 f"install 'moeexport[{extra}]' (in a clone of moeexport: pip install -e '.[{extra}]')")
 
     def options(self, given: dict | TargetOptions | None = None) -> TargetOptions:
         """`given` validated into this target's options (a one-line error names the offending option)."""
@@ -146,12 +160,12 @@ class Target(ABC):
 
     def serving_runner(self, path: Path, context: int, threads: int | None = None):
         """The runner as a deployment would configure it, for profiling (default: the validation runner).
-        `threads`: CPU threads the runtime computes with (None: every core); a GPU runtime ignores it."""
+        `threads`: CPU threads the runtime computes with (None: the physical cores); a GPU runtime ignores it."""
         return self.runner(path, context)
 
-    def chat_runner(self, path: Path, context: int):
-        """A runner whose `generate` serves `moeexport chat` on the artifact at `path` (default: the target has
-        none)."""
+    def chat_runner(self, path: Path, context: int, threads: int | None = None):
+        """A runner whose `generate` serves `moeexport chat` on the artifact at `path`, computing with `threads`
+        CPU threads (None: the physical cores) (default: the target has none)."""
         raise MoeExportError(f"moeexport chat does not run {self.name} artifacts")
 
     def model_reader(self):
@@ -163,11 +177,13 @@ class Target(ABC):
         """What runs the artifact here, for the report."""
         return self.name
 
-    def profile(self, artifact: Artifact, prompt: list[int], new_tokens: int = 64) -> dict | None:
-        """Speed and memory on this machine, in a fresh process so the numbers are the runtime's alone."""
+    def profile(self, artifact: Artifact, prompt: list[int], new_tokens: int = 64,
+                threads: int | None = None) -> dict | None:
+        """Speed and memory on this machine with `threads` CPU threads (None: the physical cores), in a fresh
+        process so the numbers are the runtime's alone."""
         from moeexport.backends.profile import profile_in_subprocess
 
-        return profile_in_subprocess(self.name, artifact.path, prompt, new_tokens)
+        return profile_in_subprocess(self.name, artifact.path, prompt, new_tokens, threads=threads)
 
     def finish(self, artifact: Artifact, validation: Validation, inputs: ExportInputs, progress=None) -> Finished:
         """Work after validation (e.g. a device bundle's manifest), and what the report should add (default:

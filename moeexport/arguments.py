@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=256, help="longest reply (default 256)")
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--context", type=int, default=2048, help="context length in tokens (default 2048)")
+    chat.add_argument("--threads", type=int, metavar="N", help="CPU threads llama.cpp computes with (default: the "
+                      "physical cores; fewer when other work shares the machine)")
 
     trt_build = command(
         "trt-build", "on the device: build the TensorRT engine of a bundle, validate and profile it",
@@ -266,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+THREADS_HELP = ("CPU threads torch computes with and the profiled runtime runs on (default: torch's own, and the "
+                "physical cores for the runtime; fewer when other work shares the machine)")
+
+
 def _recipe_and_output(command: argparse.ArgumentParser) -> None:
     command.add_argument("--recipe", required=True, metavar="FILE", help="YAML recipe (see above)")
     command.add_argument("--out", metavar="DIR", help="output directory (required unless --dry-run)")
@@ -277,6 +283,7 @@ def _recipe_and_output(command: argparse.ArgumentParser) -> None:
         "required above 1 B parameters and when streamed)",
     )
     command.add_argument("--no-eval", action="store_true", help="skip the quality check against the original")
+    command.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     command.add_argument("--json", action="store_true", help="print the report as one JSON document (logs go to stderr)")
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from moeexport.backends.profile import TORCH, profile_in_subprocess
 from moeexport.errors import MoeExportError
 from moeexport.events import EventStream
+from moeexport.threads import default_threads, torch_threads
 
 GIB = 2**30
 FIRST_ORDINARY_TOKEN = 3  # prompt ids start past the usual <unk> <s> </s>
@@ -45,7 +46,7 @@ class BenchOptions:
     repeats: int = 3  # runs of each artifact, interleaved
     prompt_tokens: int = 128
     new_tokens: int = 32  # greedy decode steps timed per run
-    threads: int | None = None  # CPU threads of every runtime and of the bandwidth probe; None: os.cpu_count()
+    threads: int | None = None  # CPU threads of every runtime and of the bandwidth probe; None: the physical cores
     bandwidth_buffer: int | None = None  # bytes summed to measure bandwidth; None: max(1 GiB, 4 x last-level cache)
     bandwidth_runs: int = 5
     out: str | None = None  # a directory for report.json and report.html
@@ -152,7 +153,7 @@ def _bench(given: list[str], baseline: str | None, options: BenchOptions, events
     if chosen not in subjects:
         subjects.append(chosen)
     out = _checked_out(options.out)
-    threads = options.threads or os.cpu_count() or 1
+    threads = options.threads or default_threads()
     events.stage("reading the artifacts' tensors")
     described = {subject: _describe(subject) for subject in subjects}
     vocabulary = min(token_bytes.embedding_rows for _, token_bytes, _ in described.values())
@@ -348,18 +349,17 @@ def measure_bandwidth(threads: int, buffer: int | None = None, runs: int = 5, ev
                      f"({cache / 2**20:.0f} MiB): part of it is read from the cache, so the bandwidth and the bounds "
                      "are overstated")
     events.stage(f"measuring memory bandwidth ({size / 2**20:.0f} MiB, {threads} threads)")
-    previous, data = torch.get_num_threads(), None
-    torch.set_num_threads(threads)
+    data = None
     try:
-        data = torch.ones(size // 4, dtype=torch.float32)  # written once: every page is resident before timing
-        data.sum()
-        seconds = []
-        for _ in range(runs):
-            started = time.perf_counter()
+        with torch_threads(threads):
+            data = torch.ones(size // 4, dtype=torch.float32)  # written once: every page is resident before timing
             data.sum()
-            seconds.append(time.perf_counter() - started)
+            seconds = []
+            for _ in range(runs):
+                started = time.perf_counter()
+                data.sum()
+                seconds.append(time.perf_counter() - started)
     finally:
-        torch.set_num_threads(previous)
         data = None
         release_freed_memory()
     rates = [size / s for s in seconds]

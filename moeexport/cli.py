@@ -27,8 +27,15 @@ def _compress_options(args, options_type=None, **extra):
     return (options_type or CompressOptions)(
         out=args.out, calibration=_calibration(args), eval_text=args.eval_text, measure_quality=not args.no_eval,
         dry_run=args.dry_run, overwrite=args.overwrite, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-        allow_nonfinite=args.allow_nonfinite, max_memory=_max_memory(args), stream=args.stream, **extra,
+        allow_nonfinite=args.allow_nonfinite, max_memory=_max_memory(args), stream=args.stream,
+        threads=_threads(args), **extra,
     )
+
+
+def _threads(args) -> int | None:
+    if args.threads is not None and args.threads < 1:
+        raise MoeExportError(f"--threads must be at least 1, got {args.threads}")
+    return args.threads
 
 
 def _max_memory(args) -> int | None:
@@ -80,7 +87,20 @@ def _target_options(args) -> dict:
     return {name: value for name, value in given.items() if value is not None}
 
 
+def _refuse_target_early(args) -> None:
+    """What the target refuses, refused before torch is imported: seconds, not minutes, for a typo or a missing
+    package (the pipeline checks the same again for callers of the library)."""
+    from moeexport.backends import target_for
+
+    chosen = target_for(args.target)
+    chosen.check_installed()
+    chosen.options(_target_options(args))
+    if args.quant is not None:
+        chosen.check_quant(args.quant)
+
+
 def run_build(args) -> int:
+    _refuse_target_early(args)
     from moeexport.console import render_build
     from moeexport.pipeline import BuildOptions, build
 
@@ -193,7 +213,7 @@ def run_chat(args) -> int:
     for name in ("max_tokens", "context"):
         if getattr(args, name) < 1:
             raise MoeExportError(f"--{name.replace('_', '-')} must be at least 1")
-    runner = target_for(target_of_file(args.model_file)).chat_runner(args.model_file, args.context)
+    runner = target_for(target_of_file(args.model_file)).chat_runner(args.model_file, args.context, _threads(args))
     chat_session(runner, args.prompt, args.system, args.max_tokens, args.temperature, args.model_file)
     return 0
 
@@ -204,9 +224,11 @@ def main(argv: list[str] | None = None) -> int:
            "validate": run_validate, "chat": run_chat, "trt-build": run_trt_build, "bench": run_bench,
            "search": run_search}[args.command]
     try:
-        if hasattr(args, "max_memory"):  # a model that cannot fit is refused before torch is even imported
+        if hasattr(args, "max_memory"):  # a wrong path or a model that cannot fit: refused before torch is imported
+            from moeexport.checkpoint_files import resolve_model_dir
             from moeexport.memory import default_budget, refuse_early
 
+            resolve_model_dir(args.model)
             refuse_early(args.model, _max_memory(args) or default_budget())
         return run(args)
     except MoeExportError as error:

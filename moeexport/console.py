@@ -6,14 +6,19 @@ returned (or an Event it emitted) and renders it with rich.
 
 from __future__ import annotations
 
+import itertools
+import re
 import sys
+import time
 from dataclasses import asdict
+from datetime import datetime
 
 from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from moeexport.events import Event
 from moeexport.report import describe_layer
@@ -22,14 +27,19 @@ MIB = 2**20
 
 
 class EventRenderer:
-    """Turns pipeline events into progress bars (with ETA) and log lines; a context manager around a run."""
+    """Turns pipeline events into progress and log lines on stderr; a context manager around a run.
 
-    def __init__(self, out: Console, quiet_steps: bool = False):
-        self.out, self.err = out, Console(stderr=True, highlight=False)
+    In a terminal: live bars (done/total and ETA where the total is known), with log lines printed above
+    them. Otherwise (a log file, a pipe, CI): plain timestamped lines, since live bars write nothing there
+    until the end; see LogLines.
+    """
+
+    def __init__(self, out: Console, quiet_steps: bool = False, err: Console | None = None):
+        self.out, self.err = out, err or Console(stderr=True, highlight=False)
         self.quiet_steps = quiet_steps  # with --json, pass plans go to stderr like the rest of the log
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                 console=self.err, transient=True)
+        self.progress = (Progress(TextColumn("{task.description}"), BarColumn(), _CountColumn(), TimeElapsedColumn(),
+                                  _RemainingColumn(), console=self.err, transient=True)
+                         if self.err.is_terminal else LogLines(self.err))
         self._tasks: dict[int, int] = {}
         self._stage = None  # the task that shows the current stage, replaced by the next one
 
@@ -38,6 +48,8 @@ class EventRenderer:
         return self
 
     def __exit__(self, *exc):
+        if self._stage is not None and exc[0] is None:  # the last stage ends with the run
+            self.progress.remove_task(self._stage)
         return self.progress.__exit__(*exc)
 
     def __call__(self, event: Event) -> None:
@@ -58,6 +70,74 @@ class EventRenderer:
                 console.print(f"  {escape(line)}")
         else:
             self.progress.console.print(f"note: {escape(event.message)}")
+
+
+class _CountColumn(MofNCompleteColumn):
+    """done/total, and nothing for a task whose total is unknown (rather than `0/?`)."""
+
+    def render(self, task):
+        return super().render(task) if task.total is not None else Text("")
+
+
+class _RemainingColumn(TimeRemainingColumn):
+    """`eta 0:01:02` once the total is known; nothing otherwise (an elapsed time read as an ETA misleads)."""
+
+    def render(self, task):
+        return Text.assemble("eta ", super().render(task)) if task.total is not None else Text("")
+
+
+PROGRESS_LINE = re.compile(r"\[\d\d:\d\d:\d\d\] ")  # how a LogLines line starts (stderr not a terminal)
+
+
+class LogLines:
+    """Progress as timestamped lines, for a stderr that is not a terminal: a line when a stage or task
+    starts, then one per tenth of a task's total (at most one per LogLines.EVERY seconds) with done/total,
+    elapsed time and ETA, and one when it ends. The same calls as rich's Progress."""
+
+    EVERY = 10.0  # seconds between two lines of one task, however fast it advances
+
+    def __init__(self, console: Console):
+        self.console = console
+        self._tasks: dict[int, dict] = {}
+        self._ids = itertools.count()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def add_task(self, description: str, total: float | None = None) -> int:
+        task = next(self._ids)
+        now = time.monotonic()
+        self._tasks[task] = {"description": description, "total": total, "done": 0.0, "start": now, "said": now,
+                             "said_done": 0.0}
+        self._line(description + (f": 0/{total:g}" if total else ""))
+        return task
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        state = self._tasks[task]
+        state["done"] += advance
+        total, now = state["total"], time.monotonic()
+        if not total or now - state["said"] < self.EVERY and state["done"] - state["said_done"] < total / 10:
+            return
+        elapsed = now - state["start"]
+        eta = elapsed / state["done"] * (total - state["done"]) if state["done"] else None
+        self._line(f"{state['description']}: {state['done']:g}/{total:g}, {_clock(elapsed)} elapsed"
+                   + (f", eta {_clock(eta)}" if eta is not None and state["done"] < total else ""))
+        state["said"], state["said_done"] = now, state["done"]
+
+    def remove_task(self, task: int) -> None:
+        state = self._tasks.pop(task)
+        self._line(f"{state['description']}: done in {_clock(time.monotonic() - state['start'])}")
+
+    def _line(self, message: str) -> None:
+        self.console.print(f"[{datetime.now():%H:%M:%S}] {message}", highlight=False, soft_wrap=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
 
 def console() -> Console:
@@ -91,6 +171,8 @@ def fidelity_line(validation: dict) -> str:
 def profile_line(speed: dict) -> str:
     line = (f"profile: prefill {speed['prefill_tokens_per_s']:.0f} tok/s, decode {speed['decode_tokens_per_s']:.0f} "
             f"tok/s, time to first token {speed['time_to_first_token_s'] * 1000:.0f} ms")
+    if "threads" in speed:
+        line += f" on {_threads(speed['threads'])}"
     if "runtime_rss_bytes" in speed:
         line += (f", memory {speed['runtime_rss_bytes'] / MIB:.0f} MiB held by the runtime (process peak "
                  f"{speed['peak_rss_bytes'] / MIB:.0f} MiB, Python and torch included)")

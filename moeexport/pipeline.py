@@ -29,6 +29,7 @@ from moeexport.events import EventStream
 from moeexport.outputs import check_output, output_lock, staged
 from moeexport.recipe import Recipe, load_recipe, parse_recipe
 from moeexport.source import Source, as_source, open_source
+from moeexport.threads import torch_threads
 from moeexport.validate import RecordedReference, Tolerance, TorchRunner
 
 VALIDATION_WINDOWS = (2, 256)  # >= 510 predicted-token positions per artifact
@@ -72,6 +73,8 @@ class CompressOptions:
     allow_nonfinite: bool = False  # load weights with NaN/Inf values (refused by default, named by tensor)
     max_memory: int | None = None  # bytes the run may hold (None: moeexport.memory.default_budget())
     stream: bool | None = None  # one decoder layer at a time from disk; None: when the whole model does not fit
+    threads: int | None = None  # CPU threads torch and the profiled runtime compute with (None: torch's own, and
+    #                             the physical cores for the runtime)
 
 
 @dataclass(frozen=True)
@@ -217,6 +220,11 @@ class _Compressed:
 def compress(model: str | Path, recipe: str | Path | Recipe | dict, options: CompressOptions = CompressOptions(),
              on_event=None) -> CompressionReport:
     """Apply a recipe to MODEL and save the result to `options.out` (nothing is written on a dry run)."""
+    with torch_threads(options.threads):
+        return _compress_command(model, recipe, options, on_event)
+
+
+def _compress_command(model, recipe, options: CompressOptions, on_event) -> CompressionReport:
     from moeexport.modelio import save
 
     events = EventStream(on_event)
@@ -543,6 +551,7 @@ def build(model: str | Path, recipe: str | Path | Recipe | dict, target: str, op
     from moeexport.backends import target_for
 
     chosen = target_for(target)  # before any work: nothing is compressed for options the target refuses
+    chosen.check_installed()
     target_options = chosen.options(options.target_options)
     options = replace(options, quant=options.quant or chosen.default_quant(model))
     chosen.check_quant(options.quant)
@@ -553,7 +562,7 @@ def build(model: str | Path, recipe: str | Path | Recipe | dict, target: str, op
         raise MoeExportError(f"--imatrix is not measured on a streamed model yet ({memory.describe()}); build "
                              "without it, or raise --max-memory so that the model runs whole")
     _require_out(options, source)
-    with output_lock(options.out):
+    with output_lock(options.out), torch_threads(options.threads):
         return _build(source, recipe, chosen, target_options, options, memory, EventStream(on_event))
 
 
@@ -602,7 +611,8 @@ def _build(source: Source, recipe: Recipe, chosen, target_options, options: Buil
         del runner
         if validation.passed and options.profile:
             with stages("profile", "profiling"):
-                report.profile = chosen.profile(artifact, windows[0, :PROFILE_PROMPT].tolist(), PROFILE_NEW_TOKENS)
+                report.profile = chosen.profile(artifact, windows[0, :PROFILE_PROMPT].tolist(), PROFILE_NEW_TOKENS,
+                                                options.threads)
         with stages("finish", f"finishing the {target} artifact"):
             finished = chosen.finish(artifact, validation, inputs, events)
         report.failures = validation.failures + list(finished.failures)

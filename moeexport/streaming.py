@@ -283,14 +283,17 @@ class LayerStream:
         return self.checkpoint.stored_dtype(name)
 
     def _read(self, name: str, shape: torch.Size, experts: tuple[int, ...] | None = None,
-              router_rows: bool = False) -> torch.Tensor:
-        """The parameter `name` (the model's own name) from the checkpoint, in the compute dtype; a router's
-        rows (`router_rows`) only for the routed experts `experts` kept. (Experts are read by expert_matrix.)"""
+              per_expert: bool = False) -> torch.Tensor:
+        """The parameter `name` (the model's own name) from the checkpoint, in the compute dtype; a per-expert
+        tensor (router rows and biases, expert biases) only for the routed experts `experts` kept. (Expert
+        matrices are read by expert_matrix.)"""
         if not self.checkpoint.has(name):
             raise MoeExportError(f"the checkpoint has no tensor for {name}: it does not match config.json")
         tensor = self.checkpoint.tensor(name)
-        if experts is not None and router_rows and tensor.shape[0] != shape[0]:
-            tensor = tensor.index_select(0, torch.tensor(experts, dtype=torch.long))
+        if experts is not None and per_expert and tensor.shape != shape:
+            # the expert axis is the one whose length the kept experts changed (rows [E, hidden], [E], [1, E])
+            axis = next(d for d, (stored, kept) in enumerate(zip(tensor.shape, shape)) if stored != kept)
+            tensor = tensor.index_select(axis, torch.tensor(experts, dtype=torch.long))
         return tensor.to(self.dtype)
 
     def expert_matrix(self, name: str, expert: int, part: int | None = None, parts: int = 1,
@@ -437,6 +440,9 @@ class ExpertsOnDemand(nn.Module):
         self.gate_up_proj = ExpertStack(experts.gate_up_proj.shape,
                                         _ExpertReader(stream, source + "gate_up_proj", edit, stored))
         self.down_proj = ExpertStack(experts.down_proj.shape, _ExpertReader(stream, source + "down_proj", edit, stored))
+        if self.layout.biases:  # small ([E, rows]): read whole, the kept experts' only
+            for name in ("gate_up_proj_bias", "down_proj_bias"):
+                setattr(self, name, stream._read(source + name, getattr(experts, name).shape, edit.experts, True))
 
     def stored(self) -> "ExpertsOnDemand":
         """The same experts read as the checkpoint stores them (for saving: lossless, and half a float32's size)."""

@@ -11,6 +11,7 @@ import pytest
 
 import moeexport
 from moeexport.cli import main
+from tests.cli_output import without_progress
 
 SMALL = ["--prompt-tokens", "16", "--new-tokens", "4", "--bandwidth-buffer", "128MiB"]  # 4x this machine's 32 MiB L3
 
@@ -262,5 +263,5 @@ def test_bad_artifacts_are_one_line_and_exit_2(case, tmp_path, capsys):
     }[case]
     assert main(["bench", *artifacts, "--repeats", "1", *SMALL]) == 2
     captured = capsys.readouterr()
-    assert message in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert message in captured.err and len(without_progress(captured.err).splitlines()) == 1
     assert captured.out == ""

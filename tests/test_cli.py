@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 import moeexport
 from moeexport.cli import main
+from moeexport.console import PROGRESS_LINE
+from tests.cli_output import without_progress
 
 SMALL_CALIBRATION = ["--calib-samples", "4", "--calib-length", "64"]
 TRIM = "passes:\n  - block_drop: {n: 1}\n  - layer_drop: {n: 1}\n  - expert_drop: {keep: 6, scope: global, score: frequency}\n"
@@ -44,8 +47,16 @@ def test_every_command_has_help(command, capsys):
 def test_compress_then_eval_the_demo_model(tmp_path, recipe, text_file, capsys):
     out = tmp_path / "demo-trimmed"
     assert main(["compress", "demo", "--recipe", str(recipe), "--out", str(out), *SMALL_CALIBRATION]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "block_drop" in printed and "parameters" in printed and "top-1 agreement" in printed
+    # stderr is no terminal here: progress comes as timestamped lines, each stage started and ended, layers counted
+    log = captured.err.splitlines()
+    assert all(PROGRESS_LINE.match(line) or line.startswith("note: ") for line in log), log
+    started = {line[11:] for line in log if line.startswith("[") and ": done in " not in line and "/" not in line}
+    ended = {line[11:].partition(": done in ")[0] for line in log if ": done in " in line}
+    assert started and started <= ended, (started - ended)
+    assert any(re.search(r"layers: \d+/\d+", line) for line in log), log
     manifest = json.loads((out / "moeexport.json").read_text())
     assert [p["name"] for p in manifest["passes"]] == ["block_drop", "layer_drop", "expert_drop"]
     assert manifest["parameters"]["after"] < manifest["parameters"]["before"]
@@ -128,7 +139,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys)
     out = tmp_path / "out"
     argv = [part.format(tmp=tmp_path) for part in command]
     code = main(argv + ["--recipe", str(recipe), "--out", str(out), *SMALL_CALIBRATION])
-    stderr = capsys.readouterr().err.strip()
+    stderr = without_progress(capsys.readouterr().err)
     assert code == 2
     assert message in stderr and len(stderr.splitlines()) == 1
     assert not out.exists()
@@ -139,3 +150,28 @@ def test_existing_output_needs_overwrite(tmp_path, recipe, capsys):
     out.mkdir()
     assert main(["compress", "demo", "--recipe", str(recipe), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+EARLY_REFUSALS = {  # refused before torch is imported: a second, not the minutes a build would take first
+    "weight type the target lacks": (["--target", "gguf", "--quant", "iq2_xxs"], [], "not a gguf type"),
+    "option of another target": (["--target", "onnx", "--imatrix"], [], "not an option of the onnx target"),
+    "missing runtime": (["--target", "gguf"], ["llama_cpp"],
+                        "needs llama-cpp-python, which this Python lacks: pip install 'moeexport[gguf]' (in a clone"),
+    "missing model": (["--target", "gguf", "--model-path-missing"], [], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EARLY_REFUSALS))
+def test_build_refuses_bad_arguments_before_importing_torch(case, tmp_path, recipe):
+    import subprocess
+    import sys
+
+    flags, missing, message = EARLY_REFUSALS[case]
+    model = str(tmp_path / "nope") if "--model-path-missing" in flags else "demo"
+    flags = [flag for flag in flags if flag != "--model-path-missing"]
+    argv = ["build", model, "--recipe", str(recipe), "--out", str(tmp_path / "out"), *flags]
+    script = (f"import sys\nfor name in {missing!r}: sys.modules[name] = None  # as if not installed\n"
+              f"from moeexport.cli import main\ncode = main({argv!r})\nprint(code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], (done.stdout, done.stderr)
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

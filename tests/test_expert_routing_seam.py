@@ -125,13 +125,18 @@ def test_gpt_oss_experts_and_router_through_the_seam():
 
 # --- DeepSeek-V3: sigmoid scores, a selection-only bias, group-limited top-k, renormalize, routed scaling -------
 
-def _deepseek_v3_router():
+def _deepseek_v3_config():
     from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(hidden_size=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                            norm_topk_prob=True, routed_scaling_factor=2.5, moe_intermediate_size=16,
+                            n_shared_experts=1)
+
+
+def _deepseek_v3_router():
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
-    config = DeepseekV3Config(hidden_size=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
-                              norm_topk_prob=True, routed_scaling_factor=2.5)
-    router = _randomized(DeepseekV3TopkRouter(config), seed=4, std=0.3)
+    router = _randomized(DeepseekV3TopkRouter(_deepseek_v3_config()), seed=4, std=0.3)
     router.e_score_correction_bias.normal_(std=0.3, generator=torch.Generator().manual_seed(5))
     rule = Routing(renormalize=True, scale=2.5, scores=SIGMOID, selection_bias=True, groups=4, top_groups=2)
     return router, rule
@@ -159,6 +164,96 @@ def test_route_keeps_removed_experts_out_even_when_a_selection_bias_favours_them
     bias = torch.where(removed, 10.0, 0.0)
     _, index = route(replace(rule, groups=1), logits, router.top_k, removed, selection_bias=bias)
     assert not removed[index].any()
+
+
+# --- Expert Drop takes every per-expert tensor with its expert ----------------------------------------------------
+
+def _one_layer_model(config, block) -> torch.nn.Module:
+    """A model whose one decoder layer's `mlp` is `block`: what surgery walks (model.layers.0.mlp)."""
+    layer = torch.nn.Module()
+    layer.mlp = block
+    layer.self_attn = layer.input_layernorm = layer.post_attention_layernorm = torch.nn.Identity()
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList([layer])
+    model.config = config
+    return model
+
+
+def _adapter(**declared):
+    from dataclasses import fields
+
+    from moeexport.adapters.declaration import Family
+    from moeexport.adapters.surgery import MoEAdapter
+
+    family = Family(family="test", routing=lambda config: Routing(renormalize=True), **declared)
+    return MoEAdapter(**{field.name: getattr(family, field.name) for field in fields(Family)})
+
+
+def test_keep_experts_slices_the_selection_bias_and_the_router_still_routes_as_declared():
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    from moeexport.adapters.surgery import keep_experts
+
+    router, rule = _deepseek_v3_router()
+    block = DeepseekV3MoE(_deepseek_v3_config())
+    block.gate = router
+    adapter = _adapter(model_type="deepseek_v3", num_experts_key="n_routed_experts",
+                       router_tensors=("weight", "e_score_correction_bias"), selection_bias="e_score_correction_bias")
+    model = _one_layer_model(_deepseek_v3_config(), block)
+    bias = router.e_score_correction_bias.clone()
+    keep = [0, 3, 4, 6, 9, 10, 13, 15]  # two of each group of four: the groups stay equal
+    keep_experts(adapter, model, 0, keep)
+    view = adapter.layer_view(model, 0)
+    assert torch.equal(view.selection_bias, bias[keep]) and view.num_experts == 8
+    assert block.experts.gate_up_proj.shape[0] == 8 and block.experts.down_proj.shape[0] == 8
+    tokens = torch.randn(64, 32, generator=torch.Generator().manual_seed(8))
+    logits, weights, index = router(tokens)
+    own_weights, own_index = route(rule, logits, router.top_k, selection_bias=view.selection_bias)
+    assert (_dense(own_weights, own_index, 8) - _dense(weights, index, 8)).abs().max() <= TOLERANCE
+
+
+def test_keep_experts_slices_a_bias_stored_as_one_row_of_experts():
+    from transformers import Ernie4_5_MoeConfig
+    from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import Ernie4_5_MoeSparseMoeBlock
+
+    from moeexport.adapters.surgery import keep_experts
+
+    config = Ernie4_5_MoeConfig(hidden_size=32, moe_intermediate_size=16, moe_num_experts=6, moe_k=2,
+                                moe_num_shared_experts=0)
+    block = _randomized(Ernie4_5_MoeSparseMoeBlock(config), seed=2, std=0.3)
+    bias = block.gate.moe_statics.e_score_correction_bias
+    adapter = _adapter(model_type="ernie4_5_moe", num_experts_key="moe_num_experts", top_k_key="moe_k",
+                       router_tensors=("weight", "moe_statics.e_score_correction_bias"),
+                       selection_bias="moe_statics.e_score_correction_bias")
+    before = bias.clone()
+    keep_experts(adapter, _one_layer_model(config, block), 0, [5, 1, 2])
+    assert torch.equal(block.gate.moe_statics.e_score_correction_bias, before[:, [5, 1, 2]])
+    assert isinstance(block.gate.moe_statics.e_score_correction_bias, torch.nn.Parameter)
+
+
+def test_keep_experts_slices_router_and_expert_biases_with_their_experts():
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    from moeexport.adapters.surgery import keep_experts
+
+    config = _gpt_oss_config()
+    block = _randomized(GptOssMLP(config), seed=3, std=0.3)
+    adapter = _adapter(model_type="gpt_oss", num_experts_key="num_local_experts", router="router",
+                       router_tensors=("weight", "bias"), expert_layout=lambda config: _gpt_oss_layout(config))
+    original = {name: tensor.clone() for name, tensor in block.state_dict().items()}
+    keep_experts(adapter, _one_layer_model(config, block), 0, [3, 0])
+    for name, tensor in block.state_dict().items():
+        assert torch.equal(tensor, original[name][[3, 0]]), name
+
+
+def test_merging_refuses_a_family_whose_experts_carry_more_than_rows_and_stacks():
+    from moeexport.adapters.surgery import check_experts_can_merge
+    from moeexport.errors import MoeExportError
+
+    with pytest.raises(MoeExportError, match="use Expert Drop instead of merge"):
+        check_experts_can_merge(_adapter(model_type="x", num_experts_key="n", router_tensors=("weight", "bias")), None)
+    check_experts_can_merge(_adapter(model_type="x", num_experts_key="n"), None)
 
 
 # --- the declaration is torch-free --------------------------------------------------------------------------------

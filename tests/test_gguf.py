@@ -138,16 +138,31 @@ def test_a_file_llama_cpp_cannot_load_is_a_clear_error(tmp_path):
         gguf_backend.Runner(broken)
 
 
-def test_build_demo_gguf_validates_and_profiles(tmp_path, capsys):
+def test_build_demo_gguf_validates_and_profiles(tmp_path, monkeypatch, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("passes:\n  - block_drop: {n: 1, score: random}\n  - expert_drop: {keep: 6, score: random}\n")
     out = tmp_path / "build"
-    assert main(["build", "demo", "--recipe", str(recipe), "--target", "gguf", "--out", str(out), "--no-eval"]) == 0
+    torch_threads = []  # what torch computed with during the build
+    from moeexport.backends.gguf import writer
+
+    monkeypatch.setattr(writer, "export", _spying(writer.export, lambda: torch_threads.append(torch.get_num_threads())))
+    threads_before = torch.get_num_threads()
+    argv = ["build", "demo", "--recipe", str(recipe), "--target", "gguf", "--out", str(out), "--no-eval", "--threads", "1"]
+    assert main(argv) == 0
+    assert torch_threads == [1] and torch.get_num_threads() == threads_before
     report = json.loads((out / "report.json").read_text())
     assert report["validation"]["failures"] == [] and report["validation"]["tokens"] >= 510
     assert report["profile"]["decode_tokens_per_s"] > 0 and report["profile"]["prefill_tokens_per_s"] > 0
+    assert report["profile"]["threads"] == 1 and "on 1 thread," in " ".join(capsys.readouterr().out.split())
     assert 0 < report["profile"]["peak_rss_bytes"] < 2**31
     assert (out / "model-f32.gguf").is_file() and (out / "compressed" / "moeexport.json").is_file()
+
+
+def _spying(function, spy):
+    def spied(*args, **kwargs):
+        spy()
+        return function(*args, **kwargs)
+    return spied
 
 
 def test_a_build_that_fails_validation_exits_1_and_moves_the_artifact_aside(tmp_path, monkeypatch, capsys):
@@ -188,9 +203,13 @@ def demo_gguf(tmp_path_factory):
     return path
 
 
-def test_chat_answers_a_prompt_on_the_demo_model(demo_gguf, capsys):
-    assert main(["chat", str(demo_gguf), "--prompt", "Tell me a story.", "--max-tokens", "12"]) == 0
+def test_chat_answers_a_prompt_on_the_demo_model(demo_gguf, monkeypatch, capsys):
+    runners, real = [], gguf_backend.GGUFRunner
+    monkeypatch.setattr(gguf_backend, "GGUFRunner", lambda *args, **kwargs: runners.append(real(*args, **kwargs))
+                        or runners[-1])
+    assert main(["chat", str(demo_gguf), "--prompt", "Tell me a story.", "--max-tokens", "12", "--threads", "1"]) == 0
     assert capsys.readouterr().out.strip()
+    assert [runner.llm.n_threads for runner in runners] == [1]
 
 
 def test_chat_session_ends_cleanly_on_end_of_input(demo_gguf, monkeypatch, capsys):

@@ -113,7 +113,7 @@ def test_only_the_adapters_name_model_families():
 
     A backend's architectures.py is its one table from model_type to the format's host.
     """
-    pattern = re.compile(r"mixtral|qwen|olmoe|deepseek|gpt_oss|glm4|block_sparse_moe", re.IGNORECASE)
+    pattern = re.compile(r"mixtral|qwen|olmoe|deepseek|gpt_oss|glm4|ernie|gemma|nemotron|block_sparse_moe", re.IGNORECASE)
     modules = package_modules()
     files = [path for name, path in modules.items()
              if not name.startswith("moeexport.adapters") and path.name != "architectures.py"]

@@ -15,6 +15,7 @@ from moeexport.cli import main
 from moeexport.errors import MoeExportError
 from moeexport.checkpoint_files import DEMO_MODEL
 from moeexport.pipeline import compress, evaluate
+from tests.cli_output import without_progress
 
 SMALL = CalibrationOptions(samples=4, length=64)
 # held-out text from a file: sampling validation windows from the model would cost seconds per build
@@ -153,7 +154,7 @@ def test_the_source_is_never_an_output(command, where, model_copy, tmp_path, cap
     argv = [command, str(model_copy), "--recipe", str(_recipe_file(tmp_path)), "--out", str(out), "--overwrite",
             *SMALL_FLAGS] + (["--target", "gguf"] if command == "build" else [])
     assert main(argv) == 2
-    error = capsys.readouterr().err.strip()
+    error = without_progress(capsys.readouterr().err)
     assert len(error.splitlines()) == 1 and "model" in error and "elsewhere" in error
     assert _digests(model_copy) == before  # byte for byte
 
@@ -170,7 +171,7 @@ def test_an_output_that_is_a_file_or_unwritable_is_one_line(tmp_path, capsys):
     for out, message in ((existing, "is an existing file"), (existing / "below", "is a file")):
         assert main(["compress", "demo", "--recipe", str(_recipe_file(tmp_path)), "--out", str(out), "--overwrite",
                      *SMALL_FLAGS]) == 2
-        error = capsys.readouterr().err.strip()
+        error = without_progress(capsys.readouterr().err)
         assert len(error.splitlines()) == 1 and message in error
     assert existing.read_text() == "keep me"
 
@@ -216,7 +217,7 @@ def test_a_second_run_into_the_same_output_stops_at_once(tmp_path, capsys):
     with output_lock(out):
         assert main(["build", "demo", "--recipe", str(_recipe_file(tmp_path)), "--target", "onnx", "--out", str(out),
                      *SMALL_FLAGS]) == 2
-        error = capsys.readouterr().err.strip()
+        error = without_progress(capsys.readouterr().err)
         assert len(error.splitlines()) == 1 and "another moeexport run is writing" in error
     assert not out.exists() and not (tmp_path / ".busy.lock").exists()
 
@@ -276,7 +277,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(ONNXTarget, "export", full)
     assert main(["build", "demo", "--recipe", str(_recipe_file(tmp_path)), "--target", "onnx", "--out",
                  str(tmp_path / "out"), "--no-eval", *SMALL_FLAGS]) == 2
-    error = capsys.readouterr().err.strip()
+    error = without_progress(capsys.readouterr().err)
     assert error.splitlines() == [f"moeexport build: error: No space left on device ({tmp_path / 'out'})"]
     # block_drop scores by KL on the fly, so no statistics were cached either: only the recipe is left
     assert sorted(path.name for path in tmp_path.iterdir()) == ["recipe.yaml"]
@@ -294,7 +295,7 @@ def test_a_full_disk_while_saving_the_checkpoint_is_one_line_and_leaves_nothing(
     out = tmp_path / "out"
     assert main(["build", "demo", "--recipe", str(_recipe_file(tmp_path)), "--target", "onnx", "--out", str(out),
                  "--no-eval", *SMALL_FLAGS]) == 2
-    error = capsys.readouterr().err.strip().splitlines()
+    error = without_progress(capsys.readouterr().err).splitlines()
     assert len(error) == 1 and "No space left on device" in error[0] and "free disk space" in error[0]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["recipe.yaml"]
 
@@ -304,14 +305,14 @@ def test_chat_refuses_counts_below_one(flag, tmp_path, capsys):
     model = tmp_path / "model.gguf"
     model.write_bytes(b"GGUF")  # the counts are checked before the file is loaded
     assert main(["chat", str(model), flag, "-5", "--prompt", "hi"]) == 2
-    assert capsys.readouterr().err.strip() == f"moeexport chat: error: {flag} must be at least 1"
+    assert without_progress(capsys.readouterr().err) == f"moeexport chat: error: {flag} must be at least 1"
 
 
 def test_a_missing_tokenizer_is_one_line(model_copy, tmp_path, capsys):
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
         (model_copy / name).unlink()
     assert main(["compress", str(model_copy), "--recipe", str(_recipe_file(tmp_path)), "--dry-run", *SMALL_FLAGS]) == 2
-    error = capsys.readouterr().err.strip()
+    error = without_progress(capsys.readouterr().err)
     assert len(error.splitlines()) == 1 and "tokenizer" in error, error
 
 

@@ -13,6 +13,7 @@ from moeexport.cli import main
 from moeexport.errors import MoeExportError
 from moeexport.pipeline import CalibrationOptions
 from moeexport.search import Constraint, SearchOptions, search
+from tests.cli_output import without_progress
 
 TEXT = str(Path(__file__).parent / "held_out_text.txt")
 CALIBRATION = CalibrationOptions(TEXT, samples=4, length=64, cache=False)
@@ -155,7 +156,7 @@ def test_a_prefix_applied_once_scores_as_the_whole_recipe_does(searched):
 def test_a_constraint_nothing_meets_is_one_clear_line(tmp_path, capsys):
     code = main(["search", "demo", "--target", "gguf", "--max-size", "1%", "--block-drop", "0", "--layer-drop", "0",
                  "--expert-keep", "1", "--quant-types", "f16,q4_0", *SMALL_FLAGS, "--out", str(tmp_path / "r.yaml")])
-    err = capsys.readouterr().err.strip().splitlines()
+    err = without_progress(capsys.readouterr().err).splitlines()
     assert code == 2 and "no candidate meets --max-size 1% of the untrimmed F16 GGUF" in err[-1]
     assert "the smallest is" in err[-1] and "q4_0" in err[-1]
     assert not (tmp_path / "r.yaml").exists()
@@ -176,7 +177,7 @@ def test_a_decode_speedup_constraint_from_the_command_line_prints_one_json_docum
 
 def test_onnx_and_unknown_types_are_refused_before_any_work(capsys):
     assert main(["search", "demo", "--target", "onnx", "--max-size", "30%"]) == 2
-    err = capsys.readouterr().err.strip()
+    err = without_progress(capsys.readouterr().err)
     assert err.count("\n") == 0 and "--target gguf (f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0)" in err
     assert main(["search", "demo", "--target", "gguf", "--max-size", "30%", "--quant-types", "f32"]) == 2
     assert "search measures gguf types" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from moeexport.errors import MoeExportError
 from moeexport.recipe import parse_recipe
 from moeexport.validate import RecordedReference, TorchRunner, compare
 from tests.conftest import CORPUS, FIXTURE, needs_shared
+from tests.cli_output import without_progress
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -392,14 +393,14 @@ def test_build_demo_tensorrt_writes_the_bundle_and_explains_the_next_step(tmp_pa
     assert (out / "compressed" / "moeexport.json").is_file()
 
     assert main(["trt-build", str(out / "bundle"), "--precision", "fp16"]) == 2
-    error = capsys.readouterr().err.strip()
+    error = without_progress(capsys.readouterr().err)
     assert len(error.splitlines()) == 1 and error.startswith("moeexport trt-build: error: TensorRT")
     assert "pip install" in error or "apt install" in error
 
 
 def test_trt_build_refuses_what_is_not_a_bundle(tmp_path, capsys):
     assert main(["trt-build", str(tmp_path / "missing")]) == 2
-    assert capsys.readouterr().err.strip().count("\n") == 0
+    assert without_progress(capsys.readouterr().err).count("\n") == 0
     assert main(["trt-build", str(tmp_path)]) == 2
     assert "has no bundle.json" in capsys.readouterr().err
 

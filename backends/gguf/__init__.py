@@ -30,6 +30,7 @@ class GGUFOptions(TargetOptions):
 class GGUFTarget(Target):
     name = "gguf"
     extension = EXTENSION
+    requires = (("gguf", "gguf"), ("llama_cpp", "llama-cpp-python"))
     quant_types = QUANT_TYPES
     tolerances = TOLERANCES
     Options = GGUFOptions
@@ -76,8 +77,9 @@ class GGUFTarget(Target):
         # the KV cache and attention llama.cpp serves with
         return GGUFRunner(path, context=context, exact=False, threads=threads)
 
-    def chat_runner(self, path: Path, context: int) -> GGUFRunner:
-        return GGUFRunner(path, context=context, exact=False, logits=False)  # served as llama.cpp serves it
+    def chat_runner(self, path: Path, context: int, threads: int | None = None) -> GGUFRunner:
+        # served as llama.cpp serves it
+        return GGUFRunner(path, context=context, exact=False, threads=threads, logits=False)
 
     def model_reader(self):
         from moeexport.backends.gguf import reader  # imports torch: only when a GGUF is read as a model

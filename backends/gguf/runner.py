@@ -9,7 +9,6 @@ them into a failed verdict.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import numpy as np
 
 from moeexport.backends.decoding import TokenBytes, experts_read, next_token, speed_report
 from moeexport.errors import MoeExportError
+from moeexport.threads import default_threads
 
 GGML_TYPE_F32 = 0  # KV-cache type for exactness checks
 
@@ -85,7 +85,7 @@ class GGUFRunner:
                 n_ubatch=context,
                 logits_all=logits,
                 use_mmap=not exact,
-                n_threads=threads or os.cpu_count(),
+                n_threads=threads or default_threads(),
                 swa_full=False,  # our sliding windows never slide (step35 hosts): the cache is full-size anyway
                 verbose=False,
                 **options,

@@ -43,6 +43,7 @@ class ONNXOptions(TargetOptions):
 class ONNXTarget(Target):
     name = "onnx"
     extension = EXTENSION
+    requires = (("onnx", "onnx"), ("onnxruntime", "onnxruntime"))
     quant_types = QUANT_TYPES
     tolerances = TOLERANCES
     Options = ONNXOptions

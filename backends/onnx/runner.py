@@ -8,13 +8,13 @@ says otherwise).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from moeexport.backends.decoding import DecoderLoop, TokenBytes, experts_read
 from moeexport.errors import MoeExportError
+from moeexport.threads import default_threads
 
 
 class OnnxRunner(DecoderLoop):
@@ -26,7 +26,7 @@ class OnnxRunner(DecoderLoop):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = threads or default_threads()
         options.log_severity_level = 3
         available = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]

@@ -60,6 +60,7 @@ class TensorRTTarget(Target):
     quant_types = QUANT_TYPES
     Options = TensorRTOptions
     runs_files = False  # an engine runs on the device that builds it (trt-build); its runner here is the bundle's ONNX
+    requires, extra = (("onnx", "onnx"), ("onnxruntime", "onnxruntime")), "onnx"  # the bundle's ONNX, checked here
 
     @property
     def tolerances(self):  # the bundle's ONNX is judged here as an ONNX; engines by ENGINE_TOLERANCES on the device
@@ -86,7 +87,7 @@ class TensorRTTarget(Target):
 
         return onnxruntime_here()
 
-    def profile(self, artifact, prompt, new_tokens=64):
+    def profile(self, artifact, prompt, new_tokens=64, threads=None):
         return None  # an engine is profiled on the device that builds it (trt-build)
 
     def finish(self, artifact: BundleArtifact, validation, inputs: ExportInputs, progress=None) -> Finished:

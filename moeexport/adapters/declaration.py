@@ -167,6 +167,9 @@ class Family:
     moe: str = "mlp"  # the MoE (or dense MLP) sublayer of a decoder layer
     moe_norm: str = "post_attention_layernorm"  # the norm feeding that sublayer
     router: str = "gate"
+    # the router's per-expert tensors (dotted paths inside it), sliced with their experts by Expert Drop
+    router_tensors: tuple[str, ...] = ("weight",)
+    selection_bias: str | None = None  # the router's selection-only bias (a dotted path inside it), if any
     experts: str = "experts"
     shared_experts: tuple[str, ...] = ()  # always-on expert modules inside the MoE block
     shared_expert_gate: str | None = None  # a sigmoid gate scaling the shared expert's output, if any

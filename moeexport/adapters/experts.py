@@ -30,6 +30,12 @@ def expert_output(layout: ExpertLayout, experts, expert: int, intermediate: torc
     return _apply(layout, intermediate, experts.down_proj[expert], _bias(layout, experts, "down_proj", expert))
 
 
+def expert_stacks(layout: ExpertLayout) -> tuple[str, ...]:
+    """The names of a layout's per-expert tensors in its experts module, each [E, ...]: what Expert Drop slices."""
+    stacks = ("gate_up_proj" if layout.gated else "up_proj", "down_proj")
+    return stacks + tuple(f"{stack}_bias" for stack in stacks) if layout.biases else stacks
+
+
 def activate(layout: ExpertLayout, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """A gated expert's activation of its gate and up projections: what its down projection reads."""
     if layout.activation == CLAMPED_SWIGLU:

@@ -62,11 +62,14 @@ def _within_best_groups(rule: Routing, choice: torch.Tensor) -> torch.Tensor:
     return grouped.masked_fill(best[..., None] == 0, float("-inf")).flatten(-2)
 
 
-def check_routing(router, output, top_k: int, rule: Routing) -> None:
-    """Refuse a router whose own output is not `route`'s rule on its logits: removals routed by the rule
-    would then measure or repair some other model."""
+def check_routing(router, output, top_k: int, rule: Routing, selection_bias: torch.Tensor | None = None) -> None:
+    """Refuse a router whose own output is not `route`'s rule on its logits (and selection bias): removals
+    routed by the rule would then measure or repair some other model."""
     logits, weights, index = output
-    own_weights, own_index = route(rule, logits, top_k)
-    if not (torch.equal(own_index, index) and torch.allclose(own_weights.to(weights.dtype), weights)):
-        raise MoeExportError(f"this model's router ({type(router).__name__}) does not route as softmax -> top-k "
-                             "(-> renormalize): its experts cannot be removed by measurement or repaired")
+    own_weights, own_index = route(rule, logits, top_k, selection_bias=selection_bias)
+    # compared per expert: some routers return their k unsorted
+    own = torch.zeros_like(logits, dtype=weights.dtype).scatter_(-1, own_index, own_weights.to(weights.dtype))
+    theirs = torch.zeros_like(own).scatter_(-1, index, weights)
+    if not (torch.equal(own != 0, theirs != 0) and torch.allclose(own, theirs)):
+        raise MoeExportError(f"this model's router ({type(router).__name__}) does not route as its family declares "
+                             f"({rule.scores} -> top-k ...): its experts cannot be removed by measurement or repaired")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from moeexport.adapters.declaration import Family, LayerKind, LayerSpec
+from moeexport.adapters.experts import expert_stacks
 from moeexport.adapters.registry import family_for
 from moeexport.adapters.views import LayerView, ModelView
 from moeexport.errors import MoeExportError
@@ -48,7 +49,7 @@ class MoEAdapter(Family):
     def _view(self, model: nn.Module, index: int, layer: nn.Module) -> LayerView:
         kind = layer_kind(self, layer)
         ffn = getattr(layer, self.moe)
-        router = experts = shared_gate = None
+        router = experts = shared_gate = selection_bias = None
         shared: tuple[nn.Module, ...] = ()
         if kind == "moe":
             router, experts = getattr(ffn, self.router), getattr(ffn, self.experts)
@@ -56,6 +57,7 @@ class MoEAdapter(Family):
             # the one place that looks for shared experts: a family may name several, a layer may lack them
             shared = tuple(getattr(ffn, name) for name in self.shared_experts if hasattr(ffn, name))
             shared_gate = getattr(ffn, self.shared_expert_gate, None) if self.shared_expert_gate else None
+            selection_bias = get_path(router, self.selection_bias).flatten() if self.selection_bias else None
         return LayerView(
             index=index,
             kind=kind,
@@ -69,6 +71,7 @@ class MoEAdapter(Family):
             shared_experts=shared,
             shared_expert_gate=shared_gate,
             layout=self.expert_layout(model.config),
+            selection_bias=selection_bias,
         )
 
 
@@ -134,51 +137,66 @@ def structure(adapter: MoEAdapter, model: nn.Module) -> list[LayerSpec]:
 def keep_experts(adapter: MoEAdapter, model: nn.Module, layer: int, keep: list[int]) -> None:
     """Keep only the routed experts `keep` (in that order) of one MoE layer.
 
-    The router rows go with their experts, so the softmax renormalizes over the
-    survivors; top-k is clamped to the number kept. Zero experts is allowed: the
-    routed part then contributes nothing (shared experts, if any, still run).
+    Every per-expert tensor goes with its expert: the router's (its rows, a router
+    bias, a selection bias: `Family.router_tensors`) and the experts' stacks and
+    biases, so the router scores only the survivors; top-k is clamped to the number
+    kept. Zero experts is allowed: the routed part then contributes nothing (shared
+    experts, if any, still run).
     """
     stream = stream_of(model)
     if stream is not None:  # a streamed model reads only the kept experts when the layer is read
         stream.keep_experts(layer, keep)
     block = moe_block(adapter, model, layer)
     router, experts = getattr(block, adapter.router), getattr(block, adapter.experts)
-    index = torch.tensor(keep, dtype=torch.long)
-    if not keep:
-        replace_experts(adapter, model, layer, None, None, router.weight.data[:0].clone())
-        return
-    replace_experts(
-        adapter,
-        model,
-        layer,
-        experts.gate_up_proj.data.index_select(0, index).clone(),
-        experts.down_proj.data.index_select(0, index).clone(),
-        router.weight.data.index_select(0, index).clone(),
-    )
+    count, index = router.weight.shape[0], torch.tensor(keep, dtype=torch.long)
+    for path in adapter.router_tensors:
+        owner_path, _, name = path.rpartition(".")
+        owner = get_path(router, owner_path) if owner_path else router
+        _set_like(owner, name, expert_entries(getattr(owner, name).data, index, count))
+    if keep:
+        for name in expert_stacks(adapter.expert_layout(model.config)):
+            _set_like(experts, name, getattr(experts, name).data.index_select(0, index).clone())
+    else:
+        setattr(block, adapter.experts, NoRoutedExperts())
+    _set_expert_counts(adapter, model, block, len(keep))
+
+
+def expert_entries(tensor: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor:
+    """The entries of `tensor` for the experts `index`, along its expert axis: the first of length `count`
+    (router rows [E, hidden], a bias [E], ERNIE's selection bias [1, E])."""
+    axis = list(tensor.shape).index(count)
+    return tensor.index_select(axis, index).clone()
+
+
+def _set_like(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set a module's parameter or buffer `name` to `value`, keeping what kind of tensor it was."""
+    if name in module._parameters:
+        setattr(module, name, nn.Parameter(value, requires_grad=False))
+    else:
+        setattr(module, name, value)
 
 
 def replace_experts(
     adapter: MoEAdapter,
     model: nn.Module,
     layer: int,
-    gate_up: torch.Tensor | None,
-    down: torch.Tensor | None,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
     router_weight: torch.Tensor,
 ) -> None:
-    """Install new routed experts ([E, 2*ffn, hidden], [E, hidden, ffn]) and router rows [E, hidden].
-
-    None for the expert tensors (with E = 0) leaves a layer whose routed part adds nothing.
-    """
+    """Install new routed experts ([E, 2*ffn, hidden], [E, hidden, ffn]) and router rows [E, hidden] (merging;
+    see check_experts_can_merge)."""
     block = moe_block(adapter, model, layer)
     router, experts = getattr(block, adapter.router), getattr(block, adapter.experts)
-    count = router_weight.shape[0]
     router.weight = nn.Parameter(router_weight, requires_grad=False)
-    if count == 0:
-        experts = NoRoutedExperts()
-        setattr(block, adapter.experts, experts)
-    else:
-        experts.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
-        experts.down_proj = nn.Parameter(down, requires_grad=False)
+    experts.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+    experts.down_proj = nn.Parameter(down, requires_grad=False)
+    _set_expert_counts(adapter, model, block, router_weight.shape[0])
+
+
+def _set_expert_counts(adapter: MoEAdapter, model: nn.Module, block: nn.Module, count: int) -> None:
+    """The modules' own expert counts and top-k after a layer's experts changed to `count`."""
+    router, experts = getattr(block, adapter.router), getattr(block, adapter.experts)
     configured_top_k = getattr(model.config, adapter.top_k_key)
     for module in (block, router, experts):
         if hasattr(module, "num_experts") and not isinstance(module, NoRoutedExperts):
@@ -235,6 +253,17 @@ def sync_expert_config(adapter: MoEAdapter, model: nn.Module) -> bool:
         top_k = getattr(model.config, adapter.top_k_key)
         setattr(model.config, adapter.top_k_key, min(top_k, max(counts)))
     return uniform and bool(counts) and max(counts) > 0
+
+
+def check_experts_can_merge(adapter: MoEAdapter, config: object) -> None:
+    """Refuse merging where router rows and two bias-free stacks are not every per-expert tensor: an expert
+    made of several would need a router bias, a selection bias or expert biases that nothing defines."""
+    extra = [path for path in adapter.router_tensors if path != "weight"]
+    layout = adapter.expert_layout(config)
+    if extra or layout.biases or layout.transposed or layout.interleaved or not layout.gated:
+        what = f"its router's {', '.join(extra)}" if extra else "its experts' layout"
+        raise MoeExportError(f"{adapter.family}: experts cannot be merged ({what} has no merged value here); use "
+                             "Expert Drop instead of merge for this family")
 
 
 def check_expert_count_change(adapter: MoEAdapter, config: object) -> None:

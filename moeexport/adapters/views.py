@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from moeexport.adapters.declaration import ExpertLayout, LayerKind
@@ -47,6 +48,7 @@ class LayerView:
     shared_experts: tuple[nn.Module, ...] = ()  # always-on SwiGLU MLPs present in this layer
     shared_expert_gate: nn.Module | None = None  # a sigmoid gate scaling the shared experts' output
     layout: ExpertLayout = ExpertLayout()  # how the routed experts are stored and what they compute
+    selection_bias: torch.Tensor | None = None  # [E], added to the routing scores to choose the k, if the family has one
 
     @property
     def num_experts(self) -> int:

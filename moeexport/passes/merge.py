@@ -52,7 +52,7 @@ from pydantic import Field
 from scipy.optimize import linear_sum_assignment
 
 from moeexport.adapters import LayerSpec, adapter_for
-from moeexport.adapters.surgery import check_expert_count_change, replace_experts
+from moeexport.adapters.surgery import check_expert_count_change, check_experts_can_merge, replace_experts
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
 from moeexport.passes.base import CompressionPass, PassOptions, check_expert_keep
@@ -128,6 +128,7 @@ class Merge(CompressionPass):
 
     def apply(self, model, plan: MergePlan) -> None:
         adapter = adapter_for(model.config)
+        check_experts_can_merge(adapter, model.config)
         if plan.layout == "grouped":
             check_expert_count_change(adapter, model.config)
         views = {layer: adapter.layer_view(model, layer) for layer in plan.groups}

@@ -231,11 +231,11 @@ class _ExpertRebuild:
         inputs = normed.reshape(-1, normed.shape[-1])
         output = self.view.router(inputs)
         x = inputs.float()
-        check_routing(self.view.router, output, self.view.top_k, self.routing)
+        check_routing(self.view.router, output, self.view.top_k, self.routing, self.view.selection_bias)
         logits, weights, index = output
         removed = torch.ones(self.view.num_experts, dtype=torch.bool)
         removed[self.kept] = False
-        new_weights, new_index = route(self.routing, logits, self.view.top_k, removed)
+        new_weights, new_index = route(self.routing, logits, self.view.top_k, removed, self.view.selection_bias)
         # per token, the routing weight of every expert, before and after the drop
         before = torch.zeros(len(x), self.view.num_experts).scatter_add_(1, index, weights.float())
         after = torch.zeros_like(before).scatter_add_(1, new_index, new_weights)
