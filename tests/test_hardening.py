@@ -398,22 +398,20 @@ def test_held_out_windows_read_only_the_text_they_need(tmp_path):
     """8 MB in one line: the first windows come from its first piece, within seconds and little memory."""
     import subprocess
     import sys
-    import time
 
     text = _one_line(tmp_path / "one-line.txt", 1_600_000)
     assert text.stat().st_size > 8 * 10**6
-    measure = ("import sys; from pathlib import Path; from moeexport.evaluate import eval_windows; "
-               "from moeexport.modelio import load_tokenizer; "
+    measure = ("import sys, time; from pathlib import Path; from moeexport.evaluate import eval_windows; "
+               "from moeexport.modelio import load_tokenizer; tokenizer = load_tokenizer('demo'); "
                "before = next(int(l.split()[1]) for l in Path('/proc/self/status').read_text().splitlines() "
-               "if l.startswith('VmHWM:')); "
-               "windows = eval_windows(load_tokenizer('demo'), sys.argv[1], 256, 8); "
+               "if l.startswith('VmHWM:')); started = time.perf_counter(); "
+               "windows = eval_windows(tokenizer, sys.argv[1], 256, 8); seconds = time.perf_counter() - started; "
                "after = next(int(l.split()[1]) for l in Path('/proc/self/status').read_text().splitlines() "
-               "if l.startswith('VmHWM:')); print(list(windows.shape), (after - before) * 1024)")
-    started = time.perf_counter()
-    shape, grown = subprocess.run([sys.executable, "-c", measure, str(text)], capture_output=True, text=True,
-                                  check=True).stdout.strip().rsplit(" ", 1)
-    assert shape == "[8, 256]" and int(grown) < 200 * 2**20  # the whole text tokenized at once: ~800 MB
-    assert time.perf_counter() - started < 30
+               "if l.startswith('VmHWM:')); print(list(windows.shape), (after - before) * 1024, seconds)")
+    shape, grown, seconds = subprocess.run([sys.executable, "-c", measure, str(text)], capture_output=True,
+                                           text=True, check=True).stdout.strip().rsplit(" ", 2)
+    # the whole text tokenized at once: ~800 MB and ~20 s (the imports before it are not counted)
+    assert shape == "[8, 256]" and int(grown) < 200 * 2**20 and float(seconds) < 10
 
 
 # --- paths and sizes the command line is given -------------------------------------------------
