@@ -2,6 +2,9 @@
 
     python -m moeexport.backends.profile '{"target": "onnx", "path": "m.onnx", "prompt": [1, 2, 3], "new_tokens": 64}'
 
+(or the request on stdin, with "-" as the argument: how moeexport calls it, since a long prompt does not fit
+a command line)
+
 prints the target runner's `profile` numbers as JSON, plus the process's peak resident memory
 (peak_rss_bytes, Python and torch included: ~200 MiB that a deployment would not load) and the
 resident memory the runtime holds after decoding (runtime_rss_bytes: weights, KV cache, arenas).
@@ -34,7 +37,9 @@ def profile_in_subprocess(target: str, path: str | Path, prompt: list[int], new_
                           context: int = 512, threads: int | None = None) -> dict:
     request = json.dumps({"target": target, "path": str(path), "prompt": prompt, "new_tokens": new_tokens,
                           "context": context, "threads": threads})
-    done = subprocess.run([sys.executable, "-m", "moeexport.backends.profile", request], capture_output=True, text=True)
+    # on stdin: a long prompt as an argument exceeds the system's limit on a command line ("-" says so)
+    done = subprocess.run([sys.executable, "-m", "moeexport.backends.profile", "-"], input=request,
+                          capture_output=True, text=True)
     if done.returncode:
         raise MoeExportError(f"profiling {path} failed: {_last_line(done.stderr)}")
     return json.loads(done.stdout)
@@ -66,7 +71,7 @@ def logits_in_subprocess(target: str, path: str | Path, windows, context: int) -
 
 def main() -> None:
     try:
-        _serve(json.loads(sys.argv[1]))
+        _serve(json.loads(sys.stdin.read() if sys.argv[1] == "-" else sys.argv[1]))
     except MoeExportError as error:
         print(error, file=sys.stderr)
         sys.exit(2)

@@ -111,17 +111,44 @@ def _read_hf_dataset(spec: str, text_field: str) -> list[str]:
     return [row for row in dataset[text_field] if row]
 
 
-def token_stream(tokenizer, documents: list[str]) -> list[int]:
-    """All documents tokenized without special tokens, each ended by EOS, concatenated."""
-    stream: list[int] = []
+def token_stream(tokenizer, documents: list[str], limit: int | None = None) -> np.ndarray:
+    """All documents tokenized without special tokens, each ended by EOS, concatenated (int32); only until it
+    holds `limit` tokens when given (what the first windows need).
+
+    A document longer than PIECE_CHARS is tokenized a piece at a time, cut at whitespace: a tokenizer holds
+    about a hundred bytes per character it is given (offsets, token strings), and a one-line file is one
+    document. Shorter documents are tokenized whole, as they always were.
+    """
+    pieces: list[np.ndarray] = []
+    held = 0
     for document in documents:
-        stream.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
+        for piece in _pieces(document):
+            pieces.append(np.asarray(tokenizer(piece, add_special_tokens=False)["input_ids"], dtype=np.int32))
+            held += len(pieces[-1])
+            if limit is not None and held >= limit:
+                return np.concatenate(pieces)
         if tokenizer.eos_token_id is not None:
-            stream.append(tokenizer.eos_token_id)
-    return stream
+            pieces.append(np.array([tokenizer.eos_token_id], dtype=np.int32))
+            held += 1
+    return np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
 
 
-def token_windows(stream: list[int], length: int, count: int, seed: int | None, what: str) -> torch.Tensor:
+PIECE_CHARS = 1 << 20  # characters tokenized at once
+
+
+def _pieces(document: str):
+    """`document` in pieces of at most PIECE_CHARS characters, each cut before a whitespace where one is near."""
+    start = 0
+    while len(document) - start > PIECE_CHARS:
+        end = start + PIECE_CHARS
+        cut = max(document.rfind(" ", end - PIECE_CHARS // 2, end), document.rfind("\n", end - PIECE_CHARS // 2, end))
+        end = cut if cut > start else end
+        yield document[start:end]
+        start = end
+    yield document[start:]
+
+
+def token_windows(stream, length: int, count: int, seed: int | None, what: str) -> torch.Tensor:
     """`count` non-overlapping windows of `length` tokens: the first ones (seed None) or a seeded sample."""
     available = len(stream) // length
     if available < count:
@@ -132,8 +159,7 @@ def token_windows(stream: list[int], length: int, count: int, seed: int | None, 
     starts = np.arange(available) * length
     if seed is not None:
         starts = np.sort(np.random.default_rng(seed).choice(starts, size=count, replace=False))
-    tokens = np.asarray(stream, dtype=np.int64)
-    return torch.from_numpy(np.stack([tokens[s : s + length] for s in starts[:count]]))
+    return torch.from_numpy(np.stack([np.asarray(stream[s : s + length], dtype=np.int64) for s in starts[:count]]))
 
 
 def sample_from_model(model, tokenizer, count: int, length: int, seed: int) -> torch.Tensor:

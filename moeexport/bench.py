@@ -159,6 +159,8 @@ def _bench(given: list[str], baseline: str | None, options: BenchOptions, events
     vocabulary = min(token_bytes.embedding_rows for _, token_bytes, _ in described.values())
     if vocabulary <= FIRST_ORDINARY_TOKEN:
         raise MoeExportError("the artifacts' token embeddings are too small to make a prompt from")
+    for subject in subjects:
+        _require_context(subject, options.prompt_tokens + options.new_tokens)
     prompt = np.random.default_rng(options.seed).integers(FIRST_ORDINARY_TOKEN, vocabulary, options.prompt_tokens)
     notes = []
     bandwidth = measure_bandwidth(threads, options.bandwidth_buffer, options.bandwidth_runs, events, notes)
@@ -224,11 +226,12 @@ def _subject(given: str) -> _Subject:
     if not path.exists():
         raise MoeExportError(f"{given} does not exist")
     formats = formats_run()
-    if path.suffix not in formats:
-        kind = f"a {path.suffix} file" if path.suffix else "a file without an extension"
-        raise MoeExportError(f"{given} is {kind}: bench runs {' and '.join(formats)} files and model directories "
-                             "(or demo)")
-    return _Subject(given, path.resolve(), formats[path.suffix])
+    suffix = Path(path.name.removesuffix(".failed")).suffix  # an artifact that missed its validation is set aside
+    if suffix not in formats:
+        kind = f"a {suffix} file" if suffix else "a file without an extension"
+        raise MoeExportError(f"{given} is {kind}: bench runs {' and '.join(formats)} files (or those set aside as "
+                             "*.failed) and model directories (or demo)")
+    return _Subject(given, path.resolve(), formats[suffix])
 
 
 def formats_run() -> dict[str, str]:
@@ -252,6 +255,24 @@ def _describe(subject: _Subject):
         raise MoeExportError(f"running {subject.given} needs its runtime: pip install 'moeexport[{extra}]'") from None
     files = target.stored_files(subject.path)
     return runtime, target.token_bytes(subject.path), sum(path.stat().st_size for path in files if path.is_file())
+
+
+def _require_context(subject: _Subject, positions: int) -> None:
+    """The prompt and the new tokens fit the context the model was trained for (a GGUF's context_length, a
+    checkpoint's max_position_embeddings), refused before any run otherwise; an ONNX graph states none."""
+    if subject.format == TORCH:
+        from moeexport.source import open_source
+
+        context = open_source(subject.path).config.max_position_embeddings
+    elif subject.path.name.removesuffix(".failed").endswith(".gguf"):
+        from moeexport.backends.gguf.reader import GGUFFile
+
+        context = GGUFFile(subject.path).value("context_length")
+    else:
+        return
+    if isinstance(context, int) and positions > context:
+        raise MoeExportError(f"--prompt-tokens plus --new-tokens make {positions} positions, more than the "
+                             f"{context} that {subject.given} was trained for: give a shorter prompt")
 
 
 def _describe_torch(subject: _Subject):

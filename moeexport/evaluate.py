@@ -30,7 +30,7 @@ class EvalResult:
 
 
 def eval_windows(tokenizer, text_source: str, sequence_length: int = 256, max_sequences: int = 32) -> torch.Tensor:
-    stream = token_stream(tokenizer, read_documents(text_source))
+    stream = token_stream(tokenizer, read_documents(text_source), limit=sequence_length * max_sequences)
     available = len(stream) // sequence_length
     return token_windows(stream, sequence_length, min(max_sequences, max(available, 1)), None, text_source)
 

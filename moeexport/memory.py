@@ -38,7 +38,10 @@ def parse_size(text: str) -> int:
     unit = match.group(2).upper() if match else None
     if not match or unit not in _UNITS or float(match.group(1)) <= 0:
         raise MoeExportError(f"--max-memory {text!r} is not a size: write it like 16GB, 3.5GiB or 800MB")
-    return int(float(match.group(1)) * _UNITS[unit])
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size < 1:  # 0.5 (bytes) would be 0, which reads as "no --max-memory given"
+        raise MoeExportError(f"--max-memory {text!r} is less than a byte: write it like 16GB, 3.5GiB or 800MB")
+    return size
 
 
 def available_memory() -> int:

@@ -52,7 +52,11 @@ def check_output_file(out: str | Path, source: Path | None, overwrite: bool, fla
 
 def _apart_from_source(out: Path, source: Path | None, flag: str = "--out") -> Path:
     """`out` resolved, refused when it is, holds or lies inside the model being read."""
-    resolved = out.resolve()
+    try:
+        resolved = out.resolve()
+    except (RuntimeError, OSError) as error:  # Python raises RuntimeError for a symlink loop
+        raise MoeExportError(f"{flag} {out} cannot be resolved ({error}): a symlink loop lies on its way; choose "
+                             f"another {flag}") from None
     if source is not None:
         source = source.resolve()
         if resolved == source or source.is_relative_to(resolved):
@@ -151,6 +155,10 @@ def _remove_abandoned_staging(out: Path) -> None:
         pid = entry.name[len(f".{out.name}.partial-"):].split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(entry, ignore_errors=True)
+    for entry in out.parent.glob(f".{out.name}.old-*"):  # a run killed between publish's two renames
+        if not out.exists() and (entry / out.name).exists():
+            os.replace(entry / out.name, out)  # the previous result, which nothing replaced: back under its name
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

@@ -154,6 +154,9 @@ def _short(value: object, limit: int = 80) -> str:
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block the read; a directory cannot be read
+        raise MoeExportError(f"recipe file {path} is not a regular file (a directory, FIFO or device): give a "
+                             ".yaml file")
     if not path.is_file():
         raise MoeExportError(f"recipe file {path} does not exist")
     text = read_user_text(path, "recipe")

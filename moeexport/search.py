@@ -78,6 +78,7 @@ def search(model: str | Path, target: str, constraint: Constraint, options: Sear
     from moeexport.pipeline import _quiet
 
     chosen, types = _check_target(target, options)
+    _check_grid(model, options)
     if options.out:
         check_output_file(options.out, resolve_model_dir(model), options.overwrite)
     if options.build:
@@ -115,6 +116,19 @@ def _check_target(target: str, options: SearchOptions):
     if len(set(types)) != len(types):
         raise MoeExportError("--quant-types lists a type twice")
     return target_for(target), types
+
+
+def _check_grid(model, options: SearchOptions) -> None:
+    """Drop counts the model has the layers for, checked from its config before any work."""
+    from moeexport.source import open_source
+
+    layers = open_source(model, options.trust_remote_code).config.num_hidden_layers
+    for flag, counts, most in (("--block-drop", options.block_drop, layers - 1), ("--layer-drop", options.layer_drop,
+                                                                                 layers)):
+        too_many = [count for count in counts if count > most]
+        if too_many:
+            raise MoeExportError(f"{flag} {','.join(map(str, too_many))}: {model} has {layers} decoder layers, so "
+                                 f"at most {most} can be dropped")
 
 
 def _search(model, target, types: tuple[str, ...], constraint: Constraint, options: SearchOptions,

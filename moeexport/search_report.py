@@ -55,6 +55,9 @@ class Constraint:
             value = float(match.group(1)) / (100 if match.group(2) else 1)
             if not 0 < value <= 1 and not match.group(2):
                 raise MoeExportError(f"--max-size {text!r}: write a percentage like 30% (or a fraction like 0.3)")
+            if value > 1:  # every candidate is smaller than the untrimmed file: nothing to search for
+                raise MoeExportError(f"--max-size {text!r} is more than the untrimmed F16 GGUF itself: give at most "
+                                     "100%")
             return cls(kind, value)
         match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*[xX]?", text)
         if not match:

@@ -65,7 +65,9 @@ def open_source(model: str | Path, trust_remote_code: bool = False, cache_root: 
     layers = _manifest_layers(path, manifest)
     files = weight_files(path, manifest)
     kind = "demo" if str(model) == "demo" else "manifest" if layers is not None else "safetensors"
-    return Source(str(model), kind, path, config, manifest, layers, tuple(files), read_headers(files), cache_root)
+    headers = read_headers(files)
+    _check_counts_against_headers(config, headers, path)
+    return Source(str(model), kind, path, config, manifest, layers, tuple(files), headers, cache_root)
 
 
 def as_source(model: Source | str | Path, trust_remote_code: bool = False, cache_root: Path | None = None) -> Source:
@@ -125,6 +127,31 @@ def read_config(model_dir: Path, trust_remote_code: bool = False):
     adapter = adapter_for(config)  # unsupported or dense families stop here, before any weight is read
     _check_config_values(config, adapter, path, compressed=(model_dir / MANIFEST).is_file())
     return config
+
+
+def _check_counts_against_headers(config, headers: Headers, path: Path) -> None:
+    """The layer and expert counts and the widths config.json states, borne out by the weight headers, before
+    any model is built from it: a config stating 1e9 experts or 1e5 layers would build for minutes and gigabytes
+    (a compressed checkpoint's config states its largest per-layer expert count, which the headers hold too)."""
+    family = supported_families()[config.model_type]
+    names = family.tensor_names
+    where = path / "config.json"
+    layers = 1 + max((number for name in headers if (number := names.layer(name)) is not None), default=-1)
+    if layers and config.num_hidden_layers != layers:  # none found: names this check cannot read, left to loading
+        raise MoeExportError(f"{where}: num_hidden_layers is {config.num_hidden_layers} but the weights hold "
+                             f"{layers} layers: the config and the weights do not belong together")
+    experts = max([1 + number for name in headers if (number := names.expert(name)) is not None]
+                  + [shape[0] for name, (shape, _, _) in headers.items() if len(shape) == 3 and names.in_experts(name)],
+                  default=0)
+    stated = getattr(config, family.num_experts_key)
+    if experts and stated != experts:
+        raise MoeExportError(f"{where}: {family.num_experts_key} is {stated} but the weights hold at most "
+                             f"{experts} experts per layer: the config and the weights do not belong together")
+    embeddings = headers.get(family.embeddings + ".weight")
+    if embeddings is not None and list(embeddings[0]) != [config.vocab_size, config.hidden_size]:
+        raise MoeExportError(f"{where}: vocab_size {config.vocab_size} and hidden_size {config.hidden_size} do not "
+                             f"match the embeddings' shape {list(embeddings[0])}: the config and the weights do not "
+                             "belong together")
 
 
 def _check_config_values(config, adapter, path: Path, compressed: bool) -> None:

@@ -107,10 +107,24 @@ class LayerStream:
         self.edits = [LayerEdit(index) for index in range(len(decoder_layers(self.adapter, model)))]
         self.layers_read = 0
         self._found_finite: set = set()  # what was read and checked finite already (a pass reads it again)
+        self._untie_stored_copies()
 
     @property
     def model(self) -> nn.Module:
         return self._model()
+
+    def _untie_stored_copies(self) -> None:
+        """Tie only what transformers' own load ties: a tied pair (the head and the embeddings) whose both
+        tensors the checkpoint holds, with different values, stays apart (transformers keeps a file's own
+        head even when config.json says tie_word_embeddings), so the model's `all_tied_weights_keys` says what
+        is really tied to every reader of it (outer, the saver, the memory plan)."""
+        tied = getattr(self.model, "all_tied_weights_keys", None) or {}
+        for target, source in list(tied.items()):
+            if not (self.checkpoint.has(target) and self.checkpoint.has(source)):
+                continue  # one of them stored: the other is tied to it, as transformers does
+            if self.checkpoint.shape(target) != self.checkpoint.shape(source) or not torch.equal(
+                    self.checkpoint.tensor(target).to(self.dtype), self.checkpoint.tensor(source).to(self.dtype)):
+                del tied[target]
 
     # -- the plain data passes update ----------------------------------------------------
 
@@ -216,7 +230,10 @@ class LayerStream:
             and (wanted is None or name.rpartition(".")[0] in wanted)
         }
         self.model.load_state_dict(weights, assign=True, strict=False)
-        self.model.tie_weights()
+        self.model.tie_weights(recompute_mapping=False)  # the ties settled when the stream opened, not the config's
+        _require_as_read(self.model, weights)
+        for name, tensor in weights.items():
+            self._require_finite(name, tensor)
         del weights
         owners = [module for name, module in self.model.named_modules()
                   if not (name + ".").startswith(layers) and any(True for _ in module.parameters(recurse=False))
@@ -248,7 +265,7 @@ class LayerStream:
         """The token embeddings of `input_ids`, reading only the rows of the tokens that occur."""
         name = self.adapter.embeddings + ".weight"
         used, positions = torch.unique(input_ids, return_inverse=True)
-        return self.checkpoint.rows(name, used).to(self.dtype)[positions]
+        return self._require_finite(name, self.checkpoint.rows(name, used)).to(self.dtype)[positions]
 
     def head_blocks(self, rows: int = 4096):
         """(first row, the LM head's rows [first, first + rows) in the compute dtype), covering the head."""
@@ -258,7 +275,16 @@ class LayerStream:
         vocabulary = self.checkpoint.shape(name)[0]
         for first in range(0, vocabulary, rows):
             indices = torch.arange(first, min(first + rows, vocabulary))
-            yield first, self.checkpoint.rows(name, indices).to(self.dtype)
+            yield first, self._require_finite(name, self.checkpoint.rows(name, indices)).to(self.dtype)
+
+    def _require_finite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (weights read outside the layers: embeddings, head, final norm), refused when it holds NaN or
+        Inf unless non-finite weights are allowed; the layers' weights are checked as they are read."""
+        if self.check_finite and tensor.is_floating_point() and tensor.numel() and \
+                not all(torch.isfinite(bound) for bound in torch.aminmax(tensor)):
+            raise MoeExportError(f"{self.model.config.name_or_path}: {name} has non-finite values (NaN or Inf): the "
+                                 "checkpoint is corrupt; fetch it again (or pass --allow-nonfinite)")
+        return tensor
 
     def _name(self, layer: int, name: str) -> str:
         return f"{self.adapter.layers}.{layer}.{name}"
@@ -514,6 +540,17 @@ class ExpertsOnDemand(nn.Module):
 
 def child_name(root: nn.Module, child: nn.Module) -> str:
     return next(name for name, module in root.named_modules() if module is child)
+
+
+def _require_as_read(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Every parameter read under its own name from the checkpoint is, after tying, still the tensor read: tying
+    never replaces a weight the file holds (a stored head by the embeddings) unless transformers' load would."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    for name, tensor in weights.items():
+        held = parameters.get(name)
+        if held is not None and held.data_ptr() != tensor.data_ptr() and not torch.equal(held, tensor):
+            raise MoeExportError(f"the streamed model's {name} is not the checkpoint's {name} after tying: this is "
+                                 "a bug in moeexport's streaming; build without streaming (--no-stream)")
 
 
 def _require_loaded(module: nn.Module, what: str) -> None:

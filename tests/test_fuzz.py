@@ -302,3 +302,136 @@ def test_checkpoint_reader_fuzz_config(model_dir, record_property):
         outcome = _one_line_or_success(lambda: load(model_dir), lambda: f"config input {number} ({kind}) {data[:400]!r}")
         outcomes[f"{kind} {outcome}"] += 1
     _tally(outcomes, started, "checkpoint reader fuzz, config.json", record_property)
+
+
+# --- GGUF files ------------------------------------------------------------------------------
+
+GGUF_INPUTS = 160  # header moves only; a longer run with weight bytes damaged: tools/fuzz_gguf.py
+GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _gguf_fields(data: bytes) -> list[tuple[str, int, int]]:
+    """(what, position, size) of every number in a well-formed GGUF header: the counts, each metadata value
+    (an array's element type and length; a string's length), each tensor's dimension count, dimensions, type
+    and offset. The fuzzer edits these in place."""
+    fields = [("tensor count", 8, 8), ("metadata count", 16, 8)]
+    at = 24
+
+    def string(what):
+        nonlocal at
+        fields.append((what, at, 8))
+        length = struct.unpack_from("<Q", data, at)[0]
+        at += 8 + length
+
+    for _ in range(struct.unpack_from("<Q", data, 16)[0]):
+        length = struct.unpack_from("<Q", data, at)[0]
+        at += 8 + length
+        kind = struct.unpack_from("<I", data, at)[0]
+        fields.append(("metadata type", at, 4))
+        at += 4
+        if kind == 8:
+            string("metadata string length")
+        elif kind == 9:
+            item, count = struct.unpack_from("<IQ", data, at)
+            fields += [("array element type", at, 4), ("array length", at + 4, 8)]
+            at += 12
+            if item == 8:
+                for _ in range(count):
+                    string("array string length")
+            else:
+                at += count * GGUF_SCALAR_SIZES[item]
+        else:
+            fields.append(("metadata value", at, GGUF_SCALAR_SIZES[kind]))
+            at += GGUF_SCALAR_SIZES[kind]
+    for _ in range(struct.unpack_from("<Q", data, 8)[0]):
+        string("tensor name length")
+        dims = struct.unpack_from("<I", data, at)[0]
+        fields.append(("tensor dimension count", at, 4))
+        fields += [("tensor dimension", at + 4 + 8 * i, 8) for i in range(dims)]
+        at += 4 + 8 * dims
+        fields += [("tensor type", at, 4), ("tensor offset", at + 4, 8)]
+        at += 12
+    fields.append(("end of header", at, 0))
+    return fields
+
+
+def _mutate_gguf(rng: random.Random, original: bytes, fields: list, data_start: int,
+                 data_moves: bool) -> tuple[str, bytes]:
+    header_end = fields[-1][1]
+    move = rng.randrange(20 if data_moves else 17)
+    data = bytearray(original)
+    if move < 8:  # a number of the header set to an edge value, or nudged
+        what, at, size = rng.choice(fields[:-1])
+        old = int.from_bytes(data[at:at + size], "little")
+        value = rng.choice([0, 1, 2, 3, old + 1, old - 1, old * 2, old * 1000, 2 ** (8 * size - 1),
+                            2 ** (8 * size) - 1, rng.randrange(2 ** (8 * size))]) % 2 ** (8 * size)
+        data[at:at + size] = value.to_bytes(size, "little")
+        return f"field: {what}", bytes(data)
+    if move < 12:  # header bytes flipped
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(4, header_end)] ^= 1 << rng.randrange(8)
+        return "header bytes", bytes(data)
+    if move < 15:
+        cut = rng.choice([rng.randrange(0, 24), rng.randrange(24, header_end), rng.randrange(header_end, len(data))])
+        return "truncated", original[:cut]
+    if move < 17:  # a float metadata value (epsilon, rope base) made non-finite, negative or zero
+        floats = [at for what, at, size in fields if what == "metadata value" and size == 4]
+        at = rng.choice(floats)
+        data[at:at + 4] = struct.pack("<f", rng.choice([float("nan"), float("inf"), -1.0, 0.0, 1e30]))
+        return "float value", bytes(data)
+    # data bytes (a full read of every weight): the model reads, or non-finite weights are refused by name
+    for _ in range(rng.randint(1, 6)):
+        at = rng.randrange(data_start, len(data) - 2)
+        data[at:at + 2] = rng.choice([b"\x00\x7e", b"\x00\x7c", bytes(rng.randrange(256) for _ in range(2))])
+    return "data bytes", bytes(data)
+
+
+@pytest.fixture(scope="module")
+def fuzzed_gguf(tmp_path_factory):
+    pytest.importorskip("gguf")
+    import moeexport
+    from moeexport.backends import gguf as gguf_backend
+
+    path = tmp_path_factory.mktemp("gguf-fuzz") / "demo-q8_0.gguf"
+    gguf_backend.export(moeexport.load("demo"), path, quant="q8_0")
+    return path
+
+
+def _read_gguf(path: Path, every_weight: bool) -> None:
+    """What every command that reads a GGUF as a model does: open it; for data moves, read every weight."""
+    import torch
+
+    from moeexport.modelio import load_streamed
+    from moeexport.source import open_source
+    from moeexport.streaming import logits
+
+    source = open_source(path)
+    if every_weight:
+        logits(load_streamed(source), torch.arange(3, 19)[None])
+
+
+def _gguf_fuzz(original_path: Path, tmp_path: Path, inputs: int, seed: int, data_moves: bool) -> Counter:
+    """`inputs` mutations of the GGUF at `original_path`, each read as a model; `data_moves`: also damage weight
+    bytes, each such input read whole through the streamed model (seconds each: outside CI)."""
+    import gguf
+
+    original = original_path.read_bytes()
+    fields = _gguf_fields(original)
+    data_start = min(tensor.data_offset for tensor in gguf.GGUFReader(original_path).tensors)
+    rng = random.Random(seed)
+    path = tmp_path / "fuzzed.gguf"
+    outcomes = Counter()
+    for number in range(inputs):
+        kind, data = _mutate_gguf(rng, original, fields, data_start, data_moves)
+        path.write_bytes(data)
+        outcome = _one_line_or_success(lambda: _read_gguf(path, kind == "data bytes"),
+                                       lambda: f"GGUF input {number} ({kind}, seed {seed})")
+        outcomes[f"{kind.partition(':')[0]} {outcome}"] += 1
+    return outcomes
+
+
+def test_gguf_reader_fuzz(fuzzed_gguf, tmp_path, record_property):
+    started = time.perf_counter()
+    outcomes = _gguf_fuzz(fuzzed_gguf, tmp_path, GGUF_INPUTS, 2906, data_moves=False)
+    _tally(outcomes, started, "GGUF reader fuzz", record_property)
+    assert sum(n for k, n in outcomes.items() if k.endswith("refused")) > GGUF_INPUTS // 2

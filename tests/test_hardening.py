@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from tests.tiny_models import FAMILIES, random_tokens, tiny_model
 SMALL_CALIBRATION = ["--calib-samples", "2", "--calib-length", "32"]
 PROSE = "The river rose in the night and by morning the bridge was gone; the village waited for the boats. " * 40
 WEIGHTS = "model.safetensors"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @pytest.fixture
@@ -185,6 +187,36 @@ def test_damaged_checkpoints_are_refused_by_name(case, demo_copy, text, capsys):
     assert message in line
 
 
+CONFIG_BOMBS = {
+    "1e9 experts": ({"num_local_experts": 10**9},
+                    "num_local_experts is 1000000000 but the weights hold at most 8 experts per layer"),
+    "1e5 layers": ({"num_hidden_layers": 10**5}, "num_hidden_layers is 100000 but the weights hold 4 layers"),
+    "a width of 2**40": ({"hidden_size": 2**40}, "hidden_size 1099511627776 do not match the embeddings' shape"),
+    "a vocabulary of 1e12": ({"vocab_size": 10**12}, "vocab_size 1000000000000 and hidden_size 128 do not match"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_BOMBS))
+def test_a_config_the_weights_do_not_bear_out_is_refused_before_any_model_is_built(case, demo_copy, text, capsys,
+                                                                                  monkeypatch):
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    changes, message = CONFIG_BOMBS[case]
+    edit_config(demo_copy, **changes)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built from the config")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", no_model)
+    started = time.perf_counter()
+    for argv in (["eval", str(demo_copy), "--text", str(text)],
+                 ["compress", str(demo_copy), "--recipe", str(RECIPES / "trim.yaml"), "--dry-run", "--max-memory", "1GB"]):
+        assert message in one_line_error(capsys, argv)
+    assert time.perf_counter() - started < 30
+
+
 def test_a_damaged_shard_behind_an_index_is_named(demo_copy):
     tensors = tensors_of(demo_copy)
     names = sorted(tensors)
@@ -213,6 +245,42 @@ def test_tied_embeddings_may_leave_lm_head_out(demo_copy):
     edit_config(demo_copy, tie_word_embeddings=True)
     model = moeexport.load(demo_copy)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "no-stream"])
+def test_a_stored_head_under_a_tied_config_is_kept_as_transformers_keeps_it(stream, demo_copy, tmp_path):
+    """config.json says tie_word_embeddings but the file holds its own, different lm_head: transformers keeps the
+    file's head; so does moeexport, streamed or not, and the checkpoint it writes gives transformers' logits."""
+    from transformers import AutoModelForCausalLM
+
+    from moeexport.pipeline import CompressOptions, compress
+    from moeexport.streaming import logits
+
+    edit_config(demo_copy, tie_word_embeddings=True)
+    tokens = torch.arange(3, 35)[None]
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(demo_copy).eval()(input_ids=tokens).logits.numpy()
+    read = (logits(moeexport.modelio.load_streamed(demo_copy), tokens) if stream
+            else moeexport.load(demo_copy)(input_ids=tokens).logits.numpy())
+    assert abs(read - expected).max() < 1e-4
+    calibration = moeexport.CalibrationOptions(source=str(Path(__file__).with_name("held_out_text.txt")),
+                                               samples=2, length=32)
+    out = tmp_path / "out"
+    compress(str(demo_copy), {"passes": []},
+             CompressOptions(out=str(out), stream=stream, measure_quality=False, calibration=calibration))
+    with torch.no_grad():
+        written = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=tokens).logits.numpy()
+    assert abs(written - expected).max() < 1e-4
+
+
+def test_a_tie_that_replaces_a_stored_weight_is_refused_as_a_bug(demo_copy, monkeypatch):
+    """The streamed reference cannot silently share a tying bug: a tie that overwrote the stored head is caught."""
+    from moeexport.streaming import LayerStream, logits
+
+    edit_config(demo_copy, tie_word_embeddings=True)
+    monkeypatch.setattr(LayerStream, "_untie_stored_copies", lambda self: None)
+    with pytest.raises(MoeExportError, match="lm_head.weight is not the checkpoint's lm_head.weight after tying"):
+        logits(moeexport.modelio.load_streamed(demo_copy), torch.arange(3, 11)[None])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -277,6 +345,234 @@ def test_text_with_nul_bytes_is_binary(tmp_path, capsys):
     calib.write_bytes(b"\0" * 4096)
     line = one_line_error(capsys, ["eval", "demo", "--text", str(calib)])
     assert "holds NUL bytes at offset 0: it is a binary file" in line
+
+
+# --- text read a piece at a time -----------------------------------------------------------------
+
+
+class _RecordingTokenizer:
+    """The demo tokenizer, recording the length of every text it is given."""
+
+    def __init__(self):
+        self.tokenizer, self.given = moeexport.load_tokenizer("demo"), []
+        self.eos_token_id = self.tokenizer.eos_token_id
+
+    def __call__(self, text, **kwargs):
+        self.given.append(len(text))
+        return self.tokenizer(text, **kwargs)
+
+
+def _one_line(path, words: int, seed: int = 0):
+    import random
+
+    vocabulary = PROSE.split()
+    path.write_text(" ".join(random.Random(seed).choices(vocabulary, k=words)))
+    return path
+
+
+def test_a_short_document_is_tokenized_whole_as_before(tmp_path):
+    from moeexport.calibration.sources import token_stream
+
+    tokenizer = _RecordingTokenizer()
+    stream = token_stream(tokenizer, [PROSE, PROSE[:500]])
+    whole = tokenizer.tokenizer(PROSE, add_special_tokens=False)["input_ids"]
+    assert stream.tolist()[:len(whole) + 1] == whole + [tokenizer.eos_token_id]
+    assert tokenizer.given == [len(PROSE), 500]
+
+
+def test_a_one_line_text_is_tokenized_in_pieces_cut_at_spaces(tmp_path, monkeypatch):
+    from moeexport.calibration import sources
+
+    monkeypatch.setattr(sources, "PIECE_CHARS", 4096)
+    text = _one_line(tmp_path / "one-line.txt", 40_000)
+    tokenizer = _RecordingTokenizer()
+    windows = sources.calibration_tokens(None, tokenizer, CalibrationConfig(str(text), 8, 64, 0))
+    assert windows.shape == (8, 64) and max(tokenizer.given) <= 4096 and len(tokenizer.given) > 20
+    whole = tokenizer.tokenizer(text.read_text(), add_special_tokens=False)["input_ids"]
+    pieces = sources.token_stream(tokenizer, [text.read_text()]).tolist()[:-1]
+    # cut at spaces, the pieces tokenize as the whole does, but for a token at a few cuts
+    assert abs(len(pieces) - len(whole)) <= len(tokenizer.given) and pieces[:500] == whole[:500]
+
+
+def test_held_out_windows_read_only_the_text_they_need(tmp_path):
+    """8 MB in one line: the first windows come from its first piece, within seconds and little memory."""
+    import subprocess
+    import sys
+
+    text = _one_line(tmp_path / "one-line.txt", 1_600_000)
+    assert text.stat().st_size > 8 * 10**6
+    measure = ("import sys, time; from pathlib import Path; from moeexport.evaluate import eval_windows; "
+               "from moeexport.modelio import load_tokenizer; tokenizer = load_tokenizer('demo'); "
+               "before = next(int(l.split()[1]) for l in Path('/proc/self/status').read_text().splitlines() "
+               "if l.startswith('VmHWM:')); started = time.perf_counter(); "
+               "windows = eval_windows(tokenizer, sys.argv[1], 256, 8); seconds = time.perf_counter() - started; "
+               "after = next(int(l.split()[1]) for l in Path('/proc/self/status').read_text().splitlines() "
+               "if l.startswith('VmHWM:')); print(list(windows.shape), (after - before) * 1024, seconds)")
+    shape, grown, seconds = subprocess.run([sys.executable, "-c", measure, str(text)], capture_output=True,
+                                           text=True, check=True).stdout.strip().rsplit(" ", 2)
+    # the whole text tokenized at once: ~800 MB and ~20 s (the imports before it are not counted)
+    assert shape == "[8, 256]" and int(grown) < 200 * 2**20 and float(seconds) < 10
+
+
+# --- paths and sizes the command line is given -------------------------------------------------
+
+
+def test_an_out_through_a_symlink_loop_is_one_line(tmp_path, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("passes: []\n")
+    for out in (tmp_path / "a", tmp_path / "a" / "inside"):
+        line = one_line_error(capsys, ["compress", "demo", "--recipe", str(recipe), "--out", str(out)])
+        assert f"--out {out} cannot be resolved" in line and "symlink loop" in line
+
+
+def test_a_fifo_recipe_is_named_as_no_regular_file(tmp_path, capsys):
+    fifo = tmp_path / "recipe.yaml"
+    os.mkfifo(fifo)
+    line = one_line_error(capsys, ["compress", "demo", "--recipe", str(fifo), "--dry-run"])
+    assert f"recipe file {fifo} is not a regular file (a directory, FIFO or device)" in line
+
+
+@pytest.mark.parametrize("size", ["0.5", "0.9B", "0"])
+def test_a_max_memory_under_a_byte_is_refused_not_the_default(size, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("passes: []\n")
+    line = one_line_error(capsys, ["compress", "demo", "--recipe", str(recipe), "--dry-run", "--max-memory", size])
+    assert f"--max-memory {size!r} is" in line
+
+
+@pytest.mark.parametrize("published", [True, False], ids=["after the second rename", "between the renames"])
+def test_a_run_killed_while_publishing_leaves_nothing_the_next_run_does_not_clear(published, tmp_path):
+    """publish() moves the old output aside, renames the new one in, then deletes the old: a kill after the first
+    rename leaves `.NAME.old-*`; the next write into that output clears it, putting an unreplaced result back."""
+    from moeexport.outputs import staged
+
+    out = tmp_path / "out"
+    aside = tmp_path / ".out.old-killed"
+    (aside / "out").mkdir(parents=True)
+    (aside / "out" / "result.txt").write_text("previous")
+    if published:
+        out.mkdir()
+        (out / "result.txt").write_text("published")
+    else:
+        with staged(tmp_path / "elsewhere", overwrite=False):
+            pass  # another output's write does not touch this one's leftovers
+        assert aside.exists()
+    with staged(out, overwrite=True) as staging:
+        assert (out / "result.txt").read_text() == ("published" if published else "previous")
+        (staging / "result.txt").write_text("new")
+    assert (out / "result.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + ([] if published else ["elsewhere"]))
+
+
+SEARCH_BEFORE_WORK = {
+    "--layer-drop 99": (["--max-size", "30%", "--layer-drop", "0,99"],
+                        "--layer-drop 99: demo has 4 decoder layers, so at most 4 can be dropped"),
+    "--block-drop 4": (["--max-size", "30%", "--block-drop", "1,4"],
+                       "--block-drop 4: demo has 4 decoder layers, so at most 3 can be dropped"),
+    "--max-size 101%": (["--max-size", "101%"], "--max-size '101%' is more than the untrimmed F16 GGUF itself"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEARCH_BEFORE_WORK))
+def test_a_search_that_cannot_succeed_is_refused_before_any_work(case, capsys, monkeypatch):
+    import time
+
+    from moeexport import search
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the search started")
+
+    monkeypatch.setattr(search, "_search", no_work)
+    flags, message = SEARCH_BEFORE_WORK[case]
+    started = time.perf_counter()
+    assert message in one_line_error(capsys, ["search", "demo", "--target", "gguf", *flags])
+    assert time.perf_counter() - started < 30
+
+
+def test_a_bench_prompt_longer_than_the_context_is_one_line_before_any_run(capsys, monkeypatch):
+    from moeexport import bench
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("an artifact was run")
+
+    monkeypatch.setattr(bench, "profile_in_subprocess", no_run)
+    line = one_line_error(capsys, ["bench", "demo", "--prompt-tokens", "100000", "--repeats", "1"])
+    assert "make 100032 positions, more than the 2048 that demo was trained for" in line
+
+
+def test_a_long_prompt_reaches_the_profiling_process_on_stdin(monkeypatch):
+    """A prompt as a command-line argument exceeds the system's limit ("Argument list too long")."""
+    import json
+    import subprocess
+
+    from moeexport.backends import profile
+
+    calls = []
+
+    def run(argv, **kwargs):
+        calls.append((argv, kwargs))
+        return subprocess.CompletedProcess(argv, 0, stdout=json.dumps({"ok": True}), stderr="")
+
+    monkeypatch.setattr(profile.subprocess, "run", run)
+    assert profile.profile_in_subprocess("gguf", "m.gguf", list(range(300_000)), 4, 300_100) == {"ok": True}
+    (argv, kwargs), = calls
+    assert sum(len(part) for part in argv) < 200 and json.loads(kwargs["input"])["prompt"][-1] == 299_999
+
+
+def test_the_profiling_process_reads_its_request_from_stdin():
+    import json
+    import subprocess
+    import sys
+
+    request = json.dumps({"target": "nonesuch", "path": "x", "prompt": [1], "new_tokens": 1, "context": 8})
+    done = subprocess.run([sys.executable, "-m", "moeexport.backends.profile", "-"], input=request,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "nonesuch" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+# --- two runs at once ------------------------------------------------------------------------------
+
+RUN = "import sys; from moeexport.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _compress_at_once(tmp_path, outs, env=None):
+    """Two `compress` runs of the demo model started together (the recipe observes calibration text):
+    (exit code, stderr) of each."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("passes:\n  - expert_drop: {keep: 6, score: frequency}\n")
+    text = Path(__file__).with_name("held_out_text.txt")
+    runs = [subprocess.Popen([sys.executable, "-c", RUN, "compress", "demo", "--recipe", str(recipe), "--out",
+                              str(out), "--calib", str(text), *SMALL_CALIBRATION, "--eval-text", str(text)],
+                             stderr=subprocess.PIPE, text=True, env=os.environ | (env or {}))
+            for out in outs]
+    return [(run.wait(timeout=300), run.stderr.read()) for run in runs]
+
+
+def test_two_compressions_into_one_out_at_once_leave_one_whole_output(tmp_path):
+    out = tmp_path / "out"
+    results = sorted(_compress_at_once(tmp_path, [out, out]))
+    (ok, _), (refused, message) = results
+    assert (ok, refused) == (0, 2), results
+    lines = [line for line in message.splitlines() if line.startswith("moeexport compress: error: ")]
+    assert "Traceback" not in message and len(lines) == 1, message
+    assert f"another moeexport run is writing {out}" in lines[0] or f"output {out} already exists" in lines[0]
+    assert moeexport.load(out).config.num_local_experts == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]  # no lock, staging or old copy
+
+
+def test_two_runs_sharing_a_cache_at_once_both_finish_and_agree(tmp_path):
+    cache = tmp_path / "cache"
+    results = _compress_at_once(tmp_path, [tmp_path / "one", tmp_path / "two"], {"MOEEXPORT_CACHE": str(cache)})
+    assert [code for code, _ in results] == [0, 0], results
+    one, two = (load_file(tmp_path / name / "model.safetensors") for name in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[name], two[name]) for name in one)
+    written = [path for path in cache.rglob("*") if path.is_file()]
+    assert written and not [path for path in written if ".partial" in path.name], written
 
 
 # --- the statistics cache cannot go stale -------------------------------------------------------

@@ -61,7 +61,10 @@ class GGUFTarget(Target):
     def quant_of(self, path: Path) -> str | None:
         import gguf
 
+        from moeexport.backends.gguf.checks import prescan
+
         try:
+            prescan(Path(path))  # bounded, before gguf-py expands the metadata arrays of a file from anyone
             file_type = gguf.GGUFReader(path).get_field("general.file_type").contents()
         except Exception:  # an unreadable file has no type to tell; its runner says what is wrong with it
             return None

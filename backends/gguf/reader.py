@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from moeexport.backends.gguf.architectures import ARCHITECTURES, host_named
+from moeexport.backends.gguf.checks import check_mapping, check_model, prescan
 from moeexport.errors import MoeExportError
 from moeexport.memory import release_freed_memory
 
@@ -77,6 +78,7 @@ class GGUFFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise MoeExportError(f"{self.path} is not a file")
+        self.array_lengths = prescan(self.path)  # bounded: before gguf-py makes a view per array element
         try:
             reader = gguf.GGUFReader(self.path)
         except Exception as error:  # gguf-py raises ValueError/struct errors on a damaged file
@@ -184,10 +186,12 @@ def read_config(file: "GGUFFile | str | Path"):
     model_type = _model_type(file)
     if file.value("expert_count") in (None, 0):
         raise MoeExportError(f"{file.path} holds a dense {file.architecture} model, not a mixture of experts")
-    if file.value("expert_gating_func") == _gguf().ExpertGatingFuncType.SIGMOID:
+    check_model(file)
+    architecture = ARCHITECTURES[model_type]
+    if file.value("expert_gating_func") == _gguf().ExpertGatingFuncType.SIGMOID and not architecture.routing_keys:
+        # deepseek2 hosts several families; its sigmoid-gated ones (DeepSeek-V3, GLM-4.7-Flash) are not read yet
         raise MoeExportError(f"{file.path} routes by sigmoid scores (with a selection bias or expert groups), "
                              "which moeexport does not read from a GGUF yet: start from the HF checkpoint")
-    architecture = ARCHITECTURES[model_type]
     layers = trunk_layers(file)
     tensors = file.tensors
     expert_width = _expert_width(file)
@@ -380,6 +384,8 @@ class GGUFCheckpoint:
                     add(projection, kind, block=block)
             if view.shared_expert_gate is not None:
                 add(view.shared_expert_gate, "FFN_GATE_INP_SHEXP", block=block)
+        check_mapping(file, self.sources, {name: tuple(tensor.shape)
+                                           for name, tensor in model.state_dict(keep_vars=True).items()})
 
     @staticmethod
     def _attention(add, view, config, block: int, permute: bool) -> None:
