@@ -189,7 +189,7 @@ def read_config(file: "GGUFFile | str | Path"):
     check_model(file)
     architecture = ARCHITECTURES[model_type]
     if file.value("expert_gating_func") == _gguf().ExpertGatingFuncType.SIGMOID and not architecture.routing_keys:
-        # deepseek2 hosts several families; its sigmoid-gated ones (DeepSeek-V3, GLM-4.7-Flash) are not read yet
+        # a host shared by several families reads its softmax-gated one; the sigmoid-gated ones are not read yet
         raise MoeExportError(f"{file.path} routes by sigmoid scores (with a selection bias or expert groups), "
                              "which moeexport does not read from a GGUF yet: start from the HF checkpoint")
     layers = trunk_layers(file)
