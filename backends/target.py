@@ -138,6 +138,10 @@ class Target(ABC):
         against the torch model."""
         return self.tolerances[quant]
 
+    def context_of(self, path: Path) -> int | None:
+        """The context an artifact file's model was trained for, where the file says (None: it does not)."""
+        return None
+
     def quant_of(self, path: Path) -> str | None:
         """The weight type an artifact file was written with, where the file says (None: unknown)."""
         return None

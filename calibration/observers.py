@@ -7,7 +7,8 @@ so a later streaming loader can bring layers in from disk without a redesign.
 
 Per MoE layer (He et al.; MC-SMoE; REAP):
 - expert_tokens: top-k selections per expert (tokens seen per expert);
-- routing_mass: mean routing score per expert (its softmax probability, over all experts);
+- routing_mass: mean share per expert of a token's routing scores (its softmax probability over all experts;
+  sigmoid scores, each in (0, 1), as a share of the token's sum);
 - reap: mean over an expert's routed tokens of gate weight x ||expert output||;
 - router_logit_similarity: cosine between experts' router-logit columns;
 - moe_similarity: mean token cosine of x and x + MoE(norm(x)) (Layer Drop).
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from moeexport.adapters import LayerView, Routing, adapter_for
+from moeexport.adapters.declaration import SOFTMAX
 from moeexport.adapters.experts import expert_intermediate, expert_output
 from moeexport.adapters.routing import scores
 from moeexport.adapters.surgery import decoder_layers, sublayer_hidden
@@ -128,7 +130,10 @@ class _MoEAccumulator:
         tokens = args[0].reshape(-1, args[0].shape[-1])
         logits = logits.reshape(-1, logits.shape[-1]).double()
         self.expert_tokens += torch.bincount(index.flatten(), minlength=len(self.expert_tokens))
-        self.routing_mass += scores(self.routing, logits).sum(0)
+        token_scores = scores(self.routing, logits)
+        if self.routing.scores != SOFTMAX:  # sigmoid scores: a share of the token's sum, as softmax's already are
+            token_scores = token_scores / token_scores.sum(-1, keepdim=True)
+        self.routing_mass += token_scores.sum(0)
         self.logit_gram += logits.T @ logits
         self.reap_sum += self._reap(tokens, weights.reshape(index.shape), index)
 

@@ -264,12 +264,10 @@ def _require_context(subject: _Subject, positions: int) -> None:
         from moeexport.source import open_source
 
         context = open_source(subject.path).config.max_position_embeddings
-    elif subject.path.name.removesuffix(".failed").endswith(".gguf"):
-        from moeexport.backends.gguf.reader import GGUFFile
-
-        context = GGUFFile(subject.path).value("context_length")
     else:
-        return
+        from moeexport.backends import target_for
+
+        context = target_for(subject.format).context_of(subject.path)
     if isinstance(context, int) and positions > context:
         raise MoeExportError(f"--prompt-tokens plus --new-tokens make {positions} positions, more than the "
                              f"{context} that {subject.given} was trained for: give a shorter prompt")

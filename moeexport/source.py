@@ -137,7 +137,9 @@ def _check_counts_against_headers(config, headers: Headers, path: Path) -> None:
     names = family.tensor_names
     where = path / "config.json"
     layers = 1 + max((number for name in headers if (number := names.layer(name)) is not None), default=-1)
-    if layers and config.num_hidden_layers != layers:  # none found: names this check cannot read, left to loading
+    # none found: names this check cannot read, left to loading; more found: layers transformers skips on load
+    # (GLM's next-token-prediction layer), or that loading refuses as unexpected tensors
+    if layers and config.num_hidden_layers > layers:
         raise MoeExportError(f"{where}: num_hidden_layers is {config.num_hidden_layers} but the weights hold "
                              f"{layers} layers: the config and the weights do not belong together")
     experts = max([1 + number for name in headers if (number := names.expert(name)) is not None]

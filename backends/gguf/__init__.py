@@ -58,6 +58,12 @@ class GGUFTarget(Target):
                          imatrix=inputs.imatrix, weight_grid=inputs.weight_grid)
         return Artifact(written.path, written.representation, written.fallbacks)
 
+    def context_of(self, path: Path) -> int | None:
+        from moeexport.backends.gguf.reader import GGUFFile  # its header checked before anything is read
+
+        context = GGUFFile(path).value("context_length")
+        return context if isinstance(context, int) else None
+
     def quant_of(self, path: Path) -> str | None:
         import gguf
 

@@ -313,7 +313,7 @@ def _check_layer_record(file, layers: int, experts: int) -> None:
     """moeexport.layers (written by moeexport) a JSON list of one layer record per block, each within the expert
     count; else leading_dense_block_count a count of blocks."""
     from moeexport.adapters import LayerSpec
-    from moeexport.backends.gguf.reader import LAYERS_KEY
+    from moeexport.backends.gguf.names import LAYERS_KEY
 
     if LAYERS_KEY not in file.metadata:
         _integer(file, "leading_dense_block_count", 0, layers, required=False)
@@ -358,8 +358,8 @@ def check_mapping(file, sources: dict, parameters: dict) -> None:
             rows = sum(one[1] for one in stored)
             if any(one[2:] != tuple(shape[2:]) for one in stored) or rows != shape[1]:
                 raise _wrong_shape(file, source.tensors[0], stored[0], shape)
-        elif source.experts is not None:  # a router: one row per expert
-            if stored[0][1:] != tuple(shape[1:]):
+        elif source.experts is not None:  # a router's rows or a bias: one entry per expert (a bias [E] may be [1, E])
+            if _squeezed(stored[0])[1:] != _squeezed(shape)[1:]:
                 raise _wrong_shape(file, source.tensors[0], stored[0], shape)
         elif _squeezed(stored[0]) != _squeezed(shape):  # [32] holds a [1, 32] parameter: the reader reshapes
             raise _wrong_shape(file, source.tensors[0], stored[0], shape)

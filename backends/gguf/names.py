@@ -42,3 +42,6 @@ class TensorNames:
     def block(self, index: int) -> BlockNames:
         """The names inside decoder block `index`: block(2)("ATTN_Q") == "blk.2.attn_q.weight"."""
         return lambda kind, suffix=".weight": self(kind, index, suffix)
+
+
+LAYERS_KEY = "moeexport.layers"  # JSON list of LayerSpec dicts: each layer's structure, written by writer.py

@@ -32,10 +32,10 @@ import numpy as np
 
 from moeexport.backends.gguf.architectures import ARCHITECTURES, host_named
 from moeexport.backends.gguf.checks import check_mapping, check_model, prescan
+from moeexport.backends.gguf.names import LAYERS_KEY
 from moeexport.errors import MoeExportError
 from moeexport.memory import release_freed_memory
 
-LAYERS_KEY = "moeexport.layers"  # JSON list of LayerSpec dicts, written by writer.py
 DEQUANTIZE_ROWS = 512  # rows dequantized at once
 
 

@@ -59,8 +59,8 @@ from moeexport.adapters.experts import down_weights, gate_and_up_biases, gate_an
 from moeexport.adapters.surgery import structure
 from moeexport.backends.gguf import ggml
 from moeexport.backends.gguf.architectures import ARCHITECTURES, UNBOUNDED_WINDOW, GGUFArchitecture, host_named
-from moeexport.backends.gguf.names import DENSE_FFN, ROUTED_FFN, SHARED_FFN, BlockNames, TensorNames
-from moeexport.backends.gguf.reader import LAYERS_KEY, per_expert
+from moeexport.backends.gguf.names import DENSE_FFN, LAYERS_KEY, ROUTED_FFN, SHARED_FFN, BlockNames, TensorNames
+from moeexport.backends.gguf.reader import per_expert
 from moeexport.backends.gguf.types import KEEP, LLAMA_CPP_TYPES, LLAMA_FTYPES, QUANT_TYPES
 from moeexport import mxfp4
 from moeexport.errors import MoeExportError

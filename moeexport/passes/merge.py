@@ -131,6 +131,7 @@ class Merge(CompressionPass):
 
     def apply(self, model, plan: MergePlan) -> None:
         adapter = adapter_for(model.config)
+        check_experts_can_merge(adapter, model.config)  # for callers of apply without check_model
         if plan.layout == "grouped":
             check_expert_count_change(adapter, model.config)
         views = {layer: adapter.layer_view(model, layer) for layer in plan.groups}
