@@ -216,16 +216,26 @@ def _contrib(graph: Graph, tokens: str, logits: str, name: str, experts: RoutedE
     if quantization is None:
         fc1 = graph.weight_stack(f"{name}.fc1", count, lambda e: _interleaved(*experts.gate_and_up(e)))
         fc2 = graph.weight_stack(f"{name}.fc2", count, lambda e: experts.down_rows(e) * experts.scale)
-        return graph.op("MoE", tokens, logits, fc1, fc1_bias, fc2, fc2_bias, domain=CONTRIB_DOMAIN, **attributes)
+        return graph.op("MoE", *_given(tokens, logits, fc1, fc1_bias, fc2, fc2_bias), domain=CONTRIB_DOMAIN,
+                        **attributes)
     fc1_codes, fc1_scales = _quantized_stack(graph, f"{name}.fc1", count,
                                              lambda e: _interleaved(*experts.gate_and_up(e)), quantization)
     fc2_codes, fc2_scales = _quantized_stack(graph, f"{name}.fc2", count, experts.down_rows, quantization)
     return graph.op(
-        "QMoE", tokens, logits,
-        fc1_codes, graph.raw(f"{name}.fc1.scales", fc1_scales), fc1_bias,
-        fc2_codes, graph.raw(f"{name}.fc2.scales", fc2_scales * np.float32(experts.scale)), fc2_bias,
+        "QMoE", *_given(tokens, logits,
+                        fc1_codes, graph.raw(f"{name}.fc1.scales", fc1_scales), fc1_bias,
+                        fc2_codes, graph.raw(f"{name}.fc2.scales", fc2_scales * np.float32(experts.scale)), fc2_bias),
         domain=CONTRIB_DOMAIN, expert_weight_bits=quantization.bits, block_size=quantization.block_size, **attributes,
     )
+
+
+def _given(*inputs: str) -> list[str]:
+    """A node's inputs without the trailing optional ones left out ("" names an omitted input): a bias-free
+    layer's node is the one it always was."""
+    inputs = list(inputs)
+    while inputs and inputs[-1] == "":
+        inputs.pop()
+    return inputs
 
 
 def _quantized_stack(graph: Graph, name: str, count: int, expert_rows, quantization: Quantization) -> tuple[str, np.ndarray]:
