@@ -24,3 +24,22 @@ def _isolated_cache(tmp_path, monkeypatch):
     import moeexport.cache
 
     monkeypatch.setattr(moeexport.cache, "ROOT", tmp_path / "statistics-cache")
+
+
+@pytest.fixture(scope="session")
+def demo_gguf_of(tmp_path_factory):
+    """The demo model's GGUF in a weight type (`demo_gguf_of("q8_0")`), written once per session: the hostile-input
+    tests and the fuzzers rewrite copies of it, never the file itself."""
+    made = {}
+
+    def of(quant: str):
+        if quant not in made:
+            import moeexport
+            from moeexport.backends import gguf as gguf_backend
+
+            path = tmp_path_factory.mktemp("demo-gguf") / f"demo-{quant}.gguf"
+            gguf_backend.export(moeexport.load("demo"), path, quant=quant)
+            made[quant] = path
+        return made[quant]
+
+    return of

@@ -387,14 +387,9 @@ def _mutate_gguf(rng: random.Random, original: bytes, fields: list, data_start: 
 
 
 @pytest.fixture(scope="module")
-def fuzzed_gguf(tmp_path_factory):
+def fuzzed_gguf(demo_gguf_of):
     pytest.importorskip("gguf")
-    import moeexport
-    from moeexport.backends import gguf as gguf_backend
-
-    path = tmp_path_factory.mktemp("gguf-fuzz") / "demo-q8_0.gguf"
-    gguf_backend.export(moeexport.load("demo"), path, quant="q8_0")
-    return path
+    return demo_gguf_of("q8_0")
 
 
 def _read_gguf(path: Path, every_weight: bool) -> None:

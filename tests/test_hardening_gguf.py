@@ -26,13 +26,8 @@ DELETE = object()
 
 
 @pytest.fixture(scope="module")
-def demo_gguf(tmp_path_factory):
-    import moeexport
-    from moeexport.backends import gguf as gguf_backend
-
-    path = tmp_path_factory.mktemp("hostile-gguf") / "demo-q8_0.gguf"
-    gguf_backend.export(moeexport.load("demo"), path, quant="q8_0")
-    return path
+def demo_gguf(demo_gguf_of):
+    return demo_gguf_of("q8_0")
 
 
 @pytest.fixture

@@ -93,14 +93,9 @@ def test_the_shipped_recipes_still_load():
 
 
 @pytest.fixture(scope="module")
-def demo_gguf(tmp_path_factory):
+def demo_gguf(demo_gguf_of):
     pytest.importorskip("llama_cpp")
-    import moeexport
-    from moeexport.backends import gguf as gguf_backend
-
-    path = tmp_path_factory.mktemp("hostile-gguf") / "demo-f32.gguf"
-    gguf_backend.export(moeexport.load("demo"), path, quant="f32")
-    return path
+    return demo_gguf_of("f32")
 
 
 @pytest.fixture

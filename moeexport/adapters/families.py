@@ -225,10 +225,10 @@ def _glm4_moe_lite_config_values(config: ModelConfig, widths: FFNWidths) -> dict
     return _noaux_tc_config_values(config, widths) | {"mlp_layer_types": kinds}
 
 
-DEEPSEEK_V3 = register(
-    Family(
-        model_type="deepseek_v3",
-        family="DeepSeek-V3 / R1 (sigmoid routing with a selection bias, expert groups, MLA)",
+def _noaux_tc_with_latent_attention(**declared) -> Family:
+    """A family with DeepSeek-V3's router (sigmoid scores, the selection bias, groups), its shared experts and
+    multi-head latent attention, under DeepSeek-V3's module names and config keys."""
+    return Family(
         num_experts_key="n_routed_experts",
         routing=_noaux_tc_routing,
         router_tensors=("weight", "e_score_correction_bias"),
@@ -236,22 +236,23 @@ DEEPSEEK_V3 = register(
         shared_experts=("shared_experts",),
         shared_expert_count_key="n_shared_experts",
         latent_attention=_deepseek_latent_attention,
+        **declared,
+    )
+
+
+DEEPSEEK_V3 = register(
+    _noaux_tc_with_latent_attention(
+        model_type="deepseek_v3",
+        family="DeepSeek-V3 / R1 (sigmoid routing with a selection bias, expert groups, MLA)",
         renumber_dense_layers=_renumber_leading_dense,
         own_config_values=_deepseek_v3_config_values,
     )
 )
 
 GLM4_MOE_LITE = register(
-    Family(
+    _noaux_tc_with_latent_attention(
         model_type="glm4_moe_lite",
         family="GLM-4.7-Flash (DeepSeek-V3 routing and MLA; dense layers named by mlp_layer_types)",
-        num_experts_key="n_routed_experts",
-        routing=_noaux_tc_routing,
-        router_tensors=("weight", "e_score_correction_bias"),
-        selection_bias="e_score_correction_bias",
-        shared_experts=("shared_experts",),
-        shared_expert_count_key="n_shared_experts",
-        latent_attention=_deepseek_latent_attention,
         # mlp_layer_types lists every layer's kind: Block Drop's per-layer lists follow their layers already
         own_config_values=_glm4_moe_lite_config_values,
     )
