@@ -78,7 +78,7 @@ def search(model: str | Path, target: str, constraint: Constraint, options: Sear
     from moeexport.pipeline import _quiet
 
     chosen, types = _check_target(target, options)
-    _check_grid(model, options)
+    _check_before_work(model, constraint, options)
     if options.out:
         check_output_file(options.out, resolve_model_dir(model), options.overwrite)
     if options.build:
@@ -118,11 +118,28 @@ def _check_target(target: str, options: SearchOptions):
     return target_for(target), types
 
 
-def _check_grid(model, options: SearchOptions) -> None:
-    """Drop counts the model has the layers for, checked from its config before any work."""
+SMALLEST_WEIGHT_BYTES = 0.5  # every weight type a target writes stores at least 4 bits per weight
+
+
+def _check_before_work(model, constraint: Constraint, options: SearchOptions) -> None:
+    """Drop counts the model has the layers for, and a constraint some candidate could meet, checked from the
+    model's config and weight headers before any work. The bounds are loose but sure: every file stores the token
+    embeddings and every token reads the LM head, each at SMALLEST_WEIGHT_BYTES per weight or more, while the
+    untrimmed F16 file reads at most every parameter, at 4 bytes, per token."""
     from moeexport.source import open_source
 
-    layers = open_source(model, options.trust_remote_code).config.num_hidden_layers
+    source = open_source(model, options.trust_remote_code)
+    config = source.config
+    head = config.vocab_size * config.hidden_size * SMALLEST_WEIGHT_BYTES
+    if constraint.kind == "max_bytes" and constraint.value < head:
+        raise MoeExportError(f"--max-bytes {constraint.value:,.0f} bytes is less than any file of {model} can be: its "
+                             f"token embeddings alone take {head:,.0f} bytes at 4 bits per weight; give more")
+    if constraint.kind == "min_decode_speedup":
+        bound = 4 * sum(math.prod(shape) for shape, _, _ in source.headers.values()) / head
+        if constraint.value > bound:
+            raise MoeExportError(f"--min-decode-speedup {constraint.value:g}x is more than any trimming of {model} "
+                                 f"reaches: every token reads its LM head, so at most {bound:.0f}x; ask for less")
+    layers = config.num_hidden_layers
     for flag, counts, most in (("--block-drop", options.block_drop, layers - 1), ("--layer-drop", options.layer_drop,
                                                                                  layers)):
         too_many = [count for count in counts if count > most]

@@ -472,6 +472,11 @@ SEARCH_BEFORE_WORK = {
     "--block-drop 4": (["--max-size", "30%", "--block-drop", "1,4"],
                        "--block-drop 4: demo has 4 decoder layers, so at most 3 can be dropped"),
     "--max-size 101%": (["--max-size", "101%"], "--max-size '101%' is more than the untrimmed F16 GGUF itself"),
+    "--max-bytes 1B": (["--max-bytes", "1B"], "--max-bytes 1 bytes is less than any file of demo can be: its token "
+                       "embeddings alone take 131,072 bytes at 4 bits per weight"),
+    "--min-decode-speedup 1000x": (["--min-decode-speedup", "1000x"],
+                                   "--min-decode-speedup 1000x is more than any trimming of demo reaches: every token "
+                                   "reads its LM head, so at most 94x"),
 }
 
 
