@@ -278,8 +278,8 @@ class LayerStream:
             yield first, self._require_finite(name, self.checkpoint.rows(name, indices)).to(self.dtype)
 
     def _require_finite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` (weights read outside the layers: embeddings, head, final norm), refused when it holds NaN or
-        Inf unless non-finite weights are allowed; the layers' weights are checked as they are read."""
+        """`tensor` (the weights of `name`: embeddings, head, final norm, an expert's matrix), refused when it
+        holds NaN or Inf unless non-finite weights are allowed."""
         if self.check_finite and tensor.is_floating_point() and tensor.numel() and \
                 not all(torch.isfinite(bound) for bound in torch.aminmax(tensor)):
             raise MoeExportError(f"{self.model.config.name_or_path}: {name} has non-finite values (NaN or Inf): the "
@@ -320,10 +320,7 @@ class LayerStream:
         read = (name, expert, part, parts, rows)
         matrix = self.checkpoint.expert(name, expert, part, parts, rows)
         if self.check_finite and read not in self._found_finite:
-            if not all(torch.isfinite(bound) for bound in torch.aminmax(matrix)):
-                raise MoeExportError(f"{self.model.config.name_or_path}: {name} of expert {expert} has non-finite "
-                                     "values (NaN or Inf): the checkpoint is corrupt; fetch it again (or pass "
-                                     "--allow-nonfinite)")
+            self._require_finite(f"{name} of expert {expert}", matrix)
             self._found_finite.add(read)
         return matrix if stored else matrix.to(self.dtype)
 

@@ -505,7 +505,7 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
     if host.sliding_period:
         _write_sliding_window(writer, config, len(plan.layers), host.sliding_period)
     if host.latent_attention:
-        _write_latent_attention_hparams(writer, gguf, config, plan)
+        _write_latent_attention_hparams(writer, config)
     else:
         writer.add_head_count_kv(config.num_kv_heads)
         writer.add_key_length(config.head_dim)
@@ -514,7 +514,7 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
     if config.rotary_dim and not host.rope_dims_partial:
         raise MoeExportError(f"llama.cpp's {host.name} rotates whole heads; this model rotates {config.rotary_dim} "
                              f"of each head's {config.head_dim} dims")
-    if not host.latent_attention and host.leading_dense:
+    if host.leading_dense:
         _write_moe_placement_hparams(writer, gguf, config, plan)
     if host.unbounded_sliding_window:
         writer.add_sliding_window(UNBOUNDED_WINDOW)
@@ -565,15 +565,15 @@ def _write_moe_placement_hparams(writer, gguf, config: ModelConfig, plan: _Plan)
     if plan.architecture.moe_layer_step:
         writer.add_interleave_moe_layer_step(1)
     writer.add_expert_shared_count(config.shared_expert_count)
-    if not plan.architecture.routing_keys:
+    if not (plan.architecture.routing_keys or plan.architecture.latent_attention):  # a latent-attention host always reads them
         return
     routing = config.routing
-    writer.add_expert_gating_func(gguf.ExpertGatingFuncType[routing.scores.upper()])  # SOFTMAX | SIGMOID
     writer.add_expert_weights_scale(routing.scale)
     writer.add_expert_weights_norm(routing.renormalize)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType[routing.scores.upper()])  # SOFTMAX | SIGMOID
 
 
-def _write_latent_attention_hparams(writer, gguf, config: ModelConfig, plan: _Plan) -> None:
+def _write_latent_attention_hparams(writer, config: ModelConfig) -> None:
     """MLA as llama.cpp runs it: one shared latent KV head (MQA) plus the per-head k_b / v_b absorptions."""
     latent = config.latent
     writer.add_head_count_kv(1)
@@ -585,11 +585,6 @@ def _write_latent_attention_hparams(writer, gguf, config: ModelConfig, plan: _Pl
     writer.add_key_length_mla(latent.qk_nope_head_dim + latent.qk_rope_head_dim)
     writer.add_value_length_mla(latent.v_head_dim)
     writer.add_rope_dimension_count(latent.qk_rope_head_dim)
-    writer.add_leading_dense_block_count(sum(1 for spec in plan.layers if spec.kind == "dense"))
-    writer.add_expert_shared_count(config.shared_expert_count)
-    writer.add_expert_weights_scale(config.routing.scale)
-    writer.add_expert_weights_norm(config.routing.renormalize)
-    writer.add_expert_gating_func(gguf.ExpertGatingFuncType[config.routing.scores.upper()])  # SOFTMAX | SIGMOID
 
 
 def _write_vocab(writer, gguf, config: ModelConfig, architecture: GGUFArchitecture) -> None:

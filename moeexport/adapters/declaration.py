@@ -62,6 +62,12 @@ class ExpertLayout:
     alpha: float = 1.702  # CLAMPED_SWIGLU: gate * sigmoid(alpha * gate) * (up + 1)...
     limit: float = 7.0  # ...with gate <= limit and |up| <= limit
 
+    @property
+    def concatenated(self) -> bool:
+        """transformers' plain layout: gate rows then up rows, [E, out, in], no biases (what merging and the
+        expert rebuild write back)."""
+        return not (self.biases or self.interleaved or self.transposed)
+
 
 @dataclass(frozen=True)
 class LatentAttention:

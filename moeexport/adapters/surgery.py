@@ -2,10 +2,11 @@
 
 A family is plain data (declaration.py): where it keeps its decoder layers, its
 MoE sublayer, router and experts, which config keys hold the expert counts, how
-it routes. transformers 5 gives every supported family the same expert layout
-(router `weight` [E, hidden]; experts `gate_up_proj` [E, 2*ffn, hidden] and
-`down_proj` [E, hidden, ffn]; `router(x) -> (logits, top_k_weights, top_k_index)`),
-so the surgery below is written once and driven by the declaration's fields. The
+it routes. transformers 5 stacks every supported family's experts in 3-D tensors
+(`gate_up_proj`, `down_proj`, and their biases where the layout has them, stored
+as the family's ExpertLayout says) behind a router whose per-expert tensors the
+family names (`router_tensors`), so the surgery below is written once and driven
+by the declaration's fields. The
 adapter hands out typed views (views.py): `model_view(model)`,
 `layer_view(model, index)`, so that passes and backends never spell a module name
 themselves.
@@ -282,7 +283,7 @@ def check_experts_can_merge(adapter: MoEAdapter, config: object) -> None:
     made of several would need a router bias, a selection bias or expert biases that nothing defines."""
     extra = [path for path in adapter.router_tensors if path != "weight"]
     layout = adapter.expert_layout(config)
-    if extra or layout.biases or layout.transposed or layout.interleaved or not layout.gated:
+    if extra or not layout.concatenated or not layout.gated:
         what = f"its router's {', '.join(extra)}" if extra else "its experts' layout"
         raise MoeExportError(f"{adapter.family}: experts cannot be merged ({what} has no merged value here); use "
                              "Expert Drop instead of merge for this family")

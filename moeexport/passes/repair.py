@@ -80,7 +80,7 @@ def check_refit_layout(model) -> None:
     """Refuse expert layouts the rebuild does not write back: it moves neurons as bias-free gate and up rows."""
     adapter = adapter_for(model.config)
     layout = adapter.expert_layout(model.config)
-    if layout.biases or layout.interleaved or layout.transposed:
+    if not layout.concatenated:
         raise MoeExportError(f"expert_drop repair: refit rebuilds bias-free experts stored gate rows then up rows, which "
                              f"{adapter.family}'s (biases, interleaved and transposed) are not; use repair: none")
 
