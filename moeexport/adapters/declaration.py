@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Literal
 
 LayerKind = Literal["moe", "dense", "dropped"]
+# what mixes tokens in a decoder layer of a hybrid family ("none": the layer is a feed-forward block alone)
+MixerKind = Literal["attention", "linear_attention", "mamba", "none"]
 
 SOFTMAX, SIGMOID = "softmax", "sigmoid"  # Routing.scores
 # Routing.method of DeepSeek-V3's router: its groups are scored by their best two experts even when there is one
@@ -112,6 +114,7 @@ class ModelConfig:
     # spells them with); from a transformers config the views hold the modules themselves, and these stay False
     qkv_bias: bool = False
     qk_norm: bool = False
+    layer_mixers: tuple[MixerKind, ...] = ()  # per layer, in hybrid families; (): self-attention in every layer
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,8 @@ class Family:
     shared_expert_count_key: str | None = None
     clip_qkv_key: str | None = None  # config key of a clamp on q, k and v, if the family has one
     latent_attention: Callable[[object], LatentAttention] | None = None  # config -> its latent sizes, if MLA
+    # config -> each decoder layer's token mixer, for hybrid families; None: self-attention in every layer
+    layer_mixers: Callable[[object], tuple[MixerKind, ...]] | None = None
     # Rewrites the config keys that name dense layers after Block Drop (kept = surviving old indices).
     renumber_dense_layers: Callable[[object, list[int]], None] = _no_dense_layer_keys
     # An error message when the family's routing cannot survive a change of expert count.
@@ -247,6 +252,7 @@ class Family:
             sliding_window=getattr(config, "sliding_window", None) if any(sliding) else None,
             rope_scaling={key: value for key, value in rope.items() if key != "rope_theta"},
             rotary_dim=_rotary_dim(config, rope),
+            layer_mixers=self.layer_mixers(config) if self.layer_mixers else (),
         )
 
     def config_values(self, config: ModelConfig, layers: int, widths: FFNWidths, tied: bool) -> dict:
