@@ -32,3 +32,18 @@ def test_analyze_compress_eval_on_the_fixture(tmp_path, capsys):
     assert 40 < result["reference_perplexity"] < 70
     assert result["reference_perplexity"] < result["perplexity"] < 4 * result["reference_perplexity"]
     assert 0.3 < result["top1_agreement"] < 1
+
+
+@needs_shared
+def test_the_global_drops_a_user_writes_first_build_on_the_fixture(tmp_path, capsys):
+    """Default score (REAP), no min_keep: a layer whose experts all score below the others' keeps its best one."""
+    calib = ["--calib", str(CORPUS / "calib.txt"), "--calib-samples", "8"]
+    for keep, before in ((6, "  - block_drop: {n: 1}\n  - layer_drop: {n: 1}\n"), (4, ""), (1, "")):
+        recipe = tmp_path / f"global-{keep}.yaml"
+        recipe.write_text(f"passes:\n{before}  - expert_drop: {{keep: {keep}, scope: global}}\n")
+        out = tmp_path / f"global-{keep}"
+        assert main(["compress", str(FIXTURE), "--recipe", str(recipe), "--out", str(out), "--no-eval", *calib]) == 0
+        manifest = json.loads((out / "moeexport.json").read_text())
+        kept = [layer["num_experts"] for layer in manifest["layers"] if layer["kind"] == "moe"]
+        assert min(kept) >= 1 and sum(kept) == keep * len(kept), (keep, kept)
+    capsys.readouterr()

@@ -1,8 +1,8 @@
 """Hostile input on the recipe and GGUF side: one line on stderr and exit 2 (exit 1 for a verdict).
 
 Recipes: duplicate keys, booleans and strings where numbers belong, YAML that PyYAML
-itself trips over, and drops that would empty a layer or the whole model (refused unless
-the step says allow_empty_layers: true). GGUF files: a damaged header or metadata and
+itself trips over, and drops that would empty every layer or the whole model (refused unless
+the step says allow_empty_layers: true; a global drop spares each layer's best expert). GGUF files: a damaged header or metadata and
 truncation (exit 2, the file named as damaged), data bytes whose flipped bits make
 llama.cpp compute NaN (a failed verdict in `validate`, an error while decoding), and chat
 templates that are not valid Jinja or fail on the conversation, in `chat`.
@@ -50,8 +50,6 @@ RECIPES = {
                "expert_drop keep=0 drops every routed expert of every MoE layer; add allow_empty_layers: true"),
     "keep 0, scope global": ("passes:\n  - expert_drop: {keep: 0, scope: global}\n",
                              "expert_drop keep=0 drops every routed expert of every MoE layer"),
-    "a global drop that empties layers": ("passes:\n  - expert_drop: {keep: 1, scope: global, score: random}\n",
-                                          "expert_drop would leave MoE layers 2, 3 with no experts"),
     "every MoE sublayer dropped": ("passes:\n  - layer_drop: {n: 4, score: random}\n",
                                    "layer_drop would leave the model without MoE layers (no routed experts in any layer)"),
     "an invalid date": ("passes:\n  - expert_drop: {keep: 2001-13-45}\n",
@@ -81,6 +79,15 @@ def test_allow_empty_layers_lets_the_step_empty_layers():
     ExpertDrop().check(ExpertDropOptions(keep=0, allow_empty_layers=True), layers)
     plan = ExpertDrop().plan(None, layers, ExpertDropOptions(keep=0, score="random", allow_empty_layers=True))
     assert all(kept == [] for kept in plan.keep.values())
+
+
+def test_a_global_drop_spares_each_layers_best_expert_unless_empty_layers_are_allowed():
+    layers = [LayerSpec("moe", 8, 2)] * 4
+    plan = ExpertDrop().plan(None, layers, ExpertDropOptions(keep=1, scope="global", score="random"))
+    assert [len(kept) for kept in plan.keep.values()] == [1, 1, 1, 1]
+    plan = ExpertDrop().plan(None, layers, ExpertDropOptions(keep=1, scope="global", score="random",
+                                                               allow_empty_layers=True))
+    assert sum(map(len, plan.keep.values())) == 4 and any(not kept for kept in plan.keep.values())
 
 
 def test_the_shipped_recipes_still_load():

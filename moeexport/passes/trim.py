@@ -314,12 +314,19 @@ class LayerDrop(_Repairable):
 class ExpertDropOptions(PassOptions):
     keep: int = Field(ge=0, description="experts kept per MoE layer (the average, for scope global)")
     scope: Literal["layer", "global"] = "layer"
-    min_keep: int = Field(default=0, ge=0, description="scope global: every layer keeps at least this many")
+    min_keep: int = Field(default=0, ge=0, description="scope global: every layer keeps at least this many "
+                                                       "(and at least 1 unless allow_empty_layers)")
     score: Literal["reap", "perplexity", "kl", "frequency", "routing_mass", "random"] = "reap"
     seed: int = SEED
     allow_empty_layers: bool = ALLOW_EMPTY
     repair: Literal["none", "refit"] = REPAIR
     ridge: float = RIDGE
+
+
+def _least_kept(options: ExpertDropOptions) -> int:
+    """The fewest experts a global drop leaves a layer: a layer whose experts all score below the others' keeps
+    its best one unless the step allows empty layers, so the recipe a user writes first builds."""
+    return max(options.min_keep, 0 if options.allow_empty_layers else 1)
 
 
 @dataclass
@@ -397,15 +404,7 @@ class ExpertDrop(_Repairable):
             elif options.scope == "layer":
                 keep = {layer: _top_n(scores[layer], min(options.keep, len(scores[layer]))) for layer in moe_layers}
             else:
-                keep = self._global_keep(scores, options.keep, options.min_keep)
-        emptied = [layer for layer in moe_layers if layers[layer].num_experts and not keep[layer]]
-        if emptied and not options.allow_empty_layers:
-            which = f"layer{'s' * (len(emptied) > 1)} {', '.join(map(str, emptied))}"
-            raise MoeExportError(
-                f"expert_drop would leave MoE {which} with no experts "
-                "(a global drop takes all of a layer whose experts score below the others'); "
-                "add min_keep: 1 (or more) to the step, or allow_empty_layers: true if that is meant"
-            )
+                keep = self._global_keep(scores, options.keep, _least_kept(options))
         drop = {layer: [e for e in range(layers[layer].num_experts) if e not in keep[layer]] for layer in moe_layers}
         tokens = {layer: statistics.layers[layer].expert_tokens for layer in moe_layers} if statistics else {}
         return ExpertDropPlan(
@@ -433,8 +432,7 @@ class ExpertDrop(_Repairable):
             floor = {layer: min(options.keep, counts[layer]) for layer in moe_layers}
             to_drop = sum(counts[layer] - floor[layer] for layer in moe_layers)
         else:
-            least = max(options.min_keep, 0 if options.allow_empty_layers else 1)
-            floor = {layer: min(least, counts[layer]) for layer in moe_layers}
+            floor = {layer: min(_least_kept(options), counts[layer]) for layer in moe_layers}
             to_drop = round(sum(counts.values()) - options.keep * len(moe_layers))
         dropped: dict[int, list[int]] = {layer: [] for layer in moe_layers}
         trace = []
