@@ -15,7 +15,8 @@ from moeexport.adapters.surgery import decoder_layers, keep_experts, moe_block, 
 from moeexport.calibration.sources import CalibrationConfig
 from moeexport.compress import StatisticsProvider, compress
 from moeexport.errors import MoeExportError
-from moeexport.passes.trim import BlockDrop, BlockDropOptions, ExpertDropOptions, ExpertDrop, LayerDrop, LayerDropOptions
+from moeexport.passes.trim import (BlockDrop, BlockDropOptions, ExpertDropOptions, ExpertDrop, LayerDrop, LayerDropOptions,
+                                   _beam_by_damage)
 from moeexport.recipe import parse_recipe
 from tests.tiny_models import COMMON, FAMILIES, TINY_CONFIGS, random_tokens, tiny_model
 
@@ -266,3 +267,18 @@ def test_random_selection_is_seeded():
         recipe = parse_recipe({"passes": [{"expert_drop": {"keep": 2, "score": "random", "seed": 3}}]})
         plans.append(compress(model, recipe, None).steps[0].plan.keep)
     assert plans[0] == plans[1]
+
+
+def test_a_measured_drop_of_two_finds_the_best_pair_greedy_would_miss():
+    """The best single removal (0) is in no good pair: a beam over the measured damage keeps the runners-up."""
+    singles = {0: 1.0, 1: 1.1, 2: 1.2, 3: 2.0}
+    pairs = {frozenset({1, 2}): 1.5}
+
+    class Scorer:
+        def damage(self, removals, metric):
+            layers = [frozenset(item.layer for item in removal) for removal in removals]
+            return [singles[min(chosen)] if len(chosen) == 1 else pairs.get(chosen, 3.0) for chosen in layers]
+
+    chosen, damage = _beam_by_damage(Scorer(), [0, 1, 2, 3], 2, "block", "kl")
+    assert sorted(chosen) == [1, 2] and damage == [1.1, 1.5]
+    assert _beam_by_damage(Scorer(), [0, 1, 2, 3], 1, "block", "kl") == ([0], [1.0])

@@ -104,17 +104,30 @@ def _remaining(layers: list[LayerSpec], drop: list[int]) -> list[LayerSpec]:
 DAMAGE = {"perplexity": "rise in log perplexity", "kl": "KL"}
 
 
-def _greedy_by_damage(scorer, candidates: list[int], n: int, what: str, metric: str) -> tuple[list[int], list[float]]:
-    """Remove `n` of `candidates` one at a time, each the one whose removal (with those already chosen) does the
-    least damage (`metric`) on the calibration tokens: (chosen in the order chosen, the damage after each)."""
-    chosen, damage = [], []
+BEAM_WIDTH = 3  # partial choices a measured Block / Layer Drop keeps per step
+
+
+def _beam_by_damage(scorer, candidates: list[int], n: int, what: str, metric: str) -> tuple[list[int], list[float]]:
+    """Remove `n` of `candidates` by a beam search over the damage (`metric`) measured on the calibration tokens:
+    each step extends each of the BEAM_WIDTH least damaging partial choices by every candidate left, scores the
+    extensions with what they already remove, and keeps the best BEAM_WIDTH. Pure greedy (width 1) misses pairs
+    whose members are not the best single removal (on the fixture the greedy pair of blocks costs 1.164x
+    perplexity where the best pair costs 1.125x). Returns (the best choice in the order it was built, the damage
+    after each step of it); a step scores at most BEAM_WIDTH x candidates removals, the first step exactly the
+    greedy one's."""
+    beam: list[tuple[tuple[int, ...], tuple[float, ...]]] = [((), ())]
     for _ in range(n):
-        left = [c for c in candidates if c not in chosen]
-        measured = scorer.damage([frozenset(Removed(layer, what) for layer in chosen + [c]) for c in left], metric)
-        best = min(range(len(left)), key=lambda i: (measured[i], left[i]))
-        chosen.append(left[best])
-        damage.append(measured[best])
-    return chosen, damage
+        extensions: dict[frozenset, tuple[tuple[int, ...], tuple[float, ...]]] = {}
+        for chosen, damage in beam:
+            for candidate in candidates:
+                if candidate not in chosen:
+                    extensions.setdefault(frozenset(chosen + (candidate,)), (chosen + (candidate,), damage))
+        paths = list(extensions.values())
+        measured = scorer.damage([frozenset(Removed(layer, what) for layer in path) for path, _ in paths], metric)
+        ranked = sorted(zip(measured, paths), key=lambda scored: (scored[0], sorted(scored[1][0])))
+        beam = [(path, damage + (value,)) for value, (path, damage) in ranked[:BEAM_WIDTH]]
+    chosen, damage = beam[0]
+    return list(chosen), list(damage)
 
 
 SEED = Field(0, ge=0, description="seed of score: random")
@@ -180,7 +193,8 @@ class _DropPlan(_MeasuredAndRepaired):
         if self.damage:
             name = DAMAGE[self.metric]
             steps = ", ".join(f"{index} ({name} {value:.4g})" for index, value in zip(self.drop, self.damage))
-            lines = [f"drop {self.what} {steps}  [greedy: calibration {name} with each one and those before it "
+            lines = [f"drop {self.what} {steps}  [beam search, width {BEAM_WIDTH}: calibration {name} with each one "
+                     "and those before it "
                      "removed]"]
         else:
             pairs = ", ".join(f"{index} ({_score(s)})" for index, s in zip(self.drop, self.similarity))
@@ -211,7 +225,7 @@ class BlockDrop(_Repairable):
              scorer=None) -> BlockDropPlan:
         count, n = len(layers), options.n
         if options.score in MEASURED:
-            drop, damage = _greedy_by_damage(scorer, list(range(count)), n, BLOCK, options.score)
+            drop, damage = _beam_by_damage(scorer, list(range(count)), n, BLOCK, options.score)
             check_moe_remains(self.name, options.allow_empty_layers, layers, _remaining(layers, drop))
             return BlockDropPlan(drop, [None] * n, damage=damage, metric=options.score, repair=options.repair,
                                  ridge=options.ridge)
@@ -284,7 +298,7 @@ class LayerDrop(_Repairable):
              scorer=None) -> LayerDropPlan:
         candidates = [i for i, spec in enumerate(layers) if spec.kind == "moe"]
         if options.score in MEASURED:
-            drop, damage = _greedy_by_damage(scorer, candidates, options.n, MOE, options.score)
+            drop, damage = _beam_by_damage(scorer, candidates, options.n, MOE, options.score)
             check_moe_remains(self.name, options.allow_empty_layers, layers, _remaining(layers, drop))
             return LayerDropPlan(drop, [None] * options.n, damage=damage, metric=options.score, repair=options.repair,
                                  ridge=options.ridge)
