@@ -139,3 +139,89 @@ def test_up_recalls_the_last_line_and_bad_settings_are_one_line(terminal, tmp_pa
     assert chat.exit_code() == 0
     history = (tmp_path / "cache" / "chat_history").read_text().splitlines()  # for the next session's Up
     assert history == ["/set temperature abc", "/set temperature 0", "/help", "/clear"]  # a repeat is kept once
+
+
+def test_a_missing_file_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "nowhere.gguf"
+    assert main(["chat", str(missing), "--prompt", "hi"]) == 2
+    assert without_progress(capsys.readouterr().err) == f"moeexport chat: error: {missing}: no such file"
+
+
+def _with_context_length(demo_gguf, out: Path, tokens: int) -> None:
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    reader = gguf.GGUFReader(demo_gguf)
+    writer = gguf.GGUFWriter(out, arch="llama", endianess=reader.endianess)
+    copy_with_new_metadata(reader, writer, {"llama.context_length": MetadataDetails(gguf.GGUFValueType.UINT32,
+                                                                                      tokens)}, [])
+
+
+@pytest.mark.parametrize(("model_context", "flags", "expected"), [
+    (2048, [], 2048), (2048, ["--ctx-size", "512"], 512), (32768, [], 4096), (32768, ["-c", "8192"], 8192)])
+def test_the_context_is_the_model_s_at_most_4096_unless_asked(model_context, flags, expected, demo_gguf_of, tmp_path,
+                                                               monkeypatch, capsys):
+    model = demo_gguf_of("f32")
+    if model_context != 2048:  # the demo model's
+        model = tmp_path / "long.gguf"
+        _with_context_length(demo_gguf_of("f32"), model, model_context)
+    runners, real = [], gguf_backend.GGUFRunner
+    monkeypatch.setattr(gguf_backend, "GGUFRunner", lambda *args, **kwargs: runners.append(real(*args, **kwargs))
+                        or runners[-1])
+    assert main(["chat", str(model), "--prompt", "Hi", "--max-tokens", "2", "--threads", "1", *flags]) == 0
+    assert [runner.llm.n_ctx() for runner in runners] == [expected]
+
+
+def _demo_checkpoint_with_template(directory: Path, where: str) -> Path:
+    """The demo checkpoint with TEMPLATE in tokenizer_config.json, or in chat_template.jinja (transformers 5)."""
+    shutil.copytree(DEMO_MODEL, directory)
+    if where == "chat_template.jinja":
+        (directory / "chat_template.jinja").write_text(TEMPLATE)
+    else:
+        config = json.loads((directory / "tokenizer_config.json").read_text())
+        (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    return directory
+
+
+def _chat_template(path: Path) -> str | None:
+    import gguf
+
+    field = gguf.GGUFReader(path).get_field("tokenizer.chat_template")
+    return None if field is None else field.contents()
+
+
+@pytest.fixture(scope="module")
+def templated_gguf(tmp_path_factory):
+    directory = _demo_checkpoint_with_template(tmp_path_factory.mktemp("templated") / "model", "chat_template.jinja")
+    return gguf_backend.export(moeexport.load(directory), directory.parent / "model.gguf").path
+
+
+def test_a_chat_template_in_tokenizer_config_is_written_into_the_gguf(tmp_path):
+    directory = _demo_checkpoint_with_template(tmp_path / "model", "tokenizer_config.json")
+    assert _chat_template(gguf_backend.export(moeexport.load(directory), tmp_path / "m.gguf").path) == TEMPLATE
+
+
+def test_a_chat_template_jinja_file_is_written_into_the_gguf_and_carried_gguf_to_gguf(templated_gguf, tmp_path,
+                                                                                       demo_gguf_of):
+    assert _chat_template(templated_gguf) == TEMPLATE
+    again = gguf_backend.export(moeexport.load(templated_gguf), tmp_path / "again.gguf", quant="q8_0").path
+    assert _chat_template(again) == TEMPLATE
+    assert _chat_template(demo_gguf_of("f32")) is None  # no template is made up for a model without one
+
+
+def _prompt_of_a_turn(path: Path) -> str:
+    """The text llama.cpp is given for a system message and one user line."""
+    runner = gguf_backend.TARGET.chat_runner(path, 256, threads=1)
+    prompts, complete = [], runner.llm.create_completion
+    runner.llm.create_completion = lambda prompt, **kwargs: prompts.append(prompt) or complete(prompt, **kwargs)
+    list(runner.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}], max_tokens=2))
+    # a file's template is rendered to token ids; SentencePiece decodes them with a leading space
+    text = prompts[0] if isinstance(prompts[0], str) else runner.llm.detokenize(prompts[0]).decode().lstrip(" ")
+    runner.close()
+    return text
+
+
+def test_a_file_s_template_formats_the_turns_and_chatml_does_without_one(templated_gguf, demo_gguf_of):
+    assert _prompt_of_a_turn(templated_gguf) == "<|system|>Be brief.\n<|user|>Hello\n<|assistant|>"
+    chatml = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    assert _prompt_of_a_turn(demo_gguf_of("f32")) == chatml  # not llama-cpp-python's Llama-2 [INST] fallback
