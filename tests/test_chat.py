@@ -225,3 +225,29 @@ def test_a_file_s_template_formats_the_turns_and_chatml_does_without_one(templat
     assert _prompt_of_a_turn(templated_gguf) == "<|system|>Be brief.\n<|user|>Hello\n<|assistant|>"
     chatml = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
     assert _prompt_of_a_turn(demo_gguf_of("f32")) == chatml  # not llama-cpp-python's Llama-2 [INST] fallback
+
+
+def test_a_conversation_that_fills_the_context_is_one_line_and_clear_starts_over(demo_gguf_of, monkeypatch, capsys):
+    lines, turns, chat = iter(["Hello", "And then?", "/clear", "Hi"]), [], gguf_backend.GGUFRunner.chat
+
+    def typed(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    def recorded(runner, messages, **kwargs):  # the users' lines each turn sends, and how many pieces came back
+        turns.append([[m["content"] for m in messages if m["role"] == "user"], 0])
+        for piece in chat(runner, messages, **kwargs):
+            turns[-1][1] += 1
+            yield piece
+
+    monkeypatch.setattr("builtins.input", typed)
+    monkeypatch.setattr(gguf_backend.GGUFRunner, "chat", recorded)
+    # at temperature 0 the first reply runs until the 256-token context is full
+    assert main(["chat", str(demo_gguf_of("f32")), "--ctx-size", "256", "--max-tokens", "1000", "--temperature", "0",
+                 "--threads", "1"]) == 0
+    full = "the conversation no longer fits the context of 256 tokens: /clear starts a new one (or chat with a larger "
+    assert without_progress(capsys.readouterr().err).count(full) == 1
+    assert [users for users, _ in turns] == [["Hello"], ["Hello", "And then?"], ["Hi"]]
+    assert turns[0][1] > 100 and turns[1][1] == 0 and turns[2][1] > 0
