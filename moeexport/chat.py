@@ -92,6 +92,15 @@ class _History:
             pass
 
 
+def _typed_at_prompt() -> str:
+    """The line being typed when Ctrl-C came (readline keeps it)."""
+    try:
+        import readline
+    except ImportError:
+        return ""
+    return readline.get_line_buffer()
+
+
 class ChatSession:
     """A conversation with a runner (`runner.chat(messages, max_tokens, temperature)` yields text pieces)."""
 
@@ -159,6 +168,9 @@ class ChatSession:
                 return
             except KeyboardInterrupt:
                 print(file=self.stdout)
+                if _typed_at_prompt():  # Ctrl-C drops a half-typed line, as in a shell
+                    interrupted = False
+                    continue
                 if interrupted:
                     return
                 interrupted = True

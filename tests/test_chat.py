@@ -133,10 +133,15 @@ def test_up_recalls_the_last_line_and_bad_settings_are_one_line(terminal, tmp_pa
     chat.expect(r"/bye .*/clear .*/set temperature X .*" + PROMPT)
     chat.type("/clear\r")
     chat.expect(r"conversation cleared\r\n> ")
+    chat.type("half a line")
+    chat.expect("half a line")
+    chat.type(CTRL_C)  # drops the line, as in a shell: it is not the first of two to leave
+    chat.expect(r"\r\n> ")
     chat.type(CTRL_C)
     chat.expect(r"Ctrl-C again, Ctrl-D or /bye to leave.*?> ")
     chat.type(CTRL_C)
     assert chat.exit_code() == 0
+    assert chat.screen.count(b"Ctrl-C again") == 1
     history = (tmp_path / "cache" / "chat_history").read_text().splitlines()  # for the next session's Up
     assert history == ["/set temperature abc", "/set temperature 0", "/help", "/clear"]  # a repeat is kept once
 
