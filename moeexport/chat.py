@@ -30,14 +30,14 @@ HISTORY_LINES = 1000
 CONTEXT_CAP = 4096  # the default context: the model's, at most this (a KV cache of 128k tokens is many GB)
 
 
-def parse_temperature(text: str) -> float:
-    """A sampling temperature: a finite number at least 0, or one MoeExportError line."""
+def parse_temperature(text: str, what: str = "temperature") -> float:
+    """A sampling temperature: a finite number at least 0, or one MoeExportError line naming `what` was given."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise MoeExportError(f"temperature must be a number at least 0 (e.g. 0.7), not {text!r}")
+        raise MoeExportError(f"{what} must be a number at least 0 (e.g. 0.7), not {text!r}")
     return value
 
 

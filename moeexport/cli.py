@@ -216,7 +216,7 @@ def run_chat(args) -> int:
     for name in ("max_tokens", "ctx_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise MoeExportError(f"--{name.replace('_', '-')} must be at least 1")
-    temperature = parse_temperature(str(args.temperature))
+    temperature = parse_temperature(str(args.temperature), "--temperature")
     target = target_for(target_of_file(args.model_file))
     context = args.ctx_size or min(target.context_of(Path(args.model_file)) or CONTEXT_CAP, CONTEXT_CAP)
     runner = target.chat_runner(args.model_file, context, _threads(args))

@@ -152,6 +152,13 @@ def test_a_missing_file_is_one_line(tmp_path, capsys):
     assert without_progress(capsys.readouterr().err) == f"moeexport chat: error: {missing}: no such file"
 
 
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_a_bad_temperature_is_one_line(value, demo_gguf_of, capsys):
+    assert main(["chat", str(demo_gguf_of("f32")), "--temperature", value, "--prompt", "hi"]) == 2
+    assert without_progress(capsys.readouterr().err) == (
+        f"moeexport chat: error: --temperature must be a number at least 0 (e.g. 0.7), not '{float(value)}'")
+
+
 def _with_context_length(demo_gguf, out: Path, tokens: int) -> None:
     import gguf
     from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
