@@ -20,10 +20,10 @@ except ImportError:  # Windows: no terminal modes to set; typed-ahead keys are l
     termios = None
 
 HELP = """commands:
-  /bye                   leave (as do Ctrl-D and Ctrl-C twice at an empty prompt)
+  /bye, /exit            leave (as do Ctrl-D and Ctrl-C twice at an empty prompt)
   /clear                 forget the conversation (the system message stays)
   /set temperature X     sample at temperature X (0: always the likeliest token)
-  /help                  this list
+  /help, /?              this list
 Ctrl-C stops a reply; Up and Down recall earlier lines."""
 
 HISTORY_LINES = 1000
@@ -104,35 +104,33 @@ def _typed_at_prompt() -> str:
 class ChatSession:
     """A conversation with a runner (`runner.chat(messages, max_tokens, temperature)` yields text pieces)."""
 
-    def __init__(self, runner, system: str | None, max_tokens: int, temperature: float, stdin=None, stdout=None,
-                 stderr=None):
+    def __init__(self, runner, system: str | None, max_tokens: int, temperature: float):
         self.runner, self.system, self.max_tokens, self.temperature = runner, system, max_tokens, temperature
-        self.stdin, self.stdout, self.stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
         self.messages = self._start()
 
     def _start(self) -> list[dict]:
         return [{"role": "system", "content": self.system}] if self.system else []
 
     def note(self, text: str) -> None:
-        print(text, file=self.stderr, flush=True)
+        print(text, file=sys.stderr, flush=True)
 
     def reply(self, text: str) -> None:
         """Stream the answer to `text`; Ctrl-C stops it, and the part shown stays in the conversation."""
         self.messages.append({"role": "user", "content": text})
         pieces = []
         try:
-            with _Keyboard(self.stdin):
+            with _Keyboard(sys.stdin):
                 for piece in self.runner.chat(self.messages, max_tokens=self.max_tokens, temperature=self.temperature):
                     pieces.append(piece)
-                    print(piece, end="", flush=True, file=self.stdout)
+                    print(piece, end="", flush=True, file=sys.stdout)
         except KeyboardInterrupt:
-            print(file=self.stdout, flush=True)
+            print(file=sys.stdout, flush=True)
             self.note("(stopped)")
         except ContextFull:
             self.messages.pop()  # unanswered: /clear, or a shorter line, may fit
             raise
         else:
-            print(file=self.stdout, flush=True)
+            print(file=sys.stdout, flush=True)
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
 
     def command(self, line: str) -> bool:
@@ -164,10 +162,10 @@ class ChatSession:
             try:
                 line = input("> ")
             except EOFError:
-                print(file=self.stdout)
+                print(file=sys.stdout)
                 return
             except KeyboardInterrupt:
-                print(file=self.stdout)
+                print(file=sys.stdout)
                 if _typed_at_prompt():  # Ctrl-C drops a half-typed line, as in a shell
                     interrupted = False
                     continue
