@@ -102,8 +102,8 @@ PROMPT = r"\n> "  # the prompt at the start of a line
 
 
 def test_ctrl_c_stops_a_reply_and_typed_ahead_keys_stay_out_of_the_next_one(terminal):
-    # at temperature 0 the demo model writes its full 150 tokens: a second or more, long enough to interrupt
-    chat = terminal("--temperature", "0", "--max-tokens", "150")
+    # at temperature 0 the demo model writes its full 200 tokens: a second or more, long enough to interrupt
+    chat = terminal("--temperature", "0", "--max-tokens", "200")
     chat.expect(r"/help for commands.*?" + PROMPT)
     chat.type("Tell me a story\r")
     chat.expect(r"Tell me a story\r\n[^\r]")  # the echoed line, then the reply streams
