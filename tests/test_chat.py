@@ -119,9 +119,13 @@ def test_ctrl_c_stops_a_reply_and_typed_ahead_keys_stay_out_of_the_next_one(term
     assert b"zzqq" not in chat.screen
 
 
-def test_up_recalls_the_last_line_and_bad_settings_are_one_line(terminal, tmp_path):
+def test_up_recalls_lines_of_this_and_earlier_sessions_and_bad_settings_are_one_line(terminal, tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "chat_history").write_text("/set temperature 0.25\n")  # an earlier session's
     chat = terminal("--max-tokens", "4")
     chat.expect(PROMPT)
+    chat.type(UP + "\r")
+    chat.expect(r"/set temperature 0\.25\r\ntemperature 0\.25\r\n> ")
     chat.type("/set temperature abc\r")
     refusal = r"temperature must be a number at least 0 \(e\.g\. 0\.7\), not 'abc'\r\n> "
     chat.expect(r"/set temperature abc\r\n" + refusal)
@@ -143,7 +147,7 @@ def test_up_recalls_the_last_line_and_bad_settings_are_one_line(terminal, tmp_pa
     assert chat.exit_code() == 0
     assert chat.screen.count(b"Ctrl-C again") == 1
     history = (tmp_path / "cache" / "chat_history").read_text().splitlines()  # for the next session's Up
-    assert history == ["/set temperature abc", "/set temperature 0", "/help", "/clear"]  # a repeat is kept once
+    assert history == ["/set temperature 0.25", "/set temperature abc", "/set temperature 0", "/help", "/clear"]  # a repeat is kept once
 
 
 def test_a_missing_file_is_one_line(tmp_path, capsys):
