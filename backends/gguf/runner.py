@@ -23,8 +23,8 @@ from moeexport.threads import default_threads
 
 GGML_TYPE_F32 = 0  # KV-cache type for exactness checks
 # The turns format of files without tokenizer.chat_template, instead of llama-cpp-python's Llama-2 [INST]
-# fallback: ChatML is the format most chat models and tools share. It is the runner's choice and is not written
-# into files (a GGUF says what its model was trained with, or nothing).
+# fallback: ChatML, as llama-cli and llama-server use for such files. It is the runner's choice and is not written
+# into files (a GGUF says what its model was trained with, or nothing; earlier files stay byte-identical).
 DEFAULT_CHAT_FORMAT = "chatml"
 
 
