@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from moeexport import __version__
 from moeexport.backends import target_for, target_names
+from moeexport.chat import CONTEXT_CAP
 from moeexport.errors import MoeExportError
 
 EXAMPLES = """\
@@ -237,14 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print the report as one JSON document (logs go to stderr)")
 
     chat = command("chat", "chat with a GGUF model in llama.cpp",
-                   "Interactive local chat with a GGUF file: tokens stream as they are generated, turns use the file's "
-                   "chat template (Llama-2 [INST] format when it has none). Ctrl-D or Ctrl-C ends the session.")
+                   "Interactive local chat with a GGUF file, as llama-cli or `ollama run`: tokens stream as they are "
+                   "generated; turns use the file's chat template, or ChatML turns when it has none. Ctrl-C stops a "
+                   "reply; Up and Down recall earlier lines (kept in the cache directory); /help lists the commands "
+                   "(/set temperature X, /clear, /bye). Ctrl-D, /bye or Ctrl-C twice at the prompt leave.")
     chat.add_argument("model_file", metavar="FILE.gguf")
     chat.add_argument("--prompt", help="answer one prompt and exit")
     chat.add_argument("--system", help="a system message for the conversation")
     chat.add_argument("--max-tokens", type=int, default=256, help="longest reply (default 256)")
-    chat.add_argument("--temperature", type=float, default=0.7)
-    chat.add_argument("--context", type=int, default=2048, help="context length in tokens (default 2048)")
+    chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0: greedy (default 0.7)")
+    chat.add_argument("-c", "--ctx-size", "--context", dest="ctx_size", type=int, metavar="N",
+                      help=f"context length in tokens, the conversation and the reply (default: the model's, at most "
+                           f"{CONTEXT_CAP})")
     chat.add_argument("--threads", type=int, metavar="N", help="CPU threads llama.cpp computes with (default: the "
                       "physical cores; fewer when other work shares the machine)")
 

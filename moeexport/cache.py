@@ -20,3 +20,8 @@ def statistics_dir(root: Path) -> Path:
 def digests_dir(root: Path) -> Path:
     """The SHA-256 of each large weight file, by its identity on disk (moeexport.fingerprint)."""
     return root / "digests"
+
+
+def chat_history_file(root: Path) -> Path:
+    """The lines typed in `moeexport chat`, recalled with Up in the next session (moeexport.chat)."""
+    return root / "chat_history"

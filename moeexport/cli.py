@@ -206,15 +206,22 @@ def run_search(args) -> int:
 
 def run_chat(args) -> int:
     from moeexport.backends import target_for, target_of_file
-    from moeexport.console import chat_session
+    from moeexport.cache import ROOT, chat_history_file
+    from moeexport.chat import CONTEXT_CAP, chat_session, parse_temperature
 
+    if not Path(args.model_file).exists():
+        raise MoeExportError(f"{args.model_file}: no such file")
     if not args.model_file.endswith(".gguf") or not Path(args.model_file).is_file():
         raise MoeExportError(f"{args.model_file} is not a .gguf file")
-    for name in ("max_tokens", "context"):
-        if getattr(args, name) < 1:
+    for name in ("max_tokens", "ctx_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise MoeExportError(f"--{name.replace('_', '-')} must be at least 1")
-    runner = target_for(target_of_file(args.model_file)).chat_runner(args.model_file, args.context, _threads(args))
-    chat_session(runner, args.prompt, args.system, args.max_tokens, args.temperature, args.model_file)
+    temperature = parse_temperature(str(args.temperature), "--temperature")
+    target = target_for(target_of_file(args.model_file))
+    context = args.ctx_size or min(target.context_of(Path(args.model_file)) or CONTEXT_CAP, CONTEXT_CAP)
+    runner = target.chat_runner(args.model_file, context, _threads(args))
+    chat_session(runner, args.prompt, args.system, args.max_tokens, temperature, args.model_file,
+                 history=chat_history_file(ROOT))
     return 0
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import sys
 import time
 from dataclasses import asdict
 from datetime import datetime
@@ -245,32 +244,6 @@ def render_validation(out: Console, reference: str, validation) -> None:
     limits = ", ".join(f"{name} {value:g}" for name, value in asdict(validation.tolerance).items() if value is not None)
     verdict = "[green]within[/green]" if validation.passed else "[red]MISSES[/red]"
     out.print(f"verdict: {verdict} its tolerance ({limits})")
-
-
-def chat_session(runner, prompt: str | None, system: str | None, max_tokens: int, temperature: float, name: str) -> None:
-    """Stream replies to one `prompt`, or to each line typed until Ctrl-D / Ctrl-C."""
-    messages = [{"role": "system", "content": system}] if system else []
-
-    def reply(text: str) -> None:
-        messages.append({"role": "user", "content": text})
-        pieces = []
-        for piece in runner.chat(messages, max_tokens=max_tokens, temperature=temperature):
-            pieces.append(piece)
-            print(piece, end="", flush=True)
-        print()
-        messages.append({"role": "assistant", "content": "".join(pieces)})
-
-    if prompt is not None:
-        reply(prompt)
-        return
-    print(f"chatting with {name}; Ctrl-D or Ctrl-C to leave", file=sys.stderr)
-    try:
-        while True:
-            text = input("> ")
-            if text.strip():
-                reply(text)
-    except (EOFError, KeyboardInterrupt):
-        print(file=sys.stderr)
 
 
 def render_bench(out: Console, report) -> None:

@@ -27,3 +27,7 @@ def read_user_text(path, what: str) -> str:
         offset = data.index(b"\0")
         raise MoeExportError(f"{what} {path} holds NUL bytes at offset {offset}: it is a binary file, not text")
     return text
+
+
+class ContextFull(MoeExportError):
+    """A conversation no longer fits the runtime's context: an interactive chat says so and goes on."""

@@ -300,7 +300,7 @@ def test_a_full_disk_while_saving_the_checkpoint_is_one_line_and_leaves_nothing(
     assert sorted(path.name for path in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
-@pytest.mark.parametrize("flag", ["--max-tokens", "--context"])
+@pytest.mark.parametrize("flag", ["--max-tokens", "--ctx-size"])
 def test_chat_refuses_counts_below_one(flag, tmp_path, capsys):
     model = tmp_path / "model.gguf"
     model.write_bytes(b"GGUF")  # the counts are checked before the file is loaded

@@ -18,10 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from moeexport.backends.decoding import TokenBytes, experts_read, next_token, speed_report
-from moeexport.errors import MoeExportError
+from moeexport.errors import ContextFull, MoeExportError
 from moeexport.threads import default_threads
 
 GGML_TYPE_F32 = 0  # KV-cache type for exactness checks
+# The turns format of files without tokenizer.chat_template, instead of llama-cpp-python's Llama-2 [INST]
+# fallback: ChatML, as llama-cli and llama-server use for such files. It is the runner's choice and is not written
+# into files (a GGUF says what its model was trained with, or nothing; earlier files stay byte-identical).
+DEFAULT_CHAT_FORMAT = "chatml"
 
 
 def _load_error(path: str | Path) -> str:
@@ -95,6 +99,11 @@ class GGUFRunner:
         except ValueError:
             raise MoeExportError(f"llama.cpp cannot load {path}: {_load_error(path)}") from None
         self.context = context
+        if "tokenizer.chat_template" in self.llm.metadata:
+            self.template = "the file's chat template"
+        else:
+            self.llm.chat_format = DEFAULT_CHAT_FORMAT
+            self.template = "ChatML turns: the file has no chat template"
 
     def _eval(self, token_ids: list[int]) -> None:
         try:
@@ -150,11 +159,8 @@ class GGUFRunner:
         return speed_report(len(prompt), prefill, new_tokens, time.perf_counter() - started)
 
     def chat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.7):
-        """Stream the assistant's reply as text pieces, formatted by the file's chat template.
-
-        A GGUF without tokenizer.chat_template is formatted as Llama-2 [INST] turns
-        (llama-cpp-python's default).
-        """
+        """Stream the assistant's reply as text pieces, formatted by the file's chat template (ChatML turns when it
+        has none). A conversation that no longer fits the context is ContextFull."""
         import jinja2
 
         try:
@@ -168,6 +174,11 @@ class GGUFRunner:
         except jinja2.TemplateError as error:  # the template compiled but fails on this conversation
             raise _template_error(self.path, error) from None
         except (ValueError, RuntimeError) as error:  # the template's raise_exception(), a full context, llama_decode
+            if "exceed context window" in str(error):  # llama-cpp-python's words for a prompt that does not fit
+                raise ContextFull(
+                    f"the conversation no longer fits the context of {self.context} tokens: /clear starts a new "
+                    "one (or chat with a larger --ctx-size)"
+                ) from None
             raise MoeExportError(f"llama.cpp cannot answer with {self.path}: {error}") from None
 
     def close(self) -> None:
