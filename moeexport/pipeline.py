@@ -101,6 +101,7 @@ class CompressionReport:
     out: str | None = None
     timings: dict = field(default_factory=dict)
     peak_rss_bytes: dict = field(default_factory=dict)  # per stage
+    input_file_bytes: int | None = None  # MODEL's weight files as stored on disk (a GGUF: the file), the user's size
 
     def manifest(self) -> dict:
         """What moeexport.json records about how the checkpoint was made."""
@@ -297,6 +298,7 @@ def _compress(source: Source, recipe: Recipe, options: CompressOptions, events: 
         parameters={"before": result.parameters_before, "after": result.parameters_after},
         bytes={"before": result.bytes_before, "after": result.bytes_after},
         memory=memory.to_dict(),
+        input_file_bytes=sum(path.stat().st_size for path in source.weight_files),
     )
     if check is not None:
         check(lm)
