@@ -246,10 +246,21 @@ def render_analysis(out: Console, report) -> None:
         table.add_row(str(row["layer"]), row["kind"], str(row.get("experts", "")), spread,
                       str(row.get("unused_experts", "")), f"{row['block_similarity']:.4f}", moe)
     out.print(table)
-    blocks = sorted(rows, key=lambda row: -row["block_similarity"])[:3]
-    out.print("most redundant blocks (Block Drop first):", ", ".join(str(r["layer"]) for r in blocks))
-    moe_rows = sorted((row for row in rows if row["moe_similarity"] is not None), key=lambda row: -row["moe_similarity"])
-    out.print("most redundant MoE sublayers (Layer Drop first):", ", ".join(str(r["layer"]) for r in moe_rows[:3]))
+    candidates = report.candidates
+    how = "KL if dropped alone" if candidates["measured"] else "by similarity, not measured"
+
+    def listed(rows: list[dict], name) -> str:
+        return ", ".join(name(row) + (f" (KL {row['kl']:.3g})" if "kl" in row else "") for row in rows[:3]) or "none"
+
+    out.print(f"Block Drop candidates, cheapest first ({how}): "
+              + listed(candidates["block_drop"], lambda row: f"block {row['layer']}"))
+    out.print(f"Layer Drop candidates (MoE sublayers), cheapest first ({how}): "
+              + listed(candidates["layer_drop"], lambda row: f"layer {row['layer']}"))
+    out.print("Expert Drop candidates, cheapest first (lowest REAP of each layer"
+              + (", KL if dropped alone): " if any("kl" in row for row in candidates["expert_drop"]) else "): ")
+              + listed(candidates["expert_drop"], lambda row: f"layer {row['layer']} expert {row['expert']}"))
+    for note in candidates["notes"]:
+        out.print(f"note: {escape(note)}")
     out.print(f"wrote {', '.join(report.files)}")
 
 

@@ -453,6 +453,7 @@ class AnalysisReport:
     calibration_tokens: int  # tokens each layer was observed on
     layers: list[dict]  # one summary row per layer (moeexport.analysis.layer_rows)
     files: list[str]  # statistics.json, the plots, report.html
+    candidates: dict = field(default_factory=dict)  # ranked drop candidates (moeexport.analysis.drop_candidates)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -461,10 +462,13 @@ class AnalysisReport:
 @_quiet
 def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions = CalibrationOptions(),
             dtype: str = "auto", trust_remote_code: bool = False, on_event=None,
-            allow_nonfinite: bool = False, max_memory: int | None = None, stream: bool | None = None) -> AnalysisReport:
+            allow_nonfinite: bool = False, max_memory: int | None = None, stream: bool | None = None,
+            measure_damage: bool = True) -> AnalysisReport:
     """Observe MODEL on the calibration set; write statistics.json, plots and report.html to `out`.
-    Within `max_memory` like compress (streamed when the model does not fit whole)."""
-    from moeexport.analysis import layer_rows, write_html, write_plots
+    Within `max_memory` like compress (streamed when the model does not fit whole). With `measure_damage`, the
+    drop candidates are ranked by the KL their removal causes, each measured alone (one more pass or a few
+    over the model, on the scoring part of the calibration set); otherwise by the statistics alone."""
+    from moeexport.analysis import drop_candidates, layer_rows, write_html, write_plots
     from moeexport.modelio import load_tokenizer
 
     options = CompressOptions(calibration=calibration, measure_quality=False, dtype=dtype,
@@ -480,13 +484,14 @@ def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions 
     provider = statistics_provider(source, tokenizer, calibration, events)
     statistics = provider.statistics(lm, history=[])
     rows = layer_rows(statistics)
+    candidates = drop_candidates(statistics, provider.scorer(lm) if measure_damage else None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     statistics.save(out / "statistics.json")
-    plots = write_plots(statistics, out)
-    page = write_html(statistics, rows, plots, out / "report.html", f"moeexport analyze {model}")
+    plots = write_plots(statistics, out, candidates)
+    page = write_html(statistics, rows, plots, out / "report.html", f"moeexport analyze {model}", candidates)
     files = [str(path) for path in (out / "statistics.json", *plots, page)]
-    return AnalysisReport(str(model), statistics.layers[0].tokens, rows, files)
+    return AnalysisReport(str(model), statistics.layers[0].tokens, rows, files, candidates)
 
 
 
