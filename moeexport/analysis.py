@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moeexport.calibration.observers import Statistics  # noqa: E402
+from moeexport.errors import MoeExportError  # noqa: E402
 from moeexport.report import embed_png, figure_png, html_page, html_table  # noqa: E402
 
 EXPERTS_MEASURED = 2  # per MoE layer: the lowest-REAP experts whose removal analyze measures
@@ -186,15 +187,18 @@ def drop_candidates(statistics: Statistics, scorer=None) -> dict:
                             "routing_mass": (layer.routing_mass or [None] * len(reap))[expert]})
     measured, notes = scorer is not None, []
     if measured:
+        whole = blocks + sublayers
         removals = ([frozenset({Removed(row["layer"], BLOCK)}) for row in blocks]
                     + [frozenset({Removed(row["layer"], MOE)}) for row in sublayers])
-        if scorer.routing.groups > 1:
-            notes.append("expert removals are not measured: this model routes within expert groups")
-        else:
-            removals += [frozenset({Removed(row["layer"], EXPERT, row["expert"])}) for row in experts]
-        damage = iter(scorer.kl(removals))
-        for row in blocks + sublayers + (experts if scorer.routing.groups == 1 else []):
-            row["kl"] = next(damage)
+        expert_removals = [frozenset({Removed(row["layer"], EXPERT, row["expert"])}) for row in experts]
+        try:  # one pass for all three kinds where the routing can be masked
+            damage = scorer.kl(removals + expert_removals)
+            whole += experts
+        except MoeExportError as error:  # e.g. group-limited routing: experts ranked by REAP alone
+            notes.append(f"expert removals are not measured: {error}")
+            damage = scorer.kl(removals)
+        for row, value in zip(whole, damage):
+            row["kl"] = value
     blocks.sort(key=lambda row: (row.get("kl", 0.0), -row["similarity"]))
     sublayers.sort(key=lambda row: (row.get("kl", 0.0), -row["similarity"]))
     experts.sort(key=lambda row: (row.get("kl", 0.0), row["reap"]))

@@ -156,3 +156,17 @@ def test_analyze_without_measuring_ranks_by_the_statistics(tmp_path):
     assert [(row["layer"], row["expert"]) for row in candidates["expert_drop"]] == [(1, 2), (0, 1), (1, 3), (0, 2)]
     page = write_html(statistics, layer_rows(statistics), [], tmp_path / "report.html", "t", candidates).read_text()
     assert "no damage measured" in page and "KL if dropped" not in page
+
+
+def test_group_limited_routing_measures_blocks_and_ranks_experts_by_reap():
+    from moeexport.analysis import drop_candidates
+    from moeexport.calibration.damage import RemovalScorer
+    from moeexport.calibration.observers import observe
+    from tests.tiny_models import random_tokens, tiny_model
+
+    model, tokens = tiny_model("deepseek_v3"), random_tokens(2, 16)
+    candidates = drop_candidates(observe(model, tokens, key="k", calibration={}), RemovalScorer(model, tokens))
+    assert all(row["kl"] > 0 for row in candidates["block_drop"] + candidates["layer_drop"])
+    assert candidates["expert_drop"] and not any("kl" in row for row in candidates["expert_drop"])
+    assert [row["reap"] for row in candidates["expert_drop"]] == sorted(row["reap"] for row in candidates["expert_drop"])
+    assert "expert removals are not measured" in candidates["notes"][0] and "n_group" in candidates["notes"][0]
