@@ -50,7 +50,9 @@ section{background:#fff;border:1px solid var(--line);border-radius:8px;padding:1
 .tile b{display:block;font-size:1.25em}
 .tile span{color:var(--muted);font-size:.85em}
 .row{display:flex;flex-wrap:wrap;gap:20px;align-items:flex-start}
-.row>*{flex:1 1 420px;min-width:0}
+.row>*{flex:1 1 420px;min-width:0;overflow-x:auto}
+.row th,.row td{padding:4px 6px}
+.row td{overflow-wrap:anywhere}
 table{border-collapse:collapse;margin:6px 0 10px;font-size:.92em}
 th,td{padding:4px 10px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
 th{background:var(--soft);font-weight:600}
