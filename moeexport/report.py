@@ -13,6 +13,7 @@ import io
 import json
 import math
 import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -629,7 +630,7 @@ def _bench_plot(artifacts: list[dict]) -> bytes:
         axes.set_yscale("log")
     else:
         axes.set_ylim(0, max(bounds + medians) * 1.25)
-    axes.set_xticks(positions, labels, fontsize=8)
+    axes.set_xticks(positions, [textwrap.fill(label, 24) for label in labels], fontsize=8)  # paths side by side
     axes.set_ylabel("tokens / s (log scale)" if logarithmic else "tokens / s")
     axes.spines[["top", "right"]].set_visible(False)
     axes.legend(fontsize=8, frameon=False)
