@@ -35,6 +35,7 @@ from moeexport.validate import RecordedReference, Tolerance, TorchRunner
 VALIDATION_WINDOWS = (2, 256)  # >= 510 predicted-token positions per artifact
 SAMPLING_LIMIT = 10**9  # parameters; above, text is not sampled from the model unless asked for
 QUALITY_WINDOWS = (16, 128)
+DAMAGE_LIMIT = 10**9  # parameters; above, analyze ranks drop candidates by its statistics unless asked to measure
 PROFILE_PROMPT, PROFILE_NEW_TOKENS = 128, 64
 DEFAULT_VERDICT = Tolerance(kl=0.1, top1_agreement=0.75)  # `validate` of a file that records no weight type
 
@@ -463,11 +464,12 @@ class AnalysisReport:
 def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions = CalibrationOptions(),
             dtype: str = "auto", trust_remote_code: bool = False, on_event=None,
             allow_nonfinite: bool = False, max_memory: int | None = None, stream: bool | None = None,
-            measure_damage: bool = True) -> AnalysisReport:
+            measure_damage: bool | None = None) -> AnalysisReport:
     """Observe MODEL on the calibration set; write statistics.json, plots and report.html to `out`.
     Within `max_memory` like compress (streamed when the model does not fit whole). With `measure_damage`, the
-    drop candidates are ranked by the KL their removal causes, each measured alone (one more pass or a few
-    over the model, on the scoring part of the calibration set); otherwise by the statistics alone."""
+    drop candidates are ranked by the KL their removal causes, each measured alone on the scoring part of the
+    calibration set (about as many layer forwards as two per layer per candidate kind: tens of passes over a
+    large model); otherwise by the statistics alone. None: measured up to DAMAGE_LIMIT parameters."""
     from moeexport.analysis import drop_candidates, layer_rows, write_html, write_plots
     from moeexport.modelio import load_tokenizer
 
@@ -484,6 +486,11 @@ def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions 
     provider = statistics_provider(source, tokenizer, calibration, events)
     statistics = provider.statistics(lm, history=[])
     rows = layer_rows(statistics)
+    if measure_damage is None:
+        measure_damage = memory.parameters <= DAMAGE_LIMIT
+        if not measure_damage:
+            events.note(f"{memory.parameters / 1e9:.1f} B parameters: drop candidates are ranked by similarity and "
+                        "REAP, not measured (that takes tens of passes over the model); --measure-damage measures them")
     candidates = drop_candidates(statistics, provider.scorer(lm) if measure_damage else None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

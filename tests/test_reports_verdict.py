@@ -170,3 +170,16 @@ def test_group_limited_routing_measures_blocks_and_ranks_experts_by_reap():
     assert candidates["expert_drop"] and not any("kl" in row for row in candidates["expert_drop"])
     assert [row["reap"] for row in candidates["expert_drop"]] == sorted(row["reap"] for row in candidates["expert_drop"])
     assert "expert removals are not measured" in candidates["notes"][0] and "n_group" in candidates["notes"][0]
+
+
+def test_analyze_of_a_large_model_ranks_without_measuring_and_says_so(tmp_path, monkeypatch):
+    from moeexport import pipeline
+
+    monkeypatch.setattr(pipeline, "DAMAGE_LIMIT", 10**6)  # the demo's 3 M parameters count as large here
+    events = []
+    report = pipeline.analyze("demo", tmp_path / "analysis", moeexport.CalibrationOptions(samples=2, length=32),
+                              on_event=events.append)
+    assert not report.candidates["measured"] and not any("kl" in row for row in report.candidates["block_drop"])
+    assert any("--measure-damage measures them" in event.message for event in events if event.kind == "note")
+    page = (tmp_path / "analysis" / "report.html").read_text()
+    assert "no damage measured" in page and not (tmp_path / "analysis" / "drop_damage.png").exists()
