@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Run the calibration set through MODEL layer by layer and report, per layer, expert usage "
         "(tokens per expert), routing mass, REAP saliency, MoE-sublayer and block similarity, and rank the Block "
         "Drop, Layer Drop and Expert Drop candidates by the KL each removal causes alone (measured on the first "
-        "calibration tokens; see --measure-damage). Writes statistics.json, PNG plots and report.html to --out; later recipes on the same model and calibration "
-        "set reuse the statistics.", [model, calibration])
+        "calibration tokens; see --measure-damage). Writes statistics.json, PNG plots and report.html to --out; "
+        "later recipes on the same model and calibration set reuse the statistics.", [model, calibration])
     analyze.add_argument("--out", default="moeexport-analysis", help="output directory (default moeexport-analysis)")
     analyze.add_argument("--json", action="store_true", help="print the per-layer summary as JSON")
     analyze.add_argument("--measure-damage", action=argparse.BooleanOptionalAction, default=None,

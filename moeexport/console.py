@@ -165,8 +165,9 @@ def quality_line(report) -> str:
     """What compression cost against the source (a CompressionReport), or why that is not measured."""
     quality = report.quality_vs_source
     if quality:
-        return (f"quality vs the source on {escape(quality['text'])}: perplexity {quality['reference_perplexity']:.2f} "
-                f"-> {quality['perplexity']:.2f}, KL {quality['kl']:.4f}, top-1 agreement {quality['top1_agreement']:.1%}")
+        return (f"quality vs the source on {escape(quality['text'])}: perplexity "
+                f"{quality['reference_perplexity']:.2f} -> {quality['perplexity']:.2f}, KL {quality['kl']:.4f}, "
+                f"top-1 agreement {quality['top1_agreement']:.1%}")
     if not report.passes:
         return "quality vs the source: no compression, so it is the export's fidelity below"
     return "quality vs the source: not measured (--no-eval)"
@@ -209,7 +210,8 @@ def render_build(out: Console, report) -> None:
     out.print(f"export fidelity {verdict} ({escape(validation['runtime'])} vs the compressed torch model on "
               f"{escape(validation['text'])}, {validation['tokens']} tokens): {fidelity_line(validation)}")
     given = report.compression.input_file_bytes
-    on_disk = f"; {_share(artifact['file_bytes'], given, f'the input files on disk ({given / MIB:.1f} MiB)')}" if given else ""
+    on_disk = (f"; {_share(artifact['file_bytes'], given, f'the input files on disk ({given / MIB:.1f} MiB)')}"
+               if given else "")
     out.print(f"exported {artifact['path']} ({artifact['file_bytes'] / MIB:.1f} MiB, "
               f"{escape(artifact['representation'])}){on_disk}")
     for fallback in artifact["fallbacks"]:

@@ -233,7 +233,8 @@ def _header(report: dict) -> str:
         items = "".join(f"<li>{html.escape(str(r))}</li>" for r in reasons)
         verdict = f"<div class='verdict bad'>&#10008; export fidelity FAILED<ul>{items}</ul></div>"
     return (f"<h1>{model} &rarr; {target} <code>{quant}</code></h1><p class='meta'>{' &middot; '.join(meta)}</p>"
-            f"{_quality_headline(report)}{_input_headline(report.get('quality_vs_input'))}{verdict}{_tiles(report)}")
+            f"{_quality_headline(report)}{_input_headline(report.get('quality_vs_input'), validation.get('runtime'))}"
+            f"{verdict}{_tiles(report)}")
 
 
 def _cards(tiles: list[tuple[str, str]]) -> str:
@@ -258,7 +259,8 @@ def _quality_headline(report: dict) -> str:
     if quality:
         where = (f"the compressed torch model against the source on {quality.get('text', '?')}, "
                  f"{number(quality.get('tokens'))} predicted tokens; the export adds its own fidelity loss below")
-        return f"<div class='headline lost'>{title}{_cards(_loss_tiles(quality, 'source', 'compressed'))}{_sentence(where)}</div>"
+        cards = _cards(_loss_tiles(quality, "source", "compressed"))
+        return f"<div class='headline lost'>{title}{cards}{_sentence(where)}</div>"
     if not passes:
         text = ("no compression: the model was exported as it is, so its quality against the source is the "
                 "export's fidelity below")
@@ -267,12 +269,14 @@ def _quality_headline(report: dict) -> str:
     return f"<div class='headline lost'>{title}<p>{html.escape(text)}</p></div>"
 
 
-def _input_headline(quality) -> str:
-    """A GGUF built from a GGUF: the artifact against the input file, both run by the same runtime."""
+def _input_headline(quality, runtime) -> str:
+    """An artifact built from an artifact of its own format (a GGUF from a GGUF): the output against the input
+    file, both run by the target's runtime."""
     if not quality:
         return ""
-    where = f"both files run in llama.cpp on {quality.get('text', '?')}, {number(quality.get('tokens'))} predicted tokens"
-    return (f"<div class='headline lost'><h2>Quality against the input GGUF file</h2>"
+    where = (f"both files run in {runtime or 'the target runtime'} on {quality.get('text', '?')}, "
+             f"{number(quality.get('tokens'))} predicted tokens")
+    return (f"<div class='headline lost'><h2>Quality against the input file</h2>"
             f"{_cards(_loss_tiles(quality, 'input file', 'artifact'))}{_sentence(where)}</div>")
 
 

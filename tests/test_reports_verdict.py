@@ -35,7 +35,7 @@ def test_the_headline_is_quality_against_the_source_then_the_export_fidelity(tmp
     assert quality < fidelity
     assert "61.2 → 71.8 (+17.3%)" in top[quality:fidelity]  # perplexity source -> compressed
     assert "0.0913" in top[quality:fidelity] and "84.4%" in top[quality:fidelity]
-    assert "Quality against the input GGUF file" not in page  # a checkpoint input has no such comparison
+    assert "Quality against the input file" not in page  # a checkpoint input has no such comparison
 
     failing = write_build_html(realistic_report(failing=True), tmp_path / "failing.html").read_text()
     top = _headline(failing)
@@ -87,9 +87,9 @@ def test_gguf_to_gguf_leads_with_quality_against_the_input_file(tmp_path, demo_g
     assert report.to_dict()["quality_vs_input"] == against_input  # report.json holds it
     page = (tmp_path / "out" / "report.html").read_text()
     top = _headline(page)
-    assert top.index("not measured (--no-eval)") < top.index("Quality against the input GGUF file") \
+    assert top.index("not measured (--no-eval)") < top.index("Quality against the input file") \
         < top.index("export fidelity passed")
-    section = top[top.index("Quality against the input GGUF file"):top.index("export fidelity")]
+    section = top[top.index("Quality against the input file"):top.index("export fidelity")]
     assert f"{against_input['kl']:.3g}" in section and f"{against_input['top1_agreement']:.1%}" in section
     on_disk = given.stat().st_size
     assert report.compression.input_file_bytes == on_disk
