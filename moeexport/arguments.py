@@ -101,11 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = command(
         "analyze", "collect routing and redundancy statistics, print a summary, write plots",
         "Run the calibration set through MODEL layer by layer and report, per layer, expert usage "
-        "(tokens per expert), routing mass, REAP saliency, MoE-sublayer and block similarity. Writes "
-        "statistics.json, PNG plots and report.html to --out; later recipes on the same model and calibration "
-        "set reuse the statistics.", [model, calibration])
+        "(tokens per expert), routing mass, REAP saliency, MoE-sublayer and block similarity, and rank the Block "
+        "Drop, Layer Drop and Expert Drop candidates by the KL each removal causes alone (measured on the first "
+        "calibration tokens; see --measure-damage). Writes statistics.json, PNG plots and report.html to --out; "
+        "later recipes on the same model and calibration set reuse the statistics.", [model, calibration])
     analyze.add_argument("--out", default="moeexport-analysis", help="output directory (default moeexport-analysis)")
     analyze.add_argument("--json", action="store_true", help="print the per-layer summary as JSON")
+    analyze.add_argument("--measure-damage", action=argparse.BooleanOptionalAction, default=None,
+                         help="measure the KL each drop candidate causes (default: for models up to 1 B parameters; "
+                              "above, candidates are ranked by similarity and REAP, since measuring takes many passes "
+                              "over the model)")
     _memory_arguments(analyze)
 
     compress = command("compress", "apply a recipe and save the compressed checkpoint",

@@ -63,7 +63,7 @@ def run_analyze(args) -> int:
 
     report, out = _run(args, lambda on_event: analyze(args.model, args.out, _calibration(args), args.dtype,
                                                       args.trust_remote_code, on_event, args.allow_nonfinite,
-                                                      _max_memory(args), args.stream))
+                                                      _max_memory(args), args.stream, args.measure_damage))
     _print_json(report.layers) if args.json else render_analysis(out, report)
     return 0
 

@@ -143,7 +143,8 @@ def console() -> Console:
     return Console(highlight=False)
 
 
-def render_compression(out: Console, report) -> None:
+def render_compression(out: Console, report, quality: bool = True) -> None:
+    """The structure table and sizes; with `quality`, the quality line too (a build prints it with its headline)."""
     table = Table(title="structure before -> after")
     for header in ("layer", "before", "after", "new index"):
         table.add_column(header, justify="right")
@@ -153,12 +154,28 @@ def render_compression(out: Console, report) -> None:
     out.print(table)
     parameters, size = report.parameters, report.bytes
     out.print(f"parameters {parameters['before']:,} -> {parameters['after']:,} "
-              f"({parameters['after'] / parameters['before']:.1%}); "
-              f"size {size['before'] / MIB:.1f} MiB -> {size['after'] / MIB:.1f} MiB")
+              f"({parameters['after'] / parameters['before']:.1%}); torch weights in memory "
+              f"{size['before'] / MIB:.1f} MiB -> {size['after'] / MIB:.1f} MiB")
+    if quality:
+        out.print(quality_line(report))
+
+
+def quality_line(report) -> str:
+    """What compression cost against the source (a CompressionReport), or why that is not measured."""
     quality = report.quality_vs_source
     if quality:
-        out.print(f"quality vs original on {escape(quality['text'])}: perplexity {quality['reference_perplexity']:.2f} "
-                  f"-> {quality['perplexity']:.2f}, KL {quality['kl']:.4f}, top-1 agreement {quality['top1_agreement']:.1%}")
+        return (f"quality vs the source on {escape(quality['text'])}: perplexity "
+                f"{quality['reference_perplexity']:.2f} -> {quality['perplexity']:.2f}, KL {quality['kl']:.4f}, "
+                f"top-1 agreement {quality['top1_agreement']:.1%}")
+    if not report.passes:
+        return "quality vs the source: no compression, so it is the export's fidelity below"
+    return "quality vs the source: not measured (--no-eval)"
+
+
+def _share(after: int, before: int, of: str) -> str:
+    """`after` as a share of `before`, what `of` names, e.g. "12.5% of the input (8.00x smaller)"."""
+    smaller = f", {before / after:.2f}x smaller" if 0 < after < before else ""
+    return f"{after / before:.1%} of {of}{smaller}"
 
 
 def fidelity_line(validation: dict) -> str:
@@ -182,15 +199,22 @@ def profile_line(speed: dict) -> str:
 
 
 def render_build(out: Console, report) -> None:
-    render_compression(out, report.compression)
+    """The structure, then what was lost (against the source, and a GGUF input), then the export's fidelity."""
+    render_compression(out, report.compression, quality=False)
     artifact, validation = report.artifact, report.validation
-    out.print(f"exported {artifact['path']} ({artifact['file_bytes'] / MIB:.1f} MiB, {escape(artifact['representation'])})")
+    out.print(f"[bold]{quality_line(report.compression)}[/bold]")
+    if report.quality_vs_input:
+        out.print(f"[bold]quality vs the input GGUF, both in llama.cpp: {fidelity_line(report.quality_vs_input)}[/bold]")
+    verdict = "[green]passed[/green]" if report.ok else "[red]FAILED[/red]"
+    out.print(f"export fidelity {verdict} ({escape(validation['runtime'])} vs the compressed torch model on "
+              f"{escape(validation['text'])}, {validation['tokens']} tokens): {fidelity_line(validation)}")
+    given = report.compression.input_file_bytes
+    on_disk = (f"; {_share(artifact['file_bytes'], given, f'the input files on disk ({given / MIB:.1f} MiB)')}"
+               if given else "")
+    out.print(f"exported {artifact['path']} ({artifact['file_bytes'] / MIB:.1f} MiB, "
+              f"{escape(artifact['representation'])}){on_disk}")
     for fallback in artifact["fallbacks"]:
         out.print(f"  note: {escape(fallback)}")
-    out.print(f"fidelity ({escape(validation['runtime'])}) vs compressed torch model on {escape(validation['text'])} "
-              f"({validation['tokens']} tokens): {fidelity_line(validation)}")
-    if report.quality_vs_input:
-        out.print(f"quality vs the input GGUF, both in llama.cpp: {fidelity_line(report.quality_vs_input)}")
     if report.profile:
         out.print(profile_line(report.profile))
     engine = report.engine
@@ -223,10 +247,21 @@ def render_analysis(out: Console, report) -> None:
         table.add_row(str(row["layer"]), row["kind"], str(row.get("experts", "")), spread,
                       str(row.get("unused_experts", "")), f"{row['block_similarity']:.4f}", moe)
     out.print(table)
-    blocks = sorted(rows, key=lambda row: -row["block_similarity"])[:3]
-    out.print("most redundant blocks (Block Drop first):", ", ".join(str(r["layer"]) for r in blocks))
-    moe_rows = sorted((row for row in rows if row["moe_similarity"] is not None), key=lambda row: -row["moe_similarity"])
-    out.print("most redundant MoE sublayers (Layer Drop first):", ", ".join(str(r["layer"]) for r in moe_rows[:3]))
+    candidates = report.candidates
+    how = "KL if dropped alone" if candidates["measured"] else "by similarity, not measured"
+
+    def listed(rows: list[dict], name) -> str:
+        return ", ".join(name(row) + (f" (KL {row['kl']:.3g})" if "kl" in row else "") for row in rows[:3]) or "none"
+
+    out.print(f"Block Drop candidates, cheapest first ({how}): "
+              + listed(candidates["block_drop"], lambda row: f"block {row['layer']}"))
+    out.print(f"Layer Drop candidates (MoE sublayers), cheapest first ({how}): "
+              + listed(candidates["layer_drop"], lambda row: f"layer {row['layer']}"))
+    out.print("Expert Drop candidates, cheapest first (lowest REAP of each layer"
+              + (", KL if dropped alone): " if any("kl" in row for row in candidates["expert_drop"]) else "): ")
+              + listed(candidates["expert_drop"], lambda row: f"layer {row['layer']} expert {row['expert']}"))
+    for note in candidates["notes"]:
+        out.print(f"note: {escape(note)}")
     out.print(f"wrote {', '.join(report.files)}")
 
 

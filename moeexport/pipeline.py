@@ -35,6 +35,7 @@ from moeexport.validate import RecordedReference, Tolerance, TorchRunner
 VALIDATION_WINDOWS = (2, 256)  # >= 510 predicted-token positions per artifact
 SAMPLING_LIMIT = 10**9  # parameters; above, text is not sampled from the model unless asked for
 QUALITY_WINDOWS = (16, 128)
+DAMAGE_LIMIT = 10**9  # parameters; above, analyze ranks drop candidates by its statistics unless asked to measure
 PROFILE_PROMPT, PROFILE_NEW_TOKENS = 128, 64
 DEFAULT_VERDICT = Tolerance(kl=0.1, top1_agreement=0.75)  # `validate` of a file that records no weight type
 
@@ -101,6 +102,7 @@ class CompressionReport:
     out: str | None = None
     timings: dict = field(default_factory=dict)
     peak_rss_bytes: dict = field(default_factory=dict)  # per stage
+    input_file_bytes: int | None = None  # MODEL's weight files as stored on disk (a GGUF: the file), the user's size
 
     def manifest(self) -> dict:
         """What moeexport.json records about how the checkpoint was made."""
@@ -297,6 +299,7 @@ def _compress(source: Source, recipe: Recipe, options: CompressOptions, events: 
         parameters={"before": result.parameters_before, "after": result.parameters_after},
         bytes={"before": result.bytes_before, "after": result.bytes_after},
         memory=memory.to_dict(),
+        input_file_bytes=sum(path.stat().st_size for path in source.weight_files),
     )
     if check is not None:
         check(lm)
@@ -451,6 +454,7 @@ class AnalysisReport:
     calibration_tokens: int  # tokens each layer was observed on
     layers: list[dict]  # one summary row per layer (moeexport.analysis.layer_rows)
     files: list[str]  # statistics.json, the plots, report.html
+    candidates: dict = field(default_factory=dict)  # ranked drop candidates (moeexport.analysis.drop_candidates)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -459,10 +463,14 @@ class AnalysisReport:
 @_quiet
 def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions = CalibrationOptions(),
             dtype: str = "auto", trust_remote_code: bool = False, on_event=None,
-            allow_nonfinite: bool = False, max_memory: int | None = None, stream: bool | None = None) -> AnalysisReport:
+            allow_nonfinite: bool = False, max_memory: int | None = None, stream: bool | None = None,
+            measure_damage: bool | None = None) -> AnalysisReport:
     """Observe MODEL on the calibration set; write statistics.json, plots and report.html to `out`.
-    Within `max_memory` like compress (streamed when the model does not fit whole)."""
-    from moeexport.analysis import layer_rows, write_html, write_plots
+    Within `max_memory` like compress (streamed when the model does not fit whole). With `measure_damage`, the
+    drop candidates are ranked by the KL their removal causes, each measured alone on the scoring part of the
+    calibration set (about as many layer forwards as two per layer per candidate kind: tens of passes over a
+    large model); otherwise by the statistics alone. None: measured up to DAMAGE_LIMIT parameters."""
+    from moeexport.analysis import drop_candidates, layer_rows, write_html, write_plots
     from moeexport.modelio import load_tokenizer
 
     options = CompressOptions(calibration=calibration, measure_quality=False, dtype=dtype,
@@ -478,13 +486,19 @@ def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions 
     provider = statistics_provider(source, tokenizer, calibration, events)
     statistics = provider.statistics(lm, history=[])
     rows = layer_rows(statistics)
+    if measure_damage is None:
+        measure_damage = memory.parameters <= DAMAGE_LIMIT
+        if not measure_damage:
+            events.note(f"{memory.parameters / 1e9:.1f} B parameters: drop candidates are ranked by similarity and "
+                        "REAP, not measured (that takes tens of passes over the model); --measure-damage measures them")
+    candidates = drop_candidates(statistics, provider.scorer(lm) if measure_damage else None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     statistics.save(out / "statistics.json")
-    plots = write_plots(statistics, out)
-    page = write_html(statistics, rows, plots, out / "report.html", f"moeexport analyze {model}")
+    plots = write_plots(statistics, out, candidates)
+    page = write_html(statistics, rows, plots, out / "report.html", f"moeexport analyze {model}", candidates)
     files = [str(path) for path in (out / "statistics.json", *plots, page)]
-    return AnalysisReport(str(model), statistics.layers[0].tokens, rows, files)
+    return AnalysisReport(str(model), statistics.layers[0].tokens, rows, files, candidates)
 
 
 

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -41,12 +42,18 @@ section{background:#fff;border:1px solid var(--line);border-radius:8px;padding:1
 .verdict.ok{background:var(--ok)}
 .verdict.bad{background:var(--bad)}
 .verdict ul{margin:6px 0 0;padding-left:22px;font-weight:400;font-size:.9em}
+.headline{background:#fff;border:1px solid var(--line);border-left:6px solid #4c72b0;border-radius:8px;
+ padding:12px 18px;margin:16px 0}
+.headline h2{border:0;margin:0 0 8px;padding:0}
+.headline.lost{border-left-color:#bf8700}
 .tiles{display:flex;flex-wrap:wrap;gap:12px;margin:0 0 4px}
 .tile{flex:1 1 160px;background:var(--soft);border:1px solid var(--line);border-radius:6px;padding:8px 12px}
 .tile b{display:block;font-size:1.25em}
 .tile span{color:var(--muted);font-size:.85em}
 .row{display:flex;flex-wrap:wrap;gap:20px;align-items:flex-start}
-.row>*{flex:1 1 420px;min-width:0}
+.row>*{flex:1 1 420px;min-width:0;overflow-x:auto}
+.row th,.row td{padding:4px 6px}
+.row td{overflow-wrap:anywhere}
 table{border-collapse:collapse;margin:6px 0 10px;font-size:.92em}
 th,td{padding:4px 10px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
 th{background:var(--soft);font-weight:600}
@@ -191,7 +198,6 @@ def write_build_html(report: dict, path: Path) -> Path:
         _structure(report.get("compression") or {}),
         _passes((report.get("compression") or {}).get("passes")),
         _sizes(report),
-        _quality(report.get("quality_vs_source")),
         _fidelity(report.get("validation")),
         _speed(report),
         _files(report.get("artifact"), report.get("timings")),
@@ -218,15 +224,60 @@ def _header(report: dict) -> str:
     if options:
         meta.append("options " + ", ".join(f"<code>{html.escape(f'{k}={v}')}</code>" for k, v in options.items()))
     validation = report.get("validation") or {}
-    failures = validation.get("failures") or []
+    failures = report.get("failures") or validation.get("failures") or []
     if report.get("ok"):
-        verdict = "<div class='verdict ok'>&#10004; passed: the artifact is within its tolerance</div>"
+        verdict = ("<div class='verdict ok'>&#10004; export fidelity passed: the artifact computes what the "
+                   "compressed torch model computes, within its tolerance</div>")
     else:
         reasons = failures or ["no validation failure recorded (the build did not finish or was not validated)"]
         items = "".join(f"<li>{html.escape(str(r))}</li>" for r in reasons)
-        verdict = f"<div class='verdict bad'>&#10008; FAILED<ul>{items}</ul></div>"
+        verdict = f"<div class='verdict bad'>&#10008; export fidelity FAILED<ul>{items}</ul></div>"
     return (f"<h1>{model} &rarr; {target} <code>{quant}</code></h1><p class='meta'>{' &middot; '.join(meta)}</p>"
+            f"{_quality_headline(report)}{_input_headline(report.get('quality_vs_input'), validation.get('runtime'))}"
             f"{verdict}{_tiles(report)}")
+
+
+def _cards(tiles: list[tuple[str, str]]) -> str:
+    cells = "".join(f"<div class='tile'><b>{html.escape(v)}</b><span>{html.escape(k)}</span></div>" for v, k in tiles)
+    return f"<div class='tiles'>{cells}</div>" if tiles else ""
+
+
+def _loss_tiles(quality: dict, before: str, after: str) -> list[tuple[str, str]]:
+    """Perplexity before -> after (and its change), KL and top-1 agreement of one comparison."""
+    reference, perplexity = quality.get("reference_perplexity"), quality.get("perplexity")
+    change = f" ({perplexity / reference - 1:+.1%})" if reference and perplexity is not None else ""
+    return [(f"{number(reference)} → {number(perplexity)}{change}", f"perplexity, {before} → {after}"),
+            (number(quality.get("kl")), f"KL({before} || {after}), nats/token"),
+            (percent(quality.get("top1_agreement"), 1), f"top-1 agreement with the {before}")]
+
+
+def _quality_headline(report: dict) -> str:
+    """What compression cost against the source model: the first thing the page says."""
+    quality = report.get("quality_vs_source")
+    passes = (report.get("compression") or {}).get("passes")
+    title = "<h2>Quality against the source model</h2>"
+    if quality:
+        where = (f"the compressed torch model against the source on {quality.get('text', '?')}, "
+                 f"{number(quality.get('tokens'))} predicted tokens; the export adds its own fidelity loss below")
+        cards = _cards(_loss_tiles(quality, "source", "compressed"))
+        return f"<div class='headline lost'>{title}{cards}{_sentence(where)}</div>"
+    if not passes:
+        text = ("no compression: the model was exported as it is, so its quality against the source is the "
+                "export's fidelity below")
+    else:
+        text = "not measured (--no-eval): what compression cost is unknown; the fidelity below is the export's alone"
+    return f"<div class='headline lost'>{title}<p>{html.escape(text)}</p></div>"
+
+
+def _input_headline(quality, runtime) -> str:
+    """An artifact built from an artifact of its own format (a GGUF from a GGUF): the output against the input
+    file, both run by the target's runtime."""
+    if not quality:
+        return ""
+    where = (f"both files run in {runtime or 'the target runtime'} on {quality.get('text', '?')}, "
+             f"{number(quality.get('tokens'))} predicted tokens")
+    return (f"<div class='headline lost'><h2>Quality against the input file</h2>"
+            f"{_cards(_loss_tiles(quality, 'input file', 'artifact'))}{_sentence(where)}</div>")
 
 
 def _tiles(report: dict) -> str:
@@ -234,17 +285,19 @@ def _tiles(report: dict) -> str:
     parameters = compression.get("parameters") or {}
     artifact, validation, profile = (report.get(k) or {} for k in ("artifact", "validation", "profile"))
     tiles = []
-    if parameters.get("before") and parameters.get("after") is not None:
-        tiles.append((percent(parameters["after"] / parameters["before"], 1), "parameters kept"))
+    if validation:
+        tiles.append((number(validation.get("kl")), "export fidelity: KL vs the compressed torch model"))
+        tiles.append((percent(validation.get("top1_agreement")), "export fidelity: top-1 agreement"))
+    given = compression.get("input_file_bytes")
     if artifact.get("file_bytes") is not None:
         tiles.append((size(artifact["file_bytes"]), "artifact file"))
-    if validation:
-        tiles.append((number(validation.get("kl")), "KL vs compressed torch model"))
-        tiles.append((percent(validation.get("top1_agreement")), "top-1 agreement"))
+        if given:
+            tiles.append((_ratio(given, artifact["file_bytes"]), f"of the input files on disk ({size(given)})"))
+    if parameters.get("before") and parameters.get("after") is not None:
+        tiles.append((percent(parameters["after"] / parameters["before"], 1), "parameters kept"))
     if profile.get("decode_tokens_per_s") is not None:
         tiles.append((formatted("decode_tokens_per_s", profile["decode_tokens_per_s"]), "decode speed"))
-    cells = "".join(f"<div class='tile'><b>{html.escape(v)}</b><span>{html.escape(k)}</span></div>" for v, k in tiles)
-    return f"<div class='tiles'>{cells}</div>" if tiles else ""
+    return _cards(tiles)
 
 
 def describe_layer(spec: dict) -> str:
@@ -349,30 +402,42 @@ def _plan_text(plan, limit: int = 20000) -> str:
 def _sizes(report: dict) -> str:
     compression = report.get("compression") or {}
     parameters, stored = compression.get("parameters") or {}, compression.get("bytes") or {}
+    given = compression.get("input_file_bytes")
     artifact = report.get("artifact") or {}
     if not parameters and not stored:
         return _section("Parameters and bytes", _sentence("no sizes recorded"))
-    rows = [["parameters", number(parameters.get("before")), number(parameters.get("after")),
-             _ratio(parameters.get("before"), parameters.get("after"))],
-            ["torch weights", size(stored.get("before")), size(stored.get("after")),
-             _ratio(stored.get("before"), stored.get("after"))]]
+    dtype = (compression.get("memory") or {}).get("dtype")
+    rows = []
+    if given and artifact.get("file_bytes") is not None:
+        rows.append(["files on disk: input → artifact", size(given), size(artifact["file_bytes"]),
+                     _ratio(given, artifact["file_bytes"])])
+    rows += [["parameters", number(parameters.get("before")), number(parameters.get("after")),
+              _ratio(parameters.get("before"), parameters.get("after"))],
+             [f"torch weights in memory{f' ({dtype})' if dtype else ''}", size(stored.get("before")),
+              size(stored.get("after")), _ratio(stored.get("before"), stored.get("after"))]]
     if artifact.get("file_bytes") is not None:
-        rows.append([f"artifact ({report.get('quant', '?')})", size(stored.get("before")), size(artifact["file_bytes"]),
-                     _ratio(stored.get("before"), artifact["file_bytes"])])
+        rows.append([f"artifact ({report.get('quant', '?')}) vs the source's torch weights", size(stored.get("before")),
+                     size(artifact["file_bytes"]), _ratio(stored.get("before"), artifact["file_bytes"])])
     table = html_table(["", "before", "after", "after / before"], rows)
-    plot = embed_png(_sizes_plot(parameters, stored, artifact.get("file_bytes"), report.get("quant")),
-                     "parameters and bytes before and after")
-    return _section("Parameters and bytes", f"<div class='row'><div>{plot}</div><div>{table}</div></div>")
+    plot = embed_png(_sizes_plot(parameters, stored, artifact.get("file_bytes"), report.get("quant"), given),
+                     "parameters, and bytes: the input files as stored, the torch weights, the artifact")
+    note = _sentence("the first row is what a user sees on disk; the torch rows count the weights at the dtype "
+                     "compression computed in") if given else ""
+    return _section("Parameters and bytes", f"<div class='row'><div>{plot}</div><div>{table}{note}</div></div>")
 
 
-def _sizes_plot(parameters: dict, stored: dict, artifact_bytes, quant) -> bytes:
-    figure, (left, right) = plt.subplots(1, 2, figsize=(6.4, 2.7))
+def _sizes_plot(parameters: dict, stored: dict, artifact_bytes, quant, input_bytes=None) -> bytes:
+    figure, (left, right) = plt.subplots(1, 2, figsize=(6.4, 2.7), width_ratios=(2, 3 if input_bytes else 2))
     million = [(parameters.get(k) or 0) / 1e6 for k in ("before", "after")]
     bars = left.bar(["before", "after"], million, color=[BEFORE, AFTER])
     left.bar_label(bars, [f"{v:.3g}M" for v in million], fontsize=8)
     left.set_title("parameters (millions)", fontsize=10)
-    names, colors = ["source", "compressed"], [BEFORE, AFTER]
+    names, colors = ["source\n(torch)", "compressed\n(torch)"], [BEFORE, AFTER]
     values = [stored.get("before") or 0, stored.get("after") or 0]
+    if input_bytes:
+        names.insert(0, "input\non disk")
+        values.insert(0, input_bytes)
+        colors.insert(0, "#8172b3")
     if artifact_bytes is not None:
         names.append(f"artifact\n{quant}")
         values.append(artifact_bytes)
@@ -386,17 +451,6 @@ def _sizes_plot(parameters: dict, stored: dict, artifact_bytes, quant) -> bytes:
         axes.set_ylim(0, max(axes.get_ylim()[1] * 1.15, 1e-9))
         axes.tick_params(labelsize=8)
     return figure_png(figure)
-
-
-def _quality(quality) -> str:
-    title = "Quality vs the source model"
-    if not quality:
-        return _section(title, _sentence("not measured (--no-eval)"))
-    rows = [["perplexity", number(quality.get("reference_perplexity")), number(quality.get("perplexity"))],
-            ["KL(source || compressed), nats/token", "", number(quality.get("kl"))],
-            ["top-1 agreement with the source", "", percent(quality.get("top1_agreement"))]]
-    where = f"on {quality.get('text', '?')}, {number(quality.get('tokens'))} predicted tokens"
-    return _section(title, html_table(["", "source", "compressed"], rows), _sentence(where))
 
 
 def _fidelity(validation) -> str:
@@ -580,7 +634,7 @@ def _bench_plot(artifacts: list[dict]) -> bytes:
         axes.set_yscale("log")
     else:
         axes.set_ylim(0, max(bounds + medians) * 1.25)
-    axes.set_xticks(positions, labels, fontsize=8)
+    axes.set_xticks(positions, [textwrap.fill(label, 24) for label in labels], fontsize=8)  # paths side by side
     axes.set_ylabel("tokens / s (log scale)" if logarithmic else "tokens / s")
     axes.spines[["top", "right"]].set_visible(False)
     axes.legend(fontsize=8, frameon=False)

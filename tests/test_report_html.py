@@ -145,7 +145,7 @@ def test_analyze_page_embeds_its_plots(tmp_path, capsys):
     capsys.readouterr()
     page = (out / "report.html").read_text()
     images = _images(page)
-    assert len(images) == 3 and all(image.startswith(PNG_SIGNATURE) for image in images)
+    assert len(images) == 6 and all(image.startswith(PNG_SIGNATURE) for image in images)
     assert images[0] == (out / "expert_usage.png").read_bytes()  # the files beside it are the same plots
     _assert_self_contained(page)
-    assert "<table>" in page and "block_similarity" in page
+    assert "<table>" in page and "cos(block in, out)" in page
