@@ -231,6 +231,7 @@ def _compress_command(model, recipe, options: CompressOptions, on_event) -> Comp
     stages = _Stages(events)
     recipe = _recipe(recipe)
     source = _open(model, options)
+    options = _with_shipped_text(source, options, events)
     memory = memory_plan(source, recipe, options)
     if options.dry_run:
         done = _compress(source, recipe, options, events, stages, memory)
@@ -272,7 +273,10 @@ def _compress(source: Source, recipe: Recipe, options: CompressOptions, events: 
         lm = _load(source, memory, options, events)
         tokenizer = load_tokenizer(source, options.trust_remote_code)
     original = None  # the original's logits on the quality windows: the model itself need not be kept
-    if options.measure_quality and not options.dry_run:
+    if options.measure_quality and not options.dry_run and not recipe.steps:
+        events.note("the recipe is empty: the model is not changed, so its quality against the source is not "
+                    "measured (the export's fidelity is its quality)")
+    elif options.measure_quality and not options.dry_run:
         with stages("quality", "recording the original model's logits"):
             original = _record(lm, tokenizer, options, *QUALITY_WINDOWS)
             if memory.streamed:  # held on disk while the model is compressed
@@ -379,6 +383,25 @@ def _check_streamable(recipe: Recipe, options: CompressOptions, plan, observes: 
                                  "pass --eval-text FILE (or --no-eval to skip the quality check on compress)")
         raise MoeExportError(f"validating the artifact of a model run {why} needs held-out text (--no-eval skips "
                              "only the quality check): pass --eval-text FILE")
+
+
+SHIPPED_CALIBRATION, SHIPPED_HELD_OUT = "calibration.txt", "held_out.txt"
+
+
+def _with_shipped_text(source: Source, options: CompressOptions, events: EventStream) -> CompressOptions:
+    """Where the model directory ships text (the demo model: sampled from it once by tools/sample_demo_text.py),
+    that text instead of sampling from the model at every run, for calibration (`--calib model` or none given)
+    and for the quality and validation checks (no --eval-text given)."""
+    if source.is_gguf:
+        return options
+    calibration, held_out = (Path(source.path) / name for name in (SHIPPED_CALIBRATION, SHIPPED_HELD_OUT))
+    if options.calibration.source in (None, "model") and calibration.is_file():
+        options = replace(options, calibration=replace(options.calibration, source=str(calibration)))
+        events.note(f"calibration text: {calibration.name}, which the model ships (sampled from it once)")
+    if options.eval_text is None and held_out.is_file():
+        options = replace(options, eval_text=str(held_out))
+        events.note(f"held-out text: {held_out.name}, which the model ships (sampled from it once)")
+    return options
 
 
 def _calibration_source(plan, observes: bool, options: CompressOptions, events: EventStream) -> CalibrationOptions:
@@ -557,13 +580,15 @@ def build(model: str | Path, recipe: str | Path | Recipe | dict, target: str, op
     chosen.check_quant(options.quant)
     recipe = _recipe(recipe)
     source = _open(model, options)
+    events = EventStream(on_event)
+    options = _with_shipped_text(source, options, events)
     memory = memory_plan(source, recipe, options, options.validation_windows)
     if memory.streamed and chosen.wants_imatrix(target_options):
         raise MoeExportError(f"--imatrix is not measured on a streamed model yet ({memory.describe()}); build "
                              "without it, or raise --max-memory so that the model runs whole")
     _require_out(options, source)
     with output_lock(options.out), torch_threads(options.threads):
-        return _build(source, recipe, chosen, target_options, options, memory, EventStream(on_event))
+        return _build(source, recipe, chosen, target_options, options, memory, events)
 
 
 def _build(source: Source, recipe: Recipe, chosen, target_options, options: BuildOptions, memory,
