@@ -398,7 +398,7 @@ def _with_shipped_text(source: Source, options: CompressOptions, events: EventSt
     if options.calibration.source in (None, "model") and calibration.is_file():
         options = replace(options, calibration=replace(options.calibration, source=str(calibration)))
         events.note(f"calibration text: {calibration.name}, which the model ships (sampled from it once)")
-    if options.eval_text is None and held_out.is_file():
+    if options.eval_text is None and held_out.is_file() and _needs_held_out(options):
         options = replace(options, eval_text=str(held_out))
         events.note(f"held-out text: {held_out.name}, which the model ships (sampled from it once)")
     return options
@@ -494,6 +494,7 @@ def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions 
     source = _open(model, options)
     check_output(out, source.path, overwrite=True)  # analysis files are rewritten in place
     events = EventStream(on_event)
+    options = _with_shipped_text(source, options, events)
     memory = memory_plan(source, Recipe(steps=()), options, observes=True)
     calibration = _calibration_source(memory, True, options, events)
     lm = _load(source, memory, options, events)

@@ -191,7 +191,7 @@ def write_build_html(report: dict, path: Path) -> Path:
         _structure(report.get("compression") or {}),
         _passes((report.get("compression") or {}).get("passes")),
         _sizes(report),
-        _quality(report.get("quality_vs_source")),
+        _quality(report.get("quality_vs_source"), not (report.get("compression") or {}).get("passes")),
         _fidelity(report.get("validation")),
         _speed(report),
         _files(report.get("artifact"), report.get("timings")),
@@ -388,8 +388,11 @@ def _sizes_plot(parameters: dict, stored: dict, artifact_bytes, quant) -> bytes:
     return figure_png(figure)
 
 
-def _quality(quality) -> str:
+def _quality(quality, empty_recipe: bool = False) -> str:
     title = "Quality vs the source model"
+    if not quality and empty_recipe:
+        return _section(title, _sentence("not measured: the recipe is empty, so the model is the source's (the "
+                                         "artifact's fidelity below is its quality)"))
     if not quality:
         return _section(title, _sentence("not measured (--no-eval)"))
     rows = [["perplexity", number(quality.get("reference_perplexity")), number(quality.get("perplexity"))],
