@@ -91,9 +91,9 @@ def _did_you_mean(given: str, known) -> str:
 def _option_names(options: type[BaseModel], path: tuple) -> list[str]:
     """The option names of `options`, or of the nested options model at `path` (merge's `compress`)."""
     for part in path:
-        annotation = options.model_fields[part].annotation
+        annotation = options.model_fields[part].annotation if part in options.model_fields else None
         nested = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-        options = next(kind for kind in nested if isinstance(kind, type) and issubclass(kind, BaseModel))
+        options = next((kind for kind in nested if isinstance(kind, type) and issubclass(kind, BaseModel)), options)
     return list(options.model_fields)
 
 
