@@ -35,14 +35,20 @@ TORCH = "torch"  # the target name of a checkpoint run in torch eager (no backen
 
 def profile_in_subprocess(target: str, path: str | Path, prompt: list[int], new_tokens: int = 64,
                           context: int = 512, threads: int | None = None) -> dict:
+    """The runtime's speed and memory, and `machine_load`: whether other work was ready to run just before the
+    fresh process started (then the speeds are not the machine's)."""
+    from moeexport.machine_load import judge, other_load, usable_cores
+    from moeexport.threads import default_threads
+
     request = json.dumps({"target": target, "path": str(path), "prompt": prompt, "new_tokens": new_tokens,
                           "context": context, "threads": threads})
+    load = other_load()
     # on stdin: a long prompt as an argument exceeds the system's limit on a command line ("-" says so)
     done = subprocess.run([sys.executable, "-m", "moeexport.backends.profile", "-"], input=request,
                           capture_output=True, text=True)
     if done.returncode:
         raise MoeExportError(f"profiling {path} failed: {_last_line(done.stderr)}")
-    return json.loads(done.stdout)
+    return json.loads(done.stdout) | {"machine_load": judge(load, usable_cores(), threads or default_threads()).to_dict()}
 
 
 def _last_line(stderr: str) -> str:

@@ -120,6 +120,7 @@ class BenchReport:
     threads: int
     machine: dict
     notes: list[str] = field(default_factory=list)
+    machine_load: dict | None = None  # moeexport.machine_load.MachineLoad.to_dict(): other work beside the runs
     files: list[str] = field(default_factory=list)  # report.json and report.html, with --out
     seconds: float = 0.0
 
@@ -194,11 +195,24 @@ def _bench(given: list[str], baseline: str | None, options: BenchOptions, events
             bound_tokens_per_s=bound, bound_fraction=measured["decode_tokens_per_s"].median / bound,
             runs=runs[subject]))
     report = BenchReport(results, labels[chosen], bandwidth, options.prompt_tokens, options.new_tokens,
-                         options.repeats, threads, _machine(), notes)
+                         options.repeats, threads, _machine(), notes, _machine_load(runs, threads).to_dict())
     report.seconds = time.perf_counter() - started
     if out is not None:
         _write(report, out)
     return report
+
+
+def _machine_load(runs: dict, threads: int):
+    """The other work beside the runs (averaged over the readings before each) and the largest spread of a speed
+    over the repeats, judged together."""
+    from moeexport.machine_load import judge, relative_spread, usable_cores
+
+    every_run = [run for subject_runs in runs.values() for run in subject_runs]
+    loads = [run["machine_load"]["load"] for run in every_run if "machine_load" in run]
+    spreads = [relative_spread([run[key] for run in subject_runs]) for subject_runs in runs.values()
+               for key in ("prefill_tokens_per_s", "decode_tokens_per_s")]
+    spreads = [spread for spread in spreads if spread is not None]
+    return judge(statistics.fmean(loads) if loads else 0.0, usable_cores(), threads, max(spreads, default=None))
 
 
 # --- the artifacts ----------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from moeexport.arguments import build_parser, target_flags
 from moeexport.errors import MoeExportError
+from moeexport.recipe import load_recipe
 
 def _calibration(args):
     from moeexport.pipeline import CalibrationOptions
@@ -72,7 +73,8 @@ def run_compress(args) -> int:
     from moeexport.console import render_compression
     from moeexport.pipeline import compress
 
-    report, out = _run(args, lambda on_event: compress(args.model, args.recipe, _compress_options(args), on_event))
+    recipe = load_recipe(args.recipe)  # a typo refused before torch is imported
+    report, out = _run(args, lambda on_event: compress(args.model, recipe, _compress_options(args), on_event))
     if args.json:
         _print_json(report.to_dict())
         return 0
@@ -101,11 +103,12 @@ def _refuse_target_early(args) -> None:
 
 def run_build(args) -> int:
     _refuse_target_early(args)
+    recipe = load_recipe(args.recipe)  # a typo refused before torch is imported
     from moeexport.console import render_build
     from moeexport.pipeline import BuildOptions, build
 
     options = _compress_options(args, BuildOptions, quant=args.quant, target_options=_target_options(args))
-    report, out = _run(args, lambda on_event: build(args.model, args.recipe, args.target, options, on_event))
+    report, out = _run(args, lambda on_event: build(args.model, recipe, args.target, options, on_event))
     _print_json(report.to_dict()) if args.json else render_build(out, report)
     if not report.ok:
         print(f"moeexport build: validation failed ({'; '.join(report.failures)}); artifact moved to "

@@ -216,6 +216,9 @@ def render_build(out: Console, report) -> None:
     for fallback in artifact["fallbacks"]:
         out.print(f"  note: {escape(fallback)}")
     if report.profile:
+        busy = (report.profile.get("machine_load") or {}).get("warning")
+        if busy:
+            out.print(f"[bold yellow]{escape(busy)}[/bold yellow]")
         out.print(profile_line(report.profile))
     engine = report.engine
     if engine is not None and not engine.get("built"):
@@ -282,7 +285,10 @@ def render_validation(out: Console, reference: str, validation) -> None:
 
 
 def render_bench(out: Console, report) -> None:
-    """Speeds and memory side by side, then each decode speed against its memory-bandwidth bound."""
+    """Speeds and memory side by side, then each decode speed against its memory-bandwidth bound; on a busy
+    machine, a warning first that the numbers are not reliable."""
+    if report.machine_load and report.machine_load["warning"]:
+        out.print(f"[bold yellow]{escape(report.machine_load['warning'])}[/bold yellow]")
     table = Table(title=f"{report.repeats} runs each: median, min-max, and x the baseline's median; "
                         f"{report.prompt_tokens}-token prompt, {report.new_tokens} tokens decoded, {_threads(report.threads)}")
     for header in ("artifact", "prefill tok/s", "decode tok/s", "runtime MiB", "process peak MiB"):

@@ -233,6 +233,7 @@ def _compress_command(model, recipe, options: CompressOptions, on_event) -> Comp
     stages = _Stages(events)
     recipe = _recipe(recipe)
     source = _open(model, options)
+    options = _with_shipped_text(source, options, events, calibrates=bool(recipe.steps))
     memory = memory_plan(source, recipe, options)
     if options.dry_run:
         done = _compress(source, recipe, options, events, stages, memory)
@@ -274,7 +275,10 @@ def _compress(source: Source, recipe: Recipe, options: CompressOptions, events: 
         lm = _load(source, memory, options, events)
         tokenizer = load_tokenizer(source, options.trust_remote_code)
     original = None  # the original's logits on the quality windows: the model itself need not be kept
-    if options.measure_quality and not options.dry_run:
+    if options.measure_quality and not options.dry_run and not recipe.steps:
+        events.note("the recipe is empty: the model is not changed, so its quality against the source is not "
+                    "measured (the export's fidelity is its quality)")
+    elif options.measure_quality and not options.dry_run:
         with stages("quality", "recording the original model's logits"):
             original = _record(lm, tokenizer, options, *QUALITY_WINDOWS)
             if memory.streamed:  # held on disk while the model is compressed
@@ -384,6 +388,26 @@ def _check_streamable(recipe: Recipe, options: CompressOptions, plan, observes: 
                              "only the quality check): pass --eval-text FILE")
 
 
+SHIPPED_CALIBRATION, SHIPPED_HELD_OUT = "calibration.txt", "held_out.txt"
+
+
+def _with_shipped_text(source: Source, options: CompressOptions, events: EventStream,
+                       calibrates: bool) -> CompressOptions:
+    """Where the model directory ships text (the demo model: sampled from it once by tools/sample_demo_text.py),
+    that text instead of sampling from the model at every run: for calibration (`--calib model` or none given;
+    when the run `calibrates`, i.e. has a pass) and for the quality and validation checks (no --eval-text given)."""
+    if source.is_gguf:
+        return options
+    calibration, held_out = (Path(source.path) / name for name in (SHIPPED_CALIBRATION, SHIPPED_HELD_OUT))
+    if options.calibration.source in (None, "model") and calibration.is_file() and calibrates:
+        options = replace(options, calibration=replace(options.calibration, source=str(calibration)))
+        events.note(f"calibration text: {calibration.name}, which the model ships (sampled from it once)")
+    if options.eval_text is None and held_out.is_file() and _needs_held_out(options):
+        options = replace(options, eval_text=str(held_out))
+        events.note(f"held-out text: {held_out.name}, which the model ships (sampled from it once)")
+    return options
+
+
 def _calibration_source(plan, observes: bool, options: CompressOptions, events: EventStream) -> CalibrationOptions:
     """The calibration options with their source settled: text sampled from the model only for small models,
     unless asked for (then with a warning of its cost)."""
@@ -479,6 +503,7 @@ def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions 
     source = _open(model, options)
     check_output(out, source.path, overwrite=True)  # analysis files are rewritten in place
     events = EventStream(on_event)
+    options = _with_shipped_text(source, options, events, calibrates=True)
     memory = memory_plan(source, Recipe(steps=()), options, observes=True)
     calibration = _calibration_source(memory, True, options, events)
     lm = _load(source, memory, options, events)
@@ -571,13 +596,15 @@ def build(model: str | Path, recipe: str | Path | Recipe | dict, target: str, op
     chosen.check_quant(options.quant)
     recipe = _recipe(recipe)
     source = _open(model, options)
+    events = EventStream(on_event)
+    options = _with_shipped_text(source, options, events, calibrates=bool(recipe.steps))
     memory = memory_plan(source, recipe, options, options.validation_windows)
     if memory.streamed and chosen.wants_imatrix(target_options):
         raise MoeExportError(f"--imatrix is not measured on a streamed model yet ({memory.describe()}); build "
                              "without it, or raise --max-memory so that the model runs whole")
     _require_out(options, source)
     with output_lock(options.out), torch_threads(options.threads):
-        return _build(source, recipe, chosen, target_options, options, memory, EventStream(on_event))
+        return _build(source, recipe, chosen, target_options, options, memory, events)
 
 
 def _build(source: Source, recipe: Recipe, chosen, target_options, options: BuildOptions, memory,

@@ -11,14 +11,17 @@ Each entry is a one-key mapping from a registered pass name to its options;
 
 from __future__ import annotations
 
+import difflib
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from moeexport.errors import MoeExportError, read_user_text
-from moeexport.passes import PASSES, PassOptions
+from moeexport.pass_options import OPTIONS, PassOptions
 
 
 @dataclass(frozen=True)
@@ -59,15 +62,18 @@ def _parse_step(entry: object, where: str) -> RecipeStep:
     if not isinstance(entry, dict) or len(entry) != 1:
         raise MoeExportError(f"{where} must be a one-key mapping like 'block_drop: {{n: 1}}', got {_short(entry)}")
     (name, options), = entry.items()
-    if name not in PASSES:
-        raise MoeExportError(f"{where}: unknown pass {name!r}; known passes: {', '.join(PASSES)}")
+    if name not in OPTIONS:
+        raise MoeExportError(f"{where}: unknown pass {name!r}{_did_you_mean(name, OPTIONS)}; known passes: "
+                             f"{', '.join(OPTIONS)}")
     try:
-        return RecipeStep(name, PASSES[name].Options.model_validate(options or {}))
+        return RecipeStep(name, OPTIONS[name].model_validate(options or {}))
     except ValidationError as error:
-        problem = error.errors()[0]
+        # an unknown key first: a misspelt option also reads as the real one missing, which misleads
+        problem = min(error.errors(), key=lambda each: each["type"] != "extra_forbidden")
         field = ".".join(str(part) for part in problem["loc"]) or "options"
         if problem["type"] == "extra_forbidden":
-            message = "unknown option"
+            known = _option_names(OPTIONS[name], problem["loc"][:-1])
+            message = f"unknown option{_did_you_mean(str(problem['loc'][-1]), known)}; its options: {', '.join(known)}"
         elif problem["type"] == "value_error":  # a validator's own sentence, without pydantic's "Value error, "
             message = str(problem["ctx"]["error"])
         elif problem["type"].endswith("_type") or problem["type"] == "literal_error":
@@ -75,6 +81,20 @@ def _parse_step(entry: object, where: str) -> RecipeStep:
         else:
             message = problem["msg"]
         raise MoeExportError(f"{where} ({name}): {field}: {message}") from None
+
+
+def _did_you_mean(given: str, known) -> str:
+    close = difflib.get_close_matches(given, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _option_names(options: type[BaseModel], path: tuple) -> list[str]:
+    """The option names of `options`, or of the nested options model at `path` (merge's `compress`)."""
+    for part in path:
+        annotation = options.model_fields[part].annotation if part in options.model_fields else None
+        nested = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+        options = next((kind for kind in nested if isinstance(kind, type) and issubclass(kind, BaseModel)), options)
+    return list(options.model_fields)
 
 
 def _yaml_value(value: object) -> str:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,8 @@ import transformers
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# the fixture model and corpus: MOEEXPORT_SHARED=/path/to/shared, or ../shared beside the clone
+SHARED = Path(os.environ.get("MOEEXPORT_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 FIXTURE = SHARED / "fixtures" / "tiny-mixtral-books"
 CORPUS = SHARED / "corpus"
 

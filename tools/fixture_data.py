@@ -1,11 +1,13 @@
-"""Where the developer tools find the fixture model and corpus: ../shared beside the repository."""
+"""Where the developer tools find the fixture model and corpus: $MOEEXPORT_SHARED, or ../shared beside the
+repository (as the tests' conftest)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(os.environ.get("MOEEXPORT_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 FIXTURE_MODEL = SHARED / "fixtures" / "tiny-mixtral-books"
 CALIBRATION_TEXT = SHARED / "corpus" / "calib.txt"
 HELD_OUT_TEXT = SHARED / "corpus" / "dev.txt"

@@ -20,20 +20,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict
-
 from moeexport.adapters import LayerSpec
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
+from moeexport.pass_options import PassOptions
 
 MEASURED = ("perplexity", "kl")  # scores that measure each removal's damage on calibration tokens
-
-
-class PassOptions(BaseModel):
-    """Options of one pass: unknown keys are errors, values are validated strictly
-    (`keep: true` or `keep: "6"` is an error, not 1 or 6; an int is still a valid float)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class CompressionPass:

@@ -45,31 +45,16 @@ U, V and a sparse S.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-from pydantic import Field
 from scipy.optimize import linear_sum_assignment
 
 from moeexport.adapters import LayerSpec, adapter_for
 from moeexport.adapters.surgery import check_expert_count_change, check_experts_can_merge, replace_experts
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
-from moeexport.passes.base import CompressionPass, PassOptions, check_expert_keep
-
-
-class CompressOptions(PassOptions):
-    rank: int = Field(ge=1, description="rank r of the low-rank part U·V of each expert matrix")
-    sparsity: float = Field(ge=0, lt=1, description="share of the residual W - U·V set to zero (lowest magnitude)")
-
-
-class MergeOptions(PassOptions):
-    keep: int = Field(ge=1, description="experts per MoE layer after merging (the average, for scope global)")
-    scope: Literal["layer", "global"] = "layer"
-    router: Literal["frequency_weighted", "dominant"] = "frequency_weighted"
-    align: bool = True  # weight-matching permutation alignment before averaging
-    layout: Literal["grouped", "alias"] = "grouped"
-    compress: CompressOptions | None = None
+from moeexport.pass_options import CompressOptions, MergeOptions
+from moeexport.passes.base import CompressionPass, check_expert_keep
 
 
 @dataclass

@@ -20,48 +20,14 @@ Pruned weights stay as dense tensors holding zeros. An expert routed fewer than
 
 from __future__ import annotations
 
-import re
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
 
 from moeexport.errors import MoeExportError
-from moeexport.passes.slimming import ExpertSlimmingPass, SlimmingOptions, SlimmingPlan, inverse_hessian_factor
+from moeexport.pass_options import PruneOptions, n_of_m
+from moeexport.passes.slimming import ExpertSlimmingPass, SlimmingPlan, inverse_hessian_factor
 
 SPARSEGPT_BLOCK = 128
-
-
-class PruneOptions(SlimmingOptions):
-    method: Literal["wanda", "sparsegpt", "magnitude"]
-    sparsity: float | None = Field(None, gt=0, lt=1, description="share of weights set to zero")
-    pattern: str | None = None  # "N:M": N zeros in every M consecutive input weights
-    damp: float = Field(0.01, gt=0, le=1, description="SparseGPT dampening, a share of the mean Hessian diagonal")
-
-    @field_validator("pattern")
-    @classmethod
-    def _valid_pattern(cls, pattern: str | None) -> str | None:
-        if pattern is not None:
-            match = re.fullmatch(r"(\d+):(\d+)", pattern)
-            if not match or not 0 < int(match[1]) < int(match[2]):
-                raise ValueError(f"pattern must be 'N:M' with 0 < N < M (N zeros in every M weights), e.g. '2:4'; got {pattern!r}")
-        return pattern
-
-    @model_validator(mode="after")
-    def _sparsity_or_pattern(self):
-        if self.pattern is None and self.sparsity is None:
-            raise ValueError("give sparsity (e.g. 0.5) or pattern (e.g. '2:4')")
-        if self.pattern is not None and self.sparsity is not None:
-            zeros, group = n_of_m(self.pattern)
-            if abs(self.sparsity - zeros / group) > 1e-9:
-                raise ValueError(f"sparsity {self.sparsity} contradicts pattern {self.pattern} ({zeros / group:g}); give one of them")
-        return self
-
-
-
-def n_of_m(pattern: str | None) -> tuple[int, int] | None:
-    """'2:4' -> (2, 4): zeros, group width."""
-    return None if pattern is None else tuple(int(part) for part in pattern.split(":"))
 
 
 def _sparsity(plan: SlimmingPlan) -> float:

@@ -28,27 +28,18 @@ listed in the outcome.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal
 
 import torch
-from pydantic import Field
 
 from moeexport.adapters import adapter_for
 from moeexport.errors import MoeExportError
-from moeexport.passes.slimming import (ExpertSlimmingPass, SlimmingOptions, SlimmingOutcome, SlimmingPlan,
+from moeexport.pass_options import QuantizeOptions
+from moeexport.passes.slimming import (ExpertSlimmingPass, SlimmingOutcome, SlimmingPlan,
                                        inverse_hessian_factor, target_dtypes)
 from moeexport.quantization import GRID_ATTRIBUTE, WeightGrid, dequantize, group_scales, quantize_rtn, round_to_grid
 from moeexport.streaming import stream_of
 
 GPTQ_BLOCK = 128
-
-
-class QuantizeOptions(SlimmingOptions):
-    method: Literal["gptq", "rtn"]
-    bits: Literal[4, 8]
-    group_size: int = Field(128, ge=1, description="input columns per scale; must divide every target input width")
-    damp: float = Field(0.01, gt=0, le=1, description="GPTQ dampening, a share of the mean Hessian diagonal")
-    act_order: bool = False
 
 
 def gptq(weights: torch.Tensor, grams: torch.Tensor, bits: int, group_size: int, damp: float, act_order: bool):

@@ -23,22 +23,13 @@ from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
-from pydantic import Field
 
 from moeexport.adapters import LayerSpec, LayerView, adapter_for
 from moeexport.calibration.expert_inputs import collect_layer_inputs, layer_by_layer, output_error
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
-from moeexport.passes.base import CompressionPass, PassOptions
-
-# An expert routed fewer tokens than this has a Gram matrix of rank < 64: GPTQ / SparseGPT would
-# mostly fit its few tokens (and the dampening), Wanda would rank columns from a handful of samples.
-DEFAULT_MIN_TOKENS = 64
-
-
-class SlimmingOptions(PassOptions):
-    shared_experts: bool = False  # also slim the always-on shared experts
-    min_tokens: int = Field(DEFAULT_MIN_TOKENS, ge=1, description="routed tokens below which an expert gets the fallback")
+from moeexport.pass_options import SlimmingOptions
+from moeexport.passes.base import CompressionPass
 
 
 @dataclass

@@ -29,10 +29,9 @@ refused unless the step says `allow_empty_layers: true`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import numpy as np
-from pydantic import Field
 
 from moeexport.adapters import LayerSpec, adapter_for
 from moeexport.adapters.declaration import NOAUX_TC
@@ -41,7 +40,8 @@ from moeexport.adapters.surgery import (check_expert_count_change, decoder_layer
 from moeexport.calibration.damage import BLOCK, EXPERT, MOE, Removed
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
-from moeexport.passes.base import MEASURED, CompressionPass, PassOptions, check_expert_keep, check_moe_remains
+from moeexport.pass_options import BlockDropOptions, ExpertDropOptions, LayerDropOptions
+from moeexport.passes.base import MEASURED, CompressionPass, check_expert_keep, check_moe_remains
 from moeexport.passes.repair import (check_refit_layout, check_refit_size, refit_and_keep, refit_attention_outputs,
                                      residuals_at)
 
@@ -130,13 +130,6 @@ def _beam_by_damage(scorer, candidates: list[int], n: int, what: str, metric: st
     return list(chosen), list(damage)
 
 
-SEED = Field(0, ge=0, description="seed of score: random")
-ALLOW_EMPTY = Field(False, description="let the drop leave MoE layers without experts, or the model without MoE layers")
-REPAIR = Field("none", description="refit: least-squares refit, on calibration tokens, of the weights that absorb "
-                                   "what was removed (passes/repair.py)")
-RIDGE = Field(0.1, gt=0, description="repair: refit, the pull towards the original weights")
-
-
 def _repair_lines(repair_error: dict[int, list[float]], what: str) -> list[str]:
     if not repair_error:
         return []
@@ -168,16 +161,6 @@ class _Repairable(CompressionPass):
 
 
 # --- Block Drop -------------------------------------------------------------------------
-
-
-class BlockDropOptions(PassOptions):
-    n: int = Field(ge=1, description="number of decoder blocks to drop")
-    mode: Literal["discrete", "consecutive"] = "discrete"
-    score: Literal["perplexity", "kl", "similarity", "random"] = "perplexity"
-    seed: int = SEED
-    allow_empty_layers: bool = ALLOW_EMPTY
-    repair: Literal["none", "refit"] = REPAIR
-    ridge: float = RIDGE
 
 
 @dataclass
@@ -268,15 +251,6 @@ class BlockDrop(_Repairable):
 # --- Layer Drop -------------------------------------------------------------------------
 
 
-class LayerDropOptions(PassOptions):
-    n: int = Field(ge=1, description="number of MoE sublayers to drop")
-    score: Literal["perplexity", "kl", "similarity", "random"] = "perplexity"
-    seed: int = SEED
-    allow_empty_layers: bool = ALLOW_EMPTY
-    repair: Literal["none", "refit"] = REPAIR
-    ridge: float = RIDGE
-
-
 @dataclass
 class LayerDropPlan(_DropPlan):
     what = "the MoE sublayer of layers"
@@ -323,18 +297,6 @@ class LayerDrop(_Repairable):
 
 
 # --- Expert Drop ------------------------------------------------------------------------
-
-
-class ExpertDropOptions(PassOptions):
-    keep: int = Field(ge=0, description="experts kept per MoE layer (the average, for scope global)")
-    scope: Literal["layer", "global"] = "layer"
-    min_keep: int = Field(default=0, ge=0, description="scope global: every layer keeps at least this many "
-                                                       "(and at least 1 unless allow_empty_layers)")
-    score: Literal["reap", "perplexity", "kl", "frequency", "routing_mass", "random"] = "reap"
-    seed: int = SEED
-    allow_empty_layers: bool = ALLOW_EMPTY
-    repair: Literal["none", "refit"] = REPAIR
-    ridge: float = RIDGE
 
 
 def _least_kept(options: ExpertDropOptions) -> int:
