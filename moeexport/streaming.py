@@ -211,6 +211,8 @@ class LayerStream:
 
     def rebuild_rotary(self) -> None:
         """The rotary tables are computed from the config, not stored: build them for real once."""
+        if not self.adapter.rotary_embedding:  # a model without positional rotation (NoPE) has none
+            return
         parent_path, _, attribute = self.adapter.rotary_embedding.rpartition(".")
         parent = get_path(self.model, parent_path) if parent_path else self.model
         setattr(parent, attribute, type(getattr(parent, attribute))(config=self.model.config))

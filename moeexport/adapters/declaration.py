@@ -192,7 +192,7 @@ class Family:
     layers: str = "model.layers"  # path from the causal LM to its decoder layers
     embeddings: str = "model.embed_tokens"
     final_norm: str = "model.norm"
-    rotary_embedding: str = "model.rotary_emb"  # module(x, position_ids) -> (cos, sin), or complex freqs
+    rotary_embedding: str = "model.rotary_emb"  # module(x, position_ids) -> (cos, sin), or complex freqs; "": none (NoPE)
     attention: str = "self_attn"  # with q_proj, k_proj, v_proj, o_proj
     attention_norm: str = "input_layernorm"
     moe: str = "mlp"  # the MoE (or dense MLP) sublayer of a decoder layer
@@ -217,6 +217,8 @@ class Family:
     expert_count_change_blocker: Callable[[object], str | None] = _any_expert_count
     # (canonical config, FFN widths) -> this family's own config keys; the inverse of what model_config reads
     own_config_values: Callable[[ModelConfig, FFNWidths], dict] = lambda config, widths: {}
+    rms_norm_eps_key: str = "rms_norm_eps"  # config key of the RMSNorm epsilon (Nemotron-H: layer_norm_epsilon)
+    hidden_act_key: str = "hidden_act"  # config key of the MLPs' activation (Nemotron-H: mlp_hidden_act)
 
     @property
     def tensor_names(self) -> TensorNames:
@@ -238,9 +240,9 @@ class Family:
             num_kv_heads=config.num_key_value_heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
             context_length=config.max_position_embeddings,
-            rms_norm_eps=config.rms_norm_eps,
+            rms_norm_eps=getattr(config, self.rms_norm_eps_key),
             rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
-            hidden_act=getattr(config, "hidden_act", "silu"),
+            hidden_act=getattr(config, self.hidden_act_key, "silu"),
             num_experts=getattr(config, self.num_experts_key),
             top_k=getattr(config, self.top_k_key),
             routing=self.routing(config),

@@ -1,0 +1,121 @@
+"""Nemotron-H MoE (Nemotron-3-Nano, transformers nemotron_h): one block per layer (Mamba-2, NoPE attention or the
+MoE), ReLU² experts without a gate, DeepSeek-V3's sigmoid router with a selection bias, a shared expert. The passes
+on it, checked against transformers' own model of what moeexport saved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moeexport
+from moeexport.adapters import adapter_for
+from moeexport.adapters.routing import route
+from moeexport.adapters.surgery import drop_blocks, keep_experts, structure
+from moeexport.calibration.sources import CalibrationConfig
+from moeexport.compress import StatisticsProvider, compress
+from moeexport.errors import MoeExportError
+from moeexport.modelio import load
+from moeexport.recipe import parse_recipe
+from moeexport.streaming import logits as layer_by_layer_logits
+from tests.tiny_models import random_tokens, tiny_model
+
+FAMILY = "nemotron_h"
+
+
+def _compress(model, passes, seed=1):
+    provider = StatisticsProvider(None, CalibrationConfig(), "tiny", cache_dir=None,
+                                  tokens=random_tokens(4, 32, seed=seed))
+    compress(model, parse_recipe({"passes": passes}), provider)
+    return model
+
+
+def _logits(model, windows: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():  # transformers builds no cache for a first layer without attention or Mamba
+        return model(input_ids=windows, use_cache=False).logits
+
+
+def test_the_declaration_reads_every_layers_mixer_the_router_and_the_ungated_experts():
+    model = tiny_model(FAMILY)
+    config = adapter_for(model.config).model_config(model.config)
+    assert config.layer_mixers == ("mamba", "none", "attention", "none")
+    assert (config.routing.scores, config.routing.selection_bias, config.routing.scale) == ("sigmoid", True, 2.5)
+    assert not config.experts.gated and config.experts.activation == "relu2"
+    assert config.rms_norm_eps == model.config.layer_norm_epsilon and config.shared_expert_count == 1
+    assert [spec.kind for spec in structure(adapter_for(model.config), model)] == ["dense", "moe", "dense", "moe"]
+
+
+def test_the_layer_by_layer_forward_is_transformers_own():
+    model = tiny_model(FAMILY)
+    windows = random_tokens(2, 40, seed=3)  # longer than chunk_size: the Mamba scan crosses chunks
+    assert torch.equal(torch.from_numpy(layer_by_layer_logits(model, windows)), _logits(model, windows))
+
+
+def test_route_is_the_routers_own_choice_before_and_after_expert_drop():
+    model = tiny_model(FAMILY)
+    adapter = adapter_for(model.config)
+    rule = adapter.model_config(model.config).routing
+    for drop in (False, True):
+        if drop:
+            for view in adapter.layer_views(model):
+                if view.kind == "moe":
+                    keep_experts(adapter, model, view.index, [3, 0, 2])
+        for view in (v for v in adapter.layer_views(model) if v.kind == "moe"):
+            x = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(view.index))
+            logits, weights, index = view.router(x)
+            own_weights, own_index = route(rule, logits, view.top_k, selection_bias=view.selection_bias)
+            order, own_order = index.argsort(dim=-1), own_index.argsort(dim=-1)
+            assert torch.equal(index.gather(-1, order), own_index.gather(-1, own_order))
+            torch.testing.assert_close(weights.gather(-1, order), own_weights.gather(-1, own_order))
+
+
+@pytest.mark.parametrize("passes, kinds", [
+    ([{"expert_drop": {"keep": 3, "score": "reap"}}], ["linear_attention", "moe", "full_attention", "moe"]),
+    ([{"block_drop": {"n": 2, "score": "random"}}], ["full_attention", "moe"]),  # the Mamba and a MoE block gone
+], ids=["expert_drop", "block_drop"])
+def test_uniform_passes_save_a_checkpoint_transformers_loads_and_runs_the_same(passes, kinds, tmp_path):
+    model = _compress(tiny_model(FAMILY), passes)
+    assert model.config.layers_block_type == kinds
+    saved = moeexport.save(model, tmp_path / "ckpt", {})
+    stock = AutoModelForCausalLM.from_pretrained(saved).eval()
+    windows = random_tokens(2, 40, seed=5)
+    torch.testing.assert_close(_logits(stock, windows), _logits(model, windows), rtol=0, atol=1e-6)
+    if "expert_drop" in passes[0]:
+        experts = [view.experts.up_proj.shape[0] for view in adapter_for(stock.config).layer_views(stock)
+                   if view.kind == "moe"]
+        assert experts == [3, 3] and "gate_up_proj" not in dict(stock.named_parameters())
+
+
+def test_block_drop_renumbers_the_survivors_state_slots_and_the_config_follows(tmp_path):
+    model = tiny_model(FAMILY)
+    drop_blocks(adapter_for(model.config), model, [1])  # a MoE block: the Mamba block 0 stays, attention moves up
+    assert model.config.layers_block_type == ["linear_attention", "full_attention", "moe"]
+    assert model.model.layers[1].mixer.layer_idx == 1
+    saved = moeexport.save(model, tmp_path / "ckpt", {})
+    stock = AutoModelForCausalLM.from_pretrained(saved).eval()
+    windows = random_tokens(2, 40, seed=5)
+    torch.testing.assert_close(_logits(stock, windows), _logits(model, windows), rtol=0, atol=1e-6)
+
+
+def test_layer_drop_removes_the_moe_block_whole_and_keeps_its_norm(tmp_path):
+    """A Nemotron-H MoE layer is one block (norm, routed and shared experts): Layer Drop leaves the residual."""
+    model = _compress(tiny_model(FAMILY), [{"layer_drop": {"n": 1, "score": "random"}}])
+    specs = structure(adapter_for(model.config), model)
+    dropped = [index for index, spec in enumerate(specs) if spec.kind == "dropped"]
+    assert len(dropped) == 1 and model.config.layers_block_type[dropped[0]] == "moe"
+    windows = random_tokens(2, 40, seed=5)
+    hidden = torch.randn(2, 7, model.config.hidden_size)
+    assert torch.equal(model.model.layers[dropped[0]](hidden), hidden)
+    reloaded = load(moeexport.save(model, tmp_path / "ckpt", {}))
+    assert torch.equal(_logits(reloaded, windows), _logits(model, windows))
+
+
+def test_merging_refuses_the_selection_bias_in_one_line():
+    with pytest.raises(MoeExportError, match="cannot be merged .*e_score_correction_bias"):
+        _compress(tiny_model(FAMILY), [{"merge": {"keep": 2}}])
+
+
+def test_experts_in_a_latent_space_are_refused_in_one_line():
+    with pytest.raises(MoeExportError, match="moe_latent_size=16 .* not supported"):
+        config = tiny_model(FAMILY, moe_latent_size=16).config
+        adapter_for(config).model_config(config)
