@@ -119,3 +119,44 @@ def test_experts_in_a_latent_space_are_refused_in_one_line():
     with pytest.raises(MoeExportError, match="moe_latent_size=16 .* not supported"):
         config = tiny_model(FAMILY, moe_latent_size=16).config
         adapter_for(config).model_config(config)
+
+
+# --- GGUF in llama.cpp's nemotron_h_moe ---------------------------------------------------------------------------
+
+def _gguf_model(passes=(), **overrides):
+    from tests.test_gguf import _tiny_with_demo_vocabulary
+
+    return _compress(_tiny_with_demo_vocabulary(FAMILY, **overrides), list(passes))
+
+
+def _fidelity(reference, path):
+    from moeexport.backends import gguf as gguf_backend
+    from moeexport.validate import TorchRunner, compare
+
+    return compare(TorchRunner(reference), gguf_backend.Runner(path, context=48), random_tokens(2, 48, seed=9) * 16)
+
+
+@pytest.mark.parametrize("passes, dropped_blocks", [([], []), ([{"expert_drop": {"keep": 3, "score": "reap"}}], []),
+                                                    ([], [1])], ids=["full", "expert_drop", "block_drop"])
+def test_gguf_matches_transformers_own_model_of_the_saved_checkpoint(passes, dropped_blocks, tmp_path):
+    from moeexport.backends import gguf as gguf_backend
+
+    model = _gguf_model(passes)
+    drop_blocks(adapter_for(model.config), model, dropped_blocks)  # a MoE block: Mamba-2 and attention stay
+    saved = moeexport.save(model, tmp_path / "ckpt", {})
+    stock = AutoModelForCausalLM.from_pretrained(saved).eval()  # transformers' own model of what was saved
+    artifact = gguf_backend.export(load(saved), tmp_path / "m.gguf")
+    assert artifact.architecture == "nemotron_h_moe" and artifact.representation == "uniform"
+    fidelity = _fidelity(stock, artifact.path)
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
+
+
+@pytest.mark.parametrize("dropped, kind", [([0], "mamba"), ([2], "attention")])
+def test_gguf_refuses_a_model_without_a_mamba_or_an_attention_block_in_one_line(dropped, kind, tmp_path):
+    """llama.cpp's nemotron_h_moe aborts allocating an empty recurrent or KV memory (GGML_ASSERT(buffer))."""
+    from moeexport.backends import gguf as gguf_backend
+
+    model = _gguf_model()
+    drop_blocks(adapter_for(model.config), model, dropped)
+    with pytest.raises(MoeExportError, match=f"without a {kind} block"):
+        gguf_backend.export(model, tmp_path / "m.gguf")

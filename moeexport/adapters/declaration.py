@@ -84,6 +84,17 @@ class LatentAttention:
 
 
 @dataclass(frozen=True)
+class MambaSizes:
+    """The sizes of a hybrid family's Mamba-2 mixers (the same in every Mamba layer)."""
+
+    conv_kernel: int
+    inner: int  # heads x head_dim
+    state: int  # the SSM state per group
+    heads: int
+    groups: int
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The config facts passes and backends use, under one spelling for every family."""
 
@@ -115,6 +126,7 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     layer_mixers: tuple[MixerKind, ...] = ()  # per layer, in hybrid families; (): self-attention in every layer
+    mamba: MambaSizes | None = None  # the Mamba-2 mixers' sizes, in families that have them
 
 
 @dataclass(frozen=True)
@@ -219,6 +231,7 @@ class Family:
     own_config_values: Callable[[ModelConfig, FFNWidths], dict] = lambda config, widths: {}
     rms_norm_eps_key: str = "rms_norm_eps"  # config key of the RMSNorm epsilon (Nemotron-H: layer_norm_epsilon)
     hidden_act_key: str = "hidden_act"  # config key of the MLPs' activation (Nemotron-H: mlp_hidden_act)
+    mamba_sizes: Callable[[object], MambaSizes] | None = None  # config -> its Mamba-2 mixers' sizes, if it has them
 
     @property
     def tensor_names(self) -> TensorNames:
@@ -255,6 +268,7 @@ class Family:
             rope_scaling={key: value for key, value in rope.items() if key != "rope_theta"},
             rotary_dim=_rotary_dim(config, rope),
             layer_mixers=self.layer_mixers(config) if self.layer_mixers else (),
+            mamba=self.mamba_sizes(config) if self.mamba_sizes else None,
         )
 
     def config_values(self, config: ModelConfig, layers: int, widths: FFNWidths, tied: bool) -> dict:

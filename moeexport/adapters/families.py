@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from moeexport.adapters.declaration import (CLAMPED_SWIGLU, NOAUX_TC, SIGMOID, ExpertLayout, FFNWidths, Family,
-                                            LatentAttention, ModelConfig, Routing)
+                                            LatentAttention, MambaSizes, ModelConfig, Routing)
 from moeexport.adapters.registry import register
 from moeexport.errors import MoeExportError
 
@@ -374,6 +374,11 @@ def _nemotron_h_expert_layout(config) -> ExpertLayout:
     return ExpertLayout(activation=config.mlp_hidden_act, gated=False)
 
 
+def _nemotron_h_mamba_sizes(config) -> MambaSizes:
+    return MambaSizes(conv_kernel=config.conv_kernel, inner=config.mamba_num_heads * config.mamba_head_dim,
+                      state=config.ssm_state_size, heads=config.mamba_num_heads, groups=config.n_groups)
+
+
 def _nemotron_h_config_values(config: ModelConfig, widths: FFNWidths) -> dict:
     routing = config.routing
     return {"moe_intermediate_size": widths.expert, "moe_shared_expert_intermediate_size": widths.shared,
@@ -407,5 +412,6 @@ NEMOTRON_H = register(
         own_config_values=_nemotron_h_config_values,
         rms_norm_eps_key="layer_norm_epsilon",
         hidden_act_key="mlp_hidden_act",
+        mamba_sizes=_nemotron_h_mamba_sizes,
     )
 )
