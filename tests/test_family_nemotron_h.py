@@ -160,3 +160,61 @@ def test_gguf_refuses_a_model_without_a_mamba_or_an_attention_block_in_one_line(
     drop_blocks(adapter_for(model.config), model, dropped)
     with pytest.raises(MoeExportError, match=f"without a {kind} block"):
         gguf_backend.export(model, tmp_path / "m.gguf")
+
+
+def _expert_bytes(model) -> int:
+    """float32 bytes of one routed expert (its up and down projections)."""
+    view = next(v for v in adapter_for(model.config).layer_views(model) if v.kind == "moe")
+    return 4 * (view.experts.up_proj[0].numel() + view.experts.down_proj[0].numel())
+
+
+@pytest.mark.parametrize("kept", [[[2, 0, 3], [1, 3]], [[0, 1, 2, 3], [2, 0]]],
+                         ids=["3_and_2", "4_and_2"])  # (DeepSeek-V3's router needs two experts in a layer)
+def test_non_uniform_expert_counts_are_exact_and_save_their_bytes_in_nemotron_h_moe(kept, tmp_path):
+    """Each layer's experts are split into equal slots that fill one expert count (llama.cpp's only one), chosen
+    together through per-layer top-k; per-layer slot widths (expert_feed_forward_length) keep the bytes saved."""
+    from moeexport.backends import gguf as gguf_backend
+    from moeexport.backends.gguf.reader import GGUFFile
+
+    full = gguf_backend.export(_gguf_model(), tmp_path / "full.gguf")
+    model = _gguf_model()
+    adapter = adapter_for(model.config)
+    for layer, keep in zip([1, 3], kept):
+        keep_experts(adapter, model, layer, keep)
+    saved = moeexport.save(model, tmp_path / "ckpt", {})
+    artifact = gguf_backend.export(load(saved), tmp_path / "m.gguf")
+    fidelity = _fidelity(load(saved), artifact.path)  # moeexport's model of the saved checkpoint (per-layer counts)
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
+    used = GGUFFile(artifact.path).value("expert_used_count")
+    assert isinstance(used, list) and len(set(k for k in used if k)) == 2  # a per-layer top-k array, only here
+    assert "split into equal slots" in artifact.representation
+    dropped = sum(4 - len(keep) for keep in kept) * _expert_bytes(model)
+    saved_bytes = full.path.stat().st_size - artifact.path.stat().st_size
+    assert saved_bytes >= 0.8 * dropped, (saved_bytes, dropped)
+
+
+def test_a_global_expert_drop_through_the_pipeline_is_exact_in_nemotron_h_moe(tmp_path):
+    from moeexport.backends import gguf as gguf_backend
+
+    model = _gguf_model([{"expert_drop": {"keep": 3, "scope": "global", "score": "reap", "min_keep": 2}}],
+                        n_routed_experts=8)
+    counts = [spec.num_experts for spec in structure(adapter_for(model.config), model) if spec.kind == "moe"]
+    assert sum(counts) == 6
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf")
+    fidelity = _fidelity(model, artifact.path)
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, (counts, fidelity)
+
+
+def test_layer_drop_leaves_the_block_out_of_the_file_exactly(tmp_path):
+    """A dropped MoE block is an identity: the file has one block fewer, every byte of it saved."""
+    from moeexport.backends import gguf as gguf_backend
+    from moeexport.backends.gguf.reader import GGUFFile
+
+    full = gguf_backend.export(_gguf_model(), tmp_path / "full.gguf")
+    model = _gguf_model([{"layer_drop": {"n": 1, "score": "kl"}}])
+    artifact = gguf_backend.export(load(moeexport.save(model, tmp_path / "ckpt", {})), tmp_path / "m.gguf")
+    assert GGUFFile(artifact.path).value("block_count") == 3 and "left out (identities)" in artifact.representation
+    fidelity = _fidelity(model, artifact.path)
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
+    block = 4 * sum(p.numel() for p in _gguf_model().model.layers[1].parameters())
+    assert full.path.stat().st_size - artifact.path.stat().st_size >= block

@@ -310,6 +310,8 @@ def _moe_rule_differs(config: ModelConfig, host: GGUFArchitecture) -> str | None
 
 
 def _describe_representation(plan: _Plan) -> str:
+    if plan.hybrid is not None:
+        return _describe_hybrid(plan)
     parts = []
     padded = [
         i for i, spec in enumerate(plan.layers)
@@ -1186,6 +1188,7 @@ class HybridLayout:
     layers: tuple[int, ...]  # model layer index of each written block
     mixers: tuple[str, ...]  # "mamba", "attention" or "none" (a MoE block)
     slots: tuple[ExpertSlots | None, ...]  # per written block: its expert slots (None: not a MoE block)
+    model_layers: int  # the model's decoder layers, those left out included
 
 
 def expert_slots(counts: list[int], width: int, top_k: int) -> tuple[int, list[ExpertSlots]]:
@@ -1196,7 +1199,7 @@ def expert_slots(counts: list[int], width: int, top_k: int) -> tuple[int, list[E
     best = None
     for total in range(max(counts), MAX_EXPERTS + 1):
         splits = [max(d for d in divisors if count * d <= total) for count in counts]
-        cost = sum(total * (width // split) + total for split in splits)  # slot neurons, then router rows
+        cost = sum(total * (2 * (width // split) + 1) for split in splits)  # up and down per neuron, router rows
         if best is None or cost < best[0]:
             best = (cost, total, splits)
     _, total, splits = best
@@ -1243,7 +1246,8 @@ def _hybrid_plan(adapter, model, config: ModelConfig, host: GGUFArchitecture) ->
     width = views[moe[0]].experts.down_proj.shape[-1]
     total, slots = expert_slots([specs[i].num_experts for i in moe], width, config.top_k)
     by_layer = dict(zip(moe, slots))
-    layout = HybridLayout(tuple(written), tuple(mixers[i] for i in written), tuple(by_layer.get(i) for i in written))
+    layout = HybridLayout(tuple(written), tuple(mixers[i] for i in written), tuple(by_layer.get(i) for i in written),
+                          len(specs))
     shared_width = next((view.shared_experts[0].down_proj.weight.shape[-1] for view in views if view.shared_experts), 0)
     if any(specs[i].kind == "moe" and not views[i].shared_experts for i in moe):
         raise MoeExportError(f"llama.cpp's {host.name} runs a shared expert in every MoE block, and this model has "
@@ -1386,3 +1390,19 @@ def _write_expert_slots(tensors: _TensorSink, name: BlockNames, view: LayerView,
     for shared in view.shared_experts:
         tensors.add(name("FFN_UP_SHEXP"), shared.up_proj.weight)
         tensors.add(name("FFN_DOWN_SHEXP"), shared.down_proj.weight)
+
+
+def _describe_hybrid(plan: _Plan) -> str:
+    layout, parts = plan.hybrid, []
+    moe = [(index, slots) for index, slots in zip(layout.layers, layout.slots) if slots is not None]
+    split = [f"{index}: {slots.experts} x {slots.split} of width {slots.width}" for index, slots in moe if slots.split > 1]
+    if split:
+        parts.append(f"{plan.num_experts} expert slots per layer, experts split into equal slots in layers "
+                     f"{'; '.join(split)} (per-layer top-k and widths)")
+    padded = [index for index, slots in moe if slots.pads(plan.num_experts)]
+    if padded:
+        parts.append(f"never-selected pads (exp_probs_b -1e9) in layers {padded}")
+    left_out = [index for index in range(layout.model_layers) if index not in layout.layers]
+    if left_out:
+        parts.append(f"MoE-less blocks {left_out} left out (identities)")
+    return "; ".join(parts) or "uniform"
