@@ -18,6 +18,7 @@ from moeexport.errors import MoeExportError
 from moeexport.modelio import load
 from moeexport.recipe import parse_recipe
 from moeexport.streaming import logits as layer_by_layer_logits
+from tests.test_family_glm_ernie import convert  # noqa: F401 (the converter fixture)
 from tests.tiny_models import random_tokens, tiny_model
 
 FAMILY = "nemotron_h"
@@ -218,3 +219,49 @@ def test_layer_drop_leaves_the_block_out_of_the_file_exactly(tmp_path):
     assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
     block = 4 * sum(p.numel() for p in _gguf_model().model.layers[1].parameters())
     assert full.path.stat().st_size - artifact.path.stat().st_size >= block
+
+
+# keys the converter writes that ours leaves to llama.cpp (NoPE: no rotation; the context the converter writes for
+# every Mamba hybrid is an arbitrary 2**20, ours the config's), and ours that it leaves out (same values)
+CONVERTER_ONLY_KEYS = {"rope.dimension_count", "rope.scaling.finetuned", "context_length"}
+OUR_EXTRA_KEYS = {"attention.layer_norm_rms_epsilon", "vocab_size", "context_length"}
+
+
+def test_the_uncompressed_f16_gguf_is_the_converters_tensor_for_tensor_and_key_for_key(convert, tmp_path):
+    import shutil
+
+    import numpy as np
+    from gguf import GGUFReader
+
+    from moeexport.backends import gguf as gguf_backend
+    from moeexport.checkpoint_files import DEMO_MODEL
+
+    checkpoint = tmp_path / "ckpt"
+    tiny_model(FAMILY, vocab_size=2048).save_pretrained(checkpoint)  # the hub's layout: backbone.*, one per expert
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(DEMO_MODEL / name, checkpoint / name)
+    theirs = convert(checkpoint, "f16", [], tmp_path / "theirs.gguf")
+    ours = gguf_backend.export(load(checkpoint), tmp_path / "ours.gguf", quant="f16").path
+    their_file, our_file = GGUFReader(theirs), GGUFReader(ours)
+    their_tensors = {t.name: t for t in their_file.tensors}
+    our_tensors = {t.name: t for t in our_file.tensors}
+    assert set(our_tensors) == set(their_tensors)
+    for name, their in their_tensors.items():
+        our = our_tensors[name]
+        if name == "token_embd.weight":  # ours keeps the embedding F32 in an F16 file (writer.py): the same rounded
+            assert our.tensor_type.name == "F32" and their.tensor_type.name == "F16"
+            assert np.array_equal(np.asarray(our.data).astype(np.float16), np.asarray(their.data))
+            continue
+        assert our.tensor_type == their.tensor_type, name  # (the Mamba-2 conv, A, D and norm F32 in both)
+        assert np.array_equal(np.asarray(our.data), np.asarray(their.data)), name
+        assert list(our.shape) == list(their.shape), name
+
+    def keys(reader):
+        prefix = f"{reader.fields['general.architecture'].contents()}."
+        return {name.removeprefix(prefix): field.contents() for name, field in reader.fields.items()
+                if name.startswith(prefix)}
+
+    their_keys, our_keys = keys(their_file), keys(our_file)
+    assert set(our_keys) - set(their_keys) <= OUR_EXTRA_KEYS
+    assert {key: our_keys.get(key) for key in set(their_keys) - CONVERTER_ONLY_KEYS} == {
+        key: value for key, value in their_keys.items() if key not in CONVERTER_ONLY_KEYS}

@@ -1297,6 +1297,7 @@ def _write_hybrid_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
     writer.add_expert_weights_norm(config.routing.renormalize)
     writer.add_expert_weights_scale(config.routing.scale)
     writer.add_expert_group_count(config.routing.groups)
+    writer.add_expert_group_used_count(config.routing.top_groups)
     if config.mamba is not None:  # the loader requires them, with or without a Mamba-2 block left
         writer.add_ssm_conv_kernel(config.mamba.conv_kernel)
         writer.add_ssm_inner_size(config.mamba.inner)
@@ -1340,18 +1341,20 @@ def _write_hybrid_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> No
 
 
 def _write_mamba(tensors: _TensorSink, name: BlockNames, mixer, groups: int) -> None:
+    """(The conv kernel, A, D and the gated norm stay float32 in every file, as the converter keeps them: llama.cpp's
+    ssm_conv takes float32 only.)"""
     tensors.add(name("SSM_IN"), mixer.in_proj.weight)
     conv = mixer.conv1d.weight  # [channels, 1, kernel]
-    tensors.add(name("SSM_CONV1D"), conv.reshape(conv.shape[0], conv.shape[-1]))
+    tensors.add(name("SSM_CONV1D"), conv.reshape(conv.shape[0], conv.shape[-1]), keep_f32=True)
     if mixer.conv1d.bias is not None:
         tensors.add(name("SSM_CONV1D", ".bias"), mixer.conv1d.bias)
     tensors.add(name("SSM_DT", ".bias"), mixer.dt_bias)
     a_log, heads = mixer.A_log, mixer.A_log.shape[0]
     tensors.add(name("SSM_A", ""), -torch.exp(a_log.float()).reshape(heads, 1) if not a_log.is_meta
-                else a_log.reshape(heads, 1))
-    tensors.add(name("SSM_D", ""), mixer.D.reshape(heads, 1))
+                else a_log.reshape(heads, 1), keep_f32=True)
+    tensors.add(name("SSM_D", ""), mixer.D.reshape(heads, 1), keep_f32=True)
     norm = mixer.norm.weight
-    tensors.add(name("SSM_NORM"), norm.reshape(groups, norm.shape[0] // groups))
+    tensors.add(name("SSM_NORM"), norm.reshape(groups, norm.shape[0] // groups), keep_f32=True)
     tensors.add(name("SSM_OUT"), mixer.out_proj.weight)
 
 
