@@ -1289,7 +1289,7 @@ def _write_hybrid_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
         writer.add_array(gguf.Keys.LLM.EXPERT_FEED_FORWARD_LENGTH.format(arch=arch), widths)
     if len(moe_used) == 1:
         writer.add_expert_used_count(moe_used.pop())
-    else:  # nemotron_h_moe selects and sums each layer's own top-k (llama-graph's n_expert_used(il))
+    else:  # the host selects and sums each layer's own top-k (llama-graph's n_expert_used(il))
         writer.add_array(gguf.Keys.LLM.EXPERT_USED_COUNT.format(arch=arch), used)
     writer.add_expert_count(plan.num_experts)
     writer.add_expert_shared_count(config.shared_expert_count)
