@@ -265,3 +265,13 @@ def test_the_uncompressed_f16_gguf_is_the_converters_tensor_for_tensor_and_key_f
     assert set(our_keys) - set(their_keys) <= OUR_EXTRA_KEYS
     assert {key: our_keys.get(key) for key in set(their_keys) - CONVERTER_ONLY_KEYS} == {
         key: value for key, value in their_keys.items() if key not in CONVERTER_ONLY_KEYS}
+
+
+@pytest.mark.parametrize("target", ["onnx", "tensorrt"])
+def test_onnx_and_tensorrt_refuse_the_mamba_blocks_in_one_line_before_any_work(target):
+    """The targets' check, which the pipeline runs before it compresses anything."""
+    import importlib
+
+    backend = importlib.import_module(f"moeexport.backends.{target}")
+    with pytest.raises(MoeExportError, match=r"layers \[0\] are Mamba-2 blocks, which the onnx exporter does not lower"):
+        backend.TARGET.check(tiny_model(FAMILY), "f32", backend.TARGET.Options())
