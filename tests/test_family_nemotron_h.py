@@ -159,7 +159,7 @@ def test_gguf_refuses_a_model_without_a_mamba_or_an_attention_block_in_one_line(
 
     model = _gguf_model()
     drop_blocks(adapter_for(model.config), model, dropped)
-    with pytest.raises(MoeExportError, match=f"without a {kind} block"):
+    with pytest.raises(MoeExportError, match=f"without any {kind} block"):
         gguf_backend.export(model, tmp_path / "m.gguf")
 
 
@@ -275,3 +275,25 @@ def test_onnx_and_tensorrt_refuse_the_mamba_blocks_in_one_line_before_any_work(t
     backend = importlib.import_module(f"moeexport.backends.{target}")
     with pytest.raises(MoeExportError, match=r"layers \[0\] are Mamba-2 blocks, which the onnx exporter does not lower"):
         backend.TARGET.check(tiny_model(FAMILY), "f32", backend.TARGET.Options())
+
+
+@pytest.mark.parametrize("trim", [[{"layer_drop": {"n": 1, "score": "kl"}}],
+                                  [{"expert_drop": {"keep": 3, "scope": "global", "score": "reap", "min_keep": 2}}]],
+                         ids=["layer_drop", "global_expert_drop"])
+def test_a_streamed_build_of_the_hub_layout_writes_the_in_memory_builds_gguf(trim, tmp_path):
+    import shutil
+
+    from moeexport.backends import gguf as gguf_backend
+    from moeexport.checkpoint_files import DEMO_MODEL
+    from moeexport.modelio import load_streamed
+    from tests.test_gguf import _tiny_with_demo_vocabulary
+
+    source = tmp_path / "source"
+    _tiny_with_demo_vocabulary(FAMILY, n_routed_experts=8).save_pretrained(source)  # backbone.*, one per expert
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(DEMO_MODEL / name, source / name)
+    files = []
+    for loader in (load, load_streamed):
+        model = _compress(loader(source), trim)
+        files.append(gguf_backend.export(model, tmp_path / f"{loader.__name__}.gguf").path.read_bytes())
+    assert files[0] == files[1]

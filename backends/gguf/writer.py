@@ -1238,7 +1238,7 @@ def _hybrid_plan(adapter, model, config: ModelConfig, host: GGUFArchitecture) ->
                                  f"llama.cpp's {host.name} does not add: this model cannot be written to GGUF")
     for kind in ("mamba", "attention"):  # its context builds both memories and aborts on an empty one
         if kind not in {mixers[i] for i in written}:
-            raise MoeExportError(f"llama.cpp's {host.name} cannot run a model without a {kind} block (it aborts "
+            raise MoeExportError(f"llama.cpp's {host.name} cannot run a model without any {kind} block (it aborts "
                                  f"allocating their empty state): keep at least one {kind} block (Block Drop)")
     moe = [i for i in written if specs[i].kind == "moe"]
     if not moe:
