@@ -297,3 +297,27 @@ def test_a_streamed_build_of_the_hub_layout_writes_the_in_memory_builds_gguf(tri
         model = _compress(loader(source), trim)
         files.append(gguf_backend.export(model, tmp_path / f"{loader.__name__}.gguf").path.read_bytes())
     assert files[0] == files[1]
+
+
+def test_the_synthetic_preset_writes_the_hub_layout_transformers_loads(tmp_path):
+    """tools/make_synthetic_checkpoint.py nemotron-3-nano-30b-a3b at small widths (--set): one period of the
+    pattern (--layers 6: Mamba-2, MoE and the attention block), hub names, loaded and run by transformers."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "make_synthetic_checkpoint", Path(__file__).resolve().parents[1] / "tools" / "make_synthetic_checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    small = dict(hidden_size=64, vocab_size=2048, num_attention_heads=4, head_dim=16, mamba_num_heads=8,
+                 mamba_head_dim=8, n_groups=2, ssm_state_size=8, n_routed_experts=8, moe_intermediate_size=32,
+                 moe_shared_expert_intermediate_size=48)
+    settings = [arg for key, value in small.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    out = tmp_path / "nano"
+    assert tool.main(["nemotron-3-nano-30b-a3b", str(out), "--layers", "6", *settings]) == 0
+    stock = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert stock.config.layers_block_type == ["linear_attention", "moe", "linear_attention", "moe",
+                                              "linear_attention", "full_attention"]
+    assert torch.isfinite(_logits(stock, random_tokens(1, 20))).all()
+    assert tuple(stock.model.layers[1].mixer.experts.up_proj.shape) == (8, 32, 64)
