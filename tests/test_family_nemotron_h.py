@@ -169,16 +169,18 @@ def _expert_bytes(model) -> int:
     return 4 * (view.experts.up_proj[0].numel() + view.experts.down_proj[0].numel())
 
 
-@pytest.mark.parametrize("kept", [[[2, 0, 3], [1, 3]], [[0, 1, 2, 3], [2, 0]]],
-                         ids=["3_and_2", "4_and_2"])  # (DeepSeek-V3's router needs two experts in a layer)
-def test_non_uniform_expert_counts_are_exact_and_save_their_bytes_in_nemotron_h_moe(kept, tmp_path):
+@pytest.mark.parametrize("experts, kept", [(4, [[2, 0, 3], [1, 3]]), (4, [[0, 1, 2, 3], [2, 0]]),
+                                           (8, [[6, 1], [0, 2, 4, 5, 7]])],
+                         ids=["3_and_2", "4_and_2", "2_and_5_of_8"])  # (DeepSeek-V3's router needs two per layer)
+def test_non_uniform_expert_counts_are_exact_and_save_their_bytes_in_nemotron_h_moe(experts, kept, tmp_path):
     """Each layer's experts are split into equal slots that fill one expert count (llama.cpp's only one), chosen
-    together through per-layer top-k; per-layer slot widths (expert_feed_forward_length) keep the bytes saved."""
+    together through per-layer top-k; per-layer slot widths (expert_feed_forward_length) keep the bytes saved.
+    (2 and 5 of 8 experts 24 wide: 10 slots, the 5 experts in two of 12, the 2 in five of 5, one neuron zero.)"""
     from moeexport.backends import gguf as gguf_backend
     from moeexport.backends.gguf.reader import GGUFFile
 
-    full = gguf_backend.export(_gguf_model(), tmp_path / "full.gguf")
-    model = _gguf_model()
+    full = gguf_backend.export(_gguf_model(n_routed_experts=experts), tmp_path / "full.gguf")
+    model = _gguf_model(n_routed_experts=experts)
     adapter = adapter_for(model.config)
     for layer, keep in zip([1, 3], kept):
         keep_experts(adapter, model, layer, keep)
@@ -189,7 +191,7 @@ def test_non_uniform_expert_counts_are_exact_and_save_their_bytes_in_nemotron_h_
     used = GGUFFile(artifact.path).value("expert_used_count")
     assert isinstance(used, list) and len(set(k for k in used if k)) == 2  # a per-layer top-k array, only here
     assert "split into equal slots" in artifact.representation
-    dropped = sum(4 - len(keep) for keep in kept) * _expert_bytes(model)
+    dropped = sum(experts - len(keep) for keep in kept) * _expert_bytes(model)
     saved_bytes = full.path.stat().st_size - artifact.path.stat().st_size
     assert saved_bytes >= 0.8 * dropped, (saved_bytes, dropped)
 
@@ -321,3 +323,15 @@ def test_the_synthetic_preset_writes_the_hub_layout_transformers_loads(tmp_path)
                                               "linear_attention", "full_attention"]
     assert torch.isfinite(_logits(stock, random_tokens(1, 20))).all()
     assert tuple(stock.model.layers[1].mixer.experts.up_proj.shape) == (8, 32, 64)
+
+
+def test_expert_slots_fill_one_count_with_equal_splits_and_pad_only_where_no_divisor_fits():
+    from moeexport.backends.gguf.writer import expert_slots
+
+    total, slots = expert_slots([4, 3], width=24, top_k=2)  # 12 slots: 4 x 3 of width 8 and 3 x 4 of width 6
+    assert total == 12 and [(s.split, s.width, s.top_k, s.pads(total)) for s in slots] == [(3, 8, 6, 0), (4, 6, 8, 0)]
+    total, slots = expert_slots([5, 5], width=24, top_k=2)  # uniform: as it is
+    assert total == 5 and all((s.split, s.pads(total)) == (1, 0) for s in slots)
+    total, slots = expert_slots([128, 64, 100], width=1856, top_k=6)  # Nemotron-3-Nano's widths
+    stored = sum(total * 2 * s.width for s in slots)
+    assert stored <= 1.05 * 1856 * 2 * (128 + 64 + 100)  # within 5% of the kept experts' own weights
