@@ -33,7 +33,7 @@ from safetensors import safe_open
 from torch import nn
 
 from moeexport.adapters import adapter_for
-from moeexport.adapters.experts import activate, expert_intermediate, expert_output
+from moeexport.adapters.experts import activate, expert_intermediate, expert_output, expert_stacks
 from moeexport.adapters.surgery import decoder_layers, get_path
 from moeexport.checkpoint_files import Headers, check_finite
 from moeexport.errors import MoeExportError
@@ -211,6 +211,8 @@ class LayerStream:
 
     def rebuild_rotary(self) -> None:
         """The rotary tables are computed from the config, not stored: build them for real once."""
+        if not self.adapter.rotary_embedding:  # a model without positional rotation (NoPE) has none
+            return
         parent_path, _, attribute = self.adapter.rotary_embedding.rpartition(".")
         parent = get_path(self.model, parent_path) if parent_path else self.model
         setattr(parent, attribute, type(getattr(parent, attribute))(config=self.model.config))
@@ -473,12 +475,12 @@ class ExpertsOnDemand(nn.Module):
     def __init__(self, stream: LayerStream, experts: nn.Module, edit: LayerEdit, prefix: str, stored: bool = False):
         super().__init__()
         self._arguments = (stream, experts, edit, prefix)  # a tuple, so the meta experts are no submodule
-        self.num_experts = experts.gate_up_proj.shape[0]
         self.layout = stream.adapter.expert_layout(stream.model.config)
+        self.num_experts = experts.down_proj.shape[0]
         source = stream._name(edit.source, prefix)
-        self.gate_up_proj = ExpertStack(experts.gate_up_proj.shape,
-                                        _ExpertReader(stream, source + "gate_up_proj", edit, stored))
-        self.down_proj = ExpertStack(experts.down_proj.shape, _ExpertReader(stream, source + "down_proj", edit, stored))
+        for stack in expert_stacks(replace(self.layout, biases=False)):  # gate_up_proj (up_proj, ungated), down_proj
+            setattr(self, stack, ExpertStack(getattr(experts, stack).shape,
+                                             _ExpertReader(stream, source + stack, edit, stored)))
         if self.layout.biases:  # small ([E, rows]): read whole, the kept experts' only
             for name in ("gate_up_proj_bias", "down_proj_bias"):
                 setattr(self, name, stream._read(source + name, getattr(experts, name).shape, edit.experts, True))

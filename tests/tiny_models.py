@@ -68,6 +68,16 @@ TINY_CONFIGS = {
         moe_num_experts=4, moe_intermediate_size=24, moe_num_shared_experts=1, moe_layer_start_index=1,
         moe_layer_end_index=-1, moe_layer_interval=1, use_bias=False,
     ),
+    # one block per layer as Nemotron-3-Nano's pattern (Mamba-2, MoE, NoPE attention, MoE); its router is
+    # DeepSeek-V3's (one group, renormalized, scaled); chunk_size shorter than the tests' windows, so the Mamba
+    # scan crosses chunks; a Mamba inner width of 64, the head size llama.cpp's converter assumes. (layers_block_type
+    # sets the layer count; num_hidden_layers is ignored)
+    "nemotron_h": dict(
+        layers_block_type=["linear_attention", "moe", "full_attention", "moe"], n_routed_experts=4,
+        n_shared_experts=1, moe_intermediate_size=24, moe_shared_expert_intermediate_size=40, head_dim=8,
+        mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=8, conv_kernel=4, chunk_size=16,
+        n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+    ),
 }
 FAMILIES = sorted(TINY_CONFIGS)
 

@@ -82,6 +82,19 @@ PRESETS["glm-4.7-flash"] = {
     "num_experts_per_tok": 4, "norm_topk_prob": True, "routed_scaling_factor": 1.8, "n_group": 1, "topk_group": 1,
     "attention_bias": False, "tie_word_embeddings": False,
 }
+# nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16's config.json (52 layers; --layers N keeps the first N of its pattern:
+# 6 is one period with an attention block, MEMEM*)
+PRESETS["nemotron-3-nano-30b-a3b"] = {
+    "model_type": "nemotron_h", "architectures": ["NemotronHForCausalLM"], "hidden_size": 2688,
+    "hybrid_override_pattern": "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME", "intermediate_size": 1856,
+    "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128, "vocab_size": 131072,
+    "max_position_embeddings": 262144, "layer_norm_epsilon": 1e-5, "mamba_num_heads": 64, "mamba_head_dim": 64,
+    "n_groups": 8, "ssm_state_size": 128, "conv_kernel": 4, "chunk_size": 128, "expand": 2, "use_conv_bias": True,
+    "mamba_proj_bias": False, "mamba_hidden_act": "silu", "mlp_hidden_act": "relu2", "mlp_bias": False,
+    "n_routed_experts": 128, "n_shared_experts": 1, "num_experts_per_tok": 6, "moe_intermediate_size": 1856,
+    "moe_shared_expert_intermediate_size": 3712, "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1,
+    "norm_topk_prob": True, "use_bias": False, "attention_bias": False, "tie_word_embeddings": False,
+}
 PRESETS["tiny-mixtral"] = PRESETS["mixtral-8x7b"] | {  # for tests: Mixtral's structure at small widths
     "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
     "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 2048,
@@ -148,6 +161,8 @@ def make_config(preset: str, layers: int | None = None, overrides: dict | None =
             raise MoeExportError(f"--set {key}: {model_type} configs have no such key (or it is the preset's own)"
                                  f"; known keys: {', '.join(sorted(known - {'model_type'}))}")
     values = values | (overrides or {}) | ({"num_hidden_layers": layers} if layers is not None else {})
+    if layers is not None and "hybrid_override_pattern" in values:  # the pattern, not the count, sets the layers
+        values["hybrid_override_pattern"] = values["hybrid_override_pattern"][:layers]
     return AutoConfig.for_model(**values)
 
 
@@ -155,6 +170,8 @@ def tensor_specs(config) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor, in the hub checkpoints' names and per-expert layout, in model order."""
     from moeexport.adapters import adapter_for
 
+    if config.model_type == "nemotron_h":  # one block per layer: its own names
+        return _nemotron_h_specs(config)
     layout = LAYOUTS[config.model_type]  # every preset's family has one; --set cannot change model_type
     facts = adapter_for(config).model_config(config)
     hidden, head_dim, width = facts.hidden_size, facts.head_dim, getattr(config, layout.expert_width)
@@ -191,6 +208,41 @@ def tensor_specs(config) -> list[tuple[str, tuple[int, ...]]]:
     specs += [("model.norm.weight", (hidden,))]
     if not config.tie_word_embeddings:
         specs += [("lm_head.weight", (facts.vocab_size, hidden))]
+    return specs
+
+
+def _nemotron_h_specs(config) -> list[tuple[str, tuple[int, ...]]]:
+    """Nemotron-H's hub names (backbone.*): each layer one block, its norm and its mixer (Mamba-2, attention or
+    the MoE with one shared expert)."""
+    from moeexport.adapters import adapter_for
+
+    facts = adapter_for(config).model_config(config)
+    hidden, mamba, experts = facts.hidden_size, facts.mamba, facts.num_experts
+    conv = mamba.inner + 2 * mamba.groups * mamba.state
+    q_width, kv_width = facts.num_heads * facts.head_dim, facts.num_kv_heads * facts.head_dim
+    width, shared = config.moe_intermediate_size, config.moe_shared_expert_intermediate_size
+    specs = [("backbone.embeddings.weight", (facts.vocab_size, hidden))]
+    for i, kind in enumerate(config.layers_block_type):
+        block = f"backbone.layers.{i}"
+        specs += [(f"{block}.norm.weight", (hidden,))]
+        if kind == "linear_attention":
+            specs += [(f"{block}.mixer.A_log", (mamba.heads,)), (f"{block}.mixer.D", (mamba.heads,)),
+                      (f"{block}.mixer.conv1d.bias", (conv,)), (f"{block}.mixer.conv1d.weight", (conv, 1, mamba.conv_kernel)),
+                      (f"{block}.mixer.dt_bias", (mamba.heads,)),
+                      (f"{block}.mixer.in_proj.weight", (mamba.inner + conv + mamba.heads, hidden)),
+                      (f"{block}.mixer.norm.weight", (mamba.inner,)), (f"{block}.mixer.out_proj.weight", (hidden, mamba.inner))]
+        elif kind == "full_attention":
+            specs += [(f"{block}.mixer.q_proj.weight", (q_width, hidden)), (f"{block}.mixer.k_proj.weight", (kv_width, hidden)),
+                      (f"{block}.mixer.v_proj.weight", (kv_width, hidden)), (f"{block}.mixer.o_proj.weight", (hidden, q_width))]
+        else:
+            specs += [(f"{block}.mixer.gate.weight", (experts, hidden)),
+                      (f"{block}.mixer.gate.e_score_correction_bias", (experts,))]
+            for j in range(experts):
+                specs += [(f"{block}.mixer.experts.{j}.up_proj.weight", (width, hidden)),
+                          (f"{block}.mixer.experts.{j}.down_proj.weight", (hidden, width))]
+            specs += [(f"{block}.mixer.shared_experts.up_proj.weight", (shared, hidden)),
+                      (f"{block}.mixer.shared_experts.down_proj.weight", (hidden, shared))]
+    specs += [("backbone.norm_f.weight", (hidden,)), ("lm_head.weight", (facts.vocab_size, hidden))]
     return specs
 
 
@@ -260,7 +312,7 @@ def tensor_chunks(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: i
         yield torch.ones(shape, dtype=dtype)
         return
     generator = torch.Generator().manual_seed(tensor_seed(seed, name))
-    rows, columns = shape
+    rows, columns = shape[0], _numel(shape[1:])  # (a conv kernel [channels, 1, k] is written as its rows)
     step = max(1, CHUNK_ELEMENTS // columns)
     for start in range(0, rows, step):
         yield (torch.randn((min(step, rows - start), columns), generator=generator) * 0.02).to(dtype)

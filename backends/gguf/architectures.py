@@ -72,6 +72,9 @@ class GGUFArchitecture:
     rope_dims_partial: bool = False  # RoPE may rotate only the leading rotary_dim dims of each head
     shared_width_is_expert_multiple: bool = False  # shared width = expert width x expert_shared_count (loader's)
     configurable_norm: bool = False  # the host reads expert_weights_norm from the file: either top-k rule exports
+    # one block per layer, its kind per layer in the file (Mamba-2: no heads and no FFN; attention: no FFN; MoE),
+    # per-layer top-k and expert widths honoured (hybrid_blocks_written_by in writer.py)
+    hybrid_blocks: bool = False
 
 
 
@@ -145,6 +148,14 @@ ARCHITECTURES = {
     ),
     "ernie4_5_moe": GGUFArchitecture(
         name="ernie4_5-moe", renormalizes=True, leading_dense=True, moe_layer_step=True,
+    ),
+    # Nemotron-H MoE: Mamba-2, NoPE attention and MoE blocks; sigmoid gating fixed in the graph, the selection bias,
+    # expert_weights_norm and _scale read from the file; relu2 experts without a gate; one global expert count, but
+    # per-layer expert_used_count and expert_feed_forward_length (the only host that honours both). A dropped MoE
+    # block is an identity: it is left out of the file.
+    "nemotron_h": GGUFArchitecture(
+        name="nemotron_h_moe", renormalizes=True, configurable_norm=True, routing_keys=True, hybrid_blocks=True,
+        unread="Mamba-2 blocks and per-layer expert widths",
     ),
 }
 

@@ -92,6 +92,7 @@ class _Plan:
     expert_width: int  # ffn width of every routed expert
     shared_width: int  # ffn width of the shared expert, 0 without one
     shared_gate: bool  # the shared expert's output is scaled by a sigmoid gate
+    hybrid: "HybridLayout | None" = None  # hosts with one block per layer (hybrid_blocks): what each block is
 
     @property
     def experts_used(self) -> int:
@@ -147,6 +148,8 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
     if architecture.latent_attention and not config.latent.rope_interleaved:
         raise MoeExportError(f"llama.cpp's {architecture.name} rotates interleaved RoPE pairs, and this model has "
                              "rope_interleave: false; its GGUF would compute another attention")
+    if architecture.hybrid_blocks:
+        return _hybrid_plan(adapter, model, config, architecture)
     layers = structure(adapter, model)
     _check_biases_the_host_drops(adapter.layer_views(model), architecture)
     dense = [i for i, spec in enumerate(layers) if spec.kind == "dense"]
@@ -307,6 +310,8 @@ def _moe_rule_differs(config: ModelConfig, host: GGUFArchitecture) -> str | None
 
 
 def _describe_representation(plan: _Plan) -> str:
+    if plan.hybrid is not None:
+        return _describe_hybrid(plan)
     parts = []
     padded = [
         i for i, spec in enumerate(plan.layers)
@@ -482,6 +487,9 @@ def _types_other_than_asked(gguf, path: Path, quant: str, overrides: dict[str, i
 
 
 def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
+    if plan.hybrid is not None:
+        _write_hybrid_hparams(writer, gguf, plan, file_type)
+        return
     config = plan.config
     writer.add_name(Path(config.name_or_path or "moeexport-model").name)
     writer.add_context_length(config.context_length)
@@ -961,6 +969,9 @@ def _permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
+    if plan.hybrid is not None:
+        _write_hybrid_tensors(tensors, model, views, plan)
+        return
     config, adapter, names = plan.config, adapter_for(model.config), tensors.names
     around = adapter.model_view(model)
     reads = tensors.writing and tensors.reads  # the header pass and a proxy need shapes only
@@ -1146,3 +1157,257 @@ def _write_zero_ffn(tensors: _TensorSink, name: BlockNames, kinds: tuple[str, st
     """All-zero gate/up/down projections under the (gate, up, down) kinds; `experts` > 0 stacks that many."""
     for kind, shape in zip(kinds, zero_ffn_shapes(hidden, width, experts)):
         tensors.add_zeros(name(kind), shape)
+
+
+# --- hosts with one block per layer (hybrid_blocks): Mamba-2, attention or MoE, per-layer top-k and expert widths ---
+
+MAX_EXPERTS = 1024  # llama.cpp's LLAMA_MAX_EXPERTS
+
+
+@dataclass(frozen=True)
+class ExpertSlots:
+    """How one MoE layer's kept experts fill the file's one expert count: each expert split into `split` slots of
+    `width` neurons (the last one's tail zero: relu2(0) adds nothing), then never-selected pads. An expert's slots
+    have its router row and selection bias, so they are chosen together (top-k x split); each computes its share of
+    the expert's neurons (ReLU² acts per neuron, so the shares add up to the expert)."""
+
+    experts: int  # experts the layer kept
+    split: int  # slots per expert
+    width: int  # neurons per slot
+    top_k: int  # slots routed to per token
+
+    def pads(self, slots: int) -> int:
+        return slots - self.experts * self.split
+
+
+@dataclass(frozen=True)
+class HybridLayout:
+    """The blocks a hybrid host's file holds: the model layers written (a dropped MoE block, an identity, is left
+    out), each one's mixer, and each MoE block's expert slots."""
+
+    layers: tuple[int, ...]  # model layer index of each written block
+    mixers: tuple[str, ...]  # "mamba", "attention" or "none" (a MoE block)
+    slots: tuple[ExpertSlots | None, ...]  # per written block: its expert slots (None: not a MoE block)
+    model_layers: int  # the model's decoder layers, those left out included
+
+
+def expert_slots(counts: list[int], width: int, top_k: int) -> tuple[int, list[ExpertSlots]]:
+    """The file's expert count and each MoE layer's slots: every layer splits its experts into as many slots as
+    the count holds, the rest pads. Of the counts whose slots store within 1% of the fewest weights (router rows
+    counted), the smallest: fewer, wider slots compute faster."""
+    def cost(total: int) -> int:
+        return sum(total * (2 * -(-width // (total // count)) + 1) for count in counts)
+
+    costs = {total: cost(total) for total in range(max(counts), MAX_EXPERTS + 1)}
+    least = min(costs.values())
+    total = min(total for total, bytes_ in costs.items() if bytes_ <= 1.01 * least)
+    splits = [total // count for count in counts]
+    return total, [ExpertSlots(count, split, -(-width // split), min(top_k, count) * split)
+                   for count, split in zip(counts, splits)]
+
+
+def _hybrid_plan(adapter, model, config: ModelConfig, host: GGUFArchitecture) -> _Plan:
+    """The plan of a hybrid host's file; refuses, in one line, what its graph cannot compute."""
+    why = None
+    if config.routing.scores != "sigmoid" or not config.routing.selection_bias:
+        why = "routes by sigmoid scores with a selection bias, which this model's router does not"
+    elif _expert_groups(config.routing):
+        why = "does not choose experts within expert groups, and this model's router does"
+    elif config.experts.gated or config.experts.activation != "relu2":
+        why = f"computes relu2 experts without a gate, and this model's experts compute {config.experts.activation}"
+    if why:
+        raise MoeExportError(f"llama.cpp's {host.name} {why}; its GGUF would compute something else")
+    specs, views = structure(adapter, model), adapter.layer_views(model)
+    mixers = config.layer_mixers
+    written = [i for i, spec in enumerate(specs) if spec.kind != "dropped"]
+    for i in written:
+        view, spec = views[i], specs[i]
+        if mixers[i] == "none" and spec.kind == "dense":
+            raise MoeExportError(f"layer {i} is a dense MLP block, which llama.cpp's {host.name} loads as a MoE "
+                                 "block once the file has experts: this model cannot be written to GGUF")
+        if spec.kind == "moe" and spec.num_experts == 0:
+            raise MoeExportError(f"layer {i} kept its shared expert but no routed ones, which llama.cpp's "
+                                 f"{host.name} cannot express: keep at least one expert there (min_keep)")
+        if mixers[i] == "mamba":
+            _check_mamba_mixer(view.attention, i, host)
+        mlps = list(view.shared_experts) + ([view.attention] if mixers[i] == "attention" else [])
+        if any(getattr(getattr(m, p, None), "bias", None) is not None
+               for m in mlps for p in ("up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")):
+            raise MoeExportError(f"layer {i} has biases on its attention or shared expert projections, which "
+                                 f"llama.cpp's {host.name} does not add: this model cannot be written to GGUF")
+    for kind in ("mamba", "attention"):  # its context builds both memories and aborts on an empty one
+        if kind not in {mixers[i] for i in written}:
+            raise MoeExportError(f"llama.cpp's {host.name} cannot run a model without any {kind} block (it aborts "
+                                 f"allocating their empty state): keep at least one {kind} block (Block Drop)")
+    moe = [i for i in written if specs[i].kind == "moe"]
+    if not moe:
+        raise MoeExportError("the model has no MoE layer with experts left; there is nothing to host in a MoE GGUF")
+    width = views[moe[0]].experts.down_proj.shape[-1]
+    total, slots = expert_slots([specs[i].num_experts for i in moe], width, config.top_k)
+    by_layer = dict(zip(moe, slots))
+    layout = HybridLayout(tuple(written), tuple(mixers[i] for i in written), tuple(by_layer.get(i) for i in written),
+                          len(specs))
+    shared_width = next((view.shared_experts[0].down_proj.weight.shape[-1] for view in views if view.shared_experts), 0)
+    if any(specs[i].kind == "moe" and not views[i].shared_experts for i in moe):
+        raise MoeExportError(f"llama.cpp's {host.name} runs a shared expert in every MoE block, and this model has "
+                             "MoE blocks without one: it cannot be written to GGUF")
+    return _Plan(host, config, [specs[i] for i in written], total, [], width, shared_width, False, layout)
+
+
+def _check_mamba_mixer(mixer, index: int, host: GGUFArchitecture) -> None:
+    """llama.cpp's Mamba-2 block: SiLU, no projection biases, an unclamped time step."""
+    limit = tuple(float(x) for x in getattr(mixer, "time_step_limit", (0.0, float("inf"))))
+    biased = any(getattr(mixer, name).bias is not None for name in ("in_proj", "out_proj"))
+    if getattr(mixer, "activation", "silu") != "silu" or biased or limit != (0.0, float("inf")):
+        raise MoeExportError(f"layer {index}'s Mamba-2 block has projection biases, a time-step limit {limit} or "
+                             f"an activation other than SiLU, which llama.cpp's {host.name} does not compute")
+
+
+def _write_hybrid_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
+    """The per-layer arrays follow the written blocks: head_count_kv 0 where there is no attention,
+    feed_forward_length 0 where there is no MoE (both 0: a Mamba-2 block), each MoE block's slot width and top-k."""
+    config, layout, arch = plan.config, plan.hybrid, plan.architecture.name
+    writer.add_name(Path(config.name_or_path or "moeexport-model").name)
+    writer.add_context_length(config.context_length)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(len(layout.layers))
+    widths = [slots.width if slots else 0 for slots in layout.slots]
+    used = [slots.top_k if slots else 0 for slots in layout.slots]
+    writer.add_feed_forward_length(widths)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv([config.num_kv_heads if mixer == "attention" else 0 for mixer in layout.mixers])
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_layer_norm_eps(config.rms_norm_eps)  # the loader requires it (for a final norm it never runs here)
+    moe_widths = {width for width in widths if width}
+    moe_used = {k for k in used if k}
+    if len(moe_widths) == 1:
+        writer.add_expert_feed_forward_length(moe_widths.pop())
+    else:
+        writer.add_array(gguf.Keys.LLM.EXPERT_FEED_FORWARD_LENGTH.format(arch=arch), widths)
+    if len(moe_used) == 1:
+        writer.add_expert_used_count(moe_used.pop())
+    else:  # the host selects and sums each layer's own top-k (llama-graph's n_expert_used(il))
+        writer.add_array(gguf.Keys.LLM.EXPERT_USED_COUNT.format(arch=arch), used)
+    writer.add_expert_count(plan.num_experts)
+    writer.add_expert_shared_count(config.shared_expert_count)
+    writer.add_expert_shared_feed_forward_length(plan.shared_width)
+    writer.add_expert_weights_norm(config.routing.renormalize)
+    writer.add_expert_weights_scale(config.routing.scale)
+    writer.add_expert_group_count(config.routing.groups)
+    writer.add_expert_group_used_count(config.routing.top_groups)
+    if config.mamba is not None:  # the loader requires them, with or without a Mamba-2 block left
+        writer.add_ssm_conv_kernel(config.mamba.conv_kernel)
+        writer.add_ssm_inner_size(config.mamba.inner)
+        writer.add_ssm_state_size(config.mamba.state)
+        writer.add_ssm_time_step_rank(config.mamba.heads)
+        writer.add_ssm_group_count(config.mamba.groups)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_hybrid_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
+    """Each written block: its norm, then its Mamba-2 mixer, attention or MoE, as llama.cpp's converter lays them
+    out (A as -exp(A_log), the conv kernel squeezed, the gated norm per group; q/k rows permuted, which changes
+    nothing without RoPE)."""
+    config, adapter, names, layout = plan.config, adapter_for(model.config), tensors.names, plan.hybrid
+    around = adapter.model_view(model)
+    reads = tensors.writing and tensors.reads
+    with outer(model, "input") if reads else nullcontext():
+        tensors.add(names("TOKEN_EMBD"), around.embeddings.weight, keep_f32=tensors.quant in ("f16", "bf16"))
+    block_of = {index: block for block, index in enumerate(layout.layers)}
+    for view in views:  # (a streamed model's are read one at a time, in order)
+        if view.index not in block_of:
+            continue
+        block = block_of[view.index]
+        mixer, slots, name = layout.mixers[block], layout.slots[block], names.block(block)
+        tensors.add(name("ATTN_NORM"), view.attention_norm.weight)
+        if mixer == "mamba":
+            _write_mamba(tensors, name, view.attention, config.mamba.groups)
+        elif mixer == "attention":
+            attention = view.attention
+            tensors.add(name("ATTN_Q"), _permute_rows(attention.q_proj.weight, config.num_heads))
+            tensors.add(name("ATTN_K"), _permute_rows(attention.k_proj.weight, config.num_kv_heads))
+            tensors.add(name("ATTN_V"), attention.v_proj.weight)
+            tensors.add(name("ATTN_OUT"), attention.o_proj.weight)
+        else:
+            _write_expert_slots(tensors, name, view, slots, plan)
+    with outer(model, "output") if reads else nullcontext():
+        tensors.add(names("OUTPUT_NORM"), around.final_norm.weight)
+        tensors.add(names("OUTPUT"), around.output.weight)
+
+
+def _write_mamba(tensors: _TensorSink, name: BlockNames, mixer, groups: int) -> None:
+    """(The conv kernel, A, D and the gated norm stay float32 in every file, as the converter keeps them: llama.cpp's
+    ssm_conv takes float32 only.)"""
+    tensors.add(name("SSM_IN"), mixer.in_proj.weight)
+    conv = mixer.conv1d.weight  # [channels, 1, kernel]
+    tensors.add(name("SSM_CONV1D"), conv.reshape(conv.shape[0], conv.shape[-1]), keep_f32=True)
+    if mixer.conv1d.bias is not None:
+        tensors.add(name("SSM_CONV1D", ".bias"), mixer.conv1d.bias)
+    tensors.add(name("SSM_DT", ".bias"), mixer.dt_bias)
+    a_log, heads = mixer.A_log, mixer.A_log.shape[0]
+    tensors.add(name("SSM_A", ""), -torch.exp(a_log.float()).reshape(heads, 1) if not a_log.is_meta
+                else a_log.reshape(heads, 1), keep_f32=True)
+    tensors.add(name("SSM_D", ""), mixer.D.reshape(heads, 1), keep_f32=True)
+    norm = mixer.norm.weight
+    tensors.add(name("SSM_NORM"), norm.reshape(groups, norm.shape[0] // groups), keep_f32=True)
+    tensors.add(name("SSM_OUT"), mixer.out_proj.weight)
+
+
+def _split_stack(stack, slots: ExpertSlots, rows_are_neurons: bool):
+    """[E, ...] expert weights -> [E * split, ...] slots of `width` neurons each (expert-major, the neurons past the
+    expert's zero): up [E, ffn, hidden] splits its rows, down [E, hidden, ffn] its columns."""
+    if slots.split == 1:
+        return stack
+    if not isinstance(stack, torch.Tensor):  # a streamed stack: this layer's experts, read now
+        stack = torch.stack([stack[e] for e in range(len(stack))])
+    experts, rows, columns = stack.shape
+    neurons = slots.split * slots.width
+    if rows_are_neurons:
+        padded = torch.nn.functional.pad(stack, (0, 0, 0, neurons - rows))
+        return padded.reshape(experts * slots.split, slots.width, columns)
+    padded = torch.nn.functional.pad(stack, (0, neurons - columns))
+    return padded.reshape(experts, rows, slots.split, slots.width).transpose(1, 2).reshape(
+        experts * slots.split, rows, slots.width)
+
+
+def _write_expert_slots(tensors: _TensorSink, name: BlockNames, view: LayerView, slots: ExpertSlots,
+                        plan: _Plan) -> None:
+    """A MoE block: router rows and selection bias repeated for each slot of an expert (pads: zero rows, bias
+    -1e9, never selected), the experts' slots, then the shared expert. Where the top-k weights are renormalized an
+    expert's slots share its weight, so their down projections carry x split."""
+    pads, split, experts = slots.pads(plan.num_experts), slots.split, view.experts
+    router = _pad_experts(view.router.weight.repeat_interleave(split, dim=0) if split > 1 else view.router.weight,
+                          pads)
+    tensors.add(name("FFN_GATE_INP"), router, keep_f32=True)
+    bias = view.selection_bias.float()
+    bias = bias.repeat_interleave(split) if split > 1 else bias
+    tensors.add(name("FFN_EXP_PROBS_B", ".bias"), torch.cat([bias, bias.new_full((pads,), -1e9)]) if pads else bias)
+    up = _split_stack(experts.up_proj, slots, rows_are_neurons=True)
+    down = _split_stack(experts.down_proj, slots, rows_are_neurons=False)
+    if split > 1 and plan.config.routing.renormalize:
+        down = down * split
+    tensors.add(name("FFN_UP_EXP"), _pad_experts(up, pads), on_grid=True)
+    tensors.add(name("FFN_DOWN_EXP"), _pad_experts(down, pads), on_grid=True)
+    for shared in view.shared_experts:
+        tensors.add(name("FFN_UP_SHEXP"), shared.up_proj.weight)
+        tensors.add(name("FFN_DOWN_SHEXP"), shared.down_proj.weight)
+
+
+def _describe_hybrid(plan: _Plan) -> str:
+    layout, parts = plan.hybrid, []
+    moe = [(index, slots) for index, slots in zip(layout.layers, layout.slots) if slots is not None]
+    split = [f"{index}: {slots.experts} x {slots.split} of width {slots.width}" for index, slots in moe if slots.split > 1]
+    if split:
+        parts.append(f"{plan.num_experts} expert slots per layer, experts split into equal slots in layers "
+                     f"{'; '.join(split)} (per-layer top-k and widths)")
+    padded = [index for index, slots in moe if slots.pads(plan.num_experts)]
+    if padded:
+        parts.append(f"never-selected pads (exp_probs_b -1e9) in layers {padded}")
+    left_out = [index for index in range(layout.model_layers) if index not in layout.layers]
+    if left_out:
+        parts.append(f"MoE-less blocks {left_out} left out (identities)")
+    return "; ".join(parts) or "uniform"

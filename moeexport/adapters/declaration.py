@@ -84,6 +84,17 @@ class LatentAttention:
 
 
 @dataclass(frozen=True)
+class MambaSizes:
+    """The sizes of a hybrid family's Mamba-2 mixers (the same in every Mamba layer)."""
+
+    conv_kernel: int
+    inner: int  # heads x head_dim
+    state: int  # the SSM state per group
+    heads: int
+    groups: int
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The config facts passes and backends use, under one spelling for every family."""
 
@@ -115,6 +126,7 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     layer_mixers: tuple[MixerKind, ...] = ()  # per layer, in hybrid families; (): self-attention in every layer
+    mamba: MambaSizes | None = None  # the Mamba-2 mixers' sizes, in families that have them
 
 
 @dataclass(frozen=True)
@@ -192,7 +204,7 @@ class Family:
     layers: str = "model.layers"  # path from the causal LM to its decoder layers
     embeddings: str = "model.embed_tokens"
     final_norm: str = "model.norm"
-    rotary_embedding: str = "model.rotary_emb"  # module(x, position_ids) -> (cos, sin), or complex freqs
+    rotary_embedding: str = "model.rotary_emb"  # module(x, position_ids) -> (cos, sin), or complex freqs; "": none (NoPE)
     attention: str = "self_attn"  # with q_proj, k_proj, v_proj, o_proj
     attention_norm: str = "input_layernorm"
     moe: str = "mlp"  # the MoE (or dense MLP) sublayer of a decoder layer
@@ -217,6 +229,9 @@ class Family:
     expert_count_change_blocker: Callable[[object], str | None] = _any_expert_count
     # (canonical config, FFN widths) -> this family's own config keys; the inverse of what model_config reads
     own_config_values: Callable[[ModelConfig, FFNWidths], dict] = lambda config, widths: {}
+    rms_norm_eps_key: str = "rms_norm_eps"  # config key of the RMSNorm epsilon (Nemotron-H: layer_norm_epsilon)
+    hidden_act_key: str = "hidden_act"  # config key of the MLPs' activation (Nemotron-H: mlp_hidden_act)
+    mamba_sizes: Callable[[object], MambaSizes] | None = None  # config -> its Mamba-2 mixers' sizes, if it has them
 
     @property
     def tensor_names(self) -> TensorNames:
@@ -238,9 +253,9 @@ class Family:
             num_kv_heads=config.num_key_value_heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
             context_length=config.max_position_embeddings,
-            rms_norm_eps=config.rms_norm_eps,
+            rms_norm_eps=getattr(config, self.rms_norm_eps_key),
             rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
-            hidden_act=getattr(config, "hidden_act", "silu"),
+            hidden_act=getattr(config, self.hidden_act_key, "silu"),
             num_experts=getattr(config, self.num_experts_key),
             top_k=getattr(config, self.top_k_key),
             routing=self.routing(config),
@@ -253,6 +268,7 @@ class Family:
             rope_scaling={key: value for key, value in rope.items() if key != "rope_theta"},
             rotary_dim=_rotary_dim(config, rope),
             layer_mixers=self.layer_mixers(config) if self.layer_mixers else (),
+            mamba=self.mamba_sizes(config) if self.mamba_sizes else None,
         )
 
     def config_values(self, config: ModelConfig, layers: int, widths: FFNWidths, tied: bool) -> dict:

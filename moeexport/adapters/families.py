@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from moeexport.adapters.declaration import (CLAMPED_SWIGLU, NOAUX_TC, SIGMOID, ExpertLayout, FFNWidths, Family,
-                                            LatentAttention, ModelConfig, Routing)
+                                            LatentAttention, MambaSizes, ModelConfig, Routing)
 from moeexport.adapters.registry import register
 from moeexport.errors import MoeExportError
 
@@ -351,5 +351,67 @@ ERNIE4_5_MOE = register(
         shared_expert_count_key="moe_num_shared_experts",  # one module holds them all; 0: none (shared_experts None)
         renumber_dense_layers=_renumber_ernie_moe_layers,
         own_config_values=_ernie_config_values,
+    )
+)
+
+
+# --- Nemotron-H MoE (Nemotron-3-Nano; llama.cpp nemotron_h_moe): one block per layer, Mamba-2, attention or MoE ---
+
+# transformers' layers_block_type -> the token mixer of that layer ("moe" and "mlp" blocks are a feed-forward alone)
+_NEMOTRON_H_MIXERS = {"linear_attention": "mamba", "full_attention": "attention", "moe": "none", "mlp": "none"}
+
+
+def _nemotron_h_layer_mixers(config) -> tuple:
+    return tuple(_NEMOTRON_H_MIXERS[kind] for kind in config.layers_block_type)
+
+
+def _nemotron_h_expert_layout(config) -> ExpertLayout:
+    """NemotronHExperts: ungated, down(relu2(up x)) with up_proj [E, ffn, hidden]; a latent projection around the
+    experts (moe_latent_size) is not supported."""
+    if getattr(config, "moe_latent_size", None) is not None:
+        raise MoeExportError(f"Nemotron-H with moe_latent_size={config.moe_latent_size} (experts in a latent "
+                             "space) is not supported; only checkpoints without moe_latent_size are")
+    return ExpertLayout(activation=config.mlp_hidden_act, gated=False)
+
+
+def _nemotron_h_mamba_sizes(config) -> MambaSizes:
+    return MambaSizes(conv_kernel=config.conv_kernel, inner=config.mamba_num_heads * config.mamba_head_dim,
+                      state=config.ssm_state_size, heads=config.mamba_num_heads, groups=config.n_groups)
+
+
+def _nemotron_h_config_values(config: ModelConfig, widths: FFNWidths) -> dict:
+    routing = config.routing
+    return {"moe_intermediate_size": widths.expert, "moe_shared_expert_intermediate_size": widths.shared,
+            "n_shared_experts": config.shared_expert_count, "routed_scaling_factor": routing.scale,
+            "norm_topk_prob": routing.renormalize, "n_group": routing.groups, "topk_group": routing.top_groups,
+            "layer_norm_epsilon": config.rms_norm_eps, "mlp_hidden_act": config.experts.activation}
+
+
+NEMOTRON_H = register(
+    Family(
+        model_type="nemotron_h",
+        family="Nemotron-H MoE / Nemotron-3-Nano (Mamba-2, attention and MoE blocks; ReLU² experts, sigmoid routing "
+               "with a selection bias, a shared expert)",
+        num_experts_key="n_routed_experts",
+        routing=_noaux_tc_routing,  # NemotronHTopkRouter is DeepSeek-V3's router
+        expert_layout=_nemotron_h_expert_layout,
+        embeddings="model.embeddings",
+        final_norm="model.norm_f",
+        rotary_embedding="",  # no positional rotation anywhere (NoPE attention)
+        # each layer is one block: a norm, then its mixer (Mamba-2, attention, the MoE or a dense MLP)
+        attention="mixer",
+        attention_norm="norm",
+        moe="mixer",
+        moe_norm="norm",
+        router_tensors=("weight", "e_score_correction_bias"),
+        selection_bias="e_score_correction_bias",  # a buffer [E]
+        shared_experts=("shared_experts",),
+        shared_expert_count_key="n_shared_experts",  # one module, moe_shared_expert_intermediate_size wide
+        layer_mixers=_nemotron_h_layer_mixers,
+        # layers_block_type lists every layer's kind: Block Drop's per-layer lists follow their layers already
+        own_config_values=_nemotron_h_config_values,
+        rms_norm_eps_key="layer_norm_epsilon",
+        hidden_act_key="mlp_hidden_act",
+        mamba_sizes=_nemotron_h_mamba_sizes,
     )
 )

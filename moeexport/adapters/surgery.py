@@ -35,7 +35,7 @@ class MoEAdapter(Family):
     def model_view(self, model: nn.Module) -> ModelView:
         return ModelView(
             embeddings=get_path(model, self.embeddings),
-            rotary_embedding=get_path(model, self.rotary_embedding),
+            rotary_embedding=get_path(model, self.rotary_embedding) if self.rotary_embedding else None,
             final_norm=get_path(model, self.final_norm),
             output=model.get_output_embeddings(),
             num_layers=len(decoder_layers(self, model)),
@@ -232,7 +232,8 @@ def drop_moe_sublayer(adapter: MoEAdapter, model: nn.Module, layer: int) -> None
     """Remove the norm + MoE sublayer of one layer; attention and the residual stay."""
     layer_module = decoder_layers(adapter, model)[layer]
     setattr(layer_module, adapter.moe, DroppedSublayer(adapter.moe_returns_router_scores))
-    setattr(layer_module, adapter.moe_norm, nn.Identity())
+    if adapter.moe_norm != adapter.attention_norm:  # a block's one norm (Nemotron-H) stays: its forward reads it
+        setattr(layer_module, adapter.moe_norm, nn.Identity())
 
 
 def drop_blocks(adapter: MoEAdapter, model: nn.Module, drop: list[int]) -> None:

@@ -21,7 +21,7 @@ class ModelView:
     """The modules around the decoder layers."""
 
     embeddings: nn.Embedding
-    rotary_embedding: nn.Module  # module(x, position_ids) -> (cos, sin), or complex freqs
+    rotary_embedding: nn.Module | None  # module(x, position_ids) -> (cos, sin), or complex freqs; None: NoPE
     final_norm: nn.Module
     output: nn.Linear  # the LM head
     num_layers: int
