@@ -72,6 +72,9 @@ class GGUFArchitecture:
     rope_dims_partial: bool = False  # RoPE may rotate only the leading rotary_dim dims of each head
     shared_width_is_expert_multiple: bool = False  # shared width = expert width x expert_shared_count (loader's)
     configurable_norm: bool = False  # the host reads expert_weights_norm from the file: either top-k rule exports
+    # a host shared by families that differ in gating (deepseek2): the reader takes a file whose
+    # expert_gating_func is sigmoid for one of these families, and one without it (softmax) for the others
+    sigmoid_gated: bool = False
 
 
 
@@ -124,11 +127,11 @@ ARCHITECTURES = {
     # their best two, as the model's router), expert_weights_norm and _scale; HF's rope_interleave is NORM RoPE
     "deepseek_v3": GGUFArchitecture(
         name="deepseek2", renormalizes=True, configurable_norm=True, bpe_pre="deepseek-v3", leading_dense=True,
-        latent_attention=True,
+        latent_attention=True, sigmoid_gated=True,
     ),
     "glm4_moe_lite": GGUFArchitecture(
         name="deepseek2", renormalizes=True, configurable_norm=True, bpe_pre="glm4", leading_dense=True,
-        latent_attention=True,
+        latent_attention=True, sigmoid_gated=True,
     ),
     # Own hosts with a selection bias (exp_probs_b); leading dense layers (leading_dense_block_count) and shared
     # experts. glm4moe: NEOX RoPE over the leading rotary_dim dims of each head, as HF rotates them (no

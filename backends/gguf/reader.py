@@ -188,8 +188,9 @@ def read_config(file: "GGUFFile | str | Path"):
         raise MoeExportError(f"{file.path} holds a dense {file.architecture} model, not a mixture of experts")
     check_model(file)
     architecture = ARCHITECTURES[model_type]
-    if file.value("expert_gating_func") == _gguf().ExpertGatingFuncType.SIGMOID and not architecture.routing_keys:
-        # a host shared by several families reads its softmax-gated one; the sigmoid-gated ones are not read yet
+    if (file.value("expert_gating_func") == _gguf().ExpertGatingFuncType.SIGMOID and not architecture.routing_keys
+            and not architecture.sigmoid_gated):
+        # a host that routes by softmax whatever the file says
         raise MoeExportError(f"{file.path} routes by sigmoid scores (with a selection bias or expert groups), "
                              "which moeexport does not read from a GGUF yet: start from the HF checkpoint")
     layers = trunk_layers(file)
@@ -206,7 +207,7 @@ def read_config(file: "GGUFFile | str | Path"):
             q_lora_rank=file.value("attention.q_lora_rank"), kv_lora_rank=file.value("attention.kv_lora_rank"),
             qk_nope_head_dim=file.value("attention.key_length_mla") - rope_dim, qk_rope_head_dim=rope_dim,
             v_head_dim=file.value("attention.value_length_mla"))
-        head_dim, kv_heads = latent.qk_nope_head_dim + rope_dim, heads  # HF's MLA: one kv head per head
+        head_dim, kv_heads = rope_dim, heads  # HF's MLA configs: head_dim is the rotated width; one kv head per head
     rotary_dim = file.value("rope.dimension_count") if architecture.rope_dims_partial else None
     specs = layer_specs(file)
     dense = [index for index, spec in enumerate(specs) if spec.kind == "dense"]
@@ -261,7 +262,20 @@ def _model_type(file: GGUFFile) -> str:
     if file.architecture != architecture.name and LAYERS_KEY not in file.metadata:
         raise MoeExportError(f"{file.path} is a stock {file.architecture} model, which moeexport does not read; "
                              f"it reads {file.architecture} files only as the padded host of its own exports")
-    return model_type
+    return _family_by_gating(file, model_type)
+
+
+def _family_by_gating(file: GGUFFile, model_type: str) -> str:
+    """Of the families sharing the file's host, the one its expert_gating_func names (deepseek2: DeepSeek-V2 by
+    softmax, DeepSeek-V3 and GLM-4.7-Flash by sigmoid); among several, the one whose tokenizer.ggml.pre the
+    writer gives it (their models compute alike: only the config's model_type differs)."""
+    sharing = [name for name, host in ARCHITECTURES.items() if host.name == file.architecture]
+    if len(sharing) == 1:
+        return model_type
+    sigmoid = file.value("expert_gating_func") == _gguf().ExpertGatingFuncType.SIGMOID
+    gated = [name for name in sharing if ARCHITECTURES[name].sigmoid_gated == sigmoid] or [model_type]
+    pre = file.metadata.get("tokenizer.ggml.pre")
+    return next((name for name in gated if ARCHITECTURES[name].bpe_pre == pre), gated[0])
 
 
 def _expert_width(file: GGUFFile) -> int:
