@@ -1,4 +1,5 @@
-"""GGUF input for the families whose files need more than the plain reader: sigmoid-gated deepseek2 files
+"""GGUF input for the families whose files need more than the plain reader: gpt-oss (biases, sinks, sliding
+windows, YaRN, interleaved gate/up, MXFP4 experts carried byte for byte) and sigmoid-gated deepseek2 files
 (DeepSeek-V3, GLM-4.7-Flash) read back as their own family, and GGUF -> GGUF trims of them that llama.cpp runs
 exactly as torch runs the same trim of the model read from the input."""
 
@@ -46,6 +47,109 @@ def _compressed(model, passes):
     return model
 
 
+def _trim_gguf(source, passes, out):
+    """GGUF -> GGUF: `passes` on the model file `source` holds, every tensor kept carried (--quant keep)."""
+    calibration = moeexport.CalibrationOptions(source=str(HELD_OUT), samples=4, length=32)
+    options = moeexport.BuildOptions(out=str(out), calibration=calibration, eval_text=str(HELD_OUT))
+    report = moeexport.build(source, {"passes": passes}, "gguf", options)
+    assert report.quant == "keep" and report.ok, report.validation
+    return report.artifact["path"]
+
+
+def _assert_llama_cpp_runs_the_trim_as_torch(source, passes, output):
+    """llama.cpp's logits on `output` are torch's of the same trim of the model read from `source`."""
+    reference = _compressed(moeexport.load(source), passes)
+    windows = random_tokens(2, 48, seed=9) * 16  # 48 tokens: past gpt-oss's tiny sliding window of 8
+    fidelity = compare(TorchRunner(reference), gguf_backend.Runner(output, context=48), windows)
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
+    return fidelity
+
+
+def _copied(source, path, metadata: dict | None = None, dequantize: bool = False):
+    """A copy of GGUF `source` at `path` (as another writer would write it) with the string fields `metadata` set,
+    or with every quantized tensor dequantized to F32 by gguf-py."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(str(path), reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value_type = field.types[0]
+        writer.add_key_value(name, (metadata or {}).get(name, field.contents()), value_type,
+                             sub_type=field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None)
+    for tensor in reader.tensors:
+        data, kind = np.array(tensor.data), tensor.tensor_type
+        if dequantize and kind not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            data, kind = gguf.quants.dequantize(data, kind), gguf.GGMLQuantizationType.F32
+        writer.add_tensor(tensor.name, data, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# --- gpt-oss ------------------------------------------------------------------------------------------------------
+
+# (files moeexport writes for gpt-oss read back exactly: tests/test_gguf_input.py, its full and trimmed cases)
+
+
+def _mxfp4_gguf(tmp_path):
+    """A gpt-oss GGUF whose experts are MXFP4 (the hub checkpoint's own codes, as llama.cpp's converter carries
+    them), every other tensor F32."""
+    from moeexport.checkpoint_files import DEMO_MODEL
+    from moeexport.modelio import load_streamed
+    from tests.test_family_gpt_oss import _mxfp4_checkpoint
+
+    model = load_streamed(_mxfp4_checkpoint(tmp_path / "mxfp4", vocab_size=2048))
+    model.config.name_or_path = str(DEMO_MODEL)  # a vocabulary for the file
+    return gguf_backend.export(model, tmp_path / "in.gguf", quant="q8_0",
+                               tensor_types={r"^(?!.*_exps\.weight)": "f32"}).path
+
+
+def test_an_mxfp4_gpt_oss_gguf_trimmed_to_gguf_carries_the_kept_experts_mxfp4_bytes(tmp_path):
+    import gguf
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    source = _mxfp4_gguf(tmp_path)
+    passes = [{"block_drop": {"n": 1, "score": "random"}}, {"expert_drop": {"keep": 3, "scope": "layer",
+                                                                           "score": "random"}}]
+    output = _trim_gguf(source, passes, tmp_path / "out")
+    given = {tensor.name: tensor for tensor in GGUFReader(source).tensors}
+    made = {tensor.name: tensor for tensor in GGUFReader(output).tensors}
+    assert len(given) > len(made)  # a block fewer
+    mxfp4 = [name for name in made if name.endswith("_exps.weight")]
+    assert len(mxfp4) == 9
+    for name in mxfp4:
+        assert made[name].tensor_type == GGMLQuantizationType.MXFP4, name
+        output_experts = np.asarray(made[name].data).reshape(3, -1)
+        # the block it came from: Block Drop renumbers, so find it among the input's stacks of that kind
+        kind = name.split(".", 2)[-1]
+        matches = []
+        for other in (n for n in given if n.endswith(kind)):
+            input_experts = np.asarray(given[other].data).reshape(4, -1)
+            slots = [next((e for e in range(4) if np.array_equal(input_experts[e], row)), None)
+                     for row in output_experts]
+            if None not in slots:
+                matches.append(slots)
+        assert len(matches) == 1 and len(set(matches[0])) == 3, (name, matches)  # 3 distinct experts' bytes
+    # the torch model of the same trim (read from the input) holds exactly what those bytes decode to
+    reference = _compressed(moeexport.load(source), passes)
+    for view in adapter_for(reference.config).layer_views(reference):
+        rows = view.experts.gate_up_proj.transpose(1, 2)
+        for kind, weights in (("ffn_gate_exps", rows[:, 0::2]), ("ffn_up_exps", rows[:, 1::2]),
+                              ("ffn_down_exps", view.experts.down_proj.transpose(1, 2))):
+            tensor = made[f"blk.{view.index}.{kind}.weight"]
+            decoded = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+            assert np.array_equal(decoded, weights.numpy()), (view.index, kind)
+    # llama.cpp runs the file's structure exactly (its MXFP4 decoded to F32 beside it: on MXFP4 its CPU kernels
+    # round the activations to 8 bits), and the MXFP4 file itself closely
+    _assert_llama_cpp_runs_the_trim_as_torch(source, passes, _copied(output, tmp_path / "f32.gguf", dequantize=True))
+    fidelity = compare(TorchRunner(reference), gguf_backend.Runner(output, context=48), random_tokens(2, 48) * 16)
+    assert fidelity.kl < 1e-2, fidelity
+
+
 # --- sigmoid-gated deepseek2 ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("trim", ["full", "expert_drop", "block_and_layer_drop"])
@@ -69,31 +173,10 @@ def test_a_sigmoid_gated_deepseek2_gguf_reads_back_as_its_own_family(family, tri
     assert difference <= 1e-4, (family, trim, difference)
 
 
-def _with_metadata(source, path, changes: dict):
-    """A copy of GGUF `source` at `path` with the string fields `changes` set (as another writer would)."""
-    import gguf
-
-    reader = gguf.GGUFReader(source)
-    writer = gguf.GGUFWriter(str(path), reader.fields["general.architecture"].contents())
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        value_type = field.types[0]
-        writer.add_key_value(name, changes.get(name, field.contents()), value_type,
-                             sub_type=field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None)
-    for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 @pytest.mark.parametrize("pre,family", [("glm4", "glm4_moe_lite"), ("deepseek-v3", "deepseek_v3")])
 def test_the_bpe_pre_tokenizer_tells_glm_4_7_flash_files_from_deepseek_v3_ones(pre, family, tmp_path):
     written = gguf_backend.export(_tiny("glm4_moe_lite"), tmp_path / "m.gguf")
-    renamed = _with_metadata(written.path, tmp_path / "pre.gguf", {"tokenizer.ggml.pre": pre})
+    renamed = _copied(written.path, tmp_path / "pre.gguf", {"tokenizer.ggml.pre": pre})
     assert moeexport.load(renamed).config.model_type == family
 
 
@@ -107,17 +190,9 @@ def test_a_sigmoid_deepseek2_gguf_to_gguf_trim_runs_in_llama_cpp_as_torch_runs_i
     source = gguf_backend.export(_tiny(family), tmp_path / "in.gguf").path  # f32
     passes = [{"layer_drop": {"n": 1, "score": "random"}},
               {"expert_drop": {"keep": KEEP[family], "scope": "layer", "score": "random"}}]
-    calibration = moeexport.CalibrationOptions(source=str(HELD_OUT), samples=4, length=32)
-    options = moeexport.BuildOptions(out=str(tmp_path / "out"), calibration=calibration, eval_text=str(HELD_OUT))
-    report = moeexport.build(source, {"passes": passes}, "gguf", options)
-    assert report.quant == "keep" and report.ok, report.validation
-    output = report.artifact["path"]
+    output = _trim_gguf(source, passes, tmp_path / "out")
     assert GGUFFile(output).architecture == "deepseek2" and GGUFFile(output).value("expert_gating_func") == 2
-    # the reference: the same trim, in torch, of the model the input file holds
-    reference = _compressed(moeexport.load(source), passes)
-    windows = random_tokens(2, 48, seed=9) * 16
-    fidelity = compare(TorchRunner(reference), gguf_backend.Runner(output, context=48), windows)
-    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
+    _assert_llama_cpp_runs_the_trim_as_torch(source, passes, output)
     codes = carried_codes(source, output)
     stacks = [name for name in codes if "_exps" in name or name.endswith("ffn_gate_inp.weight")]
     assert stacks and all(codes[name] in ("carried", "zeros") for name in stacks), codes  # each expert's bytes

@@ -121,7 +121,6 @@ ARCHITECTURES = {
     "gpt_oss": GGUFArchitecture(
         name="gpt-oss", renormalizes=False, bpe_pre="gpt-4o", ffn_norm="ATTN_POST_NORM", softmax_over_top_k=True,
         biases=True, clamped_swiglu=(1.702, 7.0), sliding_period=2, yarn=True, pads_by_router_bias=True,
-        unread="attention sinks, biases, sliding windows, YaRN and MXFP4 experts",
     ),
     # deepseek2 also takes DeepSeek-V3's router from the file: sigmoid gating, exp_probs_b, expert groups (scored by
     # their best two, as the model's router), expert_weights_norm and _scale; HF's rope_interleave is NORM RoPE
