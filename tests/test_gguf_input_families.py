@@ -95,24 +95,58 @@ def _copied(source, path, metadata: dict | None = None, dequantize: bool = False
 # (files moeexport writes for gpt-oss read back exactly: tests/test_gguf_input.py, its full and trimmed cases)
 
 
-def _mxfp4_gguf(tmp_path):
-    """A gpt-oss GGUF whose experts are MXFP4 (the hub checkpoint's own codes, as llama.cpp's converter carries
-    them), every other tensor F32."""
+def _mxfp4_checkpoint(directory):
+    """The tiny gpt-oss with its experts as hub MXFP4 pairs (random codes), the demo's tokenizer beside it."""
     from moeexport.checkpoint_files import DEMO_MODEL
-    from moeexport.modelio import load_streamed
     from tests.test_family_gpt_oss import _mxfp4_checkpoint
 
-    model = load_streamed(_mxfp4_checkpoint(tmp_path / "mxfp4", vocab_size=2048))
-    model.config.name_or_path = str(DEMO_MODEL)  # a vocabulary for the file
-    return gguf_backend.export(model, tmp_path / "in.gguf", quant="q8_0",
+    source = _mxfp4_checkpoint(directory, vocab_size=2048)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        (source / name).write_bytes((DEMO_MODEL / name).read_bytes())
+    return source
+
+
+def _moeexport_s_mxfp4_gguf(checkpoint, path):
+    """moeexport's gpt-oss GGUF of `checkpoint`: its experts' MXFP4 codes carried, every other tensor F32."""
+    from moeexport.modelio import load_streamed
+
+    return gguf_backend.export(load_streamed(checkpoint), path, quant="q8_0",
                                tensor_types={r"^(?!.*_exps\.weight)": "f32"}).path
 
 
-def test_an_mxfp4_gpt_oss_gguf_trimmed_to_gguf_carries_the_kept_experts_mxfp4_bytes(tmp_path):
+def _converter_s_mxfp4_gguf(checkpoint, path):
+    """llama.cpp's convert_hf_to_gguf.py's file of `checkpoint` (F32; the experts repacked as MXFP4)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_family_gpt_oss import CONVERTER_WITH_SENTENCEPIECE
+
+    spec = importlib.util.spec_from_file_location("compare_with_converter",
+                                                  Path(__file__).parents[1] / "tools" / "compare_with_converter.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tree = tool.fetch_converter(path.parent / "converter")
+    script = path.parent / "convert.py"
+    script.write_text(CONVERTER_WITH_SENTENCEPIECE)
+    subprocess.run([sys.executable, str(script), str(tree), str(checkpoint), "--outtype", "f32", "--outfile",
+                    str(path)], env=os.environ | {"PYTHONPATH": str(tree / "gguf-py")}, check=True, capture_output=True)
+    return path
+
+
+@pytest.mark.parametrize("writer", [_moeexport_s_mxfp4_gguf, _converter_s_mxfp4_gguf], ids=["ours", "converter"])
+def test_an_mxfp4_gpt_oss_gguf_trimmed_to_gguf_carries_the_kept_experts_mxfp4_bytes(writer, tmp_path):
     import gguf
     from gguf import GGMLQuantizationType, GGUFReader
 
-    source = _mxfp4_gguf(tmp_path)
+    checkpoint = _mxfp4_checkpoint(tmp_path / "mxfp4")
+    source = writer(checkpoint, tmp_path / "in.gguf")
+    # read back, it is the model transformers makes of the hub checkpoint (its MXFP4 dequantized)
+    tokens = random_tokens(2, 32, seed=3) * 16
+    read_back = (_logits(moeexport.load(source), tokens) - _logits(moeexport.load(checkpoint), tokens)).abs().max()
+    assert read_back <= 1e-4, read_back
     passes = [{"block_drop": {"n": 1, "score": "random"}}, {"expert_drop": {"keep": 3, "scope": "layer",
                                                                            "score": "random"}}]
     output = _trim_gguf(source, passes, tmp_path / "out")
@@ -120,7 +154,7 @@ def test_an_mxfp4_gpt_oss_gguf_trimmed_to_gguf_carries_the_kept_experts_mxfp4_by
     made = {tensor.name: tensor for tensor in GGUFReader(output).tensors}
     assert len(given) > len(made)  # a block fewer
     mxfp4 = [name for name in made if name.endswith("_exps.weight")]
-    assert len(mxfp4) == 9
+    assert len(mxfp4) == 9 and all(given[name].tensor_type == GGMLQuantizationType.MXFP4 for name in mxfp4)
     for name in mxfp4:
         assert made[name].tensor_type == GGMLQuantizationType.MXFP4, name
         output_experts = np.asarray(made[name].data).reshape(3, -1)
