@@ -301,9 +301,9 @@ def _model_type(file: GGUFFile) -> str:
 
 
 def _family_by_gating(file: GGUFFile, model_type: str) -> str:
-    """Of the families sharing the file's host, the one its expert_gating_func names (deepseek2: DeepSeek-V2 by
-    softmax, DeepSeek-V3 and GLM-4.7-Flash by sigmoid); among several, the one whose tokenizer.ggml.pre the
-    writer gives it (their models compute alike: only the config's model_type differs)."""
+    """Of the families sharing the file's host, the one its expert_gating_func names (architectures.py's
+    sigmoid_gated); among several, the one whose tokenizer.ggml.pre the writer gives it (those the table puts on
+    one host compute alike: only the config's model_type differs), else the first."""
     sharing = [name for name, host in ARCHITECTURES.items() if host.name == file.architecture]
     if len(sharing) == 1:
         return model_type
