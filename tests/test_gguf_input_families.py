@@ -18,10 +18,11 @@ from moeexport.adapters.surgery import structure
 from moeexport.backends import gguf as gguf_backend
 from moeexport.backends.gguf.reader import GGUFFile, carried_codes
 from moeexport.compress import compress
+from moeexport.errors import MoeExportError
 from moeexport.recipe import parse_recipe
 from moeexport.validate import TorchRunner, compare
 from tests.test_gguf_input import HELD_OUT, _tiny
-from tests.tiny_models import random_tokens
+from tests.tiny_models import random_tokens, tiny_model
 
 SIGMOID_FAMILIES = ("deepseek_v3", "glm4_moe_lite")
 KEEP = {"deepseek_v3": 4, "glm4_moe_lite": 3}  # half the experts; for DeepSeek-V3 two of each group's four
@@ -231,3 +232,46 @@ def test_a_sigmoid_deepseek2_gguf_to_gguf_trim_runs_in_llama_cpp_as_torch_runs_i
     stacks = [name for name in codes if "_exps" in name or name.endswith("ffn_gate_inp.weight")]
     assert stacks and all(codes[name] in ("carried", "zeros") for name in stacks), codes  # each expert's bytes
     assert GGUFFile(output).tensors[stacks[0]].shape[0] == KEEP[family]
+
+
+# --- YaRN in deepseek2 -----------------------------------------------------------------------------------------------
+
+def _with_rope(family: str, rope_parameters: dict | None = None):
+    """The tiny `family` model (the demo's vocabulary) with `rope_parameters`; the same weights whatever they are."""
+    from moeexport.checkpoint_files import DEMO_MODEL
+
+    model = tiny_model(family, vocab_size=2048, **({"rope_parameters": rope_parameters} if rope_parameters else {}))
+    model.config.name_or_path = str(DEMO_MODEL)
+    return model
+
+
+def _yarn(mscale: float, mscale_all_dim: float) -> dict:
+    """DeepSeek-V3's hub YaRN (mscale = mscale_all_dim = 1; DeepSeek-V2-Lite's 0.707), over a tiny original context
+    that the test windows outrun."""
+    return {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": mscale, "mscale_all_dim": mscale_all_dim}
+
+
+@pytest.mark.parametrize("family,mscale", [("deepseek_v3", 1.0), ("glm4_moe_lite", 0.707)])
+def test_deepseek2_with_yarn_runs_in_llama_cpp_as_in_torch_and_reads_back(family, mscale, tmp_path):
+    model = _with_rope(family, _yarn(mscale, mscale))
+    written = gguf_backend.export(model, tmp_path / "m.gguf")
+    file = GGUFFile(written.path)
+    assert file.value("rope.scaling.type") == "yarn"
+    assert file.value("rope.scaling.yarn_log_multiplier") == pytest.approx(0.1 * mscale)  # the converter's key
+    windows = random_tokens(2, 48, seed=9) * 16
+    fidelity = compare(TorchRunner(model), gguf_backend.Runner(written.path, context=48), windows)
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
+    unscaled = _with_rope(family)
+    unscaled.load_state_dict(model.state_dict())  # (tiny_model's seed makes them equal already)
+    assert (_logits(unscaled, windows) - _logits(model, windows)).abs().max() > 1e-2  # YaRN matters here
+    loaded = moeexport.load(written.path)
+    assert loaded.config.rope_parameters["rope_type"] == "yarn"
+    assert loaded.config.rope_parameters["mscale_all_dim"] == pytest.approx(mscale, rel=1e-6)
+    assert (_logits(loaded, windows) - _logits(model, windows)).abs().max() <= 1e-4
+
+
+def test_deepseek2_refuses_a_yarn_that_llama_cpp_would_scale_otherwise(tmp_path):
+    model = _with_rope("deepseek_v3", _yarn(1.0, 0.707))  # HF: attention_factor 1.0 / 0.707-mscale
+    with pytest.raises(MoeExportError, match="takes YaRN's mscale equal to mscale_all_dim"):
+        gguf_backend.export(model, tmp_path / "m.gguf")

@@ -242,7 +242,7 @@ def read_config(file: "GGUFFile | str | Path"):
         experts=ExpertLayout(alpha=architecture.clamped_swiglu[0], limit=architecture.clamped_swiglu[1])
         if architecture.clamped_swiglu else ExpertLayout(),
         **_sliding_window(file, architecture, layers),
-        rope_scaling=_yarn(file) if architecture.yarn else {},
+        rope_scaling=_yarn(file, architecture) if architecture.yarn else {},
     )
     widths = FFNWidths(expert_width, shared_width, tuple(dense))
     values = supported_families()[model_type].config_values(canonical, layers, widths, tied="output.weight" not in tensors)
@@ -269,7 +269,7 @@ def _sliding_window(file: GGUFFile, architecture, layers: int) -> dict:
     return {"sliding_layers": tuple(bool(slides) for slides in pattern), "sliding_window": int(window)}
 
 
-def _yarn(file: GGUFFile) -> dict:
+def _yarn(file: GGUFFile, architecture) -> dict:
     """The file's YaRN RoPE scaling as transformers' rope_parameters (without rope_theta); {} without it.
     llama.cpp rounds YaRN's correction range to whole dimensions, which transformers does with truncate: true."""
     if file.value("rope.scaling.type") != "yarn":
@@ -281,6 +281,9 @@ def _yarn(file: GGUFFile) -> dict:
     if "factor" not in values or "original_max_position_embeddings" not in values:
         raise MoeExportError(f"{file.path} scales RoPE by YaRN without {file.architecture}.rope.scaling.factor and "
                              ".original_context_length: the file is incomplete; write it again")
+    if architecture.yarn_mscale and file.value("rope.scaling.yarn_log_multiplier"):  # 0.1 x mscale_all_dim
+        values["mscale"] = values["mscale_all_dim"] = float(np.float32(file.value("rope.scaling.yarn_log_multiplier")
+                                                                       / np.float32(0.1)))
     return {"rope_type": "yarn", **values, "truncate": True}
 
 
