@@ -185,6 +185,41 @@ def test_an_mxfp4_gpt_oss_gguf_trimmed_to_gguf_carries_the_kept_experts_mxfp4_by
     assert fidelity.kl < 1e-2, fidelity
 
 
+def test_an_in_memory_mxfp4_gpt_oss_carries_its_unchanged_experts_mxfp4_codes(tmp_path):
+    from gguf import GGMLQuantizationType, GGUFReader
+    from safetensors.numpy import load_file
+
+    from moeexport.adapters.surgery import keep_experts
+    from tests.test_family_gpt_oss import _ggml_mxfp4
+
+    checkpoint = _mxfp4_checkpoint(tmp_path / "mxfp4")
+    model = moeexport.load(checkpoint)  # in memory: the experts dequantized
+    keep = {0: [3, 1, 0], 1: [0, 1, 2], 2: [2, 3, 0], 3: [1, 2, 3]}
+    for layer, kept in keep.items():
+        keep_experts(adapter_for(model.config), model, layer, kept)
+    with torch.no_grad():  # as a pass that rewrites an expert would: its layer's experts are no longer the codes
+        model.model.layers[2].mlp.experts.down_proj[1, 0, 0] += 1.0
+    tensors = {tensor.name: tensor for tensor in GGUFReader(
+        gguf_backend.export(model, tmp_path / "m.gguf", quant="q8_0").path).tensors}
+    stored = load_file(checkpoint / "model.safetensors")
+    for layer, kept in keep.items():
+        gate_up, down = (f"model.layers.{layer}.mlp.experts.{stack}" for stack in ("gate_up_proj", "down_proj"))
+        expected = {
+            "ffn_gate_exps": [_ggml_mxfp4(stored[gate_up + "_blocks"][e, 0::2], stored[gate_up + "_scales"][e, 0::2])
+                              for e in kept],
+            "ffn_up_exps": [_ggml_mxfp4(stored[gate_up + "_blocks"][e, 1::2], stored[gate_up + "_scales"][e, 1::2])
+                            for e in kept],
+            "ffn_down_exps": [_ggml_mxfp4(stored[down + "_blocks"][e], stored[down + "_scales"][e]) for e in kept],
+        }
+        for kind, experts in expected.items():
+            tensor = tensors[f"blk.{layer}.{kind}.weight"]
+            if layer == 2:
+                assert tensor.tensor_type == GGMLQuantizationType.Q8_0, kind  # written from the weights
+                continue
+            assert tensor.tensor_type == GGMLQuantizationType.MXFP4, (layer, kind)
+            assert np.array_equal(np.asarray(tensor.data).reshape(3, -1), np.stack(experts).reshape(3, -1))
+
+
 # --- sigmoid-gated deepseek2 ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("trim", ["full", "expert_drop", "block_and_layer_drop"])

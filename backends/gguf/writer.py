@@ -1054,12 +1054,25 @@ def _packed_experts(model, view: LayerView):
     reads both expert stacks from MXFP4 pairs that no pass changed; None otherwise."""
     stream = stream_of(model)
     if stream is None:
-        return None
+        return _packed_in_memory(view)
     prefix = child_name(view.module, view.experts) + "."
     stacks = {stack: prefix + stack for stack in ("gate_up_proj", "down_proj")}
     if not all(stream.packed(view.index, path) for path in stacks.values()):
         return None
     return {stack: (lambda slot, path=path: stream.packed(view.index, path, slot)) for stack, path in stacks.items()}
+
+
+def _packed_in_memory(view: LayerView):
+    """_packed_experts of an in-memory layer whose every expert still holds exactly its checkpoint's MXFP4 codes
+    dequantized (mxfp4.PackedExperts, checked against the weights); None otherwise."""
+    source = getattr(view.experts, "mxfp4_source", None)
+    if source is None:
+        return None
+    codes = {stack: [source.codes(stack, slot, weights) for slot, weights in enumerate(getattr(view.experts, stack))]
+             for stack in ("gate_up_proj", "down_proj")}
+    if any(pair is None for pairs in codes.values() for pair in pairs):
+        return None
+    return {stack: (lambda slot, pairs=pairs: pairs[slot]) for stack, pairs in codes.items()}
 
 
 def _write_mxfp4_experts(tensors: _TensorSink, name: BlockNames, view: LayerView, pads: int, packed) -> None:
