@@ -539,7 +539,7 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
 def _check_latent_yarn(yarn: dict, architecture: GGUFArchitecture) -> None:
     """llama.cpp's latent attention scales q.k by YaRN's mscale(mscale_all_dim) squared, and its rotations by
     mscale(mscale) / mscale(mscale_all_dim) with mscale taken equal to mscale_all_dim, so 1: exact where HF's
-    attention_factor is 1 too, with mscale equal to a nonzero mscale_all_dim (DeepSeek-V3's, Kimi-K2's)."""
+    attention_factor is 1 too, with mscale equal to a nonzero mscale_all_dim (as the hub's MLA configs set them)."""
     mscale, mscale_all_dim = yarn.get("mscale"), yarn.get("mscale_all_dim")
     if yarn.get("attention_factor") is not None or not mscale_all_dim or mscale != mscale_all_dim:
         raise MoeExportError(
