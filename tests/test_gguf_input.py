@@ -55,7 +55,7 @@ def _logits(model, tokens):
 def _cases():
     for family in sorted(gguf_backend.ARCHITECTURES):
         if gguf_backend.ARCHITECTURES[family].unread:
-            continue  # refused by name (gpt-oss: tests/test_family_gpt_oss.py)
+            continue  # refused by name
         if gguf_backend.ARCHITECTURES[family].sigmoid_gated:
             continue  # read back with trims their expert groups allow: tests/test_gguf_input_families.py
         for trim in TRIMS:

@@ -19,7 +19,8 @@ files of the same hosts that llama.cpp's own converter writes:
 `GGUFCheckpoint` serves those weights under the model's parameter names to a
 moeexport.streaming.LayerStream, undoing the writer's layout changes (the q/k
 row permutation of NORM RoPE hosts, latent attention's k_b / v_b split, the
-padding experts); the writer carries tensors of the file by the stream's record.
+padding experts, the gate / up split of interleaved, transposed expert stacks);
+the writer carries tensors of the file by the stream's record (MXFP4 experts too).
 """
 
 from __future__ import annotations
