@@ -174,6 +174,7 @@ def load_streamed(model: Source | str | Path, dtype: str = "float32", trust_remo
 def _materialized(lm: nn.Module) -> nn.Module:
     """A streamed model with every weight read into memory, and its stream detached: an ordinary model."""
     layers = adapter_for(lm.config).layers
+    checkpoint, packed = streaming.stream_of(lm).checkpoint, {}
     with streaming.outer(lm):
         weights = {name: tensor.clone() for name, tensor in lm.state_dict().items()
                    if not name.startswith(layers + ".")}
@@ -182,6 +183,8 @@ def _materialized(lm: nn.Module) -> nn.Module:
         weights |= {prefix + name: tensor.clone() for name, tensor in view.module.state_dict().items()}
         if view.experts is not None:
             stem = prefix + streaming.child_name(view.module, view.experts) + "."
+            if (codes := _packed_codes(lm, checkpoint, stem)) is not None:
+                packed[view.index] = codes
             for name, tensor in _per_expert_tensors(view.experts).items():  # read whole: small (biases)
                 weights[stem + name] = tensor.clone()
             for name, on_demand in _expert_stacks(view.experts).items():
@@ -192,7 +195,20 @@ def _materialized(lm: nn.Module) -> nn.Module:
     for name, tensor in (*lm.named_parameters(), *lm.named_buffers()):
         if tensor.is_meta:
             raise MoeExportError(f"the GGUF left {name} unread: this is a bug in moeexport's GGUF reader")
+    for index, codes in packed.items():
+        adapter_for(lm.config).layer_view(lm, index).experts.mxfp4_source = codes
     return lm
+
+
+def _packed_codes(lm: nn.Module, checkpoint, stem: str) -> mxfp4.PackedExperts | None:
+    """Where the experts named `stem` lie as MXFP4 pairs in `checkpoint` (None: not stored so)."""
+    pair_of = getattr(checkpoint, "mxfp4_pair", None)  # (a GGUF input holds no such pairs)
+    pairs = {stack: pair_of(stem + stack) for stack in ("gate_up_proj", "down_proj")} if pair_of else {}
+    if not pairs or not all(pairs.values()):
+        return None
+    adapter = adapter_for(lm.config)
+    experts = tuple(range(getattr(lm.config, adapter.num_experts_key)))
+    return mxfp4.PackedExperts(checkpoint, pairs, experts, adapter.expert_layout(lm.config).transposed)
 
 
 def _load_stock_checkpoint(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:

@@ -66,3 +66,28 @@ def ggml_blocks(blocks: "torch.Tensor", scales: "torch.Tensor") -> "torch.Tensor
     codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).flatten(-2)  # [N, G, 32], in input order
     packed = codes[..., :16] | (codes[..., 16:] << 4)
     return torch.cat([scales[..., None], packed], dim=-1).flatten(-2)
+
+
+class PackedExperts:
+    """Where an in-memory experts module's stacks lie as MXFP4 pairs in its checkpoint (set by moeexport.load,
+    kept per expert by Expert Drop): what a quantized GGUF carries as the same codes, for each expert whose
+    weights are still exactly those codes dequantized (a pass that changed them makes that expert not carried).
+    """
+
+    def __init__(self, checkpoint, pairs: dict[str, tuple[str, str]], experts: tuple[int, ...], transposed: bool):
+        self.checkpoint = checkpoint  # a SafetensorsCheckpoint: stored_slice(key, expert)
+        self.pairs = pairs  # stack name in the experts module ("gate_up_proj") -> (blocks key, scales key)
+        self.experts = experts  # the checkpoint expert of each expert slot
+        self.transposed = transposed
+
+    def kept(self, keep: list[int]) -> "PackedExperts":
+        return PackedExperts(self.checkpoint, self.pairs, tuple(self.experts[slot] for slot in keep), self.transposed)
+
+    def codes(self, stack: str, slot: int, weights: "torch.Tensor"):
+        """(blocks, scales) of expert `slot`'s `stack` when `weights` (its matrix as the module holds it) are
+        exactly what they decode to; None otherwise."""
+        import torch
+
+        blocks, scales = (self.checkpoint.stored_slice(key, self.experts[slot]) for key in self.pairs[stack])
+        decoded = dequantize(blocks, scales, self.transposed)
+        return (blocks, scales) if torch.equal(decoded.to(weights.dtype), weights) else None

@@ -287,11 +287,7 @@ def test_gguf_refuses_what_deepseek2_would_compute_otherwise(tmp_path):
                                   topk_group=2)
     with pytest.raises(MoeExportError, match="sum of its best two experts.*by its best one"):
         gguf_backend.export(grouped_v2, tmp_path / "b.gguf")
-    yarn = _demo_vocabulary("deepseek_v3", rope_parameters={  # as DeepSeek-V3's hub config
-        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
-        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
-    with pytest.raises(MoeExportError, match="RoPE is scaled \\(rope_type 'yarn'\\)"):
-        gguf_backend.export(yarn, tmp_path / "d.gguf")
+    # YaRN: tests/test_gguf_input_families.py
     lite_shaped = _demo_vocabulary("glm4_moe_lite", num_hidden_layers=27)  # with a q LoRA, but 27 layers
     with pytest.raises(MoeExportError, match="27 layers for a 'Lite' variant without a q LoRA"):
         gguf_backend.export(lite_shaped, tmp_path / "c.gguf")

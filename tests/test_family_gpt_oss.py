@@ -380,12 +380,6 @@ def test_the_memory_plan_sizes_an_mxfp4_checkpoint_as_the_model_it_dequantizes_t
     assert sizes[0] == sizes[1] and sizes[0][0][0].expert > 0  # an expert read at a time, not a resident layer
 
 
-def test_a_gpt_oss_gguf_as_input_is_refused_by_name(tmp_path):
-    artifact = gguf_backend.export(_with_demo_vocabulary(), tmp_path / "m.gguf")
-    with pytest.raises(MoeExportError, match="does not read gpt-oss GGUFs yet.*build from the Hugging Face"):
-        load(artifact.path)
-
-
 def _ggml_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """The hub's MXFP4 rows (blocks [N, G, 16]: inputs 2j, 2j + 1 in byte j's low, high nibble; scales [N, G])
     as ggml's block_mxfp4 bytes [N, G * 17]: the scale, then inputs j and j + 16 in byte j's low and high nibble."""

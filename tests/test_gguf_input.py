@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig
 
 import moeexport
 from moeexport.adapters import adapter_for
-from moeexport.adapters.declaration import SIGMOID
 from moeexport.adapters.surgery import structure
 from moeexport.backends import gguf as gguf_backend
 from moeexport.backends.gguf.reader import GGUFFile, carried_codes
@@ -24,7 +22,7 @@ from moeexport.checkpoint_files import DEMO_MODEL
 from moeexport.recipe import parse_recipe
 from moeexport.source import open_source
 from tests.conftest import CORPUS, FIXTURE, needs_shared
-from tests.tiny_models import COMMON, TINY_CONFIGS, random_tokens, tiny_model
+from tests.tiny_models import random_tokens, tiny_model
 
 HELD_OUT = Path(__file__).with_name("held_out_text.txt")
 TRIMS = {
@@ -57,29 +55,17 @@ def _logits(model, tokens):
 def _cases():
     for family in sorted(gguf_backend.ARCHITECTURES):
         if gguf_backend.ARCHITECTURES[family].unread:
-            continue  # refused by name (gpt-oss: tests/test_family_gpt_oss.py)
+            continue  # refused by name
+        if gguf_backend.ARCHITECTURES[family].sigmoid_gated:
+            continue  # read back with trims their expert groups allow: tests/test_gguf_input_families.py
         for trim in TRIMS:
             if trim == "non_uniform" and gguf_backend.ARCHITECTURES[family].padded_host is None:
                 continue  # per-layer counts need a padded host (step35, hy_v3)
             yield family, trim
 
 
-def _sigmoid_gated_on_a_shared_host(family: str) -> bool:
-    """Families whose GGUFs route by sigmoid scores in a host whose family the reader takes for a softmax one
-    (deepseek2): refused when read back (a host of their own with routing keys, glm4moe, is read)."""
-    config = AutoConfig.for_model(family, **(COMMON | TINY_CONFIGS[family]))
-    sigmoid = adapter_for(config).model_config(config).routing.scores == SIGMOID
-    return sigmoid and not gguf_backend.ARCHITECTURES[family].routing_keys
-
-
 @pytest.mark.parametrize("family,trim", list(_cases()))
 def test_load_reads_a_gguf_back_as_the_model_it_was_written_from(family, trim, tmp_path):
-    if _sigmoid_gated_on_a_shared_host(family):  # written (tests/test_family_deepseek3.py), refused when read back
-        model = _tiny(family)
-        written = gguf_backend.export(model, tmp_path / "m.gguf")
-        with pytest.raises(MoeExportError, match="routes by sigmoid scores.*does not read from a GGUF yet"):
-            moeexport.load(written.path)
-        return
     model = _compressed(_tiny(family), TRIMS[trim])
     written = gguf_backend.export(model, tmp_path / "m.gguf")
     loaded = moeexport.load(written.path)

@@ -75,6 +75,12 @@ class GGUFArchitecture:
     # one block per layer, its kind per layer in the file (Mamba-2: no heads and no FFN; attention: no FFN; MoE),
     # per-layer top-k and expert widths honoured (hybrid_blocks_written_by in writer.py)
     hybrid_blocks: bool = False
+    # a host shared by families that differ in gating (deepseek2): the reader takes a file whose
+    # expert_gating_func is sigmoid for one of these families, and one without it (softmax) for the others
+    sigmoid_gated: bool = False
+    # deepseek2: YaRN's mscale_all_dim as rope.scaling.yarn_log_multiplier (x 0.1, as the converter writes it);
+    # llama.cpp scales q.k by that mscale squared, as HF's latent attention does, taking mscale equal to it
+    yarn_mscale: bool = False
 
 
 
@@ -121,17 +127,16 @@ ARCHITECTURES = {
     "gpt_oss": GGUFArchitecture(
         name="gpt-oss", renormalizes=False, bpe_pre="gpt-4o", ffn_norm="ATTN_POST_NORM", softmax_over_top_k=True,
         biases=True, clamped_swiglu=(1.702, 7.0), sliding_period=2, yarn=True, pads_by_router_bias=True,
-        unread="attention sinks, biases, sliding windows, YaRN and MXFP4 experts",
     ),
     # deepseek2 also takes DeepSeek-V3's router from the file: sigmoid gating, exp_probs_b, expert groups (scored by
     # their best two, as the model's router), expert_weights_norm and _scale; HF's rope_interleave is NORM RoPE
     "deepseek_v3": GGUFArchitecture(
         name="deepseek2", renormalizes=True, configurable_norm=True, bpe_pre="deepseek-v3", leading_dense=True,
-        latent_attention=True,
+        latent_attention=True, sigmoid_gated=True, yarn=True, yarn_mscale=True,
     ),
     "glm4_moe_lite": GGUFArchitecture(
         name="deepseek2", renormalizes=True, configurable_norm=True, bpe_pre="glm4", leading_dense=True,
-        latent_attention=True,
+        latent_attention=True, sigmoid_gated=True, yarn=True, yarn_mscale=True,
     ),
     # Own hosts with a selection bias (exp_probs_b); leading dense layers (leading_dense_block_count) and shared
     # experts. glm4moe: NEOX RoPE over the leading rotary_dim dims of each head, as HF rotates them (no

@@ -355,11 +355,13 @@ def check_mapping(file, sources: dict, parameters: dict) -> None:
                                  "or was edited; fetch or write it again")
         stored = [file.tensors[tensor].shape for tensor in source.tensors]
         if source.experts is not None and len(shape) == 3:  # a stack: per expert, gate and up joined
+            shape = (shape[0], shape[2], shape[1]) if source.transposed else shape  # held as x @ W takes it
             rows = sum(one[1] for one in stored)
             if any(one[2:] != tuple(shape[2:]) for one in stored) or rows != shape[1]:
                 raise _wrong_shape(file, source.tensors[0], stored[0], shape)
         elif source.experts is not None:  # a router's rows or a bias: one entry per expert (a bias [E] may be [1, E])
-            if _squeezed(stored[0])[1:] != _squeezed(shape)[1:]:
+            joined = (*stored[0][:-1], sum(one[-1] for one in stored))  # gate's and up's expert biases side by side
+            if _squeezed(joined)[1:] != _squeezed(shape)[1:]:
                 raise _wrong_shape(file, source.tensors[0], stored[0], shape)
         elif _squeezed(stored[0]) != _squeezed(shape):  # [32] holds a [1, 32] parameter: the reader reshapes
             raise _wrong_shape(file, source.tensors[0], stored[0], shape)

@@ -19,7 +19,8 @@ files of the same hosts that llama.cpp's own converter writes:
 `GGUFCheckpoint` serves those weights under the model's parameter names to a
 moeexport.streaming.LayerStream, undoing the writer's layout changes (the q/k
 row permutation of NORM RoPE hosts, latent attention's k_b / v_b split, the
-padding experts); the writer carries tensors of the file by the stream's record.
+padding experts, the gate / up split of interleaved, transposed expert stacks);
+the writer carries tensors of the file by the stream's record (MXFP4 experts too).
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ def read_config(file: "GGUFFile | str | Path"):
     from transformers import AutoConfig
 
     from moeexport.adapters import supported_families
-    from moeexport.adapters.declaration import FFNWidths, LatentAttention, ModelConfig, Routing
+    from moeexport.adapters.declaration import ExpertLayout, FFNWidths, LatentAttention, ModelConfig, Routing
 
     file = file if isinstance(file, GGUFFile) else GGUFFile(file)
     model_type = _model_type(file)
@@ -188,8 +189,9 @@ def read_config(file: "GGUFFile | str | Path"):
         raise MoeExportError(f"{file.path} holds a dense {file.architecture} model, not a mixture of experts")
     check_model(file)
     architecture = ARCHITECTURES[model_type]
-    if file.value("expert_gating_func") == _gguf().ExpertGatingFuncType.SIGMOID and not architecture.routing_keys:
-        # a host shared by several families reads its softmax-gated one; the sigmoid-gated ones are not read yet
+    if (file.value("expert_gating_func") == _gguf().ExpertGatingFuncType.SIGMOID and not architecture.routing_keys
+            and not architecture.sigmoid_gated):
+        # a host that routes by softmax whatever the file says
         raise MoeExportError(f"{file.path} routes by sigmoid scores (with a selection bias or expert groups), "
                              "which moeexport does not read from a GGUF yet: start from the HF checkpoint")
     layers = trunk_layers(file)
@@ -206,7 +208,7 @@ def read_config(file: "GGUFFile | str | Path"):
             q_lora_rank=file.value("attention.q_lora_rank"), kv_lora_rank=file.value("attention.kv_lora_rank"),
             qk_nope_head_dim=file.value("attention.key_length_mla") - rope_dim, qk_rope_head_dim=rope_dim,
             v_head_dim=file.value("attention.value_length_mla"))
-        head_dim, kv_heads = latent.qk_nope_head_dim + rope_dim, heads  # HF's MLA: one kv head per head
+        head_dim, kv_heads = rope_dim, heads  # HF's MLA configs: head_dim is the rotated width; one kv head per head
     rotary_dim = file.value("rope.dimension_count") if architecture.rope_dims_partial else None
     specs = layer_specs(file)
     dense = [index for index, spec in enumerate(specs) if spec.kind == "dense"]
@@ -237,6 +239,11 @@ def read_config(file: "GGUFFile | str | Path"):
         rotary_dim=rotary_dim if rotary_dim and rotary_dim != head_dim else None,
         qkv_bias="blk.0.attn_q.bias" in tensors,
         qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        # the host's fixed clamped SwiGLU (gpt-oss)
+        experts=ExpertLayout(alpha=architecture.clamped_swiglu[0], limit=architecture.clamped_swiglu[1])
+        if architecture.clamped_swiglu else ExpertLayout(),
+        **_sliding_window(file, architecture, layers),
+        rope_scaling=_yarn(file, architecture) if architecture.yarn else {},
     )
     widths = FFNWidths(expert_width, shared_width, tuple(dense))
     values = supported_families()[model_type].config_values(canonical, layers, widths, tied="output.weight" not in tensors)
@@ -246,6 +253,39 @@ def read_config(file: "GGUFFile | str | Path"):
     config = AutoConfig.for_model(**values, **{k: v for k, v in special.items() if v is not None})
     config.name_or_path = str(file.path)
     return config
+
+
+def _sliding_window(file: GGUFFile, architecture, layers: int) -> dict:
+    """ModelConfig's sliding_layers and sliding_window as the host reads them: the window, and the file's
+    per-layer pattern or else the host's own (each `sliding_period`-th layer attends fully)."""
+    window = file.value("attention.sliding_window")
+    if not architecture.sliding_period or not window:
+        return {}
+    pattern = file.value("attention.sliding_window_pattern")
+    if pattern is None:
+        pattern = [index % architecture.sliding_period < architecture.sliding_period - 1 for index in range(layers)]
+    if len(pattern) != layers:
+        raise MoeExportError(f"{file.path}: {file.architecture}.attention.sliding_window_pattern lists "
+                             f"{len(pattern)} layers for block_count {layers}: the file was edited; write it again")
+    return {"sliding_layers": tuple(bool(slides) for slides in pattern), "sliding_window": int(window)}
+
+
+def _yarn(file: GGUFFile, architecture) -> dict:
+    """The file's YaRN RoPE scaling as transformers' rope_parameters (without rope_theta); {} without it.
+    llama.cpp rounds YaRN's correction range to whole dimensions, which transformers does with truncate: true."""
+    if file.value("rope.scaling.type") != "yarn":
+        return {}
+    keys = {"factor": "rope.scaling.factor", "original_max_position_embeddings": "rope.scaling.original_context_length",
+            "beta_fast": "rope.scaling.yarn_beta_fast", "beta_slow": "rope.scaling.yarn_beta_slow",
+            "attention_factor": "rope.scaling.yarn_attn_factor"}
+    values = {name: file.value(key) for name, key in keys.items() if file.value(key) is not None}
+    if "factor" not in values or "original_max_position_embeddings" not in values:
+        raise MoeExportError(f"{file.path} scales RoPE by YaRN without {file.architecture}.rope.scaling.factor and "
+                             ".original_context_length: the file is incomplete; write it again")
+    if architecture.yarn_mscale and file.value("rope.scaling.yarn_log_multiplier"):  # 0.1 x mscale_all_dim
+        values["mscale"] = values["mscale_all_dim"] = float(np.float32(file.value("rope.scaling.yarn_log_multiplier")
+                                                                       / np.float32(0.1)))
+    return {"rope_type": "yarn", **values, "truncate": True}
 
 
 def _model_type(file: GGUFFile) -> str:
@@ -261,7 +301,20 @@ def _model_type(file: GGUFFile) -> str:
     if file.architecture != architecture.name and LAYERS_KEY not in file.metadata:
         raise MoeExportError(f"{file.path} is a stock {file.architecture} model, which moeexport does not read; "
                              f"it reads {file.architecture} files only as the padded host of its own exports")
-    return model_type
+    return _family_by_gating(file, model_type)
+
+
+def _family_by_gating(file: GGUFFile, model_type: str) -> str:
+    """Of the families sharing the file's host, the one its expert_gating_func names (architectures.py's
+    sigmoid_gated); among several, the one whose tokenizer.ggml.pre the writer gives it (those the table puts on
+    one host compute alike: only the config's model_type differs), else the first."""
+    sharing = [name for name, host in ARCHITECTURES.items() if host.name == file.architecture]
+    if len(sharing) == 1:
+        return model_type
+    sigmoid = file.value("expert_gating_func") == _gguf().ExpertGatingFuncType.SIGMOID
+    gated = [name for name in sharing if ARCHITECTURES[name].sigmoid_gated == sigmoid] or [model_type]
+    pre = file.metadata.get("tokenizer.ggml.pre")
+    return next((name for name in gated if ARCHITECTURES[name].bpe_pre == pre), gated[0])
 
 
 def _expert_width(file: GGUFFile) -> int:
@@ -321,6 +374,8 @@ class Source:
     latent_heads: int = 0  # latent attention's kv_b_proj: join k_b (transposed back) and v_b per head
     experts: int | None = None  # real experts of a padded stack or router (None: all of it); pads follow
     shape: tuple[int, ...] = ()  # the parameter's shape
+    interleaved: bool = False  # joined tensors alternate (gpt-oss's gate_up: a gate row, then an up row)
+    transposed: bool = False  # the parameter holds each expert's matrix transposed (applied as x @ W: gpt-oss)
 
 
 class GGUFCheckpoint:
@@ -339,6 +394,9 @@ class GGUFCheckpoint:
         self.sources: dict[str, Source] = {}
         names = TensorNames(_gguf(), file.architecture)
         adapter = adapter_for(model.config)
+        # a transposed expert layout (gpt-oss) is read an expert matrix at a time, in the model's layout: reads in
+        # row blocks compute untransposed experts without biases
+        self.reads_in_blocks = not adapter.expert_layout(model.config).transposed
         config = adapter.model_config(model.config)
         module_names = {id(module): name for name, module in model.named_modules()}
         host = host_named(config.model_type, file.architecture)
@@ -366,6 +424,9 @@ class GGUFCheckpoint:
                     add(projection, kind, block=block)
                 continue
             add(view.router, "FFN_GATE_INP", block=block, experts=spec.num_experts)
+            if getattr(view.router, "bias", None) is not None:  # gpt-oss's, -1e9 on any pads that follow
+                add(view.router, "FFN_GATE_INP", block=block, parameter="bias", suffix=".bias",
+                    experts=spec.num_experts)
             if adapter.selection_bias is not None:  # ours [E] (pads after the real experts); the converter's [1, E]
                 owner, _, parameter = f"{adapter.router}.{adapter.selection_bias}".rpartition(".")
                 bias = names("FFN_EXP_PROBS_B", block, host.selection_bias_suffix)
@@ -374,11 +435,21 @@ class GGUFCheckpoint:
                     suffix=host.selection_bias_suffix, experts=experts)
             if view.experts is not None:
                 stem = module_names[id(view.experts)]
+                layout = view.layout
                 gate, up, down = (names(kind, block) for kind in ROUTED_FFN)
-                self.sources[f"{stem}.gate_up_proj"] = Source((gate, up), experts=spec.num_experts,
-                                                              shape=tuple(view.experts.gate_up_proj.shape))
+                self.sources[f"{stem}.gate_up_proj"] = Source(
+                    (gate, up), experts=spec.num_experts, shape=tuple(view.experts.gate_up_proj.shape),
+                    interleaved=layout.interleaved, transposed=layout.transposed)
                 self.sources[f"{stem}.down_proj"] = Source((down,), experts=spec.num_experts,
-                                                           shape=tuple(view.experts.down_proj.shape))
+                                                           shape=tuple(view.experts.down_proj.shape),
+                                                           transposed=layout.transposed)
+                if layout.biases:  # [E, 2 * ffn] joined as the weights' rows are, and [E, hidden]
+                    gate, up, down = (names(kind, block, ".bias") for kind in ROUTED_FFN)
+                    self.sources[f"{stem}.gate_up_proj_bias"] = Source(
+                        (gate, up), experts=spec.num_experts, shape=tuple(view.experts.gate_up_proj_bias.shape),
+                        interleaved=layout.interleaved)
+                    self.sources[f"{stem}.down_proj_bias"] = Source(
+                        (down,), experts=spec.num_experts, shape=tuple(view.experts.down_proj_bias.shape))
             for shared in view.shared_experts:
                 for kind, projection in zip(SHARED_FFN, _mlp(shared)):
                     add(projection, kind, block=block)
@@ -407,9 +478,11 @@ class GGUFCheckpoint:
         add(attention.v_proj, "ATTN_V", block=block)
         add(attention.o_proj, "ATTN_OUT", block=block)
         for kind, projection in (("ATTN_Q", attention.q_proj), ("ATTN_K", attention.k_proj),
-                                 ("ATTN_V", attention.v_proj)):
+                                 ("ATTN_V", attention.v_proj), ("ATTN_OUT", attention.o_proj)):
             if projection.bias is not None:
                 add(projection, kind, block=block, parameter="bias", suffix=".bias")
+        if getattr(attention, "sinks", None) is not None:  # gpt-oss: a logit per head in every softmax
+            add(attention, "ATTN_SINKS", block=block, parameter="sinks")
         for kind, norm in (("ATTN_Q_NORM", getattr(attention, "q_norm", None)),
                            ("ATTN_K_NORM", getattr(attention, "k_norm", None))):
             if norm is not None:
@@ -454,6 +527,10 @@ class GGUFCheckpoint:
         source = self.sources[name]
         if source.latent_heads:
             return torch.from_numpy(self._kv_b(source))
+        if len(source.tensors) > 1:  # expert biases of gate and up (whole weight stacks are read an expert at a time)
+            joined = _joined([self.file.dequantized(tensor, 0, source.experts) for tensor in source.tensors],
+                             source.interleaved, axis=1)
+            return torch.from_numpy(np.ascontiguousarray(joined).reshape(source.shape))
         values = self.file.dequantized(source.tensors[0], 0, source.experts)
         if source.permute_heads:
             values = _unpermute_rows(values, source.permute_heads)
@@ -464,7 +541,18 @@ class GGUFCheckpoint:
         only `rows`: first, count)."""
         import torch
 
-        tensors = self.sources[name].tensors
+        source = self.sources[name]
+        tensors = source.tensors
+        if source.interleaved or source.transposed:  # the model's own layout, whole, then the part asked
+            matrix = _joined([self.file.dequantized(tensor, expert, 1)[0] for tensor in tensors], source.interleaved,
+                             axis=0)
+            matrix = matrix.T if source.transposed else matrix
+            if part is not None:
+                height = matrix.shape[0] // parts
+                matrix = matrix[part * height:(part + 1) * height]
+            if rows is not None:
+                matrix = matrix[rows[0]:rows[0] + rows[1]]
+            return torch.from_numpy(np.ascontiguousarray(matrix))
         if part is None and len(tensors) == 1:
             part, parts = 0, 1
         if part is not None and len(tensors) == parts:
@@ -495,6 +583,16 @@ class GGUFCheckpoint:
     def headers(self) -> dict:
         """name -> (shape, dtype, file) as moeexport.memory plans from: the model's names, float32 values."""
         return {name: (list(source.shape), "F32", self.file.path) for name, source in self.sources.items()}
+
+
+def _joined(parts: list[np.ndarray], interleaved: bool, axis: int) -> np.ndarray:
+    """Gate's and up's rows (axis 0 of expert matrices) or entries (axis 1 of [E, ffn] biases) joined along
+    `axis`: alternating, one of each in turn, or all of gate's then all of up's."""
+    if not interleaved:
+        return np.concatenate(parts, axis=axis)
+    shape = list(parts[0].shape)
+    shape[axis] *= len(parts)
+    return np.stack(parts, axis=axis + 1).reshape(shape)
 
 
 def _mlp(mlp) -> tuple:

@@ -145,6 +145,8 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
     if rope_type != "default" and not (architecture.yarn and rope_type == "yarn"):  # no scaling keys written
         raise MoeExportError(f"this model's RoPE is scaled (rope_type {rope_type!r}), which the GGUF writer does not "
                              "write yet: its GGUF would rotate and scale attention otherwise (export ONNX instead)")
+    if architecture.yarn_mscale and rope_type == "yarn":
+        _check_latent_yarn(config.rope_scaling, architecture)
     if architecture.latent_attention and not config.latent.rope_interleaved:
         raise MoeExportError(f"llama.cpp's {architecture.name} rotates interleaved RoPE pairs, and this model has "
                              "rope_interleave: false; its GGUF would compute another attention")
@@ -510,6 +512,8 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
     writer.add_rope_freq_base(config.rope_theta)
     if host.yarn and config.rope_scaling.get("rope_type") == "yarn":
         _write_yarn(writer, gguf, config.rope_scaling)
+        if host.yarn_mscale:
+            writer.add_rope_scaling_yarn_log_mul(0.1 * config.rope_scaling["mscale_all_dim"])
     if host.sliding_period:
         _write_sliding_window(writer, config, len(plan.layers), host.sliding_period)
     if host.latent_attention:
@@ -538,6 +542,21 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)  # a llama_ftype id, as llama.cpp's quantizer records it
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _check_latent_yarn(yarn: dict, architecture: GGUFArchitecture) -> None:
+    """llama.cpp's latent attention scales q.k by YaRN's mscale(mscale_all_dim) squared, and its rotations by
+    mscale(mscale) / mscale(mscale_all_dim) with mscale taken equal to mscale_all_dim, so 1: exact where HF's
+    attention_factor is 1 too, with mscale equal to a nonzero mscale_all_dim (as the hub's MLA configs set them)."""
+    mscale, mscale_all_dim = yarn.get("mscale"), yarn.get("mscale_all_dim")
+    if yarn.get("attention_factor") is not None or not mscale_all_dim or mscale != mscale_all_dim:
+        raise MoeExportError(
+            f"llama.cpp's {architecture.name} takes YaRN's mscale equal to mscale_all_dim and no attention_factor, "
+            f"but this model's YaRN has mscale {mscale}, mscale_all_dim {mscale_all_dim} and attention_factor "
+            f"{yarn.get('attention_factor')}: its GGUF would scale attention otherwise (export ONNX instead)")
+    if not yarn.get("factor"):
+        raise MoeExportError("this model's YaRN RoPE states no factor; llama.cpp needs rope.scaling.factor: "
+                             "set rope_parameters.factor in config.json")
 
 
 def _write_yarn(writer, gguf, yarn: dict) -> None:
@@ -1046,12 +1065,25 @@ def _packed_experts(model, view: LayerView):
     reads both expert stacks from MXFP4 pairs that no pass changed; None otherwise."""
     stream = stream_of(model)
     if stream is None:
-        return None
+        return _packed_in_memory(view)
     prefix = child_name(view.module, view.experts) + "."
     stacks = {stack: prefix + stack for stack in ("gate_up_proj", "down_proj")}
     if not all(stream.packed(view.index, path) for path in stacks.values()):
         return None
     return {stack: (lambda slot, path=path: stream.packed(view.index, path, slot)) for stack, path in stacks.items()}
+
+
+def _packed_in_memory(view: LayerView):
+    """_packed_experts of an in-memory layer whose every expert still holds exactly its checkpoint's MXFP4 codes
+    dequantized (mxfp4.PackedExperts, checked against the weights); None otherwise."""
+    source = getattr(view.experts, "mxfp4_source", None)
+    if source is None:
+        return None
+    codes = {stack: [source.codes(stack, slot, weights) for slot, weights in enumerate(getattr(view.experts, stack))]
+             for stack in ("gate_up_proj", "down_proj")}
+    if any(pair is None for pairs in codes.values() for pair in pairs):
+        return None
+    return {stack: (lambda slot, pairs=pairs: pairs[slot]) for stack, pairs in codes.items()}
 
 
 def _write_mxfp4_experts(tensors: _TensorSink, name: BlockNames, view: LayerView, pads: int, packed) -> None:

@@ -293,5 +293,11 @@ class Family:
         }
         if self.clip_qkv_key:
             values[self.clip_qkv_key] = config.clip_qkv
+        if config.sliding_layers:  # the inverse of model_config's reading of layer_types
+            values["layer_types"] = ["sliding_attention" if slides else "full_attention"
+                                     for slides in config.sliding_layers]
+            values["sliding_window"] = config.sliding_window
+        if config.rope_scaling:
+            values["rope_parameters"] = {**values["rope_parameters"], **config.rope_scaling}
         return values | self.own_config_values(config, replace(widths, layers=layers))
 

@@ -179,6 +179,8 @@ def keep_experts(adapter: MoEAdapter, model: nn.Module, layer: int, keep: list[i
     if keep:
         for name in expert_stacks(adapter.expert_layout(model.config)):
             _set_like(experts, name, getattr(experts, name).data.index_select(0, index).clone())
+        if getattr(experts, "mxfp4_source", None) is not None:  # the kept experts' codes (moeexport.mxfp4)
+            experts.mxfp4_source = experts.mxfp4_source.kept(keep)
     else:
         setattr(block, adapter.experts, NoRoutedExperts())
     _set_expert_counts(adapter, model, block, len(keep))
