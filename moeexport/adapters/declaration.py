@@ -162,8 +162,17 @@ def _rotary_dim(config, rope: dict) -> int | None:
     factor = rope.get("partial_rotary_factor")
     if factor is None or factor == 1.0:
         return None
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = global_value(config, "head_dim") or config.hidden_size // config.num_attention_heads
     return int(head_dim * factor)
+
+
+def global_value(config: object, key: str, default=None):
+    """A config value as the config states it globally, also where transformers' heterogeneous (per-layer)
+    configs refuse a plain read of a key some layers override (their layers' own values: the modules)."""
+    read = getattr(config, "_getattr_without_heterogeneous_validation", None)
+    if read is not None:
+        return read(key, default)
+    return getattr(config, key, default)
 
 
 def _no_dense_layer_keys(config: object, kept: list[int]) -> None:
@@ -211,6 +220,12 @@ class Family:
     latent_attention: Callable[[object], LatentAttention] | None = None  # config -> its latent sizes, if MLA
     # config -> each decoder layer's token mixer, for hybrid families; None: self-attention in every layer
     layer_mixers: Callable[[object], tuple[MixerKind, ...]] | None = None
+    # Families whose decoder layer itself holds the router and the experts beside a dense MLP (Gemma 4): `moe`
+    # is then "" (the layer), and these say what differs from a router that is one linear map
+    router_weight: str = "weight"  # the router's [E, hidden] matrix, a dotted path inside it
+    router_returns_probabilities: bool = False  # router(x)[0] is the softmax scores, not the logits
+    experts_norm: str | None = None  # a norm on the router's input that only the experts see, a path in the layer
+    hidden_act_key: str = "hidden_act"  # config key of the MLPs' activation
     # Rewrites the config keys that name dense layers after Block Drop (kept = surviving old indices).
     renumber_dense_layers: Callable[[object, list[int]], None] = _no_dense_layer_keys
     # An error message when the family's routing cannot survive a change of expert count.
@@ -235,12 +250,12 @@ class Family:
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,
             num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            num_kv_heads=global_value(config, "num_key_value_heads"),
+            head_dim=global_value(config, "head_dim") or config.hidden_size // config.num_attention_heads,
             context_length=config.max_position_embeddings,
             rms_norm_eps=config.rms_norm_eps,
             rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
-            hidden_act=getattr(config, "hidden_act", "silu"),
+            hidden_act=getattr(config, self.hidden_act_key, "silu"),
             num_experts=getattr(config, self.num_experts_key),
             top_k=getattr(config, self.top_k_key),
             routing=self.routing(config),

@@ -353,3 +353,51 @@ ERNIE4_5_MOE = register(
         own_config_values=_ernie_config_values,
     )
 )
+
+
+# --- Gemma 4 MoE (gemma4_text: the text model, Gemma4ForCausalLM) -------------------------------------------------
+
+
+def _gemma4_routing(config) -> Routing:
+    """Gemma4TextRouter: a scale-less RMSNorm of the layer's input x scale x hidden^-1/2 -> linear -> softmax ->
+    top-k, renormalized, x the chosen experts' per_expert_scale; a dense MLP runs beside the experts."""
+    return Routing(renormalize=True, dense_mlp_beside=True)
+
+
+def _gemma4_expert_layout(config) -> ExpertLayout:
+    return ExpertLayout(activation=config.hidden_activation)
+
+
+def _renumber_gemma4_layers(config, kept: list[int]) -> None:
+    """Gemma 4's full-attention layers override head_dim (and kv heads) in per_layer_config, keyed by layer index:
+    after Block Drop the survivors keep their own."""
+    overrides = {int(layer): values for layer, values in config.to_dict().get("per_layer_config", {}).items()}
+    config.per_layer_config = {new: overrides[old] for new, old in enumerate(kept) if old in overrides}
+
+
+def _gemma4_not_moe(config) -> str | None:
+    if not getattr(config, "enable_moe_block", False):
+        return "this Gemma 4 model has no experts (enable_moe_block is false): moeexport compresses the MoE variant"
+    return None
+
+
+GEMMA4 = register(
+    Family(
+        model_type="gemma4_text",
+        family="Gemma 4 MoE (a dense MLP beside the experts, a normed and scaled router, sliding-window attention)",
+        num_experts_key="num_experts",
+        top_k_key="top_k_experts",
+        routing=_gemma4_routing,
+        expert_layout=_gemma4_expert_layout,
+        moe="",  # the decoder layer itself holds the router and the experts, beside its dense `mlp`
+        moe_norm="pre_feedforward_layernorm",  # its input is the residual the router reads
+        router="router",
+        router_weight="proj.weight",
+        router_tensors=("proj.weight", "per_expert_scale"),  # per_expert_scale goes with its expert
+        router_returns_probabilities=True,
+        experts_norm="pre_feedforward_layernorm_2",
+        hidden_act_key="hidden_activation",
+        renumber_dense_layers=_renumber_gemma4_layers,
+        expert_count_change_blocker=_gemma4_not_moe,
+    )
+)
