@@ -112,10 +112,25 @@ def test_block_and_uniform_expert_drop_save_a_checkpoint_transformers_loads_to_t
     assert torch.equal(_logits(stock, tokens), _logits(model, tokens))
 
 
-@pytest.mark.parametrize("step, message", [
-    ({"layer_drop": {"n": 1}}, "Gemma 4 MoE.*Layer Drop is not supported yet.*use Expert Drop or Block Drop"),
-    ({"merge": {"keep": 2}}, "Gemma 4 MoE.*experts cannot be merged.*use Expert Drop"),
-])
-def test_what_does_not_fit_gemma4_is_refused_by_name(step, message):
-    with pytest.raises(MoeExportError, match=message):
-        compress(tiny_model("gemma4_text"), parse_recipe({"passes": [step]}), _provider())
+def test_layer_drop_leaves_the_dense_mlp_with_its_norms_and_moexport_reloads_it(tmp_path):
+    model = tiny_model("gemma4_text")
+    original = copy.deepcopy(model)
+    result = compress(model, parse_recipe({"passes": [{"layer_drop": {"n": 1, "score": "random"}}]}), _provider())
+    kinds = [spec.kind for spec in structure(adapter_for(model.config), model)]
+    dropped = kinds.index("dropped")
+    assert kinds.count("dropped") == 1
+    layer, before = model.model.layers[dropped], original.model.layers[dropped]
+    assert not hasattr(layer, "experts") and not hasattr(layer, "post_feedforward_layernorm_1")
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # what the layer adds after attention: post-norm(MLP(pre-norm(h))), the experts gone
+        expected = before.post_feedforward_layernorm(before.mlp(before.pre_feedforward_layernorm(x)))
+        torch.testing.assert_close(layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x))),
+                                   expected, rtol=0, atol=0)
+    tokens = random_tokens(2, 24)
+    saved = load(moeexport.save(model, tmp_path / "out", result.manifest()))
+    assert torch.equal(_logits(saved, tokens), _logits(model, tokens))
+
+
+def test_merge_is_refused_by_name():
+    with pytest.raises(MoeExportError, match="Gemma 4 MoE.*experts cannot be merged.*per_expert_scale.*Expert Drop"):
+        compress(tiny_model("gemma4_text"), parse_recipe({"passes": [{"merge": {"keep": 2}}]}), _provider())

@@ -226,6 +226,10 @@ class Family:
     router_returns_probabilities: bool = False  # router(x)[0] is the softmax scores, not the logits
     experts_norm: str | None = None  # a norm on the router's input that only the experts see, a path in the layer
     hidden_act_key: str = "hidden_act"  # config key of the MLPs' activation
+    # there, Layer Drop removes these modules of the layer (the router's place keeps a stand-in) and sets the
+    # layer's `moe_switch` attribute False, so that the layer runs its dense MLP alone
+    moe_modules: tuple[str, ...] = ()
+    moe_switch: str | None = None
     # Rewrites the config keys that name dense layers after Block Drop (kept = surviving old indices).
     renumber_dense_layers: Callable[[object, list[int]], None] = _no_dense_layer_keys
     # An error message when the family's routing cannot survive a change of expert count.

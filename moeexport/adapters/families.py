@@ -397,6 +397,11 @@ GEMMA4 = register(
         router_returns_probabilities=True,
         experts_norm="pre_feedforward_layernorm_2",
         hidden_act_key="hidden_activation",
+        # Layer Drop leaves a dense Gemma 4 layer: its MLP, pre- and post-feed-forward norms (llama.cpp's gemma4
+        # runs a layer without router tensors so)
+        moe_modules=("router", "experts", "pre_feedforward_layernorm_2", "post_feedforward_layernorm_1",
+                     "post_feedforward_layernorm_2"),
+        moe_switch="enable_moe_block",
         renumber_dense_layers=_renumber_gemma4_layers,
         expert_count_change_blocker=_gemma4_not_moe,
     )

@@ -150,7 +150,7 @@ def moe_block(adapter: MoEAdapter, model: nn.Module, layer: int) -> nn.Module:
 
 def layer_kind(adapter: MoEAdapter, layer_module: nn.Module) -> LayerKind:
     sublayer = get_path(layer_module, adapter.moe)
-    if isinstance(sublayer, DroppedSublayer):
+    if isinstance(sublayer, DroppedSublayer) or isinstance(getattr(sublayer, adapter.router, None), DroppedSublayer):
         return "dropped"
     return "moe" if hasattr(sublayer, adapter.router) else "dense"
 
@@ -237,10 +237,13 @@ def _set_expert_counts(adapter: MoEAdapter, model: nn.Module, block: nn.Module, 
 
 def drop_moe_sublayer(adapter: MoEAdapter, model: nn.Module, layer: int) -> None:
     """Remove the norm + MoE sublayer of one layer; attention and the residual stay."""
-    if not adapter.moe:
-        raise MoeExportError(f"{adapter.family}: Layer Drop is not supported yet (the experts run inside the decoder "
-                             "layer beside its dense MLP, no sublayer to remove); use Expert Drop or Block Drop")
     layer_module = decoder_layers(adapter, model)[layer]
+    if not adapter.moe:  # the layer holds its experts beside a dense MLP: that MLP and its norms stay
+        for name in adapter.moe_modules:
+            delattr(layer_module, name)
+        setattr(layer_module, adapter.router, DroppedSublayer())
+        setattr(layer_module, adapter.moe_switch, False)
+        return
     setattr(layer_module, adapter.moe, DroppedSublayer(adapter.moe_returns_router_scores))
     setattr(layer_module, adapter.moe_norm, nn.Identity())
 
