@@ -665,7 +665,12 @@ def logits(model, windows: torch.Tensor, batch_size: int = 8) -> np.ndarray:
     hidden = [h for h, _ in batches]
     for view in layer_views(model):
         hidden = [run_layer(view.module, h, kwargs) for h, (_, kwargs) in zip(hidden, batches)]
-    around = adapter_for(model.config).model_view(model)
+    adapter = adapter_for(model.config)
+    around, cap = adapter.model_view(model), adapter.model_config(model.config).logit_softcap
+
+    def capped(logits: torch.Tensor) -> torch.Tensor:  # final logit softcapping, where the model has it
+        return logits if not cap else cap * torch.tanh(logits / cap)
+
     out = np.empty((*windows.shape, model.config.vocab_size), np.float32)  # filled batch by batch: no copies
     stream = stream_of(model)
     if stream is not None and stream.checkpoint.reads_in_blocks:  # the head a block of vocabulary rows at a time
@@ -673,9 +678,9 @@ def logits(model, windows: torch.Tensor, batch_size: int = 8) -> np.ndarray:
             hidden = [around.final_norm(h) for h in hidden]
         for first, rows in stream.head_blocks():
             for start, h in zip(range(0, len(windows), batch_size), hidden):
-                out[start:start + len(h), :, first:first + len(rows)] = (h @ rows.T).float().numpy()
+                out[start:start + len(h), :, first:first + len(rows)] = capped(h @ rows.T).float().numpy()
         return out
     with outer(model, "output"):
         for start, h in zip(range(0, len(windows), batch_size), hidden):
-            out[start:start + len(h)] = around.output(around.final_norm(h)).float().numpy()
+            out[start:start + len(h)] = capped(around.output(around.final_norm(h))).float().numpy()
     return out

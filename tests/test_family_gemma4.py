@@ -8,10 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf import GGUFReader
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 import moeexport
+from moeexport import BuildOptions
 from moeexport.adapters import adapter_for
+from moeexport.backends import gguf as gguf_backend
+from moeexport.checkpoint_files import DEMO_MODEL
 from moeexport.adapters.surgery import keep_experts, structure
 from moeexport.calibration.observers import observe
 from moeexport.calibration.sources import CalibrationConfig
@@ -19,8 +24,10 @@ from moeexport.compress import StatisticsProvider, compress
 from moeexport.errors import MoeExportError
 from moeexport.modelio import EXPERTS_IMPLEMENTATION, load
 from moeexport.recipe import parse_recipe
+from moeexport.validate import TorchRunner, compare
 from tests.tiny_models import random_tokens, tiny_model
 
+HELD_OUT = Path(__file__).with_name("held_out_text.txt")
 TRIMMED = [{"block_drop": {"n": 1, "score": "random"}}, {"expert_drop": {"keep": 3, "score": "random"}}]
 
 
@@ -134,3 +141,98 @@ def test_layer_drop_leaves_the_dense_mlp_with_its_norms_and_moexport_reloads_it(
 def test_merge_is_refused_by_name():
     with pytest.raises(MoeExportError, match="Gemma 4 MoE.*experts cannot be merged.*per_expert_scale.*Expert Drop"):
         compress(tiny_model("gemma4_text"), parse_recipe({"passes": [{"merge": {"keep": 2}}]}), _provider())
+
+
+# --- GGUF: llama.cpp's gemma4 -----------------------------------------------------------------------------------------
+
+def _with_demo_vocabulary(**overrides):
+    """The tiny Gemma 4 with the demo model's tokenizer beside it (for GGUF files, which carry a vocabulary)."""
+    model = tiny_model("gemma4_text", vocab_size=2048, **overrides)
+    model.config.name_or_path = str(DEMO_MODEL)
+    return model
+
+
+def _saved_source(directory: Path) -> Path:
+    _with_demo_vocabulary().save_pretrained(directory)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        (directory / name).write_bytes((DEMO_MODEL / name).read_bytes())
+    return directory
+
+
+def _build(source: Path, passes: list, out: Path, stream: bool = False):
+    options = BuildOptions(out=str(out), quant="f32", profile=False, validation_windows=(2, 48), stream=stream,
+                           calibration=moeexport.CalibrationOptions(source=str(HELD_OUT), samples=4, length=32),
+                           eval_text=str(HELD_OUT), measure_quality=False)
+    return moeexport.build(source, {"passes": passes}, "gguf", options)
+
+
+class GgmlGelu(nn.Module):
+    """llama.cpp's CPU GELU (ggml's GELU and GEGLU with GGML_GELU_FP16, as built in llama-cpp-python): the tanh
+    GELU of the input rounded to fp16, looked up in an fp16 table; the input itself at or above 10, 0 at or
+    below -10."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table))
+
+
+def _with_ggml_gelu(model):
+    emulated = copy.deepcopy(model)
+    for module in emulated.modules():
+        if hasattr(module, "act_fn"):
+            module.act_fn = GgmlGelu()
+    return emulated
+
+
+def _windows() -> torch.Tensor:
+    return random_tokens(2, 48, seed=9) * 16  # 48 tokens: far past the sliding window of 8
+
+
+def _assert_exact(reference, path: Path):
+    """llama.cpp's logits against the reference computed with llama.cpp's own fp16-table GELU: exact; against the
+    reference as it is, the table's rounding alone (top-1 still agrees)."""
+    runner = gguf_backend.Runner(path, context=48)
+    fidelity = compare(TorchRunner(_with_ggml_gelu(reference)), runner, _windows())
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
+    plain = compare(TorchRunner(reference), runner, _windows())
+    assert plain.max_abs_logit <= 1e-2 and plain.top1_agreement == 1.0, plain
+    return fidelity, plain
+
+
+@pytest.mark.parametrize("passes", [[], TRIMMED], ids=["full", "trimmed"])
+def test_gguf_matches_transformers_own_model_of_the_saved_compressed_checkpoint(passes, tmp_path):
+    report = _build(_saved_source(tmp_path / "source"), passes, tmp_path / "out")
+    assert report.ok and report.artifact["path"].endswith(".gguf"), report.failures
+    stock = _stock(tmp_path / "out" / "compressed")
+    assert stock.config.num_hidden_layers == 4 - len(passes[:1])
+    assert stock.config.num_experts == (3 if passes else 4)
+    path = tmp_path / "out" / report.artifact["path"].rpartition("/")[2]
+    reader = GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == "gemma4"
+    assert "blk.0.ffn_down_exps.scale" in {tensor.name for tensor in reader.tensors}
+    _assert_exact(stock, path)
+
+
+def test_layer_drop_is_written_as_a_dense_gemma4_layer_without_its_experts_bytes(tmp_path):
+    model = _with_demo_vocabulary()
+    full = gguf_backend.export(model, tmp_path / "full.gguf")
+    compress(model, parse_recipe({"passes": [{"layer_drop": {"n": 1, "score": "random"}}]}), None)
+    dropped = next(i for i, spec in enumerate(structure(adapter_for(model.config), model)) if spec.kind == "dropped")
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf")
+    assert artifact.architecture == "gemma4"
+    names = {tensor.name for tensor in GGUFReader(artifact.path).tensors}
+    assert f"blk.{dropped}.ffn_gate_inp.weight" not in names and f"blk.{dropped}.ffn_gate_up_exps.weight" not in names
+    assert f"blk.{dropped}.ffn_gate.weight" in names and f"blk.{dropped}.post_ffw_norm.weight" in names
+    view = adapter_for(model.config).layer_view(tiny_model("gemma4_text"), dropped)
+    expert_bytes = 4 * (view.experts.gate_up_proj.numel() + view.experts.down_proj.numel())
+    saved = full.path.stat().st_size - artifact.path.stat().st_size
+    assert saved >= expert_bytes  # the experts' bytes (and the router's) are gone
+    _assert_exact(model, artifact.path)
+
+
+def test_block_drop_that_would_end_in_a_sliding_layer_is_refused_by_name():
+    from moeexport.adapters.surgery import drop_blocks
+
+    model = tiny_model("gemma4_text")
+    with pytest.raises(MoeExportError, match="Gemma 4 ends in a full-attention layer.*keep the last layer"):
+        drop_blocks(adapter_for(model.config), model, [3])

@@ -115,6 +115,7 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     layer_mixers: tuple[MixerKind, ...] = ()  # per layer, in hybrid families; (): self-attention in every layer
+    logit_softcap: float | None = None  # logits = cap x tanh(logits / cap) (final_logit_softcapping), None: none
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,7 @@ class Family:
             rope_scaling={key: value for key, value in rope.items() if key != "rope_theta"},
             rotary_dim=_rotary_dim(config, rope),
             layer_mixers=self.layer_mixers(config) if self.layer_mixers else (),
+            logit_softcap=getattr(config, "final_logit_softcapping", None),
         )
 
     def config_values(self, config: ModelConfig, layers: int, widths: FFNWidths, tied: bool) -> dict:

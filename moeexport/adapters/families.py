@@ -371,6 +371,9 @@ def _gemma4_expert_layout(config) -> ExpertLayout:
 def _renumber_gemma4_layers(config, kept: list[int]) -> None:
     """Gemma 4's full-attention layers override head_dim (and kv heads) in per_layer_config, keyed by layer index:
     after Block Drop the survivors keep their own."""
+    if kept and config.layer_types[-1] != "full_attention":  # (the per-layer lists are renumbered already)
+        raise MoeExportError(f"Gemma 4 ends in a full-attention layer (transformers turns a sliding last layer into "
+                             f"one), and this Block Drop would end it in sliding layer {kept[-1]}: keep the last layer")
     overrides = {int(layer): values for layer, values in config.to_dict().get("per_layer_config", {}).items()}
     config.per_layer_config = {new: overrides[old] for new, old in enumerate(kept) if old in overrides}
 
