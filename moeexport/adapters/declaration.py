@@ -231,6 +231,12 @@ class Family:
     # layer's `moe_switch` attribute False, so that the layer runs its dense MLP alone
     moe_modules: tuple[str, ...] = ()
     moe_switch: str | None = None
+    # the router reads top-k from the model's config rather than holding its own: a layer whose experts change
+    # gets the router its own copy of the config, with its top-k
+    router_reads_config_top_k: bool = False
+    # the embeddings module multiplies its rows by this (config -> factor), held in a buffer that checkpoints do
+    # not store (Gemma's scaled embeddings; a streamed model computes it, and scales the rows it reads)
+    embedding_scale: Callable[[object], float] | None = None
     # Rewrites the config keys that name dense layers after Block Drop (kept = surviving old indices).
     renumber_dense_layers: Callable[[object, list[int]], None] = _no_dense_layer_keys
     # An error message when the family's routing cannot survive a change of expert count.

@@ -14,6 +14,7 @@ themselves.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, fields
 from functools import cache
 
@@ -77,7 +78,7 @@ class MoEAdapter(Family):
             layout=self.expert_layout(model.config),
             selection_bias=selection_bias,
             router_weight=router_weight,
-            configured_top_k=getattr(model.config, self.top_k_key, 0),
+            configured_top_k=getattr(getattr(router, "config", None) or model.config, self.top_k_key, 0),
             router_returns_probabilities=self.router_returns_probabilities,
             experts_norm=experts_norm,
         )
@@ -233,6 +234,9 @@ def _set_expert_counts(adapter: MoEAdapter, model: nn.Module, block: nn.Module, 
             module.num_experts = count
         if hasattr(module, "top_k"):
             module.top_k = min(configured_top_k, count)
+    if adapter.router_reads_config_top_k:
+        router.config = copy.copy(router.config)
+        setattr(router.config, adapter.top_k_key, min(configured_top_k, count))
 
 
 def drop_moe_sublayer(adapter: MoEAdapter, model: nn.Module, layer: int) -> None:
