@@ -236,3 +236,31 @@ def test_block_drop_that_would_end_in_a_sliding_layer_is_refused_by_name():
     model = tiny_model("gemma4_text")
     with pytest.raises(MoeExportError, match="Gemma 4 ends in a full-attention layer.*keep the last layer"):
         drop_blocks(adapter_for(model.config), model, [3])
+
+
+# --- ONNX -------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("moe_ops", ["plain", "plain-routed", "contrib"])
+@pytest.mark.parametrize("passes", [[], [{"expert_drop": {"keep": 3, "score": "random"}}],
+                                    [{"layer_drop": {"n": 1, "score": "random"}}]],
+                         ids=["full", "expert_drop", "layer_drop"])
+def test_onnx_matches_torch_with_its_sliding_windows_softcapping_and_the_dense_mlp_beside_the_experts(
+        passes, moe_ops, tmp_path):
+    """The MoE op's gated activation is a SwiGLU: the GELU-tanh GLU experts are written in standard ops in every
+    lowering (contrib included), with the router's norm and scales, the per-expert scale in each expert's down
+    rows, per-layer-type RoPE and head widths."""
+    from moeexport.backends import onnx as onnx_backend
+
+    model = tiny_model("gemma4_text")
+    if passes:
+        compress(model, parse_recipe({"passes": passes}), _provider())
+    artifact = onnx_backend.export(model, tmp_path / "m.onnx", moe_ops=moe_ops)
+    fidelity = compare(TorchRunner(model), onnx_backend.Runner(artifact.path), random_tokens(2, 48, seed=9))
+    assert fidelity.max_abs_logit <= 1e-4 and fidelity.top1_agreement == 1.0, fidelity
+
+
+def test_int4_onnx_experts_are_refused_by_name(tmp_path):
+    from moeexport.backends import onnx as onnx_backend
+
+    with pytest.raises(MoeExportError, match="QMoE op, whose gated activation is a SwiGLU.*GELU-tanh"):
+        onnx_backend.export(tiny_model("gemma4_text"), tmp_path / "m.onnx", quant="int4")

@@ -237,6 +237,8 @@ class Family:
     # the embeddings module multiplies its rows by this (config -> factor), held in a buffer that checkpoints do
     # not store (Gemma's scaled embeddings; a streamed model computes it, and scales the rows it reads)
     embedding_scale: Callable[[object], float] | None = None
+    # config -> the decoder layers Block Drop must keep (Gemma 4's last, which must stay a full-attention layer)
+    blocks_kept: Callable[[object], tuple[int, ...]] = lambda config: ()
     # Rewrites the config keys that name dense layers after Block Drop (kept = surviving old indices).
     renumber_dense_layers: Callable[[object, list[int]], None] = _no_dense_layer_keys
     # An error message when the family's routing cannot survive a change of expert count.

@@ -407,6 +407,7 @@ GEMMA4 = register(
         moe_switch="enable_moe_block",
         router_reads_config_top_k=True,  # Gemma4TextRouter takes config.top_k_experts
         embedding_scale=lambda config: config.hidden_size ** 0.5,  # Gemma4TextScaledWordEmbedding's embed_scale
+        blocks_kept=lambda config: (config.num_hidden_layers - 1,),
         renumber_dense_layers=_renumber_gemma4_layers,
         expert_count_change_blocker=_gemma4_not_moe,
     )
