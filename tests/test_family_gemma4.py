@@ -264,3 +264,26 @@ def test_int4_onnx_experts_are_refused_by_name(tmp_path):
 
     with pytest.raises(MoeExportError, match="QMoE op, whose gated activation is a SwiGLU.*GELU-tanh"):
         onnx_backend.export(tiny_model("gemma4_text"), tmp_path / "m.onnx", quant="int4")
+
+
+# --- real widths: the synthetic checkpoint preset ------------------------------------------------------------------------
+
+def test_the_gemma4_preset_at_small_widths_writes_a_checkpoint_of_the_model_s_own_tensors(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("synthetic", Path(__file__).parents[1] / "tools" /
+                                                  "make_synthetic_checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    small = {"hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32, "num_experts": 4,
+             "top_k_experts": 2, "vocab_size": 2048, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "head_dim": 16, "global_head_dim": 32, "num_global_key_value_heads": 1}
+    settings = [arg for key, value in small.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    out = tmp_path / "gemma4"
+    assert tool.main(["gemma-4-26b-a4b", str(out), "--layers", "6", "--shard-size", "400KB", *settings]) == 0
+    model = load(out)
+    assert model.config.layer_types == ["sliding_attention"] * 5 + ["full_attention"]  # one period of 5:1
+    assert [layer.self_attn.head_dim for layer in model.model.layers] == [16] * 5 + [32]
+    assert model.model.layers[5].self_attn.v_proj is None  # the full layer's keys are its values
+    assert torch.isfinite(_logits(model, random_tokens(1, 16))).all()
