@@ -176,7 +176,7 @@ class GgmlGelu(nn.Module):
         return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table))
 
 
-def _with_ggml_gelu(model):
+def with_ggml_gelu(model):
     emulated = copy.deepcopy(model)
     for module in emulated.modules():
         if hasattr(module, "act_fn"):
@@ -192,7 +192,7 @@ def _assert_exact(reference, path: Path):
     """llama.cpp's logits against the reference computed with llama.cpp's own fp16-table GELU: exact; against the
     reference as it is, the table's rounding alone (top-1 still agrees)."""
     runner = gguf_backend.Runner(path, context=48)
-    fidelity = compare(TorchRunner(_with_ggml_gelu(reference)), runner, _windows())
+    fidelity = compare(TorchRunner(with_ggml_gelu(reference)), runner, _windows())
     assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
     plain = compare(TorchRunner(reference), runner, _windows())
     assert plain.max_abs_logit <= 1e-2 and plain.top1_agreement == 1.0, plain
