@@ -213,6 +213,20 @@ def test_gguf_matches_transformers_own_model_of_the_saved_compressed_checkpoint(
     _assert_exact(stock, path)
 
 
+def test_a_streamed_build_writes_the_in_memory_build_s_gguf_byte_for_byte(tmp_path):
+    import hashlib
+
+    source = _saved_source(tmp_path / "source")
+    passes = [{"block_drop": {"n": 1}}, {"layer_drop": {"n": 1}},  # (llama.cpp's gemma4 takes one expert count)
+              {"expert_drop": {"keep": 3, "scope": "layer", "score": "reap"}}]
+    whole, streamed = (_build(source, passes, tmp_path / f"stream-{stream}", stream) for stream in (False, True))
+    assert whole.ok and streamed.ok and streamed.compression.memory["streamed"], (whole.failures, streamed.failures)
+    assert whole.compression.passes == streamed.compression.passes
+    for name in whole.artifact["files"]:
+        digests = {hashlib.sha256((Path(out) / name).read_bytes()).hexdigest() for out in (whole.out, streamed.out)}
+        assert len(digests) == 1, name
+
+
 def test_layer_drop_is_written_as_a_dense_gemma4_layer_without_its_experts_bytes(tmp_path):
     model = _with_demo_vocabulary()
     full = gguf_backend.export(model, tmp_path / "full.gguf")
