@@ -233,7 +233,7 @@ def test_layer_drop_is_written_as_a_dense_gemma4_layer_without_its_experts_bytes
     compress(model, parse_recipe({"passes": [{"layer_drop": {"n": 1, "score": "random"}}]}), None)
     dropped = next(i for i, spec in enumerate(structure(adapter_for(model.config), model)) if spec.kind == "dropped")
     artifact = gguf_backend.export(model, tmp_path / "m.gguf")
-    assert artifact.architecture == "gemma4"
+    assert artifact.architecture == "gemma4" and "dense MLP alone" in artifact.representation
     names = {tensor.name for tensor in GGUFReader(artifact.path).tensors}
     assert f"blk.{dropped}.ffn_gate_inp.weight" not in names and f"blk.{dropped}.ffn_gate_up_exps.weight" not in names
     assert f"blk.{dropped}.ffn_gate.weight" in names and f"blk.{dropped}.post_ffw_norm.weight" in names

@@ -330,7 +330,9 @@ def _describe_representation(plan: _Plan) -> str:
     ]
     if padded:
         parts.append(f"padded to {plan.num_experts} experts with never-selected pads (exp_probs_b -1e9) in layers {padded}")
-    if plan.silent_layers and plan.architecture.dense_silent_layers:
+    if plan.silent_layers and plan.architecture.layer_tensors:
+        parts.append(f"the dense MLP alone (no router or expert tensors) for MoE-less layers {plan.silent_layers}")
+    elif plan.silent_layers and plan.architecture.dense_silent_layers:
         parts.append(f"tiny all-zero dense FFN for MoE-less layers {plan.silent_layers}")
     elif plan.silent_layers:
         parts.append(f"zero experts for MoE-less layers {plan.silent_layers}")
