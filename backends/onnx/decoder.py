@@ -66,7 +66,7 @@ def build_decoder(model, graph: Graph, lowering: str, quantization: Quantization
 
     with outer(model, "input"):  # a streamed model reads its embeddings and head for the first and last steps only
         h = graph.op("Gather", graph.weight("embed_tokens.weight", around.embeddings.weight.float().numpy()), input_ids)
-    if adapter.embedding_scale is not None:  # scaled embeddings (Gemma), in float32 as the model scales them
+    if adapter.embedding_scale is not None:  # scaled embeddings, in float32 as the model scales them
         h = graph.op("Mul", h, graph.const(adapter.embedding_scale(model.config), np.float32))
     rotated = (config.latent.qk_rope_head_dim if config.latent is not None
                else config.rotary_dim or config.head_dim)  # partial rotary (GLM) turns the leading dims only

@@ -107,7 +107,7 @@ class Quantization:
 def routed_experts(graph: Graph, x: str, name: str, experts: RoutedExperts, lowering: str,
                    quantization: Quantization | None, router_input: str | None = None) -> str:
     """The routed part of one MoE block, x [B, S, H] -> [B, S, H]; the router reads `router_input` where it
-    differs from the experts' input (Gemma 4's router norm and scale, applied by the caller)."""
+    differs from the experts' input (a router with its own norm and scale, applied by the caller)."""
     tokens = graph.op("Reshape", x, graph.const([-1, experts.router.shape[1]]))
     routed = tokens if router_input is None else graph.op("Reshape", router_input,
                                                            graph.const([-1, experts.router.shape[1]]))
