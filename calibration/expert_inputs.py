@@ -84,12 +84,14 @@ class LayerInputs:
 def collect_layer_inputs(view: LayerView, run: Callable, diagonal: bool, shared: bool) -> LayerInputs:
     """Run one MoE layer over the calibration set and gather its matrices' inputs."""
     router = view.router
-    count = router.weight.shape[0]
+    count = view.num_experts
     inputs = LayerInputs([MatrixInputs() for _ in range(count)], [MatrixInputs() for _ in range(count)])
     routed_input = {}
 
     def on_router_input(module, args):
         routed_input["x"] = args[0].reshape(-1, args[0].shape[-1])
+        if view.experts_norm is not None:  # what the experts see of the router's input
+            routed_input["x"] = view.experts_norm(routed_input["x"])
 
     def on_routing(module, args, output):
         tokens = routed_input["x"]

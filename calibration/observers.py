@@ -110,7 +110,7 @@ class _MoEAccumulator:
 
     def __init__(self, view: LayerView, routing: Routing):
         self.view, self.routing, self.router, self.norm, self.block = view, routing, view.router, view.ffn_norm, view.ffn
-        experts = self.router.weight.shape[0]
+        experts = view.num_experts
         self.expert_tokens = torch.zeros(experts, dtype=torch.long)
         self.routing_mass = torch.zeros(experts, dtype=torch.float64)
         self.reap_sum = torch.zeros(experts, dtype=torch.float64)
@@ -128,7 +128,11 @@ class _MoEAccumulator:
     def _on_router(self, module, args, output):
         logits, weights, index = output
         tokens = args[0].reshape(-1, args[0].shape[-1])
+        if self.view.experts_norm is not None:  # what the experts see of the router's input
+            tokens = self.view.experts_norm(tokens)
         logits = logits.reshape(-1, logits.shape[-1]).double()
+        if self.view.router_returns_probabilities:  # log-scores: logits up to a per-token shift, softmax unchanged
+            logits = logits.clamp_min(torch.finfo(torch.float64).tiny).log()
         self.expert_tokens += torch.bincount(index.flatten(), minlength=len(self.expert_tokens))
         token_scores = scores(self.routing, logits)
         if self.routing.scores != SOFTMAX:  # sigmoid scores: a share of the token's sum, as softmax's already are

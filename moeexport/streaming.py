@@ -144,7 +144,8 @@ class LayerStream:
         """The experts of its source layer that a layer's `edit` keeps, in order (all of them unless it names some)."""
         if edit.experts is not None:
             return edit.experts
-        router = self._name(edit.source, f"{self.adapter.moe}.{self.adapter.router}.weight")
+        router = self._name(edit.source, ".".join(filter(None, (self.adapter.moe, self.adapter.router,
+                                                                 self.adapter.router_weight))))
         return tuple(range(self.checkpoint.shape(router)[0]))
 
     # -- reading ------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ class LayerStream:
         edit = self.edits[index]
         view = self.adapter.layer_view(self.model, index)
         experts_prefix = child_name(module, view.experts) + "." if view.experts is not None else None
-        router_prefix = f"{self.adapter.moe}.{self.adapter.router}."
+        router_prefix = ".".join(filter(None, (self.adapter.moe, self.adapter.router))) + "."
         weights = {
             name: self._read(self._name(edit.source, name), meta.shape, edit.experts, name.startswith(router_prefix))
             for name, meta in module.state_dict(keep_vars=True).items()
@@ -217,6 +218,15 @@ class LayerStream:
         parent = get_path(self.model, parent_path) if parent_path else self.model
         setattr(parent, attribute, type(getattr(parent, attribute))(config=self.model.config))
 
+    def _fill_embedding_scale(self) -> None:
+        """The scaled embeddings' factor (a scalar buffer no checkpoint holds), computed from the config."""
+        if self.adapter.embedding_scale is None:
+            return
+        embeddings = get_path(self.model, self.adapter.embeddings)
+        for name, buffer in embeddings.named_buffers(recurse=False):
+            if buffer.is_meta and buffer.dim() == 0:
+                setattr(embeddings, name, torch.tensor(self.adapter.embedding_scale(self.model.config)))
+
     @contextmanager
     def outer(self, part: str = "all"):
         """What is not a decoder layer read in, and released after: only the first and the last steps of a
@@ -233,6 +243,7 @@ class LayerStream:
         }
         self.model.load_state_dict(weights, assign=True, strict=False)
         self.model.tie_weights(recompute_mapping=False)  # the ties settled when the stream opened, not the config's
+        self._fill_embedding_scale()
         _require_as_read(self.model, weights)
         for name, tensor in weights.items():
             self._require_finite(name, tensor)
@@ -267,7 +278,12 @@ class LayerStream:
         """The token embeddings of `input_ids`, reading only the rows of the tokens that occur."""
         name = self.adapter.embeddings + ".weight"
         used, positions = torch.unique(input_ids, return_inverse=True)
-        return self._require_finite(name, self.checkpoint.rows(name, used)).to(self.dtype)[positions]
+        rows = self._require_finite(name, self.checkpoint.rows(name, used)).to(self.dtype)[positions]
+        if self.adapter.embedding_scale is None:
+            return rows
+        # as the embeddings module scales them (its factor, in the compute dtype): the model takes these rows as
+        # inputs_embeds, which it does not scale
+        return rows * torch.tensor(self.adapter.embedding_scale(self.model.config)).to(self.dtype)
 
     def head_blocks(self, rows: int = 4096):
         """(first row, the LM head's rows [first, first + rows) in the compute dtype), covering the head."""
@@ -667,7 +683,12 @@ def logits(model, windows: torch.Tensor, batch_size: int = 8) -> np.ndarray:
     hidden = [h for h, _ in batches]
     for view in layer_views(model):
         hidden = [run_layer(view.module, h, kwargs) for h, (_, kwargs) in zip(hidden, batches)]
-    around = adapter_for(model.config).model_view(model)
+    adapter = adapter_for(model.config)
+    around, cap = adapter.model_view(model), adapter.model_config(model.config).logit_softcap
+
+    def capped(logits: torch.Tensor) -> torch.Tensor:  # final logit softcapping, where the model has it
+        return logits if not cap else cap * torch.tanh(logits / cap)
+
     out = np.empty((*windows.shape, model.config.vocab_size), np.float32)  # filled batch by batch: no copies
     stream = stream_of(model)
     if stream is not None and stream.checkpoint.reads_in_blocks:  # the head a block of vocabulary rows at a time
@@ -675,9 +696,9 @@ def logits(model, windows: torch.Tensor, batch_size: int = 8) -> np.ndarray:
             hidden = [around.final_norm(h) for h in hidden]
         for first, rows in stream.head_blocks():
             for start, h in zip(range(0, len(windows), batch_size), hidden):
-                out[start:start + len(h), :, first:first + len(rows)] = (h @ rows.T).float().numpy()
+                out[start:start + len(h), :, first:first + len(rows)] = capped(h @ rows.T).float().numpy()
         return out
     with outer(model, "output"):
         for start, h in zip(range(0, len(windows), batch_size), hidden):
-            out[start:start + len(h)] = around.output(around.final_norm(h)).float().numpy()
+            out[start:start + len(h)] = capped(around.output(around.final_norm(h))).float().numpy()
     return out

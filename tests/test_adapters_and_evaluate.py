@@ -34,7 +34,7 @@ def test_layer_views_hand_out_each_family_s_modules(model_type):
     for view in moe:
         assert view.num_experts == config.num_experts and view.top_k == config.top_k
         first_stack = view.experts.gate_up_proj if view.layout.gated else view.experts.up_proj  # ungated: Nemotron-H
-        assert first_stack.shape[0] == view.router.weight.shape[0]
+        assert first_stack.shape[0] == view.router_weight.shape[0]
         assert len(view.shared_experts) == int(has_shared)
         assert (view.shared_expert_gate is not None) == (model_type == "qwen2_moe")
     assert config.shared_expert_count == int(has_shared)

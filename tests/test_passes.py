@@ -140,10 +140,12 @@ def test_layer_with_all_experts_dropped_passes_through(family):
     assert structure(adapter, model)[layer].num_experts == 0
     tokens = random_tokens(2, 16, seed=5)
     residual, output = _capture_moe_input_and_layer_output(adapter, model, layer, tokens)
-    if not structure(adapter, reference)[layer].shared_experts:
+    beside = adapter.model_config(model.config).routing.dense_mlp_beside
+    if not (structure(adapter, reference)[layer].shared_experts or beside):
         assert torch.equal(output, residual)  # exact pass-through, not residual + norm(residual)
     else:
-        # only the shared experts remain: same as the original with every routed expert silenced
+        # only the shared experts (or the dense MLP beside the experts) remain: same as the original with every
+        # routed expert silenced
         moe_block(adapter, reference, layer).experts.down_proj.data.zero_()
         _, reference_output = _capture_moe_input_and_layer_output(adapter, reference, layer, tokens)
         torch.testing.assert_close(output, reference_output, rtol=0, atol=1e-6)

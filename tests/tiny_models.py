@@ -78,6 +78,15 @@ TINY_CONFIGS = {
         mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=8, conv_kernel=4, chunk_size=16,
         n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
     ),
+    # Gemma 4 MoE (the text model): three sliding-window layers and a full-attention one (the last must be), whose
+    # heads are twice as wide, with one kv head that is also the values (attention_k_eq_v, as 26B-A4B) and
+    # proportional RoPE over a quarter of them; no per-layer inputs, as the MoE checkpoints; logit softcapping
+    "gemma4_text": dict(
+        num_experts=4, top_k_experts=2, moe_intermediate_size=24, enable_moe_block=True, head_dim=16,
+        global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=8,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"], hidden_size_per_layer_input=0,
+        final_logit_softcapping=30.0,
+    ),
 }
 FAMILIES = sorted(TINY_CONFIGS)
 
@@ -90,6 +99,11 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
     for name, parameter in model.named_parameters():
         if "norm" not in name:
             torch.nn.init.normal_(parameter, std=0.2 if name.endswith("gate.weight") else 0.05)
+    for name, parameter in model.named_parameters():  # Gemma 4's router scales: near one, each its own
+        if name.endswith(("router.scale", "router.per_expert_scale")):
+            parameter.data = 1 + 0.2 * torch.randn_like(parameter)
+        elif name.endswith("router.proj.weight"):
+            torch.nn.init.normal_(parameter, std=2.0)  # sharp after the router's norm and hidden^-1/2
     for name, buffer in model.named_buffers():
         if name.endswith("e_score_correction_bias"):  # a selection bias left at zero would never matter
             buffer.normal_(std=0.1)

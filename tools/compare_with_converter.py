@@ -110,13 +110,15 @@ def main() -> None:
     parser.add_argument("--sentencepiece-vocab", action="store_true",
                         help="the converter reads the checkpoint's tokenizer.model whatever its model class")
     parser.add_argument("--work", help="directory for the sdist and both files (default: a temporary one)")
+    parser.add_argument("--llama-cpp-tree", help="an unpacked vendor/llama.cpp of the installed llama-cpp-python "
+                                                 "(its converter, conversion/, gguf-py) instead of downloading it")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="moeexport-converter-"))
     work.mkdir(parents=True, exist_ok=True)
-    llama_cpp_tree = fetch_converter(work)
+    llama_cpp_tree = Path(args.llama_cpp_tree) if args.llama_cpp_tree else fetch_converter(work)
     theirs = work / f"converter-{args.outtype}.gguf"
     script = (["-c", SENTENCEPIECE_CONVERTER] if args.sentencepiece_vocab
               else [str(llama_cpp_tree / "convert_hf_to_gguf.py")])

@@ -95,6 +95,25 @@ PRESETS["nemotron-3-nano-30b-a3b"] = {
     "moe_shared_expert_intermediate_size": 3712, "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1,
     "norm_topk_prob": True, "use_bias": False, "attention_bias": False, "tie_word_embeddings": False,
 }
+# google/gemma-4-26B-A4B's text model (its text_config), as the text-only Gemma4ForCausalLM stores it: model.layers.*
+# with 3-D stacked experts (the hub checkpoint wraps the same tensors in Gemma4ForConditionalGeneration's
+# model.language_model.*, which moeexport does not read). Layers slide 5:1 (transformers' default pattern, so that
+# --layers 6 is one period); the full-attention layers' heads are 512 wide with 2 kv heads that are also the values.
+PRESETS["gemma-4-26b-a4b"] = {
+    "model_type": "gemma4_text", "architectures": ["Gemma4ForCausalLM"], "hidden_size": 2816,
+    "intermediate_size": 2112, "moe_intermediate_size": 704, "num_hidden_layers": 30, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "num_global_key_value_heads": 2, "head_dim": 256, "global_head_dim": 512,
+    "attention_k_eq_v": True, "enable_moe_block": True, "num_experts": 128, "top_k_experts": 8,
+    "vocab_size": 262144, "sliding_window": 1024, "final_logit_softcapping": 30.0, "max_position_embeddings": 262144,
+    "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh", "hidden_size_per_layer_input": 0,
+    "num_kv_shared_layers": 0, "use_double_wide_mlp": False, "attention_bias": False, "tie_word_embeddings": True,
+    "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                           "rope_theta": 1000000.0}},
+}
+# families whose checkpoints hold the model's own state dict (3-D stacked experts): their tensors are the model's
+STACKED_FAMILIES = {"gemma4_text"}
+
 PRESETS["tiny-mixtral"] = PRESETS["mixtral-8x7b"] | {  # for tests: Mixtral's structure at small widths
     "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
     "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 2048,
@@ -172,6 +191,8 @@ def tensor_specs(config) -> list[tuple[str, tuple[int, ...]]]:
 
     if config.model_type == "nemotron_h":  # one block per layer: its own names
         return _nemotron_h_specs(config)
+    if config.model_type in STACKED_FAMILIES:
+        return _model_specs(config)
     layout = LAYOUTS[config.model_type]  # every preset's family has one; --set cannot change model_type
     facts = adapter_for(config).model_config(config)
     hidden, head_dim, width = facts.hidden_size, facts.head_dim, getattr(config, layout.expert_width)
@@ -244,6 +265,14 @@ def _nemotron_h_specs(config) -> list[tuple[str, tuple[int, ...]]]:
                       (f"{block}.mixer.shared_experts.down_proj.weight", (hidden, shared))]
     specs += [("backbone.norm_f.weight", (hidden,)), ("lm_head.weight", (facts.vocab_size, hidden))]
     return specs
+def _model_specs(config) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor the model saves, from its skeleton on the meta device (the tied head aside)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
+    return [(name, tuple(tensor.shape)) for name, tensor in model.state_dict().items() if name not in tied]
 
 
 def _dense_layers(config) -> set[int]:
@@ -313,6 +342,7 @@ def tensor_chunks(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: i
         return
     generator = torch.Generator().manual_seed(tensor_seed(seed, name))
     rows, columns = shape[0], _numel(shape[1:])  # (a conv kernel [channels, 1, k] is written as its rows)
+    rows, columns = _numel(shape[:-1]), shape[-1]  # a 3-D expert stack: its experts' rows, one after another
     step = max(1, CHUNK_ELEMENTS // columns)
     for start in range(0, rows, step):
         yield (torch.randn((min(step, rows - start), columns), generator=generator) * 0.02).to(dtype)

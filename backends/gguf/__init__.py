@@ -46,6 +46,9 @@ class GGUFTarget(Target):
         if quant == KEEP:  # carried codes are judged by the tolerance of the input's own type
             quant = self.quant_of(source.path) if source is not None else None
             quant = quant if quant in self.tolerances else "q4_0"  # (a type we do not write)
+        host = ARCHITECTURES.get(getattr(getattr(source, "config", None), "model_type", None))
+        if quant == "f32" and host is not None and host.fp16_activation:  # llama.cpp's fp16 GELU table
+            quant = "f16"
         return self.tolerances[quant]
 
     def check(self, model, quant: str, options: GGUFOptions) -> None:

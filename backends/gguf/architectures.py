@@ -81,6 +81,17 @@ class GGUFArchitecture:
     # deepseek2: YaRN's mscale_all_dim as rope.scaling.yarn_log_multiplier (x 0.1, as the converter writes it);
     # llama.cpp scales q.k by that mscale squared, as HF's latent attention does, taking mscale equal to it
     yarn_mscale: bool = False
+    # Gemma 4 (gemma4): a dense MLP beside the experts in every layer, each with its own norms, and more
+    # per-layer tensors: (a dotted path inside the decoder layer, tensor kind, suffix), each written where the
+    # layer has it (a Layer-Dropped layer keeps only its dense MLP and norms: llama.cpp runs a layer without
+    # router tensors as that dense MLP alone)
+    layer_tensors: tuple[tuple[str, str, str], ...] = ()
+    # sliding and full-attention layers with their own head widths, kv heads and RoPE (key_length_swa, a
+    # head_count_kv array, rope_freqs factors for the full layers' proportional RoPE), final logit softcapping
+    per_layer_attention: bool = False
+    # the experts' activation is GELU, which llama.cpp's CPU backend reads from an fp16 table (GGML_GELU_FP16):
+    # an f32 file matches the model up to that rounding only, and is judged as an f16 file is
+    fp16_activation: bool = False
 
 
 
@@ -163,6 +174,32 @@ ARCHITECTURES = {
         unread="Mamba-2 blocks and per-layer expert widths",
     ),
 }
+
+
+# Gemma 4's per-layer tensors besides attention, its input norm, the experts and the router's matrix
+_GEMMA4_LAYER_TENSORS = (
+    ("post_attention_layernorm.weight", "ATTN_POST_NORM", ".weight"),
+    ("mlp.gate_proj.weight", "FFN_GATE", ".weight"),
+    ("mlp.up_proj.weight", "FFN_UP", ".weight"),
+    ("mlp.down_proj.weight", "FFN_DOWN", ".weight"),
+    ("post_feedforward_layernorm.weight", "FFN_POST_NORM", ".weight"),
+    ("post_feedforward_layernorm_1.weight", "FFN_POST_NORM_1", ".weight"),
+    ("pre_feedforward_layernorm_2.weight", "FFN_PRE_NORM_2", ".weight"),
+    ("post_feedforward_layernorm_2.weight", "FFN_POST_NORM_2", ".weight"),
+    ("router.scale", "FFN_GATE_INP", ".scale"),
+    ("router.per_expert_scale", "FFN_DOWN_EXP", ".scale"),  # llama.cpp scales each expert's output by it
+    ("layer_scalar", "LAYER_OUT_SCALE", ".weight"),
+)
+
+# llama.cpp's gemma4: the router (RMSNorm without weight, x 1/sqrt(hidden), x its scale) and softmax -> top-k ->
+# renormalize -> x ffn_down_exps.scale are its graph's, as HF's; the dense MLP and the experts GELU-tanh GLUs;
+# embeddings x sqrt(hidden); q/k norms, values RMS-normed, attention scale 1; sliding layers with their own head
+# width and RoPE base; final logit softcapping. A layer without router tensors runs its dense MLP alone.
+ARCHITECTURES["gemma4_text"] = GGUFArchitecture(
+    name="gemma4", renormalizes=True, ffn_norm="FFN_PRE_NORM", layer_tensors=_GEMMA4_LAYER_TENSORS,
+    per_layer_attention=True, fp16_activation=True,
+    unread="Gemma 4's per-layer attention, dense MLP beside the experts and router scales",
+)
 
 
 def host_named(model_type: str, name: str) -> GGUFArchitecture:

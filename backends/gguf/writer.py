@@ -93,6 +93,8 @@ class _Plan:
     shared_width: int  # ffn width of the shared expert, 0 without one
     shared_gate: bool  # the shared expert's output is scaled by a sigmoid gate
     hybrid: "HybridLayout | None" = None  # hosts with one block per layer (hybrid_blocks): what each block is
+    # per layer (head width, kv heads), where the host reads them per layer (per_layer_attention)
+    layer_heads: tuple[tuple[int, int], ...] = ()
 
     @property
     def experts_used(self) -> int:
@@ -209,7 +211,21 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
             f"experts' width {width}, but this model's are {shared_width} wide (and its graph always runs them): "
             "slim the shared experts with the routed ones, or leave both"
         )
-    return _Plan(architecture, config, layers, max(routed), silent, width, shared_width, shared_gate)
+    layer_heads = tuple((view.attention.head_dim, view.attention.k_proj.weight.shape[0] // view.attention.head_dim)
+                        for view in views) if architecture.per_layer_attention else ()
+    if architecture.per_layer_attention:
+        _check_per_layer_attention(config, architecture)
+    return _Plan(architecture, config, layers, max(routed), silent, width, shared_width, shared_gate, layer_heads)
+
+
+def _check_per_layer_attention(config: ModelConfig, architecture: GGUFArchitecture) -> None:
+    """The RoPE a host with per-layer-type attention computes: plain RoPE in the sliding layers, proportional
+    (unscaled) in the full ones (transformers' rope_parameters per layer type)."""
+    sliding, full = (config.rope_scaling.get(kind) or {} for kind in ("sliding_attention", "full_attention"))
+    if sliding.get("rope_type", "default") != "default" or full.get("rope_type") != "proportional" or \
+            full.get("factor", 1.0) != 1.0 or sliding.get("partial_rotary_factor", 1.0) != 1.0:
+        raise MoeExportError(f"llama.cpp's {architecture.name} rotates sliding layers with plain RoPE and full ones "
+                             f"with unscaled proportional RoPE; this model's rope_parameters are {config.rope_scaling}")
 
 
 def _check_biases_the_host_drops(views: list[LayerView], architecture: GGUFArchitecture) -> None:
@@ -321,7 +337,9 @@ def _describe_representation(plan: _Plan) -> str:
     ]
     if padded:
         parts.append(f"padded to {plan.num_experts} experts with never-selected pads (exp_probs_b -1e9) in layers {padded}")
-    if plan.silent_layers and plan.architecture.dense_silent_layers:
+    if plan.silent_layers and plan.architecture.layer_tensors:
+        parts.append(f"the dense MLP alone (no router or expert tensors) for MoE-less layers {plan.silent_layers}")
+    elif plan.silent_layers and plan.architecture.dense_silent_layers:
         parts.append(f"tiny all-zero dense FFN for MoE-less layers {plan.silent_layers}")
     elif plan.silent_layers:
         parts.append(f"zero experts for MoE-less layers {plan.silent_layers}")
@@ -509,7 +527,8 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
         writer.add_expert_gating_func(gguf.ExpertGatingFuncType[config.routing.scores.upper()])  # SOFTMAX | SIGMOID
         writer.add_expert_weights_norm(True)
     writer.add_head_count(config.num_heads)
-    writer.add_rope_freq_base(config.rope_theta)
+    if not host.per_layer_attention:  # there, each layer kind's base: _write_per_layer_attention_hparams
+        writer.add_rope_freq_base(config.rope_theta)
     if host.yarn and config.rope_scaling.get("rope_type") == "yarn":
         _write_yarn(writer, gguf, config.rope_scaling)
         if host.yarn_mscale:
@@ -518,6 +537,8 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
         _write_sliding_window(writer, config, len(plan.layers), host.sliding_period)
     if host.latent_attention:
         _write_latent_attention_hparams(writer, config)
+    elif host.per_layer_attention:
+        _write_per_layer_attention_hparams(writer, plan)
     else:
         writer.add_head_count_kv(config.num_kv_heads)
         writer.add_key_length(config.head_dim)
@@ -583,6 +604,41 @@ def _write_sliding_window(writer, config: ModelConfig, layers: int, period: int)
     writer.add_sliding_window(config.sliding_window or UNBOUNDED_WINDOW)
     if sliding != [index % period < period - 1 for index in range(layers)]:
         writer.add_sliding_window_pattern(sliding)
+
+
+def _write_per_layer_attention_hparams(writer, plan: _Plan) -> None:
+    """Sliding and full-attention layers as the host reads them: each kind's head width (key_length for the full
+    layers, key_length_swa for the sliding ones; values as wide), kv heads per layer, RoPE bases and rotated dims
+    (the full layers rotate all dims, the rope_freqs factors keep the proportional RoPE's unrotated ones still),
+    the window and which layers slide, and the final logit softcapping."""
+    config, sliding = plan.config, list(plan.config.sliding_layers)
+    full_width = next((width for (width, _), slides in zip(plan.layer_heads, sliding) if not slides), None)
+    swa_width = next((width for (width, _), slides in zip(plan.layer_heads, sliding) if slides), None)
+    full_width, swa_width = full_width or swa_width, swa_width or full_width
+    writer.add_head_count_kv([kv for _, kv in plan.layer_heads])
+    writer.add_key_length(full_width)
+    writer.add_value_length(full_width)
+    writer.add_key_length_swa(swa_width)
+    writer.add_value_length_swa(swa_width)
+    writer.add_rope_dimension_count(full_width)
+    writer.add_rope_dimension_count_swa(swa_width)
+    writer.add_rope_freq_base(config.rope_scaling["full_attention"]["rope_theta"])
+    writer.add_rope_freq_base_swa(config.rope_scaling["sliding_attention"]["rope_theta"])
+    writer.add_sliding_window(config.sliding_window or UNBOUNDED_WINDOW)
+    writer.add_sliding_window_pattern(sliding)
+    writer.add_shared_kv_layers(0)
+    writer.add_embedding_length_per_layer_input(0)
+    if config.logit_softcap:
+        writer.add_final_logit_softcapping(config.logit_softcap)
+
+
+def _proportional_rope_factors(plan: _Plan) -> np.ndarray:
+    """llama.cpp's rope_freqs for the full-attention layers: 1 for the pairs proportional RoPE rotates, 1e30 (no
+    rotation) for the rest, as llama.cpp's converter writes them."""
+    full = plan.config.rope_scaling["full_attention"]
+    width = next(width for (width, _), slides in zip(plan.layer_heads, plan.config.sliding_layers) if not slides)
+    rotated = int(full.get("partial_rotary_factor", 1.0) * width // 2)
+    return np.array([1.0] * rotated + [1e30] * (width // 2 - rotated), np.float32)
 
 
 def _write_moe_placement_hparams(writer, gguf, config: ModelConfig, plan: _Plan) -> None:
@@ -996,6 +1052,8 @@ def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
     reads = tensors.writing and tensors.reads  # the header pass and a proxy need shapes only
     with outer(model, "input") if reads else nullcontext():
         tensors.add(names("TOKEN_EMBD"), around.embeddings.weight, keep_f32=tensors.quant in ("f16", "bf16"))
+    if plan.architecture.per_layer_attention and not all(config.sliding_layers):
+        tensors.add(names("ROPE_FREQS"), _proportional_rope_factors(plan))
     for view in views:
         index, name = view.index, names.block(view.index)
         tensors.add(name("ATTN_NORM"), view.attention_norm.weight)
@@ -1003,6 +1061,13 @@ def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
             _write_latent_attention(tensors, name, view.attention, config)
         else:
             _write_attention(tensors, name, view.attention, config, plan.architecture)
+        for path, kind, suffix in plan.architecture.layer_tensors:  # the host's further per-layer tensors
+            tensor = _layer_tensor(view.module, path)
+            if tensor is not None:
+                tensors.add(name(kind, suffix), tensor)
+        if index in plan.silent_layers and plan.architecture.layer_tensors:  # its dense MLP alone
+            tensors.add(name(plan.architecture.ffn_norm), view.ffn_norm.weight)
+            continue
         if view.kind == "dense":
             tensors.add(name(plan.architecture.ffn_norm), view.ffn_norm.weight)
             _write_ffn(tensors, name, DENSE_FFN, view.ffn)
@@ -1020,6 +1085,15 @@ def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
         tensors.add(names("OUTPUT"), around.output.weight)
 
 
+def _layer_tensor(layer, path: str):
+    """The parameter or buffer at a dotted path inside a decoder layer; None where the layer has none."""
+    owner_path, _, attribute = path.rpartition(".")
+    owner = layer
+    for part in filter(None, owner_path.split(".")):
+        owner = getattr(owner, part, None)
+    return getattr(owner, attribute, None) if owner is not None else None
+
+
 def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _Plan, model) -> None:
     """A MoE sublayer: norm, router and stacked experts (padded to the file's count), then its shared experts."""
     experts, host = view.experts, plan.architecture
@@ -1027,12 +1101,16 @@ def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _P
     gate, up = gate_and_up_weights(view.layout, _pad_experts(experts.gate_up_proj, pads))
     gate_kind, up_kind, down_kind = ROUTED_FFN
     tensors.add(name(host.ffn_norm), view.ffn_norm.weight)
-    tensors.add(name("FFN_GATE_INP"), _pad_experts(view.router.weight, pads), keep_f32=True)
+    tensors.add(name("FFN_GATE_INP"), _pad_experts(view.router_weight, pads), keep_f32=True)
     if plan.config.routing.router_bias:
         tensors.add(name("FFN_GATE_INP", ".bias"), _pad_experts(view.router.bias, pads, fill=-1e9))
     packed = _packed_experts(model, view)
     if tensors.carries_mxfp4() and packed is not None:
         _write_mxfp4_experts(tensors, name, view, pads, packed)
+    elif "FFN_GATE_UP_EXP" in (tensors.names.allowed or ()) and "FFN_GATE_EXP" not in tensors.names.allowed:
+        # a host that takes only the fused stack: gate rows, then up rows, as transformers stores them
+        tensors.add(name("FFN_GATE_UP_EXP"), _pad_experts(experts.gate_up_proj, pads), on_grid=True)
+        tensors.add(name(down_kind), down_weights(view.layout, _pad_experts(experts.down_proj, pads)), on_grid=True)
     else:
         tensors.add(name(gate_kind), gate, on_grid=True)
         tensors.add(name(up_kind), up, on_grid=True)
@@ -1131,10 +1209,11 @@ def _write_attention(tensors: _TensorSink, name: BlockNames, attention, config: 
         k = _permute_rows(k, config.num_kv_heads)
     tensors.add(name("ATTN_Q"), q)
     tensors.add(name("ATTN_K"), k)
-    tensors.add(name("ATTN_V"), attention.v_proj.weight)
+    if attention.v_proj is not None:  # without one the keys are the values (the host's graph does the same)
+        tensors.add(name("ATTN_V"), attention.v_proj.weight)
     tensors.add(name("ATTN_OUT"), attention.o_proj.weight)
     for kind, projection in (("ATTN_Q", attention.q_proj), ("ATTN_K", attention.k_proj), ("ATTN_V", attention.v_proj)):
-        if projection.bias is not None:
+        if projection is not None and projection.bias is not None:
             tensors.add(name(kind, ".bias"), projection.bias)
     if attention.o_proj.bias is not None:
         tensors.add(name("ATTN_OUT", ".bias"), attention.o_proj.bias)

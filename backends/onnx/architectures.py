@@ -22,6 +22,11 @@ from typing import Literal
 class AttentionLayout:
     rope: Literal["half", "interleaved"] = "half"
     qk_norm: Literal["none", "per_head", "full"] = "none"
+    # A decoder layer with a dense MLP beside the experts (Gemma 4): the modules of its roles, dotted paths inside
+    # the layer (post_attention_norm, dense_mlp, dense_post_norm, experts_post_norm, ffn_post_norm, router_scale,
+    # expert_scale, layer_scale). Its attention: per-head q/k norms, values RMS-normed without a weight (the keys
+    # before their norm where there is no v_proj), each layer type (sliding, full) its own head width and RoPE.
+    layer_modules: tuple[tuple[str, str], ...] = ()
 
 
 ARCHITECTURES = {
@@ -38,3 +43,13 @@ ARCHITECTURES = {
     "glm4_moe": AttentionLayout(qk_norm="per_head"),  # the norms only where use_qk_norm builds them
     "ernie4_5_moe": AttentionLayout(rope="interleaved"),  # HF ERNIE rotates pairs (2i, 2i+1)
 }
+
+# Gemma 4's decoder layer: attention between an input and a post-attention norm; then a GELU-tanh dense MLP and
+# the experts (the router on the residual, the experts on their own norm of it) side by side, each post-normed,
+# summed and post-normed again; the layer's output times its scalar
+ARCHITECTURES["gemma4_text"] = AttentionLayout(qk_norm="per_head", layer_modules=(
+    ("post_attention_norm", "post_attention_layernorm"), ("dense_mlp", "mlp"),
+    ("dense_post_norm", "post_feedforward_layernorm_1"), ("experts_post_norm", "post_feedforward_layernorm_2"),
+    ("ffn_post_norm", "post_feedforward_layernorm"), ("router_scale", "router.scale"),
+    ("expert_scale", "router.per_expert_scale"), ("layer_scale", "layer_scalar"),
+))

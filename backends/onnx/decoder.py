@@ -66,17 +66,26 @@ def build_decoder(model, graph: Graph, lowering: str, quantization: Quantization
 
     with outer(model, "input"):  # a streamed model reads its embeddings and head for the first and last steps only
         h = graph.op("Gather", graph.weight("embed_tokens.weight", around.embeddings.weight.float().numpy()), input_ids)
+    if adapter.embedding_scale is not None:  # scaled embeddings, in float32 as the model scales them
+        h = graph.op("Mul", h, graph.const(adapter.embedding_scale(model.config), np.float32))
     rotated = (config.latent.qk_rope_head_dim if config.latent is not None
                else config.rotary_dim or config.head_dim)  # partial rotary (GLM) turns the leading dims only
-    cos, sin = _rope_tables(graph, around.rotary_embedding, position_ids, context, rotated)
+    cos, sin = (None, None) if layout.layer_modules else _rope_tables(graph, around.rotary_embedding, position_ids,
+                                                                       context, rotated)
     mask = _additive_mask(graph, input_ids, attention_mask)
     # sliding-window layers see only the last `sliding_window` keys of each query
     sliding_mask = _additive_mask(graph, input_ids, attention_mask, config.sliding_window) if any(
         config.sliding_layers) else None
     eps = config.rms_norm_eps
     cache = cache_shape(model)
+    if layout.layer_modules:
+        h = _dense_beside_experts_layers(graph, model, h, position_ids, context, mask, sliding_mask, config, layout,
+                                         lowering, quantization)
+        layers = []  # every layer lowered above
+    else:
+        layers = layer_views(model)
 
-    for view in layer_views(model):  # a streamed model materializes one layer at a time: copy, keep nothing
+    for view in layers:  # a streamed model materializes one layer at a time: copy, keep nothing
         index, prefix = view.index, f"layers.{view.index}"
         x = graph.rms_norm(h, f"{prefix}.attention_norm", view.attention_norm.weight, eps)
         past_key = graph.input(f"past_key_values.{index}.key", TensorProto.FLOAT, [batch, cache.heads, "past_sequence", cache.key_width])
@@ -101,7 +110,105 @@ def build_decoder(model, graph: Graph, lowering: str, quantization: Quantization
     with outer(model, "output"):
         h = graph.rms_norm(h, "final_norm", around.final_norm.weight, eps)
         logits = graph.linear(h, "lm_head", around.output.weight)
+    if config.logit_softcap:  # cap x tanh(logits / cap)
+        cap = graph.const(config.logit_softcap, np.float32)
+        logits = graph.op("Mul", graph.op("Tanh", graph.op("Div", logits, cap)), cap)
     graph.output(logits, "logits", TensorProto.FLOAT, [batch, sequence, config.vocab_size])
+
+
+def _dense_beside_experts_layers(graph: Graph, model, h: str, position_ids: str, context: int, mask: str,
+                                 sliding_mask: str | None, config: ModelConfig, layout: AttentionLayout,
+                                 lowering: str, quantization: Quantization | None) -> str:
+    """Every decoder layer of a family whose layers run a dense MLP beside the experts (AttentionLayout.
+    layer_modules); returns the residual stream after the last. Each layer's KV cache has its own heads and
+    width (its attention's), each layer type its own RoPE tables."""
+    adapter = adapter_for(model.config)
+    rotary, eps = adapter.model_view(model).rotary_embedding, config.rms_norm_eps
+    tables = {}
+    for view in layer_views(model):
+        index, prefix = view.index, f"layers.{view.index}"
+        role = {name: _module_at(view.module, path) for name, path in layout.layer_modules}
+        attention, sliding = view.attention, config.sliding_layers[index]
+        width = attention.head_dim
+        kv_heads = attention.k_proj.weight.shape[0] // width
+        kind = "sliding_attention" if sliding else "full_attention"
+        if kind not in tables:
+            tables[kind] = _rope_tables(graph, lambda x, positions: rotary(x, positions, kind), position_ids,
+                                        context, width, name=f"rope.{kind}")
+        cos, sin = tables[kind]
+        x = graph.rms_norm(h, f"{prefix}.attention_norm", view.attention_norm.weight, eps)
+        q = graph.rms_norm(_heads(graph, graph.linear(x, f"{prefix}.q_proj", attention.q_proj.weight),
+                                  config.num_heads, width), f"{prefix}.q_norm", attention.q_norm.weight,
+                           attention.q_norm.variance_epsilon)
+        raw_k = _heads(graph, graph.linear(x, f"{prefix}.k_proj", attention.k_proj.weight), kv_heads, width)
+        v = raw_k if attention.v_proj is None else _heads(
+            graph, graph.linear(x, f"{prefix}.v_proj", attention.v_proj.weight), kv_heads, width)
+        k = graph.rms_norm(raw_k, f"{prefix}.k_norm", attention.k_norm.weight, attention.k_norm.variance_epsilon)
+        v = graph.rms_norm(v, f"{prefix}.v_norm", None, eps)
+        q, k = _rotate(graph, q, cos, sin, "half"), _rotate(graph, k, cos, sin, "half")
+        shape = ["batch", kv_heads, "past_sequence", width]
+        k = graph.op("Concat", graph.input(f"past_key_values.{index}.key", TensorProto.FLOAT, shape), k, axis=2)
+        v = graph.op("Concat", graph.input(f"past_key_values.{index}.value", TensorProto.FLOAT, shape), v, axis=2)
+        out = _attend(graph, q, k, v, sliding_mask if sliding else mask, attention,
+                      (config.num_heads, kv_heads, width, width), prefix)
+        present = ["batch", kv_heads, "total_sequence", width]
+        graph.output(k, f"present.{index}.key", TensorProto.FLOAT, present)
+        graph.output(v, f"present.{index}.value", TensorProto.FLOAT, present)
+        out = graph.rms_norm(out, f"{prefix}.post_attention_norm", role["post_attention_norm"].weight, eps)
+        h = graph.op("Add", h, out)
+
+        dense = graph.glu_mlp(graph.rms_norm(h, f"{prefix}.ffn_norm", view.ffn_norm.weight, eps), f"{prefix}.mlp",
+                              role["dense_mlp"], config.hidden_act)
+        if view.kind == "moe":
+            dense = graph.rms_norm(dense, f"{prefix}.dense_post_norm", role["dense_post_norm"].weight, eps)
+        if view.kind == "moe" and view.experts is not None:  # (no experts left: the post-norm of zero is zero)
+            dense = graph.op("Add", dense, _experts_beside(graph, h, prefix, view, role, config, lowering,
+                                                            quantization))
+        ffn = graph.rms_norm(dense, f"{prefix}.ffn_post_norm", role["ffn_post_norm"].weight, eps)
+        h = graph.op("Mul", graph.op("Add", h, ffn), graph.weight(f"{prefix}.layer_scale",
+                                                                 role["layer_scale"].float().numpy()))
+    return h
+
+
+def _experts_beside(graph: Graph, h: str, prefix: str, view: LayerView, role: dict, config: ModelConfig,
+                    lowering: str, quantization: Quantization | None) -> str:
+    """The routed experts of a layer whose router reads the residual RMS-normed without a weight, x its scale x
+    hidden^-1/2, and whose experts read their own norm of it; each chosen expert weighs its per-expert scale (in
+    its down rows), the sum post-normed."""
+    eps, hidden = config.rms_norm_eps, config.hidden_size
+    router_input = graph.op("Mul", graph.rms_norm(h, f"{prefix}.router_norm", None, eps), graph.weight(
+        f"{prefix}.router.scale", (role["router_scale"].float() * hidden ** -0.5).numpy()))
+    scale = role["expert_scale"].float()
+    routed = RoutedExperts(
+        router=view.router_weight.float().numpy(),
+        gate_up=view.experts.gate_up_proj,
+        down=_ScaledExperts(view.experts.down_proj, scale),
+        top_k=view.top_k,
+        renormalize=config.routing.renormalize,
+        scale=config.routing.scale,
+        layout=view.layout,
+    )
+    x = graph.rms_norm(h, f"{prefix}.experts_norm", view.experts_norm.weight, eps)
+    out = routed_experts(graph, x, f"{prefix}.experts", routed, lowering, quantization, router_input=router_input)
+    return graph.rms_norm(out, f"{prefix}.experts_post_norm", role["experts_post_norm"].weight, eps)
+
+
+class _ScaledExperts:
+    """A down stack whose expert e is multiplied by scale[e] (a per-expert scale on each expert's output)."""
+
+    def __init__(self, stack, scale: torch.Tensor):
+        self.stack, self.scale = stack, scale
+
+    def __getitem__(self, expert: int) -> torch.Tensor:
+        return self.stack[expert].float() * self.scale[expert]
+
+
+def _module_at(layer, path: str):
+    """The module or tensor at a dotted path inside a decoder layer; None where the layer has none (a dropped
+    MoE sublayer's)."""
+    for name in path.split("."):
+        layer = getattr(layer, name, None)
+    return layer
 
 
 def _moe_parts(graph: Graph, x: str, prefix: str, view: LayerView, config: ModelConfig, lowering: str,
@@ -143,7 +250,8 @@ def _child_name(parent, child) -> str:
     return next(name for name, module in parent.named_children() if module is child)
 
 
-def _rope_tables(graph: Graph, rotary, position_ids: str, context: int, rotated: int) -> tuple[str, str]:
+def _rope_tables(graph: Graph, rotary, position_ids: str, context: int, rotated: int,
+                 name: str = "rope") -> tuple[str, str]:
     """cos and sin per position, [batch, 1, sequence, rotary/2], from the model's own rotary module (which
     rotates `rotated` dimensions of each head).
 
@@ -160,8 +268,8 @@ def _rope_tables(graph: Graph, rotary, position_ids: str, context: int, rotated:
     else:  # complex freqs_cis [1, P, d/2]
         cos, sin = table[0].real.float(), table[0].imag.float()
     gathered = []
-    for name, values in (("rope.cos", cos), ("rope.sin", sin)):
-        rows = graph.op("Gather", graph.raw(name, values.numpy().astype(np.float32)), position_ids)
+    for table_name, values in ((f"{name}.cos", cos), (f"{name}.sin", sin)):
+        rows = graph.op("Gather", graph.raw(table_name, values.numpy().astype(np.float32)), position_ids)
         gathered.append(graph.op("Unsqueeze", rows, graph.const([1])))
     return gathered[0], gathered[1]
 

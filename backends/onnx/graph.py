@@ -12,11 +12,14 @@ graph holds no more weights than the one being lowered.
 
 from __future__ import annotations
 
+import math
 from typing import BinaryIO
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from moeexport.errors import MoeExportError
 
 OPSET = 17  # TensorRT 10.x parses opsets up to 20 and ORT runs them all; 17 has everything used here
 CONTRIB_DOMAIN = "com.microsoft"
@@ -165,13 +168,35 @@ class Graph:
         return self.op("Add", y, self.weight(f"{name}.bias", _numpy(bias))) if bias is not None else y
 
     def rms_norm(self, x: str, name: str, weight, eps: float) -> str:
-        """HF RMSNorm: x / sqrt(mean(x^2) + eps) * w, over the last axis."""
+        """HF RMSNorm: x / sqrt(mean(x^2) + eps) * w, over the last axis (no w: a norm without a weight)."""
         variance = self.op("ReduceMean", self.op("Mul", x, x), axes=[-1], keepdims=1)
         normed = self.op("Div", x, self.op("Sqrt", self.op("Add", variance, self.const(eps, np.float32))))
-        return self.op("Mul", normed, self.weight(f"{name}.weight", _numpy(weight)))
+        return normed if weight is None else self.op("Mul", normed, self.weight(f"{name}.weight", _numpy(weight)))
 
     def silu(self, x: str) -> str:
         return self.op("Mul", x, self.op("Sigmoid", x))
+
+    def gelu_tanh(self, x: str) -> str:
+        """0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))): transformers' gelu_pytorch_tanh."""
+        cubic = self.op("Mul", self.op("Mul", self.op("Mul", x, x), x), self.const(0.044715, np.float32))
+        inner = self.op("Mul", self.op("Add", x, cubic), self.const(math.sqrt(2 / math.pi), np.float32))
+        half = self.op("Mul", x, self.const(0.5, np.float32))
+        return self.op("Mul", half, self.op("Add", self.op("Tanh", inner), self.const(1.0, np.float32)))
+
+    def activation(self, x: str, name: str) -> str:
+        """transformers' ACT2FN `name` of the activations the exporter lowers (silu, gelu_pytorch_tanh)."""
+        if name == "gelu_pytorch_tanh":
+            return self.gelu_tanh(x)
+        if name != "silu":
+            raise MoeExportError(f"the ONNX exporter lowers silu and gelu_pytorch_tanh MLPs, not {name}")
+        return self.silu(x)
+
+    def glu_mlp(self, x: str, name: str, mlp, activation: str) -> str:
+        """down(act(gate(x)) * up(x)) for a dense MLP module with gate_proj / up_proj / down_proj."""
+        gate = self.linear(x, f"{name}.gate_proj", mlp.gate_proj.weight)
+        up = self.linear(x, f"{name}.up_proj", mlp.up_proj.weight)
+        return self.linear(self.op("Mul", self.activation(gate, activation), up), f"{name}.down_proj",
+                           mlp.down_proj.weight)
 
     def swiglu_mlp(self, x: str, name: str, mlp) -> str:
         """down(silu(gate(x)) * up(x)) for a dense MLP module with gate_proj / up_proj / down_proj."""

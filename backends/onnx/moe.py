@@ -105,12 +105,17 @@ class Quantization:
 
 
 def routed_experts(graph: Graph, x: str, name: str, experts: RoutedExperts, lowering: str,
-                   quantization: Quantization | None) -> str:
-    """The routed part of one MoE block, x [B, S, H] -> [B, S, H]."""
+                   quantization: Quantization | None, router_input: str | None = None) -> str:
+    """The routed part of one MoE block, x [B, S, H] -> [B, S, H]; the router reads `router_input` where it
+    differs from the experts' input (a router with its own norm and scale, applied by the caller)."""
     tokens = graph.op("Reshape", x, graph.const([-1, experts.router.shape[1]]))
-    logits = graph.op("MatMul", tokens, graph.weight(f"{name}.router.weight", experts.router.T))
+    routed = tokens if router_input is None else graph.op("Reshape", router_input,
+                                                           graph.const([-1, experts.router.shape[1]]))
+    logits = graph.op("MatMul", routed, graph.weight(f"{name}.router.weight", experts.router.T))
     if experts.router_bias is not None:
         logits = graph.op("Add", logits, graph.weight(f"{name}.router.bias", experts.router_bias))
+    if lowering == "contrib" and experts.layout.activation not in ("silu", CLAMPED_SWIGLU):
+        lowering = "plain"  # the MoE op's gated activations are SwiGLUs: a GELU GLU's experts in standard ops
     if lowering == "contrib" and experts.chosen_apart:
         y = _contrib_chosen_apart(graph, tokens, logits, name, experts, quantization)
     elif lowering == "contrib":
@@ -336,6 +341,6 @@ def _swiglu(graph: Graph, x: str, gate_up: str, down: str, layout: ExpertLayout,
         glu = graph.op("Mul", gate, graph.op("Sigmoid", graph.op("Mul", gate, graph.const(layout.alpha, np.float32))))
         hidden = graph.op("Mul", graph.op("Add", up, graph.const(1.0, np.float32)), glu)
     else:
-        hidden = graph.op("Mul", graph.silu(gate), up)
+        hidden = graph.op("Mul", graph.activation(gate, layout.activation), up)
     out = graph.op("MatMul", hidden, down)
     return graph.op("Add", out, biases[1]) if biases else out

@@ -86,9 +86,12 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
                              "attention decoders only): export this model to GGUF instead")
     if config.model_type not in ARCHITECTURES:
         raise MoeExportError(f"the onnx exporter has no attention layout for model_type {config.model_type!r}")
-    if config.experts.activation not in ("silu", CLAMPED_SWIGLU):
-        raise MoeExportError(f"experts use {config.experts.activation!r}; the exporter writes SwiGLU (silu) and "
-                             "clamped SwiGLU experts only")
+    if config.experts.activation not in ("silu", CLAMPED_SWIGLU, "gelu_pytorch_tanh"):
+        raise MoeExportError(f"experts use {config.experts.activation!r}; the exporter writes SwiGLU (silu), "
+                             "clamped SwiGLU and GELU-tanh GLU experts only")
+    if config.experts.activation == "gelu_pytorch_tanh" and quant in BITS:
+        raise MoeExportError(f"--quant {quant} needs the QMoE op, whose gated activation is a SwiGLU; this model's "
+                             "experts are GELU-tanh GLUs (written in standard ops): export f32 or f16")
     lacking = _not_lowered(config)
     if lacking:
         raise MoeExportError(f"this model's MoE layers have {', '.join(lacking)}, which neither the MoE op nor the "
@@ -113,6 +116,12 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
                 )
 
 
+def layer_modules(model_type: str) -> tuple:
+    from moeexport.backends.onnx.architectures import ARCHITECTURES
+
+    return ARCHITECTURES[model_type].layer_modules
+
+
 def _not_lowered(config) -> list[str]:
     """What the family's expert layout and routing rule have that the MoE lowering does not compute (it computes
     gated SwiGLU or clamped-SwiGLU experts in any stored layout, with or without biases, routed by softmax or
@@ -121,7 +130,8 @@ def _not_lowered(config) -> list[str]:
     layout, rule = config.experts, config.routing
     return [what for what, present in (
         ("ungated experts", not layout.gated),
-        ("a dense MLP beside the experts", rule.dense_mlp_beside),
+        # lowered where the family's layout names that layer's modules (decoder.py)
+        ("a dense MLP beside the experts", rule.dense_mlp_beside and not layer_modules(config.model_type)),
     ) if present]
 
 

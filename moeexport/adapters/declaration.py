@@ -127,6 +127,7 @@ class ModelConfig:
     qk_norm: bool = False
     layer_mixers: tuple[MixerKind, ...] = ()  # per layer, in hybrid families; (): self-attention in every layer
     mamba: MambaSizes | None = None  # the Mamba-2 mixers' sizes, in families that have them
+    logit_softcap: float | None = None  # logits = cap x tanh(logits / cap) (final_logit_softcapping), None: none
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,17 @@ def _rotary_dim(config, rope: dict) -> int | None:
     factor = rope.get("partial_rotary_factor")
     if factor is None or factor == 1.0:
         return None
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = global_value(config, "head_dim") or config.hidden_size // config.num_attention_heads
     return int(head_dim * factor)
+
+
+def global_value(config: object, key: str, default=None):
+    """A config value as the config states it globally, also where transformers' heterogeneous (per-layer)
+    configs refuse a plain read of a key some layers override (their layers' own values: the modules)."""
+    read = getattr(config, "_getattr_without_heterogeneous_validation", None)
+    if read is not None:
+        return read(key, default)
+    return getattr(config, key, default)
 
 
 def _no_dense_layer_keys(config: object, kept: list[int]) -> None:
@@ -223,6 +233,23 @@ class Family:
     latent_attention: Callable[[object], LatentAttention] | None = None  # config -> its latent sizes, if MLA
     # config -> each decoder layer's token mixer, for hybrid families; None: self-attention in every layer
     layer_mixers: Callable[[object], tuple[MixerKind, ...]] | None = None
+    # Families whose decoder layer itself holds the router and the experts beside a dense MLP (Gemma 4): `moe`
+    # is then "" (the layer), and these say what differs from a router that is one linear map
+    router_weight: str = "weight"  # the router's [E, hidden] matrix, a dotted path inside it
+    router_returns_probabilities: bool = False  # router(x)[0] is the softmax scores, not the logits
+    experts_norm: str | None = None  # a norm on the router's input that only the experts see, a path in the layer
+    # there, Layer Drop removes these modules of the layer (the router's place keeps a stand-in) and sets the
+    # layer's `moe_switch` attribute False, so that the layer runs its dense MLP alone
+    moe_modules: tuple[str, ...] = ()
+    moe_switch: str | None = None
+    # the router reads top-k from the model's config rather than holding its own: a layer whose experts change
+    # gets the router its own copy of the config, with its top-k
+    router_reads_config_top_k: bool = False
+    # the embeddings module multiplies its rows by this (config -> factor), held in a buffer that checkpoints do
+    # not store (Gemma's scaled embeddings; a streamed model computes it, and scales the rows it reads)
+    embedding_scale: Callable[[object], float] | None = None
+    # config -> the decoder layers Block Drop must keep (Gemma 4's last, which must stay a full-attention layer)
+    blocks_kept: Callable[[object], tuple[int, ...]] = lambda config: ()
     # Rewrites the config keys that name dense layers after Block Drop (kept = surviving old indices).
     renumber_dense_layers: Callable[[object, list[int]], None] = _no_dense_layer_keys
     # An error message when the family's routing cannot survive a change of expert count.
@@ -250,8 +277,8 @@ class Family:
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,
             num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            num_kv_heads=global_value(config, "num_key_value_heads"),
+            head_dim=global_value(config, "head_dim") or config.hidden_size // config.num_attention_heads,
             context_length=config.max_position_embeddings,
             rms_norm_eps=getattr(config, self.rms_norm_eps_key),
             rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
@@ -269,6 +296,7 @@ class Family:
             rotary_dim=_rotary_dim(config, rope),
             layer_mixers=self.layer_mixers(config) if self.layer_mixers else (),
             mamba=self.mamba_sizes(config) if self.mamba_sizes else None,
+            logit_softcap=getattr(config, "final_logit_softcapping", None),
         )
 
     def config_values(self, config: ModelConfig, layers: int, widths: FFNWidths, tied: bool) -> dict:

@@ -415,3 +415,62 @@ NEMOTRON_H = register(
         mamba_sizes=_nemotron_h_mamba_sizes,
     )
 )
+
+
+# --- Gemma 4 MoE (gemma4_text: the text model, Gemma4ForCausalLM) -------------------------------------------------
+
+
+def _gemma4_routing(config) -> Routing:
+    """Gemma4TextRouter: a scale-less RMSNorm of the layer's input x scale x hidden^-1/2 -> linear -> softmax ->
+    top-k, renormalized, x the chosen experts' per_expert_scale; a dense MLP runs beside the experts."""
+    return Routing(renormalize=True, dense_mlp_beside=True)
+
+
+def _gemma4_expert_layout(config) -> ExpertLayout:
+    return ExpertLayout(activation=config.hidden_activation)
+
+
+def _renumber_gemma4_layers(config, kept: list[int]) -> None:
+    """Gemma 4's full-attention layers override head_dim (and kv heads) in per_layer_config, keyed by layer index:
+    after Block Drop the survivors keep their own."""
+    if kept and config.layer_types[-1] != "full_attention":  # (the per-layer lists are renumbered already)
+        raise MoeExportError(f"Gemma 4 ends in a full-attention layer (transformers turns a sliding last layer into "
+                             f"one), and this Block Drop would end it in sliding layer {kept[-1]}: keep the last layer")
+    overrides = {int(layer): values for layer, values in config.to_dict().get("per_layer_config", {}).items()}
+    config.per_layer_config = {new: overrides[old] for new, old in enumerate(kept) if old in overrides}
+
+
+def _gemma4_not_moe(config) -> str | None:
+    if not getattr(config, "enable_moe_block", False):
+        return "this Gemma 4 model has no experts (enable_moe_block is false): moeexport compresses the MoE variant"
+    return None
+
+
+GEMMA4 = register(
+    Family(
+        model_type="gemma4_text",
+        family="Gemma 4 MoE (a dense MLP beside the experts, a normed and scaled router, sliding-window attention)",
+        num_experts_key="num_experts",
+        top_k_key="top_k_experts",
+        routing=_gemma4_routing,
+        expert_layout=_gemma4_expert_layout,
+        moe="",  # the decoder layer itself holds the router and the experts, beside its dense `mlp`
+        moe_norm="pre_feedforward_layernorm",  # its input is the residual the router reads
+        router="router",
+        router_weight="proj.weight",
+        router_tensors=("proj.weight", "per_expert_scale"),  # per_expert_scale goes with its expert
+        router_returns_probabilities=True,
+        experts_norm="pre_feedforward_layernorm_2",
+        hidden_act_key="hidden_activation",
+        # Layer Drop leaves a dense Gemma 4 layer: its MLP, pre- and post-feed-forward norms (llama.cpp's gemma4
+        # runs a layer without router tensors so)
+        moe_modules=("router", "experts", "pre_feedforward_layernorm_2", "post_feedforward_layernorm_1",
+                     "post_feedforward_layernorm_2"),
+        moe_switch="enable_moe_block",
+        router_reads_config_top_k=True,  # Gemma4TextRouter takes config.top_k_experts
+        embedding_scale=lambda config: config.hidden_size ** 0.5,  # Gemma4TextScaledWordEmbedding's embed_scale
+        blocks_kept=lambda config: (config.num_hidden_layers - 1,),
+        renumber_dense_layers=_renumber_gemma4_layers,
+        expert_count_change_blocker=_gemma4_not_moe,
+    )
+)

@@ -14,6 +14,7 @@ themselves.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, fields
 from functools import cache
 
@@ -49,8 +50,8 @@ class MoEAdapter(Family):
 
     def _view(self, model: nn.Module, index: int, layer: nn.Module) -> LayerView:
         kind = layer_kind(self, layer)
-        ffn = getattr(layer, self.moe)
-        router = experts = shared_gate = selection_bias = None
+        ffn = get_path(layer, self.moe)
+        router = experts = shared_gate = selection_bias = router_weight = experts_norm = None
         shared: tuple[nn.Module, ...] = ()
         if kind == "moe":
             router, experts = getattr(ffn, self.router), getattr(ffn, self.experts)
@@ -60,6 +61,8 @@ class MoEAdapter(Family):
                            if getattr(ffn, name, None) is not None)  # ERNIE sets shared_experts = None
             shared_gate = getattr(ffn, self.shared_expert_gate, None) if self.shared_expert_gate else None
             selection_bias = get_path(router, self.selection_bias).flatten() if self.selection_bias else None
+            router_weight = get_path(router, self.router_weight)
+            experts_norm = get_path(layer, self.experts_norm) if self.experts_norm else None
         return LayerView(
             index=index,
             kind=kind,
@@ -74,6 +77,10 @@ class MoEAdapter(Family):
             shared_expert_gate=shared_gate,
             layout=self.expert_layout(model.config),
             selection_bias=selection_bias,
+            router_weight=router_weight,
+            configured_top_k=getattr(getattr(router, "config", None) or model.config, self.top_k_key, 0),
+            router_returns_probabilities=self.router_returns_probabilities,
+            experts_norm=experts_norm,
         )
 
 
@@ -128,7 +135,8 @@ class NoRoutedExperts(nn.Module):
 
 
 def get_path(root: nn.Module, dotted: str) -> nn.Module:
-    for name in dotted.split("."):
+    """The module (or tensor) at a dotted path inside `root`; "" is `root` itself."""
+    for name in filter(None, dotted.split(".")):
         root = getattr(root, name)
     return root
 
@@ -138,12 +146,12 @@ def decoder_layers(adapter: MoEAdapter, model: nn.Module) -> nn.ModuleList:
 
 
 def moe_block(adapter: MoEAdapter, model: nn.Module, layer: int) -> nn.Module:
-    return getattr(decoder_layers(adapter, model)[layer], adapter.moe)
+    return get_path(decoder_layers(adapter, model)[layer], adapter.moe)
 
 
 def layer_kind(adapter: MoEAdapter, layer_module: nn.Module) -> LayerKind:
-    sublayer = getattr(layer_module, adapter.moe)
-    if isinstance(sublayer, DroppedSublayer):
+    sublayer = get_path(layer_module, adapter.moe)
+    if isinstance(sublayer, DroppedSublayer) or isinstance(getattr(sublayer, adapter.router, None), DroppedSublayer):
         return "dropped"
     return "moe" if hasattr(sublayer, adapter.router) else "dense"
 
@@ -171,7 +179,7 @@ def keep_experts(adapter: MoEAdapter, model: nn.Module, layer: int, keep: list[i
         stream.keep_experts(layer, keep)
     block = moe_block(adapter, model, layer)
     router, experts = getattr(block, adapter.router), getattr(block, adapter.experts)
-    count, index = router.weight.shape[0], torch.tensor(keep, dtype=torch.long)
+    count, index = get_path(router, adapter.router_weight).shape[0], torch.tensor(keep, dtype=torch.long)
     for path in adapter.router_tensors:
         owner_path, _, name = path.rpartition(".")
         owner = get_path(router, owner_path) if owner_path else router
@@ -228,11 +236,20 @@ def _set_expert_counts(adapter: MoEAdapter, model: nn.Module, block: nn.Module, 
             module.num_experts = count
         if hasattr(module, "top_k"):
             module.top_k = min(configured_top_k, count)
+    if adapter.router_reads_config_top_k:
+        router.config = copy.copy(router.config)
+        setattr(router.config, adapter.top_k_key, min(configured_top_k, count))
 
 
 def drop_moe_sublayer(adapter: MoEAdapter, model: nn.Module, layer: int) -> None:
     """Remove the norm + MoE sublayer of one layer; attention and the residual stay."""
     layer_module = decoder_layers(adapter, model)[layer]
+    if not adapter.moe:  # the layer holds its experts beside a dense MLP: that MLP and its norms stay
+        for name in adapter.moe_modules:
+            delattr(layer_module, name)
+        setattr(layer_module, adapter.router, DroppedSublayer())
+        setattr(layer_module, adapter.moe_switch, False)
+        return
     setattr(layer_module, adapter.moe, DroppedSublayer(adapter.moe_returns_router_scores))
     if adapter.moe_norm != adapter.attention_norm:  # a block's one norm (Nemotron-H) stays: its forward reads it
         setattr(layer_module, adapter.moe_norm, nn.Identity())

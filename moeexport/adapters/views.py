@@ -49,11 +49,15 @@ class LayerView:
     shared_expert_gate: nn.Module | None = None  # a sigmoid gate scaling the shared experts' output
     layout: ExpertLayout = ExpertLayout()  # how the routed experts are stored and what they compute
     selection_bias: torch.Tensor | None = None  # [E], added to the routing scores to choose the k, if the family has one
+    router_weight: torch.Tensor | None = None  # the router's [E, hidden] matrix (router.weight unless declared)
+    configured_top_k: int = 0  # the config's top-k, for a router that keeps none of its own (it reads the config)
+    router_returns_probabilities: bool = False  # router(x)[0] is its softmax scores rather than its logits
+    experts_norm: nn.Module | None = None  # a norm that the experts' input has and the router's does not
 
     @property
     def num_experts(self) -> int:
-        return self.router.weight.shape[0] if self.router is not None else 0
+        return self.router_weight.shape[0] if self.router is not None else 0
 
     @property
     def top_k(self) -> int:
-        return self.router.top_k if self.router is not None else 0
+        return getattr(self.router, "top_k", self.configured_top_k) if self.router is not None else 0

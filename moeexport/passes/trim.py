@@ -28,6 +28,8 @@ refused unless the step says `allow_empty_layers: true`.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
@@ -204,11 +206,19 @@ class BlockDrop(_Repairable):
         if options.score in MEASURED and options.mode == "consecutive":
             raise MoeExportError("block_drop mode: consecutive scores windows by similarity: add score: similarity")
 
+    def plan_context(self, options: BlockDropOptions, model) -> dict:
+        return {"kept": adapter_for(model.config).blocks_kept(model.config)}
+
     def plan(self, statistics: Statistics | None, layers: list[LayerSpec], options: BlockDropOptions,
-             scorer=None) -> BlockDropPlan:
+             scorer=None, kept: tuple[int, ...] = ()) -> BlockDropPlan:
+        """`kept`: blocks the family needs (never dropped, nor in a dropped window)."""
         count, n = len(layers), options.n
+        if n > count - len(kept) or (kept and options.mode == "consecutive" and not any(
+                not set(range(start, start + n)) & set(kept) for start in range(count - n + 1))):
+            raise MoeExportError(f"block_drop n={options.n}: this model must keep blocks {list(kept)}; drop fewer")
         if options.score in MEASURED:
-            drop, damage = _beam_by_damage(scorer, list(range(count)), n, BLOCK, options.score)
+            candidates = [block for block in range(count) if block not in kept]
+            drop, damage = _beam_by_damage(scorer, candidates, n, BLOCK, options.score)
             check_moe_remains(self.name, options.allow_empty_layers, layers, _remaining(layers, drop))
             return BlockDropPlan(drop, [None] * n, damage=damage, metric=options.score, repair=options.repair,
                                  ridge=options.ridge)
@@ -218,6 +228,7 @@ class BlockDrop(_Repairable):
                 if options.score == "similarity"
                 else _random_scores(count, options.seed)
             )
+            scores = [-math.inf if block in kept else score for block, score in enumerate(scores)]
             drop = _top_n(scores, n)
             similarity = [statistics.layers[b].block_similarity if statistics else None for b in drop]
         else:
@@ -226,6 +237,8 @@ class BlockDrop(_Repairable):
                 window_scores = [statistics.window_similarity(start, n) for start in starts]
             else:
                 window_scores = _random_scores(len(starts), options.seed)
+            window_scores = [-math.inf if set(range(start, start + n)) & set(kept) else score
+                             for start, score in zip(starts, window_scores)]
             start = _top_n(window_scores, 1)[0]
             window = statistics.window_similarity(start, n) if statistics else None
             drop, similarity = list(range(start, start + n)), [window] * n
