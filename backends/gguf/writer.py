@@ -215,7 +215,7 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
                         for view in views) if architecture.per_layer_attention else ()
     if architecture.per_layer_attention:
         _check_per_layer_attention(config, architecture)
-    return _Plan(architecture, config, layers, max(routed), silent, width, shared_width, shared_gate, layer_heads)
+    return _Plan(architecture, config, layers, max(routed), silent, width, shared_width, shared_gate, layer_heads=layer_heads)
 
 
 def _check_per_layer_attention(config: ModelConfig, architecture: GGUFArchitecture) -> None:
@@ -1362,7 +1362,7 @@ def _hybrid_plan(adapter, model, config: ModelConfig, host: GGUFArchitecture) ->
     if any(specs[i].kind == "moe" and not views[i].shared_experts for i in moe):
         raise MoeExportError(f"llama.cpp's {host.name} runs a shared expert in every MoE block, and this model has "
                              "MoE blocks without one: it cannot be written to GGUF")
-    return _Plan(host, config, [specs[i] for i in written], total, [], width, shared_width, False, layout)
+    return _Plan(host, config, [specs[i] for i in written], total, [], width, shared_width, False, hybrid=layout)
 
 
 def _check_mamba_mixer(mixer, index: int, host: GGUFArchitecture) -> None:
