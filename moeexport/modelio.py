@@ -328,11 +328,16 @@ def _save_streamed(lm: nn.Module, directory: Path, stock_loadable: bool) -> str:
         stored = {}
         for name, tensor in tensors.items():
             source = name if source_layer is None else stream.source_name(name, source_layer)
-            stored[name] = tensor.to(stream.stored_dtype(source))
+            dtype = stream.stored_dtype(source)
+            stored[name] = (_StoredRows(tensor, dtype) if isinstance(tensor, streaming.WeightRows)
+                            else tensor.to(dtype))
         shards.add(revert_weight_conversion(lm, stored) if stock_loadable else stored)
 
-    with streaming.outer(lm):
-        add({name: tensor for name, tensor in lm.state_dict().items()
+    by_rows = {child_name: stream.weight_rows(part) for part, child_name in (
+        ("input", adapter.embeddings + ".weight"),
+        ("output", streaming.child_name(lm, lm.get_output_embeddings()) + ".weight"))}
+    with streaming.outer(lm, "besides_rows"):  # the embeddings and head are written a block of rows at a time
+        add({name: by_rows.get(name, tensor) for name, tensor in lm.state_dict().items()
              if not name.startswith(outer) and name not in tied})
     for view in streaming.layer_views(lm):
         prefix = f"{outer}{view.index}."
@@ -379,6 +384,46 @@ def _per_expert_tensors(experts) -> dict[str, torch.Tensor]:
             if isinstance(tensor := getattr(experts, name), torch.Tensor)}
 
 
+class _StoredRows:
+    """A streamed 2-D weight (streaming.WeightRows) to be saved in `dtype`, converted a block of rows at a time."""
+
+    ROWS = 4096
+
+    def __init__(self, rows: "streaming.WeightRows", dtype: torch.dtype):
+        self.rows, self.dtype, self.shape = rows, dtype, rows.shape
+        self.nbytes = self.shape.numel() * torch.empty((), dtype=dtype).element_size()
+
+    def blocks(self):
+        for first in range(0, self.shape[0], self.ROWS):
+            yield self.rows[first:first + self.ROWS].to(self.dtype)
+
+
+def _save_file_in_blocks(tensors: dict, path: Path) -> None:
+    """The file safetensors' save_file writes for `tensors` (metadata format: pt), byte for byte, with each
+    _StoredRows written a block of rows at a time. The order of the tensors and their dtype names are
+    safetensors' own, read from what it writes for a one-element stand-in of each."""
+    import struct
+
+    from safetensors.torch import save
+
+    stand_ins = save({name: torch.zeros(1, dtype=tensor.dtype) for name, tensor in tensors.items()},
+                     metadata={"format": "pt"})
+    order = json.loads(stand_ins[8:8 + struct.unpack("<Q", stand_ins[:8])[0]])
+    header, offset = {"__metadata__": order.pop("__metadata__")}, 0
+    for name, entry in order.items():
+        header[name] = {"dtype": entry["dtype"], "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + tensors[name].nbytes]}
+        offset += tensors[name].nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text)
+        for name in order:
+            tensor = tensors[name]
+            for block in tensor.blocks() if isinstance(tensor, _StoredRows) else [tensor]:
+                block.contiguous().reshape(-1).view(torch.uint8).numpy().tofile(handle)
+
+
 class _ShardWriter:
     """Safetensors shards of about SHARD_BYTES, each written as soon as it is full or its layer is done."""
 
@@ -391,7 +436,7 @@ class _ShardWriter:
         for name, tensor in tensors.items():
             if self.pending and sum(t.nbytes for t in self.pending.values()) + tensor.nbytes > SHARD_BYTES:
                 self._flush()
-            self.pending[name] = tensor.contiguous()
+            self.pending[name] = tensor if isinstance(tensor, _StoredRows) else tensor.contiguous()
         self._flush()  # a layer's tensors never wait in memory for the next layer's
 
     def _flush(self) -> None:
@@ -400,7 +445,10 @@ class _ShardWriter:
         if not self.pending:
             return
         path = self.directory / f".{self.stem}-shard-{len(self.written):05d}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
+        if any(isinstance(tensor, _StoredRows) for tensor in self.pending.values()):
+            _save_file_in_blocks(self.pending, path)
+        else:
+            save_file(self.pending, str(path), metadata={"format": "pt"})
         self.written.append((path, {name: tensor.nbytes for name, tensor in self.pending.items()}))
         self.pending = {}
 
