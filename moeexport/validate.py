@@ -166,6 +166,7 @@ class Fidelity:
 
 
 POSITIONS_PER_BLOCK = 64
+LOGITS_PER_BLOCK = 2**22  # ... and fewer where the vocabulary is larger than 65536 (float64 temporaries of this many)
 
 
 def compare(reference, artifact, windows, progress=None) -> Fidelity:
@@ -179,17 +180,21 @@ def compare(reference, artifact, windows, progress=None) -> Fidelity:
     for window in windows.tolist():
         expected_logits, actual_logits = reference.logits(window), artifact.logits(window)
         # a block of positions at a time: float64 temporaries of a whole window over a large vocabulary add
-        # up to half a GB
-        for start in range(0, len(window) - 1, POSITIONS_PER_BLOCK):
-            stop = min(start + POSITIONS_PER_BLOCK, len(window) - 1)
+        # up to half a GB (a block's sums are in the same order whatever the vocabulary up to 65536)
+        positions = max(1, min(POSITIONS_PER_BLOCK, LOGITS_PER_BLOCK // expected_logits.shape[-1]))
+        for start in range(0, len(window) - 1, positions):
+            stop = min(start + positions, len(window) - 1)
             expected = torch.from_numpy(np.asarray(expected_logits[start:stop])).double()
             actual = torch.from_numpy(np.asarray(actual_logits[start:stop])).double()
             targets = torch.tensor(window[start + 1:stop + 1])
             difference = (expected - actual).abs().max().item()
             max_abs = max(max_abs, difference if math.isfinite(difference) else math.inf)  # NaN must fail
-            expected_log, actual_log = expected.log_softmax(-1), actual.log_softmax(-1)
-            kl += (expected_log.exp() * (expected_log - actual_log)).sum().item()
             agree += (expected.argmax(-1) == actual.argmax(-1)).sum().item()
+            expected_log = expected.log_softmax(-1)
+            del expected  # only the log-probabilities are needed from here: fewer block-sized temporaries at once
+            actual_log = actual.log_softmax(-1)
+            del actual
+            kl += (expected_log.exp() * (expected_log - actual_log)).sum().item()
             reference_nll -= expected_log.gather(1, targets[:, None]).sum().item()
             artifact_nll -= actual_log.gather(1, targets[:, None]).sum().item()
             count += len(targets)
