@@ -39,6 +39,7 @@ from moeexport.backends import model_reader
 from moeexport.checkpoint_files import (MANIFEST, MANIFEST_INDEX, MANIFEST_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS,
                                         TOKENIZER_FILES, check_finite, is_gguf, one_line, resolve_model_dir)
 from moeexport.errors import MoeExportError
+from moeexport.memory import OUTER_ROWS
 from moeexport.outputs import staged
 from moeexport.skeleton import DTYPES, EXPERTS_IMPLEMENTATION, apply_structure, own_copy, skeleton
 from moeexport.source import Source, as_source
@@ -387,7 +388,7 @@ def _per_expert_tensors(experts) -> dict[str, torch.Tensor]:
 class _StoredRows:
     """A streamed 2-D weight (streaming.WeightRows) to be saved in `dtype`, converted a block of rows at a time."""
 
-    ROWS = 4096
+    ROWS = OUTER_ROWS
 
     def __init__(self, rows: "streaming.WeightRows", dtype: torch.dtype):
         self.rows, self.dtype, self.shape = rows, dtype, rows.shape

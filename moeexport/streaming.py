@@ -38,6 +38,7 @@ from moeexport.adapters.surgery import decoder_layers, get_path
 from moeexport.checkpoint_files import Headers, check_finite
 from moeexport.errors import MoeExportError
 from moeexport import mxfp4
+from moeexport.memory import LOGIT_POSITIONS, OUTER_ROWS  # what the memory plan counts on
 from moeexport.stream_registry import attach, stream_of
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -273,7 +274,7 @@ class LayerStream:
         used, positions = torch.unique(input_ids, return_inverse=True)
         return self._require_finite(name, self.checkpoint.rows(name, used)).to(self.dtype)[positions]
 
-    def head_blocks(self, rows: int = 4096):
+    def head_blocks(self, rows: int = OUTER_ROWS):
         """(first row, the LM head's rows [first, first + rows) in the compute dtype), covering the head."""
         head = self.weight_rows("output")
         for first in range(0, head.shape[0], rows):
@@ -702,7 +703,6 @@ def run_layer(module: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
     return output[0] if isinstance(output, tuple) else output
 
 
-LOGIT_POSITIONS = 256  # positions whose float32 logits a streamed model holds at once (at least one window)
 
 
 @torch.no_grad()

@@ -78,3 +78,24 @@ def test_a_streamed_save_writes_the_embeddings_and_head_as_an_in_memory_save(sou
     streamed, whole = (load(tmp_path / kind) for kind in ("streamed", "whole"))
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert torch.equal(streamed.get_parameter(name), whole.get_parameter(name))
+
+
+def test_the_memory_plan_counts_a_block_of_head_rows_and_two_windows_of_logits_not_the_whole_vocabulary():
+    import importlib.util
+    from pathlib import Path
+
+    from moeexport.memory import LOGIT_POSITIONS, Workload, plan
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "make_synthetic_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("make_synthetic_checkpoint", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    workload = Workload(logit_positions=16 * 128 * 2 + 2 * 256)
+    peaks = {}
+    for vocab in (2048, 201088):  # gpt-oss-20b's widths, two layers, and its vocabulary or a small one
+        config = tool.make_config("gpt-oss-20b", 2, {"vocab_size": vocab})
+        headers = {name: (list(shape), "U8" if name.endswith(("_blocks", "_scales")) else "BF16", "model.safetensors")
+                   for name, shape in tool.tensor_specs(config)}
+        peaks[vocab] = plan(headers, config.hidden_size, vocab, 64 * 2**30, workload, stream=True,
+                            dtype="float32").streamed_bytes
+    assert peaks[201088] - peaks[2048] == 2 * LOGIT_POSITIONS * (201088 - 2048) * 4
