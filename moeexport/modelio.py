@@ -330,7 +330,7 @@ def _save_streamed(lm: nn.Module, directory: Path, stock_loadable: bool) -> str:
         for name, tensor in tensors.items():
             source = name if source_layer is None else stream.source_name(name, source_layer)
             dtype = stream.stored_dtype(source)
-            stored[name] = (_StoredRows(tensor, dtype) if isinstance(tensor, streaming.WeightRows)
+            stored[name] = (_InBlocks.rows(tensor, dtype) if isinstance(tensor, streaming.WeightRows)
                             else tensor.to(dtype))
         shards.add(revert_weight_conversion(lm, stored) if stock_loadable else stored)
 
@@ -361,11 +361,16 @@ def _save_experts(lm: nn.Module, shards: "_ShardWriter", prefix: str, experts, s
     from transformers.core_model_loading import revert_weight_conversion
 
     stacks = {prefix + name: stack for name, stack in _expert_stacks(experts).items()}
-    first = revert_weight_conversion(lm, {name: stack[0][None] for name, stack in stacks.items()})
+    probes = {name: stack[0][None] for name, stack in stacks.items()}
+    first = revert_weight_conversion(lm, dict(probes))
     if not stock_loadable or not any(".experts.0." in name for name in first):  # stored stacked (gpt-oss's hub)
+        unconverted = first.keys() == probes.keys() and all(first[name] is probes[name] for name in probes)
         for name, stack in stacks.items():
+            if not stock_loadable or unconverted:  # saved as read, an expert at a time
+                shards.add({name: _InBlocks.experts(stack)})
+                continue
             whole = {name: torch.stack([stack[e] for e in range(len(stack))])}
-            shards.add(revert_weight_conversion(lm, whole) if stock_loadable else whole)
+            shards.add(revert_weight_conversion(lm, whole))
         return
     for expert in range(experts.num_experts):
         one = revert_weight_conversion(lm, {name: stack[expert][None] for name, stack in stacks.items()})
@@ -385,23 +390,31 @@ def _per_expert_tensors(experts) -> dict[str, torch.Tensor]:
             if isinstance(tensor := getattr(experts, name), torch.Tensor)}
 
 
-class _StoredRows:
-    """A streamed 2-D weight (streaming.WeightRows) to be saved in `dtype`, converted a block of rows at a time."""
+class _InBlocks:
+    """A tensor to save that is made a block at a time, in order along its first axis, and never whole: the rows
+    of a streamed weight, the experts of a streamed stack."""
 
     ROWS = OUTER_ROWS
 
-    def __init__(self, rows: "streaming.WeightRows", dtype: torch.dtype):
-        self.rows, self.dtype, self.shape = rows, dtype, rows.shape
+    def __init__(self, shape, dtype: torch.dtype, blocks):
+        self.shape, self.dtype, self.blocks = torch.Size(shape), dtype, blocks
         self.nbytes = self.shape.numel() * torch.empty((), dtype=dtype).element_size()
 
-    def blocks(self):
-        for first in range(0, self.shape[0], self.ROWS):
-            yield self.rows[first:first + self.ROWS].to(self.dtype)
+    @classmethod
+    def rows(cls, rows: "streaming.WeightRows", dtype: torch.dtype) -> "_InBlocks":
+        """A streamed 2-D weight in `dtype`, converted ROWS rows at a time."""
+        return cls(rows.shape, dtype, lambda: (rows[first:first + cls.ROWS].to(dtype)
+                                               for first in range(0, rows.shape[0], cls.ROWS)))
+
+    @classmethod
+    def experts(cls, stack: "streaming.ExpertStack") -> "_InBlocks":
+        """A streamed expert stack as its experts read (one read first for their dtype)."""
+        return cls(stack.shape, stack[0].dtype, lambda: (stack[e] for e in range(len(stack))))
 
 
 def _save_file_in_blocks(tensors: dict, path: Path) -> None:
     """The file safetensors' save_file writes for `tensors` (metadata format: pt), byte for byte, with each
-    _StoredRows written a block of rows at a time. The order of the tensors and their dtype names are
+    _InBlocks written a block at a time. The order of the tensors and their dtype names are
     safetensors' own, read from what it writes for a one-element stand-in of each."""
     import struct
 
@@ -421,7 +434,7 @@ def _save_file_in_blocks(tensors: dict, path: Path) -> None:
         handle.write(struct.pack("<Q", len(text)) + text)
         for name in order:
             tensor = tensors[name]
-            for block in tensor.blocks() if isinstance(tensor, _StoredRows) else [tensor]:
+            for block in tensor.blocks() if isinstance(tensor, _InBlocks) else [tensor]:
                 block.contiguous().reshape(-1).view(torch.uint8).numpy().tofile(handle)
 
 
@@ -437,7 +450,7 @@ class _ShardWriter:
         for name, tensor in tensors.items():
             if self.pending and sum(t.nbytes for t in self.pending.values()) + tensor.nbytes > SHARD_BYTES:
                 self._flush()
-            self.pending[name] = tensor if isinstance(tensor, _StoredRows) else tensor.contiguous()
+            self.pending[name] = tensor if isinstance(tensor, _InBlocks) else tensor.contiguous()
         self._flush()  # a layer's tensors never wait in memory for the next layer's
 
     def _flush(self) -> None:
@@ -446,7 +459,7 @@ class _ShardWriter:
         if not self.pending:
             return
         path = self.directory / f".{self.stem}-shard-{len(self.written):05d}.safetensors"
-        if any(isinstance(tensor, _StoredRows) for tensor in self.pending.values()):
+        if any(isinstance(tensor, _InBlocks) for tensor in self.pending.values()):
             _save_file_in_blocks(self.pending, path)
         else:
             save_file(self.pending, str(path), metadata={"format": "pt"})

@@ -31,7 +31,8 @@ def test_rows_are_read_by_runs_as_the_whole_tensor_holds_them(source):
     for indices in ([3, 4, 5, 9, 10, 299], [0], list(range(300)), [7, 2, 3]):
         assert torch.equal(stream.checkpoint.rows(name, torch.tensor(indices)), whole[indices])
     rows = stream.weight_rows("output")
-    assert rows.shape == (300, model.config.hidden_size) and torch.equal(rows[250:400], stream.checkpoint.tensor("lm_head.weight")[250:])
+    assert rows.shape == (300, model.config.hidden_size)
+    assert torch.equal(rows[250:400], stream.checkpoint.tensor("lm_head.weight")[250:])
 
 
 def test_logits_a_few_windows_and_head_rows_at_a_time_are_the_in_memory_model_s(source, monkeypatch):
@@ -59,12 +60,12 @@ def test_a_streamed_reference_is_recorded_to_a_file_with_the_same_logits(source,
 
 
 def test_the_saver_writes_safetensors_own_bytes_a_block_of_rows_at_a_time(tmp_path, monkeypatch):
-    monkeypatch.setattr(modelio._StoredRows, "ROWS", 7)
+    monkeypatch.setattr(modelio._InBlocks, "ROWS", 7)
     generator = torch.Generator().manual_seed(0)
     embeddings = torch.randn(30, 16, generator=generator)
     rows = streaming.WeightRows(embeddings.shape, lambda first, stop: embeddings[first:stop])
     tensors = {"b.norm": torch.randn(16, generator=generator), "a.codes": torch.arange(5, dtype=torch.uint8),
-               "model.embed_tokens.weight": modelio._StoredRows(rows, torch.bfloat16)}
+               "model.embed_tokens.weight": modelio._InBlocks.rows(rows, torch.bfloat16)}
     modelio._save_file_in_blocks(tensors, tmp_path / "blocks.safetensors")
     save_file(tensors | {"model.embed_tokens.weight": embeddings.bfloat16()}, tmp_path / "whole.safetensors",
               metadata={"format": "pt"})
@@ -72,7 +73,7 @@ def test_the_saver_writes_safetensors_own_bytes_a_block_of_rows_at_a_time(tmp_pa
 
 
 def test_a_streamed_save_writes_the_embeddings_and_head_as_an_in_memory_save(source, tmp_path, monkeypatch):
-    monkeypatch.setattr(modelio._StoredRows, "ROWS", 64)
+    monkeypatch.setattr(modelio._InBlocks, "ROWS", 64)
     save(load_streamed(source), tmp_path / "streamed", {})
     save(load(source), tmp_path / "whole", {})
     streamed, whole = (load(tmp_path / kind) for kind in ("streamed", "whole"))
