@@ -38,7 +38,7 @@ from moeexport.adapters.surgery import decoder_layers, get_path
 from moeexport.checkpoint_files import Headers, check_finite
 from moeexport.errors import MoeExportError
 from moeexport import mxfp4
-from moeexport.memory import LOGIT_POSITIONS, OUTER_ROWS  # what the memory plan counts on
+from moeexport.memory import LOGIT_POSITIONS, OUTER_ROWS, release_freed_memory  # what the memory plan counts on
 from moeexport.stream_registry import attach, stream_of
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -396,6 +396,7 @@ class SafetensorsCheckpoint:
         if pieces[0].scales:  # MXFP4: the one expert's blocks and scales, dequantized
             blocks, scales = (self.stored_slice(key, expert) for key in (pieces[0].key, pieces[0].scales))
             matrix = mxfp4.dequantize(blocks, scales, self.transposed)
+            release_freed_memory()  # else glibc keeps the dequantizing temporaries: RSS creeps up per expert read
         elif pieces[0].expert is None:  # stored stacked, as the model names it: slice the one expert out
             with safe_open(self.headers[pieces[0].key][2], "pt") as handle:
                 matrix = handle.get_slice(pieces[0].key)[expert:expert + 1][0]
