@@ -267,8 +267,8 @@ def spilled_reference(windows: np.ndarray, fill, text: str = "") -> RecordedRefe
 
 
 class _SpilledReference(RecordedReference):
-    """Recorded logits in a file: each window's are copied out of a fresh mapping that closes right after, so
-    the pages read do not stay in this process's resident memory."""
+    """Recorded logits in a file: each window's are read from it when asked for, so only that window is in this
+    process's resident memory."""
 
     def __init__(self, windows: np.ndarray, path: str, text: str = ""):
         super().__init__(windows, np.load(path, mmap_mode="r"), text)
@@ -302,7 +302,12 @@ class _SpilledReference(RecordedReference):
         return self
 
     def _window(self, index: int) -> np.ndarray:
-        return np.array(np.load(self.path, mmap_mode="r")[index])
+        """Read from the file, not through a mapping: a mapping's pages would count in this process's RSS
+        until it closes (the window's size twice over, with the copy)."""
+        window = self.recorded[index]  # where it lies (no page of it is touched)
+        with open(self.path, "rb") as handle:
+            handle.seek(self.recorded.offset + index * window.nbytes)
+            return np.fromfile(handle, dtype=window.dtype, count=window.size).reshape(window.shape)
 
 
 @dataclass
