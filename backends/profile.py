@@ -58,21 +58,31 @@ def _last_line(stderr: str) -> str:
 
 
 def logits_in_subprocess(target: str, path: str | Path, windows, context: int) -> tuple[object, int]:
-    """(the artifact's float32 logits [N, L, vocab] of token windows [N, L], the child's peak RSS bytes)."""
+    """(the artifact's logits of token windows [N, L] as a validate.RecordedReference, the child's peak RSS
+    bytes). The child writes them a window at a time to a temporary file, which the reference reads a window
+    at a time: neither process holds all the float32 logits [N, L, vocab]."""
     import tempfile
 
     import numpy as np
 
-    with tempfile.TemporaryDirectory(prefix="moeexport-logits-") as scratch:
-        inputs, outputs = Path(scratch) / "windows.npy", Path(scratch) / "logits.npy"
-        np.save(inputs, np.asarray(windows, dtype=np.int64))
-        request = json.dumps({"target": target, "path": str(path), "context": context, "windows": str(inputs),
-                              "logits": str(outputs)})
-        done = subprocess.run([sys.executable, "-m", "moeexport.backends.profile", request], capture_output=True,
-                              text=True)
+    from moeexport.validate import spilled_reference
+
+    windows = np.asarray(windows, dtype=np.int64)
+    peak = []
+
+    def run(logits: str) -> None:
+        with tempfile.TemporaryDirectory(prefix="moeexport-windows-") as scratch:
+            inputs = Path(scratch) / "windows.npy"
+            np.save(inputs, windows)
+            request = json.dumps({"target": target, "path": str(path), "context": context, "windows": str(inputs),
+                                  "logits": logits})
+            done = subprocess.run([sys.executable, "-m", "moeexport.backends.profile", request],
+                                  capture_output=True, text=True)
         if done.returncode:
             raise MoeExportError(f"running {path} failed: {_last_line(done.stderr)}")
-        return np.load(outputs), json.loads(done.stdout)["peak_rss_bytes"]
+        peak.append(json.loads(done.stdout)["peak_rss_bytes"])
+
+    return spilled_reference(windows, run), peak[0]
 
 
 def main() -> None:
@@ -93,9 +103,12 @@ def _serve(request: dict) -> None:
     if "windows" in request:
         import numpy as np
 
+        from moeexport.validate import write_logit_blocks
+
         runner = target.runner(request["path"], request["context"])
         windows = np.load(request["windows"], allow_pickle=False)
-        np.save(request["logits"], np.stack([runner.logits(window) for window in windows.tolist()]))
+        write_logit_blocks(request["logits"], len(windows),
+                           ((i, runner.logits(window)[None]) for i, window in enumerate(windows.tolist())))
         print(json.dumps({"peak_rss_bytes": _peak_resident_bytes()}))
         return
     from moeexport.memory import resident_bytes

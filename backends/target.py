@@ -226,6 +226,6 @@ class Target(ABC):
         from moeexport.backends.profile import logits_in_subprocess
         from moeexport.validate import compare
 
-        logits, _ = logits_in_subprocess(self.name, model, windows, windows.shape[1])
-        fidelity = compare(RecordedReference(windows, logits), artifact_runner, windows)
+        reference, _ = logits_in_subprocess(self.name, model, windows, windows.shape[1])
+        fidelity = compare(reference, artifact_runner, windows)
         return {"text": where, **asdict(fidelity)}

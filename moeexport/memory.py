@@ -25,6 +25,9 @@ RUNTIME = int(0.8 * GIB)
 IN_MEMORY_FACTOR = 2.1
 DEFAULT_FRACTION = 0.75  # of the memory available when the run starts
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# a streamed run never holds the embeddings, the head or all the recorded logits whole (moeexport.streaming):
+OUTER_ROWS = 4096  # rows of the embeddings or head read at once (by the head, the GGUF writer and the saver)
+LOGIT_POSITIONS = 256  # positions whose float32 logits are computed at once; validation holds two windows'
 _DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors' names -> torch's
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12,
           "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -147,13 +150,15 @@ def plan(headers: dict, hidden_size: int, vocab_size: int, budget: int, workload
     """
     storage_dtype = storage_dtype or stored_dtype(headers)
     per_layer, outer = checkpoint_sizes(headers)
+    block = _outer_block(headers)
     total = outer + sum(size.resident for size in per_layer.values()) + _expert_total(headers)
     layer, size = _largest(per_layer) if per_layer else (0, LayerSize(0, 0))
     in_memory = RUNTIME + int(total * DTYPE_BYTES["float32"] * IN_MEMORY_FACTOR)
 
     def streamed_peak(compute: str) -> int:
         activations = workload.calibration_tokens * hidden_size * DTYPE_BYTES[compute] * (workload.block_window + 3)
-        return _streamed_bytes(size, outer, compute) + activations + workload.logit_positions * vocab_size * 4
+        logits = min(workload.logit_positions, 2 * LOGIT_POSITIONS) * vocab_size * 4
+        return _streamed_bytes(size, block, compute) + activations + logits
 
     streamed = stream if stream is not None else in_memory > budget
     candidates = [dtype] if dtype != "auto" else (["float32"] if storage_dtype == "float32" or not streamed
@@ -167,30 +172,37 @@ def plan(headers: dict, hidden_size: int, vocab_size: int, budget: int, workload
                               outer)
     compute = candidates[-1]
     need = streamed_peak(compute)
-    raise MoeExportError(_does_not_fit(budget, need, layer, size, outer, compute,
-                                       activations=need - _streamed_bytes(size, outer, compute)))
+    raise MoeExportError(_does_not_fit(budget, need, layer, size, compute,
+                                       activations=need - _streamed_bytes(size, block, compute)))
 
 
-def _streamed_bytes(size: LayerSize, outer: int, compute: str) -> int:
+def _outer_block(headers: dict) -> int:
+    """Elements of the embeddings or head a streamed run reads at once: OUTER_ROWS rows of the widest matrix
+    outside the decoder layers."""
+    widths = [shape[-1] for name, (shape, _, _) in headers.items() if len(shape) == 2 and _layer_number(name) is None]
+    return OUTER_ROWS * max(widths, default=0)
+
+
+def _streamed_bytes(size: LayerSize, outer_block: int, compute: str) -> int:
     """The runtime and the weights a streamed run holds at its peak in the `compute` dtype: a layer's
     resident part plus the larger of one expert's gate_up (2/3 of a SwiGLU expert) in the compute dtype and
     as stored (bf16 at most) while it is read, or an exporter's float32 copy of one of its three matrices
-    with the quantizer's temporaries. The embeddings and head are held only before and after the layers."""
+    with the quantizer's temporaries; or a block of `outer_block` elements of the embeddings or head, as
+    stored (4 bytes at most), in the compute dtype and in float32 for a writer."""
     width = DTYPE_BYTES[compute]
     reading, exporting = size.expert * 2 // 3 * (width + 2 * 2), size.expert // 3 * 4 * 4
-    return RUNTIME + max(outer * width, size.resident * width + max(reading, exporting))
+    return RUNTIME + max(outer_block * (4 + width + 4), size.resident * width + max(reading, exporting))
 
 
-def _does_not_fit(budget: int, need: int, layer: int, size: LayerSize, outer: int, compute: str,
-                  activations: int = 0) -> str:
+def _does_not_fit(budget: int, need: int, layer: int, size: LayerSize, compute: str, activations: int = 0) -> str:
     width = DTYPE_BYTES[compute]
     held = f", {activations / GIB:.2f} GiB of activations and logits" if activations else ""
     fewer = " or use fewer --calib-samples" if activations > need / 10 else ""
     return (
         f"the model does not fit --max-memory {budget / GIB:.1f} GiB: even streamed one layer at a time it needs "
         f"about {need / GIB:.1f} GiB (layer {layer} holds {size.resident * width / GIB:.2f} GiB in {compute} "
-        f"besides its experts, one expert {size.expert * width / GIB:.2f} GiB, embeddings and head "
-        f"{outer * width / GIB:.2f} GiB{held}, the runtime {RUNTIME / GIB:.1f} GiB); raise --max-memory to "
+        f"besides its experts, one expert {size.expert * width / GIB:.2f} GiB, embeddings and head read "
+        f"{OUTER_ROWS} rows at a time{held}, the runtime {RUNTIME / GIB:.1f} GiB); raise --max-memory to "
         f"{math.ceil(need / GIB * 10) / 10:.1f}GiB or more{fewer}"
     )
 
@@ -202,15 +214,15 @@ def refuse_early(model: str, budget: int) -> None:
     headers = _headers_if_readable(model)
     if not headers:
         return
-    per_layer, outer = checkpoint_sizes(headers)
+    per_layer, _ = checkpoint_sizes(headers)
     if not per_layer:
         return
     layer, size = _largest(per_layer)
     stored = unpacked_headers(headers, transposed=False).values()
     compute = min((_DTYPE_NAMES.get(dtype, "float32") for _, dtype, _ in stored), key=DTYPE_BYTES.get)
-    need = _streamed_bytes(size, outer, compute)
+    need = _streamed_bytes(size, _outer_block(headers), compute)
     if need > budget:
-        raise MoeExportError(_does_not_fit(budget, need, layer, size, outer, compute))
+        raise MoeExportError(_does_not_fit(budget, need, layer, size, compute))
 
 
 def _largest(per_layer: dict[int, LayerSize]) -> tuple[int, LayerSize]:

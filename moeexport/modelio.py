@@ -39,6 +39,7 @@ from moeexport.backends import model_reader
 from moeexport.checkpoint_files import (MANIFEST, MANIFEST_INDEX, MANIFEST_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS,
                                         TOKENIZER_FILES, check_finite, is_gguf, one_line, resolve_model_dir)
 from moeexport.errors import MoeExportError
+from moeexport.memory import OUTER_ROWS
 from moeexport.outputs import staged
 from moeexport.skeleton import DTYPES, EXPERTS_IMPLEMENTATION, apply_structure, own_copy, skeleton
 from moeexport.source import Source, as_source
@@ -344,11 +345,16 @@ def _save_streamed(lm: nn.Module, directory: Path, stock_loadable: bool) -> str:
         stored = {}
         for name, tensor in tensors.items():
             source = name if source_layer is None else stream.source_name(name, source_layer)
-            stored[name] = tensor.to(stream.stored_dtype(source))
+            dtype = stream.stored_dtype(source)
+            stored[name] = (_InBlocks.rows(tensor, dtype) if isinstance(tensor, streaming.WeightRows)
+                            else tensor.to(dtype))
         shards.add(revert_weight_conversion(lm, stored) if stock_loadable else stored)
 
-    with streaming.outer(lm):
-        add({name: tensor for name, tensor in lm.state_dict().items()
+    by_rows = {child_name: stream.weight_rows(part) for part, child_name in (
+        ("input", adapter.embeddings + ".weight"),
+        ("output", streaming.child_name(lm, lm.get_output_embeddings()) + ".weight"))}
+    with streaming.outer(lm, "besides_rows"):  # the embeddings and head are written a block of rows at a time
+        add({name: by_rows.get(name, tensor) for name, tensor in lm.state_dict().items()
              if not name.startswith(outer) and name not in tied})
     for view in streaming.layer_views(lm):
         prefix = f"{outer}{view.index}."
@@ -371,11 +377,16 @@ def _save_experts(lm: nn.Module, shards: "_ShardWriter", prefix: str, experts, s
     from transformers.core_model_loading import revert_weight_conversion
 
     stacks = {prefix + name: stack for name, stack in _expert_stacks(experts).items()}
-    first = revert_weight_conversion(lm, {name: stack[0][None] for name, stack in stacks.items()})
+    probes = {name: stack[0][None] for name, stack in stacks.items()}
+    first = revert_weight_conversion(lm, dict(probes))
     if not stock_loadable or not any(".experts.0." in name for name in first):  # stored stacked (gpt-oss's hub)
+        unconverted = first.keys() == probes.keys() and all(first[name] is probes[name] for name in probes)
         for name, stack in stacks.items():
+            if not stock_loadable or unconverted:  # saved as read, an expert at a time
+                shards.add({name: _InBlocks.experts(stack)})
+                continue
             whole = {name: torch.stack([stack[e] for e in range(len(stack))])}
-            shards.add(revert_weight_conversion(lm, whole) if stock_loadable else whole)
+            shards.add(revert_weight_conversion(lm, whole))
         return
     for expert in range(experts.num_experts):
         one = revert_weight_conversion(lm, {name: stack[expert][None] for name, stack in stacks.items()})
@@ -395,6 +406,54 @@ def _per_expert_tensors(experts) -> dict[str, torch.Tensor]:
             if isinstance(tensor := getattr(experts, name), torch.Tensor)}
 
 
+class _InBlocks:
+    """A tensor to save that is made a block at a time, in order along its first axis, and never whole: the rows
+    of a streamed weight, the experts of a streamed stack."""
+
+    ROWS = OUTER_ROWS
+
+    def __init__(self, shape, dtype: torch.dtype, blocks):
+        self.shape, self.dtype, self.blocks = torch.Size(shape), dtype, blocks
+        self.nbytes = self.shape.numel() * torch.empty((), dtype=dtype).element_size()
+
+    @classmethod
+    def rows(cls, rows: "streaming.WeightRows", dtype: torch.dtype) -> "_InBlocks":
+        """A streamed 2-D weight in `dtype`, converted ROWS rows at a time."""
+        return cls(rows.shape, dtype, lambda: (rows[first:first + cls.ROWS].to(dtype)
+                                               for first in range(0, rows.shape[0], cls.ROWS)))
+
+    @classmethod
+    def experts(cls, stack: "streaming.ExpertStack") -> "_InBlocks":
+        """A streamed expert stack as its experts read (one read first for their dtype)."""
+        return cls(stack.shape, stack[0].dtype, lambda: (stack[e] for e in range(len(stack))))
+
+
+def _save_file_in_blocks(tensors: dict, path: Path) -> None:
+    """The file safetensors' save_file writes for `tensors` (metadata format: pt), byte for byte, with each
+    _InBlocks written a block at a time. The order of the tensors and their dtype names are
+    safetensors' own, read from what it writes for a one-element stand-in of each."""
+    import struct
+
+    from safetensors.torch import save
+
+    stand_ins = save({name: torch.zeros(1, dtype=tensor.dtype) for name, tensor in tensors.items()},
+                     metadata={"format": "pt"})
+    order = json.loads(stand_ins[8:8 + struct.unpack("<Q", stand_ins[:8])[0]])
+    header, offset = {"__metadata__": order.pop("__metadata__")}, 0
+    for name, entry in order.items():
+        header[name] = {"dtype": entry["dtype"], "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + tensors[name].nbytes]}
+        offset += tensors[name].nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text)
+        for name in order:
+            tensor = tensors[name]
+            for block in tensor.blocks() if isinstance(tensor, _InBlocks) else [tensor]:
+                block.contiguous().reshape(-1).view(torch.uint8).numpy().tofile(handle)
+
+
 class _ShardWriter:
     """Safetensors shards of about SHARD_BYTES, each written as soon as it is full or its layer is done."""
 
@@ -407,7 +466,7 @@ class _ShardWriter:
         for name, tensor in tensors.items():
             if self.pending and sum(t.nbytes for t in self.pending.values()) + tensor.nbytes > SHARD_BYTES:
                 self._flush()
-            self.pending[name] = tensor.contiguous()
+            self.pending[name] = tensor if isinstance(tensor, _InBlocks) else tensor.contiguous()
         self._flush()  # a layer's tensors never wait in memory for the next layer's
 
     def _flush(self) -> None:
@@ -416,7 +475,10 @@ class _ShardWriter:
         if not self.pending:
             return
         path = self.directory / f".{self.stem}-shard-{len(self.written):05d}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
+        if any(isinstance(tensor, _InBlocks) for tensor in self.pending.values()):
+            _save_file_in_blocks(self.pending, path)
+        else:
+            save_file(self.pending, str(path), metadata={"format": "pt"})
         self.written.append((path, {name: tensor.nbytes for name, tensor in self.pending.items()}))
         self.pending = {}
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # torch is imported where weights are dequantized: the memory
 BLOCKS, SCALES = "_blocks", "_scales"
 BLOCK = 32  # inputs per scale
 SCALE_BIAS = 127
+DEQUANTIZED_ROWS = 256  # rows (outputs) dequantized at once: their int64 codes take 2 KiB per input block
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # E2M1
 
 
@@ -39,9 +40,14 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, transposed: bool) -> 
     import torch
 
     table = torch.tensor(FP4_VALUES, dtype=torch.float32)
-    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).long()  # [..., N, G, 16, 2]: even input low
-    values = table[codes].flatten(-2) * torch.exp2(scales.float() - SCALE_BIAS)[..., None]  # [..., N, G, 32]
-    matrix = values.flatten(-2)
+    *outer, rows, groups, _ = blocks.shape
+    matrix = torch.empty((*outer, rows, groups * BLOCK), dtype=torch.float32)
+    for first in range(0, rows, DEQUANTIZED_ROWS):  # the int64 codes of a few rows at a time, not of them all
+        stop = first + DEQUANTIZED_ROWS
+        part, part_scales = blocks[..., first:stop, :, :], scales[..., first:stop, :]
+        codes = torch.stack([part & 0x0F, part >> 4], dim=-1).long()  # [..., n, G, 16, 2]: even input low
+        values = table[codes].flatten(-2) * torch.exp2(part_scales.float() - SCALE_BIAS)[..., None]  # [..., n, G, 32]
+        matrix[..., first:stop, :] = values.flatten(-2)
     return matrix.transpose(-1, -2).contiguous() if transposed else matrix  # laid out as a stored stack is
 
 

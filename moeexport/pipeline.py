@@ -674,8 +674,8 @@ def _artifact_runner(target, path: Path, windows: np.ndarray, memory):
         return target.runner(path, windows.shape[1])
     from moeexport.backends.profile import logits_in_subprocess
 
-    logits, _ = logits_in_subprocess(target.name, path, windows, windows.shape[1])
-    return RecordedReference(windows, logits)  # (the child's peak is the profile's to report)
+    reference, _ = logits_in_subprocess(target.name, path, windows, windows.shape[1])
+    return reference  # (the child's peak is the profile's to report)
 
 
 def _published(path: Path, staging: Path, out: Path) -> str:

@@ -38,6 +38,7 @@ from moeexport.adapters.surgery import decoder_layers, get_path
 from moeexport.checkpoint_files import Headers, check_finite
 from moeexport.errors import MoeExportError
 from moeexport import mxfp4
+from moeexport.memory import LOGIT_POSITIONS, OUTER_ROWS, release_freed_memory  # what the memory plan counts on
 from moeexport.stream_registry import attach, stream_of
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -231,7 +232,8 @@ class LayerStream:
     def outer(self, part: str = "all"):
         """What is not a decoder layer read in, and released after: only the first and the last steps of a
         pass over the model need it. `part`: "input" (the embeddings), "output" (final norm and head, with
-        the embeddings when the head is tied to them) or "all"."""
+        the embeddings when the head is tied to them), "final_norm", "besides_rows" (all but the embeddings and
+        head, which weight_rows reads) or "all"."""
         layers = self.adapter.layers + "."
         tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
         wanted = self._outer_modules(part, bool(tied))
@@ -271,6 +273,11 @@ class LayerStream:
             return embeddings
         if part == "final_norm":
             return {self.adapter.final_norm}
+        if part == "besides_rows":  # what is not read by weight_rows: every module but the embeddings and head
+            layers = self.adapter.layers + "."
+            rows = {self.adapter.embeddings, child_name(self.model, self.model.get_output_embeddings())}
+            return {name for name, module in self.model.named_modules() if not (name + ".").startswith(layers)
+                    and any(True for _ in module.parameters(recurse=False)) and name not in rows}
         head = child_name(self.model, self.model.get_output_embeddings())
         return {self.adapter.final_norm, head} | (embeddings if tied else set())
 
@@ -285,15 +292,21 @@ class LayerStream:
         # inputs_embeds, which it does not scale
         return rows * torch.tensor(self.adapter.embedding_scale(self.model.config)).to(self.dtype)
 
-    def head_blocks(self, rows: int = 4096):
+    def head_blocks(self, rows: int = OUTER_ROWS):
         """(first row, the LM head's rows [first, first + rows) in the compute dtype), covering the head."""
-        name = child_name(self.model, self.model.get_output_embeddings()) + ".weight"
-        if not self.checkpoint.has(name):  # tied to the embeddings
-            name = self.adapter.embeddings + ".weight"
-        vocabulary = self.checkpoint.shape(name)[0]
-        for first in range(0, vocabulary, rows):
-            indices = torch.arange(first, min(first + rows, vocabulary))
-            yield first, self._require_finite(name, self.checkpoint.rows(name, indices)).to(self.dtype)
+        head = self.weight_rows("output")
+        for first in range(0, head.shape[0], rows):
+            yield first, head[first:first + rows]
+
+    def weight_rows(self, part: str) -> "WeightRows":
+        """The embeddings' ("input") or the LM head's ("output"; the embeddings when tied) weight, read a block of
+        rows at a time in the compute dtype: what writes or applies them row by row never holds them whole."""
+        name = self.adapter.embeddings + ".weight"
+        if part == "output":
+            head = child_name(self.model, self.model.get_output_embeddings()) + ".weight"
+            name = head if self.checkpoint.has(head) else name
+        return WeightRows(self.checkpoint.shape(name), lambda first, stop: self._require_finite(
+            name, self.checkpoint.rows(name, torch.arange(first, stop))).to(self.dtype))
 
     def _require_finite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` (the weights of `name`: embeddings, head, final norm, an expert's matrix), refused when it
@@ -360,7 +373,19 @@ class SafetensorsCheckpoint:
         return bool(self.sources.get(name))
 
     def rows(self, name: str, indices: torch.Tensor) -> torch.Tensor:
-        return self.tensor(name).index_select(0, indices)
+        """Rows `indices` of a 2-D parameter stored whole, as stored: only those rows are read from the file, a
+        run of consecutive indices at a time (the embeddings and head of a large vocabulary are never whole)."""
+        piece = self.sources[name][0]
+        if piece.scales:  # an MXFP4 stack has no rows of its own to read
+            return self.tensor(name).index_select(0, indices)
+        indices = indices.tolist()
+        starts = [i for i, index in enumerate(indices) if i == 0 or index != indices[i - 1] + 1]
+        with safe_open(self.headers[piece.key][2], "pt") as handle:
+            stored = handle.get_slice(piece.key)
+            if not indices:
+                return stored[0:0]
+            return torch.cat([stored[indices[start]:indices[stop - 1] + 1]
+                              for start, stop in zip(starts, starts[1:] + [len(indices)])])
 
     def shape(self, name: str) -> list[int]:
         """The shape of a parameter stored whole (not for per-expert pieces)."""
@@ -389,6 +414,7 @@ class SafetensorsCheckpoint:
         if pieces[0].scales:  # MXFP4: the one expert's blocks and scales, dequantized
             blocks, scales = (self.stored_slice(key, expert) for key in (pieces[0].key, pieces[0].scales))
             matrix = mxfp4.dequantize(blocks, scales, self.transposed)
+            release_freed_memory()  # else glibc keeps the dequantizing temporaries: RSS creeps up per expert read
         elif pieces[0].expert is None:  # stored stacked, as the model names it: slice the one expert out
             with safe_open(self.headers[pieces[0].key][2], "pt") as handle:
                 matrix = handle.get_slice(pieces[0].key)[expert:expert + 1][0]
@@ -417,6 +443,26 @@ class SafetensorsCheckpoint:
         # Opened per tensor: a mapping kept open holds every page read through it in this process's RSS.
         with safe_open(self.headers[key][2], "pt") as handle:
             return handle.get_tensor(key)
+
+
+class WeightRows:
+    """A 2-D weight [rows, columns] read from disk a block of rows at a time: `weight[first:stop]` (a slice with
+    step 1) reads those rows. It offers the little of a tensor's interface that row-wise writers use (`shape`,
+    slicing, `reshape(-1, columns)`)."""
+
+    def __init__(self, shape, read):
+        self.shape, self._read = torch.Size(shape), read
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        first, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("weight rows are read in runs (step 1)")
+        return self._read(first, max(first, stop))
+
+    def reshape(self, *shape) -> "WeightRows":
+        if tuple(shape) not in ((-1, self.shape[1]), tuple(self.shape)):
+            raise ValueError(f"weight rows {tuple(self.shape)} keep their shape")
+        return self
 
 
 class ExpertStack:
@@ -676,9 +722,23 @@ def run_layer(module: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
     return output[0] if isinstance(output, tuple) else output
 
 
+
+
 @torch.no_grad()
 def logits(model, windows: torch.Tensor, batch_size: int = 8) -> np.ndarray:
     """float32 logits [N, L, vocab] of token windows [N, L], reading each decoder layer once for all of them."""
+    out = np.empty((*windows.shape, model.config.vocab_size), np.float32)
+    for start, block in window_logits(model, windows, batch_size):
+        out[start:start + len(block)] = block
+    return out
+
+
+@torch.no_grad()
+def window_logits(model, windows: torch.Tensor, batch_size: int = 8):
+    """(first window, float32 logits [n, L, vocab] of windows[first:first + n]), covering windows [N, L] in
+    order; each decoder layer is read once for all of them. A streamed model applies its head a block of
+    vocabulary rows at a time, to LOGIT_POSITIONS positions' worth of windows at once (the head is read again
+    for each such group): neither the head nor all the logits are ever whole in memory."""
     batches = [first_layer_inputs(model, batch) for batch in windows.split(batch_size)]
     hidden = [h for h, _ in batches]
     for view in layer_views(model):
@@ -689,16 +749,18 @@ def logits(model, windows: torch.Tensor, batch_size: int = 8) -> np.ndarray:
     def capped(logits: torch.Tensor) -> torch.Tensor:  # final logit softcapping, where the model has it
         return logits if not cap else cap * torch.tanh(logits / cap)
 
-    out = np.empty((*windows.shape, model.config.vocab_size), np.float32)  # filled batch by batch: no copies
     stream = stream_of(model)
-    if stream is not None and stream.checkpoint.reads_in_blocks:  # the head a block of vocabulary rows at a time
-        with stream.outer("final_norm"):
-            hidden = [around.final_norm(h) for h in hidden]
-        for first, rows in stream.head_blocks():
-            for start, h in zip(range(0, len(windows), batch_size), hidden):
-                out[start:start + len(h), :, first:first + len(rows)] = capped(h @ rows.T).float().numpy()
-        return out
-    with outer(model, "output"):
+    if stream is None:
         for start, h in zip(range(0, len(windows), batch_size), hidden):
-            out[start:start + len(h)] = capped(around.output(around.final_norm(h))).float().numpy()
-    return out
+            yield start, capped(around.output(around.final_norm(h))).float().numpy()
+        return
+    with stream.outer("final_norm"):
+        normed = torch.cat([around.final_norm(h) for h in hidden])
+    del hidden
+    group = max(1, LOGIT_POSITIONS // windows.shape[1])
+    for start in range(0, len(windows), group):
+        h = normed[start:start + group]
+        out = np.empty((len(h), windows.shape[1], model.config.vocab_size), np.float32)
+        for first, rows in stream.head_blocks():
+            out[:, :, first:first + len(rows)] = capped(h @ rows.T).float().numpy()
+        yield start, out

@@ -44,6 +44,21 @@ class TorchRunner:
             return np.stack([self.model(input_ids=window[None], use_cache=False).logits[0].float().numpy()
                              for window in windows])
 
+    @property
+    def streamed(self) -> bool:
+        from moeexport import streaming
+
+        return streaming.is_streamed(self.model)
+
+    def logit_blocks(self, windows):
+        """(first window, float32 logits [n, L, vocab] of the next few windows), covering windows [N, L]: a
+        streamed model's logits a few windows at a time (moeexport.streaming.window_logits)."""
+        import torch
+
+        from moeexport import streaming
+
+        return streaming.window_logits(self.model, torch.as_tensor(windows, dtype=torch.long))
+
     def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[int]:
         """New token ids after `prompt`: greedy at temperature 0, else sampled from softmax(logits / T)."""
         import torch
@@ -151,6 +166,7 @@ class Fidelity:
 
 
 POSITIONS_PER_BLOCK = 64
+LOGITS_PER_BLOCK = 2**22  # ... and fewer where the vocabulary is larger than 65536 (float64 temporaries of this many)
 
 
 def compare(reference, artifact, windows, progress=None) -> Fidelity:
@@ -164,17 +180,21 @@ def compare(reference, artifact, windows, progress=None) -> Fidelity:
     for window in windows.tolist():
         expected_logits, actual_logits = reference.logits(window), artifact.logits(window)
         # a block of positions at a time: float64 temporaries of a whole window over a large vocabulary add
-        # up to half a GB
-        for start in range(0, len(window) - 1, POSITIONS_PER_BLOCK):
-            stop = min(start + POSITIONS_PER_BLOCK, len(window) - 1)
+        # up to half a GB (a block's sums are in the same order whatever the vocabulary up to 65536)
+        positions = max(1, min(POSITIONS_PER_BLOCK, LOGITS_PER_BLOCK // expected_logits.shape[-1]))
+        for start in range(0, len(window) - 1, positions):
+            stop = min(start + positions, len(window) - 1)
             expected = torch.from_numpy(np.asarray(expected_logits[start:stop])).double()
             actual = torch.from_numpy(np.asarray(actual_logits[start:stop])).double()
             targets = torch.tensor(window[start + 1:stop + 1])
             difference = (expected - actual).abs().max().item()
             max_abs = max(max_abs, difference if math.isfinite(difference) else math.inf)  # NaN must fail
-            expected_log, actual_log = expected.log_softmax(-1), actual.log_softmax(-1)
-            kl += (expected_log.exp() * (expected_log - actual_log)).sum().item()
             agree += (expected.argmax(-1) == actual.argmax(-1)).sum().item()
+            expected_log = expected.log_softmax(-1)
+            del expected  # only the log-probabilities are needed from here: fewer block-sized temporaries at once
+            actual_log = actual.log_softmax(-1)
+            del actual
+            kl += (expected_log.exp() * (expected_log - actual_log)).sum().item()
             reference_nll -= expected_log.gather(1, targets[:, None]).sum().item()
             artifact_nll -= actual_log.gather(1, targets[:, None]).sum().item()
             count += len(targets)
@@ -201,8 +221,11 @@ class RecordedReference:
 
     @classmethod
     def record(cls, runner, windows, text: str = "") -> "RecordedReference":
-        """Run `runner` (e.g. TorchRunner) once on every window and keep its float32 logits."""
+        """Run `runner` (e.g. TorchRunner) once on every window and keep its float32 logits: a streamed torch
+        model's in a temporary file, written a few windows at a time (see `spilled`), never all in memory."""
         windows = np.asarray(windows.tolist() if hasattr(windows, "tolist") else windows, dtype=np.int64)
+        if getattr(runner, "streamed", False):
+            return _SpilledReference.written(windows, runner.logit_blocks(windows), text)
         if hasattr(runner, "window_logits"):
             logits = runner.window_logits(windows).astype(np.float32, copy=False)  # no second copy
         else:
@@ -212,15 +235,7 @@ class RecordedReference:
     def spilled(self) -> "RecordedReference":
         """The same logits kept in a temporary file, mapped: they take no memory until they are read (a
         streamed run keeps the original's while it compresses). The file goes when the object does."""
-        import shutil
-        import tempfile
-        import weakref
-
-        directory = tempfile.mkdtemp(prefix="moeexport-logits-")
-        np.save(f"{directory}/logits.npy", self.recorded)
-        spilled = _SpilledReference(self.windows, f"{directory}/logits.npy", self.text)
-        weakref.finalize(spilled, shutil.rmtree, directory, True)
-        return spilled
+        return _SpilledReference.written(self.windows, [(0, self.recorded)], self.text)
 
     def logits(self, token_ids) -> np.ndarray:
         key = np.asarray(list(token_ids), dtype=np.int64).tobytes()
@@ -232,16 +247,67 @@ class RecordedReference:
         return self.recorded[index]
 
 
+def write_logit_blocks(path: str | Path, windows: int, blocks) -> None:
+    """The logits of `windows` windows as a .npy file [windows, L, vocab] float32, from `blocks`: (first window,
+    logits [n, L, vocab]) in order, each appended as it comes (so only one block is ever in memory)."""
+    with open(path, "wb") as handle:
+        for start, block in blocks:
+            block = np.ascontiguousarray(block, dtype=np.float32)
+            if start == 0:
+                np.lib.format.write_array_header_1_0(handle, {
+                    "descr": np.lib.format.dtype_to_descr(block.dtype), "fortran_order": False,
+                    "shape": (windows, *block.shape[1:])})
+            block.tofile(handle)
+
+
+def spilled_reference(windows: np.ndarray, fill, text: str = "") -> RecordedReference:
+    """A RecordedReference of the logits of `windows` [N, L] that `fill(path)` writes to a .npy file (e.g. by
+    write_logit_blocks, in another process), read back a window at a time; the file goes with the object."""
+    return _SpilledReference.filled(windows, fill, text)
+
+
 class _SpilledReference(RecordedReference):
-    """Recorded logits in a file: each window's are copied out of a fresh mapping that closes right after, so
-    the pages read do not stay in this process's resident memory."""
+    """Recorded logits in a file: each window's are read from it when asked for, so only that window is in this
+    process's resident memory."""
 
     def __init__(self, windows: np.ndarray, path: str, text: str = ""):
         super().__init__(windows, np.load(path, mmap_mode="r"), text)
         self.path = path
 
+    @classmethod
+    def filled(cls, windows: np.ndarray, fill, text: str = "") -> "_SpilledReference":
+        """The logits of `windows` [N, L] that `fill(path)` writes as a .npy file (write_logit_blocks) into a
+        temporary directory, which goes when the object does."""
+        import shutil
+        import tempfile
+        import weakref
+
+        directory = tempfile.mkdtemp(prefix="moeexport-logits-")
+        path = f"{directory}/logits.npy"
+        try:
+            fill(path)
+            spilled = cls(windows, path, text)
+        except BaseException:
+            shutil.rmtree(directory, True)
+            raise
+        weakref.finalize(spilled, shutil.rmtree, directory, True)
+        return spilled
+
+    @classmethod
+    def written(cls, windows: np.ndarray, blocks, text: str = "") -> "_SpilledReference":
+        """The logits of `windows` [N, L] from `blocks` (write_logit_blocks') in a temporary file."""
+        return cls.filled(windows, lambda path: write_logit_blocks(path, len(windows), blocks), text)
+
+    def spilled(self) -> "_SpilledReference":
+        return self
+
     def _window(self, index: int) -> np.ndarray:
-        return np.array(np.load(self.path, mmap_mode="r")[index])
+        """Read from the file, not through a mapping: a mapping's pages would count in this process's RSS
+        until it closes (the window's size twice over, with the copy)."""
+        window = self.recorded[index]  # where it lies (no page of it is touched)
+        with open(self.path, "rb") as handle:
+            handle.seek(self.recorded.offset + index * window.nbytes)
+            return np.fromfile(handle, dtype=window.dtype, count=window.size).reshape(window.shape)
 
 
 @dataclass

@@ -11,6 +11,8 @@ For measuring memory and speed at real widths: Mixtral-8x7B with `--layers 1` is
 `model-0000i-of-0000n.safetensors` shards of at most --shard-size with
 `model.safetensors.index.json`, tensors named and laid out as the hub checkpoints
 store them (per-expert w1/w2/w3 or gate_proj/up_proj/down_proj), and a tokenizer.
+`gpt-oss-20b` writes its experts as the hub ships them, fused stacks in MXFP4 (uint8 `*_blocks` and
+`*_scales`, random codes): 13.76 GB whole, exactly the hub's total_size; 3.27 GB with `--layers 2`.
 
 The tokenizer is the bundled demo model's (moeexport/demo), not the real model's:
 text tokenizes to ids below 2048 only, and bos/eos are the demo's ids 1 and 2
@@ -114,6 +116,20 @@ PRESETS["gemma-4-26b-a4b"] = {
 # families whose checkpoints hold the model's own state dict (3-D stacked experts): their tensors are the model's
 STACKED_FAMILIES = {"gemma4_text"}
 
+# openai/gpt-oss-20b's config.json (its layer_types, sliding then full attention in turn, are the default
+# transformers derives, so they follow --layers); the experts are written in MXFP4 as the hub ships them
+PRESETS["gpt-oss-20b"] = {
+    "model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], "hidden_size": 2880, "intermediate_size": 2880,
+    "num_hidden_layers": 24, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+    "num_local_experts": 32, "num_experts_per_tok": 4, "experts_per_token": 4, "vocab_size": 201088,
+    "max_position_embeddings": 131072, "initial_context_length": 4096, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+    "sliding_window": 128, "swiglu_limit": 7.0, "attention_bias": True, "attention_dropout": 0.0,
+    "router_aux_loss_coef": 0.9, "output_router_logits": False, "tie_word_embeddings": False,
+    "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                        "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096},
+    "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+}
 PRESETS["tiny-mixtral"] = PRESETS["mixtral-8x7b"] | {  # for tests: Mixtral's structure at small widths
     "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
     "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 2048,
@@ -130,6 +146,9 @@ class Layout(NamedTuple):
     latent: bool = False  # multi-head latent attention (q_a/q_b, kv_a/kv_b projections) instead of q/k/v
     shared: str | None = None  # the shared experts' module inside the MoE sublayer (one MLP, n_shared wide)
     router_extra: tuple[str, ...] = ()  # per-expert router tensors besides `gate.weight` (a selection bias)
+    # gpt-oss: biased q/k/v/o and per-head sinks; a biased `{moe}.router`; the experts as two fused stacks
+    # (gate and up interleaved) in MXFP4 pairs `*_blocks` / `*_scales` (moeexport/mxfp4.py) with float biases
+    mxfp4_experts: bool = False
 
 
 LAYOUTS = {
@@ -138,8 +157,11 @@ LAYOUTS = {
     "olmoe": Layout("mlp", ("gate_proj", "up_proj", "down_proj"), "intermediate_size", "projection"),
     "glm4_moe_lite": Layout("mlp", ("gate_proj", "up_proj", "down_proj"), "moe_intermediate_size", None, latent=True,
                             shared="shared_experts", router_extra=("e_score_correction_bias",)),
+    "gpt_oss": Layout("mlp", ("gate_up_proj", "gate_up_proj", "down_proj"), "intermediate_size", None,
+                      mxfp4_experts=True),
 }
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
+MXFP4_SCALES = (119, 122)  # E8M0 exponents drawn from [119, 122): random E2M1 codes then have a std near 0.02
 
 
 def parse_size(text: str) -> int:
@@ -210,6 +232,10 @@ def tensor_specs(config) -> list[tuple[str, tuple[int, ...]]]:
                       (f"{layer}.self_attn.k_proj.weight", (kv_width, hidden)),
                       (f"{layer}.self_attn.v_proj.weight", (kv_width, hidden)),
                       (f"{layer}.self_attn.o_proj.weight", (hidden, q_width))]
+        if layout.mxfp4_experts:
+            specs += [(f"{layer}.self_attn.{name}_proj.bias", (width,))
+                      for name, width in (("q", q_width), ("k", kv_width), ("v", kv_width), ("o", hidden))]
+            specs += [(f"{layer}.self_attn.sinks", (facts.num_heads,))]
         if layout.qk_norm:
             per_head = layout.qk_norm == "head"
             specs += [(f"{layer}.self_attn.q_norm.weight", (head_dim if per_head else q_width,)),
@@ -217,6 +243,9 @@ def tensor_specs(config) -> list[tuple[str, tuple[int, ...]]]:
         specs += [(f"{layer}.post_attention_layernorm.weight", (hidden,))]
         if i in dense:
             specs += _mlp_specs(moe, hidden, config.intermediate_size)
+            continue
+        if layout.mxfp4_experts:
+            specs += _mxfp4_moe_specs(moe, facts.num_experts, hidden, width)
             continue
         specs += [(f"{moe}.gate.weight", (facts.num_experts, hidden))]
         specs += [(f"{moe}.gate.{name}", (facts.num_experts,)) for name in layout.router_extra]
@@ -280,6 +309,31 @@ def _dense_layers(config) -> set[int]:
     return {i for i, kind in enumerate(getattr(config, "mlp_layer_types", None) or []) if kind == "dense"}
 
 
+def _mxfp4_moe_specs(moe: str, experts: int, hidden: int, width: int) -> list[tuple[str, tuple[int, ...]]]:
+    """gpt-oss's router and expert stacks as the hub stores them: each stack's rows (its outputs) in blocks of
+    mxfp4.BLOCK inputs, 16 bytes of codes and one scale byte per block."""
+    from moeexport import mxfp4
+
+    specs = [(f"{moe}.router.weight", (experts, hidden)), (f"{moe}.router.bias", (experts,))]
+    for stack, outputs, inputs in (("gate_up_proj", 2 * width, hidden), ("down_proj", hidden, width)):
+        groups = inputs // mxfp4.BLOCK
+        specs += [(f"{moe}.experts.{stack}{mxfp4.BLOCKS}", (experts, outputs, groups, mxfp4.BLOCK // 2)),
+                  (f"{moe}.experts.{stack}{mxfp4.SCALES}", (experts, outputs, groups)),
+                  (f"{moe}.experts.{stack}_bias", (experts, outputs))]
+    return specs
+
+
+def stored_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The tensor's dtype in the file: uint8 for MXFP4 codes and scales, else the checkpoint's."""
+    from moeexport import mxfp4
+
+    return torch.uint8 if name.endswith((mxfp4.BLOCKS, mxfp4.SCALES)) else dtype
+
+
+def tensor_bytes(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return _numel(shape) * torch.empty((), dtype=stored_dtype(name, dtype)).element_size()
+
+
 def _mlp_specs(prefix: str, hidden: int, width: int) -> list[tuple[str, tuple[int, ...]]]:
     return [(f"{prefix}.gate_proj.weight", (width, hidden)), (f"{prefix}.up_proj.weight", (width, hidden)),
             (f"{prefix}.down_proj.weight", (hidden, width))]
@@ -299,11 +353,11 @@ def _latent_attention_specs(prefix: str, facts) -> list[tuple[str, tuple[int, ..
             (f"{prefix}.o_proj.weight", (hidden, heads * latent.v_head_dim))]
 
 
-def shard_plan(specs, element_size: int, shard_size: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+def shard_plan(specs, dtype: torch.dtype, shard_size: int) -> list[list[tuple[str, tuple[int, ...]]]]:
     """Consecutive tensors grouped into shards of at most shard_size bytes (a bigger tensor gets its own)."""
     shards, current, used = [], [], 0
     for name, shape in specs:
-        size = _numel(shape) * element_size
+        size = tensor_bytes(name, shape, dtype)
         if current and used + size > shard_size:
             shards, current, used = shards + [current], [], 0
         current.append((name, shape))
@@ -320,11 +374,11 @@ def _numel(shape) -> int:
 
 def safetensors_header(tensors, dtype: torch.dtype) -> bytes:
     """The length-prefixed header of a safetensors file holding `tensors` back to back, in order."""
-    element_size = torch.empty((), dtype=dtype).element_size()
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in tensors:
-        end = offset + _numel(shape) * element_size
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        end = offset + tensor_bytes(name, shape, dtype)
+        header[name] = {"dtype": SAFETENSORS_DTYPES[stored_dtype(name, dtype)], "shape": list(shape),
+                        "data_offsets": [offset, end]}
         offset = end
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
@@ -336,16 +390,25 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 def tensor_chunks(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int):
-    """The tensor's values, a few rows at a time: ones for norms (1-D), normal * 0.02 for matrices."""
-    if len(shape) == 1:
+    """The tensor's values, a few rows at a time: ones for norms and sinks (1-D, not a bias), uniform codes and
+    MXFP4_SCALES exponents for MXFP4 pairs, normal * 0.02 for the rest (matrices, biases)."""
+    from moeexport import mxfp4
+
+    if len(shape) == 1 and not name.endswith("_bias") and not name.endswith(".bias"):
         yield torch.ones(shape, dtype=dtype)
         return
     generator = torch.Generator().manual_seed(tensor_seed(seed, name))
-    rows, columns = shape[0], _numel(shape[1:])  # (a conv kernel [channels, 1, k] is written as its rows)
-    rows, columns = _numel(shape[:-1]), shape[-1]  # a 3-D expert stack: its experts' rows, one after another
+    columns = shape[-1]
+    rows = _numel(shape) // columns
     step = max(1, CHUNK_ELEMENTS // columns)
     for start in range(0, rows, step):
-        yield (torch.randn((min(step, rows - start), columns), generator=generator) * 0.02).to(dtype)
+        chunk = (min(step, rows - start), columns)
+        if name.endswith(mxfp4.BLOCKS):
+            yield torch.randint(0, 256, chunk, generator=generator, dtype=torch.uint8)
+        elif name.endswith(mxfp4.SCALES):
+            yield torch.randint(*MXFP4_SCALES, chunk, generator=generator, dtype=torch.uint8)
+        else:
+            yield (torch.randn(chunk, generator=generator) * 0.02).to(dtype)
 
 
 def write_checkpoint(preset: str, out: str | Path, layers: int | None = None, dtype: str = "bfloat16",
@@ -367,11 +430,10 @@ def write_checkpoint(preset: str, out: str | Path, layers: int | None = None, dt
     config = make_config(preset, layers, overrides)
     config.dtype = torch_dtype
     specs = tensor_specs(config)
-    element_size = torch.empty((), dtype=torch_dtype).element_size()
-    shards = shard_plan(specs, element_size, shard_bytes)
+    shards = shard_plan(specs, torch_dtype, shard_bytes)
     names = ([SAFE_WEIGHTS] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    total = sum(_numel(shape) for _, shape in specs) * element_size
+    total = sum(tensor_bytes(name, shape, torch_dtype) for name, shape in specs)
     out = check_output(out, None, overwrite)
     free = shutil.disk_usage(next(p for p in [out.resolve(), *out.resolve().parents] if p.exists())).free
     if total > free:
@@ -388,7 +450,7 @@ def write_checkpoint(preset: str, out: str | Path, layers: int | None = None, dt
             header = safetensors_header(tensors, torch_dtype)
             with open(staging / name, "wb") as handle:
                 handle.write(header)
-                handle.truncate(len(header) + sum(_numel(shape) for _, shape in tensors) * element_size)
+                handle.truncate(len(header) + sum(tensor_bytes(name, shape, torch_dtype) for name, shape in tensors))
             starts.append(len(header))
         if len(shards) > 1:
             weight_map = {tensor: name for name, tensors in zip(names, shards) for tensor, _ in tensors}

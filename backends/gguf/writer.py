@@ -1050,8 +1050,10 @@ def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
     config, adapter, names = plan.config, adapter_for(model.config), tensors.names
     around = adapter.model_view(model)
     reads = tensors.writing and tensors.reads  # the header pass and a proxy need shapes only
-    with outer(model, "input") if reads else nullcontext():
-        tensors.add(names("TOKEN_EMBD"), around.embeddings.weight, keep_f32=tensors.quant in ("f16", "bf16"))
+    stream = stream_of(model) if reads else None  # streamed: the embeddings and head read a block of rows at a time
+    with outer(model, "input") if reads and stream is None else nullcontext():
+        embeddings = stream.weight_rows("input") if stream is not None else around.embeddings.weight
+        tensors.add(names("TOKEN_EMBD"), embeddings, keep_f32=tensors.quant in ("f16", "bf16"))
     if plan.architecture.per_layer_attention and not all(config.sliding_layers):
         tensors.add(names("ROPE_FREQS"), _proportional_rope_factors(plan))
     for view in views:
@@ -1080,9 +1082,9 @@ def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
             _write_silent_moe(tensors, name, config.hidden_size, plan)
             continue
         _write_moe(tensors, name, view, plan, model)
-    with outer(model, "output") if reads else nullcontext():
+    with outer(model, "output" if stream is None else "final_norm") if reads else nullcontext():
         tensors.add(names("OUTPUT_NORM"), around.final_norm.weight)
-        tensors.add(names("OUTPUT"), around.output.weight)
+        tensors.add(names("OUTPUT"), stream.weight_rows("output") if stream is not None else around.output.weight)
 
 
 def _layer_tensor(layer, path: str):
