@@ -68,6 +68,14 @@ TINY_CONFIGS = {
         moe_num_experts=4, moe_intermediate_size=24, moe_num_shared_experts=1, moe_layer_start_index=1,
         moe_layer_end_index=-1, moe_layer_interval=1, use_bias=False,
     ),
+    # Qwen3.5-MoE's text model: layers 0-2 Gated DeltaNet, 3 gated full attention (a quarter of each head
+    # rotated); more DeltaNet value heads than key heads (the hub's 32 / 16), key and value heads equally wide
+    # (llama.cpp's qwen35moe needs that)
+    "qwen3_5_moe_text": dict(
+        num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=40, head_dim=16,
+        linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+        linear_num_value_heads=4, full_attention_interval=4,
+    ),
 }
 FAMILIES = sorted(TINY_CONFIGS)
 

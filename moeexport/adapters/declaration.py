@@ -84,6 +84,18 @@ class LatentAttention:
 
 
 @dataclass(frozen=True)
+class LinearAttention:
+    """Gated DeltaNet sizes (Qwen3.5's linear attention): q/k heads share `key_heads`, v and the output gate
+    have `value_heads` (a multiple of them), all after one causal depthwise convolution of `conv_kernel` taps."""
+
+    conv_kernel: int
+    key_head_dim: int
+    value_head_dim: int
+    key_heads: int
+    value_heads: int
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The config facts passes and backends use, under one spelling for every family."""
 
@@ -115,6 +127,9 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     layer_mixers: tuple[MixerKind, ...] = ()  # per layer, in hybrid families; (): self-attention in every layer
+    linear: LinearAttention | None = None  # the sizes of the linear-attention layers, in families with them
+    # zero-centred RMSNorms scale by (norm_weight_offset + weight): 1.0 in Qwen3.5, whose checkpoints store w - 1
+    norm_weight_offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -211,6 +226,11 @@ class Family:
     latent_attention: Callable[[object], LatentAttention] | None = None  # config -> its latent sizes, if MLA
     # config -> each decoder layer's token mixer, for hybrid families; None: self-attention in every layer
     layer_mixers: Callable[[object], tuple[MixerKind, ...]] | None = None
+    # (mixer kind, module name in the decoder layer) for mixers other than `attention` (Qwen3.5's linear_attn)
+    mixer_modules: tuple[tuple[MixerKind, str], ...] = ()
+    linear_attention: Callable[[object], LinearAttention] | None = None  # config -> its DeltaNet sizes, if any
+    intermediate_size_key: str = "intermediate_size"  # config key of the dense width (or the experts', if none)
+    norm_weight_offset: float = 0.0  # see ModelConfig.norm_weight_offset
     # Rewrites the config keys that name dense layers after Block Drop (kept = surviving old indices).
     renumber_dense_layers: Callable[[object, list[int]], None] = _no_dense_layer_keys
     # An error message when the family's routing cannot survive a change of expert count.
@@ -233,7 +253,7 @@ class Family:
             name_or_path=str(config.name_or_path or ""),
             vocab_size=config.vocab_size,
             hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
+            intermediate_size=getattr(config, self.intermediate_size_key),
             num_heads=config.num_attention_heads,
             num_kv_heads=config.num_key_value_heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
@@ -253,7 +273,14 @@ class Family:
             rope_scaling={key: value for key, value in rope.items() if key != "rope_theta"},
             rotary_dim=_rotary_dim(config, rope),
             layer_mixers=self.layer_mixers(config) if self.layer_mixers else (),
+            linear=self.linear_attention(config) if self.linear_attention else None,
+            norm_weight_offset=self.norm_weight_offset,
         )
+
+    def mixer_module(self, config, index: int) -> str:
+        """The name of decoder layer `index`'s token mixer (its attention module, or e.g. its DeltaNet)."""
+        kind = self.layer_mixers(config)[index] if self.layer_mixers else "attention"
+        return dict(self.mixer_modules).get(kind, self.attention)
 
     def config_values(self, config: ModelConfig, layers: int, widths: FFNWidths, tied: bool) -> dict:
         """transformers config keys (with model_type) for a model described under canonical names, e.g. one

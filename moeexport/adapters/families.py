@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from moeexport.adapters.declaration import (CLAMPED_SWIGLU, NOAUX_TC, SIGMOID, ExpertLayout, FFNWidths, Family,
                                             LatentAttention, ModelConfig, Routing)
+from moeexport.adapters.declaration import LinearAttention  # Qwen3.5's DeltaNet sizes
 from moeexport.adapters.registry import register
 from moeexport.errors import MoeExportError
 
@@ -351,5 +352,37 @@ ERNIE4_5_MOE = register(
         shared_expert_count_key="moe_num_shared_experts",  # one module holds them all; 0: none (shared_experts None)
         renumber_dense_layers=_renumber_ernie_moe_layers,
         own_config_values=_ernie_config_values,
+    )
+)
+
+
+# --- Qwen3.5 / 3.6-MoE (qwen3_5_moe's text model): Gated DeltaNet and gated full attention, a gated shared expert ---
+
+
+def _qwen3_5_layer_mixers(config) -> tuple:
+    """layer_types: "linear_attention" (Gated DeltaNet) or "full_attention" (three of every four are linear)."""
+    return tuple("linear_attention" if kind == "linear_attention" else "attention" for kind in config.layer_types)
+
+
+def _qwen3_5_linear_attention(config) -> LinearAttention:
+    return LinearAttention(conv_kernel=config.linear_conv_kernel_dim, key_head_dim=config.linear_key_head_dim,
+                           value_head_dim=config.linear_value_head_dim, key_heads=config.linear_num_key_heads,
+                           value_heads=config.linear_num_value_heads)
+
+
+QWEN3_5_MOE = register(
+    Family(
+        model_type="qwen3_5_moe_text",
+        family="Qwen3.5 / 3.6-MoE (Gated DeltaNet + gated attention, a sigmoid-gated shared expert)",
+        num_experts_key="num_experts",
+        # Qwen3_5MoeTopKRouter: softmax -> top-k -> always renormalized
+        routing=lambda config: Routing(renormalize=True, shared_expert_gate=True),
+        shared_experts=("shared_expert",),
+        shared_expert_gate="shared_expert_gate",
+        layer_mixers=_qwen3_5_layer_mixers,
+        mixer_modules=(("linear_attention", "linear_attn"),),
+        linear_attention=_qwen3_5_linear_attention,
+        intermediate_size_key="moe_intermediate_size",  # no dense MLP: every layer is MoE
+        norm_weight_offset=1.0,  # Qwen3_5MoeRMSNorm scales by 1 + weight (not the DeltaNet's gated norm)
     )
 )

@@ -1,0 +1,162 @@
+"""Qwen3.5 / 3.6-MoE (`qwen3_5_moe_text`, llama.cpp `qwen35moe`): Gated DeltaNet linear attention in three of
+every four layers, gated full attention with partial rotary in the fourth, a sigmoid-gated shared expert, through
+the passes and into llama.cpp's own architecture, against transformers' own model of the saved checkpoint.
+
+The tiny model (tests/tiny_models.py) has layers [linear, linear, linear, full], 2 DeltaNet key heads and 4 value
+heads (the hub's 16 / 32 ratio), and random zero-centred norm weights here (transformers initialises them to 0)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moeexport.adapters import adapter_for
+from moeexport.adapters.surgery import drop_blocks, structure
+from moeexport.calibration.sources import CalibrationConfig
+from moeexport.compress import StatisticsProvider, compress
+from moeexport.errors import MoeExportError
+from moeexport.modelio import EXPERTS_IMPLEMENTATION, load, load_streamed, save
+from moeexport.recipe import parse_recipe
+from moeexport import streaming
+from tests.tiny_models import random_tokens, tiny_model
+
+FAMILY = "qwen3_5_moe_text"
+
+
+def _model(**overrides):
+    """The tiny model with its norms' weights random too (all zeros would hide a missing 1 + w)."""
+    model = tiny_model(FAMILY, **overrides)
+    generator = torch.Generator().manual_seed(5)
+    for name, parameter in model.named_parameters():
+        if "norm" in name:
+            parameter.data += 0.3 * torch.randn(parameter.shape, generator=generator)
+    return model
+
+
+def _provider(count: int = 4) -> StatisticsProvider:
+    return StatisticsProvider(None, CalibrationConfig(), "tiny", cache_dir=None, tokens=random_tokens(count, 32))
+
+
+def _compress(model, passes, provider=None):
+    compress(model, parse_recipe({"passes": passes}), provider or _provider())
+    return model
+
+
+def _logits(model, tokens) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=tokens, use_cache=False).logits
+
+
+def _reloaded(model, path):
+    """transformers' own model of what moeexport saved."""
+    save(model, path, {})
+    return AutoModelForCausalLM.from_pretrained(path, experts_implementation=EXPERTS_IMPLEMENTATION).eval()
+
+
+# --- the adapter ---------------------------------------------------------------------------------------------------
+
+def test_the_views_hand_out_each_layers_own_mixer_and_the_config_its_kinds_and_sizes():
+    model = _model()
+    adapter = adapter_for(model.config)
+    config = adapter.model_config(model.config)
+    assert config.layer_mixers == ("linear_attention",) * 3 + ("attention",)
+    assert (config.linear.key_heads, config.linear.value_heads, config.linear.key_head_dim) == (2, 4, 8)
+    assert config.rotary_dim == 4 and config.norm_weight_offset == 1.0 and config.intermediate_size == 24
+    views = adapter.layer_views(model)
+    assert [type(view.attention).__name__ for view in views] == ["Qwen3_5MoeGatedDeltaNet"] * 3 + ["Qwen3_5MoeAttention"]
+    assert all(view.shared_expert_gate is not None and len(view.shared_experts) == 1 for view in views)
+
+
+def test_the_layer_by_layer_forward_computes_transformers_logits():
+    """What calibration and validation run: each layer called as the model calls it (its own mask and kwargs)."""
+    model = _model()
+    tokens = random_tokens(3, 24)
+    assert torch.equal(torch.from_numpy(streaming.logits(model, tokens)), _logits(model, tokens).float())
+
+
+def test_save_and_load_round_trip_the_model(tmp_path):
+    model = _model()
+    tokens = random_tokens(2, 16)
+    assert torch.equal(_logits(model, tokens), _logits(_reloaded(model, tmp_path / "saved"), tokens))
+    assert torch.equal(_logits(model, tokens), _logits(load(tmp_path / "saved"), tokens))
+
+
+def test_expert_drop_slices_router_rows_and_both_stacks_and_transformers_reloads_it(tmp_path):
+    model = _model()
+    before = {view.index: (view.router.weight.clone(), view.experts.gate_up_proj.clone(),
+                           view.experts.down_proj.clone()) for view in adapter_for(model.config).layer_views(model)}
+    result = compress(model, parse_recipe({"passes": [{"expert_drop": {"keep": 3, "score": "reap"}}]}), _provider())
+    for view in adapter_for(model.config).layer_views(model):
+        kept = result.steps[0].plan.keep[view.index]
+        router, gate_up, down = before[view.index]
+        assert len(kept) == 3 and view.num_experts == 3
+        assert torch.equal(view.router.weight, router[kept]) and torch.equal(view.experts.gate_up_proj, gate_up[kept])
+        assert torch.equal(view.experts.down_proj, down[kept])
+        assert view.shared_expert_gate is not None and len(view.shared_experts) == 1  # never taken
+    tokens = random_tokens(2, 16)
+    assert torch.equal(_logits(model, tokens), _logits(_reloaded(model, tmp_path / "saved"), tokens))
+
+
+def test_reap_weighs_each_experts_output_norm_by_the_renormalized_weight_the_block_mixes_with():
+    """REAP saliency of a DeltaNet layer's experts, recomputed by hand from the MoE block's inputs: the mean over
+    an expert's routed tokens of (softmax -> top-k -> renormalized weight) x ||down(silu(gate x) * up x)||."""
+    model, tokens = _model(), random_tokens(4, 32)
+    view = adapter_for(model.config).layer_view(model, 1)
+    inputs = []
+    handle = view.ffn.register_forward_hook(lambda module, args, output: inputs.append(args[0]))
+    _logits(model, tokens)
+    handle.remove()
+    x = inputs[0].reshape(-1, model.config.hidden_size)
+    probabilities = torch.softmax(x @ view.router.weight.T, dim=-1)
+    weights, index = probabilities.topk(model.config.num_experts_per_tok, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    expected = []
+    for expert in range(view.num_experts):
+        rows, slot = torch.where(index == expert)
+        gate, up = (x[rows] @ view.experts.gate_up_proj[expert].T).chunk(2, dim=-1)
+        output = (torch.nn.functional.silu(gate) * up) @ view.experts.down_proj[expert].T
+        expected.append(float((weights[rows, slot] * output.norm(dim=-1)).mean()) if len(rows) else 0.0)
+    statistics = StatisticsProvider(None, CalibrationConfig(), "tiny", cache_dir=None, tokens=tokens).statistics(
+        model, [])
+    assert max(expected) > 0
+    assert statistics.layers[1].reap == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("drop", [[0], [3], [1, 2]])
+def test_block_drop_of_any_layer_kind_keeps_each_survivors_mixer_and_transformers_reloads_it(drop, tmp_path):
+    model = _model()
+    adapter = adapter_for(model.config)
+    mixers = adapter.model_config(model.config).layer_mixers
+    drop_blocks(adapter, model, drop)
+    kept = tuple(kind for i, kind in enumerate(mixers) if i not in drop)
+    assert adapter.model_config(model.config).layer_mixers == kept
+    reloaded = _reloaded(model, tmp_path / "saved")
+    assert adapter.model_config(reloaded.config).layer_mixers == kept
+    tokens = random_tokens(2, 16)
+    assert torch.equal(_logits(model, tokens), _logits(reloaded, tokens))
+
+
+def test_layer_drop_removes_the_routed_and_shared_experts_and_their_gate_and_keeps_the_mixer(tmp_path):
+    """Decided: the MoE sublayer is the routed experts, the shared expert and its sigmoid gate together (one
+    module, mlp); Layer Drop removes all three with its norm, the layer's DeltaNet or attention stays."""
+    model = _compress(_model(), [{"layer_drop": {"n": 1, "score": "random"}}])
+    specs = structure(adapter_for(model.config), model)
+    dropped = [i for i, spec in enumerate(specs) if spec.kind == "dropped"]
+    assert len(dropped) == 1
+    view = adapter_for(model.config).layer_view(model, dropped[0])
+    assert view.shared_experts == () and view.shared_expert_gate is None and view.attention is not None
+    tokens = random_tokens(2, 16)
+    assert torch.equal(_logits(model, tokens), _logits(load(save(model, tmp_path / "saved", {})), tokens))
+
+
+def test_a_streamed_build_is_the_in_memory_one(tmp_path):
+    _model().save_pretrained(tmp_path / "source")
+    recipe = [{"block_drop": {"n": 1, "score": "random"}}, {"expert_drop": {"keep": 3, "score": "reap"}}]
+    results = []
+    for loader in (load, load_streamed):
+        lm = _compress(loader(tmp_path / "source"), recipe)
+        save(lm, tmp_path / loader.__name__, {})
+        results.append(load(tmp_path / loader.__name__))
+    tokens = random_tokens(2, 20)
+    assert torch.equal(*(_logits(lm, tokens) for lm in results))
