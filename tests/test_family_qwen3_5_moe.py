@@ -160,3 +160,95 @@ def test_a_streamed_build_is_the_in_memory_one(tmp_path):
         results.append(load(tmp_path / loader.__name__))
     tokens = random_tokens(2, 20)
     assert torch.equal(*(_logits(lm, tokens) for lm in results))
+
+
+# --- GGUF in llama.cpp's qwen35moe ---------------------------------------------------------------------------------
+
+def _demo_vocabulary(**overrides):
+    """The tiny model (random norms) with the demo model's tokenizer (2048 pieces), for a GGUF's vocabulary."""
+    from moeexport.checkpoint_files import DEMO_MODEL
+
+    model = _model(vocab_size=2048, **overrides)
+    model.config.name_or_path = str(DEMO_MODEL)
+    return model
+
+
+def _gguf_fidelity(reference, path):
+    from moeexport.backends import gguf as gguf_backend
+    from moeexport.validate import TorchRunner, compare
+
+    windows = random_tokens(2, 48, seed=9) * 16
+    return compare(TorchRunner(reference), gguf_backend.Runner(path, context=48), windows)
+
+
+@pytest.mark.parametrize("passes", [
+    [],
+    [{"expert_drop": {"keep": 3, "score": "reap"}}],
+    [{"block_drop": {"n": 1, "score": "random"}}],  # seeded: which block differs per run of the scorer
+], ids=["full", "expert_drop", "block_drop"])
+def test_gguf_matches_transformers_own_model_of_the_saved_checkpoint(passes, tmp_path):
+    from moeexport.backends import gguf as gguf_backend
+
+    model = _compress(_demo_vocabulary(), passes)
+    saved = save(model, tmp_path / "ckpt", {})
+    stock = AutoModelForCausalLM.from_pretrained(saved, experts_implementation=EXPERTS_IMPLEMENTATION).eval()
+    artifact = gguf_backend.export(load(saved), tmp_path / "m.gguf")
+    assert artifact.architecture == "qwen35moe" and artifact.representation == "uniform"
+    fidelity = _gguf_fidelity(stock, artifact.path)
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
+
+
+@pytest.mark.parametrize("drop", [[0, 1], [1, 2]])
+def test_gguf_block_drop_that_breaks_the_every_fourth_pattern_is_stated_per_layer_and_exact(drop, tmp_path):
+    """qwen35moe reads which layers are DeltaNet from attention.recurrent_layers, one flag per layer: a Block
+    Drop that moves the full-attention layer off every fourth is written as it is (no byte cost: a flag a layer)."""
+    import gguf
+
+    from moeexport.backends import gguf as gguf_backend
+
+    model = _demo_vocabulary()
+    drop_blocks(adapter_for(model.config), model, drop)
+    saved = save(model, tmp_path / "ckpt", {})
+    stock = AutoModelForCausalLM.from_pretrained(saved, experts_implementation=EXPERTS_IMPLEMENTATION).eval()
+    artifact = gguf_backend.export(load(saved), tmp_path / "m.gguf")
+    field = gguf.GGUFReader(artifact.path).fields["qwen35moe.attention.recurrent_layers"]
+    assert field.contents() == [kind == "linear_attention" for kind in stock.config.layer_types]
+    fidelity = _gguf_fidelity(stock, artifact.path)
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
+
+
+def test_gguf_layer_drop_is_an_all_zero_moe_sublayer_exact_and_small(tmp_path):
+    """qwen35moe needs router, experts and the gated shared expert in every layer: a dropped MoE sublayer is
+    written as all-zero ones (Q1_0 / Q4_0 stand-ins, the shared gate's weight ones), which add exactly 0."""
+    from moeexport.backends import gguf as gguf_backend
+
+    full = gguf_backend.export(_demo_vocabulary(), tmp_path / "full.gguf")
+    model = _compress(_demo_vocabulary(), [{"layer_drop": {"n": 1, "score": "random"}}])
+    artifact = gguf_backend.export(model, tmp_path / "dropped.gguf")
+    assert artifact.representation.startswith("zero experts for MoE-less layers")
+    reference = load(save(model, tmp_path / "ckpt", {}))  # moeexport's model: transformers has no dropped sublayer
+    fidelity = _gguf_fidelity(reference, artifact.path)
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
+    view = adapter_for(model.config).layer_view(_demo_vocabulary(), 0)
+    layer_bytes = 4 * sum(t.numel() for t in (view.experts.gate_up_proj, view.experts.down_proj,
+                                              *view.shared_experts[0].parameters()))
+    assert full.path.stat().st_size - artifact.path.stat().st_size >= 0.7 * layer_bytes
+
+
+def test_gguf_reading_a_qwen35moe_file_back_is_refused_in_one_line(tmp_path):
+    from moeexport.backends import gguf as gguf_backend
+
+    artifact = gguf_backend.export(_demo_vocabulary(), tmp_path / "m.gguf")
+    with pytest.raises(MoeExportError, match="Gated DeltaNet layers"):
+        load(artifact.path)
+
+
+def test_gguf_refuses_a_block_drop_that_leaves_no_full_attention_layer(tmp_path):
+    """llama.cpp's qwen35moe aborts on a model whose every layer is recurrent (an empty KV cache): refused first."""
+    from moeexport.backends import gguf as gguf_backend
+
+    model = _demo_vocabulary()
+    drop_blocks(adapter_for(model.config), model, [3])
+    with pytest.raises(MoeExportError, match="without a full-attention layer .* drop other blocks"):
+        gguf_backend.export(model, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []

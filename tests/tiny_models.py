@@ -75,6 +75,9 @@ TINY_CONFIGS = {
         num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=40, head_dim=16,
         linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
         linear_num_value_heads=4, full_attention_interval=4,
+        # M-RoPE sections over the 2 rotated pairs (llama.cpp needs them to fit; the hub's [11, 11, 10] fill 32)
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [1, 1, 0]},
     ),
 }
 FAMILIES = sorted(TINY_CONFIGS)
