@@ -252,3 +252,84 @@ def test_gguf_refuses_a_block_drop_that_leaves_no_full_attention_layer(tmp_path)
     with pytest.raises(MoeExportError, match="without a full-attention layer .* drop other blocks"):
         gguf_backend.export(model, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- against llama.cpp's converter ---------------------------------------------------------------------------------
+
+# what ours writes that the converter leaves to llama.cpp's defaults, and what the converter writes that qwen35moe
+# does not read when attention.recurrent_layers is present (full_attention_interval); the tiny config also carries
+# COMMON's intermediate_size, which the converter writes as feed_forward_length and qwen35moe does not read
+OUR_EXTRA_KEYS = {"vocab_size"}
+THEIR_UNREAD_KEYS = {"full_attention_interval", "feed_forward_length"}
+
+
+def test_the_uncompressed_f16_gguf_is_the_converters_tensor_for_tensor_and_key_for_key(tmp_path):
+    """llama.cpp's converter on the saved tiny checkpoint (--no-mtp: it has no next-token-prediction layer):
+    every tensor has the converter's type and bytes (the v-head reordering, -exp(A_log), 1 + w norms included);
+    ours keeps the token embedding F32 (writer.py) and the shared-expert gate as llama.cpp's [hidden] (the
+    converter keeps HF's [1, hidden]: the same bytes)."""
+    import importlib.util
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from gguf import GGUFReader
+
+    from moeexport.backends import gguf as gguf_backend
+    from moeexport.checkpoint_files import DEMO_MODEL
+
+    tool_path = Path(__file__).resolve().parents[1] / "tools" / "compare_with_converter.py"
+    spec = importlib.util.spec_from_file_location("compare_with_converter", tool_path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tree = tool.fetch_converter(tmp_path / "converter")
+    checkpoint = tmp_path / "ckpt"
+    _model(vocab_size=2048).save_pretrained(checkpoint)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(DEMO_MODEL / name, checkpoint / name)
+    theirs = tmp_path / "theirs.gguf"
+    subprocess.run([sys.executable, "-c", tool.SENTENCEPIECE_CONVERTER, str(checkpoint), "--outtype", "f16",
+                    "--no-mtp", "--outfile", str(theirs)], check=True, capture_output=True,
+                   env=os.environ | {"PYTHONPATH": os.pathsep.join([str(tree), str(tree / "gguf-py")])})
+    ours = gguf_backend.export(load(checkpoint), tmp_path / "ours.gguf", quant="f16").path
+    their_file, our_file = GGUFReader(theirs), GGUFReader(ours)
+    their_tensors = {t.name: t for t in their_file.tensors}
+    our_tensors = {t.name: t for t in our_file.tensors}
+    assert set(our_tensors) == set(their_tensors)
+    assert any(".ssm_a" in name for name in our_tensors) and any(".attn_gate." in name for name in our_tensors)
+    for name, their in their_tensors.items():
+        our = our_tensors[name]
+        if name == "token_embd.weight":
+            assert our.tensor_type.name == "F32" and their.tensor_type.name == "F16"
+            assert np.array_equal(np.asarray(our.data).astype(np.float16), np.asarray(their.data))
+            continue
+        assert our.tensor_type == their.tensor_type, name
+        assert np.array_equal(np.asarray(our.data).reshape(-1), np.asarray(their.data).reshape(-1)), name
+        assert [int(n) for n in our.shape if n != 1] == [int(n) for n in their.shape if n != 1], name
+
+    def keys(reader):
+        prefix = f"{reader.fields['general.architecture'].contents()}."
+        return {name.removeprefix(prefix): field.contents() for name, field in reader.fields.items()
+                if name.startswith(prefix)}
+
+    their_keys, our_keys = keys(their_file), keys(our_file)
+    assert set(our_keys) - set(their_keys) == OUR_EXTRA_KEYS
+    assert {key: our_keys.get(key) for key in set(their_keys) - THEIR_UNREAD_KEYS} == {
+        key: value for key, value in their_keys.items() if key not in THEIR_UNREAD_KEYS}
+
+
+# --- ONNX and TensorRT: refused in one line ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target_name", ["onnx", "tensorrt"])
+def test_onnx_and_tensorrt_refuse_the_deltanet_layers_before_any_work(target_name):
+    """ONNX Runtime 1.32 has contrib ops for Gated DeltaNet (CausalConvWithState, LinearAttention), which
+    onnxruntime-genai 0.18's builder emits; moeexport's lowering does not write them yet, so both targets (the
+    TensorRT bundle is that ONNX) refuse the family at their check, naming what is missing."""
+    from moeexport.backends import target_for
+
+    target = target_for(target_name)
+    with pytest.raises(MoeExportError, match=r"does not lower linear_attention layers \(Qwen3\.5.*LinearAttention"):
+        target.check(_model(), "f32", target.Options())

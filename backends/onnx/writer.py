@@ -80,6 +80,13 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
         require_moe_kernels()
     adapter = adapter_for(model.config)
     config = adapter.model_config(model.config)
+    unlowered = sorted(set(config.layer_mixers) - {"attention"})
+    if unlowered:
+        raise MoeExportError(
+            f"the onnx exporter does not lower {' or '.join(unlowered)} layers ({adapter.family}) yet: ONNX Runtime's "
+            "com.microsoft CausalConvWithState / LinearAttention ops (what onnxruntime-genai's builder emits) are not "
+            "written by it; export GGUF instead"
+        )
     if config.model_type not in ARCHITECTURES:
         raise MoeExportError(f"the onnx exporter has no attention layout for model_type {config.model_type!r}")
     if config.experts.activation not in ("silu", CLAMPED_SWIGLU):
