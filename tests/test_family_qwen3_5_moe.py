@@ -364,3 +364,40 @@ def test_the_hubs_multimodal_checkpoint_is_read_as_its_text_model_in_memory_and_
         assert read.config.model_type == FAMILY and read.config.name_or_path == str(hub)
         logits = torch.from_numpy(streaming.logits(read, tokens))
         assert torch.equal(logits, _logits(model, tokens).float()), loader.__name__
+
+
+# --- the real-width preset, at small widths ------------------------------------------------------------------------
+
+def test_the_qwen3_6_preset_is_the_hub_layout_and_a_streamed_build_writes_the_in_memory_builds_gguf(tmp_path):
+    """tools/make_synthetic_checkpoint.py qwen3.6-35b-a3b (here one period of 4 layers at small widths): the
+    multimodal config and model.language_model.* names of the hub, fused experts; moeexport reads it and a
+    streamed Expert Drop to half writes the same GGUF as the in-memory one."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from moeexport.backends import gguf as gguf_backend
+    from moeexport.source import open_source
+
+    tool_path = Path(__file__).resolve().parents[1] / "tools" / "make_synthetic_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("make_synthetic_checkpoint", tool_path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    small = {"hidden_size": 64, "num_experts": 8, "vocab_size": 2048, "head_dim": 32, "linear_key_head_dim": 16,
+             "linear_value_head_dim": 16, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                                 "mrope_section": [2, 1, 1], "mrope_interleaved": True}}
+    out = tmp_path / "synthetic"
+    tool.write_checkpoint("qwen3.6-35b-a3b", out, layers=4, dtype="float32", overrides=small)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen3_5_moe" and config["text_config"]["model_type"] == FAMILY
+    names = set(open_source(out).headers)
+    assert {"model.language_model.layers.0.mlp.experts.gate_up_proj",
+            "model.language_model.layers.0.linear_attn.in_proj_qkv.weight",
+            "model.language_model.layers.3.self_attn.q_proj.weight", "lm_head.weight"} <= names
+    files = []
+    for loader in (load, load_streamed):
+        lm = _compress(loader(out), [{"expert_drop": {"keep": 4, "score": "reap"}}])
+        assert lm.config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+        files.append(gguf_backend.export(lm, tmp_path / f"{loader.__name__}.gguf").path.read_bytes())
+    assert files[0] == files[1]
