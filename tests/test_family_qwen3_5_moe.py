@@ -401,3 +401,24 @@ def test_the_qwen3_6_preset_is_the_hub_layout_and_a_streamed_build_writes_the_in
         assert lm.config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
         files.append(gguf_backend.export(lm, tmp_path / f"{loader.__name__}.gguf").path.read_bytes())
     assert files[0] == files[1]
+
+
+# --- what needs an attention layer's projections: refused by name ---------------------------------------------------
+
+@pytest.mark.parametrize("step", ["layer_drop", "block_drop"])
+def test_trim_refit_of_the_absorbing_attention_output_is_refused_before_any_work(step):
+    """repair: refit solves for the o_proj that absorbs a dropped block or sublayer; a DeltaNet has none."""
+    model = _model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(MoeExportError, match=rf"{step}: repair: refit .* linear_attention layers .* repair: none"):
+        _compress(model, [{step: {"n": 1, "score": "random", "repair": "refit"}}])
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
+def test_gguf_imatrix_is_refused_at_the_targets_check():
+    from moeexport.backends import target_for
+
+    target = target_for("gguf")
+    with pytest.raises(MoeExportError, match="--imatrix .* linear_attention layers .* without --imatrix"):
+        target.check(_model(), "q4_k_m", target.Options(imatrix=True))
+    target.check(_model(), "q4_k_m", target.Options())
