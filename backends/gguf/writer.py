@@ -1132,12 +1132,12 @@ def _write_attention(tensors: _TensorSink, name: BlockNames, attention, config: 
 
 
 def _norm(weight, config: ModelConfig):
-    """An RMSNorm's weight as llama.cpp multiplies by it: offset + w for a zero-centred norm (Qwen3.5's)."""
+    """An RMSNorm's weight as llama.cpp multiplies by it: offset + w for a zero-centred norm."""
     return weight + config.norm_weight_offset if config.norm_weight_offset else weight
 
 
 def _write_linear_attention(tensors: _TensorSink, name: BlockNames, deltanet, config: ModelConfig) -> None:
-    """A Gated DeltaNet layer as llama.cpp's qwen35moe reads it: q/k/v in one projection (attn_qkv), the output
+    """A Gated DeltaNet layer as llama.cpp's hybrid host reads it: q/k/v in one projection (attn_qkv), the output
     gate z (attn_gate), beta and alpha (decay) projections, the depthwise conv kernel [channels, taps], dt's bias,
     A = -exp(A_log), the gated norm (its plain weight) and the output projection. transformers repeats each key
     head for its consecutive value heads; ggml tiles the key heads instead, so the value heads (and everything per
