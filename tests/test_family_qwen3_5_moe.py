@@ -422,3 +422,15 @@ def test_gguf_imatrix_is_refused_at_the_targets_check():
     with pytest.raises(MoeExportError, match="--imatrix .* linear_attention layers .* without --imatrix"):
         target.check(_model(), "q4_k_m", target.Options(imatrix=True))
     target.check(_model(), "q4_k_m", target.Options())
+
+
+def test_gguf_is_exact_over_windows_longer_than_the_deltanets_64_token_chunks(tmp_path):
+    """transformers' torch DeltaNet and llama.cpp's both run 64-token chunks: a 200-token window crosses three."""
+    from moeexport.backends import gguf as gguf_backend
+    from moeexport.validate import TorchRunner, compare
+
+    model = _demo_vocabulary()
+    artifact = gguf_backend.export(model, tmp_path / "m.gguf")
+    fidelity = compare(TorchRunner(model), gguf_backend.Runner(artifact.path, context=200),
+                       random_tokens(2, 200, seed=9) * 16)
+    assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity
