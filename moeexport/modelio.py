@@ -73,6 +73,7 @@ def check_checkpoint(source: Source, trust_remote_code: bool = False) -> None:
     else:
         native = lm.state_dict()
         layouts = [native, revert_weight_conversion(lm, dict(native))]
+        layouts += [_prefixed(layout, lm) for layout in layouts]  # under a multimodal model's text-model prefix
     expected = max(layouts, key=lambda layout: len(found.keys() & layout.keys()))  # native wins a tie
     optional = _filled_by_ties(lm, found.keys())
     ignore_missing = getattr(lm, "_keys_to_ignore_on_load_missing", None) or []
@@ -107,6 +108,20 @@ def check_checkpoint(source: Source, trust_remote_code: bool = False) -> None:
                 f"{path}: tensor {name} is {dtype}, but weights must be floating point (F32, F16 or BF16): "
                 "the file is corrupt or quantized in a format moeexport does not read"
             )
+
+
+def _prefixed(layout: dict, lm) -> dict:
+    """`layout`'s names as a multimodal checkpoint stores its text model's (model.language_model.*), where
+    transformers' conversion table strips such a prefix on load (which its saving does not put back)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange
+
+    for change in get_model_conversion_mapping(lm):
+        if isinstance(change, PrefixChange) and change.prefix_to_remove:
+            stem = f"{change.model_prefix}." if change.model_prefix else ""
+            return {(f"{stem}{change.prefix_to_remove}.{name[len(stem):]}" if name.startswith(stem) else name): value
+                    for name, value in layout.items()}
+    return {}
 
 
 def _unpacked(source: Source) -> dict:

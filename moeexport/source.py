@@ -124,6 +124,9 @@ def read_config(model_dir: Path, trust_remote_code: bool = False):
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as error:  # StrictDataclassError, or whatever else a wrongly typed value raises in transformers
         raise MoeExportError(f"{path} is not a valid {model_type} config: {one_line(error)}") from None
+    if config.get_text_config() is not config:  # a multimodal hub checkpoint: its text model, the
+        config.get_text_config().name_or_path = config.name_or_path  # model AutoModelForCausalLM builds from it
+        config = config.get_text_config()
     adapter = adapter_for(config)  # unsupported or dense families stop here, before any weight is read
     _check_config_values(config, adapter, path, compressed=(model_dir / MANIFEST).is_file())
     return config

@@ -30,13 +30,13 @@ def test_layer_views_hand_out_each_family_s_modules(model_type):
     assert [view.index for view in views] == list(range(model.config.num_hidden_layers))
     moe = [view for view in views if view.kind == "moe"]
     latent = model_type in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")
-    has_shared = model_type in ("qwen2_moe", "glm4_moe", "ernie4_5_moe", "nemotron_h") or latent
+    has_shared = model_type in ("qwen2_moe", "glm4_moe", "ernie4_5_moe", "nemotron_h", "qwen3_5_moe_text") or latent
     for view in moe:
         assert view.num_experts == config.num_experts and view.top_k == config.top_k
         first_stack = view.experts.gate_up_proj if view.layout.gated else view.experts.up_proj  # ungated: Nemotron-H
         assert first_stack.shape[0] == view.router_weight.shape[0]
         assert len(view.shared_experts) == int(has_shared)
-        assert (view.shared_expert_gate is not None) == (model_type == "qwen2_moe")
+        assert (view.shared_expert_gate is not None) == (model_type in ("qwen2_moe", "qwen3_5_moe_text"))
     assert config.shared_expert_count == int(has_shared)
     assert (config.latent is not None) == latent
     assert config.routing == adapter.routing(model.config)

@@ -275,7 +275,7 @@ def test_onnx_and_tensorrt_refuse_the_mamba_blocks_in_one_line_before_any_work(t
     import importlib
 
     backend = importlib.import_module(f"moeexport.backends.{target}")
-    with pytest.raises(MoeExportError, match=r"layers \[0\] are Mamba-2 blocks, which the onnx exporter does not lower"):
+    with pytest.raises(MoeExportError, match=r"does not lower Mamba-2 or feed-forward-only layers \(Nemotron-H"):
         backend.TARGET.check(tiny_model(FAMILY), "f32", backend.TARGET.Options())
 
 

@@ -87,6 +87,17 @@ TINY_CONFIGS = {
         layer_types=["sliding_attention"] * 3 + ["full_attention"], hidden_size_per_layer_input=0,
         final_logit_softcapping=30.0,
     ),
+    # Qwen3.5-MoE's text model: layers 0-2 Gated DeltaNet, 3 gated full attention (a quarter of each head
+    # rotated); more DeltaNet value heads than key heads (the hub's 32 / 16), key and value heads equally wide
+    # (llama.cpp's qwen35moe needs that)
+    "qwen3_5_moe_text": dict(
+        num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=40, head_dim=16,
+        linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+        linear_num_value_heads=4, full_attention_interval=4,
+        # M-RoPE sections over the 2 rotated pairs (llama.cpp needs them to fit; the hub's [11, 11, 10] fill 32)
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [1, 1, 0]},
+    ),
 }
 FAMILIES = sorted(TINY_CONFIGS)
 

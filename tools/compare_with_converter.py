@@ -112,6 +112,9 @@ def main() -> None:
     parser.add_argument("--work", help="directory for the sdist and both files (default: a temporary one)")
     parser.add_argument("--llama-cpp-tree", help="an unpacked vendor/llama.cpp of the installed llama-cpp-python "
                                                  "(its converter, conversion/, gguf-py) instead of downloading it")
+    parser.add_argument("--converter-arg", action="append", default=[],
+                        help="passed to the converter as it is, e.g. --converter-arg=--no-mtp for a Qwen3.5 or GLM "
+                             "checkpoint without next-token-prediction layers (moeexport writes none)")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -124,7 +127,7 @@ def main() -> None:
               else [str(llama_cpp_tree / "convert_hf_to_gguf.py")])
     converted = subprocess.run(
         [sys.executable, *script, str(resolve_model_dir(args.model)), "--outtype", args.outtype,
-         "--outfile", str(theirs)],
+         "--outfile", str(theirs), *args.converter_arg],
         env=os.environ | {"PYTHONPATH": os.pathsep.join([str(llama_cpp_tree), str(llama_cpp_tree / "gguf-py")])},
         capture_output=True,
         text=True,

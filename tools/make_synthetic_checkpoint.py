@@ -130,6 +130,20 @@ PRESETS["gpt-oss-20b"] = {
     "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
 }
+# Qwen/Qwen3.6-35B-A3B's text_config (as Qwen3.5-35B-A3B's): Gated DeltaNet in three of every four layers
+# (layer_types follows from full_attention_interval at any --layers), written in the hub's multimodal layout (see
+# LAYOUTS); its vision tower and next-token-prediction block, which the causal LM does not load, are not written
+PRESETS["qwen3.6-35b-a3b"] = {
+    "model_type": "qwen3_5_moe_text", "architectures": ["Qwen3_5MoeForCausalLM"], "hidden_size": 2048,
+    "num_hidden_layers": 40, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+    "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+    "linear_num_key_heads": 16, "linear_num_value_heads": 32, "full_attention_interval": 4,
+    "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "num_experts": 256,
+    "num_experts_per_tok": 8, "vocab_size": 248320, "max_position_embeddings": 262144, "rms_norm_eps": 1e-6,
+    "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": False,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                        "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+}
 PRESETS["tiny-mixtral"] = PRESETS["mixtral-8x7b"] | {  # for tests: Mixtral's structure at small widths
     "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
     "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 2048,
@@ -149,6 +163,9 @@ class Layout(NamedTuple):
     # gpt-oss: biased q/k/v/o and per-head sinks; a biased `{moe}.router`; the experts as two fused stacks
     # (gate and up interleaved) in MXFP4 pairs `*_blocks` / `*_scales` (moeexport/mxfp4.py) with float biases
     mxfp4_experts: bool = False
+    # the checkpoint holds the tensors as the model does (experts fused 3-D), under the multimodal model's text
+    # prefix (model.language_model.*), with a config of that model_type wrapping the text config (Qwen3.5-MoE)
+    multimodal: tuple[str, str] | None = None  # (its model_type, its architecture)
 
 
 LAYOUTS = {
@@ -162,6 +179,12 @@ LAYOUTS = {
 }
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
 MXFP4_SCALES = (119, 122)  # E8M0 exponents drawn from [119, 122): random E2M1 codes then have a std near 0.02
+    "qwen3_5_moe_text": Layout("mlp", ("gate_proj", "up_proj", "down_proj"), "moe_intermediate_size", "head",
+                               shared="shared_expert",
+                               multimodal=("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration")),
+}
+MULTIMODAL_TEXT_PREFIX = ("model.", "model.language_model.")
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def parse_size(text: str) -> int:
@@ -216,6 +239,8 @@ def tensor_specs(config) -> list[tuple[str, tuple[int, ...]]]:
     if config.model_type in STACKED_FAMILIES:
         return _model_specs(config)
     layout = LAYOUTS[config.model_type]  # every preset's family has one; --set cannot change model_type
+    if layout.multimodal:
+        return _multimodal_specs(config)
     facts = adapter_for(config).model_config(config)
     hidden, head_dim, width = facts.hidden_size, facts.head_dim, getattr(config, layout.expert_width)
     q_width, kv_width = facts.num_heads * head_dim, facts.num_kv_heads * head_dim
@@ -296,12 +321,30 @@ def _nemotron_h_specs(config) -> list[tuple[str, tuple[int, ...]]]:
     return specs
 def _model_specs(config) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor the model saves, from its skeleton on the meta device (the tied head aside)."""
+def _multimodal_specs(config) -> list[tuple[str, tuple[int, ...]]]:
+    """The text model's own tensors (built on the meta device), under the multimodal checkpoint's text prefix."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
     return [(name, tuple(tensor.shape)) for name, tensor in model.state_dict().items() if name not in tied]
+    stem, prefixed = MULTIMODAL_TEXT_PREFIX
+    return [(prefixed + name[len(stem):] if name.startswith(stem) else name, tuple(tensor.shape))
+            for name, tensor in model.state_dict().items()]
+
+
+def _save_config(config, directory: Path) -> None:
+    """config.json: the config's own, or for a multimodal layout the multimodal config wrapping it as text_config."""
+    layout = LAYOUTS[config.model_type]
+    if not layout.multimodal:
+        config.save_pretrained(directory)
+        return
+    model_type, architecture = layout.multimodal
+    text = {key: value for key, value in config.to_diff_dict().items() if key != "architectures"}
+    wrapper = {"model_type": model_type, "architectures": [architecture], "text_config": text,
+               "tie_word_embeddings": config.tie_word_embeddings}
+    (directory / "config.json").write_text(json.dumps(wrapper, indent=2) + "\n")
 
 
 def _dense_layers(config) -> set[int]:
@@ -400,6 +443,7 @@ def tensor_chunks(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: i
     generator = torch.Generator().manual_seed(tensor_seed(seed, name))
     columns = shape[-1]
     rows = _numel(shape) // columns
+    rows, columns = _numel(shape[:-1]), shape[-1]  # a stack of matrices (fused experts) row after row
     step = max(1, CHUNK_ELEMENTS // columns)
     for start in range(0, rows, step):
         chunk = (min(step, rows - start), columns)
@@ -441,7 +485,7 @@ def write_checkpoint(preset: str, out: str | Path, layers: int | None = None, dt
                              "free; pass fewer --layers or write elsewhere")
 
     with output_lock(out), staged(out, overwrite) as staging:
-        config.save_pretrained(staging)
+        _save_config(config, staging)
         GenerationConfig.from_model_config(config).save_pretrained(staging)
         for tokenizer_file in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
             shutil.copyfile(DEMO_MODEL / tokenizer_file, staging / tokenizer_file)

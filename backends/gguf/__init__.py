@@ -53,6 +53,15 @@ class GGUFTarget(Target):
 
     def check(self, model, quant: str, options: GGUFOptions) -> None:
         check(model, quant, options.tensor_types)
+        if options.imatrix:
+            from moeexport.adapters import adapter_for
+            from moeexport.errors import MoeExportError
+
+            adapter = adapter_for(model.config)
+            mixers = sorted(set(adapter.model_config(model.config).layer_mixers) - {"attention"})
+            if mixers:
+                raise MoeExportError(f"--imatrix measures attention projections' inputs, which {adapter.family}'s "
+                                     f"{' and '.join(mixers)} layers do not have yet: build without --imatrix")
 
     def export(self, model, directory: Path, quant: str, options: GGUFOptions, inputs: ExportInputs) -> Artifact:
         from moeexport.backends.gguf.writer import export

@@ -92,6 +92,12 @@ class GGUFArchitecture:
     # the experts' activation is GELU, which llama.cpp's CPU backend reads from an fp16 table (GGML_GELU_FP16):
     # an f32 file matches the model up to that rounding only, and is judged as an f16 file is
     fp16_activation: bool = False
+    # the host rotates by M-RoPE sections (rope.dimension_sections, required): a text model's positions are the
+    # same in every section, so any split rotates as NEOX RoPE does; the model's own mrope_section if it has one
+    mrope_sections: tuple[int, ...] = ()
+    # a hybrid host whose context allocates its KV cache over the attention layers: one must be left (llama.cpp
+    # aborts on a model whose every layer is recurrent)
+    requires_attention_layer: bool = False
 
 
 
@@ -172,6 +178,14 @@ ARCHITECTURES = {
     "nemotron_h": GGUFArchitecture(
         name="nemotron_h_moe", renormalizes=True, configurable_norm=True, routing_keys=True, hybrid_blocks=True,
         unread="Mamba-2 blocks and per-layer expert widths",
+    ),
+    # Qwen3.5 / 3.6-MoE's own host: softmax, always renormalized; a sigmoid-gated shared expert and MoE in every
+    # layer (a dropped MoE sublayer is written as all-zero experts); which layers are Gated DeltaNet is read from
+    # attention.recurrent_layers (one flag per layer, so any Block Drop is stated exactly); NEOX (IM)RoPE over the
+    # leading rotary_dim dims of each head; its norms are stored as 1 + w (ModelConfig.norm_weight_offset)
+    "qwen3_5_moe_text": GGUFArchitecture(
+        name="qwen35moe", renormalizes=True, bpe_pre="qwen35", ffn_norm="ATTN_POST_NORM", rope_dims_partial=True,
+        mrope_sections=(11, 11, 10, 0), requires_attention_layer=True, unread="Gated DeltaNet layers",
     ),
 }
 

@@ -154,6 +154,9 @@ def check(model, quant: str = "f32", tensor_types: dict[str, str] | None = None)
                              "rope_interleave: false; its GGUF would compute another attention")
     if architecture.hybrid_blocks:
         return _hybrid_plan(adapter, model, config, architecture)
+    if architecture.requires_attention_layer and "attention" not in config.layer_mixers:
+        raise MoeExportError(f"llama.cpp's {architecture.name} cannot run a model without a full-attention layer "
+                             "(its KV cache would be empty), and Block Drop removed every one: drop other blocks")
     layers = structure(adapter, model)
     _check_biases_the_host_drops(adapter.layer_views(model), architecture)
     dense = [i for i, spec in enumerate(layers) if spec.kind == "dense"]
@@ -549,6 +552,15 @@ def _write_hparams(writer, gguf, plan: _Plan, file_type: int) -> None:
                              f"of each head's {config.head_dim} dims")
     if host.leading_dense:
         _write_moe_placement_hparams(writer, gguf, config, plan)
+    if host.mrope_sections:
+        sections = (list(config.rope_scaling.get("mrope_section") or host.mrope_sections) + [0] * 4)[:4]
+        if sum(sections) > (config.rotary_dim or config.head_dim):
+            raise MoeExportError(f"llama.cpp's {host.name} needs M-RoPE sections {sections} to fit the "
+                                 f"{config.rotary_dim or config.head_dim} rotated dims of each head; state "
+                                 "rope_parameters.mrope_section that fit in the checkpoint's config")
+        writer.add_rope_dimension_sections(sections)
+    if config.linear is not None:
+        _write_linear_attention_hparams(writer, config, len(plan.layers))
     if host.unbounded_sliding_window:
         writer.add_sliding_window(UNBOUNDED_WINDOW)
         writer.add_sliding_window_pattern([True] * len(plan.layers))
@@ -654,6 +666,20 @@ def _write_moe_placement_hparams(writer, gguf, config: ModelConfig, plan: _Plan)
     writer.add_expert_weights_scale(routing.scale)
     writer.add_expert_weights_norm(routing.renormalize)
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType[routing.scores.upper()])  # SOFTMAX | SIGMOID
+
+
+def _write_linear_attention_hparams(writer, config: ModelConfig, layers: int) -> None:
+    """Gated DeltaNet sizes under llama.cpp's ssm keys, and which layers are DeltaNet (recurrent): one flag per
+    layer, so a Block Drop of any layer kind is stated as it is."""
+    linear = config.linear
+    writer.add_ssm_conv_kernel(linear.conv_kernel)
+    writer.add_ssm_state_size(linear.key_head_dim)
+    writer.add_ssm_group_count(linear.key_heads)
+    writer.add_ssm_time_step_rank(linear.value_heads)
+    writer.add_ssm_inner_size(linear.value_head_dim * linear.value_heads)
+    recurrent = [kind == "linear_attention" for kind in config.layer_mixers]
+    assert len(recurrent) == layers, "layer_mixers lists every layer"
+    writer.add_array(f"{writer.arch}.attention.recurrent_layers", recurrent)
 
 
 def _write_latent_attention_hparams(writer, config: ModelConfig) -> None:
@@ -1058,9 +1084,11 @@ def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
         tensors.add(names("ROPE_FREQS"), _proportional_rope_factors(plan))
     for view in views:
         index, name = view.index, names.block(view.index)
-        tensors.add(name("ATTN_NORM"), view.attention_norm.weight)
+        tensors.add(name("ATTN_NORM"), _norm(view.attention_norm.weight, config))
         if plan.architecture.latent_attention:
             _write_latent_attention(tensors, name, view.attention, config)
+        elif config.layer_mixers and config.layer_mixers[index] == "linear_attention":
+            _write_linear_attention(tensors, name, view.attention, config)
         else:
             _write_attention(tensors, name, view.attention, config, plan.architecture)
         for path, kind, suffix in plan.architecture.layer_tensors:  # the host's further per-layer tensors
@@ -1083,7 +1111,7 @@ def _write_tensors(tensors: _TensorSink, model, views, plan: _Plan) -> None:
             continue
         _write_moe(tensors, name, view, plan, model)
     with outer(model, "output" if stream is None else "final_norm") if reads else nullcontext():
-        tensors.add(names("OUTPUT_NORM"), around.final_norm.weight)
+        tensors.add(names("OUTPUT_NORM"), _norm(around.final_norm.weight, config))
         tensors.add(names("OUTPUT"), stream.weight_rows("output") if stream is not None else around.output.weight)
 
 
@@ -1102,7 +1130,7 @@ def _write_moe(tensors: _TensorSink, name: BlockNames, view: LayerView, plan: _P
     pads = plan.num_experts - experts.down_proj.shape[0]
     gate, up = gate_and_up_weights(view.layout, _pad_experts(experts.gate_up_proj, pads))
     gate_kind, up_kind, down_kind = ROUTED_FFN
-    tensors.add(name(host.ffn_norm), view.ffn_norm.weight)
+    tensors.add(name(host.ffn_norm), _norm(view.ffn_norm.weight, plan.config))
     tensors.add(name("FFN_GATE_INP"), _pad_experts(view.router_weight, pads), keep_f32=True)
     if plan.config.routing.router_bias:
         tensors.add(name("FFN_GATE_INP", ".bias"), _pad_experts(view.router.bias, pads, fill=-1e9))
@@ -1224,7 +1252,43 @@ def _write_attention(tensors: _TensorSink, name: BlockNames, attention, config: 
     norms = (("ATTN_Q_NORM", getattr(attention, "q_norm", None)), ("ATTN_K_NORM", getattr(attention, "k_norm", None)))
     for kind, norm in norms:
         if norm is not None:
-            tensors.add(name(kind), norm.weight)
+            tensors.add(name(kind), _norm(norm.weight, config))
+
+
+def _norm(weight, config: ModelConfig):
+    """An RMSNorm's weight as llama.cpp multiplies by it: offset + w for a zero-centred norm."""
+    return weight + config.norm_weight_offset if config.norm_weight_offset else weight
+
+
+def _write_linear_attention(tensors: _TensorSink, name: BlockNames, deltanet, config: ModelConfig) -> None:
+    """A Gated DeltaNet layer as llama.cpp's hybrid host reads it: q/k/v in one projection (attn_qkv), the output
+    gate z (attn_gate), beta and alpha (decay) projections, the depthwise conv kernel [channels, taps], dt's bias,
+    A = -exp(A_log), the gated norm (its plain weight) and the output projection. transformers repeats each key
+    head for its consecutive value heads; ggml tiles the key heads instead, so the value heads (and everything per
+    value head) are reordered from grouped by key head to tiled."""
+    linear = config.linear
+    per_key = linear.value_heads // linear.key_heads
+
+    def tiled(tensor, dim: int, width: int):
+        if per_key == 1:
+            return tensor
+        shape = list(tensor.shape)
+        grouped = tensor.reshape(*shape[:dim], linear.key_heads, per_key, width, *shape[dim + 1:])
+        return grouped.transpose(dim, dim + 1).reshape(shape)
+
+    keys = linear.key_head_dim * linear.key_heads * 2  # the q and k rows (and conv channels) before v's
+    qkv = deltanet.in_proj_qkv.weight
+    tensors.add(name("ATTN_QKV"), torch.cat([qkv[:keys], tiled(qkv[keys:], 0, linear.value_head_dim)]))
+    tensors.add(name("ATTN_GATE"), tiled(deltanet.in_proj_z.weight, 0, linear.value_head_dim))
+    tensors.add(name("SSM_BETA"), tiled(deltanet.in_proj_b.weight, 0, 1))
+    tensors.add(name("SSM_ALPHA"), tiled(deltanet.in_proj_a.weight, 0, 1))
+    conv = deltanet.conv1d.weight.squeeze(1)  # [channels, 1, taps] -> [channels, taps]
+    tensors.add(name("SSM_CONV1D"), torch.cat([conv[:keys], tiled(conv[keys:], 0, linear.value_head_dim)]),
+                keep_f32=True)  # ggml's ssm_conv takes an F32 kernel
+    tensors.add(name("SSM_DT", ".bias"), tiled(deltanet.dt_bias, 0, 1))
+    tensors.add(name("SSM_A", ""), tiled(-torch.exp(deltanet.A_log.float()), 0, 1))
+    tensors.add(name("SSM_NORM"), deltanet.norm.weight)
+    tensors.add(name("SSM_OUT"), tiled(deltanet.out_proj.weight, 1, linear.value_head_dim))
 
 
 def _write_latent_attention(tensors: _TensorSink, name: BlockNames, attention, config: ModelConfig) -> None:

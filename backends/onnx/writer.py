@@ -64,6 +64,10 @@ def require_moe_kernels() -> None:
         )
 
 
+# token mixers of hybrid families that the exporter writes no graph for, as its refusal names them
+UNLOWERED_MIXERS = {"linear_attention": "linear-attention", "mamba": "Mamba-2", "none": "feed-forward-only"}
+
+
 def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT_BLOCK_SIZE) -> None:
     """Everything that would stop an export, raised before any file is written."""
     from moeexport.backends.onnx.architectures import ARCHITECTURES
@@ -80,10 +84,13 @@ def check(model, quant: str, moe_ops: str = "contrib", block_size: int = DEFAULT
         require_moe_kernels()
     adapter = adapter_for(model.config)
     config = adapter.model_config(model.config)
-    mamba = [index for index, mixer in enumerate(config.layer_mixers) if mixer == "mamba"]
-    if mamba:  # (ONNX Runtime 1.32's CausalConvWithState / LinearAttention ops could carry one; not written yet)
-        raise MoeExportError(f"layers {mamba} are Mamba-2 blocks, which the onnx exporter does not lower (it writes "
-                             "attention decoders only): export this model to GGUF instead")
+    unlowered = sorted({UNLOWERED_MIXERS[mixer] for mixer in config.layer_mixers if mixer != "attention"})
+    if unlowered:
+        raise MoeExportError(
+            f"the onnx exporter does not lower {' or '.join(unlowered)} layers ({adapter.family}) yet: ONNX Runtime's "
+            "com.microsoft CausalConvWithState / LinearAttention ops (what onnxruntime-genai's builder emits) are not "
+            "written by it; export GGUF instead"
+        )
     if config.model_type not in ARCHITECTURES:
         raise MoeExportError(f"the onnx exporter has no attention layout for model_type {config.model_type!r}")
     if config.experts.activation not in ("silu", CLAMPED_SWIGLU, "gelu_pytorch_tanh"):

@@ -92,6 +92,15 @@ class MambaSizes:
     state: int  # the SSM state per group
     heads: int
     groups: int
+class LinearAttention:
+    """Gated DeltaNet sizes (Qwen3.5's linear attention): q/k heads share `key_heads`, v and the output gate
+    have `value_heads` (a multiple of them), all after one causal depthwise convolution of `conv_kernel` taps."""
+
+    conv_kernel: int
+    key_head_dim: int
+    value_head_dim: int
+    key_heads: int
+    value_heads: int
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,9 @@ class ModelConfig:
     layer_mixers: tuple[MixerKind, ...] = ()  # per layer, in hybrid families; (): self-attention in every layer
     mamba: MambaSizes | None = None  # the Mamba-2 mixers' sizes, in families that have them
     logit_softcap: float | None = None  # logits = cap x tanh(logits / cap) (final_logit_softcapping), None: none
+    linear: LinearAttention | None = None  # the sizes of the linear-attention layers, in families with them
+    # zero-centred RMSNorms scale by (norm_weight_offset + weight): 1.0 in Qwen3.5, whose checkpoints store w - 1
+    norm_weight_offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -250,6 +262,11 @@ class Family:
     embedding_scale: Callable[[object], float] | None = None
     # config -> the decoder layers Block Drop must keep (Gemma 4's last, which must stay a full-attention layer)
     blocks_kept: Callable[[object], tuple[int, ...]] = lambda config: ()
+    # (mixer kind, module name in the decoder layer) for mixers other than `attention` (Qwen3.5's linear_attn)
+    mixer_modules: tuple[tuple[MixerKind, str], ...] = ()
+    linear_attention: Callable[[object], LinearAttention] | None = None  # config -> its DeltaNet sizes, if any
+    intermediate_size_key: str = "intermediate_size"  # config key of the dense width (or the experts', if none)
+    norm_weight_offset: float = 0.0  # see ModelConfig.norm_weight_offset
     # Rewrites the config keys that name dense layers after Block Drop (kept = surviving old indices).
     renumber_dense_layers: Callable[[object, list[int]], None] = _no_dense_layer_keys
     # An error message when the family's routing cannot survive a change of expert count.
@@ -275,7 +292,7 @@ class Family:
             name_or_path=str(config.name_or_path or ""),
             vocab_size=config.vocab_size,
             hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
+            intermediate_size=getattr(config, self.intermediate_size_key),
             num_heads=config.num_attention_heads,
             num_kv_heads=global_value(config, "num_key_value_heads"),
             head_dim=global_value(config, "head_dim") or config.hidden_size // config.num_attention_heads,
@@ -297,7 +314,14 @@ class Family:
             layer_mixers=self.layer_mixers(config) if self.layer_mixers else (),
             mamba=self.mamba_sizes(config) if self.mamba_sizes else None,
             logit_softcap=getattr(config, "final_logit_softcapping", None),
+            linear=self.linear_attention(config) if self.linear_attention else None,
+            norm_weight_offset=self.norm_weight_offset,
         )
+
+    def mixer_module(self, config, index: int) -> str:
+        """The name of decoder layer `index`'s token mixer (its attention module, or e.g. its DeltaNet)."""
+        kind = self.layer_mixers(config)[index] if self.layer_mixers else "attention"
+        return dict(self.mixer_modules).get(kind, self.attention)
 
     def config_values(self, config: ModelConfig, layers: int, widths: FFNWidths, tied: bool) -> dict:
         """transformers config keys (with model_type) for a model described under canonical names, e.g. one

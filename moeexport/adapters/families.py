@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from moeexport.adapters.declaration import (CLAMPED_SWIGLU, NOAUX_TC, SIGMOID, ExpertLayout, FFNWidths, Family,
-                                            LatentAttention, MambaSizes, ModelConfig, Routing)
+                                            LatentAttention, LinearAttention, MambaSizes, ModelConfig, Routing)
 from moeexport.adapters.registry import register
 from moeexport.errors import MoeExportError
 
@@ -472,5 +472,37 @@ GEMMA4 = register(
         blocks_kept=lambda config: (config.num_hidden_layers - 1,),
         renumber_dense_layers=_renumber_gemma4_layers,
         expert_count_change_blocker=_gemma4_not_moe,
+    )
+)
+
+
+# --- Qwen3.5 / 3.6-MoE (qwen3_5_moe's text model): Gated DeltaNet and gated full attention, a gated shared expert ---
+
+
+def _qwen3_5_layer_mixers(config) -> tuple:
+    """layer_types: "linear_attention" (Gated DeltaNet) or "full_attention" (three of every four are linear)."""
+    return tuple("linear_attention" if kind == "linear_attention" else "attention" for kind in config.layer_types)
+
+
+def _qwen3_5_linear_attention(config) -> LinearAttention:
+    return LinearAttention(conv_kernel=config.linear_conv_kernel_dim, key_head_dim=config.linear_key_head_dim,
+                           value_head_dim=config.linear_value_head_dim, key_heads=config.linear_num_key_heads,
+                           value_heads=config.linear_num_value_heads)
+
+
+QWEN3_5_MOE = register(
+    Family(
+        model_type="qwen3_5_moe_text",
+        family="Qwen3.5 / 3.6-MoE (Gated DeltaNet + gated attention, a sigmoid-gated shared expert)",
+        num_experts_key="num_experts",
+        # Qwen3_5MoeTopKRouter: softmax -> top-k -> always renormalized
+        routing=lambda config: Routing(renormalize=True, shared_expert_gate=True),
+        shared_experts=("shared_expert",),
+        shared_expert_gate="shared_expert_gate",
+        layer_mixers=_qwen3_5_layer_mixers,
+        mixer_modules=(("linear_attention", "linear_attn"),),
+        linear_attention=_qwen3_5_linear_attention,
+        intermediate_size_key="moe_intermediate_size",  # no dense MLP: every layer is MoE
+        norm_weight_offset=1.0,  # Qwen3_5MoeRMSNorm scales by 1 + weight (not the DeltaNet's gated norm)
     )
 )

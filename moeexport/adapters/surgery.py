@@ -67,7 +67,7 @@ class MoEAdapter(Family):
             index=index,
             kind=kind,
             module=layer,
-            attention=get_path(layer, self.attention),
+            attention=get_path(layer, self.mixer_module(model.config, index)),
             attention_norm=get_path(layer, self.attention_norm),
             ffn_norm=get_path(layer, self.moe_norm),
             ffn=ffn,

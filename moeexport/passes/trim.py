@@ -161,6 +161,14 @@ class _Repairable(CompressionPass):
     def needs_activations(self, options) -> bool:
         return options.repair == "refit"
 
+    def check_model(self, options, model) -> None:
+        adapter = adapter_for(model.config)
+        mixers = sorted(set(adapter.model_config(model.config).layer_mixers) - {"attention"})
+        if options.repair == "refit" and mixers:
+            raise MoeExportError(f"{self.name}: repair: refit refits the attention output projection that absorbs a "
+                                 f"drop, which {adapter.family}'s {' and '.join(mixers)} layers do not have: use "
+                                 "repair: none")
+
 
 # --- Block Drop -------------------------------------------------------------------------
 
