@@ -176,15 +176,13 @@ LAYOUTS = {
                             shared="shared_experts", router_extra=("e_score_correction_bias",)),
     "gpt_oss": Layout("mlp", ("gate_up_proj", "gate_up_proj", "down_proj"), "intermediate_size", None,
                       mxfp4_experts=True),
-}
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
-MXFP4_SCALES = (119, 122)  # E8M0 exponents drawn from [119, 122): random E2M1 codes then have a std near 0.02
     "qwen3_5_moe_text": Layout("mlp", ("gate_proj", "up_proj", "down_proj"), "moe_intermediate_size", "head",
                                shared="shared_expert",
                                multimodal=("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration")),
 }
 MULTIMODAL_TEXT_PREFIX = ("model.", "model.language_model.")
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
+MXFP4_SCALES = (119, 122)  # E8M0 exponents drawn from [119, 122): random E2M1 codes then have a std near 0.02
 
 
 def parse_size(text: str) -> int:
@@ -240,7 +238,7 @@ def tensor_specs(config) -> list[tuple[str, tuple[int, ...]]]:
         return _model_specs(config)
     layout = LAYOUTS[config.model_type]  # every preset's family has one; --set cannot change model_type
     if layout.multimodal:
-        return _multimodal_specs(config)
+        return _model_specs(config)
     facts = adapter_for(config).model_config(config)
     hidden, head_dim, width = facts.hidden_size, facts.head_dim, getattr(config, layout.expert_width)
     q_width, kv_width = facts.num_heads * head_dim, facts.num_kv_heads * head_dim
@@ -320,24 +318,25 @@ def _nemotron_h_specs(config) -> list[tuple[str, tuple[int, ...]]]:
     specs += [("backbone.norm_f.weight", (hidden,)), ("lm_head.weight", (facts.vocab_size, hidden))]
     return specs
 def _model_specs(config) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor the model saves, from its skeleton on the meta device (the tied head aside)."""
-def _multimodal_specs(config) -> list[tuple[str, tuple[int, ...]]]:
-    """The text model's own tensors (built on the meta device), under the multimodal checkpoint's text prefix."""
+    """(name, shape) of every tensor the model saves, from its skeleton on the meta device (the tied head aside),
+    under the multimodal checkpoint's text prefix where the family's layout is multimodal."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
-    return [(name, tuple(tensor.shape)) for name, tensor in model.state_dict().items() if name not in tied]
+    specs = [(name, tuple(tensor.shape)) for name, tensor in model.state_dict().items() if name not in tied]
+    layout = LAYOUTS.get(config.model_type)
+    if layout is None or not layout.multimodal:
+        return specs
     stem, prefixed = MULTIMODAL_TEXT_PREFIX
-    return [(prefixed + name[len(stem):] if name.startswith(stem) else name, tuple(tensor.shape))
-            for name, tensor in model.state_dict().items()]
+    return [(prefixed + name[len(stem):] if name.startswith(stem) else name, shape) for name, shape in specs]
 
 
 def _save_config(config, directory: Path) -> None:
     """config.json: the config's own, or for a multimodal layout the multimodal config wrapping it as text_config."""
-    layout = LAYOUTS[config.model_type]
-    if not layout.multimodal:
+    layout = LAYOUTS.get(config.model_type)
+    if layout is None or not layout.multimodal:
         config.save_pretrained(directory)
         return
     model_type, architecture = layout.multimodal

@@ -92,6 +92,9 @@ class MambaSizes:
     state: int  # the SSM state per group
     heads: int
     groups: int
+
+
+@dataclass(frozen=True)
 class LinearAttention:
     """Gated DeltaNet sizes (Qwen3.5's linear attention): q/k heads share `key_heads`, v and the output gate
     have `value_heads` (a multiple of them), all after one causal depthwise convolution of `conv_kernel` taps."""
