@@ -233,12 +233,13 @@ def _compress_command(model, recipe, options: CompressOptions, on_event) -> Comp
     stages = _Stages(events)
     recipe = _recipe(recipe)
     source = _open(model, options)
-    options = _with_shipped_text(source, options, events, calibrates=bool(recipe.steps))
+    options = _with_shipped_text(source, options, calibrates=bool(recipe.steps))
     memory = memory_plan(source, recipe, options)
+    if not options.dry_run:
+        _require_out(options, source)
     if options.dry_run:
         done = _compress(source, recipe, options, events, stages, memory)
     else:
-        _require_out(options, source)
         with output_lock(options.out):
             done = _compress(source, recipe, options, events, stages, memory)
             with stages("save", f"saving {options.out}"):
@@ -391,20 +392,19 @@ def _check_streamable(recipe: Recipe, options: CompressOptions, plan, observes: 
 SHIPPED_CALIBRATION, SHIPPED_HELD_OUT = "calibration.txt", "held_out.txt"
 
 
-def _with_shipped_text(source: Source, options: CompressOptions, events: EventStream,
-                       calibrates: bool) -> CompressOptions:
+def _with_shipped_text(source: Source, options: CompressOptions, calibrates: bool) -> CompressOptions:
     """Where the model directory ships text (the demo model: sampled from it once by tools/sample_demo_text.py),
     that text instead of sampling from the model at every run: for calibration (`--calib model` or none given;
-    when the run `calibrates`, i.e. has a pass) and for the quality and validation checks (no --eval-text given)."""
+    when the run `calibrates`, i.e. has a pass) and for the quality and validation checks (no --eval-text given).
+    The report names the files (its calibration source and the quality text); no note is printed, so that an
+    error in the arguments found later stays one line."""
     if source.is_gguf:
         return options
     calibration, held_out = (Path(source.path) / name for name in (SHIPPED_CALIBRATION, SHIPPED_HELD_OUT))
     if options.calibration.source in (None, "model") and calibration.is_file() and calibrates:
         options = replace(options, calibration=replace(options.calibration, source=str(calibration)))
-        events.note(f"calibration text: {calibration.name}, which the model ships (sampled from it once)")
     if options.eval_text is None and held_out.is_file() and _needs_held_out(options):
         options = replace(options, eval_text=str(held_out))
-        events.note(f"held-out text: {held_out.name}, which the model ships (sampled from it once)")
     return options
 
 
@@ -503,7 +503,7 @@ def analyze(model: str | Path, out: str | Path, calibration: CalibrationOptions 
     source = _open(model, options)
     check_output(out, source.path, overwrite=True)  # analysis files are rewritten in place
     events = EventStream(on_event)
-    options = _with_shipped_text(source, options, events, calibrates=True)
+    options = _with_shipped_text(source, options, calibrates=True)
     memory = memory_plan(source, Recipe(steps=()), options, observes=True)
     calibration = _calibration_source(memory, True, options, events)
     lm = _load(source, memory, options, events)
@@ -597,7 +597,7 @@ def build(model: str | Path, recipe: str | Path | Recipe | dict, target: str, op
     recipe = _recipe(recipe)
     source = _open(model, options)
     events = EventStream(on_event)
-    options = _with_shipped_text(source, options, events, calibrates=bool(recipe.steps))
+    options = _with_shipped_text(source, options, calibrates=bool(recipe.steps))
     memory = memory_plan(source, recipe, options, options.validation_windows)
     if memory.streamed and chosen.wants_imatrix(target_options):
         raise MoeExportError(f"--imatrix is not measured on a streamed model yet ({memory.describe()}); build "

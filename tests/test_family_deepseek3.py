@@ -24,9 +24,10 @@ from moeexport.backends import onnx as onnx_backend
 from moeexport.calibration.sources import CalibrationConfig
 from moeexport.compress import StatisticsProvider, compress
 from moeexport.errors import MoeExportError
-from moeexport.modelio import EXPERTS_IMPLEMENTATION, load, load_streamed, save
+from moeexport.modelio import load, load_streamed, save
 from moeexport.recipe import parse_recipe
 from moeexport.validate import TorchRunner, compare
+from tests import family_checks as checks
 from tests.tiny_models import random_tokens, tiny_model
 
 FAMILIES = ("deepseek_v3", "glm4_moe_lite")
@@ -43,17 +44,6 @@ def _moe_views(model):
 
 def _provider(count: int = 4) -> StatisticsProvider:
     return StatisticsProvider(None, CalibrationConfig(), "tiny", cache_dir=None, tokens=random_tokens(count, 32))
-
-
-def _logits(model, tokens) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=tokens, use_cache=False).logits
-
-
-def _reloaded(model, path):
-    """transformers' own model of what moeexport saved."""
-    save(model, path, {})
-    return AutoModelForCausalLM.from_pretrained(path, experts_implementation=EXPERTS_IMPLEMENTATION).eval()
 
 
 # --- the adapters ----------------------------------------------------------------------------------------------
@@ -103,10 +93,10 @@ def test_block_drop_renumbers_the_dense_first_layers_and_transformers_reloads_th
     drop_blocks(adapter, model, drop)
     kept = [kind for i, kind in enumerate(kinds) if i not in drop]
     assert [spec.kind for spec in structure(adapter, model)] == kept
-    reloaded = _reloaded(model, tmp_path / "saved")
+    reloaded = checks.reloaded(model, tmp_path / "saved")
     assert [spec.kind for spec in structure(adapter, reloaded)] == kept
     tokens = random_tokens(2, 16)
-    assert torch.equal(_logits(model, tokens), _logits(reloaded, tokens))
+    assert torch.equal(checks.logits(model, tokens), checks.logits(reloaded, tokens))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -134,9 +124,9 @@ def test_expert_drop_keeps_each_group_equal_and_slices_the_selection_bias(family
         assert [sum(e // size == g for e in kept) for g in range(groups)] == [KEEP[family] // groups] * groups
         assert torch.equal(view.selection_bias, before[view.index][kept])
         assert len(view.shared_experts) == 1  # shared experts are never taken
-    reloaded = _reloaded(model, tmp_path / "saved")  # the router's own rule on the kept rows: transformers agrees
+    reloaded = checks.reloaded(model, tmp_path / "saved")  # the router's own rule on the kept rows: transformers agrees
     tokens = random_tokens(2, 16)
-    assert torch.equal(_logits(model, tokens), _logits(reloaded, tokens))
+    assert torch.equal(checks.logits(model, tokens), checks.logits(reloaded, tokens))
 
 
 @pytest.mark.parametrize(("family", "step", "overrides", "message"), [
@@ -166,7 +156,7 @@ def test_a_global_expert_drop_that_keeps_two_everywhere_runs_under_one_group(tmp
     kept = [len(k) for k in result.steps[0].plan.keep.values()]
     assert min(kept) >= 2 and sum(kept) == 9
     tokens = random_tokens(2, 16)
-    assert torch.equal(_logits(model, tokens), _logits(load(save(model, tmp_path / "out", {})), tokens))
+    assert torch.equal(checks.logits(model, tokens), checks.logits(load(save(model, tmp_path / "out", {})), tokens))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -189,9 +179,9 @@ def test_prune_and_gptq_work_on_the_family(family):
     for passes in ([{"prune": {"method": "wanda", "sparsity": 0.5}}],
                    [{"quantize": {"method": "gptq", "bits": 4, "group_size": 8}}]):
         model = tiny_model(family)
-        reference = _logits(model, tokens)
+        reference = checks.logits(model, tokens)
         compress(model, parse_recipe({"passes": passes}), _provider())
-        changed = _logits(model, tokens)
+        changed = checks.logits(model, tokens)
         assert torch.isfinite(changed).all() and not torch.equal(changed, reference), passes
 
 
@@ -220,7 +210,7 @@ def test_a_streamed_build_is_the_in_memory_one(family, tmp_path):
         save(lm, tmp_path / loader.__name__, {})
         results.append(load(tmp_path / loader.__name__))
     tokens = random_tokens(2, 20)
-    assert torch.equal(*(_logits(lm, tokens) for lm in results))
+    assert torch.equal(*(checks.logits(lm, tokens) for lm in results))
 
 
 # --- GGUF (llama.cpp deepseek2) --------------------------------------------------------------------------------
@@ -246,7 +236,7 @@ def test_gguf_matches_transformers_own_model_of_the_saved_compressed_checkpoint(
     compress(model, parse_recipe({"passes": [{"expert_drop": {"keep": KEEP[family], "score": "random"}}]}), None)
     artifact = gguf_backend.export(model, tmp_path / "m.gguf")
     assert artifact.architecture == "deepseek2" and artifact.representation == "uniform"
-    reloaded = _reloaded(model, tmp_path / "saved")
+    reloaded = checks.reloaded(model, tmp_path / "saved")
     windows = random_tokens(2, 48, seed=9) * 16
     fidelity = compare(TorchRunner(reloaded), gguf_backend.Runner(artifact.path, context=48), windows)
     assert fidelity.max_abs_logit <= 1e-3 and fidelity.top1_agreement == 1.0, fidelity

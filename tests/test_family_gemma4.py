@@ -13,31 +13,20 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import moeexport
-from moeexport import BuildOptions
 from moeexport.adapters import adapter_for
 from moeexport.backends import gguf as gguf_backend
 from moeexport.checkpoint_files import DEMO_MODEL
 from moeexport.adapters.surgery import keep_experts, structure
 from moeexport.calibration.observers import observe
-from moeexport.calibration.sources import CalibrationConfig
-from moeexport.compress import StatisticsProvider, compress
+from moeexport.compress import compress
 from moeexport.errors import MoeExportError
 from moeexport.modelio import EXPERTS_IMPLEMENTATION, load
 from moeexport.recipe import parse_recipe
 from moeexport.validate import TorchRunner, compare
+from tests import family_checks as checks
 from tests.tiny_models import random_tokens, tiny_model
 
-HELD_OUT = Path(__file__).with_name("held_out_text.txt")
 TRIMMED = [{"block_drop": {"n": 1, "score": "random"}}, {"expert_drop": {"keep": 3, "score": "random"}}]
-
-
-def _provider() -> StatisticsProvider:
-    return StatisticsProvider(None, CalibrationConfig(), "tiny", cache_dir=None, tokens=random_tokens(6, 32, seed=1))
-
-
-def _logits(model, tokens) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=tokens, use_cache=False).logits
 
 
 def _stock(directory: Path):
@@ -51,7 +40,7 @@ def test_a_saved_gemma4_loads_with_its_experts_router_scales_and_per_layer_head_
     model.save_pretrained(tmp_path)
     loaded = load(tmp_path)
     tokens = random_tokens(2, 24)
-    assert torch.equal(_logits(loaded, tokens), _logits(model, tokens))
+    assert torch.equal(checks.logits(loaded, tokens), checks.logits(model, tokens))
     views = adapter_for(loaded.config).layer_views(loaded)
     assert [view.kind for view in views] == ["moe"] * 4 and {view.num_experts for view in views} == {4}
     assert {view.top_k for view in views} == {2}
@@ -79,8 +68,8 @@ def test_expert_drop_slices_the_router_rows_and_per_expert_scale_with_their_expe
 
     before.register_forward_hook(masked)
     tokens = random_tokens(2, 24)
-    torch.testing.assert_close(_logits(model, tokens), _logits(original, tokens), rtol=0, atol=1e-5)
-    assert (_logits(model, tokens) - _logits(tiny_model("gemma4_text"), tokens)).abs().max() > 1e-3
+    torch.testing.assert_close(checks.logits(model, tokens), checks.logits(original, tokens), rtol=0, atol=1e-5)
+    assert (checks.logits(model, tokens) - checks.logits(tiny_model("gemma4_text"), tokens)).abs().max() > 1e-3
 
 
 def test_reap_weighs_each_expert_by_its_scaled_routing_weight_on_the_experts_own_normed_input():
@@ -90,7 +79,7 @@ def test_reap_weighs_each_expert_by_its_scaled_routing_weight_on_the_experts_own
     layer = model.model.layers[2]
     seen = {}
     handle = layer.router.register_forward_hook(lambda module, args, output: seen.update(x=args[0], out=output))
-    _logits(model, tokens)
+    checks.logits(model, tokens)
     handle.remove()
     probabilities, weights, index = seen["out"]  # per_expert_scale is in the weights the layer mixes with
     x = layer.pre_feedforward_layernorm_2(seen["x"])
@@ -108,7 +97,7 @@ def test_block_and_uniform_expert_drop_save_a_checkpoint_transformers_loads_to_t
     model = tiny_model("gemma4_text")
     recipe = parse_recipe({"passes": [{"block_drop": {"n": 1, "score": "random"}},
                                       {"expert_drop": {"keep": 3, "score": "reap"}}]})
-    result = compress(model, recipe, _provider())
+    result = compress(model, recipe, checks.tiny_statistics_provider())
     kept = [old for old, new in enumerate(result.new_block_index) if new is not None]
     full = [new for new, old in enumerate(kept) if old == 3]
     assert [spec.num_experts for spec in structure(adapter_for(model.config), model)] == [3, 3, 3]
@@ -116,13 +105,13 @@ def test_block_and_uniform_expert_drop_save_a_checkpoint_transformers_loads_to_t
     assert stock.config.num_experts == 3 and stock.config.num_hidden_layers == 3
     assert [layer.self_attn.head_dim for layer in stock.model.layers] == [32 if i in full else 16 for i in range(3)]
     tokens = random_tokens(2, 24)
-    assert torch.equal(_logits(stock, tokens), _logits(model, tokens))
+    assert torch.equal(checks.logits(stock, tokens), checks.logits(model, tokens))
 
 
 def test_layer_drop_leaves_the_dense_mlp_with_its_norms_and_moexport_reloads_it(tmp_path):
     model = tiny_model("gemma4_text")
     original = copy.deepcopy(model)
-    result = compress(model, parse_recipe({"passes": [{"layer_drop": {"n": 1, "score": "random"}}]}), _provider())
+    result = compress(model, parse_recipe({"passes": [{"layer_drop": {"n": 1, "score": "random"}}]}), checks.tiny_statistics_provider())
     kinds = [spec.kind for spec in structure(adapter_for(model.config), model)]
     dropped = kinds.index("dropped")
     assert kinds.count("dropped") == 1
@@ -135,12 +124,12 @@ def test_layer_drop_leaves_the_dense_mlp_with_its_norms_and_moexport_reloads_it(
                                    expected, rtol=0, atol=0)
     tokens = random_tokens(2, 24)
     saved = load(moeexport.save(model, tmp_path / "out", result.manifest()))
-    assert torch.equal(_logits(saved, tokens), _logits(model, tokens))
+    assert torch.equal(checks.logits(saved, tokens), checks.logits(model, tokens))
 
 
 def test_merge_is_refused_by_name():
     with pytest.raises(MoeExportError, match="Gemma 4 MoE.*experts cannot be merged.*per_expert_scale.*Expert Drop"):
-        compress(tiny_model("gemma4_text"), parse_recipe({"passes": [{"merge": {"keep": 2}}]}), _provider())
+        compress(tiny_model("gemma4_text"), parse_recipe({"passes": [{"merge": {"keep": 2}}]}), checks.tiny_statistics_provider())
 
 
 # --- GGUF: llama.cpp's gemma4 -----------------------------------------------------------------------------------------
@@ -153,17 +142,7 @@ def _with_demo_vocabulary(**overrides):
 
 
 def _saved_source(directory: Path) -> Path:
-    _with_demo_vocabulary().save_pretrained(directory)
-    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
-        (directory / name).write_bytes((DEMO_MODEL / name).read_bytes())
-    return directory
-
-
-def _build(source: Path, passes: list, out: Path, stream: bool = False):
-    options = BuildOptions(out=str(out), quant="f32", profile=False, validation_windows=(2, 48), stream=stream,
-                           calibration=moeexport.CalibrationOptions(source=str(HELD_OUT), samples=4, length=32),
-                           eval_text=str(HELD_OUT), measure_quality=False)
-    return moeexport.build(source, {"passes": passes}, "gguf", options)
+    return checks.saved_with_demo_tokenizer(_with_demo_vocabulary(), directory)
 
 
 class GgmlGelu(nn.Module):
@@ -201,7 +180,7 @@ def _assert_exact(reference, path: Path):
 
 @pytest.mark.parametrize("passes", [[], TRIMMED], ids=["full", "trimmed"])
 def test_gguf_matches_transformers_own_model_of_the_saved_compressed_checkpoint(passes, tmp_path):
-    report = _build(_saved_source(tmp_path / "source"), passes, tmp_path / "out")
+    report = checks.build_f32_gguf(_saved_source(tmp_path / "source"), passes, tmp_path / "out")
     assert report.ok and report.artifact["path"].endswith(".gguf"), report.failures
     stock = _stock(tmp_path / "out" / "compressed")
     assert stock.config.num_hidden_layers == 4 - len(passes[:1])
@@ -219,7 +198,7 @@ def test_a_streamed_build_writes_the_in_memory_build_s_gguf_byte_for_byte(tmp_pa
     source = _saved_source(tmp_path / "source")
     passes = [{"block_drop": {"n": 1}}, {"layer_drop": {"n": 1}},  # (llama.cpp's gemma4 takes one expert count)
               {"expert_drop": {"keep": 3, "scope": "layer", "score": "reap"}}]
-    whole, streamed = (_build(source, passes, tmp_path / f"stream-{stream}", stream) for stream in (False, True))
+    whole, streamed = (checks.build_f32_gguf(source, passes, tmp_path / f"stream-{stream}", stream) for stream in (False, True))
     assert whole.ok and streamed.ok and streamed.compression.memory["streamed"], (whole.failures, streamed.failures)
     assert whole.compression.passes == streamed.compression.passes
     for name in whole.artifact["files"]:
@@ -267,7 +246,7 @@ def test_onnx_matches_torch_with_its_sliding_windows_softcapping_and_the_dense_m
 
     model = tiny_model("gemma4_text")
     if passes:
-        compress(model, parse_recipe({"passes": passes}), _provider())
+        compress(model, parse_recipe({"passes": passes}), checks.tiny_statistics_provider())
     artifact = onnx_backend.export(model, tmp_path / "m.onnx", moe_ops=moe_ops)
     fidelity = compare(TorchRunner(model), onnx_backend.Runner(artifact.path), random_tokens(2, 48, seed=9))
     assert fidelity.max_abs_logit <= 1e-4 and fidelity.top1_agreement == 1.0, fidelity
@@ -300,4 +279,4 @@ def test_the_gemma4_preset_at_small_widths_writes_a_checkpoint_of_the_model_s_ow
     assert model.config.layer_types == ["sliding_attention"] * 5 + ["full_attention"]  # one period of 5:1
     assert [layer.self_attn.head_dim for layer in model.model.layers] == [16] * 5 + [32]
     assert model.model.layers[5].self_attn.v_proj is None  # the full layer's keys are its values
-    assert torch.isfinite(_logits(model, random_tokens(1, 16))).all()
+    assert torch.isfinite(checks.logits(model, random_tokens(1, 16))).all()

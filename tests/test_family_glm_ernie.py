@@ -25,6 +25,7 @@ from moeexport.modelio import load, load_streamed
 from moeexport.recipe import parse_recipe
 from moeexport.validate import TorchRunner, compare
 from tests.test_gguf import _tiny_with_demo_vocabulary
+from tests import family_checks as checks
 from tests.tiny_models import random_tokens, tiny_model
 
 FAMILIES = ["glm4_moe", "ernie4_5_moe"]
@@ -221,7 +222,6 @@ def convert(tmp_path_factory):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_uncompressed_f16_gguf_is_the_converters_tensor_for_tensor_and_key_for_key(family, convert, tmp_path):
-    import numpy as np
     from gguf import GGUFReader
 
     checkpoint = tmp_path / "ckpt"
@@ -237,23 +237,9 @@ def test_the_uncompressed_f16_gguf_is_the_converters_tensor_for_tensor_and_key_f
     tied = bool(load(checkpoint).config.tie_word_embeddings)
     assert set(our_tensors) - set(their_tensors) == ({"output.weight"} if tied else set())  # ours writes the tied head
     assert set(their_tensors) <= set(our_tensors)
-    for name, their in their_tensors.items():
-        our = our_tensors[name]
-        if name == "token_embd.weight":  # ours keeps the embedding F32 in an F16 file (writer.py): the same rounded
-            assert our.tensor_type.name == "F32" and their.tensor_type.name == "F16"
-            assert np.array_equal(np.asarray(our.data).astype(np.float16), np.asarray(their.data))
-            continue
-        assert our.tensor_type == their.tensor_type, name
-        # the converter keeps ERNIE's selection bias [1, E] as HF stores it, ours is llama.cpp's [E]
-        assert np.array_equal(np.asarray(our.data).reshape(-1), np.asarray(their.data).reshape(-1)), name
-        assert [int(n) for n in our.shape if n != 1] == [int(n) for n in their.shape if n != 1], name
-
-    def keys(reader):
-        prefix = f"{reader.fields['general.architecture'].contents()}."
-        return {name.removeprefix(prefix): field.contents() for name, field in reader.fields.items()
-                if name.startswith(prefix)}
-
-    their_keys, our_keys = keys(their_file), keys(our_file)
+    # (the converter keeps ERNIE's selection bias [1, E] as HF stores it, ours is llama.cpp's [E]: equal up to unit dims)
+    checks.assert_tensors_as_the_converters(our_tensors, their_tensors)
+    their_keys, our_keys = checks.architecture_keys(their_file), checks.architecture_keys(our_file)
     if their_keys.get("expert_group_count") == 1:  # one group is no grouping: ours leaves both keys out
         assert "expert_group_count" not in our_keys and their_keys.pop("expert_group_used_count") == 1
         their_keys.pop("expert_group_count")

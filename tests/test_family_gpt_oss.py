@@ -13,31 +13,20 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import moeexport
-from moeexport import BuildOptions
 from moeexport.adapters import adapter_for
 from moeexport.adapters.surgery import keep_experts, structure
 from moeexport.backends import gguf as gguf_backend
 from moeexport.calibration.observers import observe
-from moeexport.calibration.sources import CalibrationConfig
 from moeexport.checkpoint_files import DEMO_MODEL
-from moeexport.compress import StatisticsProvider, compress
+from moeexport.compress import compress
 from moeexport.errors import MoeExportError
 from moeexport.modelio import EXPERTS_IMPLEMENTATION, load, load_streamed
 from moeexport.recipe import parse_recipe
 from moeexport.validate import TorchRunner, compare
+from tests import family_checks as checks
 from tests.tiny_models import random_tokens, tiny_model
 
-HELD_OUT = Path(__file__).with_name("held_out_text.txt")
 TRIMMED = [{"block_drop": {"n": 1, "score": "random"}}, {"expert_drop": {"keep": 3, "score": "random"}}]
-
-
-def _provider() -> StatisticsProvider:
-    return StatisticsProvider(None, CalibrationConfig(), "tiny", cache_dir=None, tokens=random_tokens(6, 32, seed=1))
-
-
-def _logits(model, tokens) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=tokens, use_cache=False).logits
 
 
 def _with_demo_vocabulary(**overrides):
@@ -64,7 +53,7 @@ def test_a_saved_gpt_oss_loads_and_its_sliding_window_and_sinks_matter(tmp_path)
     model.save_pretrained(tmp_path)
     tokens = random_tokens(2, 24)
     loaded = load(tmp_path)
-    assert torch.equal(_logits(loaded, tokens), _logits(model, tokens))
+    assert torch.equal(checks.logits(loaded, tokens), checks.logits(model, tokens))
     for change in ({"sliding_window": 64}, {"sinks": 0.0}):  # both change the tiny model's output
         other = copy.deepcopy(model)
         if "sinks" in change:
@@ -75,13 +64,13 @@ def test_a_saved_gpt_oss_loads_and_its_sliding_window_and_sinks_matter(tmp_path)
             for layer in other.model.layers:
                 if layer.self_attn.sliding_window is not None:
                     layer.self_attn.sliding_window = change["sliding_window"]
-        assert (_logits(other, tokens) - _logits(model, tokens)).abs().max() > 1e-3, change
+        assert (checks.logits(other, tokens) - checks.logits(model, tokens)).abs().max() > 1e-3, change
 
 
 def test_block_drop_takes_each_layer_s_attention_kind_with_it(tmp_path):
     model = tiny_model("gpt_oss")
     before = list(model.config.layer_types)
-    result = compress(model, parse_recipe({"passes": [{"block_drop": {"n": 1, "score": "random"}}]}), _provider())
+    result = compress(model, parse_recipe({"passes": [{"block_drop": {"n": 1, "score": "random"}}]}), checks.tiny_statistics_provider())
     kept = [old for old, new in enumerate(result.new_block_index) if new is not None]
     assert model.config.layer_types == [before[old] for old in kept]
     assert [layer.self_attn.sliding_window is not None for layer in model.model.layers] == [
@@ -89,7 +78,7 @@ def test_block_drop_takes_each_layer_s_attention_kind_with_it(tmp_path):
     saved = moeexport.save(model, tmp_path / "out", result.manifest())
     stock = AutoModelForCausalLM.from_pretrained(saved, experts_implementation=EXPERTS_IMPLEMENTATION).eval()
     tokens = random_tokens(2, 24)
-    assert torch.equal(_logits(stock, tokens), _logits(model, tokens))
+    assert torch.equal(checks.logits(stock, tokens), checks.logits(model, tokens))
 
 
 def test_expert_drop_slices_the_router_bias_and_the_expert_biases_with_their_experts():
@@ -127,7 +116,7 @@ def test_reap_weighs_each_expert_by_the_softmax_over_the_top_k_gpt_oss_mixes_wit
     layer = adapter_for(model.config).layer_view(model, 2)
     seen = {}
     handle = layer.router.register_forward_hook(lambda module, args, output: seen.update(x=args[0], out=output))
-    _logits(model, tokens)
+    checks.logits(model, tokens)
     handle.remove()
     _, weights, index = seen["out"]  # the router's own mixing weights: a softmax over its top-k logits
     x = seen["x"]
@@ -144,39 +133,29 @@ def test_reap_weighs_each_expert_by_the_softmax_over_the_top_k_gpt_oss_mixes_wit
 ])
 def test_merge_and_expert_refit_refuse_gpt_oss_experts_by_name(step, message):
     with pytest.raises(MoeExportError, match=message):
-        compress(tiny_model("gpt_oss"), parse_recipe({"passes": [step]}), _provider())
+        compress(tiny_model("gpt_oss"), parse_recipe({"passes": [step]}), checks.tiny_statistics_provider())
 
 
 def test_layer_and_block_refit_work_on_gpt_oss_attention():
     model = tiny_model("gpt_oss")
     recipe = parse_recipe({"passes": [{"layer_drop": {"n": 1, "repair": "refit"}},
                                       {"block_drop": {"n": 1, "repair": "refit"}}]})
-    result = compress(model, recipe, _provider())
+    result = compress(model, recipe, checks.tiny_statistics_provider())
     errors = [step.plan.repair_error for step in result.steps]
     assert all(after <= before for plan_errors in errors for before, after in plan_errors.values())
-    assert torch.isfinite(_logits(model, random_tokens(2, 16))).all()
+    assert torch.isfinite(checks.logits(model, random_tokens(2, 16))).all()
 
 
 # --- GGUF: llama.cpp's gpt-oss ----------------------------------------------------------------------------------------
 
 def _saved_source(directory: Path) -> Path:
     """The tiny gpt-oss as save_pretrained writes it, with the demo model's tokenizer beside it."""
-    _with_demo_vocabulary().save_pretrained(directory)
-    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
-        (directory / name).write_bytes((DEMO_MODEL / name).read_bytes())
-    return directory
-
-
-def _build(source: Path, passes: list, out: Path, stream: bool = False):
-    options = BuildOptions(out=str(out), quant="f32", profile=False, validation_windows=(2, 48), stream=stream,
-                           calibration=moeexport.CalibrationOptions(source=str(HELD_OUT), samples=4, length=32),
-                           eval_text=str(HELD_OUT), measure_quality=False)
-    return moeexport.build(source, {"passes": passes}, "gguf", options)
+    return checks.saved_with_demo_tokenizer(_with_demo_vocabulary(), directory)
 
 
 @pytest.mark.parametrize("passes", [[], TRIMMED], ids=["full", "trimmed"])
 def test_gguf_matches_transformers_own_model_of_the_saved_compressed_checkpoint(passes, tmp_path):
-    report = _build(_saved_source(tmp_path / "source"), passes, tmp_path / "out")
+    report = checks.build_f32_gguf(_saved_source(tmp_path / "source"), passes, tmp_path / "out")
     assert report.ok and report.artifact["path"].endswith(".gguf")
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "compressed",
                                                  experts_implementation=EXPERTS_IMPLEMENTATION).eval()
@@ -191,7 +170,7 @@ def test_a_streamed_build_writes_the_in_memory_build_s_files_byte_for_byte(tmp_p
     source = _saved_source(tmp_path / "source")
     passes = [{"block_drop": {"n": 1}}, {"layer_drop": {"n": 1}},
               {"expert_drop": {"keep": 3, "scope": "global", "score": "reap", "min_keep": 2}}]
-    whole, streamed = (_build(source, passes, tmp_path / f"stream-{stream}", stream) for stream in (False, True))
+    whole, streamed = (checks.build_f32_gguf(source, passes, tmp_path / f"stream-{stream}", stream) for stream in (False, True))
     assert whole.ok and streamed.ok and streamed.compression.memory["streamed"]
     assert whole.compression.passes == streamed.compression.passes
     assert whole.artifact["files"].keys() == streamed.artifact["files"].keys()
@@ -212,10 +191,10 @@ def test_a_streamed_save_holds_the_expert_biases_and_loads_to_the_in_memory_mode
     saved = []
     for loader in (load, load_streamed):
         lm = loader(tmp_path / "source")
-        compress(lm, parse_recipe({"passes": passes}), _provider())
+        compress(lm, parse_recipe({"passes": passes}), checks.tiny_statistics_provider())
         saved.append(load(moeexport.save(lm, tmp_path / loader.__name__, {})))
     tokens = random_tokens(2, 24)
-    assert torch.equal(_logits(saved[0], tokens), _logits(saved[1], tokens))
+    assert torch.equal(checks.logits(saved[0], tokens), checks.logits(saved[1], tokens))
     assert (tmp_path / "load_streamed" / "model.safetensors.index.json").is_file() == (len(passes) == 1)
 
 
@@ -341,7 +320,7 @@ def test_mxfp4_experts_are_read_dequantized_as_transformers_dequantizes_them_str
             assert torch.equal(getattr(layer.mlp.experts, stack), expected), prefix
     assert getattr(model.config, "quantization_config", None) is None  # what is saved is not MXFP4
     tokens = random_tokens(2, 24)
-    assert np.array_equal(logits(load_streamed(source), tokens), _logits(model, tokens).numpy())
+    assert np.array_equal(logits(load_streamed(source), tokens), checks.logits(model, tokens).numpy())
 
 
 @pytest.mark.parametrize("loader", [load, load_streamed])
@@ -349,22 +328,22 @@ def test_an_mxfp4_checkpoint_compressed_saves_one_stock_transformers_loads(loade
     source = _mxfp4_checkpoint(tmp_path / "mxfp4")
     model = loader(source)
     compress(model, parse_recipe({"passes": [{"expert_drop": {"keep": 3, "scope": "layer", "score": "random"}}]}),
-             _provider())
+             checks.tiny_statistics_provider())
     saved = moeexport.save(model, tmp_path / "out", {})
     stock = AutoModelForCausalLM.from_pretrained(saved, experts_implementation=EXPERTS_IMPLEMENTATION).eval()
     reference = load(source)
     compress(reference, parse_recipe({"passes": [{"expert_drop": {"keep": 3, "scope": "layer",
-                                                                  "score": "random"}}]}), _provider())
+                                                                  "score": "random"}}]}), checks.tiny_statistics_provider())
     tokens = random_tokens(2, 24)
     assert stock.config.num_local_experts == 3
-    assert torch.equal(_logits(stock, tokens), _logits(reference, tokens))
+    assert torch.equal(checks.logits(stock, tokens), checks.logits(reference, tokens))
 
 
 def test_a_streamed_build_of_an_mxfp4_checkpoint_writes_a_gguf_that_matches(tmp_path):
     source = _mxfp4_checkpoint(tmp_path / "mxfp4", vocab_size=2048)  # the demo tokenizer's
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
         (source / name).write_bytes((DEMO_MODEL / name).read_bytes())
-    report = _build(source, TRIMMED[1:], tmp_path / "out", stream=True)
+    report = checks.build_f32_gguf(source, TRIMMED[1:], tmp_path / "out", stream=True)
     assert report.ok and report.compression.memory["streamed"], report.failures
     assert report.validation["max_abs_logit"] <= 1e-3 and report.validation["top1_agreement"] == 1.0
 

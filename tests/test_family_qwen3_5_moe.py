@@ -19,6 +19,7 @@ from moeexport.errors import MoeExportError
 from moeexport.modelio import EXPERTS_IMPLEMENTATION, load, load_streamed, save
 from moeexport.recipe import parse_recipe
 from moeexport import streaming
+from tests import family_checks as checks
 from tests.tiny_models import random_tokens, tiny_model
 
 FAMILY = "qwen3_5_moe_text"
@@ -43,17 +44,6 @@ def _compress(model, passes, provider=None):
     return model
 
 
-def _logits(model, tokens) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=tokens, use_cache=False).logits
-
-
-def _reloaded(model, path):
-    """transformers' own model of what moeexport saved."""
-    save(model, path, {})
-    return AutoModelForCausalLM.from_pretrained(path, experts_implementation=EXPERTS_IMPLEMENTATION).eval()
-
-
 # --- the adapter ---------------------------------------------------------------------------------------------------
 
 def test_the_views_hand_out_each_layers_own_mixer_and_the_config_its_kinds_and_sizes():
@@ -72,14 +62,14 @@ def test_the_layer_by_layer_forward_computes_transformers_logits():
     """What calibration and validation run: each layer called as the model calls it (its own mask and kwargs)."""
     model = _model()
     tokens = random_tokens(3, 24)
-    assert torch.equal(torch.from_numpy(streaming.logits(model, tokens)), _logits(model, tokens).float())
+    assert torch.equal(torch.from_numpy(streaming.logits(model, tokens)), checks.logits(model, tokens).float())
 
 
 def test_save_and_load_round_trip_the_model(tmp_path):
     model = _model()
     tokens = random_tokens(2, 16)
-    assert torch.equal(_logits(model, tokens), _logits(_reloaded(model, tmp_path / "saved"), tokens))
-    assert torch.equal(_logits(model, tokens), _logits(load(tmp_path / "saved"), tokens))
+    assert torch.equal(checks.logits(model, tokens), checks.logits(checks.reloaded(model, tmp_path / "saved"), tokens))
+    assert torch.equal(checks.logits(model, tokens), checks.logits(load(tmp_path / "saved"), tokens))
 
 
 def test_expert_drop_slices_router_rows_and_both_stacks_and_transformers_reloads_it(tmp_path):
@@ -95,7 +85,7 @@ def test_expert_drop_slices_router_rows_and_both_stacks_and_transformers_reloads
         assert torch.equal(view.experts.down_proj, down[kept])
         assert view.shared_expert_gate is not None and len(view.shared_experts) == 1  # never taken
     tokens = random_tokens(2, 16)
-    assert torch.equal(_logits(model, tokens), _logits(_reloaded(model, tmp_path / "saved"), tokens))
+    assert torch.equal(checks.logits(model, tokens), checks.logits(checks.reloaded(model, tmp_path / "saved"), tokens))
 
 
 def test_reap_weighs_each_experts_output_norm_by_the_renormalized_weight_the_block_mixes_with():
@@ -105,7 +95,7 @@ def test_reap_weighs_each_experts_output_norm_by_the_renormalized_weight_the_blo
     view = adapter_for(model.config).layer_view(model, 1)
     inputs = []
     handle = view.ffn.register_forward_hook(lambda module, args, output: inputs.append(args[0]))
-    _logits(model, tokens)
+    checks.logits(model, tokens)
     handle.remove()
     x = inputs[0].reshape(-1, model.config.hidden_size)
     probabilities = torch.softmax(x @ view.router.weight.T, dim=-1)
@@ -131,10 +121,10 @@ def test_block_drop_of_any_layer_kind_keeps_each_survivors_mixer_and_transformer
     drop_blocks(adapter, model, drop)
     kept = tuple(kind for i, kind in enumerate(mixers) if i not in drop)
     assert adapter.model_config(model.config).layer_mixers == kept
-    reloaded = _reloaded(model, tmp_path / "saved")
+    reloaded = checks.reloaded(model, tmp_path / "saved")
     assert adapter.model_config(reloaded.config).layer_mixers == kept
     tokens = random_tokens(2, 16)
-    assert torch.equal(_logits(model, tokens), _logits(reloaded, tokens))
+    assert torch.equal(checks.logits(model, tokens), checks.logits(reloaded, tokens))
 
 
 def test_layer_drop_removes_the_routed_and_shared_experts_and_their_gate_and_keeps_the_mixer(tmp_path):
@@ -147,7 +137,7 @@ def test_layer_drop_removes_the_routed_and_shared_experts_and_their_gate_and_kee
     view = adapter_for(model.config).layer_view(model, dropped[0])
     assert view.shared_experts == () and view.shared_expert_gate is None and view.attention is not None
     tokens = random_tokens(2, 16)
-    assert torch.equal(_logits(model, tokens), _logits(load(save(model, tmp_path / "saved", {})), tokens))
+    assert torch.equal(checks.logits(model, tokens), checks.logits(load(save(model, tmp_path / "saved", {})), tokens))
 
 
 def test_a_streamed_build_is_the_in_memory_one(tmp_path):
@@ -159,7 +149,7 @@ def test_a_streamed_build_is_the_in_memory_one(tmp_path):
         save(lm, tmp_path / loader.__name__, {})
         results.append(load(tmp_path / loader.__name__))
     tokens = random_tokens(2, 20)
-    assert torch.equal(*(_logits(lm, tokens) for lm in results))
+    assert torch.equal(*(checks.logits(lm, tokens) for lm in results))
 
 
 # --- GGUF in llama.cpp's qwen35moe ---------------------------------------------------------------------------------
@@ -275,7 +265,6 @@ def test_the_uncompressed_f16_gguf_is_the_converters_tensor_for_tensor_and_key_f
     import sys
     from pathlib import Path
 
-    import numpy as np
     from gguf import GGUFReader
 
     from moeexport.backends import gguf as gguf_backend
@@ -300,22 +289,8 @@ def test_the_uncompressed_f16_gguf_is_the_converters_tensor_for_tensor_and_key_f
     our_tensors = {t.name: t for t in our_file.tensors}
     assert set(our_tensors) == set(their_tensors)
     assert any(".ssm_a" in name for name in our_tensors) and any(".attn_gate." in name for name in our_tensors)
-    for name, their in their_tensors.items():
-        our = our_tensors[name]
-        if name == "token_embd.weight":
-            assert our.tensor_type.name == "F32" and their.tensor_type.name == "F16"
-            assert np.array_equal(np.asarray(our.data).astype(np.float16), np.asarray(their.data))
-            continue
-        assert our.tensor_type == their.tensor_type, name
-        assert np.array_equal(np.asarray(our.data).reshape(-1), np.asarray(their.data).reshape(-1)), name
-        assert [int(n) for n in our.shape if n != 1] == [int(n) for n in their.shape if n != 1], name
-
-    def keys(reader):
-        prefix = f"{reader.fields['general.architecture'].contents()}."
-        return {name.removeprefix(prefix): field.contents() for name, field in reader.fields.items()
-                if name.startswith(prefix)}
-
-    their_keys, our_keys = keys(their_file), keys(our_file)
+    checks.assert_tensors_as_the_converters(our_tensors, their_tensors)
+    their_keys, our_keys = checks.architecture_keys(their_file), checks.architecture_keys(our_file)
     assert set(our_keys) - set(their_keys) == OUR_EXTRA_KEYS
     assert {key: our_keys.get(key) for key in set(their_keys) - THEIR_UNREAD_KEYS} == {
         key: value for key, value in their_keys.items() if key not in THEIR_UNREAD_KEYS}
@@ -363,7 +338,7 @@ def test_the_hubs_multimodal_checkpoint_is_read_as_its_text_model_in_memory_and_
         read = loader(hub)
         assert read.config.model_type == FAMILY and read.config.name_or_path == str(hub)
         logits = torch.from_numpy(streaming.logits(read, tokens))
-        assert torch.equal(logits, _logits(model, tokens).float()), loader.__name__
+        assert torch.equal(logits, checks.logits(model, tokens).float()), loader.__name__
 
 
 # --- the real-width preset, at small widths ------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import pytest
 
 import moeexport
 from moeexport.calibration.sources import read_documents, token_stream
-from moeexport.events import EventStream
 from moeexport.modelio import load_tokenizer
 from moeexport.pipeline import (QUALITY_WINDOWS, SHIPPED_CALIBRATION, SHIPPED_HELD_OUT, VALIDATION_WINDOWS,
                                 CalibrationOptions, CompressOptions, _with_shipped_text, compress)
@@ -20,32 +19,28 @@ DEMO = Path(moeexport.__file__).with_name("demo")
 
 
 def _resolved(model, options: CompressOptions):
-    notes = []
-    resolved = _with_shipped_text(open_source(model), options, EventStream(lambda event: notes.append(event.message)),
-                                  calibrates=True)
-    return resolved, notes
+    return _with_shipped_text(open_source(model), options, calibrates=True)
 
 
 @pytest.mark.parametrize("given", [None, "model"])
 def test_the_demo_calibrates_and_checks_on_the_text_it_ships(given):
-    options, notes = _resolved("demo", CompressOptions(calibration=CalibrationOptions(source=given)))
+    options = _resolved("demo", CompressOptions(calibration=CalibrationOptions(source=given)))
     assert options.calibration.source == str(DEMO / SHIPPED_CALIBRATION)
     assert options.eval_text == str(DEMO / SHIPPED_HELD_OUT)
-    assert len(notes) == 2 and "calibration.txt, which the model ships" in notes[0]
 
 
 def test_text_the_user_gives_wins_over_the_shipped_text(tmp_path):
     text = tmp_path / "mine.txt"
-    options, notes = _resolved("demo", CompressOptions(calibration=CalibrationOptions(source=str(text)),
+    options = _resolved("demo", CompressOptions(calibration=CalibrationOptions(source=str(text)),
                                                       eval_text=str(text)))
-    assert options.calibration.source == options.eval_text == str(text) and notes == []
+    assert options.calibration.source == options.eval_text == str(text)
 
 
 def test_a_model_that_ships_no_text_is_sampled_as_before(tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(DEMO, bare, ignore=shutil.ignore_patterns("*.txt"))
-    options, notes = _resolved(bare, CompressOptions())
-    assert options.calibration.source is None and options.eval_text is None and notes == []
+    options = _resolved(bare, CompressOptions())
+    assert options.calibration.source is None and options.eval_text is None
 
 
 def test_the_shipped_text_holds_the_windows_a_default_build_reads():
