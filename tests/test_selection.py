@@ -14,6 +14,7 @@ from moeexport.calibration.damage import BLOCK, MOE, RemovalScorer, Removed
 from moeexport.calibration.sources import CalibrationConfig
 from moeexport.compress import StatisticsProvider, compress
 from moeexport.recipe import parse_recipe
+from moeexport.passes.trim import BEAM_WIDTH
 from tests.tiny_models import random_tokens, tiny_model
 
 
@@ -62,7 +63,8 @@ def _loss_rise(reference, model, tokens) -> float:
 
 @pytest.mark.parametrize("name", ["block_drop", "layer_drop"])
 @pytest.mark.parametrize("score", [None, "kl"], ids=["default_perplexity", "kl"])
-def test_measured_selection_is_the_default_and_picks_the_cheapest_removal_greedily(name, score):
+def test_measured_selection_is_the_default_and_picks_the_cheapest_pair_by_beam_search(name, score):
+    """n: 2 keeps the BEAM_WIDTH cheapest single removals and takes the cheapest pair that extends one of them."""
     model = tiny_model("mixtral")
     tokens = random_tokens(6, 32, seed=1)
     provider = StatisticsProvider(None, CalibrationConfig(), "tiny", cache_dir=None, tokens=tokens)
@@ -72,12 +74,12 @@ def test_measured_selection_is_the_default_and_picks_the_cheapest_removal_greedi
     what = BLOCK if name == "block_drop" else MOE
     layers = range(len(structure(adapter_for(model.config), model)))
     first = {layer: damage(model, _without(model, {Removed(layer, what)}), tokens) for layer in layers}
-    assert chosen.drop[0] == min(first, key=first.get)
-    second = {layer: damage(model, _without(model, {Removed(chosen.drop[0], what), Removed(layer, what)}), tokens)
-              for layer in layers if layer != chosen.drop[0]}
-    assert chosen.drop[1] == min(second, key=second.get)
-    assert chosen.damage == pytest.approx([first[chosen.drop[0]], second[chosen.drop[1]]], rel=1e-4, abs=1e-6)
-    assert chosen.metric == (score or "perplexity") and "greedy" in chosen.describe()[0]
+    beam = sorted(layers, key=first.get)[:BEAM_WIDTH]
+    pairs = {frozenset({a, b}): damage(model, _without(model, {Removed(a, what), Removed(b, what)}), tokens)
+             for a in beam for b in layers if a != b}
+    assert chosen.drop[0] in beam and frozenset(chosen.drop) == min(pairs, key=pairs.get)
+    assert chosen.damage == pytest.approx([first[chosen.drop[0]], pairs[frozenset(chosen.drop)]], rel=1e-4, abs=1e-6)
+    assert chosen.metric == (score or "perplexity") and "beam search" in chosen.describe()[0]
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
