@@ -111,8 +111,8 @@ def collect_layer_inputs(view: LayerView, run: Callable, diagonal: bool, shared:
         for module in view.shared_experts if shared else ():
             into, middle = MatrixInputs(), MatrixInputs()
             inputs.shared.append((into, middle))
-            # gate_proj and up_proj read the same input: one hook on gate_proj measures both
-            stack.callback(module.gate_proj.register_forward_pre_hook(on_linear_input(into)).remove)
+            # gate_proj and up_proj read the same input: one hook on up_proj (every shared expert has one) measures both
+            stack.callback(module.up_proj.register_forward_pre_hook(on_linear_input(into)).remove)
             stack.callback(module.down_proj.register_forward_pre_hook(on_linear_input(middle)).remove)
         run()
     return inputs

@@ -54,7 +54,7 @@ def input_moments(model, input_ids: torch.Tensor, batch_size: int = 8) -> InputM
         def hook(module, args, output):
             tokens = routed_input["x"].reshape(-1, routed_input["x"].shape[-1])
             index = output[2].reshape(len(tokens), -1)
-            count = view.experts.gate_up_proj.shape[0]
+            count = view.experts.down_proj.shape[0]
             inputs = torch.zeros(count, tokens.shape[-1], dtype=torch.float64)
             middles = torch.zeros(count, view.experts.down_proj.shape[-1], dtype=torch.float64)
             seen = torch.zeros(count, dtype=torch.long)
@@ -77,7 +77,7 @@ def input_moments(model, input_ids: torch.Tensor, batch_size: int = 8) -> InputM
             pre_hook(view.attention.q_proj, dense((index, "attention_in")))
             pre_hook(view.attention.o_proj, dense((index, "attention_out")))
             for shared in view.shared_experts:
-                pre_hook(shared.gate_proj, dense((index, "shared_in")))
+                pre_hook(shared.up_proj, dense((index, "shared_in")))  # the input gate_proj reads too, if any
                 pre_hook(shared.down_proj, dense((index, "shared_mid")))
             if view.experts is not None:
                 routed_input = {}

@@ -496,8 +496,8 @@ def _speed(report: dict) -> str:
     if profile:
         rows = [[label, formatted(key, profile.get(key))] for key, label in HEADLINE_SPEED.items()]
         rows += [[key.replace("_", " "), formatted(key, value)] for key, value in profile.items()
-                 if key not in HEADLINE_SPEED]
-        parts.append(html_table(["", "measured"], rows))
+                 if key not in HEADLINE_SPEED and key != "machine_load"]
+        parts.append(_busy(profile.get("machine_load")) + html_table(["", "measured"], rows))
     else:
         parts.append(_sentence("not profiled"))
     if report.get("target") == "tensorrt" or engine is not None:
@@ -589,7 +589,8 @@ def write_bench_html(report: dict, path: Path) -> Path:
     cells = "".join(f"<div class='tile'><b>{html.escape(v)}</b><span>{html.escape(k)}</span></div>" for v, k in tiles)
     notes = report.get("notes") or []
     sections = [
-        f"<h1>moeexport bench</h1><p class='meta'>{' &middot; '.join(meta)}</p><div class='tiles'>{cells}</div>",
+        f"<h1>moeexport bench</h1><p class='meta'>{' &middot; '.join(meta)}</p>{_busy(report.get('machine_load'))}"
+        f"<div class='tiles'>{cells}</div>",
         _section("Speed and memory", speed, _sentence(f"{runs}; ratios are to the baseline's medians; each run is a "
                                                       "fresh process, so memory is the runtime's alone")),
         _section("Decode against the memory-bandwidth bound", f"<div class='row'><div>{plot}</div><div>{bound}</div></div>",
@@ -605,6 +606,12 @@ def write_bench_html(report: dict, path: Path) -> Path:
 
 def _threads(count) -> str:
     return f"{count} thread{'' if count == 1 else 's'}"
+
+
+def _busy(machine_load: dict | None) -> str:
+    """The warning that the speeds were measured on a busy machine (moeexport.machine_load), or nothing."""
+    warning = (machine_load or {}).get("warning")
+    return f"<p class='fail'>{html.escape(warning)}</p>" if warning else ""
 
 
 def _spread(spread: dict) -> str:

@@ -256,6 +256,9 @@ def _tiny_with_demo_vocabulary(family, **overrides):
 
     if family == "qwen2_moe":
         overrides["mlp_only_layers"] = []  # its hosts need MoE in every layer
+    if family == "nemotron_h":  # two of each block: a random Block Drop leaves a Mamba and an attention block,
+        # which llama.cpp needs (it aborts on an empty recurrent state or KV cache)
+        overrides["layers_block_type"] = ["linear_attention", "moe", "full_attention"] * 2
     model = tiny_model(family, vocab_size=2048, **overrides)
     model.config.name_or_path = str(DEMO_MODEL)
     return model

@@ -274,13 +274,16 @@ def test_a_stored_head_under_a_tied_config_is_kept_as_transformers_keeps_it(stre
 
 
 def test_a_tie_that_replaces_a_stored_weight_is_refused_as_a_bug(demo_copy, monkeypatch):
-    """The streamed reference cannot silently share a tying bug: a tie that overwrote the stored head is caught."""
-    from moeexport.streaming import LayerStream, logits
+    """A streamed model's head, read whole for an exporter, cannot silently share a tying bug: a tie that overwrote
+    the stored head is caught. (The streamed logits read the stored head's rows themselves.)"""
+    from moeexport.streaming import LayerStream, outer
 
     edit_config(demo_copy, tie_word_embeddings=True)
     monkeypatch.setattr(LayerStream, "_untie_stored_copies", lambda self: None)
+    model = moeexport.modelio.load_streamed(demo_copy)
     with pytest.raises(MoeExportError, match="lm_head.weight is not the checkpoint's lm_head.weight after tying"):
-        logits(moeexport.modelio.load_streamed(demo_copy), torch.arange(3, 11)[None])
+        with outer(model, "output"):
+            pass
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -521,7 +524,7 @@ def test_a_long_prompt_reaches_the_profiling_process_on_stdin(monkeypatch):
         return subprocess.CompletedProcess(argv, 0, stdout=json.dumps({"ok": True}), stderr="")
 
     monkeypatch.setattr(profile.subprocess, "run", run)
-    assert profile.profile_in_subprocess("gguf", "m.gguf", list(range(300_000)), 4, 300_100) == {"ok": True}
+    assert profile.profile_in_subprocess("gguf", "m.gguf", list(range(300_000)), 4, 300_100)["ok"] is True
     (argv, kwargs), = calls
     assert sum(len(part) for part in argv) < 200 and json.loads(kwargs["input"])["prompt"][-1] == 299_999
 

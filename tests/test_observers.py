@@ -25,7 +25,7 @@ def test_carrying_activations_layer_by_layer_equals_the_full_forward(family):
         hidden = run_layer(layer, hidden, kwargs)  # each layer called as the model calls it (masks differ)
     with torch.no_grad():
         full = model(tokens, output_hidden_states=True, use_cache=False).hidden_states
-    assert torch.equal(model.model.norm(hidden), full[-1])
+    assert torch.equal(adapter_for(model.config).model_view(model).final_norm(hidden), full[-1])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

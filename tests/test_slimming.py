@@ -3,6 +3,8 @@ inside the experts, the on-grid weight representation, and experts that saw no c
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import copy
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from moeexport.passes.quantize import GRID_ATTRIBUTE, gptq
 from moeexport.quantization import WeightGrid, dequantize, quantize_rtn, recover_grid, weight_grid
 from moeexport.recipe import load_recipe, parse_recipe
 from tests.conftest import CORPUS, FIXTURE, needs_shared
+from moeexport.adapters.experts import expert_stacks
 from tests.tiny_models import FAMILIES, random_tokens, tiny_model
 
 ISSUE_RECIPE = """
@@ -47,14 +50,15 @@ def _experts(model, layer: int):
 def _expert_weights(model):
     """Every routed expert matrix [N, K] (outputs, inputs) of the model, whatever orientation its layout stores."""
     adapter = adapter_for(model.config)
-    transposed = adapter.expert_layout(model.config).transposed
+    layout = adapter.expert_layout(model.config)
+    first, down = expert_stacks(replace(layout, biases=False))  # the gated (or the one) projection and the down one
     matrices = []
     for layer in range(model.config.num_hidden_layers):
         block = moe_block(adapter, model, layer)
         if hasattr(block, adapter.router):
             experts = getattr(block, adapter.experts)
-            matrices += [*experts.gate_up_proj.data, *experts.down_proj.data]
-    return [matrix.T for matrix in matrices] if transposed else matrices
+            matrices += [*getattr(experts, first).data, *getattr(experts, down).data]
+    return [matrix.T for matrix in matrices] if layout.transposed else matrices
 
 
 def _logits(model, tokens):
@@ -249,11 +253,10 @@ def test_quantize_leaves_every_target_on_the_grid_and_records_it(method, family)
         assert torch.isfinite(scales).all() and (scales > 0).all()
     adapter = adapter_for(model.config)
     for layer in range(model.config.num_hidden_layers):
-        block, before = moe_block(adapter, model, layer), moe_block(adapter, original, layer)
-        if hasattr(block, adapter.router):  # the router stays exactly as it was
+        if hasattr(moe_block(adapter, model, layer), adapter.router):  # the router stays exactly as it was
             assert torch.equal(adapter.layer_view(model, layer).router_weight,
                                adapter.layer_view(original, layer).router_weight)
-    assert torch.equal(model.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    assert torch.equal(model.get_input_embeddings().weight, original.get_input_embeddings().weight)
     assert (plan.outcome.tokens_seen != {}) == (method == "gptq")
 
 

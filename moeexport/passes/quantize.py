@@ -32,6 +32,7 @@ from dataclasses import replace
 import torch
 
 from moeexport.adapters import adapter_for
+from moeexport.adapters.experts import expert_stacks
 from moeexport.errors import MoeExportError
 from moeexport.pass_options import QuantizeOptions
 from moeexport.passes.slimming import (ExpertSlimmingPass, SlimmingOutcome, SlimmingPlan,
@@ -136,7 +137,8 @@ class Quantize(ExpertSlimmingPass):
         """A streamed model's experts are rounded onto the grid as each is read (the same rounding, expert by
         expert: it works row by row). The outcome counts what is rewritten; zeros are not counted."""
         adapter, matrices, weights = adapter_for(model.config), 0, 0
-        transposed = adapter.expert_layout(model.config).transposed  # stored [inputs, outputs]: round its columns
+        layout = adapter.expert_layout(model.config)
+        transposed = layout.transposed  # stored [inputs, outputs]: round its columns
 
         def round_expert(matrix: torch.Tensor) -> torch.Tensor:
             if transposed:
@@ -146,8 +148,9 @@ class Quantize(ExpertSlimmingPass):
         for layer in plan.layers:
             experts = adapter.layer_view(model, layer).experts
             stream.transform_experts(layer, round_expert)
-            matrices += 2 * experts.gate_up_proj.shape[0]
-            weights += experts.gate_up_proj.numel() + experts.down_proj.numel()
+            stacks = [getattr(experts, stack) for stack in expert_stacks(replace(layout, biases=False))]
+            matrices += sum(stack.shape[0] for stack in stacks)
+            weights += sum(stack.numel() for stack in stacks)
         outcome = SlimmingOutcome(tokens_seen={}, fallbacks=[], matrices=matrices, weights=weights, zeros=None,
                                   output_error=None)
         return replace(plan, outcome=outcome)

@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 
 from moeexport.adapters import LayerSpec, LayerView, adapter_for
+from moeexport.adapters.experts import expert_stacks
 from moeexport.calibration.expert_inputs import collect_layer_inputs, layer_by_layer, output_error
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
@@ -200,12 +201,19 @@ def _targets(view: LayerView, inputs, shared: bool):
     """Stacks of target matrices of one MoE layer: (weights [B, N, K], a view: writing it changes the
     model; their MatrixInputs, or None without calibration; whether they are routed experts)."""
     experts = view.experts
-    yield _rows_out(view, experts.gate_up_proj.data), inputs.gate_up if inputs else None, True
+    yield _rows_out(view, _input_stack(view).data), inputs.gate_up if inputs else None, True
     yield _rows_out(view, experts.down_proj.data), inputs.down if inputs else None, True
     for number, module in enumerate(view.shared_experts if shared else ()):
         into, middle = inputs.shared[number] if inputs else (None, None)
-        for linear, seen in ((module.gate_proj, into), (module.up_proj, into), (module.down_proj, middle)):
+        reading = [getattr(module, name) for name in ("gate_proj", "up_proj") if hasattr(module, name)]  # ungated: up
+        for linear, seen in [(linear, into) for linear in reading] + [(module.down_proj, middle)]:
             yield linear.weight.data[None], None if seen is None else [seen], False
+
+
+def _input_stack(view: LayerView) -> torch.Tensor:
+    """The expert stack that reads the layer's input: gate and up together, or the one projection of an ungated
+    layout (its down projection reads what that computes)."""
+    return getattr(view.experts, expert_stacks(view.layout)[0])
 
 
 def _rows_out(view: LayerView, stack: torch.Tensor) -> torch.Tensor:
@@ -224,7 +232,7 @@ def target_input_widths(model, shared: bool) -> dict[str, int]:
     widths = {}
     for view in _routed_layers(model):
         inputs = -2 if view.layout.transposed else -1
-        widths["expert input (hidden size)"] = view.experts.gate_up_proj.shape[inputs]
+        widths["expert input (hidden size)"] = _input_stack(view).shape[inputs]
         widths["expert intermediate size"] = view.experts.down_proj.shape[inputs]
         for module in view.shared_experts if shared else ():
             widths["shared expert intermediate size"] = module.down_proj.in_features
