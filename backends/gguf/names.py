@@ -19,6 +19,7 @@ from moeexport.errors import MoeExportError
 DENSE_FFN = ("FFN_GATE", "FFN_UP", "FFN_DOWN")
 SHARED_FFN = ("FFN_GATE_SHEXP", "FFN_UP_SHEXP", "FFN_DOWN_SHEXP")
 ROUTED_FFN = ("FFN_GATE_EXP", "FFN_UP_EXP", "FFN_DOWN_EXP")  # stacked [E, ...] experts
+EXPERT_STACKS = (*ROUTED_FFN, "FFN_GATE_UP_EXP")  # and gate and up in one stack, where a host takes only that
 
 BlockNames = Callable[..., str]  # (kind, suffix=".weight") -> the name of that tensor in one decoder block
 

@@ -215,10 +215,10 @@ def tensor_reads(file) -> dict[str, TensorRead]:
     """How decoding reads each tensor of a reader.GGUFFile (bytes_per_token's rule), by name."""
     import gguf
 
-    from moeexport.backends.gguf.names import ROUTED_FFN, TensorNames
+    from moeexport.backends.gguf.names import EXPERT_STACKS, TensorNames
 
     names = TensorNames(gguf, file.architecture)
-    kinds = [kind for kind in ROUTED_FFN if names.allowed is None or kind in names.allowed]
+    kinds = [kind for kind in EXPERT_STACKS if names.allowed is None or kind in names.allowed]
     routed = {names(kind, block, suffix="") for kind in kinds for block in range(int(file.value("block_count", 0)))}
     embedding, head = names("TOKEN_EMBD", suffix=""), names("OUTPUT", suffix="")
     tied = not any(name.rsplit(".", 1)[0] == head for name in file.tensors)

@@ -18,7 +18,7 @@ import functools
 import re
 from pathlib import Path
 
-from moeexport.backends.gguf.names import DENSE_FFN, ROUTED_FFN, SHARED_FFN
+from moeexport.backends.gguf.names import DENSE_FFN, EXPERT_STACKS, SHARED_FFN
 from moeexport.backends.gguf.reader import GGUFFile
 from moeexport.backends.gguf.runner import TensorRead, tensor_reads, token_bytes
 from moeexport.backends.gguf.writer import STANDIN_WIDTH, zero_bytes, zero_ffn_shapes
@@ -29,7 +29,7 @@ F32_BYTES = 4  # routers, selection biases and shared-expert gates stay F32
 
 
 # the writer's block tensor kinds (names.py) by what trimming does to them; every other kind is attention's
-ROLES = {**dict.fromkeys(ROUTED_FFN, "experts"), "FFN_GATE_INP": "router", "FFN_EXP_PROBS_B": "bias",
+ROLES = {**dict.fromkeys(EXPERT_STACKS, "experts"), "FFN_GATE_INP": "router", "FFN_EXP_PROBS_B": "bias",
          **dict.fromkeys((*SHARED_FFN, "FFN_GATE_INP_SHEXP"), "shared"), "FFN_NORM": "moe_norm",
          **dict.fromkeys(DENSE_FFN, "dense")}
 
@@ -111,12 +111,14 @@ def _moe(layout, spec, stored: dict, roles: dict[str, str]) -> list[TensorRead]:
     """A MoE sublayer: stacks and router at the file's expert count, its padding's selection bias, and the all-zero
     shared expert a host that requires one gets without it (writer.py _write_moe)."""
     count, tensors = layout.num_experts, []
+    stored_count = next(stored[rest].shape[0] for rest, kind in roles.items() if kind == "experts")
     for rest, kind in roles.items():
         tensor = stored[rest]
+        per_expert = tensor.shape[0] == stored_count  # (a router's scale over the hidden size is kept whole)
         if kind == "experts":
             tensors.append(TensorRead(tensor.outer_bytes() * count, "experts", count))
         elif kind == "router":
-            tensors.append(TensorRead(tensor.outer_bytes() * count))
+            tensors.append(TensorRead(tensor.outer_bytes() * count if per_expert else tensor.nbytes))
         elif kind == "shared":
             tensors.append(TensorRead(tensor.nbytes))
     own_bias = any(kind == "bias" for kind in roles.values())  # the family's selection bias
