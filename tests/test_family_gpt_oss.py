@@ -367,6 +367,19 @@ def _ggml_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return np.concatenate([scales[..., None], qs], axis=-1).reshape(blocks.shape[0], -1).astype(np.uint8)
 
 
+def expected_mxfp4_stacks(stored: dict, layer: int, kept: list[int]) -> dict[str, list]:
+    """GGML MXFP4 bytes of layer `layer`'s kept experts, per GGUF stack, from the checkpoint's `stored` hub tensors
+    (gate and up are the interleaved stack's even and odd rows)."""
+    gate_up, down = (f"model.layers.{layer}.mlp.experts.{stack}" for stack in ("gate_up_proj", "down_proj"))
+    return {
+        "ffn_gate_exps": [_ggml_mxfp4(stored[gate_up + "_blocks"][e, 0::2], stored[gate_up + "_scales"][e, 0::2])
+                          for e in kept],
+        "ffn_up_exps": [_ggml_mxfp4(stored[gate_up + "_blocks"][e, 1::2], stored[gate_up + "_scales"][e, 1::2])
+                        for e in kept],
+        "ffn_down_exps": [_ggml_mxfp4(stored[down + "_blocks"][e], stored[down + "_scales"][e]) for e in kept],
+    }
+
+
 def test_mxfp4_experts_go_into_the_gguf_as_the_same_mxfp4_bytes(tmp_path):
     from gguf import GGMLQuantizationType, GGUFReader
     from safetensors.numpy import load_file
@@ -382,14 +395,7 @@ def test_mxfp4_experts_go_into_the_gguf_as_the_same_mxfp4_bytes(tmp_path):
     tensors = {tensor.name: tensor for tensor in GGUFReader(artifact.path).tensors}
     stored = load_file(source / "model.safetensors")
     for layer, kept in keep.items():
-        gate_up, down = (f"model.layers.{layer}.mlp.experts.{stack}" for stack in ("gate_up_proj", "down_proj"))
-        expected = {
-            "ffn_gate_exps": [_ggml_mxfp4(stored[gate_up + "_blocks"][e, 0::2], stored[gate_up + "_scales"][e, 0::2])
-                              for e in kept],
-            "ffn_up_exps": [_ggml_mxfp4(stored[gate_up + "_blocks"][e, 1::2], stored[gate_up + "_scales"][e, 1::2])
-                            for e in kept],
-            "ffn_down_exps": [_ggml_mxfp4(stored[down + "_blocks"][e], stored[down + "_scales"][e]) for e in kept],
-        }
+        expected = expected_mxfp4_stacks(stored, layer, kept)
         for kind, experts in expected.items():
             tensor = tensors[f"blk.{layer}.{kind}.weight"]
             assert tensor.tensor_type == GGMLQuantizationType.MXFP4

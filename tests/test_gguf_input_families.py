@@ -190,7 +190,7 @@ def test_an_in_memory_mxfp4_gpt_oss_carries_its_unchanged_experts_mxfp4_codes(tm
     from safetensors.numpy import load_file
 
     from moeexport.adapters.surgery import keep_experts
-    from tests.test_family_gpt_oss import _ggml_mxfp4
+    from tests.test_family_gpt_oss import expected_mxfp4_stacks
 
     checkpoint = _mxfp4_checkpoint(tmp_path / "mxfp4")
     model = moeexport.load(checkpoint)  # in memory: the experts dequantized
@@ -203,14 +203,7 @@ def test_an_in_memory_mxfp4_gpt_oss_carries_its_unchanged_experts_mxfp4_codes(tm
         gguf_backend.export(model, tmp_path / "m.gguf", quant="q8_0").path).tensors}
     stored = load_file(checkpoint / "model.safetensors")
     for layer, kept in keep.items():
-        gate_up, down = (f"model.layers.{layer}.mlp.experts.{stack}" for stack in ("gate_up_proj", "down_proj"))
-        expected = {
-            "ffn_gate_exps": [_ggml_mxfp4(stored[gate_up + "_blocks"][e, 0::2], stored[gate_up + "_scales"][e, 0::2])
-                              for e in kept],
-            "ffn_up_exps": [_ggml_mxfp4(stored[gate_up + "_blocks"][e, 1::2], stored[gate_up + "_scales"][e, 1::2])
-                            for e in kept],
-            "ffn_down_exps": [_ggml_mxfp4(stored[down + "_blocks"][e], stored[down + "_scales"][e]) for e in kept],
-        }
+        expected = expected_mxfp4_stacks(stored, layer, kept)
         for kind, experts in expected.items():
             tensor = tensors[f"blk.{layer}.{kind}.weight"]
             if layer == 2:
