@@ -24,6 +24,7 @@ from moeexport.cli import main
 from tests.cli_output import without_progress
 
 TIMEOUT = 60  # seconds for any one thing the session should print: the machine may be loaded
+SETTLE = 0.5  # seconds for the terminal to finish echoing before a signal key
 UP = "\x1b[A"
 CTRL_C = "\x03"
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -102,13 +103,16 @@ PROMPT = r"\n> "  # the prompt at the start of a line
 
 
 def test_ctrl_c_stops_a_reply_and_typed_ahead_keys_stay_out_of_the_next_one(terminal):
-    # at temperature 0 the demo model writes its full 200 tokens: a second or more, long enough to interrupt
-    chat = terminal("--temperature", "0", "--max-tokens", "200")
+    # at temperature 0 the demo model writes its full 1500 tokens: seconds, long enough to interrupt however fast
+    # the machine (a 200-token reply could end before the key arrived)
+    chat = terminal("--temperature", "0", "--max-tokens", "1500")
     chat.expect(r"/help for commands.*?" + PROMPT)
     chat.type("Tell me a story\r")
     chat.expect(r"Tell me a story\r\n[^\r]")  # the echoed line, then the reply streams
     chat.type(CTRL_C)
     chat.expect(r"\(stopped\)\r\n> ")  # the reply ends at once and the prompt comes back
+    chat.type("/clear\r")  # room in the context for another whole reply
+    chat.expect(r"conversation cleared\r\n> ")
     chat.type("Hello there\r")
     chat.expect(r"Hello there\r\n[^\r]")
     chat.type("zzqq typed ahead\r")  # while the reply streams: neither shown nor sent as the next line
@@ -139,6 +143,7 @@ def test_up_recalls_lines_of_this_and_earlier_sessions_and_bad_settings_are_one_
     chat.expect(r"conversation cleared\r\n> ")
     chat.type("half a line")
     chat.expect("half a line")
+    time.sleep(SETTLE)  # readline redraws after each key; a signal in the middle of that waits for the next key
     chat.type(CTRL_C)  # drops the line, as in a shell: it is not the first of two to leave
     chat.expect(r"\r\n> ")
     chat.type(CTRL_C)
