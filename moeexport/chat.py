@@ -9,6 +9,7 @@ keys typed while a reply streams are neither echoed into it nor sent as the next
 from __future__ import annotations
 
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -194,6 +195,9 @@ def chat_session(runner, prompt: str | None, system: str | None, max_tokens: int
         session.reply(prompt)
         return
     lines = _History(history)
+    # Ctrl-C must reach the session as KeyboardInterrupt even where the parent ignored SIGINT (a job started in
+    # the background of a script inherits that, and Python then leaves it ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     session.note(f"chatting with {name} ({runner.template}); /help for commands, Ctrl-C stops a reply, /bye leaves")
     try:
         session.run()
