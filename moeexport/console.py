@@ -140,7 +140,10 @@ def _clock(seconds: float) -> str:
 
 
 def console() -> Console:
-    return Console(highlight=False)
+    """Standard output; piped into a file or another program, lines are not wrapped at 80 columns (paths stay whole)."""
+    out = Console(highlight=False)
+    out.soft_wrap = not out.is_terminal
+    return out
 
 
 def render_compression(out: Console, report, quality: bool = True) -> None:
