@@ -87,8 +87,10 @@ def check_checkpoint(source: Source, trust_remote_code: bool = False) -> None:
             f"{where} lacks tensor {missing[0]}{_and_more(missing)}: transformers would fill it with random values; "
             "the checkpoint is incomplete or was edited, fetch or export it again"
         )
+    other_towers = _under_text_model_prefix(source)  # a multimodal checkpoint's vision / audio towers
     unexpected = sorted(name for name in found.keys() - expected.keys()
-                        if not any(re.search(p, name) for p in ignore_unexpected))
+                        if not any(re.search(p, name) for p in ignore_unexpected)
+                        and not (other_towers and _outside_text_model(name)))
     if unexpected:
         raise MoeExportError(
             f"{found[unexpected[0]][2]} holds tensor {unexpected[0]}{_and_more(unexpected)}, which the model in "
@@ -111,17 +113,21 @@ def check_checkpoint(source: Source, trust_remote_code: bool = False) -> None:
 
 
 def _prefixed(layout: dict, lm) -> dict:
-    """`layout`'s names as a multimodal checkpoint stores its text model's (model.language_model.*), where
-    transformers' conversion table strips such a prefix on load (which its saving does not put back)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import PrefixChange
+    """`layout`'s names as a multimodal checkpoint stores its text model's (model.language_model.*)."""
+    change = streaming.text_model_prefix(lm)
+    stem = f"{change.model_prefix}." if change.model_prefix else ""
+    return {(f"{stem}{change.prefix_to_remove}.{name[len(stem):]}" if name.startswith(stem) else name): value
+            for name, value in layout.items()}
 
-    for change in get_model_conversion_mapping(lm):
-        if isinstance(change, PrefixChange) and change.prefix_to_remove:
-            stem = f"{change.model_prefix}." if change.model_prefix else ""
-            return {(f"{stem}{change.prefix_to_remove}.{name[len(stem):]}" if name.startswith(stem) else name): value
-                    for name, value in layout.items()}
-    return {}
+
+def _outside_text_model(name: str) -> bool:
+    return name.startswith("model.") and not name.startswith("model.language_model.")
+
+
+def _under_text_model_prefix(source: Source) -> bool:
+    """A multimodal hub checkpoint (its text model under model.language_model.*): read by moeexport's own
+    loader, which knows that prefix for every family, where transformers' strips it for some only."""
+    return any(name.startswith("model.language_model.") for name in source.headers)
 
 
 def _unpacked(source: Source) -> dict:
@@ -145,7 +151,7 @@ def load(model: Source | str | Path, dtype: str = "float32", trust_remote_code: 
     """
     dtype = _checked_dtype(dtype)
     source = as_source(model, trust_remote_code)
-    if source.is_gguf or mxfp4.packed_parameters(source.headers):  # read and dequantized by moeexport
+    if source.is_gguf or mxfp4.packed_parameters(source.headers) or _under_text_model_prefix(source):
         return _materialized(load_streamed(source, dtype, trust_remote_code, allow_nonfinite))
     check_checkpoint(source, trust_remote_code)
     if source.kind == "manifest":
@@ -194,6 +200,8 @@ def _materialized(lm: nn.Module) -> nn.Module:
     with streaming.outer(lm):
         weights = {name: tensor.clone() for name, tensor in lm.state_dict().items()
                    if not name.startswith(layers + ".")}
+        computed = {name: tensor.clone() for name, tensor in lm.named_buffers()  # e.g. a scaled embedding's factor
+                    if not name.startswith(layers + ".") and name not in weights and not tensor.is_meta}
     for view in streaming.layer_views(lm):
         prefix = f"{layers}.{view.index}."
         weights |= {prefix + name: tensor.clone() for name, tensor in view.module.state_dict().items()}
@@ -207,6 +215,9 @@ def _materialized(lm: nn.Module) -> nn.Module:
                 weights[stem + name] = torch.stack([on_demand[e] for e in range(len(on_demand))])
     detach(lm)
     lm.load_state_dict(weights, assign=True, strict=False)
+    for name, tensor in computed.items():
+        owner, _, attribute = name.rpartition(".")
+        setattr(lm.get_submodule(owner), attribute, tensor)
     lm.tie_weights()
     for name, tensor in (*lm.named_parameters(), *lm.named_buffers()):
         if tensor.is_meta:

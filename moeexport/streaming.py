@@ -620,6 +620,18 @@ def _require_loaded(module: nn.Module, what: str) -> None:
             raise MoeExportError(f"streaming cannot fill {what}'s {name}: build without streaming")
 
 
+def text_model_prefix(model: nn.Module):
+    """Where a multimodal checkpoint stores this text model: transformers' own prefix change where its conversion
+    table has one, else the layout transformers 5 saves every multimodal model in (model.language_model.*), which
+    its table leaves out for some families (Gemma 4), so that their causal LM alone cannot read the hub's files."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange
+
+    return next((change for change in get_model_conversion_mapping(model)
+                 if isinstance(change, PrefixChange) and change.prefix_to_remove),
+                PrefixChange(prefix_to_remove="language_model", model_prefix="model"))
+
+
 def _parameter_sources(model: nn.Module, headers: dict) -> dict[str, list[_Piece]]:
     """Model parameter name -> the checkpoint tensors it is made of.
 
@@ -636,7 +648,7 @@ def _parameter_sources(model: nn.Module, headers: dict) -> dict[str, list[_Piece
     native = set(model.state_dict().keys())
     packed = mxfp4.packed_parameters(headers)
     conversions = get_model_conversion_mapping(model)
-    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)] + [text_model_prefix(model)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
     sources: dict[str, list[_Piece]] = defaultdict(list)
     for name, (blocks, scales) in packed.items():

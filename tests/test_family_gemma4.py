@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import moeexport
+from moeexport import streaming
 from moeexport.adapters import adapter_for
 from moeexport.backends import gguf as gguf_backend
 from moeexport.checkpoint_files import DEMO_MODEL
@@ -20,7 +21,7 @@ from moeexport.adapters.surgery import keep_experts, structure
 from moeexport.calibration.observers import observe
 from moeexport.compress import compress
 from moeexport.errors import MoeExportError
-from moeexport.modelio import EXPERTS_IMPLEMENTATION, load
+from moeexport.modelio import EXPERTS_IMPLEMENTATION, load, load_streamed
 from moeexport.recipe import parse_recipe
 from moeexport.validate import TorchRunner, compare
 from tests import family_checks as checks
@@ -275,8 +276,46 @@ def test_the_gemma4_preset_at_small_widths_writes_a_checkpoint_of_the_model_s_ow
     settings = [arg for key, value in small.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
     out = tmp_path / "gemma4"
     assert tool.main(["gemma-4-26b-a4b", str(out), "--layers", "6", "--shard-size", "400KB", *settings]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gemma4" and config["text_config"]["model_type"] == "gemma4_text"
+    assert "model.language_model.layers.0.experts.gate_up_proj" in json.loads(
+        (out / "model.safetensors.index.json").read_text())["weight_map"]
     model = load(out)
+    tokens = random_tokens(1, 16)
+    assert torch.equal(checks.logits(model, tokens), torch.from_numpy(streaming.logits(load_streamed(out), tokens)))
     assert model.config.layer_types == ["sliding_attention"] * 5 + ["full_attention"]  # one period of 5:1
     assert [layer.self_attn.head_dim for layer in model.model.layers] == [16] * 5 + [32]
     assert model.model.layers[5].self_attn.v_proj is None  # the full layer's keys are its values
-    assert torch.isfinite(checks.logits(model, random_tokens(1, 16))).all()
+    assert torch.isfinite(checks.logits(model, tokens)).all()
+
+
+def test_the_hubs_multimodal_checkpoint_is_read_as_its_text_model_in_memory_and_streamed(tmp_path):
+    """google/gemma-4-26B-A4B's layout: config model_type gemma4 with the text model under text_config, its tensors
+    under model.language_model.* (the head tied to the embeddings), the vision tower beside them. transformers'
+    own Gemma4ForCausalLM cannot read these names (its conversion table has no prefix for them); moeexport does."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = tiny_model("gemma4_text")
+    model.save_pretrained(tmp_path / "text")
+    text = json.loads((tmp_path / "text" / "config.json").read_text())
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "config.json").write_text(json.dumps({
+        "model_type": "gemma4", "architectures": ["Gemma4ForConditionalGeneration"],
+        "text_config": {key: value for key, value in text.items() if key not in ("architectures", "dtype")}}))
+    tensors = {name.replace("model.", "model.language_model.", 1): tensor.contiguous()
+               for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
+    tensors |= {"model.vision_tower.patch_embedder.input_proj.weight": torch.zeros(4, 4),
+                "model.embed_vision.embedding_projection.weight": torch.zeros(4, 4)}
+    save_file(tensors, hub / "model.safetensors", metadata={"format": "pt"})
+    tokens = random_tokens(2, 16)
+    for loader in (load, load_streamed):
+        read = loader(hub)
+        assert read.config.model_type == "gemma4_text" and read.config.name_or_path == str(hub)
+        assert torch.equal(torch.from_numpy(streaming.logits(read, tokens)), checks.logits(model, tokens)), loader.__name__
+    del tensors["model.language_model.layers.1.experts.down_proj"]
+    save_file(tensors, hub / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MoeExportError, match=r"lacks tensor model\.language_model\.layers\.1\.experts\.down_proj"):
+        load(hub)

@@ -97,9 +97,8 @@ PRESETS["nemotron-3-nano-30b-a3b"] = {
     "moe_shared_expert_intermediate_size": 3712, "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1,
     "norm_topk_prob": True, "use_bias": False, "attention_bias": False, "tie_word_embeddings": False,
 }
-# google/gemma-4-26B-A4B's text model (its text_config), as the text-only Gemma4ForCausalLM stores it: model.layers.*
-# with 3-D stacked experts (the hub checkpoint wraps the same tensors in Gemma4ForConditionalGeneration's
-# model.language_model.*, which moeexport does not read). Layers slide 5:1 (transformers' default pattern, so that
+# google/gemma-4-26B-A4B's text_config, written in the hub's multimodal layout (see LAYOUTS: 3-D stacked experts
+# under Gemma4ForConditionalGeneration's model.language_model.*; the vision tower is not written). Layers slide 5:1 (transformers' default pattern, so that
 # --layers 6 is one period); the full-attention layers' heads are 512 wide with 2 kv heads that are also the values.
 PRESETS["gemma-4-26b-a4b"] = {
     "model_type": "gemma4_text", "architectures": ["Gemma4ForCausalLM"], "hidden_size": 2816,
@@ -113,8 +112,6 @@ PRESETS["gemma-4-26b-a4b"] = {
                         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                            "rope_theta": 1000000.0}},
 }
-# families whose checkpoints hold the model's own state dict (3-D stacked experts): their tensors are the model's
-STACKED_FAMILIES = {"gemma4_text"}
 
 # openai/gpt-oss-20b's config.json (its layer_types, sliding then full attention in turn, are the default
 # transformers derives, so they follow --layers); the experts are written in MXFP4 as the hub ships them
@@ -164,7 +161,7 @@ class Layout(NamedTuple):
     # (gate and up interleaved) in MXFP4 pairs `*_blocks` / `*_scales` (moeexport/mxfp4.py) with float biases
     mxfp4_experts: bool = False
     # the checkpoint holds the tensors as the model does (experts fused 3-D), under the multimodal model's text
-    # prefix (model.language_model.*), with a config of that model_type wrapping the text config (Qwen3.5-MoE)
+    # prefix (model.language_model.*), with a config of that model_type wrapping the text config (Qwen3.5, Gemma 4)
     multimodal: tuple[str, str] | None = None  # (its model_type, its architecture)
 
 
@@ -179,6 +176,8 @@ LAYOUTS = {
     "qwen3_5_moe_text": Layout("mlp", ("gate_proj", "up_proj", "down_proj"), "moe_intermediate_size", "head",
                                shared="shared_expert",
                                multimodal=("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration")),
+    "gemma4_text": Layout("experts", ("gate_up_proj", "gate_up_proj", "down_proj"), "moe_intermediate_size", "head",
+                          multimodal=("gemma4", "Gemma4ForConditionalGeneration")),
 }
 MULTIMODAL_TEXT_PREFIX = ("model.", "model.language_model.")
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
@@ -234,8 +233,6 @@ def tensor_specs(config) -> list[tuple[str, tuple[int, ...]]]:
 
     if config.model_type == "nemotron_h":  # one block per layer: its own names
         return _nemotron_h_specs(config)
-    if config.model_type in STACKED_FAMILIES:
-        return _model_specs(config)
     layout = LAYOUTS[config.model_type]  # every preset's family has one; --set cannot change model_type
     if layout.multimodal:
         return _model_specs(config)
