@@ -623,7 +623,7 @@ def _require_loaded(module: nn.Module, what: str) -> None:
 def text_model_prefix(model: nn.Module):
     """Where a multimodal checkpoint stores this text model: transformers' own prefix change where its conversion
     table has one, else the layout transformers 5 saves every multimodal model in (model.language_model.*), which
-    its table leaves out for some families (Gemma 4), so that their causal LM alone cannot read the hub's files."""
+    its table leaves out for some families, so that their causal LM alone cannot read the hub's files."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import PrefixChange
 
