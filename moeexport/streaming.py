@@ -50,8 +50,9 @@ class LayerEdit:
 
     source: int  # the layer's index in the checkpoint
     experts: tuple[int, ...] | None = None  # the routed experts it keeps, in order (None: all of them)
-    # functions of one float32 expert matrix [rows, columns] applied, in order, as it is read (a row-wise
-    # rounding such as the quantize pass's RTN, so a part of a matrix may be transformed alone)
+    # functions (float32 expert matrix [rows, columns], its stack's name, the source expert) -> the new matrix,
+    # applied in order as it is read (row-wise: the quantize pass's RTN, Wanda; so a part of a matrix may be
+    # transformed alone)
     transforms: tuple = ()
 
 
@@ -140,6 +141,11 @@ class LayerStream:
     def transform_experts(self, layer: int, transform) -> None:
         edit = self.edits[layer]
         self.edits[layer] = replace(edit, transforms=edit.transforms + (transform,))
+        experts = self.adapter.layer_view(self.model, layer).experts
+        if isinstance(experts, ExpertsOnDemand):  # the layer is read in now: what runs next reads them transformed
+            _, meta, _, prefix = experts._arguments
+            setattr(self.adapter.layer_view(self.model, layer).ffn, self.adapter.experts,
+                    ExpertsOnDemand(self, meta, self.edits[layer], prefix))
 
     def kept_experts(self, edit: LayerEdit) -> tuple[int, ...]:
         """The experts of its source layer that a layer's `edit` keeps, in order (all of them unless it names some)."""
@@ -511,8 +517,8 @@ class ExpertStack:
 class _ExpertReader:
     """Reads one kept expert of a streamed layer (slot -> the source expert it is), transformed as its edit says."""
 
-    def __init__(self, stream: LayerStream, name: str, edit: LayerEdit, stored: bool = False):
-        self.stream, self.name, self.edit, self.stored = stream, name, edit, stored
+    def __init__(self, stream: LayerStream, name: str, edit: LayerEdit, stored: bool = False, stack: str = ""):
+        self.stream, self.name, self.edit, self.stored, self.stack = stream, name, edit, stored, stack
 
     def __call__(self, slot: int) -> torch.Tensor:
         return self.part(slot, None, 1)
@@ -521,9 +527,10 @@ class _ExpertReader:
         expert = self.edit.experts[slot] if self.edit.experts is not None else slot
         transforms = self.edit.transforms
         matrix = self.stream.expert_matrix(self.name, expert, part, parts, self.stored and not transforms, rows)
-        for transform in transforms:  # in float32, and kept so: the result is not a stored value any more
-            matrix = transform(matrix.float())
-        return matrix
+        for transform in transforms:  # in float32 (a quantize pass's grid needs it: it refuses other dtypes)
+            matrix = transform(matrix.float(), self.stack, expert)
+        # the compute dtype, which the forward's activations have (a pruned bf16 expert is exact in bf16)
+        return matrix.to(self.stream.dtype) if transforms else matrix
 
 
 class ExpertsOnDemand(nn.Module):
@@ -542,7 +549,7 @@ class ExpertsOnDemand(nn.Module):
         source = stream._name(edit.source, prefix)
         for stack in expert_stacks(replace(self.layout, biases=False)):  # gate_up_proj (up_proj, ungated), down_proj
             setattr(self, stack, ExpertStack(getattr(experts, stack).shape,
-                                             _ExpertReader(stream, source + stack, edit, stored)))
+                                             _ExpertReader(stream, source + stack, edit, stored, stack)))
         if self.layout.biases:  # small ([E, rows]): read whole, the kept experts' only
             for name in ("gate_up_proj_bias", "down_proj_bias"):
                 setattr(self, name, stream._read(source + name, getattr(experts, name).shape, edit.experts, True))

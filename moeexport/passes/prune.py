@@ -100,6 +100,11 @@ class Prune(ExpertSlimmingPass):
         settings = {"sparsity": sparsity, "pattern": options.pattern}
         return settings | ({"damp": options.damp} if options.method == "sparsegpt" else {})
 
+    def streams(self, options: PruneOptions) -> bool:
+        """Magnitude and Wanda work row by row from a vector per expert matrix: a streamed expert is pruned as it
+        is read (SparseGPT's mask spans whole blocks of rows, and shared experts are read with their layer)."""
+        return options.method in ("magnitude", "wanda") and not options.shared_experts
+
     def check_input_width(self, options: PruneOptions, width: int, what: str) -> None:
         pattern = n_of_m(options.pattern)
         if pattern and width % pattern[1]:

@@ -140,7 +140,7 @@ class Quantize(ExpertSlimmingPass):
         layout = adapter.expert_layout(model.config)
         transposed = layout.transposed  # stored [inputs, outputs]: round its columns
 
-        def round_expert(matrix: torch.Tensor) -> torch.Tensor:
+        def round_expert(matrix: torch.Tensor, stack: str, expert: int) -> torch.Tensor:
             if transposed:
                 return self.fallback_slim(matrix.T[None], plan)[0].T
             return self.fallback_slim(matrix[None], plan)[0]

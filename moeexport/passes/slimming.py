@@ -19,6 +19,7 @@ round-to-nearest) and the outcome lists it with its token count.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
@@ -31,6 +32,7 @@ from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
 from moeexport.pass_options import SlimmingOptions
 from moeexport.passes.base import CompressionPass
+from moeexport.streaming import stream_of
 
 
 @dataclass
@@ -143,7 +145,7 @@ class ExpertSlimmingPass(CompressionPass):
 
     @torch.no_grad()
     def apply(self, model, plan: SlimmingPlan, tokens: torch.Tensor | None = None, progress=None) -> SlimmingPlan:
-        adapter = adapter_for(model.config)
+        adapter, stream = adapter_for(model.config), stream_of(model)
         gram = self.calibrated_methods.get(plan.method)
         tally, tokens_seen, fallbacks = _Tally(), {}, []
         task = progress.add_task(f"{self.name}: {plan.method} on experts", total=len(plan.layers)) if progress else None
@@ -164,24 +166,10 @@ class ExpertSlimmingPass(CompressionPass):
                     for expert, count in enumerate(inputs.expert_tokens)
                     if count < plan.min_tokens
                 ]
-            for weights, matrix_inputs, routed in _targets(adapter.layer_view(model, layer), inputs, plan.shared_experts):
-                original = weights.float().clone()  # .float() alone would alias float32 weights
-                new = original.clone()
-                use_fallback = torch.zeros(len(weights), dtype=torch.bool)
-                if inputs is not None and routed:
-                    use_fallback = torch.tensor([m.tokens < plan.min_tokens for m in matrix_inputs])
-                if use_fallback.any():
-                    new[use_fallback] = self.fallback_slim(original[use_fallback], plan)
-                calibrated = torch.where(~use_fallback)[0].tolist()
-                if calibrated:
-                    grams = torch.stack([matrix_inputs[i].gram for i in calibrated]) if inputs else None
-                    new[calibrated] = self.slim(original[calibrated], grams, plan)
-                weights.copy_(new)
-                if gram == "full":
-                    tally.errors += [output_error(new[i] - original[i], original[i], m.gram) for i, m in enumerate(matrix_inputs) if m.tokens]
-                tally.matrices += len(weights)
-                tally.weights += weights.numel()
-                tally.zeros += int((weights == 0).sum())
+            if stream is not None:
+                self._slim_as_read(stream, adapter.layer_view(model, layer), inputs, plan, tally)
+            else:
+                self._slim_in_place(adapter.layer_view(model, layer), inputs, plan, gram, tally)
             if progress:
                 progress.advance(task)
         if progress:
@@ -191,10 +179,56 @@ class ExpertSlimmingPass(CompressionPass):
             fallbacks=fallbacks,
             matrices=tally.matrices,
             weights=tally.weights,
-            zeros=tally.zeros,
+            zeros=tally.zeros if stream is None else None,
             output_error=sum(tally.errors) / len(tally.errors) if tally.errors else None,
         )
         return replace(plan, outcome=outcome)
+
+    def _slim_in_place(self, view: LayerView, inputs, plan: SlimmingPlan, gram: str | None, tally: _Tally) -> None:
+        """Rewrite one layer's target matrices in the model, from the inputs measured on them (None: no calibration)."""
+        for weights, matrix_inputs, routed in _targets(view, inputs, plan.shared_experts):
+            original = weights.float().clone()  # .float() alone would alias float32 weights
+            new = original.clone()
+            use_fallback = torch.zeros(len(weights), dtype=torch.bool)
+            if inputs is not None and routed:
+                use_fallback = torch.tensor([m.tokens < plan.min_tokens for m in matrix_inputs])
+            if use_fallback.any():
+                new[use_fallback] = self.fallback_slim(original[use_fallback], plan)
+            calibrated = torch.where(~use_fallback)[0].tolist()
+            if calibrated:
+                grams = torch.stack([matrix_inputs[i].gram for i in calibrated]) if inputs else None
+                new[calibrated] = self.slim(original[calibrated], grams, plan)
+            weights.copy_(new)
+            if gram == "full":
+                tally.errors += [output_error(new[i] - original[i], original[i], m.gram) for i, m in enumerate(matrix_inputs) if m.tokens]
+            tally.matrices += len(weights)
+            tally.weights += weights.numel()
+            tally.zeros += int((weights == 0).sum())
+
+    def _slim_as_read(self, stream, view: LayerView, inputs, plan: SlimmingPlan, tally: _Tally) -> None:
+        """A streamed layer's routed experts, slimmed as each is read (moeexport.streaming: LayerStream
+        transforms) from the input norms measured now, which its transform keeps (a vector per expert matrix):
+        what _slim_in_place computes for them, one expert at a time."""
+        stacks = expert_stacks(replace(view.layout, biases=False))
+        kept = stream.kept_experts(stream.edits[view.index])  # slot -> source expert, what a transform is told
+        measured = {stack: dict(zip(kept, seen)) for stack, seen in zip(stacks, (inputs.gate_up, inputs.down))
+                    } if inputs is not None else None
+        transposed = view.layout.transposed
+
+        def slim_expert(matrix: torch.Tensor, stack: str, expert: int) -> torch.Tensor:
+            rows_out = matrix.T if transposed else matrix
+            seen = measured[stack][expert] if measured is not None else None
+            if seen is not None and seen.tokens < plan.min_tokens:
+                new = self.fallback_slim(rows_out[None], plan)[0]
+            else:
+                new = self.slim(rows_out[None], seen.gram[None] if seen is not None else None, plan)[0]
+            return new.T if transposed else new
+
+        stream.transform_experts(view.index, slim_expert)
+        for stack in stacks:
+            shape = getattr(view.experts, stack).shape
+            tally.matrices += shape[0]
+            tally.weights += math.prod(shape)
 
 
 def _targets(view: LayerView, inputs, shared: bool):
