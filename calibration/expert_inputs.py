@@ -107,9 +107,7 @@ def collect_layer_inputs(view: LayerView, run: Callable, diagonal: bool, shared:
     inputs = LayerInputs([MatrixInputs() for _ in range(count)], [MatrixInputs() for _ in range(count)])
 
     def on_expert_tokens(expert: int, rows: torch.Tensor) -> None:
-        inputs.gate_up[expert].add(rows, diagonal)
-        if len(rows):
-            inputs.down[expert].add(routed_intermediate(view, expert, rows), diagonal)
+        _add_expert_inputs(view, expert, rows, inputs.gate_up[expert], inputs.down[expert], diagonal)
 
     def on_linear_input(target: MatrixInputs):
         return lambda module, args: target.add(args[0].reshape(-1, args[0].shape[-1]), diagonal)
@@ -124,6 +122,45 @@ def collect_layer_inputs(view: LayerView, run: Callable, diagonal: bool, shared:
             stack.callback(module.down_proj.register_forward_pre_hook(on_linear_input(middle)).remove)
         run()
     return inputs
+
+
+def _add_expert_inputs(view: LayerView, expert: int, rows: torch.Tensor, gate_up: MatrixInputs,
+                       down: MatrixInputs, diagonal: bool) -> None:
+    """Add what one routed expert's matrices read of its routed tokens `rows`: its input, its intermediate."""
+    gate_up.add(rows, diagonal)
+    if len(rows):
+        down.add(routed_intermediate(view, expert, rows), diagonal)
+
+
+@dataclass
+class RoutedRows:
+    """The calibration tokens routed to each expert of one MoE layer, batch by batch, from which each expert's
+    Gram matrices are made when asked for, one expert at a time (a streamed layer: never all of them at once)."""
+
+    view: LayerView
+    rows: list[list[torch.Tensor]]  # per expert, per batch: [T, hidden]
+
+    @property
+    def expert_tokens(self) -> list[int]:
+        return [sum(len(rows) for rows in batches) for batches in self.rows]
+
+    def inputs(self, expert: int) -> tuple[MatrixInputs, MatrixInputs]:
+        """(gate_up, down) Gram matrices of `expert`, summed as collect_layer_inputs sums them."""
+        gate_up, down = MatrixInputs(), MatrixInputs()
+        for rows in self.rows[expert]:
+            _add_expert_inputs(self.view, expert, rows, gate_up, down, diagonal=False)
+        return gate_up, down
+
+
+@torch.no_grad()
+def collect_routed_rows(view: LayerView, run: Callable) -> RoutedRows:
+    """Run one MoE layer over the calibration set, keeping each expert's routed tokens (top-k copies of the
+    layer's input at most)."""
+    routed = RoutedRows(view, [[] for _ in range(view.num_experts)])
+    with ExitStack() as stack:
+        on_routed_tokens(view, stack, lambda expert, rows: routed.rows[expert].append(rows))
+        run()
+    return routed
 
 
 def output_error(delta: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:

@@ -99,7 +99,7 @@ def test_the_memory_plan_counts_the_moments_it_holds():
                                                                           config["intermediate_size"]) * 8
 
 
-# --- Wanda (and magnitude) pruning ----------------------------------------------------------------------------------
+# --- pruning and GPTQ ------------------------------------------------------------------------------------------------
 
 PRUNED_THEN_DROPPED = {"passes": [{"prune": {"method": "wanda", "sparsity": 0.5, "min_tokens": 50}},
                                   {"expert_drop": {"keep": 3, "scope": "layer"}}]}
@@ -111,8 +111,14 @@ PRUNED_THEN_DROPPED = {"passes": [{"prune": {"method": "wanda", "sparsity": 0.5,
                               {"prune": {"method": "wanda", "pattern": "2:4"}}]}),
     ("gpt_oss", {"passes": [{"prune": {"method": "wanda", "sparsity": 0.5}}]}),  # stacks stored transposed
     ("mixtral", {"passes": [{"prune": {"method": "magnitude", "sparsity": 0.25}}]}),
-], ids=["mixtral-wanda-then-drop", "qwen2_moe-drop-then-wanda-2:4", "gpt_oss-wanda", "mixtral-magnitude"])
-def test_a_streamed_prune_saves_the_in_memory_prunes_weights_and_outcome(family, recipe, tmp_path):
+    ("mixtral", {"passes": [{"prune": {"method": "sparsegpt", "sparsity": 0.5, "min_tokens": 50}},
+                            {"expert_drop": {"keep": 3, "scope": "layer"}}]}),
+    ("gpt_oss", {"passes": [{"prune": {"method": "sparsegpt", "pattern": "2:4"}}]}),
+    ("mixtral", {"passes": [{"quantize": {"method": "gptq", "bits": 4, "group_size": 8, "min_tokens": 50}}]}),
+    ("qwen2_moe", {"passes": [{"quantize": {"method": "gptq", "bits": 4, "group_size": 8, "act_order": True}}]}),
+], ids=["mixtral-wanda-then-drop", "qwen2_moe-drop-then-wanda-2:4", "gpt_oss-wanda", "mixtral-magnitude",
+        "mixtral-sparsegpt-then-drop", "gpt_oss-sparsegpt-2:4", "mixtral-gptq", "qwen2_moe-gptq-act-order"])
+def test_a_streamed_slimming_saves_the_in_memory_passes_weights_and_outcome(family, recipe, tmp_path):
     from moeexport.calibration.sources import CalibrationConfig
     from moeexport.compress import StatisticsProvider, compress
     from moeexport.modelio import save
@@ -124,15 +130,27 @@ def test_a_streamed_prune_saves_the_in_memory_prunes_weights_and_outcome(family,
         lm = loader(tmp_path / "source")
         provider = StatisticsProvider(None, CalibrationConfig(), "tiny", cache_dir=None, tokens=calibration)
         result = compress(lm, parse_recipe(recipe), provider)
-        outcomes.append(next(step.plan.outcome for step in result.steps if step.name == "prune"))
+        outcomes.append(next(step.plan.outcome for step in result.steps if step.name in ("prune", "quantize")))
         save(lm, tmp_path / loader.__name__, {})
         saved.append(load(tmp_path / loader.__name__).state_dict())
     (whole, streamed), (in_memory, as_read) = saved, outcomes
     assert whole.keys() == streamed.keys()
     for name in whole:
         assert torch.equal(whole[name], streamed[name]), name
-    assert in_memory.zeros > 0 and as_read.zeros is None  # a streamed expert is pruned as it is read
-    assert (in_memory.tokens_seen, in_memory.fallbacks, in_memory.matrices, in_memory.weights) == \
-        (as_read.tokens_seen, as_read.fallbacks, as_read.matrices, as_read.weights)
-    if recipe is PRUNED_THEN_DROPPED:
-        assert in_memory.fallbacks  # some experts saw fewer than 50 tokens: magnitude instead, listed
+    assert in_memory.zeros > 0 and as_read.zeros is None  # a streamed expert is rewritten as it is read
+    assert (in_memory.tokens_seen, in_memory.fallbacks, in_memory.matrices, in_memory.weights,
+            in_memory.output_error) == (as_read.tokens_seen, as_read.fallbacks, as_read.matrices, as_read.weights,
+                                        as_read.output_error)
+    if "min_tokens" in str(recipe):
+        assert in_memory.fallbacks  # some experts saw fewer than 50 tokens: the data-free method instead, listed
+
+
+@needs_shared
+@pytest.mark.parametrize("quant", ["f32", "q4_k_m"])
+def test_a_streamed_wanda_build_of_the_fixture_writes_the_in_memory_builds_bytes(quant, tmp_path):
+    recipe = {"passes": [{"prune": {"method": "wanda", "sparsity": 0.5}}]}
+    whole, streamed = _same_artifact(FIXTURE, recipe, quant, tmp_path, CORPUS / "calib.txt", CORPUS / "dev.txt")
+    (in_memory,), (as_read,) = (report.compression.passes for report in (whole, streamed))
+    assert in_memory["plan"]["outcome"]["zeros"] > 0 and as_read["plan"]["outcome"]["zeros"] is None
+    del in_memory["plan"]["outcome"]["zeros"], as_read["plan"]["outcome"]["zeros"]
+    assert in_memory["plan"] == as_read["plan"] and in_memory["plan"]["outcome"]["tokens_seen"]

@@ -101,9 +101,10 @@ class Prune(ExpertSlimmingPass):
         return settings | ({"damp": options.damp} if options.method == "sparsegpt" else {})
 
     def streams(self, options: PruneOptions) -> bool:
-        """Magnitude and Wanda work row by row from a vector per expert matrix: a streamed expert is pruned as it
-        is read (SparseGPT's mask spans whole blocks of rows, and shared experts are read with their layer)."""
-        return options.method in ("magnitude", "wanda") and not options.shared_experts
+        """A streamed expert is pruned as it is read (magnitude, Wanda: row by row, from a vector per expert
+        matrix) or when its layer is calibrated (SparseGPT, kept on disk until read); shared experts are read
+        with their layer, which a stream does not rewrite."""
+        return not options.shared_experts
 
     def check_input_width(self, options: PruneOptions, width: int, what: str) -> None:
         pattern = n_of_m(options.pattern)

@@ -27,12 +27,13 @@ import torch
 
 from moeexport.adapters import LayerSpec, LayerView, adapter_for
 from moeexport.adapters.experts import expert_stacks
-from moeexport.calibration.expert_inputs import collect_layer_inputs, layer_by_layer, output_error
+from moeexport.calibration.expert_inputs import (RoutedRows, collect_layer_inputs, collect_routed_rows, layer_by_layer,
+                                                 output_error)
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
 from moeexport.pass_options import SlimmingOptions
 from moeexport.passes.base import CompressionPass
-from moeexport.streaming import stream_of
+from moeexport.streaming import SpilledExperts, stream_of
 
 
 @dataclass
@@ -153,7 +154,7 @@ class ExpertSlimmingPass(CompressionPass):
             layer_inputs = ((layer, None) for layer in plan.layers)
         else:
             layer_inputs = (
-                (index, collect_layer_inputs(adapter.layer_view(model, index), run, gram == "diagonal", plan.shared_experts))
+                (index, _measure(adapter.layer_view(model, index), run, gram, plan.shared_experts, stream is not None))
                 for index, _, run in layer_by_layer(adapter, model, tokens)
                 if index in plan.layers
             )
@@ -166,7 +167,9 @@ class ExpertSlimmingPass(CompressionPass):
                     for expert, count in enumerate(inputs.expert_tokens)
                     if count < plan.min_tokens
                 ]
-            if stream is not None:
+            if isinstance(inputs, RoutedRows):
+                self._slim_into_spill(stream, adapter.layer_view(model, layer), inputs, plan, tally)
+            elif stream is not None:
                 self._slim_as_read(stream, adapter.layer_view(model, layer), inputs, plan, tally)
             else:
                 self._slim_in_place(adapter.layer_view(model, layer), inputs, plan, gram, tally)
@@ -215,7 +218,7 @@ class ExpertSlimmingPass(CompressionPass):
                     } if inputs is not None else None
         transposed = view.layout.transposed
 
-        def slim_expert(matrix: torch.Tensor, stack: str, expert: int) -> torch.Tensor:
+        def slim_expert(matrix: torch.Tensor, stack: str, expert: int, rows: slice) -> torch.Tensor:
             rows_out = matrix.T if transposed else matrix
             seen = measured[stack][expert] if measured is not None else None
             if seen is not None and seen.tokens < plan.min_tokens:
@@ -225,10 +228,45 @@ class ExpertSlimmingPass(CompressionPass):
             return new.T if transposed else new
 
         stream.transform_experts(view.index, slim_expert)
-        for stack in stacks:
-            shape = getattr(view.experts, stack).shape
-            tally.matrices += shape[0]
-            tally.weights += math.prod(shape)
+        _count(view, stacks, tally)
+
+    def _slim_into_spill(self, stream, view: LayerView, routed: RoutedRows, plan: SlimmingPlan, tally: _Tally) -> None:
+        """A streamed layer's routed experts slimmed from their Gram matrices (GPTQ, SparseGPT), one expert at a
+        time (its two Gram matrices made from its routed tokens, used and dropped), what _slim_in_place computes
+        for each; the new matrices wait on disk (SpilledExperts) for whatever reads the experts next."""
+        stacks = expert_stacks(replace(view.layout, biases=False))
+        spill, errors = SpilledExperts(), {stack: [] for stack in stacks}
+        transposed = view.layout.transposed
+        for slot, expert in enumerate(stream.kept_experts(stream.edits[view.index])):
+            for stack, seen in zip(stacks, routed.inputs(slot)):
+                stored = getattr(view.experts, stack)[slot].float()
+                original = stored.T if transposed else stored
+                if seen.tokens < plan.min_tokens:
+                    new = self.fallback_slim(original[None], plan)[0]
+                else:
+                    new = self.slim(original[None], seen.gram[None], plan)[0]
+                if seen.tokens:
+                    errors[stack].append(output_error(new - original, original, seen.gram))
+                spill.put(stack, expert, new.T if transposed else new)
+        stream.transform_experts(view.index, spill)
+        tally.errors += [error for stack in stacks for error in errors[stack]]  # _slim_in_place's order
+        _count(view, stacks, tally)
+
+
+def _count(view: LayerView, stacks, tally: _Tally) -> None:
+    """Count a streamed layer's expert matrices as rewritten."""
+    for stack in stacks:
+        shape = getattr(view.experts, stack).shape
+        tally.matrices += shape[0]
+        tally.weights += math.prod(shape)
+
+
+def _measure(view: LayerView, run, gram: str, shared: bool, streamed: bool):
+    """What one layer's calibration run measures for slimming it: every target's LayerInputs, or for a streamed
+    layer's Gram matrices the routed tokens they are made of, one expert at a time (RoutedRows)."""
+    if streamed and gram == "full":
+        return collect_routed_rows(view, run)
+    return collect_layer_inputs(view, run, gram == "diagonal", shared)
 
 
 def _targets(view: LayerView, inputs, shared: bool):
