@@ -352,6 +352,8 @@ def memory_plan(model: Source | str | Path, recipe: Recipe, options: CompressOpt
                                calibration.max_block_window, quality + validation_windows[0] * validation_windows[1])
     if moments or _computes_from_activations(recipe):
         workload = replace(workload, moment_values=memory.moment_values(source.headers, config.hidden_size))
+    if _solves_with_grams(recipe):
+        workload = replace(workload, gram_values=memory.gram_values(source.headers))
     budget = options.max_memory or memory.default_budget()
     plan = memory.plan(source.headers, config.hidden_size, config.vocab_size, budget, workload, stream, options.dtype)
     if plan.streamed:
@@ -370,6 +372,14 @@ def _computes_from_activations(recipe: Recipe) -> bool:
     from moeexport.passes import PASSES
 
     return any(PASSES[step.name].needs_activations(step.options) for step in recipe.steps)
+
+
+def _solves_with_grams(recipe: Recipe) -> bool:
+    """Whether a pass computes weights from full Gram matrices of their inputs (GPTQ, SparseGPT)."""
+    from moeexport.passes import PASSES
+
+    return any(getattr(PASSES[step.name], "calibrated_methods", {}).get(getattr(step.options, "method", None)) == "full"
+               for step in recipe.steps)
 
 
 def _needs_held_out(options: CompressOptions) -> bool:

@@ -145,12 +145,31 @@ def test_a_streamed_slimming_saves_the_in_memory_passes_weights_and_outcome(fami
         assert in_memory.fallbacks  # some experts saw fewer than 50 tokens: the data-free method instead, listed
 
 
+WANDA = {"passes": [{"prune": {"method": "wanda", "sparsity": 0.5}}]}
+
+
 @needs_shared
-@pytest.mark.parametrize("quant", ["f32", "q4_k_m"])
-def test_a_streamed_wanda_build_of_the_fixture_writes_the_in_memory_builds_bytes(quant, tmp_path):
-    recipe = {"passes": [{"prune": {"method": "wanda", "sparsity": 0.5}}]}
+@pytest.mark.parametrize("recipe, quant", [
+    (WANDA, "f32"), (WANDA, "q4_k_m"),
+    ({"passes": [{"prune": {"method": "sparsegpt", "sparsity": 0.5}}]}, "f32"),
+    ({"passes": [{"quantize": {"method": "gptq", "bits": 4, "group_size": 32}}]}, "q4_0"),  # its codes, carried
+], ids=["wanda-f32", "wanda-q4_k_m", "sparsegpt-f32", "gptq-q4_0"])
+def test_a_streamed_slimming_build_of_the_fixture_writes_the_in_memory_builds_bytes(recipe, quant, tmp_path):
     whole, streamed = _same_artifact(FIXTURE, recipe, quant, tmp_path, CORPUS / "calib.txt", CORPUS / "dev.txt")
     (in_memory,), (as_read,) = (report.compression.passes for report in (whole, streamed))
     assert in_memory["plan"]["outcome"]["zeros"] > 0 and as_read["plan"]["outcome"]["zeros"] is None
     del in_memory["plan"]["outcome"]["zeros"], as_read["plan"]["outcome"]["zeros"]
     assert in_memory["plan"] == as_read["plan"] and in_memory["plan"]["outcome"]["tokens_seen"]
+
+
+def test_the_memory_plan_counts_one_experts_gram_matrices_for_gptq_and_sparsegpt():
+    options = CompressOptions(out="unused", stream=True, eval_text=str(HELD_OUT),
+                              calibration=CalibrationOptions(source=str(HELD_OUT)))
+    config = json.loads((DEMO_MODEL / "config.json").read_text())
+    rtn, gptq, sparsegpt = (memory_plan("demo", parse_recipe({"passes": [step]}), options) for step in (
+        {"quantize": {"method": "rtn", "bits": 4, "group_size": 32}},
+        {"quantize": {"method": "gptq", "bits": 4, "group_size": 32}},
+        {"prune": {"method": "sparsegpt", "sparsity": 0.5}}))
+    # the down projection's intermediate x intermediate float32 Gram matrix, at least, besides the moments
+    assert gptq.streamed_bytes - rtn.streamed_bytes >= config["intermediate_size"] ** 2 * 4
+    assert sparsegpt.streamed_bytes == gptq.streamed_bytes
