@@ -15,6 +15,13 @@ relative output error ||dW X||^2 / ||W X||^2 over the calibrated matrices.
 An expert routed fewer than `min_tokens` calibration tokens is not slimmed from
 its thin statistics: it gets the pass's data-free fallback (magnitude pruning,
 round-to-nearest) and the outcome lists it with its token count.
+
+A streamed model (moeexport.streaming) is slimmed the same way, layer by layer,
+to the same weights: a method that needs a vector per matrix (Wanda's input
+norms; none for magnitude) rewrites each routed expert as it is read; GPTQ and
+SparseGPT make each expert's Gram matrices from its routed tokens one expert at
+a time, and its new matrices wait on disk until read. Shared experts are read
+with their layer, which a stream does not rewrite: they are refused streamed.
 """
 
 from __future__ import annotations
