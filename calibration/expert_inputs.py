@@ -23,20 +23,20 @@ from typing import Callable, Iterator
 import torch
 
 from moeexport.adapters import LayerView
-from moeexport.adapters.surgery import decoder_layers
 from moeexport.calibration.observers import routed_intermediate
-from moeexport.streaming import first_layer_inputs, run_layer
+from moeexport.streaming import first_layer_inputs, layer_views, run_layer
 
 
 @torch.no_grad()
 def layer_by_layer(adapter, model, input_ids: torch.Tensor, batch_size: int = 8) -> Iterator[tuple[int, object, Callable]]:
     """Yield (index, layer module, run) per decoder layer; `run()` feeds the calibration activations
     through the layer (outputs discarded). When the caller resumes, the layer's outputs, computed with
-    whatever weights it has by then, become the next layer's inputs."""
-    layers = decoder_layers(adapter, model)
+    whatever weights it has by then, become the next layer's inputs. A streamed model's layer is in memory
+    from its yield until then (its experts as its stream's edit says at the time they are read)."""
     hidden, call_kwargs = zip(*(first_layer_inputs(model, batch) for batch in input_ids.split(batch_size)))
     hidden = list(hidden)
-    for index, layer_module in enumerate(layers):
+    for view in layer_views(model):  # a streamed model's layer is read in until the caller resumes
+        index, layer_module = view.index, view.module
 
         def run(layer_module=layer_module):
             with torch.no_grad():
@@ -80,12 +80,9 @@ class LayerInputs:
         return [inputs.tokens for inputs in self.gate_up]
 
 
-@torch.no_grad()
-def collect_layer_inputs(view: LayerView, run: Callable, diagonal: bool, shared: bool) -> LayerInputs:
-    """Run one MoE layer over the calibration set and gather its matrices' inputs."""
-    router = view.router
-    count = view.num_experts
-    inputs = LayerInputs([MatrixInputs() for _ in range(count)], [MatrixInputs() for _ in range(count)])
+def on_routed_tokens(view: LayerView, stack: ExitStack, each: Callable[[int, torch.Tensor], None]) -> None:
+    """Hooks on a MoE layer's router (removed with `stack`): at every forward, `each(expert, rows)` for every
+    routed expert in order, `rows` [T, hidden] the tokens routed to it (T may be 0) as the experts see them."""
     routed_input = {}
 
     def on_router_input(module, args):
@@ -96,18 +93,27 @@ def collect_layer_inputs(view: LayerView, run: Callable, diagonal: bool, shared:
     def on_routing(module, args, output):
         tokens = routed_input["x"]
         index = output[2].reshape(len(tokens), -1)
-        for expert in range(count):
-            rows = tokens[torch.where(index == expert)[0]]
-            inputs.gate_up[expert].add(rows, diagonal)
-            if len(rows):
-                inputs.down[expert].add(routed_intermediate(view, expert, rows), diagonal)
+        for expert in range(view.num_experts):
+            each(expert, tokens[torch.where(index == expert)[0]])
+
+    stack.callback(view.router.register_forward_pre_hook(on_router_input).remove)
+    stack.callback(view.router.register_forward_hook(on_routing).remove)
+
+
+@torch.no_grad()
+def collect_layer_inputs(view: LayerView, run: Callable, diagonal: bool, shared: bool) -> LayerInputs:
+    """Run one MoE layer over the calibration set and gather its matrices' inputs."""
+    count = view.num_experts
+    inputs = LayerInputs([MatrixInputs() for _ in range(count)], [MatrixInputs() for _ in range(count)])
+
+    def on_expert_tokens(expert: int, rows: torch.Tensor) -> None:
+        _add_expert_inputs(view, expert, rows, inputs.gate_up[expert], inputs.down[expert], diagonal)
 
     def on_linear_input(target: MatrixInputs):
         return lambda module, args: target.add(args[0].reshape(-1, args[0].shape[-1]), diagonal)
 
     with ExitStack() as stack:
-        stack.callback(router.register_forward_pre_hook(on_router_input).remove)
-        stack.callback(router.register_forward_hook(on_routing).remove)
+        on_routed_tokens(view, stack, on_expert_tokens)
         for module in view.shared_experts if shared else ():
             into, middle = MatrixInputs(), MatrixInputs()
             inputs.shared.append((into, middle))
@@ -116,6 +122,45 @@ def collect_layer_inputs(view: LayerView, run: Callable, diagonal: bool, shared:
             stack.callback(module.down_proj.register_forward_pre_hook(on_linear_input(middle)).remove)
         run()
     return inputs
+
+
+def _add_expert_inputs(view: LayerView, expert: int, rows: torch.Tensor, gate_up: MatrixInputs,
+                       down: MatrixInputs, diagonal: bool) -> None:
+    """Add what one routed expert's matrices read of its routed tokens `rows`: its input, its intermediate."""
+    gate_up.add(rows, diagonal)
+    if len(rows):
+        down.add(routed_intermediate(view, expert, rows), diagonal)
+
+
+@dataclass
+class RoutedRows:
+    """The calibration tokens routed to each expert of one MoE layer, batch by batch, from which each expert's
+    Gram matrices are made when asked for, one expert at a time (a streamed layer: never all of them at once)."""
+
+    view: LayerView
+    rows: list[list[torch.Tensor]]  # per expert, per batch: [T, hidden]
+
+    @property
+    def expert_tokens(self) -> list[int]:
+        return [sum(len(rows) for rows in batches) for batches in self.rows]
+
+    def inputs(self, expert: int) -> tuple[MatrixInputs, MatrixInputs]:
+        """(gate_up, down) Gram matrices of `expert`, summed as collect_layer_inputs sums them."""
+        gate_up, down = MatrixInputs(), MatrixInputs()
+        for rows in self.rows[expert]:
+            _add_expert_inputs(self.view, expert, rows, gate_up, down, diagonal=False)
+        return gate_up, down
+
+
+@torch.no_grad()
+def collect_routed_rows(view: LayerView, run: Callable) -> RoutedRows:
+    """Run one MoE layer over the calibration set, keeping each expert's routed tokens (top-k copies of the
+    layer's input at most)."""
+    routed = RoutedRows(view, [[] for _ in range(view.num_experts)])
+    with ExitStack() as stack:
+        on_routed_tokens(view, stack, lambda expert, rows: routed.rows[expert].append(rows))
+        run()
+    return routed
 
 
 def output_error(delta: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:

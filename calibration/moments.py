@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from moeexport.adapters import adapter_for
+from moeexport.calibration.expert_inputs import on_routed_tokens
 from moeexport.calibration.observers import routed_intermediate
+from moeexport.streaming import first_layer_inputs, layer_views, outer, run_layer
 
 
 @dataclass
@@ -41,49 +43,64 @@ class InputMoments:
 
 @torch.no_grad()
 def input_moments(model, input_ids: torch.Tensor, batch_size: int = 8) -> InputMoments:
-    adapter = adapter_for(model.config)
+    """The moments of `model`'s weight inputs on `input_ids` [N, L], measured one decoder layer at a time (a
+    streamed model's layers, and its experts, are each read once and released: what is held is the moments,
+    a few vectors per expert, and the activations carried from layer to layer)."""
     moments = InputMoments()
+    batches = [first_layer_inputs(model, batch) for batch in input_ids.split(batch_size)]
+    hidden = [h for h, _ in batches]
+    for view in layer_views(model):
+        with ExitStack() as stack:
+            finish = _layer_hooks(view, moments, stack)
+            hidden = [run_layer(view.module, h, kwargs) for h, (_, kwargs) in zip(hidden, batches)]
+            finish()
+    adapter = adapter_for(model.config)
+    with outer(model, "final_norm"):  # what the head reads
+        for h in hidden:
+            _add_rows(moments, (-1, "output_in"), adapter.model_view(model).final_norm(h))
+    return moments
+
+
+def _add_rows(moments: InputMoments, key, inputs: torch.Tensor) -> None:
+    flat = inputs.reshape(-1, inputs.shape[-1])
+    moments.add(key, flat.double().pow(2).sum(0), len(flat))
+
+
+def _layer_hooks(view, moments: InputMoments, stack: ExitStack):
+    """Hooks (removed with `stack`) that add one layer's moments while it runs; returns what adds its
+    routed experts' moments, to call once it has run over the calibration set."""
 
     def dense(key):
-        def hook(module, args):
-            flat = args[0].reshape(-1, args[0].shape[-1])
-            moments.add(key, flat.double().pow(2).sum(0), len(flat))
-        return hook
+        return lambda module, args: _add_rows(moments, key, args[0])
 
-    def experts_hook(view, routed_input):
-        def hook(module, args, output):
-            tokens = routed_input["x"].reshape(-1, routed_input["x"].shape[-1])
-            index = output[2].reshape(len(tokens), -1)
-            count = view.experts.down_proj.shape[0]
-            inputs = torch.zeros(count, tokens.shape[-1], dtype=torch.float64)
-            middles = torch.zeros(count, view.experts.down_proj.shape[-1], dtype=torch.float64)
-            seen = torch.zeros(count, dtype=torch.long)
-            for expert in range(count):
-                rows = torch.where(index == expert)[0]
-                if len(rows):
-                    inputs[expert] = tokens[rows].double().pow(2).sum(0)
-                    middles[expert] = routed_intermediate(view, expert, tokens[rows]).double().pow(2).sum(0)
-                    seen[expert] = len(rows)
-            moments.add((view.index, "experts_in"), inputs, seen)
-            moments.add((view.index, "experts_mid"), middles, seen)
-        return hook
+    def pre_hook(module, hook):
+        stack.callback(module.register_forward_pre_hook(hook).remove)
 
-    with ExitStack() as stack:
-        def pre_hook(module, hook):
-            stack.callback(module.register_forward_pre_hook(hook).remove)
+    index = view.index
+    pre_hook(view.attention.q_proj, dense((index, "attention_in")))
+    pre_hook(view.attention.o_proj, dense((index, "attention_out")))
+    for shared in view.shared_experts:
+        pre_hook(shared.up_proj, dense((index, "shared_in")))  # the input gate_proj reads too, if any
+        pre_hook(shared.down_proj, dense((index, "shared_mid")))
+    if view.experts is None:
+        return lambda: None
+    count = view.num_experts
+    sums = {"experts_in": [0.0] * count, "experts_mid": [0.0] * count}
+    seen = torch.zeros(count, dtype=torch.long)
 
-        for view in adapter.layer_views(model):
-            index = view.index
-            pre_hook(view.attention.q_proj, dense((index, "attention_in")))
-            pre_hook(view.attention.o_proj, dense((index, "attention_out")))
-            for shared in view.shared_experts:
-                pre_hook(shared.up_proj, dense((index, "shared_in")))  # the input gate_proj reads too, if any
-                pre_hook(shared.down_proj, dense((index, "shared_mid")))
-            if view.experts is not None:
-                routed_input = {}
-                pre_hook(view.router, lambda module, args, store=routed_input: store.update(x=args[0]))
-                stack.callback(view.router.register_forward_hook(experts_hook(view, routed_input)).remove)
-        pre_hook(adapter.model_view(model).output, dense((-1, "output_in")))
-        for batch in input_ids.split(batch_size):
-            model(input_ids=batch, use_cache=False)
-    return moments
+    def on_expert_tokens(expert: int, rows: torch.Tensor) -> None:
+        if len(rows):
+            sums["experts_in"][expert] = sums["experts_in"][expert] + rows.double().pow(2).sum(0)
+            middle = routed_intermediate(view, expert, rows)
+            sums["experts_mid"][expert] = sums["experts_mid"][expert] + middle.double().pow(2).sum(0)
+            seen[expert] += len(rows)
+
+    def finish() -> None:
+        for role, per_expert in sums.items():
+            width = next(len(row) for row in per_expert if isinstance(row, torch.Tensor))
+            moments.add((index, role), torch.stack([row if isinstance(row, torch.Tensor) else
+                                                    torch.zeros(width, dtype=torch.float64) for row in per_expert]),
+                        seen)
+
+    on_routed_tokens(view, stack, on_expert_tokens)
+    return finish

@@ -71,6 +71,8 @@ class Workload:
     calibration_tokens: int = 0
     block_window: int = 8  # observers keep this many earlier layers' inputs (Block Drop scores)
     logit_positions: int = 0  # positions whose logits are recorded (quality + validation windows)
+    moment_values: int = 0  # float64 input moments held for the whole run (moment_values: an importance matrix)
+    gram_values: int = 0  # float32 values of one expert's Gram matrices and their solver's (gram_values: GPTQ)
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,8 @@ def plan(headers: dict, hidden_size: int, vocab_size: int, budget: int, workload
     def streamed_peak(compute: str) -> int:
         activations = workload.calibration_tokens * hidden_size * DTYPE_BYTES[compute] * (workload.block_window + 3)
         logits = min(workload.logit_positions, 2 * LOGIT_POSITIONS) * vocab_size * 4
-        return _streamed_bytes(size, block, compute) + activations + logits
+        held = workload.moment_values * 8 + workload.gram_values * 4
+        return _streamed_bytes(size, block, compute) + activations + logits + held
 
     streamed = stream if stream is not None else in_memory > budget
     candidates = [dtype] if dtype != "auto" else (["float32"] if storage_dtype == "float32" or not streamed
@@ -174,6 +177,24 @@ def plan(headers: dict, hidden_size: int, vocab_size: int, budget: int, workload
     need = streamed_peak(compute)
     raise MoeExportError(_does_not_fit(budget, need, layer, size, compute,
                                        activations=need - _streamed_bytes(size, block, compute)))
+
+
+def moment_values(headers: dict, hidden_size: int) -> int:
+    """How many values every weight matrix's input moments hold (calibration.moments, a slimming pass's per-expert
+    input norms): one vector of its input width per matrix of each decoder layer and per expert (gate and up
+    counted apart, a bound), and the head's."""
+    matrices = unpacked_headers(headers, transposed=False).items()
+    return hidden_size + sum(math.prod(shape[:-2]) * shape[-1] for name, (shape, _, _) in matrices
+                             if len(shape) >= 2 and _layer_number(name) is not None)
+
+
+def gram_values(headers: dict) -> int:
+    """Values a streamed GPTQ or SparseGPT holds at once for one expert: its matrices' Gram matrices (input width
+    squared; the down projection's is the largest) and the solver's copies of one (the damped Hessian, its
+    Cholesky factor, the inverse's factor): five of the widest, a bound."""
+    widths = [shape[-1] for name, (shape, _, _) in unpacked_headers(headers, transposed=False).items()
+              if _layer_number(name) is not None and (_expert_number(name) is not None or _is_expert_stack(name, shape))]
+    return 5 * max(widths, default=0) ** 2
 
 
 def _outer_block(headers: dict) -> int:

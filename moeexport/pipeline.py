@@ -330,11 +330,13 @@ def _load(source: Source, memory, options: CompressOptions, events: EventStream)
 
 
 def memory_plan(model: Source | str | Path, recipe: Recipe, options: CompressOptions, validation_windows=(0, 0),
-                observes: bool | None = None):
+                observes: bool | None = None, moments: bool = False):
     """How MODEL runs within `options.max_memory` (moeexport.memory.MemoryPlan): whole or streamed, in which
     dtype. Reads only config.json and the weight headers (opening MODEL when it is not a Source yet); refuses,
     before any work, what cannot fit or stream.
-    `observes`: the run observes the calibration set (default: when a pass of `recipe` needs statistics)."""
+    `observes`: the run observes the calibration set (default: when a pass of `recipe` needs statistics).
+    `moments`: the run holds every weight matrix's input moments (an importance matrix); a pass that computes
+    weights from calibration activations holds them too."""
     from moeexport import memory
 
     source = as_source(model, options.trust_remote_code)  # an unsupported model stops here, by name
@@ -348,6 +350,10 @@ def memory_plan(model: Source | str | Path, recipe: Recipe, options: CompressOpt
     quality = QUALITY_WINDOWS[0] * QUALITY_WINDOWS[1] * 2 if options.measure_quality else 0
     workload = memory.Workload(calibration.samples * calibration.length if observes else 0,
                                calibration.max_block_window, quality + validation_windows[0] * validation_windows[1])
+    if moments or _computes_from_activations(recipe):
+        workload = replace(workload, moment_values=memory.moment_values(source.headers, config.hidden_size))
+    if _solves_with_grams(recipe):
+        workload = replace(workload, gram_values=memory.gram_values(source.headers))
     budget = options.max_memory or memory.default_budget()
     plan = memory.plan(source.headers, config.hidden_size, config.vocab_size, budget, workload, stream, options.dtype)
     if plan.streamed:
@@ -359,6 +365,20 @@ def _observes(recipe: Recipe) -> bool:
     from moeexport.passes import PASSES
 
     return any(PASSES[step.name].needs_statistics(step.options) or PASSES[step.name].needs_scorer(step.options)
+               for step in recipe.steps)
+
+
+def _computes_from_activations(recipe: Recipe) -> bool:
+    from moeexport.passes import PASSES
+
+    return any(PASSES[step.name].needs_activations(step.options) for step in recipe.steps)
+
+
+def _solves_with_grams(recipe: Recipe) -> bool:
+    """Whether a pass computes weights from full Gram matrices of their inputs (GPTQ, SparseGPT)."""
+    from moeexport.passes import PASSES
+
+    return any(getattr(PASSES[step.name], "calibrated_methods", {}).get(getattr(step.options, "method", None)) == "full"
                for step in recipe.steps)
 
 
@@ -598,10 +618,9 @@ def build(model: str | Path, recipe: str | Path | Recipe | dict, target: str, op
     source = _open(model, options)
     events = EventStream(on_event)
     options = _with_shipped_text(source, options, calibrates=bool(recipe.steps))
-    memory = memory_plan(source, recipe, options, options.validation_windows)
-    if memory.streamed and chosen.wants_imatrix(target_options):
-        raise MoeExportError(f"--imatrix is not measured on a streamed model yet ({memory.describe()}); build "
-                             "without it, or raise --max-memory so that the model runs whole")
+    imatrix = chosen.wants_imatrix(target_options)  # measured on the calibration set, streamed or not
+    memory = memory_plan(source, recipe, options, options.validation_windows,
+                         observes=_observes(recipe) or imatrix, moments=imatrix)
     _require_out(options, source)
     with output_lock(options.out), torch_threads(options.threads):
         return _build(source, recipe, chosen, target_options, options, memory, events)

@@ -21,6 +21,8 @@ layer is read already compressed: only the experts it keeps come off the disk.
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 import weakref
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from moeexport.adapters import adapter_for
@@ -50,8 +53,9 @@ class LayerEdit:
 
     source: int  # the layer's index in the checkpoint
     experts: tuple[int, ...] | None = None  # the routed experts it keeps, in order (None: all of them)
-    # functions of one float32 expert matrix [rows, columns] applied, in order, as it is read (a row-wise
-    # rounding such as the quantize pass's RTN, so a part of a matrix may be transformed alone)
+    # functions (float32 expert matrix [rows, columns], its stack's name, the source expert, the slice of the
+    # stored matrix's rows it holds) -> the new matrix, applied in order as it is read (row-wise, so a part of
+    # a matrix may be transformed alone: the quantize pass's RTN, Wanda, or SpilledExperts' rows)
     transforms: tuple = ()
 
 
@@ -140,6 +144,11 @@ class LayerStream:
     def transform_experts(self, layer: int, transform) -> None:
         edit = self.edits[layer]
         self.edits[layer] = replace(edit, transforms=edit.transforms + (transform,))
+        experts = self.adapter.layer_view(self.model, layer).experts
+        if isinstance(experts, ExpertsOnDemand):  # the layer is read in now: what runs next reads them transformed
+            _, meta, _, prefix = experts._arguments
+            setattr(self.adapter.layer_view(self.model, layer).ffn, self.adapter.experts,
+                    ExpertsOnDemand(self, meta, self.edits[layer], prefix))
 
     def kept_experts(self, edit: LayerEdit) -> tuple[int, ...]:
         """The experts of its source layer that a layer's `edit` keeps, in order (all of them unless it names some)."""
@@ -511,8 +520,10 @@ class ExpertStack:
 class _ExpertReader:
     """Reads one kept expert of a streamed layer (slot -> the source expert it is), transformed as its edit says."""
 
-    def __init__(self, stream: LayerStream, name: str, edit: LayerEdit, stored: bool = False):
-        self.stream, self.name, self.edit, self.stored = stream, name, edit, stored
+    def __init__(self, stream: LayerStream, name: str, edit: LayerEdit, stored: bool = False, stack: str = "",
+                 rows: int = 0):
+        self.stream, self.name, self.edit, self.stored, self.stack = stream, name, edit, stored, stack
+        self.matrix_rows = rows  # of one whole stored matrix
 
     def __call__(self, slot: int) -> torch.Tensor:
         return self.part(slot, None, 1)
@@ -521,9 +532,31 @@ class _ExpertReader:
         expert = self.edit.experts[slot] if self.edit.experts is not None else slot
         transforms = self.edit.transforms
         matrix = self.stream.expert_matrix(self.name, expert, part, parts, self.stored and not transforms, rows)
-        for transform in transforms:  # in float32, and kept so: the result is not a stored value any more
-            matrix = transform(matrix.float())
-        return matrix
+        first = (part or 0) * (self.matrix_rows // parts) + (rows[0] if rows else 0)
+        for transform in transforms:  # in float32 (a quantize pass's grid needs it: it refuses other dtypes)
+            matrix = transform(matrix.float(), self.stack, expert, slice(first, first + len(matrix)))
+        # the compute dtype, which the forward's activations have (a pruned bf16 expert is exact in bf16)
+        return matrix.to(self.stream.dtype) if transforms else matrix
+
+
+class SpilledExperts:
+    """Expert matrices computed for a streamed layer from what only that layer's calibration run measured (GPTQ,
+    SparseGPT), held in files until they are read: a LayerStream transform that gives the rows asked for of the
+    matrix stored for (stack, source expert), whatever it is given. The files go with this object."""
+
+    def __init__(self):
+        self.directory = Path(tempfile.mkdtemp(prefix="moeexport-spilled-experts-"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, True)
+        self.files: dict[tuple[str, int], Path] = {}
+
+    def put(self, stack: str, expert: int, matrix: torch.Tensor) -> None:
+        path = self.directory / f"{len(self.files)}.safetensors"
+        save_file({"matrix": matrix.contiguous()}, path)
+        self.files[stack, expert] = path
+
+    def __call__(self, matrix: torch.Tensor, stack: str, expert: int, rows: slice) -> torch.Tensor:
+        with safe_open(self.files[stack, expert], "pt") as handle:
+            return handle.get_slice("matrix")[rows.start:rows.stop]
 
 
 class ExpertsOnDemand(nn.Module):
@@ -542,7 +575,8 @@ class ExpertsOnDemand(nn.Module):
         source = stream._name(edit.source, prefix)
         for stack in expert_stacks(replace(self.layout, biases=False)):  # gate_up_proj (up_proj, ungated), down_proj
             setattr(self, stack, ExpertStack(getattr(experts, stack).shape,
-                                             _ExpertReader(stream, source + stack, edit, stored)))
+                                             _ExpertReader(stream, source + stack, edit, stored, stack,
+                                                           getattr(experts, stack).shape[1])))
         if self.layout.biases:  # small ([E, rows]): read whole, the kept experts' only
             for name in ("gate_up_proj_bias", "down_proj_bias"):
                 setattr(self, name, stream._read(source + name, getattr(experts, name).shape, edit.experts, True))

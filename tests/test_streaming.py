@@ -190,7 +190,8 @@ def test_a_streamed_run_refuses_what_it_cannot_do_before_any_work():
     with pytest.raises(MoeExportError, match="merge cannot run streamed"):
         memory_plan("demo", parse_recipe({"passes": [{"merge": {"keep": 4}}]}), streamed)
     with pytest.raises(MoeExportError, match="quantize cannot run streamed"):
-        memory_plan("demo", parse_recipe({"passes": [{"quantize": {"method": "gptq", "bits": 4}}]}), streamed)
+        memory_plan("demo", parse_recipe({"passes": [{"quantize": {"method": "gptq", "bits": 4,
+                                                                   "shared_experts": True}}]}), streamed)
     for trim in ("block_drop", "layer_drop"):
         with pytest.raises(MoeExportError, match=f"{trim} cannot run streamed"):
             memory_plan("demo", parse_recipe({"passes": [{trim: {"n": 1, "repair": "refit"}}]}), streamed)

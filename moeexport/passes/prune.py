@@ -100,6 +100,12 @@ class Prune(ExpertSlimmingPass):
         settings = {"sparsity": sparsity, "pattern": options.pattern}
         return settings | ({"damp": options.damp} if options.method == "sparsegpt" else {})
 
+    def streams(self, options: PruneOptions) -> bool:
+        """A streamed expert is pruned as it is read (magnitude, Wanda: row by row, from a vector per expert
+        matrix) or when its layer is calibrated (SparseGPT, kept on disk until read); shared experts are read
+        with their layer, which a stream does not rewrite."""
+        return not options.shared_experts
+
     def check_input_width(self, options: PruneOptions, width: int, what: str) -> None:
         pattern = n_of_m(options.pattern)
         if pattern and width % pattern[1]:

@@ -115,11 +115,12 @@ class Quantize(ExpertSlimmingPass):
         return dequantize(codes, scales, plan.settings["group_size"])
 
     def streams(self, options: QuantizeOptions) -> bool:
-        return options.method == "rtn" and not options.shared_experts  # rounding needs nothing but the expert
+        # rounding needs nothing but the expert; GPTQ's experts are computed when their layer is calibrated
+        return not options.shared_experts
 
     def apply(self, model, plan: SlimmingPlan, tokens: torch.Tensor | None = None, progress=None) -> SlimmingPlan:
         stream = stream_of(model)
-        if stream is not None:
+        if stream is not None and plan.method == "rtn":
             performed = self._apply_on_read(model, stream, plan)
         else:
             performed = super().apply(model, plan, tokens, progress)
@@ -140,7 +141,7 @@ class Quantize(ExpertSlimmingPass):
         layout = adapter.expert_layout(model.config)
         transposed = layout.transposed  # stored [inputs, outputs]: round its columns
 
-        def round_expert(matrix: torch.Tensor) -> torch.Tensor:
+        def round_expert(matrix: torch.Tensor, stack: str, expert: int, rows: slice) -> torch.Tensor:
             if transposed:
                 return self.fallback_slim(matrix.T[None], plan)[0].T
             return self.fallback_slim(matrix[None], plan)[0]

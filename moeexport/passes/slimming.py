@@ -15,10 +15,18 @@ relative output error ||dW X||^2 / ||W X||^2 over the calibrated matrices.
 An expert routed fewer than `min_tokens` calibration tokens is not slimmed from
 its thin statistics: it gets the pass's data-free fallback (magnitude pruning,
 round-to-nearest) and the outcome lists it with its token count.
+
+A streamed model (moeexport.streaming) is slimmed the same way, layer by layer,
+to the same weights: a method that needs a vector per matrix (Wanda's input
+norms; none for magnitude) rewrites each routed expert as it is read; GPTQ and
+SparseGPT make each expert's Gram matrices from its routed tokens one expert at
+a time, and its new matrices wait on disk until read. Shared experts are read
+with their layer, which a stream does not rewrite: they are refused streamed.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
@@ -26,11 +34,13 @@ import torch
 
 from moeexport.adapters import LayerSpec, LayerView, adapter_for
 from moeexport.adapters.experts import expert_stacks
-from moeexport.calibration.expert_inputs import collect_layer_inputs, layer_by_layer, output_error
+from moeexport.calibration.expert_inputs import (RoutedRows, collect_layer_inputs, collect_routed_rows, layer_by_layer,
+                                                 output_error)
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
 from moeexport.pass_options import SlimmingOptions
 from moeexport.passes.base import CompressionPass
+from moeexport.streaming import SpilledExperts, stream_of
 
 
 @dataclass
@@ -143,7 +153,7 @@ class ExpertSlimmingPass(CompressionPass):
 
     @torch.no_grad()
     def apply(self, model, plan: SlimmingPlan, tokens: torch.Tensor | None = None, progress=None) -> SlimmingPlan:
-        adapter = adapter_for(model.config)
+        adapter, stream = adapter_for(model.config), stream_of(model)
         gram = self.calibrated_methods.get(plan.method)
         tally, tokens_seen, fallbacks = _Tally(), {}, []
         task = progress.add_task(f"{self.name}: {plan.method} on experts", total=len(plan.layers)) if progress else None
@@ -151,7 +161,7 @@ class ExpertSlimmingPass(CompressionPass):
             layer_inputs = ((layer, None) for layer in plan.layers)
         else:
             layer_inputs = (
-                (index, collect_layer_inputs(adapter.layer_view(model, index), run, gram == "diagonal", plan.shared_experts))
+                (index, _measure(adapter.layer_view(model, index), run, gram, plan.shared_experts, stream is not None))
                 for index, _, run in layer_by_layer(adapter, model, tokens)
                 if index in plan.layers
             )
@@ -164,24 +174,12 @@ class ExpertSlimmingPass(CompressionPass):
                     for expert, count in enumerate(inputs.expert_tokens)
                     if count < plan.min_tokens
                 ]
-            for weights, matrix_inputs, routed in _targets(adapter.layer_view(model, layer), inputs, plan.shared_experts):
-                original = weights.float().clone()  # .float() alone would alias float32 weights
-                new = original.clone()
-                use_fallback = torch.zeros(len(weights), dtype=torch.bool)
-                if inputs is not None and routed:
-                    use_fallback = torch.tensor([m.tokens < plan.min_tokens for m in matrix_inputs])
-                if use_fallback.any():
-                    new[use_fallback] = self.fallback_slim(original[use_fallback], plan)
-                calibrated = torch.where(~use_fallback)[0].tolist()
-                if calibrated:
-                    grams = torch.stack([matrix_inputs[i].gram for i in calibrated]) if inputs else None
-                    new[calibrated] = self.slim(original[calibrated], grams, plan)
-                weights.copy_(new)
-                if gram == "full":
-                    tally.errors += [output_error(new[i] - original[i], original[i], m.gram) for i, m in enumerate(matrix_inputs) if m.tokens]
-                tally.matrices += len(weights)
-                tally.weights += weights.numel()
-                tally.zeros += int((weights == 0).sum())
+            if isinstance(inputs, RoutedRows):
+                self._slim_into_spill(stream, adapter.layer_view(model, layer), inputs, plan, tally)
+            elif stream is not None:
+                self._slim_as_read(stream, adapter.layer_view(model, layer), inputs, plan, tally)
+            else:
+                self._slim_in_place(adapter.layer_view(model, layer), inputs, plan, gram, tally)
             if progress:
                 progress.advance(task)
         if progress:
@@ -191,10 +189,91 @@ class ExpertSlimmingPass(CompressionPass):
             fallbacks=fallbacks,
             matrices=tally.matrices,
             weights=tally.weights,
-            zeros=tally.zeros,
+            zeros=tally.zeros if stream is None else None,
             output_error=sum(tally.errors) / len(tally.errors) if tally.errors else None,
         )
         return replace(plan, outcome=outcome)
+
+    def _slim_in_place(self, view: LayerView, inputs, plan: SlimmingPlan, gram: str | None, tally: _Tally) -> None:
+        """Rewrite one layer's target matrices in the model, from the inputs measured on them (None: no calibration)."""
+        for weights, matrix_inputs, routed in _targets(view, inputs, plan.shared_experts):
+            original = weights.float().clone()  # .float() alone would alias float32 weights
+            new = original.clone()
+            use_fallback = torch.zeros(len(weights), dtype=torch.bool)
+            if inputs is not None and routed:
+                use_fallback = torch.tensor([m.tokens < plan.min_tokens for m in matrix_inputs])
+            if use_fallback.any():
+                new[use_fallback] = self.fallback_slim(original[use_fallback], plan)
+            calibrated = torch.where(~use_fallback)[0].tolist()
+            if calibrated:
+                grams = torch.stack([matrix_inputs[i].gram for i in calibrated]) if inputs else None
+                new[calibrated] = self.slim(original[calibrated], grams, plan)
+            weights.copy_(new)
+            if gram == "full":
+                tally.errors += [output_error(new[i] - original[i], original[i], m.gram) for i, m in enumerate(matrix_inputs) if m.tokens]
+            tally.matrices += len(weights)
+            tally.weights += weights.numel()
+            tally.zeros += int((weights == 0).sum())
+
+    def _slim_as_read(self, stream, view: LayerView, inputs, plan: SlimmingPlan, tally: _Tally) -> None:
+        """A streamed layer's routed experts, slimmed as each is read (moeexport.streaming: LayerStream
+        transforms) from the input norms measured now, which its transform keeps (a vector per expert matrix):
+        what _slim_in_place computes for them, one expert at a time."""
+        stacks = expert_stacks(replace(view.layout, biases=False))
+        kept = stream.kept_experts(stream.edits[view.index])  # slot -> source expert, what a transform is told
+        measured = {stack: dict(zip(kept, seen)) for stack, seen in zip(stacks, (inputs.gate_up, inputs.down))
+                    } if inputs is not None else None
+        transposed = view.layout.transposed
+
+        def slim_expert(matrix: torch.Tensor, stack: str, expert: int, rows: slice) -> torch.Tensor:
+            rows_out = matrix.T if transposed else matrix
+            seen = measured[stack][expert] if measured is not None else None
+            if seen is not None and seen.tokens < plan.min_tokens:
+                new = self.fallback_slim(rows_out[None], plan)[0]
+            else:
+                new = self.slim(rows_out[None], seen.gram[None] if seen is not None else None, plan)[0]
+            return new.T if transposed else new
+
+        stream.transform_experts(view.index, slim_expert)
+        _count(view, stacks, tally)
+
+    def _slim_into_spill(self, stream, view: LayerView, routed: RoutedRows, plan: SlimmingPlan, tally: _Tally) -> None:
+        """A streamed layer's routed experts slimmed from their Gram matrices (GPTQ, SparseGPT), one expert at a
+        time (its two Gram matrices made from its routed tokens, used and dropped), what _slim_in_place computes
+        for each; the new matrices wait on disk (SpilledExperts) for whatever reads the experts next."""
+        stacks = expert_stacks(replace(view.layout, biases=False))
+        spill, errors = SpilledExperts(), {stack: [] for stack in stacks}
+        transposed = view.layout.transposed
+        for slot, expert in enumerate(stream.kept_experts(stream.edits[view.index])):
+            for stack, seen in zip(stacks, routed.inputs(slot)):
+                stored = getattr(view.experts, stack)[slot].float()
+                original = stored.T if transposed else stored
+                if seen.tokens < plan.min_tokens:
+                    new = self.fallback_slim(original[None], plan)[0]
+                else:
+                    new = self.slim(original[None], seen.gram[None], plan)[0]
+                if seen.tokens:
+                    errors[stack].append(output_error(new - original, original, seen.gram))
+                spill.put(stack, expert, new.T if transposed else new)
+        stream.transform_experts(view.index, spill)
+        tally.errors += [error for stack in stacks for error in errors[stack]]  # _slim_in_place's order
+        _count(view, stacks, tally)
+
+
+def _count(view: LayerView, stacks, tally: _Tally) -> None:
+    """Count a streamed layer's expert matrices as rewritten."""
+    for stack in stacks:
+        shape = getattr(view.experts, stack).shape
+        tally.matrices += shape[0]
+        tally.weights += math.prod(shape)
+
+
+def _measure(view: LayerView, run, gram: str, shared: bool, streamed: bool):
+    """What one layer's calibration run measures for slimming it: every target's LayerInputs, or for a streamed
+    layer's Gram matrices the routed tokens they are made of, one expert at a time (RoutedRows)."""
+    if streamed and gram == "full":
+        return collect_routed_rows(view, run)
+    return collect_layer_inputs(view, run, gram == "diagonal", shared)
 
 
 def _targets(view: LayerView, inputs, shared: bool):
