@@ -29,6 +29,9 @@ class InputMoments:
 
     sums: dict = field(default_factory=lambda: defaultdict(lambda: 0))
     counts: dict = field(default_factory=lambda: defaultdict(lambda: 0))
+    chunks: int = 0  # calibration sequences measured, and their length in tokens (llama.cpp's chunks)
+    chunk_size: int = 0
+    dataset: str = ""  # what the calibration text was, for the file the moments are written to
 
     def add(self, key, squares: torch.Tensor, count) -> None:
         self.sums[key] = self.sums[key] + squares.double()
@@ -42,7 +45,7 @@ class InputMoments:
 @torch.no_grad()
 def input_moments(model, input_ids: torch.Tensor, batch_size: int = 8) -> InputMoments:
     adapter = adapter_for(model.config)
-    moments = InputMoments()
+    moments = InputMoments(chunks=len(input_ids), chunk_size=input_ids.shape[-1])
 
     def dense(key):
         def hook(module, args):
