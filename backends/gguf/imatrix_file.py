@@ -61,7 +61,7 @@ def write(path: Path, imatrix: Imatrix) -> None:
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch="")
-    writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE)  # GGUFWriter adds it; an imatrix, as llama.cpp's, has none
+    writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # an imatrix, as llama.cpp writes it, names none
     writer.add_string(TYPE_KEY, "imatrix")
     writer.add_array(DATASETS_KEY, imatrix.datasets)
     writer.add_uint32(CHUNK_COUNT_KEY, imatrix.chunk_count)
