@@ -63,7 +63,8 @@ def write(path: Path, imatrix: Imatrix) -> None:
     writer = gguf.GGUFWriter(str(path), arch="")
     writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # an imatrix, as llama.cpp writes it, names none
     writer.add_string(TYPE_KEY, "imatrix")
-    writer.add_array(DATASETS_KEY, imatrix.datasets)
+    # llama-quantize needs the key, and gguf-py writes no empty array: an unnamed calibration set is named so
+    writer.add_array(DATASETS_KEY, imatrix.datasets or ["(calibration set not named)"])
     writer.add_uint32(CHUNK_COUNT_KEY, imatrix.chunk_count)
     writer.add_uint32(CHUNK_SIZE_KEY, imatrix.chunk_size)
     for name in sorted(imatrix.entries):

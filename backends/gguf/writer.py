@@ -542,32 +542,37 @@ def _check_imatrix(imatrix: Imatrix, gguf, plan: _Plan, shapes: dict[str, tuple[
                              len(missing) > 1 else "") + f": {remake}")
 
 
-def check_imatrix_file(model, imatrix: Imatrix, quant: str = "f32", tensor_types: dict[str, str] | None = None) -> None:
-    """_check_imatrix before anything is written (the GGUF target's check)."""
+def check_imatrix_file(model, imatrix: Imatrix, quant: str = "f32",
+                       tensor_types: dict[str, str] | None = None) -> list[str]:
+    """_check_imatrix before anything is written (the GGUF target's check); returns its notes."""
     gguf = _gguf()
     plan = check(model, quant, tensor_types)
-    _check_imatrix(imatrix, gguf, plan, *_tensor_shapes(gguf, model, plan), [])
+    notes = []
+    _check_imatrix(imatrix, gguf, plan, *_tensor_shapes(gguf, model, plan), notes)
+    return notes
 
 
 def _importance(gguf, imatrix: Imatrix, plan: _Plan, shapes: dict[str, tuple[int, ...]],
                 fallbacks: list[str]) -> dict[str, np.ndarray]:
-    """GGUF tensor name -> mean squared input per column (per expert, experts concatenated). An expert without
-    tokens takes its layer's average (llama-quantize weighs it by 1s) and is reported; a pad is not reported."""
+    """GGUF tensor name -> mean squared input per column (per expert, experts concatenated), computed as
+    llama-quantize does from the file (float32 sums over float32 counts), so that a build and llama-quantize
+    given its imatrix.gguf round alike. An expert without tokens takes its layer's average (llama-quantize weighs
+    it by 1s) and is reported; a pad is not reported."""
     weighed = _weighed(gguf, plan)
     importance, unseen = {}, []
     for name, entry in imatrix.entries.items():
         if name not in shapes:
             continue  # an all-zero stand-in
         experts = shapes[name][0] if len(shapes[name]) == 3 else 1
-        sums, counts = (torch.from_numpy(a) for a in entry.rows(experts))
+        sums, counts = (torch.from_numpy(a).float() for a in entry.rows(experts))
         means = sums / counts[:, None].clamp_min(1)
         if experts > 1:
-            means[counts == 0] = sums.sum(0) / max(int(counts.sum()), 1)
+            means[counts == 0] = (sums.double().sum(0) / max(int(counts.sum()), 1)).float()
             index = weighed.get(name, (None,))[0]
             if index is not None:
                 real = plan.layers[index].num_experts
                 unseen += [(index, e) for e in torch.where(counts[:real] == 0)[0].tolist() if (index, e) not in unseen]
-        importance[name] = means.flatten().float().numpy()
+        importance[name] = means.flatten().numpy()
     fallbacks += [f"imatrix: blk.{index} expert {expert} saw no calibration tokens -> its layer's average"
                   for index, expert in sorted(unseen)]
     return importance
