@@ -255,22 +255,23 @@ def test_the_cli_refuses_a_missing_file_in_one_line_before_torch(tmp_path):
                                                 "llama-imatrix's output, or --imatrix alone to measure one)"]
 
 
-def test_a_measuring_build_writes_the_file_and_a_build_given_it_writes_the_same_gguf(tmp_path):
+def test_a_measuring_build_writes_the_file_and_a_streamed_build_given_it_writes_the_same_gguf(tmp_path):
     from moeexport.pipeline import BuildOptions, CalibrationOptions, build
 
-    def built(out: str, imatrix):
+    def built(out: str, imatrix, stream: bool):
         return build("demo", {"passes": []}, "gguf", BuildOptions(
-            out=str(tmp_path / out), quant="q4_k_m", target_options={"imatrix": imatrix},
+            out=str(tmp_path / out), quant="q4_k_m", target_options={"imatrix": imatrix}, stream=stream,
             calibration=CalibrationOptions(samples=4, length=64), validation_windows=(1, 64), profile=False))
 
-    measuring = built("measured", True)
+    measuring = built("measured", True, stream=False)
     written = tmp_path / "measured" / imatrix_file.FILE_NAME
     assert measuring.artifact["imatrix"] == {"source": "measured", "file": str(written)}
     report = json.loads((tmp_path / "measured" / "report.json").read_text())
     assert report["artifact"]["imatrix"]["file"] == str(written)
     assert imatrix_file.FILE_NAME not in report["artifact"]["files"]  # beside the artifact, not part of it
     assert f"written to {written}" in (tmp_path / "measured" / "report.html").read_text()
-    given = built("given", str(written))
+    given = built("given", str(written), stream=True)  # a file needs no measuring, so a streamed build takes it
+    assert given.compression.memory["streamed"]
     assert given.artifact["imatrix"] == {"source": str(written)} and "imatrix" not in given.timings
     assert Path(given.artifact["path"]).read_bytes() == Path(measuring.artifact["path"]).read_bytes()
 
