@@ -140,6 +140,24 @@ def test_an_expert_without_tokens_is_written_as_llama_imatrix_writes_it(measured
     assert counts[5] == 0 and not sums[5].any() and (np.delete(counts, 5) > 0).all()
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "glm4_moe"])
+def test_ours_names_the_tensors_our_gguf_of_the_family_holds(family, tmp_path):
+    """Shared experts, a leading dense layer: every entry is a weight of the file, an expert stack's rows its
+    experts, and the file is taken back as it is."""
+    from tests.test_gguf import _tiny_with_demo_vocabulary
+    from tests.tiny_models import random_tokens
+
+    model = _tiny_with_demo_vocabulary(family)
+    written = writer.export(model, tmp_path / "m.gguf", quant="q4_k_m", imatrix=input_moments(model, random_tokens()))
+    tensors = {t.name: t for t in gguf.GGUFReader(written.path).tensors}
+    for name, entry in written.imatrix.entries.items():
+        experts = tensors[name].shape[2] if len(tensors[name].shape) == 3 else 1
+        assert len(entry.counts) == experts, name
+    assert any(name.endswith("_exps.weight") for name in written.imatrix.entries)
+    imatrix_file.write(tmp_path / "imatrix.gguf", written.imatrix)
+    assert writer.check_imatrix_file(model, imatrix_file.read(tmp_path / "imatrix.gguf"), "q4_k_m") == []
+
+
 @pytest.mark.parametrize("layout", ["gguf", "dat"])
 def test_llama_cpps_file_gives_the_gguf_measuring_gives(layout, measured, tmp_path):
     model, moments, written = measured

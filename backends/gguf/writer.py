@@ -457,6 +457,7 @@ def _weighed(gguf, plan: _Plan) -> dict[str, tuple[int, str]]:
     """GGUF tensor name -> the (layer, role) of calibration.moments.InputMoments whose inputs it reads, for every
     matrix a measured importance matrix weighs (names the file may lack: see _tensor_shapes)."""
     names = TensorNames(gguf, plan.architecture.name)
+    hosted = lambda kinds: names.allowed is None or set(kinds) <= names.allowed  # noqa: E731 (e.g. no split gate)
     weighed = {names("OUTPUT"): (-1, "output_in")}
     for index, spec in enumerate(plan.layers):
         if index in plan.silent_layers:
@@ -465,11 +466,11 @@ def _weighed(gguf, plan: _Plan) -> dict[str, tuple[int, str]]:
         for kind in ("ATTN_Q", "ATTN_K", "ATTN_V"):
             weighed[name(kind)] = (index, "attention_in")
         weighed[name("ATTN_OUT")] = (index, "attention_out")
-        if spec.shared_experts:
+        if spec.shared_experts and hosted(SHARED_FFN):
             gate, up, down = SHARED_FFN
             weighed |= {name(gate): (index, "shared_in"), name(up): (index, "shared_in"),
                         name(down): (index, "shared_mid")}
-        if spec.kind == "moe":
+        if spec.kind == "moe" and hosted(ROUTED_FFN):
             gate, up, down = ROUTED_FFN
             weighed |= {name(gate): (index, "experts_in"), name(up): (index, "experts_in"),
                         name(down): (index, "experts_mid")}
