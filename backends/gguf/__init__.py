@@ -81,9 +81,8 @@ class GGUFTarget(Target):
                 check_imatrix_file(model, read(options.imatrix), quant, options.tensor_types)
 
     def export(self, model, directory: Path, quant: str, options: GGUFOptions, inputs: ExportInputs) -> Artifact:
-        from moeexport.backends.gguf.writer import export
-
         from moeexport.backends.gguf import imatrix_file
+        from moeexport.backends.gguf.writer import export
 
         imatrix = imatrix_file.read(options.imatrix) if isinstance(options.imatrix, str) else inputs.imatrix
         written = export(model, directory / f"model-{quant}.gguf", quant=quant, tensor_types=options.tensor_types,

@@ -457,7 +457,10 @@ def _weighed(gguf, plan: _Plan) -> dict[str, tuple[int, str]]:
     """GGUF tensor name -> the (layer, role) of calibration.moments.InputMoments whose inputs it reads, for every
     matrix a measured importance matrix weighs (names the file may lack: see _tensor_shapes)."""
     names = TensorNames(gguf, plan.architecture.name)
-    hosted = lambda kinds: names.allowed is None or set(kinds) <= names.allowed  # noqa: E731 (e.g. no split gate)
+
+    def hosted(kinds) -> bool:  # a host may hold the experts otherwise (gate and up in one stack)
+        return names.allowed is None or set(kinds) <= names.allowed
+
     weighed = {names("OUTPUT"): (-1, "output_in")}
     for index, spec in enumerate(plan.layers):
         if index in plan.silent_layers:
