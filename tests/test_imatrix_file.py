@@ -235,11 +235,15 @@ def _unreadable(tmp_path: Path, kind: str) -> tuple[Path, str]:
         out.add_tensor("blk.0.attn_q.weight.in_sum2", np.ones((1, 128), np.float32))
         out.write_header_to_file(), out.write_kv_data_to_file(), out.write_tensors_to_file(), out.close()
         return path, "blk.0.attn_q.weight has .in_sum2 but not .counts"
+    if kind == "hostile header":  # a GGUF header that declares 2**56 tensors
+        path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 2**56 - 1, 5) + bytes(8))
+        return path, "is not a readable GGUF file (it declares 5 metadata entries and 72057594037927935 tensors"
     path.write_bytes(struct.pack("<ii", 1, 40) + b"blk.0")  # a .dat cut short
     return path, "neither a GGUF nor a complete legacy .dat importance matrix"
 
 
-@pytest.mark.parametrize("kind", ["no such file", "a model, not an imatrix", "sums without counts", "truncated dat"])
+@pytest.mark.parametrize("kind", ["no such file", "a model, not an imatrix", "sums without counts", "hostile header",
+                                  "truncated dat"])
 def test_an_unreadable_file_is_refused_when_the_options_are_read(kind, tmp_path):
     path, message = _unreadable(tmp_path, kind)
     with pytest.raises(MoeExportError) as refused:

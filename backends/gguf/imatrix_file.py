@@ -96,6 +96,9 @@ def read(path: str | Path) -> Imatrix:
 def _read_gguf(path: Path) -> Imatrix:
     import gguf
 
+    from moeexport.backends.gguf.checks import prescan
+
+    prescan(path)  # every count bounded, before gguf-py expands a file from anyone
     try:
         reader = gguf.GGUFReader(path)
     except Exception as error:  # gguf-py raises bare ValueErrors and struct errors on a damaged file
