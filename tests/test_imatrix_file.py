@@ -319,3 +319,33 @@ def test_llama_quantize_takes_ours_and_rounds_as_our_build(measured, tmp_path):
     for name, tensor in ours.items():
         assert tensor.tensor_type == theirs[name].tensor_type, name
         assert np.array_equal(np.asarray(tensor.data), np.asarray(theirs[name].data)), name
+
+
+@pytest.mark.skipif(not (UPSTREAM and (Path(UPSTREAM) / "llama-imatrix").is_file()),
+                    reason="MOEEXPORT_UPSTREAM_LLAMA holds no llama-imatrix (tools/build_upstream_llama.py "
+                    "--imatrix builds it)")
+def test_llama_imatrixs_own_file_builds_as_llama_quantize_uses_it(measured, tmp_path):
+    """llama-imatrix's file of our f32 GGUF, given to our build (--imatrix FILE) and to llama-quantize: the same
+    tensors (its file lacks the output head, as llama-imatrix leaves it out by default: both round it unweighted)."""
+    from moeexport.backends.target import ExportInputs
+    from moeexport.checkpoint_files import DEMO_MODEL
+
+    model, _, _ = measured
+    f32 = writer.export(model, tmp_path / "m-f32.gguf", quant="f32").path
+    theirs = tmp_path / "theirs.gguf"
+    made = subprocess.run([str(Path(UPSTREAM) / "llama-imatrix"), "-m", str(f32), "-f",
+                           str(Path(DEMO_MODEL) / "calibration.txt"), "-o", str(theirs), "-c", "64", "--chunks", "16",
+                           "--no-ppl", "-t", "2"], capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0 and theirs.is_file(), made.stderr[-2000:]
+    target = target_for("gguf")
+    options = target.options({"imatrix": str(theirs)})
+    target.check(model, "q4_k_m", options)
+    ours = target.export(model, tmp_path, "q4_k_m", options, ExportInputs())
+    assert f"imatrix: output.weight is not in {theirs}" in " ".join(ours.fallbacks)
+    assert not [note for note in ours.fallbacks if "saw no calibration tokens" in note]  # (their 1s, our average)
+    done = subprocess.run([str(Path(UPSTREAM) / "llama-quantize"), "--imatrix", str(theirs), str(f32),
+                           str(tmp_path / "upstream.gguf"), "Q4_K_M"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    upstream = {t.name: t for t in gguf.GGUFReader(tmp_path / "upstream.gguf").tensors}
+    for tensor in gguf.GGUFReader(ours.path).tensors:
+        assert np.array_equal(np.asarray(tensor.data), np.asarray(upstream[tensor.name].data)), tensor.name
