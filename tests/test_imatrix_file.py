@@ -6,9 +6,9 @@ llama.cpp's tools/imatrix (writer) and common/imatrix-loader.cpp with tools/quan
 `<weight>.in_sum2` [experts, width] and `<weight>.counts` [experts, 1], keys imatrix.datasets / chunk_count /
 chunk_size; the .dat file's entries are (name, calls, mean squared inputs x calls).
 
-With MOEEXPORT_UPSTREAM_LLAMA naming a directory that holds llama.cpp's own `llama-quantize` (tools/
-build_upstream_llama.sh builds it from the llama.cpp sources of the installed llama-cpp-python), the last test
-runs it on our file.
+With MOEEXPORT_UPSTREAM_LLAMA naming a directory that holds llama.cpp's own `llama-quantize` (and `llama-imatrix`),
+built by tools/build_upstream_llama.py from the llama.cpp sources of the installed llama-cpp-python, the last two
+tests run them: llama-quantize given our file, and our build given llama-imatrix's, round as each other.
 """
 
 from __future__ import annotations
@@ -299,7 +299,7 @@ def test_a_measuring_build_writes_the_file_and_a_streamed_build_given_it_writes_
 
 
 @pytest.mark.skipif(not UPSTREAM, reason="MOEEXPORT_UPSTREAM_LLAMA is unset: no llama.cpp llama-quantize binary to "
-                    "run (tools/build_upstream_llama.sh builds one and prints the variable)")
+                    "run (tools/build_upstream_llama.py builds one and prints the variable)")
 def test_llama_quantize_takes_ours_and_rounds_as_our_build(measured, tmp_path):
     """llama.cpp's own quantizer, given our f32 file and our imatrix.gguf, writes the tensors our q4_k_m build
     wrote with the same moments."""
