@@ -66,18 +66,17 @@ def build(tree: Path, out: Path, work: Path, name: str, sources: list[str]) -> P
     compile_flags = ["-std=c++17", "-O1", "-ffunction-sections", "-fdata-sections",
                      *(f"-I{tree / include}" for include in INCLUDES)]
 
-    def compiled(source: str) -> str:
-        target = work / f"{name}-{source.replace('/', '_')}.o"
-        subprocess.run(["g++", *compile_flags, "-c", str(tree / source), "-o", str(target)], check=True)
+    def compiled(source: Path) -> str:
+        target = work / f"{name}-{'_'.join(source.parts[-3:])}.o"
+        subprocess.run(["g++", *compile_flags, "-c", str(source), "-o", str(target)], check=True)
         return str(target)
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        objects = list(pool.map(compiled, sources))
+        objects = list(pool.map(compiled, [tree / source for source in sources] + [work / "build-info.cpp"]))
     out.mkdir(parents=True, exist_ok=True)
     binary = out / name
-    subprocess.run(["g++", *objects, str(work / "build-info.cpp"), f"-L{libraries}", "-lllama", "-lggml",
-                    "-lggml-base", f"-Wl,-rpath,{libraries}", "-Wl,--gc-sections", "-pthread", "-o", str(binary)],
-                   check=True)
+    subprocess.run(["g++", *objects, f"-L{libraries}", "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{libraries}",
+                    "-Wl,--gc-sections", "-pthread", "-o", str(binary)], check=True)
     usage = subprocess.run([str(binary), "--help"], capture_output=True, text=True)
     if "usage" not in (usage.stdout + usage.stderr).lower():
         sys.exit(f"{binary} does not run: {usage.stderr.strip()}")
