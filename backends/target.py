@@ -56,6 +56,9 @@ class Artifact:
     representation: str  # how the model is written, in words
     fallbacks: list[str] = field(default_factory=list)  # where the file is not what was asked, and why
     extra_files: list[Path] = field(default_factory=list)  # written beside it (external data, configs, tokenizer)
+    # the importance matrix its rounding was weighed by: {"source": "measured" or the file given, "file": the
+    # measured one as written beside the artifact (not part of it)}; None: none
+    imatrix: dict | None = None
 
     def files(self) -> dict[str, int]:
         """Every file of the artifact with its size in bytes."""

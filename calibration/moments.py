@@ -31,6 +31,9 @@ class InputMoments:
 
     sums: dict = field(default_factory=lambda: defaultdict(lambda: 0))
     counts: dict = field(default_factory=lambda: defaultdict(lambda: 0))
+    chunks: int = 0  # calibration sequences measured, and their length in tokens (llama.cpp's chunks)
+    chunk_size: int = 0
+    dataset: str = ""  # what the calibration text was, for the file the moments are written to
 
     def add(self, key, squares: torch.Tensor, count) -> None:
         self.sums[key] = self.sums[key] + squares.double()
@@ -46,7 +49,7 @@ def input_moments(model, input_ids: torch.Tensor, batch_size: int = 8) -> InputM
     """The moments of `model`'s weight inputs on `input_ids` [N, L], measured one decoder layer at a time (a
     streamed model's layers, and its experts, are each read once and released: what is held is the moments,
     a few vectors per expert, and the activations carried from layer to layer)."""
-    moments = InputMoments()
+    moments = InputMoments(chunks=len(input_ids), chunk_size=input_ids.shape[-1])
     batches = [first_layer_inputs(model, batch) for batch in input_ids.split(batch_size)]
     hidden = [h for h, _ in batches]
     for view in layer_views(model):

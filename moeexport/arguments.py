@@ -323,10 +323,13 @@ class TargetFlag:
     kind: type  # of the field's value (a Literal's choices: `choices`)
     metavar: str | None = None
     choices: tuple | None = None
+    switch_or_value: bool = False  # a `bool | str` field: the flag alone is True, the flag with a value that value
 
     def parsing(self) -> dict:
         """How argparse reads the flag: a switch (bool), repeated KEY=VALUE items (dict), or one value; None when
         not given, so that a given 0 or empty value reaches the target's own check."""
+        if self.switch_or_value:
+            return {"nargs": "?", "const": True, "default": None, "metavar": self.metavar}
         if self.kind is bool:
             return {"action": "store_true", "default": None}
         if self.kind is dict:
@@ -361,4 +364,4 @@ def _target_flag(field: str, info) -> TargetFlag:
     choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
     kind = type(choices[0]) if choices else typing.get_origin(kind) or kind
     return TargetFlag(field, extra.get("flag", "--" + field.replace("_", "-")), info.description or "", kind,
-                      extra.get("metavar"), choices)
+                      extra.get("metavar"), choices, typing.get_args(info.annotation) == (bool, str))

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moeexport.events import Event
-from moeexport.report import describe_layer
+from moeexport.report import describe_imatrix, describe_layer
 
 MIB = 2**20
 
@@ -216,6 +216,8 @@ def render_build(out: Console, report) -> None:
                if given else "")
     out.print(f"exported {artifact['path']} ({artifact['file_bytes'] / MIB:.1f} MiB, "
               f"{escape(artifact['representation'])}){on_disk}")
+    if artifact.get("imatrix"):
+        out.print(f"  {escape(describe_imatrix(artifact['imatrix']))}")
     for fallback in artifact["fallbacks"]:
         out.print(f"  note: {escape(fallback)}")
     if report.profile:

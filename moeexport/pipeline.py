@@ -657,6 +657,7 @@ def _build(source: Source, recipe: Recipe, chosen, target_options, options: Buil
             with stages("imatrix", "measuring the importance matrix"):
                 calibration_set = done.statistics.tokens(done.model)
                 inputs.imatrix = input_moments(done.model, calibration_set, batch_size=options.calibration.batch_size)
+                inputs.imatrix.dataset = done.statistics.calibration.to_dict()["source"]  # named in its file
         with stages("export", f"exporting to {target} ({options.quant})"):
             artifact = chosen.export(done.model, staging, options.quant, target_options, inputs)
         del done  # the torch model is not needed past here: its logits are recorded
@@ -681,6 +682,9 @@ def _build(source: Source, recipe: Recipe, chosen, target_options, options: Buil
         files = finished.files or artifact.files()
         report.artifact = {"path": _published(artifact.path, staging, out), "representation": artifact.representation,
                            "fallbacks": artifact.fallbacks, "file_bytes": sum(files.values()), "files": files}
+        if artifact.imatrix:  # which importance matrix weighed the rounding, and where the measured one is
+            report.artifact["imatrix"] = artifact.imatrix | (
+                {"file": _published(artifact.imatrix["file"], staging, out)} if "file" in artifact.imatrix else {})
         report.timings, report.peak_rss_bytes = stages.total(), stages.peaks
         _write_reports(report, staging)
     return report

@@ -300,6 +300,14 @@ def _tiles(report: dict) -> str:
     return _cards(tiles)
 
 
+def describe_imatrix(imatrix: dict) -> str:
+    """Which importance matrix weighed a build's rounding (report.json's artifact.imatrix), in one sentence."""
+    if imatrix["source"] == "measured":
+        return (f"importance matrix measured on the calibration set, written to {imatrix['file']} "
+                "(llama-quantize --imatrix reads it)")
+    return f"importance matrix from {imatrix['source']}"
+
+
 def describe_layer(spec: dict) -> str:
     if spec.get("kind") == "moe":
         shared = " + shared" if spec.get("shared_experts") else ""
@@ -522,6 +530,8 @@ def _files(artifact, timings) -> str:
                      f"{html.escape(size(artifact.get('file_bytes')))}, representation "
                      f"<code>{html.escape(str(artifact.get('representation', '?')))}</code></p>")
         parts.append(html_table(["file", "size", "share"], rows) if rows else _sentence("no file list recorded"))
+        if artifact.get("imatrix"):
+            parts.append(_sentence(describe_imatrix(artifact["imatrix"])))
         fallbacks = artifact.get("fallbacks") or []
         if fallbacks:
             items = "".join(f"<li>{html.escape(str(f))}</li>" for f in fallbacks)

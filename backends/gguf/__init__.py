@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from moeexport.backends.gguf.architectures import ARCHITECTURES
 from moeexport.backends.decoding import TokenBytes
@@ -22,9 +22,21 @@ class GGUFOptions(TargetOptions):
         {}, json_schema_extra={"flag": "--tensor-type", "metavar": "PATTERN=TYPE"},
         description="per-tensor type override, a regex on GGUF tensor names, e.g. --tensor-type _exps=q4_k "
         "--tensor-type attn_=q8_0 (repeatable; the first match wins)")
-    imatrix: bool = Field(  # weigh llama.cpp's rounding by the calibration set's input moments
-        False, description="weigh quantization by an importance matrix measured on the calibration set (per expert, "
-        "from its routed tokens; experts without tokens use their layer's average and are reported)")
+    imatrix: bool | str = Field(  # weigh llama.cpp's rounding by the calibration set's input moments, or a file's
+        False, json_schema_extra={"metavar": "FILE"},
+        description="weigh quantization by an importance matrix measured on the calibration set (per expert, "
+        "from its routed tokens; experts without tokens use their layer's average and are reported), written "
+        "beside the artifact as imatrix.gguf for llama-quantize; --imatrix FILE uses llama.cpp's imatrix file "
+        "(llama-imatrix's .gguf or legacy .dat) instead of measuring")
+
+    @field_validator("imatrix")
+    @classmethod
+    def _readable_imatrix_file(cls, value: bool | str) -> bool | str:
+        if isinstance(value, str):  # read now, before the model is: a wrong file fails in a second
+            from moeexport.backends.gguf.imatrix_file import read
+
+            read(value)
+        return value
 
 
 class GGUFTarget(Target):
@@ -37,7 +49,7 @@ class GGUFTarget(Target):
     search_types = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 
     def wants_imatrix(self, options: GGUFOptions) -> bool:
-        return options.imatrix
+        return options.imatrix is True  # measured; a file's is read at export
 
     def default_quant(self, model) -> str:
         return KEEP if str(model).endswith(f".{EXTENSION}") else "f32"  # a GGUF input keeps its types (and codes)
@@ -62,13 +74,26 @@ class GGUFTarget(Target):
             if mixers:
                 raise MoeExportError(f"--imatrix measures attention projections' inputs, which {adapter.family}'s "
                                      f"{' and '.join(mixers)} layers do not have yet: build without --imatrix")
+            if isinstance(options.imatrix, str):  # the model's tensors against the file, before the build's work
+                from moeexport.backends.gguf.imatrix_file import read
+                from moeexport.backends.gguf.writer import check_imatrix_file
+
+                check_imatrix_file(model, read(options.imatrix), quant, options.tensor_types)
 
     def export(self, model, directory: Path, quant: str, options: GGUFOptions, inputs: ExportInputs) -> Artifact:
+        from moeexport.backends.gguf import imatrix_file
         from moeexport.backends.gguf.writer import export
 
+        imatrix = imatrix_file.read(options.imatrix) if isinstance(options.imatrix, str) else inputs.imatrix
         written = export(model, directory / f"model-{quant}.gguf", quant=quant, tensor_types=options.tensor_types,
-                         imatrix=inputs.imatrix, weight_grid=inputs.weight_grid)
-        return Artifact(written.path, written.representation, written.fallbacks)
+                         imatrix=imatrix, weight_grid=inputs.weight_grid)
+        artifact = Artifact(written.path, written.representation, written.fallbacks)
+        if written.imatrix is not None:  # measured here: llama.cpp's file of it, for llama-quantize --imatrix
+            imatrix_file.write(directory / imatrix_file.FILE_NAME, written.imatrix)
+            artifact.imatrix = {"source": "measured", "file": directory / imatrix_file.FILE_NAME}
+        elif imatrix is not None:
+            artifact.imatrix = {"source": str(imatrix.path)}
+        return artifact
 
     def context_of(self, path: Path) -> int | None:
         from moeexport.backends.gguf.reader import GGUFFile  # its header checked before anything is read

@@ -58,6 +58,7 @@ from moeexport.adapters.declaration import CLAMPED_SWIGLU
 from moeexport.adapters.experts import down_weights, gate_and_up_biases, gate_and_up_weights
 from moeexport.adapters.surgery import structure
 from moeexport.backends.gguf import ggml
+from moeexport.backends.gguf.imatrix_file import Imatrix, ImatrixEntry
 from moeexport.backends.gguf.architectures import ARCHITECTURES, UNBOUNDED_WINDOW, GGUFArchitecture, host_named
 from moeexport.backends.gguf.names import DENSE_FFN, LAYERS_KEY, ROUTED_FFN, SHARED_FFN, BlockNames, TensorNames
 from moeexport.backends.gguf.reader import per_expert
@@ -78,6 +79,7 @@ class GGUFExport:
     quant: str
     representation: str  # how MoE-less layers are written
     fallbacks: list[str] = field(default_factory=list)  # tensors kept at a wider type than asked, and why
+    imatrix: Imatrix | None = None  # the importance matrix this build measured, in llama.cpp's terms
 
 
 @dataclass(frozen=True)
@@ -258,9 +260,11 @@ def export(
 
     `tensor_types` maps regex patterns on GGUF tensor names to ggml types (e.g.
     {"_exps": "q4_k", "attn_": "q8_0"}); the first matching pattern wins.
-    `imatrix` (calibration.moments.InputMoments of this model) weighs llama.cpp's
-    rounding by each input column's mean square; experts that saw no calibration
-    tokens use their layer's average and are listed in the fallbacks.
+    `imatrix` (calibration.moments.InputMoments of this model, or llama.cpp's
+    imatrix file read by imatrix_file.read) weighs llama.cpp's rounding by each
+    input column's mean square; experts that saw no calibration tokens use their
+    layer's average and are listed in the fallbacks. Measured moments come back
+    as `GGUFExport.imatrix`, in llama.cpp's terms, for imatrix_file.write.
     `weight_grid` (moeexport.quantization.weight_grid(model)) is the grid a quantize
     pass left the experts on: a plain q4_0 / q8_0 file that can hold it keeps their
     exact codes and scales; any other file re-quantizes them and says so.
@@ -290,7 +294,14 @@ def export(
             result.representation += f"; {carry.summary()}"
             result.fallbacks += [f"{name}: rewritten ({why})" for name, why in carry.rewritten.items()]
         elif via_llama_cpp:  # llama.cpp chooses every tensor's type and quantizes it (backends/gguf/ggml.py)
-            importance = _importance(gguf, imatrix, plan, result.fallbacks) if imatrix is not None else {}
+            importance = {}
+            if imatrix is not None:
+                shapes, standins = _tensor_shapes(gguf, model, plan)
+                if isinstance(imatrix, Imatrix):
+                    _check_imatrix(imatrix, gguf, plan, shapes, standins, result.fallbacks)
+                else:  # the moments this build measured, handed back to be written beside the file
+                    imatrix = result.imatrix = _measured_imatrix(gguf, imatrix, plan, shapes)
+                importance = _importance(gguf, imatrix, plan, shapes, result.fallbacks)
             types = ggml.tensor_types(
                 lambda proxy: _write_file(gguf, proxy, model, plan, "f32", representation,
                                           {"fallbacks": [], "proxy": True}),
@@ -442,35 +453,133 @@ def _ggml_types(gguf, tensor_types: dict[str, str]) -> dict[str, int]:
     return overrides
 
 
-def _importance(gguf, moments, plan: _Plan, fallbacks: list[str]) -> dict[str, np.ndarray]:
-    """GGUF tensor name -> mean squared input per column (per expert, experts concatenated)."""
+def _weighed(gguf, plan: _Plan) -> dict[str, tuple[int, str]]:
+    """GGUF tensor name -> the (layer, role) of calibration.moments.InputMoments whose inputs it reads, for every
+    matrix a measured importance matrix weighs (names the file may lack: see _tensor_shapes)."""
     names = TensorNames(gguf, plan.architecture.name)
-    importance = {names("OUTPUT"): moments.mean((-1, "output_in"))}
+
+    def hosted(kinds) -> bool:  # a host may hold the experts otherwise (gate and up in one stack)
+        return names.allowed is None or set(kinds) <= names.allowed
+
+    weighed = {names("OUTPUT"): (-1, "output_in")}
     for index, spec in enumerate(plan.layers):
         if index in plan.silent_layers:
             continue  # stand-in zeros: nothing to weigh
         name = names.block(index)
         for kind in ("ATTN_Q", "ATTN_K", "ATTN_V"):
-            importance[name(kind)] = moments.mean((index, "attention_in"))
-        importance[name("ATTN_OUT")] = moments.mean((index, "attention_out"))
-        if (index, "shared_in") in moments.sums:
+            weighed[name(kind)] = (index, "attention_in")
+        weighed[name("ATTN_OUT")] = (index, "attention_out")
+        if spec.shared_experts and hosted(SHARED_FFN):
             gate, up, down = SHARED_FFN
-            importance[name(gate)] = moments.mean((index, "shared_in"))
-            importance[name(up)] = moments.mean((index, "shared_in"))
-            importance[name(down)] = moments.mean((index, "shared_mid"))
-        counts = torch.as_tensor(moments.counts[(index, "experts_in")])
-        gate, up, down = ROUTED_FFN
-        for role, kinds in (("experts_in", (gate, up)), ("experts_mid", (down,))):
-            per_expert = moments.mean((index, role))
-            layer_average = moments.sums[(index, role)].sum(0) / max(int(counts.sum()), 1)
-            per_expert[counts == 0] = layer_average  # no tokens, no evidence: the layer's average, reported
-            pads = plan.num_experts - len(per_expert)
-            per_expert = torch.cat([per_expert, layer_average.expand(pads, -1)])
-            for kind in kinds:
-                importance[name(kind)] = per_expert.flatten()
-        for expert in torch.where(counts == 0)[0].tolist():
-            fallbacks.append(f"imatrix: blk.{index} expert {expert} saw no calibration tokens -> its layer's average")
-    return {name: value.float().numpy() for name, value in importance.items()}
+            weighed |= {name(gate): (index, "shared_in"), name(up): (index, "shared_in"),
+                        name(down): (index, "shared_mid")}
+        if spec.kind == "moe" and hosted(ROUTED_FFN):
+            gate, up, down = ROUTED_FFN
+            weighed |= {name(gate): (index, "experts_in"), name(up): (index, "experts_in"),
+                        name(down): (index, "experts_mid")}
+    return weighed
+
+
+class _ShapeRecorder:
+    """Takes a GGUFWriter's place in a header pass: the tensors a file holds, by name, with their shapes."""
+
+    def __init__(self):
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def add_tensor_info(self, name: str, shape, *args, **kwargs) -> None:
+        self.shapes[name] = tuple(shape)
+
+
+def _tensor_shapes(gguf, model, plan: _Plan) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
+    """The weight tensors of the file `plan` writes ([experts,] rows, inputs), and its all-zero stand-ins' names
+    (nothing to weigh there); no weight is read."""
+    recorder = _ShapeRecorder()
+    sink = _TensorSink(recorder, gguf, plan.architecture.name, "f32", [])
+    _write_tensors(sink, model, adapter_for(model.config).layer_views(model), plan)
+    standins = frozenset(sink.zeros)
+    return {name: shape for name, shape in recorder.shapes.items() if name not in standins}, standins
+
+
+def _measured_imatrix(gguf, moments, plan: _Plan, shapes: dict[str, tuple[int, ...]]) -> Imatrix:
+    """The moments this build measured as llama.cpp's imatrix of this file: per expert stack one row per expert,
+    pads and experts without tokens with zero sums and count 0 (as llama-imatrix writes an expert it never saw)."""
+    entries = {}
+    for name, (index, role) in _weighed(gguf, plan).items():
+        if name not in shapes or (index, role) not in moments.sums:
+            continue
+        sums = moments.sums[(index, role)].double()
+        counts = torch.as_tensor(moments.counts[(index, role)], dtype=torch.float64).reshape(-1)
+        if len(shapes[name]) == 3:  # an expert stack, padded to the file's expert count
+            pads = shapes[name][0] - len(sums)
+            sums = torch.cat([sums, sums.new_zeros(pads, sums.shape[-1])])
+            counts = torch.cat([counts, counts.new_zeros(pads)])
+        entries[name] = ImatrixEntry(sums.reshape(-1).numpy(), counts.numpy())
+    return Imatrix(entries, [moments.dataset] if moments.dataset else [], moments.chunks, moments.chunk_size)
+
+
+def _check_imatrix(imatrix: Imatrix, gguf, plan: _Plan, shapes: dict[str, tuple[int, ...]], standins: frozenset[str],
+                  fallbacks: list[str]) -> None:
+    """Refuse a file (llama.cpp's imatrix) that names a tensor this file lacks, has the wrong width for one, or
+    leaves out one a measured imatrix weighs; the output head alone may be missing (llama-imatrix collects it only
+    with --process-output): it is then rounded unweighted, and `fallbacks` says so."""
+    where = f"--imatrix {imatrix.path}"
+    remake = "make it with llama-imatrix on this build's model (an f16 build of the same recipe)"
+    for name, entry in imatrix.entries.items():
+        if name in standins:
+            continue
+        if name not in shapes:
+            raise MoeExportError(f"{where} names {name}, which this model's GGUF does not have (an imatrix of "
+                                 f"another model, or of this one before the recipe changed it?): {remake}")
+        shape = shapes[name]
+        experts, width = (shape[0] if len(shape) == 3 else 1), shape[-1]
+        if len(entry.sums) != experts * width or len(entry.counts) not in (1, experts):
+            raise MoeExportError(f"{where}: {name} has {len(entry.sums)} values in {len(entry.counts)} row(s), where "
+                                 f"this model's tensor takes {experts} x {width}: {remake}")
+    output = TensorNames(gguf, plan.architecture.name)("OUTPUT")
+    missing = [name for name in _weighed(gguf, plan) if name in shapes and name not in imatrix.entries]
+    if output in missing:
+        missing.remove(output)
+        fallbacks.append(f"imatrix: {output} is not in {imatrix.path} (llama-imatrix collects it only with "
+                         "--process-output): rounded without importance")
+    if missing:
+        raise MoeExportError(f"{where} does not cover {missing[0]}" + (f" (nor {len(missing) - 1} more)" if
+                             len(missing) > 1 else "") + f": {remake}")
+
+
+def check_imatrix_file(model, imatrix: Imatrix, quant: str = "f32",
+                       tensor_types: dict[str, str] | None = None) -> list[str]:
+    """_check_imatrix before anything is written (the GGUF target's check); returns its notes."""
+    gguf = _gguf()
+    plan = check(model, quant, tensor_types)
+    notes = []
+    _check_imatrix(imatrix, gguf, plan, *_tensor_shapes(gguf, model, plan), notes)
+    return notes
+
+
+def _importance(gguf, imatrix: Imatrix, plan: _Plan, shapes: dict[str, tuple[int, ...]],
+                fallbacks: list[str]) -> dict[str, np.ndarray]:
+    """GGUF tensor name -> mean squared input per column (per expert, experts concatenated), computed as
+    llama-quantize does from the file (float32 sums over float32 counts), so that a build and llama-quantize
+    given its imatrix.gguf round alike. An expert without tokens takes its layer's average (llama-quantize weighs
+    it by 1s) and is reported; a pad is not reported."""
+    weighed = _weighed(gguf, plan)
+    importance, unseen = {}, []
+    for name, entry in imatrix.entries.items():
+        if name not in shapes:
+            continue  # an all-zero stand-in
+        experts = shapes[name][0] if len(shapes[name]) == 3 else 1
+        sums, counts = (torch.from_numpy(a).float() for a in entry.rows(experts))
+        means = sums / counts[:, None].clamp_min(1)
+        if experts > 1:
+            means[counts == 0] = (sums.double().sum(0) / max(int(counts.sum()), 1)).float()
+            index = weighed.get(name, (None,))[0]
+            if index is not None:
+                real = plan.layers[index].num_experts
+                unseen += [(index, e) for e in torch.where(counts[:real] == 0)[0].tolist() if (index, e) not in unseen]
+        importance[name] = means.flatten().numpy()
+    fallbacks += [f"imatrix: blk.{index} expert {expert} saw no calibration tokens -> its layer's average"
+                  for index, expert in sorted(unseen)]
+    return importance
 
 
 def _llama_cpp_quantize(source: Path, target: Path, llama_ftype: int, overrides: dict[str, int]) -> None:
