@@ -660,7 +660,8 @@ def _build(source: Source, recipe: Recipe, chosen, target_options, options: Buil
         if options.save_checkpoint:
             with stages("save", "saving the compressed checkpoint"):
                 save(done.model, staging / "compressed", manifest)
-        else:  # what saving writes into the config (the expert counts after a drop), the exporters read too
+        else:  # the expert counts and top-k that saving writes into the config after a drop, which the targets
+            #    read from it too (the TensorRT bundle's top-k)
             sync_expert_config(adapter_for(done.model.config), done.model)
         with stages("reference", "recording the compressed model's logits"):
             reference = _record(done.model, done.tokenizer, options, *options.validation_windows)
