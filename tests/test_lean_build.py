@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import moeexport
 from moeexport import reads
@@ -160,3 +161,18 @@ def test_the_gguf_reader_counts_the_stored_bytes_it_reads(tmp_path):
     expert = file.dequantized("blk.0.ffn_down_exps.weight", 2, 1)
     assert reads.total() - before == 32 * 64 * 4  # one expert's stored values, not the stack
     assert expert[0, 1, 3] == 2 * 32 * 64 + 64 + 3
+
+
+def test_a_gguf_input_saves_its_dequantized_checkpoint_only_when_asked(checkpoint, tmp_path):
+    from moeexport.backends import gguf as gguf_backend
+
+    source = gguf_backend.export(moeexport.load(checkpoint), tmp_path / "tiny-q8_0.gguf", quant="q8_0").path
+    builds = {save: _build(source, [], tmp_path / f"save-{save}", quant="keep", save_checkpoint=save)
+              for save in (False, True)}
+    assert all(report.ok for report in builds.values())
+    assert not (tmp_path / "save-False" / "compressed").exists()
+    assert _digest(builds[False].artifact["path"]) == _digest(builds[True].artifact["path"])
+    saved, given = moeexport.load(tmp_path / "save-True" / "compressed"), moeexport.load(source)
+    assert saved.state_dict().keys() == given.state_dict().keys()
+    assert all(torch.equal(saved.state_dict()[name], tensor) for name, tensor in given.state_dict().items())
+    assert builds[True].read_bytes["total"] > 0 and builds[True].read_bytes["export"] > 0  # GGUF reads counted
