@@ -382,11 +382,11 @@ def _observes(recipe: Recipe) -> bool:
 
 
 def _calibrates(recipe: Recipe) -> bool:
-    """Whether a pass of `recipe` runs the calibration set (for statistics, a scorer or its activations)."""
+    """Whether a pass of `recipe` runs the calibration set: it observes it, or computes weights from its
+    activations."""
     from moeexport.passes import PASSES
 
-    return any(PASSES[step.name].needs_statistics(step.options) or PASSES[step.name].needs_scorer(step.options)
-               or PASSES[step.name].needs_activations(step.options) for step in recipe.steps)
+    return _observes(recipe) or any(PASSES[step.name].needs_activations(step.options) for step in recipe.steps)
 
 
 def _needs_held_out(options: CompressOptions) -> bool:

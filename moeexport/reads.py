@@ -62,8 +62,8 @@ def disk_read_speed(path: str | Path) -> dict:
             done += got
         seconds = time.perf_counter() - started
     cache = "unknown" if resident is None else "cached" if resident > 0 else "dropped"
-    return {"file": str(path), "bytes": done, "seconds": seconds, "bytes_per_s": done / seconds if seconds > 0 else None,
-            "cache": cache, "resident_share": resident}
+    return {"file": str(path), "bytes": done, "seconds": seconds,
+            "bytes_per_s": done / seconds if seconds > 0 else None, "cache": cache, "resident_share": resident}
 
 
 def _resident_share(fd: int, length: int) -> float | None:
