@@ -248,3 +248,171 @@ def read_line(report) -> str:
     cached = ", cached: the page cache's speed" if disk.get("cache") == "cached" else ""
     return (f"read {size(total['read_bytes'] if total else None)} of the model's files (the disk reads "
             f"{gigabytes_per_s(disk.get('bytes_per_s'))}{cached}): {stages or 'nothing'}")
+
+
+def render_device(out: Console, report: dict) -> None:
+    engine, device = report["engine"], report["device"]
+    out.print(f"built {engine['engine']} ({engine['engine_bytes'] / MIB:.1f} MiB, {engine['precision']}, TensorRT "
+              f"{engine['tensorrt_version']} on {device['gpu']}) in {engine['build_seconds']:.0f}s")
+    out.print(f"fidelity vs bundled torch logits ({report['validation']['tokens']} tokens): "
+              f"{fidelity_line(report['validation'])}")
+    out.print(profile_line(report["profile"]))
+
+
+def render_analysis(out: Console, report) -> None:
+    rows = report.layers
+    table = Table(title=f"{report.model}: per-layer statistics on {report.calibration_tokens} calibration tokens")
+    for header in ("layer", "kind", "experts", "least / most used expert", "unused", "cos(h_in,h_out)", "cos(x,x+MoE)"):
+        table.add_column(header, justify="right")
+    for row in rows:
+        spread = f"{row['least_used']:.1%} / {row['most_used']:.1%}" if row.get("experts") else ""
+        moe = f"{row['moe_similarity']:.4f}" if row["moe_similarity"] is not None else ""
+        table.add_row(str(row["layer"]), row["kind"], str(row.get("experts", "")), spread,
+                      str(row.get("unused_experts", "")), f"{row['block_similarity']:.4f}", moe)
+    out.print(table)
+    candidates = report.candidates
+    how = "KL if dropped alone" if candidates["measured"] else "by similarity, not measured"
+
+    def listed(rows: list[dict], name) -> str:
+        return ", ".join(name(row) + (f" (KL {row['kl']:.3g})" if "kl" in row else "") for row in rows[:3]) or "none"
+
+    out.print(f"Block Drop candidates, cheapest first ({how}): "
+              + listed(candidates["block_drop"], lambda row: f"block {row['layer']}"))
+    out.print(f"Layer Drop candidates (MoE sublayers), cheapest first ({how}): "
+              + listed(candidates["layer_drop"], lambda row: f"layer {row['layer']}"))
+    out.print("Expert Drop candidates, cheapest first (lowest REAP of each layer"
+              + (", KL if dropped alone): " if any("kl" in row for row in candidates["expert_drop"]) else "): ")
+              + listed(candidates["expert_drop"], lambda row: f"layer {row['layer']} expert {row['expert']}"))
+    for note in candidates["notes"]:
+        out.print(f"note: {escape(note)}")
+    out.print(f"wrote {', '.join(report.files)}")
+
+
+def render_eval(out: Console, model: str, text: str, result) -> None:
+    line = f"{model} on {text} ({result.tokens} tokens): perplexity {result.perplexity:.3f}"
+    if result.kl is not None:
+        line += (f"; reference perplexity {result.reference_perplexity:.3f}, KL(reference || model) {result.kl:.5f}, "
+                 f"top-1 agreement {result.top1_agreement:.2%}")
+    out.print(line)
+
+
+def render_validation(out: Console, reference: str, validation) -> None:
+    out.print(f"{validation.artifact} ({escape(validation.runtime)}) vs {reference} on {validation.fidelity.tokens} "
+              f"tokens of {validation.text}: {fidelity_line(validation.fidelity.to_dict())}")
+    limits = ", ".join(f"{name} {value:g}" for name, value in asdict(validation.tolerance).items() if value is not None)
+    verdict = "[green]within[/green]" if validation.passed else "[red]MISSES[/red]"
+    out.print(f"verdict: {verdict} its tolerance ({limits})")
+
+
+def render_bench(out: Console, report) -> None:
+    """Speeds and memory side by side, then each decode speed against its memory-bandwidth bound; on a busy
+    machine, a warning first that the numbers are not reliable."""
+    if report.machine_load and report.machine_load["warning"]:
+        out.print(f"[bold yellow]{escape(report.machine_load['warning'])}[/bold yellow]")
+    table = Table(title=f"{report.repeats} runs each: median, min-max, and x the baseline's median; "
+                        f"{report.prompt_tokens}-token prompt, {report.new_tokens} tokens decoded, {_threads(report.threads)}")
+    for header in ("artifact", "prefill tok/s", "decode tok/s", "runtime MiB", "process peak MiB"):
+        table.add_column(header, justify="left" if header == "artifact" else "right", overflow="fold")
+    for result in report.artifacts:
+        table.add_row(escape(result.label) + ("\n(baseline)" if result.baseline else ""),
+                      _spread(result.prefill_tokens_per_s) + f"\nx{result.prefill_ratio:.2f}",
+                      _spread(result.decode_tokens_per_s) + f"\nx{result.decode_ratio:.2f}",
+                      _spread(result.runtime_rss_bytes, MIB, 0), _spread(result.peak_rss_bytes, MIB, 0))
+    out.print(table)
+    runtimes = {result.format: result.runtime for result in report.artifacts}
+    out.print("runtimes: " + "; ".join(f"{name} {escape(runtime)}" for name, runtime in runtimes.items()))
+    bandwidth = report.bandwidth
+    table = Table(title=f"decode against the memory-bandwidth bound ({bandwidth.bytes_per_s / 1e9:.1f} GB/s)")
+    for header in ("artifact", "weight MiB/token", "experts read", "bound tok/s", "decode tok/s", "of bound"):
+        table.add_column(header, justify="left" if header in ("artifact", "experts read") else "right", overflow="fold")
+    for result in report.artifacts:
+        table.add_row(escape(result.label), f"{result.token_bytes['total'] / MIB:.2f}",
+                      escape(result.token_bytes["experts_read"]), _rate(result.bound_tokens_per_s),
+                      _rate(result.decode_tokens_per_s.median), f"{result.bound_fraction:.1%}")
+    out.print(table)
+    out.print(f"bandwidth {bandwidth.bytes_per_s / 1e9:.1f} GB/s: {bandwidth.method}; {bandwidth.buffer_bytes / MIB:.0f} "
+              f"MiB, {_threads(bandwidth.threads)}, median of {bandwidth.runs} runs ({bandwidth.min_bytes_per_s / 1e9:.1f}"
+              f"-{bandwidth.max_bytes_per_s / 1e9:.1f} GB/s)")
+    out.print("bound = bandwidth / the weight bytes one decoded token reads, at the types the runtime holds them "
+              "(attention, top-k experts, head, one embedding row); KV-cache reads left out")
+    for note in report.notes:
+        out.print(f"note: {escape(note)}")
+    if report.files:
+        out.print(f"wrote {', '.join(report.files)} in {report.seconds:.0f}s")
+
+
+def _threads(count: int) -> str:
+    return f"{count} thread{'' if count == 1 else 's'}"
+
+
+def _rate(value: float, digits: int | None = None) -> str:
+    digits = digits if digits is not None else 0 if abs(value) >= 100 else 1
+    return f"{value:,.{digits}f}"
+
+
+def _spread(spread, unit: float = 1, digits: int | None = None) -> str:
+    """The median over its range, in `unit`s."""
+    low, high = _rate(spread.min / unit, digits), _rate(spread.max / unit, digits)
+    return f"{_rate(spread.median / unit, digits)}\n[dim]{low}-{high}[/dim]"
+
+
+def render_search(out: Console, report) -> None:
+    """The Pareto front of the candidates (estimated size against estimated KL), the choice, and its build."""
+    baseline = report.baseline
+    shown = {row["index"]: row for row in report.pareto_rows()}
+    for index, candidate in enumerate(report.candidates):
+        if candidate.verified is not None or index == report.chosen:
+            shown.setdefault(index, report.row(index))
+    rows = sorted(shown.values(), key=lambda row: (row["file_bytes"], row["kl"]))
+    grid = report.grid
+    table = Table(title=f"Pareto front of {grid['candidates']} candidates ({len(report.trimmings)} trimmings x "
+                        f"{len(report.types)} types), estimated; {escape(report.constraint['description'])}",
+                  caption="drop: blocks / MoE sublayers dropped; experts: kept per MoE layer on average / in the "
+                          "file (padded); KL = trim + the type's own (below): an additive estimate; * chosen; dim: "
+                          "off the front",
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1))
+    for header in ("", "drop", "experts", "quant", "MiB", "of F16", "decode", "KL", "trim", "fit"):
+        table.add_column(header, justify="left" if header in ("", "quant", "fit") else "right", no_wrap=True)
+    for row in rows:
+        chosen = row["index"] == report.chosen
+        trimming = report.trimmings[report.candidates[row["index"]].trimming]
+        style = "bold green" if chosen else (None if row["pareto"] else "dim")
+        table.add_row("*" if chosen else "", f"{row['block_drop']}/{row['layer_drop']}",
+                      f"{row['expert_keep']}/{trimming.file_experts}", row["quant"], f"{row['file_bytes'] / MIB:.2f}",
+                      f"{row['size_share']:.1%}", f"x{row['decode_speedup']:.2f}", f"{row['kl']:.3g}",
+                      f"{row['kl_trimming']:.3g}", "yes" if row["meets"] else "no",
+                      style=style)
+    out.print(table)
+    out.print(f"untrimmed F16 GGUF: {baseline['file_bytes']:,} bytes, {baseline['token_bytes'] / MIB:.2f} MiB read per "
+              "decoded token; each type alone (untrimmed, run in llama.cpp): "
+              + ", ".join(f"{t.quant} {t.file_bytes / MIB:.2f} MiB KL {t.kl:.3g}" for t in report.types))
+    if report.skipped:
+        out.print(f"skipped {len(report.skipped)} trimming recipes the model cannot take, e.g. "
+                  f"{escape(report.skipped[0]['label'])}: {escape(report.skipped[0]['reason'])}")
+    for note in report.notes:
+        out.print(f"[dim]note: {escape(note)}[/dim]")
+    for index, candidate in enumerate(report.candidates):
+        verified = candidate.verified
+        if verified is None:
+            continue
+        label = report.trimmings[candidate.trimming].label
+        out.print(f"exported {escape(label)} {candidate.quant}: {verified['file_bytes']:,} bytes "
+                  f"({verified['size_share']:.1%} of F16; estimated {verified['estimate_error_bytes']:+,}), decode "
+                  f"x{verified['decode_speedup']:.2f}, KL {verified['kl']:.4g} measured in llama.cpp, top-1 "
+                  f"{verified['top1_agreement']:.1%}: " + ("meets the limit" if verified["meets"] else "[red]misses the limit[/red]"))
+    row = report.chosen_row()
+    out.print(f"chosen: [bold]{escape(row['label'])}[/bold], build with --target {report.target} --quant {row['quant']}")
+    for line in report.trimmings[report.candidates[report.chosen].trimming].plans:
+        out.print(f"  {escape(line)}")
+    if report.recipe_path:
+        out.print(f"wrote {report.recipe_path}")
+    build = report.build
+    if build is not None:
+        verdict = "[green]within[/green]" if build["meets"] else "[red]OVER[/red]"
+        validation = build["validation"]
+        out.print(f"built {build['artifact']}: {build['file_bytes']:,} bytes ({build['size_share']:.1%} of F16), "
+                  f"{verdict} {escape(report.constraint['description'])}; validation "
+                  f"{'passed' if build['ok'] else '[red]failed[/red]'} (KL {validation['kl']:.3g} against the "
+                  f"compressed torch model on {escape(str(validation['text']))}, perplexity "
+                  f"{validation['perplexity']:.2f})")
+    out.print(f"searched in {report.timings.get('search', 0):.0f}s")
