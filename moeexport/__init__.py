@@ -1,7 +1,8 @@
 """moeexport: compress Mixture-of-Experts LLMs and deploy them.
 
     import moeexport
-    report = moeexport.build("demo", "recipes/trim.yaml", "gguf", moeexport.BuildOptions(out="out/demo-gguf"))
+    report = moeexport.build("demo", "recipes/trim.yaml", "gguf",
+                             moeexport.BuildOptions(out="out/demo-gguf", save_checkpoint=True))
     model = moeexport.load("out/demo-gguf/compressed")
 
 `moeexport.pipeline` also has `compress`, `evaluate` and `validate`, each returning a report.

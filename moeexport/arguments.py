@@ -23,7 +23,7 @@ examples:
   moeexport compress path/to/model --recipe r.yaml --calib calib.txt --dry-run
   moeexport eval out/demo-trimmed --text held_out.txt --reference demo
   moeexport build demo --recipe recipes/demo-gguf.yaml --target gguf --out out/demo-gguf
-  moeexport build demo --recipe recipes/trim.yaml --target onnx --quant int4 --out out/demo-onnx
+  moeexport build demo --recipe recipes/trim.yaml --target onnx --quant int4 --out out/demo-onnx --save-checkpoint
   moeexport validate out/demo-onnx/model-int4.onnx --reference out/demo-onnx/compressed --text held_out.txt
   moeexport chat out/demo-gguf/model-f32.gguf --prompt "Once upon a time"
   moeexport bench out/demo-gguf/model-f32.gguf out/demo-onnx/model-f32.onnx --baseline demo --out out/bench
@@ -131,10 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     build = command(
         "build", "compress, then export to a deployment target",
         "Compress MODEL with a recipe, then export the result for a target, validate it against the "
-        "compressed torch model and profile it on this machine. DIR receives the artifact, the compressed "
-        "checkpoint (compressed/; not for a .gguf MODEL, whose artifact is the compressed model), report.json and report.html (plots), all at once when the build is done. A build whose validation misses its tolerance exits 1 and "
-        "its artifact is renamed *.failed.\n\n" + RECIPE_HELP, [model, calibration])
+        "compressed torch model and profile it on this machine. DIR receives the artifact, report.json and "
+        "report.html (plots; with each stage's time and bytes read of MODEL's files against the disk's read "
+        "speed), and with --save-checkpoint the compressed checkpoint (compressed/), all at once when the build "
+        "is done. A build whose validation misses its tolerance exits 1 and its artifact is renamed *.failed.\n\n"
+        + RECIPE_HELP, [model, calibration])
     _recipe_and_output(build)
+    build.add_argument("--save-checkpoint", action="store_true",
+                       help="also write the compressed torch checkpoint to DIR/compressed/ (what `compress` writes; "
+                       "a .gguf MODEL's in float32). No target needs it: the export reads the model in memory, or "
+                       "streamed from MODEL's own files, so by default it is not written")
     build.add_argument("--target", required=True, choices=target_names(), help="deployment target")
     build.add_argument(
         "--quant", default=None,

@@ -107,7 +107,8 @@ def run_build(args) -> int:
     from moeexport.console import render_build
     from moeexport.pipeline import BuildOptions, build
 
-    options = _compress_options(args, BuildOptions, quant=args.quant, target_options=_target_options(args))
+    options = _compress_options(args, BuildOptions, quant=args.quant, target_options=_target_options(args),
+                                save_checkpoint=args.save_checkpoint)
     report, out = _run(args, lambda on_event: build(args.model, recipe, args.target, options, on_event))
     _print_json(report.to_dict()) if args.json else render_build(out, report)
     if not report.ok:

@@ -232,7 +232,24 @@ def render_build(out: Console, report) -> None:
                   "(steps in bundle/README.txt)")
     elif engine is not None:
         render_device(out, engine)
+    out.print(read_line(report))
     out.print(f"wrote {report.out} in {report.timings['total']:.1f}s (report.json, report.html)")
+
+
+def read_line(report) -> str:
+    """The pipeline's profile in one line (a BuildReport): what each stage read of the model's files and how fast,
+    against the disk."""
+    from moeexport.report import gigabytes_per_s, read_profile, size
+
+    disk = report.disk_read or {}
+    rows = read_profile(report.timings, report.read_bytes, disk)
+    total = next((row for row in rows if row["stage"] == "total"), None)
+    stages = ", ".join(f"{row['stage']} {size(row['read_bytes'])} at {gigabytes_per_s(row['read_bytes_per_s'])}"
+                       + (f" ({row['share_of_disk']:.0%} of the disk)" if row["share_of_disk"] is not None else "")
+                       for row in rows if row["stage"] != "total" and row["read_bytes"])
+    cached = ", cached: the page cache's speed" if disk.get("cache") == "cached" else ""
+    return (f"read {size(total['read_bytes'] if total else None)} of the model's files (the disk reads "
+            f"{gigabytes_per_s(disk.get('bytes_per_s'))}{cached}): {stages or 'nothing'}")
 
 
 def render_device(out: Console, report: dict) -> None:

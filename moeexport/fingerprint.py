@@ -13,6 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from moeexport import reads
 from moeexport.checkpoint_files import MANIFEST, SAFE_INDEX, TOKENIZER_FILES, is_gguf
 from moeexport.outputs import replace_atomically, sha256_of_file
 
@@ -36,7 +37,7 @@ def fingerprint(path: Path, weight_files: tuple[Path, ...], digests: Path | None
 def file_sha256(path: Path, digests: Path | None) -> str:
     status = path.stat()
     if digests is None or status.st_size < DIGEST_MEMO_BYTES:
-        return sha256_of_file(path)
+        return _hashed(path)
     memo = digests / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]}.json"
     identity = [status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns]
     try:
@@ -45,10 +46,17 @@ def file_sha256(path: Path, digests: Path | None) -> str:
             return remembered["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no memo yet, or an unreadable one: hash again
-    value = sha256_of_file(path)
+    value = _hashed(path)
     try:
         entry = json.dumps({"stat": identity, "sha256": value})
         replace_atomically(memo, lambda temporary: temporary.write_text(entry))
     except OSError:
         pass  # a cache that cannot be written costs time, not correctness
+    return value
+
+
+def _hashed(path: Path) -> str:
+    """The file's SHA-256, its bytes counted as read from the model (moeexport.reads)."""
+    value = sha256_of_file(path)
+    reads.count(path.stat().st_size)
     return value

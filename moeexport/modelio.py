@@ -32,6 +32,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from moeexport import mxfp4, streaming
+from moeexport import reads
 from moeexport.adapters import adapter_for
 from moeexport.adapters.experts import expert_stacks
 from moeexport.adapters.surgery import structure, sync_expert_config
@@ -158,6 +159,7 @@ def load(model: Source | str | Path, dtype: str = "float32", trust_remote_code: 
         lm = _load_manifest_checkpoint(source, DTYPES[dtype])
     else:
         lm = _load_stock_checkpoint(source.path, DTYPES[dtype], trust_remote_code)
+    reads.count(sum(path.stat().st_size for path in source.weight_files))  # both loaders read every weight file whole
     if not allow_nonfinite:
         check_finite(lm, source.path)
     lm.eval()

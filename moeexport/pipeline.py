@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from moeexport import cache
+from moeexport import reads
 from moeexport.errors import MoeExportError
 from moeexport.events import EventStream
 from moeexport.outputs import check_output, output_lock, staged
@@ -84,6 +85,7 @@ class BuildOptions(CompressOptions):
     target_options: dict = field(default_factory=dict)  # validated by the target (its Options model)
     validation_windows: tuple[int, int] = VALIDATION_WINDOWS  # (count, tokens) compared with the torch model
     profile: bool = True  # measure speed and memory in a fresh process (benchmarks that time runs themselves skip it)
+    save_checkpoint: bool = False  # also write the compressed torch checkpoint to out/compressed/ (no target needs it)
 
 
 @dataclass
@@ -103,6 +105,7 @@ class CompressionReport:
     timings: dict = field(default_factory=dict)
     peak_rss_bytes: dict = field(default_factory=dict)  # per stage
     input_file_bytes: int | None = None  # MODEL's weight files as stored on disk (a GGUF: the file), the user's size
+    read_bytes: dict = field(default_factory=dict)  # per stage, of MODEL's files (moeexport.reads), and in total
 
     def manifest(self) -> dict:
         """What moeexport.json records about how the checkpoint was made."""
@@ -135,6 +138,8 @@ class BuildReport:
     peak_rss_bytes: dict = field(default_factory=dict)  # per stage, this process (the runtimes' are in theirs)
     failures: list[str] = field(default_factory=list)  # validation's, and the device step's
     quality_vs_input: dict | None = None  # a GGUF input: the artifact against it, both run in llama.cpp
+    read_bytes: dict = field(default_factory=dict)  # per stage, of MODEL's files (moeexport.reads), and in total
+    disk_read: dict | None = None  # the sequential read speed of MODEL's disk (moeexport.reads.disk_read_speed)
 
     @property
     def ok(self) -> bool:
@@ -142,18 +147,23 @@ class BuildReport:
 
     def to_dict(self) -> dict:
         from moeexport import __version__
+        from moeexport.report import read_profile
 
         compression = self.compression.to_dict()
+        timings, read_bytes = self.compression.timings | self.timings, self.compression.read_bytes | self.read_bytes
         return {
             "moeexport_version": __version__,
             "model": self.model, "target": self.target, "quant": self.quant, "options": self.options,
             "out": self.out, "ok": self.ok, "failures": self.failures,
             "compression": {key: value for key, value in compression.items()
-                            if key not in ("quality_vs_source", "timings", "peak_rss_bytes", "out", "model")},
+                            if key not in ("quality_vs_source", "timings", "peak_rss_bytes", "out", "model",
+                                           "read_bytes")},
             "quality_vs_source": self.compression.quality_vs_source, "quality_vs_input": self.quality_vs_input,
             "artifact": self.artifact, "validation": self.validation, "profile": self.profile, "engine": self.engine,
-            "timings": self.compression.timings | self.timings,
+            "timings": timings,
             "peak_rss_bytes": self.compression.peak_rss_bytes | self.peak_rss_bytes,
+            "read_bytes": read_bytes, "disk_read": self.disk_read,
+            "read_profile": read_profile(timings, read_bytes, self.disk_read),
         }
 
 
@@ -185,7 +195,9 @@ class _Stages:
         from moeexport.memory import StagePeaks
 
         self.events, self.seconds, self.peaks = events, {}, {}
+        self.read = {}  # bytes of the model's files each stage read (moeexport.reads)
         self._started = time.perf_counter()
+        self._read_before = reads.total()
         self._memory = StagePeaks()
 
     @contextmanager
@@ -194,15 +206,20 @@ class _Stages:
 
         self.events.stage(message)
         release_freed_memory()  # what earlier stages freed is not held (nor counted) in this one
-        started = time.perf_counter()
+        started, read_before = time.perf_counter(), reads.total()
         with self._memory.measure() as memory:
             yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
         self.peaks[name] = max(self.peaks.get(name, 0), memory.peak)
+        self.read[name] = self.read.get(name, 0) + reads.total() - read_before
 
     def total(self) -> dict:
         self._memory.close()
         return self.seconds | {"total": time.perf_counter() - self._started}
+
+    def read_bytes(self) -> dict:
+        """Bytes of the model's files read per stage, and in total (between the stages too: the fingerprint)."""
+        return self.read | {"total": reads.total() - self._read_before}
 
 
 # --- compress ---------------------------------------------------------------------------
@@ -245,6 +262,7 @@ def _compress_command(model, recipe, options: CompressOptions, on_event) -> Comp
             with stages("save", f"saving {options.out}"):
                 done.report.out = str(save(done.model, options.out, done.report.manifest(), overwrite=options.overwrite))
     done.report.timings, done.report.peak_rss_bytes = stages.total(), stages.peaks
+    done.report.read_bytes = stages.read_bytes()
     return done.report
 
 
@@ -260,13 +278,14 @@ def _require_out(options: CompressOptions, source: Source) -> None:
 
 
 def _compress(source: Source, recipe: Recipe, options: CompressOptions, events: EventStream, stages: _Stages,
-              memory, check=None) -> _Compressed:
-    """Load, calibrate, apply; `check(model)` runs on the result before its quality is measured."""
+              memory, check=None, also_calibrates: bool = False) -> _Compressed:
+    """Load, calibrate, apply; `check(model)` runs on the result before its quality is measured.
+    `also_calibrates`: the caller draws the calibration set besides the recipe's passes (an importance matrix)."""
     from moeexport.compress import compress as apply_recipe
     from moeexport.modelio import load_tokenizer
 
     options = replace(options, calibration=_calibration_source(memory, _observes(recipe), options, events))
-    if options.calibration.source != "model":
+    if options.calibration.source != "model" and (_calibrates(recipe) or also_calibrates):
         from moeexport.calibration.sources import read_documents
 
         read_documents(options.calibration.source)  # a missing or malformed source fails now, before the model runs
@@ -380,6 +399,12 @@ def _solves_with_grams(recipe: Recipe) -> bool:
 
     return any(getattr(PASSES[step.name], "calibrated_methods", {}).get(getattr(step.options, "method", None)) == "full"
                for step in recipe.steps)
+
+
+def _calibrates(recipe: Recipe) -> bool:
+    """Whether a pass of `recipe` runs the calibration set: it observes it, or computes weights from its
+    activations."""
+    return _observes(recipe) or _computes_from_activations(recipe)
 
 
 def _needs_held_out(options: CompressOptions) -> bool:
@@ -603,9 +628,11 @@ def build(model: str | Path, recipe: str | Path | Recipe | dict, target: str, op
     """Compress MODEL, export it for `target`, validate the artifact against the compressed torch model, profile it.
 
     Everything lands in `options.out` at once when the build is done: the
-    artifact, the compressed checkpoint (compressed/), report.json and
-    report.html. A build whose validation misses its tolerance still lands,
-    with its artifact renamed *.failed and `report.ok` False.
+    artifact, report.json and report.html, and with `options.save_checkpoint`
+    the compressed checkpoint (compressed/; no target reads it: the exporters
+    read the model in memory, or streamed from MODEL's own files). A build
+    whose validation misses its tolerance still lands, with its artifact
+    renamed *.failed and `report.ok` False.
     """
     from moeexport.backends import target_for
 
@@ -628,6 +655,8 @@ def build(model: str | Path, recipe: str | Path | Recipe | dict, target: str, op
 
 def _build(source: Source, recipe: Recipe, chosen, target_options, options: BuildOptions, memory,
            events: EventStream) -> BuildReport:
+    from moeexport.adapters import adapter_for
+    from moeexport.adapters.surgery import sync_expert_config
     from moeexport.backends.target import ExportInputs
     from moeexport.modelio import save
     from moeexport.quantization import weight_grid
@@ -635,17 +664,22 @@ def _build(source: Source, recipe: Recipe, chosen, target_options, options: Buil
 
     target = chosen.name
     stages = _Stages(events)
+    with stages("disk", "measuring the disk's read speed"):
+        disk_read = reads.disk_read_speed(max(source.weight_files, key=lambda path: path.stat().st_size))
     done = _compress(source, recipe, options, events, stages, memory,
-                     check=lambda lm: chosen.check(lm, options.quant, target_options))
+                     check=lambda lm: chosen.check(lm, options.quant, target_options),
+                     also_calibrates=chosen.wants_imatrix(target_options))
     out = Path(options.out)
-    report = BuildReport(source.given, target, options.quant, target_options.model_dump(), str(out), done.report)
+    report = BuildReport(source.given, target, options.quant, target_options.model_dump(), str(out), done.report,
+                         disk_read=disk_read)
     manifest = done.report.manifest()
     with staged(out, options.overwrite) as staging:
-        if source.is_gguf:  # the artifact is the compressed model; moeexport.load reads it back
-            events.note("a GGUF input: no compressed/ checkpoint is written (the artifact holds the model)")
-        else:
+        if options.save_checkpoint:
             with stages("save", "saving the compressed checkpoint"):
                 save(done.model, staging / "compressed", manifest)
+        else:  # the expert counts and top-k that saving writes into the config after a drop, which the targets
+            #    read from it too (the TensorRT bundle's top-k)
+            sync_expert_config(adapter_for(done.model.config), done.model)
         with stages("reference", "recording the compressed model's logits"):
             reference = _record(done.model, done.tokenizer, options, *options.validation_windows)
             windows, where = reference.windows, reference.text
@@ -686,6 +720,7 @@ def _build(source: Source, recipe: Recipe, chosen, target_options, options: Buil
             report.artifact["imatrix"] = artifact.imatrix | (
                 {"file": _published(artifact.imatrix["file"], staging, out)} if "file" in artifact.imatrix else {})
         report.timings, report.peak_rss_bytes = stages.total(), stages.peaks
+        report.read_bytes = stages.read_bytes()
         _write_reports(report, staging)
     return report
 

@@ -201,6 +201,7 @@ def write_build_html(report: dict, path: Path) -> Path:
         _fidelity(report.get("validation")),
         _speed(report),
         _files(report.get("artifact"), report.get("timings")),
+        _reads(report),
     ]
     title = f"moeexport build: {report.get('model', '?')} -> {report.get('target', '?')} {report.get('quant', '')}"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -558,6 +559,61 @@ def _timings_plot(stages: dict) -> bytes:
     axes.spines[["top", "right"]].set_visible(False)
     axes.tick_params(labelsize=8)
     return figure_png(figure)
+
+
+def read_profile(timings: dict, read_bytes: dict, disk_read: dict | None) -> list[dict]:
+    """The pipeline's profile as plain data (report.json's read_profile): per stage, its time, the bytes of the
+    model's files it read, the read speed that makes, and that speed as a share of the disk's measured
+    sequential speed; then what ran between the stages (the fingerprint reads there) and the whole build."""
+    disk = (disk_read or {}).get("bytes_per_s")
+
+    def row(stage: str, seconds_taken, read) -> dict:
+        speed = read / seconds_taken if read is not None and seconds_taken else None
+        return {"stage": stage, "seconds": seconds_taken, "read_bytes": read, "read_bytes_per_s": speed,
+                "share_of_disk": speed / disk if speed is not None and disk else None}
+
+    stages = {name: seconds_taken for name, seconds_taken in timings.items() if name != "total"}
+    rows = [row(name, seconds_taken, read_bytes.get(name)) for name, seconds_taken in stages.items()]
+    if "total" in timings and "total" in read_bytes:
+        staged_read = sum(read_bytes.get(name) or 0 for name in stages)
+        rows.append(row("between stages", max(0.0, timings["total"] - sum(stages.values())),
+                        read_bytes["total"] - staged_read))
+        rows.append(row("total", timings["total"], read_bytes["total"]))
+    return rows
+
+
+def gigabytes_per_s(value) -> str:
+    return NA if value is None else f"{value / 1e9:.3g} GB/s"
+
+
+def disk_sentence(disk_read: dict) -> str:
+    """How the disk's speed was measured, and whether it is the disk's at all."""
+    measured = (f"{size(disk_read.get('bytes'))} of {disk_read.get('file', '?')} read sequentially in "
+                f"{seconds(disk_read.get('seconds'))}: {gigabytes_per_s(disk_read.get('bytes_per_s'))}")
+    cache = disk_read.get("cache")
+    if cache == "dropped":
+        return f"{measured}, its pages dropped from the page cache first (the disk's speed)"
+    if cache == "cached":
+        return (f"{measured}, but {percent(disk_read.get('resident_share'), 0)} of its pages stayed in the page "
+                "cache (mapped elsewhere, or a memory file system): cached, so this is the cache's speed, not the "
+                "disk's")
+    return f"{measured}; whether its pages were in the page cache is unknown here"
+
+
+def _reads(report: dict) -> str:
+    title = "Reading the model"
+    rows = report.get("read_profile")
+    if not rows:
+        return _section(title, _sentence("no reads recorded"))
+    table = html_table(["stage", "time", "read", "read speed", "% of the disk's"],
+                       [[row["stage"], seconds(row["seconds"]), size(row["read_bytes"]),
+                         gigabytes_per_s(row["read_bytes_per_s"]), percent(row["share_of_disk"], 0)] for row in rows])
+    disk = report.get("disk_read")
+    notes = [_sentence("bytes of the model's files read where moeexport's readers read them (the safetensors "
+                       "loader and stream, the GGUF reader, the content fingerprint); a stage's speed is its bytes "
+                       "over its whole time, computing included")]
+    notes.append(_sentence("the disk: " + disk_sentence(disk)) if disk else _sentence("the disk was not measured"))
+    return _section(title, table, *notes)
 
 
 # --- the bench page ---------------------------------------------------------------------

@@ -41,6 +41,7 @@ from moeexport.adapters.surgery import decoder_layers, get_path
 from moeexport.checkpoint_files import Headers, check_finite
 from moeexport.errors import MoeExportError
 from moeexport import mxfp4
+from moeexport import reads  # what the reads cost (report.json's read_profile)
 from moeexport.memory import LOGIT_POSITIONS, OUTER_ROWS, release_freed_memory  # what the memory plan counts on
 from moeexport.stream_registry import attach, stream_of
 
@@ -393,8 +394,8 @@ class SafetensorsCheckpoint:
             stored = handle.get_slice(piece.key)
             if not indices:
                 return stored[0:0]
-            return torch.cat([stored[indices[start]:indices[stop - 1] + 1]
-                              for start, stop in zip(starts, starts[1:] + [len(indices)])])
+            return _counted(torch.cat([stored[indices[start]:indices[stop - 1] + 1]
+                                       for start, stop in zip(starts, starts[1:] + [len(indices)])]))
 
     def shape(self, name: str) -> list[int]:
         """The shape of a parameter stored whole (not for per-expert pieces)."""
@@ -426,7 +427,7 @@ class SafetensorsCheckpoint:
             release_freed_memory()  # else glibc keeps the dequantizing temporaries: RSS creeps up per expert read
         elif pieces[0].expert is None:  # stored stacked, as the model names it: slice the one expert out
             with safe_open(self.headers[pieces[0].key][2], "pt") as handle:
-                matrix = handle.get_slice(pieces[0].key)[expert:expert + 1][0]
+                matrix = _counted(handle.get_slice(pieces[0].key)[expert:expert + 1][0])
         else:
             by_slot = {(piece.expert, piece.part): piece.key for piece in pieces}
             stored_parts = 1 + max(piece.part for piece in pieces)
@@ -446,12 +447,18 @@ class SafetensorsCheckpoint:
     def stored_slice(self, key: str, index: int) -> torch.Tensor:
         """Checkpoint tensor `key`'s slice `index` along its first axis (one expert of a stack), as stored."""
         with safe_open(self.headers[key][2], "pt") as handle:
-            return handle.get_slice(key)[index:index + 1][0]
+            return _counted(handle.get_slice(key)[index:index + 1][0])
 
     def _tensor(self, key: str) -> torch.Tensor:
         # Opened per tensor: a mapping kept open holds every page read through it in this process's RSS.
         with safe_open(self.headers[key][2], "pt") as handle:
-            return handle.get_tensor(key)
+            return _counted(handle.get_tensor(key))
+
+
+def _counted(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, just read from a checkpoint file, counted as read (moeexport.reads)."""
+    reads.count(tensor.numel() * tensor.element_size())
+    return tensor
 
 
 class WeightRows:

@@ -46,10 +46,11 @@ def saved_with_demo_tokenizer(model, directory: Path) -> Path:
 
 
 def build_f32_gguf(source: Path, passes: list, out: Path, stream: bool = False):
-    """`build --target gguf --quant f32` of `source` with `passes`, validated on a few short held-out windows."""
+    """`build --target gguf --quant f32` of `source` with `passes`, validated on a few short held-out windows; the
+    compressed checkpoint saved too (the family tests load it in stock transformers)."""
     options = BuildOptions(out=str(out), quant="f32", profile=False, validation_windows=(2, 48), stream=stream,
                            calibration=moeexport.CalibrationOptions(source=str(HELD_OUT), samples=4, length=32),
-                           eval_text=str(HELD_OUT), measure_quality=False)
+                           eval_text=str(HELD_OUT), measure_quality=False, save_checkpoint=True)
     return moeexport.build(source, {"passes": passes}, "gguf", options)
 
 

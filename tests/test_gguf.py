@@ -147,7 +147,8 @@ def test_build_demo_gguf_validates_and_profiles(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(writer, "export", _spying(writer.export, lambda: torch_threads.append(torch.get_num_threads())))
     threads_before = torch.get_num_threads()
-    argv = ["build", "demo", "--recipe", str(recipe), "--target", "gguf", "--out", str(out), "--no-eval", "--threads", "1"]
+    argv = ["build", "demo", "--recipe", str(recipe), "--target", "gguf", "--out", str(out), "--no-eval", "--threads", "1",
+            "--save-checkpoint"]
     assert main(argv) == 0
     assert torch_threads == [1] and torch.get_num_threads() == threads_before
     report = json.loads((out / "report.json").read_text())

@@ -228,7 +228,8 @@ def test_build_demo_onnx_validates_profiles_and_validate_reruns_it(tmp_path, cap
     recipe = tmp_path / "r.yaml"
     recipe.write_text("passes:\n  - layer_drop: {n: 1, score: random}\n  - expert_drop: {keep: 6, score: random}\n")
     out = tmp_path / "build"
-    argv = ["build", "demo", "--recipe", str(recipe), "--target", "onnx", "--quant", "int4", "--out", str(out), "--no-eval"]
+    argv = ["build", "demo", "--recipe", str(recipe), "--target", "onnx", "--quant", "int4", "--out", str(out), "--no-eval",
+            "--save-checkpoint"]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["validation"]["failures"] == [] and report["validation"]["tokens"] >= 510

@@ -29,7 +29,8 @@ RECIPE = {"passes": [{"block_drop": {"n": 1}}, {"expert_drop": {"keep": 6, "scop
 def onnx_build(tmp_path_factory):
     events = []
     out = tmp_path_factory.mktemp("build") / "demo-onnx"
-    report = moeexport.build("demo", RECIPE, "onnx", BuildOptions(out=str(out), calibration=SMALL, eval_text=str(HELD_OUT)), events.append)
+    report = moeexport.build("demo", RECIPE, "onnx", BuildOptions(out=str(out), calibration=SMALL, eval_text=str(HELD_OUT),
+                                                                  save_checkpoint=True), events.append)
     return report, events, out
 
 
@@ -294,7 +295,7 @@ def test_a_full_disk_while_saving_the_checkpoint_is_one_line_and_leaves_nothing(
     monkeypatch.setattr("moeexport.modelio.save_model", full)
     out = tmp_path / "out"
     assert main(["build", "demo", "--recipe", str(_recipe_file(tmp_path)), "--target", "onnx", "--out", str(out),
-                 "--no-eval", *SMALL_FLAGS]) == 2
+                 "--no-eval", "--save-checkpoint", *SMALL_FLAGS]) == 2
     error = without_progress(capsys.readouterr().err).splitlines()
     assert len(error) == 1 and "No space left on device" in error[0] and "free disk space" in error[0]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["recipe.yaml"]

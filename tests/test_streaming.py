@@ -236,7 +236,7 @@ def test_the_cli_streams_a_build_within_max_memory_and_says_so(tmp_path, capsys)
     out = tmp_path / "streamed"
     code = main(["build", "demo", "--recipe", str(Path(moeexport.__file__).parents[1] / "recipes" / "trim.yaml"),
                  "--target", "gguf", "--out", str(out), "--stream", "--max-memory", "8GB", "--calib", str(HELD_OUT),
-                 "--calib-samples", "8", "--calib-length", "64", "--eval-text", str(HELD_OUT), "--json"])
+                 "--calib-samples", "8", "--calib-length", "64", "--eval-text", str(HELD_OUT), "--json", "--save-checkpoint"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["ok"] and report["compression"]["memory"]["streamed"]
     assert report["compression"]["memory"]["budget"] == 8 * 10**9

@@ -111,10 +111,12 @@ def run_case(case: Case, model: Path, out: Path, held_out: Path) -> dict[str, st
     from moeexport.errors import MoeExportError
 
     calibration = moeexport.CalibrationOptions(samples=4, length=32, cache=False)
+    # the compressed checkpoint's bytes are outputs too: saved from every checkpoint input (a GGUF input's, in
+    # float32, is not one the corpus records)
     options = moeexport.BuildOptions(out=str(out), calibration=calibration, eval_text=str(held_out),
                                      measure_quality=False, quant=case.quant,
                                      target_options=case.target_options, validation_windows=(2, 32), profile=False,
-                                     stream=case.stream)
+                                     stream=case.stream, save_checkpoint=model.suffix != ".gguf")
     try:
         report = moeexport.build(str(model), {"passes": case.passes}, case.target, options)
     except MoeExportError as error:

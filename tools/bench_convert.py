@@ -10,9 +10,10 @@ other):
 
   moeexport   python -m moeexport.cli build MODEL --recipe EMPTY --target gguf
               --quant f16 --out WORK/moeexport-out --overwrite --json [ARGS]
-              (EMPTY is `passes: []`; the build also saves compressed/,
-              validates and profiles: its report.json's "timings" give the
-              export-only seconds, printed beside the total)
+              (EMPTY is `passes: []`; the build also validates and profiles:
+              its report.json's "timings" give the export-only seconds,
+              printed beside the total; no compressed/ unless
+              --moeexport-args=--save-checkpoint)
   converter   python convert_hf_to_gguf.py MODEL --outtype f16 --outfile ...
               from the llama-cpp-python sdist of the installed version
               (fetched with pip, as tools/compare_with_converter.py does)

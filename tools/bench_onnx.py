@@ -72,7 +72,8 @@ def main() -> None:
             report = moeexport.build(args.model, args.recipe or {"passes": []}, "onnx", moeexport.BuildOptions(
                 out=str(Path(scratch) / f"{quant}-{moe_ops}"), quant=quant, calibration=calibration,
                 target_options={"moe_ops": moe_ops, "block_size": args.block_size}, eval_text=args.text,
-                measure_quality=False, validation_windows=(args.windows, 256), profile=False))  # profiled below
+                measure_quality=False, validation_windows=(args.windows, 256), profile=False,  # profiled below
+                save_checkpoint=True))  # the torch model, timed in eager below
             runner = onnx.runner(report.artifact["path"], 256)
             row = {"quant": quant, "moe_ops": moe_ops, "file_mib": graph_bytes(report.artifact) / 2**20,
                    **report.validation}

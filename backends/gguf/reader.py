@@ -36,6 +36,7 @@ from moeexport.backends.gguf.checks import check_mapping, check_model, prescan
 from moeexport.backends.gguf.names import LAYERS_KEY
 from moeexport.errors import MoeExportError
 from moeexport.memory import release_freed_memory
+from moeexport import reads
 
 DEQUANTIZE_ROWS = 512  # rows dequantized at once
 
@@ -113,6 +114,7 @@ class GGUFFile:
         with open(self.path, "rb") as handle:
             handle.seek(offset)
             data = np.fromfile(handle, np.uint8, size)
+        reads.count(data.size)
         if data.size != size:
             raise MoeExportError(f"{self.path} ends inside tensor {name}: the file is truncated; fetch it again")
         return data
