@@ -121,8 +121,8 @@ def export_bundle_onnx(model, bundle_dir: Path, quant: str, context: int, max_pr
     if problems:
         raise MoeExportError(f"the plain-ops ONNX has {len(problems)} thing(s) TensorRT would refuse, first: {problems[0]}")
     data = written.path.with_name(written.path.name + ".data")
-    return BundleArtifact(written.path, written.representation, written.fallbacks, [data], quant, context, max_prompt,
-                          model_summary(model))
+    return BundleArtifact(written.path, written.representation, written.fallbacks, [data], quant=quant,
+                          context=context, max_prompt=max_prompt, model=model_summary(model))
 
 
 def finish_bundle(artifact: BundleArtifact, reference: RecordedReference, validation: Validation,
