@@ -45,6 +45,26 @@ def saved_with_demo_tokenizer(model, directory: Path) -> Path:
     return directory
 
 
+def saved_in_hub_multimodal_layout(model, directory: Path, multimodal: dict, skip=(), extra_tensors=None) -> Path:
+    """`model` saved as the hub's multimodal checkpoints are: `multimodal` (model_type, architectures, ...) with the
+    text model's config under text_config, its tensors under model.language_model.* (`skip` left out, e.g. a tied
+    head), and `extra_tensors` (towers the causal LM leaves out) beside them."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model.save_pretrained(directory / "text")
+    text = json.loads((directory / "text" / "config.json").read_text())
+    hub = directory / "hub"
+    hub.mkdir()
+    (hub / "config.json").write_text(json.dumps(multimodal | {
+        "text_config": {key: value for key, value in text.items() if key not in ("architectures", "dtype")}}))
+    tensors = {name.replace("model.", "model.language_model.", 1): tensor.contiguous()
+               for name, tensor in model.state_dict().items() if name not in skip}
+    save_file(tensors | (extra_tensors or {}), hub / "model.safetensors", metadata={"format": "pt"})
+    return hub
+
+
 def build_f32_gguf(source: Path, passes: list, out: Path, stream: bool = False):
     """`build --target gguf --quant f32` of `source` with `passes`, validated on a few short held-out windows; the
     compressed checkpoint saved too (the family tests load it in stock transformers)."""

@@ -293,28 +293,19 @@ def test_the_hubs_multimodal_checkpoint_is_read_as_its_text_model_in_memory_and_
     """google/gemma-4-26B-A4B's layout: config model_type gemma4 with the text model under text_config, its tensors
     under model.language_model.* (the head tied to the embeddings), the vision tower beside them. transformers'
     own Gemma4ForCausalLM cannot read these names (its conversion table has no prefix for them); moeexport does."""
-    import json
-
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     model = tiny_model("gemma4_text")
-    model.save_pretrained(tmp_path / "text")
-    text = json.loads((tmp_path / "text" / "config.json").read_text())
-    hub = tmp_path / "hub"
-    hub.mkdir()
-    (hub / "config.json").write_text(json.dumps({
-        "model_type": "gemma4", "architectures": ["Gemma4ForConditionalGeneration"],
-        "text_config": {key: value for key, value in text.items() if key not in ("architectures", "dtype")}}))
-    tensors = {name.replace("model.", "model.language_model.", 1): tensor.contiguous()
-               for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
-    tensors |= {"model.vision_tower.patch_embedder.input_proj.weight": torch.zeros(4, 4),
-                "model.embed_vision.embedding_projection.weight": torch.zeros(4, 4)}
-    save_file(tensors, hub / "model.safetensors", metadata={"format": "pt"})
+    hub = checks.saved_in_hub_multimodal_layout(
+        model, tmp_path, {"model_type": "gemma4", "architectures": ["Gemma4ForConditionalGeneration"]},
+        skip=("lm_head.weight",), extra_tensors={"model.vision_tower.patch_embedder.input_proj.weight": torch.zeros(4, 4),
+                                                 "model.embed_vision.embedding_projection.weight": torch.zeros(4, 4)})
     tokens = random_tokens(2, 16)
     for loader in (load, load_streamed):
         read = loader(hub)
         assert read.config.model_type == "gemma4_text" and read.config.name_or_path == str(hub)
         assert torch.equal(torch.from_numpy(streaming.logits(read, tokens)), checks.logits(model, tokens)), loader.__name__
+    tensors = load_file(hub / "model.safetensors")
     del tensors["model.language_model.layers.1.experts.down_proj"]
     save_file(tensors, hub / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(MoeExportError, match=r"lacks tensor model\.language_model\.layers\.1\.experts\.down_proj"):

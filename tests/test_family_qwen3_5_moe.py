@@ -316,23 +316,11 @@ def test_the_hubs_multimodal_checkpoint_is_read_as_its_text_model_in_memory_and_
     """Qwen/Qwen3.5-35B-A3B's layout: config model_type qwen3_5_moe with the text model under text_config, its
     tensors under model.language_model.* (experts fused 3-D, as the model holds them), the next-token-prediction
     block (mtp.*) and the vision tower (model.visual.*) beside them, which transformers' causal LM leaves out."""
-    import json
-
-    from safetensors.torch import save_file
-
     model = _model()
-    model.save_pretrained(tmp_path / "text")
-    text = json.loads((tmp_path / "text" / "config.json").read_text())
-    hub = tmp_path / "hub"
-    hub.mkdir()
-    (hub / "config.json").write_text(json.dumps({
-        "model_type": "qwen3_5_moe", "architectures": ["Qwen3_5MoeForConditionalGeneration"],
-        "tie_word_embeddings": False,
-        "text_config": {key: value for key, value in text.items() if key not in ("architectures", "dtype")}}))
-    tensors = {name.replace("model.", "model.language_model.", 1): tensor.contiguous()
-               for name, tensor in model.state_dict().items()}
-    tensors |= {"mtp.fc.weight": torch.zeros(4, 4), "model.visual.patch_embed.proj.weight": torch.zeros(4, 4)}
-    save_file(tensors, hub / "model.safetensors", metadata={"format": "pt"})
+    hub = checks.saved_in_hub_multimodal_layout(
+        model, tmp_path, {"model_type": "qwen3_5_moe", "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+                          "tie_word_embeddings": False},
+        extra_tensors={"mtp.fc.weight": torch.zeros(4, 4), "model.visual.patch_embed.proj.weight": torch.zeros(4, 4)})
     tokens = random_tokens(2, 16)
     for loader in (load, load_streamed):
         read = loader(hub)
