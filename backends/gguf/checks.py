@@ -179,7 +179,8 @@ def _tensor_entry(cursor: _Cursor, gguf) -> tuple[str, tuple[int, ...], int, int
 
 
 def _readable_types(gguf) -> set[int]:
-    """The ggml types GGUFFile dequantizes: plain floats, the writer's Q1_0 zeros, and what gguf-py dequantizes."""
+    """The ggml types GGUFFile dequantizes: plain floats, the writer's Q1_0 zeros, and the types gguf-py knows how
+    to dequantize (ggml's own dequantizer reads them all, bit for bit as gguf-py would)."""
     types = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q1_0}
     return {int(t) for t in types | set(gguf.quants._type_traits)}
 

@@ -12,7 +12,8 @@ files of the same hosts that llama.cpp's own converter writes:
 - The tokenizer comes from the `tokenizer.ggml.*` metadata through transformers'
   GGUF tokenizer converter.
 - Weights are read with plain file reads (no memory map: a mapping keeps every
-  page it touched in this process's resident memory) and dequantized with gguf-py,
+  page it touched in this process's resident memory) and dequantized by ggml's own
+  `to_float` (bit for bit what gguf-py computes, about ten times as fast),
   K-quants included. Experts are the outer axis of the `*_exps` stacks, so one
   expert's bytes are one contiguous range of the file.
 
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moeexport.backends.gguf import ggml
 from moeexport.backends.gguf.architectures import ARCHITECTURES, host_named
 from moeexport.backends.gguf.checks import check_mapping, check_model, prescan
 from moeexport.backends.gguf.names import LAYERS_KEY
@@ -120,21 +122,22 @@ class GGUFFile:
         return data
 
     @staticmethod
-    def _values(raw: np.ndarray, qtype: int) -> np.ndarray:
-        """float32 rows from stored rows (uint8 [rows, bytes per row])."""
+    def _values(raw: np.ndarray, qtype: int, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 rows from stored rows (uint8 [rows, bytes per row]), written into `out` when given."""
         gguf = _gguf()
         qtype = gguf.GGMLQuantizationType(qtype)
         if qtype == gguf.GGMLQuantizationType.F32:
-            return raw.view(np.float32)
-        if qtype == gguf.GGMLQuantizationType.F16:
-            return raw.view(np.float16).astype(np.float32)
-        if qtype == gguf.GGMLQuantizationType.Q1_0:  # gguf-py does not dequantize it (the writer's zeros use it)
-            block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
-            blocks = raw.reshape(-1, block_bytes)
-            scale = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # then one sign bit per weight
-            signs = np.unpackbits(blocks[:, 2:], axis=-1, bitorder="little").astype(bool)
-            return np.where(signs, scale, -scale).reshape(raw.shape[0], -1)
-        return gguf.quants.dequantize(raw, qtype)
+            values = raw.view(np.float32)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            values = raw.view(np.float16)
+        else:  # ggml's own dequantizer: llama.cpp's values for every type it stores
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            shape = (len(raw), raw.shape[1] // size * block)
+            return ggml.dequantize_rows(qtype, raw, np.empty(shape, np.float32) if out is None else out)
+        if out is None:
+            return values.astype(np.float32)
+        out[...] = values
+        return out
 
     def matrix_rows(self, name: str, index: int, first: int, count: int) -> np.ndarray:
         """float32 rows [first, first + count) of matrix `index` of a stacked tensor [E, rows, columns]."""
@@ -159,10 +162,10 @@ class GGUFFile:
         return values
 
     def _dequantize_rows(self, raw: np.ndarray, qtype: int, rows: np.ndarray) -> np.ndarray:
-        """Stored rows `raw` dequantized into float32 `rows`, a block at a time: dequantizing makes
-        temporaries several times its output's size, handed back to the system afterwards."""
+        """Stored rows `raw` dequantized into float32 `rows`, a block at a time (the reads' temporaries handed
+        back to the system afterwards)."""
         for first in range(0, rows.shape[0], DEQUANTIZE_ROWS):
-            rows[first:first + DEQUANTIZE_ROWS] = self._values(raw[first:first + DEQUANTIZE_ROWS], qtype)
+            self._values(raw[first:first + DEQUANTIZE_ROWS], qtype, out=rows[first:first + DEQUANTIZE_ROWS])
         release_freed_memory()
         return rows
 
