@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import moeexport
-from moeexport import streaming
+from moeexport import BuildOptions, streaming
 from moeexport.adapters import adapter_for
 from moeexport.backends import gguf as gguf_backend
 from moeexport.checkpoint_files import DEMO_MODEL
@@ -310,3 +310,18 @@ def test_the_hubs_multimodal_checkpoint_is_read_as_its_text_model_in_memory_and_
     save_file(tensors, hub / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(MoeExportError, match=r"lacks tensor model\.language_model\.layers\.1\.experts\.down_proj"):
         load(hub)
+
+
+def test_the_tensorrt_bundle_of_a_model_whose_layers_differ_in_key_value_heads_is_written(tmp_path):
+    """Gemma 4's config is heterogeneous (its full-attention layers have their own key-value heads), and
+    transformers refuses a plain read of such a key: the bundle's manifest states the config's global value."""
+    import json
+
+    options = BuildOptions(out=str(tmp_path / "out"), quant="f16", profile=False, validation_windows=(2, 48),
+                           eval_text=str(checks.HELD_OUT), measure_quality=False)
+    source = _saved_source(tmp_path / "model")
+    report = moeexport.build(source, {"passes": []}, "tensorrt", options)
+    manifest = json.loads((tmp_path / "out" / "bundle" / "bundle.json").read_text())
+    assert report.ok and manifest["model"]["model_type"] == "gemma4_text"
+    assert manifest["model"]["num_key_value_heads"] == json.loads((source / "config.json").read_text())[
+        "num_key_value_heads"]

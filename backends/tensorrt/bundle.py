@@ -65,10 +65,13 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def model_summary(model) -> dict:
-    config = model.config
+    """The model's shape for the manifest, as its config states it globally (a config whose layers differ, e.g.
+    in key-value heads, refuses a plain read of such a key)."""
+    from moeexport.adapters.declaration import global_value
+
     keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "max_position_embeddings", "num_experts_per_tok")
-    return {key: getattr(config, key, None) for key in keys}
+    return {key: global_value(model.config, key) for key in keys}
 
 
 def instructions(bundle_name: str, manifest: dict) -> str:
