@@ -64,7 +64,8 @@ def _library():
     try:
         import llama_cpp
     except ImportError:
-        raise MoeExportError("K-quants and tensor-type overrides need llama-cpp-python: pip install 'moeexport[gguf]'") from None
+        raise MoeExportError("reading a GGUF, K-quants and tensor-type overrides need llama-cpp-python (ggml): "
+                             "pip install 'moeexport[gguf]'") from None
     found = sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.so*"))
     if not found:
         raise MoeExportError(f"llama-cpp-python has no libggml-base in {Path(llama_cpp.__file__).parent / 'lib'}: "
@@ -102,7 +103,7 @@ def _to_float(ggml_type: int):
 
 def dequantize_rows(ggml_type: int, raw: np.ndarray, out: np.ndarray, threads: int = 2) -> np.ndarray:
     """Stored rows `raw` (uint8 [n, row bytes]) into float32 `out` [n, columns] by ggml's own `to_float`, split
-    over `threads`: the values gguf-py's numpy dequantizer gives, bit for bit (tests/test_gguf_reader.py), about
+    over `threads`: the values gguf-py's numpy dequantizer gives, bit for bit (tests/test_gguf_input.py), about
     ten times as fast."""
     if not out.flags.c_contiguous or out.dtype != np.float32:
         raise ValueError("dequantize_rows writes into a C-contiguous float32 array")
