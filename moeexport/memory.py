@@ -73,6 +73,8 @@ class Workload:
     logit_positions: int = 0  # positions whose logits are recorded (quality + validation windows)
     moment_values: int = 0  # float64 input moments held for the whole run (moment_values: an importance matrix)
     gram_values: int = 0  # float32 values of one expert's Gram matrices and their solver's (gram_values: GPTQ)
+    refit_values: int = 0  # float64 values of an attention refit's normal equations (refit_values: repair: refit)
+    residuals_held: int = 0  # further copies of the calibration set's hidden states held (a refit's targets)
 
 
 @dataclass(frozen=True)
@@ -158,9 +160,10 @@ def plan(headers: dict, hidden_size: int, vocab_size: int, budget: int, workload
     in_memory = RUNTIME + int(total * DTYPE_BYTES["float32"] * IN_MEMORY_FACTOR)
 
     def streamed_peak(compute: str) -> int:
-        activations = workload.calibration_tokens * hidden_size * DTYPE_BYTES[compute] * (workload.block_window + 3)
+        copies = workload.block_window + 3 + workload.residuals_held
+        activations = workload.calibration_tokens * hidden_size * DTYPE_BYTES[compute] * copies
         logits = min(workload.logit_positions, 2 * LOGIT_POSITIONS) * vocab_size * 4
-        held = workload.moment_values * 8 + workload.gram_values * 4
+        held = workload.moment_values * 8 + workload.gram_values * 4 + workload.refit_values * 8
         return _streamed_bytes(size, block, compute) + activations + logits + held
 
     streamed = stream if stream is not None else in_memory > budget
@@ -195,6 +198,15 @@ def gram_values(headers: dict) -> int:
     widths = [shape[-1] for name, (shape, _, _) in unpacked_headers(headers, transposed=False).items()
               if _layer_number(name) is not None and (_expert_number(name) is not None or _is_expert_stack(name, shape))]
     return 5 * max(widths, default=0) ** 2
+
+
+def refit_values(headers: dict) -> int:
+    """Values an attention refit (`repair: refit` of Block or Layer Drop) holds in float64: the Gram matrix of
+    the output projection's inputs, the right-hand side, the original weights and the solver's system, four
+    squares of the widest input of a decoder layer's matrices (a bound)."""
+    widths = [shape[-1] for name, (shape, _, _) in headers.items()
+              if len(shape) == 2 and _layer_number(name) is not None and _expert_number(name) is None]
+    return 4 * max(widths, default=0) ** 2
 
 
 def _outer_block(headers: dict) -> int:

@@ -357,6 +357,7 @@ def memory_plan(model: Source | str | Path, recipe: Recipe, options: CompressOpt
     `moments`: the run holds every weight matrix's input moments (an importance matrix); a pass that computes
     weights from calibration activations holds them too."""
     from moeexport import memory
+    from moeexport.passes import PASSES
 
     source = as_source(model, options.trust_remote_code)  # an unsupported model stops here, by name
     config, stream = source.config, options.stream
@@ -373,6 +374,10 @@ def memory_plan(model: Source | str | Path, recipe: Recipe, options: CompressOpt
         workload = replace(workload, moment_values=memory.moment_values(source.headers, config.hidden_size))
     if _solves_with_grams(recipe):
         workload = replace(workload, gram_values=memory.gram_values(source.headers))
+    held = sum(PASSES[step.name].residuals_held(step.options) for step in recipe.steps)
+    if held:
+        workload = replace(workload, refit_values=memory.refit_values(source.headers), residuals_held=held,
+                           calibration_tokens=calibration.samples * calibration.length)
     budget = options.max_memory or memory.default_budget()
     plan = memory.plan(source.headers, config.hidden_size, config.vocab_size, budget, workload, stream, options.dtype)
     if plan.streamed:

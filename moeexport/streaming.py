@@ -58,6 +58,9 @@ class LayerEdit:
     # stored matrix's rows it holds) -> the new matrix, applied in order as it is read (row-wise, so a part of
     # a matrix may be transformed alone: the quantize pass's RTN, Wanda, or SpilledExperts' rows)
     transforms: tuple = ()
+    # names (inside the layer) of weights a pass computed (`repair: refit`'s attention output projection): read
+    # from the stream's spilled weights, not from the checkpoint
+    replaced: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class LayerStream:
         self.edits = [LayerEdit(index) for index in range(len(decoder_layers(self.adapter, model)))]
         self.layers_read = 0
         self._found_finite: set = set()  # what was read and checked finite already (a pass reads it again)
+        self.replaced_weights = SpilledTensors()  # LayerEdit.replaced's values, by (source layer, name)
         self._untie_stored_copies()
 
     @property
@@ -150,6 +154,12 @@ class LayerStream:
             _, meta, _, prefix = experts._arguments
             setattr(self.adapter.layer_view(self.model, layer).ffn, self.adapter.experts,
                     ExpertsOnDemand(self, meta, self.edits[layer], prefix))
+
+    def replace_weight(self, layer: int, name: str, tensor: torch.Tensor) -> None:
+        """Layer `layer`'s weight `name` (inside the layer) is `tensor` from now on, whenever the layer is read."""
+        edit = self.edits[layer]
+        self.replaced_weights.put((edit.source, name), tensor)
+        self.edits[layer] = replace(edit, replaced=edit.replaced | {name})
 
     def kept_experts(self, edit: LayerEdit) -> tuple[int, ...]:
         """The experts of its source layer that a layer's `edit` keeps, in order (all of them unless it names some)."""
@@ -191,6 +201,7 @@ class LayerStream:
             for name, meta in module.state_dict(keep_vars=True).items()
             if not (experts_prefix and name.startswith(experts_prefix))
         }
+        weights.update({name: self.replaced_weights.tensor((edit.source, name)) for name in edit.replaced})
         module.load_state_dict(weights, assign=True, strict=False)
         del weights
         if view.experts is not None:
@@ -546,24 +557,36 @@ class _ExpertReader:
         return matrix.to(self.stream.dtype) if transforms else matrix
 
 
-class SpilledExperts:
-    """Expert matrices computed for a streamed layer from what only that layer's calibration run measured (GPTQ,
-    SparseGPT), held in files until they are read: a LayerStream transform that gives the rows asked for of the
-    matrix stored for (stack, source expert), whatever it is given. The files go with this object."""
+class SpilledTensors:
+    """Tensors a pass computed for a streamed model, held in files (one per key) until they are read; a key put
+    again replaces its tensor. The files go with this object."""
 
     def __init__(self):
-        self.directory = Path(tempfile.mkdtemp(prefix="moeexport-spilled-experts-"))
+        self.directory = Path(tempfile.mkdtemp(prefix="moeexport-spilled-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, True)
-        self.files: dict[tuple[str, int], Path] = {}
+        self.files: dict[object, Path] = {}
 
-    def put(self, stack: str, expert: int, matrix: torch.Tensor) -> None:
+    def put(self, key, tensor: torch.Tensor) -> None:
         path = self.directory / f"{len(self.files)}.safetensors"
-        save_file({"matrix": matrix.contiguous()}, path)
-        self.files[stack, expert] = path
+        save_file({"tensor": tensor.contiguous()}, path)
+        self.files[key] = path
+
+    def rows(self, key, rows: slice) -> torch.Tensor:
+        with safe_open(self.files[key], "pt") as handle:
+            return handle.get_slice("tensor")[rows.start:rows.stop]
+
+    def tensor(self, key) -> torch.Tensor:
+        with safe_open(self.files[key], "pt") as handle:
+            return handle.get_tensor("tensor")
+
+
+class SpilledExperts(SpilledTensors):
+    """Expert matrices computed for a streamed layer from what only that layer's calibration run measured (GPTQ,
+    SparseGPT), keyed (stack, source expert): a LayerStream transform that gives the rows asked for of the
+    matrix stored for the expert it is given, whatever matrix it is given."""
 
     def __call__(self, matrix: torch.Tensor, stack: str, expert: int, rows: slice) -> torch.Tensor:
-        with safe_open(self.files[stack, expert], "pt") as handle:
-            return handle.get_slice("matrix")[rows.start:rows.stop]
+        return self.rows((stack, expert), rows)
 
 
 class ExpertsOnDemand(nn.Module):

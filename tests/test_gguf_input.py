@@ -154,6 +154,22 @@ def test_a_quantize_pass_rewrites_only_the_experts_it_changed(tmp_path):
     assert all(output.tensors[name].qtype == GGUFFile(source).tensors[name].qtype for name in rewritten)
 
 
+def test_a_refit_rewrites_only_the_attention_output_it_solved(tmp_path):
+    source = gguf_backend.export(moeexport.load("demo"), tmp_path / "demo-q8_0.gguf", quant="q8_0").path
+    recipe = {"passes": [{"layer_drop": {"n": 1, "score": "random", "seed": 1, "repair": "refit"}}]}
+    report = _carried_build(source, tmp_path, recipe=recipe)
+    assert report.ok, report.validation
+    dropped = report.compression.passes[0]["plan"]["drop"]
+    assert report.artifact["fallbacks"] == [f"blk.{dropped[0]}.attn_output.weight: rewritten (a repair refit it)"]
+    codes = carried_codes(source, report.artifact["path"])
+    assert codes[f"blk.{dropped[0]}.attn_output.weight"] == "rewritten"
+    assert GGUFFile(report.artifact["path"]).tensors[f"blk.{dropped[0]}.attn_output.weight"].qtype == \
+        GGUFFile(source).tensors[f"blk.{dropped[0]}.attn_output.weight"].qtype
+    others = {name: code for name, code in codes.items()
+              if "attn_output" not in name and name != f"blk.{dropped[0]}.ffn_norm.weight"}  # its norm: ones
+    assert set(others.values()) == {"carried", "zeros"}, others
+
+
 def test_what_a_gguf_input_cannot_do_is_refused_by_name(tmp_path):
     source = gguf_backend.export(moeexport.load("demo"), tmp_path / "demo.gguf", quant="q8_0").path
     with pytest.raises(MoeExportError, match="compress the model's safetensors checkpoint instead"):

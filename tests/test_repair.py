@@ -5,18 +5,25 @@ absorbs what they removed."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
+from moeexport import CalibrationOptions
 from moeexport.adapters import adapter_for
+from moeexport.checkpoint_files import DEMO_MODEL
 from moeexport.calibration.sources import CalibrationConfig
 from moeexport.compress import StatisticsProvider, compress
 from moeexport.errors import MoeExportError
 from moeexport.passes import repair
 from moeexport.passes.trim import BlockDrop, BlockDropPlan
+from moeexport.pipeline import CompressOptions, memory_plan
 from moeexport.recipe import parse_recipe
+from tests.conftest import CORPUS, FIXTURE, needs_shared
+from tests.family_checks import HELD_OUT
 from tests.test_selection import _kl
+from tests.test_streamed_moments import _same_artifact
 from tests.tiny_models import random_tokens, tiny_model
 
 DROP = {"keep": 2, "score": "random", "seed": 4}
@@ -127,3 +134,31 @@ def test_forward_selection_takes_the_columns_that_span_the_target_and_fills_a_si
     group = torch.tensor([0] * 6 + [1] * 6 + [2] * 6)
     chosen = repair._forward_selection(z.T @ z, z.T @ y, group, quota=2, damping=1e-6)
     assert chosen.tolist() == [1, 4, 7, 9, 12, 13]
+
+
+# --- streamed -------------------------------------------------------------------------------------------------------
+
+TRIM_REFIT = {"passes": [{"block_drop": {"n": 1, "repair": "refit"}}, {"layer_drop": {"n": 1, "repair": "refit"}}]}
+
+
+@pytest.mark.parametrize("model", ["demo", pytest.param("fixture", marks=needs_shared)])
+def test_a_streamed_trim_refit_writes_the_in_memory_builds_bytes(model, tmp_path):
+    """The refit attention output projection waits on disk for every later read of its streamed layer."""
+    if model == "fixture":
+        whole, streamed = _same_artifact(FIXTURE, TRIM_REFIT, "f32", tmp_path, CORPUS / "calib.txt", CORPUS / "dev.txt")
+    else:
+        whole, streamed = _same_artifact(model, TRIM_REFIT, "f32", tmp_path, HELD_OUT, HELD_OUT)
+    for report in (whole, streamed):
+        lines = [line for step in report.compression.passes for line in step["summary"]]
+        assert sum("refit the attention output projection" in line for line in lines) >= 1, lines
+
+
+def test_the_memory_plan_counts_a_trim_refits_system_and_targets():
+    options = CompressOptions(out="unused", stream=True, eval_text=str(HELD_OUT),
+                              calibration=CalibrationOptions(source=str(HELD_OUT), samples=8, length=64))
+    plain, refit = (memory_plan("demo", parse_recipe({"passes": [{"block_drop": {"n": 2, "score": "random",
+                                                                                "repair": repair}}]}), options)
+                    for repair in ("none", "refit"))
+    config = json.loads((DEMO_MODEL / "config.json").read_text())
+    # the normal equations of the o_proj (float64) and two more copies of the calibration hidden states
+    assert refit.streamed_bytes - plain.streamed_bytes >= 4 * config["hidden_size"] ** 2 * 8 + 2 * 8 * 64 * config["hidden_size"] * 4

@@ -192,9 +192,8 @@ def test_a_streamed_run_refuses_what_it_cannot_do_before_any_work():
     with pytest.raises(MoeExportError, match="quantize cannot run streamed"):
         memory_plan("demo", parse_recipe({"passes": [{"quantize": {"method": "gptq", "bits": 4,
                                                                    "shared_experts": True}}]}), streamed)
-    for trim in ("block_drop", "layer_drop"):
-        with pytest.raises(MoeExportError, match=f"{trim} cannot run streamed"):
-            memory_plan("demo", parse_recipe({"passes": [{trim: {"n": 1, "repair": "refit"}}]}), streamed)
+    with pytest.raises(MoeExportError, match="expert_drop cannot run streamed"):
+        memory_plan("demo", parse_recipe({"passes": [{"expert_drop": {"keep": 4, "repair": "refit"}}]}), streamed)
     with pytest.raises(MoeExportError, match="pass --calib FILE"):
         memory_plan("demo", parse_recipe(TRIM), streamed)
     memory_plan("demo", parse_recipe({"passes": [{"layer_drop": {"n": 1, "score": "random"}}]}), streamed)

@@ -56,7 +56,7 @@ import torch
 from moeexport.adapters import LayerView, ModelConfig, adapter_for
 from moeexport.adapters.declaration import CLAMPED_SWIGLU
 from moeexport.adapters.experts import down_weights, gate_and_up_biases, gate_and_up_weights
-from moeexport.adapters.surgery import structure
+from moeexport.adapters.surgery import decoder_layers, structure
 from moeexport.backends.gguf import ggml
 from moeexport.backends.gguf.imatrix_file import Imatrix, ImatrixEntry
 from moeexport.backends.gguf.architectures import ARCHITECTURES, UNBOUNDED_WINDOW, GGUFArchitecture, host_named
@@ -884,7 +884,7 @@ class _TensorSink:
             # numpy arrays are the writer's own (zeros, ones, biases); the model's weights are torch tensors
             # or expert stacks, which the input GGUF may hold byte for byte
             own = isinstance(tensor, np.ndarray)
-            carried = None if own else self.carry.find(name, shape)
+            carried = None if own else self.carry.find(name, tensor)
             if carried is not None:
                 self._add_carried(name, carried)
                 return
@@ -1079,6 +1079,7 @@ class _Carry:
         self.stream, self.file = stream, file
         self.carried: list[str] = []
         self.rewritten: dict[str, str] = {}  # output name -> why
+        self.refit: set[str] = set()  # output names of weights a pass computed (LayerEdit.replaced)
         source_host = host_named(plan.config.model_type, file.architecture)
         self.row_orders = {}  # output tensor name suffix -> the input row of each output row
         if source_host.permute_qk != plan.architecture.permute_qk:
@@ -1107,10 +1108,13 @@ class _Carry:
         edit = self.stream.edits[int(match.group(1))]
         return f"blk.{edit.source}.{match.group(2)}", edit
 
-    def find(self, name: str, shape: tuple[int, ...]) -> _Carried | None:
+    def find(self, name: str, tensor) -> _Carried | None:
+        """Where output tensor `name`, the model's `tensor`, lies in the input file (None: it is rewritten)."""
         source, edit = self._input(name)
-        stored = self.file.tensors.get(source)
-        if stored is None or tuple(stored.shape[1:]) != tuple(shape[1:]):
+        stored, shape = self.file.tensors.get(source), tuple(tensor.shape)
+        if stored is None or tuple(stored.shape[1:]) != shape[1:]:
+            return None
+        if edit is not None and edit.replaced and self._replaced(name, tensor):
             return None
         if not per_expert(name):
             slots = tuple(range(shape[0])) if stored.shape[0] == shape[0] else None
@@ -1127,6 +1131,15 @@ class _Carry:
             self.carried.append(name)
         return _Carried(stored, slots, self.file)
 
+    def _replaced(self, name: str, tensor) -> bool:
+        """Whether `tensor` (of output tensor `name`) is a weight a pass computed for its layer (a refit)."""
+        layer = int(re.match(r"blk\.(\d+)\.", name).group(1))
+        module = decoder_layers(self.stream.adapter, self.stream.model)[layer]
+        if any(tensor is module.get_parameter(replaced) for replaced in self.stream.edits[layer].replaced):
+            self.refit.add(name)
+            return True
+        return False
+
     def rewrite_type(self, name: str, shape: tuple[int, ...], writing: bool) -> int | str:
         """The type a model tensor that cannot be carried is written in: its input tensor's (a ggml type id),
         or f16 where the input has none of that row width; the header pass records why it is rewritten."""
@@ -1134,6 +1147,7 @@ class _Carry:
         stored = self.file.tensors.get(source)
         if not writing:
             why = ("a quantize pass changed its experts" if edit is not None and edit.transforms and "_exps." in name
+                   else "a repair refit it" if name in self.refit
                    else "the input has no tensor of that shape there")
             self.rewritten[name] = why
         return stored.qtype if stored is not None and stored.shape[-1] == shape[-1] else "f16"

@@ -52,6 +52,10 @@ class CompressionPass:
         """True when `apply` needs the calibration tokens (see the module docstring)."""
         return False
 
+    def residuals_held(self, options: PassOptions) -> int:
+        """How many copies of the calibration set's hidden states `apply` holds at once (a refit's targets)."""
+        return 0
+
     def check(self, options: PassOptions, layers: list[LayerSpec]) -> None:
         """Raise MoeExportError when the options cannot apply to a model of this structure."""
 

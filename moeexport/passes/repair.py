@@ -60,6 +60,7 @@ from moeexport.adapters.routing import check_routing, route
 from moeexport.adapters.surgery import keep_experts
 from moeexport.calibration.expert_inputs import layer_by_layer
 from moeexport.errors import MoeExportError
+from moeexport.streaming import child_name, stream_of
 
 MAX_GRAM_BYTES = 4 * 2**30
 
@@ -316,7 +317,7 @@ def refit_attention_outputs(model, targets: dict[int, list[torch.Tensor]], token
     Returns, per layer, the relative error of that residual [before, after refit]."""
     if not targets:
         return {}
-    adapter = adapter_for(model.config)
+    adapter, stream = adapter_for(model.config), stream_of(model)
     errors = {}
     task = progress.add_task(f"{what}: refit attention outputs", total=len(targets)) if progress else None
     for index, module, run in layer_by_layer(adapter, model, tokens):
@@ -336,6 +337,8 @@ def refit_attention_outputs(model, targets: dict[int, list[torch.Tensor]], token
                     projection.register_forward_hook(add))
         refit, errors[index] = least_squares.solve(ridge)
         projection.weight.data = refit.T.to(projection.weight.dtype).contiguous()
+        if stream is not None:  # the layer is read again from disk by every later pass: read it refit
+            stream.replace_weight(index, child_name(module, projection) + ".weight", projection.weight.data)
         if progress:
             progress.advance(task)
         if index == max(targets):

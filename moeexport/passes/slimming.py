@@ -254,7 +254,7 @@ class ExpertSlimmingPass(CompressionPass):
                     new = self.slim(original[None], seen.gram[None], plan)[0]
                 if seen.tokens:
                     errors[stack].append(output_error(new - original, original, seen.gram))
-                spill.put(stack, expert, new.T if transposed else new)
+                spill.put((stack, expert), new.T if transposed else new)
         stream.transform_experts(view.index, spill)
         tally.errors += [error for stack in stacks for error in errors[stack]]  # _slim_in_place's order
         _count(view, stacks, tally)

@@ -153,13 +153,17 @@ class _MeasuredAndRepaired:
 
 
 class _Repairable(CompressionPass):
-    """A pass with `repair: refit`, which solves for weights on calibration activations of the whole model."""
+    """A pass with `repair: refit`, which solves for weights on calibration activations, layer by layer (an
+    attention refit streams: the stream reads its solved projection instead of the checkpoint's)."""
 
     def streams(self, options) -> bool:
-        return options.repair == "none"
+        return True
 
     def needs_activations(self, options) -> bool:
         return options.repair == "refit"
+
+    def residuals_held(self, options) -> int:
+        return options.n if options.repair == "refit" else 0  # the original residual at each absorbing point
 
     def check_model(self, options, model) -> None:
         adapter = adapter_for(model.config)
@@ -362,6 +366,12 @@ class ExpertDropPlan(_MeasuredAndRepaired):
 class ExpertDrop(_Repairable):
     name = "expert_drop"
     Options = ExpertDropOptions
+
+    def streams(self, options: ExpertDropOptions) -> bool:
+        return options.repair == "none"  # the rebuild holds every expert of a layer
+
+    def residuals_held(self, options: ExpertDropOptions) -> int:
+        return 0  # the rebuild's targets are counted in its in-memory peak (IN_MEMORY_FACTOR), as it never streams
 
     def needs_statistics(self, options: ExpertDropOptions) -> bool:
         return options.score != "random"  # measured scores also report the tokens each dropped expert saw
