@@ -24,6 +24,7 @@ GIB = 2**30
 RUNTIME = int(0.8 * GIB)
 IN_MEMORY_FACTOR = 2.1
 DEFAULT_FRACTION = 0.75  # of the memory available when the run starts
+MAX_GRAM_BYTES = 4 * GIB  # the largest least-squares system Expert Drop's rebuild solves (passes/repair.py)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # a streamed run never holds the embeddings, the head or all the recorded logits whole (moeexport.streaming):
 OUTER_ROWS = 4096  # rows of the embeddings or head read at once (by the head, the GGUF writer and the saver)
@@ -73,7 +74,7 @@ class Workload:
     logit_positions: int = 0  # positions whose logits are recorded (quality + validation windows)
     moment_values: int = 0  # float64 input moments held for the whole run (moment_values: an importance matrix)
     gram_values: int = 0  # float32 values of one expert's Gram matrices and their solver's (gram_values: GPTQ)
-    refit_values: int = 0  # float64 values of an attention refit's normal equations (refit_values: repair: refit)
+    refits: tuple[str, ...] = ()  # what each `repair: refit` solves for (refit_bytes)
     residuals_held: int = 0  # further copies of the calibration set's hidden states held (a refit's targets)
 
 
@@ -163,7 +164,11 @@ def plan(headers: dict, hidden_size: int, vocab_size: int, budget: int, workload
         copies = workload.block_window + 3 + workload.residuals_held
         activations = workload.calibration_tokens * hidden_size * DTYPE_BYTES[compute] * copies
         logits = min(workload.logit_positions, 2 * LOGIT_POSITIONS) * vocab_size * 4
-        held = workload.moment_values * 8 + workload.gram_values * 4 + workload.refit_values * 8
+        # passes run one after the other: one's Gram matrices or refit at a time, beside the moments
+        solving = max([workload.gram_values * 4] + [refit_bytes(headers, kind, hidden_size,
+                                                                 workload.calibration_tokens, compute)
+                                                    for kind in workload.refits])
+        held = workload.moment_values * 8 + solving
         return _streamed_bytes(size, block, compute) + activations + logits + held
 
     streamed = stream if stream is not None else in_memory > budget
@@ -200,13 +205,34 @@ def gram_values(headers: dict) -> int:
     return 5 * max(widths, default=0) ** 2
 
 
-def refit_values(headers: dict) -> int:
-    """Values an attention refit (`repair: refit` of Block or Layer Drop) holds in float64: the Gram matrix of
-    the output projection's inputs, the right-hand side, the original weights and the solver's system, four
-    squares of the widest input of a decoder layer's matrices (a bound)."""
-    widths = [shape[-1] for name, (shape, _, _) in headers.items()
-              if len(shape) == 2 and _layer_number(name) is not None and _expert_number(name) is None]
-    return 4 * max(widths, default=0) ** 2
+def rebuild_system_bytes(num_experts: int, kept: int, ffn: int) -> int:
+    """Bytes of one layer's joint expert rebuild system (passes/repair.py): a float64 Gram over its candidate
+    neurons, kept x (dropped + 1) x ffn, and its forward selection's basis of kept x ffn of them."""
+    candidates = kept * (num_experts - kept + 1) * ffn
+    return 8 * candidates * (candidates + kept * ffn)
+
+
+def refit_bytes(headers: dict, solves_for: str, hidden_size: int, tokens: int, compute: str) -> int:
+    """What a `repair: refit` on `tokens` calibration tokens holds at once (a bound). For "attention" (Block,
+    Layer Drop): the float64 Gram matrix of an output projection's inputs, the right-hand side, the original
+    weights and the solver's system, four squares of the widest input of a decoder layer's matrices. For
+    "experts" (Expert Drop's rebuild), over every layer and every number of experts it may keep: a joint system
+    that fits MAX_GRAM_BYTES with a float32 and a `compute` copy of the layer's experts; else the per-expert
+    rebuild's: an expert read and the gate and up rows it chooses in `compute`, the chosen down rows before and
+    after in float32, four float32 intermediates of its tokens and four copies of the layer's inputs."""
+    if solves_for == "attention":
+        widths = [shape[-1] for name, (shape, _, _) in headers.items()
+                  if len(shape) == 2 and _layer_number(name) is not None and _expert_number(name) is None]
+        return 4 * max(widths, default=0) ** 2 * 8
+    width, largest = DTYPE_BYTES[compute], 0
+    for count, parameters in _experts_per_layer(headers).values():
+        ffn = parameters // max(3 * count * hidden_size, 1)
+        per_expert = (parameters // count * width + 2 * ffn * hidden_size * (width + 4)
+                      + 4 * tokens * (ffn + hidden_size) * 4)
+        for kept in range(1, count):
+            joint = rebuild_system_bytes(count, kept, ffn)
+            largest = max(largest, joint + parameters * (4 + width) if joint <= MAX_GRAM_BYTES else per_expert)
+    return largest
 
 
 def _outer_block(headers: dict) -> int:
@@ -273,10 +299,20 @@ def _headers_if_readable(model: str) -> dict | None:
         return None
 
 
+def _experts_per_layer(headers: dict) -> dict[int, tuple[int, int]]:
+    """Per decoder layer with routed experts: (how many, the parameters of all of them)."""
+    numbers: dict[int, set] = {}
+    parameters: dict[int, int] = {}
+    for name, (shape, _, _) in unpacked_headers(headers, transposed=False).items():
+        layer, expert = _layer_number(name), _expert_number(name)
+        if layer is not None and (expert is not None or _is_expert_stack(name, shape)):
+            numbers.setdefault(layer, set()).update([expert] if expert is not None else range(shape[0]))
+            parameters[layer] = parameters.get(layer, 0) + math.prod(shape)
+    return {layer: (len(numbers[layer]), parameters[layer]) for layer in parameters}
+
+
 def _expert_total(headers: dict) -> int:
-    return sum(math.prod(shape) for name, (shape, _, _) in unpacked_headers(headers, transposed=False).items()
-               if _layer_number(name) is not None
-               and (_expert_number(name) is not None or _is_expert_stack(name, shape)))
+    return sum(parameters for _, parameters in _experts_per_layer(headers).values())
 
 
 def _layer_number(name: str) -> int | None:

@@ -374,10 +374,12 @@ def memory_plan(model: Source | str | Path, recipe: Recipe, options: CompressOpt
         workload = replace(workload, moment_values=memory.moment_values(source.headers, config.hidden_size))
     if _solves_with_grams(recipe):
         workload = replace(workload, gram_values=memory.gram_values(source.headers))
-    held = sum(PASSES[step.name].residuals_held(step.options) for step in recipe.steps)
-    if held:
-        workload = replace(workload, refit_values=memory.refit_values(source.headers), residuals_held=held,
-                           calibration_tokens=calibration.samples * calibration.length)
+    refits = tuple(kind for kind in (PASSES[step.name].refits(step.options) for step in recipe.steps) if kind)
+    if refits:
+        layers = len(memory.checkpoint_sizes(source.headers)[0])
+        workload = replace(workload, calibration_tokens=calibration.samples * calibration.length, refits=refits,
+                           residuals_held=max(PASSES[step.name].residuals_held(step.options, layers)
+                                              for step in recipe.steps))
     budget = options.max_memory or memory.default_budget()
     plan = memory.plan(source.headers, config.hidden_size, config.vocab_size, budget, workload, stream, options.dtype)
     if plan.streamed:

@@ -117,6 +117,7 @@ class LayerStream:
         self.layers_read = 0
         self._found_finite: set = set()  # what was read and checked finite already (a pass reads it again)
         self.replaced_weights = SpilledTensors()  # LayerEdit.replaced's values, by (source layer, name)
+        self._skeleton_experts: dict[int, nn.Module | None] = {}  # of the layers read in now
         self._untie_stored_copies()
 
     @property
@@ -191,6 +192,21 @@ class LayerStream:
         Its routed experts are not read here: an ExpertsOnDemand stands in for them, which
         reads one expert when it is used, so a layer's memory is its attention plus one expert.
         """
+        self._read_in(index)
+        try:
+            yield self.adapter.layer_view(self.model, index)
+        finally:
+            self._release(index)
+
+    def edit_read_layer(self, index: int, surgery) -> None:
+        """Run `surgery` (adapters/surgery.py's, which changes the skeleton and tells the stream) on layer
+        `index`, which is read in now, and read the layer in again as it leaves it: its modules stay the same
+        objects, holding the changed weights (a pass that rebuilds a layer's experts while it runs)."""
+        self._release(index)
+        surgery()
+        self._read_in(index)
+
+    def _read_in(self, index: int) -> None:
         module = decoder_layers(self.adapter, self.model)[index]
         edit = self.edits[index]
         view = self.adapter.layer_view(self.model, index)
@@ -204,6 +220,7 @@ class LayerStream:
         weights.update({name: self.replaced_weights.tensor((edit.source, name)) for name in edit.replaced})
         module.load_state_dict(weights, assign=True, strict=False)
         del weights
+        self._skeleton_experts[index] = view.experts
         if view.experts is not None:
             setattr(view.ffn, self.adapter.experts, ExpertsOnDemand(self, view.experts, edit, experts_prefix))
         try:
@@ -211,12 +228,17 @@ class LayerStream:
             if self.check_finite and ("layer", edit.source) not in self._found_finite:
                 check_finite(module, Path(self.model.config.name_or_path or "."), prefix=f"layer {index}: ")
                 self._found_finite.add(("layer", edit.source))
-            self.layers_read += 1
-            yield self.adapter.layer_view(self.model, index)
-        finally:
-            if view.experts is not None:
-                setattr(view.ffn, self.adapter.experts, view.experts)
-            module.to("meta")
+        except BaseException:
+            self._release(index)
+            raise
+        self.layers_read += 1
+
+    def _release(self, index: int) -> None:
+        """Layer `index` back on the meta device, its skeleton's routed experts in place of the ExpertsOnDemand."""
+        skeleton = self._skeleton_experts.pop(index)
+        if skeleton is not None:
+            setattr(self.adapter.layer_view(self.model, index).ffn, self.adapter.experts, skeleton)
+        decoder_layers(self.adapter, self.model)[index].to("meta")
 
     def packed(self, index: int, stack: str, slot: int | None = None):
         """Whether layer `index`'s expert stack `stack` (its name inside the layer) is read from MXFP4 pairs that

@@ -149,7 +149,7 @@ def test_a_quantize_pass_rewrites_only_the_experts_it_changed(tmp_path):
     assert rewritten and all("_exps" in name for name in rewritten)
     codes = carried_codes(source, report.artifact["path"])
     assert sorted(name for name, code in codes.items() if code == "rewritten") == sorted(rewritten)
-    assert all("a quantize pass changed its experts" in line for line in report.artifact["fallbacks"])
+    assert all("a pass rewrote its experts" in line for line in report.artifact["fallbacks"])
     output = GGUFFile(report.artifact["path"])
     assert all(output.tensors[name].qtype == GGUFFile(source).tensors[name].qtype for name in rewritten)
 

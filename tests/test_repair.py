@@ -37,17 +37,37 @@ def _dropped(model, tokens, step="expert_drop", **options):
     return model, plan
 
 
+def _per_expert_only(monkeypatch) -> None:
+    """Every layer's joint rebuild system made too large: each is rebuilt one kept expert at a time."""
+    monkeypatch.setattr(repair, "MAX_GRAM_BYTES", 1000)
+
+
+@pytest.mark.parametrize("joint", [True, False], ids=["joint", "per-expert"])
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
-def test_refit_brings_the_dropped_model_closer_to_the_original(family):
+def test_refit_brings_the_dropped_model_closer_to_the_original(family, joint, monkeypatch):
+    if not joint:
+        _per_expert_only(monkeypatch)
     model = tiny_model(family)
     tokens = random_tokens(8, 32, seed=3)
     dropped, plain = _dropped(model, tokens)
     refit, plan = _dropped(model, tokens, repair="refit", ridge=1e-3)
     assert plan.keep == plain.keep and plain.repair_error == {}
     assert set(plan.repair_error) == set(plan.keep)
+    assert plan.rebuilt_per_expert == ([] if joint else sorted(plan.keep))
     assert all(after < before for before, after in plan.repair_error.values())
     assert "refit" in " ".join(plan.describe())
     assert _kl(model, refit, tokens) < 0.8 * _kl(model, dropped, tokens)  # on the tokens it was fit to
+
+
+def test_the_per_expert_rebuilds_block_descent_reaches_its_one_block_solution(monkeypatch):
+    _per_expert_only(monkeypatch)
+    model, tokens = tiny_model("mixtral"), random_tokens(8, 32, seed=3)
+    whole, _ = _dropped(model, tokens, repair="refit", ridge=1e-3)
+    monkeypatch.setattr(repair._PerExpertRebuild, "BLOCK", 8)  # the tiny experts' 32 neurons in 4 blocks
+    monkeypatch.setattr(repair._PerExpertRebuild, "SWEEPS", 200)
+    blocked, _ = _dropped(model, tokens, repair="refit", ridge=1e-3)
+    for name, weight in whole.named_parameters():
+        assert torch.allclose(weight, blocked.get_parameter(name), rtol=1e-3, atol=1e-4), name
 
 
 def _neurons(model, layer: int) -> list[list[torch.Tensor]]:
@@ -59,9 +79,12 @@ def _neurons(model, layer: int) -> list[list[torch.Tensor]]:
             for e in range(len(down))]
 
 
-def test_a_large_ridge_rebuilds_the_kept_experts_from_unchanged_original_neurons():
+@pytest.mark.parametrize("joint", [True, False], ids=["joint", "per-expert"])
+def test_a_large_ridge_rebuilds_the_kept_experts_from_unchanged_original_neurons(joint, monkeypatch):
     """The ridge pulls every chosen neuron's down row to its own: each rebuilt expert is then ffn of the layer's
     original neurons, its own or a dropped expert's (as many as the plan says it borrowed), whole."""
+    if not joint:
+        _per_expert_only(monkeypatch)
     model = tiny_model("mixtral")
     tokens = random_tokens(4, 16, seed=2)
     refit, plan = _dropped(model, tokens, repair="refit", ridge=1e9)
@@ -74,16 +97,6 @@ def test_a_large_ridge_rebuilds_the_kept_experts_from_unchanged_original_neurons
                        for neuron in rebuilt]
             assert all(source == expert or source in plan.drop[layer] for source in sources)
             assert sum(source != expert for source in sources) == plan.borrowed[layer][slot]
-
-
-def test_refit_is_refused_before_any_work_when_its_system_would_not_fit(monkeypatch):
-    model = tiny_model("mixtral")
-    monkeypatch.setattr(repair, "MAX_GRAM_BYTES", 1000)
-    original = copy.deepcopy(model)
-    with pytest.raises(MoeExportError, match="use repair: none"):
-        compress(model, parse_recipe({"passes": [{"expert_drop": {**DROP, "repair": "refit"}}]}),
-                 StatisticsProvider(None, CalibrationConfig(), "tiny", cache_dir=None, tokens=random_tokens(2, 8)))
-    assert _kl(original, model, random_tokens(2, 8)) == 0.0
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
@@ -139,18 +152,23 @@ def test_forward_selection_takes_the_columns_that_span_the_target_and_fills_a_si
 # --- streamed -------------------------------------------------------------------------------------------------------
 
 TRIM_REFIT = {"passes": [{"block_drop": {"n": 1, "repair": "refit"}}, {"layer_drop": {"n": 1, "repair": "refit"}}]}
+EXPERT_REFIT = {"passes": [{"expert_drop": {"keep": 4, "scope": "global", "min_keep": 2, "repair": "refit"}}]}
+REFIT_SUMMARY = {"trim": "refit the attention output projection", "experts": "refit the kept experts"}
 
 
+@pytest.mark.parametrize("recipe", ["trim", "experts"])
 @pytest.mark.parametrize("model", ["demo", pytest.param("fixture", marks=needs_shared)])
-def test_a_streamed_trim_refit_writes_the_in_memory_builds_bytes(model, tmp_path):
-    """The refit attention output projection waits on disk for every later read of its streamed layer."""
+def test_a_streamed_refit_writes_the_in_memory_builds_bytes(model, recipe, tmp_path):
+    """A refit attention output projection, or rebuilt experts, wait on disk for every later read of their
+    streamed layer, which is read in again as rebuilt before the next layer's inputs are computed."""
+    steps = TRIM_REFIT if recipe == "trim" else EXPERT_REFIT
     if model == "fixture":
-        whole, streamed = _same_artifact(FIXTURE, TRIM_REFIT, "f32", tmp_path, CORPUS / "calib.txt", CORPUS / "dev.txt")
+        whole, streamed = _same_artifact(FIXTURE, steps, "f32", tmp_path, CORPUS / "calib.txt", CORPUS / "dev.txt")
     else:
-        whole, streamed = _same_artifact(model, TRIM_REFIT, "f32", tmp_path, HELD_OUT, HELD_OUT)
+        whole, streamed = _same_artifact(model, steps, "f32", tmp_path, HELD_OUT, HELD_OUT)
     for report in (whole, streamed):
         lines = [line for step in report.compression.passes for line in step["summary"]]
-        assert sum("refit the attention output projection" in line for line in lines) >= 1, lines
+        assert any(REFIT_SUMMARY[recipe] in line for line in lines), lines
 
 
 def test_the_memory_plan_counts_a_trim_refits_system_and_targets():

@@ -192,8 +192,6 @@ def test_a_streamed_run_refuses_what_it_cannot_do_before_any_work():
     with pytest.raises(MoeExportError, match="quantize cannot run streamed"):
         memory_plan("demo", parse_recipe({"passes": [{"quantize": {"method": "gptq", "bits": 4,
                                                                    "shared_experts": True}}]}), streamed)
-    with pytest.raises(MoeExportError, match="expert_drop cannot run streamed"):
-        memory_plan("demo", parse_recipe({"passes": [{"expert_drop": {"keep": 4, "repair": "refit"}}]}), streamed)
     with pytest.raises(MoeExportError, match="pass --calib FILE"):
         memory_plan("demo", parse_recipe(TRIM), streamed)
     memory_plan("demo", parse_recipe({"passes": [{"layer_drop": {"n": 1, "score": "random"}}]}), streamed)

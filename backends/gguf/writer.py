@@ -1121,7 +1121,7 @@ class _Carry:
             order = next((rows for suffix, rows in self.row_orders.items() if name.endswith(suffix)), None)
             slots = order if slots and order else slots
         elif "_exps." in name and edit.transforms:
-            slots = None  # a quantize pass rounded these experts as they were read: their values changed
+            slots = None  # a pass rewrote these experts (rounded, pruned, rebuilt) as they are read: their values changed
         else:
             kept = self.stream.kept_experts(edit)
             slots = tuple(kept) + (None,) * (shape[0] - len(kept)) if len(kept) <= shape[0] else None
@@ -1146,7 +1146,7 @@ class _Carry:
         source, edit = self._input(name)
         stored = self.file.tensors.get(source)
         if not writing:
-            why = ("a quantize pass changed its experts" if edit is not None and edit.transforms and "_exps." in name
+            why = ("a pass rewrote its experts" if edit is not None and edit.transforms and "_exps." in name
                    else "a repair refit it" if name in self.refit
                    else "the input has no tensor of that shape there")
             self.rewritten[name] = why

@@ -52,8 +52,14 @@ class CompressionPass:
         """True when `apply` needs the calibration tokens (see the module docstring)."""
         return False
 
-    def residuals_held(self, options: PassOptions) -> int:
-        """How many copies of the calibration set's hidden states `apply` holds at once (a refit's targets)."""
+    def refits(self, options: PassOptions) -> str | None:
+        """What `apply` solves for on calibration activations (`repair: refit`): "attention" (an attention output
+        projection per absorbing layer) or "experts" (a layer's kept experts at a time); None: nothing."""
+        return None
+
+    def residuals_held(self, options: PassOptions, layers: int) -> int:
+        """How many copies of the calibration set's hidden states `apply` holds at once in a model of `layers`
+        decoder layers (a refit's targets)."""
         return 0
 
     def check(self, options: PassOptions, layers: list[LayerSpec]) -> None:

@@ -44,8 +44,20 @@ hidden). An expert rebuild holds the original residual after every rebuilt
 layer (tokens x hidden each); its system has a column per candidate neuron,
 kept x (dropped + 1) x ffn, and its selection a basis of kept x ffn of them:
 the fixture's worst layer (4 kept of 8, ffn 512) takes 1 GB, an 8x7B model's
-would take terabytes, so a layer above MAX_GRAM_BYTES is refused before any
-work.
+would take terabytes.
+
+So a layer whose system would exceed MAX_GRAM_BYTES is rebuilt one kept expert
+at a time (_PerExpertRebuild), in the order kept, each fit to what the layer
+still misses with the experts before it rebuilt: its target is its own routed
+contribution plus the layer's remaining error on its tokens; its ffn neurons
+are the best of its own and the dropped experts' by how much of that target
+each explains alone (|z_i^T target|^2 / (|z_i|^2 + lam)); their down rows are
+fit by the same ridge least squares, a block of BLOCK neurons at a time (block
+coordinate descent, SWEEPS passes). It holds about two experts in float32, its
+tokens' intermediates and a BLOCK^2 Gram, and reads each expert of the layer
+once for the layer's outputs and each candidate twice more per kept expert
+(its gate and up for the choice, the chosen rows after it). It is the greedy, separable version of the joint
+rebuild: no correlation between neurons or experts enters the choice.
 """
 
 from __future__ import annotations
@@ -60,14 +72,9 @@ from moeexport.adapters.routing import check_routing, route
 from moeexport.adapters.surgery import keep_experts
 from moeexport.calibration.expert_inputs import layer_by_layer
 from moeexport.errors import MoeExportError
-from moeexport.streaming import child_name, stream_of
+from moeexport.memory import MAX_GRAM_BYTES, rebuild_system_bytes, release_freed_memory
+from moeexport.streaming import SpilledExperts, child_name, stream_of
 
-MAX_GRAM_BYTES = 4 * 2**30
-
-
-def _rebuild_columns(num_experts: int, kept: int, ffn: int) -> tuple[int, int]:
-    """(candidate neurons, chosen neurons) of one layer's expert rebuild: the columns of its system."""
-    return kept * (num_experts - kept + 1) * ffn, kept * ffn
 
 
 def _rebuilt_layers(adapter, model, keep: dict[int, list[int]]) -> list[int]:
@@ -86,32 +93,24 @@ def check_refit_layout(model) -> None:
                              f"{adapter.family}'s (biases, interleaved and transposed) are not; use repair: none")
 
 
-def check_refit_size(model, keep: dict[int, list[int]]) -> None:
-    """Refuse, before any work, a layer whose least-squares system would not fit MAX_GRAM_BYTES."""
-    adapter = adapter_for(model.config)
-    for layer in _rebuilt_layers(adapter, model, keep):
-        view, kept = adapter.layer_view(model, layer), keep[layer]
-        candidates, chosen = _rebuild_columns(view.num_experts, len(kept), view.experts.down_proj.shape[-1])
-        size = 8 * candidates * (candidates + chosen)  # the Gram and the selection's basis, float64
-        if size > MAX_GRAM_BYTES:
-            raise MoeExportError(
-                f"expert_drop repair: refit would solve a {candidates:,}-column least-squares system in layer {layer} "
-                f"({size / 2**30:.0f} GiB): use repair: none for experts this wide")
+def joint_rebuild_fits(num_experts: int, kept: int, ffn: int) -> bool:
+    """Whether a layer's joint rebuild system fits MAX_GRAM_BYTES (else it is rebuilt one kept expert at a time)."""
+    return rebuild_system_bytes(num_experts, kept, ffn) <= MAX_GRAM_BYTES
 
 
 @torch.no_grad()
 def refit_and_keep(model, keep: dict[int, list[int]], tokens: torch.Tensor, ridge: float,
-                   progress=None) -> tuple[dict[int, list[float]], dict[int, list[int]]]:
+                   progress=None) -> tuple[dict[int, list[float]], dict[int, list[int]], list[int]]:
     """Keep `keep[layer]`'s experts in every MoE layer, rebuilding them first (see the module docstring).
     Returns per rebuilt layer the relative error of its routed output against its target on the calibration
-    tokens [dropped, dropped and rebuilt] (the first is what the drop alone would leave), and the neurons each
-    kept expert took from the dropped ones."""
+    tokens [dropped, dropped and rebuilt] (the first is what the drop alone would leave), the neurons each
+    kept expert took from the dropped ones, and the layers rebuilt one kept expert at a time."""
     adapter = adapter_for(model.config)
     routing = adapter.model_config(model.config).routing
     if routing.groups > 1:  # one group (GLM-4.5's noaux_tc) is top-k over all experts, with any selection bias
         raise MoeExportError("expert_drop repair: refit needs greedy top-k routing over all experts, and this "
                              "model routes within expert groups (n_group > 1)")
-    errors, borrowed = {}, {}
+    errors, borrowed, per_expert = {}, {}, []
     rebuilt = _rebuilt_layers(adapter, model, keep)
     targets = residuals_at(model, {layer: "output" for layer in rebuilt}, tokens)
     task = progress.add_task("expert_drop: rebuild kept experts", total=len(keep)) if progress else None
@@ -120,18 +119,71 @@ def refit_and_keep(model, keep: dict[int, list[int]], tokens: torch.Tensor, ridg
             continue
         view = adapter.layer_view(model, index)
         kept = keep[index]
+        rebuilt_experts = _RebuiltExperts(adapter, model, index)
         if index in rebuilt:
-            rebuild, batches = _ExpertRebuild(view, kept, routing), iter(targets.pop(index))
+            joint = joint_rebuild_fits(view.num_experts, len(kept), view.experts.down_proj.shape[-1])
+            rebuild = (_ExpertRebuild if joint else _PerExpertRebuild)(view, kept, routing)
+            per_expert += [] if joint else [index]
+            batches = iter(targets.pop(index))
             _run_hooked(run, view.ffn_norm.register_forward_hook(lambda _, args, output: rebuild.add(output)),
                         module.register_forward_hook(lambda _, args, output: rebuild.add_drift(
                             next(batches) - (output[0] if isinstance(output, tuple) else output))))
-            errors[index], borrowed[index] = rebuild.solve(ridge)
-        keep_experts(adapter, model, index, kept)  # the next layer's inputs come from the layer as it now is
+            errors[index], borrowed[index] = rebuild.solve(ridge, rebuilt_experts)
+        rebuilt_experts.keep(kept)  # the next layer's inputs come from the layer as it now is
         if progress:
             progress.advance(task)
     if progress:
         progress.remove_task(task)
-    return errors, borrowed
+    return errors, borrowed, per_expert
+
+
+def _routing_before_and_after(view, kept: list[int], routing, normed: torch.Tensor):
+    """(inputs [T, hidden] float32, every expert's routing weight per token before the drop, and after it with
+    only `kept` left [T, E]) for one batch of a MoE layer's inputs."""
+    inputs = normed.reshape(-1, normed.shape[-1])
+    output = view.router(inputs)
+    check_routing(view.router, output, view.top_k, routing, view.selection_bias)
+    logits, weights, index = output
+    removed = torch.ones(view.num_experts, dtype=torch.bool)
+    removed[kept] = False
+    new_weights, new_index = route(routing, logits, view.top_k, removed, view.selection_bias)
+    before = torch.zeros(len(inputs), view.num_experts).scatter_add_(1, index, weights.float())
+    after = torch.zeros_like(before).scatter_add_(1, new_index, new_weights)
+    return inputs.float(), before, after
+
+
+class _RebuiltExperts:
+    """Where one layer's rebuilt experts go as each is solved: into the model's expert stacks, or for a streamed
+    layer into files (SpilledExperts) that every later read of the layer reads them from."""
+
+    def __init__(self, adapter, model, index: int):
+        self.adapter, self.model, self.index = adapter, model, index
+        self.stream = stream_of(model)
+        self.spill = SpilledExperts() if self.stream is not None else None
+        self.changed = False
+
+    def put(self, expert: int, stack: str, matrix: torch.Tensor) -> None:
+        """Expert `expert`'s (its index in the layer) new matrix of `stack`, as the stack stores it."""
+        self.changed = True
+        if self.stream is None:
+            getattr(self.adapter.layer_view(self.model, self.index).experts, stack).data[expert] = matrix
+            return
+        source = self.stream.kept_experts(self.stream.edits[self.index])[expert]  # what a transform is told
+        self.spill.put((stack, source), matrix)
+        release_freed_memory()
+
+    def keep(self, kept: list[int]) -> None:
+        """Keep experts `kept` of the layer (read in now); a streamed layer is read in again as it now is."""
+        if self.stream is None:
+            keep_experts(self.adapter, self.model, self.index, kept)
+            return
+
+        def surgery():
+            keep_experts(self.adapter, self.model, self.index, kept)
+            if self.changed:
+                self.stream.transform_experts(self.index, self.spill)
+
+        self.stream.edit_read_layer(self.index, surgery)
 
 
 def _run_hooked(run, *handles) -> None:
@@ -227,8 +279,10 @@ class _ExpertRebuild:
         self.ffn = double_ffn // 2
         # every neuron of the layer, indexed expert x ffn + i: its gate and up rows, its down row
         self.gate, self.up = (part.reshape(count * self.ffn, hidden).float()
-                              for part in gate_and_up_weights(view.layout, experts.gate_up_proj.data))
-        self.down = experts.down_proj.data.transpose(1, 2).reshape(count * self.ffn, -1).float()
+                              for part in gate_and_up_weights(view.layout, _whole(experts.gate_up_proj)))
+        down = _whole(experts.down_proj)
+        self.dtype = down.dtype  # what the layer computes in
+        self.down = down.transpose(1, 2).reshape(count * self.ffn, -1).float()
         dropped = [e for e in range(count) if e not in kept]
         # the neurons each kept expert may take: its own first, then every dropped expert's
         self.pools = [torch.cat([self._neurons(e) for e in [k, *dropped]]) for k in kept]
@@ -239,17 +293,7 @@ class _ExpertRebuild:
 
     def add(self, normed: torch.Tensor) -> None:
         """One batch of the layer's MoE inputs: held until `add_drift` gives the batch's target."""
-        inputs = normed.reshape(-1, normed.shape[-1])
-        output = self.view.router(inputs)
-        x = inputs.float()
-        check_routing(self.view.router, output, self.view.top_k, self.routing, self.view.selection_bias)
-        logits, weights, index = output
-        removed = torch.ones(self.view.num_experts, dtype=torch.bool)
-        removed[self.kept] = False
-        new_weights, new_index = route(self.routing, logits, self.view.top_k, removed, self.view.selection_bias)
-        # per token, the routing weight of every expert, before and after the drop
-        before = torch.zeros(len(x), self.view.num_experts).scatter_add_(1, index, weights.float())
-        after = torch.zeros_like(before).scatter_add_(1, new_index, new_weights)
+        x, before, after = _routing_before_and_after(self.view, self.kept, self.routing, normed)
         activation = activate(self.view.layout, x @ self.gate.T, x @ self.up.T)
         original = (activation * before.repeat_interleave(self.ffn, dim=1)) @ self.down
         dropped = (activation * after.repeat_interleave(self.ffn, dim=1)) @ self.down
@@ -263,22 +307,143 @@ class _ExpertRebuild:
         z, original, dropped = self.pending
         self.least_squares.add(z, original + drift.reshape(original.shape).float(), dropped)
 
-    def solve(self, ridge: float) -> tuple[list[float], list[int]]:
-        """Choose the neurons, refit their down rows, write both into the kept experts: (relative error
-        [dropped, rebuilt], neurons each kept expert took from the dropped ones)."""
+    def solve(self, ridge: float, into: _RebuiltExperts) -> tuple[list[float], list[int]]:
+        """Choose the neurons and refit their down rows, the kept experts' new matrices put `into` their place:
+        (relative error [dropped, rebuilt], neurons each kept expert took from the dropped ones)."""
         slot = torch.cat([torch.full((len(pool),), s) for s, pool in enumerate(self.pools)])
         gram = self.least_squares.gram
         damping = ridge * float(gram.diagonal().mean())
         columns = _forward_selection(gram, self.least_squares.cross, slot, self.ffn, damping)
         down, errors = self.least_squares.solve(ridge, columns)
         neuron, slot = torch.cat(self.pools)[columns], slot[columns]
-        gate_up, down_proj, borrowed = self.view.experts.gate_up_proj, self.view.experts.down_proj, []
+        borrowed = []
         for s, expert in enumerate(self.kept):
             mine = neuron[slot == s]
-            gate_up.data[expert] = torch.cat([self.gate[mine], self.up[mine]]).to(gate_up.dtype)
-            down_proj.data[expert] = down[slot == s].T.to(down_proj.dtype)
+            into.put(expert, "gate_up_proj", torch.cat([self.gate[mine], self.up[mine]]).to(self.dtype))
+            into.put(expert, "down_proj", down[slot == s].T.to(self.dtype))
             borrowed.append(int((mine // self.ffn != expert).sum()))
         return errors, borrowed
+
+
+class _PerExpertRebuild:
+    """One layer's expert rebuild one kept expert at a time, for layers whose joint system would not fit (see
+    the module docstring). Same interface as _ExpertRebuild: `add` and `add_drift` per batch, then `solve`."""
+
+    BLOCK = 2048  # neurons whose down rows are solved for at once
+    SWEEPS = 2  # passes of block coordinate descent over a kept expert's neuron blocks (one block: exact at once)
+
+    def __init__(self, view, kept: list[int], routing):
+        self.view, self.kept, self.routing = view, kept, routing
+        self.ffn = view.experts.down_proj.shape[-1]
+        self.dropped = [e for e in range(view.num_experts) if e not in kept]
+        self.batches: list[tuple[torch.Tensor, ...]] = []  # (x, before, after, drift) per calibration batch
+
+    def add(self, normed: torch.Tensor) -> None:
+        self.pending = _routing_before_and_after(self.view, self.kept, self.routing, normed)
+
+    def add_drift(self, drift: torch.Tensor) -> None:
+        x, before, after = self.pending
+        self.batches.append((x, before, after, drift.reshape(x.shape).float()))
+
+    def _gate_and_up(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert `expert`'s gate and up rows [ffn, hidden] each, a row per neuron, in the layer's dtype (read
+        when asked: a streamed layer's from disk, so about one expert is held at a time)."""
+        return gate_and_up_weights(self.view.layout, self.view.experts.gate_up_proj[expert])
+
+    def _down(self, expert: int) -> torch.Tensor:
+        """Expert `expert`'s down rows [ffn, hidden], a row per neuron, in the layer's dtype."""
+        down = self.view.experts.down_proj[expert]
+        self.dtype = down.dtype  # what the layer computes in
+        return down.T
+
+    def _blocks(self, rows: int) -> list[slice]:
+        return [slice(first, first + self.BLOCK) for first in range(0, rows, self.BLOCK)]
+
+    def _intermediate(self, gate: torch.Tensor, up: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """act(x gate^T) * (x up^T) in float32, a block of neurons' rows made float32 at a time."""
+        return torch.cat([activate(self.view.layout, x @ gate[block].float().T, x @ up[block].float().T)
+                          for block in self._blocks(len(gate))], dim=1)
+
+    def _times(self, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """z @ rows in float32, a block of `rows` made float32 at a time."""
+        return sum(z[:, block] @ rows[block].float() for block in self._blocks(len(rows)))
+
+    def solve(self, ridge: float, into: _RebuiltExperts) -> tuple[list[float], list[int]]:
+        x, before, after, drift = (torch.cat(parts) for parts in zip(*self.batches))
+        del self.batches
+        # the original routed output (the target, with the drift) and what the kept experts alone give
+        target, dropped = drift, torch.zeros_like(drift)
+        for expert in range(self.view.num_experts):
+            rows = torch.where((before[:, expert] > 0) | (after[:, expert] > 0))[0]
+            output = self._times(self._intermediate(*self._gate_and_up(expert), x[rows]), self._down(expert))
+            target[rows] += before[rows, expert, None] * output
+            dropped[rows] += after[rows, expert, None] * output
+        energy = max(float(target.pow(2).sum()), 1e-30)
+        residual = target - dropped
+        error_before = float(residual.pow(2).sum())
+        borrowed = []
+        for expert in self.kept:
+            rows = torch.where(after[:, expert] > 0)[0]
+            gate, up, down, sources = self._rebuild(expert, x[rows], after[rows, expert, None], residual, rows, ridge)
+            into.put(expert, "gate_up_proj", torch.cat([gate, up]))
+            into.put(expert, "down_proj", down.T.to(self.dtype))
+            borrowed.append(int((sources != expert).sum()))
+            del gate, up, down
+            release_freed_memory()
+        errors = [(error_before / energy) ** 0.5, (float(residual.pow(2).sum()) / energy) ** 0.5]
+        return errors, borrowed
+
+    def _rebuild(self, expert: int, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                 rows: torch.Tensor, ridge: float):
+        """Kept expert `expert` rebuilt on its tokens `x` (routing weights `weight`): its (gate, up, down) rows and
+        each row's source expert. `residual[rows]` becomes what the layer misses with it rebuilt."""
+        z = weight * self._intermediate(*self._gate_and_up(expert), x)
+        target = residual[rows] + self._times(z, self._down(expert))  # its own part and what the layer misses
+        gains = [self._gains(z, target, ridge)]
+        del z
+        for source in self.dropped:
+            gains.append(self._gains(weight * self._intermediate(*self._gate_and_up(source), x), target, ridge))
+        candidates = [expert, *self.dropped]
+        best = torch.cat(gains).topk(self.ffn).indices.sort().values  # own neurons first, then each dropped one's
+        parts = []
+        for slot, source in enumerate(candidates):
+            taken = best[best // self.ffn == slot] % self.ffn
+            if len(taken):
+                parts.append([rows_of[taken] for rows_of in (*self._gate_and_up(source), self._down(source))])
+        gate, up, original = (torch.cat(part) for part in zip(*parts))  # gate and up rows stay as they are
+        del parts
+        original = original.float()
+        down, residual[rows] = self._fit(weight * self._intermediate(gate, up, x), target, original, ridge)
+        return gate, up, down, torch.tensor(candidates)[best // self.ffn]
+
+    def _fit(self, z: torch.Tensor, target: torch.Tensor, original: torch.Tensor, ridge: float):
+        """min_D |target - z D|^2 + lam |D - original|^2 by block coordinate descent over BLOCK columns of z
+        (exact in one step when there is one block): (D, target - z D)."""
+        damping = ridge * float(z.pow(2).sum(0).mean()) + 1e-12
+        down, left = original.clone(), target - z @ original
+        blocks = self._blocks(len(original))
+        for _ in range(1 if len(blocks) == 1 else self.SWEEPS):
+            for block in blocks:
+                columns, current = z[:, block].double(), down[block].double()
+                system = columns.T @ columns + damping * torch.eye(columns.shape[1], dtype=torch.float64)
+                new = torch.linalg.solve(system, columns.T @ (left.double() + columns @ current)
+                                         + damping * original[block].double())
+                left -= (columns @ (new - current)).float()
+                down[block] = new.float()
+        return down, left
+
+    @staticmethod
+    def _gains(z: torch.Tensor, target: torch.Tensor, ridge: float) -> torch.Tensor:
+        """How much of `target` each column of `z` explains alone: |z_i^T target|^2 / (|z_i|^2 + lam), lam the
+        ridge's damping of z (one expert's columns)."""
+        norms = z.pow(2).sum(0)
+        return (z.T @ target).pow(2).sum(1) / (norms + ridge * float(norms.mean()) + 1e-12)
+
+
+def _whole(stack) -> torch.Tensor:
+    """An expert stack [E, rows, columns] whole: a model's own tensor, or a streamed layer's read one expert at a
+    time (moeexport.streaming.ExpertStack)."""
+    return stack.data if isinstance(stack, torch.Tensor) else torch.stack([stack[e] for e in range(len(stack))])
 
 
 # --- Block / Layer Drop: attention output projections ------------------------------------

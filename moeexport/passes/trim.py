@@ -44,7 +44,7 @@ from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
 from moeexport.pass_options import BlockDropOptions, ExpertDropOptions, LayerDropOptions
 from moeexport.passes.base import MEASURED, CompressionPass, check_expert_keep, check_moe_remains
-from moeexport.passes.repair import (check_refit_layout, check_refit_size, refit_and_keep, refit_attention_outputs,
+from moeexport.passes.repair import (check_refit_layout, refit_and_keep, refit_attention_outputs,
                                      residuals_at)
 
 
@@ -162,7 +162,10 @@ class _Repairable(CompressionPass):
     def needs_activations(self, options) -> bool:
         return options.repair == "refit"
 
-    def residuals_held(self, options) -> int:
+    def refits(self, options) -> str | None:
+        return "attention" if options.repair == "refit" else None
+
+    def residuals_held(self, options, layers: int) -> int:
         return options.n if options.repair == "refit" else 0  # the original residual at each absorbing point
 
     def check_model(self, options, model) -> None:
@@ -338,6 +341,7 @@ class ExpertDropPlan(_MeasuredAndRepaired):
     layer_tokens: dict[int, int]  # routing decisions per layer in calibration
     # repair: refit, per rebuilt layer: the neurons each kept expert took from the dropped experts
     borrowed: dict[int, list[int]] = field(default_factory=dict)
+    rebuilt_per_expert: list[int] = field(default_factory=list)  # layers too wide for the joint rebuild
 
     def describe(self) -> list[str]:
         changed = [layer for layer in self.keep if self.drop[layer]]
@@ -350,6 +354,9 @@ class ExpertDropPlan(_MeasuredAndRepaired):
         if self.borrowed:
             taken = ", ".join(f"{layer}: {counts}" for layer, counts in sorted(self.borrowed.items()))
             lines.append(f"neurons each kept expert took from the dropped ones, per layer {taken}")
+        if self.rebuilt_per_expert:
+            lines.append(f"layers {self.rebuilt_per_expert} rebuilt one kept expert at a time (their joint system "
+                         "would exceed 4 GiB): neurons chosen by what each explains alone")
         for layer in sorted(self.keep):
             kept, dropped = self.keep[layer], self.drop[layer]
             line = f"layer {layer}: keep {len(kept)} {kept}, drop {len(dropped)} {dropped}"
@@ -367,11 +374,11 @@ class ExpertDrop(_Repairable):
     name = "expert_drop"
     Options = ExpertDropOptions
 
-    def streams(self, options: ExpertDropOptions) -> bool:
-        return options.repair == "none"  # the rebuild holds every expert of a layer
+    def refits(self, options: ExpertDropOptions) -> str | None:
+        return "experts" if options.repair == "refit" else None
 
-    def residuals_held(self, options: ExpertDropOptions) -> int:
-        return 0  # the rebuild's targets are counted in its in-memory peak (IN_MEMORY_FACTOR), as it never streams
+    def residuals_held(self, options: ExpertDropOptions, layers: int) -> int:
+        return layers if options.repair == "refit" else 0  # the original residual after every rebuilt layer
 
     def needs_statistics(self, options: ExpertDropOptions) -> bool:
         return options.score != "random"  # measured scores also report the tokens each dropped expert saw
@@ -503,9 +510,8 @@ class ExpertDrop(_Repairable):
         adapter = adapter_for(model.config)
         check_expert_count_change(adapter, model.config)
         if plan.repair == "refit":
-            check_refit_size(model, plan.keep)
-            errors, borrowed = refit_and_keep(model, plan.keep, tokens, plan.ridge, progress)
-            return replace(plan, repair_error=errors, borrowed=borrowed)
+            errors, borrowed, per_expert = refit_and_keep(model, plan.keep, tokens, plan.ridge, progress)
+            return replace(plan, repair_error=errors, borrowed=borrowed, rebuilt_per_expert=per_expert)
         for layer, kept in plan.keep.items():
             keep_experts(adapter, model, layer, kept)
         return plan
