@@ -15,7 +15,6 @@ from moeexport.adapters import adapter_for
 from moeexport.checkpoint_files import DEMO_MODEL
 from moeexport.calibration.sources import CalibrationConfig
 from moeexport.compress import StatisticsProvider, compress
-from moeexport.errors import MoeExportError
 from moeexport.passes import repair
 from moeexport.passes.trim import BlockDrop, BlockDropPlan
 from moeexport.pipeline import CompressOptions, memory_plan

@@ -19,13 +19,11 @@ from pathlib import Path
 
 import transformers
 
-from moeexport import CalibrationOptions, load, load_tokenizer
 from moeexport.compress import compress
-from moeexport.evaluate import eval_windows, evaluate
+from moeexport.evaluate import evaluate
 from moeexport.passes import repair
-from moeexport.pipeline import statistics_provider
 from moeexport.recipe import parse_recipe
-from fixture_data import add_data_arguments
+from fixture_data import add_data_arguments, model_and_held_out
 
 REBUILDS = {"none": None, "joint": repair.MAX_GRAM_BYTES, "per expert": 0}  # repair -> the joint-system bound
 
@@ -41,11 +39,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
 
     started = time.perf_counter()
-    original, tokenizer = load(args.model), load_tokenizer(args.model)
-    windows = eval_windows(tokenizer, args.text, args.length, args.windows)
-    provider = statistics_provider(args.model, tokenizer, CalibrationOptions(source=args.calib))
-    base = evaluate(original, windows).perplexity
-    print(f"{args.model}: perplexity {base:.3f} on {windows.numel() - len(windows)} predicted tokens of {args.text}")
+    original, windows, provider, base = model_and_held_out(args)
     print("| Expert Drop | keep | " + " | ".join(REBUILDS) + " |")
     print("|---|---|" + "---|" * len(REBUILDS))
     rows = []

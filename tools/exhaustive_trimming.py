@@ -26,14 +26,12 @@ from pathlib import Path
 
 import transformers
 
-from moeexport import CalibrationOptions, load, load_tokenizer
 from moeexport.adapters import adapter_for
 from moeexport.adapters.surgery import drop_blocks, drop_moe_sublayer, structure
 from moeexport.compress import compress
-from moeexport.evaluate import eval_windows, evaluate
-from moeexport.pipeline import statistics_provider
+from moeexport.evaluate import evaluate
 from moeexport.recipe import parse_recipe
-from fixture_data import add_data_arguments
+from fixture_data import add_data_arguments, model_and_held_out
 
 PASSES = {"block_drop": "blocks", "layer_drop": "MoE sublayers"}
 
@@ -72,13 +70,9 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
 
     started = time.perf_counter()
-    original, tokenizer = load(args.model), load_tokenizer(args.model)
-    windows = eval_windows(tokenizer, args.text, args.length, args.windows)
-    provider = statistics_provider(args.model, tokenizer, CalibrationOptions(source=args.calib))
-    base = evaluate(original, windows).perplexity
+    original, windows, provider, base = model_and_held_out(args)
     layers = structure(adapter_for(original.config), original)
     moe_layers = [i for i, spec in enumerate(layers) if spec.kind == "moe"]
-    print(f"{args.model}: perplexity {base:.3f} on {windows.numel() - len(windows)} predicted tokens of {args.text}")
     print("| pass | n | optimum (ratio) | score | picks | ratio | vs optimum |")
     print("|---|---|---|---|---|---|---|")
     rows = []

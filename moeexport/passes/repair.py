@@ -49,15 +49,17 @@ would take terabytes.
 So a layer whose system would exceed MAX_GRAM_BYTES is rebuilt one kept expert
 at a time (_PerExpertRebuild), in the order kept, each fit to what the layer
 still misses with the experts before it rebuilt: its target is its own routed
-contribution plus the layer's remaining error on its tokens; its ffn neurons
-are the best of its own and the dropped experts' by how much of that target
-each explains alone (|z_i^T target|^2 / (|z_i|^2 + lam)); their down rows are
-fit by the same ridge least squares, a block of BLOCK neurons at a time (block
-coordinate descent, SWEEPS passes). It holds about two experts in float32, its
-tokens' intermediates and a BLOCK^2 Gram, and reads each expert of the layer
-once for the layer's outputs and each candidate twice more per kept expert
-(its gate and up for the choice, the chosen rows after it). It is the greedy, separable version of the joint
-rebuild: no correlation between neurons or experts enters the choice.
+contribution plus the layer's remaining error on its tokens. Its own neurons'
+down rows are refit first; then the dropped experts' neurons that would lower
+the ridge objective most on what is still missed replace the own neurons that
+lower it least, as long as one would lower it more than the other does, and
+the chosen neurons' down rows are fit by the same ridge least squares, a block
+of BLOCK neurons at a time (block coordinate descent, SWEEPS passes). It holds
+about two experts, its tokens' intermediates and a BLOCK^2 Gram, and reads each
+expert of the layer once for the layer's outputs and each candidate twice more
+per kept expert (its gate, up and down for the choice, the chosen rows after
+it). It is the separable version of the joint rebuild: neurons are judged one
+by one, and experts one after the other.
 """
 
 from __future__ import annotations
@@ -397,24 +399,30 @@ class _PerExpertRebuild:
                  rows: torch.Tensor, ridge: float):
         """Kept expert `expert` rebuilt on its tokens `x` (routing weights `weight`): its (gate, up, down) rows and
         each row's source expert. `residual[rows]` becomes what the layer misses with it rebuilt."""
-        z = weight * self._intermediate(*self._gate_and_up(expert), x)
-        target = residual[rows] + self._times(z, self._down(expert))  # its own part and what the layer misses
-        gains = [self._gains(z, target, ridge)]
-        del z
-        for source in self.dropped:
-            gains.append(self._gains(weight * self._intermediate(*self._gate_and_up(source), x), target, ridge))
-        candidates = [expert, *self.dropped]
-        best = torch.cat(gains).topk(self.ffn).indices.sort().values  # own neurons first, then each dropped one's
-        parts = []
-        for slot, source in enumerate(candidates):
-            taken = best[best // self.ffn == slot] % self.ffn
-            if len(taken):
-                parts.append([rows_of[taken] for rows_of in (*self._gate_and_up(source), self._down(source))])
+        own_gate, own_up = self._gate_and_up(expert)
+        z = weight * self._intermediate(own_gate, own_up, x)
+        own_down = self._down(expert)
+        target = residual[rows] + self._times(z, own_down)  # its own part and what the layer still misses
+        # its own neurons refit first; then the dropped neurons that would lower what is still missed most
+        # replace the own neurons that lower it least, while one would lower it more than the other does
+        damping = ridge * float(z.pow(2).sum(0).mean()) + 1e-12
+        down, left = self._fit(z, target, own_down.float(), ridge)
+        contribution = self._values(z, left, own_down, damping, fitted=down).sort()
+        del z, down
+        gains = torch.cat([self._values(weight * self._intermediate(*self._gate_and_up(source), x), left,
+                                        self._down(source), damping) for source in self.dropped]).sort(descending=True)
+        swaps = int((gains.values[:self.ffn] > contribution.values[:len(gains.values)]).cumprod(0).sum())
+        kept_own, taken = contribution.indices[swaps:].sort().values, gains.indices[:swaps].sort().values
+        parts = [(own_gate[kept_own], own_up[kept_own], own_down[kept_own])]
+        for slot, source in enumerate(self.dropped):
+            neurons = taken[taken // self.ffn == slot] % self.ffn
+            if len(neurons):
+                parts.append([rows_of[neurons] for rows_of in (*self._gate_and_up(source), self._down(source))])
         gate, up, original = (torch.cat(part) for part in zip(*parts))  # gate and up rows stay as they are
-        del parts
-        original = original.float()
-        down, residual[rows] = self._fit(weight * self._intermediate(gate, up, x), target, original, ridge)
-        return gate, up, down, torch.tensor(candidates)[best // self.ffn]
+        del parts, own_gate, own_up, own_down
+        down, residual[rows] = self._fit(weight * self._intermediate(gate, up, x), target, original.float(), ridge)
+        sources = torch.cat([torch.full((len(kept_own),), expert), torch.tensor(self.dropped)[taken // self.ffn]])
+        return gate, up, down, sources
 
     def _fit(self, z: torch.Tensor, target: torch.Tensor, original: torch.Tensor, ridge: float):
         """min_D |target - z D|^2 + lam |D - original|^2 by block coordinate descent over BLOCK columns of z
@@ -432,12 +440,23 @@ class _PerExpertRebuild:
                 down[block] = new.float()
         return down, left
 
-    @staticmethod
-    def _gains(z: torch.Tensor, target: torch.Tensor, ridge: float) -> torch.Tensor:
-        """How much of `target` each column of `z` explains alone: |z_i^T target|^2 / (|z_i|^2 + lam), lam the
-        ridge's damping of z (one expert's columns)."""
-        norms = z.pow(2).sum(0)
-        return (z.T @ target).pow(2).sum(1) / (norms + ridge * float(norms.mean()) + 1e-12)
+    def _values(self, z: torch.Tensor, left: torch.Tensor, original: torch.Tensor, damping: float,
+                fitted: torch.Tensor | None = None) -> torch.Tensor:
+        """Per neuron (column i of z, original down row d0_i): how much it lowers the ridge objective
+        |r - z_i d|^2 + lam |d - d0_i|^2 from |r|^2 + ... at its best d, where r is `left`, what the chosen neurons
+        leave, plus the neuron's own part z_i d_i when it is one of them (`fitted`: their down rows d).
+        With b = z_i^T r, a = |z_i|^2: (|b|^2 + 2 lam b.d0 - lam a |d0|^2) / (a + lam), without the lam^2 terms
+        that would cancel."""
+        a = z.pow(2).sum(0).double()
+        b = self._times(left.T, z).T  # [neurons, hidden]: z^T left, a block at a time
+        if fitted is not None:
+            b += a.float()[:, None] * fitted
+        values = torch.zeros(len(b), dtype=torch.float64)
+        for block in self._blocks(len(b)):
+            rows_b, rows_d = b[block].double(), original[block].double()
+            values[block] = (rows_b.pow(2).sum(1) + 2 * damping * (rows_b * rows_d).sum(1)
+                             - damping * a[block] * rows_d.pow(2).sum(1))
+        return values / (a + damping)
 
 
 def _whole(stack) -> torch.Tensor:
