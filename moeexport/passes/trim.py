@@ -42,6 +42,7 @@ from moeexport.adapters.surgery import (check_expert_count_change, decoder_layer
 from moeexport.calibration.damage import BLOCK, EXPERT, MOE, Removed
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
+from moeexport.memory import MAX_GRAM_BYTES
 from moeexport.pass_options import BlockDropOptions, ExpertDropOptions, LayerDropOptions
 from moeexport.passes.base import MEASURED, CompressionPass, check_expert_keep, check_moe_remains
 from moeexport.passes.repair import (check_refit_layout, refit_and_keep, refit_attention_outputs,
@@ -356,7 +357,8 @@ class ExpertDropPlan(_MeasuredAndRepaired):
             lines.append(f"neurons each kept expert took from the dropped ones, per layer {taken}")
         if self.rebuilt_per_expert:
             lines.append(f"layers {self.rebuilt_per_expert} rebuilt one kept expert at a time (their joint system "
-                         "would exceed 4 GiB): neurons chosen by what each explains alone")
+                         f"would exceed {MAX_GRAM_BYTES / 2**30:.0f} GiB): a dropped expert's neuron replaces an own "
+                         "one where it lowers the error more")
         for layer in sorted(self.keep):
             kept, dropped = self.keep[layer], self.drop[layer]
             line = f"layer {layer}: keep {len(kept)} {kept}, drop {len(dropped)} {dropped}"
