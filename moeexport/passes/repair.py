@@ -405,7 +405,7 @@ class _PerExpertRebuild:
         target = residual[rows] + self._times(z, own_down)  # its own part and what the layer still misses
         # its own neurons refit first; then the dropped neurons that would lower what is still missed most
         # replace the own neurons that lower it least, while one would lower it more than the other does
-        damping = ridge * float(z.pow(2).sum(0).mean()) + 1e-12
+        damping = _damping(z, ridge)
         down, left = self._fit(z, target, own_down.float(), ridge)
         contribution = self._values(z, left, own_down, damping, fitted=down).sort()
         del z, down
@@ -427,7 +427,7 @@ class _PerExpertRebuild:
     def _fit(self, z: torch.Tensor, target: torch.Tensor, original: torch.Tensor, ridge: float):
         """min_D |target - z D|^2 + lam |D - original|^2 by block coordinate descent over BLOCK columns of z
         (exact in one step when there is one block): (D, target - z D)."""
-        damping = ridge * float(z.pow(2).sum(0).mean()) + 1e-12
+        damping = _damping(z, ridge)
         down, left = original.clone(), target - z @ original
         blocks = self._blocks(len(original))
         for _ in range(1 if len(blocks) == 1 else self.SWEEPS):
@@ -457,6 +457,11 @@ class _PerExpertRebuild:
             values[block] = (rows_b.pow(2).sum(1) + 2 * damping * (rows_b * rows_d).sum(1)
                              - damping * a[block] * rows_d.pow(2).sum(1))
         return values / (a + damping)
+
+
+def _damping(z: torch.Tensor, ridge: float) -> float:
+    """lam of a ridge least squares over the columns of z: ridge x the mean of their squared norms."""
+    return ridge * float(z.pow(2).sum(0).mean()) + 1e-12
 
 
 def _whole(stack) -> torch.Tensor:
