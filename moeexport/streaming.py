@@ -587,9 +587,11 @@ class SpilledTensors:
         self.directory = Path(tempfile.mkdtemp(prefix="moeexport-spilled-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, True)
         self.files: dict[object, Path] = {}
+        self._written = 0
 
     def put(self, key, tensor: torch.Tensor) -> None:
-        path = self.directory / f"{len(self.files)}.safetensors"
+        path = self.directory / f"{self._written}.safetensors"  # a new file: a key put again keeps no other's
+        self._written += 1
         save_file({"tensor": tensor.contiguous()}, path)
         self.files[key] = path
 

@@ -179,3 +179,14 @@ def test_the_memory_plan_counts_a_trim_refits_system_and_targets():
     config = json.loads((DEMO_MODEL / "config.json").read_text())
     # the normal equations of the o_proj (float64) and two more copies of the calibration hidden states
     assert refit.streamed_bytes - plain.streamed_bytes >= 4 * config["hidden_size"] ** 2 * 8 + 2 * 8 * 64 * config["hidden_size"] * 4
+
+
+def test_spilled_tensors_keep_every_key_when_one_is_put_again():
+    """A layer refit twice (Block Drop's refit, then Layer Drop's) replaces its file, and no other key's."""
+    from moeexport.streaming import SpilledTensors
+
+    spilled = SpilledTensors()
+    spilled.put("a", torch.zeros(2))
+    spilled.put("a", torch.ones(2))
+    spilled.put("b", torch.full((2,), 2.0))
+    assert torch.equal(spilled.tensor("a"), torch.ones(2)) and torch.equal(spilled.tensor("b"), torch.full((2,), 2.0))
