@@ -48,11 +48,6 @@ def layer_by_layer(adapter, model, input_ids: torch.Tensor, batch_size: int = 8)
             hidden = [run_layer(layer_module, h, kwargs) for h, kwargs in zip(hidden, call_kwargs)]
 
 
-def _gram(rows: torch.Tensor, diagonal: bool) -> torch.Tensor:
-    rows = rows.float()
-    return rows.pow(2).sum(0) if diagonal else rows.T @ rows
-
-
 @dataclass
 class MatrixInputs:
     """Sum over the tokens a weight matrix saw of x x^T (or of x^2 only, `diagonal`), and how many tokens."""
@@ -61,9 +56,18 @@ class MatrixInputs:
     tokens: int = 0
 
     def add(self, rows: torch.Tensor, diagonal: bool) -> None:
-        if len(rows):
-            self.gram = self.gram + _gram(rows, diagonal)
-            self.tokens += len(rows)
+        """Add a batch's rows [T, K], in place: a down projection's Gram matrix is ffn x ffn (0.8 GB at
+        Mixtral's widths) and is never held twice."""
+        if not len(rows):
+            return
+        rows = rows.float()
+        if not isinstance(self.gram, torch.Tensor):
+            self.gram = torch.zeros(rows.shape[-1], dtype=torch.float32) if diagonal else torch.zeros(rows.shape[-1], rows.shape[-1])
+        if diagonal:
+            self.gram += rows.pow(2).sum(0)
+        else:
+            self.gram.addmm_(rows.T, rows)
+        self.tokens += len(rows)
 
 
 @dataclass
@@ -165,7 +169,12 @@ def collect_routed_rows(view: LayerView, run: Callable) -> RoutedRows:
 
 def output_error(delta: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:
     """||delta X||^2 / ||W X||^2 over the calibration inputs, from their Gram matrix X^T X."""
-    delta, weight = delta.float(), weight.float()
-    changed, original = ((delta @ gram) * delta).sum(), ((weight @ gram) * weight).sum()
-    return float(changed / original) if original > 0 else 0.0
+    original = quadratic_form(weight, gram)
+    return quadratic_form(delta, gram) / original if original > 0 else 0.0
+
+
+def quadratic_form(weight: torch.Tensor, gram: torch.Tensor, rows: int = 256) -> float:
+    """tr(W G W^T) = ||W X||^2 for G = X^T X, a block of W's rows at a time (no second copy of W)."""
+    weight = weight.float()
+    return float(sum(((block @ gram) * block).sum() for block in weight.split(rows)))
 

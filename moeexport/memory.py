@@ -160,7 +160,8 @@ def plan(headers: dict, hidden_size: int, vocab_size: int, budget: int, workload
     layer, size = _largest(per_layer) if per_layer else (0, LayerSize(0, 0))
     in_memory = RUNTIME + int(total * DTYPE_BYTES["float32"] * IN_MEMORY_FACTOR)
 
-    def streamed_peak(compute: str) -> int:
+    def streamed_parts(compute: str) -> tuple[int, int, int]:
+        """(weights and runtime, activations and logits, what the passes hold: moments and solvers)."""
         copies = workload.block_window + 3 + workload.residuals_held
         activations = workload.calibration_tokens * hidden_size * DTYPE_BYTES[compute] * copies
         logits = min(workload.logit_positions, 2 * LOGIT_POSITIONS) * vocab_size * 4
@@ -168,8 +169,10 @@ def plan(headers: dict, hidden_size: int, vocab_size: int, budget: int, workload
         solving = max([workload.gram_values * 4] + [refit_bytes(headers, kind, hidden_size,
                                                                  workload.calibration_tokens, compute)
                                                     for kind in workload.refits])
-        held = workload.moment_values * 8 + solving
-        return _streamed_bytes(size, block, compute) + activations + logits + held
+        return _streamed_bytes(size, block, compute), activations + logits, workload.moment_values * 8 + solving
+
+    def streamed_peak(compute: str) -> int:
+        return sum(streamed_parts(compute))
 
     streamed = stream if stream is not None else in_memory > budget
     candidates = [dtype] if dtype != "auto" else (["float32"] if storage_dtype == "float32" or not streamed
@@ -182,9 +185,8 @@ def plan(headers: dict, hidden_size: int, vocab_size: int, budget: int, workload
             return MemoryPlan(budget, True, compute, total, in_memory, streamed_peak(compute), layer, size.resident,
                               outer)
     compute = candidates[-1]
-    need = streamed_peak(compute)
-    raise MoeExportError(_does_not_fit(budget, need, layer, size, compute,
-                                       activations=need - _streamed_bytes(size, block, compute)))
+    _, activations, solving = streamed_parts(compute)
+    raise MoeExportError(_does_not_fit(budget, streamed_peak(compute), layer, size, compute, activations, solving))
 
 
 def moment_values(headers: dict, hidden_size: int) -> int:
@@ -196,13 +198,18 @@ def moment_values(headers: dict, hidden_size: int) -> int:
                              if len(shape) >= 2 and _layer_number(name) is not None)
 
 
-def gram_values(headers: dict) -> int:
-    """Values a streamed GPTQ or SparseGPT holds at once for one expert: its matrices' Gram matrices (input width
-    squared; the down projection's is the largest) and the solver's copies of one (the damped Hessian, its
-    Cholesky factor, the inverse's factor): five of the widest, a bound."""
-    widths = [shape[-1] for name, (shape, _, _) in unpacked_headers(headers, transposed=False).items()
+def gram_values(headers: dict, act_order: bool = False) -> int:
+    """Float32 values a streamed GPTQ or SparseGPT holds at once for one expert (a bound): the Gram matrices of
+    its inputs (hidden and intermediate width squared; the solver's factor is computed in the widest's place,
+    passes/slimming.inverse_hessian_factor, or beside it when GPTQ's act_order permutes it), and four copies
+    of its largest matrix (as stored in float32, the solver's working copy, the new matrix, their difference)."""
+    shapes = [shape[-2:] for name, (shape, _, _) in unpacked_headers(headers, transposed=False).items()
               if _layer_number(name) is not None and (_expert_number(name) is not None or _is_expert_stack(name, shape))]
-    return 5 * max(widths, default=0) ** 2
+    if not shapes:
+        return 0
+    widths = {width for _, width in shapes}
+    return (sum(width**2 for width in widths) + (max(widths) ** 2 if act_order else 0)
+            + 4 * max(rows * width for rows, width in shapes))
 
 
 def rebuild_system_bytes(num_experts: int, kept: int, ffn: int) -> int:
@@ -253,9 +260,11 @@ def _streamed_bytes(size: LayerSize, outer_block: int, compute: str) -> int:
     return RUNTIME + max(outer_block * (4 + width + 4), size.resident * width + max(reading, exporting))
 
 
-def _does_not_fit(budget: int, need: int, layer: int, size: LayerSize, compute: str, activations: int = 0) -> str:
+def _does_not_fit(budget: int, need: int, layer: int, size: LayerSize, compute: str, activations: int = 0,
+                  solving: int = 0) -> str:
     width = DTYPE_BYTES[compute]
     held = f", {activations / GIB:.2f} GiB of activations and logits" if activations else ""
+    held += f", {solving / GIB:.2f} GiB for the passes' statistics and solvers (GPTQ, repair)" if solving else ""
     fewer = " or use fewer --calib-samples" if activations > need / 10 else ""
     return (
         f"the model does not fit --max-memory {budget / GIB:.1f} GiB: even streamed one layer at a time it needs "

@@ -373,7 +373,8 @@ def memory_plan(model: Source | str | Path, recipe: Recipe, options: CompressOpt
     if moments or _computes_from_activations(recipe):
         workload = replace(workload, moment_values=memory.moment_values(source.headers, config.hidden_size))
     if _solves_with_grams(recipe):
-        workload = replace(workload, gram_values=memory.gram_values(source.headers))
+        act_order = any(getattr(step.options, "act_order", False) for step in recipe.steps)
+        workload = replace(workload, gram_values=memory.gram_values(source.headers, act_order))
     refits = tuple(kind for kind in (PASSES[step.name].refits(step.options) for step in recipe.steps) if kind)
     if refits:
         layers = len(memory.checkpoint_sizes(source.headers)[0])

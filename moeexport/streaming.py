@@ -58,6 +58,7 @@ class LayerEdit:
     # stored matrix's rows it holds) -> the new matrix, applied in order as it is read (row-wise, so a part of
     # a matrix may be transformed alone: the quantize pass's RTN, Wanda, or SpilledExperts' rows)
     transforms: tuple = ()
+    float32: bool = False  # a transform's values are exact only in float32 (a quantize pass's grid): read so
     # names (inside the layer) of weights a pass computed (`repair: refit`'s attention output projection): read
     # from the stream's spilled weights, not from the checkpoint
     replaced: frozenset[str] = frozenset()
@@ -147,9 +148,12 @@ class LayerStream:
         current = self.kept_experts(edit)
         self.edits[layer] = replace(edit, experts=tuple(current[index] for index in keep))
 
-    def transform_experts(self, layer: int, transform) -> None:
+    def transform_experts(self, layer: int, transform, float32: bool = False) -> None:
+        """Layer `layer`'s experts are read through `transform` from now on (LayerEdit.transforms); `float32`:
+        its values are exact only in float32, so they are read so whatever the compute dtype (the forward
+        casts them to its activations' dtype as it applies them)."""
         edit = self.edits[layer]
-        self.edits[layer] = replace(edit, transforms=edit.transforms + (transform,))
+        self.edits[layer] = replace(edit, transforms=edit.transforms + (transform,), float32=edit.float32 or float32)
         experts = self.adapter.layer_view(self.model, layer).experts
         if isinstance(experts, ExpertsOnDemand):  # the layer is read in now: what runs next reads them transformed
             _, meta, _, prefix = experts._arguments
@@ -576,7 +580,7 @@ class _ExpertReader:
         for transform in transforms:  # in float32 (a quantize pass's grid needs it: it refuses other dtypes)
             matrix = transform(matrix.float(), self.stack, expert, slice(first, first + len(matrix)))
         # the compute dtype, which the forward's activations have (a pruned bf16 expert is exact in bf16)
-        return matrix.to(self.stream.dtype) if transforms else matrix
+        return matrix.to(self.stream.dtype) if transforms and not self.edit.float32 else matrix
 
 
 class SpilledTensors:
@@ -666,7 +670,8 @@ class ExpertsOnDemand(nn.Module):
         """tokens @ W.T for the expert's matrix W (its `part` of `parts`), ROWS_PER_BLOCK rows of W at a time."""
         reader = stack._read
         return torch.cat([nn.functional.linear(tokens, reader.part(int(expert), part, parts,
-                                                                   (first, min(self.ROWS_PER_BLOCK, rows - first))))
+                                                                   (first, min(self.ROWS_PER_BLOCK, rows - first)))
+                                               .to(tokens.dtype))
                           for first in range(0, rows, self.ROWS_PER_BLOCK)], dim=-1)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):

@@ -20,6 +20,7 @@ from moeexport.cli import main
 from moeexport.compress import StatisticsProvider, compress
 from moeexport.errors import MoeExportError
 from moeexport.passes.quantize import GRID_ATTRIBUTE, gptq
+from moeexport.passes.slimming import _reverse_in_place, inverse_hessian_factor
 from moeexport.quantization import WeightGrid, dequantize, quantize_rtn, recover_grid, weight_grid
 from moeexport.recipe import load_recipe, parse_recipe
 from tests.conftest import CORPUS, FIXTURE, needs_shared
@@ -188,6 +189,53 @@ def _correlated_inputs(tokens: int, width: int, seed: int) -> torch.Tensor:
     return (torch.randn(tokens, width, generator=generator) @ mixing) * scales
 
 
+@pytest.mark.parametrize("count", [1, 10, 11, 12])
+def test_reversing_in_place_a_chunk_at_a_time(count):
+    values = torch.arange(count, dtype=torch.float32)
+    _reverse_in_place(values, chunk=3)
+    assert torch.equal(values, torch.arange(count, dtype=torch.float32).flip(0))
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(ordered):
+    inputs = _correlated_inputs(256, 67, seed=2)  # odd width: the in-place reversal has a middle element
+    inputs[:, 5] = 0  # an input never seen
+    gram = (inputs.T @ inputs)[None].repeat(2, 1, 1)
+    order = torch.stack([torch.randperm(67, generator=torch.Generator().manual_seed(seed)) for seed in (3, 4)])
+    damped = gram.double()[torch.arange(2)[:, None, None], order[:, :, None], order[:, None, :]] if ordered else gram.double()
+    diagonal = damped.diagonal(dim1=-2, dim2=-1)
+    diagonal[diagonal == 0] = 1.0
+    diagonal += 0.01 * diagonal.mean(dim=-1, keepdim=True)
+    factor = inverse_hessian_factor(gram, 0.01, order if ordered else None)
+    assert torch.equal(factor, factor.triu())
+    assert torch.allclose(factor.double().transpose(1, 2) @ factor.double(), torch.linalg.inv(damped), rtol=1e-4, atol=1e-7)
+    # without an order no second Gram-sized buffer: the factor is where the Gram matrices were
+    assert (factor.data_ptr() == gram.data_ptr()) == (not ordered)
+
+
+@pytest.mark.parametrize("method", [{"method": "gptq", "bits": 4, "group_size": 16},
+                                    {"method": "gptq", "bits": 4, "group_size": 16, "act_order": True},
+                                    {"method": "sparsegpt", "sparsity": 0.5}])
+def test_a_solvers_output_error_from_its_loss_is_the_one_its_gram_matrix_gives(method):
+    from calibration.expert_inputs import output_error
+    from moeexport.passes import PASSES
+    from moeexport.passes.slimming import SlimmingPlan
+
+    step = PASSES["quantize" if method["method"] == "gptq" else "prune"]
+    options = step.Options(**method)
+    plan = SlimmingPlan(method["method"], step.settings(options), {0: 2}, False, 1, step.fallback)
+    inputs = _correlated_inputs(512, 64, seed=5)
+    inputs[:, 7] = 0  # an input never seen: the damping adds 1 there
+    weight = torch.randn(2, 48, 64, generator=torch.Generator().manual_seed(6)) * 0.05
+    gram = inputs.T @ inputs
+    new, errors = step._solve_measured(weight, gram[None].repeat(2, 1, 1), plan)
+    expected = [output_error(new[i] - weight[i], weight[i], gram) for i in range(2)]
+    assert all(0 < error for error in expected)
+    assert errors == pytest.approx(expected, rel=1e-3)
+
+
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_layer_error_is_at_most_round_to_nearest(bits, act_order):
@@ -199,7 +247,7 @@ def test_gptq_layer_error_is_at_most_round_to_nearest(bits, act_order):
     def layer_error(quantized):
         return ((weight - quantized) @ inputs.T).pow(2).sum().item()
 
-    codes, scales = gptq(weight[None], gram[None], bits, 16, damp=0.01, act_order=act_order)
+    codes, scales, _ = gptq(weight[None], gram[None], bits, 16, damp=0.01, act_order=act_order)
     codes, scales = codes[0], scales[0]
     rtn_codes, rtn_scales = quantize_rtn(weight, bits, 16)
     gptq_weight = dequantize(codes, scales, 16)

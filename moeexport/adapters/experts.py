@@ -84,6 +84,7 @@ def _gate_and_up(layout: ExpertLayout, projected: torch.Tensor) -> tuple[torch.T
 
 
 def _apply(layout: ExpertLayout, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    weight = weight.to(x.dtype)  # a streamed quantized expert is read in float32 (streaming.LayerEdit.float32)
     if layout.transposed:
         return x @ weight if bias is None else x @ weight + bias
     return F.linear(x, weight, bias)

@@ -25,7 +25,7 @@ import torch
 
 from moeexport.errors import MoeExportError
 from moeexport.pass_options import PruneOptions, n_of_m
-from moeexport.passes.slimming import ExpertSlimmingPass, SlimmingPlan, inverse_hessian_factor
+from moeexport.passes.slimming import ExpertSlimmingPass, SlimmingPlan, inverse_hessian_factor, squared_norms
 
 SPARSEGPT_BLOCK = 128
 
@@ -54,12 +54,13 @@ def wanda(weights: torch.Tensor, input_squares: torch.Tensor, sparsity: float, p
     return prune_lowest(weights, weights.abs() * input_squares.sqrt()[..., None, :], sparsity, pattern)
 
 
-def sparsegpt(weights: torch.Tensor, grams: torch.Tensor, sparsity: float, pattern, damp: float) -> torch.Tensor:
+def sparsegpt(weights: torch.Tensor, grams: torch.Tensor, sparsity: float, pattern, damp: float):
     """SparseGPT on a stack [B, N, K]: prune column by column, each pruned weight's error spread over the
-    columns after it through the inverse Hessian."""
+    columns after it through the inverse Hessian. (The pruned weights, the loss tr(dW H dW^T) per matrix with
+    H the damped Gram matrix); `grams` [B, K, K] are overwritten (slimming.inverse_hessian_factor)."""
     weights = weights.float().clone()
     width = weights.shape[-1]
-    inverse = inverse_hessian_factor(grams, damp)
+    inverse, loss = inverse_hessian_factor(grams, damp), torch.zeros(len(weights))
     # N:M groups must not straddle two blocks
     step = SPARSEGPT_BLOCK if pattern is None else max(pattern[1], SPARSEGPT_BLOCK // pattern[1] * pattern[1])
     for start in range(0, width, step):
@@ -84,8 +85,9 @@ def sparsegpt(weights: torch.Tensor, grams: torch.Tensor, sparsity: float, patte
             block[..., column] = pruned
             errors[..., column] = error
         weights[..., start:end] = block
-        weights[..., end:] -= errors @ inverse[:, start:end, end:]
-    return weights
+        loss += squared_norms(errors)  # as in GPTQ, W - W' = E U
+        weights[..., end:].baddbmm_(errors, inverse[:, start:end, end:], alpha=-1)
+    return weights, loss
 
 
 class Prune(ExpertSlimmingPass):
@@ -111,11 +113,12 @@ class Prune(ExpertSlimmingPass):
         if pattern and width % pattern[1]:
             raise MoeExportError(f"prune pattern {options.pattern}: groups of {pattern[1]} do not divide the {what} {width}")
 
-    def slim(self, weights: torch.Tensor, grams: torch.Tensor | None, plan: SlimmingPlan) -> torch.Tensor:
+    def solve(self, weights: torch.Tensor, grams: torch.Tensor, plan: SlimmingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        return sparsegpt(weights, grams, _sparsity(plan), _pattern(plan), plan.settings["damp"])
+
+    def slim(self, weights: torch.Tensor, diagonals: torch.Tensor | None, plan: SlimmingPlan) -> torch.Tensor:
         if plan.method == "wanda":
-            return wanda(weights, grams, _sparsity(plan), _pattern(plan))
-        if plan.method == "sparsegpt":
-            return sparsegpt(weights, grams, _sparsity(plan), _pattern(plan), plan.settings["damp"])
+            return wanda(weights, diagonals, _sparsity(plan), _pattern(plan))
         return self.fallback_slim(weights, plan)
 
     def fallback_slim(self, weights: torch.Tensor, plan: SlimmingPlan) -> torch.Tensor:

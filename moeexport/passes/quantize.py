@@ -36,7 +36,7 @@ from moeexport.adapters.experts import expert_stacks
 from moeexport.errors import MoeExportError
 from moeexport.pass_options import QuantizeOptions
 from moeexport.passes.slimming import (ExpertSlimmingPass, SlimmingOutcome, SlimmingPlan,
-                                       inverse_hessian_factor, target_dtypes)
+                                       inverse_hessian_factor, squared_norms, target_dtypes)
 from moeexport.quantization import GRID_ATTRIBUTE, WeightGrid, dequantize, group_scales, quantize_rtn, round_to_grid
 from moeexport.streaming import stream_of
 
@@ -44,21 +44,22 @@ GPTQ_BLOCK = 128
 
 
 def gptq(weights: torch.Tensor, grams: torch.Tensor, bits: int, group_size: int, damp: float, act_order: bool):
-    """(codes int8 [B, N, K], scales float32 [B, N, K / group_size]) of a stack of matrices [B, N, K],
-    each for inputs with Gram matrix grams[b] [K, K]."""
-    weights = weights.float().clone()
+    """(codes int8 [B, N, K], scales float32 [B, N, K / group_size], the loss tr(dW H dW^T) per matrix with H the
+    damped Gram matrix) of a stack of matrices [B, N, K], each for inputs with Gram matrix grams[b] [K, K],
+    which this overwrites (slimming.inverse_hessian_factor) unless `act_order`."""
+    weights = weights.float()  # aliases float32 weights: every branch below copies before writing
     count, rows, width = weights.shape
-    batch = torch.arange(count)[:, None]
     if act_order:
         order = torch.argsort(grams.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
         scales = group_scales(weights.reshape(count, rows, -1, group_size), bits)  # static groups
+        weights = weights[torch.arange(count)[:, None], :, order].transpose(1, 2)
     else:
         order = torch.arange(width).expand(count, width)
         scales = torch.empty(count, rows, width // group_size)
+        weights = weights.clone()
     group_of = order // group_size  # [B, K]: the group of the column quantized at each step
-    weights = weights[batch, :, order].transpose(1, 2)
-    inverse = inverse_hessian_factor(grams[batch[..., None], order[:, :, None], order[:, None, :]], damp)
-    codes = torch.empty(count, rows, width)
+    inverse = inverse_hessian_factor(grams, damp, order if act_order else None)
+    codes, loss = torch.empty(count, rows, width, dtype=torch.int8), torch.zeros(count)
     step = max(group_size, GPTQ_BLOCK // group_size * group_size)  # a group never straddles two blocks
     for start in range(0, width, step):
         end = min(start + step, width)
@@ -73,9 +74,12 @@ def gptq(weights: torch.Tensor, grams: torch.Tensor, bits: int, group_size: int,
             error = (block[..., column] - code * scale) / block_inverse[:, column, column, None]
             block[..., column:] -= error[..., None] * block_inverse[:, None, column, column:]
             errors[..., column] = error
-        weights[..., end:] -= errors @ inverse[:, start:end, end:]
-    codes = codes.gather(2, torch.argsort(order, dim=-1)[:, None, :].expand(count, rows, width))
-    return codes.to(torch.int8), scales
+        # W - Q = E U (E the scaled errors, U the factor) and H^-1 = U^T U, so tr(dW H dW^T) = ||E||^2
+        loss += squared_norms(errors)
+        weights[..., end:].baddbmm_(errors, inverse[:, start:end, end:], alpha=-1)
+    if act_order:
+        codes = codes.gather(2, torch.argsort(order, dim=-1)[:, None, :].expand(count, rows, width))
+    return codes, scales, loss
 
 
 class Quantize(ExpertSlimmingPass):
@@ -83,6 +87,7 @@ class Quantize(ExpertSlimmingPass):
     Options = QuantizeOptions
     calibrated_methods = {"gptq": "full"}
     fallback = "round-to-nearest"
+    exact_in_float32 = True  # a grid's values (code x float32 scale): a stream reads them in float32
 
     def settings(self, options: QuantizeOptions) -> dict:
         settings = {"bits": options.bits, "group_size": options.group_size}
@@ -97,18 +102,16 @@ class Quantize(ExpertSlimmingPass):
     def check_model(self, options: QuantizeOptions, model) -> None:
         super().check_model(options, model)
         dtypes = target_dtypes(model, options.shared_experts) - {torch.float32}
-        if dtypes:
+        if dtypes and stream_of(model) is None:  # a stream reads its quantized experts in float32
             raise MoeExportError(
                 f"quantize needs float32 expert weights to hold the grid exactly, the model has {sorted(map(str, dtypes))}; "
                 "load it with --dtype float32"
             )
 
-    def slim(self, weights: torch.Tensor, grams: torch.Tensor | None, plan: SlimmingPlan) -> torch.Tensor:
-        if plan.method == "rtn":
-            return self.fallback_slim(weights, plan)
+    def solve(self, weights: torch.Tensor, grams: torch.Tensor, plan: SlimmingPlan) -> tuple[torch.Tensor, torch.Tensor]:
         s = plan.settings
-        codes, scales = gptq(weights, grams, s["bits"], s["group_size"], s["damp"], s["act_order"])
-        return dequantize(codes, scales, s["group_size"])
+        codes, scales, loss = gptq(weights, grams, s["bits"], s["group_size"], s["damp"], s["act_order"])
+        return dequantize(codes, scales, s["group_size"]), loss
 
     def fallback_slim(self, weights: torch.Tensor, plan: SlimmingPlan) -> torch.Tensor:
         codes, scales = quantize_rtn(weights, plan.settings["bits"], plan.settings["group_size"])
@@ -148,7 +151,7 @@ class Quantize(ExpertSlimmingPass):
 
         for layer in plan.layers:
             experts = adapter.layer_view(model, layer).experts
-            stream.transform_experts(layer, round_expert)
+            stream.transform_experts(layer, round_expert, float32=self.exact_in_float32)
             stacks = [getattr(experts, stack) for stack in expert_stacks(replace(layout, biases=False))]
             matrices += sum(stack.shape[0] for stack in stacks)
             weights += sum(stack.numel() for stack in stacks)

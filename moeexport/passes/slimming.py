@@ -30,12 +30,13 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
+import scipy.linalg.lapack
 import torch
 
 from moeexport.adapters import LayerSpec, LayerView, adapter_for
 from moeexport.adapters.experts import expert_stacks
 from moeexport.calibration.expert_inputs import (RoutedRows, collect_layer_inputs, collect_routed_rows, layer_by_layer,
-                                                 output_error)
+                                                 output_error, quadratic_form)
 from moeexport.calibration.observers import Statistics
 from moeexport.errors import MoeExportError
 from moeexport.pass_options import SlimmingOptions
@@ -87,17 +88,59 @@ class SlimmingPlan:
         return lines
 
 
-def inverse_hessian_factor(gram: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factors of (H + damp * mean(diag H) I)^-1 for a stack of Gram matrices [B, K, K];
-    an input never seen gets H_jj = 1 (its weights do not change the output on calibration data)."""
-    hessian = gram.float().clone()
-    diagonal = hessian.diagonal(dim1=-2, dim2=-1)
-    diagonal[diagonal == 0] = 1.0
-    diagonal += damp * diagonal.mean(dim=-1, keepdim=True)
-    factor, info = torch.linalg.cholesky_ex(hessian)
-    if info.any():
-        raise MoeExportError(f"a Hessian is not positive definite even with damp={damp}; raise damp (e.g. 0.1)")
-    return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+def inverse_hessian_factor(grams: torch.Tensor, damp: float, order: torch.Tensor | None = None) -> torch.Tensor:
+    """Upper Cholesky factors of (H + damping)^-1 for a stack of Gram matrices H [B, K, K], their rows and
+    columns taken in `order` [B, K] when given (an input never seen gets H_jj = 1: its weights do not change
+    the output on calibration data).
+
+    Without `order` the factors are computed where the Gram matrices are (overwritten, when they are float32
+    and contiguous), with it in one new buffer: the down projection's is ffn x ffn, 0.8 GB at Mixtral's widths.
+    With P the reversal, P H P = L L^T gives H^-1 = U^T U for U = P L^-1 P, so LAPACK's in-place Cholesky and
+    triangular inverse between two in-place reversals compute U where H is."""
+    factors = grams.float().contiguous() if order is None else torch.empty(grams.shape, dtype=torch.float32)
+    for number, hessian in enumerate(factors):
+        if order is not None:
+            _copy_ordered(hessian, grams[number], order[number])
+        hessian.diagonal().add_(damping(hessian.diagonal(), damp))
+        _reverse_in_place(hessian.view(-1))
+        # a C-ordered symmetric matrix is its own Fortran-ordered transpose: LAPACK's upper factor R (P H P =
+        # R^T R) lands here as L = R^T, and inverting R in place leaves L^-1
+        fortran = hessian.numpy().T
+        _, info = scipy.linalg.lapack.spotrf(fortran, lower=0, overwrite_a=1, clean=1)
+        if info:
+            raise MoeExportError(f"a Hessian is not positive definite even with damp={damp}; raise damp (e.g. 0.1)")
+        scipy.linalg.lapack.strtri(fortran, lower=0, overwrite_c=1)
+        _reverse_in_place(hessian.view(-1))
+    return factors
+
+
+def squared_norms(stack: torch.Tensor) -> torch.Tensor:
+    """||M||^2 of each matrix of a stack [B, N, K], each summed alone: the same bits whether a matrix is solved
+    in a stack (in memory) or alone (streamed)."""
+    return torch.stack([matrix.pow(2).sum() for matrix in stack])
+
+
+def damping(diagonal: torch.Tensor, damp: float) -> torch.Tensor:
+    """What inverse_hessian_factor adds to the diagonals [..., K] of Gram matrices: 1 where an input was never
+    seen, then `damp` x the mean of the diagonal so raised."""
+    unseen = (diagonal == 0).float()
+    return unseen + damp * (diagonal + unseen).mean(dim=-1, keepdim=True)
+
+
+def _copy_ordered(into: torch.Tensor, matrix: torch.Tensor, order: torch.Tensor, rows: int = 256) -> None:
+    """into = matrix[order][:, order], a block of rows at a time."""
+    for start in range(0, len(order), rows):
+        into[start : start + rows] = matrix[order[start : start + rows]][:, order]
+
+
+def _reverse_in_place(values: torch.Tensor, chunk: int = 1 << 22) -> None:
+    """Reverse a 1-D tensor without a second copy of it: swap its ends a chunk at a time."""
+    count = len(values)
+    for start in range(0, count // 2, chunk):
+        width = min(chunk, count // 2 - start)
+        head = values[start : start + width].clone()
+        values[start : start + width] = values[count - start - width : count - start].flip(0)
+        values[count - start - width : count - start] = head.flip(0)
 
 
 @dataclass
@@ -113,6 +156,7 @@ class ExpertSlimmingPass(CompressionPass):
 
     calibrated_methods: ClassVar[dict[str, str]]  # method -> "full" (X^T X) or "diagonal" (sum of x^2)
     fallback: ClassVar[str]
+    exact_in_float32: ClassVar[bool] = False  # new weights a stream must read in float32 (LayerEdit.float32)
 
     def needs_statistics(self, options: SlimmingOptions) -> bool:
         return False  # token counts come from the pass's own calibration run
@@ -123,10 +167,16 @@ class ExpertSlimmingPass(CompressionPass):
     def settings(self, options) -> dict:
         raise NotImplementedError
 
-    def slim(self, weights: torch.Tensor, grams: torch.Tensor | None, plan: SlimmingPlan) -> torch.Tensor:
-        """New float32 weights for a stack [B, N, K] of matrices (one per expert) with their input Gram
-        matrices [B, K, K] (diagonals [B, K]); `grams` is None for methods without calibration."""
+    def solve(self, weights: torch.Tensor, grams: torch.Tensor, plan: SlimmingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """A full-Gram method (GPTQ, SparseGPT): new float32 weights for a stack [B, N, K] of matrices (one per
+        expert) with their input Gram matrices [B, K, K], which it may overwrite, and its loss per matrix,
+        tr(dW H dW^T) with H the damped Gram matrix (passes/slimming.damping)."""
         raise NotImplementedError
+
+    def slim(self, weights: torch.Tensor, diagonals: torch.Tensor | None, plan: SlimmingPlan) -> torch.Tensor:
+        """Any other method: new float32 weights for a stack [B, N, K] of matrices from the diagonals [B, K] of
+        their input Gram matrices (None: a method without calibration)."""
+        return self.fallback_slim(weights, plan)
 
     def fallback_slim(self, weights: torch.Tensor, plan: SlimmingPlan) -> torch.Tensor:
         raise NotImplementedError
@@ -205,12 +255,18 @@ class ExpertSlimmingPass(CompressionPass):
             if use_fallback.any():
                 new[use_fallback] = self.fallback_slim(original[use_fallback], plan)
             calibrated = torch.where(~use_fallback)[0].tolist()
-            if calibrated:
+            solved = {}
+            if calibrated and gram == "full":
+                grams = torch.stack([matrix_inputs[i].gram for i in calibrated])
+                new[calibrated], errors = self._solve_measured(original[calibrated], grams, plan)
+                solved = dict(zip(calibrated, errors))
+            elif calibrated:
                 grams = torch.stack([matrix_inputs[i].gram for i in calibrated]) if inputs else None
                 new[calibrated] = self.slim(original[calibrated], grams, plan)
             weights.copy_(new)
             if gram == "full":
-                tally.errors += [output_error(new[i] - original[i], original[i], m.gram) for i, m in enumerate(matrix_inputs) if m.tokens]
+                tally.errors += [solved[i] if i in solved else output_error(new[i] - original[i], original[i], m.gram)
+                                 for i, m in enumerate(matrix_inputs) if m.tokens]
             tally.matrices += len(weights)
             tally.weights += weights.numel()
             tally.zeros += int((weights == 0).sum())
@@ -234,7 +290,7 @@ class ExpertSlimmingPass(CompressionPass):
                 new = self.slim(rows_out[None], seen.gram[None] if seen is not None else None, plan)[0]
             return new.T if transposed else new
 
-        stream.transform_experts(view.index, slim_expert)
+        stream.transform_experts(view.index, slim_expert, float32=self.exact_in_float32)
         _count(view, stacks, tally)
 
     def _slim_into_spill(self, stream, view: LayerView, routed: RoutedRows, plan: SlimmingPlan, tally: _Tally) -> None:
@@ -243,21 +299,41 @@ class ExpertSlimmingPass(CompressionPass):
         for each; the new matrices wait on disk (SpilledExperts) for whatever reads the experts next."""
         stacks = expert_stacks(replace(view.layout, biases=False))
         spill, errors = SpilledExperts(), {stack: [] for stack in stacks}
-        transposed = view.layout.transposed
         for slot, expert in enumerate(stream.kept_experts(stream.edits[view.index])):
             for stack, seen in zip(stacks, routed.inputs(slot)):
-                stored = getattr(view.experts, stack)[slot].float()
-                original = stored.T if transposed else stored
-                if seen.tokens < plan.min_tokens:
-                    new = self.fallback_slim(original[None], plan)[0]
-                else:
-                    new = self.slim(original[None], seen.gram[None], plan)[0]
-                if seen.tokens:
-                    errors[stack].append(output_error(new - original, original, seen.gram))
-                spill.put((stack, expert), new.T if transposed else new)
-        stream.transform_experts(view.index, spill)
+                new, error = self._slim_measured(getattr(view.experts, stack)[slot], seen, plan, view.layout.transposed)
+                spill.put((stack, expert), new)
+                errors[stack] += error
+            del seen, new  # its down Gram matrix (now the solver's factor) goes before the next expert's is made
+        stream.transform_experts(view.index, spill, float32=self.exact_in_float32)
         tally.errors += [error for stack in stacks for error in errors[stack]]  # _slim_in_place's order
         _count(view, stacks, tally)
+
+
+    def _slim_measured(self, stored: torch.Tensor, seen, plan: SlimmingPlan, transposed: bool):
+        """One expert matrix slimmed from its MatrixInputs, in its stored orientation, and its relative output
+        error ([] when it saw no token); a solver overwrites its Gram matrix."""
+        original = stored.float().T if transposed else stored.float()
+        if seen.tokens >= plan.min_tokens:
+            solved, errors = self._solve_measured(original[None], seen.gram[None], plan)
+            new = solved[0]
+        else:
+            new = self.fallback_slim(original[None], plan)[0]
+            errors = [output_error(new - original, original, seen.gram)] if seen.tokens else []
+        return (new.T if transposed else new), errors
+
+    def _solve_measured(self, original: torch.Tensor, grams: torch.Tensor, plan: SlimmingPlan):
+        """(self.solve's new weights, each matrix's relative output error ||dW X||^2 / ||W X||^2), the Gram
+        matrices [B, K, K] overwritten: ||W X||^2 is taken before the solver runs, and ||dW X||^2 is its loss
+        less what the damping added to it, so no second copy of a Gram matrix is ever held."""
+        references = [quadratic_form(weight, gram) for weight, gram in zip(original, grams)]
+        added = damping(grams.diagonal(dim1=-2, dim2=-1), plan.settings["damp"])
+        new, losses = self.solve(original, grams, plan)
+        errors = []
+        for weight, before, loss, extra, reference in zip(new, original, losses, added, references):
+            changed = loss - (weight - before).pow_(2).sum(dim=0) @ extra
+            errors.append(float(changed / reference) if reference > 0 else 0.0)
+        return new, errors
 
 
 def _count(view: LayerView, stacks, tally: _Tally) -> None:
