@@ -201,15 +201,15 @@ def moment_values(headers: dict, hidden_size: int) -> int:
 def gram_values(headers: dict, act_order: bool = False) -> int:
     """Float32 values a streamed GPTQ or SparseGPT holds at once for one expert (a bound): the Gram matrices of
     its inputs (hidden and intermediate width squared; the solver's factor is computed in the widest's place,
-    passes/slimming.inverse_hessian_factor, or beside it when GPTQ's act_order permutes it), and four copies
-    of its largest matrix (as stored in float32, the solver's working copy, the new matrix, their difference)."""
+    passes/slimming.inverse_hessian_factor, or beside it when GPTQ's act_order permutes it), and three copies
+    of its largest matrix (in float32 as read, the solver's working copy or the new matrix, and the codes)."""
     shapes = [shape[-2:] for name, (shape, _, _) in unpacked_headers(headers, transposed=False).items()
               if _layer_number(name) is not None and (_expert_number(name) is not None or _is_expert_stack(name, shape))]
     if not shapes:
         return 0
     widths = {width for _, width in shapes}
     return (sum(width**2 for width in widths) + (max(widths) ** 2 if act_order else 0)
-            + 4 * max(rows * width for rows, width in shapes))
+            + 3 * max(rows * width for rows, width in shapes))
 
 
 def rebuild_system_bytes(num_experts: int, kept: int, ffn: int) -> int:

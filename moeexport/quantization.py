@@ -101,9 +101,10 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torc
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The float32 weights of (codes, scales): exactly code * scale."""
-    groups = _grouped(codes, group_size)
-    return (groups * scales[..., None]).reshape(codes.shape)
+    """The float32 weights of (codes, scales): exactly code * scale (scaled in place: one new matrix)."""
+    weights = codes.to(torch.float32, copy=True)
+    _grouped(weights, group_size).mul_(scales[..., None])
+    return weights
 
 
 def _candidate_maxima(bits: int) -> list[int]:

@@ -314,6 +314,7 @@ class ExpertSlimmingPass(CompressionPass):
         """One expert matrix slimmed from its MatrixInputs, in its stored orientation, and its relative output
         error ([] when it saw no token); a solver overwrites its Gram matrix."""
         original = stored.float().T if transposed else stored.float()
+        del stored  # the read's own copy (bf16) goes before the solver's are made
         if seen.tokens >= plan.min_tokens:
             solved, errors = self._solve_measured(original[None], seen.gram[None], plan)
             new = solved[0]
@@ -331,7 +332,9 @@ class ExpertSlimmingPass(CompressionPass):
         new, losses = self.solve(original, grams, plan)
         errors = []
         for weight, before, loss, extra, reference in zip(new, original, losses, added, references):
-            changed = loss - (weight - before).pow_(2).sum(dim=0) @ extra
+            squares = sum((rows - rows_before).pow_(2).sum(dim=0) for rows, rows_before in zip(weight.split(256),
+                                                                                                 before.split(256)))
+            changed = loss - squares @ extra
             errors.append(float(changed / reference) if reference > 0 else 0.0)
         return new, errors
 
