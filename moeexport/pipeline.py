@@ -376,11 +376,9 @@ def memory_plan(model: Source | str | Path, recipe: Recipe, options: CompressOpt
         act_order = any(getattr(step.options, "act_order", False) for step in recipe.steps)
         workload = replace(workload, gram_values=memory.gram_values(source.headers, act_order))
     refits = tuple(kind for kind in (PASSES[step.name].refits(step.options) for step in recipe.steps) if kind)
-    if refits:
-        layers = len(memory.checkpoint_sizes(source.headers)[0])
+    if refits:  # a refit's target residuals wait on disk when streamed (repair.residuals_at): one held at a time
         workload = replace(workload, calibration_tokens=calibration.samples * calibration.length, refits=refits,
-                           residuals_held=max(PASSES[step.name].residuals_held(step.options, layers)
-                                              for step in recipe.steps))
+                           residuals_held=1)
     budget = options.max_memory or memory.default_budget()
     plan = memory.plan(source.headers, config.hidden_size, config.vocab_size, budget, workload, stream, options.dtype)
     if plan.streamed:

@@ -608,6 +608,24 @@ class SpilledTensors:
             return handle.get_tensor("tensor")
 
 
+class SpilledBatches:
+    """A list of tensors (one per calibration batch) held in files until iterated, read back one at a time: what
+    a streamed run keeps of every layer it will need again (`repair: refit`'s target residuals)."""
+
+    def __init__(self):
+        self._spilled, self._count = SpilledTensors(), 0
+
+    def append(self, tensor: torch.Tensor) -> None:
+        self._spilled.put(self._count, tensor)
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self):
+        return (self._spilled.tensor(batch) for batch in range(self._count))
+
+
 class SpilledExperts(SpilledTensors):
     """Expert matrices computed for a streamed layer from what only that layer's calibration run measured (GPTQ,
     SparseGPT), keyed (stack, source expert): a LayerStream transform that gives the rows asked for of the

@@ -177,8 +177,22 @@ def test_the_memory_plan_counts_a_trim_refits_system_and_targets():
                                                                                 "repair": repair}}]}), options)
                     for repair in ("none", "refit"))
     config = json.loads((DEMO_MODEL / "config.json").read_text())
-    # the normal equations of the o_proj (float64) and two more copies of the calibration hidden states
-    assert refit.streamed_bytes - plain.streamed_bytes >= 4 * config["hidden_size"] ** 2 * 8 + 2 * 8 * 64 * config["hidden_size"] * 4
+    # the normal equations of the o_proj (float64) and one more copy of the calibration hidden states (the
+    # targets wait on disk: residuals_at)
+    assert refit.streamed_bytes - plain.streamed_bytes >= 4 * config["hidden_size"] ** 2 * 8 + 8 * 64 * config["hidden_size"] * 4
+
+
+def test_a_streamed_models_target_residuals_wait_on_disk_and_read_back_as_computed():
+    from moeexport.modelio import load, load_streamed
+    from moeexport.streaming import SpilledBatches
+
+    tokens = random_tokens(3, 16)
+    points = {0: "attention", 1: "output"}
+    whole, streamed = (repair.residuals_at(loader(DEMO_MODEL), points, tokens) for loader in (load, load_streamed))
+    for layer in points:
+        assert isinstance(streamed[layer], SpilledBatches) and len(streamed[layer]) == len(whole[layer]) > 0
+        for expected, read in zip(whole[layer], streamed[layer], strict=True):
+            assert torch.equal(expected, read)
 
 
 def test_spilled_tensors_keep_every_key_when_one_is_put_again():

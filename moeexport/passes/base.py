@@ -57,11 +57,6 @@ class CompressionPass:
         projection per absorbing layer) or "experts" (a layer's kept experts at a time); None: nothing."""
         return None
 
-    def residuals_held(self, options: PassOptions, layers: int) -> int:
-        """How many copies of the calibration set's hidden states `apply` holds at once in a model of `layers`
-        decoder layers (a refit's targets)."""
-        return 0
-
     def check(self, options: PassOptions, layers: list[LayerSpec]) -> None:
         """Raise MoeExportError when the options cannot apply to a model of this structure."""
 

@@ -75,7 +75,7 @@ from moeexport.adapters.surgery import keep_experts
 from moeexport.calibration.expert_inputs import layer_by_layer
 from moeexport.errors import MoeExportError
 from moeexport.memory import MAX_GRAM_BYTES, rebuild_system_bytes, release_freed_memory
-from moeexport.streaming import SpilledExperts, child_name, stream_of
+from moeexport.streaming import SpilledBatches, SpilledExperts, child_name, stream_of
 
 
 
@@ -474,13 +474,14 @@ def _whole(stack) -> torch.Tensor:
 
 
 @torch.no_grad()
-def residuals_at(model, points: dict[int, str], tokens: torch.Tensor) -> dict[int, list[torch.Tensor]]:
+def residuals_at(model, points: dict[int, str], tokens: torch.Tensor) -> dict:
     """The model's residual stream on the calibration tokens, per batch, at `points[layer]` of each listed layer:
-    "attention" (after the layer's attention) or "output" (after the whole layer). Run before the removal."""
+    "attention" (after the layer's attention) or "output" (after the whole layer). Run before the removal. A
+    streamed model's wait on disk (SpilledBatches): every layer's would not fit its bound at real sizes."""
     if not points:
         return {}
-    adapter = adapter_for(model.config)
-    captured: dict[int, list[torch.Tensor]] = {layer: [] for layer in points}
+    adapter, streamed = adapter_for(model.config), stream_of(model) is not None
+    captured = {layer: SpilledBatches() if streamed else [] for layer in points}
     for index, module, run in layer_by_layer(adapter, model, tokens):
         if index not in points:
             continue

@@ -166,9 +166,6 @@ class _Repairable(CompressionPass):
     def refits(self, options) -> str | None:
         return "attention" if options.repair == "refit" else None
 
-    def residuals_held(self, options, layers: int) -> int:
-        return options.n if options.repair == "refit" else 0  # the original residual at each absorbing point
-
     def check_model(self, options, model) -> None:
         adapter = adapter_for(model.config)
         mixers = sorted(set(adapter.model_config(model.config).layer_mixers) - {"attention"})
@@ -378,9 +375,6 @@ class ExpertDrop(_Repairable):
 
     def refits(self, options: ExpertDropOptions) -> str | None:
         return "experts" if options.repair == "refit" else None
-
-    def residuals_held(self, options: ExpertDropOptions, layers: int) -> int:
-        return layers if options.repair == "refit" else 0  # the original residual after every rebuilt layer
 
     def needs_statistics(self, options: ExpertDropOptions) -> bool:
         return options.score != "random"  # measured scores also report the tokens each dropped expert saw
