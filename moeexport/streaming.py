@@ -613,17 +613,16 @@ class SpilledBatches:
     a streamed run keeps of every layer it will need again (`repair: refit`'s target residuals)."""
 
     def __init__(self):
-        self._spilled, self._count = SpilledTensors(), 0
+        self._spilled = SpilledTensors()
 
     def append(self, tensor: torch.Tensor) -> None:
-        self._spilled.put(self._count, tensor)
-        self._count += 1
+        self._spilled.put(len(self), tensor)
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._spilled.files)
 
     def __iter__(self):
-        return (self._spilled.tensor(batch) for batch in range(self._count))
+        return (self._spilled.tensor(batch) for batch in range(len(self)))
 
 
 class SpilledExperts(SpilledTensors):
