@@ -57,7 +57,7 @@ class MatrixInputs:
 
     def add(self, rows: torch.Tensor, diagonal: bool) -> None:
         """Add a batch's rows [T, K], in place: a down projection's Gram matrix is ffn x ffn (0.8 GB at
-        Mixtral's widths) and is never held twice."""
+        ffn 14336) and is never held twice."""
         if not len(rows):
             return
         rows = rows.float()

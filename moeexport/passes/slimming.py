@@ -94,7 +94,7 @@ def inverse_hessian_factor(grams: torch.Tensor, damp: float, order: torch.Tensor
     the output on calibration data).
 
     Without `order` the factors are computed where the Gram matrices are (overwritten, when they are float32
-    and contiguous), with it in one new buffer: the down projection's is ffn x ffn, 0.8 GB at Mixtral's widths.
+    and contiguous), with it in one new buffer: the down projection's is ffn x ffn, 0.8 GB at ffn 14336.
     With P the reversal, P H P = L L^T gives H^-1 = U^T U for U = P L^-1 P, so LAPACK's in-place Cholesky and
     triangular inverse between two in-place reversals compute U where H is."""
     factors = grams.float().contiguous() if order is None else torch.empty(grams.shape, dtype=torch.float32)
