@@ -42,7 +42,7 @@ a YAML recipe: an ordered list of passes, e.g.
     - layer_drop: {n: 1}       # score: perplexity|kl|similarity|random
     - expert_drop: {keep: 6, scope: global, min_keep: 2}
                                # scope: layer|global; score: reap|perplexity|kl|frequency|routing_mass|random
-                               # repair: none|refit (rebuild the kept experts from all the layer's neurons)
+                               # repair: auto (refit where the model takes it)|refit|none
     - merge: {keep: 4}         # M-SMoE; compress: {rank: 32, sparsity: 0.9} for MC-SMoE
     - prune: {method: wanda, sparsity: 0.5}   # or sparsegpt|magnitude; pattern: "2:4"
     - quantize: {method: gptq, bits: 4, group_size: 128}   # or rtn; bits: 8

@@ -30,7 +30,7 @@ from moeexport.errors import MoeExportError
 from moeexport.modelio import parameter_bytes, parameter_count
 from moeexport.outputs import replace_atomically
 from moeexport.passes import PASSES
-from moeexport.recipe import Recipe
+from moeexport.recipe import Recipe, RecipeStep
 
 # the statistics cache keeps its newest entries within this size (MOEEXPORT_CACHE_LIMIT_MB to change it)
 CACHE_LIMIT_BYTES = int(float(os.environ.get("MOEEXPORT_CACHE_LIMIT_MB", "1024")) * 2**20)
@@ -166,9 +166,14 @@ class AppliedStep:
     name: str
     options: dict
     plan: object  # the pass's plan dataclass
+    decided: str = ""  # how the pass's `auto` options were decided for this model (CompressionPass.resolve)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "options": self.options, "plan": asdict(self.plan)}
+
+    def summary(self) -> list[str]:
+        """What the run says about the step: how `auto` was decided, then the plan."""
+        return [self.decided] * bool(self.decided) + list(self.plan.describe())
 
 
 @dataclass
@@ -190,6 +195,14 @@ class CompressionResult:
         }
 
 
+def resolve_recipe(recipe: Recipe, config, calibrated: bool = True) -> tuple[Recipe, list[str]]:
+    """`recipe` with every `auto` option decided for a model of this transformers `config` (`calibrated`: with
+    calibration tokens to solve on; the pipeline always has them), and per step how ("" where nothing was)."""
+    resolved = [PASSES[step.name].resolve(step.options, config, calibrated) for step in recipe.steps]
+    steps = tuple(RecipeStep(step.name, options) for step, (options, _) in zip(recipe.steps, resolved))
+    return Recipe(steps), [decided for _, decided in resolved]
+
+
 def check_recipe(recipe: Recipe, model, layers: list[LayerSpec]) -> None:
     """Fail fast, before any calibration, on options the model cannot take."""
     for step in recipe.steps:
@@ -200,6 +213,7 @@ def check_recipe(recipe: Recipe, model, layers: list[LayerSpec]) -> None:
 def compress(model, recipe: Recipe, statistics: StatisticsProvider | None, on_step=None) -> CompressionResult:
     """Apply `recipe` to `model` in place. `on_step(AppliedStep)` is called after each pass."""
     adapter = adapter_for(model.config)
+    recipe, decided = resolve_recipe(recipe, model.config, statistics is not None)
     check_recipe(recipe, model, structure(adapter, model))
     result = CompressionResult(
         layers_before=structure(adapter, model),
@@ -215,7 +229,7 @@ def compress(model, recipe: Recipe, statistics: StatisticsProvider | None, on_st
     if statistics and any(calibrated):
         statistics.tokens(model)  # draw the calibration set from the model as given
     history: list[dict] = []
-    for step in recipe.steps:
+    for step, step_decided in zip(recipe.steps, decided):
         compression_pass = PASSES[step.name]
         layers = structure(adapter, model)
         compression_pass.check(step.options, layers)
@@ -231,7 +245,7 @@ def compress(model, recipe: Recipe, statistics: StatisticsProvider | None, on_st
         plan = compression_pass.plan(step_statistics, layers, step.options, **measured, **context)
         calibration = {"tokens": statistics.tokens(model), "progress": statistics.progress} if activations else {}
         plan = compression_pass.apply(model, plan, **calibration) or plan
-        applied = AppliedStep(step.name, step.options.model_dump(), plan)
+        applied = AppliedStep(step.name, step.options.model_dump(), plan, step_decided)
         history.append(applied.to_dict())
         result.steps.append(applied)
         if on_step:

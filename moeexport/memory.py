@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -76,6 +78,7 @@ class Workload:
     gram_values: int = 0  # float32 values of one expert's Gram matrices and their solver's (gram_values: GPTQ)
     refits: tuple[str, ...] = ()  # what each `repair: refit` solves for (refit_bytes)
     residuals_held: int = 0  # further copies of the calibration set's hidden states held (a refit's targets)
+    spilled_experts: float = 0  # float32 copies of the routed experts the passes spill when streamed (spill_bytes)
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class MemoryPlan:
     largest_layer: int
     largest_layer_parameters: int  # besides its routed experts (read one at a time)
     outer_parameters: int  # embeddings, final norm, head
+    spill_bytes: int = 0  # streamed: what the passes write to `spill_dir` at most (spill_bytes)
+    spill_dir: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,7 +102,8 @@ class MemoryPlan:
         how = (f"streamed, one decoder layer at a time in {self.dtype} (about {self.streamed_bytes / GIB:.1f} GiB)"
                if self.streamed else f"whole in memory (about {self.in_memory_bytes / GIB:.1f} GiB)")
         count = f"{self.parameters / 1e9:.2f} B" if self.parameters >= 1e8 else f"{self.parameters / 1e6:.1f} M"
-        return f"{count} parameters, {how}, within --max-memory {self.budget / GIB:.1f} GiB"
+        spilled = f", and up to {self.spill_bytes / 1e9:.1f} GB on disk in {self.spill_dir}" if self.spill_bytes else ""
+        return f"{count} parameters, {how}, within --max-memory {self.budget / GIB:.1f} GiB{spilled}"
 
 
 @dataclass(frozen=True)
@@ -182,8 +188,9 @@ def plan(headers: dict, hidden_size: int, vocab_size: int, budget: int, workload
         return MemoryPlan(budget, False, chosen, total, in_memory, streamed_peak(chosen), layer, size.resident, outer)
     for compute in candidates:
         if streamed_peak(compute) <= budget:
+            spill = spill_bytes(headers, hidden_size, workload, compute)
             return MemoryPlan(budget, True, compute, total, in_memory, streamed_peak(compute), layer, size.resident,
-                              outer)
+                              outer, spill, _spill_room(spill))
     compute = candidates[-1]
     _, activations, solving = streamed_parts(compute)
     raise MoeExportError(_does_not_fit(budget, streamed_peak(compute), layer, size, compute, activations, solving))
@@ -210,6 +217,28 @@ def gram_values(headers: dict, act_order: bool = False) -> int:
     widths = {width for _, width in shapes}
     return (sum(width**2 for width in widths) + (max(widths) ** 2 if act_order else 0)
             + 3 * max(rows * width for rows, width in shapes))
+
+
+def spill_bytes(headers: dict, hidden_size: int, workload: Workload, compute: str) -> int:
+    """Bytes a streamed run's passes write to the temporary directory at most (streaming.SpilledTensors), a bound:
+    the routed experts they compute in float32 (`workload.spilled_experts` copies: GPTQ's, SparseGPT's, Expert
+    Drop's rebuild's), each decoder layer's resident weights in float32 for an attention refit (its output
+    projection is less), and the calibration set's hidden states at every layer for a refit's targets."""
+    per_layer, _ = checkpoint_sizes(headers)
+    experts = int(_expert_total(headers) * 4 * workload.spilled_experts)
+    projections = sum(size.resident for size in per_layer.values()) * 4 if "attention" in workload.refits else 0
+    targets = workload.calibration_tokens * hidden_size * DTYPE_BYTES[compute] * len(per_layer) if workload.refits else 0
+    return experts + projections + targets
+
+
+def _spill_room(spill: int) -> str:
+    """The temporary directory the passes spill to, after making sure `spill` bytes fit there."""
+    directory = tempfile.gettempdir()
+    free = shutil.disk_usage(directory).free
+    if spill > free:
+        raise MoeExportError(f"the passes write up to {spill / 1e9:.1f} GB to {directory} while streaming, and it has "
+                             f"{free / 1e9:.1f} GB free: set TMPDIR to a directory on a disk with room")
+    return directory
 
 
 def rebuild_system_bytes(num_experts: int, kept: int, ffn: int) -> int:
@@ -318,6 +347,11 @@ def _experts_per_layer(headers: dict) -> dict[int, tuple[int, int]]:
             numbers.setdefault(layer, set()).update([expert] if expert is not None else range(shape[0]))
             parameters[layer] = parameters.get(layer, 0) + math.prod(shape)
     return {layer: (len(numbers[layer]), parameters[layer]) for layer in parameters}
+
+
+def routed_experts(headers: dict) -> int:
+    """The most routed experts a decoder layer has (0 without any)."""
+    return max((count for count, _ in _experts_per_layer(headers).values()), default=0)
 
 
 def _expert_total(headers: dict) -> int:

@@ -25,8 +25,9 @@ class PassOptions(BaseModel):
 
 SEED = Field(0, ge=0, description="seed of score: random")
 ALLOW_EMPTY = Field(False, description="let the drop leave MoE layers without experts, or the model without MoE layers")
-REPAIR = Field("none", description="refit: least-squares refit, on calibration tokens, of the weights that absorb "
-                                   "what was removed (passes/repair.py)")
+REPAIR = Field("auto", description="refit: least-squares refit, on calibration tokens, of the weights that absorb "
+                                   "what was removed (passes/repair.py); auto (default): refit where the model's "
+                                   "layout takes it, else none (the run says which and why)")
 RIDGE = Field(0.1, gt=0, description="repair: refit, the pull towards the original weights")
 
 
@@ -36,7 +37,7 @@ class BlockDropOptions(PassOptions):
     score: Literal["perplexity", "kl", "similarity", "random"] = "perplexity"
     seed: int = SEED
     allow_empty_layers: bool = ALLOW_EMPTY
-    repair: Literal["none", "refit"] = REPAIR
+    repair: Literal["auto", "none", "refit"] = REPAIR
     ridge: float = RIDGE
 
 
@@ -45,7 +46,7 @@ class LayerDropOptions(PassOptions):
     score: Literal["perplexity", "kl", "similarity", "random"] = "perplexity"
     seed: int = SEED
     allow_empty_layers: bool = ALLOW_EMPTY
-    repair: Literal["none", "refit"] = REPAIR
+    repair: Literal["auto", "none", "refit"] = REPAIR
     ridge: float = RIDGE
 
 
@@ -57,7 +58,7 @@ class ExpertDropOptions(PassOptions):
     score: Literal["reap", "perplexity", "kl", "frequency", "routing_mass", "random"] = "reap"
     seed: int = SEED
     allow_empty_layers: bool = ALLOW_EMPTY
-    repair: Literal["none", "refit"] = REPAIR
+    repair: Literal["auto", "none", "refit"] = REPAIR
     ridge: float = RIDGE
 
 

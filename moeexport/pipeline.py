@@ -281,11 +281,12 @@ def _compress(source: Source, recipe: Recipe, options: CompressOptions, events: 
               memory, check=None, also_calibrates: bool = False) -> _Compressed:
     """Load, calibrate, apply; `check(model)` runs on the result before its quality is measured.
     `also_calibrates`: the caller draws the calibration set besides the recipe's passes (an importance matrix)."""
-    from moeexport.compress import compress as apply_recipe
+    from moeexport.compress import compress as apply_recipe, resolve_recipe
     from moeexport.modelio import load_tokenizer
 
-    options = replace(options, calibration=_calibration_source(memory, _observes(recipe), options, events))
-    if options.calibration.source != "model" and (_calibrates(recipe) or also_calibrates):
+    resolved, _ = resolve_recipe(recipe, source.config)  # applying `recipe` says how (AppliedStep.decided)
+    options = replace(options, calibration=_calibration_source(memory, _observes(resolved), options, events))
+    if options.calibration.source != "model" and (_calibrates(resolved) or also_calibrates):
         from moeexport.calibration.sources import read_documents
 
         read_documents(options.calibration.source)  # a missing or malformed source fails now, before the model runs
@@ -307,7 +308,7 @@ def _compress(source: Source, recipe: Recipe, options: CompressOptions, events: 
     passes = []  # each applied pass as the report and the event give it
 
     def applied(step) -> None:
-        passes.append(step.to_dict() | {"summary": list(step.plan.describe())})
+        passes.append(step.to_dict() | {"summary": step.summary()})
         events.step(step.name, passes[-1])
 
     with stages("compress", f"compressing with {len(recipe.steps)} pass(es)"):
@@ -357,10 +358,12 @@ def memory_plan(model: Source | str | Path, recipe: Recipe, options: CompressOpt
     `moments`: the run holds every weight matrix's input moments (an importance matrix); a pass that computes
     weights from calibration activations holds them too."""
     from moeexport import memory
+    from moeexport.compress import resolve_recipe
     from moeexport.passes import PASSES
 
     source = as_source(model, options.trust_remote_code)  # an unsupported model stops here, by name
     config, stream = source.config, options.stream
+    recipe, _ = resolve_recipe(recipe, config)  # what the passes will do: a refit or not (said when they run)
     if source.is_gguf:  # streamed always: the stream's record of each layer is what carries its codes
         if stream is False:
             raise MoeExportError(f"{source.path} is a GGUF, which is always read one layer at a time: drop --no-stream")
@@ -379,11 +382,27 @@ def memory_plan(model: Source | str | Path, recipe: Recipe, options: CompressOpt
     if refits:  # a refit's target residuals wait on disk when streamed (repair.residuals_at): one held at a time
         workload = replace(workload, calibration_tokens=calibration.samples * calibration.length, refits=refits,
                            residuals_held=1)
+    workload = replace(workload, spilled_experts=_spilled_experts(recipe, memory.routed_experts(source.headers)))
     budget = options.max_memory or memory.default_budget()
     plan = memory.plan(source.headers, config.hidden_size, config.vocab_size, budget, workload, stream, options.dtype)
     if plan.streamed:
         _check_streamable(recipe, options, plan, observes, gguf=source.is_gguf)
     return plan
+
+
+def _spilled_experts(recipe: Recipe, experts: int) -> float:
+    """How many copies of the routed experts the passes compute and spill when streamed (GPTQ, SparseGPT, Expert
+    Drop's rebuild), each the share of the experts the recipe has kept by then."""
+    from moeexport.passes import PASSES
+
+    share, copies = 1.0, 0.0
+    for step in recipe.steps:
+        compression_pass = PASSES[step.name]
+        left = compression_pass.experts_left(step.options)
+        share = min(share, left / experts) if left is not None and experts else share
+        copies += share if compression_pass.refits(step.options) == "experts" or _solves_with_grams(Recipe((step,))) \
+            else 0
+    return copies
 
 
 def _observes(recipe: Recipe) -> bool:

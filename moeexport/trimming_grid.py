@@ -72,7 +72,7 @@ def _apply(state: _Applied, entry: dict | None, provider, memo: dict) -> _Applie
     result = compress(model, parse_recipe({"passes": [entry]}), _Prefixed(provider, state.history, memo))
     index = [None if i is None else result.new_block_index[i] for i in state.new_block_index]
     steps = [step.to_dict() for step in result.steps]
-    plans = [f"{step.name}: {line}" for step in result.steps for line in step.plan.describe()]
+    plans = [f"{step.name}: {line}" for step in result.steps for line in step.summary()]
     return _Applied(model, state.history + steps, state.passes + [entry], state.plans + plans, index)
 
 
@@ -181,13 +181,11 @@ def _layers(model):
 
 
 def _pinned(applied: _Applied) -> list[dict]:
-    """The recipe entries as applied, each pass's score written out: the default it ran with when searched, so
-    that the recipe selects the same way if a default changes later."""
+    """The recipe entries as applied, each pass's score and repair written out as it ran when searched, so that
+    the recipe selects and repairs the same way if a default changes later."""
     pinned = []
     for entry, step in zip(applied.passes, applied.history):
         (name, given), = entry.items()
-        options = dict(given)
-        if "score" in step["options"]:
-            options["score"] = step["options"]["score"]
-        pinned.append({name: options})
+        ran = {key: step["options"][key] for key in ("score", "repair") if key in step["options"]}
+        pinned.append({name: {**given, **ran}})
     return pinned

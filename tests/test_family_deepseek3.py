@@ -169,7 +169,7 @@ def test_merge_and_refit_repair_are_refused_by_name(family):
     if family == "glm4_moe_lite":  # one group: top-k over all experts, which refit reroutes exactly (fam-glm-ernie)
         compress(tiny_model(family), recipe, _provider())
         return
-    with pytest.raises(MoeExportError, match="refit needs greedy top-k routing"):
+    with pytest.raises(MoeExportError, match="rebuild needs greedy top-k routing"):
         compress(tiny_model(family), recipe, _provider())
 
 

@@ -129,7 +129,7 @@ def test_reap_weighs_each_expert_by_the_softmax_over_the_top_k_gpt_oss_mixes_wit
 
 @pytest.mark.parametrize("step, message", [
     ({"merge": {"keep": 2}}, "gpt-oss: experts cannot be merged.*router's bias.*use Expert Drop"),
-    ({"expert_drop": {"keep": 2, "repair": "refit"}}, "repair: refit rebuilds bias-free experts.*gpt-oss.*repair: none"),
+    ({"expert_drop": {"keep": 2, "repair": "refit"}}, "repair: refit cannot apply: the rebuild writes bias-free experts.*gpt-oss.*repair: none"),
 ])
 def test_merge_and_expert_refit_refuse_gpt_oss_experts_by_name(step, message):
     with pytest.raises(MoeExportError, match=message):

@@ -204,3 +204,46 @@ def test_spilled_tensors_keep_every_key_when_one_is_put_again():
     spilled.put("a", torch.ones(2))
     spilled.put("b", torch.full((2,), 2.0))
     assert torch.equal(spilled.tensor("a"), torch.ones(2)) and torch.equal(spilled.tensor("b"), torch.full((2,), 2.0))
+
+
+# --- repair: auto, the default ----------------------------------------------------------------------------------------
+
+DROPS = [{"block_drop": {"n": 1}}, {"layer_drop": {"n": 1}}, {"expert_drop": {"keep": 2}}]
+
+
+@pytest.mark.parametrize("family, decided", [
+    ("mixtral", ["refit", "refit", "refit"]),
+    # DeltaNet layers have no output projection to absorb a drop; the experts are rebuilt as any
+    ("qwen3_5_moe_text", ["none", "none", "refit"]),
+    ("gpt_oss", ["refit", "refit", "none"]),  # experts with biases, gate and up interleaved
+    ("deepseek_v3", ["refit", "refit", "none"]),  # routing within expert groups
+    ("gemma4_text", ["refit", "refit", "none"]),  # a per-expert scale on the routing weights
+    ("nemotron_h", ["none", "none", "none"]),  # Mamba layers; ReLU² experts without a gate
+])
+def test_repair_auto_is_a_refit_where_the_model_takes_one_and_says_why_not(family, decided):
+    from moeexport.compress import resolve_recipe
+
+    config = tiny_model(family).config
+    recipe, decisions = resolve_recipe(parse_recipe({"passes": DROPS}), config)
+    assert [step.options.repair for step in recipe.steps] == decided
+    for line, repair_kind in zip(decisions, decided, strict=True):
+        assert line == "repair: auto -> refit" if repair_kind == "refit" else line.startswith("repair: auto -> none (")
+    explicit, said = resolve_recipe(parse_recipe({"passes": [{"expert_drop": {"keep": 2, "repair": "none"}}]}), config)
+    assert explicit.steps[0].options.repair == "none" and said == [""]
+
+
+def test_repair_auto_without_calibration_data_is_none_and_the_default_drop_refits_on_the_demo(tmp_path):
+    from moeexport.compress import resolve_recipe
+    from moeexport.pipeline import compress as compress_command
+
+    model = tiny_model("mixtral")
+    recipe, decisions = resolve_recipe(parse_recipe({"passes": DROPS}), model.config, calibrated=False)
+    assert {step.options.repair for step in recipe.steps} == {"none"}
+    assert all("no calibration tokens" in line for line in decisions)
+    compress(model, parse_recipe({"passes": [{"expert_drop": {"keep": 2, "score": "random"}}]}), None)  # no raise
+
+    report = compress_command(DEMO_MODEL, {"passes": [{"expert_drop": {"keep": 2}}]},
+                              CompressOptions(out=str(tmp_path / "out"), measure_quality=False))
+    (step,) = report.passes
+    assert step["options"]["repair"] == "refit" and step["plan"]["repair_error"]
+    assert step["summary"][0] == "repair: auto -> refit"

@@ -16,6 +16,7 @@ import moeexport
 from moeexport import BuildOptions, CalibrationOptions
 from moeexport.calibration.moments import input_moments
 from moeexport.checkpoint_files import DEMO_MODEL
+from moeexport.errors import MoeExportError
 from moeexport.modelio import load, load_streamed
 from moeexport.pipeline import CompressOptions, memory_plan
 from moeexport.recipe import parse_recipe
@@ -176,6 +177,31 @@ def test_the_memory_plan_counts_one_experts_gram_matrices_for_gptq_and_sparsegpt
     # the down projection's intermediate x intermediate float32 Gram matrix, at least, besides the moments
     assert gptq.streamed_bytes - rtn.streamed_bytes >= config["intermediate_size"] ** 2 * 4
     assert sparsegpt.streamed_bytes == gptq.streamed_bytes
+
+
+def test_the_memory_plan_counts_the_disk_the_passes_spill_to_and_refuses_a_disk_without_room(monkeypatch):
+    """GPTQ's experts and Expert Drop's rebuilt ones wait on disk when streamed: a float32 copy of each expert kept
+    by then, plus the refit's target hidden states; a temporary directory too small is refused before any work."""
+    from moeexport import memory
+
+    options = CompressOptions(out="unused", stream=True, eval_text=str(HELD_OUT),
+                              calibration=CalibrationOptions(source=str(HELD_OUT), samples=4, length=64))
+    config = json.loads((DEMO_MODEL / "config.json").read_text())
+    experts = config["num_local_experts"]
+    gptq = {"quantize": {"method": "gptq", "bits": 4, "group_size": 32}}
+    drop = {"expert_drop": {"keep": experts // 2, "repair": "refit"}}
+    rtn_plan, gptq_plan, both_plan = (memory_plan("demo", parse_recipe({"passes": passes}), options) for passes in (
+        [{"quantize": {"method": "rtn", "bits": 4, "group_size": 32}}], [gptq], [drop, gptq]))
+    expert_bytes = (config["num_hidden_layers"] * experts * 3 * config["hidden_size"] * config["intermediate_size"]
+                    * 4)
+    assert rtn_plan.spill_bytes == 0 and gptq_plan.spill_bytes == expert_bytes
+    targets = 4 * 64 * config["hidden_size"] * 4 * config["num_hidden_layers"]  # float32: the demo computes in it
+    assert both_plan.spill_bytes == expert_bytes // 2 * 2 + targets  # rebuilt half, then GPTQ's of the same half
+    assert f"{both_plan.spill_bytes / 1e9:.1f} GB on disk in {both_plan.spill_dir}" in both_plan.describe()
+
+    monkeypatch.setattr(memory.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(expert_bytes, 0, expert_bytes - 1))
+    with pytest.raises(MoeExportError, match=r"write up to .* GB to .* while streaming.*set TMPDIR"):
+        memory_plan("demo", parse_recipe({"passes": [gptq]}), options)
 
 
 def test_a_gguf_input_is_measured_for_its_importance_matrix_as_it_is_read(demo_gguf_of, tmp_path):

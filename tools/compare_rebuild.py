@@ -34,19 +34,21 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=256, help="held-out windows of --length tokens (at most)")
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--keep", type=int, nargs="*", default=[6, 4, 2])
+    parser.add_argument("--rebuilds", nargs="*", choices=list(REBUILDS), default=list(REBUILDS))
     parser.add_argument("--json", default="compare_rebuild.json")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
 
     started = time.perf_counter()
     original, windows, provider, base = model_and_held_out(args)
-    print("| Expert Drop | keep | " + " | ".join(REBUILDS) + " |")
-    print("|---|---|" + "---|" * len(REBUILDS))
+    rebuilds = {name: REBUILDS[name] for name in args.rebuilds}
+    print("| Expert Drop | keep | " + " | ".join(rebuilds) + " |")
+    print("|---|---|" + "---|" * len(rebuilds))
     rows = []
     for scope in ("global", "layer"):
         for keep in args.keep:
             ratios = {}
-            for name, bound in REBUILDS.items():
+            for name, bound in rebuilds.items():
                 options = {"keep": keep, "scope": scope, "repair": "none" if bound is None else "refit",
                            **({"min_keep": 1} if scope == "global" else {})}
                 repair.MAX_GRAM_BYTES = bound if bound is not None else repair.MAX_GRAM_BYTES

@@ -45,6 +45,7 @@ class Routing:
     router_bias: bool = False  # the router's linear map has a bias (gpt-oss)
     shared_expert_gate: bool = False  # the shared experts' output is scaled by sigmoid(gate(x)) (Qwen2-MoE)
     dense_mlp_beside: bool = False  # a dense MLP runs beside the experts, its output added (Gemma 4)
+    per_expert_scale: bool = False  # the k weights are then scaled by a learned scale per expert (Gemma 4)
 
 
 @dataclass(frozen=True)

@@ -423,7 +423,7 @@ NEMOTRON_H = register(
 def _gemma4_routing(config) -> Routing:
     """Gemma4TextRouter: a scale-less RMSNorm of the layer's input x scale x hidden^-1/2 -> linear -> softmax ->
     top-k, renormalized, x the chosen experts' per_expert_scale; a dense MLP runs beside the experts."""
-    return Routing(renormalize=True, dense_mlp_beside=True)
+    return Routing(renormalize=True, dense_mlp_beside=True, per_expert_scale=True)
 
 
 def _gemma4_expert_layout(config) -> ExpertLayout:

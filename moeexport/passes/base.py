@@ -57,6 +57,15 @@ class CompressionPass:
         projection per absorbing layer) or "experts" (a layer's kept experts at a time); None: nothing."""
         return None
 
+    def experts_left(self, options: PassOptions) -> int | None:
+        """Routed experts per MoE layer after `apply` (the average); None: as many as before."""
+        return None
+
+    def resolve(self, options: PassOptions, config, calibrated: bool) -> tuple[PassOptions, str]:
+        """`options` with each `auto` decided for a model of this transformers `config` (`calibrated`: with
+        calibration tokens), and a line saying what was decided and why ("" when nothing was)."""
+        return options, ""
+
     def check(self, options: PassOptions, layers: list[LayerSpec]) -> None:
         """Raise MoeExportError when the options cannot apply to a model of this structure."""
 

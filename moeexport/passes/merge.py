@@ -90,6 +90,9 @@ class Merge(CompressionPass):
     name = "merge"
     Options = MergeOptions
 
+    def experts_left(self, options: MergeOptions) -> int:
+        return options.keep
+
     def check(self, options: MergeOptions, layers: list[LayerSpec]) -> None:
         check_expert_keep(self.name, options.keep, options.scope, layers)
         if options.layout == "alias" and "router" in options.model_fields_set:

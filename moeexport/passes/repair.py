@@ -86,13 +86,23 @@ def _rebuilt_layers(adapter, model, keep: dict[int, list[int]]) -> list[int]:
             if views[layer].experts is not None and 0 < len(kept) < views[layer].num_experts]
 
 
-def check_refit_layout(model) -> None:
-    """Refuse expert layouts the rebuild does not write back: it moves neurons as bias-free gate and up rows."""
-    adapter = adapter_for(model.config)
-    layout = adapter.expert_layout(model.config)
+def expert_refit_refusal(config) -> str:
+    """Why Expert Drop's rebuild cannot take a model of this config ("" when it can): it moves neurons as
+    bias-free gate and up rows, and reroutes tokens by the family's rule over all experts."""
+    adapter = adapter_for(config)
+    layout = adapter.expert_layout(config)
     if not layout.concatenated:
-        raise MoeExportError(f"expert_drop repair: refit rebuilds bias-free experts stored gate rows then up rows, which "
-                             f"{adapter.family}'s (biases, interleaved and transposed) are not; use repair: none")
+        return (f"the rebuild writes bias-free experts stored gate rows then up rows, which {adapter.family}'s "
+                "(biases, interleaved and transposed) are not")
+    if not layout.gated:
+        return f"the rebuild moves neurons as gate and up rows, and {adapter.family}'s experts have no gate"
+    routing = adapter.model_config(config).routing
+    if routing.groups > 1:  # one group (GLM-4.5's noaux_tc) is top-k over all experts
+        return "the rebuild needs greedy top-k routing over all experts, and this model routes within expert groups"
+    if routing.per_expert_scale:
+        return (f"the rebuild reroutes tokens by a rule without {adapter.family}'s per-expert scale on the routing "
+                "weights")
+    return ""
 
 
 def joint_rebuild_fits(num_experts: int, kept: int, ffn: int) -> bool:
@@ -109,9 +119,6 @@ def refit_and_keep(model, keep: dict[int, list[int]], tokens: torch.Tensor, ridg
     kept expert took from the dropped ones, and the layers rebuilt one kept expert at a time."""
     adapter = adapter_for(model.config)
     routing = adapter.model_config(model.config).routing
-    if routing.groups > 1:  # one group (GLM-4.5's noaux_tc) is top-k over all experts, with any selection bias
-        raise MoeExportError("expert_drop repair: refit needs greedy top-k routing over all experts, and this "
-                             "model routes within expert groups (n_group > 1)")
     errors, borrowed, per_expert = {}, {}, []
     rebuilt = _rebuilt_layers(adapter, model, keep)
     targets = residuals_at(model, {layer: "output" for layer in rebuilt}, tokens)

@@ -45,7 +45,7 @@ from moeexport.errors import MoeExportError
 from moeexport.memory import MAX_GRAM_BYTES
 from moeexport.pass_options import BlockDropOptions, ExpertDropOptions, LayerDropOptions
 from moeexport.passes.base import MEASURED, CompressionPass, check_expert_keep, check_moe_remains
-from moeexport.passes.repair import (check_refit_layout, refit_and_keep, refit_attention_outputs,
+from moeexport.passes.repair import (expert_refit_refusal, refit_and_keep, refit_attention_outputs,
                                      residuals_at)
 
 
@@ -166,13 +166,28 @@ class _Repairable(CompressionPass):
     def refits(self, options) -> str | None:
         return "attention" if options.repair == "refit" else None
 
+    def refit_refusal(self, config) -> str:
+        """Why `repair: refit` cannot take a model of this config ("" when it can)."""
+        adapter = adapter_for(config)
+        mixers = sorted(set(adapter.model_config(config).layer_mixers) - {"attention"})
+        if mixers:
+            return (f"the refit solves for the attention output projection that absorbs a drop, which "
+                    f"{adapter.family}'s {' and '.join(mixers)} layers do not have")
+        return ""
+
+    def resolve(self, options, config, calibrated: bool):
+        """`repair: auto` is a refit wherever the model takes one and there are calibration tokens to solve on
+        (it measured better in every case, README), else none."""
+        if options.repair != "auto":
+            return options, ""
+        refusal = self.refit_refusal(config) if calibrated else "no calibration tokens to solve on"
+        decided = "none" if refusal else "refit"
+        return (options.model_copy(update={"repair": decided}),
+                f"repair: auto -> {decided}" + (f" ({refusal})" if refusal else ""))
+
     def check_model(self, options, model) -> None:
-        adapter = adapter_for(model.config)
-        mixers = sorted(set(adapter.model_config(model.config).layer_mixers) - {"attention"})
-        if options.repair == "refit" and mixers:
-            raise MoeExportError(f"{self.name}: repair: refit refits the attention output projection that absorbs a "
-                                 f"drop, which {adapter.family}'s {' and '.join(mixers)} layers do not have: use "
-                                 "repair: none")
+        if options.repair == "refit" and (refusal := self.refit_refusal(model.config)):
+            raise MoeExportError(f"{self.name}: repair: refit cannot apply: {refusal}; use repair: none")
 
 
 # --- Block Drop -------------------------------------------------------------------------
@@ -389,9 +404,14 @@ class ExpertDrop(_Repairable):
                 "add allow_empty_layers: true to the step if that is meant"
             )
 
+    def refit_refusal(self, config) -> str:
+        return expert_refit_refusal(config)
+
+    def experts_left(self, options: ExpertDropOptions) -> int:
+        return options.keep
+
     def check_model(self, options: ExpertDropOptions, model) -> None:
-        if options.repair == "refit":
-            check_refit_layout(model)
+        super().check_model(options, model)
         config = adapter_for(model.config).model_config(model.config)
         if config.routing.groups > 1 or config.routing.method == NOAUX_TC:
             _check_grouped_drop(options, config.routing, config.top_k)
