@@ -20,6 +20,8 @@ layer is read already compressed: only the experts it keeps come off the disk.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import shutil
 import tempfile
@@ -583,12 +585,36 @@ class _ExpertReader:
         return matrix.to(self.stream.dtype) if transforms and not self.edit.float32 else matrix
 
 
+SPILL_PREFIX = "moeexport-spilled-"  # + the process id: a killed run's files are known by a pid no longer alive
+
+
+@functools.cache
+def remove_spills_of_dead_runs() -> None:
+    """Remove what runs killed before they could clean up (SIGKILL, the OOM killer) left in the temporary
+    directory: tens of GB each at real widths. Once per process."""
+    for directory in Path(tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*-*"):
+        pid = directory.name.removeprefix(SPILL_PREFIX).split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 class SpilledTensors:
     """Tensors a pass computed for a streamed model, held in files (one per key) until they are read; a key put
     again replaces its tensor. The files go with this object."""
 
     def __init__(self):
-        self.directory = Path(tempfile.mkdtemp(prefix="moeexport-spilled-"))
+        remove_spills_of_dead_runs()
+        self.directory = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, True)
         self.files: dict[object, Path] = {}
         self._written = 0

@@ -5,6 +5,7 @@ absorbs what they removed."""
 from __future__ import annotations
 
 import copy
+import os
 import json
 
 import pytest
@@ -205,6 +206,32 @@ def test_spilled_tensors_keep_every_key_when_one_is_put_again():
     spilled.put("b", torch.full((2,), 2.0))
     assert torch.equal(spilled.tensor("a"), torch.ones(2)) and torch.equal(spilled.tensor("b"), torch.full((2,), 2.0))
 
+
+
+def test_a_killed_runs_spill_is_removed_by_the_next_run_and_a_live_ones_is_not(tmp_path, monkeypatch):
+    import tempfile
+
+    from moeexport import streaming
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = tmp_path / f"{streaming.SPILL_PREFIX}{_exited_pid()}-abc"  # a run that exited without cleaning up
+    live = tmp_path / f"{streaming.SPILL_PREFIX}{os.getpid()}-def"
+    unrelated = tmp_path / "moeexport-spilled-abc"  # no pid: not ours to judge
+    for directory in (dead, live, unrelated):
+        directory.mkdir()
+        (directory / "0.safetensors").write_bytes(b"x")
+    streaming.remove_spills_of_dead_runs.cache_clear()
+    spilled = streaming.SpilledTensors()
+    assert not dead.exists() and live.exists() and unrelated.exists()
+    assert spilled.directory.parent == tmp_path and spilled.directory.name.startswith(f"moeexport-spilled-{os.getpid()}-")
+
+
+def _exited_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
 
 # --- repair: auto, the default ----------------------------------------------------------------------------------------
 
