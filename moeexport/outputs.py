@@ -153,7 +153,7 @@ def publish(staging: Path, out: Path, overwrite: bool) -> None:
 def _remove_abandoned_staging(out: Path) -> None:
     for entry in out.parent.glob(f".{out.name}.partial-*"):
         pid = entry.name[len(f".{out.name}.partial-"):].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(entry, ignore_errors=True)
     for entry in out.parent.glob(f".{out.name}.old-*"):  # a run killed between publish's two renames
         if not out.exists() and (entry / out.name).exists():
@@ -161,7 +161,8 @@ def _remove_abandoned_staging(out: Path) -> None:
         shutil.rmtree(entry, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -45,6 +45,7 @@ from moeexport.errors import MoeExportError
 from moeexport import mxfp4
 from moeexport import reads  # what the reads cost (report.json's read_profile)
 from moeexport.memory import LOGIT_POSITIONS, OUTER_ROWS, release_freed_memory  # what the memory plan counts on
+from moeexport.outputs import process_alive
 from moeexport.stream_registry import attach, stream_of
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -594,18 +595,8 @@ def remove_spills_of_dead_runs() -> None:
     directory: tens of GB each at real widths. Once per process."""
     for directory in Path(tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*-*"):
         pid = directory.name.removeprefix(SPILL_PREFIX).split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(directory, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 class SpilledTensors:
