@@ -173,7 +173,7 @@ class AppliedStep:
 
     def summary(self) -> list[str]:
         """What the run says about the step: how `auto` was decided, then the plan."""
-        return [self.decided] * bool(self.decided) + list(self.plan.describe())
+        return ([self.decided] if self.decided else []) + list(self.plan.describe())
 
 
 @dataclass

@@ -400,8 +400,7 @@ def _spilled_experts(recipe: Recipe, experts: int) -> float:
         compression_pass = PASSES[step.name]
         left = compression_pass.experts_left(step.options)
         share = min(share, left / experts) if left is not None and experts else share
-        copies += share if compression_pass.refits(step.options) == "experts" or _solves_with_grams(Recipe((step,))) \
-            else 0
+        copies += share if compression_pass.refits(step.options) == "experts" or _solves_with_gram(step) else 0
     return copies
 
 
@@ -420,10 +419,13 @@ def _computes_from_activations(recipe: Recipe) -> bool:
 
 def _solves_with_grams(recipe: Recipe) -> bool:
     """Whether a pass computes weights from full Gram matrices of their inputs (GPTQ, SparseGPT)."""
+    return any(_solves_with_gram(step) for step in recipe.steps)
+
+
+def _solves_with_gram(step) -> bool:
     from moeexport.passes import PASSES
 
-    return any(getattr(PASSES[step.name], "calibrated_methods", {}).get(getattr(step.options, "method", None)) == "full"
-               for step in recipe.steps)
+    return getattr(PASSES[step.name], "calibrated_methods", {}).get(getattr(step.options, "method", None)) == "full"
 
 
 def _calibrates(recipe: Recipe) -> bool:
