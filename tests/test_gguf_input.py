@@ -31,7 +31,9 @@ TRIMS = {
                 {"expert_drop": {"keep": 3, "scope": "layer", "score": "random"}}],
     "non_uniform": [{"expert_drop": {"keep": 3, "scope": "global", "score": "random", "min_keep": 2}}],
 }
-TRIM_AND_DROP = {"passes": [{"layer_drop": {"n": 1}}, {"expert_drop": {"keep": 6, "scope": "layer", "score": "reap"}}]}
+# unrepaired: a refit's weights are rewritten in the input's type, never carried (tests/test_repair.py has those)
+TRIM_AND_DROP = {"passes": [{"layer_drop": {"n": 1, "repair": "none"}},
+                            {"expert_drop": {"keep": 6, "scope": "layer", "score": "reap", "repair": "none"}}]}
 
 
 def _tiny(family: str):

@@ -74,7 +74,8 @@ def test_the_expert_counts_a_save_wrote_into_the_config_still_reach_the_artifact
         key: value for key, value in builds[True].items() if key != "created"}
 
 
-@pytest.mark.parametrize("passes", [[], [{"block_drop": {"n": 1, "score": "random"}}]], ids=["empty", "surgery"])
+@pytest.mark.parametrize("passes", [[], [{"block_drop": {"n": 1, "score": "random", "repair": "none"}}]],
+                         ids=["empty", "surgery"])
 def test_a_recipe_that_does_not_calibrate_never_reads_the_calibration_text(checkpoint, tmp_path, monkeypatch, passes):
     read, drawn = [], []
     original = sources.read_documents
