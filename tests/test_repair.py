@@ -30,9 +30,10 @@ DROP = {"keep": 2, "score": "random", "seed": 4}
 
 
 def _dropped(model, tokens, step="expert_drop", **options):
+    """The drop as `options` say; without `repair`, the plain drop (repair: none) the refits are measured against."""
     provider = StatisticsProvider(None, CalibrationConfig(), "tiny", cache_dir=None, tokens=tokens)
     model = copy.deepcopy(model)
-    defaults = DROP if step == "expert_drop" else {}
+    defaults = {**(DROP if step == "expert_drop" else {}), "repair": "none"}
     plan = compress(model, parse_recipe({"passes": [{step: {**defaults, **options}}]}), provider).steps[0].plan
     return model, plan
 
