@@ -121,6 +121,8 @@ class _MoEAccumulator:
     def hooks(self, stack: ExitStack) -> None:
         for module, hook in ((self.norm, self._on_norm), (self.router, self._on_router), (self.block, self._on_block)):
             stack.callback(module.register_forward_hook(hook).remove)
+        if hasattr(self.view.experts, "outputs_observed"):  # streamed: REAP from the forward's own expert outputs
+            stack.enter_context(self.view.experts.outputs_observed(self._on_expert_output))
 
     def _on_norm(self, module, args, output):
         self._residual = args[0]
@@ -139,18 +141,23 @@ class _MoEAccumulator:
             token_scores = token_scores / token_scores.sum(-1, keepdim=True)
         self.routing_mass += token_scores.sum(0)
         self.logit_gram += logits.T @ logits
-        self.reap_sum += self._reap(tokens, weights.reshape(index.shape), index)
+        self._weights = weights.reshape(index.shape)
+        if not hasattr(self.view.experts, "outputs_observed"):
+            self._reap(tokens, index)
 
-    def _reap(self, tokens, weights, index) -> torch.Tensor:
-        """Sum over routed tokens of gate weight x ||expert output|| (REAP saliency numerator)."""
-        sums = torch.zeros(len(self.expert_tokens), dtype=torch.float64)
-        for expert in range(len(sums)):
-            token_rows, slot = torch.where(index == expert)
-            if len(token_rows) == 0:
-                continue
-            output = routed_output(self.view, expert, routed_intermediate(self.view, expert, tokens[token_rows]))
-            sums[expert] = (weights[token_rows, slot].double() * output.double().norm(dim=-1)).sum()
-        return sums
+    def _reap(self, tokens, index) -> None:
+        """Each expert's output recomputed for the tokens routed to it, in the order the experts' forward takes
+        them (slot by slot), so that REAP is the same number whether it is recomputed here or, on a streamed
+        layer, observed in the forward."""
+        for expert in range(len(self.reap_sum)):
+            slots, token_rows = torch.where(index.T == expert)
+            if len(token_rows):
+                output = routed_output(self.view, expert, routed_intermediate(self.view, expert, tokens[token_rows]))
+                self._on_expert_output(expert, slots, token_rows, output)
+
+    def _on_expert_output(self, expert: int, slots, token_rows, output) -> None:
+        """Add gate weight x ||expert output|| over these routed tokens to the expert's REAP numerator."""
+        self.reap_sum[expert] += (self._weights[token_rows, slots].double() * output.double().norm(dim=-1)).sum()
 
     def _on_block(self, module, args, output):
         self.moe_cosine_sum += _token_cosine_sum(self._residual, self._residual + sublayer_hidden(output))

@@ -672,6 +672,18 @@ class ExpertsOnDemand(nn.Module):
         if self.layout.biases:  # small ([E, rows]): read whole, the kept experts' only
             for name in ("gate_up_proj_bias", "down_proj_bias"):
                 setattr(self, name, stream._read(source + name, getattr(experts, name).shape, edit.experts, True))
+        self._output_observers = []
+
+    @contextmanager
+    def outputs_observed(self, observe):
+        """While open, the forward calls observe(expert, slots, token_rows, output) with each expert's output
+        before its gate weight (token_rows and slots index the forward's top-k arrays): a statistic of the
+        experts' outputs (REAP's) taken from the forward itself, so each expert is read once, not twice."""
+        self._output_observers.append(observe)
+        try:
+            yield
+        finally:
+            self._output_observers.remove(observe)
 
     def stored(self) -> "ExpertsOnDemand":
         """The same experts read as the checkpoint stores them (for saving: lossless, and half a float32's size)."""
@@ -721,6 +733,8 @@ class ExpertsOnDemand(nn.Module):
             top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
             current_state = hidden_states[token_idx]
             current_hidden_states = self.output(expert_idx, self.intermediate(expert_idx, current_state))
+            for observe in self._output_observers:
+                observe(int(expert_idx), top_k_pos, token_idx, current_hidden_states)
             current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
         return final_hidden_states
