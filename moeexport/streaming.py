@@ -877,6 +877,11 @@ def run_layer(module: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
 
 
 
+# a streamed forward's positions per batch: the quality windows (16 x 128) in one, each expert read once; no more
+# positions than 8 validation windows of 256 take at once
+STREAMED_BATCH_POSITIONS = 2048
+
+
 @torch.no_grad()
 def logits(model, windows: torch.Tensor, batch_size: int = 8) -> np.ndarray:
     """float32 logits [N, L, vocab] of token windows [N, L], reading each decoder layer once for all of them."""
@@ -891,7 +896,10 @@ def window_logits(model, windows: torch.Tensor, batch_size: int = 8):
     """(first window, float32 logits [n, L, vocab] of windows[first:first + n]), covering windows [N, L] in
     order; each decoder layer is read once for all of them. A streamed model applies its head a block of
     vocabulary rows at a time, to LOGIT_POSITIONS positions' worth of windows at once (the head is read again
-    for each such group): neither the head nor all the logits are ever whole in memory."""
+    for each such group): neither the head nor all the logits are ever whole in memory. A streamed layer reads
+    its experts again for each batch, so it runs at least STREAMED_BATCH_POSITIONS positions at once."""
+    if is_streamed(model):
+        batch_size = max(batch_size, STREAMED_BATCH_POSITIONS // windows.shape[1])
     batches = [first_layer_inputs(model, batch) for batch in windows.split(batch_size)]
     hidden = [h for h, _ in batches]
     for view in layer_views(model):

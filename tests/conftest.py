@@ -28,6 +28,21 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(moeexport.cache, "ROOT", tmp_path / "statistics-cache")
 
 
+@pytest.fixture
+def expert_reads(monkeypatch) -> list:
+    """(parameter name, expert) of every expert matrix a streamed model reads from now on, in order."""
+    from moeexport.streaming import LayerStream
+
+    reads, read = [], LayerStream.expert_matrix
+
+    def counted(self, name, expert, *rest):
+        reads.append((name, expert))
+        return read(self, name, expert, *rest)
+
+    monkeypatch.setattr(LayerStream, "expert_matrix", counted)
+    return reads
+
+
 @pytest.fixture(scope="session")
 def demo_gguf_of(tmp_path_factory):
     """The demo model's GGUF in a weight type (`demo_gguf_of("q8_0")`), written once per session: the hostile-input

@@ -81,21 +81,16 @@ def test_reap_and_moe_similarity_match_brute_force():
     assert statistics.layers[1].moe_similarity == pytest.approx(expected_similarity, rel=1e-5)
 
 
-def test_a_streamed_layer_takes_reap_from_its_forward_reading_each_expert_once(tmp_path, monkeypatch):
+def test_a_streamed_layer_takes_reap_from_its_forward_reading_each_expert_once(tmp_path, expert_reads):
     from moeexport.modelio import load_streamed
-    from moeexport.streaming import LayerStream
 
     tiny_model("mixtral").save_pretrained(tmp_path)
     tokens = random_tokens(3, 12)
     in_memory = observe(tiny_model("mixtral"), tokens, key="k", calibration={}, batch_size=3)
-    reads = []
-    read = LayerStream.expert_matrix
-    monkeypatch.setattr(LayerStream, "expert_matrix", lambda self, name, expert, *rest: (
-        reads.append((name, expert)), read(self, name, expert, *rest))[1])
     streamed = observe(load_streamed(tmp_path), tokens, key="k", calibration={}, batch_size=3)
 
     assert streamed == in_memory  # REAP included, to the bit: observed in the forward or recomputed alike
-    assert reads and len(reads) == len(set(reads))  # one batch: every expert matrix read once
+    assert expert_reads and len(expert_reads) == len(set(expert_reads))  # one batch: every expert matrix read once
 
 
 def test_block_pair_similarity_covers_windows_up_to_the_limit():

@@ -47,6 +47,14 @@ def test_a_streamed_model_computes_the_in_memory_models_logits_bit_for_bit(famil
     assert stream_of(streamed).layers_read == model.config.num_hidden_layers
 
 
+def test_a_streamed_forward_of_the_quality_windows_reads_each_expert_once(tmp_path, expert_reads):
+    tiny_model("mixtral").save_pretrained(tmp_path)
+    tokens = random_tokens(16, 8)  # more windows than one batch of 8 in memory
+    expected = load(tmp_path)(input_ids=tokens, use_cache=False).logits.numpy()
+    assert np.array_equal(logits(load_streamed(tmp_path), tokens), expected)
+    assert expert_reads and len(expert_reads) == len(set(expert_reads))
+
+
 def test_a_streamed_model_with_a_head_tied_to_its_embeddings_reads_them_for_the_head(tmp_path):
     tiny_model("qwen3_moe", tie_word_embeddings=True).save_pretrained(tmp_path)
     tokens = random_tokens(2, 16)
