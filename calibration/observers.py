@@ -117,11 +117,13 @@ class _MoEAccumulator:
         self.logit_gram = torch.zeros(experts, experts, dtype=torch.float64)
         self.moe_cosine_sum = 0.0
         self._residual = None
+        # a streamed layer's experts hand REAP their outputs as the forward computes them; others are recomputed
+        self._outputs_observed = hasattr(view.experts, "outputs_observed")
 
     def hooks(self, stack: ExitStack) -> None:
         for module, hook in ((self.norm, self._on_norm), (self.router, self._on_router), (self.block, self._on_block)):
             stack.callback(module.register_forward_hook(hook).remove)
-        if hasattr(self.view.experts, "outputs_observed"):  # streamed: REAP from the forward's own expert outputs
+        if self._outputs_observed:
             stack.enter_context(self.view.experts.outputs_observed(self._on_expert_output))
 
     def _on_norm(self, module, args, output):
@@ -142,7 +144,7 @@ class _MoEAccumulator:
         self.routing_mass += token_scores.sum(0)
         self.logit_gram += logits.T @ logits
         self._weights = weights.reshape(index.shape)
-        if not hasattr(self.view.experts, "outputs_observed"):
+        if not self._outputs_observed:
             self._reap(tokens, index)
 
     def _reap(self, tokens, index) -> None:

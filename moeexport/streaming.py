@@ -877,8 +877,8 @@ def run_layer(module: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
 
 
 
-# a streamed forward's positions per batch: the quality windows (16 x 128) in one, each expert read once; no more
-# positions than 8 validation windows of 256 take at once
+# the fewest positions a streamed forward runs per batch: the quality windows (16 x 128) in one, each expert read
+# once; no more positions than a batch of 8 windows of 256 tokens already held
 STREAMED_BATCH_POSITIONS = 2048
 
 
