@@ -93,13 +93,6 @@ def routed_intermediate(view: LayerView, expert: int, tokens: torch.Tensor) -> t
     return expert_intermediate(view.layout, view.experts, expert, tokens)
 
 
-def routed_output(view: LayerView, expert: int, intermediate: torch.Tensor) -> torch.Tensor:
-    """One routed expert's output from its intermediate."""
-    if hasattr(view.experts, "output"):  # a streamed layer's (moeexport.streaming.ExpertsOnDemand)
-        return view.experts.output(expert, intermediate)
-    return expert_output(view.layout, view.experts, expert, intermediate)
-
-
 def _token_cosine_sum(a: torch.Tensor, b: torch.Tensor) -> float:
     """Sum over tokens of cos(a_t, b_t): per-token in float32, the sum in float64."""
     return F.cosine_similarity(a.flatten(0, -2).float(), b.flatten(0, -2).float(), dim=-1).double().sum().item()
@@ -154,7 +147,8 @@ class _MoEAccumulator:
         for expert in range(len(self.reap_sum)):
             slots, token_rows = torch.where(index.T == expert)
             if len(token_rows):
-                output = routed_output(self.view, expert, routed_intermediate(self.view, expert, tokens[token_rows]))
+                intermediate = routed_intermediate(self.view, expert, tokens[token_rows])
+                output = expert_output(self.view.layout, self.view.experts, expert, intermediate)
                 self._on_expert_output(expert, slots, token_rows, output)
 
     def _on_expert_output(self, expert: int, slots, token_rows, output) -> None:
